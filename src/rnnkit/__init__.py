@@ -1,0 +1,19 @@
+"""rnnkit: recurrent networks for PyTorch, drop-in for torch.nn, with the variants it lacks."""
+
+from rnnkit.cells import GRUCell, LSTMCell, RNNCell
+from rnnkit.interop import from_torch, to_torch
+from rnnkit.layers import GRU, LSTM, RNN
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRU",
+    "GRUCell",
+    "LSTM",
+    "LSTMCell",
+    "RNN",
+    "RNNCell",
+    "from_torch",
+    "to_torch",
+    "__version__",
+]

@@ -1,0 +1,499 @@
+"""One time step of each cell family (spec: shared/spec/cells.md), and the cell modules.
+
+The step functions (`rnn_step`, `lstm_step`, `gru_step`) are the single place where the spec's
+equations are written down; the cell modules and the reference engine both call them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rnnkit._checks import (
+    describe,
+    require_bool,
+    require_choice,
+    require_int,
+    require_real,
+    require_shape,
+    require_tensor,
+)
+
+State = Tensor | tuple[Tensor, Tensor]
+"""A cell's state: ``h`` for RNN and GRU, ``(h, c)`` for LSTM."""
+
+NONLINEARITIES = ("tanh", "relu")
+
+
+class CellWeights(NamedTuple):
+    """The parameters of one cell (one layer and direction of a stack).
+
+    ``G`` is the number of gates (1 RNN, 4 LSTM, 3 GRU), ``H`` the hidden size, ``H_out`` the
+    size of ``h`` (``P`` with a projection, else ``H``), ``I`` the input size.
+    """
+
+    weight_ih: Tensor  # (G*H, I)
+    weight_hh: Tensor  # (G*H, H_out)
+    bias_ih: Tensor | None = None  # (G*H,)
+    bias_hh: Tensor | None = None  # (G*H,)
+    weight_hr: Tensor | None = None  # (P, H): LSTM projection
+    weight_ch: Tensor | None = None  # (3H,): LSTM peephole weights, order i, f, o
+
+
+@dataclass(frozen=True)
+class CellKind:
+    """Which equations a step runs: the family and its switches that carry no parameters.
+
+    Variants that have parameters (projection, peephole) are told by ``CellWeights`` instead.
+    """
+
+    family: str  # "rnn" | "lstm" | "gru"
+    nonlinearity: str = "tanh"  # RNN only: "tanh" | "relu"
+    reset_after: bool = True  # GRU only: reset gate after (True) or before (False) W_hn
+
+
+def rnn_step(x: Tensor, h: Tensor, w: CellWeights, nonlinearity: str = "tanh") -> Tensor:
+    """Elman step: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``.  x (N, I), h (N, H) -> (N, H)."""
+    pre = F.linear(x, w.weight_ih, w.bias_ih) + F.linear(h, w.weight_hh, w.bias_hh)
+    return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
+
+
+def lstm_step(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights) -> tuple[Tensor, Tensor]:
+    """LSTM step, with the optional peephole (``w.weight_ch``) and projection (``w.weight_hr``).
+
+    x (N, I), h (N, H_out), c (N, H) -> h' (N, H_out), c' (N, H).
+    """
+    h, c = state
+    gates = F.linear(x, w.weight_ih, w.bias_ih) + F.linear(h, w.weight_hh, w.bias_hh)  # (N, 4H)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    if w.weight_ch is not None:
+        p_i, p_f, p_o = w.weight_ch.chunk(3)
+        # Input and forget gates look at the previous cell, the output gate at the new one.
+        i = i + p_i * c
+        f = f + p_f * c
+    i, f, g = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g)
+    c_new = f * c + i * g
+    if w.weight_ch is not None:
+        o = o + p_o * c_new
+    o = torch.sigmoid(o)
+    h_new = o * torch.tanh(c_new)
+    if w.weight_hr is not None:
+        h_new = F.linear(h_new, w.weight_hr)  # (N, P)
+    return h_new, c_new
+
+
+def gru_step(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True) -> Tensor:
+    """GRU step; ``z`` weighs the old state: ``h' = (1 - z) ⊙ n + z ⊙ h``.  x (N, I), h (N, H)."""
+    hidden = h.shape[-1]
+    x_r, x_z, x_n = F.linear(x, w.weight_ih, w.bias_ih).chunk(3, dim=-1)  # 3 x (N, H)
+    if reset_after:
+        h_r, h_z, h_n = F.linear(h, w.weight_hh, w.bias_hh).chunk(3, dim=-1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+    else:
+        # The reset gate scales the state before W_hn, so W_hn's product waits for r.
+        b_hh = w.bias_hh
+        h_r, h_z = F.linear(
+            h, w.weight_hh[: 2 * hidden], None if b_hh is None else b_hh[: 2 * hidden]
+        ).chunk(2, dim=-1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        b_hn = None if b_hh is None else b_hh[2 * hidden :]
+        n = torch.tanh(x_n + F.linear(r * h, w.weight_hh[2 * hidden :], b_hn))
+    return (1 - z) * n + z * h
+
+
+def cell_step(kind: CellKind, x: Tensor, state: State, w: CellWeights) -> State:
+    """One step of any family: the function every engine's reference is written against."""
+    if kind.family == "lstm":
+        return lstm_step(x, state, w)  # type: ignore[arg-type]
+    if kind.family == "gru":
+        return gru_step(x, state, w, kind.reset_after)  # type: ignore[arg-type]
+    return rnn_step(x, state, w, kind.nonlinearity)  # type: ignore[arg-type]
+
+
+def output_of(state: State) -> Tensor:
+    """The part of a state that is the cell's output: ``h``."""
+    return state[0] if isinstance(state, tuple) else state
+
+
+class _CellBase(nn.Module):
+    """Parameters and input handling shared by the three cell modules."""
+
+    gate_count: int = 1
+    family: str = "rnn"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.input_size = require_int(f"{name} input_size", input_size, minimum=1)
+        self.hidden_size = require_int(f"{name} hidden_size", hidden_size, minimum=1)
+        self.bias = require_bool(f"{name} bias", bias)
+        self.proj_size = require_int(f"{name} proj_size", proj_size, minimum=0)
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"{name} proj_size must be smaller than hidden_size ({hidden_size}), "
+                f"got {proj_size}; use 0 for no projection"
+            )
+        factory = {"device": device, "dtype": dtype}
+        gates = self.gate_count * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gates, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(gates, self.output_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(gates, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(gates, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+
+    @property
+    def output_size(self) -> int:
+        """Size of ``h``: ``proj_size`` when projecting, else ``hidden_size``."""
+        return self.proj_size or self.hidden_size
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, in torch.nn's order.
+
+        Variant parameters are registered after the torch.nn ones and set by the subclass, so
+        that with the same seed a plain cell starts with the same weights as torch.nn's.
+        """
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for name in self._torch_parameter_names():
+            nn.init.uniform_(getattr(self, name), -bound, bound)
+
+    def _torch_parameter_names(self) -> list[str]:
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        return names + (["weight_hr"] if self.proj_size else [])
+
+    def weights(self) -> CellWeights:
+        return CellWeights(
+            self.weight_ih,
+            self.weight_hh,
+            self.bias_ih,
+            self.bias_hh,
+            getattr(self, "weight_hr", None),
+            getattr(self, "weight_ch", None),
+        )
+
+    def kind(self) -> CellKind:
+        return CellKind(self.family)
+
+    def _state_shapes(self, batch: int | None) -> list[tuple[int, ...]]:
+        lead = () if batch is None else (batch,)
+        shapes = [lead + (self.output_size,)]
+        if self.family == "lstm":
+            shapes.append(lead + (self.hidden_size,))
+        return shapes
+
+    def forward(self, input: Tensor, hx: State | None = None) -> State:
+        """One step. Shapes in the class docstring; unbatched (1-D) input gives unbatched state."""
+        name = type(self).__name__
+        param = self.weight_ih
+        x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
+        if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{name} input must have shape (N, {self.input_size}) or ({self.input_size},) "
+                f"(input_size={self.input_size}), got {tuple(x.shape)}"
+            )
+        batched = x.dim() == 2
+        batch = x.shape[0] if batched else None
+        shapes = self._state_shapes(batch)
+        state = self._check_state(hx, shapes, x)
+        if not batched:
+            x = x.unsqueeze(0)
+            state = tuple(s.unsqueeze(0) for s in state)
+        new = cell_step(self.kind(), x, state if len(state) == 2 else state[0], self.weights())
+        if not batched:
+            new = tuple(s.squeeze(0) for s in new) if isinstance(new, tuple) else new.squeeze(0)
+        return new
+
+    def _check_state(self, hx: object, shapes: list[tuple[int, ...]], x: Tensor) -> tuple:
+        name = type(self).__name__
+        if hx is None:
+            return tuple(x.new_zeros(shape) for shape in shapes)
+        if self.family == "lstm":
+            if not isinstance(hx, tuple | list) or len(hx) != 2:
+                raise TypeError(
+                    f"{name} hx must be a tuple (h, c) of tensors with shapes {shapes[0]} and "
+                    f"{shapes[1]}, got {describe(hx)}"
+                )
+            parts, labels = tuple(hx), ("hx[0] (h)", "hx[1] (c)")
+        else:
+            if not isinstance(hx, Tensor):
+                raise TypeError(
+                    f"{name} hx must be a Tensor of shape {shapes[0]}, got {describe(hx)}"
+                    + (" (a tuple (h, c) is for LSTMCell)" if isinstance(hx, tuple) else "")
+                )
+            parts, labels = (hx,), ("hx",)
+        meanings = ("(N, H_out)", "(N, H)") if x.dim() == 2 else ("(H_out,)", "(H,)")
+        for part, label, shape, meaning in zip(parts, labels, shapes, meanings, strict=False):
+            require_tensor(f"{name} {label}", part, dtype=x.dtype, device=x.device)
+            require_shape(f"{name} {label}", part, shape, meaning)
+        return parts
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        return s
+
+
+class RNNCell(_CellBase):
+    r"""An Elman RNN cell, one time step.
+
+    .. math::
+        h' = \mathrm{act}(W_{ih} x + b_{ih} + W_{hh} h + b_{hh}),\qquad \mathrm{act} = \tanh
+        \text{ or ReLU}
+
+    Args:
+        input_size: features in the input ``x`` (``I``).
+        hidden_size: features in the state ``h`` (``H``).
+        bias: if ``False``, no ``b_ih``, ``b_hh``. Default ``True``.
+        nonlinearity: ``'tanh'`` (default) or ``'relu'``.
+
+    Inputs: ``input`` ``(N, I)`` or ``(I,)``; ``hx`` ``(N, H)`` or ``(H,)``, zeros if omitted.
+    Output: ``h'`` ``(N, H)`` or ``(H,)``.
+
+    Parameters (torch.nn's names and shapes): ``weight_ih (H, I)``, ``weight_hh (H, H)``,
+    ``bias_ih (H,)``, ``bias_hh (H,)``, all ``U(-1/sqrt(H), 1/sqrt(H))``.
+
+    Example::
+
+        >>> cell = rnnkit.RNNCell(10, 20)
+        >>> h = cell(torch.randn(3, 10))          # (3, 20)
+    """
+
+    gate_count = 1
+    family = "rnn"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        nonlinearity: str = "tanh",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.nonlinearity = require_choice("RNNCell nonlinearity", nonlinearity, NONLINEARITIES)
+        self.reset_parameters()
+
+    def kind(self) -> CellKind:
+        return CellKind("rnn", nonlinearity=self.nonlinearity)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", nonlinearity={self.nonlinearity!r}" if self.nonlinearity != "tanh" else "")
+
+    def to_torch(self) -> nn.RNNCell:
+        """The equivalent ``torch.nn.RNNCell`` with the same weights."""
+        return _copy_into(
+            self,
+            nn.RNNCell(
+                self.input_size, self.hidden_size, self.bias, self.nonlinearity, **_factory(self)
+            ),
+        )
+
+
+class LSTMCell(_CellBase):
+    r"""A long short-term memory cell, one time step, with optional projection and peepholes.
+
+    .. math::
+        \begin{aligned}
+        i &= \sigma(W_{ii} x + b_{ii} + W_{hi} h + b_{hi} + p_i \odot c) \\
+        f &= \sigma(W_{if} x + b_{if} + W_{hf} h + b_{hf} + p_f \odot c) \\
+        g &= \tanh(W_{ig} x + b_{ig} + W_{hg} h + b_{hg}) \\
+        c' &= f \odot c + i \odot g \\
+        o &= \sigma(W_{io} x + b_{io} + W_{ho} h + b_{ho} + p_o \odot c') \\
+        h' &= W_{hr}\,(o \odot \tanh(c'))
+        \end{aligned}
+
+    The ``p`` terms exist only with ``peephole=True`` and ``W_hr`` only with ``proj_size > 0``;
+    without them this is exactly ``torch.nn.LSTMCell``. ``σ`` is the logistic sigmoid and ``⊙``
+    the elementwise product.
+
+    Args:
+        input_size: features in ``x`` (``I``).
+        hidden_size: features in the cell ``c`` (``H``).
+        bias: if ``False``, no biases. Default ``True``.
+        proj_size: if ``> 0``, ``h`` is projected to this size ``P < H``. Default 0.
+        peephole: add the diagonal peephole weights ``weight_ch (3H,)`` (order i, f, o),
+            initialised to zero. Default ``False``.
+        forget_bias: added to ``b_if`` once at initialisation (1.0 is Jozefowicz et al.'s
+            recommendation). Default 0.0, torch.nn's initialisation.
+
+    Inputs: ``input`` ``(N, I)`` or ``(I,)``; ``hx = (h, c)`` with ``h (N, H_out)``,
+    ``c (N, H)`` (or unbatched), zeros if omitted. ``H_out = P`` if ``proj_size > 0`` else ``H``.
+    Output: ``(h', c')`` with the same shapes.
+
+    Parameters: ``weight_ih (4H, I)`` as ``(W_ii|W_if|W_ig|W_io)``, ``weight_hh (4H, H_out)``,
+    ``bias_ih (4H,)``, ``bias_hh (4H,)``, ``weight_hr (P, H)``, ``weight_ch (3H,)``.
+
+    Example::
+
+        >>> cell = rnnkit.LSTMCell(10, 20, peephole=True)
+        >>> h, c = cell(torch.randn(3, 10))       # (3, 20), (3, 20)
+    """
+
+    gate_count = 4
+    family = "lstm"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        proj_size: int = 0,
+        peephole: bool = False,
+        forget_bias: float = 0.0,
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, proj_size, device=device, dtype=dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.peephole = require_bool("LSTMCell peephole", peephole)
+        self.forget_bias = _check_forget_bias("LSTMCell", forget_bias, bias)
+        if self.proj_size:
+            self.weight_hr = nn.Parameter(torch.empty(self.proj_size, hidden_size, **factory))
+        if peephole:
+            self.weight_ch = nn.Parameter(torch.empty(3 * hidden_size, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        _init_lstm_variants(self.hidden_size, self.forget_bias, [self.bias_ih],
+                            [getattr(self, "weight_ch", None)])
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        s += f", proj_size={self.proj_size}" if self.proj_size else ""
+        s += ", peephole=True" if self.peephole else ""
+        return s + (f", forget_bias={self.forget_bias}" if self.forget_bias else "")
+
+    def to_torch(self) -> nn.LSTMCell:
+        """The equivalent ``torch.nn.LSTMCell``; plain cells only (torch.nn has no variants)."""
+        if self.proj_size or self.peephole:
+            raise ValueError(
+                "torch.nn.LSTMCell has no equivalent of proj_size or peephole; got "
+                f"proj_size={self.proj_size}, peephole={self.peephole} (accepted: 0, False)"
+            )
+        return _copy_into(
+            self, nn.LSTMCell(self.input_size, self.hidden_size, self.bias, **_factory(self))
+        )
+
+
+class GRUCell(_CellBase):
+    r"""A gated recurrent unit cell, one time step; ``z`` weighs the old state (torch.nn's form).
+
+    .. math::
+        \begin{aligned}
+        r &= \sigma(W_{ir} x + b_{ir} + W_{hr} h + b_{hr}) \\
+        z &= \sigma(W_{iz} x + b_{iz} + W_{hz} h + b_{hz}) \\
+        n &= \tanh(W_{in} x + b_{in} + r \odot (W_{hn} h + b_{hn}))
+             &&\text{reset\_after=True (torch.nn, cuDNN, Keras default)} \\
+        n &= \tanh(W_{in} x + b_{in} + W_{hn} (r \odot h) + b_{hn})
+             &&\text{reset\_after=False (Cho et al. 2014)} \\
+        h' &= (1 - z) \odot n + z \odot h
+        \end{aligned}
+
+    Args:
+        input_size: features in ``x`` (``I``).
+        hidden_size: features in ``h`` (``H``).
+        bias: if ``False``, no biases. Default ``True``.
+        reset_after: where the reset gate acts, as above. Default ``True``.
+
+    Inputs: ``input`` ``(N, I)`` or ``(I,)``; ``hx`` ``(N, H)`` or ``(H,)``, zeros if omitted.
+    Output: ``h'`` ``(N, H)`` or ``(H,)``.
+
+    Parameters: ``weight_ih (3H, I)`` as ``(W_ir|W_iz|W_in)``, ``weight_hh (3H, H)``,
+    ``bias_ih (3H,)``, ``bias_hh (3H,)``; the same names and shapes for both forms.
+
+    Example::
+
+        >>> cell = rnnkit.GRUCell(10, 20, reset_after=False)
+        >>> h = cell(torch.randn(3, 10))          # (3, 20)
+    """
+
+    gate_count = 3
+    family = "gru"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        reset_after: bool = True,
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.reset_after = require_bool("GRUCell reset_after", reset_after)
+        self.reset_parameters()
+
+    def kind(self) -> CellKind:
+        return CellKind("gru", reset_after=self.reset_after)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
+
+    def to_torch(self) -> nn.GRUCell:
+        """The equivalent ``torch.nn.GRUCell``; only for ``reset_after=True``."""
+        if not self.reset_after:
+            raise ValueError(
+                "torch.nn.GRUCell has no reset_after=False form; got reset_after=False "
+                "(accepted: True)"
+            )
+        return _copy_into(
+            self, nn.GRUCell(self.input_size, self.hidden_size, self.bias, **_factory(self))
+        )
+
+
+def _check_forget_bias(owner: str, forget_bias: object, bias: bool) -> float:
+    value = require_real(f"{owner} forget_bias", forget_bias)
+    if value != 0.0 and not bias:
+        raise ValueError(
+            f"{owner} forget_bias={value} needs bias=True (it is added to the forget-gate bias); "
+            "got bias=False"
+        )
+    return value
+
+
+def _init_lstm_variants(
+    hidden_size: int, forget_bias: float, biases_ih: list, peepholes: list
+) -> None:
+    """Zero the peephole weights (so the cell starts as the plain LSTM) and add ``forget_bias``."""
+    with torch.no_grad():
+        for bias_ih in biases_ih:
+            if bias_ih is not None and forget_bias:
+                bias_ih[hidden_size : 2 * hidden_size] += forget_bias
+        for weight_ch in peepholes:
+            if weight_ch is not None:
+                weight_ch.zero_()
+
+
+def _factory(module: nn.Module) -> dict:
+    param = next(module.parameters())
+    return {"device": param.device, "dtype": param.dtype}
+
+
+def _copy_into(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Load ``source``'s state dict into ``target`` (strict: names and shapes must agree)."""
+    target.load_state_dict(source.state_dict())
+    return target

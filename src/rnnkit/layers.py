@@ -1,0 +1,610 @@
+"""Sequence layers RNN, LSTM, GRU: validation, stacking, directions and lengths around the engine.
+
+A layer owns the parameters (torch.nn's names and shapes, plus the variants'), turns every accepted
+input form (batched, unbatched, ``batch_first``, ``PackedSequence``, padded + ``lengths``) into one
+time-major padded tensor with optional lengths, and hands each layer and direction of the stack to
+`rnnkit.engine.run_direction`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from rnnkit import engine
+from rnnkit._checks import (
+    check_lengths,
+    describe,
+    require_bool,
+    require_choice,
+    require_int,
+    require_probability,
+    require_shape,
+    require_tensor,
+)
+from rnnkit.cells import (
+    NONLINEARITIES,
+    CellKind,
+    CellWeights,
+    State,
+    _check_forget_bias,
+    _init_lstm_variants,
+    output_of,
+)
+
+
+class _RecurrentLayer(nn.Module):
+    """Parameters, input handling and the layer/direction loop shared by RNN, LSTM and GRU."""
+
+    family: str = "rnn"
+    gate_count: int = 1
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        peephole: bool = False,
+        learn_initial_state: bool = False,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.input_size = require_int(f"{name} input_size", input_size, minimum=1)
+        self.hidden_size = require_int(f"{name} hidden_size", hidden_size, minimum=1)
+        self.num_layers = require_int(f"{name} num_layers", num_layers, minimum=1)
+        self.bias = require_bool(f"{name} bias", bias)
+        self.batch_first = require_bool(f"{name} batch_first", batch_first)
+        self.dropout = require_probability(f"{name} dropout", dropout)
+        self.bidirectional = require_bool(f"{name} bidirectional", bidirectional)
+        self.proj_size = require_int(f"{name} proj_size", proj_size, minimum=0)
+        self.peephole = require_bool(f"{name} peephole", peephole)
+        self.learn_initial_state = require_bool(
+            f"{name} learn_initial_state", learn_initial_state
+        )
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"{name} proj_size must be smaller than hidden_size ({hidden_size}), "
+                f"got {proj_size}; use 0 for no projection"
+            )
+        if self.dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"{name} dropout={dropout} acts between stacked layers only, so it does nothing "
+                "with num_layers=1",
+                stacklevel=3,
+            )
+
+        factory = {"device": device, "dtype": dtype}
+        gates = self.gate_count * hidden_size
+        # Registration order is torch.nn's (w_ih, w_hh, b_ih, b_hh, w_hr per layer and direction)
+        # so that parameters() lines up with torch.nn's; variant parameters follow each group.
+        self._torch_parameter_names: list[str] = []
+        self._cell_parameter_names: list[dict[str, str]] = []  # per layer * directions + direction
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else self.output_size * self.num_directions
+            for direction in range(self.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                shapes = {"weight_ih": (gates, layer_input), "weight_hh": (gates, self.output_size)}
+                if bias:
+                    shapes |= {"bias_ih": (gates,), "bias_hh": (gates,)}
+                if proj_size:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                names = {role: role + suffix for role in shapes}
+                self._torch_parameter_names += names.values()
+                if peephole:
+                    shapes["weight_ch"] = (3 * hidden_size,)
+                    names["weight_ch"] = "weight_ch" + suffix
+                for role, shape in shapes.items():
+                    setattr(self, names[role], nn.Parameter(torch.empty(shape, **factory)))
+                self._cell_parameter_names.append(names)
+        if learn_initial_state:
+            states = self.num_layers * self.num_directions
+            self.h0 = nn.Parameter(torch.empty(states, 1, self.output_size, **factory))
+            if self.family == "lstm":
+                self.c0 = nn.Parameter(torch.empty(states, 1, hidden_size, **factory))
+
+    # ---- shape facts -----------------------------------------------------------------------
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self) -> int:
+        """Size of ``h`` per direction: ``proj_size`` when projecting, else ``hidden_size``."""
+        return self.proj_size or self.hidden_size
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """Parameters per layer and direction, in torch.nn's order (variants last)."""
+        return [[getattr(self, n) for n in names.values()] for names in self._cell_parameter_names]
+
+    def cell_kind(self) -> CellKind:
+        """The parameter-free description of this layer's cell, as the engine reads it."""
+        return CellKind(self.family)
+
+    def cell_weights(self, layer: int, direction: int) -> CellWeights:
+        """The parameters of one layer and direction of the stack."""
+        names = self._cell_parameter_names[layer * self.num_directions + direction]
+        return CellWeights(**{role: getattr(self, name) for role, name in names.items()})
+
+    # ---- initialisation --------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """torch.nn's ``U(-1/sqrt(H), 1/sqrt(H))`` in torch.nn's order; variants start neutral.
+
+        Drawing only the torch.nn parameters, in its order, means that under the same seed a
+        plain layer starts with exactly torch.nn's weights. Learned initial states start at
+        zero, which is the state used when ``hx`` is not given.
+        """
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for name in self._torch_parameter_names:
+            nn.init.uniform_(getattr(self, name), -bound, bound)
+        with torch.no_grad():
+            for name in ("h0", "c0"):
+                if hasattr(self, name):
+                    getattr(self, name).zero_()
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        input: Tensor | PackedSequence,
+        hx: State | None = None,
+        *,
+        lengths: Tensor | list[int] | None = None,
+    ):
+        """Run the stack; see the class docstring for shapes."""
+        x, lengths, batched = self._prepare_input(input, lengths)
+        initial = self._initial_states(hx, x, batched)
+        output, finals = self._run_stack(x, initial, lengths)
+        if isinstance(input, PackedSequence):
+            output = _repack(output, input, lengths)
+        elif not batched:
+            output = output.squeeze(1)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, self._stack_states(finals, batched)
+
+    def _run_stack(
+        self, x: Tensor, initial: list[State], lengths: Tensor | None
+    ) -> tuple[Tensor, list[State]]:
+        """Layers bottom to top, each direction through the engine: (T, N, I) -> (T, N, D*H_out)."""
+        kind = self.cell_kind()
+        layer_input = x
+        finals: list[State] = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                output, final = engine.run_direction(
+                    kind,
+                    layer_input,
+                    initial[layer * self.num_directions + direction],
+                    self.cell_weights(layer, direction),
+                    lengths,
+                    reverse=direction == 1,
+                )
+                outputs.append(output)
+                finals.append(final)
+            layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, finals
+
+    def _prepare_input(
+        self, input: object, lengths: object
+    ) -> tuple[Tensor, Tensor | None, bool]:
+        """Any accepted input -> (x (T, N, I) time-major, lengths (N,) or None, batched)."""
+        name = type(self).__name__
+        param = self.weight_ih_l0
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError(
+                    f"{name} lengths must be None when input is a PackedSequence (it carries its "
+                    f"own lengths), got {describe(lengths)}"
+                )
+            data = require_tensor(
+                f"{name} input (PackedSequence.data)", input.data,
+                dtype=param.dtype, device=param.device,
+            )
+            if data.dim() != 2 or data.shape[1] != self.input_size:
+                raise ValueError(
+                    f"{name} input (PackedSequence.data) must have shape (sum of lengths, "
+                    f"input_size={self.input_size}), got {tuple(data.shape)}"
+                )
+            x, packed_lengths = pad_packed_sequence(input)  # (T, N, I), lengths in input order
+            return x, packed_lengths.to(x.device), True
+
+        x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
+        layout = "(N, L, H_in)" if self.batch_first else "(L, N, H_in)"
+        if x.dim() not in (2, 3) or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{name} input must have shape {layout} or unbatched (L, H_in), with "
+                f"H_in = input_size = {self.input_size}; got {tuple(x.shape)}"
+            )
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(1)
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        steps, batch = x.shape[:2]
+        if steps == 0 or batch == 0:
+            raise ValueError(
+                f"{name} input must have at least one time step and one sequence, "
+                f"got shape {tuple(input.shape)}"
+            )
+        if lengths is None:
+            return x, None, batched
+        if not batched:
+            raise ValueError(
+                f"{name} lengths applies to batched input only; unbatched input (L, H_in) uses "
+                f"all its L steps; got lengths={describe(lengths)}"
+            )
+        lengths = check_lengths(lengths, steps=steps, batch=batch, device=x.device)
+        # Full-length sequences need no masking: the unmasked loop is the same computation.
+        return x, (None if int(lengths.min()) == steps else lengths), batched
+
+    def _state_shapes(self, batch: int | None) -> list[tuple[tuple[int, ...], str]]:
+        """Expected (shape, meaning) of h_0 (and c_0) for a batch size (None: unbatched)."""
+        states = self.num_layers * self.num_directions
+        lead, meaning = ((states,), "(D*num_layers,") if batch is None else (
+            (states, batch), "(D*num_layers, N,")
+        result = [(lead + (self.output_size,), meaning + " H_out)")]
+        if self.family == "lstm":
+            result.append((lead + (self.hidden_size,), meaning + " H_cell)"))
+        return result
+
+    def _initial_states(self, hx: object, x: Tensor, batched: bool) -> list[State]:
+        """Validate hx (or make the default) and split it per layer and direction."""
+        name = type(self).__name__
+        batch = x.shape[1]
+        shapes = self._state_shapes(batch if batched else None)
+        if hx is None:
+            if self.learn_initial_state:
+                learned = [self.h0] + ([self.c0] if self.family == "lstm" else [])
+                parts = [p.expand(-1, batch, -1) for p in learned]
+            else:
+                parts = [x.new_zeros(shape) for shape, _ in shapes]
+        else:
+            if self.family == "lstm":
+                if not isinstance(hx, tuple | list) or len(hx) != 2:
+                    raise TypeError(
+                        f"{name} hx must be a tuple (h_0, c_0) of tensors with shapes "
+                        f"{shapes[0][0]} and {shapes[1][0]}, got {describe(hx)}"
+                    )
+                parts, labels = list(hx), ["hx[0] (h_0)", "hx[1] (c_0)"]
+            else:
+                if not isinstance(hx, Tensor):
+                    raise TypeError(
+                        f"{name} hx must be a Tensor h_0 of shape {shapes[0][0]}, got "
+                        f"{describe(hx)}"
+                        + (" (a tuple (h_0, c_0) is for LSTM)" if isinstance(hx, tuple) else "")
+                    )
+                parts, labels = [hx], ["hx (h_0)"]
+            for part, label, (shape, meaning) in zip(parts, labels, shapes, strict=True):
+                require_tensor(f"{name} {label}", part, dtype=x.dtype, device=x.device)
+                require_shape(f"{name} {label}", part, shape, meaning)
+            if not batched:
+                parts = [p.unsqueeze(1) for p in parts]
+        if self.family == "lstm":
+            return list(zip(parts[0], parts[1], strict=True))
+        return list(parts[0])
+
+    def _stack_states(self, finals: list[State], batched: bool):
+        """Final states per layer and direction -> h_n (D*num_layers, N, H_out) [, c_n]."""
+        if self.family == "lstm":
+            stacked = (torch.stack([s[0] for s in finals]), torch.stack([s[1] for s in finals]))
+            return stacked if batched else tuple(s.squeeze(1) for s in stacked)
+        h_n = torch.stack([output_of(s) for s in finals])
+        return h_n if batched else h_n.squeeze(1)
+
+    # ---- conversion and display ------------------------------------------------------------
+    def _variant_settings(self) -> dict[str, object]:
+        """Settings torch.nn has no equivalent for, with their values here (non-default only)."""
+        return {"learn_initial_state": True} if self.learn_initial_state else {}
+
+    def _torch_arguments(self) -> dict[str, object]:
+        return {
+            "input_size": self.input_size,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "bias": self.bias,
+            "batch_first": self.batch_first,
+            "dropout": self.dropout,
+            "bidirectional": self.bidirectional,
+        }
+
+    def to_torch(self) -> nn.Module:
+        """The equivalent torch.nn module with the same weights (plain configurations only)."""
+        variants = self._variant_settings()
+        if variants:
+            settings = ", ".join(f"{k}={v!r}" for k, v in variants.items())
+            raise ValueError(
+                f"torch.nn.{type(self).__name__} has no equivalent of {settings}; only a plain "
+                f"configuration converts"
+            )
+        param = self.weight_ih_l0
+        module = getattr(nn, type(self).__name__)(
+            **self._torch_arguments(), device=param.device, dtype=param.dtype
+        )
+        module.load_state_dict(self.state_dict())
+        return module
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        defaults = {"proj_size": 0, "num_layers": 1, "bias": True, "batch_first": False,
+                    "dropout": 0.0, "bidirectional": False}
+        for key, default in defaults.items():
+            if getattr(self, key) != default:
+                s += f", {key}={getattr(self, key)}"
+        for key, value in self._variant_settings().items():
+            s += f", {key}={value!r}"
+        return s
+
+
+def _repack(output: Tensor, packed_input: PackedSequence, lengths: Tensor) -> PackedSequence:
+    """Padded output (T, N, H) in input order -> a PackedSequence laid out like the input."""
+    sorted_indices = packed_input.sorted_indices
+    if sorted_indices is not None:
+        output = output.index_select(1, sorted_indices)
+        lengths = lengths.index_select(0, sorted_indices)
+    data = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True).data
+    return PackedSequence(
+        data, packed_input.batch_sizes, packed_input.sorted_indices, packed_input.unsorted_indices
+    )
+
+
+_LAYER_SHAPES = """
+    Inputs: ``input, hx`` (optional), keyword ``lengths`` (optional)
+        - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first=True``, unbatched
+          ``(L, H_in)``, or a ``PackedSequence`` (then the output is packed too).
+        - **lengths**: ``(N,)`` integer tensor (any device) or list of ints in ``[1, L]``, any
+          order, for padded batched input. Outputs past a sequence's end are zero; its final
+          state is the state after its own last step; the reverse direction runs over the valid
+          steps only, last to first.
+
+    Legend: ``N`` batch size, ``L`` sequence length, ``D`` 2 if bidirectional else 1,
+    ``H_in`` input_size, ``H_cell`` hidden_size, ``H_out`` proj_size if > 0 else hidden_size.
+    Final states are ``(D * num_layers, N, ·)`` whether or not ``batch_first`` (no ``N`` when
+    unbatched); the output's last dimension is ``D * H_out``.
+"""
+
+
+class RNN(_RecurrentLayer):
+    __doc__ = r"""A multi-layer Elman RNN; drop-in for ``torch.nn.RNN``.
+
+    For each element of the input sequence, each layer computes
+
+    .. math::
+        h_t = \mathrm{act}(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}),
+        \qquad \mathrm{act} = \tanh \text{ or ReLU}
+
+    where ``x_t`` is the input at time ``t`` (for layer ``k > 0``, the previous layer's output,
+    both directions concatenated) and ``h_{t-1}`` the layer's state at ``t - 1``.
+
+    Args:
+        input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
+        batch_first=False, dropout=0.0 (between layers, training only), bidirectional=False,
+        device=None, dtype=None: as ``torch.nn.RNN``, in the same positional order.
+        learn_initial_state (keyword): make ``h0 (D*num_layers, 1, H)`` a parameter,
+            broadcast over the batch and used when ``hx`` is not given. Default ``False``.
+""" + _LAYER_SHAPES + r"""
+    Outputs: ``output, h_n``.
+
+    Parameters: ``weight_ih_l{k}`` ``(H, H_in)`` for ``k = 0`` else ``(H, D*H)``,
+    ``weight_hh_l{k} (H, H)``, ``bias_ih_l{k}``, ``bias_hh_l{k} (H,)``; suffix ``_reverse``
+    for the backward direction. All ``U(-1/sqrt(H), 1/sqrt(H))``.
+
+    Example::
+
+        >>> rnn = rnnkit.RNN(10, 20, num_layers=2)
+        >>> output, h_n = rnn(torch.randn(5, 3, 10))     # (5, 3, 20), (2, 3, 20)
+    """
+
+    family = "rnn"
+    gate_count = 1
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        learn_initial_state: bool = False,
+    ) -> None:
+        checked_nonlinearity = require_choice("RNN nonlinearity", nonlinearity, NONLINEARITIES)
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            device=device, dtype=dtype, learn_initial_state=learn_initial_state,
+        )
+        self.nonlinearity = checked_nonlinearity
+        self.reset_parameters()
+
+    def cell_kind(self) -> CellKind:
+        return CellKind("rnn", nonlinearity=self.nonlinearity)
+
+    def _torch_arguments(self) -> dict[str, object]:
+        return super()._torch_arguments() | {"nonlinearity": self.nonlinearity}
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", nonlinearity={self.nonlinearity!r}" if self.nonlinearity != "tanh" else "")
+
+
+class LSTM(_RecurrentLayer):
+    __doc__ = r"""A multi-layer long short-term memory network; drop-in for ``torch.nn.LSTM``.
+
+    For each element of the input sequence, each layer computes
+
+    .. math::
+        \begin{aligned}
+        i_t &= \sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi} + p_i \odot c_{t-1}) \\
+        f_t &= \sigma(W_{if} x_t + b_{if} + W_{hf} h_{t-1} + b_{hf} + p_f \odot c_{t-1}) \\
+        g_t &= \tanh(W_{ig} x_t + b_{ig} + W_{hg} h_{t-1} + b_{hg}) \\
+        c_t &= f_t \odot c_{t-1} + i_t \odot g_t \\
+        o_t &= \sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho} + p_o \odot c_t) \\
+        h_t &= W_{hr} (o_t \odot \tanh(c_t))
+        \end{aligned}
+
+    ``i, f, g, o`` are the input, forget, cell and output gates, ``σ`` the sigmoid and ``⊙`` the
+    elementwise product. The peephole terms ``p`` exist only with ``peephole=True``; ``W_hr`` only
+    with ``proj_size > 0``. Without them this is exactly ``torch.nn.LSTM``.
+
+    Args:
+        input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+        bidirectional=False, proj_size=0, device=None, dtype=None: as ``torch.nn.LSTM``.
+        peephole (keyword): add ``weight_ch_l{k} (3H,)`` (order i, f, o), initialised to zero,
+            so the layer starts as the plain LSTM. Default ``False``.
+        forget_bias (keyword): added to ``b_if`` of every layer once, at initialisation.
+            Default 0.0 (torch.nn's initialisation); 1.0 is Jozefowicz et al.'s advice.
+        learn_initial_state (keyword): make ``h0 (D*num_layers, 1, H_out)`` and
+            ``c0 (D*num_layers, 1, H_cell)`` parameters, used when ``hx`` is not given.
+""" + _LAYER_SHAPES + r"""
+        - **hx**: a tuple ``(h_0, c_0)``, ``h_0 (D*num_layers, N, H_out)``,
+          ``c_0 (D*num_layers, N, H_cell)``; zeros (or the learned state) if omitted.
+
+    Outputs: ``output, (h_n, c_n)``.
+
+    Parameters: ``weight_ih_l{k} (4H, H_in)`` as ``(W_ii|W_if|W_ig|W_io)`` (``H_in = D*H_out``
+    for ``k > 0``), ``weight_hh_l{k} (4H, H_out)``, ``bias_ih_l{k}, bias_hh_l{k} (4H,)``,
+    ``weight_hr_l{k} (P, H)``, ``weight_ch_l{k} (3H,)``; suffix ``_reverse`` for the backward
+    direction.
+
+    Example::
+
+        >>> lstm = rnnkit.LSTM(10, 20, num_layers=2, peephole=True, forget_bias=1.0)
+        >>> output, (h_n, c_n) = lstm(torch.randn(5, 3, 10))   # (5, 3, 20), (2, 3, 20) x 2
+    """
+
+    family = "lstm"
+    gate_count = 4
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        peephole: bool = False,
+        forget_bias: float = 0.0,
+        learn_initial_state: bool = False,
+    ) -> None:
+        forget = _check_forget_bias("LSTM", forget_bias, bias if isinstance(bias, bool) else True)
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            proj_size, device, dtype, peephole=peephole, learn_initial_state=learn_initial_state,
+        )
+        self.forget_bias = forget
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        layers = [self.cell_weights(k, d) for k in range(self.num_layers)
+                  for d in range(self.num_directions)]
+        _init_lstm_variants(
+            self.hidden_size, self.forget_bias,
+            [w.bias_ih for w in layers], [w.weight_ch for w in layers],
+        )
+
+    def _torch_arguments(self) -> dict[str, object]:
+        return super()._torch_arguments() | {"proj_size": self.proj_size}
+
+    def _variant_settings(self) -> dict[str, object]:
+        # forget_bias only changes the initial values, which torch.nn can hold: not a variant.
+        return ({"peephole": True} if self.peephole else {}) | super()._variant_settings()
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", forget_bias={self.forget_bias}" if self.forget_bias else "")
+
+
+class GRU(_RecurrentLayer):
+    __doc__ = r"""A multi-layer gated recurrent unit network; drop-in for ``torch.nn.GRU``.
+
+    For each element of the input sequence, each layer computes
+
+    .. math::
+        \begin{aligned}
+        r_t &= \sigma(W_{ir} x_t + b_{ir} + W_{hr} h_{t-1} + b_{hr}) \\
+        z_t &= \sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz}) \\
+        n_t &= \tanh(W_{in} x_t + b_{in} + r_t \odot (W_{hn} h_{t-1} + b_{hn}))
+              &&\text{reset\_after=True (torch.nn's, the default)} \\
+        n_t &= \tanh(W_{in} x_t + b_{in} + W_{hn} (r_t \odot h_{t-1}) + b_{hn})
+              &&\text{reset\_after=False (Cho et al. 2014)} \\
+        h_t &= (1 - z_t) \odot n_t + z_t \odot h_{t-1}
+        \end{aligned}
+
+    ``r, z, n`` are the reset, update and new gates; ``z`` weighs the old state, as in torch.nn,
+    cuDNN and Keras, so weights load unchanged.
+
+    Args:
+        input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+        bidirectional=False, device=None, dtype=None: as ``torch.nn.GRU``.
+        reset_after (keyword): where the reset gate acts, as above. Default ``True``.
+        learn_initial_state (keyword): make ``h0 (D*num_layers, 1, H)`` a parameter, used when
+            ``hx`` is not given. Default ``False``.
+""" + _LAYER_SHAPES + r"""
+    Outputs: ``output, h_n``.
+
+    Parameters: ``weight_ih_l{k} (3H, H_in)`` as ``(W_ir|W_iz|W_in)``, ``weight_hh_l{k} (3H, H)``,
+    ``bias_ih_l{k}, bias_hh_l{k} (3H,)``; suffix ``_reverse`` for the backward direction.
+
+    Example::
+
+        >>> gru = rnnkit.GRU(10, 20, batch_first=True, reset_after=False)
+        >>> output, h_n = gru(torch.randn(3, 5, 10))     # (3, 5, 20), (1, 3, 20)
+    """
+
+    family = "gru"
+    gate_count = 3
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        reset_after: bool = True,
+        learn_initial_state: bool = False,
+    ) -> None:
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            device=device, dtype=dtype, learn_initial_state=learn_initial_state,
+        )
+        self.reset_after = require_bool("GRU reset_after", reset_after)
+        self.reset_parameters()
+
+    def cell_kind(self) -> CellKind:
+        return CellKind("gru", reset_after=self.reset_after)
+
+    def _variant_settings(self) -> dict[str, object]:
+        return ({} if self.reset_after else {"reset_after": False}) | super()._variant_settings()

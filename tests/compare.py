@@ -1,0 +1,72 @@
+"""One helper to compare two modules' outputs *and* gradients, so each parity test is one call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+# The issue's tolerances: 1e-5 in float32, 1e-10 in float64 (relative and absolute).
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+# Worst absolute difference seen per (group, dtype) and the number of comparisons: conftest.py
+# prints it at the end of the run, so the parity figures come from the tests themselves.
+WORST: dict[tuple[str, torch.dtype], tuple[float, int]] = {}
+
+
+def flatten(value) -> list[Tensor]:
+    """Every tensor in a nested output, PackedSequence as its data, in a fixed order."""
+    if isinstance(value, PackedSequence):
+        return [value.data]
+    if isinstance(value, Tensor):
+        return [value]
+    return [t for item in value for t in flatten(item)]
+
+
+def outputs_and_gradients(
+    module: nn.Module, call: Callable[[nn.Module], object], inputs: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """Run ``call(module)``, then backpropagate a fixed random projection of every output.
+
+    Returns the outputs (``out0``, ``out1``, ...) and the gradients of every named input and
+    every parameter (``grad:<name>``), so two modules can be compared key by key.
+    """
+    outputs = flatten(call(module))
+    generator = torch.Generator().manual_seed(1234)
+    loss = sum(
+        (out * torch.randn(out.shape, generator=generator, dtype=out.dtype)).sum()
+        for out in outputs
+    )
+    params = dict(module.named_parameters())
+    leaves = list(inputs.values()) + list(params.values())
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    result = {f"out{k}": out.detach() for k, out in enumerate(outputs)}
+    for name, leaf, grad in zip(list(inputs) + list(params), leaves, grads, strict=True):
+        # A leaf the computation does not reach has gradient zero, as a dense reference has.
+        result[f"grad:{name}"] = torch.zeros_like(leaf) if grad is None else grad
+    return result
+
+
+def assert_same(
+    actual: dict[str, Tensor], expected: dict[str, Tensor], dtype: torch.dtype, group: str = ""
+):
+    """Same keys, and every tensor equal within the issue's tolerance for ``dtype``.
+
+    With a ``group`` name, the worst difference is recorded in ``WORST`` for the run's summary.
+    """
+    assert sorted(actual) == sorted(expected)
+    if group:
+        worst, count = WORST.get((group, dtype), (0.0, 0))
+        WORST[(group, dtype)] = (max(worst, max_error(actual, expected)), count + 1)
+    tolerance = TOLERANCE[dtype]
+    for key in expected:
+        assert actual[key].shape == expected[key].shape, key
+        torch.testing.assert_close(
+            actual[key], expected[key], rtol=tolerance, atol=tolerance, msg=lambda m, k=key: f"{k}: {m}"
+        )
+
+
+def max_error(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> float:
+    return max(float((actual[k] - expected[k]).abs().max()) for k in expected)
