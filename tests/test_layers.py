@@ -385,7 +385,7 @@ X = torch.randn(5, 2, 3)
         (lambda: rnnkit.LSTM(**LSTM_2)(torch.zeros(0, 2, 3)), ValueError, r"at least one time step"),
         (lambda: rnnkit.LSTM(**LSTM_2)(X.long()), TypeError, r"input must be a floating-point tensor .* got dtype torch.int64"),
         (lambda: rnnkit.LSTM(**LSTM_2)(X.double()), TypeError, r"input has dtype torch.float64 but the parameters have dtype torch.float32"),
-        (lambda: rnnkit.LSTM(**LSTM_2)(X.numpy()), TypeError, r"input must be a torch.Tensor"),
+        (lambda: rnnkit.LSTM(**LSTM_2)(X.tolist()), TypeError, r"input must be a torch.Tensor, got a list of 5"),
         (lambda: rnnkit.LSTM(**LSTM_2)(X, torch.zeros(2, 2, 4)), TypeError,
          r"hx must be a tuple \(h_0, c_0\) .* got a Tensor of shape \(2, 2, 4\)"),
         (lambda: rnnkit.GRU(**LSTM_2)(X, (torch.zeros(2, 2, 4), torch.zeros(2, 2, 4))), TypeError,
