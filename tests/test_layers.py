@@ -428,3 +428,12 @@ def test_valid_unusual_inputs_still_work():
     as_list, _ = layer(X, state, lengths=torch.tensor([2, 5]))
     as_tuple, _ = layer(X, tuple(state), lengths=[2, 5])
     torch.testing.assert_close(as_list, as_tuple, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_unbatched_without_state_matches_torch_nn(mode):
+    reference, layer = make_pair(mode, torch.float64, num_layers=2, bidirectional=True)
+    x = torch.randn(STEPS, INPUT, dtype=torch.float64, requires_grad=True)
+    expected = outputs_and_gradients(reference, lambda m: m(x), {"x": x})
+    actual = outputs_and_gradients(layer, lambda m: m(x), {"x": x})
+    assert_same(actual, expected, torch.float64)

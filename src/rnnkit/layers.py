@@ -59,9 +59,11 @@ class _RecurrentLayer(nn.Module):
         *,
         peephole: bool = False,
         learn_initial_state: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        self.backend = require_choice(f"{name} backend", backend, engine.BACKENDS)
         self.input_size = require_int(f"{name} input_size", input_size, minimum=1)
         self.hidden_size = require_int(f"{name} hidden_size", hidden_size, minimum=1)
         self.num_layers = require_int(f"{name} num_layers", num_layers, minimum=1)
@@ -180,6 +182,7 @@ class _RecurrentLayer(nn.Module):
     ) -> tuple[Tensor, list[State]]:
         """Layers bottom to top, each direction through the engine: (T, N, I) -> (T, N, D*H_out)."""
         kind = self.cell_kind()
+        backend = engine.resolve_backend(self.backend)
         layer_input = x
         finals: list[State] = []
         for layer in range(self.num_layers):
@@ -192,6 +195,7 @@ class _RecurrentLayer(nn.Module):
                     self.cell_weights(layer, direction),
                     lengths,
                     reverse=direction == 1,
+                    backend=backend,
                 )
                 outputs.append(output)
                 finals.append(final)
@@ -273,7 +277,7 @@ class _RecurrentLayer(nn.Module):
                 learned = [self.h0] + ([self.c0] if self.family == "lstm" else [])
                 parts = [p.expand(-1, batch, -1) for p in learned]
             else:
-                parts = [x.new_zeros(shape) for shape, _ in shapes]
+                parts = [x.new_zeros(shape) for shape, _ in self._state_shapes(batch)]
         else:
             if self.family == "lstm":
                 if not isinstance(hx, tuple | list) or len(hx) != 2:
@@ -427,11 +431,12 @@ class RNN(_RecurrentLayer):
         dtype=None,
         *,
         learn_initial_state: bool = False,
+        backend: str = "auto",
     ) -> None:
         checked_nonlinearity = require_choice("RNN nonlinearity", nonlinearity, NONLINEARITIES)
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-            device=device, dtype=dtype, learn_initial_state=learn_initial_state,
+            device=device, dtype=dtype, learn_initial_state=learn_initial_state, backend=backend,
         )
         self.nonlinearity = checked_nonlinearity
         self.reset_parameters()
@@ -511,11 +516,13 @@ class LSTM(_RecurrentLayer):
         peephole: bool = False,
         forget_bias: float = 0.0,
         learn_initial_state: bool = False,
+        backend: str = "auto",
     ) -> None:
         forget = _check_forget_bias("LSTM", forget_bias, bias if isinstance(bias, bool) else True)
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
             proj_size, device, dtype, peephole=peephole, learn_initial_state=learn_initial_state,
+            backend=backend,
         )
         self.forget_bias = forget
         self.reset_parameters()
@@ -595,10 +602,11 @@ class GRU(_RecurrentLayer):
         *,
         reset_after: bool = True,
         learn_initial_state: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-            device=device, dtype=dtype, learn_initial_state=learn_initial_state,
+            device=device, dtype=dtype, learn_initial_state=learn_initial_state, backend=backend,
         )
         self.reset_after = require_bool("GRU reset_after", reset_after)
         self.reset_parameters()

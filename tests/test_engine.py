@@ -1,0 +1,156 @@
+"""Engine backends against the reference loop: outputs, states and every gradient; streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkit
+from compare import assert_same, outputs_and_gradients
+from rnnkit import engine
+
+FAST_BACKENDS = ["fused"]
+INPUT, HIDDEN, PROJ, STEPS = 3, 5, 2, 6
+LENGTHS = [4, 6, 1, 3]
+
+# Every family and variant: (layer class, constructor arguments).
+CONFIGURATIONS = {
+    "rnn_tanh": (rnnkit.RNN, {}),
+    "rnn_relu": (rnnkit.RNN, {"nonlinearity": "relu"}),
+    "lstm": (rnnkit.LSTM, {}),
+    "lstm_proj": (rnnkit.LSTM, {"proj_size": PROJ}),
+    "lstm_peephole": (rnnkit.LSTM, {"peephole": True}),
+    "lstm_peephole_proj": (rnnkit.LSTM, {"peephole": True, "proj_size": PROJ}),
+    "lstm_learned_state": (rnnkit.LSTM, {"learn_initial_state": True, "proj_size": PROJ}),
+    "gru": (rnnkit.GRU, {}),
+    "gru_reset_before": (rnnkit.GRU, {"reset_after": False}),
+    "gru_learned_state": (rnnkit.GRU, {"learn_initial_state": True, "reset_after": False}),
+    "rnn_learned_state": (rnnkit.RNN, {"learn_initial_state": True}),
+}
+
+
+def make_layer(name, dtype=torch.float32, **arguments):
+    """A layer with every parameter random and nonzero (peepholes and learned states included)."""
+    layer_class, extra = CONFIGURATIONS[name]
+    layer = layer_class(INPUT, HIDDEN, **extra, **arguments, dtype=dtype)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.rand(p.shape, generator=generator, dtype=dtype) - 0.5)
+    return layer
+
+
+def with_backend(layer, backend):
+    layer.backend = backend
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["batched", "unbatched", "packed", "lengths"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tmajor", "bfirst"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_backend_equals_reference(backend, name, num_layers, bidirectional, batch_first, bias,
+                                  kind):
+    layer = make_layer(name, num_layers=num_layers, bidirectional=bidirectional,
+                       batch_first=batch_first, bias=bias)
+    generator = torch.Generator().manual_seed(1)
+    batch = len(LENGTHS)
+    shape = (STEPS, INPUT) if kind == "unbatched" else (
+        (batch, STEPS, INPUT) if batch_first else (STEPS, batch, INPUT))
+    x = torch.randn(shape, generator=generator).requires_grad_()
+    inputs = {"x": x}
+    hx = None
+    if not layer.learn_initial_state:  # learned states get their gradient from the default
+        lead = (num_layers * layer.num_directions,) + (() if kind == "unbatched" else (batch,))
+        h0 = torch.randn(lead + (layer.output_size,), generator=generator).requires_grad_()
+        inputs["h0"] = h0
+        hx = h0
+        if isinstance(layer, rnnkit.LSTM):
+            c0 = torch.randn(lead + (HIDDEN,), generator=generator).requires_grad_()
+            inputs["c0"] = c0
+            hx = (h0, c0)
+
+    def run(module):
+        if kind == "packed":
+            packed = pack_padded_sequence(x, LENGTHS, batch_first=batch_first, enforce_sorted=False)
+            return module(packed, hx)
+        return module(x, hx, lengths=LENGTHS if kind == "lengths" else None)
+
+    expected = outputs_and_gradients(with_backend(layer, "reference"), run, inputs)
+    actual = outputs_and_gradients(with_backend(layer, backend), run, inputs)
+    assert_same(actual, expected, torch.float32, group=f"{backend}-vs-ref")
+
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_gradcheck_through_backend(backend, name):
+    layer = with_backend(make_layer(name, torch.float64, num_layers=2, bidirectional=True),
+                         backend)
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+    x = torch.randn(4, 3, INPUT, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 3, HIDDEN, dtype=torch.float64, requires_grad=True)
+
+    def run(x, c0, *params):
+        hx = None
+        if isinstance(layer, rnnkit.LSTM) and not layer.learn_initial_state:
+            hx = (torch.zeros(4, 3, layer.output_size, dtype=torch.float64), c0)
+        output, final = torch.func.functional_call(
+            layer, dict(zip(names, params, strict=True)), (x, hx), {"lengths": [4, 2, 3]})
+        return output, *(final if isinstance(final, tuple) else (final,))
+
+    assert torch.autograd.gradcheck(run, (x, c0, *params))
+
+
+def test_fused_backend_runs_its_own_autograd_function():
+    for name, function in [("lstm_peephole", "FusedLSTM"), ("gru", "FusedGRU"),
+                           ("rnn_relu", "FusedRNN")]:
+        layer = with_backend(make_layer(name), "fused")
+        output, _ = layer(torch.randn(STEPS, 2, INPUT))
+        assert type(output.grad_fn).__name__ == f"{function}Backward", name
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+@pytest.mark.parametrize("name", ["lstm_peephole_proj", "gru_reset_before", "rnn_tanh", "gru"])
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_streaming_in_chunks_equals_whole_sequence(backend, name, chunk):
+    layer = with_backend(make_layer(name, torch.float64, num_layers=2), backend)
+    x = torch.randn(9, 3, INPUT, dtype=torch.float64)
+    whole, whole_final = layer(x)
+    pieces, state = [], None
+    for start in range(0, x.shape[0], chunk):
+        piece, state = layer(x[start : start + chunk], state)
+        pieces.append(piece)
+    torch.testing.assert_close(torch.cat(pieces), whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, whole_final, rtol=1e-12, atol=1e-12)
+
+
+def test_streaming_unbatched_single_steps():
+    layer = make_layer("lstm_peephole", torch.float64)
+    x = torch.randn(7, INPUT, dtype=torch.float64)
+    whole, _ = layer(x)
+    state, outputs = None, []
+    for t in range(7):
+        out, state = layer(x[t : t + 1], state)
+        outputs.append(out)
+    torch.testing.assert_close(torch.cat(outputs), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    layer = with_backend(make_layer("gru"), "fused")
+    monkeypatch.setenv(engine.ENVIRONMENT_VARIABLE, "reference")
+    output, _ = layer(torch.randn(STEPS, 2, INPUT))
+    assert type(output.grad_fn).__name__ != "FusedGRUBackward"
+    monkeypatch.setenv(engine.ENVIRONMENT_VARIABLE, "turbo")
+    with pytest.raises(ValueError, match=r"RNNKIT_BACKEND must be one of 'auto', .* got 'turbo'"):
+        layer(torch.randn(STEPS, 2, INPUT))
+
+
+def test_auto_policy_and_bad_backend_argument():
+    assert engine.resolve_backend("auto") == "fused"
+    with pytest.raises(ValueError, match=r"LSTM backend must be one of .* got 'gpu'"):
+        rnnkit.LSTM(3, 4, backend="gpu")
