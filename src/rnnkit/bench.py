@@ -1,0 +1,229 @@
+"""`rnnkit bench`: time rnnkit's layers against torch.nn and the reference loop, in one process.
+
+Every contender of a size is timed in the same run, interleaved (one repeat of each in turn),
+and reported by its median, so that a noisy machine slows all of them alike. Two modes:
+inference (forward under ``no_grad``) and training (forward + backward of ``output.sum()``).
+
+Peers: plain cells against torch.nn's module with the same weights; every variant against the
+plain cell through rnnkit ("x plain") and against the reference loop ("x faster than reference").
+Single-step streaming latency is timed against ``torch.nn.LSTMCell``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from rnnkit.interop import from_torch
+from rnnkit.layers import GRU, LSTM, RNN
+
+FULL_SIZES = [(100, 32, 64), (100, 32, 256), (50, 64, 512), (200, 1, 128)]
+QUICK_SIZES = [(12, 4, 16)]
+FAMILIES = ("lstm", "gru", "rnn")
+
+# family -> variant -> (constructor arguments, whether it runs on padded input with lengths)
+VARIANTS: dict[str, dict[str, tuple[dict, bool]]] = {
+    "lstm": {
+        "plain": ({}, False),
+        "peephole": ({"peephole": True}, False),
+        "projection": ({"proj_size": -1}, False),  # -1: half the hidden size, set per size
+        "learned state": ({"learn_initial_state": True}, False),
+        "lengths": ({}, True),
+    },
+    "gru": {
+        "plain": ({}, False),
+        "reset_after=False": ({"reset_after": False}, False),
+        "learned state": ({"learn_initial_state": True}, False),
+        "lengths": ({}, True),
+    },
+    "rnn": {
+        "plain": ({}, False),
+        "learned state": ({"learn_initial_state": True}, False),
+        "lengths": ({}, True),
+    },
+}
+CLASSES = {"lstm": (LSTM, nn.LSTM), "gru": (GRU, nn.GRU), "rnn": (RNN, nn.RNN)}
+
+
+@dataclass
+class Row:
+    """One contender at one size: median milliseconds per mode, and ratios to its peers."""
+
+    family: str
+    variant: str
+    implementation: str  # "torch.nn" | "rnnkit[<backend>]"
+    size: tuple[int, ...]  # (T, N, H) with input size H
+    inference_ms: float
+    training_ms: float | None
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def _time_interleaved(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn ``repeats`` times after one warm-up."""
+    for run in runs.values():
+        run()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: _median_ms(values) for name, values in samples.items()}
+
+
+def _runners(module: nn.Module, x: torch.Tensor, lengths: list[int] | None):
+    """(inference, training) callables for one module and input."""
+    keywords = {} if lengths is None else {"lengths": lengths}
+
+    def inference() -> None:
+        with torch.no_grad():
+            module(x, **keywords)
+
+    def training() -> None:
+        module.zero_grad(set_to_none=True)
+        output, _ = module(x, **keywords)
+        output.sum().backward()
+
+    return inference, training
+
+
+def benchmark_size(family: str, size: tuple[int, int, int], backend: str, repeats: int,
+                   with_reference: bool) -> list[Row]:
+    """Every variant of ``family`` at ``size`` (T, N, H), with torch.nn and reference peers."""
+    steps, batch, hidden = size
+    rnnkit_class, torch_class = CLASSES[family]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(steps, batch, hidden, generator=generator)
+    lengths = torch.randint(max(1, steps // 2), steps + 1, (batch,), generator=generator)
+    lengths[0] = steps
+    torch.manual_seed(0)
+    peer = torch_class(hidden, hidden)
+    contenders: dict[tuple[str, str], tuple[nn.Module, list[int] | None]] = {
+        ("plain", "torch.nn"): (peer, None)
+    }
+    for variant, (arguments, needs_lengths) in VARIANTS[family].items():
+        arguments = dict(arguments)
+        if arguments.get("proj_size") == -1:
+            arguments["proj_size"] = hidden // 2
+        module = rnnkit_class(hidden, hidden, **arguments, backend=backend)
+        if variant == "plain":
+            module = from_torch(peer)
+            module.backend = backend
+        variant_lengths = lengths.tolist() if needs_lengths else None
+        contenders[(variant, f"rnnkit[{backend}]")] = (module, variant_lengths)
+        if with_reference and variant != "plain":
+            reference = rnnkit_class(hidden, hidden, **arguments, backend="reference")
+            reference.load_state_dict(module.state_dict())
+            contenders[(variant, "rnnkit[reference]")] = (reference, variant_lengths)
+
+    inference, training = {}, {}
+    for key, (module, variant_lengths) in contenders.items():
+        inference[key], training[key] = _runners(module, x, variant_lengths)
+    inference_ms = _time_interleaved(inference, repeats)
+    training_ms = _time_interleaved(training, repeats)
+
+    rows = [Row(family, variant, implementation, size, inference_ms[(variant, implementation)],
+                training_ms[(variant, implementation)])
+            for variant, implementation in contenders]
+    plain = training_ms[("plain", f"rnnkit[{backend}]")]
+    for row in rows:
+        if row.implementation == "torch.nn":
+            continue
+        if row.variant == "plain":
+            row.ratios["train x torch.nn"] = row.training_ms / training_ms[("plain", "torch.nn")]
+            row.ratios["infer x torch.nn"] = row.inference_ms / inference_ms[("plain", "torch.nn")]
+        elif row.implementation != "rnnkit[reference]":
+            row.ratios["train x plain"] = row.training_ms / plain
+            reference_ms = training_ms.get((row.variant, "rnnkit[reference]"))
+            if reference_ms is not None:
+                row.ratios["train speedup vs reference"] = reference_ms / row.training_ms
+    return rows
+
+
+def benchmark_streaming(hidden: int, backend: str, repeats: int, steps: int = 100) -> list[Row]:
+    """Latency of one step at batch 1: torch.nn.LSTMCell, rnnkit.LSTMCell, rnnkit.LSTM (1 step)."""
+    torch.manual_seed(0)
+    peer = nn.LSTMCell(hidden, hidden)
+    cell = from_torch(peer)
+    layer = LSTM(hidden, hidden, backend=backend)
+    layer.load_state_dict({f"{k}_l0": v for k, v in peer.state_dict().items()})
+    xs = torch.randn(steps, 1, hidden)
+
+    def stream_cell(module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                state = None
+                for x in xs:
+                    state = module(x, state)
+        return run
+
+    def stream_layer() -> None:
+        with torch.no_grad():
+            state = None
+            for x in xs:
+                _, state = layer(x.unsqueeze(0), state)
+
+    runs = {"torch.nn.LSTMCell": stream_cell(peer), "rnnkit.LSTMCell": stream_cell(cell),
+            f"rnnkit.LSTM[{backend}] 1 step": stream_layer}
+    per_step = {name: ms / steps for name, ms in _time_interleaved(runs, repeats).items()}
+    rows = []
+    for name, ms in per_step.items():
+        row = Row("lstm", "streaming step", name, (1, 1, hidden), ms, None)
+        if name != "torch.nn.LSTMCell":
+            row.ratios["step x torch.nn.LSTMCell"] = ms / per_step["torch.nn.LSTMCell"]
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """A fixed-width table: one line per contender, times in ms, ratios last."""
+    header = (f"{'family':6} {'variant':18} {'implementation':24} {'T,N,H':14} "
+              f"{'infer ms':>9} {'train ms':>9}  ratios")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        size = ",".join(str(s) for s in row.size)
+        train = "-" if row.training_ms is None else f"{row.training_ms:9.2f}"
+        ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.ratios.items())
+        lines.append(f"{row.family:6} {row.variant:18} {row.implementation:24} {size:14} "
+                     f"{row.inference_ms:9.2f} {train:>9}  {ratios}")
+    return "\n".join(lines)
+
+
+def machine_description() -> dict[str, object]:
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_benchmarks(
+    sizes, families, backend: str, repeats: int, streaming_hidden: int,
+    with_reference: bool = True, progress: Callable[[str], None] = print,
+) -> list[Row]:
+    rows: list[Row] = []
+    for family in families:
+        for size in sizes:
+            progress(f"timing {family} at T,N,H = {size} ...")
+            rows += benchmark_size(family, size, backend, repeats, with_reference)
+    progress(f"timing streaming steps at H = {streaming_hidden} ...")
+    rows += benchmark_streaming(streaming_hidden, backend, repeats)
+    return rows
+
+
+def rows_to_json(rows: list[Row]) -> str:
+    return json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows]},
+                      indent=2)
