@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -9,8 +11,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnnkit
 from compare import assert_same, outputs_and_gradients
 from rnnkit import engine
+from rnnkit.engine import native
+from rnnkit.engine.native import build
 
-FAST_BACKENDS = ["fused"]
+FAST_BACKENDS = ["fused", "native"]
 INPUT, HIDDEN, PROJ, STEPS = 3, 5, 2, 6
 LENGTHS = [4, 6, 1, 3]
 
@@ -106,12 +110,13 @@ def test_gradcheck_through_backend(backend, name):
     assert torch.autograd.gradcheck(run, (x, c0, *params))
 
 
-def test_fused_backend_runs_its_own_autograd_function():
-    for name, function in [("lstm_peephole", "FusedLSTM"), ("gru", "FusedGRU"),
-                           ("rnn_relu", "FusedRNN")]:
-        layer = with_backend(make_layer(name), "fused")
+@pytest.mark.parametrize("backend,prefix", [("fused", "Fused"), ("native", "Native")])
+def test_fast_backend_runs_its_own_autograd_function(backend, prefix):
+    # Guards the parity grid above: "native" silently running "fused" would pass it too.
+    for name, family in [("lstm_peephole", "LSTM"), ("gru", "GRU"), ("rnn_relu", "RNN")]:
+        layer = with_backend(make_layer(name), backend)
         output, _ = layer(torch.randn(STEPS, 2, INPUT))
-        assert type(output.grad_fn).__name__ == f"{function}Backward", name
+        assert type(output.grad_fn).__name__ == f"{prefix}{family}Backward", name
 
 
 @pytest.mark.parametrize("chunk", [1, 4])
@@ -150,7 +155,37 @@ def test_environment_variable_forces_a_backend(monkeypatch):
         layer(torch.randn(STEPS, 2, INPUT))
 
 
-def test_auto_policy_and_bad_backend_argument():
-    assert engine.resolve_backend("auto") == "fused"
+def test_auto_policy_native_on_cpu_floats_fused_elsewhere():
+    for dtype in (torch.float32, torch.float64):
+        layer = make_layer("lstm_proj", dtype)
+        output, _ = layer(torch.randn(STEPS, 2, INPUT, dtype=dtype))
+        assert type(output.grad_fn).__name__ == "NativeLSTMBackward", dtype
+    layer = make_layer("gru_reset_before", torch.bfloat16)
+    output, _ = layer(torch.randn(STEPS, 2, INPUT, dtype=torch.bfloat16))
+    assert type(output.grad_fn).__name__ == "FusedGRUBackward"
+    assert engine.resolve_backend("auto") == "auto"
     with pytest.raises(ValueError, match=r"LSTM backend must be one of .* got 'gpu'"):
         rnnkit.LSTM(3, 4, backend="gpu")
+
+
+def test_native_build_failure_falls_back_to_fused_with_one_warning(monkeypatch):
+    # Simulate a machine without a compiler: the build raises as torch's loader does.
+    def no_compiler(capability):
+        raise RuntimeError("Error building extension 'rnnkit_native': c++: not found")
+
+    monkeypatch.setattr(build, "_compile", no_compiler)
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_failure", [])
+    layer = make_layer("lstm_peephole")
+    x = torch.randn(STEPS, 2, INPUT, requires_grad=True)
+    with pytest.warns(build.NativeBuildWarning, match=r"could not be built \(RuntimeError: .*c\+\+: not found\); running the fused"):
+        output, _ = with_backend(layer, "native")(x)
+    assert type(output.grad_fn).__name__ == "FusedLSTMBackward"
+    assert build.failure() == "RuntimeError: Error building extension 'rnnkit_native': c++: not found"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second layer call does not warn again
+        again, _ = with_backend(layer, "auto")(x)
+    expected, _ = with_backend(layer, "reference")(x)
+    torch.testing.assert_close(output, expected)
+    torch.testing.assert_close(again, expected)
+    assert not native.available()

@@ -6,8 +6,12 @@ Layers call `run_direction` for each layer and direction of a stack, naming a ba
   backend is tested against.
 - ``"fused"``: one autograd.Function per family with a hand-derived backward (`fused.py`); pure
   PyTorch, any device, every variant.
-- ``"auto"``: the fastest correct backend for the configuration. Policy today: ``"fused"`` for
-  every configuration and device (it covers all variants and is never slower than the reference).
+- ``"native"``: the same derivation with the time loops in C++ (`native/`), compiled at first use
+  and cached; CPU tensors of float32 or float64. Elsewhere, or when the kernels cannot be built
+  (one warning), it runs ``"fused"``.
+- ``"auto"`` (default): the fastest correct backend for the input. Policy: ``"native"`` for CPU
+  float32/float64 input (every variant; it is the fastest there, see docs/benchmarks.md), else
+  ``"fused"`` (other devices and dtypes).
 
 The environment variable ``RNNKIT_BACKEND`` forces one backend for every layer (for testing and
 benchmarking without touching code).
@@ -21,18 +25,21 @@ from torch import Tensor
 
 from rnnkit._checks import require_choice
 from rnnkit.cells import CellKind, CellWeights, State
-from rnnkit.engine import fused, reference
+from rnnkit.engine import fused, native, reference
 
-BACKENDS = ("auto", "fused", "reference")
+BACKENDS = ("auto", "native", "fused", "reference")
 ENVIRONMENT_VARIABLE = "RNNKIT_BACKEND"
 
 
 def resolve_backend(requested: str) -> str:
-    """The backend that will run: ``RNNKIT_BACKEND`` if set, else ``requested``; never "auto"."""
+    """The backend asked for: ``RNNKIT_BACKEND`` if set, else ``requested``.
+
+    "auto" stays "auto" here: what it runs depends on the input (see `run_direction`).
+    """
     forced = os.environ.get(ENVIRONMENT_VARIABLE)
     if forced:
         requested = require_choice(f"environment variable {ENVIRONMENT_VARIABLE}", forced, BACKENDS)
-    return "fused" if requested == "auto" else requested
+    return requested
 
 
 def run_direction(
@@ -45,7 +52,9 @@ def run_direction(
     backend: str = "auto",
 ) -> tuple[Tensor, State]:
     """Run one layer in one direction; the contract is `reference.run_direction`'s."""
-    module = reference if resolve_backend(backend) == "reference" else fused
+    modules = {"auto": native, "native": native, "fused": fused, "reference": reference}
+    # native runs fused by itself where it cannot run (device, dtype, no compiler).
+    module = modules[resolve_backend(backend)]
     return module.run_direction(kind, x, state, weights, lengths, reverse)
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rnnkit.cells import CellKind, CellWeights, State
+from rnnkit.engine.products import input_side_grads, outer_sum, peephole_grad, summed_bias
 
 
 def run_direction(
@@ -65,11 +66,6 @@ def _time_order(steps: int, reverse: bool) -> range:
     return range(steps - 1, -1, -1) if reverse else range(steps)
 
 
-def _summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
-    """Both biases added once, where they enter the same pre-activation."""
-    return None if b_ih is None else b_ih + b_hh
-
-
 def _keep(valid_t: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
     """State after a step: the new one where the step is valid, the old one elsewhere."""
     return new if valid_t is None else torch.where(valid_t, new, old)
@@ -87,20 +83,6 @@ def _rejoin(valid_t: Tensor | None, through_step: Tensor, skipped: Tensor | None
     return through_step if valid_t is None else torch.where(valid_t, through_step, skipped)
 
 
-def _input_side_grads(ctx, d_pre: Tensor, x: Tensor, w_ih: Tensor, x_index: int, w_index: int):
-    """d x = dG W_ih and d W_ih = dG^T x, each one product over all steps (if needed)."""
-    steps, batch = d_pre.shape[:2]
-    flat = d_pre.reshape(steps * batch, -1)
-    d_x = (flat @ w_ih).view(steps, batch, -1) if ctx.needs_input_grad[x_index] else None
-    d_w_ih = flat.t() @ x.reshape(steps * batch, -1) if ctx.needs_input_grad[w_index] else None
-    return d_x, d_w_ih
-
-
-def _outer_sum(d_pre: Tensor, inputs: Tensor) -> Tensor:
-    """sum over t and n of d_pre[t, n]^T inputs[t, n]: one (G*H, T*N) x (T*N, K) product."""
-    return d_pre.reshape(-1, d_pre.shape[-1]).t() @ inputs.reshape(-1, inputs.shape[-1])
-
-
 # ---- Elman RNN -----------------------------------------------------------------------------
 
 class FusedRNN(torch.autograd.Function):
@@ -109,7 +91,7 @@ class FusedRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, valid, reverse, relu, w_ih, w_hh, b_ih, b_hh):
         steps = x.shape[0]
-        pre_x = F.linear(x, w_ih, _summed_bias(b_ih, b_hh))  # (T, N, H)
+        pre_x = F.linear(x, w_ih, summed_bias(b_ih, b_hh))  # (T, N, H)
         w_hh_t = w_hh.t()
         raw = torch.empty_like(pre_x)  # (T, N, H): act(...) of each step, before masking
         h_prev = torch.empty_like(pre_x)  # (T, N, H): state entering each step
@@ -146,9 +128,9 @@ class FusedRNN(torch.autograd.Function):
             if valid_t is not None:
                 d_pre[t].masked_fill_(~valid_t, 0.0)
             d_h = _rejoin(valid_t, d_pre[t] @ w_hh, d_skip)
-        d_x, d_w_ih = _input_side_grads(ctx, d_pre, x, w_ih, 0, 5)
+        d_x, d_w_ih = input_side_grads(ctx, d_pre, x, w_ih, 0, 5)
         d_b = d_pre.sum((0, 1)) if ctx.has_bias else None
-        return d_x, d_h, None, None, None, d_w_ih, _outer_sum(d_pre, h_prev), d_b, d_b
+        return d_x, d_h, None, None, None, d_w_ih, outer_sum(d_pre, h_prev), d_b, d_b
 
 
 # ---- LSTM ----------------------------------------------------------------------------------
@@ -160,7 +142,7 @@ class FusedLSTM(torch.autograd.Function):
     def forward(ctx, x, h0, c0, valid, reverse, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch):
         steps, batch = x.shape[:2]
         hidden = c0.shape[1]
-        gates = F.linear(x, w_ih, _summed_bias(b_ih, b_hh))  # (T, N, 4H), activated in place
+        gates = F.linear(x, w_ih, summed_bias(b_ih, b_hh))  # (T, N, 4H), activated in place
         w_hh_t = w_hh.t()
         new_zeros = x.new_empty
         c_raw = new_zeros(steps, batch, hidden)  # (T, N, H): c' of each step before masking
@@ -203,7 +185,6 @@ class FusedLSTM(torch.autograd.Function):
     def backward(ctx, d_output, d_h_n, d_c_n):
         (x, w_ih, w_hh, w_hr, w_ch, gates, c_raw, tanh_c, c_prev, h_prev, m_all,
          valid) = ctx.saved_tensors
-        hidden = c_raw.shape[2]
         d_gates = torch.empty_like(gates)  # (T, N, 4H): gradients before the nonlinearities
         d_h_raw_all = torch.empty_like(h_prev) if w_hr is not None else None  # (T, N, P)
         if w_ch is not None:
@@ -237,15 +218,11 @@ class FusedLSTM(torch.autograd.Function):
                 d_gates[t].masked_fill_(~valid_t, 0.0)
             d_h = _rejoin(valid_t, d_gates[t] @ w_hh, d_h_skip)
             d_c = _rejoin(valid_t, d_c_prev, d_c)
-        d_x, d_w_ih = _input_side_grads(ctx, d_gates, x, w_ih, 0, 5)
+        d_x, d_w_ih = input_side_grads(ctx, d_gates, x, w_ih, 0, 5)
         d_b = d_gates.sum((0, 1)) if ctx.has_bias else None
-        d_w_hr = _outer_sum(d_h_raw_all, m_all) if w_hr is not None else None
-        d_w_ch = None
-        if w_ch is not None:
-            d_i, d_f, _, d_o = d_gates.split(hidden, dim=2)
-            d_w_ch = torch.cat([(d_i * c_prev).sum((0, 1)), (d_f * c_prev).sum((0, 1)),
-                                (d_o * c_raw).sum((0, 1))])
-        return (d_x, d_h, d_c, None, None, d_w_ih, _outer_sum(d_gates, h_prev), d_b, d_b,
+        d_w_hr = outer_sum(d_h_raw_all, m_all) if w_hr is not None else None
+        d_w_ch = peephole_grad(d_gates, c_prev, c_raw) if w_ch is not None else None
+        return (d_x, d_h, d_c, None, None, d_w_ih, outer_sum(d_gates, h_prev), d_b, d_b,
                 d_w_hr, d_w_ch)
 
 
@@ -261,7 +238,7 @@ class FusedGRU(torch.autograd.Function):
         has_bias = b_ih is not None
         # Reset before W_hn: every recurrent bias sits outside r's product and folds into b_ih.
         # Reset after: b_hn is multiplied by r, so the recurrent biases stay in the loop.
-        gates = F.linear(x, w_ih, b_ih if reset_after else _summed_bias(b_ih, b_hh))  # (T,N,3H)
+        gates = F.linear(x, w_ih, b_ih if reset_after else summed_bias(b_ih, b_hh))  # (T,N,3H)
         h_prev = torch.empty(steps, batch, hidden, dtype=x.dtype, device=x.device)
         output = torch.empty_like(h_prev)
         # reset_after: W_hn h + b_hn per step; reset before: r ⊙ h per step. Both (T, N, H).
@@ -324,12 +301,12 @@ class FusedGRU(torch.autograd.Function):
                     d_x_gates[t].masked_fill_(~valid_t, 0.0)
                 d_h_old.addcmul_(d_rh, r).addmm_(d_x_gates[t][:, : 2 * hidden], w_rz)
             d_h = _rejoin(valid_t, d_h_old, d_h_skip)
-        d_x, d_w_ih = _input_side_grads(ctx, d_x_gates, x, w_ih, 0, 5)
+        d_x, d_w_ih = input_side_grads(ctx, d_x_gates, x, w_ih, 0, 5)
         if ctx.reset_after:
-            d_w_hh = _outer_sum(d_h_gates, h_prev)
+            d_w_hh = outer_sum(d_h_gates, h_prev)
         else:
-            d_w_hh = torch.cat([_outer_sum(d_x_gates[:, :, : 2 * hidden], h_prev),
-                                _outer_sum(d_x_gates[:, :, 2 * hidden :], saved_n_input)])
+            d_w_hh = torch.cat([outer_sum(d_x_gates[:, :, : 2 * hidden], h_prev),
+                                outer_sum(d_x_gates[:, :, 2 * hidden :], saved_n_input)])
         d_b_ih = d_x_gates.sum((0, 1)) if ctx.has_bias else None
         d_b_hh = d_h_gates.sum((0, 1)) if ctx.has_bias else None
         return d_x, d_h, None, None, None, d_w_ih, d_w_hh, d_b_ih, d_b_hh

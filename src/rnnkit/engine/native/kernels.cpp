@@ -1,0 +1,583 @@
+// rnnkit native CPU kernels: the whole time loop of one layer direction, forward and backward.
+//
+// Python (functions.py) computes the input projection of all steps in one product before the
+// forward, and every weight gradient as one product over all steps after the backward; what is
+// left, and what lives here, is the part that must go step by step: per step one matrix product
+// with the recurrent weights (ATen's BLAS) and one pass of gate math over the batch, vectorised
+// with ATen's `Vectorized` and parallel over rows of the batch.
+//
+// Conventions shared by every kernel:
+// - time-major buffers (T, N, ...), contiguous;
+// - states live in one buffer (T + 1, N, H) in *time* order: the state entering step t is at
+//   index t going forward and t + 1 going backward (`Steps::in`), the one leaving it at t + 1
+//   and t (`Steps::out`); so the states entering every step form one (T, N, H) slice, which
+//   the weight-gradient products read directly;
+// - with lengths, step t is valid for row n iff t < lengths[n]; an invalid step holds the
+//   state, outputs zero and receives zero gate gradient (the state gradient goes around it).
+// The math is the spec's (shared/spec/cells.md); the derivatives are those of fused.py.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// ---- pieces every family shares -------------------------------------------------------------
+
+struct Steps {
+  int64_t count;
+  bool reverse;
+  int64_t time(int64_t s) const { return reverse ? count - 1 - s : s; }
+  int64_t in(int64_t t) const { return reverse ? t + 1 : t; }
+  int64_t out(int64_t t) const { return reverse ? t : t + 1; }
+  int64_t first_in() const { return reverse ? count : 0; }
+  int64_t last_out() const { return reverse ? 0 : count; }
+};
+
+struct Validity {
+  const int64_t* lengths;  // nullptr: every step of every row is valid
+  bool operator()(int64_t t, int64_t n) const { return lengths == nullptr || t < lengths[n]; }
+};
+
+Validity validity_of(const std::optional<Tensor>& lengths) {
+  return Validity{lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr};
+}
+
+// Rows of the batch in parallel, in chunks big enough that a thread has real work (~16k gate
+// values); small batches run inline on the calling thread.
+template <typename F>
+void for_rows(int64_t rows, int64_t values_per_row, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, values_per_row));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) body(n);
+  });
+}
+
+// Units j of one row, a vector at a time; the tail is a partial vector (`count` lanes).
+template <typename scalar_t, typename F>
+inline void for_units(int64_t units, const F& body) {
+  constexpr int64_t width = Vec<scalar_t>::size();
+  int64_t j = 0;
+  for (; j + width <= units; j += width) body(j, width);
+  if (j < units) body(j, units - j);
+}
+
+template <typename T>
+inline Vec<T> sigmoid(const Vec<T>& x) {
+  const Vec<T> one(T(1));
+  return one / (one + x.neg().exp());
+}
+
+template <typename T>
+inline Vec<T> sigmoid_grad(const Vec<T>& s) {  // σ' from σ
+  return s * (Vec<T>(T(1)) - s);
+}
+
+template <typename T>
+inline Vec<T> tanh_grad(const Vec<T>& y) {  // tanh' from tanh
+  return Vec<T>(T(1)) - y * y;
+}
+
+template <typename T>
+inline void copy_row(T* dst, const T* src, int64_t units) {
+  std::memcpy(dst, src, sizeof(T) * units);
+}
+
+template <typename T>
+inline void zero_row(T* dst, int64_t units) {
+  std::fill(dst, dst + units, T(0));
+}
+
+Tensor states_buffer(int64_t steps, const Tensor& like_state) {
+  return at::empty({steps + 1, like_state.size(0), like_state.size(1)}, like_state.options());
+}
+
+// The kernels run inside an autograd.Function's forward or backward: nothing they do is
+// recorded, so their ATen calls skip the autograd and view-tracking layers of the dispatcher
+// (a third of a step's time at batch 1 otherwise).
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+// ---- Elman RNN ------------------------------------------------------------------------------
+
+// pre (T, N, H): x W_ih^T + b, overwritten with act(pre + h W_hh^T) of each step.
+// Returns {output (T, N, H), states (T + 1, N, H)}.
+std::vector<Tensor> rnn_forward(Tensor pre, const Tensor& h0, const Tensor& w_hh,
+                                const std::optional<Tensor>& lengths, bool reverse, bool relu) {
+  const BelowAutograd below_autograd;
+  const int64_t T = pre.size(0), N = pre.size(1), H = pre.size(2);
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  Tensor output = at::empty_like(pre);
+  Tensor states = states_buffer(T, h0);
+  states[steps.first_in()].copy_(h0);
+  const Tensor w_hh_t = w_hh.t();
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_forward", [&] {
+    using V = Vec<scalar_t>;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = steps.time(s);
+      Tensor a = pre[t];
+      a.addmm_(states[steps.in(t)], w_hh_t);
+      scalar_t* a_p = a.data_ptr<scalar_t>();
+      const scalar_t* h_p = states[steps.in(t)].data_ptr<scalar_t>();
+      scalar_t* h_new_p = states[steps.out(t)].data_ptr<scalar_t>();
+      scalar_t* out_p = output[t].data_ptr<scalar_t>();
+      for_rows(N, H, [&](int64_t n) {
+        scalar_t* a_n = a_p + n * H;
+        if (!valid(t, n)) {
+          copy_row(h_new_p + n * H, h_p + n * H, H);
+          zero_row(out_p + n * H, H);
+          return;
+        }
+        for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+          V v = V::loadu(a_n + j, k);
+          v = relu ? at::vec::clamp_min(v, V(scalar_t(0))) : v.tanh();
+          v.store(a_n + j, k);
+          v.store(h_new_p + n * H + j, k);
+          v.store(out_p + n * H + j, k);
+        });
+      });
+    }
+  });
+  return {output, states};
+}
+
+// raw (T, N, H): the activated values of rnn_forward. Returns {d_pre (T, N, H), d_h0 (N, H)}.
+std::vector<Tensor> rnn_backward(const Tensor& d_output, const Tensor& d_h_n, const Tensor& raw,
+                                 const Tensor& w_hh, const std::optional<Tensor>& lengths,
+                                 bool reverse, bool relu) {
+  const BelowAutograd below_autograd;
+  const int64_t T = raw.size(0), N = raw.size(1), H = raw.size(2);
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  Tensor d_pre = at::empty_like(raw);
+  Tensor d_h = d_h_n.clone(at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "rnn_backward", [&] {
+    using V = Vec<scalar_t>;
+    scalar_t* d_h_p = d_h.data_ptr<scalar_t>();
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = steps.time(s);
+      Tensor d_pre_t = d_pre[t];
+      const scalar_t* raw_p = raw[t].data_ptr<scalar_t>();
+      const scalar_t* d_out_p = d_output[t].data_ptr<scalar_t>();
+      scalar_t* d_pre_p = d_pre_t.data_ptr<scalar_t>();
+      for_rows(N, H, [&](int64_t n) {
+        const int64_t row = n * H;
+        if (!valid(t, n)) {  // the state gradient skips the step
+          zero_row(d_pre_p + row, H);
+          return;
+        }
+        for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+          const V d = V::loadu(d_h_p + row + j, k) + V::loadu(d_out_p + row + j, k);
+          const V y = V::loadu(raw_p + row + j, k);
+          const V slope = relu ? y.gt(V(scalar_t(0))) : tanh_grad(y);
+          (d * slope).store(d_pre_p + row + j, k);
+          V(scalar_t(0)).store(d_h_p + row + j, k);  // refilled by the product below
+        });
+      });
+      d_h.addmm_(d_pre_t, w_hh);
+    }
+  });
+  return {d_pre, d_h};
+}
+
+// ---- LSTM -----------------------------------------------------------------------------------
+
+// gates (T, N, 4H): x W_ih^T + b_ih + b_hh, overwritten with the activated i, f, g, o.
+// Optional projection w_hr (P, H) and peephole w_ch (3H,) in the order i, f, o.
+// Returns {output (T, N, P), h_states (T + 1, N, P), c_states (T + 1, N, H), c_new (T, N, H)}
+// where c_new is each step's new cell (for invalid rows: the held one).
+std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c0,
+                                 const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                                 const std::optional<Tensor>& w_ch,
+                                 const std::optional<Tensor>& lengths, bool reverse) {
+  const BelowAutograd below_autograd;
+  const int64_t T = gates.size(0), N = gates.size(1), H = c0.size(1), P = h0.size(1);
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  const bool projected = w_hr.has_value();
+  Tensor output = at::empty({T, N, P}, gates.options());
+  Tensor h_states = states_buffer(T, h0);
+  Tensor c_states = states_buffer(T, c0);
+  Tensor c_new = at::empty({T, N, H}, gates.options());
+  h_states[steps.first_in()].copy_(h0);
+  c_states[steps.first_in()].copy_(c0);
+  const Tensor w_hh_t = w_hh.t();
+  // With a projection the kernel writes m = o ⊙ tanh(c') here, and h' = m W_hr^T follows.
+  Tensor m = projected ? at::zeros({N, H}, gates.options()) : Tensor();
+  Tensor h_raw = projected ? at::empty({N, P}, gates.options()) : Tensor();
+  const Tensor w_hr_t = projected ? w_hr->t() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* peep = w_ch.has_value() ? w_ch->data_ptr<scalar_t>() : nullptr;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = steps.time(s);
+      Tensor a = gates[t];
+      a.addmm_(h_states[steps.in(t)], w_hh_t);
+      scalar_t* a_p = a.data_ptr<scalar_t>();
+      const scalar_t* h_p = h_states[steps.in(t)].data_ptr<scalar_t>();
+      const scalar_t* c_p = c_states[steps.in(t)].data_ptr<scalar_t>();
+      scalar_t* h_new_p = h_states[steps.out(t)].data_ptr<scalar_t>();
+      scalar_t* c_held_p = c_states[steps.out(t)].data_ptr<scalar_t>();
+      scalar_t* c_new_p = c_new[t].data_ptr<scalar_t>();
+      scalar_t* out_p = output[t].data_ptr<scalar_t>();
+      scalar_t* m_p = projected ? m.data_ptr<scalar_t>() : out_p;
+      for_rows(N, 4 * H, [&](int64_t n) {
+        scalar_t* g_row = a_p + n * 4 * H;
+        const int64_t row = n * H;
+        if (!valid(t, n)) {
+          copy_row(c_held_p + row, c_p + row, H);
+          copy_row(c_new_p + row, c_p + row, H);
+          if (projected) {
+            zero_row(m_p + row, H);
+          } else {
+            copy_row(h_new_p + row, h_p + row, H);
+            zero_row(out_p + row, H);
+          }
+          return;
+        }
+        for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+          const V c = V::loadu(c_p + row + j, k);
+          V i_pre = V::loadu(g_row + j, k);
+          V f_pre = V::loadu(g_row + H + j, k);
+          V o_pre = V::loadu(g_row + 3 * H + j, k);
+          if (peep != nullptr) {
+            i_pre = i_pre + V::loadu(peep + j, k) * c;
+            f_pre = f_pre + V::loadu(peep + H + j, k) * c;
+          }
+          const V i = sigmoid(i_pre), f = sigmoid(f_pre);
+          const V g = V::loadu(g_row + 2 * H + j, k).tanh();
+          const V c_next = f * c + i * g;
+          if (peep != nullptr) o_pre = o_pre + V::loadu(peep + 2 * H + j, k) * c_next;
+          const V o = sigmoid(o_pre);
+          const V h_next = o * c_next.tanh();
+          i.store(g_row + j, k);
+          f.store(g_row + H + j, k);
+          g.store(g_row + 2 * H + j, k);
+          o.store(g_row + 3 * H + j, k);
+          c_next.store(c_held_p + row + j, k);
+          c_next.store(c_new_p + row + j, k);
+          h_next.store(m_p + row + j, k);
+          if (!projected) h_next.store(h_new_p + row + j, k);
+        });
+      });
+      if (projected) {
+        at::mm_out(h_raw, m, w_hr_t);
+        const scalar_t* h_raw_p = h_raw.data_ptr<scalar_t>();
+        for (int64_t n = 0; n < N; ++n) {
+          if (valid(t, n)) {
+            copy_row(h_new_p + n * P, h_raw_p + n * P, P);
+            copy_row(out_p + n * P, h_raw_p + n * P, P);
+          } else {
+            copy_row(h_new_p + n * P, h_p + n * P, P);
+            zero_row(out_p + n * P, P);
+          }
+        }
+      }
+    }
+  });
+  return {output, h_states, c_states, c_new};
+}
+
+// Returns {d_gates (T, N, 4H) before the nonlinearities, d_h0 (N, P), d_c0 (N, H), d_w_hr}
+// where d_w_hr (P, H) is defined only with a projection.
+std::vector<Tensor> lstm_backward(const Tensor& d_output, const Tensor& d_h_n,
+                                  const Tensor& d_c_n, const Tensor& gates,
+                                  const Tensor& c_states, const Tensor& c_new, const Tensor& w_hh,
+                                  const std::optional<Tensor>& w_hr,
+                                  const std::optional<Tensor>& w_ch,
+                                  const std::optional<Tensor>& lengths, bool reverse) {
+  const BelowAutograd below_autograd;
+  const int64_t T = gates.size(0), N = gates.size(1), H = c_new.size(2), P = d_h_n.size(1);
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  const bool projected = w_hr.has_value();
+  Tensor d_gates = at::empty_like(gates);
+  Tensor d_h = d_h_n.clone(at::MemoryFormat::Contiguous);
+  Tensor d_c = d_c_n.clone(at::MemoryFormat::Contiguous);
+  // With a projection: the gradient reaching each step's h' = m W_hr^T, m itself (recomputed
+  // from o and c'), and the gradient of m; dW_hr is then one product over all steps.
+  Tensor d_h_raw_all = projected ? at::empty({T, N, P}, gates.options()) : Tensor();
+  Tensor m_all = projected ? at::empty({T, N, H}, gates.options()) : Tensor();
+  Tensor d_m = projected ? at::empty({N, H}, gates.options()) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* peep = w_ch.has_value() ? w_ch->data_ptr<scalar_t>() : nullptr;
+    scalar_t* d_h_p = d_h.data_ptr<scalar_t>();
+    scalar_t* d_c_p = d_c.data_ptr<scalar_t>();
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = steps.time(s);
+      const scalar_t* d_out_p = d_output[t].data_ptr<scalar_t>();
+      if (projected) {
+        scalar_t* d_raw_p = d_h_raw_all[t].data_ptr<scalar_t>();
+        for (int64_t n = 0; n < N; ++n) {
+          scalar_t* d_raw_row = d_raw_p + n * P;
+          if (!valid(t, n)) {
+            zero_row(d_raw_row, P);
+            continue;
+          }
+          for (int64_t j = 0; j < P; ++j) d_raw_row[j] = d_h_p[n * P + j] + d_out_p[n * P + j];
+          zero_row(d_h_p + n * P, P);  // refilled by the product below
+        }
+        at::mm_out(d_m, d_h_raw_all[t], *w_hr);
+      }
+      const scalar_t* d_m_p = projected ? d_m.data_ptr<scalar_t>() : nullptr;
+      scalar_t* m_p = projected ? m_all[t].data_ptr<scalar_t>() : nullptr;
+      const scalar_t* g_p = gates[t].data_ptr<scalar_t>();
+      const scalar_t* c_p = c_states[steps.in(t)].data_ptr<scalar_t>();
+      const scalar_t* c_new_p = c_new[t].data_ptr<scalar_t>();
+      Tensor d_gates_t = d_gates[t];
+      scalar_t* d_g_p = d_gates_t.data_ptr<scalar_t>();
+      for_rows(N, 4 * H, [&](int64_t n) {
+        const int64_t row = n * H;
+        const scalar_t* g_row = g_p + n * 4 * H;
+        scalar_t* d_row = d_g_p + n * 4 * H;
+        if (!valid(t, n)) {  // d_h and d_c skip the step
+          zero_row(d_row, 4 * H);
+          if (projected) zero_row(m_p + row, H);
+          return;
+        }
+        for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+          V d_h_out;
+          if (projected) {
+            d_h_out = V::loadu(d_m_p + row + j, k);
+          } else {
+            d_h_out = V::loadu(d_h_p + row + j, k) + V::loadu(d_out_p + row + j, k);
+            V(scalar_t(0)).store(d_h_p + row + j, k);  // refilled by the product below
+          }
+          const V i = V::loadu(g_row + j, k), f = V::loadu(g_row + H + j, k);
+          const V g = V::loadu(g_row + 2 * H + j, k), o = V::loadu(g_row + 3 * H + j, k);
+          const V tanh_c = V::loadu(c_new_p + row + j, k).tanh();
+          if (projected) (o * tanh_c).store(m_p + row + j, k);
+          const V d_o = d_h_out * tanh_c * sigmoid_grad(o);
+          V d_c_next = V::loadu(d_c_p + row + j, k) + d_h_out * o * tanh_grad(tanh_c);
+          if (peep != nullptr) d_c_next = d_c_next + d_o * V::loadu(peep + 2 * H + j, k);
+          const V d_i = d_c_next * g * sigmoid_grad(i);
+          const V d_f = d_c_next * V::loadu(c_p + row + j, k) * sigmoid_grad(f);
+          const V d_g = d_c_next * i * tanh_grad(g);
+          V d_c_prev = d_c_next * f;
+          if (peep != nullptr) {
+            d_c_prev = d_c_prev + d_i * V::loadu(peep + j, k) + d_f * V::loadu(peep + H + j, k);
+          }
+          d_i.store(d_row + j, k);
+          d_f.store(d_row + H + j, k);
+          d_g.store(d_row + 2 * H + j, k);
+          d_o.store(d_row + 3 * H + j, k);
+          d_c_prev.store(d_c_p + row + j, k);
+        });
+      });
+      d_h.addmm_(d_gates_t, w_hh);
+    }
+  });
+  Tensor d_w_hr;
+  if (projected) d_w_hr = d_h_raw_all.view({T * N, P}).t().mm(m_all.view({T * N, H}));
+  return {d_gates, d_h, d_c, d_w_hr};
+}
+
+// ---- GRU ------------------------------------------------------------------------------------
+
+// gates (T, N, 3H): x W_ih^T + b_ih (reset after; b_hh is applied per step because b_hn is
+// multiplied by r) or x W_ih^T + b_ih + b_hh (reset before), overwritten with r, z, n.
+// Returns {output (T, N, H), states (T + 1, N, H), n_input (T, N, H)} where n_input is what r
+// multiplies: W_hn h + b_hn (reset after) or h itself, as r ⊙ h (reset before).
+std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_hh,
+                                const std::optional<Tensor>& b_hh,
+                                const std::optional<Tensor>& lengths, bool reverse,
+                                bool reset_after) {
+  const BelowAutograd below_autograd;
+  const int64_t T = gates.size(0), N = gates.size(1), H = h0.size(1);
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  Tensor output = at::empty({T, N, H}, gates.options());
+  Tensor states = states_buffer(T, h0);
+  Tensor n_input = at::empty({T, N, H}, gates.options());
+  states[steps.first_in()].copy_(h0);
+  const Tensor w_hh_t = w_hh.t();
+  const Tensor w_rz_t = w_hh.narrow(0, 0, 2 * H).t(), w_n_t = w_hh.narrow(0, 2 * H, H).t();
+  Tensor h_gates = reset_after ? at::empty({N, 3 * H}, gates.options()) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "gru_forward", [&] {
+    using V = Vec<scalar_t>;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = steps.time(s);
+      const Tensor h = states[steps.in(t)];
+      Tensor a = gates[t];
+      scalar_t* a_p = a.data_ptr<scalar_t>();
+      const scalar_t* h_p = h.data_ptr<scalar_t>();
+      scalar_t* h_new_p = states[steps.out(t)].data_ptr<scalar_t>();
+      scalar_t* out_p = output[t].data_ptr<scalar_t>();
+      scalar_t* n_in_p = n_input[t].data_ptr<scalar_t>();
+      // Both forms end with n = tanh(n_pre), h' = n + z (h - n): this writes n, h' and output.
+      auto finish_row = [&](int64_t n, int64_t j, int64_t k, const V& z, const V& n_pre) {
+        const int64_t row = n * H;
+        const V n_gate = n_pre.tanh();
+        n_gate.store(a_p + n * 3 * H + 2 * H + j, k);
+        const V h_next = n_gate + z * (V::loadu(h_p + row + j, k) - n_gate);
+        h_next.store(h_new_p + row + j, k);
+        h_next.store(out_p + row + j, k);
+      };
+      auto hold_row = [&](int64_t n) {
+        copy_row(h_new_p + n * H, h_p + n * H, H);
+        zero_row(out_p + n * H, H);
+        zero_row(n_in_p + n * H, H);
+      };
+      if (reset_after) {
+        if (b_hh.has_value()) {
+          at::addmm_out(h_gates, *b_hh, h, w_hh_t);
+        } else {
+          at::mm_out(h_gates, h, w_hh_t);
+        }
+        const scalar_t* hg_p = h_gates.data_ptr<scalar_t>();
+        for_rows(N, 3 * H, [&](int64_t n) {
+          if (!valid(t, n)) return hold_row(n);
+          scalar_t* g_row = a_p + n * 3 * H;
+          const scalar_t* hg_row = hg_p + n * 3 * H;
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            const V r = sigmoid(V::loadu(g_row + j, k) + V::loadu(hg_row + j, k));
+            const V z = sigmoid(V::loadu(g_row + H + j, k) + V::loadu(hg_row + H + j, k));
+            const V hn = V::loadu(hg_row + 2 * H + j, k);
+            r.store(g_row + j, k);
+            z.store(g_row + H + j, k);
+            hn.store(n_in_p + n * H + j, k);
+            finish_row(n, j, k, z, V::loadu(g_row + 2 * H + j, k) + r * hn);
+          });
+        });
+      } else {
+        Tensor a_rz = a.narrow(1, 0, 2 * H), a_n = a.narrow(1, 2 * H, H);
+        a_rz.addmm_(h, w_rz_t);
+        for_rows(N, 2 * H, [&](int64_t n) {
+          if (!valid(t, n)) return hold_row(n);
+          scalar_t* g_row = a_p + n * 3 * H;
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            const V r = sigmoid(V::loadu(g_row + j, k));
+            r.store(g_row + j, k);
+            sigmoid(V::loadu(g_row + H + j, k)).store(g_row + H + j, k);
+            (r * V::loadu(h_p + n * H + j, k)).store(n_in_p + n * H + j, k);
+          });
+        });
+        a_n.addmm_(n_input[t], w_n_t);
+        for_rows(N, H, [&](int64_t n) {
+          if (!valid(t, n)) return;
+          scalar_t* g_row = a_p + n * 3 * H;
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            finish_row(n, j, k, V::loadu(g_row + H + j, k), V::loadu(g_row + 2 * H + j, k));
+          });
+        });
+      }
+    }
+  });
+  return {output, states, n_input};
+}
+
+// Returns {d_x_gates (T, N, 3H): the gradient of the input-side sums (r, z, n pre-activation),
+// d_h_gates (T, N, 3H): of h W_hh^T + b_hh (reset after only; undefined otherwise), d_h0}.
+std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, const Tensor& gates,
+                                 const Tensor& states, const Tensor& n_input, const Tensor& w_hh,
+                                 const std::optional<Tensor>& lengths, bool reverse,
+                                 bool reset_after) {
+  const BelowAutograd below_autograd;
+  const int64_t T = gates.size(0), N = gates.size(1), H = d_h_n.size(1);
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  Tensor d_x_gates = at::empty_like(gates);
+  Tensor d_h_gates = reset_after ? at::empty_like(gates) : Tensor();
+  Tensor d_h = d_h_n.clone(at::MemoryFormat::Contiguous);
+  const Tensor w_rz = w_hh.narrow(0, 0, 2 * H), w_n = w_hh.narrow(0, 2 * H, H);
+  Tensor d_rh = reset_after ? Tensor() : at::empty({N, H}, gates.options());
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "gru_backward", [&] {
+    using V = Vec<scalar_t>;
+    scalar_t* d_h_p = d_h.data_ptr<scalar_t>();
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = steps.time(s);
+      const scalar_t* d_out_p = d_output[t].data_ptr<scalar_t>();
+      const scalar_t* g_p = gates[t].data_ptr<scalar_t>();
+      const scalar_t* h_p = states[steps.in(t)].data_ptr<scalar_t>();
+      const scalar_t* n_in_p = n_input[t].data_ptr<scalar_t>();
+      Tensor d_x_t = d_x_gates[t];
+      scalar_t* d_x_p = d_x_t.data_ptr<scalar_t>();
+      // Shared by both forms: the gradients of z's and n's pre-activations from h' = n + z(h - n);
+      // d_h becomes the direct part z ⊙ dh'.
+      auto through_update = [&](int64_t n, int64_t j, int64_t k, V* z_out, V* d_n_out) {
+        const int64_t row = n * H;
+        const scalar_t* g_row = g_p + n * 3 * H;
+        const V d = V::loadu(d_h_p + row + j, k) + V::loadu(d_out_p + row + j, k);
+        const V z = V::loadu(g_row + H + j, k), n_gate = V::loadu(g_row + 2 * H + j, k);
+        const V d_z = d * (V::loadu(h_p + row + j, k) - n_gate) * sigmoid_grad(z);
+        const V d_n = d * (V(scalar_t(1)) - z) * tanh_grad(n_gate);
+        d_z.store(d_x_p + n * 3 * H + H + j, k);
+        d_n.store(d_x_p + n * 3 * H + 2 * H + j, k);
+        (d * z).store(d_h_p + row + j, k);
+        *z_out = z;
+        *d_n_out = d_n;
+      };
+      if (reset_after) {
+        Tensor d_hg_t = d_h_gates[t];
+        scalar_t* d_hg_p = d_hg_t.data_ptr<scalar_t>();
+        for_rows(N, 3 * H, [&](int64_t n) {
+          if (!valid(t, n)) {
+            zero_row(d_x_p + n * 3 * H, 3 * H);
+            zero_row(d_hg_p + n * 3 * H, 3 * H);
+            return;
+          }
+          const scalar_t* g_row = g_p + n * 3 * H;
+          scalar_t* d_hg_row = d_hg_p + n * 3 * H;
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            V z, d_n;
+            through_update(n, j, k, &z, &d_n);
+            const V r = V::loadu(g_row + j, k);
+            const V d_r = d_n * V::loadu(n_in_p + n * H + j, k) * sigmoid_grad(r);
+            d_r.store(d_x_p + n * 3 * H + j, k);
+            d_r.store(d_hg_row + j, k);
+            V::loadu(d_x_p + n * 3 * H + H + j, k).store(d_hg_row + H + j, k);
+            (d_n * r).store(d_hg_row + 2 * H + j, k);
+          });
+        });
+        d_h.addmm_(d_hg_t, w_hh);
+      } else {
+        for_rows(N, 2 * H, [&](int64_t n) {
+          if (!valid(t, n)) {
+            zero_row(d_x_p + n * 3 * H, 3 * H);
+            return;
+          }
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            V z, d_n;
+            through_update(n, j, k, &z, &d_n);
+          });
+        });
+        at::mm_out(d_rh, d_x_t.narrow(1, 2 * H, H), w_n);  // gradient of r ⊙ h
+        const scalar_t* d_rh_p = d_rh.data_ptr<scalar_t>();
+        for_rows(N, H, [&](int64_t n) {
+          if (!valid(t, n)) return;
+          const scalar_t* g_row = g_p + n * 3 * H;
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            const int64_t row = n * H;
+            const V r = V::loadu(g_row + j, k), d_rh_v = V::loadu(d_rh_p + row + j, k);
+            (d_rh_v * V::loadu(h_p + row + j, k) * sigmoid_grad(r)).store(d_x_p + n * 3 * H + j, k);
+            (V::loadu(d_h_p + row + j, k) + d_rh_v * r).store(d_h_p + row + j, k);
+          });
+        });
+        d_h.addmm_(d_x_t.narrow(1, 0, 2 * H), w_rz);
+      }
+    }
+  });
+  return {d_x_gates, d_h_gates, d_h};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rnnkit native CPU kernels: time loops of RNN, LSTM and GRU, forward and backward";
+  m.def("rnn_forward", &rnn_forward);
+  m.def("rnn_backward", &rnn_backward);
+  m.def("lstm_forward", &lstm_forward);
+  m.def("lstm_backward", &lstm_backward);
+  m.def("gru_forward", &gru_forward);
+  m.def("gru_backward", &gru_backward);
+}
