@@ -110,6 +110,29 @@ def test_gradcheck_through_backend(backend, name):
     assert torch.autograd.gradcheck(run, (x, c0, *params))
 
 
+# Sizes that exercise the native step product's every path: batch 1 and 2 tiles, leftover rows
+# after full 6-row tiles, a partial last column strip, and strips split between threads.
+@pytest.mark.parametrize("steps,batch,hidden", [(3, 1, 70), (2, 2, 9), (3, 13, 37), (2, 8, 64)])
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_native_equals_reference_at_larger_sizes(name, steps, batch, hidden):
+    layer_class, extra = CONFIGURATIONS[name]
+    extra = {**extra, "proj_size": hidden // 3} if "proj_size" in extra else extra
+    torch.manual_seed(0)
+    layer = layer_class(11, hidden, **extra, bidirectional=True, dtype=torch.float64)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(-0.3, 0.3)
+    x = torch.randn(steps, batch, 11, dtype=torch.float64, requires_grad=True)
+    lengths = [steps] + [max(1, steps - k % steps) for k in range(1, batch)]
+
+    def run(module):
+        return module(x, lengths=lengths)
+
+    expected = outputs_and_gradients(with_backend(layer, "reference"), run, {"x": x})
+    actual = outputs_and_gradients(with_backend(layer, "native"), run, {"x": x})
+    assert_same(actual, expected, torch.float64, group="native-vs-ref")
+
+
 @pytest.mark.parametrize("backend,prefix", [("fused", "Fused"), ("native", "Native")])
 def test_fast_backend_runs_its_own_autograd_function(backend, prefix):
     # Guards the parity grid above: "native" silently running "fused" would pass it too.
