@@ -110,9 +110,12 @@ def test_gradcheck_through_backend(backend, name):
     assert torch.autograd.gradcheck(run, (x, c0, *params))
 
 
-# Sizes that exercise the native step product's every path: batch 1 and 2 tiles, leftover rows
-# after full 6-row tiles, a partial last column strip, and strips split between threads.
-@pytest.mark.parametrize("steps,batch,hidden", [(3, 1, 70), (2, 2, 9), (3, 13, 37), (2, 8, 64)])
+# Sizes that exercise the native step products' every path: batch 1 and 2 tiles, leftover rows
+# after full tiles, a partial last column strip, and strips split between threads.
+# Steps 1-2 take the forward's dot-product kernel, 3 and more the transposed copy; up to 16 rows
+# project the input with the kernels' own product.
+@pytest.mark.parametrize("steps,batch,hidden", [(3, 1, 70), (2, 2, 9), (5, 13, 37), (2, 8, 64),
+                                                (1, 3, 20), (4, 7, 33)])
 @pytest.mark.parametrize("name", list(CONFIGURATIONS))
 def test_native_equals_reference_at_larger_sizes(name, steps, batch, hidden):
     layer_class, extra = CONFIGURATIONS[name]

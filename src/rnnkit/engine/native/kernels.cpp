@@ -109,6 +109,11 @@ inline void zero_row(T* dst, int64_t units) {
   std::fill(dst, dst + units, T(0));
 }
 
+// The kernels run inside an autograd.Function's forward or backward: nothing they do is
+// recorded, so their ATen calls skip the autograd and view-tracking layers of the dispatcher
+// (a third of a step's time at batch 1 otherwise).
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 // ---- the per-step matrix product ------------------------------------------------------------
 //
 // Every step multiplies a small block of states (N rows) by a fixed weight matrix: out (N, G)
@@ -238,14 +243,118 @@ void step_product(Block<const T> x, Block<const T> b, Block<T> out, bool accumul
   }
 }
 
+// out (+)= x · W^T with W row-major (G, K), as the forward needs it (h W_hh^T, m W_hr^T, the
+// input projection): each output is a dot product of two contiguous rows, so no weight is ever
+// transposed (a transposed copy of W_hh per call cost more than a whole step at batch 1).
+// A tile holds Rows x Cols vector accumulators over k, summed across lanes at the end.
+template <typename T, int Rows, int Cols>
+inline void dot_tile(const T* x, int64_t ldx, const T* w, int64_t ldw, T* out, int64_t ldo,
+                     int64_t K, int64_t cols, bool accumulate) {
+  using V = Vec<T>;
+  constexpr int64_t lanes = V::size();
+  V acc[Rows][Cols];
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Cols; ++c) acc[r][c] = V(T(0));
+  for (int64_t k = 0; k < K; k += lanes) {
+    const int64_t count = std::min(lanes, K - k);
+    V wk[Cols];
+    for (int c = 0; c < Cols; ++c) wk[c] = c < cols ? V::loadu(w + c * ldw + k, count) : V(T(0));
+    for (int r = 0; r < Rows; ++r) {
+      const V xr = V::loadu(x + r * ldx + k, count);
+      for (int c = 0; c < Cols; ++c) acc[r][c] = at::vec::fmadd(xr, wk[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    for (int c = 0; c < cols; ++c) {
+      alignas(64) T lane[lanes];
+      acc[r][c].store(lane);
+      T sum = T(0);
+      for (int64_t l = 0; l < lanes; ++l) sum += lane[l];
+      T& o = out[r * ldo + c];
+      o = accumulate ? o + sum : sum;
+    }
+  }
+}
+
+template <typename T, int Rows, int Cols>
+void dot_with_tiles(Block<const T> x, Block<const T> w, Block<T> out, bool accumulate) {
+  const int64_t blocks = (w.rows + Cols - 1) / Cols;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, x.rows * x.cols * Cols));
+  at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t end) {
+    for (int64_t b = first; b < end; ++b) {
+      const int64_t j = b * Cols, cols = std::min<int64_t>(Cols, w.rows - j);
+      const T* wj = w.data + j * w.ld;
+      int64_t n = 0;
+      for (; n + Rows <= x.rows; n += Rows) {
+        dot_tile<T, Rows, Cols>(x.data + n * x.ld, x.ld, wj, w.ld, out.data + n * out.ld + j,
+                                out.ld, x.cols, cols, accumulate);
+      }
+      for (; n < x.rows; ++n) {  // leftover rows one at a time
+        dot_tile<T, 1, Cols>(x.data + n * x.ld, x.ld, wj, w.ld, out.data + n * out.ld + j,
+                             out.ld, x.cols, cols, accumulate);
+      }
+    }
+  });
+}
+
+// out (+)= x · w^T, with x (N, K), w (G, K), out (N, G).
+template <typename T>
+void step_product_transposed(Block<const T> x, Block<const T> w, Block<T> out, bool accumulate) {
+  TORCH_CHECK(x.cols == w.cols && x.rows == out.rows && w.rows == out.cols,
+              "step_product_transposed: shapes do not match");
+  switch (std::min<int64_t>(x.rows, 3)) {
+    case 1: return dot_with_tiles<T, 1, 8>(x, w, out, accumulate);
+    case 2: return dot_with_tiles<T, 2, 6>(x, w, out, accumulate);
+    default: return dot_with_tiles<T, 3, 4>(x, w, out, accumulate);
+  }
+}
+
+// A weight W (G, K) that every step of a forward multiplies as x · W^T. Over many steps one
+// transposed copy (K, G) pays for itself, since the broadcast kernel (step_product) is the
+// faster one; for a step or two (streaming) the copy would cost more than the steps, so they
+// use the dot-product kernel on W as it is.
+constexpr int64_t kStepsWorthATranspose = 3;
+
+class ForwardWeight {
+ public:
+  ForwardWeight(const Tensor& w, int64_t steps)
+      : w_(w), transposed_(steps >= kStepsWorthATranspose ? w.t().contiguous() : Tensor()) {}
+
+  template <typename T>
+  void multiply(Block<const T> x, Block<T> out, bool accumulate) const {
+    if (transposed_.defined()) {
+      step_product<T>(x, matrix<T>(transposed_), out, accumulate);
+    } else {
+      step_product_transposed<T>(x, matrix<T>(w_), out, accumulate);
+    }
+  }
+
+ private:
+  Tensor w_, transposed_;
+};
+
+// Python-facing products for the work outside the loops when it is small (a streamed step):
+// x (M, K) · w^T + bias, and d (M, G) · w.
+Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
+  const BelowAutograd below_autograd;
+  const Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous(), wc = w.contiguous();
+  Tensor out = at::empty({x2.size(0), wc.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear", [&] {
+    if (bias.has_value()) {
+      const scalar_t* b = bias->data_ptr<scalar_t>();
+      for (int64_t n = 0; n < out.size(0); ++n) copy_row(at_step<scalar_t>(out, n), b, out.size(1));
+    }
+    step_product_transposed<scalar_t>(matrix<scalar_t>(x2), matrix<scalar_t>(wc),
+                                      matrix<scalar_t>(out), bias.has_value());
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = wc.size(0);
+  return out.view(shape);
+}
+
 Tensor states_buffer(int64_t steps, const Tensor& like_state) {
   return at::empty({steps + 1, like_state.size(0), like_state.size(1)}, like_state.options());
 }
-
-// The kernels run inside an autograd.Function's forward or backward: nothing they do is
-// recorded, so their ATen calls skip the autograd and view-tracking layers of the dispatcher
-// (a third of a step's time at batch 1 otherwise).
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // ---- Elman RNN ------------------------------------------------------------------------------
 
@@ -260,13 +369,13 @@ std::vector<Tensor> rnn_forward(Tensor pre, const Tensor& h0, const Tensor& w_hh
   Tensor output = at::empty_like(pre);
   Tensor states = states_buffer(T, h0);
   states[steps.first_in()].copy_(h0);
-  const Tensor w_hh_t = w_hh.t().contiguous();
+  const ForwardWeight w_hh_forward(w_hh, T);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_forward", [&] {
     using V = Vec<scalar_t>;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = steps.time(s);
-      step_product<scalar_t>(step_block<scalar_t>(states, steps.in(t)), matrix<scalar_t>(w_hh_t),
-                             step_block<scalar_t>(pre, t), true);
+      w_hh_forward.multiply<scalar_t>(step_block<scalar_t>(states, steps.in(t)),
+                                      step_block<scalar_t>(pre, t), true);
       scalar_t* a_p = at_step<scalar_t>(pre, t);
       const scalar_t* h_p = at_step<scalar_t>(states, steps.in(t));
       scalar_t* h_new_p = at_step<scalar_t>(states, steps.out(t));
@@ -351,18 +460,19 @@ std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c
   Tensor c_new = at::empty({T, N, H}, gates.options());
   h_states[steps.first_in()].copy_(h0);
   c_states[steps.first_in()].copy_(c0);
-  const Tensor w_hh_t = w_hh.t().contiguous();
+  const ForwardWeight w_hh_forward(w_hh, T);
+  const std::optional<ForwardWeight> w_hr_forward =
+      projected ? std::make_optional<ForwardWeight>(*w_hr, T) : std::nullopt;
   // With a projection the kernel writes m = o ⊙ tanh(c') here, and h' = m W_hr^T follows.
   Tensor m = projected ? at::zeros({N, H}, gates.options()) : Tensor();
   Tensor h_raw = projected ? at::empty({N, P}, gates.options()) : Tensor();
-  const Tensor w_hr_t = projected ? w_hr->t().contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward", [&] {
     using V = Vec<scalar_t>;
     const scalar_t* peep = w_ch.has_value() ? w_ch->data_ptr<scalar_t>() : nullptr;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = steps.time(s);
-      step_product<scalar_t>(step_block<scalar_t>(h_states, steps.in(t)),
-                             matrix<scalar_t>(w_hh_t), step_block<scalar_t>(gates, t), true);
+      w_hh_forward.multiply<scalar_t>(step_block<scalar_t>(h_states, steps.in(t)),
+                                      step_block<scalar_t>(gates, t), true);
       scalar_t* a_p = at_step<scalar_t>(gates, t);
       const scalar_t* h_p = at_step<scalar_t>(h_states, steps.in(t));
       const scalar_t* c_p = at_step<scalar_t>(c_states, steps.in(t));
@@ -411,8 +521,7 @@ std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c
         });
       });
       if (projected) {
-        step_product<scalar_t>(matrix<scalar_t>(m), matrix<scalar_t>(w_hr_t),
-                               matrix<scalar_t>(h_raw), false);
+        w_hr_forward->multiply<scalar_t>(matrix<scalar_t>(m), matrix<scalar_t>(h_raw), false);
         const scalar_t* h_raw_p = h_raw.data_ptr<scalar_t>();
         for (int64_t n = 0; n < N; ++n) {
           if (valid(t, n)) {
@@ -543,9 +652,9 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
   Tensor states = states_buffer(T, h0);
   Tensor n_input = at::empty({T, N, H}, gates.options());
   states[steps.first_in()].copy_(h0);
-  const Tensor w_hh_t = w_hh.t().contiguous();
-  const Tensor w_rz_t = w_hh.narrow(0, 0, 2 * H).t().contiguous();
-  const Tensor w_n_t = w_hh.narrow(0, 2 * H, H).t().contiguous();
+  const ForwardWeight w_hh_forward(w_hh, reset_after ? T : 0);
+  const ForwardWeight w_rz_forward(w_hh.narrow(0, 0, 2 * H), reset_after ? 0 : T);
+  const ForwardWeight w_n_forward(w_hh.narrow(0, 2 * H, H), reset_after ? 0 : T);
   Tensor h_gates = reset_after ? at::empty({N, 3 * H}, gates.options()) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "gru_forward", [&] {
     using V = Vec<scalar_t>;
@@ -578,7 +687,7 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
         if (b_hh.has_value()) {
           for (int64_t n = 0; n < N; ++n) copy_row(hg_p + n * 3 * H, b_hh_p, 3 * H);
         }
-        step_product<scalar_t>(h, matrix<scalar_t>(w_hh_t), matrix<scalar_t>(h_gates),
+        w_hh_forward.multiply<scalar_t>(h, matrix<scalar_t>(h_gates),
                                b_hh.has_value());
         for_rows(N, 3 * H, [&](int64_t n) {
           if (!valid(t, n)) return hold_row(n);
@@ -595,7 +704,7 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
           });
         });
       } else {
-        step_product<scalar_t>(h, matrix<scalar_t>(w_rz_t), a.columns(0, 2 * H), true);
+        w_rz_forward.multiply<scalar_t>(h, a.columns(0, 2 * H), true);
         for_rows(N, 2 * H, [&](int64_t n) {
           if (!valid(t, n)) return hold_row(n);
           scalar_t* g_row = a_p + n * 3 * H;
@@ -606,8 +715,8 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
             (r * V::loadu(h_p + n * H + j, k)).store(n_in_p + n * H + j, k);
           });
         });
-        step_product<scalar_t>(step_block<scalar_t>(n_input, t), matrix<scalar_t>(w_n_t),
-                               a.columns(2 * H, H), true);
+        w_n_forward.multiply<scalar_t>(step_block<scalar_t>(n_input, t), a.columns(2 * H, H),
+                                       true);
         for_rows(N, H, [&](int64_t n) {
           if (!valid(t, n)) return;
           scalar_t* g_row = a_p + n * 3 * H;
@@ -721,6 +830,7 @@ std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rnnkit native CPU kernels: time loops of RNN, LSTM and GRU, forward and backward";
+  m.def("linear", &linear);
   m.def("rnn_forward", &rnn_forward);
   m.def("rnn_backward", &rnn_backward);
   m.def("lstm_forward", &lstm_forward);
