@@ -160,6 +160,19 @@ def test_streaming_in_chunks_equals_whole_sequence(backend, name, chunk):
     torch.testing.assert_close(state, whole_final, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_native_inference_path_equals_training_path(name):
+    # Under no_grad the native engine skips autograd.Function (its forward runs alone).
+    layer = with_backend(make_layer(name, torch.float64, bidirectional=True), "native")
+    x = torch.randn(STEPS, len(LENGTHS), INPUT, dtype=torch.float64)
+    for step_count in (STEPS, 1):  # many steps, and one (the streaming kernels)
+        expected = layer(x[:step_count], lengths=[min(n, step_count) for n in LENGTHS])
+        with torch.no_grad():
+            actual = layer(x[:step_count], lengths=[min(n, step_count) for n in LENGTHS])
+        assert expected[0].grad_fn is not None and actual[0].grad_fn is None
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 def test_streaming_unbatched_single_steps():
     layer = make_layer("lstm_peephole", torch.float64)
     x = torch.randn(7, INPUT, dtype=torch.float64)

@@ -38,6 +38,11 @@ from rnnkit.cells import (
 )
 
 
+def _stack(states: list[Tensor]) -> Tensor:
+    """torch.stack, without its cost for the one-state case (a streamed single layer)."""
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
+
+
 class _RecurrentLayer(nn.Module):
     """Parameters, input handling and the layer/direction loop shared by RNN, LSTM and GRU."""
 
@@ -182,7 +187,7 @@ class _RecurrentLayer(nn.Module):
     ) -> tuple[Tensor, list[State]]:
         """Layers bottom to top, each direction through the engine: (T, N, I) -> (T, N, D*H_out)."""
         kind = self.cell_kind()
-        backend = engine.resolve_backend(self.backend)
+        backend = self.backend  # resolved by the engine (RNNKIT_BACKEND may override it)
         layer_input = x
         finals: list[State] = []
         for layer in range(self.num_layers):
@@ -300,15 +305,15 @@ class _RecurrentLayer(nn.Module):
             if not batched:
                 parts = [p.unsqueeze(1) for p in parts]
         if self.family == "lstm":
-            return list(zip(parts[0], parts[1], strict=True))
-        return list(parts[0])
+            return list(zip(parts[0].unbind(0), parts[1].unbind(0), strict=True))
+        return list(parts[0].unbind(0))
 
     def _stack_states(self, finals: list[State], batched: bool):
         """Final states per layer and direction -> h_n (D*num_layers, N, H_out) [, c_n]."""
         if self.family == "lstm":
-            stacked = (torch.stack([s[0] for s in finals]), torch.stack([s[1] for s in finals]))
+            stacked = (_stack([s[0] for s in finals]), _stack([s[1] for s in finals]))
             return stacked if batched else tuple(s.squeeze(1) for s in stacked)
-        h_n = torch.stack([output_of(s) for s in finals])
+        h_n = _stack([output_of(s) for s in finals])
         return h_n if batched else h_n.squeeze(1)
 
     # ---- conversion and display ------------------------------------------------------------

@@ -12,8 +12,10 @@ from torch import Tensor
 
 
 def summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
-    """Both biases added once, where they enter the same pre-activation."""
-    return None if b_ih is None else b_ih + b_hh
+    """Both biases added once, where they enter the same pre-activation (either may be None)."""
+    if b_ih is None or b_hh is None:
+        return b_ih if b_hh is None else b_hh
+    return b_ih + b_hh
 
 
 def outer_sum(d_pre: Tensor, inputs: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ elsewhere for ATen's portable ``Vectorized`` (scalar loops the compiler may vect
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -38,6 +39,7 @@ class NativeBuildWarning(UserWarning):
     """The native kernels could not be built; rnnkit runs the fused backend instead."""
 
 
+@functools.cache
 def vector_capability() -> str:
     """``"AVX2"`` when the kernels can use 256-bit AVX2 vectors on this CPU, else ``"DEFAULT"``."""
     on_x86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -90,7 +92,7 @@ def _compile(capability: str) -> ModuleType:
 def kernels() -> ModuleType | None:
     """The compiled kernels, or ``None`` (with one `NativeBuildWarning` per process)."""
     capability = vector_capability()
-    if capability in _loaded:
+    if capability in _loaded:  # every call after the first (a streamed step makes many)
         return _loaded[capability]
     with _lock:
         if capability not in _loaded:

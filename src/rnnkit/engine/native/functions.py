@@ -33,11 +33,12 @@ def _final(states: Tensor, reverse: bool) -> Tensor:
 SMALL_PROJECTION_ROWS = 16
 
 
-def _project(kernels, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x W^T + b for every step at once, ``(T, N, I) -> (T, N, G)``, contiguous."""
+def _project(kernels, x: Tensor, weight: Tensor, bias: Tensor | None,
+             second_bias: Tensor | None = None) -> Tensor:
+    """x W^T + b (+ b2) for every step at once, ``(T, N, I) -> (T, N, G)``, contiguous."""
     if x.shape[0] * x.shape[1] <= SMALL_PROJECTION_ROWS:
-        return kernels.linear(x, weight, bias)
-    return F.linear(x, weight, bias).contiguous()
+        return kernels.linear(x, weight, bias, second_bias)
+    return F.linear(x, weight, summed_bias(bias, second_bias)).contiguous()
 
 
 def _contiguous(tensor: Tensor | None) -> Tensor | None:
@@ -49,7 +50,7 @@ class NativeRNN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kernels, x, h0, lengths, reverse, relu, w_ih, w_hh, b_ih, b_hh):
-        pre = _project(kernels, x, w_ih, summed_bias(b_ih, b_hh))  # (T, N, H)
+        pre = _project(kernels, x, w_ih, b_ih, b_hh)  # (T, N, H)
         output, states = kernels.rnn_forward(pre, h0.contiguous(), w_hh.contiguous(), lengths,
                                              reverse, relu)
         ctx.save_for_backward(x, w_ih, w_hh, pre, states, lengths)
@@ -73,7 +74,7 @@ class NativeLSTM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kernels, x, h0, c0, lengths, reverse, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch):
-        gates = _project(kernels, x, w_ih, summed_bias(b_ih, b_hh))  # (T, N, 4H)
+        gates = _project(kernels, x, w_ih, b_ih, b_hh)  # (T, N, 4H)
         w_hh, w_hr, w_ch = w_hh.contiguous(), _contiguous(w_hr), _contiguous(w_ch)
         output, h_states, c_states, c_new = kernels.lstm_forward(
             gates, h0.contiguous(), c0.contiguous(), w_hh, w_hr, w_ch, lengths, reverse
@@ -108,7 +109,7 @@ class NativeGRU(torch.autograd.Function):
     def forward(ctx, kernels, x, h0, lengths, reverse, reset_after, w_ih, w_hh, b_ih, b_hh):
         # Reset before W_hn: every recurrent bias sits outside r's product and folds into b_ih.
         # Reset after: b_hn is multiplied by r, so the recurrent biases stay in the loop.
-        gates = _project(kernels, x, w_ih, b_ih if reset_after else summed_bias(b_ih, b_hh))
+        gates = _project(kernels, x, w_ih, b_ih, None if reset_after else b_hh)
         w_hh = w_hh.contiguous()
         output, states, n_input = kernels.gru_forward(
             gates, h0.contiguous(), w_hh, _contiguous(b_hh) if reset_after else None, lengths,

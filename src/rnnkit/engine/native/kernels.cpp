@@ -333,16 +333,20 @@ class ForwardWeight {
   Tensor w_, transposed_;
 };
 
-// Python-facing products for the work outside the loops when it is small (a streamed step):
-// x (M, K) · w^T + bias, and d (M, G) · w.
-Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
+// The input projection when it is small (a streamed step): x (M, K) · w^T + bias (+ second_bias).
+Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
+              const std::optional<Tensor>& second_bias) {
   const BelowAutograd below_autograd;
   const Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous(), wc = w.contiguous();
   Tensor out = at::empty({x2.size(0), wc.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear", [&] {
     if (bias.has_value()) {
       const scalar_t* b = bias->data_ptr<scalar_t>();
-      for (int64_t n = 0; n < out.size(0); ++n) copy_row(at_step<scalar_t>(out, n), b, out.size(1));
+      const scalar_t* b2 = second_bias.has_value() ? second_bias->data_ptr<scalar_t>() : nullptr;
+      for (int64_t n = 0; n < out.size(0); ++n) {
+        scalar_t* row = at_step<scalar_t>(out, n);
+        for (int64_t j = 0; j < out.size(1); ++j) row[j] = b2 ? b[j] + b2[j] : b[j];
+      }
     }
     step_product_transposed<scalar_t>(matrix<scalar_t>(x2), matrix<scalar_t>(wc),
                                       matrix<scalar_t>(out), bias.has_value());
@@ -350,6 +354,13 @@ Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bia
   auto shape = x.sizes().vec();
   shape.back() = wc.size(0);
   return out.view(shape);
+}
+
+// The initial state into its place in a states buffer (a memcpy: no dispatch, no view).
+void start_states(const Tensor& states, int64_t index, const Tensor& initial) {
+  TORCH_CHECK(initial.is_contiguous(), "initial state must be contiguous");
+  std::memcpy(static_cast<char*>(states.data_ptr()) + index * states.stride(0) * states.element_size(),
+              initial.data_ptr(), initial.numel() * initial.element_size());
 }
 
 Tensor states_buffer(int64_t steps, const Tensor& like_state) {
@@ -368,7 +379,7 @@ std::vector<Tensor> rnn_forward(Tensor pre, const Tensor& h0, const Tensor& w_hh
   const Validity valid = validity_of(lengths);
   Tensor output = at::empty_like(pre);
   Tensor states = states_buffer(T, h0);
-  states[steps.first_in()].copy_(h0);
+  start_states(states, steps.first_in(), h0);
   const ForwardWeight w_hh_forward(w_hh, T);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_forward", [&] {
     using V = Vec<scalar_t>;
@@ -458,8 +469,8 @@ std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c
   Tensor h_states = states_buffer(T, h0);
   Tensor c_states = states_buffer(T, c0);
   Tensor c_new = at::empty({T, N, H}, gates.options());
-  h_states[steps.first_in()].copy_(h0);
-  c_states[steps.first_in()].copy_(c0);
+  start_states(h_states, steps.first_in(), h0);
+  start_states(c_states, steps.first_in(), c0);
   const ForwardWeight w_hh_forward(w_hh, T);
   const std::optional<ForwardWeight> w_hr_forward =
       projected ? std::make_optional<ForwardWeight>(*w_hr, T) : std::nullopt;
@@ -651,7 +662,7 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
   Tensor output = at::empty({T, N, H}, gates.options());
   Tensor states = states_buffer(T, h0);
   Tensor n_input = at::empty({T, N, H}, gates.options());
-  states[steps.first_in()].copy_(h0);
+  start_states(states, steps.first_in(), h0);
   const ForwardWeight w_hh_forward(w_hh, reset_after ? T : 0);
   const ForwardWeight w_rz_forward(w_hh.narrow(0, 0, 2 * H), reset_after ? 0 : T);
   const ForwardWeight w_n_forward(w_hh.narrow(0, 2 * H, H), reset_after ? 0 : T);
