@@ -7,13 +7,20 @@ inference (forward under ``no_grad``) and training (forward + backward of ``outp
 Peers: plain cells against torch.nn's module with the same weights; every variant against the
 plain cell through rnnkit ("x plain") and against the reference loop ("x faster than reference").
 Single-step streaming latency is timed against ``torch.nn.LSTMCell``.
+
+Memory: the peak resident memory that one training step (forward + backward of ``output.sum()``)
+adds to a fresh process, for torch.nn and rnnkit, each measured in a process of its own (Linux:
+the kernel's high-water mark, reset just before the step).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +33,8 @@ from rnnkit.layers import GRU, LSTM, RNN
 
 FULL_SIZES = [(100, 32, 64), (100, 32, 256), (50, 64, 512), (200, 1, 128)]
 QUICK_SIZES = [(12, 4, 16)]
+MEMORY_SIZE = (1000, 32, 256)
+QUICK_MEMORY_SIZE = (50, 4, 16)
 FAMILIES = ("lstm", "gru", "rnn")
 
 # family -> variant -> (constructor arguments, whether it runs on padded input with lengths)
@@ -186,6 +195,73 @@ def benchmark_streaming(hidden: int, backend: str, repeats: int, steps: int = 10
     return rows
 
 
+@dataclass
+class MemoryRow:
+    """Peak memory one training step adds to a fresh process."""
+
+    family: str
+    implementation: str
+    size: tuple[int, ...]
+    peak_mib: float
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def measure_training_step_memory(family: str, implementation: str, size: list[int],
+                                 backend: str) -> float:
+    """In this process: MiB that one training step adds at its peak (run in a fresh process)."""
+    steps, batch, hidden = size
+    torch.manual_seed(0)
+    rnnkit_class, torch_class = CLASSES[family]
+    if implementation == "torch.nn":
+        module = torch_class(hidden, hidden)
+    else:
+        module = rnnkit_class(hidden, hidden, backend=backend)
+        module(torch.randn(2, 1, hidden))  # loads the native kernels before the baseline
+    x = torch.randn(steps, batch, hidden)
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        clear.write("5")  # resets the high-water mark (VmHWM) to the current resident size
+    baseline = _status_kib("VmRSS")
+    output, _ = module(x)
+    output.sum().backward()
+    return (_status_kib("VmHWM") - baseline) / 1024
+
+
+def benchmark_memory(family: str, size: tuple[int, int, int], backend: str) -> list[MemoryRow]:
+    """Peak memory of a training step, torch.nn against rnnkit, each in a fresh process."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise RuntimeError("the memory benchmark needs Linux (/proc/self/clear_refs)")
+    rows = []
+    for implementation in ("torch.nn", f"rnnkit[{backend}]"):
+        call = (f"from rnnkit.bench import measure_training_step_memory as m; "
+                f"print(m({family!r}, {implementation!r}, {list(size)!r}, {backend!r}))")
+        done = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory measurement of {implementation} failed:\n{done.stderr}")
+        rows.append(MemoryRow(family, implementation, size, float(done.stdout.split()[-1])))
+    rows[1].ratios["peak x torch.nn"] = rows[1].peak_mib / max(rows[0].peak_mib, 1e-9)
+    return rows
+
+
+def format_memory_table(rows: list[MemoryRow]) -> str:
+    header = f"{'family':6} {'implementation':24} {'T,N,H':14} {'peak MiB':>9}  ratios"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        size = ",".join(str(s) for s in row.size)
+        ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.ratios.items())
+        lines.append(f"{row.family:6} {row.implementation:24} {size:14} {row.peak_mib:9.1f}  "
+                     f"{ratios}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[Row]) -> str:
     """A fixed-width table: one line per contender, times in ms, ratios last."""
     header = (f"{'family':6} {'variant':18} {'implementation':24} {'T,N,H':14} "
@@ -224,6 +300,6 @@ def run_benchmarks(
     return rows
 
 
-def rows_to_json(rows: list[Row]) -> str:
-    return json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows]},
-                      indent=2)
+def rows_to_json(rows: list[Row], memory_rows: list[MemoryRow] = ()) -> str:
+    return json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows],
+                       "memory": [asdict(r) for r in memory_rows]}, indent=2)

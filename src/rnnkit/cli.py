@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive, default=7, help="timed repeats (median)")
     b.add_argument("--streaming-hidden", type=_positive, default=256,
                    help="hidden size of the single-step latency test (default 256)")
+    b.add_argument("--memory-size", type=_size, metavar="T,N,H",
+                   help="size of the training-step peak-memory comparison (default " +
+                   ",".join(map(str, bench.MEMORY_SIZE)) + ")")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory comparison")
     b.add_argument("--no-reference", action="store_true",
                    help="skip the (slow) reference loop peers")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
@@ -80,9 +84,19 @@ def run_bench(args: argparse.Namespace) -> int:
         with_reference=not args.no_reference,
         progress=lambda message: print(message, file=sys.stderr, flush=True))
     print(bench.format_table(rows))
+    memory_rows = []
+    if not args.no_memory:
+        memory_size = args.memory_size or (
+            bench.QUICK_MEMORY_SIZE if args.quick else bench.MEMORY_SIZE)
+        for family in args.families:
+            print(f"measuring {family} training-step memory at T,N,H = {memory_size} ...",
+                  file=sys.stderr, flush=True)
+            memory_rows += bench.benchmark_memory(family, memory_size, args.backend)
+        print()
+        print(bench.format_memory_table(memory_rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            handle.write(bench.rows_to_json(rows))
+            handle.write(bench.rows_to_json(rows, memory_rows))
         print(f"wrote {args.json}")
     return 0
 

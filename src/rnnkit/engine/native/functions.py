@@ -125,18 +125,19 @@ class NativeGRU(torch.autograd.Function):
     def backward(ctx, d_output, d_h_n):
         x, w_ih, w_hh, gates, states, n_input, lengths = ctx.saved_tensors
         hidden = states.shape[2]
-        d_x_gates, d_h_gates, d_h0 = ctx.kernels.gru_backward(
+        d_x_gates, d_hn, d_h0 = ctx.kernels.gru_backward(
             d_output.contiguous(), d_h_n.contiguous(), gates, states, n_input, w_hh, lengths,
             ctx.reverse, ctx.reset_after,
         )
         h_prev = _entering(states, ctx.reverse)
         d_x, d_w_ih = input_side_grads(ctx, d_x_gates, x, w_ih, 1, 6)
-        if ctx.reset_after:
-            d_w_hh = outer_sum(d_h_gates, h_prev)
-        else:
-            d_h_gates = d_x_gates
-            d_w_hh = torch.cat([outer_sum(d_x_gates[:, :, : 2 * hidden], h_prev),
-                                outer_sum(d_x_gates[:, :, 2 * hidden :], n_input)])
+        d_rz = d_x_gates[:, :, : 2 * hidden]  # r and z: the same on both sides of the sums
+        # n's recurrent side: r ⊙ dn multiplies W_hn h (reset after); dn multiplies W_hn (r ⊙ h).
+        d_n_recurrent, n_recurrent_input = (
+            (d_hn, h_prev) if ctx.reset_after else (d_x_gates[:, :, 2 * hidden :], n_input))
+        d_w_hh = torch.cat([outer_sum(d_rz, h_prev),
+                            outer_sum(d_n_recurrent, n_recurrent_input)])
         d_b_ih = d_x_gates.sum((0, 1)) if ctx.has_bias else None
-        d_b_hh = d_h_gates.sum((0, 1)) if ctx.has_bias else None
+        d_b_hh = (torch.cat([d_rz.sum((0, 1)), d_n_recurrent.sum((0, 1))])
+                  if ctx.has_bias else None)
         return None, d_x, d_h0, None, None, None, d_w_ih, d_w_hh, d_b_ih, d_b_hh

@@ -367,6 +367,17 @@ Tensor states_buffer(int64_t steps, const Tensor& like_state) {
   return at::empty({steps + 1, like_state.size(0), like_state.size(1)}, like_state.options());
 }
 
+// Without lengths the output of step t is the state leaving it: the output is then a view of
+// the states buffer (the kernels' two stores hit the same memory), which saves one (T, N, H)
+// buffer of a training step's peak memory. With lengths it differs (zero past each end).
+Tensor output_buffer(const Tensor& states, const Steps& steps,
+                     const std::optional<Tensor>& lengths) {
+  if (lengths.has_value()) {
+    return at::empty({steps.count, states.size(1), states.size(2)}, states.options());
+  }
+  return states.narrow(0, steps.reverse ? 0 : 1, steps.count);
+}
+
 // ---- Elman RNN ------------------------------------------------------------------------------
 
 // pre (T, N, H): x W_ih^T + b, overwritten with act(pre + h W_hh^T) of each step.
@@ -377,9 +388,9 @@ std::vector<Tensor> rnn_forward(Tensor pre, const Tensor& h0, const Tensor& w_hh
   const int64_t T = pre.size(0), N = pre.size(1), H = pre.size(2);
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
-  Tensor output = at::empty_like(pre);
   Tensor states = states_buffer(T, h0);
   start_states(states, steps.first_in(), h0);
+  Tensor output = output_buffer(states, steps, lengths);
   const ForwardWeight w_hh_forward(w_hh, T);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_forward", [&] {
     using V = Vec<scalar_t>;
@@ -465,9 +476,9 @@ std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool projected = w_hr.has_value();
-  Tensor output = at::empty({T, N, P}, gates.options());
   Tensor h_states = states_buffer(T, h0);
   Tensor c_states = states_buffer(T, c0);
+  Tensor output = output_buffer(h_states, steps, lengths);
   Tensor c_new = at::empty({T, N, H}, gates.options());
   start_states(h_states, steps.first_in(), h0);
   start_states(c_states, steps.first_in(), c0);
@@ -659,8 +670,8 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
   const int64_t T = gates.size(0), N = gates.size(1), H = h0.size(1);
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
-  Tensor output = at::empty({T, N, H}, gates.options());
   Tensor states = states_buffer(T, h0);
+  Tensor output = output_buffer(states, steps, lengths);
   Tensor n_input = at::empty({T, N, H}, gates.options());
   start_states(states, steps.first_in(), h0);
   const ForwardWeight w_hh_forward(w_hh, reset_after ? T : 0);
@@ -742,7 +753,9 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
 }
 
 // Returns {d_x_gates (T, N, 3H): the gradient of the input-side sums (r, z, n pre-activation),
-// d_h_gates (T, N, 3H): of h W_hh^T + b_hh (reset after only; undefined otherwise), d_h0}.
+// d_hn (T, N, H): the gradient of W_hn h + b_hn, r ⊙ dn (reset after only; undefined
+// otherwise), d_h0}. The gradient of h W_hh^T + b_hh is then (d_r, d_z, d_hn): its r and z
+// parts are d_x_gates', so only the n part is kept over all steps (a third of 3H).
 std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, const Tensor& gates,
                                  const Tensor& states, const Tensor& n_input, const Tensor& w_hh,
                                  const std::optional<Tensor>& lengths, bool reverse,
@@ -752,7 +765,9 @@ std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, co
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor d_x_gates = at::empty_like(gates);
-  Tensor d_h_gates = reset_after ? at::empty_like(gates) : Tensor();
+  Tensor d_hn = reset_after ? at::empty({T, N, H}, gates.options()) : Tensor();
+  // One step's (d_r, d_z, d_hn), for its product with W_hh.
+  Tensor d_h_gates = reset_after ? at::empty({N, 3 * H}, gates.options()) : Tensor();
   Tensor d_h = d_h_n.clone(at::MemoryFormat::Contiguous);
   const Tensor w_rz = w_hh.narrow(0, 0, 2 * H), w_n = w_hh.narrow(0, 2 * H, H);
   Tensor d_rh = reset_after ? Tensor() : at::empty({N, H}, gates.options());
@@ -783,11 +798,13 @@ std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, co
         *d_n_out = d_n;
       };
       if (reset_after) {
-        scalar_t* d_hg_p = at_step<scalar_t>(d_h_gates, t);
+        scalar_t* d_hg_p = d_h_gates.data_ptr<scalar_t>();
+        scalar_t* d_hn_p = at_step<scalar_t>(d_hn, t);
         for_rows(N, 3 * H, [&](int64_t n) {
           if (!valid(t, n)) {
             zero_row(d_x_p + n * 3 * H, 3 * H);
             zero_row(d_hg_p + n * 3 * H, 3 * H);
+            zero_row(d_hn_p + n * H, H);
             return;
           }
           const scalar_t* g_row = g_p + n * 3 * H;
@@ -800,10 +817,12 @@ std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, co
             d_r.store(d_x_p + n * 3 * H + j, k);
             d_r.store(d_hg_row + j, k);
             V::loadu(d_x_p + n * 3 * H + H + j, k).store(d_hg_row + H + j, k);
-            (d_n * r).store(d_hg_row + 2 * H + j, k);
+            const V d_hn_v = d_n * r;
+            d_hn_v.store(d_hg_row + 2 * H + j, k);
+            d_hn_v.store(d_hn_p + n * H + j, k);
           });
         });
-        step_product<scalar_t>(step_block<scalar_t>(d_h_gates, t), matrix<scalar_t>(w_hh),
+        step_product<scalar_t>(matrix<scalar_t>(d_h_gates), matrix<scalar_t>(w_hh),
                                matrix<scalar_t>(d_h), true);
       } else {
         for_rows(N, 2 * H, [&](int64_t n) {
@@ -834,7 +853,7 @@ std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, co
       }
     }
   });
-  return {d_x_gates, d_h_gates, d_h};
+  return {d_x_gates, d_hn, d_h};
 }
 
 }  // namespace
