@@ -17,3 +17,4 @@ def test_readme_python_examples_run():
     # The shapes the README's comments promise.
     assert tuple(namespace["output"].shape) == (3, 7, 20)
     assert tuple(namespace["h"].shape) == (3, 8) and tuple(namespace["c"].shape) == (3, 20)
+    assert tuple(namespace["y_t"].shape) == (1, 3, 20)
