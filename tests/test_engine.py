@@ -228,3 +228,14 @@ def test_native_build_failure_falls_back_to_fused_with_one_warning(monkeypatch):
     torch.testing.assert_close(output, expected)
     torch.testing.assert_close(again, expected)
     assert not native.available()
+
+
+def test_cells_run_on_the_engines():
+    cell = rnnkit.LSTMCell(INPUT, HIDDEN, peephole=True)
+    x = torch.randn(2, INPUT)
+    h, _ = cell(x)
+    assert type(h.grad_fn).__name__ == "NativeLSTMBackward"
+    cell.backend = "reference"
+    expected, _ = cell(x)
+    assert "Native" not in type(expected.grad_fn).__name__
+    torch.testing.assert_close(h, expected)

@@ -1,7 +1,8 @@
 """One time step of each cell family (spec: shared/spec/cells.md), and the cell modules.
 
 The step functions (`rnn_step`, `lstm_step`, `gru_step`) are the single place where the spec's
-equations are written down; the cell modules and the reference engine both call them.
+equations are written down in PyTorch ops: the reference engine calls them, and every faster
+engine is tested against it. The cell modules run one step on the layers' engines.
 """
 
 from __future__ import annotations
@@ -124,10 +125,16 @@ def output_of(state: State) -> Tensor:
 
 
 class _CellBase(nn.Module):
-    """Parameters and input handling shared by the three cell modules."""
+    """Parameters and input handling shared by the three cell modules.
+
+    A step runs on the same engines as the layers (a one-step sequence): ``backend`` is
+    ``"auto"`` unless set on the instance (``cell.backend = "reference"`` runs `cell_step` on
+    autograd); ``RNNKIT_BACKEND`` overrides it as it does for layers.
+    """
 
     gate_count: int = 1
     family: str = "rnn"
+    backend: str = "auto"
 
     def __init__(
         self,
@@ -216,7 +223,13 @@ class _CellBase(nn.Module):
         if not batched:
             x = x.unsqueeze(0)
             state = tuple(s.unsqueeze(0) for s in state)
-        new = cell_step(self.kind(), x, state if len(state) == 2 else state[0], self.weights())
+        # Imported here: the engine imports this module for the step math and its types.
+        from rnnkit import engine
+
+        _, new = engine.run_direction(
+            self.kind(), x.unsqueeze(0), state if len(state) == 2 else state[0], self.weights(),
+            None, False, self.backend,
+        )
         if not batched:
             new = tuple(s.squeeze(0) for s in new) if isinstance(new, tuple) else new.squeeze(0)
         return new
