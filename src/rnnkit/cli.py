@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rnnkit import bench
+from rnnkit.apps.lm.corpus import CORPORA, LEVELS
+from rnnkit.apps.lm.model import CELLS, ModelConfig
+from rnnkit.apps.lm.train import TrainConfig
 from rnnkit.engine import BACKENDS
+from rnnkit.training.optimization import OPTIMIZERS, SCHEDULES
 
 
 def _size(text: str) -> tuple[int, int, int]:
@@ -43,6 +48,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _nonnegative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _nonnegative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnkit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -69,7 +91,116 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-reference", action="store_true",
                    help="skip the (slow) reference loop peers")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+
+    lm = commands.add_parser("lm", help="language models: train, sample, eval")
+    lm_commands = lm.add_subparsers(dest="lm_command", required=True, metavar="LM_COMMAND")
+    t = lm_commands.add_parser("train", help="train on a text file or a built-in corpus")
+    t.add_argument("text_file", nargs="?", metavar="TEXT_FILE", help="a UTF-8 text file")
+    t.add_argument("--corpus", choices=CORPORA, help="a built-in corpus instead of a file")
+    _add_model_options(t)
+    _add_train_options(t, TrainConfig())
+    t.add_argument("--checkpoint", default="lm.pt", help="checkpoint path (default lm.pt)")
+    t.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT")
+    t.add_argument("--plot", metavar="PNG", help="save train/validation loss curves here")
+
+    s = lm_commands.add_parser("sample", help="generate text from a checkpoint")
+    s.add_argument("checkpoint", metavar="CKPT")
+    s.add_argument("--prime", default="", help="text the model reads before generating")
+    s.add_argument("--length", type=_positive, default=500, help="tokens to generate")
+    s.add_argument("--temperature", type=_nonnegative, default=1.0,
+                   help="0 is greedy; below 1 sharper, above 1 flatter (default 1)")
+    s.add_argument("--top-k", type=_positive, help="sample among the k most likely tokens")
+    s.add_argument("--top-p", type=_probability, help="sample within this probability mass")
+    s.add_argument("--seed", type=int, help="random seed (reproducible samples)")
+
+    e = lm_commands.add_parser("eval", help="loss of a checkpoint on a new text file")
+    e.add_argument("checkpoint", metavar="CKPT")
+    e.add_argument("text_file", metavar="TEXT_FILE")
+
+    d = commands.add_parser("demo", help="train a character LSTM on built-in prose and sample")
+    d.add_argument("--steps", type=_positive, default=DEMO_STEPS,
+                   help=f"training steps (default {DEMO_STEPS}, a few minutes on 2 cores)")
+    d.add_argument("--out", default="rnnkit-demo", help="folder for checkpoint and plot")
     return parser
+
+
+DEMO_STEPS = 600
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    defaults = ModelConfig(vocabulary_size=0)
+    parser.add_argument("--cell", choices=list(CELLS), default=defaults.cell)
+    parser.add_argument("--layers", type=_positive, default=defaults.num_layers)
+    parser.add_argument("--hidden", type=_positive, default=defaults.hidden_size)
+    parser.add_argument("--embedding", type=_positive, default=defaults.embedding_size)
+    parser.add_argument("--dropout", type=_probability, default=defaults.dropout)
+    parser.add_argument("--tie-weights", action="store_true",
+                        help="output layer shares the embedding matrix")
+    parser.add_argument("--peephole", action="store_true", help="peephole LSTM")
+    parser.add_argument("--reset-before", action="store_true",
+                        help="GRU with the reset gate before W_hn (the original GRU)")
+
+
+def _add_train_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    parser.add_argument("--level", choices=list(LEVELS), default=defaults.level)
+    parser.add_argument("--max-vocabulary", type=_positive, default=defaults.max_vocabulary)
+    parser.add_argument("--seq-len", type=_positive, default=defaults.seq_len)
+    parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
+    parser.add_argument("--steps", type=_positive, default=defaults.steps)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default=defaults.optimizer)
+    parser.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule)
+    parser.add_argument("--clip-norm", type=_nonnegative, default=defaults.clip_norm,
+                        help="global-norm clipping bound (0: off)")
+    parser.add_argument("--clip-value", type=_nonnegative, default=defaults.clip_value,
+                        help="per-element clipping bound (default off)")
+    parser.add_argument("--validation-fraction", type=float,
+                        default=defaults.validation_fraction)
+    parser.add_argument("--eval-every", type=_positive, default=defaults.eval_every)
+    parser.add_argument("--checkpoint-every", type=_positive, default=defaults.checkpoint_every)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    model = ModelConfig(
+        vocabulary_size=0, cell=args.cell, embedding_size=args.embedding,
+        hidden_size=args.hidden, num_layers=args.layers, dropout=args.dropout,
+        tie_weights=args.tie_weights, peephole=args.peephole, reset_after=not args.reset_before)
+    train = TrainConfig(
+        level=args.level, max_vocabulary=args.max_vocabulary, seq_len=args.seq_len,
+        batch_size=args.batch_size, steps=args.steps, lr=args.lr, optimizer=args.optimizer,
+        schedule=args.schedule, clip_norm=args.clip_norm or None, clip_value=args.clip_value,
+        validation_fraction=args.validation_fraction, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, seed=args.seed)
+    return model, train
+
+
+def run_lm(args: argparse.Namespace) -> int:
+    from rnnkit.apps.lm import commands as lm
+
+    if args.lm_command == "train":
+        model, train = _configs(args)
+        return lm.train(model, train, args.text_file, args.corpus, args.checkpoint, args.resume,
+                        args.plot)
+    if args.lm_command == "sample":
+        return lm.sample(args.checkpoint, args.prime, args.length, args.temperature, args.top_k,
+                         args.top_p, args.seed)
+    return lm.evaluate_file(args.checkpoint, args.text_file)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from rnnkit.apps.lm import commands as lm
+
+    out = Path(args.out)
+    model = ModelConfig(vocabulary_size=0, hidden_size=256, num_layers=2, dropout=0.1)
+    train = TrainConfig(steps=args.steps, eval_every=max(1, args.steps // 6),
+                        checkpoint_every=args.steps)
+    status = lm.train(model, train, None, "prose", str(out / "lm.pt"), None,
+                      str(out / "loss.png"))
+    if status == 0:
+        print("\nsample (temperature 0.8):\n")
+        lm.sample(str(out / "lm.pt"), "The ", 400, 0.8, None, None, seed=0)
+    return status
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -105,6 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return run_bench(args)
+    try:
+        if args.command == "lm":
+            return run_lm(args)
+        if args.command == "demo":
+            return run_demo(args)
+    except ValueError as error:  # bad input, said plainly: no traceback
+        print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
     raise AssertionError(f"unhandled command {args.command}")  # argparse rejects unknown ones
 
 

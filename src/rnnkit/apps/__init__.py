@@ -1,0 +1,1 @@
+"""Applications built on the layers and the shared training loop: one package per use."""

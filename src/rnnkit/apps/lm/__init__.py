@@ -1,0 +1,1 @@
+"""Language models: text corpora and vocabularies, the model, training, evaluation and sampling."""

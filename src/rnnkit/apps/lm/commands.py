@@ -1,0 +1,102 @@
+"""What `rnnkit lm train|sample|eval` and `rnnkit demo` do, given parsed arguments."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from rnnkit.apps.lm.corpus import Vocabulary, builtin_corpus, read_text_file
+from rnnkit.apps.lm.model import LanguageModel, ModelConfig
+from rnnkit.apps.lm.sample import generate
+from rnnkit.apps.lm.train import KIND, NonFiniteLoss, TrainConfig, Trainer, evaluate
+from rnnkit.training.checkpoint import load_checkpoint
+
+LN2 = math.log(2)
+
+
+def load_text(text_file: str | None, corpus: str | None) -> tuple[str, str]:
+    """(text, description) from a file or a built-in corpus (exactly one of them)."""
+    if (text_file is None) == (corpus is None):
+        raise ValueError("give a TEXT_FILE or --corpus NAME (one of them)")
+    if corpus is not None:
+        return builtin_corpus(corpus), f"built-in corpus {corpus!r}"
+    return read_text_file(text_file), f"file {text_file!r}"
+
+
+def describe_loss(nats: float, level: str) -> str:
+    """Loss in nats per token, with bits per character (char) or perplexity (word)."""
+    if level == "char":
+        return f"{nats:.4f} nats/char = {nats / LN2:.4f} bits/char"
+    return f"{nats:.4f} nats/word, perplexity {math.exp(min(nats, 700)):.2f}"
+
+
+def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
+          corpus: str | None, checkpoint: str, resume: str | None, plot: str | None) -> int:
+    text, source = load_text(text_file, corpus)
+    if resume:
+        trainer = Trainer.resume(resume, text, steps=config.steps)
+        trainer.checkpoint_path = Path(checkpoint)
+        print(f"resuming {resume} at step {trainer.step} of {trainer.config.steps}", flush=True)
+    else:
+        vocabulary = Vocabulary.build(text, config.level, config.max_vocabulary)
+        model_config.vocabulary_size = len(vocabulary)
+        trainer = Trainer(model_config, config, vocabulary, text, checkpoint)
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    print(f"{source}: {len(text):,} characters, vocabulary {len(trainer.vocabulary)} "
+          f"{trainer.config.level}s, model {parameters:,} parameters "
+          f"({trainer.model.config.cell}, {trainer.model.config.num_layers} x "
+          f"{trainer.model.config.hidden_size})", flush=True)
+    try:
+        history = trainer.run()
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    final = history.validation[-1]
+    print(f"validation: {describe_loss(final, trainer.config.level)}; checkpoint: {checkpoint}")
+    if plot:
+        save_plot_or_hint(plot, history)
+    return 0
+
+
+def save_plot_or_hint(path: str, history) -> None:
+    from rnnkit.training.plots import MissingPlotting, save_loss_curves
+
+    try:
+        save_loss_curves(path, history)
+        print(f"loss curves: {path}")
+    except MissingPlotting as error:
+        print(f"note: {error}", file=sys.stderr)
+
+
+def restore(checkpoint: str) -> tuple[LanguageModel, Vocabulary, dict]:
+    saved = load_checkpoint(checkpoint, KIND)
+    model = LanguageModel(ModelConfig(**saved["model_config"]))
+    model.load_state_dict(saved["model"])
+    vocabulary = Vocabulary(tuple(saved["vocabulary"]), saved["train_config"]["level"])
+    return model, vocabulary, saved
+
+
+def sample(checkpoint: str, prime: str, length: int, temperature: float, top_k: int | None,
+           top_p: float | None, seed: int | None) -> int:
+    model, vocabulary, _ = restore(checkpoint)
+    sys.stdout.write(prime)
+    for token in generate(model, vocabulary, prime, length, temperature, top_k, top_p, seed):
+        sys.stdout.write(token)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def evaluate_file(checkpoint: str, text_file: str) -> int:
+    model, vocabulary, saved = restore(checkpoint)
+    text = read_text_file(text_file)
+    ids, unknown = vocabulary.encode(text)
+    if ids.numel() < 2:
+        raise ValueError(f"text file {text_file!r} has fewer than 2 tokens to evaluate")
+    nats = evaluate(model, ids, saved["train_config"]["seq_len"])
+    level = saved["train_config"]["level"]
+    print(f"{text_file}: {ids.numel():,} {level}s, {unknown:,} unknown to the vocabulary "
+          f"({100 * unknown / ids.numel():.2f} %)")
+    print(f"loss: {describe_loss(nats, level)}")
+    return 0

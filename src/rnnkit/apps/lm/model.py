@@ -1,0 +1,61 @@
+"""The language model: embedding -> rnnkit recurrent stack -> output layer over the vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from rnnkit.layers import GRU, LSTM, RNN
+
+CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+
+
+@dataclass
+class ModelConfig:
+    """What the model is; every field maps one to one onto an `rnnkit lm train` option."""
+
+    vocabulary_size: int
+    cell: str = "lstm"  # lstm | gru | rnn
+    embedding_size: int = 64  # ignored with tied weights: the embedding is then hidden-sized
+    hidden_size: int = 256
+    num_layers: int = 2
+    dropout: float = 0.1  # between layers and before the output layer, in training only
+    tie_weights: bool = False  # output layer shares the embedding matrix (Press & Wolf 2017)
+    peephole: bool = False  # LSTM only
+    reset_after: bool = True  # GRU only; False is the original GRU
+    backend: str = "auto"
+
+
+class LanguageModel(nn.Module):
+    """Next-token logits for token ids.
+
+    ``x (T, N)`` int64 ids and a state -> logits ``(T, N, V)`` and the new state, with
+    ``e = Embedding(x)``, ``h = RNN(e, state)``, ``logits = W_out dropout(h) + b_out``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {config.cell!r}")
+        self.config = config
+        embedding_size = config.hidden_size if config.tie_weights else config.embedding_size
+        self.embedding = nn.Embedding(config.vocabulary_size, embedding_size)
+        variants = {}
+        if config.cell == "lstm":
+            variants["peephole"] = config.peephole
+        if config.cell == "gru":
+            variants["reset_after"] = config.reset_after
+        self.recurrent = CELLS[config.cell](
+            embedding_size, config.hidden_size, num_layers=config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0, backend=config.backend,
+            **variants,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(config.hidden_size, config.vocabulary_size)
+        if config.tie_weights:
+            self.output.weight = self.embedding.weight
+
+    def forward(self, ids: Tensor, state=None):
+        hidden, state = self.recurrent(self.embedding(ids), state)  # (T, N, H)
+        return self.output(self.dropout(hidden)), state  # (T, N, V)

@@ -1,0 +1,54 @@
+"""Generating text from a trained language model: temperature, top-k and top-p (nucleus)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from rnnkit.apps.lm.corpus import Vocabulary
+from rnnkit.apps.lm.model import LanguageModel
+
+
+def next_token_distribution(logits: Tensor, temperature: float, top_k: int | None,
+                            top_p: float | None) -> Tensor:
+    """Probabilities ``(V,)`` from one step's logits after temperature, top-k and top-p.
+
+    Temperature 0 is greedy: all mass on the most likely token.
+    """
+    if temperature == 0:
+        probabilities = torch.zeros_like(logits)
+        probabilities[int(logits.argmax())] = 1.0
+        return probabilities
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        threshold = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    probabilities = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        ordered, order = torch.sort(probabilities, descending=True)
+        # Keep the smallest set whose mass reaches top_p (the most likely token always stays).
+        outside = ordered.cumsum(0) - ordered >= top_p
+        ordered = ordered.masked_fill(outside, 0.0)
+        probabilities = torch.zeros_like(probabilities).scatter(0, order, ordered)
+        probabilities = probabilities / probabilities.sum()
+    return probabilities
+
+
+@torch.no_grad()
+def generate(model: LanguageModel, vocabulary: Vocabulary, prime: str, length: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None) -> Iterator[str]:
+    """Yield ``length`` generated tokens (as text) after reading ``prime``."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    model.eval()
+    ids, _ = vocabulary.encode(prime) if prime else (torch.zeros(1, dtype=torch.int64), 0)
+    logits, state = model(ids.view(-1, 1))  # (T, 1, V)
+    last = logits[-1, 0]
+    for _ in range(length):
+        probabilities = next_token_distribution(last, temperature, top_k, top_p)
+        token = int(torch.multinomial(probabilities, 1, generator=generator))
+        yield vocabulary.tokens[token]
+        logits, state = model(torch.tensor([[token]]), state)
+        last = logits[-1, 0]

@@ -1,0 +1,1 @@
+"""The one training toolkit every app uses: checkpoints, clipping, optimisers, progress, plots."""

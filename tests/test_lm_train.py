@@ -1,0 +1,159 @@
+"""Training, resuming, sampling and evaluating language models, and the lm commands' errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rnnkit.apps.lm.corpus import Vocabulary
+from rnnkit.apps.lm.model import LanguageModel, ModelConfig
+from rnnkit.apps.lm.sample import generate, next_token_distribution
+from rnnkit.apps.lm.train import NonFiniteLoss, TrainConfig, Trainer
+from rnnkit.cli import main
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def tiny(steps=40, **train):
+    vocabulary = Vocabulary.build(TEXT, "char")
+    model = ModelConfig(len(vocabulary), hidden_size=32, embedding_size=16, num_layers=2,
+                        dropout=0.1)
+    config = TrainConfig(seq_len=20, batch_size=4, steps=steps, eval_every=10,
+                         checkpoint_every=10, lr=1e-2, **train)
+    return model, config, vocabulary
+
+
+def test_loss_falls_on_a_tiny_corpus():
+    model, config, vocabulary = tiny(steps=60)
+    history = Trainer(model, config, vocabulary, TEXT, None).run()
+    uniform = math.log(len(vocabulary))
+    assert history.train[0] > 0.9 * uniform
+    assert history.validation[-1] < 0.75 * uniform
+    assert history.train[-1] < 0.5 * history.train[0]
+    assert len(history.gradient_norm) == 60 and all(n > 0 for n in history.gradient_norm)
+
+
+def test_resume_continues_exactly(tmp_path):
+    model, config, vocabulary = tiny(steps=40)
+    uninterrupted = Trainer(model, config, vocabulary, TEXT, tmp_path / "a.pt").run()
+
+    model, config, vocabulary = tiny(steps=40)
+    first = Trainer(model, config, vocabulary, TEXT, tmp_path / "b.pt")
+    first.run(until=20)  # as if stopped after the checkpoint of step 20
+    resumed = Trainer.resume(tmp_path / "b.pt", TEXT)
+    assert resumed.step == 20
+    history = resumed.run()
+    assert history.train == uninterrupted.train  # exactly: same floats, every step
+    assert history.validation == uninterrupted.validation
+    final_a = torch.load(tmp_path / "a.pt", weights_only=False)["model"]
+    final_b = torch.load(tmp_path / "b.pt", weights_only=False)["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_resume_refuses_other_text(tmp_path):
+    model, config, vocabulary = tiny(steps=10)
+    Trainer(model, config, vocabulary, TEXT, tmp_path / "c.pt").run()
+    with pytest.raises(ValueError, match="was trained on other text"):
+        Trainer.resume(tmp_path / "c.pt", TEXT.upper())
+
+
+def test_non_finite_loss_stops_with_a_diagnosis(tmp_path):
+    model, config, vocabulary = tiny(steps=30)
+    trainer = Trainer(model, config, vocabulary, TEXT, tmp_path / "d.pt")
+    trainer.run(until=10)  # a good checkpoint at step 10
+    saved = (tmp_path / "d.pt").read_bytes()
+    with torch.no_grad():
+        trainer.model.output.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match=r"the loss became nan at step 11 \(last finite loss at step 10; gradient norm before clipping"):
+        trainer.run()
+    assert (tmp_path / "d.pt").read_bytes() == saved  # the last good checkpoint is kept
+
+
+def test_sampling_is_reproducible_and_greedy_at_temperature_zero():
+    model_config, _, vocabulary = tiny()
+    torch.manual_seed(0)
+    model = LanguageModel(model_config)
+    first = "".join(generate(model, vocabulary, "the ", 30, temperature=1.0, seed=7))
+    again = "".join(generate(model, vocabulary, "the ", 30, temperature=1.0, seed=7))
+    assert first == again and len(first) == 30
+    greedy = "".join(generate(model, vocabulary, "the ", 10, temperature=0.0, seed=1))
+    # Greedy by hand: argmax at every step.
+    ids, _ = vocabulary.encode("the ")
+    with torch.no_grad():
+        logits, state = model(ids.view(-1, 1))
+        expected = []
+        for _ in range(10):
+            token = int(logits[-1, 0].argmax())
+            expected.append(vocabulary.tokens[token])
+            logits, state = model(torch.tensor([[token]]), state)
+    assert greedy == "".join(expected)
+
+
+def test_top_k_and_top_p_keep_only_the_likely_tokens():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    top_k = next_token_distribution(logits, 1.0, 2, None)
+    torch.testing.assert_close(top_k, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    top_p = next_token_distribution(logits, 1.0, None, 0.7)  # 0.5 + 0.3 reaches 0.7
+    torch.testing.assert_close(top_p, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    greedy = next_token_distribution(logits, 0.0, None, None)
+    assert greedy.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_commands_train_sample_eval(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    ckpt = tmp_path / "lm.pt"
+    assert main(["lm", "train", str(text), "--steps", "12", "--hidden", "16", "--layers", "1",
+                 "--seq-len", "10", "--batch-size", "4", "--eval-every", "6",
+                 "--checkpoint", str(ckpt), "--plot", str(tmp_path / "loss.png")]) == 0
+    out = capsys.readouterr().out
+    assert "bits/char" in out and (tmp_path / "loss.png").stat().st_size > 1000
+    assert main(["lm", "sample", str(ckpt), "--prime", "the", "--length", "5", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    main(["lm", "sample", str(ckpt), "--prime", "the", "--length", "5", "--seed", "3"])
+    assert capsys.readouterr().out == first and first.startswith("the")
+    other = tmp_path / "other.txt"
+    other.write_text("the fox é")
+    assert main(["lm", "eval", str(ckpt), str(other)]) == 0
+    assert "1 unknown to the vocabulary" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["lm", "train", "{missing}"], "text file '.*missing.txt' does not exist"),
+    (["lm", "train", "{short}"], "the text is too short: .* training tokens"),
+    (["lm", "train"], "give a TEXT_FILE or --corpus NAME"),
+    (["lm", "sample", "{notckpt}"], "is not an rnnkit checkpoint|cannot be read"),
+])
+def test_command_errors_are_one_line(tmp_path, capsys, arguments, message):
+    (tmp_path / "short.txt").write_text("too short")
+    torch.save({"weights": 1}, tmp_path / "notckpt.pt")
+    files = {"missing": tmp_path / "missing.txt", "short": tmp_path / "short.txt",
+             "notckpt": tmp_path / "notckpt.pt"}
+    arguments = [a.format(**files) for a in arguments]
+    assert main(arguments) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    import re
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["lm", "train", "--corpus", "poems"], "invalid choice: 'poems'"),
+    (["lm", "train", "--corpus", "prose", "--cell", "tcn"], "invalid choice: 'tcn'"),
+    (["lm", "train", "--corpus", "prose", "--seq-len", "0"], "expected a positive int, got '0'"),
+    (["lm", "train", "--corpus", "prose", "--batch-size", "-3"], "expected a positive int, got '-3'"),
+])
+def test_bad_options_are_rejected_by_the_parser(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--steps", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "built-in corpus 'prose'" in out and "bits/char" in out and "sample" in out
+    assert (tmp_path / "lm.pt").is_file() and (tmp_path / "loss.png").is_file()
