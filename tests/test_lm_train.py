@@ -157,3 +157,19 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "built-in corpus 'prose'" in out and "bits/char" in out and "sample" in out
     assert (tmp_path / "lm.pt").is_file() and (tmp_path / "loss.png").is_file()
+
+
+def test_command_resume_keeps_the_saved_run_length(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    options = ["--hidden", "16", "--layers", "1", "--seq-len", "10", "--batch-size", "4",
+               "--eval-every", "5", "--checkpoint-every", "5"]
+    assert main(["lm", "train", str(text), "--steps", "10", *options,
+                 "--checkpoint", str(tmp_path / "a.pt")]) == 0
+    assert main(["lm", "train", str(text), "--resume", str(tmp_path / "a.pt"),
+                 "--checkpoint", str(tmp_path / "b.pt")]) == 0
+    assert "nothing to do: the run is complete at step 10" in capsys.readouterr().out
+    assert not (tmp_path / "b.pt").exists()
+    assert main(["lm", "train", str(text), "--resume", str(tmp_path / "a.pt"), "--steps", "15",
+                 "--checkpoint", str(tmp_path / "c.pt")]) == 0
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 15

@@ -146,7 +146,9 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     parser.add_argument("--max-vocabulary", type=_positive, default=defaults.max_vocabulary)
     parser.add_argument("--seq-len", type=_positive, default=defaults.seq_len)
     parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
-    parser.add_argument("--steps", type=_positive, default=defaults.steps)
+    parser.add_argument("--steps", type=_positive,
+                        help=f"total optimiser steps (default {defaults.steps}; with --resume, "
+                        "the saved run's)")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default=defaults.optimizer)
     parser.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule)
@@ -168,7 +170,8 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         tie_weights=args.tie_weights, peephole=args.peephole, reset_after=not args.reset_before)
     train = TrainConfig(
         level=args.level, max_vocabulary=args.max_vocabulary, seq_len=args.seq_len,
-        batch_size=args.batch_size, steps=args.steps, lr=args.lr, optimizer=args.optimizer,
+        batch_size=args.batch_size, steps=args.steps or TrainConfig.steps, lr=args.lr,
+        optimizer=args.optimizer,
         schedule=args.schedule, clip_norm=args.clip_norm or None, clip_value=args.clip_value,
         validation_fraction=args.validation_fraction, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed)
@@ -181,7 +184,7 @@ def run_lm(args: argparse.Namespace) -> int:
     if args.lm_command == "train":
         model, train = _configs(args)
         return lm.train(model, train, args.text_file, args.corpus, args.checkpoint, args.resume,
-                        args.plot)
+                        args.plot, resume_steps=args.steps)
     if args.lm_command == "sample":
         return lm.sample(args.checkpoint, args.prime, args.length, args.temperature, args.top_k,
                          args.top_p, args.seed)
@@ -196,7 +199,7 @@ def run_demo(args: argparse.Namespace) -> int:
     train = TrainConfig(steps=args.steps, eval_every=max(1, args.steps // 6),
                         checkpoint_every=args.steps)
     status = lm.train(model, train, None, "prose", str(out / "lm.pt"), None,
-                      str(out / "loss.png"))
+                      str(out / "loss.png"), resume_steps=None)
     if status == 0:
         print("\nsample (temperature 0.8):\n")
         lm.sample(str(out / "lm.pt"), "The ", 400, 0.8, None, None, seed=0)

@@ -32,12 +32,19 @@ def describe_loss(nats: float, level: str) -> str:
 
 
 def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
-          corpus: str | None, checkpoint: str, resume: str | None, plot: str | None) -> int:
+          corpus: str | None, checkpoint: str, resume: str | None, plot: str | None,
+          resume_steps: int | None) -> int:
+    """Train from scratch, or resume ``resume`` (its own configuration; ``resume_steps``, if
+    given, as the new total)."""
     text, source = load_text(text_file, corpus)
     if resume:
-        trainer = Trainer.resume(resume, text, steps=config.steps)
+        trainer = Trainer.resume(resume, text, steps=resume_steps)
         trainer.checkpoint_path = Path(checkpoint)
         print(f"resuming {resume} at step {trainer.step} of {trainer.config.steps}", flush=True)
+        if trainer.step >= trainer.config.steps:
+            print(f"nothing to do: the run is complete at step {trainer.step}; give a larger "
+                  "--steps to train on")
+            return 0
     else:
         vocabulary = Vocabulary.build(text, config.level, config.max_vocabulary)
         model_config.vocabulary_size = len(vocabulary)
