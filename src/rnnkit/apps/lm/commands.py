@@ -10,6 +10,7 @@ from rnnkit.apps.lm.corpus import Vocabulary, builtin_corpus, read_text_file
 from rnnkit.apps.lm.model import LanguageModel, ModelConfig
 from rnnkit.apps.lm.sample import generate
 from rnnkit.apps.lm.train import KIND, NonFiniteLoss, TrainConfig, Trainer, evaluate
+from rnnkit.engine.native import build
 from rnnkit.training.checkpoint import load_checkpoint
 
 LN2 = math.log(2)
@@ -49,6 +50,9 @@ def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
         vocabulary = Vocabulary.build(text, config.level, config.max_vocabulary)
         model_config.vocabulary_size = len(vocabulary)
         trainer = Trainer(model_config, config, vocabulary, text, checkpoint)
+    # Build the native kernels (once per machine) before the clock starts, so that progress,
+    # tokens/s and ETA measure training. A failed build warns and training runs on "fused".
+    build.kernels()
     parameters = sum(p.numel() for p in trainer.model.parameters())
     print(f"{source}: {len(text):,} characters, vocabulary {len(trainer.vocabulary)} "
           f"{trainer.config.level}s, model {parameters:,} parameters "
