@@ -173,3 +173,23 @@ def test_command_resume_keeps_the_saved_run_length(tmp_path, capsys):
     assert main(["lm", "train", str(text), "--resume", str(tmp_path / "a.pt"), "--steps", "15",
                  "--checkpoint", str(tmp_path / "c.pt")]) == 0
     assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 15
+
+
+def test_torch_nn_model_starts_from_the_same_weights_and_throughput_runs(capsys):
+    model_config, _, _ = tiny()
+    torch.manual_seed(0)
+    ours = LanguageModel(model_config)
+    torch.manual_seed(0)
+    theirs = LanguageModel(ModelConfig(**{**model_config.__dict__, "backend": "torch.nn"}))
+    assert isinstance(theirs.recurrent, torch.nn.LSTM)
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    assert all(torch.equal(ours_state[k], theirs_state[k]) for k in ours_state)
+    with pytest.raises(ValueError, match="torch.nn has no peephole LSTM"):
+        LanguageModel(ModelConfig(**{**model_config.__dict__, "backend": "torch.nn",
+                                     "peephole": True}))
+    assert main(["lm", "throughput", "--corpus", "prose", "--hidden", "16", "--layers", "1",
+                 "--seq-len", "10", "--batch-size", "4", "--blocks", "2",
+                 "--block-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "rnnkit x torch.nn throughput:" in out and "torch.nn tokens/s:" in out

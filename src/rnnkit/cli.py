@@ -113,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=_probability, help="sample within this probability mass")
     s.add_argument("--seed", type=int, help="random seed (reproducible samples)")
 
+    c = lm_commands.add_parser(
+        "throughput", help="training speed on rnnkit against the same model on torch.nn")
+    c.add_argument("text_file", nargs="?", metavar="TEXT_FILE", help="a UTF-8 text file")
+    c.add_argument("--corpus", choices=CORPORA, help="a built-in corpus instead of a file")
+    _add_model_options(c)
+    _add_train_options(c, TrainConfig())
+    c.add_argument("--blocks", type=_positive, default=7, help="timed blocks (median)")
+    c.add_argument("--block-steps", type=_positive, default=10, help="training steps per block")
+
     e = lm_commands.add_parser("eval", help="loss of a checkpoint on a new text file")
     e.add_argument("checkpoint", metavar="CKPT")
     e.add_argument("text_file", metavar="TEXT_FILE")
@@ -185,6 +194,10 @@ def run_lm(args: argparse.Namespace) -> int:
         model, train = _configs(args)
         return lm.train(model, train, args.text_file, args.corpus, args.checkpoint, args.resume,
                         args.plot, resume_steps=args.steps)
+    if args.lm_command == "throughput":
+        model, train = _configs(args)
+        return lm.throughput(model, train, args.text_file, args.corpus, args.blocks,
+                             args.block_steps)
     if args.lm_command == "sample":
         return lm.sample(args.checkpoint, args.prime, args.length, args.temperature, args.top_k,
                          args.top_p, args.seed)

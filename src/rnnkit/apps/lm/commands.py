@@ -111,3 +111,18 @@ def evaluate_file(checkpoint: str, text_file: str) -> int:
           f"({100 * unknown / ids.numel():.2f} %)")
     print(f"loss: {describe_loss(nats, level)}")
     return 0
+
+
+def throughput(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
+               corpus: str | None, blocks: int, steps_per_block: int) -> int:
+    from rnnkit.apps.lm.throughput import compare_throughput
+
+    text, source = load_text(text_file, corpus)
+    build.kernels()
+    print(f"{source}: {model_config.cell} {model_config.num_layers} x {model_config.hidden_size}, "
+          f"batch {config.batch_size} x {config.seq_len}, median of {blocks} blocks of "
+          f"{steps_per_block} steps each, alternating")
+    for name, value in compare_throughput(model_config, config, text, blocks,
+                                          steps_per_block).items():
+        print(f"{name}: {value:,.2f}")
+    return 0

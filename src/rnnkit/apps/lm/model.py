@@ -24,7 +24,7 @@ class ModelConfig:
     tie_weights: bool = False  # output layer shares the embedding matrix (Press & Wolf 2017)
     peephole: bool = False  # LSTM only
     reset_after: bool = True  # GRU only; False is the original GRU
-    backend: str = "auto"
+    backend: str = "auto"  # an rnnkit engine, or "torch.nn" (plain cells: for comparisons)
 
 
 class LanguageModel(nn.Module):
@@ -46,11 +46,19 @@ class LanguageModel(nn.Module):
             variants["peephole"] = config.peephole
         if config.cell == "gru":
             variants["reset_after"] = config.reset_after
-        self.recurrent = CELLS[config.cell](
-            embedding_size, config.hidden_size, num_layers=config.num_layers,
-            dropout=config.dropout if config.num_layers > 1 else 0.0, backend=config.backend,
-            **variants,
-        )
+        layer_dropout = config.dropout if config.num_layers > 1 else 0.0
+        if config.backend == "torch.nn":
+            if config.peephole or not config.reset_after:
+                raise ValueError("torch.nn has no peephole LSTM or reset-before GRU; use an "
+                                 "rnnkit backend for variants")
+            self.recurrent = getattr(nn, config.cell.upper())(
+                embedding_size, config.hidden_size, num_layers=config.num_layers,
+                dropout=layer_dropout)
+        else:
+            self.recurrent = CELLS[config.cell](
+                embedding_size, config.hidden_size, num_layers=config.num_layers,
+                dropout=layer_dropout, backend=config.backend, **variants,
+            )
         self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(config.hidden_size, config.vocabulary_size)
         if config.tie_weights:
