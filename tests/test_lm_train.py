@@ -154,6 +154,7 @@ def test_bad_options_are_rejected_by_the_parser(capsys, arguments, message):
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--steps", "2", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--steps", "2", "--out", str(tmp_path)]) == 0  # reruns replace
     out = capsys.readouterr().out
     assert "built-in corpus 'prose'" in out and "bits/char" in out and "sample" in out
     assert (tmp_path / "lm.pt").is_file() and (tmp_path / "loss.png").is_file()
@@ -173,6 +174,19 @@ def test_command_resume_keeps_the_saved_run_length(tmp_path, capsys):
     assert main(["lm", "train", str(text), "--resume", str(tmp_path / "a.pt"), "--steps", "15",
                  "--checkpoint", str(tmp_path / "c.pt")]) == 0
     assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 15
+    # A new run may not overwrite a saved one by accident.
+    saved = (tmp_path / "c.pt").read_bytes()
+    assert main(["lm", "train", str(text), "--steps", "5", *options,
+                 "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    assert "exists and would be overwritten; continue it with --resume" in capsys.readouterr().err
+    assert (tmp_path / "c.pt").read_bytes() == saved
+    assert main(["lm", "train", str(text), "--steps", "5", *options, "--overwrite",
+                 "--checkpoint", str(tmp_path / "c.pt")]) == 0
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 5
+    # Resuming in place is what --resume is for.
+    assert main(["lm", "train", str(text), "--resume", str(tmp_path / "c.pt"), "--steps", "8",
+                 "--checkpoint", str(tmp_path / "c.pt")]) == 0
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 8
 
 
 def test_torch_nn_model_starts_from_the_same_weights_and_throughput_runs(capsys):

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(t, TrainConfig())
     t.add_argument("--checkpoint", default="lm.pt", help="checkpoint path (default lm.pt)")
     t.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --checkpoint file (refused otherwise)")
     t.add_argument("--plot", metavar="PNG", help="save train/validation loss curves here")
 
     s = lm_commands.add_parser("sample", help="generate text from a checkpoint")
@@ -129,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = commands.add_parser("demo", help="train a character LSTM on built-in prose and sample")
     d.add_argument("--steps", type=_positive, default=DEMO_STEPS,
                    help=f"training steps (default {DEMO_STEPS}, a few minutes on 2 cores)")
-    d.add_argument("--out", default="rnnkit-demo", help="folder for checkpoint and plot")
+    d.add_argument("--out", default="rnnkit-demo",
+                   help="folder for checkpoint and plot (a previous demo's are replaced)")
     return parser
 
 
@@ -193,7 +196,7 @@ def run_lm(args: argparse.Namespace) -> int:
     if args.lm_command == "train":
         model, train = _configs(args)
         return lm.train(model, train, args.text_file, args.corpus, args.checkpoint, args.resume,
-                        args.plot, resume_steps=args.steps)
+                        args.plot, resume_steps=args.steps, overwrite=args.overwrite)
     if args.lm_command == "throughput":
         model, train = _configs(args)
         return lm.throughput(model, train, args.text_file, args.corpus, args.blocks,
@@ -212,7 +215,7 @@ def run_demo(args: argparse.Namespace) -> int:
     train = TrainConfig(steps=args.steps, eval_every=max(1, args.steps // 6),
                         checkpoint_every=args.steps)
     status = lm.train(model, train, None, "prose", str(out / "lm.pt"), None,
-                      str(out / "loss.png"), resume_steps=None)
+                      str(out / "loss.png"), resume_steps=None, overwrite=True)
     if status == 0:
         print("\nsample (temperature 0.8):\n")
         lm.sample(str(out / "lm.pt"), "The ", 400, 0.8, None, None, seed=0)

@@ -34,10 +34,14 @@ def describe_loss(nats: float, level: str) -> str:
 
 def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
           corpus: str | None, checkpoint: str, resume: str | None, plot: str | None,
-          resume_steps: int | None) -> int:
+          resume_steps: int | None, overwrite: bool = False) -> int:
     """Train from scratch, or resume ``resume`` (its own configuration; ``resume_steps``, if
     given, as the new total)."""
     text, source = load_text(text_file, corpus)
+    if Path(checkpoint).exists() and not overwrite and Path(checkpoint) != Path(resume or ""):
+        raise ValueError(
+            f"checkpoint {checkpoint!r} exists and would be overwritten; continue it with "
+            f"--resume {checkpoint}, choose another --checkpoint, or pass --overwrite")
     if resume:
         trainer = Trainer.resume(resume, text, steps=resume_steps)
         trainer.checkpoint_path = Path(checkpoint)
