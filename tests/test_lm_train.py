@@ -183,6 +183,10 @@ def test_command_resume_keeps_the_saved_run_length(tmp_path, capsys):
     assert main(["lm", "train", str(text), "--steps", "5", *options, "--overwrite",
                  "--checkpoint", str(tmp_path / "c.pt")]) == 0
     assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 5
+    # A resumed run keeps its saved settings: changing one is refused, not ignored.
+    assert main(["lm", "train", str(text), "--resume", str(tmp_path / "c.pt"), "--hidden", "32",
+                 "--lr=0.1", "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    assert "--hidden, --lr cannot change a resumed run" in capsys.readouterr().err
     # Resuming in place is what --resume is for.
     assert main(["lm", "train", str(text), "--resume", str(tmp_path / "c.pt"), "--steps", "8",
                  "--checkpoint", str(tmp_path / "c.pt")]) == 0

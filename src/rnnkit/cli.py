@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lm = commands.add_parser("lm", help="language models: train, sample, eval")
     lm_commands = lm.add_subparsers(dest="lm_command", required=True, metavar="LM_COMMAND")
-    t = lm_commands.add_parser("train", help="train on a text file or a built-in corpus")
+    # No abbreviations: `resume_conflicts` recognises the run settings by their full names.
+    t = lm_commands.add_parser("train", help="train on a text file or a built-in corpus",
+                               allow_abbrev=False)
     t.add_argument("text_file", nargs="?", metavar="TEXT_FILE", help="a UTF-8 text file")
     t.add_argument("--corpus", choices=CORPORA, help="a built-in corpus instead of a file")
     _add_model_options(t)
@@ -175,6 +177,21 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     parser.add_argument("--seed", type=int, default=defaults.seed)
 
 
+def resume_conflicts(argv: Sequence[str]) -> list[str]:
+    """Run settings given on a command line that also resumes (--steps aside): the saved run's
+    settings are the ones used, so any other is an error rather than silently ignored."""
+    settings = {option for action in _lm_train_parser()._actions
+                if action.dest not in ("help", "steps") for option in action.option_strings}
+    return [token.split("=")[0] for token in argv if token.split("=")[0] in settings]
+
+
+def _lm_train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    _add_model_options(parser)
+    _add_train_options(parser, TrainConfig())
+    return parser
+
+
 def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     model = ModelConfig(
         vocabulary_size=0, cell=args.cell, embedding_size=args.embedding,
@@ -190,10 +207,15 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     return model, train
 
 
-def run_lm(args: argparse.Namespace) -> int:
+def run_lm(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from rnnkit.apps.lm import commands as lm
 
     if args.lm_command == "train":
+        conflicts = resume_conflicts(argv) if args.resume else []
+        if conflicts:
+            raise ValueError(
+                f"{', '.join(conflicts)} cannot change a resumed run (it continues with the "
+                f"settings saved in {args.resume}; only --steps may be given)")
         model, train = _configs(args)
         return lm.train(model, train, args.text_file, args.corpus, args.checkpoint, args.resume,
                         args.plot, resume_steps=args.steps, overwrite=args.overwrite)
@@ -257,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_bench(args)
     try:
         if args.command == "lm":
-            return run_lm(args)
+            return run_lm(args, sys.argv[1:] if argv is None else list(argv))
         if args.command == "demo":
             return run_demo(args)
     except ValueError as error:  # bad input, said plainly: no traceback
