@@ -1,0 +1,1 @@
+"""Time-series forecasting with honest baselines: data, models, metrics and the commands."""
