@@ -29,6 +29,7 @@ from rnnkit.engine import fused, native, reference
 
 BACKENDS = ("auto", "native", "fused", "reference")
 ENVIRONMENT_VARIABLE = "RNNKIT_BACKEND"
+_ENGINES = {"auto": native, "native": native, "fused": fused, "reference": reference}
 
 
 def resolve_backend(requested: str) -> str:
@@ -52,9 +53,8 @@ def run_direction(
     backend: str = "auto",
 ) -> tuple[Tensor, State]:
     """Run one layer in one direction; the contract is `reference.run_direction`'s."""
-    modules = {"auto": native, "native": native, "fused": fused, "reference": reference}
     # native runs fused by itself where it cannot run (device, dtype, no compiler).
-    module = modules[resolve_backend(backend)]
+    module = _ENGINES[resolve_backend(backend)]
     return module.run_direction(kind, x, state, weights, lengths, reverse)
 
 

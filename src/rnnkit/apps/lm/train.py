@@ -122,6 +122,7 @@ def detach_state(state):
 @torch.no_grad()
 def evaluate(model: LanguageModel, ids: Tensor, seq_len: int, batch_size: int = 16) -> float:
     """Mean negative log-likelihood (nats per token) of ``ids`` under the model."""
+    was_training = model.training
     model.eval()
     data = streams(ids, min(batch_size, max(1, (ids.numel() - 1) // 2)))
     total, count, state = 0.0, 0, None
@@ -131,7 +132,7 @@ def evaluate(model: LanguageModel, ids: Tensor, seq_len: int, batch_size: int = 
         total += float(F.cross_entropy(logits.flatten(0, 1), window[1:].flatten(),
                                        reduction="sum"))
         count += window[1:].numel()
-    model.train()
+    model.train(was_training)
     return total / max(count, 1)
 
 
@@ -143,7 +144,7 @@ class Trainer:
         check_train_config(config)
         self.config, self.vocabulary = config, vocabulary
         self.text_fingerprint = fingerprint(text)
-        ids, self.unknown_tokens = vocabulary.encode(text)
+        ids, _ = vocabulary.encode(text)
         train_ids, self.validation_ids = split_text_ids(ids, config)
         self.data = streams(train_ids, config.batch_size)  # (S, N)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -178,11 +179,11 @@ class Trainer:
         trainer.random_state = saved["random_state"]
         return trainer
 
-    def save(self, path: Path | None = None) -> None:
-        path = path or self.checkpoint_path
-        if path is None:
+    def save(self) -> None:
+        """Checkpoint the run to ``checkpoint_path`` (nothing without one)."""
+        if self.checkpoint_path is None:
             return
-        save_checkpoint(path, KIND, {
+        save_checkpoint(self.checkpoint_path, KIND, {
             "model_config": asdict(self.model.config),
             "train_config": asdict(self.config),
             "vocabulary": list(self.vocabulary.tokens),
@@ -212,12 +213,12 @@ class Trainer:
         loss = F.cross_entropy(logits.flatten(0, 1), window[1:].flatten())
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            last = next((k for k in range(len(self.history.train) - 1, -1, -1)
-                         if math.isfinite(self.history.train[k])), None)
+            # Every recorded loss is finite (this check runs before recording), so the last
+            # finite one is the last step taken.
             norm = self.history.gradient_norm[-1] if self.history.gradient_norm else float("nan")
             raise NonFiniteLoss(
                 f"the loss became {loss_value} at step {self.step + 1} (last finite loss at "
-                f"step {last + 1 if last is not None else 'none'}; gradient norm before clipping "
+                f"step {self.step or 'none'}; gradient norm before clipping "
                 f"at the last step {norm:.3g}). Try a smaller --lr, or --clip-norm 1.0. The last "
                 "good checkpoint is kept.")
         self.optimizer.zero_grad(set_to_none=True)
