@@ -9,8 +9,9 @@ from pathlib import Path
 
 from rnnkit import bench
 from rnnkit.apps.lm.corpus import CORPORA, LEVELS
-from rnnkit.apps.lm.model import CELLS, ModelConfig
+from rnnkit.apps.lm.model import ModelConfig
 from rnnkit.apps.lm.train import TrainConfig
+from rnnkit.apps.recurrent import CELLS
 from rnnkit.engine import BACKENDS
 from rnnkit.training.optimization import OPTIMIZERS, SCHEDULES
 
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", metavar="CKPT")
     e.add_argument("text_file", metavar="TEXT_FILE")
 
+    _add_forecast_commands(commands)
+
     d = commands.add_parser("demo", help="train a character LSTM on built-in prose and sample")
     d.add_argument("--steps", type=_positive, default=DEMO_STEPS,
                    help=f"training steps (default {DEMO_STEPS}, a few minutes on 2 cores)")
@@ -139,6 +142,95 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEMO_STEPS = 600
+
+
+def _columns(text: str) -> list[str]:
+    columns = [c.strip() for c in text.split(",") if c.strip()]
+    if not columns:
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, got {text!r}")
+    return columns
+
+
+def _season(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(
+            f"--season takes a season length >= 2, or 0 for none, got {text!r}")
+    return value
+
+
+def _add_forecast_commands(commands) -> None:
+    from rnnkit.apps.forecast.data import CSV_DEFAULTS, DATASET_DEFAULTS, DATASETS, FILL_RULES
+    from rnnkit.apps.forecast.model import STRATEGIES, ForecastModelConfig
+    from rnnkit.apps.forecast.train import FitConfig
+
+    forecast = commands.add_parser("forecast", help="time-series forecasting with baselines")
+    forecast_commands = forecast.add_subparsers(dest="forecast_command", required=True,
+                                                metavar="FORECAST_COMMAND")
+    defaults = " ".join(f"{name} {lookback}/{horizon}"
+                        for name, (lookback, horizon) in DATASET_DEFAULTS.items())
+    t = forecast_commands.add_parser(
+        "train", help="train on a CSV column or a built-in series; score it against baselines")
+    source = t.add_mutually_exclusive_group(required=True)
+    source.add_argument("--csv", metavar="FILE", help="a CSV file with a header row")
+    source.add_argument("--dataset", choices=DATASETS, help="a built-in series (offline)")
+    t.add_argument("--target", metavar="COL", help="the column to forecast (with --csv)")
+    t.add_argument("--time", metavar="COL", help="a time column to sort by (with --csv)")
+    t.add_argument("--features", type=_columns, default=[], metavar="COL,...",
+                   help="extra input columns (direct strategy only)")
+    t.add_argument("--fill", choices=FILL_RULES, default="interpolate",
+                   help="missing or infinite values: interpolate linearly (default), carry the "
+                   "last value forward (ffill), or stop with an error")
+    t.add_argument("--season", type=_season,
+                   help="season length (default: the dataset's, or detected on the train part;"
+                   " 0: none)")
+    t.add_argument("--lookback", type=_positive,
+                   help=f"steps the network reads (default: {defaults} for the datasets "
+                   f"(lookback/horizon), {CSV_DEFAULTS[0]} for CSV)")
+    t.add_argument("--horizon", type=_positive,
+                   help=f"steps forecast from each origin (default: see --lookback; "
+                   f"{CSV_DEFAULTS[1]} for CSV)")
+    t.add_argument("--strategy", choices=STRATEGIES, default="direct",
+                   help="direct: one output per step (default); recursive: one step, fed back")
+    t.add_argument("--test-size", type=_positive,
+                   help="rows in the test tail (default 10%% of the rows, at least the horizon)")
+    t.add_argument("--validation-size", type=_positive,
+                   help="rows in the validation part (default: as the test tail)")
+    t.add_argument("--stride", type=_positive, default=1,
+                   help="evaluate every stride-th test origin (default 1: all)")
+    model = ForecastModelConfig(input_size=1, horizon=1)
+    t.add_argument("--cell", choices=list(CELLS), default=model.cell)
+    t.add_argument("--layers", type=_positive, default=model.num_layers)
+    t.add_argument("--hidden", type=_positive, default=model.hidden_size)
+    t.add_argument("--dropout", type=_probability, default=model.dropout)
+    t.add_argument("--peephole", action="store_true", help="peephole LSTM")
+    t.add_argument("--reset-before", action="store_true",
+                   help="GRU with the reset gate before W_hn (the original GRU)")
+    fit = FitConfig()
+    t.add_argument("--epochs", type=_positive, default=fit.epochs, help="at most this many")
+    t.add_argument("--patience", type=_positive, default=fit.patience,
+                   help="stop after this many epochs without a better validation loss")
+    t.add_argument("--batch-size", type=_positive, default=fit.batch_size)
+    t.add_argument("--lr", type=float, default=fit.lr)
+    t.add_argument("--clip-norm", type=_nonnegative, default=fit.clip_norm,
+                   help="global-norm clipping bound (0: off)")
+    t.add_argument("--seed", type=int, default=fit.seed)
+    t.add_argument("--out", metavar="DIR",
+                   help="folder for model.pt, metrics.csv/json, forecasts.csv, forecast.png "
+                   "(default forecast-<dataset or CSV name>)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (refused otherwise)")
+    t.add_argument("--no-plot", action="store_true", help="skip forecast.png")
+
+    p = forecast_commands.add_parser("predict", help="forecast past the end of a series")
+    p.add_argument("checkpoint", metavar="CKPT", help="model.pt written by forecast train")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--csv", metavar="FILE", help="the series, with the trained columns")
+    source.add_argument("--dataset", choices=DATASETS, help="a built-in series")
+    p.add_argument("--out", default="forecast.csv", help="CSV to write (default forecast.csv)")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -229,6 +321,32 @@ def run_lm(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return lm.evaluate_file(args.checkpoint, args.text_file)
 
 
+def run_forecast(args: argparse.Namespace) -> int:
+    from rnnkit.apps.forecast import commands as forecast
+    from rnnkit.apps.forecast.data import DataConfig
+    from rnnkit.apps.forecast.model import ForecastModelConfig
+    from rnnkit.apps.forecast.train import FitConfig
+
+    if args.forecast_command == "predict":
+        return forecast.predict(args.checkpoint, args.csv, args.dataset, args.out)
+    if args.dataset and (args.time or args.features):
+        raise ValueError("--time and --features go with --csv; a built-in dataset has its own")
+    data = DataConfig(
+        dataset=args.dataset, csv=args.csv, target=args.target, time=args.time,
+        features=args.features, fill=args.fill, season=args.season, lookback=args.lookback,
+        horizon=args.horizon, test_size=args.test_size, validation_size=args.validation_size,
+        stride=args.stride)
+    model = ForecastModelConfig(
+        input_size=1 + len(args.features), horizon=args.horizon or 1, strategy=args.strategy,
+        cell=args.cell, hidden_size=args.hidden, num_layers=args.layers, dropout=args.dropout,
+        peephole=args.peephole, reset_after=not args.reset_before)
+    fit = FitConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+                    lr=args.lr, clip_norm=args.clip_norm or None, seed=args.seed)
+    out = args.out or f"forecast-{args.dataset or Path(args.csv).stem}"
+    return forecast.train(data, model, fit, out, overwrite=args.overwrite,
+                          plot=not args.no_plot)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from rnnkit.apps.lm import commands as lm
 
@@ -280,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "lm":
             return run_lm(args, sys.argv[1:] if argv is None else list(argv))
+        if args.command == "forecast":
+            return run_forecast(args)
         if args.command == "demo":
             return run_demo(args)
     except ValueError as error:  # bad input, said plainly: no traceback

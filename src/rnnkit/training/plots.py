@@ -9,7 +9,8 @@ class MissingPlotting(RuntimeError):
     """matplotlib is not installed; the message says how to get it."""
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or MissingPlotting with the install hint."""
     try:
         import matplotlib
     except ImportError:
@@ -24,7 +25,7 @@ def _pyplot():
 
 def save_loss_curves(path: str | Path, history) -> None:
     """Training loss per step and validation loss at its steps, one plot, nats per token."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 4.5))
     axes.plot(range(1, len(history.train) + 1), history.train, label="train", linewidth=0.8)
     axes.plot(history.validation_steps, history.validation, "o-", label="validation")

@@ -13,7 +13,7 @@ No test value can reach the scaler or a training window (tests/test_forecast_dat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -169,14 +169,87 @@ def split_series(length: int, lookback: int, horizon: int, test_size: int,
     return Split(train_end, train_end + validation_size, length)
 
 
-def windows(values: np.ndarray, start: int, end: int, lookback: int,
-            horizon: int) -> tuple[np.ndarray, np.ndarray]:
+def window_origins(start: int, end: int, lookback: int, horizon: int,
+                   stride: int = 1) -> np.ndarray:
+    """Forecast origins ``t`` (first target index) of the windows whose targets
+    ``[t, t + horizon)`` lie in ``[start, end)`` and whose inputs ``[t - lookback, t)`` exist,
+    every ``stride``-th from the first."""
+    return np.arange(max(start, lookback), end - horizon + 1)[::stride]
+
+
+def windows(values: np.ndarray, start: int, end: int, lookback: int, horizon: int,
+            stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Inputs ``(n, lookback, C)`` and targets ``(n, horizon)`` of every window whose targets
     lie in ``[start, end)``: targets ``values[t : t + horizon, 0]``, inputs
-    ``values[t - lookback : t]``.
+    ``values[t - lookback : t]``, for the origins of `window_origins`.
     """
-    first = max(start, lookback)
-    origins = np.arange(first, end - horizon + 1)
+    origins = window_origins(start, end, lookback, horizon, stride)
     inputs = np.stack([values[t - lookback : t] for t in origins])
     targets = np.stack([values[t : t + horizon, 0] for t in origins])
     return inputs, targets
+
+
+# Built-in datasets' natural lookback and horizon: two years -> one year of weekly CO2; three
+# solar cycles -> one cycle of yearly sunspot numbers.
+DATASET_DEFAULTS = {"co2": (104, 52), "sunspots": (33, 11)}
+CSV_DEFAULTS = (24, 1)
+
+
+@dataclass
+class DataConfig:
+    """Where the series comes from and how it is cut; one field per `rnnkit forecast` option."""
+
+    dataset: str | None = None  # a built-in series (co2 | sunspots), or
+    csv: str | None = None  # a CSV file with a header row
+    target: str | None = None  # the column to forecast (CSV; built-in data knows its own)
+    time: str | None = None  # the column of timestamps or numbers to sort by (optional)
+    features: list[str] = field(default_factory=list)  # extra input columns (direct only)
+    fill: str = "interpolate"  # interpolate | ffill | error, for missing or infinite values
+    season: int | None = None  # season length; None: the dataset's or detected; 0: none
+    lookback: int | None = None  # steps the network reads; None: the source's default
+    horizon: int | None = None  # steps forecast from each origin; None: the source's default
+    test_size: int | None = None  # length of the test tail; None: 10 % of the rows (>= horizon)
+    validation_size: int | None = None  # length of the validation part; None: as the test tail
+    stride: int = 1  # evaluate every stride-th origin of the test tail
+
+
+def load_frame(config: DataConfig) -> tuple[pd.DataFrame, str, str | None, int | None, str]:
+    """(frame, target column, time column, known season, description) of the configured source."""
+    if (config.dataset is None) == (config.csv is None):
+        raise ValueError("give --csv FILE (with --target COL) or --dataset NAME (one of them)")
+    if config.dataset is not None:
+        frame, target, time, season = builtin_dataset(config.dataset)
+        if config.target not in (None, target):
+            raise ValueError(f"dataset {config.dataset!r} has the target column {target!r}; "
+                             f"drop --target {config.target}")
+        return frame, target, time, season, f"built-in dataset {config.dataset!r}"
+    if not config.target:
+        raise ValueError(f"--target COL is required with --csv: which column of "
+                         f"{config.csv!r} to forecast")
+    return read_csv(config.csv), config.target, config.time, None, f"CSV file {config.csv!r}"
+
+
+def resolve_sizes(config: DataConfig, length: int) -> DataConfig:
+    """A copy of ``config`` with lookback, horizon and part sizes filled in for ``length`` rows."""
+    lookback, horizon = DATASET_DEFAULTS.get(config.dataset, CSV_DEFAULTS)
+    lookback = config.lookback if config.lookback is not None else lookback
+    horizon = config.horizon if config.horizon is not None else horizon
+    if horizon <= 0:
+        raise ValueError(f"horizon must be a positive integer, got {horizon}")
+    if lookback <= 0:
+        raise ValueError(f"lookback must be a positive integer, got {lookback}")
+    if config.stride <= 0:
+        raise ValueError(f"stride must be a positive integer, got {config.stride}")
+    test_size = config.test_size or max(horizon, round(0.1 * length))
+    validation_size = config.validation_size or test_size
+    return replace(config, lookback=lookback, horizon=horizon, test_size=test_size,
+                   validation_size=validation_size)
+
+
+def future_times(time: pd.Index | None, horizon: int) -> list | None:
+    """The ``horizon`` timestamps after the last one, at the most common step (None without)."""
+    if time is None or len(time) < 2:
+        return None
+    steps = pd.Series(time).diff().dropna()
+    step = steps.mode().iloc[0]
+    return [time[-1] + step * (k + 1) for k in range(horizon)]

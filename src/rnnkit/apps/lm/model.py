@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from rnnkit.layers import GRU, LSTM, RNN
-
-CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+from rnnkit.apps.recurrent import make_recurrent
 
 
 @dataclass
@@ -36,29 +34,12 @@ class LanguageModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {config.cell!r}")
         self.config = config
         embedding_size = config.hidden_size if config.tie_weights else config.embedding_size
         self.embedding = nn.Embedding(config.vocabulary_size, embedding_size)
-        variants = {}
-        if config.cell == "lstm":
-            variants["peephole"] = config.peephole
-        if config.cell == "gru":
-            variants["reset_after"] = config.reset_after
-        layer_dropout = config.dropout if config.num_layers > 1 else 0.0
-        if config.backend == "torch.nn":
-            if config.peephole or not config.reset_after:
-                raise ValueError("torch.nn has no peephole LSTM or reset-before GRU; use an "
-                                 "rnnkit backend for variants")
-            self.recurrent = getattr(nn, config.cell.upper())(
-                embedding_size, config.hidden_size, num_layers=config.num_layers,
-                dropout=layer_dropout)
-        else:
-            self.recurrent = CELLS[config.cell](
-                embedding_size, config.hidden_size, num_layers=config.num_layers,
-                dropout=layer_dropout, backend=config.backend, **variants,
-            )
+        self.recurrent = make_recurrent(
+            config.cell, embedding_size, config.hidden_size, config.num_layers, config.dropout,
+            config.peephole, config.reset_after, config.backend)
         self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(config.hidden_size, config.vocabulary_size)
         if config.tie_weights:

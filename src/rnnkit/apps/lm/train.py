@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,10 +23,10 @@ from torch import Tensor
 from rnnkit.apps.lm.corpus import LEVELS, Vocabulary
 from rnnkit.apps.lm.model import LanguageModel, ModelConfig
 from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
+from rnnkit.training.loop import progress_bar, take_step
 from rnnkit.training.optimization import (
     OPTIMIZERS,
     SCHEDULES,
-    clip_gradients,
     make_optimizer,
     make_schedule,
 )
@@ -221,11 +220,8 @@ class Trainer:
                 f"step {self.step or 'none'}; gradient norm before clipping "
                 f"at the last step {norm:.3g}). Try a smaller --lr, or --clip-norm 1.0. The last "
                 "good checkpoint is kept.")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = clip_gradients(self.model, self.config.clip_norm, self.config.clip_value)
-        self.optimizer.step()
-        self.schedule.step()
+        norm = take_step(self.model, loss, self.optimizer, self.config.clip_norm,
+                         self.config.clip_value, self.schedule)
         self.state = detach_state(state)
         self.step += 1
         self.history.train.append(loss_value)
@@ -240,7 +236,7 @@ class Trainer:
         self.model.train()
         tokens_per_step = self.config.seq_len * self.config.batch_size
         started, first_step = time.perf_counter(), self.step
-        bar = _progress_bar(self.config.steps, self.step)
+        bar = progress_bar(self.config.steps, self.step)
         while self.step < last:
             loss = self.train_step()
             if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
@@ -258,9 +254,3 @@ class Trainer:
         bar.close()
         return self.history
 
-
-def _progress_bar(total: int, done: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc="training", unit="step", file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5)

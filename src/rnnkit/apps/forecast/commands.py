@@ -1,0 +1,188 @@
+"""What `rnnkit forecast train|predict` do, given their configurations.
+
+train: load and prepare the series -> split in time -> scale on the train part -> window each
+part -> fit the network (early stopping on validation) -> forecast every test origin with the
+network and the baselines -> table, CSV/JSON, plot, checkpoint.
+predict: a checkpoint and a series -> the next ``horizon`` values after its end, as CSV.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rnnkit.apps.forecast.baselines import all_baselines
+from rnnkit.apps.forecast.data import (
+    DataConfig,
+    Scaler,
+    Series,
+    future_times,
+    load_frame,
+    prepare_series,
+    resolve_sizes,
+    split_series,
+    window_origins,
+    windows,
+)
+from rnnkit.apps.forecast.evaluate import (
+    Evaluation,
+    format_table,
+    save_forecast_plot,
+    write_results,
+)
+from rnnkit.apps.forecast.metrics import detect_season, mase_scale
+from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
+from rnnkit.apps.forecast.train import FitConfig, fit_forecaster, forecast_windows
+from rnnkit.engine.native import build
+from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
+
+KIND = "forecast"
+CHECKPOINT_NAME = "model.pt"
+
+
+def load_series(config: DataConfig) -> tuple[Series, str, str | None]:
+    """The prepared series of ``config``'s source, a one-line description of it, and the name
+    of its time column."""
+    frame, target, time_column, season, description = load_frame(config)
+    if config.season is not None:
+        season = config.season or None  # 0: the user says there is none
+    series = prepare_series(frame, target, time_column, config.features, config.fill, season)
+    return series, description, time_column
+
+
+def choose_season(series: Series, config: DataConfig, train_end: int) -> tuple[int | None, str]:
+    """The season length and where it came from; detection reads the train part only."""
+    if series.season:
+        return series.season, "given" if config.season else "known for the dataset"
+    if config.season == 0:
+        return None, "none (--season 0)"
+    detected = detect_season(series.values[:train_end, 0])
+    return detected, "detected" if detected else "none detected"
+
+
+def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, out: str,
+          overwrite: bool = False, plot: bool = True) -> int:
+    out_dir = Path(out)
+    checkpoint = out_dir / CHECKPOINT_NAME
+    if checkpoint.exists() and not overwrite:
+        raise ValueError(f"{str(checkpoint)!r} exists and would be overwritten; choose another "
+                         "--out folder or pass --overwrite")
+    series, source, time_column = load_series(data)
+    data = resolve_sizes(data, len(series.values))
+    split = split_series(len(series.values), data.lookback, data.horizon, data.test_size,
+                         data.validation_size)
+    season, season_source = choose_season(series, data, split.train_end)
+    print(f"{source}: {len(series.values):,} rows, target {series.columns[0]!r}"
+          + (f", features {series.columns[1:]}" if series.columns[1:] else "")
+          + f"; {series.filled} missing values filled ({data.fill}); "
+          f"{series.irregular_steps} irregular time steps; season: "
+          f"{season or '-'} ({season_source})", flush=True)
+    print(f"split in time: train {split.train_end}, validation "
+          f"{split.validation_end - split.train_end}, test {split.length - split.validation_end}"
+          f" rows; lookback {data.lookback}, horizon {data.horizon} ({model_config.strategy})",
+          flush=True)
+
+    scaler = Scaler.fit(series.values[: split.train_end], series.columns)
+    scaled = scaler.transform(series.values)
+    train_windows = windows(scaled, 0, split.train_end, data.lookback, data.horizon)
+    validation_windows = windows(scaled, split.train_end, split.validation_end, data.lookback,
+                                 data.horizon)
+    model_config = replace(model_config, input_size=len(series.columns), horizon=data.horizon)
+    build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
+    started = time.perf_counter()
+    model, history = fit_forecaster(model_config, fit, train_windows, validation_windows)
+    seconds = time.perf_counter() - started
+    print(f"trained {len(history.train)} epochs in {seconds:.1f} s; kept epoch "
+          f"{history.best_epoch} (validation MSE {history.validation[history.best_epoch - 1]:.4f},"
+          " scaled units)", flush=True)
+
+    origins = window_origins(split.validation_end, split.length, data.lookback, data.horizon,
+                             data.stride)
+    test_inputs, test_targets = windows(scaled, split.validation_end, split.length,
+                                        data.lookback, data.horizon, data.stride)
+    print(f"forecasting {len(origins)} test origins with the model and the baselines ...",
+          file=sys.stderr, flush=True)
+    target = series.values[:, 0]
+    evaluation = Evaluation(
+        origins=origins, actual=scaler.inverse_target(test_targets),
+        model=scaler.inverse_target(forecast_windows(model, test_inputs)),
+        baselines=all_baselines(target, split.validation_end, origins, data.horizon, season),
+        scale=mase_scale(target[: split.validation_end], season), season=season)
+    print(format_table(evaluation.table()))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    context = {"source": source, "data": asdict(data), "model": asdict(model_config),
+               "fit": asdict(fit), "season": season, "season_source": season_source,
+               "split": asdict(split), "origins": len(origins), "epochs": len(history.train),
+               "best_epoch": history.best_epoch, "training_seconds": round(seconds, 1)}
+    written = write_results(out_dir, evaluation, context, series.time)
+    save_checkpoint(checkpoint, KIND, {
+        "data_config": asdict(data), "model_config": asdict(model_config),
+        "fit_config": asdict(fit), "columns": series.columns, "time_column": time_column,
+        "season": season,
+        "scaler": {"mean": scaler.mean.tolist(), "scale": scaler.scale.tolist()},
+        "model": model.state_dict(), "history": asdict(history),
+        "results": evaluation.table(),
+    })
+    written.append(checkpoint)
+    if plot:
+        from rnnkit.training.plots import MissingPlotting
+
+        try:
+            path = out_dir / "forecast.png"
+            save_forecast_plot(path, target, series.time, evaluation, split.validation_end,
+                               f"{source}: {data.horizon}-step forecasts on the test tail")
+            written.append(path)
+        except MissingPlotting as error:
+            print(f"note: {error}", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def restore(checkpoint: str) -> tuple[Forecaster, Scaler, dict]:
+    saved = load_checkpoint(checkpoint, KIND)
+    model = Forecaster(ForecastModelConfig(**saved["model_config"]))
+    model.load_state_dict(saved["model"])
+    model.eval()
+    scaler = Scaler(np.array(saved["scaler"]["mean"]), np.array(saved["scaler"]["scale"]))
+    return model, scaler, saved
+
+
+def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> int:
+    """Forecast the ``horizon`` values after the end of the series, with the checkpoint's
+    columns, fill rule and scaler; write them to ``out`` as CSV."""
+    model, scaler, saved = restore(checkpoint)
+    trained = DataConfig(**saved["data_config"])
+    columns = saved["columns"]
+    if csv is not None:  # the columns the model was trained on, whatever the source was
+        source = replace(trained, csv=csv, dataset=None, target=columns[0], features=columns[1:],
+                         time=saved["time_column"])
+    else:
+        source = replace(trained, csv=None, dataset=dataset, target=None)
+    series, description, _ = load_series(source)
+    if series.columns != columns:
+        raise ValueError(f"the model was trained on columns {columns}; {description} gives "
+                         f"{series.columns}")
+    lookback, horizon = trained.lookback, trained.horizon
+    if len(series.values) < lookback:
+        raise ValueError(f"{description} has {len(series.values)} rows; the model reads the "
+                         f"last {lookback} (its lookback)")
+    window = scaler.transform(series.values[-lookback:])[None]  # (1, lookback, C)
+    forecast = scaler.inverse_target(forecast_windows(model, window))[0]  # (horizon,)
+    table = {"step": np.arange(1, horizon + 1)}
+    times = future_times(series.time, horizon)
+    if times is not None:
+        table["time"] = times
+    table[series.columns[0]] = forecast
+    frame = pd.DataFrame(table)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    print(f"{description}: {len(series.values):,} rows; forecast of the next {horizon} steps:")
+    print(frame.to_string(index=False))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,114 @@
+"""The model and its baselines scored on the same test-tail origins, in the series' units.
+
+Results: a table (one row per method: MAE, RMSE, sMAPE, MASE and the skill score against the
+best baseline), written as CSV and JSON; every forecast as a long CSV; and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rnnkit.apps.forecast.baselines import BaselineForecast
+from rnnkit.apps.forecast.metrics import METRICS, score, skill
+
+MODEL_NAME = "rnnkit"
+
+
+@dataclass
+class Evaluation:
+    origins: np.ndarray  # (n,) index of each origin's first forecast step
+    actual: np.ndarray  # (n, horizon) true values, series units
+    model: np.ndarray  # (n, horizon) the network's forecasts
+    baselines: list[BaselineForecast]
+    scale: float  # MASE's denominator
+    season: int | None
+
+    def forecasts(self) -> dict[str, np.ndarray]:
+        return {MODEL_NAME: self.model} | {b.name: b.forecasts for b in self.baselines}
+
+    def best_baseline(self) -> BaselineForecast:
+        """The baseline with the lowest MAE on the test tail."""
+        return min(self.baselines, key=lambda b: score(self.actual, b.forecasts, 1)["MAE"])
+
+    def table(self) -> list[dict]:
+        """One row per method (the model first): metrics, and skill against the best baseline."""
+        best = self.best_baseline()
+        best_error = score(self.actual, best.forecasts, self.scale)["MAE"]
+        rows = []
+        for name, forecast in self.forecasts().items():
+            metrics = score(self.actual, forecast, self.scale)
+            rows.append({"method": name, **metrics,
+                         "skill": skill(metrics["MAE"], best_error),
+                         "best_baseline": name == best.name})
+        return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'method':<34}" + "".join(f"{m:>10}" for m in (*METRICS, "skill"))
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        name = row["method"] + (" *" if row["best_baseline"] else "")
+        lines.append(f"{name:<34}" + "".join(f"{row[m]:>10.4g}" for m in (*METRICS, "skill")))
+    lines.append("* best baseline (lowest MAE); skill = 1 - MAE / MAE of the best baseline")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, evaluation: Evaluation, context: dict,
+                  time: pd.Index | None) -> list[Path]:
+    """metrics.csv, metrics.json (with ``context``) and forecasts.csv in ``out``."""
+    rows = evaluation.table()
+    paths = [out / "metrics.csv", out / "metrics.json", out / "forecasts.csv"]
+    pd.DataFrame(rows).to_csv(paths[0], index=False)
+    paths[1].write_text(json.dumps({**context, "results": rows}, indent=2, default=str) + "\n",
+                        encoding="utf-8")
+    n, horizon = evaluation.actual.shape
+    long = {"origin": np.repeat(evaluation.origins, horizon),
+            "step": np.tile(np.arange(1, horizon + 1), n)}
+    if time is not None:
+        target_index = (evaluation.origins[:, None] + np.arange(horizon)).ravel()
+        long["time"] = np.asarray(time)[target_index]
+    long["actual"] = evaluation.actual.ravel()
+    for name, forecast in evaluation.forecasts().items():
+        long[name] = forecast.ravel()
+    pd.DataFrame(long).to_csv(paths[2], index=False)
+    return paths
+
+
+def save_forecast_plot(path: Path, values: np.ndarray, time: pd.Index | None,
+                       evaluation: Evaluation, test_start: int, title: str) -> None:
+    """History, the actual test tail, and the forecasts of rnnkit and the best baseline from
+    every horizon-th origin and the last (so that the drawn forecasts cover the test tail)."""
+    from rnnkit.training.plots import pyplot
+
+    plt = pyplot()
+    axis = np.asarray(time) if time is not None else np.arange(len(values))
+    test_length = len(values) - test_start
+    first = max(0, test_start - 3 * test_length)  # enough history to see the pattern
+    figure, axes = plt.subplots(figsize=(10, 4.5))
+    axes.plot(axis[first:test_start], values[first:test_start], color="0.35", linewidth=1,
+              label="history")
+    axes.plot(axis[test_start:], values[test_start:], color="black", linewidth=1.4,
+              label="actual (test tail)")
+    horizon = evaluation.actual.shape[1]
+    best = evaluation.best_baseline()
+    shown = list(range(0, len(evaluation.origins), horizon))
+    if shown[-1] != len(evaluation.origins) - 1:
+        shown.append(len(evaluation.origins) - 1)  # reach the end of the test tail
+    for k in shown:
+        span = axis[evaluation.origins[k] : evaluation.origins[k] + horizon]
+        axes.plot(span, evaluation.model[k], color="tab:red", linewidth=1.4,
+                  label=f"{MODEL_NAME} (from every {horizon}th origin)" if k == 0 else None)
+        axes.plot(span, best.forecasts[k], color="tab:blue", linewidth=1.2, linestyle="--",
+                  label=f"best baseline: {best.name}" if k == 0 else None)
+    axes.axvline(axis[test_start], color="0.6", linestyle=":", linewidth=1)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

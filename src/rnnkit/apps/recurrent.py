@@ -1,0 +1,37 @@
+"""The recurrent stack every app builds by name: rnnkit RNN/LSTM/GRU with a variant, or torch.nn."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from rnnkit.layers import GRU, LSTM, RNN
+
+CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+
+
+def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int,
+                   dropout: float = 0.0, peephole: bool = False, reset_after: bool = True,
+                   backend: str = "auto", batch_first: bool = False) -> nn.Module:
+    """A stack of ``num_layers`` recurrent layers of ``cell`` (lstm | gru | rnn).
+
+    ``dropout`` applies between layers (torch.nn's convention); ``peephole`` is for LSTM only and
+    ``reset_after=False`` (the original GRU) for GRU only. ``backend`` is an rnnkit engine, or
+    ``"torch.nn"`` for the plain torch.nn layer (comparisons; it has no variants).
+    """
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
+    if peephole and cell != "lstm":
+        raise ValueError(f"peephole connections exist for the lstm cell only, not {cell!r}")
+    if not reset_after and cell != "gru":
+        raise ValueError(f"the reset-before variant exists for the gru cell only, not {cell!r}")
+    layer_dropout = dropout if num_layers > 1 else 0.0
+    common = dict(num_layers=num_layers, dropout=layer_dropout, batch_first=batch_first)
+    if backend == "torch.nn":
+        if peephole or not reset_after:
+            raise ValueError("torch.nn has no peephole LSTM or reset-before GRU; use an rnnkit "
+                             "backend for variants")
+        return getattr(nn, cell.upper())(input_size, hidden_size, **common)
+    variants = {"peephole": peephole} if cell == "lstm" else {}
+    if cell == "gru":
+        variants["reset_after"] = reset_after
+    return CELLS[cell](input_size, hidden_size, backend=backend, **common, **variants)

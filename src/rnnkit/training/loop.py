@@ -1,0 +1,61 @@
+"""The pieces of a training loop every app shares: one optimiser step, progress, early stopping.
+
+Apps differ in how they cut data into batches (truncated BPTT over text, windows of a series,
+generated tasks); what happens to a batch's loss does not, so it lives here once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+
+from torch import Tensor, nn
+
+from rnnkit.training.optimization import clip_gradients
+
+
+def take_step(model: nn.Module, loss: Tensor, optimizer, clip_norm: float | None = None,
+              clip_value: float | None = None, schedule=None) -> float:
+    """Backpropagate ``loss``, clip (by value, then by global norm), step the optimiser and the
+    schedule; returns the global gradient norm *before* clipping, for logging."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = clip_gradients(model, clip_norm, clip_value)
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    return norm
+
+
+def progress_bar(total: int, done: int = 0, description: str = "training", unit: str = "step"):
+    """A tqdm bar on stderr (stdout stays for results)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=description, unit=unit, file=sys.stderr,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+class EarlyStopping:
+    """Keeps the weights of the best validation loss so far; says when ``patience`` evaluations
+    in a row brought no improvement (by more than ``min_delta``)."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be a positive integer, got {patience!r}")
+        self.patience, self.min_delta = patience, min_delta
+        self.best_loss, self.best_epoch, self.best_state = math.inf, 0, None
+        self.waited = 0
+
+    def update(self, epoch: int, loss: float, model: nn.Module) -> bool:
+        """Record the validation ``loss`` after ``epoch``; True when training should stop."""
+        if loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.waited = loss, epoch, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
+
+    def restore_best(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
