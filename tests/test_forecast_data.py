@@ -12,6 +12,7 @@ from rnnkit.apps.forecast.data import (
     prepare_series,
     read_csv,
     split_series,
+    window_origins,
     windows,
 )
 
@@ -107,3 +108,11 @@ def test_bad_splits_files_and_constant_series(tmp_path):
         read_csv(tmp_path / "header.csv")
     with pytest.raises(ValueError, match="dataset must be one of co2, sunspots, got 'gdp'"):
         builtin_dataset("gdp")
+
+
+def test_window_origins_with_a_stride_are_a_subset_of_the_windows():
+    values = np.arange(40, dtype=float).reshape(-1, 1)
+    inputs, targets = windows(values, 20, 40, lookback=5, horizon=3, stride=4)
+    assert targets[:, 0].tolist() == [20, 24, 28, 32, 36]
+    assert window_origins(20, 40, 5, 3, 4).tolist() == [20, 24, 28, 32, 36]
+    assert window_origins(0, 12, 5, 3).tolist() == [5, 6, 7, 8, 9]  # inputs must exist
