@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -437,3 +440,43 @@ def test_unbatched_without_state_matches_torch_nn(mode):
     expected = outputs_and_gradients(reference, lambda m: m(x), {"x": x})
     actual = outputs_and_gradients(layer, lambda m: m(x), {"x": x})
     assert_same(actual, expected, torch.float64)
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+def test_chrono_init_draws_gate_biases_from_log_uniform(family):
+    """Tallec & Ollivier 2018: b ~ log U(1, T_max - 1) per unit (LSTM forget gate, input gate
+    its negative; GRU update gate z, which keeps the old state); recurrent biases of those gates
+    zero; every other parameter as the default initialisation draws it."""
+    hidden, t_max = 400, 50
+    layer_class = rnnkit.LSTM if family == "lstm" else rnnkit.GRU
+    torch.manual_seed(0)
+    layer = layer_class(3, hidden, num_layers=2, bidirectional=True, init="chrono",
+                        chrono_max_length=t_max)
+    torch.manual_seed(0)
+    default = layer_class(3, hidden, num_layers=2, bidirectional=True)
+    gate = slice(hidden, 2 * hidden)  # LSTM f, GRU z: the second gate in both orders
+    for suffix in ("_l0", "_l1", "_l0_reverse", "_l1_reverse"):
+        bias = getattr(layer, "bias_ih" + suffix)[gate]
+        assert bias.min() >= 0 and bias.max() <= math.log(t_max - 1)
+        # U(1, T_max - 1) has median T_max / 2: about half the units lie below log of it.
+        assert 0.4 < float((bias < math.log(t_max / 2)).double().mean()) < 0.6
+        assert (getattr(layer, "bias_hh" + suffix)[gate] == 0).all()
+        if family == "lstm":
+            torch.testing.assert_close(getattr(layer, "bias_ih" + suffix)[:hidden], -bias)
+            assert (getattr(layer, "bias_hh" + suffix)[:hidden] == 0).all()
+        torch.testing.assert_close(getattr(layer, "weight_hh" + suffix),
+                                   getattr(default, "weight_hh" + suffix))
+    assert "init='chrono', chrono_max_length=50" in repr(layer)
+
+
+@pytest.mark.parametrize("arguments, match", [
+    ({"init": "chrono"}, "init='chrono' needs chrono_max_length"),
+    ({"init": "glorot"}, "init must be one of 'default', 'chrono', got 'glorot'"),
+    ({"chrono_max_length": 9}, "chrono_max_length=9 goes with init='chrono'"),
+    ({"init": "chrono", "chrono_max_length": 2}, "chrono_max_length must be an int >= 3, got 2"),
+    ({"init": "chrono", "chrono_max_length": 9, "bias": False}, "needs bias=True"),
+    ({"init": "chrono", "chrono_max_length": 9, "forget_bias": 1.0}, "drop forget_bias=1.0"),
+])
+def test_bad_chrono_arguments_are_named(arguments, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        rnnkit.LSTM(3, 4, **arguments)

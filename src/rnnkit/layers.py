@@ -388,6 +388,50 @@ _LAYER_SHAPES = """
 """
 
 
+INITS = ("default", "chrono")
+
+
+def _check_init(owner: str, init: object, max_length: object, bias: object) -> int | None:
+    """Validate ``init`` and ``chrono_max_length``; the length when chrono applies, else None."""
+    require_choice(f"{owner} init", init, INITS)
+    if init == "default":
+        if max_length is not None:
+            raise ValueError(f"{owner} chrono_max_length={max_length!r} goes with init='chrono'; "
+                             "got init='default'")
+        return None
+    if max_length is None:
+        raise ValueError(f"{owner} init='chrono' needs chrono_max_length (T_max, the longest "
+                         "dependency to expect, in steps)")
+    if bias is False:
+        raise ValueError(f"{owner} init='chrono' sets gate biases, so it needs bias=True")
+    return require_int(f"{owner} chrono_max_length", max_length, minimum=3)
+
+
+def _chrono_biases(layer: _RecurrentLayer, max_length: int) -> None:
+    """Chrono initialisation (Tallec & Ollivier 2018, "Can recurrent neural networks warp time?").
+
+    Per unit, ``b ~ log U(1, T_max - 1)``, so that the gate holds information for a time scale
+    drawn up to ``T_max`` steps. LSTM: forget-gate bias ``b_f = b`` and input-gate bias
+    ``b_i = -b``. GRU, where ``z`` weighs the old state (``h' = (1 - z) n + z h``): update-gate
+    bias ``b_z = b``. The whole value goes into ``bias_ih``; the recurrent bias of those gates is
+    set to zero, so the sum the gate sees is exactly ``b``.
+    """
+    hidden = layer.hidden_size
+    with torch.no_grad():
+        for index in range(layer.num_layers * layer.num_directions):
+            weights = layer.cell_weights(index // layer.num_directions,
+                                         index % layer.num_directions)
+            scale = torch.empty(hidden, dtype=weights.bias_ih.dtype,
+                                device=weights.bias_ih.device).uniform_(1, max_length - 1).log()
+            if layer.family == "lstm":  # gate order i, f, g, o
+                weights.bias_ih[hidden : 2 * hidden] = scale
+                weights.bias_ih[:hidden] = -scale
+                weights.bias_hh[: 2 * hidden] = 0
+            else:  # gru, gate order r, z, n
+                weights.bias_ih[hidden : 2 * hidden] = scale
+                weights.bias_hh[hidden : 2 * hidden] = 0
+
+
 class RNN(_RecurrentLayer):
     __doc__ = r"""A multi-layer Elman RNN; drop-in for ``torch.nn.RNN``.
 
@@ -483,6 +527,11 @@ class LSTM(_RecurrentLayer):
             so the layer starts as the plain LSTM. Default ``False``.
         forget_bias (keyword): added to ``b_if`` of every layer once, at initialisation.
             Default 0.0 (torch.nn's initialisation); 1.0 is Jozefowicz et al.'s advice.
+        init, chrono_max_length (keyword): ``init="chrono"`` draws, per unit, the forget-gate
+            bias ``b_f ~ log U(1, T_max - 1)`` and sets the input-gate bias ``b_i = -b_f``
+            (Tallec & Ollivier 2018), with ``T_max = chrono_max_length``, the longest dependency
+            to expect in steps (>= 3); the recurrent biases of those gates become zero. Default
+            ``"default"``: torch.nn's initialisation.
         learn_initial_state (keyword): make ``h0 (D*num_layers, 1, H_out)`` and
             ``c0 (D*num_layers, 1, H_cell)`` parameters, used when ``hx`` is not given.
 """ + _LAYER_SHAPES + r"""
@@ -520,16 +569,23 @@ class LSTM(_RecurrentLayer):
         *,
         peephole: bool = False,
         forget_bias: float = 0.0,
+        init: str = "default",
+        chrono_max_length: int | None = None,
         learn_initial_state: bool = False,
         backend: str = "auto",
     ) -> None:
         forget = _check_forget_bias("LSTM", forget_bias, bias if isinstance(bias, bool) else True)
+        chrono = _check_init("LSTM", init, chrono_max_length, bias)
+        if chrono is not None and forget:
+            raise ValueError(f"LSTM init='chrono' sets the forget-gate bias itself; drop "
+                             f"forget_bias={forget}")
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
             proj_size, device, dtype, peephole=peephole, learn_initial_state=learn_initial_state,
             backend=backend,
         )
         self.forget_bias = forget
+        self.init, self.chrono_max_length = init, chrono
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -540,6 +596,8 @@ class LSTM(_RecurrentLayer):
             self.hidden_size, self.forget_bias,
             [w.bias_ih for w in layers], [w.weight_ch for w in layers],
         )
+        if self.chrono_max_length is not None:
+            _chrono_biases(self, self.chrono_max_length)
 
     def _torch_arguments(self) -> dict[str, object]:
         return super()._torch_arguments() | {"proj_size": self.proj_size}
@@ -550,7 +608,9 @@ class LSTM(_RecurrentLayer):
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        return s + (f", forget_bias={self.forget_bias}" if self.forget_bias else "")
+        s += f", forget_bias={self.forget_bias}" if self.forget_bias else ""
+        return s + (f", init='chrono', chrono_max_length={self.chrono_max_length}"
+                    if self.chrono_max_length is not None else "")
 
 
 class GRU(_RecurrentLayer):
@@ -576,6 +636,10 @@ class GRU(_RecurrentLayer):
         input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
         bidirectional=False, device=None, dtype=None: as ``torch.nn.GRU``.
         reset_after (keyword): where the reset gate acts, as above. Default ``True``.
+        init, chrono_max_length (keyword): ``init="chrono"`` draws, per unit, the update-gate
+            bias ``b_z ~ log U(1, T_max - 1)`` (Tallec & Ollivier 2018, in this convention where
+            ``z`` keeps the old state), ``T_max = chrono_max_length`` (>= 3); the recurrent bias
+            of ``z`` becomes zero. Default ``"default"``: torch.nn's initialisation.
         learn_initial_state (keyword): make ``h0 (D*num_layers, 1, H)`` a parameter, used when
             ``hx`` is not given. Default ``False``.
 """ + _LAYER_SHAPES + r"""
@@ -606,15 +670,29 @@ class GRU(_RecurrentLayer):
         dtype=None,
         *,
         reset_after: bool = True,
+        init: str = "default",
+        chrono_max_length: int | None = None,
         learn_initial_state: bool = False,
         backend: str = "auto",
     ) -> None:
+        chrono = _check_init("GRU", init, chrono_max_length, bias)
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
             device=device, dtype=dtype, learn_initial_state=learn_initial_state, backend=backend,
         )
         self.reset_after = require_bool("GRU reset_after", reset_after)
+        self.init, self.chrono_max_length = init, chrono
         self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "chrono_max_length", None) is not None:
+            _chrono_biases(self, self.chrono_max_length)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (
+            f", init='chrono', chrono_max_length={self.chrono_max_length}"
+            if getattr(self, "chrono_max_length", None) is not None else "")
 
     def cell_kind(self) -> CellKind:
         return CellKind("gru", reset_after=self.reset_after)

@@ -11,12 +11,15 @@ CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 
 def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int,
                    dropout: float = 0.0, peephole: bool = False, reset_after: bool = True,
-                   backend: str = "auto", batch_first: bool = False) -> nn.Module:
+                   backend: str = "auto", batch_first: bool = False, init: str = "default",
+                   chrono_max_length: int | None = None) -> nn.Module:
     """A stack of ``num_layers`` recurrent layers of ``cell`` (lstm | gru | rnn).
 
     ``dropout`` applies between layers (torch.nn's convention); ``peephole`` is for LSTM only and
     ``reset_after=False`` (the original GRU) for GRU only. ``backend`` is an rnnkit engine, or
     ``"torch.nn"`` for the plain torch.nn layer (comparisons; it has no variants).
+    ``init="chrono"`` (LSTM, GRU) draws the gate biases of Tallec & Ollivier 2018 for
+    dependencies up to ``chrono_max_length`` steps.
     """
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
@@ -26,12 +29,16 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
         raise ValueError(f"the reset-before variant exists for the gru cell only, not {cell!r}")
     layer_dropout = dropout if num_layers > 1 else 0.0
     common = dict(num_layers=num_layers, dropout=layer_dropout, batch_first=batch_first)
+    if init != "default" and cell == "rnn":
+        raise ValueError(f"init={init!r} exists for the lstm and gru cells, not 'rnn'")
     if backend == "torch.nn":
-        if peephole or not reset_after:
-            raise ValueError("torch.nn has no peephole LSTM or reset-before GRU; use an rnnkit "
-                             "backend for variants")
+        if peephole or not reset_after or init != "default":
+            raise ValueError("torch.nn has no peephole LSTM, reset-before GRU or chrono "
+                             "initialisation; use an rnnkit backend for those")
         return getattr(nn, cell.upper())(input_size, hidden_size, **common)
     variants = {"peephole": peephole} if cell == "lstm" else {}
     if cell == "gru":
         variants["reset_after"] = reset_after
+    if init != "default":
+        variants |= {"init": init, "chrono_max_length": chrono_max_length}
     return CELLS[cell](input_size, hidden_size, backend=backend, **common, **variants)

@@ -16,12 +16,14 @@ from rnnkit.training.optimization import clip_gradients
 
 
 def take_step(model: nn.Module, loss: Tensor, optimizer, clip_norm: float | None = None,
-              clip_value: float | None = None, schedule=None) -> float:
-    """Backpropagate ``loss``, clip (by value, then by global norm), step the optimiser and the
-    schedule; returns the global gradient norm *before* clipping, for logging."""
+              clip_value: float | None = None, schedule=None,
+              clip_tensor_norm: float | None = None) -> float:
+    """Backpropagate ``loss``, clip (by value, by norm per tensor, by global norm: each if
+    given; see `clip_gradients`), step the optimiser and the schedule; returns the global
+    gradient norm *before* clipping, for logging."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = clip_gradients(model, clip_norm, clip_value)
+    norm = clip_gradients(model, clip_norm, clip_value, clip_tensor_norm)
     optimizer.step()
     if schedule is not None:
         schedule.step()

@@ -1,7 +1,14 @@
 """Optimisers, learning-rate schedules and gradient clipping, by name, from torch.
 
-Clipping is torch's own: by global norm (`torch.nn.utils.clip_grad_norm_`) and/or by value
-(`torch.nn.utils.clip_grad_value_`); the norm before clipping is returned for logging either way.
+Gradient clipping, the three ways textbooks teach it (TensorFlow's names), each done by torch:
+
+- by value (``clip_by_value``): every element into ``[-v, v]``, `torch.nn.utils.clip_grad_value_`;
+- by norm per tensor (``clip_by_norm``): each parameter's gradient ``g ← g · n / max(‖g‖, n)``,
+  `torch.nn.utils.clip_grad_norm_` on that tensor alone;
+- by global norm (``clip_by_global_norm``): all gradients ``g ← g · n / max(‖(g_1, …, g_k)‖, n)``,
+  `torch.nn.utils.clip_grad_norm_` on all of them.
+
+The global norm before any clipping is returned for logging whichever are used.
 """
 
 from __future__ import annotations
@@ -36,13 +43,18 @@ def make_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def clip_gradients(module: nn.Module, max_norm: float | None, max_value: float | None) -> float:
-    """Clip by value, then by global norm (each if given); returns the global norm before."""
+def clip_gradients(module: nn.Module, max_norm: float | None = None,
+                   max_value: float | None = None, max_tensor_norm: float | None = None) -> float:
+    """Clip by value, then by norm per tensor, then by global norm (each if given); returns the
+    global norm before clipping."""
     parameters = [p for p in module.parameters() if p.grad is not None]
     # With an infinite bound clip_grad_norm_ only measures (the scale factor is clamped to 1).
     norm = float(torch.nn.utils.clip_grad_norm_(parameters, math.inf))
     if max_value is not None:
         torch.nn.utils.clip_grad_value_(parameters, max_value)
+    if max_tensor_norm is not None:
+        for parameter in parameters:
+            torch.nn.utils.clip_grad_norm_([parameter], max_tensor_norm)
     if max_norm is not None:
         torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     return norm
