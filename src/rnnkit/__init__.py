@@ -1,5 +1,6 @@
 """rnnkit: recurrent networks for PyTorch, drop-in for torch.nn, with the variants it lacks."""
 
+from rnnkit import diagnostics, tasks  # submodules on the public surface
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell
 from rnnkit.interop import from_torch, to_torch
 from rnnkit.layers import GRU, LSTM, RNN
@@ -13,7 +14,9 @@ __all__ = [
     "LSTMCell",
     "RNN",
     "RNNCell",
+    "diagnostics",
     "from_torch",
+    "tasks",
     "to_torch",
     "__version__",
 ]

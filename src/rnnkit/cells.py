@@ -64,10 +64,11 @@ def rnn_step(x: Tensor, h: Tensor, w: CellWeights, nonlinearity: str = "tanh") -
     return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
 
 
-def lstm_step(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights) -> tuple[Tensor, Tensor]:
-    """LSTM step, with the optional peephole (``w.weight_ch``) and projection (``w.weight_hr``).
+def lstm_gates(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights) -> dict[str, Tensor]:
+    """An LSTM step's gates and new state, with the optional peephole (``w.weight_ch``) and
+    projection (``w.weight_hr``): ``i, f, g, o`` and ``c`` (N, H), ``h`` (N, H_out).
 
-    x (N, I), h (N, H_out), c (N, H) -> h' (N, H_out), c' (N, H).
+    x (N, I), h (N, H_out), c (N, H).
     """
     h, c = state
     gates = F.linear(x, w.weight_ih, w.bias_ih) + F.linear(h, w.weight_hh, w.bias_hh)  # (N, 4H)
@@ -85,11 +86,18 @@ def lstm_step(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights) -> tuple[
     h_new = o * torch.tanh(c_new)
     if w.weight_hr is not None:
         h_new = F.linear(h_new, w.weight_hr)  # (N, P)
-    return h_new, c_new
+    return {"i": i, "f": f, "g": g, "o": o, "c": c_new, "h": h_new}
 
 
-def gru_step(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True) -> Tensor:
-    """GRU step; ``z`` weighs the old state: ``h' = (1 - z) ⊙ n + z ⊙ h``.  x (N, I), h (N, H)."""
+def lstm_step(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights) -> tuple[Tensor, Tensor]:
+    """LSTM step: ``(h', c')`` of `lstm_gates`.  x (N, I), h (N, H_out), c (N, H)."""
+    gates = lstm_gates(x, state, w)
+    return gates["h"], gates["c"]
+
+
+def gru_gates(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True) -> dict[str, Tensor]:
+    """A GRU step's gates ``r, z, n`` and new state ``h`` (each (N, H)); ``z`` weighs the old
+    state: ``h' = (1 - z) ⊙ n + z ⊙ h``.  x (N, I), h (N, H)."""
     hidden = h.shape[-1]
     x_r, x_z, x_n = F.linear(x, w.weight_ih, w.bias_ih).chunk(3, dim=-1)  # 3 x (N, H)
     if reset_after:
@@ -107,7 +115,12 @@ def gru_step(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True) -> 
         z = torch.sigmoid(x_z + h_z)
         b_hn = None if b_hh is None else b_hh[2 * hidden :]
         n = torch.tanh(x_n + F.linear(r * h, w.weight_hh[2 * hidden :], b_hn))
-    return (1 - z) * n + z * h
+    return {"r": r, "z": z, "n": n, "h": (1 - z) * n + z * h}
+
+
+def gru_step(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True) -> Tensor:
+    """GRU step: ``h'`` of `gru_gates`.  x (N, I), h (N, H) -> (N, H)."""
+    return gru_gates(x, h, w, reset_after)["h"]
 
 
 def cell_step(kind: CellKind, x: Tensor, state: State, w: CellWeights) -> State:
@@ -117,6 +130,21 @@ def cell_step(kind: CellKind, x: Tensor, state: State, w: CellWeights) -> State:
     if kind.family == "gru":
         return gru_step(x, state, w, kind.reset_after)  # type: ignore[arg-type]
     return rnn_step(x, state, w, kind.nonlinearity)  # type: ignore[arg-type]
+
+
+def cell_gates(kind: CellKind, x: Tensor, state: State, w: CellWeights) -> dict[str, Tensor]:
+    """One step of any family with its gates: LSTM ``i, f, g, o, c, h``; GRU ``r, z, n, h``;
+    RNN ``h``. What diagnostics read; `cell_step` returns only the new state."""
+    if kind.family == "lstm":
+        return lstm_gates(x, state, w)  # type: ignore[arg-type]
+    if kind.family == "gru":
+        return gru_gates(x, state, w, kind.reset_after)  # type: ignore[arg-type]
+    return {"h": rnn_step(x, state, w, kind.nonlinearity)}  # type: ignore[arg-type]
+
+
+def state_of(kind: CellKind, gates: dict[str, Tensor]) -> State:
+    """The new state among a step's gates: ``(h, c)`` for LSTM, ``h`` otherwise."""
+    return (gates["h"], gates["c"]) if kind.family == "lstm" else gates["h"]
 
 
 def output_of(state: State) -> Tensor:

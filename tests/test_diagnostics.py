@@ -1,0 +1,234 @@
+"""Diagnostics against independent references: gradient flow against autograd's Jacobian of a
+per-step loop written from the spec, gate traces against the spec's formulas, and the textbook
+behaviour of vanishing and kept gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit.diagnostics import gate_trace, gradient_flow
+from spec_equations import spec_gates
+
+VARIANTS = {
+    "rnn-tanh": (rnnkit.RNN, {}),
+    "rnn-relu": (rnnkit.RNN, {"nonlinearity": "relu"}),
+    "lstm": (rnnkit.LSTM, {}),
+    "lstm-peephole": (rnnkit.LSTM, {"peephole": True}),
+    "lstm-projection": (rnnkit.LSTM, {"proj_size": 3}),
+    "gru": (rnnkit.GRU, {}),
+    "gru-reset-before": (rnnkit.GRU, {"reset_after": False}),
+}
+
+
+def make_layer(name, hidden=5, **options):
+    layer_class, variant = VARIANTS[name]
+    torch.manual_seed(0)
+    layer = layer_class(3, hidden, dtype=torch.float64, **(variant | options))
+    with torch.no_grad():
+        for parameter_name, parameter in layer.named_parameters():
+            if parameter_name.startswith("weight_ch"):
+                parameter.uniform_(-0.5, 0.5)  # peepholes start at zero: make them matter
+    return layer
+
+
+def spec_weights(layer, index, direction):
+    suffix = f"_l{index}" + ("_reverse" if direction else "")
+    get = lambda name: getattr(layer, name + suffix, None)  # noqa: E731
+    return {"w_ih": get("weight_ih"), "w_hh": get("weight_hh"), "b_ih": get("bias_ih"),
+            "b_hh": get("bias_hh"), "w_ch": get("weight_ch"), "w_hr": get("weight_hr")}
+
+
+def spec_step(layer, weights, x, state):
+    family = layer.family
+    gates = spec_gates(family, x, state, weights, getattr(layer, "nonlinearity", "tanh"),
+                       getattr(layer, "reset_after", True))
+    return (gates["h"], gates["c"]) if family == "lstm" else gates["h"]
+
+
+def reference_flow(layer, sequence, state, weights):
+    """‖∂h_T/∂h_t‖ (and ‖∂h_T/∂c_t‖) per step and sample, from autograd's full Jacobian of the
+    remaining steps of a per-step loop over the spec's equations; one sample at a time."""
+    steps, batch = sequence.shape[:2]
+    states = [state]
+    for t in range(steps):
+        states.append(spec_step(layer, weights, sequence[t], states[-1]))
+    is_lstm = layer.family == "lstm"
+    flow_h = torch.zeros(steps, batch, dtype=torch.float64)
+    flow_c = torch.zeros(steps, batch, dtype=torch.float64)
+    for n in range(batch):
+        for t in range(steps):
+            leaving = states[t + 1]  # the state after step t
+
+            def run_on(h_t, c_t=None, n=n, t=t):
+                current = (h_t[None], c_t[None]) if is_lstm else h_t[None]
+                for k in range(t + 1, steps):
+                    current = spec_step(layer, weights, sequence[k, n : n + 1], current)
+                return (current[0] if is_lstm else current)[0]
+
+            if is_lstm:
+                h_t, c_t = leaving[0][n].detach(), leaving[1][n].detach()
+                flow_h[t, n] = torch.autograd.functional.jacobian(
+                    lambda h, c_t=c_t: run_on(h, c_t), h_t).norm()
+                flow_c[t, n] = torch.autograd.functional.jacobian(
+                    lambda c, h_t=h_t: run_on(h_t, c), c_t).norm()
+            else:
+                flow_h[t, n] = torch.autograd.functional.jacobian(
+                    run_on, leaving[n].detach()).norm()
+    return flow_h, (flow_c if is_lstm else None)
+
+
+def _zeros(layer, batch):
+    h = torch.zeros(batch, getattr(layer, "proj_size", 0) or layer.hidden_size,
+                    dtype=torch.float64)
+    return (h, torch.zeros(batch, layer.hidden_size, dtype=torch.float64)) \
+        if layer.family == "lstm" else h
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "native"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gradient_flow_equals_the_jacobian_of_a_spec_loop(name, backend):
+    layer = make_layer(name, backend=backend)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    flow = gradient_flow(layer, x)
+    expected_h, expected_c = reference_flow(layer, x, _zeros(layer, 2), spec_weights(layer, 0, 0))
+    torch.testing.assert_close(flow.h, expected_h, rtol=0, atol=1e-8)
+    if layer.family == "lstm":
+        torch.testing.assert_close(flow.c, expected_c, rtol=0, atol=1e-8)
+    else:
+        assert flow.c is None
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("name", ["lstm-peephole", "gru-reset-before", "rnn-tanh"])
+def test_gradient_flow_of_an_upper_layer_and_the_reverse_direction_with_a_given_state(name,
+                                                                                      backend):
+    layer = make_layer(name, num_layers=2, bidirectional=True, backend=backend)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    shapes = layer._state_shapes(2)
+    hx = tuple(torch.randn(shape, dtype=torch.float64) for shape, _ in shapes)
+    hx = hx if layer.family == "lstm" else hx[0]
+    flow = gradient_flow(layer, x, hx, layer_index=1, direction="reverse")
+    # The reference: layer 0's output by the layer itself (a 1-layer copy), then layer 1's
+    # reverse direction over the reversed sequence from its slice of hx.
+    lower = type(layer)(3, 5, bidirectional=True, dtype=torch.float64,
+                        **VARIANTS[name][1])
+    lower.load_state_dict({k: v for k, v in layer.state_dict().items() if "_l0" in k})
+    states = hx if isinstance(hx, tuple) else (hx,)
+    with torch.no_grad():
+        below, _ = lower(x, tuple(s[:2] for s in states) if layer.family == "lstm"
+                         else states[0][:2])
+    start = tuple(s[3] for s in states) if layer.family == "lstm" else states[0][3]
+    expected_h, expected_c = reference_flow(layer, below.flip(0), start, spec_weights(layer, 1, 1))
+    torch.testing.assert_close(flow.h, expected_h, rtol=0, atol=1e-8)
+    if layer.family == "lstm":
+        torch.testing.assert_close(flow.c, expected_c, rtol=0, atol=1e-8)
+
+
+def test_at_distance_zero_the_flow_is_the_identitys_norm():
+    for name in ("rnn-tanh", "lstm", "gru", "lstm-projection"):
+        layer = make_layer(name, hidden=7)
+        flow = gradient_flow(layer, torch.randn(4, 3, 3, dtype=torch.float64))
+        size = 3 if name == "lstm-projection" else 7
+        torch.testing.assert_close(flow.h[-1], torch.full((3,), math.sqrt(size),
+                                                          dtype=torch.float64))
+        if flow.c is not None:
+            assert (flow.c[-1] == 0).all()  # h_T does not depend on c_T with h_T held
+
+
+def rnn_with_spectral_radius(radius, hidden=32):
+    torch.manual_seed(0)
+    layer = rnnkit.RNN(1, hidden, dtype=torch.float64)
+    with torch.no_grad():
+        weight = layer.weight_hh_l0
+        weight *= radius / torch.linalg.eigvals(weight).abs().max()
+        layer.bias_hh_l0.zero_()
+        layer.bias_ih_l0.zero_()
+    return layer
+
+
+def test_a_tanh_rnn_vanishes_below_radius_one_and_grows_above():
+    x = 0.01 * torch.randn(40, 2, 1, dtype=torch.float64)
+    identity = math.sqrt(32)
+    small = gradient_flow(rnn_with_spectral_radius(0.5), x).h  # row -1: distance 0
+    assert (small[-1 - 20] < 1e-5 * identity).all()
+    large = gradient_flow(rnn_with_spectral_radius(3.0), x[:12]).h
+    assert (large[-1 - 10] > 10 * identity).all()
+
+
+@pytest.mark.parametrize("forget_bias, kept", [(5.0, True), (0.0, False)])
+def test_the_lstm_cell_path_keeps_the_gradient_only_with_a_large_forget_bias(forget_bias, kept):
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(4, 32, forget_bias=forget_bias, dtype=torch.float64)
+    flow = gradient_flow(layer, torch.randn(52, 3, 4, dtype=torch.float64)).c
+    ratio = flow[: -2] / flow[-2]  # against distance 1, over distances 2 ... 51
+    if kept:
+        assert (ratio > 0.1).all()
+    else:
+        assert (ratio[0] < 1e-4).all()  # distance 51
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gate_trace_equals_the_spec_formulas_with_the_layers_weights(name):
+    layer = make_layer(name, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    lengths = torch.tensor([6, 2, 4])
+    trace = gate_trace(layer, x, lengths=lengths)
+    sequence = x
+    for index in range(2):
+        outputs = []
+        for direction in range(2):
+            weights = spec_weights(layer, index, direction)
+            for n in range(3):
+                state = _zeros(layer, 1)
+                steps = range(int(lengths[n]))
+                for t in (reversed(steps) if direction else steps):
+                    gates = spec_gates(layer.family, sequence[t, n : n + 1], state, weights,
+                                       getattr(layer, "nonlinearity", "tanh"),
+                                       getattr(layer, "reset_after", True))
+                    for gate_name, value in gates.items():
+                        torch.testing.assert_close(
+                            trace.gate(gate_name, index, direction)[t, n], value[0],
+                            rtol=0, atol=1e-12)
+                    state = (gates["h"], gates["c"]) if layer.family == "lstm" else gates["h"]
+                assert trace.gate("h", index, direction)[int(lengths[n]):, n].isnan().all()
+            outputs.append(torch.nan_to_num(trace.gate("h", index, direction)))
+        sequence = torch.cat(outputs, dim=2)
+    output, _ = layer(x, lengths=lengths)
+    torch.testing.assert_close(sequence, output, rtol=0, atol=1e-12)
+
+
+def test_saturation_counts_the_gate_values_beyond_the_thresholds():
+    torch.manual_seed(0)
+    layer = rnnkit.GRU(2, 6, dtype=torch.float64)
+    x = 3 * torch.randn(10, 4, 2, dtype=torch.float64)
+    trace = gate_trace(layer, x)
+    z = trace.gate("z")
+    expected = float(((z < 0.05) | (z > 0.95)).double().mean())
+    assert trace.saturation[(0, 0)]["z"] == pytest.approx(expected)
+    n = trace.gate("n")
+    assert trace.saturation[(0, 0)]["n"] == pytest.approx(float((n.abs() > 0.95).double().mean()))
+    with torch.no_grad():
+        layer.bias_ih_l0[6:12] = 50.0  # z pinned at 1: fully saturated
+    assert gate_trace(layer, x).saturation[(0, 0)]["z"] == 1.0
+
+
+def test_bad_diagnostic_input_is_named():
+    lstm = rnnkit.LSTM(3, 4, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(ValueError, match="bidirectional: choose direction='forward' or "
+                                         "direction='reverse'"):
+        gradient_flow(lstm, x)
+    with pytest.raises(ValueError, match="LSTM input must have shape"):
+        gradient_flow(lstm, torch.randn(5, 2, 7), direction="forward")
+    with pytest.raises(ValueError, match=r"layer_index must be an int in \[0, 0\]"):
+        gradient_flow(lstm, x, layer_index=1, direction="forward")
+    with pytest.raises(ValueError, match="direction must be 'forward' \\(or None\\)"):
+        gradient_flow(rnnkit.GRU(3, 4), x, direction="reverse")
+    with pytest.raises(TypeError, match="takes an rnnkit RNN, LSTM or GRU layer, got LSTM"):
+        gradient_flow(torch.nn.LSTM(3, 4), x)
+    with pytest.raises(KeyError, match="no gate 'z'"):
+        gate_trace(rnnkit.LSTM(3, 4), x).gate("z")
