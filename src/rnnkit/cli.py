@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_forecast_commands(commands)
 
+    _add_memory_command(commands)
+    _add_gradients_command(commands)
+
     d = commands.add_parser("demo", help="train a character LSTM on built-in prose and sample")
     d.add_argument("--steps", type=_positive, default=DEMO_STEPS,
                    help=f"training steps (default {DEMO_STEPS}, a few minutes on 2 cores)")
@@ -160,6 +163,94 @@ def _season(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"--season takes a season length >= 2, or 0 for none, got {text!r}")
     return value
+
+
+def _integers(smallest: int, option: str):
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < smallest:
+            raise argparse.ArgumentTypeError(
+                f"{option} takes comma-separated integers >= {smallest}, got {text!r}")
+        return values
+    return parse
+
+
+def _cells(text: str) -> list[str]:
+    from rnnkit.apps.memory.experiment import CELL_VARIANTS
+
+    cells = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in cells if c not in CELL_VARIANTS]
+    if unknown or not cells:
+        raise argparse.ArgumentTypeError(
+            f"--cells takes a comma-separated subset of {','.join(CELL_VARIANTS)}, got {text!r}")
+    return cells
+
+
+def _add_memory_command(commands) -> None:
+    from rnnkit.apps.memory.experiment import INITS, TASKS, RunConfig
+
+    defaults = RunConfig(task="adding", cell="lstm", length=100)
+    m = commands.add_parser(
+        "memory", help="train RNN, LSTM and GRU side by side on long-memory tasks",
+        description="Train each cell x length (x seed) on the adding problem or the copy task, "
+        "then print a table and write results.json, results.csv, learning curves, gradient "
+        "flow and gate heatmaps.")
+    m.add_argument("task", choices=TASKS)
+    m.add_argument("--cells", type=_cells, default=["rnn", "lstm", "gru"],
+                   help="comma-separated (default rnn,lstm,gru; variants: rnn-relu, "
+                   "lstm-peephole, gru-reset-before)")
+    m.add_argument("--lengths", type=_integers(2, "--lengths"), default=[50],
+                   help="sequence lengths T (adding) or delays T (copy), comma-separated "
+                   "(default 50)")
+    m.add_argument("--hidden", type=_positive, default=defaults.hidden_size)
+    m.add_argument("--steps", type=_positive, default=defaults.steps)
+    m.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
+    m.add_argument("--lr", type=float, default=defaults.lr)
+    m.add_argument("--clip-norm", type=_nonnegative, default=defaults.clip_norm,
+                   help="global-norm clipping bound (0: off; default 1)")
+    m.add_argument("--init", choices=INITS, default=defaults.init,
+                   help="chrono: Tallec & Ollivier's gate biases for LSTM and GRU, T_max = the "
+                   "sequence length")
+    m.add_argument("--seed", type=_integers(0, "--seed"), default=[0],
+                   help="random seed, or several comma-separated (mean and spread reported)")
+    m.add_argument("--eval-every", type=_positive, default=defaults.eval_every,
+                   help="steps between held-out evaluations")
+    m.add_argument("--out", default="rnnkit-memory", help="folder for results and plots")
+    m.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+
+
+def _positive_real(text: str) -> float:
+    value = _nonnegative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _add_gradients_command(commands) -> None:
+    g = commands.add_parser(
+        "gradients", help="gradient flow ‖∂h_T/∂h_t‖ by distance, without training",
+        description="Gradient flow of fresh layers (optionally with W_hh rescaled to a spectral "
+        "radius) or of a trained `rnnkit lm` checkpoint on real text; table, JSON and PNG.")
+    g.add_argument("--cells", type=_cells, default=["rnn", "lstm", "gru"],
+                   help="comma-separated (default rnn,lstm,gru)")
+    g.add_argument("--length", type=_integers(2, "--length"), default=[100],
+                   help="sequence length T (default 100)")
+    g.add_argument("--hidden", type=_positive, default=128)
+    g.add_argument("--samples", type=_positive, default=8, help="sequences averaged over")
+    g.add_argument("--input-size", type=_positive, default=4)
+    g.add_argument("--spectral-radius", type=_positive_real,
+                   help="rescale each square gate block of W_hh to this spectral radius")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint", metavar="CKPT",
+                   help="a trained `rnnkit lm` model instead of fresh layers")
+    g.add_argument("text_file", nargs="?", metavar="TEXT_FILE", help="text for --checkpoint")
+    g.add_argument("--corpus", choices=CORPORA, help="built-in text for --checkpoint")
+    g.add_argument("--layer", type=int, help="which layer of the checkpoint's stack (default last)")
+    g.add_argument("--out", default="rnnkit-gradients", help="folder for JSON and PNG")
+    g.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
 
 def _add_forecast_commands(commands) -> None:
@@ -347,6 +438,30 @@ def run_forecast(args: argparse.Namespace) -> int:
                           plot=not args.no_plot)
 
 
+def run_memory(args: argparse.Namespace) -> int:
+    from rnnkit.apps.memory.commands import memory
+    from rnnkit.apps.memory.experiment import RunConfig
+
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    base = RunConfig(task=args.task, cell=args.cells[0], length=args.lengths[0],
+                     hidden_size=args.hidden, steps=args.steps, batch_size=args.batch_size,
+                     lr=args.lr, clip_norm=args.clip_norm or None, init=args.init,
+                     eval_every=args.eval_every)
+    return memory(args.task, args.cells, args.lengths, args.seed, base, args.out,
+                  plot=not args.no_plot)
+
+
+def run_gradients(args: argparse.Namespace) -> int:
+    from rnnkit.apps.gradients import gradients
+
+    if len(args.length) != 1:
+        raise ValueError(f"--length takes one length, got {args.length}")
+    return gradients(args.cells, args.length[0], args.hidden, args.samples, args.input_size,
+                     args.spectral_radius, args.seed, args.checkpoint, args.text_file,
+                     args.corpus, args.layer, args.out, plot=not args.no_plot)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from rnnkit.apps.lm import commands as lm
 
@@ -398,6 +513,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "lm":
             return run_lm(args, sys.argv[1:] if argv is None else list(argv))
+        if args.command == "gradients":
+            return run_gradients(args)
+        if args.command == "memory":
+            return run_memory(args)
         if args.command == "forecast":
             return run_forecast(args)
         if args.command == "demo":

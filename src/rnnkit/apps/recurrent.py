@@ -12,7 +12,7 @@ CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int,
                    dropout: float = 0.0, peephole: bool = False, reset_after: bool = True,
                    backend: str = "auto", batch_first: bool = False, init: str = "default",
-                   chrono_max_length: int | None = None) -> nn.Module:
+                   chrono_max_length: int | None = None, nonlinearity: str = "tanh") -> nn.Module:
     """A stack of ``num_layers`` recurrent layers of ``cell`` (lstm | gru | rnn).
 
     ``dropout`` applies between layers (torch.nn's convention); ``peephole`` is for LSTM only and
@@ -29,6 +29,8 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
         raise ValueError(f"the reset-before variant exists for the gru cell only, not {cell!r}")
     layer_dropout = dropout if num_layers > 1 else 0.0
     common = dict(num_layers=num_layers, dropout=layer_dropout, batch_first=batch_first)
+    if nonlinearity != "tanh" and cell != "rnn":
+        raise ValueError(f"nonlinearity={nonlinearity!r} is for the rnn cell only, not {cell!r}")
     if init != "default" and cell == "rnn":
         raise ValueError(f"init={init!r} exists for the lstm and gru cells, not 'rnn'")
     if backend == "torch.nn":
@@ -41,4 +43,6 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
         variants["reset_after"] = reset_after
     if init != "default":
         variants |= {"init": init, "chrono_max_length": chrono_max_length}
+    if cell == "rnn":
+        variants["nonlinearity"] = nonlinearity
     return CELLS[cell](input_size, hidden_size, backend=backend, **common, **variants)

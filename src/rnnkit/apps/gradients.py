@@ -1,0 +1,130 @@
+"""What `rnnkit gradients` does: gradient flow without training, on fresh layers or a trained
+language model.
+
+Fresh layers: for each cell, a one-layer network of ``hidden`` units reads ``samples`` random
+sequences ``x_t ~ N(0, 1)`` of ``input_size`` features; with ``spectral_radius`` r, each square
+``H x H`` gate block of ``W_hh`` is rescaled to spectral radius r first. For a tanh RNN,
+``∂h_T/∂h_t = Π diag(1 - h_k²) W_hh``: below r = 1 the product vanishes geometrically with the
+distance, above it can grow. A checkpoint of `rnnkit lm train` instead gives its trained stack
+on real text: ``samples`` windows of ``length`` tokens, evenly spaced through the text.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from rnnkit.apps.memory.experiment import CELL_VARIANTS
+from rnnkit.apps.recurrent import make_recurrent
+from rnnkit.diagnostics import gradient_flow
+from rnnkit.engine.native import build
+
+SHOWN_DISTANCES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def rescale_recurrent_weights(layer, radius: float) -> None:
+    """Scale each square gate block of every ``weight_hh`` to spectral radius ``radius``."""
+    with torch.no_grad():
+        for name, weight in layer.named_parameters():
+            if not name.startswith("weight_hh") or weight.shape[0] % weight.shape[1]:
+                continue
+            size = weight.shape[1]
+            for block in weight.split(size):
+                current = torch.linalg.eigvals(block).abs().max()
+                if current > 0:
+                    block.mul_(radius / current)
+
+
+def fresh_flows(cells: list[str], length: int, hidden: int, samples: int, input_size: int,
+                radius: float | None, seed: int) -> dict[str, list[float]]:
+    """Mean flow by distance (index 0 = distance 0) per cell; LSTMs also through c."""
+    flows = {}
+    for cell in cells:
+        family, options = CELL_VARIANTS[cell]
+        torch.manual_seed(seed)
+        layer = make_recurrent(family, input_size, hidden, 1, **options).double()
+        if radius is not None:
+            rescale_recurrent_weights(layer, radius)
+        inputs = torch.randn(length, samples, input_size, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(seed))
+        flow = gradient_flow(layer, inputs)
+        flows[cell] = flow.h.mean(1).flip(0).tolist()
+        if flow.c is not None:
+            flows[f"{cell} (through c)"] = flow.c.mean(1).flip(0).tolist()
+    return flows
+
+
+def checkpoint_flows(checkpoint: str, text_file: str | None, corpus: str | None, length: int,
+                     samples: int, layer_index: int | None) -> tuple[dict[str, list[float]], str]:
+    """Mean flow by distance of a trained language model's stack over windows of real text."""
+    from rnnkit.apps.lm.commands import load_text, restore
+
+    model, vocabulary, _ = restore(checkpoint)
+    if model.config.backend == "torch.nn":
+        raise ValueError(f"checkpoint {checkpoint!r} runs on torch.nn layers; gradient flow "
+                         "reads rnnkit layers")
+    text, source = load_text(text_file, corpus)
+    ids, _ = vocabulary.encode(text)
+    if ids.numel() < length:
+        raise ValueError(f"{source} has {ids.numel()} tokens, fewer than --length {length}")
+    starts = torch.linspace(0, ids.numel() - length, samples).long()
+    windows = torch.stack([ids[s : s + length] for s in starts], dim=1)  # (T, N)
+    model.eval()
+    with torch.no_grad():
+        embedded = model.embedding(windows)
+    flow = gradient_flow(model.recurrent, embedded, layer_index=layer_index)
+    cell = model.config.cell
+    index = model.config.num_layers - 1 if layer_index is None else layer_index
+    label = f"{cell} layer {index} (trained)"
+    flows = {label: flow.h.mean(1).flip(0).tolist()}
+    if flow.c is not None:
+        flows[f"{cell} layer {index} (trained, through c)"] = flow.c.mean(1).flip(0).tolist()
+    return flows, f"{checkpoint} on {source}"
+
+
+def format_flows(flows: dict[str, list[float]]) -> str:
+    longest = max(len(v) for v in flows.values())
+    distances = [0, *[d for d in SHOWN_DISTANCES if d < longest]]
+    width = max(len(k) for k in flows) + 2
+    lines = [f"{'mean ‖∂h_T/∂h_t‖ at distance':<{width}}" + "".join(f"{d:>10}" for d in distances)]
+    for label, values in flows.items():
+        lines.append(f"{label:<{width}}" + "".join(
+            f"{values[d]:>10.3g}" if d < len(values) else f"{'':>10}" for d in distances))
+    return "\n".join(lines)
+
+
+def gradients(cells: list[str], length: int, hidden: int, samples: int, input_size: int,
+              radius: float | None, seed: int, checkpoint: str | None, text_file: str | None,
+              corpus: str | None, layer_index: int | None, out: str, plot: bool = True) -> int:
+    build.kernels()
+    if checkpoint:
+        flows, described = checkpoint_flows(checkpoint, text_file, corpus, length, samples,
+                                            layer_index)
+    else:
+        if text_file or corpus or layer_index is not None:
+            raise ValueError("a text (TEXT_FILE or --corpus) and --layer go with --checkpoint")
+        flows = fresh_flows(cells, length, hidden, samples, input_size, radius, seed)
+        described = (f"fresh layers, hidden {hidden}, T = {length}, {samples} random sequences"
+                     + (f", W_hh gate blocks at spectral radius {radius}" if radius else ""))
+    print(f"gradient flow: {described}")
+    print(format_flows(flows))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gradient_flow.json").write_text(
+        json.dumps({"source": described, "flow_by_distance": flows}, indent=1) + "\n",
+        encoding="utf-8")
+    written = [out_dir / "gradient_flow.json"]
+    if plot:
+        from rnnkit.apps.memory.plots import save_flow_plot
+        from rnnkit.training.plots import MissingPlotting
+
+        try:
+            save_flow_plot(out_dir / "gradient_flow.png", {described[:60]: flows})
+            written.append(out_dir / "gradient_flow.png")
+        except MissingPlotting as error:
+            print(f"note: {error}", file=sys.stderr)
+    print("wrote " + ", ".join(map(str, written)))
+    return 0

@@ -1,0 +1,58 @@
+"""`rnnkit memory`: a tiny adding run learns; outputs are written; bad settings are named."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from rnnkit import cli
+from rnnkit.apps.memory.experiment import RunConfig, run
+from rnnkit.tasks import ADDING_BASELINE_MSE
+
+
+def test_a_tiny_adding_run_with_lstm_ends_below_a_fifth_of_the_baseline():
+    result, _, _ = run(RunConfig("adding", "lstm", 20, hidden_size=32, steps=400, lr=1e-2,
+                                 eval_every=100, held_out=500), show_progress=False, flow=False)
+    assert result.baseline == ADDING_BASELINE_MSE
+    assert result.final_metric < ADDING_BASELINE_MSE / 5
+    assert result.first_step_below_tenth is not None and result.eval_steps[-1] == 400
+
+
+def test_memory_command_writes_table_results_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["memory", "copy", "--cells", "lstm,gru-reset-before,rnn", "--lengths", "5",
+            "--hidden", "8", "--steps", "6", "--eval-every", "3", "--seed", "0,1",
+            "--init", "chrono", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "first step < baseline/10" in printed and "gru-reset-before" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 6 and results["settings"]["init"] == "chrono"
+    run0 = results["runs"][0]
+    assert run0["eval_steps"] == [3, 6] and len(run0["flow_trained"]) == 25  # T + 20 steps
+    assert run0["baseline"] == pytest.approx(10 * 2.0794415416798357 / 25)
+    table = pd.read_csv(out / "results.csv")
+    assert set(table["cell"]) == {"lstm", "gru-reset-before", "rnn"} and len(table) == 6
+    for name in ("learning_curves.png", "gradient_flow.png", "gates_T5.png"):
+        assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["memory", "sorting"], "invalid choice: 'sorting'"),
+    (["memory", "adding", "--cells", "lstm,transformer"], "--cells takes a comma-separated subset"),
+    (["memory", "adding", "--lengths", "1"], "--lengths takes comma-separated integers >= 2"),
+    (["memory", "adding", "--hidden", "0"], "expected a positive int, got '0'"),
+    (["memory", "adding", "--steps", "-5"], "expected a positive int, got '-5'"),
+    (["memory", "adding", "--init", "xavier"], "invalid choice: 'xavier'"),
+])
+def test_bad_memory_options_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_learning_rate_is_named(tmp_path, capsys):
+    assert cli.main(["memory", "adding", "--lr", "0", "--out", str(tmp_path)]) == 2
+    assert "--lr must be positive, got 0.0" in capsys.readouterr().err
