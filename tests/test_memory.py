@@ -24,12 +24,16 @@ def test_memory_command_writes_table_results_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["memory", "copy", "--cells", "lstm,gru-reset-before,rnn", "--lengths", "5",
             "--hidden", "8", "--steps", "6", "--eval-every", "3", "--seed", "0,1",
-            "--init", "chrono", "--out", str(out)]
+            "--init", "chrono", "--clip-value", "0.5", "--clip-tensor-norm", "2",
+            "--out", str(out)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "first step < baseline/10" in printed and "gru-reset-before" in printed
     results = json.loads((out / "results.json").read_text())
     assert len(results["runs"]) == 6 and results["settings"]["init"] == "chrono"
+    assert results["settings"]["clip_value"] == 0.5
+    assert results["settings"]["clip_tensor_norm"] == 2.0
+    assert len(results["runs"][0]["gradient_norm"]) == 6  # the pre-clip norm of every step
     run0 = results["runs"][0]
     assert run0["eval_steps"] == [3, 6] and len(run0["flow_trained"]) == 25  # T + 20 steps
     assert run0["baseline"] == pytest.approx(10 * 2.0794415416798357 / 25)

@@ -211,6 +211,10 @@ def _add_memory_command(commands) -> None:
     m.add_argument("--lr", type=float, default=defaults.lr)
     m.add_argument("--clip-norm", type=_nonnegative, default=defaults.clip_norm,
                    help="global-norm clipping bound (0: off; default 1)")
+    m.add_argument("--clip-value", type=_nonnegative,
+                   help="per-element clipping bound, as tf.clip_by_value (default off)")
+    m.add_argument("--clip-tensor-norm", type=_nonnegative,
+                   help="norm bound per parameter tensor, as tf.clip_by_norm (default off)")
     m.add_argument("--init", choices=INITS, default=defaults.init,
                    help="chrono: Tallec & Ollivier's gate biases for LSTM and GRU, T_max = the "
                    "sequence length")
@@ -353,6 +357,9 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -
                         help="global-norm clipping bound (0: off)")
     parser.add_argument("--clip-value", type=_nonnegative, default=defaults.clip_value,
                         help="per-element clipping bound (default off)")
+    parser.add_argument("--clip-tensor-norm", type=_nonnegative,
+                        default=defaults.clip_tensor_norm,
+                        help="norm bound per parameter tensor, as tf.clip_by_norm (default off)")
     parser.add_argument("--validation-fraction", type=float,
                         default=defaults.validation_fraction)
     parser.add_argument("--eval-every", type=_positive, default=defaults.eval_every)
@@ -385,6 +392,7 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         batch_size=args.batch_size, steps=args.steps or TrainConfig.steps, lr=args.lr,
         optimizer=args.optimizer,
         schedule=args.schedule, clip_norm=args.clip_norm or None, clip_value=args.clip_value,
+        clip_tensor_norm=args.clip_tensor_norm,
         validation_fraction=args.validation_fraction, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed)
     return model, train
@@ -446,7 +454,8 @@ def run_memory(args: argparse.Namespace) -> int:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     base = RunConfig(task=args.task, cell=args.cells[0], length=args.lengths[0],
                      hidden_size=args.hidden, steps=args.steps, batch_size=args.batch_size,
-                     lr=args.lr, clip_norm=args.clip_norm or None, init=args.init,
+                     lr=args.lr, clip_norm=args.clip_norm or None, clip_value=args.clip_value,
+                     clip_tensor_norm=args.clip_tensor_norm, init=args.init,
                      eval_every=args.eval_every)
     return memory(args.task, args.cells, args.lengths, args.seed, base, args.out,
                   plot=not args.no_plot)

@@ -48,6 +48,7 @@ class TrainConfig:
     schedule: str = "cosine"  # constant | cosine | linear, over `steps`
     clip_norm: float | None = 1.0  # global-norm clipping bound; None: off
     clip_value: float | None = None  # per-element clipping bound; None: off
+    clip_tensor_norm: float | None = None  # per-tensor norm bound (tf.clip_by_norm); None: off
     validation_fraction: float = 0.05  # the text's tail held out
     eval_every: int = 100  # steps between validation passes
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
@@ -221,7 +222,7 @@ class Trainer:
                 f"at the last step {norm:.3g}). Try a smaller --lr, or --clip-norm 1.0. The last "
                 "good checkpoint is kept.")
         norm = take_step(self.model, loss, self.optimizer, self.config.clip_norm,
-                         self.config.clip_value, self.schedule)
+                         self.config.clip_value, self.schedule, self.config.clip_tensor_norm)
         self.state = detach_state(state)
         self.step += 1
         self.history.train.append(loss_value)

@@ -70,7 +70,8 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
     build.kernels()  # compile once, before the clocks start
     print(f"rnnkit memory {task}: cells {', '.join(cells)}; T = {', '.join(map(str, lengths))}; "
           f"seeds {', '.join(map(str, seeds))}; hidden {base.hidden_size}, {base.steps} steps of "
-          f"batch {base.batch_size}, Adam lr {base.lr}, clip-norm {base.clip_norm}, init "
+          f"batch {base.batch_size}, Adam lr {base.lr}, clipping: global norm {base.clip_norm}, "
+          f"value {base.clip_value}, tensor norm {base.clip_tensor_norm}; init "
           f"{base.init}", flush=True)
     runs: list[RunResult] = []
     gate_figures: list = []

@@ -55,7 +55,9 @@ class RunConfig:
     steps: int = 2000
     batch_size: int = 50
     lr: float = 1e-3
-    clip_norm: float | None = 1.0
+    clip_norm: float | None = 1.0  # global norm (tf.clip_by_global_norm); None: off
+    clip_value: float | None = None  # per element (tf.clip_by_value); None: off
+    clip_tensor_norm: float | None = None  # per tensor (tf.clip_by_norm); None: off
     init: str = "default"  # default | chrono (LSTM and GRU; T_max = the task's length)
     seed: int = 0
     eval_every: int = 50
@@ -206,7 +208,9 @@ def run(config: RunConfig, show_progress: bool = True, flow: bool = True
         if not math.isfinite(loss.item()):
             raise ValueError(f"{config.cell} at T={config.length}: the loss became "
                              f"{loss.item()} at step {step}; try a smaller --lr or --clip-norm 1")
-        result.gradient_norm.append(take_step(model, loss, optimizer, config.clip_norm))
+        result.gradient_norm.append(take_step(
+            model, loss, optimizer, config.clip_norm, config.clip_value,
+            clip_tensor_norm=config.clip_tensor_norm))
         result.train_loss.append(loss.item())
         if step % config.eval_every == 0 or step == config.steps:
             metric = evaluate(model, held_out)
