@@ -122,7 +122,7 @@ def gradients(cells: list[str], length: int, hidden: int, samples: int, input_si
         from rnnkit.training.plots import MissingPlotting
 
         try:
-            save_flow_plot(out_dir / "gradient_flow.png", {described[:60]: flows})
+            save_flow_plot(out_dir / "gradient_flow.png", {described: flows})
             written.append(out_dir / "gradient_flow.png")
         except MissingPlotting as error:
             print(f"note: {error}", file=sys.stderr)

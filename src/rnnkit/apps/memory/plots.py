@@ -4,6 +4,7 @@ and gate activations over one held-out sequence. matplotlib (Agg) is the optiona
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def save_flow_plot(path: Path, panels: dict[str, dict[str, list[float]]],
         axis.set_yscale("log")
         axis.set_xlabel("distance T - t (steps)")
         axis.set_ylabel("‖∂h_T / ∂h_t‖_F")
-        axis.set_title(f"{title}: {panel}")
+        axis.set_title(textwrap.fill(f"{title}: {panel}", 60), fontsize=9)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
