@@ -60,3 +60,14 @@ def test_bad_memory_options_are_refused(argv, message, capsys):
 def test_a_bad_learning_rate_is_named(tmp_path, capsys):
     assert cli.main(["memory", "adding", "--lr", "0", "--out", str(tmp_path)]) == 2
     assert "--lr must be positive, got 0.0" in capsys.readouterr().err
+
+
+def test_forget_bias_reaches_the_lstm_and_conflicts_with_chrono():
+    from rnnkit.apps.memory.experiment import MemoryModel, check_run_config
+
+    model = MemoryModel(RunConfig("adding", "lstm", 10, hidden_size=4, forget_bias=1.0))
+    assert model.recurrent.forget_bias == 1.0
+    assert MemoryModel(RunConfig("adding", "gru", 10, hidden_size=4,
+                                 forget_bias=1.0)).recurrent.family == "gru"  # ignored there
+    with pytest.raises(ValueError, match="--forget-bias and --init chrono"):
+        check_run_config(RunConfig("adding", "lstm", 10, forget_bias=1.0, init="chrono"))

@@ -218,6 +218,9 @@ def _add_memory_command(commands) -> None:
     m.add_argument("--init", choices=INITS, default=defaults.init,
                    help="chrono: Tallec & Ollivier's gate biases for LSTM and GRU, T_max = the "
                    "sequence length")
+    m.add_argument("--forget-bias", type=float, default=0.0,
+                   help="added to the LSTM cells' forget-gate bias at initialisation (1.0 per "
+                   "Jozefowicz et al. 2015); other cells ignore it")
     m.add_argument("--seed", type=_integers(0, "--seed"), default=[0],
                    help="random seed, or several comma-separated (mean and spread reported)")
     m.add_argument("--eval-every", type=_positive, default=defaults.eval_every,
@@ -456,6 +459,7 @@ def run_memory(args: argparse.Namespace) -> int:
                      hidden_size=args.hidden, steps=args.steps, batch_size=args.batch_size,
                      lr=args.lr, clip_norm=args.clip_norm or None, clip_value=args.clip_value,
                      clip_tensor_norm=args.clip_tensor_norm, init=args.init,
+                     forget_bias=args.forget_bias,
                      eval_every=args.eval_every)
     return memory(args.task, args.cells, args.lengths, args.seed, base, args.out,
                   plot=not args.no_plot)

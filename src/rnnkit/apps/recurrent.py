@@ -12,7 +12,8 @@ CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int,
                    dropout: float = 0.0, peephole: bool = False, reset_after: bool = True,
                    backend: str = "auto", batch_first: bool = False, init: str = "default",
-                   chrono_max_length: int | None = None, nonlinearity: str = "tanh") -> nn.Module:
+                   chrono_max_length: int | None = None, nonlinearity: str = "tanh",
+                   forget_bias: float = 0.0) -> nn.Module:
     """A stack of ``num_layers`` recurrent layers of ``cell`` (lstm | gru | rnn).
 
     ``dropout`` applies between layers (torch.nn's convention); ``peephole`` is for LSTM only and
@@ -31,14 +32,16 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
     common = dict(num_layers=num_layers, dropout=layer_dropout, batch_first=batch_first)
     if nonlinearity != "tanh" and cell != "rnn":
         raise ValueError(f"nonlinearity={nonlinearity!r} is for the rnn cell only, not {cell!r}")
+    if forget_bias and cell != "lstm":
+        raise ValueError(f"forget_bias={forget_bias} is for the lstm cell only, not {cell!r}")
     if init != "default" and cell == "rnn":
         raise ValueError(f"init={init!r} exists for the lstm and gru cells, not 'rnn'")
     if backend == "torch.nn":
-        if peephole or not reset_after or init != "default":
+        if peephole or not reset_after or init != "default" or forget_bias:
             raise ValueError("torch.nn has no peephole LSTM, reset-before GRU or chrono "
                              "initialisation; use an rnnkit backend for those")
         return getattr(nn, cell.upper())(input_size, hidden_size, **common)
-    variants = {"peephole": peephole} if cell == "lstm" else {}
+    variants = {"peephole": peephole, "forget_bias": forget_bias} if cell == "lstm" else {}
     if cell == "gru":
         variants["reset_after"] = reset_after
     if init != "default":

@@ -72,7 +72,8 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
           f"seeds {', '.join(map(str, seeds))}; hidden {base.hidden_size}, {base.steps} steps of "
           f"batch {base.batch_size}, Adam lr {base.lr}, clipping: global norm {base.clip_norm}, "
           f"value {base.clip_value}, tensor norm {base.clip_tensor_norm}; init "
-          f"{base.init}", flush=True)
+          f"{base.init}" + (f", LSTM forget bias {base.forget_bias}" if base.forget_bias else ""),
+          flush=True)
     runs: list[RunResult] = []
     gate_figures: list = []
     marks_by_length: dict[int, list[int]] = {}

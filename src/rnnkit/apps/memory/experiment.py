@@ -59,6 +59,7 @@ class RunConfig:
     clip_value: float | None = None  # per element (tf.clip_by_value); None: off
     clip_tensor_norm: float | None = None  # per tensor (tf.clip_by_norm); None: off
     init: str = "default"  # default | chrono (LSTM and GRU; T_max = the task's length)
+    forget_bias: float = 0.0  # added to the LSTM forget-gate bias at initialisation (LSTM only)
     seed: int = 0
     eval_every: int = 50
     held_out: int = 1000  # held-out sequences
@@ -80,6 +81,9 @@ def check_run_config(config: RunConfig) -> None:
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if not config.lr > 0:
         raise ValueError(f"lr must be positive, got {config.lr!r}")
+    if config.forget_bias and config.init == "chrono":
+        raise ValueError("--forget-bias and --init chrono both set the LSTM forget-gate bias; "
+                         "choose one")
 
 
 def baseline(task: str, length: int) -> float:
@@ -105,7 +109,8 @@ class MemoryModel(nn.Module):
         total_steps = config.length if config.task == "adding" else config.length + 20
         self.recurrent = make_recurrent(
             family, inputs, config.hidden_size, 1, init=init,
-            chrono_max_length=total_steps if init == "chrono" else None, **options)
+            chrono_max_length=total_steps if init == "chrono" else None,
+            forget_bias=config.forget_bias if family == "lstm" else 0.0, **options)
         self.readout = nn.Linear(config.hidden_size, outputs)
 
     def encode(self, inputs: Tensor) -> Tensor:
