@@ -62,8 +62,8 @@ def test_a_bad_learning_rate_is_named(tmp_path, capsys):
     assert "--lr must be positive, got 0.0" in capsys.readouterr().err
 
 
-def test_forget_bias_reaches_the_lstm_and_conflicts_with_chrono():
-    from rnnkit.apps.memory.experiment import MemoryModel, check_run_config
+def test_forget_bias_reaches_the_lstm_is_labelled_and_conflicts_with_chrono():
+    from rnnkit.apps.memory.experiment import MemoryModel, check_run_config, init_label
 
     model = MemoryModel(RunConfig("adding", "lstm", 10, hidden_size=4, forget_bias=1.0))
     assert model.recurrent.forget_bias == 1.0
@@ -71,3 +71,6 @@ def test_forget_bias_reaches_the_lstm_and_conflicts_with_chrono():
                                  forget_bias=1.0)).recurrent.family == "gru"  # ignored there
     with pytest.raises(ValueError, match="--forget-bias and --init chrono"):
         check_run_config(RunConfig("adding", "lstm", 10, forget_bias=1.0, init="chrono"))
+    assert init_label(RunConfig("adding", "lstm", 10, forget_bias=1.0)) == "fb=1"
+    assert init_label(RunConfig("adding", "gru", 10, forget_bias=1.0)) == "default"
+    assert init_label(RunConfig("adding", "lstm", 10, init="chrono")) == "chrono"

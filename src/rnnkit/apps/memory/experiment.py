@@ -188,6 +188,14 @@ def flow_by_distance(model: MemoryModel, inputs: Tensor) -> list[float]:
     return flow.mean(dim=1).flip(0).tolist()
 
 
+def init_label(config: RunConfig) -> str:
+    """How the run's recurrent layer was initialised, for tables: ``default``, ``chrono``, or
+    ``fb=1`` for the default draw with forget bias 1 (LSTM cells only)."""
+    if config.forget_bias and config.cell.startswith("lstm"):
+        return f"fb={config.forget_bias:g}"
+    return config.init
+
+
 def run(config: RunConfig, show_progress: bool = True, flow: bool = True
         ) -> tuple[RunResult, MemoryModel, tuple[Tensor, Tensor]]:
     """Train one cell on one task length; returns the result, the trained model and the
@@ -199,7 +207,7 @@ def run(config: RunConfig, show_progress: bool = True, flow: bool = True
     held_out = make_batch(config.task, config.held_out, config.length,
                           torch.Generator().manual_seed(config.seed + HELD_OUT_SEED_OFFSET))
     flow_inputs = held_out[0][:, :FLOW_SAMPLES]
-    result = RunResult(config.task, config.cell, config.length, config.init, config.seed,
+    result = RunResult(config.task, config.cell, config.length, init_label(config), config.seed,
                        baseline(config.task, config.length))
     if flow:
         result.flow_initial = flow_by_distance(model, flow_inputs)
