@@ -168,7 +168,7 @@ def test_the_lstm_cell_path_keeps_the_gradient_only_with_a_large_forget_bias(for
     if kept:
         assert (ratio > 0.1).all()
     else:
-        assert (ratio[0] < 1e-4).all()  # distance 51
+        assert (ratio[:2] < 1e-4).all()  # distances 51 and 50
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -214,6 +214,15 @@ def test_saturation_counts_the_gate_values_beyond_the_thresholds():
     with torch.no_grad():
         layer.bias_ih_l0[6:12] = 50.0  # z pinned at 1: fully saturated
     assert gate_trace(layer, x).saturation[(0, 0)]["z"] == 1.0
+
+
+@pytest.mark.parametrize("nonlinearity, counted", [("tanh", True), ("relu", False)])
+def test_the_rnn_output_counts_as_saturated_only_for_tanh(nonlinearity, counted):
+    layer = rnnkit.RNN(2, 6, nonlinearity=nonlinearity, dtype=torch.float64)
+    with torch.no_grad():
+        layer.bias_ih_l0.fill_(5.0)  # tanh at ~1 (saturated); relu at ~5 (not a saturation)
+    saturation = gate_trace(layer, torch.randn(8, 3, 2, dtype=torch.float64)).saturation[(0, 0)]
+    assert saturation == ({"h": 1.0} if counted else {})
 
 
 def test_bad_diagnostic_input_is_named():

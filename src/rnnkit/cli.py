@@ -59,6 +59,27 @@ def _nonnegative(text: str) -> float:
     return value
 
 
+def _positive_real(text: str) -> float:
+    value = _nonnegative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _add_clip_options(parser: argparse.ArgumentParser, clip_norm: float | None,
+                      clip_value: float | None = None,
+                      clip_tensor_norm: float | None = None) -> None:
+    """The three clipping options of every training command (see `training.optimization`)."""
+    parser.add_argument("--clip-norm", type=_nonnegative, default=clip_norm,
+                        help=f"global-norm bound, as tf.clip_by_global_norm (0: off; default "
+                        f"{clip_norm or 'off'})")
+    # A bound of 0 would zero every gradient: refused rather than read as "off".
+    parser.add_argument("--clip-value", type=_positive_real, default=clip_value,
+                        help="per-element bound, as tf.clip_by_value (default off)")
+    parser.add_argument("--clip-tensor-norm", type=_positive_real, default=clip_tensor_norm,
+                        help="norm bound per parameter tensor, as tf.clip_by_norm (default off)")
+
+
 def _probability(text: str) -> float:
     value = _nonnegative(text)
     if value > 1:
@@ -209,12 +230,7 @@ def _add_memory_command(commands) -> None:
     m.add_argument("--steps", type=_positive, default=defaults.steps)
     m.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
     m.add_argument("--lr", type=float, default=defaults.lr)
-    m.add_argument("--clip-norm", type=_nonnegative, default=defaults.clip_norm,
-                   help="global-norm clipping bound (0: off; default 1)")
-    m.add_argument("--clip-value", type=_nonnegative,
-                   help="per-element clipping bound, as tf.clip_by_value (default off)")
-    m.add_argument("--clip-tensor-norm", type=_nonnegative,
-                   help="norm bound per parameter tensor, as tf.clip_by_norm (default off)")
+    _add_clip_options(m, defaults.clip_norm, defaults.clip_value, defaults.clip_tensor_norm)
     m.add_argument("--init", choices=INITS, default=defaults.init,
                    help="chrono: Tallec & Ollivier's gate biases for LSTM and GRU, T_max = the "
                    "sequence length")
@@ -227,13 +243,6 @@ def _add_memory_command(commands) -> None:
                    help="steps between held-out evaluations")
     m.add_argument("--out", default="rnnkit-memory", help="folder for results and plots")
     m.add_argument("--no-plot", action="store_true", help="skip the PNGs")
-
-
-def _positive_real(text: str) -> float:
-    value = _nonnegative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
 
 
 def _add_gradients_command(commands) -> None:
@@ -356,13 +365,8 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default=defaults.optimizer)
     parser.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule)
-    parser.add_argument("--clip-norm", type=_nonnegative, default=defaults.clip_norm,
-                        help="global-norm clipping bound (0: off)")
-    parser.add_argument("--clip-value", type=_nonnegative, default=defaults.clip_value,
-                        help="per-element clipping bound (default off)")
-    parser.add_argument("--clip-tensor-norm", type=_nonnegative,
-                        default=defaults.clip_tensor_norm,
-                        help="norm bound per parameter tensor, as tf.clip_by_norm (default off)")
+    _add_clip_options(parser, defaults.clip_norm, defaults.clip_value,
+                      defaults.clip_tensor_norm)
     parser.add_argument("--validation-fraction", type=float,
                         default=defaults.validation_fraction)
     parser.add_argument("--eval-every", type=_positive, default=defaults.eval_every)

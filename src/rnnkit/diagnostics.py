@@ -171,14 +171,18 @@ class GateTrace:
                            f"{self.family} trace has {names} at {sorted(self.gates)}") from None
 
 
-def saturation_of(family: str, gates: dict[str, Tensor], valid: Tensor) -> dict[str, float]:
-    """Saturated fraction of each sigmoid gate and tanh unit of ``family`` over ``valid``."""
+def saturation_of(kind: CellKind, gates: dict[str, Tensor], valid: Tensor) -> dict[str, float]:
+    """Saturated fraction of each sigmoid gate and tanh unit of ``kind`` over ``valid``.
+
+    A relu RNN has no saturating unit (relu does not saturate above): its dict is empty."""
     result = {}
-    for name in SIGMOID_GATES[family]:
+    for name in SIGMOID_GATES[kind.family]:
         values = gates[name][valid]
         result[name] = float(((values < SATURATION_LOW) | (values > SATURATION_HIGH))
                              .double().mean())
-    for name in TANH_UNITS[family]:
+    if kind.family == "rnn" and kind.nonlinearity != "tanh":
+        return result
+    for name in TANH_UNITS[kind.family]:
         if name in gates:
             result[name] = float((gates[name][valid].abs() > TANH_SATURATION).double().mean())
     return result
@@ -227,7 +231,7 @@ def gate_trace(layer: _RecurrentLayer, input: Tensor, hx=None, lengths=None) -> 
                 gates_of_direction = {name: torch.stack(values) for name, values in
                                       per_step.items()}  # (T, N, H) each
                 trace.gates[(index, d)] = gates_of_direction
-                trace.saturation[(index, d)] = saturation_of(kind.family, gates_of_direction,
+                trace.saturation[(index, d)] = saturation_of(kind, gates_of_direction,
                                                              valid)
                 outputs.append(torch.nan_to_num(gates_of_direction["h"], nan=0.0))
             sequence = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]

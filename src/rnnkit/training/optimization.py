@@ -46,7 +46,11 @@ def make_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int)
 def clip_gradients(module: nn.Module, max_norm: float | None = None,
                    max_value: float | None = None, max_tensor_norm: float | None = None) -> float:
     """Clip by value, then by norm per tensor, then by global norm (each if given); returns the
-    global norm before clipping."""
+    global norm before clipping. A bound of 0 would zero every gradient: ``ValueError``."""
+    bounds = {"max_norm": max_norm, "max_value": max_value, "max_tensor_norm": max_tensor_norm}
+    for name, bound in bounds.items():
+        if bound is not None and not bound > 0:
+            raise ValueError(f"{name} must be a positive number or None (off), got {bound!r}")
     parameters = [p for p in module.parameters() if p.grad is not None]
     # With an infinite bound clip_grad_norm_ only measures (the scale factor is clamped to 1).
     norm = float(torch.nn.utils.clip_grad_norm_(parameters, math.inf))

@@ -81,9 +81,14 @@ def check_run_config(config: RunConfig) -> None:
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if not config.lr > 0:
         raise ValueError(f"lr must be positive, got {config.lr!r}")
-    if config.forget_bias and config.init == "chrono":
+    if config.forget_bias and config.init == "chrono" and cell_family(config.cell) == "lstm":
         raise ValueError("--forget-bias and --init chrono both set the LSTM forget-gate bias; "
                          "choose one")
+
+
+def cell_family(cell: str) -> str:
+    """``rnn``, ``lstm`` or ``gru``: the layer a command-line cell name builds."""
+    return CELL_VARIANTS[cell][0]
 
 
 def baseline(task: str, length: int) -> float:
@@ -189,9 +194,12 @@ def flow_by_distance(model: MemoryModel, inputs: Tensor) -> list[float]:
 
 
 def init_label(config: RunConfig) -> str:
-    """How the run's recurrent layer was initialised, for tables: ``default``, ``chrono``, or
-    ``fb=1`` for the default draw with forget bias 1 (LSTM cells only)."""
-    if config.forget_bias and config.cell.startswith("lstm"):
+    """How the run's recurrent layer is initialised: ``default``, ``chrono`` (LSTM and GRU; it
+    has no meaning for a plain RNN, which keeps the default), or ``fb=1`` for the default draw
+    with forget bias 1 (LSTM cells only)."""
+    if cell_family(config.cell) == "rnn":
+        return "default"
+    if config.forget_bias and cell_family(config.cell) == "lstm":
         return f"fb={config.forget_bias:g}"
     return config.init
 
