@@ -11,6 +11,7 @@ import torch
 from rnnkit import cli
 from rnnkit.apps.gradients import rescale_recurrent_weights
 from rnnkit.apps.recurrent import make_recurrent
+from rnnkit.training.checkpoint import save_checkpoint
 
 
 def test_rescaling_sets_each_gate_blocks_spectral_radius():
@@ -51,14 +52,41 @@ def test_a_trained_language_model_on_real_text(tmp_path, capsys):
 
 def test_bad_gradient_requests_are_named(tmp_path, capsys):
     (tmp_path / "not.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weight": torch.ones(2)}, tmp_path / "dict.pt")
+    save_checkpoint(tmp_path / "forecast.pt", "forecast", {"model": {}})
+    save_checkpoint(tmp_path / "hollow.pt", "lm", {"vocabulary": ["a"]})
+    (tmp_path / "file").write_text("in the way")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    lm = tmp_path / "lm.pt"
+    assert cli.main(["lm", "train", str(text), "--steps", "1", "--hidden", "8", "--batch-size",
+                     "4", "--seq-len", "20", "--checkpoint", str(lm)]) == 0
+    capsys.readouterr()
     cases = [
         (["gradients", "--checkpoint", str(tmp_path / "not.pt"), "--corpus", "prose"],
          "cannot be read (truncated or corrupted?)"),
+        (["gradients", "--checkpoint", str(tmp_path / "dict.pt"), "--corpus", "prose"],
+         "is not an rnnkit checkpoint (a torch file, but not one that 'rnnkit lm' wrote)"),
+        (["gradients", "--checkpoint", str(tmp_path / "forecast.pt"), "--corpus", "prose"],
+         "was written by 'rnnkit forecast', not 'rnnkit lm'"),
+        (["gradients", "--checkpoint", str(tmp_path / "hollow.pt"), "--corpus", "prose"],
+         "is not a complete 'rnnkit lm' checkpoint (KeyError: 'model_config')"),
+        (["gradients", "--checkpoint", str(tmp_path), "--corpus", "prose"],
+         "is a directory; give the checkpoint file that 'rnnkit lm' wrote"),
+        (["gradients", "--checkpoint", str(lm), str(text), "--layer", "2"],
+         "--layer must be in [0, 1] for the 2-layer stack"),
+        (["gradients", "--checkpoint", str(lm), str(text), "--hidden", "8", "--cells", "gru"],
+         "--cells, --hidden set up fresh layers and cannot change a --checkpoint's"),
         (["gradients", "--corpus", "prose"], "go with --checkpoint"),
     ]
     for argv, message in cases:
         assert cli.main(argv + ["--out", str(tmp_path / "o")]) == 2
         assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["gradients", "--spectral-radius", "0"])
-    assert "expected a number > 0, got '0'" in capsys.readouterr().err
+    assert cli.main(["gradients", "--length", "5", "--hidden", "4", "--cells", "rnn", "--out",
+                     str(tmp_path / "file")]) == 2
+    assert "--out " + repr(str(tmp_path / "file")) + " is an existing file" in \
+        capsys.readouterr().err
+    for radius in ("0", "-1", "inf"):
+        with pytest.raises(SystemExit):
+            cli.main(["gradients", "--spectral-radius", radius])
+        assert f"expected a finite number > 0, got '{radius}'" in capsys.readouterr().err

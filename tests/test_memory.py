@@ -50,6 +50,8 @@ def test_memory_command_writes_table_results_and_plots(tmp_path, capsys):
     (["memory", "adding", "--hidden", "0"], "expected a positive int, got '0'"),
     (["memory", "adding", "--steps", "-5"], "expected a positive int, got '-5'"),
     (["memory", "adding", "--init", "xavier"], "invalid choice: 'xavier'"),
+    (["memory", "adding", "--clip-value", "0"], "expected a finite number > 0, got '0'"),
+    (["memory", "adding", "--clip-tensor-norm", "-1"], "expected a finite number > 0, got '-1'"),
 ])
 def test_bad_memory_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -60,6 +62,14 @@ def test_bad_memory_options_are_refused(argv, message, capsys):
 def test_a_bad_learning_rate_is_named(tmp_path, capsys):
     assert cli.main(["memory", "adding", "--lr", "0", "--out", str(tmp_path)]) == 2
     assert "--lr must be positive, got 0.0" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "results").write_text("keep me")
+    assert cli.main(["memory", "adding", "--lengths", "5", "--steps", "1", "--hidden", "4",
+                     "--out", str(tmp_path / "results")]) == 2
+    assert "is an existing file; give a folder" in capsys.readouterr().err
+    assert (tmp_path / "results").read_text() == "keep me"
 
 
 def test_forget_bias_reaches_the_lstm_is_labelled_and_conflicts_with_chrono():
@@ -74,3 +84,6 @@ def test_forget_bias_reaches_the_lstm_is_labelled_and_conflicts_with_chrono():
     assert init_label(RunConfig("adding", "lstm", 10, forget_bias=1.0)) == "fb=1"
     assert init_label(RunConfig("adding", "gru", 10, forget_bias=1.0)) == "default"
     assert init_label(RunConfig("adding", "lstm", 10, init="chrono")) == "chrono"
+    # chrono has no meaning for a plain RNN: it keeps (and is labelled) the default
+    assert init_label(RunConfig("adding", "rnn-relu", 10, init="chrono")) == "default"
+    check_run_config(RunConfig("adding", "gru", 10, forget_bias=1.0, init="chrono"))  # no LSTM

@@ -60,9 +60,12 @@ def _nonnegative(text: str) -> float:
 
 
 def _positive_real(text: str) -> float:
-    value = _nonnegative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -250,16 +253,18 @@ def _add_gradients_command(commands) -> None:
         "gradients", help="gradient flow ‖∂h_T/∂h_t‖ by distance, without training",
         description="Gradient flow of fresh layers (optionally with W_hh rescaled to a spectral "
         "radius) or of a trained `rnnkit lm` checkpoint on real text; table, JSON and PNG.")
-    g.add_argument("--cells", type=_cells, default=["rnn", "lstm", "gru"],
-                   help="comma-separated (default rnn,lstm,gru)")
+    # The fresh-layer options default to None so that giving one with --checkpoint (which
+    # they cannot affect) is an error rather than silently ignored.
+    g.add_argument("--cells", type=_cells,
+                   help="comma-separated (default rnn,lstm,gru; fresh layers)")
     g.add_argument("--length", type=_integers(2, "--length"), default=[100],
                    help="sequence length T (default 100)")
-    g.add_argument("--hidden", type=_positive, default=128)
+    g.add_argument("--hidden", type=_positive, help="hidden units (default 128; fresh layers)")
     g.add_argument("--samples", type=_positive, default=8, help="sequences averaged over")
-    g.add_argument("--input-size", type=_positive, default=4)
+    g.add_argument("--input-size", type=_positive, help="features (default 4; fresh layers)")
     g.add_argument("--spectral-radius", type=_positive_real,
                    help="rescale each square gate block of W_hh to this spectral radius")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, help="weights and inputs (default 0; fresh layers)")
     g.add_argument("--checkpoint", metavar="CKPT",
                    help="a trained `rnnkit lm` model instead of fresh layers")
     g.add_argument("text_file", nargs="?", metavar="TEXT_FILE", help="text for --checkpoint")
@@ -470,13 +475,26 @@ def run_memory(args: argparse.Namespace) -> int:
 
 
 def run_gradients(args: argparse.Namespace) -> int:
-    from rnnkit.apps.gradients import gradients
+    from rnnkit.apps import gradients
 
     if len(args.length) != 1:
         raise ValueError(f"--length takes one length, got {args.length}")
-    return gradients(args.cells, args.length[0], args.hidden, args.samples, args.input_size,
-                     args.spectral_radius, args.seed, args.checkpoint, args.text_file,
-                     args.corpus, args.layer, args.out, plot=not args.no_plot)
+    fresh = {"--cells": args.cells, "--hidden": args.hidden, "--input-size": args.input_size,
+             "--spectral-radius": args.spectral_radius, "--seed": args.seed}
+    if args.checkpoint:
+        given = [option for option, value in fresh.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} set up fresh layers and cannot change a "
+                             "--checkpoint's trained stack; drop them")
+        return gradients.gradients_of_checkpoint(
+            args.checkpoint, args.text_file, args.corpus, args.length[0], args.samples,
+            args.layer, args.out, plot=not args.no_plot)
+    if args.text_file or args.corpus or args.layer is not None:
+        raise ValueError("a text (TEXT_FILE or --corpus) and --layer go with --checkpoint")
+    return gradients.gradients_of_fresh_layers(
+        args.cells or ["rnn", "lstm", "gru"], args.length[0], args.hidden or 128, args.samples,
+        args.input_size or 4, args.spectral_radius, args.seed or 0, args.out,
+        plot=not args.no_plot)
 
 
 def run_demo(args: argparse.Namespace) -> int:

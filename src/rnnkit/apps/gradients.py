@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from rnnkit.apps.memory.experiment import CELL_VARIANTS
+from rnnkit.apps.outputs import output_directory
 from rnnkit.apps.recurrent import make_recurrent
 from rnnkit.diagnostics import gradient_flow
 from rnnkit.engine.native import build
@@ -66,6 +66,10 @@ def checkpoint_flows(checkpoint: str, text_file: str | None, corpus: str | None,
     if model.config.backend == "torch.nn":
         raise ValueError(f"checkpoint {checkpoint!r} runs on torch.nn layers; gradient flow "
                          "reads rnnkit layers")
+    layers = model.config.num_layers
+    if layer_index is not None and not 0 <= layer_index < layers:
+        raise ValueError(f"--layer must be in [0, {layers - 1}] for the {layers}-layer stack of "
+                         f"{checkpoint!r}, got {layer_index}")
     text, source = load_text(text_file, corpus)
     ids, _ = vocabulary.encode(text)
     if ids.numel() < length:
@@ -96,23 +100,32 @@ def format_flows(flows: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
-def gradients(cells: list[str], length: int, hidden: int, samples: int, input_size: int,
-              radius: float | None, seed: int, checkpoint: str | None, text_file: str | None,
-              corpus: str | None, layer_index: int | None, out: str, plot: bool = True) -> int:
+def gradients_of_fresh_layers(cells: list[str], length: int, hidden: int, samples: int,
+                              input_size: int, radius: float | None, seed: int, out: str,
+                              plot: bool = True) -> int:
+    """`rnnkit gradients` without a checkpoint: fresh layers, table, JSON and PNG in ``out``."""
     build.kernels()
-    if checkpoint:
-        flows, described = checkpoint_flows(checkpoint, text_file, corpus, length, samples,
-                                            layer_index)
-    else:
-        if text_file or corpus or layer_index is not None:
-            raise ValueError("a text (TEXT_FILE or --corpus) and --layer go with --checkpoint")
-        flows = fresh_flows(cells, length, hidden, samples, input_size, radius, seed)
-        described = (f"fresh layers, hidden {hidden}, T = {length}, {samples} random sequences"
-                     + (f", W_hh gate blocks at spectral radius {radius}" if radius else ""))
+    flows = fresh_flows(cells, length, hidden, samples, input_size, radius, seed)
+    described = (f"fresh layers, hidden {hidden}, T = {length}, {samples} random sequences"
+                 + (f", W_hh gate blocks at spectral radius {radius}" if radius else ""))
+    return report(flows, described, out, plot)
+
+
+def gradients_of_checkpoint(checkpoint: str, text_file: str | None, corpus: str | None,
+                            length: int, samples: int, layer_index: int | None, out: str,
+                            plot: bool = True) -> int:
+    """`rnnkit gradients --checkpoint`: a trained language model's stack on real text."""
+    build.kernels()
+    flows, described = checkpoint_flows(checkpoint, text_file, corpus, length, samples,
+                                        layer_index)
+    return report(flows, described, out, plot)
+
+
+def report(flows: dict[str, list[float]], described: str, out: str, plot: bool = True) -> int:
+    """Print the flows by distance; write gradient_flow.json (and .png) into ``out``."""
     print(f"gradient flow: {described}")
     print(format_flows(flows))
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_directory(out)
     (out_dir / "gradient_flow.json").write_text(
         json.dumps({"source": described, "flow_by_distance": flows}, indent=1) + "\n",
         encoding="utf-8")

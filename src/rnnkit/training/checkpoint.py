@@ -12,6 +12,8 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +41,9 @@ def save_checkpoint(path: str | Path, kind: str, payload: dict) -> None:
 def load_checkpoint(path: str | Path, kind: str) -> dict:
     """The checkpoint at ``path`` written by tool ``kind``; ``ValueError`` saying what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a directory; give the checkpoint file "
+                         f"that 'rnnkit {kind}' wrote")
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -52,7 +57,8 @@ def load_checkpoint(path: str | Path, kind: str) -> dict:
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         ) from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not an rnnkit checkpoint")
+        raise ValueError(f"{str(path)!r} is not an rnnkit checkpoint (a torch file, but not one "
+                         f"that 'rnnkit {kind}' wrote)")
     if content.get("kind") != kind:
         raise ValueError(
             f"checkpoint {str(path)!r} was written by 'rnnkit {content.get('kind')}', not "
@@ -62,3 +68,18 @@ def load_checkpoint(path: str | Path, kind: str) -> dict:
             f"checkpoint {str(path)!r} has format version {content.get('version')}; this rnnkit "
             f"reads version {VERSION}")
     return content
+
+
+@contextmanager
+def restoring(path: str | Path, kind: str) -> Iterator[None]:
+    """Around the code that rebuilds a run from a loaded checkpoint: a payload with a key
+    missing, a configuration of the wrong form, or weights that do not fit the configuration
+    become one ``ValueError`` naming the file, instead of a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, RuntimeError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = " ".join(lines[:2]) + (" ..." if len(lines) > 2 else "")
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a complete 'rnnkit {kind}' checkpoint "
+            f"({type(error).__name__}: {detail})") from None

@@ -38,8 +38,9 @@ from rnnkit.apps.forecast.evaluate import (
 from rnnkit.apps.forecast.metrics import detect_season, mase_scale
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
 from rnnkit.apps.forecast.train import FitConfig, fit_forecaster, forecast_windows
+from rnnkit.apps.outputs import output_directory
 from rnnkit.engine.native import build
-from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
+from rnnkit.training.checkpoint import load_checkpoint, restoring, save_checkpoint
 
 KIND = "forecast"
 CHECKPOINT_NAME = "model.pt"
@@ -93,6 +94,7 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     validation_windows = windows(scaled, split.train_end, split.validation_end, data.lookback,
                                  data.horizon)
     model_config = replace(model_config, input_size=len(series.columns), horizon=data.horizon)
+    output_directory(out)  # a bad --out is said now, not after training
     build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
     started = time.perf_counter()
     model, history = fit_forecaster(model_config, fit, train_windows, validation_windows)
@@ -115,7 +117,6 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
         scale=mase_scale(target[: split.validation_end], season), season=season)
     print(format_table(evaluation.table()))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     context = {"source": source, "data": asdict(data), "model": asdict(model_config),
                "fit": asdict(fit), "season": season, "season_source": season_source,
                "split": asdict(split), "origins": len(origins), "epochs": len(history.train),
@@ -146,10 +147,15 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
 
 def restore(checkpoint: str) -> tuple[Forecaster, Scaler, dict]:
     saved = load_checkpoint(checkpoint, KIND)
-    model = Forecaster(ForecastModelConfig(**saved["model_config"]))
-    model.load_state_dict(saved["model"])
+    with restoring(checkpoint, KIND):
+        model = Forecaster(ForecastModelConfig(**saved["model_config"]))
+        model.load_state_dict(saved["model"])
+        scaler = Scaler(np.array(saved["scaler"]["mean"]), np.array(saved["scaler"]["scale"]))
+        saved["data_config"] = DataConfig(**saved["data_config"])
+        missing = [key for key in ("columns", "time_column") if key not in saved]
+        if missing:
+            raise KeyError(", ".join(missing))
     model.eval()
-    scaler = Scaler(np.array(saved["scaler"]["mean"]), np.array(saved["scaler"]["scale"]))
     return model, scaler, saved
 
 
@@ -157,7 +163,7 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
     """Forecast the ``horizon`` values after the end of the series, with the checkpoint's
     columns, fill rule and scaler; write them to ``out`` as CSV."""
     model, scaler, saved = restore(checkpoint)
-    trained = DataConfig(**saved["data_config"])
+    trained = saved["data_config"]
     columns = saved["columns"]
     if csv is not None:  # the columns the model was trained on, whatever the source was
         source = replace(trained, csv=csv, dataset=None, target=columns[0], features=columns[1:],

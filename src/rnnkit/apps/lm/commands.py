@@ -11,7 +11,7 @@ from rnnkit.apps.lm.model import LanguageModel, ModelConfig
 from rnnkit.apps.lm.sample import generate
 from rnnkit.apps.lm.train import KIND, NonFiniteLoss, TrainConfig, Trainer, evaluate
 from rnnkit.engine.native import build
-from rnnkit.training.checkpoint import load_checkpoint
+from rnnkit.training.checkpoint import load_checkpoint, restoring
 
 LN2 = math.log(2)
 
@@ -86,9 +86,10 @@ def save_plot_or_hint(path: str, history) -> None:
 
 def restore(checkpoint: str) -> tuple[LanguageModel, Vocabulary, dict]:
     saved = load_checkpoint(checkpoint, KIND)
-    model = LanguageModel(ModelConfig(**saved["model_config"]))
-    model.load_state_dict(saved["model"])
-    vocabulary = Vocabulary(tuple(saved["vocabulary"]), saved["train_config"]["level"])
+    with restoring(checkpoint, KIND):
+        model = LanguageModel(ModelConfig(**saved["model_config"]))
+        model.load_state_dict(saved["model"])
+        vocabulary = Vocabulary(tuple(saved["vocabulary"]), saved["train_config"]["level"])
     return model, vocabulary, saved
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rnnkit.apps.lm.corpus import LEVELS, Vocabulary
 from rnnkit.apps.lm.model import LanguageModel, ModelConfig
-from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
+from rnnkit.training.checkpoint import load_checkpoint, restoring, save_checkpoint
 from rnnkit.training.loop import progress_bar, take_step
 from rnnkit.training.optimization import (
     OPTIMIZERS,
@@ -160,24 +160,25 @@ class Trainer:
     def resume(cls, path: str | Path, text: str, steps: int | None = None) -> Trainer:
         """The run saved at ``path``, on the same text, optionally with more total ``steps``."""
         saved = load_checkpoint(path, KIND)
-        if saved["text_fingerprint"] != fingerprint(text):
-            raise ValueError(
-                f"checkpoint {str(path)!r} was trained on other text (fingerprint "
-                f"{saved['text_fingerprint']}, this text {fingerprint(text)}); resume with the "
-                "same file or corpus")
-        config = TrainConfig(**saved["train_config"])
-        if steps is not None:
-            config.steps = steps
-        vocabulary = Vocabulary(tuple(saved["vocabulary"]), config.level)
-        trainer = cls(ModelConfig(**saved["model_config"]), config, vocabulary, text, path)
-        trainer.model.load_state_dict(saved["model"])
-        trainer.optimizer.load_state_dict(saved["optimizer"])
-        trainer.schedule.load_state_dict(saved["schedule"])
-        trainer.step, trainer.position = saved["step"], saved["position"]
-        trainer.state = saved["state"]
-        trainer.history = History(**saved["history"])
-        trainer.random_state = saved["random_state"]
-        return trainer
+        with restoring(path, KIND):  # a damaged payload: one error naming the file
+            if saved["text_fingerprint"] != fingerprint(text):
+                raise ValueError(
+                    f"checkpoint {str(path)!r} was trained on other text (fingerprint "
+                    f"{saved['text_fingerprint']}, this text {fingerprint(text)}); resume with the "
+                    "same file or corpus")
+            config = TrainConfig(**saved["train_config"])
+            if steps is not None:
+                config.steps = steps
+            vocabulary = Vocabulary(tuple(saved["vocabulary"]), config.level)
+            trainer = cls(ModelConfig(**saved["model_config"]), config, vocabulary, text, path)
+            trainer.model.load_state_dict(saved["model"])
+            trainer.optimizer.load_state_dict(saved["optimizer"])
+            trainer.schedule.load_state_dict(saved["schedule"])
+            trainer.step, trainer.position = saved["step"], saved["position"]
+            trainer.state = saved["state"]
+            trainer.history = History(**saved["history"])
+            trainer.random_state = saved["random_state"]
+            return trainer
 
     def save(self) -> None:
         """Checkpoint the run to ``checkpoint_path`` (nothing without one)."""

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from rnnkit.apps.memory.experiment import RunConfig, RunResult, check_run_config, metric_name, run
+from rnnkit.apps.outputs import output_directory
 from rnnkit.engine.native import build
 
 GATES_SHOWN = {"lstm": ("f", "i"), "gru": ("z",), "rnn": ()}
@@ -65,8 +66,7 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
                for length in lengths for cell in cells for seed in seeds]
     for config in configs:
         check_run_config(config)  # every bad setting before any training
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_directory(out)
     build.kernels()  # compile once, before the clocks start
     print(f"rnnkit memory {task}: cells {', '.join(cells)}; T = {', '.join(map(str, lengths))}; "
           f"seeds {', '.join(map(str, seeds))}; hidden {base.hidden_size}, {base.steps} steps of "
