@@ -102,7 +102,7 @@ def test_gradient_flow_equals_the_jacobian_of_a_spec_loop(name, backend):
         assert flow.c is None
 
 
-@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("backend", ["reference", "fused", "native"])
 @pytest.mark.parametrize("name", ["lstm-peephole", "gru-reset-before", "rnn-tanh"])
 def test_gradient_flow_of_an_upper_layer_and_the_reverse_direction_with_a_given_state(name,
                                                                                       backend):
@@ -123,6 +123,18 @@ def test_gradient_flow_of_an_upper_layer_and_the_reverse_direction_with_a_given_
                          else states[0][:2])
     start = tuple(s[3] for s in states) if layer.family == "lstm" else states[0][3]
     expected_h, expected_c = reference_flow(layer, below.flip(0), start, spec_weights(layer, 1, 1))
+    torch.testing.assert_close(flow.h, expected_h, rtol=0, atol=1e-8)
+    if layer.family == "lstm":
+        torch.testing.assert_close(flow.c, expected_c, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "native"])
+@pytest.mark.parametrize("name", ["lstm-projection", "gru", "rnn-relu"])
+def test_gradient_flow_of_the_first_layer_of_a_stack_ignores_the_layers_above(name, backend):
+    layer = make_layer(name, num_layers=2, bidirectional=True, backend=backend)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    flow = gradient_flow(layer, x, layer_index=0, direction="forward")
+    expected_h, expected_c = reference_flow(layer, x, _zeros(layer, 2), spec_weights(layer, 0, 0))
     torch.testing.assert_close(flow.h, expected_h, rtol=0, atol=1e-8)
     if layer.family == "lstm":
         torch.testing.assert_close(flow.c, expected_c, rtol=0, atol=1e-8)
