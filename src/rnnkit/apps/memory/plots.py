@@ -51,14 +51,18 @@ def save_learning_curves(path: Path, runs: list, metric: str) -> None:
 def save_flow_plot(path: Path, panels: dict[str, dict[str, list[float]]],
                    title: str = "gradient flow") -> None:
     """One panel per key of ``panels``; in each, one line per label: ‖∂h_T/∂h_t‖ (mean over
-    samples) against the distance T - t, log scale. Labels ending in "(init)" are dashed."""
+    samples) against the distance T - t, log scale. Labels ending in "(init)" are dashed, and
+    share their colour with the same cell's "(trained)" line."""
     plt = pyplot()
     figure, axes = _grid(plt, len(panels))
+    palette = plt.get_cmap("tab10").colors
     for axis, (panel, lines) in zip(axes, panels.items(), strict=True):
+        cells = list(dict.fromkeys(_cell_of(label) for label in lines))
         for label, values in lines.items():
             values = np.asarray(values, dtype=float)
             shown = np.where(values > 0, values, np.nan)  # log scale: exact zeros left out
             axis.plot(np.arange(len(values)), shown, label=label, linewidth=1.2,
+                      color=palette[cells.index(_cell_of(label)) % len(palette)],
                       linestyle="--" if label.endswith("(init)") else "-")
         axis.set_yscale("log")
         axis.set_xlabel("distance T - t (steps)")
@@ -69,6 +73,14 @@ def save_flow_plot(path: Path, panels: dict[str, dict[str, list[float]]],
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _cell_of(label: str) -> str:
+    """The line's cell: its label without a trailing " (init)" or " (trained)"."""
+    for suffix in (" (init)", " (trained)"):
+        if label.endswith(suffix):
+            return label[: -len(suffix)]
+    return label
 
 
 def save_gate_heatmaps(path: Path, panels: list[tuple[str, Tensor]], marks: list[int],
