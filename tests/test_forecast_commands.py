@@ -12,17 +12,20 @@ import torch
 
 from rnnkit import cli
 from rnnkit.apps.forecast.commands import restore
+from rnnkit.training.checkpoint import save_checkpoint
 
 FAST = ["--hidden", "8", "--epochs", "6", "--patience", "3", "--lookback", "14",
         "--horizon", "4", "--test-size", "20", "--validation-size", "20"]
 
 
-def write_series(path, length=160, seed=0, tail=None):
+def write_series(path, length=160, seed=0, tail=None, gap=None):
     rng = np.random.default_rng(seed)
     time = np.arange(length)
     values = 20 + 0.05 * time + 3 * np.sin(2 * np.pi * time / 7) + 0.3 * rng.normal(size=length)
     if tail is not None:
         values[-len(tail):] = tail
+    if gap is not None:
+        values[gap] = np.nan
     frame = pd.DataFrame({"day": pd.date_range("2024-01-01", periods=length, freq="D"),
                           "sales": values, "price": 1 + 0.1 * rng.normal(size=length)})
     frame.to_csv(path, index=False)
@@ -63,11 +66,40 @@ def test_train_writes_results_and_predict_reproduces_the_evaluation_forecast(tmp
     assert predicted["step"].tolist() == [1, 2, 3, 4]
 
 
-def test_no_test_tail_value_reaches_the_scaler_or_the_trained_weights(tmp_path):
-    write_series(tmp_path / "series.csv")
-    write_series(tmp_path / "changed.csv", tail=np.full(20, 1e4))  # only the test tail differs
-    first = train(tmp_path, "first", "--no-plot")
-    second = train(tmp_path, "second", "--no-plot", csv=tmp_path / "changed.csv")
+def test_the_plot_draws_history_tail_forecast_and_best_baseline_in_original_units(
+        tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    frame = write_series(tmp_path / "series.csv")
+    drawn = {}
+    savefig = Figure.savefig
+
+    def keep_lines(figure, *args, **kwargs):
+        for line in figure.axes[0].get_lines():
+            drawn.setdefault(line.get_label(), []).append(line.get_ydata())
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep_lines)
+    out = train(tmp_path, "plotted")
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    best = next(row["method"] for row in results if row["best_baseline"])
+    labels = [label for label in drawn if not label.startswith("_")]
+    assert labels == ["history", "actual (test tail)", "rnnkit (from origins 4 steps apart)",
+                      f"best baseline: {best}"]
+    np.testing.assert_allclose(drawn["actual (test tail)"][0], frame["sales"][140:])  # units
+    history = drawn["history"][0]  # the history just before the tail
+    np.testing.assert_allclose(history, frame["sales"][140 - len(history) : 140])
+
+
+@pytest.mark.parametrize("fill", ["interpolate", "ffill"])
+def test_no_test_tail_value_reaches_the_scaler_or_the_trained_weights(tmp_path, fill):
+    # Only the test tail (rows 140-159) differs; a gap (rows 136-143) straddles its start, so
+    # filling the validation part's end could read the tail if it were done before the split.
+    gap = slice(136, 144)
+    write_series(tmp_path / "series.csv", gap=gap)
+    write_series(tmp_path / "changed.csv", tail=np.full(20, 1e4), gap=gap)
+    first = train(tmp_path, "first", "--no-plot", "--fill", fill)
+    second = train(tmp_path, "second", "--no-plot", "--fill", fill, csv=tmp_path / "changed.csv")
     (model_a, scaler_a, saved_a), (model_b, scaler_b, saved_b) = (
         restore(str(first / "model.pt")), restore(str(second / "model.pt")))
     np.testing.assert_array_equal(scaler_a.mean, scaler_b.mean)
@@ -75,8 +107,24 @@ def test_no_test_tail_value_reaches_the_scaler_or_the_trained_weights(tmp_path):
     for name, tensor in model_a.state_dict().items():
         assert torch.equal(tensor, model_b.state_dict()[name]), name
     assert saved_a["history"] == saved_b["history"]
+    assert [row["MASE"] / row["MAE"] for row in saved_a["results"]] == pytest.approx(
+        [row["MASE"] / row["MAE"] for row in saved_b["results"]])  # the same MASE scale
+    assert [row["method"] for row in saved_a["results"]] == [
+        row["method"] for row in saved_b["results"]]  # the same ETS and ARIMA chosen
     # ... while the evaluation sees the new tail (the comparison above can fail).
     assert saved_a["results"][0]["MAE"] != saved_b["results"][0]["MAE"]
+
+
+def test_predict_continues_a_monthly_series_on_the_calendar(tmp_path, capsys):
+    frame = write_series(tmp_path / "daily.csv")
+    frame["day"] = pd.date_range("2000-01-31", periods=len(frame), freq="ME")  # month ends
+    frame.drop(index=50).to_csv(tmp_path / "series.csv", index=False)  # one month missing
+    out = train(tmp_path, "monthly", "--no-plot")
+    assert "1 irregular time steps" in capsys.readouterr().out
+    assert cli.main(["forecast", "predict", str(out / "model.pt"), "--csv",
+                     str(tmp_path / "series.csv"), "--out", str(tmp_path / "next.csv")]) == 0
+    predicted = pd.read_csv(tmp_path / "next.csv")
+    assert predicted["time"].tolist() == ["2013-05-31", "2013-06-30", "2013-07-31", "2013-08-31"]
 
 
 def test_features_and_recursive_strategy_run(tmp_path):
@@ -96,7 +144,15 @@ def bad_files(tmp_path):
     frame.assign(sales=4.0).to_csv(tmp_path / "constant.csv", index=False)
     frame.assign(sales=frame["sales"].where(frame.index != 9)).to_csv(tmp_path / "gap.csv",
                                                                       index=False)
+    frame.assign(sales=0.1).to_csv(tmp_path / "constant01.csv", index=False)
+    frame.assign(sales=np.nan).to_csv(tmp_path / "nothing.csv", index=False)
+    frame.assign(sales=frame["sales"].where(frame.index != 3, np.inf),
+                 price=frame["price"].where(frame.index != 7, -np.inf)).to_csv(
+        tmp_path / "infinite.csv", index=False)
+    frame.assign(day=frame["day"].where(frame.index != 5, frame["day"][4])).to_csv(
+        tmp_path / "repeated.csv", index=False)
     (tmp_path / "binary.csv").write_bytes(b"\x00\xff\xfe\x00" * 50)
+    (tmp_path / "latin1.csv").write_bytes("day,sales\n2024-01-01,d\xe9j\xe0\n".encode("latin-1"))
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -105,13 +161,25 @@ def bad_files(tmp_path):
      "column\\(s\\) 'revenue' not in the data; it has 'day', 'sales', 'price'"),
     (["--csv", "{}/series.csv"], "--target COL is required with --csv"),
     (["--csv", "{}/text.csv", "--target", "sales"],
-     "column 'sales' is not numeric: rows \\[5\\] hold \\['twelve'\\]"),
+     "column 'sales' is not numeric: data row 5 hold \\['twelve'\\]"),
     (["--csv", "{}/short.csv", "--target", "sales"],
      "too few rows: 30, but lookback 24 \\+ horizon 1 \\+ validation 3 \\+ test 3 = 31"),
     (["--csv", "{}/constant.csv", "--target", "sales"], "'sales' are constant over the training"),
+    (["--csv", "{}/constant01.csv", "--target", "sales"], "'sales' are constant over the training"),
     (["--csv", "{}/gap.csv", "--target", "sales", "--fill", "error"],
-     "1 missing or infinite values \\(rows \\[9\\], ...\\) and --fill error"),
-    (["--csv", "{}/binary.csv", "--target", "sales"], "cannot be read as CSV|not in the data"),
+     "1 missing or infinite values \\(column 'sales': 1 at data row 9\\) and --fill error"),
+    (["--csv", "{}/infinite.csv", "--target", "sales", "--features", "price", "--fill", "error"],
+     "2 missing or infinite values \\(column 'sales': 1 at data row 3; column 'price': 1 at data row 7\\)"),
+    (["--csv", "{}/nothing.csv", "--target", "sales"],
+     "column\\(s\\) 'sales' have no value before the test tail"),
+    (["--csv", "{}/binary.csv", "--target", "sales"], "is binary \\(it holds NUL bytes\\), not CSV text"),
+    (["--csv", "{}/latin1.csv", "--target", "sales"], "cannot be read as CSV: 'utf-8' codec can't decode"),
+    (["--csv", "{}/repeated.csv", "--target", "sales", "--time", "day"],
+     "time column 'day' repeats 2024-01-05 00:00:00 at data rows 4, 5"),
+    (["--csv", "{}/series.csv", "--target", "sales", "--season", "150"],
+     "the history before the test tail has 144 values, too few for the seasonal naive scale of MASE \\(season 150\\)"),
+    (["--csv", "{}/series.csv", "--target", "sales", "--out", "{}/series.csv"],
+     "--out '.*series.csv' is an existing file; give a folder"),
     (["--csv", "{}/series.csv", "--target", "sales", "--features", "price", "--strategy",
       "recursive"], "use --strategy direct with --features"),
     (["--dataset", "co2", "--features", "x"], "--time and --features go with --csv"),
@@ -120,10 +188,12 @@ def bad_files(tmp_path):
 ])
 def test_bad_training_input_is_one_line_naming_the_problem(tmp_path, capsys, arguments, message):
     bad_files(tmp_path)
-    argv = ["forecast", "train", *(a.format(tmp_path) for a in arguments),
-            "--out", str(tmp_path / "out"), "--epochs", "1", "--no-plot"]
+    arguments = [a.format(tmp_path) for a in arguments]
+    out = [] if "--out" in arguments else ["--out", str(tmp_path / "out")]
+    argv = ["forecast", "train", *arguments, *out, "--epochs", "1", "--no-plot"]
     assert cli.main(argv) == 2
     error = capsys.readouterr().err.strip()
+    # One line, and before any training (no progress bar, no epoch).
     assert error.startswith("rnnkit forecast: error: ") and "\n" not in error
     assert __import__("re").search(message, error), error
     assert not (tmp_path / "out" / "model.pt").exists()
@@ -153,6 +223,11 @@ def test_an_earlier_run_is_not_overwritten_and_bad_checkpoints_are_named(tmp_pat
     assert (out / "model.pt").read_bytes() == before
 
     (tmp_path / "broken.pt").write_bytes(before[: len(before) // 2])
+    saved = torch.load(out / "model.pt", weights_only=False)
+    save_checkpoint(tmp_path / "hollow.pt", "forecast", {"model": saved["model"]})
+    saved["model_config"]["hidden_size"] = 9  # weights of 8 units no longer fit
+    save_checkpoint(tmp_path / "misfit.pt", "forecast",
+                    {k: v for k, v in saved.items() if k not in ("format", "kind", "version")})
     (tmp_path / "short.csv").write_text("day,sales,price\n2024-01-01,1.0,1.0\n")
     for argv, message in [
         (["forecast", "predict", str(tmp_path / "broken.pt"), "--csv",
@@ -161,6 +236,13 @@ def test_an_earlier_run_is_not_overwritten_and_bad_checkpoints_are_named(tmp_pat
          "has 1 rows; the model reads the last 14 (its lookback)"),
         (["forecast", "predict", str(out / "model.pt"), "--dataset", "co2"],
          "the model was trained on columns ['sales']"),
+        (["forecast", "predict", str(tmp_path / "hollow.pt"), "--csv",
+          str(tmp_path / "series.csv")],
+         "is not a complete 'rnnkit forecast' checkpoint (KeyError: 'model_config')"),
+        (["forecast", "predict", str(tmp_path / "misfit.pt"), "--csv",
+          str(tmp_path / "series.csv")],
+         "is not a complete 'rnnkit forecast' checkpoint (RuntimeError: Error(s) in loading "
+         "state_dict for Forecaster: size mismatch"),
     ]:
         assert cli.main(argv + ["--out", str(tmp_path / "f.csv")]) == 2
         assert message in capsys.readouterr().err

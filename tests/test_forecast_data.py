@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,8 +11,11 @@ import pytest
 from rnnkit.apps.forecast.data import (
     Scaler,
     builtin_dataset,
+    fill_missing,
+    future_times,
     prepare_series,
     read_csv,
+    regular_step,
     split_series,
     window_origins,
     windows,
@@ -57,11 +62,13 @@ def test_windows_targets_stay_in_their_part():
 def test_builtin_datasets_load_offline_with_their_gaps_filled():
     frame, target, time, season = builtin_dataset("co2")
     series = prepare_series(frame, target, time, season=season)
-    assert series.filled == 59 and not np.isnan(series.values).any()
+    assert series.missing == 59 and np.isnan(series.values).sum() == 59  # filled after the split
+    assert not np.isnan(fill_missing(series, "interpolate", 2000).values).any()
     assert series.season == 52 and series.irregular_steps == 0 and len(series.values) == 2284
+    assert series.step == pd.offsets.Week(weekday=5)  # Saturdays
     frame, target, time, season = builtin_dataset("sunspots")
     series = prepare_series(frame, target, time, season=season)
-    assert series.filled == 0 and len(series.values) == 309
+    assert series.missing == 0 and len(series.values) == 309 and series.step == 1.0
 
 
 def test_fill_rules_and_irregular_timestamps():
@@ -69,22 +76,67 @@ def test_fill_rules_and_irregular_timestamps():
                                 "2024-01-03"],
                           "y": [1.0, np.nan, 4.0, np.inf, 3.0]})
     series = prepare_series(frame, "y", "t", fill="interpolate")
-    assert series.values[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 4.0]  # sorted by time first
-    assert series.filled == 2 and series.irregular_steps == 0
-    series = prepare_series(frame, "y", "t", fill="ffill")
-    assert series.values[:, 0].tolist() == [1.0, 1.0, 3.0, 4.0, 4.0]
+    assert series.missing == 2 and series.irregular_steps == 0
+    assert series.rows.tolist() == [0, 1, 4, 2, 3]  # sorted by time; rows keep the file's order
+    filled = fill_missing(series, "interpolate")
+    assert filled.values[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 4.0]
+    assert fill_missing(series, "ffill").values[:, 0].tolist() == [1.0, 1.0, 3.0, 4.0, 4.0]
     gaps = pd.DataFrame({"t": ["2024-01-01", "2024-01-02", "2024-01-05", "2024-01-06"],
                          "y": [1.0, 2.0, 3.0, 4.0]})
     assert prepare_series(gaps, "y", "t").irregular_steps == 1
 
 
+def test_filling_never_reads_the_test_tail():
+    values = np.array([1.0, 2.0, np.nan, np.nan, 50.0, np.nan, 70.0, np.nan])[:, None]
+    series = prepare_series(pd.DataFrame({"y": values[:, 0]}), "y")
+    # History = the first 4 values: its trailing gap takes the last value before it, not 50.
+    filled = fill_missing(series, "interpolate", history_end=4).values[:, 0]
+    assert filled.tolist() == [1.0, 2.0, 2.0, 2.0, 50.0, 50.0, 70.0, 70.0]  # tail: forward only
+    changed = series.values.copy()
+    changed[4:] = [[-9.0], [np.nan], [-7.0], [-6.0]]
+    other = fill_missing(replace(series, values=changed), "interpolate", 4)
+    np.testing.assert_array_equal(other.values[:4], filled[:4, None])
+    # All of it history: interpolated through.
+    assert fill_missing(series, "interpolate").values[:, 0].tolist() == [
+        1.0, 2.0, 18.0, 34.0, 50.0, 60.0, 70.0, 70.0]
+    with pytest.raises(ValueError, match="column\\(s\\) 'y' have no value before the test tail"):
+        fill_missing(prepare_series(pd.DataFrame({"y": [np.nan] * 4 + [1.0]}), "y"), "ffill", 4)
+
+
+@pytest.mark.parametrize("stamps, step, future", [
+    (pd.date_range("2022-01-01", periods=18, freq="MS"), pd.offsets.MonthBegin(),
+     ["2023-07-01", "2023-08-01", "2023-09-01"]),
+    # Month ends with one month missing: the calendar step still fits all but one step.
+    (pd.date_range("2022-01-31", periods=18, freq="ME").delete(5), pd.offsets.MonthEnd(),
+     ["2023-07-31", "2023-08-31", "2023-09-30"]),
+    # The 15th of each month, one missing: a month apart, whatever the month's length.
+    (pd.DatetimeIndex([f"2022-{m:02d}-15" for m in (1, 2, 3, 5, 6, 7)]), pd.DateOffset(months=1),
+     ["2022-08-15", "2022-09-15", "2022-10-15"]),
+])
+def test_calendar_steps_are_regular_and_future_times_do_not_drift(stamps, step, future):
+    frame = pd.DataFrame({"t": stamps.strftime("%Y-%m-%d"), "y": np.arange(len(stamps), 0.0, -1)})
+    series = prepare_series(frame, "y", "t")
+    assert series.step == step
+    assert series.irregular_steps == (0 if len(stamps) == 18 else 1)
+    assert [t.strftime("%Y-%m-%d") for t in future_times(series, 3)] == future
+
+
+def test_numeric_time_steps():
+    assert regular_step(pd.Index([1.0, 2.0, 3.0, 5.0, 6.0])) == (1.0, 1)
+    assert regular_step(pd.Index([0.1 * k for k in range(10)]))[1] == 0  # float rounding
+
+
 @pytest.mark.parametrize("frame,arguments,message", [
     (pd.DataFrame({"y": [1.0, 2.0]}), {"target": "sales"}, "column\\(s\\) 'sales' not in the data; it has 'y'"),
-    (pd.DataFrame({"y": ["1", "two", "3"]}), {"target": "y"}, "column 'y' is not numeric: rows \\[1\\] hold \\['two'\\]"),
-    (pd.DataFrame({"y": [1.0, np.nan, 3.0]}), {"target": "y", "fill": "error"}, "1 missing or infinite values \\(rows \\[1\\]"),
-    (pd.DataFrame({"y": [1.0, np.inf, 3.0]}), {"target": "y", "fill": "error"}, "1 missing or infinite values"),
+    (pd.DataFrame({"y": ["1", "two", "3"]}), {"target": "y"}, "column 'y' is not numeric: data row 1 hold \\['two'\\]"),
+    (pd.DataFrame({"y": [1.0, np.nan, 3.0]}), {"target": "y", "fill": "error"}, "1 missing or infinite values \\(column 'y': 1 at data row 1\\) and --fill error"),
+    (pd.DataFrame({"y": [1.0, np.inf, 3.0], "x": [np.nan, 1.0, np.nan]}), {"target": "y", "features": ["x"], "fill": "error"}, "3 missing or infinite values \\(column 'y': 1 at data row 1; column 'x': 2 at data rows 0, 2\\)"),
+    # Rows are named in the file's order, even though the series is sorted by time first.
+    (pd.DataFrame({"t": [3, 2, 1], "y": [1.0, 2.0, np.nan]}), {"target": "y", "time": "t", "fill": "error"}, "column 'y': 1 at data row 2\\)"),
     (pd.DataFrame({"y": [1.0]}), {"target": "y", "fill": "zero"}, "fill must be one of interpolate, ffill, error, got 'zero'"),
-    (pd.DataFrame({"t": ["2024-01-01", "soon"], "y": [1.0, 2.0]}), {"target": "y", "time": "t"}, "time column 't' has unreadable timestamps at rows \\[1\\]"),
+    (pd.DataFrame({"t": ["2024-01-01", "soon"], "y": [1.0, 2.0]}), {"target": "y", "time": "t"}, "time column 't' has unreadable timestamps at data row 1"),
+    (pd.DataFrame({"t": [1.0, np.nan, 3.0], "y": [1.0, 2.0, 3.0]}), {"target": "y", "time": "t"}, "time column 't' is empty or infinite at data row 1"),
+    (pd.DataFrame({"t": ["2024-01-02", "2024-01-01", "2024-01-02"], "y": [1.0, 2.0, 3.0]}), {"target": "y", "time": "t"}, "time column 't' repeats 2024-01-02 00:00:00 at data rows 0, 2 \\(1 repeated stamps in all\\); aggregate them"),
 ])
 def test_bad_series_are_named(frame, arguments, message):
     with pytest.raises(ValueError, match=message):
@@ -96,13 +148,17 @@ def test_bad_splits_files_and_constant_series(tmp_path):
         split_series(100, 10, 0, 10, 10)
     with pytest.raises(ValueError, match="too few rows: 30, but lookback 10 \\+ horizon 5 \\+ validation 10 \\+ test 10 = 35"):
         split_series(30, 10, 5, 10, 10)
-    with pytest.raises(ValueError, match="'y' are constant over the training part"):
-        Scaler.fit(np.ones((20, 1)), ["y"])
+    for constant in (1.0, 0.1):  # 0.1 repeated has a floating-point std of 1.4e-17, not 0
+        with pytest.raises(ValueError, match="'y' are constant over the training part"):
+            Scaler.fit(np.full((20, 1), constant), ["y"])
     with pytest.raises(ValueError, match="does not exist"):
         read_csv(tmp_path / "nope.csv")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match="cannot be read as CSV"):
         read_csv(tmp_path / "empty.csv")
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="is binary \\(it holds NUL bytes\\), not CSV text"):
+        read_csv(tmp_path / "binary.csv")
     (tmp_path / "header.csv").write_text("t,y\n")
     with pytest.raises(ValueError, match="has no rows"):
         read_csv(tmp_path / "header.csv")

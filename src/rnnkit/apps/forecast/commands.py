@@ -21,6 +21,7 @@ from rnnkit.apps.forecast.data import (
     DataConfig,
     Scaler,
     Series,
+    fill_missing,
     future_times,
     load_frame,
     prepare_series,
@@ -56,6 +57,16 @@ def load_series(config: DataConfig) -> tuple[Series, str, str | None]:
     return series, description, time_column
 
 
+def describe_missing(series: Series, fill: str, history_end: int | None = None) -> str:
+    """How many missing values ``series`` has (before `fill_missing`) and how they are filled."""
+    if not series.missing:
+        return "no missing values"
+    history_end = len(series.values) if history_end is None else history_end
+    in_tail = int(np.isnan(series.values[history_end:]).sum())
+    return f"{series.missing} missing values filled ({fill}" + (
+        f"; the {in_tail} in the test tail by the last value before them" if in_tail else "") + ")"
+
+
 def choose_season(series: Series, config: DataConfig, train_end: int) -> tuple[int | None, str]:
     """The season length and where it came from; detection reads the train part only."""
     if series.season:
@@ -77,10 +88,12 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     data = resolve_sizes(data, len(series.values))
     split = split_series(len(series.values), data.lookback, data.horizon, data.test_size,
                          data.validation_size)
+    missing = describe_missing(series, data.fill, split.validation_end)
+    series = fill_missing(series, data.fill, split.validation_end)
     season, season_source = choose_season(series, data, split.train_end)
     print(f"{source}: {len(series.values):,} rows, target {series.columns[0]!r}"
           + (f", features {series.columns[1:]}" if series.columns[1:] else "")
-          + f"; {series.filled} missing values filled ({data.fill}); "
+          + f"; {missing}; "
           f"{series.irregular_steps} irregular time steps; season: "
           f"{season or '-'} ({season_source})", flush=True)
     print(f"split in time: train {split.train_end}, validation "
@@ -89,6 +102,9 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
           flush=True)
 
     scaler = Scaler.fit(series.values[: split.train_end], series.columns)
+    target = series.values[:, 0]
+    # MASE's scale now: a season too long for the history is said before training, not after.
+    scale = mase_scale(target[: split.validation_end], season)
     scaled = scaler.transform(series.values)
     train_windows = windows(scaled, 0, split.train_end, data.lookback, data.horizon)
     validation_windows = windows(scaled, split.train_end, split.validation_end, data.lookback,
@@ -109,12 +125,11 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
                                         data.lookback, data.horizon, data.stride)
     print(f"forecasting {len(origins)} test origins with the model and the baselines ...",
           file=sys.stderr, flush=True)
-    target = series.values[:, 0]
     evaluation = Evaluation(
         origins=origins, actual=scaler.inverse_target(test_targets),
         model=scaler.inverse_target(forecast_windows(model, test_inputs)),
         baselines=all_baselines(target, split.validation_end, origins, data.horizon, season),
-        scale=mase_scale(target[: split.validation_end], season), season=season)
+        scale=scale, season=season)
     print(format_table(evaluation.table()))
 
     context = {"source": source, "data": asdict(data), "model": asdict(model_config),
@@ -178,17 +193,20 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
     if len(series.values) < lookback:
         raise ValueError(f"{description} has {len(series.values)} rows; the model reads the "
                          f"last {lookback} (its lookback)")
+    missing = describe_missing(series, trained.fill)
+    series = fill_missing(series, trained.fill)  # all of it is history here
     window = scaler.transform(series.values[-lookback:])[None]  # (1, lookback, C)
     forecast = scaler.inverse_target(forecast_windows(model, window))[0]  # (horizon,)
     table = {"step": np.arange(1, horizon + 1)}
-    times = future_times(series.time, horizon)
+    times = future_times(series, horizon)
     if times is not None:
         table["time"] = times
     table[series.columns[0]] = forecast
     frame = pd.DataFrame(table)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
-    print(f"{description}: {len(series.values):,} rows; forecast of the next {horizon} steps:")
+    print(f"{description}: {len(series.values):,} rows; {missing}; {series.irregular_steps} "
+          f"irregular time steps; forecast of the next {horizon} steps:")
     print(frame.to_string(index=False))
     print(f"wrote {out}")
     return 0

@@ -2,42 +2,53 @@
 
 1. A series comes from a CSV file (pandas) or a built-in dataset bundled with statsmodels
    (offline): ``co2`` (Mauna Loa, weekly, season 52) and ``sunspots`` (yearly, cycle ~11).
-2. Missing values are filled by an explicit rule (``interpolate``, ``ffill`` or ``error``) and
-   counted; irregular time steps are detected and counted.
+2. Rows are put in time order; missing or infinite values are counted (``--fill error`` refuses
+   them); irregular time steps are detected and counted, repeated ones refused.
 3. The series is split in time order into train, validation and a test tail.
-4. The scaler is fitted on the train part only.
-5. Windows are cut per part after the split: a window's *targets* all lie inside its part; its
+4. Missing values are filled by the rule (``interpolate`` or ``ffill``) from the history only;
+   in the test tail, forward only (`fill_missing`).
+5. The scaler is fitted on the train part only.
+6. Windows are cut per part after the split: a window's *targets* all lie inside its part; its
    inputs may reach back into earlier parts, which is only the past, known when forecasting.
-No test value can reach the scaler or a training window (tests/test_forecast_data.py checks it).
+No test value can reach the filled history, the scaler or a training window
+(tests/test_forecast_data.py and tests/test_forecast_commands.py check it).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pandas.tseries.frequencies import to_offset
 
 DATASETS = ("co2", "sunspots")
 FILL_RULES = ("interpolate", "ffill", "error")
 
 
-def _rows(positions: np.ndarray) -> list[int]:
-    """Row numbers for messages (plain ints), the first five."""
-    return [int(p) for p in positions]
+def _at_rows(rows: np.ndarray) -> str:
+    """Data rows for messages: 0 is the first row below the header, in the file's own order."""
+    shown = ", ".join(str(int(r)) for r in rows[:5])
+    return f"data row{'s' if len(rows) > 1 else ''} {shown}{', ...' if len(rows) > 5 else ''}"
 
 
 @dataclass
 class Series:
-    """A prepared series: target (and feature) columns, float64, with what preparation did."""
+    """A prepared series: target (and feature) columns, float64, with what preparation found.
 
-    values: np.ndarray  # (L, C): column 0 is the target, then the features
+    ``values`` holds NaN where a value was missing or infinite until `fill_missing` fills it
+    (which needs to know where the test tail starts, so it runs after the split)."""
+
+    values: np.ndarray  # (L, C): column 0 is the target, then the features; in time order
     columns: list[str]
-    time: pd.Index | None  # timestamps, when the data has them
+    time: pd.Index | None  # timestamps (or numbers) in time order, when the data has them
     season: int | None  # season length when known (built-in data) or given
-    filled: int  # missing values filled (all columns)
-    irregular_steps: int  # time steps that differ from the most common step
+    missing: int  # missing or infinite values found (all columns)
+    irregular_steps: int  # time steps that differ from the series' regular step
+    step: object = None  # that step: a pandas offset or Timedelta, or a number; None without time
+    rows: np.ndarray | None = None  # (L,) the data row each value came from, for messages
 
 
 def builtin_dataset(name: str) -> tuple[pd.DataFrame, str, str | None, int]:
@@ -58,6 +69,10 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"CSV file {str(path)!r} does not exist")
+    with open(path, "rb") as stream:
+        if b"\0" in stream.read(8192):
+            raise ValueError(f"CSV file {str(path)!r} is binary (it holds NUL bytes), not CSV "
+                             "text")
     try:
         frame = pd.read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
@@ -68,10 +83,75 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def _count_irregular(stamps, step) -> int:
+    """Consecutive pairs of ``stamps`` that are not ``step`` apart."""
+    with warnings.catch_warnings():  # some calendar offsets add element by element: fine here
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        return int((stamps[:-1] + step != stamps[1:]).sum())
+
+
+def regular_step(stamps: pd.Index) -> tuple[object, int]:
+    """(the series' regular step, how many steps differ from it) of sorted, distinct stamps.
+
+    Numbers: the most common difference (equal to 1e-9 relative). Dates: pandas' inferred
+    frequency when every step fits one; otherwise the calendar step (month, quarter, year: their
+    lengths in days vary) or fixed duration that the most steps fit.
+    """
+    if len(stamps) < 2:
+        return None, 0
+    if not isinstance(stamps, pd.DatetimeIndex):
+        differences = np.diff(stamps.to_numpy(dtype=np.float64))
+        step = float(pd.Series(differences).mode().iloc[0])
+        return step, int((~np.isclose(differences, step, rtol=1e-9, atol=0)).sum())
+    with warnings.catch_warnings():  # pandas 3 warns that infer_freq will return an offset
+        warnings.simplefilter("ignore")
+        inferred = pd.infer_freq(stamps) if len(stamps) >= 3 else None
+    if inferred is not None:
+        return to_offset(inferred), 0
+    most_common = pd.Series(stamps[1:] - stamps[:-1]).mode().iloc[0]
+    candidates = [most_common]
+    days = most_common / pd.Timedelta(days=1)
+    if 28 <= days <= 31:
+        candidates += [pd.DateOffset(months=1), pd.offsets.MonthEnd(1)]
+    elif 89 <= days <= 92:
+        candidates += [pd.DateOffset(months=3), pd.offsets.QuarterEnd(1)]
+    elif 365 <= days <= 366:
+        candidates += [pd.DateOffset(years=1), pd.offsets.YearEnd(1)]
+    counts = [_count_irregular(stamps, step) for step in candidates]
+    best = int(np.argmin(counts))
+    return candidates[best], counts[best]
+
+
+def _time_order(frame: pd.DataFrame, time: str) -> tuple[pd.Index, np.ndarray]:
+    """(sorted stamps, the data row of each) of the time column; unreadable, empty or repeated
+    stamps are refused with their rows."""
+    stamps = frame[time]
+    if not pd.api.types.is_numeric_dtype(stamps):
+        stamps = pd.to_datetime(stamps, errors="coerce")
+        if stamps.isna().any():
+            raise ValueError(f"time column {time!r} has unreadable timestamps at "
+                             f"{_at_rows(np.flatnonzero(stamps.isna().to_numpy()))}")
+    elif stamps.isna().any() or np.isinf(stamps.to_numpy(dtype=np.float64)).any():
+        bad = stamps.isna().to_numpy() | np.isinf(stamps.to_numpy(dtype=np.float64))
+        raise ValueError(f"time column {time!r} is empty or infinite at "
+                         f"{_at_rows(np.flatnonzero(bad))}")
+    order = np.argsort(stamps.to_numpy(), kind="stable")
+    sorted_stamps = pd.Index(stamps.to_numpy()[order])
+    repeated = np.flatnonzero(sorted_stamps[1:] == sorted_stamps[:-1])
+    if len(repeated):
+        first = repeated[0]
+        rows = order[(sorted_stamps == sorted_stamps[first])]
+        raise ValueError(f"time column {time!r} repeats {sorted_stamps[first]} at "
+                         f"{_at_rows(np.sort(rows))} ({len(repeated)} repeated stamps in all); "
+                         "aggregate them to one row per time first")
+    return sorted_stamps, order
+
+
 def prepare_series(frame: pd.DataFrame, target: str, time: str | None = None,
                    features: list[str] | None = None, fill: str = "interpolate",
                    season: int | None = None) -> Series:
-    """Select, check, order and fill the columns; see the module docstring."""
+    """Select, check and order the columns; count missing values (refused under ``fill`` =
+    ``"error"``) and irregular time steps. Filling waits for the split: `fill_missing`."""
     if fill not in FILL_RULES:
         raise ValueError(f"fill must be one of {', '.join(FILL_RULES)}, got {fill!r}")
     columns = [target, *(features or [])]
@@ -84,38 +164,47 @@ def prepare_series(frame: pd.DataFrame, target: str, time: str | None = None,
     for column in columns:
         bad = frame[column].notna() & data[column].isna()
         if bad.any():
-            rows = _rows(np.flatnonzero(bad.to_numpy())[:5])
-            raise ValueError(f"column {column!r} is not numeric: rows {rows} hold "
+            raise ValueError(f"column {column!r} is not numeric: "
+                             f"{_at_rows(np.flatnonzero(bad.to_numpy()))} hold "
                              f"{list(frame[column][bad].head(3))}")
-    time_index, irregular = None, 0
+    rows = np.arange(len(frame))
+    time_index, step, irregular = None, None, 0
     if time:
-        stamps = frame[time]
-        if not pd.api.types.is_numeric_dtype(stamps):
-            stamps = pd.to_datetime(stamps, errors="coerce")
-            if stamps.isna().any():
-                rows = _rows(np.flatnonzero(stamps.isna().to_numpy())[:5])
-                raise ValueError(f"time column {time!r} has unreadable timestamps at rows {rows}")
-        order = np.argsort(stamps.to_numpy(), kind="stable")
-        data, stamps = data.iloc[order].reset_index(drop=True), stamps.iloc[order]
-        steps = pd.Series(stamps.to_numpy()).diff().dropna()
-        if len(steps):
-            irregular = int((steps != steps.mode().iloc[0]).sum())
-        time_index = pd.Index(stamps.to_numpy())
-    values = data.to_numpy(dtype=np.float64, copy=True)
-    infinite = np.isinf(values)
-    if infinite.any():
-        values[infinite] = np.nan  # treated as missing: filled by the rule, or refused
-    missing_count = int(np.isnan(values).sum())
-    if missing_count:
-        if fill == "error":
-            rows = _rows(np.flatnonzero(np.isnan(values).any(axis=1))[:5])
-            raise ValueError(f"{missing_count} missing or infinite values (rows {rows}, ...) and "
-                             "--fill error; use --fill interpolate or --fill ffill")
-        filled = pd.DataFrame(values)
-        filled = (filled.interpolate(limit_direction="both") if fill == "interpolate"
-                  else filled.ffill().bfill())
-        values = filled.to_numpy()
-    return Series(values, columns, time_index, season, missing_count, irregular)
+        time_index, rows = _time_order(frame, time)
+        step, irregular = regular_step(time_index)
+    values = data.to_numpy(dtype=np.float64, copy=True)[rows]
+    values[np.isinf(values)] = np.nan  # treated as missing: filled by the rule, or refused
+    absent = np.isnan(values)
+    if absent.any() and fill == "error":
+        found = [f"column {column!r}: {int(absent[:, k].sum())} at "
+                 f"{_at_rows(np.sort(rows[absent[:, k]]))}"
+                 for k, column in enumerate(columns) if absent[:, k].any()]
+        raise ValueError(f"{int(absent.sum())} missing or infinite values ({'; '.join(found)}) "
+                         "and --fill error; use --fill interpolate or --fill ffill")
+    return Series(values, columns, time_index, season, int(absent.sum()), irregular, step, rows)
+
+
+def fill_missing(series: Series, fill: str, history_end: int | None = None) -> Series:
+    """A copy of ``series`` with its missing values filled, never from the test tail.
+
+    The history ``[0, history_end)`` (train and validation) is filled from its own values by
+    ``fill``: ``interpolate`` (linear between the neighbours; the edges take the nearest value)
+    or ``ffill`` (the last value before, the first one for a leading gap). The test tail
+    ``[history_end, L)`` is filled forward only, with the last value before each gap, as a
+    forecaster standing at that point would know it: interpolating there would read values after
+    the forecast origin. ``history_end=None``: all of it is history (forecasting the future).
+    """
+    history_end = len(series.values) if history_end is None else history_end
+    history = pd.DataFrame(series.values[:history_end])
+    empty = [column for column, count in zip(series.columns, history.notna().sum(), strict=True)
+             if count == 0]
+    if empty:
+        raise ValueError(f"column(s) {', '.join(map(repr, empty))} have no value before the test "
+                         "tail: nothing to fill the missing values from")
+    history = (history.interpolate(limit_direction="both") if fill == "interpolate"
+               else history.ffill().bfill())
+    whole = pd.concat([history, pd.DataFrame(series.values[history_end:])], ignore_index=True)
+    return replace(series, values=whole.ffill().to_numpy())
 
 
 @dataclass
@@ -128,7 +217,9 @@ class Scaler:
     @classmethod
     def fit(cls, train: np.ndarray, columns: list[str]) -> Scaler:
         scale = train.std(axis=0)
-        constant = [c for c, s in zip(columns, scale, strict=True) if s == 0]
+        # The range, not the deviation: std of 0.1 repeated is 1.4e-17, not 0.
+        spread = np.ptp(train, axis=0)
+        constant = [c for c, s in zip(columns, spread, strict=True) if s == 0]
         if constant:
             raise ValueError(f"column(s) {', '.join(map(repr, constant))} are constant over the "
                              "training part: nothing to forecast or learn from")
@@ -246,10 +337,11 @@ def resolve_sizes(config: DataConfig, length: int) -> DataConfig:
                    validation_size=validation_size)
 
 
-def future_times(time: pd.Index | None, horizon: int) -> list | None:
-    """The ``horizon`` timestamps after the last one, at the most common step (None without)."""
-    if time is None or len(time) < 2:
+def future_times(series: Series, horizon: int) -> list | None:
+    """The ``horizon`` time stamps after the last one, at the series' regular step (None without
+    time). Step k is ``last + k * step``: calendar steps do not drift (31 Jan + 2 months is
+    31 Mar with a month-end step)."""
+    if series.time is None or series.step is None:
         return None
-    steps = pd.Series(time).diff().dropna()
-    step = steps.mode().iloc[0]
-    return [time[-1] + step * (k + 1) for k in range(horizon)]
+    last = series.time[-1]
+    return [last + series.step * (k + 1) for k in range(horizon)]

@@ -102,7 +102,8 @@ def save_forecast_plot(path: Path, values: np.ndarray, time: pd.Index | None,
     for k in shown:
         span = axis[evaluation.origins[k] : evaluation.origins[k] + horizon]
         axes.plot(span, evaluation.model[k], color="tab:red", linewidth=1.4,
-                  label=f"{MODEL_NAME} (from every {horizon}th origin)" if k == 0 else None)
+                  label=f"{MODEL_NAME} (from origins {horizon} steps apart)" if k == 0
+                  else None)
         axes.plot(span, best.forecasts[k], color="tab:blue", linewidth=1.2, linestyle="--",
                   label=f"best baseline: {best.name}" if k == 0 else None)
     axes.axvline(axis[test_start], color="0.6", linestyle=":", linewidth=1)
