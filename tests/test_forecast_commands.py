@@ -161,7 +161,7 @@ def bad_files(tmp_path):
      "column\\(s\\) 'revenue' not in the data; it has 'day', 'sales', 'price'"),
     (["--csv", "{}/series.csv"], "--target COL is required with --csv"),
     (["--csv", "{}/text.csv", "--target", "sales"],
-     "column 'sales' is not numeric: data row 5 hold \\['twelve'\\]"),
+     "column 'sales' is not numeric: data row 5 holds \\['twelve'\\]"),
     (["--csv", "{}/short.csv", "--target", "sales"],
      "too few rows: 30, but lookback 24 \\+ horizon 1 \\+ validation 3 \\+ test 3 = 31"),
     (["--csv", "{}/constant.csv", "--target", "sales"], "'sales' are constant over the training"),
@@ -193,8 +193,9 @@ def test_bad_training_input_is_one_line_naming_the_problem(tmp_path, capsys, arg
     argv = ["forecast", "train", *arguments, *out, "--epochs", "1", "--no-plot"]
     assert cli.main(argv) == 2
     error = capsys.readouterr().err.strip()
-    # One line, and before any training (no progress bar, no epoch).
+    # One line, and before any training (no progress bar, whose unit is the epoch).
     assert error.startswith("rnnkit forecast: error: ") and "\n" not in error
+    assert "epoch" not in error
     assert __import__("re").search(message, error), error
     assert not (tmp_path / "out" / "model.pt").exists()
 
@@ -225,6 +226,9 @@ def test_an_earlier_run_is_not_overwritten_and_bad_checkpoints_are_named(tmp_pat
     (tmp_path / "broken.pt").write_bytes(before[: len(before) // 2])
     saved = torch.load(out / "model.pt", weights_only=False)
     save_checkpoint(tmp_path / "hollow.pt", "forecast", {"model": saved["model"]})
+    saved["scaler"]["mean"] = [0.0, 0.0]  # a scaler for two columns, a network for one
+    save_checkpoint(tmp_path / "mixed.pt", "forecast",
+                    {k: v for k, v in saved.items() if k not in ("format", "kind", "version")})
     saved["model_config"]["hidden_size"] = 9  # weights of 8 units no longer fit
     save_checkpoint(tmp_path / "misfit.pt", "forecast",
                     {k: v for k, v in saved.items() if k not in ("format", "kind", "version")})
@@ -238,10 +242,13 @@ def test_an_earlier_run_is_not_overwritten_and_bad_checkpoints_are_named(tmp_pat
          "the model was trained on columns ['sales']"),
         (["forecast", "predict", str(tmp_path / "hollow.pt"), "--csv",
           str(tmp_path / "series.csv")],
-         "is not a complete 'rnnkit forecast' checkpoint (KeyError: 'model_config')"),
+         "is not a complete, compatible 'rnnkit forecast' checkpoint (KeyError: 'model_config')"),
+        (["forecast", "predict", str(tmp_path / "mixed.pt"), "--csv",
+          str(tmp_path / "series.csv")],
+         "is inconsistent: 1 columns, a scaler for 2 and a network reading 1"),
         (["forecast", "predict", str(tmp_path / "misfit.pt"), "--csv",
           str(tmp_path / "series.csv")],
-         "is not a complete 'rnnkit forecast' checkpoint (RuntimeError: Error(s) in loading "
+         "is not a complete, compatible 'rnnkit forecast' checkpoint (RuntimeError: Error(s) in loading "
          "state_dict for Forecaster: size mismatch"),
     ]:
         assert cli.main(argv + ["--out", str(tmp_path / "f.csv")]) == 2

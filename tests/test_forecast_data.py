@@ -76,8 +76,7 @@ def test_fill_rules_and_irregular_timestamps():
                                 "2024-01-03"],
                           "y": [1.0, np.nan, 4.0, np.inf, 3.0]})
     series = prepare_series(frame, "y", "t", fill="interpolate")
-    assert series.missing == 2 and series.irregular_steps == 0
-    assert series.rows.tolist() == [0, 1, 4, 2, 3]  # sorted by time; rows keep the file's order
+    assert series.missing == 2 and series.irregular_steps == 0  # sorted by time first
     filled = fill_missing(series, "interpolate")
     assert filled.values[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 4.0]
     assert fill_missing(series, "ffill").values[:, 0].tolist() == [1.0, 1.0, 3.0, 4.0, 4.0]
@@ -124,11 +123,37 @@ def test_calendar_steps_are_regular_and_future_times_do_not_drift(stamps, step, 
 def test_numeric_time_steps():
     assert regular_step(pd.Index([1.0, 2.0, 3.0, 5.0, 6.0])) == (1.0, 1)
     assert regular_step(pd.Index([0.1 * k for k in range(10)]))[1] == 0  # float rounding
+    big = regular_step(pd.Index(10**17 + 3 * np.arange(50)))  # beyond float64's integers
+    assert big == (3, 0) and isinstance(big[0], int)
+
+
+@pytest.mark.parametrize("stamps, step, irregular", [
+    # Quarter ends anchored in January, one missing: month ends three months apart.
+    (pd.date_range("2015-01-31", periods=24, freq="QE-JAN").delete(10), pd.offsets.MonthEnd(3), 1),
+    # Year ends in February across leap years, one missing.
+    (pd.date_range("2000-02-29", periods=10, freq="YE-FEB").delete(3), pd.offsets.MonthEnd(12), 1),
+    # Two month ends: a calendar month, not 28 days.
+    (pd.DatetimeIndex(["2022-01-31", "2022-02-28"]), pd.offsets.MonthEnd(1), 0),
+])
+def test_calendar_steps_with_any_anchor(stamps, step, irregular):
+    assert regular_step(stamps) == (step, irregular)
+
+
+def test_timestamps_with_several_utc_offsets_are_read_in_utc():
+    frame = pd.DataFrame({"t": ["2020-03-28T00:00+01:00", "2020-03-30T00:00+02:00",
+                                "2020-03-29T00:00+01:00"], "y": [1.0, 3.0, 2.0]})
+    series = prepare_series(frame, "y", "t")
+    assert str(series.time.tz) == "UTC" and series.values[:, 0].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_a_utf16_csv_is_read(tmp_path):
+    (tmp_path / "excel.csv").write_bytes("t,y\n1,2.5\n2,3.5\n".encode("utf-16"))
+    assert read_csv(tmp_path / "excel.csv")["y"].tolist() == [2.5, 3.5]
 
 
 @pytest.mark.parametrize("frame,arguments,message", [
     (pd.DataFrame({"y": [1.0, 2.0]}), {"target": "sales"}, "column\\(s\\) 'sales' not in the data; it has 'y'"),
-    (pd.DataFrame({"y": ["1", "two", "3"]}), {"target": "y"}, "column 'y' is not numeric: data row 1 hold \\['two'\\]"),
+    (pd.DataFrame({"y": ["1", "two", "3"]}), {"target": "y"}, "column 'y' is not numeric: data row 1 holds \\['two'\\]"),
     (pd.DataFrame({"y": [1.0, np.nan, 3.0]}), {"target": "y", "fill": "error"}, "1 missing or infinite values \\(column 'y': 1 at data row 1\\) and --fill error"),
     (pd.DataFrame({"y": [1.0, np.inf, 3.0], "x": [np.nan, 1.0, np.nan]}), {"target": "y", "features": ["x"], "fill": "error"}, "3 missing or infinite values \\(column 'y': 1 at data row 1; column 'x': 2 at data rows 0, 2\\)"),
     # Rows are named in the file's order, even though the series is sorted by time first.
@@ -136,7 +161,7 @@ def test_numeric_time_steps():
     (pd.DataFrame({"y": [1.0]}), {"target": "y", "fill": "zero"}, "fill must be one of interpolate, ffill, error, got 'zero'"),
     (pd.DataFrame({"t": ["2024-01-01", "soon"], "y": [1.0, 2.0]}), {"target": "y", "time": "t"}, "time column 't' has unreadable timestamps at data row 1"),
     (pd.DataFrame({"t": [1.0, np.nan, 3.0], "y": [1.0, 2.0, 3.0]}), {"target": "y", "time": "t"}, "time column 't' is empty or infinite at data row 1"),
-    (pd.DataFrame({"t": ["2024-01-02", "2024-01-01", "2024-01-02"], "y": [1.0, 2.0, 3.0]}), {"target": "y", "time": "t"}, "time column 't' repeats 2024-01-02 00:00:00 at data rows 0, 2 \\(1 repeated stamps in all\\); aggregate them"),
+    (pd.DataFrame({"t": ["2024-01-02", "2024-01-01", "2024-01-02"], "y": [1.0, 2.0, 3.0]}), {"target": "y", "time": "t"}, "time column 't' repeats 2024-01-02 00:00:00 at data rows 0, 2 \\(1 row\\(s\\) in all repeat an earlier stamp\\); aggregate them"),
 ])
 def test_bad_series_are_named(frame, arguments, message):
     with pytest.raises(ValueError, match=message):

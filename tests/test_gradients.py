@@ -70,13 +70,15 @@ def test_bad_gradient_requests_are_named(tmp_path, capsys):
         (["gradients", "--checkpoint", str(tmp_path / "forecast.pt"), "--corpus", "prose"],
          "was written by 'rnnkit forecast', not 'rnnkit lm'"),
         (["gradients", "--checkpoint", str(tmp_path / "hollow.pt"), "--corpus", "prose"],
-         "is not a complete 'rnnkit lm' checkpoint (KeyError: 'model_config')"),
+         "is not a complete, compatible 'rnnkit lm' checkpoint (KeyError: 'model_config')"),
         (["gradients", "--checkpoint", str(tmp_path), "--corpus", "prose"],
          "is a directory; give the checkpoint file that 'rnnkit lm' wrote"),
         (["gradients", "--checkpoint", str(lm), str(text), "--layer", "2"],
          "--layer must be in [0, 1] for the 2-layer stack"),
         (["gradients", "--checkpoint", str(lm), str(text), "--hidden", "8", "--cells", "gru"],
          "--cells, --hidden set up fresh layers and cannot change a --checkpoint's"),
+        (["gradients", "--checkpoint", str(lm), str(text), "--seed", "0"],
+         "--seed set up fresh layers"),  # even at its default value
         (["gradients", "--corpus", "prose"], "go with --checkpoint"),
     ]
     for argv, message in cases:

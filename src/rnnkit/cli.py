@@ -294,8 +294,10 @@ def _add_forecast_commands(commands) -> None:
     t.add_argument("--features", type=_columns, default=[], metavar="COL,...",
                    help="extra input columns (direct strategy only)")
     t.add_argument("--fill", choices=FILL_RULES, default="interpolate",
-                   help="missing or infinite values: interpolate linearly (default), carry the "
-                   "last value forward (ffill), or stop with an error")
+                   help="missing or infinite values, filled after the split from the history "
+                   "only: interpolate linearly (default) or carry the last value forward (ffill; "
+                   "a leading gap takes the first value); in the test tail always the last "
+                   "value before; or error: stop")
     t.add_argument("--season", type=_season,
                    help="season length (default: the dataset's, or detected on the train part;"
                    " 0: none)")
@@ -327,8 +329,7 @@ def _add_forecast_commands(commands) -> None:
                    help="stop after this many epochs without a better validation loss")
     t.add_argument("--batch-size", type=_positive, default=fit.batch_size)
     t.add_argument("--lr", type=float, default=fit.lr)
-    t.add_argument("--clip-norm", type=_nonnegative, default=fit.clip_norm,
-                   help="global-norm clipping bound (0: off)")
+    _add_clip_options(t, fit.clip_norm, fit.clip_value, fit.clip_tensor_norm)
     t.add_argument("--seed", type=int, default=fit.seed)
     t.add_argument("--out", metavar="DIR",
                    help="folder for model.pt, metrics.csv/json, forecasts.csv, forecast.png "
@@ -452,7 +453,8 @@ def run_forecast(args: argparse.Namespace) -> int:
         cell=args.cell, hidden_size=args.hidden, num_layers=args.layers, dropout=args.dropout,
         peephole=args.peephole, reset_after=not args.reset_before)
     fit = FitConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                    lr=args.lr, clip_norm=args.clip_norm or None, seed=args.seed)
+                    lr=args.lr, clip_norm=args.clip_norm or None, clip_value=args.clip_value,
+                    clip_tensor_norm=args.clip_tensor_norm, seed=args.seed)
     out = args.out or f"forecast-{args.dataset or Path(args.csv).stem}"
     return forecast.train(data, model, fit, out, overwrite=args.overwrite,
                           plot=not args.no_plot)

@@ -104,6 +104,7 @@ def gradients_of_fresh_layers(cells: list[str], length: int, hidden: int, sample
                               input_size: int, radius: float | None, seed: int, out: str,
                               plot: bool = True) -> int:
     """`rnnkit gradients` without a checkpoint: fresh layers, table, JSON and PNG in ``out``."""
+    output_directory(out)
     build.kernels()
     flows = fresh_flows(cells, length, hidden, samples, input_size, radius, seed)
     described = (f"fresh layers, hidden {hidden}, T = {length}, {samples} random sequences"
@@ -115,6 +116,7 @@ def gradients_of_checkpoint(checkpoint: str, text_file: str | None, corpus: str 
                             length: int, samples: int, layer_index: int | None, out: str,
                             plot: bool = True) -> int:
     """`rnnkit gradients --checkpoint`: a trained language model's stack on real text."""
+    output_directory(out)
     build.kernels()
     flows, described = checkpoint_flows(checkpoint, text_file, corpus, length, samples,
                                         layer_index)

@@ -72,14 +72,15 @@ def load_checkpoint(path: str | Path, kind: str) -> dict:
 
 @contextmanager
 def restoring(path: str | Path, kind: str) -> Iterator[None]:
-    """Around the code that rebuilds a run from a loaded checkpoint: a payload with a key
-    missing, a configuration of the wrong form, or weights that do not fit the configuration
-    become one ``ValueError`` naming the file, instead of a traceback."""
+    """Around the code that rebuilds a run from a loaded checkpoint (and nothing else, since it
+    reads every KeyError, TypeError and RuntimeError as the checkpoint's fault): a payload with a
+    key missing, a configuration of the wrong form (from another rnnkit version, say), or
+    weights that do not fit the configuration become one ``ValueError`` naming the file."""
     try:
         yield
     except (KeyError, TypeError, RuntimeError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         detail = " ".join(lines[:2]) + (" ..." if len(lines) > 2 else "")
         raise ValueError(
-            f"checkpoint {str(path)!r} is not a complete 'rnnkit {kind}' checkpoint "
-            f"({type(error).__name__}: {detail})") from None
+            f"checkpoint {str(path)!r} is not a complete, compatible 'rnnkit {kind}' "
+            f"checkpoint ({type(error).__name__}: {detail})") from None

@@ -43,14 +43,20 @@ def make_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def check_clipping(**bounds: float | None) -> None:
+    """``ValueError`` naming the first clipping bound that is neither None (off) nor a positive
+    number: a bound of 0 would zero every gradient. Configurations call it at their boundary."""
+    for name, bound in bounds.items():
+        if bound is not None and not bound > 0:
+            raise ValueError(f"{name.replace('_', '-')} must be a positive number or None (off), "
+                             f"got {bound!r}")
+
+
 def clip_gradients(module: nn.Module, max_norm: float | None = None,
                    max_value: float | None = None, max_tensor_norm: float | None = None) -> float:
     """Clip by value, then by norm per tensor, then by global norm (each if given); returns the
     global norm before clipping. A bound of 0 would zero every gradient: ``ValueError``."""
-    bounds = {"max_norm": max_norm, "max_value": max_value, "max_tensor_norm": max_tensor_norm}
-    for name, bound in bounds.items():
-        if bound is not None and not bound > 0:
-            raise ValueError(f"{name} must be a positive number or None (off), got {bound!r}")
+    check_clipping(max_norm=max_norm, max_value=max_value, max_tensor_norm=max_tensor_norm)
     parameters = [p for p in module.parameters() if p.grad is not None]
     # With an infinite bound clip_grad_norm_ only measures (the scale factor is clamped to 1).
     norm = float(torch.nn.utils.clip_grad_norm_(parameters, math.inf))

@@ -167,9 +167,11 @@ def restore(checkpoint: str) -> tuple[Forecaster, Scaler, dict]:
         model.load_state_dict(saved["model"])
         scaler = Scaler(np.array(saved["scaler"]["mean"]), np.array(saved["scaler"]["scale"]))
         saved["data_config"] = DataConfig(**saved["data_config"])
-        missing = [key for key in ("columns", "time_column") if key not in saved]
-        if missing:
-            raise KeyError(", ".join(missing))
+        columns, _ = saved["columns"], saved["time_column"]
+    if not len(columns) == len(scaler.mean) == model.config.input_size:
+        raise ValueError(f"checkpoint {checkpoint!r} is inconsistent: {len(columns)} columns, a "
+                         f"scaler for {len(scaler.mean)} and a network reading "
+                         f"{model.config.input_size}")
     model.eval()
     return model, scaler, saved
 

@@ -48,7 +48,6 @@ class Series:
     missing: int  # missing or infinite values found (all columns)
     irregular_steps: int  # time steps that differ from the series' regular step
     step: object = None  # that step: a pandas offset or Timedelta, or a number; None without time
-    rows: np.ndarray | None = None  # (L,) the data row each value came from, for messages
 
 
 def builtin_dataset(name: str) -> tuple[pd.DataFrame, str, str | None, int]:
@@ -70,11 +69,13 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise ValueError(f"CSV file {str(path)!r} does not exist")
     with open(path, "rb") as stream:
-        if b"\0" in stream.read(8192):
-            raise ValueError(f"CSV file {str(path)!r} is binary (it holds NUL bytes), not CSV "
-                             "text")
+        start = stream.read(8192)
+    # A byte-order mark says UTF-16 (Excel's "Unicode text"); other NUL bytes say binary.
+    encoding = "utf-16" if start[:2] in (b"\xff\xfe", b"\xfe\xff") else None
+    if encoding is None and b"\0" in start:
+        raise ValueError(f"CSV file {str(path)!r} is binary (it holds NUL bytes), not CSV text")
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, encoding=encoding)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
         raise ValueError(f"CSV file {str(path)!r} cannot be read as CSV: "
                          f"{str(error).splitlines()[0]}") from None
@@ -100,6 +101,10 @@ def regular_step(stamps: pd.Index) -> tuple[object, int]:
     if len(stamps) < 2:
         return None, 0
     if not isinstance(stamps, pd.DatetimeIndex):
+        if pd.api.types.is_integer_dtype(stamps.dtype):  # exact: no float rounding of big ints
+            differences = np.diff(stamps.to_numpy(dtype=np.int64))
+            step = int(pd.Series(differences).mode().iloc[0])
+            return step, int((differences != step).sum())
         differences = np.diff(stamps.to_numpy(dtype=np.float64))
         step = float(pd.Series(differences).mode().iloc[0])
         return step, int((~np.isclose(differences, step, rtol=1e-9, atol=0)).sum())
@@ -109,14 +114,13 @@ def regular_step(stamps: pd.Index) -> tuple[object, int]:
     if inferred is not None:
         return to_offset(inferred), 0
     most_common = pd.Series(stamps[1:] - stamps[:-1]).mode().iloc[0]
-    candidates = [most_common]
     days = most_common / pd.Timedelta(days=1)
-    if 28 <= days <= 31:
-        candidates += [pd.DateOffset(months=1), pd.offsets.MonthEnd(1)]
-    elif 89 <= days <= 92:
-        candidates += [pd.DateOffset(months=3), pd.offsets.QuarterEnd(1)]
-    elif 365 <= days <= 366:
-        candidates += [pd.DateOffset(years=1), pd.offsets.YearEnd(1)]
+    months = 1 if 28 <= days <= 31 else 3 if 89 <= days <= 92 else 12 if 365 <= days <= 366 \
+        else 0
+    # Calendar steps first, so that they win ties (two month ends 28 days apart are monthly):
+    # month ends (any anchor, 29 February included), or the same day of the month.
+    candidates = ([pd.offsets.MonthEnd(months), pd.DateOffset(months=months)] if months else [])
+    candidates.append(most_common)
     counts = [_count_irregular(stamps, step) for step in candidates]
     best = int(np.argmin(counts))
     return candidates[best], counts[best]
@@ -127,7 +131,10 @@ def _time_order(frame: pd.DataFrame, time: str) -> tuple[pd.Index, np.ndarray]:
     stamps are refused with their rows."""
     stamps = frame[time]
     if not pd.api.types.is_numeric_dtype(stamps):
-        stamps = pd.to_datetime(stamps, errors="coerce")
+        try:
+            stamps = pd.to_datetime(stamps, errors="coerce")
+        except ValueError:  # several UTC offsets (local time across a DST change): to UTC
+            stamps = pd.to_datetime(stamps, errors="coerce", utc=True)
         if stamps.isna().any():
             raise ValueError(f"time column {time!r} has unreadable timestamps at "
                              f"{_at_rows(np.flatnonzero(stamps.isna().to_numpy()))}")
@@ -142,8 +149,8 @@ def _time_order(frame: pd.DataFrame, time: str) -> tuple[pd.Index, np.ndarray]:
         first = repeated[0]
         rows = order[(sorted_stamps == sorted_stamps[first])]
         raise ValueError(f"time column {time!r} repeats {sorted_stamps[first]} at "
-                         f"{_at_rows(np.sort(rows))} ({len(repeated)} repeated stamps in all); "
-                         "aggregate them to one row per time first")
+                         f"{_at_rows(np.sort(rows))} ({len(repeated)} row(s) in all repeat an "
+                         "earlier stamp); aggregate them to one row per time first")
     return sorted_stamps, order
 
 
@@ -164,8 +171,9 @@ def prepare_series(frame: pd.DataFrame, target: str, time: str | None = None,
     for column in columns:
         bad = frame[column].notna() & data[column].isna()
         if bad.any():
-            raise ValueError(f"column {column!r} is not numeric: "
-                             f"{_at_rows(np.flatnonzero(bad.to_numpy()))} hold "
+            rows = np.flatnonzero(bad.to_numpy())
+            raise ValueError(f"column {column!r} is not numeric: {_at_rows(rows)} "
+                             f"hold{'s' if len(rows) == 1 else ''} "
                              f"{list(frame[column][bad].head(3))}")
     rows = np.arange(len(frame))
     time_index, step, irregular = None, None, 0
@@ -181,7 +189,7 @@ def prepare_series(frame: pd.DataFrame, target: str, time: str | None = None,
                  for k, column in enumerate(columns) if absent[:, k].any()]
         raise ValueError(f"{int(absent.sum())} missing or infinite values ({'; '.join(found)}) "
                          "and --fill error; use --fill interpolate or --fill ffill")
-    return Series(values, columns, time_index, season, int(absent.sum()), irregular, step, rows)
+    return Series(values, columns, time_index, season, int(absent.sum()), irregular, step)
 
 
 def fill_missing(series: Series, fill: str, history_end: int | None = None) -> Series:
@@ -199,8 +207,9 @@ def fill_missing(series: Series, fill: str, history_end: int | None = None) -> S
     empty = [column for column, count in zip(series.columns, history.notna().sum(), strict=True)
              if count == 0]
     if empty:
-        raise ValueError(f"column(s) {', '.join(map(repr, empty))} have no value before the test "
-                         "tail: nothing to fill the missing values from")
+        where = "before the test tail" if history_end < len(series.values) else "at all"
+        raise ValueError(f"column(s) {', '.join(map(repr, empty))} have no value {where}: "
+                         "nothing to fill the missing values from")
     history = (history.interpolate(limit_direction="both") if fill == "interpolate"
                else history.ffill().bfill())
     whole = pd.concat([history, pd.DataFrame(series.values[history_end:])], ignore_index=True)

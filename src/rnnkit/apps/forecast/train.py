@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
 from rnnkit.training.loop import EarlyStopping, progress_bar, take_step
-from rnnkit.training.optimization import make_optimizer
+from rnnkit.training.optimization import check_clipping, make_optimizer
 
 
 @dataclass
@@ -29,7 +29,9 @@ class FitConfig:
     patience: int = 30  # epochs without a better validation loss before stopping
     batch_size: int = 64
     lr: float = 3e-3  # Adam
-    clip_norm: float | None = 1.0  # global-norm clipping bound; None: off
+    clip_norm: float | None = 1.0  # global-norm bound (tf.clip_by_global_norm); None: off
+    clip_value: float | None = None  # per-element bound (tf.clip_by_value); None: off
+    clip_tensor_norm: float | None = None  # per-tensor norm bound (tf.clip_by_norm); None: off
     seed: int = 0
 
 
@@ -49,6 +51,8 @@ def check_fit_config(config: FitConfig) -> None:
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if not config.lr > 0:
         raise ValueError(f"lr must be positive, got {config.lr!r}")
+    check_clipping(clip_norm=config.clip_norm, clip_value=config.clip_value,
+                   clip_tensor_norm=config.clip_tensor_norm)
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -92,7 +96,8 @@ def fit_forecaster(model_config: ForecastModelConfig, config: FitConfig,
         total = 0.0
         for batch in torch.randperm(len(inputs), generator=order).split(config.batch_size):
             loss = F.mse_loss(model.step(inputs[batch]), targets[batch])
-            take_step(model, loss, optimizer, config.clip_norm)
+            take_step(model, loss, optimizer, config.clip_norm, config.clip_value,
+                      clip_tensor_norm=config.clip_tensor_norm)
             total += loss.item() * len(batch)
         history.train.append(total / len(inputs))
         history.validation.append(validation_loss(model, *validation))

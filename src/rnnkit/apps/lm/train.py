@@ -27,6 +27,7 @@ from rnnkit.training.loop import progress_bar, take_step
 from rnnkit.training.optimization import (
     OPTIMIZERS,
     SCHEDULES,
+    check_clipping,
     make_optimizer,
     make_schedule,
 )
@@ -88,6 +89,8 @@ def check_train_config(config: TrainConfig) -> None:
                          f"{config.schedule!r}")
     if not config.lr > 0:
         raise ValueError(f"lr must be positive, got {config.lr!r}")
+    check_clipping(clip_norm=config.clip_norm, clip_value=config.clip_value,
+                   clip_tensor_norm=config.clip_tensor_norm)
 
 
 def fingerprint(text: str) -> str:

@@ -27,7 +27,7 @@ from rnnkit.apps.recurrent import make_recurrent
 from rnnkit.diagnostics import gradient_flow
 from rnnkit.tasks import ADDING_BASELINE_MSE, COPY_SYMBOLS, adding_problem, copy_baseline, copy_task
 from rnnkit.training.loop import progress_bar, take_step
-from rnnkit.training.optimization import make_optimizer
+from rnnkit.training.optimization import check_clipping, make_optimizer
 
 TASKS = ("adding", "copy")
 # Cell names on the command line: (family, make_recurrent options).
@@ -81,6 +81,8 @@ def check_run_config(config: RunConfig) -> None:
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if not config.lr > 0:
         raise ValueError(f"lr must be positive, got {config.lr!r}")
+    check_clipping(clip_norm=config.clip_norm, clip_value=config.clip_value,
+                   clip_tensor_norm=config.clip_tensor_norm)
     if config.forget_bias and config.init == "chrono" and cell_family(config.cell) == "lstm":
         raise ValueError("--forget-bias and --init chrono both set the LSTM forget-gate bias; "
                          "choose one")
