@@ -201,6 +201,8 @@ def fill_missing(series: Series, fill: str, history_end: int | None = None) -> S
     ``[history_end, L)`` is filled forward only, with the last value before each gap, as a
     forecaster standing at that point would know it: interpolating there would read values after
     the forecast origin. ``history_end=None``: all of it is history (forecasting the future).
+    (So `predict` on a file cut at a test origin interpolates a gap inside the tail where the
+    evaluation carried the last value forward: the two forecasts agree when the tail is whole.)
     """
     history_end = len(series.values) if history_end is None else history_end
     history = pd.DataFrame(series.values[:history_end])
