@@ -35,6 +35,18 @@ def test_fresh_layers_vanish_below_radius_one_and_grow_above(tmp_path, capsys):
     assert "mean ‖∂h_T/∂h_t‖ at distance" in capsys.readouterr().out
 
 
+def test_every_cell_name_gives_its_flow_with_the_identity_at_distance_zero(tmp_path):
+    from rnnkit.apps.memory.experiment import CELL_VARIANTS
+
+    assert cli.main(["gradients", "--cells", ",".join(CELL_VARIANTS), "--length", "6",
+                     "--hidden", "8", "--out", str(tmp_path), "--no-plot"]) == 0
+    flows = json.loads((tmp_path / "gradient_flow.json").read_text())["flow_by_distance"]
+    for cell in CELL_VARIANTS:
+        size = 4 if cell == "lstm-projection" else 8  # h projected to hidden // 2
+        assert flows[cell][0] == pytest.approx(math.sqrt(size)) and len(flows[cell]) == 6
+    assert flows["lstm-projection (through c)"][0] == 0
+
+
 def test_a_trained_language_model_on_real_text(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
@@ -80,6 +92,8 @@ def test_bad_gradient_requests_are_named(tmp_path, capsys):
         (["gradients", "--checkpoint", str(lm), str(text), "--seed", "0"],
          "--seed set up fresh layers"),  # even at its default value
         (["gradients", "--corpus", "prose"], "go with --checkpoint"),
+        (["gradients", "--cells", "lstm-projection", "--spectral-radius", "0.5"],
+         "lstm-projection needs --hidden >= 2 (h is projected to hidden // 2) and has no square"),
     ]
     for argv, message in cases:
         assert cli.main(argv + ["--out", str(tmp_path / "o")]) == 2

@@ -89,3 +89,15 @@ def test_forget_bias_reaches_the_lstm_is_labelled_and_conflicts_with_chrono():
     # chrono has no meaning for a plain RNN: it keeps (and is labelled) the default
     assert init_label(RunConfig("adding", "rnn-relu", 10, init="chrono")) == "default"
     check_run_config(RunConfig("adding", "gru", 10, forget_bias=1.0, init="chrono"))  # no LSTM
+
+
+def test_the_projected_lstm_reads_out_its_projection():
+    from rnnkit.apps.memory.experiment import MemoryModel, check_run_config
+
+    model = MemoryModel(RunConfig("copy", "lstm-projection", 5, hidden_size=8))
+    assert model.recurrent.proj_size == 4 and model.readout.in_features == 4
+    result, _, _ = run(RunConfig("adding", "lstm-projection", 6, hidden_size=8, steps=2,
+                                 eval_every=1, held_out=10), show_progress=False)
+    assert len(result.flow_initial) == 6 and result.flow_initial[0] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="lstm-projection projects h to hidden // 2 units"):
+        check_run_config(RunConfig("adding", "lstm-projection", 5, hidden_size=1))

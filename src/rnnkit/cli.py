@@ -225,7 +225,7 @@ def _add_memory_command(commands) -> None:
     m.add_argument("task", choices=TASKS)
     m.add_argument("--cells", type=_cells, default=["rnn", "lstm", "gru"],
                    help="comma-separated (default rnn,lstm,gru; variants: rnn-relu, "
-                   "lstm-peephole, gru-reset-before)")
+                   "lstm-peephole, lstm-projection (h to hidden // 2), gru-reset-before)")
     m.add_argument("--lengths", type=_integers(2, "--lengths"), default=[50],
                    help="sequence lengths T (adding) or delays T (copy), comma-separated "
                    "(default 50)")

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from rnnkit.apps.memory.experiment import CELL_VARIANTS
+from rnnkit.apps.memory.experiment import cell_options
 from rnnkit.apps.outputs import output_directory
 from rnnkit.apps.recurrent import make_recurrent
 from rnnkit.diagnostics import gradient_flow
@@ -41,9 +41,12 @@ def rescale_recurrent_weights(layer, radius: float) -> None:
 def fresh_flows(cells: list[str], length: int, hidden: int, samples: int, input_size: int,
                 radius: float | None, seed: int) -> dict[str, list[float]]:
     """Mean flow by distance (index 0 = distance 0) per cell; LSTMs also through c."""
+    if "lstm-projection" in cells and (radius is not None or hidden < 2):
+        raise ValueError("lstm-projection needs --hidden >= 2 (h is projected to hidden // 2) "
+                         "and has no square W_hh blocks for --spectral-radius to rescale")
     flows = {}
     for cell in cells:
-        family, options = CELL_VARIANTS[cell]
+        family, options = cell_options(cell, hidden)
         torch.manual_seed(seed)
         layer = make_recurrent(family, input_size, hidden, 1, **options).double()
         if radius is not None:

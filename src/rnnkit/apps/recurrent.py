@@ -13,10 +13,11 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
                    dropout: float = 0.0, peephole: bool = False, reset_after: bool = True,
                    backend: str = "auto", batch_first: bool = False, init: str = "default",
                    chrono_max_length: int | None = None, nonlinearity: str = "tanh",
-                   forget_bias: float = 0.0) -> nn.Module:
+                   forget_bias: float = 0.0, proj_size: int = 0) -> nn.Module:
     """A stack of ``num_layers`` recurrent layers of ``cell`` (lstm | gru | rnn).
 
-    ``dropout`` applies between layers (torch.nn's convention); ``peephole`` is for LSTM only and
+    ``dropout`` applies between layers (torch.nn's convention); ``peephole`` and ``proj_size``
+    (h projected to that size, as torch.nn) are for LSTM only and
     ``reset_after=False`` (the original GRU) for GRU only. ``backend`` is an rnnkit engine, or
     ``"torch.nn"`` for the plain torch.nn layer (comparisons; it has no variants).
     ``init="chrono"`` (LSTM, GRU) draws the gate biases of Tallec & Ollivier 2018 for
@@ -32,6 +33,8 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
     common = dict(num_layers=num_layers, dropout=layer_dropout, batch_first=batch_first)
     if nonlinearity != "tanh" and cell != "rnn":
         raise ValueError(f"nonlinearity={nonlinearity!r} is for the rnn cell only, not {cell!r}")
+    if proj_size and cell != "lstm":
+        raise ValueError(f"proj_size={proj_size} is for the lstm cell only, not {cell!r}")
     if forget_bias and cell != "lstm":
         raise ValueError(f"forget_bias={forget_bias} is for the lstm cell only, not {cell!r}")
     if init != "default" and cell == "rnn":
@@ -40,8 +43,10 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
         if peephole or not reset_after or init != "default" or forget_bias:
             raise ValueError("torch.nn has no peephole LSTM, reset-before GRU or chrono "
                              "initialisation; use an rnnkit backend for those")
-        return getattr(nn, cell.upper())(input_size, hidden_size, **common)
-    variants = {"peephole": peephole, "forget_bias": forget_bias} if cell == "lstm" else {}
+        projection = {"proj_size": proj_size} if proj_size else {}
+        return getattr(nn, cell.upper())(input_size, hidden_size, **common, **projection)
+    variants = ({"peephole": peephole, "forget_bias": forget_bias, "proj_size": proj_size}
+                if cell == "lstm" else {})
     if cell == "gru":
         variants["reset_after"] = reset_after
     if init != "default":

@@ -36,6 +36,7 @@ CELL_VARIANTS = {
     "rnn-relu": ("rnn", {"nonlinearity": "relu"}),
     "lstm": ("lstm", {}),
     "lstm-peephole": ("lstm", {"peephole": True}),
+    "lstm-projection": ("lstm", {}),  # h projected to hidden // 2: see `cell_options`
     "gru": ("gru", {}),
     "gru-reset-before": ("gru", {"reset_after": False}),
 }
@@ -83,9 +84,20 @@ def check_run_config(config: RunConfig) -> None:
         raise ValueError(f"lr must be positive, got {config.lr!r}")
     check_clipping(clip_norm=config.clip_norm, clip_value=config.clip_value,
                    clip_tensor_norm=config.clip_tensor_norm)
+    if config.cell == "lstm-projection" and config.hidden_size < 2:
+        raise ValueError("lstm-projection projects h to hidden // 2 units: it needs hidden >= 2, "
+                         f"got {config.hidden_size}")
     if config.forget_bias and config.init == "chrono" and cell_family(config.cell) == "lstm":
         raise ValueError("--forget-bias and --init chrono both set the LSTM forget-gate bias; "
                          "choose one")
+
+
+def cell_options(cell: str, hidden_size: int) -> tuple[str, dict]:
+    """(family, `make_recurrent` options) of a command-line cell name at ``hidden_size`` units."""
+    family, options = CELL_VARIANTS[cell]
+    if cell == "lstm-projection":
+        options = {**options, "proj_size": hidden_size // 2}
+    return family, options
 
 
 def cell_family(cell: str) -> str:
@@ -107,7 +119,7 @@ class MemoryModel(nn.Module):
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
-        family, options = CELL_VARIANTS[config.cell]
+        family, options = cell_options(config.cell, config.hidden_size)
         init = config.init if family != "rnn" else "default"  # chrono has no meaning for RNN
         self.task = config.task
         inputs = 2 if config.task == "adding" else COPY_SYMBOLS
@@ -118,7 +130,7 @@ class MemoryModel(nn.Module):
             family, inputs, config.hidden_size, 1, init=init,
             chrono_max_length=total_steps if init == "chrono" else None,
             forget_bias=config.forget_bias if family == "lstm" else 0.0, **options)
-        self.readout = nn.Linear(config.hidden_size, outputs)
+        self.readout = nn.Linear(options.get("proj_size") or config.hidden_size, outputs)
 
     def encode(self, inputs: Tensor) -> Tensor:
         """Task input -> the layer's float input ``(T, N, I)``."""
