@@ -114,10 +114,22 @@ def test_gradcheck_through_backend(backend, name):
 # after full tiles, a partial last column strip, and strips split between threads.
 # Steps 1-2 take the forward's dot-product kernel, 3 and more the transposed copy; up to 16 rows
 # project the input with the kernels' own product.
+@pytest.fixture(params=["tiles", "blas"])
+def step_products(request):
+    """Runs a test with every native step product on the kernels' tiles, then on ATen's mm."""
+    kernels = build.kernels()
+    if kernels is None:
+        pytest.fail("the native kernels did not build")
+    default = kernels.blas_min_multiply_adds()
+    kernels.set_blas_min_multiply_adds(2**62 if request.param == "tiles" else 0)
+    yield request.param
+    kernels.set_blas_min_multiply_adds(default)
+
+
 @pytest.mark.parametrize("steps,batch,hidden", [(3, 1, 70), (2, 2, 9), (5, 13, 37), (2, 8, 64),
                                                 (1, 3, 20), (4, 7, 33)])
 @pytest.mark.parametrize("name", list(CONFIGURATIONS))
-def test_native_equals_reference_at_larger_sizes(name, steps, batch, hidden):
+def test_native_equals_reference_at_larger_sizes(name, steps, batch, hidden, step_products):
     layer_class, extra = CONFIGURATIONS[name]
     extra = {**extra, "proj_size": hidden // 3} if "proj_size" in extra else extra
     torch.manual_seed(0)
@@ -130,6 +142,26 @@ def test_native_equals_reference_at_larger_sizes(name, steps, batch, hidden):
 
     def run(module):
         return module(x, lengths=lengths)
+
+    expected = outputs_and_gradients(with_backend(layer, "reference"), run, {"x": x})
+    actual = outputs_and_gradients(with_backend(layer, "native"), run, {"x": x})
+    assert_same(actual, expected, torch.float64, group="native-vs-ref")
+
+
+@pytest.mark.parametrize("name, gates", [("lstm_peephole", 4), ("gru_reset_before", 3),
+                                         ("rnn_relu", 1)])
+def test_native_at_a_size_whose_products_run_on_blas_by_default(name, gates):
+    batch, hidden = 32, 192
+    # The recurrent product of a step, (N, H) x (H, gates * H), is past the default threshold
+    # here, and the small sizes of the other tests are below it.
+    assert batch * hidden * gates * hidden >= build.kernels().blas_min_multiply_adds() > 4 * 70 * 280
+    layer_class, extra = CONFIGURATIONS[name]
+    torch.manual_seed(0)
+    layer = layer_class(16, hidden, **extra, dtype=torch.float64)
+    x = torch.randn(4, batch, 16, dtype=torch.float64, requires_grad=True)
+
+    def run(module):
+        return module(x, lengths=[4, 2] * 16)
 
     expected = outputs_and_gradients(with_backend(layer, "reference"), run, {"x": x})
     actual = outputs_and_gradients(with_backend(layer, "native"), run, {"x": x})

@@ -117,10 +117,10 @@ using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 // ---- the per-step matrix product ------------------------------------------------------------
 //
 // Every step multiplies a small block of states (N rows) by a fixed weight matrix: out (N, G)
-// (+)= x (N, K) · B (K, G). ATen's mm costs microseconds per call before any arithmetic, and with
-// MKL on AMD CPUs runs at about half of the FMA peak at these shapes; so the steps use this
-// register-blocked kernel. B is row-major (K, G): for h W^T it is W^T, made contiguous once per
-// call; for dG W it is W itself.
+// (+)= x (N, K) · B (K, G). ATen's mm costs microseconds per call before any arithmetic, more
+// than a whole small product; so small steps use this register-blocked kernel, and large ones
+// ATen's mm (`worth_blas` below). B is row-major (K, G): for h W^T it is W^T, made contiguous
+// once per call; for dG W it is W itself.
 //
 // A tile is `Rows` rows of out by `Cols` vectors of columns, Rows * Cols = 8 to 12 accumulators
 // that stay in registers while k runs over K: enough independent FMA chains to hide the FMA's
@@ -229,11 +229,54 @@ void product_with_tiles(Block<const T> x, Block<const T> b, Block<T> out, bool a
   });
 }
 
+// Large step products go to ATen's mm (MKL on this build): past about a million multiply-adds
+// per step its call overhead (a few microseconds) no longer matters, and its kernels, blocked for
+// every cache level, beat the tiles here, which stream all of B from memory every step.
+// `rnnkit bench` on this project's 2-core AMD EPYC (2026-11-25): at (T, N, H) = (50, 64, 512) the
+// LSTM trained in 146 ms with mm against 307 ms with the tiles (torch.nn: 174 ms); below the
+// threshold the two are level within noise, and at batch 1 the tiles win clearly (see
+// docs/benchmarks.md). Tests move the threshold to run every product both ways.
+int64_t blas_min_multiply_adds = int64_t(1) << 20;
+
+void set_blas_min_multiply_adds(int64_t value) {
+  TORCH_CHECK(value >= 0, "blas_min_multiply_adds must be >= 0, got ", value);
+  blas_min_multiply_adds = value;
+}
+
+inline bool worth_blas(int64_t rows, int64_t inner, int64_t cols) {
+  return rows * inner * cols >= blas_min_multiply_adds;
+}
+
+// out (+)= x · op(b) through ATen's mm on views of the buffers (no copy): b is (K, G) as stored,
+// or the transpose of a stored (G, K) when `b_transposed`.
+template <typename T>
+Tensor view_of(const T* data, int64_t rows, int64_t cols, int64_t ld) {
+  return torch::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1},
+                          torch::dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+template <typename T>
+void blas_product(Block<const T> x, const T* b, int64_t ldb, bool b_transposed, Block<T> out,
+                  bool accumulate) {
+  const Tensor xs = view_of<T>(x.data, x.rows, x.cols, x.ld);
+  const Tensor bs = b_transposed ? view_of<T>(b, out.cols, x.cols, ldb).t()
+                                 : view_of<T>(b, x.cols, out.cols, ldb);
+  Tensor os = view_of<T>(out.data, out.rows, out.cols, out.ld);
+  if (accumulate) {
+    os.addmm_(xs, bs);
+  } else {
+    at::mm_out(os, xs, bs);
+  }
+}
+
 // out (+)= x · b, with x (N, K), b (K, G), out (N, G).
 template <typename T>
 void step_product(Block<const T> x, Block<const T> b, Block<T> out, bool accumulate) {
   TORCH_CHECK(x.cols == b.rows && x.rows == out.rows && b.cols == out.cols,
               "step_product: shapes do not match");
+  if (worth_blas(x.rows, x.cols, out.cols)) {
+    return blas_product<T>(x, b.data, b.ld, /*b_transposed=*/false, out, accumulate);
+  }
   switch (std::min<int64_t>(x.rows, 6)) {  // the tile with the most rows the batch fills
     case 1: return product_with_tiles<T, 1, 8>(x, b, out, accumulate);
     case 2: return product_with_tiles<T, 2, 6>(x, b, out, accumulate);
@@ -302,6 +345,9 @@ template <typename T>
 void step_product_transposed(Block<const T> x, Block<const T> w, Block<T> out, bool accumulate) {
   TORCH_CHECK(x.cols == w.cols && x.rows == out.rows && w.rows == out.cols,
               "step_product_transposed: shapes do not match");
+  if (worth_blas(x.rows, x.cols, out.cols)) {  // w (G, K) row-major is w^T column-major
+    return blas_product<T>(x, w.data, w.ld, /*b_transposed=*/true, out, accumulate);
+  }
   switch (std::min<int64_t>(x.rows, 3)) {
     case 1: return dot_with_tiles<T, 1, 8>(x, w, out, accumulate);
     case 2: return dot_with_tiles<T, 2, 6>(x, w, out, accumulate);
@@ -867,4 +913,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &lstm_backward);
   m.def("gru_forward", &gru_forward);
   m.def("gru_backward", &gru_backward);
+  m.def("set_blas_min_multiply_adds", &set_blas_min_multiply_adds,
+        "step products of at least this many multiply-adds run on ATen's mm (BLAS)");
+  m.def("blas_min_multiply_adds", [] { return blas_min_multiply_adds; });
 }
