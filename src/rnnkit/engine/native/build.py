@@ -9,9 +9,12 @@ Where the library is cached: ``$RNNKIT_BUILD_DIR`` if set, else
 ``~/.cache/rnnkit/native-<torch version>-<cpu capability>``. Deleting the folder forces a rebuild;
 torch's extension loader also rebuilds by itself when the sources or flags change.
 
-Vectorisation: on an x86-64 CPU with AVX2 (torch's own capability is AVX2 or AVX512), the gate
-math is compiled for ATen's 256-bit ``Vectorized`` (Sleef's vector exp and tanh from libtorch);
-elsewhere for ATen's portable ``Vectorized`` (scalar loops the compiler may vectorise).
+Vectorisation: the kernels take the vector width torch chose for itself on this CPU. With AVX512
+the gate math and the step products are compiled for ATen's 512-bit ``Vectorized``, with AVX2 for
+its 256-bit one (Sleef's vector exp from libtorch either way); elsewhere for ATen's portable
+``Vectorized`` (scalar loops the compiler may vectorise). On this project's Intel Xeon VM the
+512-bit build ran a forward 0.75-0.87x the time of the 256-bit one at small sizes and 0.94-1.0x
+at hidden 256-512, where ATen's mm does most of the work (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ class NativeBuildWarning(UserWarning):
 
 @functools.cache
 def vector_capability() -> str:
-    """``"AVX2"`` when the kernels can use 256-bit AVX2 vectors on this CPU, else ``"DEFAULT"``."""
+    """The vector width the kernels are compiled for: torch's own choice on this CPU,
+    ``"AVX512"`` or ``"AVX2"`` on x86-64, else ``"DEFAULT"``."""
     on_x86 = platform.machine().lower() in ("x86_64", "amd64")
     capability = torch.backends.cpu.get_cpu_capability()
-    return "AVX2" if on_x86 and capability in ("AVX2", "AVX512") else "DEFAULT"
+    return capability if on_x86 and capability in ("AVX2", "AVX512") else "DEFAULT"
 
 
 def build_directory(capability: str) -> Path:
@@ -59,6 +63,9 @@ def compiler_flags(capability: str) -> list[str]:
     flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}"]
     if capability == "AVX2":
         flags += ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    if capability == "AVX512":
+        flags += ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                  "-mavx512dq", "-mfma", "-mf16c"]
     return flags
 
 
