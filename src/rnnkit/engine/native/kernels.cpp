@@ -232,10 +232,11 @@ void product_with_tiles(Block<const T> x, Block<const T> b, Block<T> out, bool a
 // Large step products go to ATen's mm (MKL on this build): past about a million multiply-adds
 // per step its call overhead (a few microseconds) no longer matters, and its kernels, blocked for
 // every cache level, beat the tiles here, which stream all of B from memory every step.
-// `rnnkit bench` on this project's 2-core AMD EPYC (2026-11-25): at (T, N, H) = (50, 64, 512) the
-// LSTM trained in 146 ms with mm against 307 ms with the tiles (torch.nn: 174 ms); below the
-// threshold the two are level within noise, and at batch 1 the tiles win clearly (see
-// docs/benchmarks.md). Tests move the threshold to run every product both ways.
+// Measured on this project's 2-core Intel Xeon VM (2026-11-25, benchmarks/step_products.py): at
+// (T, N, H) = (50, 64, 512) an LSTM training step took 176 ms with mm against 335 ms on the tiles;
+// below the threshold the two are level within noise, and far below it (batch 1, H = 128) the
+// tiles win clearly. On an AMD EPYC earlier, mm was no better and no worse from 8 M
+// multiply-adds on (docs/benchmarks.md). Tests move the threshold to run every product both ways.
 int64_t blas_min_multiply_adds = int64_t(1) << 20;
 
 void set_blas_min_multiply_adds(int64_t value) {
@@ -345,7 +346,7 @@ template <typename T>
 void step_product_transposed(Block<const T> x, Block<const T> w, Block<T> out, bool accumulate) {
   TORCH_CHECK(x.cols == w.cols && x.rows == out.rows && w.rows == out.cols,
               "step_product_transposed: shapes do not match");
-  if (worth_blas(x.rows, x.cols, out.cols)) {  // w (G, K) row-major is w^T column-major
+  if (worth_blas(x.rows, x.cols, out.cols)) {  // mm takes w^T as a view: no copy
     return blas_product<T>(x, w.data, w.ld, /*b_transposed=*/true, out, accumulate);
   }
   switch (std::min<int64_t>(x.rows, 3)) {
@@ -358,7 +359,8 @@ void step_product_transposed(Block<const T> x, Block<const T> w, Block<T> out, b
 // A weight W (G, K) that every step of a forward multiplies as x · W^T. Over many steps one
 // transposed copy (K, G) pays for itself, since the broadcast kernel (step_product) is the
 // faster one; for a step or two (streaming) the copy would cost more than the steps, so they
-// use the dot-product kernel on W as it is.
+// use the dot-product kernel on W as it is. (Products large enough for mm ignore the layout:
+// there the copy is one pass over W per call, small against the steps.)
 constexpr int64_t kStepsWorthATranspose = 3;
 
 class ForwardWeight {
