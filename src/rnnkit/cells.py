@@ -215,13 +215,17 @@ class _CellBase(nn.Module):
         return names + (["weight_hr"] if self.proj_size else [])
 
     def weights(self) -> CellWeights:
+        # From the parameter dict itself: getattr(self, name, None) on a Module goes through
+        # Module.__getattr__, which builds an AttributeError for every absent variant weight
+        # (microseconds each, on every streamed step).
+        parameters = self._parameters
         return CellWeights(
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
-            getattr(self, "weight_hr", None),
-            getattr(self, "weight_ch", None),
+            parameters["weight_ih"],
+            parameters["weight_hh"],
+            parameters.get("bias_ih"),
+            parameters.get("bias_hh"),
+            parameters.get("weight_hr"),
+            parameters.get("weight_ch"),
         )
 
     def kind(self) -> CellKind:
