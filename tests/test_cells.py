@@ -169,3 +169,21 @@ def test_unbatched_cell_equals_batch_of_one():
     assert h1.shape == (2,) and c1.shape == (HIDDEN,)
     torch.testing.assert_close(h1, h2[0], rtol=0, atol=0)
     torch.testing.assert_close(c1, c2[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell_class, torch_class", [(rnnkit.LSTMCell, nn.LSTMCell),
+                                                     (rnnkit.GRUCell, nn.GRUCell)])
+def test_a_parametrized_weight_is_the_one_the_step_uses(cell_class, torch_class):
+    # weight_norm turns weight_hh into a computed attribute: the step must read that, not a
+    # stale entry of the parameter dict.
+    torch.manual_seed(0)
+    cell = cell_class(4, 6, dtype=torch.float64)
+    nn.utils.parametrizations.weight_norm(cell, "weight_hh")
+    with torch.no_grad():
+        cell.parametrizations.weight_hh.original0.mul_(3.0)  # the norms: the weight changes
+    reference = torch_class(4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(reference, name).copy_(getattr(cell, name))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(cell(x), reference(x), rtol=0, atol=1e-12)

@@ -163,6 +163,7 @@ class _CellBase(nn.Module):
     gate_count: int = 1
     family: str = "rnn"
     backend: str = "auto"
+    peephole: bool = False  # LSTMCell sets its own
 
     def __init__(
         self,
@@ -215,17 +216,17 @@ class _CellBase(nn.Module):
         return names + (["weight_hr"] if self.proj_size else [])
 
     def weights(self) -> CellWeights:
-        # From the parameter dict itself: getattr(self, name, None) on a Module goes through
-        # Module.__getattr__, which builds an AttributeError for every absent variant weight
-        # (microseconds each, on every streamed step).
-        parameters = self._parameters
+        # Variant weights are read only when the cell has them: getattr(self, name, None) on a
+        # Module builds an AttributeError for each absent one (microseconds each, on every
+        # streamed step). Attributes, not the parameter dict, so that parametrizations (weight
+        # norm, ...) apply.
         return CellWeights(
-            parameters["weight_ih"],
-            parameters["weight_hh"],
-            parameters.get("bias_ih"),
-            parameters.get("bias_hh"),
-            parameters.get("weight_hr"),
-            parameters.get("weight_ch"),
+            self.weight_ih,
+            self.weight_hh,
+            self.bias_ih,
+            self.bias_hh,
+            self.weight_hr if self.proj_size else None,
+            self.weight_ch if self.peephole else None,
         )
 
     def kind(self) -> CellKind:
