@@ -93,7 +93,9 @@ def test_bad_gradient_requests_are_named(tmp_path, capsys):
          "--seed set up fresh layers"),  # even at its default value
         (["gradients", "--corpus", "prose"], "go with --checkpoint"),
         (["gradients", "--cells", "lstm-projection", "--spectral-radius", "0.5"],
-         "lstm-projection needs --hidden >= 2 (h is projected to hidden // 2) and has no square"),
+         "lstm-projection has no square W_hh blocks for --spectral-radius to rescale"),
+        (["gradients", "--cells", "rnn,lstm-projection", "--hidden", "1"],
+         "lstm-projection projects h to hidden // 2 units: it needs hidden >= 2, got 1"),
     ]
     for argv, message in cases:
         assert cli.main(argv + ["--out", str(tmp_path / "o")]) == 2

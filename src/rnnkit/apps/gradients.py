@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -41,12 +42,12 @@ def rescale_recurrent_weights(layer, radius: float) -> None:
 def fresh_flows(cells: list[str], length: int, hidden: int, samples: int, input_size: int,
                 radius: float | None, seed: int) -> dict[str, list[float]]:
     """Mean flow by distance (index 0 = distance 0) per cell; LSTMs also through c."""
-    if "lstm-projection" in cells and (radius is not None or hidden < 2):
-        raise ValueError("lstm-projection needs --hidden >= 2 (h is projected to hidden // 2) "
-                         "and has no square W_hh blocks for --spectral-radius to rescale")
+    if "lstm-projection" in cells and radius is not None:
+        raise ValueError("lstm-projection has no square W_hh blocks for --spectral-radius to "
+                         "rescale")
+    built = {cell: cell_options(cell, hidden) for cell in cells}  # every cell checked first
     flows = {}
-    for cell in cells:
-        family, options = cell_options(cell, hidden)
+    for cell, (family, options) in built.items():
         torch.manual_seed(seed)
         layer = make_recurrent(family, input_size, hidden, 1, **options).double()
         if radius is not None:
@@ -107,30 +108,30 @@ def gradients_of_fresh_layers(cells: list[str], length: int, hidden: int, sample
                               input_size: int, radius: float | None, seed: int, out: str,
                               plot: bool = True) -> int:
     """`rnnkit gradients` without a checkpoint: fresh layers, table, JSON and PNG in ``out``."""
-    output_directory(out)
+    out_dir = output_directory(out)
     build.kernels()
     flows = fresh_flows(cells, length, hidden, samples, input_size, radius, seed)
     described = (f"fresh layers, hidden {hidden}, T = {length}, {samples} random sequences"
                  + (f", W_hh gate blocks at spectral radius {radius}" if radius else ""))
-    return report(flows, described, out, plot)
+    return report(flows, described, out_dir, plot)
 
 
 def gradients_of_checkpoint(checkpoint: str, text_file: str | None, corpus: str | None,
                             length: int, samples: int, layer_index: int | None, out: str,
                             plot: bool = True) -> int:
     """`rnnkit gradients --checkpoint`: a trained language model's stack on real text."""
-    output_directory(out)
+    out_dir = output_directory(out)
     build.kernels()
     flows, described = checkpoint_flows(checkpoint, text_file, corpus, length, samples,
                                         layer_index)
-    return report(flows, described, out, plot)
+    return report(flows, described, out_dir, plot)
 
 
-def report(flows: dict[str, list[float]], described: str, out: str, plot: bool = True) -> int:
-    """Print the flows by distance; write gradient_flow.json (and .png) into ``out``."""
+def report(flows: dict[str, list[float]], described: str, out_dir: Path,
+           plot: bool = True) -> int:
+    """Print the flows by distance; write gradient_flow.json (and .png) into ``out_dir``."""
     print(f"gradient flow: {described}")
     print(format_flows(flows))
-    out_dir = output_directory(out)
     (out_dir / "gradient_flow.json").write_text(
         json.dumps({"source": described, "flow_by_distance": flows}, indent=1) + "\n",
         encoding="utf-8")

@@ -138,10 +138,11 @@ def _time_order(frame: pd.DataFrame, time: str) -> tuple[pd.Index, np.ndarray]:
         if stamps.isna().any():
             raise ValueError(f"time column {time!r} has unreadable timestamps at "
                              f"{_at_rows(np.flatnonzero(stamps.isna().to_numpy()))}")
-    elif stamps.isna().any() or np.isinf(stamps.to_numpy(dtype=np.float64)).any():
-        bad = stamps.isna().to_numpy() | np.isinf(stamps.to_numpy(dtype=np.float64))
-        raise ValueError(f"time column {time!r} is empty or infinite at "
-                         f"{_at_rows(np.flatnonzero(bad))}")
+    else:
+        bad = ~np.isfinite(stamps.to_numpy(dtype=np.float64))  # empty (NaN) or infinite
+        if bad.any():
+            raise ValueError(f"time column {time!r} is empty or infinite at "
+                             f"{_at_rows(np.flatnonzero(bad))}")
     order = np.argsort(stamps.to_numpy(), kind="stable")
     sorted_stamps = pd.Index(stamps.to_numpy()[order])
     repeated = np.flatnonzero(sorted_stamps[1:] == sorted_stamps[:-1])

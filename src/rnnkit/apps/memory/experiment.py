@@ -84,9 +84,7 @@ def check_run_config(config: RunConfig) -> None:
         raise ValueError(f"lr must be positive, got {config.lr!r}")
     check_clipping(clip_norm=config.clip_norm, clip_value=config.clip_value,
                    clip_tensor_norm=config.clip_tensor_norm)
-    if config.cell == "lstm-projection" and config.hidden_size < 2:
-        raise ValueError("lstm-projection projects h to hidden // 2 units: it needs hidden >= 2, "
-                         f"got {config.hidden_size}")
+    cell_options(config.cell, config.hidden_size)  # a cell the hidden size cannot build
     if config.forget_bias and config.init == "chrono" and cell_family(config.cell) == "lstm":
         raise ValueError("--forget-bias and --init chrono both set the LSTM forget-gate bias; "
                          "choose one")
@@ -96,6 +94,9 @@ def cell_options(cell: str, hidden_size: int) -> tuple[str, dict]:
     """(family, `make_recurrent` options) of a command-line cell name at ``hidden_size`` units."""
     family, options = CELL_VARIANTS[cell]
     if cell == "lstm-projection":
+        if hidden_size < 2:
+            raise ValueError("lstm-projection projects h to hidden // 2 units: it needs "
+                             f"hidden >= 2, got {hidden_size}")
         options = {**options, "proj_size": hidden_size // 2}
     return family, options
 
@@ -120,7 +121,7 @@ class MemoryModel(nn.Module):
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
         family, options = cell_options(config.cell, config.hidden_size)
-        init = config.init if family != "rnn" else "default"  # chrono has no meaning for RNN
+        init = effective_init(config)
         self.task = config.task
         inputs = 2 if config.task == "adding" else COPY_SYMBOLS
         outputs = 1 if config.task == "adding" else COPY_SYMBOLS
@@ -207,15 +208,18 @@ def flow_by_distance(model: MemoryModel, inputs: Tensor) -> list[float]:
     return flow.mean(dim=1).flip(0).tolist()
 
 
+def effective_init(config: RunConfig) -> str:
+    """The ``init`` the run's layer gets: chrono has no meaning for a plain RNN, which keeps the
+    default."""
+    return "default" if cell_family(config.cell) == "rnn" else config.init
+
+
 def init_label(config: RunConfig) -> str:
-    """How the run's recurrent layer is initialised: ``default``, ``chrono`` (LSTM and GRU; it
-    has no meaning for a plain RNN, which keeps the default), or ``fb=1`` for the default draw
-    with forget bias 1 (LSTM cells only)."""
-    if cell_family(config.cell) == "rnn":
-        return "default"
+    """How the run's recurrent layer is initialised, for tables: `effective_init`, or ``fb=1``
+    for the default draw with forget bias 1 (LSTM cells only)."""
     if config.forget_bias and cell_family(config.cell) == "lstm":
         return f"fb={config.forget_bias:g}"
-    return config.init
+    return effective_init(config)
 
 
 def run(config: RunConfig, show_progress: bool = True, flow: bool = True
