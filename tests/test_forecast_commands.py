@@ -12,7 +12,7 @@ import torch
 
 from rnnkit import cli
 from rnnkit.apps.forecast.commands import restore
-from rnnkit.training.checkpoint import save_checkpoint
+from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 FAST = ["--hidden", "8", "--epochs", "6", "--patience", "3", "--lookback", "14",
         "--horizon", "4", "--test-size", "20", "--validation-size", "20"]
@@ -224,7 +224,7 @@ def test_an_earlier_run_is_not_overwritten_and_bad_checkpoints_are_named(tmp_pat
     assert (out / "model.pt").read_bytes() == before
 
     (tmp_path / "broken.pt").write_bytes(before[: len(before) // 2])
-    saved = torch.load(out / "model.pt", weights_only=False)
+    saved = load_checkpoint(out / "model.pt", "forecast")
     save_checkpoint(tmp_path / "hollow.pt", "forecast", {"model": saved["model"]})
     saved["scaler"]["mean"] = [0.0, 0.0]  # a scaler for two columns, a network for one
     save_checkpoint(tmp_path / "mixed.pt", "forecast",

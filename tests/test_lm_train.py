@@ -12,6 +12,7 @@ from rnnkit.apps.lm.model import LanguageModel, ModelConfig
 from rnnkit.apps.lm.sample import generate, next_token_distribution
 from rnnkit.apps.lm.train import NonFiniteLoss, TrainConfig, Trainer
 from rnnkit.cli import main
+from rnnkit.training.checkpoint import load_checkpoint
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
@@ -47,8 +48,8 @@ def test_resume_continues_exactly(tmp_path):
     history = resumed.run()
     assert history.train == uninterrupted.train  # exactly: same floats, every step
     assert history.validation == uninterrupted.validation
-    final_a = torch.load(tmp_path / "a.pt", weights_only=False)["model"]
-    final_b = torch.load(tmp_path / "b.pt", weights_only=False)["model"]
+    final_a = load_checkpoint(tmp_path / "a.pt", "lm")["model"]
+    final_b = load_checkpoint(tmp_path / "b.pt", "lm")["model"]
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
@@ -173,7 +174,7 @@ def test_command_resume_keeps_the_saved_run_length(tmp_path, capsys):
     assert not (tmp_path / "b.pt").exists()
     assert main(["lm", "train", str(text), "--resume", str(tmp_path / "a.pt"), "--steps", "15",
                  "--checkpoint", str(tmp_path / "c.pt")]) == 0
-    assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 15
+    assert load_checkpoint(tmp_path / "c.pt", "lm")["step"] == 15
     # A new run may not overwrite a saved one by accident.
     saved = (tmp_path / "c.pt").read_bytes()
     assert main(["lm", "train", str(text), "--steps", "5", *options,
@@ -182,7 +183,7 @@ def test_command_resume_keeps_the_saved_run_length(tmp_path, capsys):
     assert (tmp_path / "c.pt").read_bytes() == saved
     assert main(["lm", "train", str(text), "--steps", "5", *options, "--overwrite",
                  "--checkpoint", str(tmp_path / "c.pt")]) == 0
-    assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 5
+    assert load_checkpoint(tmp_path / "c.pt", "lm")["step"] == 5
     # A resumed run keeps its saved settings: changing one is refused, not ignored.
     assert main(["lm", "train", str(text), "--resume", str(tmp_path / "c.pt"), "--hidden", "32",
                  "--lr=0.1", "--checkpoint", str(tmp_path / "c.pt")]) == 2
@@ -190,7 +191,7 @@ def test_command_resume_keeps_the_saved_run_length(tmp_path, capsys):
     # Resuming in place is what --resume is for.
     assert main(["lm", "train", str(text), "--resume", str(tmp_path / "c.pt"), "--steps", "8",
                  "--checkpoint", str(tmp_path / "c.pt")]) == 0
-    assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 8
+    assert load_checkpoint(tmp_path / "c.pt", "lm")["step"] == 8
 
 
 def test_torch_nn_model_starts_from_the_same_weights_and_throughput_runs(capsys):
