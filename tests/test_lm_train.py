@@ -67,9 +67,70 @@ def test_non_finite_loss_stops_with_a_diagnosis(tmp_path):
     saved = (tmp_path / "d.pt").read_bytes()
     with torch.no_grad():
         trainer.model.output.bias.fill_(float("nan"))
-    with pytest.raises(NonFiniteLoss, match=r"the loss became nan at step 11 \(last finite loss at step 10; gradient norm before clipping"):
+    with pytest.raises(NonFiniteLoss, match=r"the loss became nan at step 11 \(last finite loss at step 10; gradient norm before clipping .*\); the checkpoint of step 10 in .*d.pt. is kept"):
         trainer.run()
     assert (tmp_path / "d.pt").read_bytes() == saved  # the last good checkpoint is kept
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    # An infinite learning rate makes the weights NaN at step 1 while its loss is finite.
+    model, config, vocabulary = tiny(steps=10, optimizer="sgd", schedule="constant")
+    config.checkpoint_every, config.lr = 1, float("inf")
+    trainer = Trainer(model, config, vocabulary, TEXT, tmp_path / "e.pt")
+    with pytest.raises(NonFiniteLoss, match=r"became NaN or infinite by step 1 \(checkpoint\['model'\]\['.*'\]\), so it was not saved; no checkpoint was written"):
+        trainer.run()
+    assert not (tmp_path / "e.pt").exists()
+
+    model, config, vocabulary = tiny(steps=10, optimizer="sgd", schedule="constant")
+    config.checkpoint_every = 1
+    trainer = Trainer(model, config, vocabulary, TEXT, tmp_path / "f.pt")
+    trainer.run(until=3)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = float("inf")
+    with pytest.raises(NonFiniteLoss, match=r"by step 4 .* the checkpoint of step 3 in '.*f.pt' is kept"):
+        trainer.run()
+    kept = load_checkpoint(tmp_path / "f.pt", "lm")
+    assert kept["step"] == 3
+    assert all(torch.isfinite(weight).all() for weight in kept["model"].values())
+
+
+def test_ctrl_c_checkpoints_the_current_step_and_resumes_exactly(tmp_path):
+    import os
+    import signal
+
+    from rnnkit.training.loop import Interrupted
+
+    model, config, vocabulary = tiny(steps=30)
+    uninterrupted = Trainer(model, config, vocabulary, TEXT, tmp_path / "a.pt").run()
+
+    model, config, vocabulary = tiny(steps=30)
+    trainer = Trainer(model, config, vocabulary, TEXT, tmp_path / "b.pt")
+    take_step = trainer.train_step
+
+    def pressed_at_step_13():
+        loss = take_step()
+        if trainer.step == 13:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during the step, as a user's would
+        return loss
+
+    trainer.train_step = pressed_at_step_13
+    with pytest.raises(Interrupted, match=r"interrupted at step 13 of 30: checkpoint saved to '.*b.pt'; continue .* --resume .*b.pt"):
+        trainer.run()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = Trainer.resume(tmp_path / "b.pt", TEXT)
+    assert resumed.step == 13
+    history = resumed.run()
+    assert history.train == uninterrupted.train
+    final_a = load_checkpoint(tmp_path / "a.pt", "lm")["model"]
+    final_b = load_checkpoint(tmp_path / "b.pt", "lm")["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_a_killed_runs_temporary_file_is_removed_at_the_next_start(tmp_path):
+    (tmp_path / ".g.pt.999999999-x.tmp").write_bytes(b"PK half a zip")
+    model, config, vocabulary = tiny(steps=1)
+    Trainer(model, config, vocabulary, TEXT, tmp_path / "g.pt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sampling_is_reproducible_and_greedy_at_temperature_zero():

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import Tensor, nn
 
@@ -61,3 +65,43 @@ class EarlyStopping:
     def restore_best(self, model: nn.Module) -> None:
         if self.best_state is not None:
             model.load_state_dict(self.best_state)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C at a step boundary; ``str()`` is the one line to print
+    (where the run was saved and how to continue it)."""
+
+
+class InterruptRequest:
+    """Whether Ctrl-C was pressed inside `interrupt_between_steps`."""
+
+    requested: bool = False
+
+
+@contextmanager
+def interrupt_between_steps(what: str = "training") -> Iterator[InterruptRequest]:
+    """Turn the first Ctrl-C (SIGINT) into a request that the loop reads between steps.
+
+    A step interrupted half-way would leave the weights updated but the step count and carried
+    state not, so a checkpoint taken then could not resume exactly; and an interrupt inside a
+    checkpoint write surfaces as a traceback from deep in ``torch.save``. So the first Ctrl-C
+    only sets ``requested`` (and says so on stderr); the loop finishes its step, saves and
+    stops. A second Ctrl-C stops at once (default behaviour). Off the main thread, where Python
+    cannot install signal handlers, Ctrl-C keeps its default behaviour.
+    """
+    request = InterruptRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def on_interrupt(signum, frame) -> None:
+        request.requested = True
+        print(f"\nrnnkit: stopping {what} after this step (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -22,8 +22,14 @@ from torch import Tensor
 
 from rnnkit.apps.lm.corpus import LEVELS, Vocabulary
 from rnnkit.apps.lm.model import LanguageModel, ModelConfig
-from rnnkit.training.checkpoint import load_checkpoint, restoring, save_checkpoint
-from rnnkit.training.loop import progress_bar, take_step
+from rnnkit.training.checkpoint import (
+    NonFiniteState,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restoring,
+    save_checkpoint,
+)
+from rnnkit.training.loop import Interrupted, interrupt_between_steps, progress_bar, take_step
 from rnnkit.training.optimization import (
     OPTIMIZERS,
     SCHEDULES,
@@ -67,7 +73,8 @@ class History:
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or infinite loss; the message says where and what to try."""
+    """Training produced a NaN or infinite loss, or weights or optimiser state that are not
+    finite; the message says where, which checkpoint is kept, and what to try."""
 
 
 def check_train_config(config: TrainConfig) -> None:
@@ -151,6 +158,9 @@ class Trainer:
         train_ids, self.validation_ids = split_text_ids(ids, config)
         self.data = streams(train_ids, config.batch_size)  # (S, N)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        if self.checkpoint_path is not None:
+            remove_stale_temporaries(self.checkpoint_path)  # left by a killed run
+        self.saved_step: int | None = None  # the step of the checkpoint on disk, if any
         torch.manual_seed(config.seed)
         self.model = LanguageModel(model_config)
         self.optimizer = make_optimizer(self.model.parameters(), config.optimizer, config.lr)
@@ -178,15 +188,35 @@ class Trainer:
             trainer.optimizer.load_state_dict(saved["optimizer"])
             trainer.schedule.load_state_dict(saved["schedule"])
             trainer.step, trainer.position = saved["step"], saved["position"]
+            trainer.saved_step = trainer.step
             trainer.state = saved["state"]
             trainer.history = History(**saved["history"])
             trainer.random_state = saved["random_state"]
             return trainer
 
+    def kept_checkpoint(self) -> str:
+        """Which checkpoint a stopped run leaves, in words."""
+        if self.checkpoint_path is None:
+            return "no checkpoint is written (no checkpoint path)"
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"the checkpoint of step {self.saved_step} in {str(self.checkpoint_path)!r} is kept"
+
     def save(self) -> None:
-        """Checkpoint the run to ``checkpoint_path`` (nothing without one)."""
+        """Checkpoint the run to ``checkpoint_path`` (nothing without one); `NonFiniteLoss`,
+        with nothing written, when the weights or the optimiser state are not finite."""
         if self.checkpoint_path is None:
             return
+        try:
+            self._write_checkpoint()
+        except NonFiniteState as error:
+            raise NonFiniteLoss(
+                f"the model's state became NaN or infinite by step {self.step} ({error.key}), "
+                f"so it was not saved; {self.kept_checkpoint()}. Try a smaller --lr, or "
+                "--clip-norm 1.0.") from None
+        self.saved_step = self.step
+
+    def _write_checkpoint(self) -> None:
         save_checkpoint(self.checkpoint_path, KIND, {
             "model_config": asdict(self.model.config),
             "train_config": asdict(self.config),
@@ -223,8 +253,8 @@ class Trainer:
             raise NonFiniteLoss(
                 f"the loss became {loss_value} at step {self.step + 1} (last finite loss at "
                 f"step {self.step or 'none'}; gradient norm before clipping "
-                f"at the last step {norm:.3g}). Try a smaller --lr, or --clip-norm 1.0. The last "
-                "good checkpoint is kept.")
+                f"at the last step {norm:.3g}); {self.kept_checkpoint()}. Try a smaller --lr, or "
+                "--clip-norm 1.0.")
         norm = take_step(self.model, loss, self.optimizer, self.config.clip_norm,
                          self.config.clip_value, self.schedule, self.config.clip_tensor_norm)
         self.state = detach_state(state)
@@ -235,14 +265,28 @@ class Trainer:
 
     def run(self, until: int | None = None) -> History:
         """Train up to ``config.steps`` (or stop after step ``until``), validating and
-        checkpointing on the way."""
+        checkpointing on the way.
+
+        Ctrl-C stops after the step under way: the run is checkpointed at that step and
+        `Interrupted` raised, whose message says where and how to resume.
+        """
         last = self.config.steps if until is None else min(until, self.config.steps)
         torch.set_rng_state(self.random_state)
         self.model.train()
+        bar = progress_bar(self.config.steps, self.step)
+        try:
+            with interrupt_between_steps() as interrupt:
+                self._run_steps(last, bar, interrupt)
+        finally:
+            bar.close()
+        return self.history
+
+    def _run_steps(self, last: int, bar, interrupt) -> None:
         tokens_per_step = self.config.seq_len * self.config.batch_size
         started, first_step = time.perf_counter(), self.step
-        bar = progress_bar(self.config.steps, self.step)
         while self.step < last:
+            if interrupt.requested:
+                raise self._interrupted()
             loss = self.train_step()
             if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
                 self.history.validation_steps.append(self.step)
@@ -256,6 +300,18 @@ class Trainer:
                           if self.history.validation else "")
             bar.set_postfix_str(f"loss {loss:.3f}{validation} | {rate:,.0f} tok/s")
             bar.update(1)
-        bar.close()
-        return self.history
+        if interrupt.requested and self.step < self.config.steps:
+            raise self._interrupted()
+
+    def _interrupted(self) -> Interrupted:
+        """Checkpoint the run at the current step (if not already) and say how to continue."""
+        if self.checkpoint_path is None:
+            return Interrupted(f"interrupted at step {self.step}; nothing saved (no checkpoint "
+                               "path)")
+        if self.saved_step != self.step:
+            self.save()
+        return Interrupted(
+            f"interrupted at step {self.step} of {self.config.steps}: checkpoint saved to "
+            f"{str(self.checkpoint_path)!r}; continue with 'rnnkit lm train' on the same text "
+            f"and --resume {self.checkpoint_path}")
 
