@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -49,3 +50,16 @@ def test_bad_options_are_named(argv, message, capsys):
         cli.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
+def test_memory_probe_imports_this_rnnkit_whatever_the_working_directory(tmp_path, monkeypatch):
+    planted = tmp_path / "rnnkit"
+    planted.mkdir()
+    marker = tmp_path / "planted-code-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    rows = bench.benchmark_memory("rnn", (4, 2, 4), "auto")
+    assert not marker.exists()
+    assert [row.implementation for row in rows] == ["torch.nn", "rnnkit[auto]"]
+    assert all(row.peak_mib >= 0 for row in rows) and rows[1].ratios["peak x torch.nn"] >= 0

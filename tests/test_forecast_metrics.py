@@ -25,6 +25,11 @@ def test_metrics_agree_with_hand_computed_values():
     assert skill(1.0, 4.0) == pytest.approx(0.75) and skill(4.0, 4.0) == 0
 
 
+def test_skill_against_a_perfect_reference_is_defined():
+    # As good (0) when the forecast is perfect too, else infinitely worse (the ratio's limit).
+    assert skill(0.0, 0.0) == 0 and skill(0.5, 0.0) == float("-inf")
+
+
 def test_smape_counts_exact_zero_forecasts_of_zero_as_no_error():
     assert smape(np.array([0.0, 1.0]), np.array([0.0, 1.0])) == 0
     assert smape(np.array([0.0]), np.array([5.0])) == pytest.approx(200)

@@ -51,3 +51,13 @@ def test_unknown_level_and_corpus():
         tokenize("x", "byte")
     with pytest.raises(ValueError, match="corpus must be one of prose, python, got 'poems'"):
         builtin_corpus("poems")
+
+
+@pytest.mark.parametrize("tokens, level, message", [
+    ((), "char", "a vocabulary needs at least 1 token"),
+    (("\ufffd", 3), "char", "vocabulary tokens must be strings, got int 3"),
+    (("\ufffd",), "byte", "level must be one of char, word, got 'byte'"),
+])
+def test_a_vocabulary_that_cannot_index_tokens_is_refused(tokens, level, message):
+    with pytest.raises(ValueError, match=message):
+        Vocabulary(tokens, level)

@@ -163,6 +163,23 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     assert greedy.tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("temperature, top_p", [
+    (1.0, 0.0),  # top-p 0 keeps the single most likely token
+    (1e-45, None), (5e-324, None), (1e-300, 0.5),  # a tiny temperature tends to greedy
+])
+def test_extreme_sampling_settings_give_the_greedy_distribution(temperature, top_p):
+    logits = torch.tensor([1e4, 3e4, -2e4, 2.9e4])  # wide apart: scaled, they would overflow
+    probabilities = next_token_distribution(logits, temperature, None, top_p)
+    assert probabilities.tolist() == [0.0, 1.0, 0.0, 0.0]
+    token = torch.multinomial(probabilities, 1)  # refused for inf or nan entries
+    assert int(token) == 1
+
+
+def test_damaged_logits_are_named():
+    with pytest.raises(ValueError, match="the model's logits are not finite"):
+        next_token_distribution(torch.tensor([0.0, float("nan")]), 1.0, None, None)
+
+
 def test_commands_train_sample_eval(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
@@ -182,19 +199,19 @@ def test_commands_train_sample_eval(tmp_path, capsys):
     assert "1 unknown to the vocabulary" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("arguments,message", [
-    (["lm", "train", "{missing}"], "text file '.*missing.txt' does not exist"),
-    (["lm", "train", "{short}"], "the text is too short: .* training tokens"),
-    (["lm", "train"], "give a TEXT_FILE or --corpus NAME"),
-    (["lm", "sample", "{notckpt}"], "is not an rnnkit checkpoint|cannot be read"),
+@pytest.mark.parametrize("arguments,message,code", [
+    (["lm", "train", "{missing}"], "text file '.*missing.txt' does not exist", 1),
+    (["lm", "train", "{short}"], "the text is too short: .* training tokens", 1),
+    (["lm", "train"], "give a TEXT_FILE or --corpus NAME", 2),
+    (["lm", "sample", "{notckpt}"], "is not an rnnkit checkpoint|cannot be read", 1),
 ])
-def test_command_errors_are_one_line(tmp_path, capsys, arguments, message):
+def test_command_errors_are_one_line(tmp_path, capsys, arguments, message, code):
     (tmp_path / "short.txt").write_text("too short")
     torch.save({"weights": 1}, tmp_path / "notckpt.pt")
     files = {"missing": tmp_path / "missing.txt", "short": tmp_path / "short.txt",
              "notckpt": tmp_path / "notckpt.pt"}
     arguments = [a.format(**files) for a in arguments]
-    assert main(arguments) == 2
+    assert main(arguments) == code
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     import re
@@ -239,7 +256,7 @@ def test_command_resume_keeps_the_saved_run_length(tmp_path, capsys):
     # A new run may not overwrite a saved one by accident.
     saved = (tmp_path / "c.pt").read_bytes()
     assert main(["lm", "train", str(text), "--steps", "5", *options,
-                 "--checkpoint", str(tmp_path / "c.pt")]) == 2
+                 "--checkpoint", str(tmp_path / "c.pt")]) == 1
     assert "exists and would be overwritten; continue it with --resume" in capsys.readouterr().err
     assert (tmp_path / "c.pt").read_bytes() == saved
     assert main(["lm", "train", str(text), "--steps", "5", *options, "--overwrite",

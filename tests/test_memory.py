@@ -67,7 +67,7 @@ def test_a_bad_learning_rate_is_named(tmp_path, capsys):
 def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
     (tmp_path / "results").write_text("keep me")
     assert cli.main(["memory", "adding", "--lengths", "5", "--steps", "1", "--hidden", "4",
-                     "--out", str(tmp_path / "results")]) == 2
+                     "--out", str(tmp_path / "results")]) == 1
     printed = capsys.readouterr()
     assert "is an existing file; give a folder" in printed.err
     assert "rnnkit memory adding:" not in printed.out  # said before the run's header, not after

@@ -21,9 +21,11 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -234,16 +236,29 @@ def measure_training_step_memory(family: str, implementation: str, size: list[in
     return (_status_kib("VmHWM") - baseline) / 1024
 
 
+def run_in_fresh_process(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new Python process that imports this very rnnkit, whatever the working
+    directory holds: ``python -c`` puts the working directory first on ``sys.path``, where a
+    folder named ``rnnkit`` would be imported (and run) instead. The child starts in an empty
+    private folder, with this package's parent first on its path. (``python -P`` would do it
+    too, from Python 3.11 only; ``-I`` would also drop ``PYTHONPATH``, which may be how this
+    rnnkit was found.)"""
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory(prefix="rnnkit-bench-") as private:
+        return subprocess.run(
+            [sys.executable, "-c", f"import sys; sys.path.insert(0, {package_parent!r}); {code}"],
+            cwd=private, capture_output=True, text=True, check=False)
+
+
 def benchmark_memory(family: str, size: tuple[int, int, int], backend: str) -> list[MemoryRow]:
     """Peak memory of a training step, torch.nn against rnnkit, each in a fresh process."""
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("the memory benchmark needs Linux (/proc/self/clear_refs)")
     rows = []
     for implementation in ("torch.nn", f"rnnkit[{backend}]"):
-        call = (f"from rnnkit.bench import measure_training_step_memory as m; "
-                f"print(m({family!r}, {implementation!r}, {list(size)!r}, {backend!r}))")
-        done = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True,
-                              check=False)
+        done = run_in_fresh_process(
+            "from rnnkit.bench import measure_training_step_memory as m; "
+            f"print(m({family!r}, {implementation!r}, {list(size)!r}, {backend!r}))")
         if done.returncode != 0:
             raise RuntimeError(f"memory measurement of {implementation} failed:\n{done.stderr}")
         rows.append(MemoryRow(family, implementation, size, float(done.stdout.split()[-1])))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from rnnkit.apps.lm.model import ModelConfig
 from rnnkit.apps.lm.train import TrainConfig
 from rnnkit.apps.recurrent import CELLS
 from rnnkit.engine import BACKENDS
+from rnnkit.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, usage_errors
 from rnnkit.training.optimization import OPTIMIZERS, SCHEDULES
 
 
@@ -83,6 +85,41 @@ def _add_clip_options(parser: argparse.ArgumentParser, clip_norm: float | None,
                         help="norm bound per parameter tensor, as tf.clip_by_norm (default off)")
 
 
+# torch.manual_seed takes a 64-bit integer; numpy's generators and Python's hash of the seed
+# agree on the non-negative half, the range every command documents.
+SEED_RANGE = (0, 2**63 - 1)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(
+            f"--seed takes an integer in [0, 2**63 - 1], got {text!r}")
+    return value
+
+
+def _seeds(text: str) -> list[int]:
+    """Comma-separated seeds, each as `_seed`."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(SEED_RANGE[0] <= v <= SEED_RANGE[1] for v in values):
+        raise argparse.ArgumentTypeError(
+            f"--seed takes comma-separated integers in [0, 2**63 - 1], got {text!r}")
+    return values
+
+
+def _temperature(text: str) -> float:
+    value = _nonnegative(text)
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"--temperature takes a finite number >= 0, got {text!r}")
+    return value
+
+
 def _probability(text: str) -> float:
     value = _nonnegative(text)
     if value > 1:
@@ -90,8 +127,20 @@ def _probability(text: str) -> float:
     return value
 
 
+EXIT_CODES = f"""exit codes:
+  0    success
+  {EXIT_FAILURE}    the command ran and failed: a file missing, unreadable or malformed (text, CSV,
+       checkpoint), data that do not fit the options, an output path that cannot be
+       written, a model too large for memory, a non-finite loss, an operating-system error
+  {EXIT_USAGE}    the command line is wrong: an unknown option, a value outside what an option
+       accepts, options that do not go together (before any file is read)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); lm train saves a checkpoint first and says how to
+       resume"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rnnkit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="rnnkit", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = commands.add_parser(
@@ -136,11 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", metavar="CKPT")
     s.add_argument("--prime", default="", help="text the model reads before generating")
     s.add_argument("--length", type=_positive, default=500, help="tokens to generate")
-    s.add_argument("--temperature", type=_nonnegative, default=1.0,
-                   help="0 is greedy; below 1 sharper, above 1 flatter (default 1)")
+    s.add_argument("--temperature", type=_temperature, default=1.0,
+                   help="0 is greedy (a tiny one tends to it); below 1 sharper, above 1 flatter "
+                   "(default 1)")
     s.add_argument("--top-k", type=_positive, help="sample among the k most likely tokens")
-    s.add_argument("--top-p", type=_probability, help="sample within this probability mass")
-    s.add_argument("--seed", type=int, help="random seed (reproducible samples)")
+    s.add_argument("--top-p", type=_probability,
+                   help="sample among the fewest most likely tokens whose probability reaches "
+                   "this mass, in [0, 1]; the most likely token always stays, so 0 is greedy")
+    s.add_argument("--seed", type=_seed, help="random seed in [0, 2**63 - 1] (reproducible "
+                   "samples)")
 
     c = lm_commands.add_parser(
         "throughput", help="training speed on rnnkit against the same model on torch.nn")
@@ -240,7 +293,7 @@ def _add_memory_command(commands) -> None:
     m.add_argument("--forget-bias", type=float, default=0.0,
                    help="added to the LSTM cells' forget-gate bias at initialisation (1.0 per "
                    "Jozefowicz et al. 2015); other cells ignore it")
-    m.add_argument("--seed", type=_integers(0, "--seed"), default=[0],
+    m.add_argument("--seed", type=_seeds, default=[0],
                    help="random seed, or several comma-separated (mean and spread reported)")
     m.add_argument("--eval-every", type=_positive, default=defaults.eval_every,
                    help="steps between held-out evaluations")
@@ -264,7 +317,7 @@ def _add_gradients_command(commands) -> None:
     g.add_argument("--input-size", type=_positive, help="features (default 4; fresh layers)")
     g.add_argument("--spectral-radius", type=_positive_real,
                    help="rescale each square gate block of W_hh to this spectral radius")
-    g.add_argument("--seed", type=int, help="weights and inputs (default 0; fresh layers)")
+    g.add_argument("--seed", type=_seed, help="weights and inputs (default 0; fresh layers)")
     g.add_argument("--checkpoint", metavar="CKPT",
                    help="a trained `rnnkit lm` model instead of fresh layers")
     g.add_argument("text_file", nargs="?", metavar="TEXT_FILE", help="text for --checkpoint")
@@ -330,7 +383,7 @@ def _add_forecast_commands(commands) -> None:
     t.add_argument("--batch-size", type=_positive, default=fit.batch_size)
     t.add_argument("--lr", type=float, default=fit.lr)
     _add_clip_options(t, fit.clip_norm, fit.clip_value, fit.clip_tensor_norm)
-    t.add_argument("--seed", type=int, default=fit.seed)
+    t.add_argument("--seed", type=_seed, default=fit.seed)
     t.add_argument("--out", metavar="DIR",
                    help="folder for model.pt, metrics.csv/json, forecasts.csv, forecast.png "
                    "(default forecast-<dataset or CSV name>)")
@@ -377,7 +430,7 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -
                         default=defaults.validation_fraction)
     parser.add_argument("--eval-every", type=_positive, default=defaults.eval_every)
     parser.add_argument("--checkpoint-every", type=_positive, default=defaults.checkpoint_every)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=_seed, default=defaults.seed)
 
 
 def resume_conflicts(argv: Sequence[str]) -> list[str]:
@@ -411,20 +464,35 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     return model, train
 
 
+def check_cell_variants(cell: str, peephole: bool, reset_before: bool) -> None:
+    """`UsageError` for a variant option given with a cell that does not have it."""
+    if peephole and cell != "lstm":
+        raise UsageError(f"--peephole is for --cell lstm only, got --cell {cell}")
+    if reset_before and cell != "gru":
+        raise UsageError(f"--reset-before is for --cell gru only, got --cell {cell}")
+
+
 def run_lm(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from rnnkit.apps.lm import commands as lm
+    from rnnkit.apps.lm.train import check_train_config
 
-    if args.lm_command == "train":
-        conflicts = resume_conflicts(argv) if args.resume else []
+    if args.lm_command in ("train", "throughput"):
+        conflicts = resume_conflicts(argv) if args.lm_command == "train" and args.resume else []
         if conflicts:
-            raise ValueError(
+            raise UsageError(
                 f"{', '.join(conflicts)} cannot change a resumed run (it continues with the "
                 f"settings saved in {args.resume}; only --steps may be given)")
         model, train = _configs(args)
+        if not (args.lm_command == "train" and args.resume):
+            check_cell_variants(args.cell, args.peephole, args.reset_before)
+            with usage_errors():
+                check_train_config(train)
+        if (args.text_file is None) == (args.corpus is None):
+            raise UsageError("give a TEXT_FILE or --corpus NAME (one of them)")
+    if args.lm_command == "train":
         return lm.train(model, train, args.text_file, args.corpus, args.checkpoint, args.resume,
                         args.plot, resume_steps=args.steps, overwrite=args.overwrite)
     if args.lm_command == "throughput":
-        model, train = _configs(args)
         return lm.throughput(model, train, args.text_file, args.corpus, args.blocks,
                              args.block_steps)
     if args.lm_command == "sample":
@@ -442,7 +510,17 @@ def run_forecast(args: argparse.Namespace) -> int:
     if args.forecast_command == "predict":
         return forecast.predict(args.checkpoint, args.csv, args.dataset, args.out)
     if args.dataset and (args.time or args.features):
-        raise ValueError("--time and --features go with --csv; a built-in dataset has its own")
+        raise UsageError("--time and --features go with --csv; a built-in dataset has its own")
+    if args.csv and not args.target:
+        raise UsageError(f"--target COL is required with --csv: which column of {args.csv!r} "
+                         "to forecast")
+    if args.strategy == "recursive" and args.features:
+        raise UsageError("--strategy recursive feeds the forecast back as the next input, so it "
+                         "needs the future of every feature too; use --strategy direct with "
+                         "--features, or drop --features")
+    check_cell_variants(args.cell, args.peephole, args.reset_before)
+    if not args.lr > 0 or math.isinf(args.lr):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
     data = DataConfig(
         dataset=args.dataset, csv=args.csv, target=args.target, time=args.time,
         features=args.features, fill=args.fill, season=args.season, lookback=args.lookback,
@@ -465,7 +543,7 @@ def run_memory(args: argparse.Namespace) -> int:
     from rnnkit.apps.memory.experiment import RunConfig
 
     if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
+        raise UsageError(f"--lr must be positive, got {args.lr}")
     base = RunConfig(task=args.task, cell=args.cells[0], length=args.lengths[0],
                      hidden_size=args.hidden, steps=args.steps, batch_size=args.batch_size,
                      lr=args.lr, clip_norm=args.clip_norm or None, clip_value=args.clip_value,
@@ -480,19 +558,19 @@ def run_gradients(args: argparse.Namespace) -> int:
     from rnnkit.apps import gradients
 
     if len(args.length) != 1:
-        raise ValueError(f"--length takes one length, got {args.length}")
+        raise UsageError(f"--length takes one length, got {args.length}")
     fresh = {"--cells": args.cells, "--hidden": args.hidden, "--input-size": args.input_size,
              "--spectral-radius": args.spectral_radius, "--seed": args.seed}
     if args.checkpoint:
         given = [option for option, value in fresh.items() if value is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} set up fresh layers and cannot change a "
+            raise UsageError(f"{', '.join(given)} set up fresh layers and cannot change a "
                              "--checkpoint's trained stack; drop them")
         return gradients.gradients_of_checkpoint(
             args.checkpoint, args.text_file, args.corpus, args.length[0], args.samples,
             args.layer, args.out, plot=not args.no_plot)
     if args.text_file or args.corpus or args.layer is not None:
-        raise ValueError("a text (TEXT_FILE or --corpus) and --layer go with --checkpoint")
+        raise UsageError("a text (TEXT_FILE or --corpus) and --layer go with --checkpoint")
     return gradients.gradients_of_fresh_layers(
         args.cells or ["rnn", "lstm", "gru"], args.length[0], args.hidden or 128, args.samples,
         args.input_size or 4, args.spectral_radius, args.seed or 0, args.out,
@@ -501,8 +579,9 @@ def run_gradients(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from rnnkit.apps.lm import commands as lm
+    from rnnkit.apps.outputs import output_directory
 
-    out = Path(args.out)
+    out = output_directory(args.out)
     model = ModelConfig(vocabulary_size=0, hidden_size=256, num_layers=2, dropout=0.1)
     train = TrainConfig(steps=args.steps, eval_every=max(1, args.steps // 6),
                         checkpoint_every=args.steps)
@@ -515,6 +594,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from rnnkit.apps.outputs import output_file
+
+    if args.json:
+        output_file(args.json, "--json")  # said now, not after minutes of timing
     sizes = args.sizes or (bench.QUICK_SIZES if args.quick else bench.FULL_SIZES)
     repeats = 2 if args.quick else args.repeats
     streaming_hidden = 16 if args.quick else args.streaming_hidden
@@ -543,25 +626,49 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {"lm": run_lm, "gradients": run_gradients, "memory": run_memory,
+            "forecast": run_forecast, "demo": run_demo, "bench": run_bench}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; every failure ends in one line on stderr and the exit
+    code of `rnnkit.errors` (see ``rnnkit --help``), never a traceback for what is not a bug."""
     args = build_parser().parse_args(argv)
-    if args.command == "bench":
-        return run_bench(args)
+    name = f"rnnkit {args.command}"
     try:
         if args.command == "lm":
             return run_lm(args, sys.argv[1:] if argv is None else list(argv))
-        if args.command == "gradients":
-            return run_gradients(args)
-        if args.command == "memory":
-            return run_memory(args)
-        if args.command == "forecast":
-            return run_forecast(args)
-        if args.command == "demo":
-            return run_demo(args)
-    except ValueError as error:  # bad input, said plainly: no traceback
-        print(f"rnnkit {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    raise AssertionError(f"unhandled command {args.command}")  # argparse rejects unknown ones
+        return COMMANDS[args.command](args)
+    except UsageError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as error:
+        # lm train's Interrupted says where it saved the run and how to resume it.
+        print(str(error) or f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError) as error:  # bad input, said plainly: no traceback
+        print(f"{name}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except MemoryError:
+        print(f"{name}: error: out of memory; choose smaller sizes (--hidden, --batch-size, "
+              "...)", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as error:
+        print(f"{name}: error: {describe_os_error(error)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _one_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = " ".join(lines) or type(error).__name__
+    return text if isinstance(error, ValueError) else f"{type(error).__name__}: {text}"
+
+
+def describe_os_error(error: OSError) -> str:
+    """'<file>: <reason>' (both files of a rename), in one line."""
+    reason = error.strerror or _one_line(error)
+    files = [repr(str(f)) for f in (error.filename, error.filename2) if f is not None]
+    return f"{' -> '.join(files)}: {reason}" if files else reason
 
 
 if __name__ == "__main__":

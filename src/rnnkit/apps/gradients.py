@@ -22,6 +22,7 @@ from rnnkit.apps.outputs import output_directory
 from rnnkit.apps.recurrent import make_recurrent
 from rnnkit.diagnostics import gradient_flow
 from rnnkit.engine.native import build
+from rnnkit.errors import usage_errors
 
 SHOWN_DISTANCES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -42,10 +43,7 @@ def rescale_recurrent_weights(layer, radius: float) -> None:
 def fresh_flows(cells: list[str], length: int, hidden: int, samples: int, input_size: int,
                 radius: float | None, seed: int) -> dict[str, list[float]]:
     """Mean flow by distance (index 0 = distance 0) per cell; LSTMs also through c."""
-    if "lstm-projection" in cells and radius is not None:
-        raise ValueError("lstm-projection has no square W_hh blocks for --spectral-radius to "
-                         "rescale")
-    built = {cell: cell_options(cell, hidden) for cell in cells}  # every cell checked first
+    built = check_fresh_options(cells, hidden, radius)
     flows = {}
     for cell, (family, options) in built.items():
         torch.manual_seed(seed)
@@ -59,6 +57,16 @@ def fresh_flows(cells: list[str], length: int, hidden: int, samples: int, input_
         if flow.c is not None:
             flows[f"{cell} (through c)"] = flow.c.mean(1).flip(0).tolist()
     return flows
+
+
+def check_fresh_options(cells: list[str], hidden: int,
+                        radius: float | None) -> dict[str, tuple[str, dict]]:
+    """(family, options) per cell, every cell checked first; ``ValueError`` for a cell the
+    other options cannot build."""
+    if "lstm-projection" in cells and radius is not None:
+        raise ValueError("lstm-projection has no square W_hh blocks for --spectral-radius to "
+                         "rescale")
+    return {cell: cell_options(cell, hidden) for cell in cells}
 
 
 def checkpoint_flows(checkpoint: str, text_file: str | None, corpus: str | None, length: int,
@@ -108,6 +116,8 @@ def gradients_of_fresh_layers(cells: list[str], length: int, hidden: int, sample
                               input_size: int, radius: float | None, seed: int, out: str,
                               plot: bool = True) -> int:
     """`rnnkit gradients` without a checkpoint: fresh layers, table, JSON and PNG in ``out``."""
+    with usage_errors():  # the command line's options alone decide these
+        check_fresh_options(cells, hidden, radius)
     out_dir = output_directory(out)
     build.kernels()
     flows = fresh_flows(cells, length, hidden, samples, input_size, radius, seed)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,7 +38,7 @@ from rnnkit.apps.forecast.evaluate import (
 from rnnkit.apps.forecast.metrics import detect_season, mase_scale
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
 from rnnkit.apps.forecast.train import FitConfig, fit_forecaster, forecast_windows
-from rnnkit.apps.outputs import output_directory
+from rnnkit.apps.outputs import output_directory, output_file
 from rnnkit.engine.native import build
 from rnnkit.training.checkpoint import load_checkpoint, restoring, save_checkpoint
 
@@ -77,10 +76,23 @@ def choose_season(series: Series, config: DataConfig, train_end: int) -> tuple[i
     return detected, "detected" if detected else "none detected"
 
 
+def check_test_tail(series: Series, history_end: int) -> None:
+    """``ValueError`` when the test tail has no target value at all: filled from the last value
+    before it, every forecast would be scored against that constant (the naive forecast's
+    error 0), which measures nothing."""
+    tail = series.values[history_end:, 0]
+    if len(tail) and bool(np.isnan(tail).all()):
+        raise ValueError(
+            f"the target {series.columns[0]!r} has no value in the test tail (rows "
+            f"{history_end} to {len(series.values) - 1} of {len(series.values)}, counted from 0 "
+            "in time order): nothing to score the forecasts against; give the data values "
+            "there, or a smaller --test-size")
+
+
 def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, out: str,
           overwrite: bool = False, plot: bool = True) -> int:
-    out_dir = Path(out)
-    checkpoint = out_dir / CHECKPOINT_NAME
+    out_dir = output_directory(out)  # a bad --out is said now, not after training
+    checkpoint = output_file(out_dir / CHECKPOINT_NAME, "--out")
     if checkpoint.exists() and not overwrite:
         raise ValueError(f"{str(checkpoint)!r} exists and would be overwritten; choose another "
                          "--out folder or pass --overwrite")
@@ -89,7 +101,9 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     split = split_series(len(series.values), data.lookback, data.horizon, data.test_size,
                          data.validation_size)
     missing = describe_missing(series, data.fill, split.validation_end)
-    series = fill_missing(series, data.fill, split.validation_end)
+    filled = fill_missing(series, data.fill, split.validation_end)  # an empty history first
+    check_test_tail(series, split.validation_end)  # on the values before the fill
+    series = filled
     season, season_source = choose_season(series, data, split.train_end)
     print(f"{source}: {len(series.values):,} rows, target {series.columns[0]!r}"
           + (f", features {series.columns[1:]}" if series.columns[1:] else "")
@@ -110,7 +124,6 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     validation_windows = windows(scaled, split.train_end, split.validation_end, data.lookback,
                                  data.horizon)
     model_config = replace(model_config, input_size=len(series.columns), horizon=data.horizon)
-    output_directory(out)  # a bad --out is said now, not after training
     build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
     started = time.perf_counter()
     model, history = fit_forecaster(model_config, fit, train_windows, validation_windows)
@@ -179,6 +192,7 @@ def restore(checkpoint: str) -> tuple[Forecaster, Scaler, dict]:
 def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> int:
     """Forecast the ``horizon`` values after the end of the series, with the checkpoint's
     columns, fill rule and scaler; write them to ``out`` as CSV."""
+    output_file(out, "--out")  # before the checkpoint and the data are read
     model, scaler, saved = restore(checkpoint)
     trained = saved["data_config"]
     columns = saved["columns"]
@@ -205,7 +219,6 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
         table["time"] = times
     table[series.columns[0]] = forecast
     frame = pd.DataFrame(table)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     print(f"{description}: {len(series.values):,} rows; {missing}; {series.irregular_steps} "
           f"irregular time steps; forecast of the next {horizon} steps:")

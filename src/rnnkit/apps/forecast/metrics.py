@@ -12,7 +12,9 @@ season length (1 without a season: the in-sample naive forecast's error). MASE <
 forecast beats the in-sample (seasonal) naive forecast's one-step error.
 
 The skill score against a reference is ``1 - MAE / MAE_reference``: 0 is as good as the
-reference, 1 is perfect, negative is worse.
+reference, 1 is perfect, negative is worse. Against a perfect reference (``MAE_reference = 0``)
+it is the ratio's limit: 0 for a forecast as perfect (as good as the reference), -inf for any
+other (infinitely worse than the reference).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def score(actual: np.ndarray, forecast: np.ndarray, scale: float) -> dict[str, f
 
 
 def skill(error: float, reference_error: float) -> float:
+    """``1 - error / reference_error``; 0 or -inf against a perfect reference (module doc)."""
+    if reference_error == 0:
+        return 0.0 if error == 0 else float("-inf")
     return 1 - error / reference_error
 
 

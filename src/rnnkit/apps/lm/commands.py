@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 from rnnkit.apps.lm.corpus import Vocabulary, builtin_corpus, read_text_file
-from rnnkit.apps.lm.model import LanguageModel, ModelConfig
+from rnnkit.apps.lm.model import LanguageModel, ModelConfig, check_model_fits, model_too_large
 from rnnkit.apps.lm.sample import generate
 from rnnkit.apps.lm.train import KIND, NonFiniteLoss, TrainConfig, Trainer, evaluate
+from rnnkit.apps.outputs import output_file
 from rnnkit.engine.native import build
 from rnnkit.training.checkpoint import load_checkpoint, restoring
 
@@ -36,12 +37,15 @@ def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
           corpus: str | None, checkpoint: str, resume: str | None, plot: str | None,
           resume_steps: int | None, overwrite: bool = False) -> int:
     """Train from scratch, or resume ``resume`` (its own configuration; ``resume_steps``, if
-    given, as the new total)."""
-    text, source = load_text(text_file, corpus)
+    given, as the new total). Every output path is checked before the text is read."""
+    output_file(checkpoint, "--checkpoint")
+    if plot:
+        output_file(plot, "--plot")
     if Path(checkpoint).exists() and not overwrite and Path(checkpoint) != Path(resume or ""):
         raise ValueError(
             f"checkpoint {checkpoint!r} exists and would be overwritten; continue it with "
             f"--resume {checkpoint}, choose another --checkpoint, or pass --overwrite")
+    text, source = load_text(text_file, corpus)
     if resume:
         trainer = Trainer.resume(resume, text, steps=resume_steps)
         trainer.checkpoint_path = Path(checkpoint)
@@ -53,7 +57,14 @@ def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
     else:
         vocabulary = Vocabulary.build(text, config.level, config.max_vocabulary)
         model_config.vocabulary_size = len(vocabulary)
-        trainer = Trainer(model_config, config, vocabulary, text, checkpoint)
+        check_model_fits(model_config)  # before allocating, in one line naming the options
+        try:
+            trainer = Trainer(model_config, config, vocabulary, text, checkpoint)
+        except (MemoryError, RuntimeError) as error:
+            # The estimate leaves the allocator the last word (other processes' memory, limits).
+            if isinstance(error, RuntimeError) and "alloc" not in str(error).lower():
+                raise
+            raise ValueError(model_too_large(model_config, "could not be allocated")) from None
     # Build the native kernels (once per machine) before the clock starts, so that progress,
     # tokens/s and ETA measure training. A failed build warns and training runs on "fused".
     build.kernels()
@@ -85,11 +96,24 @@ def save_plot_or_hint(path: str, history) -> None:
 
 
 def restore(checkpoint: str) -> tuple[LanguageModel, Vocabulary, dict]:
+    """The model, vocabulary and payload of an `rnnkit lm` checkpoint; ``ValueError`` naming
+    the file for anything that does not fit together."""
     saved = load_checkpoint(checkpoint, KIND)
     with restoring(checkpoint, KIND):
         model = LanguageModel(ModelConfig(**saved["model_config"]))
+        tokens = saved["vocabulary"]
+        if not isinstance(tokens, (list, tuple)):
+            raise ValueError(f"checkpoint {checkpoint!r} has a malformed vocabulary (a "
+                             f"{type(tokens).__name__}, not a list of tokens)")
+        try:
+            vocabulary = Vocabulary(tuple(tokens), saved["train_config"]["level"])
+        except ValueError as error:
+            raise ValueError(f"checkpoint {checkpoint!r} has a bad vocabulary: {error}") from None
+        if model.config.vocabulary_size != len(vocabulary):
+            raise ValueError(f"checkpoint {checkpoint!r} is inconsistent: a vocabulary of "
+                             f"{len(vocabulary)} tokens for a model with "
+                             f"{model.config.vocabulary_size} outputs")
         model.load_state_dict(saved["model"])
-        vocabulary = Vocabulary(tuple(saved["vocabulary"]), saved["train_config"]["level"])
     return model, vocabulary, saved
 
 

@@ -85,6 +85,18 @@ class Vocabulary:
     tokens: tuple[str, ...]
     level: str
 
+    def __post_init__(self) -> None:
+        # Refused here, not at the first sampled token: ids index `tokens`, and id 0 must exist.
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {self.level!r}")
+        if len(self.tokens) < 1:
+            raise ValueError("a vocabulary needs at least 1 token (id 0, the unknown token), "
+                             "got 0")
+        odd = [t for t in self.tokens if not isinstance(t, str)]
+        if odd:
+            raise ValueError(f"vocabulary tokens must be strings, got {type(odd[0]).__name__} "
+                             f"{odd[0]!r}")
+
     @classmethod
     def build(cls, text: str, level: str, max_size: int | None = None) -> Vocabulary:
         """The tokens of ``text`` by frequency (ties by first appearance), at most ``max_size``."""

@@ -48,3 +48,48 @@ class LanguageModel(nn.Module):
     def forward(self, ids: Tensor, state=None):
         hidden, state = self.recurrent(self.embedding(ids), state)  # (T, N, H)
         return self.output(self.dropout(hidden)), state  # (T, N, V)
+
+
+# Training holds four float32 copies of every parameter: weights, gradients, Adam's two moments.
+TRAINING_BYTES_PER_PARAMETER = 4 * 4
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Parameters of the model ``config`` describes, counted on the meta device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in LanguageModel(config).parameters())
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's memory, or None where the platform does not say."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def model_too_large(config: ModelConfig, why: str) -> str:
+    """The one line that refuses ``config`` for its size, naming the options that set it."""
+    return (f"--hidden {config.hidden_size}, --layers {config.num_layers}, --embedding "
+            f"{config.embedding_size} (vocabulary {config.vocabulary_size}): the model {why}; "
+            "choose a smaller --hidden, --layers or --embedding")
+
+
+def check_model_fits(config: ModelConfig) -> None:
+    """``ValueError`` when training ``config`` would need more than the machine's memory,
+    estimated before any weight is allocated (an allocator failure is a traceback, or the
+    kernel's out-of-memory killer)."""
+    memory = physical_memory_bytes()
+    if memory is None:
+        return
+    parameters = parameter_count(config)
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    if needed > memory:
+        raise ValueError(model_too_large(
+            config, f"has {parameters:,} parameters, and training them needs about "
+            f"{needed / 2**30:,.1f} GiB (weights, gradients and optimizer state), more than this "
+            f"machine's {memory / 2**30:,.1f} GiB of memory"))

@@ -15,25 +15,35 @@ def next_token_distribution(logits: Tensor, temperature: float, top_k: int | Non
                             top_p: float | None) -> Tensor:
     """Probabilities ``(V,)`` from one step's logits after temperature, top-k and top-p.
 
-    Temperature 0 is greedy: all mass on the most likely token.
+    Temperature 0 is greedy: all mass on the most likely token. Any other temperature divides
+    the logits *after* the largest is subtracted, in float64: the scaled logits are then at most
+    0, so a tiny temperature sends every other token to -inf (probability 0) instead of
+    overflowing to inf - inf = nan, and tends to greedy as it should. ``top_p`` keeps the
+    smallest set of most likely tokens whose mass reaches it, never fewer than one: ``top_p=0``
+    keeps the single most likely token (greedy), ``top_p=1`` (or None) keeps them all.
     """
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model's logits are not finite (nan or inf): its weights are "
+                         "damaged; retrain or use another checkpoint")
     if temperature == 0:
         probabilities = torch.zeros_like(logits)
         probabilities[int(logits.argmax())] = 1.0
         return probabilities
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.numel():
-        threshold = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
-    probabilities = torch.softmax(logits, dim=-1)
+    shifted = logits.double() - logits.max().double()  # (V,), all <= 0, the largest exactly 0
+    scaled = shifted / temperature
+    if top_k is not None and top_k < scaled.numel():
+        threshold = torch.topk(scaled, top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
+    probabilities = torch.softmax(scaled, dim=-1)
     if top_p is not None and top_p < 1.0:
         ordered, order = torch.sort(probabilities, descending=True)
-        # Keep the smallest set whose mass reaches top_p (the most likely token always stays).
+        # Drop a token when the tokens before it already reach top_p; the first always stays.
         outside = ordered.cumsum(0) - ordered >= top_p
+        outside[0] = False
         ordered = ordered.masked_fill(outside, 0.0)
         probabilities = torch.zeros_like(probabilities).scatter(0, order, ordered)
         probabilities = probabilities / probabilities.sum()
-    return probabilities
+    return probabilities.to(logits.dtype)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import torch
 from rnnkit.apps.memory.experiment import RunConfig, RunResult, check_run_config, metric_name, run
 from rnnkit.apps.outputs import output_directory
 from rnnkit.engine.native import build
+from rnnkit.errors import usage_errors
 
 GATES_SHOWN = {"lstm": ("f", "i"), "gru": ("z",), "rnn": ()}
 
@@ -64,8 +65,9 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
            out: str, plot: bool = True) -> int:
     configs = [replace(base, task=task, cell=cell, length=length, seed=seed)
                for length in lengths for cell in cells for seed in seeds]
-    for config in configs:
-        check_run_config(config)  # every bad setting before any training
+    with usage_errors():  # the settings are the command line's: a bad one is a usage error
+        for config in configs:
+            check_run_config(config)  # every bad setting before any training
     out_dir = output_directory(out)
     build.kernels()  # compile once, before the clocks start
     print(f"rnnkit memory {task}: cells {', '.join(cells)}; T = {', '.join(map(str, lengths))}; "
