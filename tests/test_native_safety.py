@@ -13,8 +13,13 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 from torch.utils import cpp_extension
 
+import rnnkit
+from compare import assert_same, outputs_and_gradients
+from rnnkit import engine
 from rnnkit.engine.native import build
 
 NOBODY = 65534
@@ -181,3 +186,254 @@ def test_a_live_build_is_waited_for_with_one_message(loader, monkeypatch, tmp_pa
     assert not thread.is_alive()
     assert loader.calls == [directory]
     assert "waiting" not in capsys.readouterr().err  # said once
+
+
+# ---- every tensor reaching a kernel is contiguous; the kernels check it -----------------------
+
+INPUT, HIDDEN, PROJ = 3, 5, 2
+LAYERS = {  # name: (class, arguments, gates)
+    "rnn_tanh": (rnnkit.RNN, {}, 1),
+    "rnn_relu": (rnnkit.RNN, {"nonlinearity": "relu"}, 1),
+    "lstm": (rnnkit.LSTM, {}, 4),
+    "lstm_peephole_proj": (rnnkit.LSTM, {"peephole": True, "proj_size": PROJ}, 4),
+    "gru": (rnnkit.GRU, {}, 3),
+    "gru_reset_before": (rnnkit.GRU, {"reset_after": False}, 3),
+}
+CELLS = {  # name: (class, arguments, gates)
+    "rnn_relu": (rnnkit.RNNCell, {"nonlinearity": "relu"}, 1),
+    "lstm": (rnnkit.LSTMCell, {}, 4),
+    "lstm_peephole": (rnnkit.LSTMCell, {"peephole": True}, 4),
+    "gru": (rnnkit.GRUCell, {}, 3),
+    "gru_reset_before": (rnnkit.GRUCell, {"reset_after": False}, 3),
+}
+
+
+def kernels():
+    loaded = build.kernels()
+    if loaded is None:
+        pytest.fail(f"the native kernels did not build: {build.failure()}")
+    return loaded
+
+
+def strided(shape, generator) -> nn.Parameter:
+    """Random values at every other column of a wider tensor: a view with stride 2."""
+    wide = torch.rand((*shape[:-1], 2 * shape[-1]), generator=generator, dtype=torch.float64)
+    return nn.Parameter((wide - 0.5)[..., ::2])
+
+
+def transposed(shape, generator) -> nn.Parameter:
+    """Random values in a column-major layout (the transpose of a contiguous tensor)."""
+    values = torch.rand(tuple(reversed(shape)), generator=generator, dtype=torch.float64) - 0.5
+    return nn.Parameter(values.t())
+
+
+def spoil_layouts(module: nn.Module, suffix: str) -> nn.Module:
+    """Every weight and bias of ``module`` replaced by a non-contiguous parameter of its shape:
+    ``bias_ih`` expanded from one value (the issue's), ``bias_hh`` strided, ``weight_ih``
+    strided, ``weight_hh`` (and ``weight_hr``) transposed, ``weight_ch`` strided."""
+    generator = torch.Generator().manual_seed(5)
+    for name, parameter in list(module.named_parameters()):
+        shape = parameter.shape
+        if name == f"bias_ih{suffix}":
+            spoiled = nn.Parameter(torch.full((1,), 0.5, dtype=torch.float64).expand(shape))
+        elif name.startswith(("weight_hh", "weight_hr")):
+            spoiled = transposed(shape, generator)
+        elif name.startswith(("weight_", "bias_")):
+            spoiled = strided(shape, generator)
+        else:
+            continue
+        assert not spoiled.is_contiguous() and spoiled.shape == shape
+        setattr(module, name, spoiled)
+    return module
+
+
+def native_against_reference(module, call, inputs):
+    module.backend = "reference"
+    expected = outputs_and_gradients(module, call, inputs)
+    module.backend = "native"
+    actual = outputs_and_gradients(module, call, inputs)
+    assert_same(actual, expected, torch.float64)
+
+
+@pytest.mark.parametrize("steps,batch", [(3, 2), (9, 4)], ids=["kernel-projection", "aten-projection"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layers_with_non_contiguous_weights_and_biases_equal_the_reference(name, steps, batch):
+    kernels()
+    layer_class, arguments, _ = LAYERS[name]
+    layer = layer_class(INPUT, HIDDEN, num_layers=2, bidirectional=True, **arguments,
+                        dtype=torch.float64)
+    spoil_layouts(layer, "_l0")
+    x = torch.randn(steps, batch, INPUT, dtype=torch.float64, requires_grad=True)
+    native_against_reference(layer, lambda m: m(x), {"x": x})
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_cells_with_non_contiguous_weights_and_biases_equal_the_reference(name):
+    kernels()
+    cell_class, arguments, _ = CELLS[name]
+    cell = spoil_layouts(cell_class(INPUT, HIDDEN, **arguments, dtype=torch.float64), "")
+    x = torch.randn(2, INPUT, dtype=torch.float64, requires_grad=True)
+    native_against_reference(cell, lambda m: m(x), {"x": x})
+
+
+def test_the_issues_expanded_bias_at_hidden_2000():
+    kernels()
+    cell = rnnkit.LSTMCell(8, 2000)
+    cell.bias_ih = nn.Parameter(torch.full((1,), 0.5).expand(8000))
+    x = torch.randn(1, 8)
+    h, c = cell(x)
+    cell.backend = "reference"
+    expected_h, expected_c = cell(x)
+    torch.testing.assert_close(h, expected_h)
+    torch.testing.assert_close(c, expected_c)
+
+
+def kernel_arguments(hidden=HIDDEN, steps=3, batch=2):
+    """Valid arguments of rnn_forward: pre (T, N, H), h0 (N, H), w_hh (H, H), lengths, ..."""
+    return [torch.randn(steps, batch, hidden), torch.randn(batch, hidden),
+            torch.randn(hidden, hidden), None, False, False]
+
+
+@pytest.mark.parametrize("position,bad,message", [
+    (2, torch.randn(HIDDEN, HIDDEN).t(), r"rnn_forward: w_hh must be contiguous, got shape \[5, 5\] with strides \[1, 5\]"),
+    (1, torch.randn(1, HIDDEN).expand(2, HIDDEN), r"rnn_forward: h0 must be contiguous"),
+    (0, torch.randn(3, 2, 2 * HIDDEN)[..., ::2], r"rnn_forward: pre must be contiguous"),
+    (2, torch.randn(HIDDEN, HIDDEN + 1), r"rnn_forward: w_hh must have shape \[5, 5\], got \[5, 6\]"),
+    (1, torch.randn(2, HIDDEN, dtype=torch.float64), r"rnn_forward: h0 must be Float, got Double"),
+    (0, torch.randn(3, 2, HIDDEN).to(torch.float16), r"rnn_forward: pre must be float32 or float64, got Half"),
+    (0, torch.randn(2, HIDDEN), r"rnn_forward: pre must have 3 dimensions, got shape \[2, 5\]"),
+    (1, torch.empty(2, HIDDEN, device="meta"), r"rnn_forward: h0 must be on the CPU, got meta"),
+    (3, torch.tensor([3, 2], dtype=torch.int32), r"rnn_forward: lengths must be Long, got Int"),
+    (3, torch.tensor([3, 2, 1]), r"rnn_forward: lengths must have shape \[2\], got \[3\]"),
+], ids=["w_hh-transposed", "h0-expanded", "pre-strided", "w_hh-shape", "h0-float64",
+        "pre-float16", "pre-2d", "h0-meta", "lengths-int32", "lengths-size"])
+def test_a_kernel_refuses_a_bad_argument_naming_it(position, bad, message):
+    arguments = kernel_arguments()
+    arguments[position] = bad
+    with pytest.raises(RuntimeError, match=message):
+        kernels().rnn_forward(*arguments)
+
+
+def test_every_kernel_checks_its_arguments():
+    k, H = kernels(), HIDDEN
+    x, w = torch.randn(3, 2, INPUT), torch.randn(4 * H, INPUT)
+    with pytest.raises(RuntimeError, match=r"linear: bias must be contiguous"):
+        k.linear(x, w, torch.full((1,), 0.5).expand(4 * H), None)
+    with pytest.raises(RuntimeError, match=r"linear: second_bias needs bias"):
+        k.linear(x, w, None, torch.zeros(4 * H))
+    gates, h0 = torch.randn(3, 2, 4 * H), torch.randn(2, H)
+    with pytest.raises(RuntimeError, match=r"lstm_forward: w_ch must have shape \[15\], got \[20\]"):
+        k.lstm_forward(gates, h0, h0, torch.randn(4 * H, H), None, torch.randn(4 * H), None, False)
+    with pytest.raises(RuntimeError, match=r"gru_forward: b_hh must be contiguous"):
+        k.gru_forward(torch.randn(3, 2, 3 * H), h0, torch.randn(3 * H, H),
+                      torch.randn(6 * H)[::2], None, False, True)
+    with pytest.raises(RuntimeError, match=r"rnn_backward: d_output must have shape \[3, 2, 5\], got \[3, 1, 5\]"):
+        k.rnn_backward(torch.randn(3, 1, H), h0, torch.randn(3, 2, H), torch.randn(H, H), None,
+                       False, False)
+    with pytest.raises(RuntimeError, match=r"lstm_backward: c_states must have shape \[4, 2, 5\]"):
+        k.lstm_backward(torch.randn(3, 2, H), h0, h0, gates, torch.randn(3, 2, H),
+                        torch.randn(3, 2, H), torch.randn(4 * H, H), None, None, None, False)
+    with pytest.raises(RuntimeError, match=r"gru_backward: w_hh must be contiguous"):
+        k.gru_backward(torch.randn(3, 2, H), h0, torch.randn(3, 2, 3 * H), torch.randn(4, 2, H),
+                       torch.randn(3, 2, H), torch.randn(H, 3 * H).t(), None, False, True)
+
+
+# ---- a ReLU RNN propagates NaN as torch.nn does --------------------------------------------
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_relu_rnn_given_nan_input_has_torch_nn_gradients(backend):
+    kernels()
+    layer = rnnkit.RNN(INPUT, HIDDEN, num_layers=2, nonlinearity="relu", dtype=torch.float64)
+    layer.backend = backend
+    torch_layer = nn.RNN(INPUT, HIDDEN, num_layers=2, nonlinearity="relu", dtype=torch.float64)
+    torch_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 3, INPUT, dtype=torch.float64)
+    x[1, 0, 1] = float("nan")
+    x.requires_grad_(True)
+    actual = outputs_and_gradients(layer, lambda m: m(x), {"x": x})
+    expected = outputs_and_gradients(torch_layer, lambda m: m(x), {"x": x})
+    assert expected["out0"].isnan().any() and expected["grad:weight_ih_l0"].isnan().any()
+    assert expected["grad:x"][1:, 0].abs().min() > 0  # where fused and native used to give 0
+    for key in expected:
+        assert torch.equal(actual[key].isnan(), expected[key].isnan()), key
+        torch.testing.assert_close(actual[key], expected[key], equal_nan=True, msg=key)
+
+
+def test_relu_backward_zeroes_a_nan_gradient_where_the_unit_is_off():
+    # torch's threshold_backward selects: y <= 0 gives 0 even for a NaN gradient; y NaN passes.
+    pre = torch.tensor([[[-1.0, 2.0, float("nan"), -3.0]]], dtype=torch.float64)  # (1, 1, 4)
+    w_hh = torch.zeros(4, 4, dtype=torch.float64)
+    h0 = torch.zeros(1, 4, dtype=torch.float64)
+    _, states = kernels().rnn_forward(pre, h0, w_hh, None, False, True)
+    d_output = torch.tensor([[[float("nan"), 5.0, 7.0, 1.0]]], dtype=torch.float64)
+    d_pre, _ = kernels().rnn_backward(d_output, torch.zeros(1, 4, dtype=torch.float64), pre,
+                                      w_hh, None, False, True)
+    torch_pre = torch.tensor([-1.0, 2.0, float("nan"), -3.0], dtype=torch.float64,
+                             requires_grad=True)
+    torch.relu(torch_pre).backward(d_output.view(4))
+    torch.testing.assert_close(states[1].view(4), torch.relu(torch_pre.detach()), equal_nan=True)
+    torch.testing.assert_close(d_pre.view(4), torch_pre.grad, equal_nan=True)
+    assert d_pre.view(4).tolist()[:2] == [0.0, 5.0]
+
+
+# ---- an empty batch gives empty outputs and zero gradients, as torch.nn ---------------------
+
+@pytest.mark.parametrize("backend", ["native", "fused"])
+@pytest.mark.parametrize("name", list(CELLS))
+def test_cells_with_an_empty_batch(backend, name):
+    kernels()
+    cell_class, arguments, _ = CELLS[name]
+    cell = cell_class(INPUT, HIDDEN, **arguments, dtype=torch.float64)
+    x = torch.randn(0, INPUT, dtype=torch.float64, requires_grad=True)
+    cell.backend = "reference"
+    expected = outputs_and_gradients(cell, lambda m: m(x), {"x": x})
+    cell.backend = backend
+    actual = outputs_and_gradients(cell, lambda m: m(x), {"x": x})
+    assert_same(actual, expected, torch.float64)
+    assert actual["out0"].shape == (0, HIDDEN)
+    assert all(not g.any() for k, g in actual.items() if k.startswith("grad:"))
+    if name in ("rnn_relu", "lstm", "gru"):  # the forms torch.nn has
+        torch_expected = outputs_and_gradients(cell.to_torch(), lambda m: m(x), {"x": x})
+        assert_same(actual, torch_expected, torch.float64)
+
+
+def no_rows(name, steps, batch):
+    """A layer of the family, an input (T, N, I) with T * N = 0 and its initial state."""
+    layer_class, arguments, _ = LAYERS[name]
+    layer = layer_class(INPUT, HIDDEN, **arguments, dtype=torch.float64)
+    x = torch.randn(steps, batch, INPUT, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(batch, layer.output_size, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(batch, HIDDEN, dtype=torch.float64, requires_grad=True)
+    state = (h0, c0) if layer.family == "lstm" else h0
+    return layer, x, state, {"x": x, "h0": h0, "c0": c0}
+
+
+def run_direction(x, state, backend):
+    # A layer refuses an empty input at its boundary (layers.py); the engines below it take any
+    # T * N = 0 (cells pass N = 0 down), so a direction is run through the engine seam.
+    return lambda m: engine.run_direction(m.cell_kind(), x, state, m.cell_weights(0, 0), None,
+                                          reverse=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["native", "fused"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_a_layer_direction_with_an_empty_batch(backend, name):
+    kernels()
+    layer, x, state, inputs = no_rows(name, 4, 0)
+    expected = outputs_and_gradients(layer, run_direction(x, state, "reference"), inputs)
+    actual = outputs_and_gradients(layer, run_direction(x, state, backend), inputs)
+    assert_same(actual, expected, torch.float64)
+    assert actual["out0"].shape == (4, 0, layer.output_size)
+
+
+@pytest.mark.parametrize("backend", ["native", "fused"])
+@pytest.mark.parametrize("batch", [3, 0])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_a_layer_direction_of_no_steps_keeps_its_state(backend, name, batch):
+    # The reference loop stacks its steps, and cannot stack none: the expectation is written out.
+    kernels()
+    layer, x, state, inputs = no_rows(name, 0, batch)
+    empty = torch.empty(0, batch, layer.output_size, dtype=torch.float64)
+    expected = outputs_and_gradients(layer, lambda m: (empty, state), inputs)
+    actual = outputs_and_gradients(layer, run_direction(x, state, backend), inputs)
+    assert_same(actual, expected, torch.float64)
