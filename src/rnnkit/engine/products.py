@@ -20,7 +20,7 @@ def summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
 
 def outer_sum(d_pre: Tensor, inputs: Tensor) -> Tensor:
     """sum over t and n of d_pre[t, n]^T inputs[t, n]: one (G*H, T*N) x (T*N, K) product."""
-    return d_pre.reshape(-1, d_pre.shape[-1]).t() @ inputs.reshape(-1, inputs.shape[-1])
+    return d_pre.flatten(0, 1).t() @ inputs.flatten(0, 1)
 
 
 def input_side_grads(ctx, d_pre: Tensor, x: Tensor, w_ih: Tensor, x_index: int, w_index: int):
@@ -29,10 +29,12 @@ def input_side_grads(ctx, d_pre: Tensor, x: Tensor, w_ih: Tensor, x_index: int, 
     ``x_index`` and ``w_index`` are the positions of ``x`` and ``W_ih`` among the arguments of
     the autograd.Function's forward (``ctx.needs_input_grad``).
     """
+    # Shapes by flatten/unflatten, never a -1: with T * N = 0 (an empty batch) a -1 is ambiguous;
+    # the products are then empty (d x) or zero (d W_ih), as torch.nn's gradients are.
     steps, batch = d_pre.shape[:2]
-    flat = d_pre.reshape(steps * batch, -1)
-    d_x = (flat @ w_ih).view(steps, batch, -1) if ctx.needs_input_grad[x_index] else None
-    d_w_ih = flat.t() @ x.reshape(steps * batch, -1) if ctx.needs_input_grad[w_index] else None
+    flat = d_pre.flatten(0, 1)  # (T*N, G)
+    d_x = (flat @ w_ih).unflatten(0, (steps, batch)) if ctx.needs_input_grad[x_index] else None
+    d_w_ih = flat.t() @ x.flatten(0, 1) if ctx.needs_input_grad[w_index] else None
     return d_x, d_w_ih
 
 

@@ -37,11 +37,14 @@ def _project(kernels, x: Tensor, weight: Tensor, bias: Tensor | None,
              second_bias: Tensor | None = None) -> Tensor:
     """x W^T + b (+ b2) for every step at once, ``(T, N, I) -> (T, N, G)``, contiguous."""
     if x.shape[0] * x.shape[1] <= SMALL_PROJECTION_ROWS:
-        return kernels.linear(x, weight, bias, second_bias)
+        return kernels.linear(x.contiguous(), weight.contiguous(), _contiguous(bias),
+                              _contiguous(second_bias))
     return F.linear(x, weight, summed_bias(bias, second_bias)).contiguous()
 
 
 def _contiguous(tensor: Tensor | None) -> Tensor | None:
+    """The kernels read raw pointers: every tensor reaching them is made contiguous here (a
+    parameter may be an expanded or strided view), and they check it at their entry."""
     return None if tensor is None else tensor.contiguous()
 
 
@@ -51,8 +54,8 @@ class NativeRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, x, h0, lengths, reverse, relu, w_ih, w_hh, b_ih, b_hh):
         pre = _project(kernels, x, w_ih, b_ih, b_hh)  # (T, N, H)
-        output, states = kernels.rnn_forward(pre, h0.contiguous(), w_hh.contiguous(), lengths,
-                                             reverse, relu)
+        w_hh = w_hh.contiguous()  # saved as given to the kernel: the backward's kernel reads it
+        output, states = kernels.rnn_forward(pre, h0.contiguous(), w_hh, lengths, reverse, relu)
         ctx.save_for_backward(x, w_ih, w_hh, pre, states, lengths)
         ctx.kernels, ctx.reverse, ctx.relu, ctx.has_bias = kernels, reverse, relu, b_ih is not None
         return output, _final(states, reverse)

@@ -31,6 +31,57 @@ using at::Tensor;
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// ---- argument checks ------------------------------------------------------------------------
+//
+// The kernels read raw pointers at the shapes their comments give, so each entry point checks
+// every tensor argument once, before any work (never inside the step loop): on the CPU, of the
+// first argument's floating dtype (lengths: int64), contiguous, and of its exact shape.
+// functions.py makes every tensor contiguous before the call; these checks are what stops any
+// other caller (or a future slip there) from computing garbage or reading out of bounds.
+class Arguments {
+ public:
+  // `first` fixes the dtype of the others: float32 or float64, with `dims` dimensions.
+  Arguments(const char* kernel, const char* name, const Tensor& first, int64_t dims)
+      : kernel_(kernel) {
+    common(name, first);
+    dtype_ = first.scalar_type();
+    TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kDouble, kernel_, ": ", name,
+                " must be float32 or float64, got ", dtype_);
+    TORCH_CHECK(first.dim() == dims, kernel_, ": ", name, " must have ", dims,
+                " dimensions, got shape ", first.sizes());
+  }
+
+  void operator()(const char* name, const Tensor& t, at::IntArrayRef shape) const {
+    check(name, t, shape, dtype_);
+  }
+  void operator()(const char* name, const std::optional<Tensor>& t, at::IntArrayRef shape) const {
+    if (t.has_value()) check(name, *t, shape, dtype_);
+  }
+  void lengths(const std::optional<Tensor>& t, int64_t batch) const {
+    if (t.has_value()) check("lengths", *t, {batch}, at::kLong);
+  }
+
+ private:
+  void common(const char* name, const Tensor& t) const {
+    TORCH_CHECK(t.defined(), kernel_, ": ", name, " must be a tensor, got an undefined one");
+    TORCH_CHECK(t.device().is_cpu(), kernel_, ": ", name, " must be on the CPU, got ",
+                t.device());
+    TORCH_CHECK(t.is_contiguous(), kernel_, ": ", name, " must be contiguous, got shape ",
+                t.sizes(), " with strides ", t.strides());
+  }
+  void check(const char* name, const Tensor& t, at::IntArrayRef shape,
+             at::ScalarType dtype) const {
+    common(name, t);
+    TORCH_CHECK(t.scalar_type() == dtype, kernel_, ": ", name, " must be ", dtype, ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.sizes().equals(shape), kernel_, ": ", name, " must have shape ", shape,
+                ", got ", t.sizes());
+  }
+
+  const char* kernel_;
+  at::ScalarType dtype_;
+};
+
 // ---- pieces every family shares -------------------------------------------------------------
 
 struct Steps {
@@ -381,12 +432,22 @@ class ForwardWeight {
   Tensor w_, transposed_;
 };
 
-// The input projection when it is small (a streamed step): x (M, K) · w^T + bias (+ second_bias).
+// The input projection when it is small (a streamed step): x · w^T + bias (+ second_bias), with
+// x (T, N, K), w (G, K), bias and second_bias (G,), the second only with the first.
 Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
               const std::optional<Tensor>& second_bias) {
+  const Arguments check("linear", "x", x, 3);
+  const int64_t T = x.size(0), N = x.size(1), K = x.size(2);
+  TORCH_CHECK(w.dim() == 2, "linear: w must have 2 dimensions, got shape ", w.sizes());
+  const int64_t G = w.size(0);
+  check("w", w, {G, K});
+  check("bias", bias, {G});
+  check("second_bias", second_bias, {G});
+  TORCH_CHECK(bias.has_value() || !second_bias.has_value(),
+              "linear: second_bias needs bias, got second_bias without bias");
   const BelowAutograd below_autograd;
-  const Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous(), wc = w.contiguous();
-  Tensor out = at::empty({x2.size(0), wc.size(0)}, x.options());
+  const Tensor x2 = x.view({T * N, K});
+  Tensor out = at::empty({T * N, G}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear", [&] {
     if (bias.has_value()) {
       const scalar_t* b = bias->data_ptr<scalar_t>();
@@ -396,17 +457,16 @@ Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bia
         for (int64_t j = 0; j < out.size(1); ++j) row[j] = b2 ? b[j] + b2[j] : b[j];
       }
     }
-    step_product_transposed<scalar_t>(matrix<scalar_t>(x2), matrix<scalar_t>(wc),
+    step_product_transposed<scalar_t>(matrix<scalar_t>(x2), matrix<scalar_t>(w),
                                       matrix<scalar_t>(out), bias.has_value());
   });
-  auto shape = x.sizes().vec();
-  shape.back() = wc.size(0);
-  return out.view(shape);
+  return out.view({T, N, G});
 }
 
 // The initial state into its place in a states buffer (a memcpy: no dispatch, no view).
 void start_states(const Tensor& states, int64_t index, const Tensor& initial) {
   TORCH_CHECK(initial.is_contiguous(), "initial state must be contiguous");
+  if (initial.numel() == 0) return;  // an empty batch: memcpy may not be given a null pointer
   std::memcpy(static_cast<char*>(states.data_ptr()) + index * states.stride(0) * states.element_size(),
               initial.data_ptr(), initial.numel() * initial.element_size());
 }
@@ -432,8 +492,12 @@ Tensor output_buffer(const Tensor& states, const Steps& steps,
 // Returns {output (T, N, H), states (T + 1, N, H)}.
 std::vector<Tensor> rnn_forward(Tensor pre, const Tensor& h0, const Tensor& w_hh,
                                 const std::optional<Tensor>& lengths, bool reverse, bool relu) {
-  const BelowAutograd below_autograd;
+  const Arguments check("rnn_forward", "pre", pre, 3);
   const int64_t T = pre.size(0), N = pre.size(1), H = pre.size(2);
+  check("h0", h0, {N, H});
+  check("w_hh", w_hh, {H, H});
+  check.lengths(lengths, N);
+  const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor states = states_buffer(T, h0);
@@ -474,8 +538,13 @@ std::vector<Tensor> rnn_forward(Tensor pre, const Tensor& h0, const Tensor& w_hh
 std::vector<Tensor> rnn_backward(const Tensor& d_output, const Tensor& d_h_n, const Tensor& raw,
                                  const Tensor& w_hh, const std::optional<Tensor>& lengths,
                                  bool reverse, bool relu) {
-  const BelowAutograd below_autograd;
+  const Arguments check("rnn_backward", "raw", raw, 3);
   const int64_t T = raw.size(0), N = raw.size(1), H = raw.size(2);
+  check("d_output", d_output, {T, N, H});
+  check("d_h_n", d_h_n, {N, H});
+  check("w_hh", w_hh, {H, H});
+  check.lengths(lengths, N);
+  const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor d_pre = at::empty_like(raw);
@@ -497,8 +566,12 @@ std::vector<Tensor> rnn_backward(const Tensor& d_output, const Tensor& d_h_n, co
         for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
           const V d = V::loadu(d_h_p + row + j, k) + V::loadu(d_out_p + row + j, k);
           const V y = V::loadu(raw_p + row + j, k);
-          const V slope = relu ? y.gt(V(scalar_t(0))) : tanh_grad(y);
-          (d * slope).store(d_pre_p + row + j, k);
+          // relu's as torch's threshold_backward: the gradient passes unless y <= 0. So a NaN
+          // y passes it on (y > 0 would stop it: native gave dx = 0 where torch.nn gives
+          // values), and a NaN gradient where y <= 0 is zeroed: a select, never d * mask.
+          const V d_pre_v = relu ? V::blendv(d, V(scalar_t(0)), y <= V(scalar_t(0)))
+                                 : d * tanh_grad(y);
+          d_pre_v.store(d_pre_p + row + j, k);
           V(scalar_t(0)).store(d_h_p + row + j, k);  // refilled by the product below
         });
       });
@@ -519,8 +592,18 @@ std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c
                                  const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                                  const std::optional<Tensor>& w_ch,
                                  const std::optional<Tensor>& lengths, bool reverse) {
+  const Arguments check("lstm_forward", "gates", gates, 3);
+  const int64_t T = gates.size(0), N = gates.size(1), H = gates.size(2) / 4;
+  TORCH_CHECK(gates.size(2) == 4 * H, "lstm_forward: gates must have 4 * hidden columns, got ",
+              gates.sizes());
+  const int64_t P = w_hr.has_value() && w_hr->dim() == 2 ? w_hr->size(0) : H;
+  check("h0", h0, {N, P});
+  check("c0", c0, {N, H});
+  check("w_hh", w_hh, {4 * H, P});
+  check("w_hr", w_hr, {P, H});
+  check("w_ch", w_ch, {3 * H});
+  check.lengths(lengths, N);
   const BelowAutograd below_autograd;
-  const int64_t T = gates.size(0), N = gates.size(1), H = c0.size(1), P = h0.size(1);
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool projected = w_hr.has_value();
@@ -616,8 +699,21 @@ std::vector<Tensor> lstm_backward(const Tensor& d_output, const Tensor& d_h_n,
                                   const std::optional<Tensor>& w_hr,
                                   const std::optional<Tensor>& w_ch,
                                   const std::optional<Tensor>& lengths, bool reverse) {
+  const Arguments check("lstm_backward", "gates", gates, 3);
+  const int64_t T = gates.size(0), N = gates.size(1), H = gates.size(2) / 4;
+  TORCH_CHECK(gates.size(2) == 4 * H, "lstm_backward: gates must have 4 * hidden columns, got ",
+              gates.sizes());
+  const int64_t P = w_hr.has_value() && w_hr->dim() == 2 ? w_hr->size(0) : H;
+  check("d_output", d_output, {T, N, P});
+  check("d_h_n", d_h_n, {N, P});
+  check("d_c_n", d_c_n, {N, H});
+  check("c_states", c_states, {T + 1, N, H});
+  check("c_new", c_new, {T, N, H});
+  check("w_hh", w_hh, {4 * H, P});
+  check("w_hr", w_hr, {P, H});
+  check("w_ch", w_ch, {3 * H});
+  check.lengths(lengths, N);
   const BelowAutograd below_autograd;
-  const int64_t T = gates.size(0), N = gates.size(1), H = c_new.size(2), P = d_h_n.size(1);
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool projected = w_hr.has_value();
@@ -714,8 +810,15 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
                                 const std::optional<Tensor>& b_hh,
                                 const std::optional<Tensor>& lengths, bool reverse,
                                 bool reset_after) {
+  const Arguments check("gru_forward", "gates", gates, 3);
+  const int64_t T = gates.size(0), N = gates.size(1), H = gates.size(2) / 3;
+  TORCH_CHECK(gates.size(2) == 3 * H, "gru_forward: gates must have 3 * hidden columns, got ",
+              gates.sizes());
+  check("h0", h0, {N, H});
+  check("w_hh", w_hh, {3 * H, H});
+  check("b_hh", b_hh, {3 * H});
+  check.lengths(lengths, N);
   const BelowAutograd below_autograd;
-  const int64_t T = gates.size(0), N = gates.size(1), H = h0.size(1);
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor states = states_buffer(T, h0);
@@ -808,8 +911,17 @@ std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, co
                                  const Tensor& states, const Tensor& n_input, const Tensor& w_hh,
                                  const std::optional<Tensor>& lengths, bool reverse,
                                  bool reset_after) {
+  const Arguments check("gru_backward", "gates", gates, 3);
+  const int64_t T = gates.size(0), N = gates.size(1), H = gates.size(2) / 3;
+  TORCH_CHECK(gates.size(2) == 3 * H, "gru_backward: gates must have 3 * hidden columns, got ",
+              gates.sizes());
+  check("d_output", d_output, {T, N, H});
+  check("d_h_n", d_h_n, {N, H});
+  check("states", states, {T + 1, N, H});
+  check("n_input", n_input, {T, N, H});
+  check("w_hh", w_hh, {3 * H, H});
+  check.lengths(lengths, N);
   const BelowAutograd below_autograd;
-  const int64_t T = gates.size(0), N = gates.size(1), H = d_h_n.size(1);
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor d_x_gates = at::empty_like(gates);
