@@ -290,3 +290,33 @@ def test_torch_nn_model_starts_from_the_same_weights_and_throughput_runs(capsys)
                  "--block-steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "rnnkit x torch.nn throughput:" in out and "torch.nn tokens/s:" in out
+
+
+def test_ctrl_c_on_the_command_line_saves_says_where_and_exits_130(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    checkpoint = tmp_path / "lm.pt"
+    command = [sys.executable, "-m", "rnnkit.cli", "lm", "train", str(text), "--steps", "100000",
+               "--hidden", "8", "--embedding", "4", "--layers", "1", "--batch-size", "2",
+               "--seq-len", "8", "--eval-every", "1000", "--checkpoint-every", "1",
+               "--checkpoint", str(checkpoint)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), process.communicate()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    stopped = re.search(r"interrupted at step (\d+) of 100000: checkpoint saved to '(.*)'; "
+                        r"continue with 'rnnkit lm train' on the same text and --resume", err)
+    assert stopped and stopped.group(2) == str(checkpoint), err
+    assert load_checkpoint(checkpoint, "lm")["step"] == int(stopped.group(1))
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
