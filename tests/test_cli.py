@@ -39,7 +39,7 @@ def test_bench_quick_prints_table_and_writes_json(tmp_path, capsys):
         (["bench", "--sizes", "10,2"], "--sizes takes T,N,H triples of positive ints"),
         (["bench", "--sizes", "10,0,4"], "--sizes takes T,N,H triples"),
         (["bench", "--families", "lstm,transformer"], "--families takes a comma-separated subset"),
-        (["bench", "--repeats", "0"], "expected a positive int, got '0'"),
+        (["bench", "--repeats", "0"], "expected a positive int (at most 2**63 - 1), got '0'"),
         (["bench", "--backend", "cuda"], "invalid choice: 'cuda'"),
         (["bench", "--fast"], "unrecognized arguments: --fast"),
         (["train"], "invalid choice: 'train'"),

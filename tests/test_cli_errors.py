@@ -99,6 +99,38 @@ def test_bench_is_handled_like_every_command(monkeypatch, capsys):
     assert fails(["bench", "--quick", "--no-memory"], capsys, 130) == "rnnkit bench: interrupted"
 
 
+@pytest.mark.parametrize("argv", [
+    ["lm", "train", "--corpus", "prose", "--hidden", str(2**70)],
+    ["lm", "sample", "lm.pt", "--length", str(2**63)],
+    ["memory", "adding", "--lengths", f"5,{2**70}"],
+    ["gradients", "--samples", str(2**70)],
+    ["bench", "--sizes", f"{2**70},1,1"],
+])
+def test_counts_beyond_int64_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "2**63 - 1" in capsys.readouterr().err
+
+
+def test_the_allocator_running_out_is_one_line_and_other_runtime_errors_are_bugs(monkeypatch,
+                                                                               capsys):
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 160000000000 bytes.")
+
+    monkeypatch.setattr(bench, "run_benchmarks", exhausted)
+    assert fails(["bench", "--quick", "--no-memory"], capsys, 1).startswith(
+        "rnnkit bench: error: out of memory; choose smaller sizes")
+
+    def a_bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(bench, "run_benchmarks", a_bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main(["bench", "--quick", "--no-memory"])
+
+
 def test_an_os_error_is_one_line_with_the_file_and_reason(monkeypatch, capsys):
     from rnnkit.apps.lm import commands
 

@@ -207,8 +207,8 @@ def test_bad_training_input_is_one_line_naming_the_problem(tmp_path, capsys, arg
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--horizon", "0", "expected a positive int, got '0'"),
-    ("--lookback", "-3", "expected a positive int, got '-3'"),
+    ("--horizon", "0", "expected a positive int (at most 2**63 - 1), got '0'"),
+    ("--lookback", "-3", "expected a positive int (at most 2**63 - 1), got '-3'"),
     ("--season", "1", "--season takes a season length >= 2, or 0 for none"),
     ("--dataset", "gdp", "invalid choice: 'gdp'"),
     ("--fill", "zero", "invalid choice: 'zero'"),

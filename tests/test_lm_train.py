@@ -221,8 +221,8 @@ def test_command_errors_are_one_line(tmp_path, capsys, arguments, message, code)
 @pytest.mark.parametrize("arguments,message", [
     (["lm", "train", "--corpus", "poems"], "invalid choice: 'poems'"),
     (["lm", "train", "--corpus", "prose", "--cell", "tcn"], "invalid choice: 'tcn'"),
-    (["lm", "train", "--corpus", "prose", "--seq-len", "0"], "expected a positive int, got '0'"),
-    (["lm", "train", "--corpus", "prose", "--batch-size", "-3"], "expected a positive int, got '-3'"),
+    (["lm", "train", "--corpus", "prose", "--seq-len", "0"], "expected a positive int (at most 2**63 - 1), got '0'"),
+    (["lm", "train", "--corpus", "prose", "--batch-size", "-3"], "expected a positive int (at most 2**63 - 1), got '-3'"),
 ])
 def test_bad_options_are_rejected_by_the_parser(capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_info:

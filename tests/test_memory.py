@@ -46,9 +46,9 @@ def test_memory_command_writes_table_results_and_plots(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["memory", "sorting"], "invalid choice: 'sorting'"),
     (["memory", "adding", "--cells", "lstm,transformer"], "--cells takes a comma-separated subset"),
-    (["memory", "adding", "--lengths", "1"], "--lengths takes comma-separated integers >= 2"),
-    (["memory", "adding", "--hidden", "0"], "expected a positive int, got '0'"),
-    (["memory", "adding", "--steps", "-5"], "expected a positive int, got '-5'"),
+    (["memory", "adding", "--lengths", "1"], "--lengths takes comma-separated integers in [2, 2**63 - 1]"),
+    (["memory", "adding", "--hidden", "0"], "expected a positive int (at most 2**63 - 1), got '0'"),
+    (["memory", "adding", "--steps", "-5"], "expected a positive int (at most 2**63 - 1), got '-5'"),
     (["memory", "adding", "--init", "xavier"], "invalid choice: 'xavier'"),
     (["memory", "adding", "--clip-value", "0"], "expected a finite number > 0, got '0'"),
     (["memory", "adding", "--clip-tensor-norm", "-1"], "expected a finite number > 0, got '-1'"),

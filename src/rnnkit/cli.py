@@ -25,9 +25,10 @@ def _size(text: str) -> tuple[int, int, int]:
         size = tuple(int(p) for p in parts)
     except ValueError:
         size = ()
-    if len(size) != 3 or min(size) < 1:
+    if len(size) != 3 or min(size) < 1 or max(size) > LARGEST_COUNT:
         raise argparse.ArgumentTypeError(
-            f"--sizes takes T,N,H triples of positive ints (e.g. 100,32,256), got {text!r}")
+            f"--sizes takes T,N,H triples of positive ints up to 2**63 - 1 (e.g. 100,32,256), "
+            f"got {text!r}")
     return size  # type: ignore[return-value]
 
 
@@ -41,13 +42,19 @@ def _families(text: str) -> list[str]:
     return families
 
 
+# Sizes and counts end up in torch's int64 (shapes, loop bounds); larger ones overflow deep in
+# torch with an unrelated message, so the parser refuses them by name.
+LARGEST_COUNT = 2**63 - 1
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    if not 1 <= value <= LARGEST_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive int (at most 2**63 - 1), got {text!r}")
     return value
 
 
@@ -248,9 +255,10 @@ def _integers(smallest: int, option: str):
             values = [int(v) for v in text.split(",") if v.strip()]
         except ValueError:
             values = []
-        if not values or min(values) < smallest:
+        if not values or min(values) < smallest or max(values) > LARGEST_COUNT:
             raise argparse.ArgumentTypeError(
-                f"{option} takes comma-separated integers >= {smallest}, got {text!r}")
+                f"{option} takes comma-separated integers in [{smallest}, 2**63 - 1], got "
+                f"{text!r}")
         return values
     return parse
 
@@ -650,12 +658,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_FAILURE
     except MemoryError:
-        print(f"{name}: error: out of memory; choose smaller sizes (--hidden, --batch-size, "
-              "...)", file=sys.stderr)
+        print(f"{name}: error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return EXIT_FAILURE
+    except RuntimeError as error:
+        if not _is_out_of_memory(error):
+            raise  # a bug: its traceback is what a report needs
+        print(f"{name}: error: {OUT_OF_MEMORY} ({_one_line(error)[:200]})", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as error:
         print(f"{name}: error: {describe_os_error(error)}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+OUT_OF_MEMORY = "out of memory; choose smaller sizes (--hidden, --batch-size, --lengths, ...)"
+
+
+def _is_out_of_memory(error: RuntimeError) -> bool:
+    """torch's allocators report exhaustion as a RuntimeError (CPU) or its OutOfMemoryError
+    subclass (CUDA)."""
+    text = str(error)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def _one_line(error: Exception) -> str:
