@@ -260,7 +260,14 @@ class _RecurrentLayer(nn.Module):
             )
         lengths = check_lengths(lengths, steps=steps, batch=batch, device=x.device)
         # Full-length sequences need no masking: the unmasked loop is the same computation.
-        return x, (None if int(lengths.min()) == steps else lengths), batched
+        if int(lengths.min()) == steps:
+            return x, None, batched
+        # Engines compute the steps past a sequence's end and discard them, but a NaN or inf
+        # there would still reach the gradients (0 * NaN in the products over all steps). Zeroed
+        # once here, the padding is finite for every engine and its gradient is zero, as with a
+        # PackedSequence (whose padding pad_packed_sequence fills with zeros).
+        valid = torch.arange(steps, device=x.device).unsqueeze(1) < lengths  # (T, N)
+        return x.masked_fill(~valid.unsqueeze(2), 0.0), lengths, batched
 
     def _state_shapes(self, batch: int | None) -> list[tuple[tuple[int, ...], str]]:
         """Expected (shape, meaning) of h_0 (and c_0) for a batch size (None: unbatched)."""

@@ -1,0 +1,111 @@
+"""Hard to break: padding that holds NaN, NaN through ReLU, empty batches, and bad arguments.
+
+Every engine must give what torch.nn gives (or a named error where torch.nn has none), so each
+case runs on every backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnnkit
+from compare import assert_same, outputs_and_gradients
+
+BACKENDS = ["reference", "fused", "native"]
+INPUT, HIDDEN, PROJ, STEPS = 3, 5, 2, 6
+LENGTHS = [4, 6, 1, 3]  # unsorted, one full-length sequence, one of length 1
+
+# Every family and variant: (layer class, constructor arguments, torch.nn twin or None).
+LAYERS = {
+    "rnn_tanh": (rnnkit.RNN, {}, nn.RNN),
+    "rnn_relu": (rnnkit.RNN, {"nonlinearity": "relu"}, nn.RNN),
+    "lstm": (rnnkit.LSTM, {}, nn.LSTM),
+    "lstm_proj": (rnnkit.LSTM, {"proj_size": PROJ}, nn.LSTM),
+    "lstm_peephole_proj": (rnnkit.LSTM, {"peephole": True, "proj_size": PROJ}, None),
+    "gru": (rnnkit.GRU, {}, nn.GRU),
+    "gru_reset_before": (rnnkit.GRU, {"reset_after": False}, None),
+}
+
+
+def make_layer(name, backend, **arguments):
+    """A float64 layer with every parameter random and nonzero (peepholes included)."""
+    layer_class, extra, _ = LAYERS[name]
+    layer = layer_class(INPUT, HIDDEN, **extra, **arguments, dtype=torch.float64, backend=backend)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.rand(p.shape, generator=generator, dtype=p.dtype) - 0.5)
+    return layer
+
+
+def state_leaves(layer, batch):
+    """A random initial state for ``layer`` at ``batch``, as named leaves that require grad."""
+    generator = torch.Generator().manual_seed(5)
+    lead = (layer.num_layers * layer.num_directions, batch)
+    sizes = {"h0": layer.output_size} | ({"c0": layer.hidden_size} if layer.family == "lstm" else {})
+    return {name: torch.randn(lead + (size,), generator=generator, dtype=torch.float64)
+            .requires_grad_() for name, size in sizes.items()}
+
+
+def hx_of(state):
+    return (state["h0"], state["c0"]) if "c0" in state else state["h0"]
+
+
+# ---- padding past a sequence's end reaches nothing ------------------------------------------
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_padding_reaches_nothing(backend, name, fill):
+    layer = make_layer(name, backend, num_layers=2, bidirectional=True)
+    generator = torch.Generator().manual_seed(1)
+    clean = torch.randn(STEPS, len(LENGTHS), INPUT, generator=generator, dtype=torch.float64)
+    padded = torch.arange(STEPS).unsqueeze(1) >= torch.tensor(LENGTHS)  # (T, N)
+    clean[padded] = 0.0
+    dirty = clean.masked_fill(padded.unsqueeze(2), fill)
+    state = state_leaves(layer, len(LENGTHS))
+
+    def run(x):
+        return outputs_and_gradients(
+            layer, lambda m: m(x, hx_of(state), lengths=LENGTHS), {"x": x} | state)
+
+    actual = run(dirty.requires_grad_())
+    for key, value in actual.items():
+        assert torch.isfinite(value).all(), key
+    assert (actual["grad:x"][padded] == 0).all()  # as with a PackedSequence in torch.nn
+    # The same input with zero padding: the same outputs, final states and every gradient.
+    assert_same(actual, run(clean.requires_grad_()), torch.float64)
+
+    torch_class = LAYERS[name][2]
+    if torch_class is None:
+        return
+    reference = layer.to_torch()
+
+    def run_packed(module):
+        packed = pack_padded_sequence(dirty, LENGTHS, enforce_sorted=False)
+        output, final = module(packed, hx_of(state))
+        return pad_packed_sequence(output, total_length=STEPS)[0], final
+
+    expected = outputs_and_gradients(reference, run_packed, {"x": dirty} | state)
+    assert_same(actual, expected, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_padding_with_batch_first_and_learned_state(backend):
+    layer = rnnkit.GRU(INPUT, HIDDEN, batch_first=True, learn_initial_state=True,
+                       dtype=torch.float64, backend=backend)
+    x = torch.randn(len(LENGTHS), STEPS, INPUT, dtype=torch.float64)
+    padded = torch.arange(STEPS) >= torch.tensor(LENGTHS).unsqueeze(1)  # (N, T)
+    x[padded] = float("nan")
+    x.requires_grad_()
+    output, h_n = layer(x, lengths=torch.tensor(LENGTHS))
+    (output.sum() + h_n.sum()).backward()
+    assert torch.isfinite(output).all() and torch.isfinite(h_n).all()
+    assert torch.isfinite(x.grad).all() and (x.grad[padded] == 0).all()
+    for name, p in layer.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
