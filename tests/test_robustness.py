@@ -138,3 +138,73 @@ def test_relu_rnn_with_nan_input_has_torch_nn_gradients(backend):
                                    equal_nan=True, msg=lambda m, k=key: f"{k}: {m}")
 
 
+# ---- empty batches ---------------------------------------------------------------------------
+
+CELLS = {
+    "rnn_tanh": (rnnkit.RNNCell, {}, nn.RNNCell),
+    "rnn_relu": (rnnkit.RNNCell, {"nonlinearity": "relu"}, nn.RNNCell),
+    "lstm": (rnnkit.LSTMCell, {}, nn.LSTMCell),
+    "lstm_peephole_proj": (rnnkit.LSTMCell, {"peephole": True, "proj_size": PROJ}, None),
+    "gru": (rnnkit.GRUCell, {}, nn.GRUCell),
+    "gru_reset_before": (rnnkit.GRUCell, {"reset_after": False}, None),
+}
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["nohx", "hx"])
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cell_with_an_empty_batch_gives_torch_nn_shapes_and_zero_gradients(
+        backend, name, with_state):
+    cell_class, extra, torch_class = CELLS[name]
+    cell = cell_class(INPUT, HIDDEN, **extra)
+    cell.backend = backend
+    x = torch.randn(0, INPUT, requires_grad=True)
+    state = {"h": torch.zeros(0, cell.output_size, requires_grad=True)}
+    if cell.family == "lstm":
+        state["c"] = torch.zeros(0, HIDDEN, requires_grad=True)
+    hx = (tuple(state.values()) if len(state) == 2 else state["h"]) if with_state else None
+    actual = outputs_and_gradients(cell, lambda m: m(x, hx), {"x": x} | state)
+    if torch_class is not None:
+        expected = outputs_and_gradients(cell.to_torch(), lambda m: m(x, hx), {"x": x} | state)
+        assert_same(actual, expected, torch.float32)
+    assert actual["out0"].shape == (0, cell.output_size)
+    for key, value in actual.items():
+        if key.startswith("grad:"):
+            assert (value == 0).all(), key
+
+
+@pytest.mark.parametrize("form", ["time_major", "batch_first", "hx", "lengths"])
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_with_an_empty_batch_gives_torch_nn_shapes_and_zero_gradients(backend, name, form):
+    layer = make_layer(name, backend, num_layers=2, bidirectional=True,
+                       batch_first=form == "batch_first")
+    x = torch.randn((0, STEPS, INPUT) if form == "batch_first" else (STEPS, 0, INPUT),
+                    dtype=torch.float64, requires_grad=True)
+    state = state_leaves(layer, 0) if form == "hx" else {}
+    keywords = {"lengths": torch.zeros(0, dtype=torch.int64)} if form == "lengths" else {}
+
+    def run(module, **more):
+        return module(x, hx_of(state) if state else None, **more)
+
+    actual = outputs_and_gradients(layer, lambda m: run(m, **keywords), {"x": x} | state)
+    width = 2 * layer.output_size
+    assert actual["out0"].shape == ((0, STEPS, width) if form == "batch_first" else
+                                    (STEPS, 0, width))
+    for key, value in actual.items():
+        if key.startswith("grad:"):
+            assert (value == 0).all(), key
+    if LAYERS[name][2] is not None:
+        expected = outputs_and_gradients(layer.to_torch(), run, {"x": x} | state)
+        assert_same(actual, expected, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learned_initial_state_with_an_empty_batch(backend):
+    layer = rnnkit.LSTM(INPUT, HIDDEN, learn_initial_state=True, backend=backend)
+    output, (h_n, c_n) = layer(torch.randn(STEPS, 0, INPUT))
+    (output.sum() + h_n.sum() + c_n.sum()).backward()
+    assert output.shape == (STEPS, 0, HIDDEN) and h_n.shape == c_n.shape == (1, 0, HIDDEN)
+    assert (layer.h0.grad == 0).all() and (layer.c0.grad == 0).all()
+
+

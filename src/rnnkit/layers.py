@@ -246,9 +246,10 @@ class _RecurrentLayer(nn.Module):
         elif self.batch_first:
             x = x.transpose(0, 1)
         steps, batch = x.shape[:2]
-        if steps == 0 or batch == 0:
+        if steps == 0:
+            # An empty batch (N = 0) is fine, as in torch.nn; a sequence without steps is not.
             raise ValueError(
-                f"{name} input must have at least one time step and one sequence, "
+                f"{name} input must have at least one time step (L >= 1, as torch.nn requires), "
                 f"got shape {tuple(input.shape)}"
             )
         if lengths is None:
@@ -260,7 +261,7 @@ class _RecurrentLayer(nn.Module):
             )
         lengths = check_lengths(lengths, steps=steps, batch=batch, device=x.device)
         # Full-length sequences need no masking: the unmasked loop is the same computation.
-        if int(lengths.min()) == steps:
+        if batch == 0 or int(lengths.min()) == steps:
             return x, None, batched
         # Engines compute the steps past a sequence's end and discard them, but a NaN or inf
         # there would still reach the gradients (0 * NaN in the products over all steps). Zeroed
