@@ -6,6 +6,11 @@ case runs on every backend.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import pickle
+import signal
+
 import pytest
 import torch
 from torch import nn
@@ -208,3 +213,131 @@ def test_learned_initial_state_with_an_empty_batch(backend):
     assert (layer.h0.grad == 0).all() and (layer.c0.grad == 0).all()
 
 
+# ---- bad arguments are named -----------------------------------------------------------------
+
+@contextlib.contextmanager
+def fails_within(seconds: int):
+    """Turn a hang into a test failure (where the platform has SIGALRM)."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+BIG = 2**63
+X = torch.randn(4, 2, 3)
+
+
+def set_backend(module, value):
+    module.backend = value
+    return module
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        # sizes: int64 range, then what the parameters would need in memory
+        (lambda: rnnkit.GRU(2, 3, num_layers=10**13), ValueError,
+         r"GRU with input_size=2, hidden_size=3, num_layers=10000000000000 needs [\d,]+ parameters, [\d,]+ bytes as torch.float32: more than the [\d,]+ bytes of memory"),
+        (lambda: rnnkit.LSTM(BIG, 3), ValueError, r"LSTM input_size must be an int >= 1 that fits in int64 \(at most 2\*\*63 - 1 = 9223372036854775807\), got 9223372036854775808"),
+        (lambda: rnnkit.LSTM(2, BIG), ValueError, r"LSTM hidden_size must be an int >= 1 that fits in int64 .* got 9223372036854775808"),
+        (lambda: rnnkit.LSTM(2, 3, proj_size=BIG), ValueError, r"LSTM proj_size must be an int >= 0 that fits in int64"),
+        (lambda: rnnkit.RNN(2, 3, num_layers=BIG), ValueError, r"RNN num_layers must be an int >= 1 that fits in int64"),
+        (lambda: rnnkit.LSTM(2**40, 2**20, dtype=torch.float64), ValueError,
+         r"LSTM with input_size=1099511627776, hidden_size=1048576, num_layers=1 needs [\d,]+ parameters, [\d,]+ bytes as torch.float64"),
+        (lambda: rnnkit.LSTM(2, 2**40, proj_size=2**39, bidirectional=True), ValueError,
+         r"proj_size=549755813888, bidirectional=True needs [\d,]+ parameters"),
+        (lambda: rnnkit.GRU(2**62, 2**62), ValueError, r"needs [\d,]+ parameters"),  # > int64 elements
+        (lambda: rnnkit.GRU(2, 3, num_layers=10**13, device="meta"), ValueError, r"bytes of memory in this host"),
+        # dtype and device
+        (lambda: rnnkit.LSTM(2, 3, dtype=torch.complex64), ValueError,
+         r"LSTM dtype must be None or one of torch.float16, torch.bfloat16, torch.float32, torch.float64, got torch.complex64"),
+        (lambda: rnnkit.GRU(2, 3, dtype=torch.int64), ValueError, r"GRU dtype must be None or one of .* got torch.int64"),
+        (lambda: rnnkit.RNN(2, 3, dtype=torch.float8_e4m3fn), ValueError, r"RNN dtype .* got torch.float8_e4m3fn"),
+        (lambda: rnnkit.LSTM(2, 3, dtype="float32"), TypeError, r"LSTM dtype must be None or one of .* got 'float32' \(str\) \(did you mean torch.float32\?\)"),
+        (lambda: rnnkit.LSTM(2, 3, dtype=float), TypeError, r"LSTM dtype must be None or one of"),
+        (lambda: rnnkit.LSTM(2, 3, device="gpu"), ValueError, r"LSTM device must be a device torch can allocate on here, got 'gpu'"),
+        (lambda: rnnkit.GRU(2, 3, device=3.5), TypeError, r"GRU device must be None, a torch.device, a device string .* got 3.5 \(float\)"),
+        (lambda: rnnkit.GRU(2, 3, device=True), TypeError, r"GRU device must be None, a torch.device"),
+        # backend, checked when set
+        (lambda: rnnkit.LSTM(2, 3, backend="gpu"), ValueError, r"LSTM backend must be one of 'auto', 'native', 'fused', 'reference', got 'gpu'"),
+        (lambda: set_backend(rnnkit.GRU(2, 3), "gpu"), ValueError, r"GRU backend must be one of 'auto', 'native', 'fused', 'reference', got 'gpu'"),
+        (lambda: set_backend(rnnkit.RNN(2, 3), None), ValueError, r"RNN backend must be one of .* got None"),
+        # lengths that hold no values, or are not integers
+        (lambda: rnnkit.LSTM(3, 4)(X, lengths=torch.tensor([4, 2], device="meta")), ValueError,
+         r"lengths must hold values: .* got a tensor on the meta device"),
+        (lambda: rnnkit.LSTM(3, 4)(X, lengths=torch.tensor([4, 2]).to_sparse()), TypeError,
+         r"lengths must be a dense \(strided\) integer tensor .* got layout torch.sparse_coo"),
+        (lambda: rnnkit.GRU(3, 4)(X, lengths=torch.tensor([True, False])), TypeError, r"lengths must be an integer tensor .* got dtype torch.bool"),
+        (lambda: rnnkit.GRU(3, 4)(X, lengths=torch.tensor([4.0, 2.0], dtype=torch.float64)), TypeError, r"got dtype torch.float64"),
+        (lambda: rnnkit.GRU(3, 4)(X, lengths=torch.tensor([4, 2j])), TypeError, r"got dtype torch.complex64"),
+        (lambda: rnnkit.GRU(3, 4)(X, lengths="42"), TypeError, r"lengths must be a 1-D integer tensor or a list of ints, got '42'"),
+        # cells: the same checks
+        (lambda: rnnkit.LSTMCell(BIG, 3), ValueError, r"LSTMCell input_size must be an int >= 1 that fits in int64"),
+        (lambda: rnnkit.GRUCell(2, BIG), ValueError, r"GRUCell hidden_size must be an int >= 1 that fits in int64"),
+        (lambda: rnnkit.LSTMCell(2, 3, proj_size=BIG), ValueError, r"LSTMCell proj_size must be an int >= 0 that fits in int64"),
+        (lambda: rnnkit.RNNCell(2**40, 2**30), ValueError,
+         r"RNNCell with input_size=1099511627776, hidden_size=1073741824 needs [\d,]+ parameters, [\d,]+ bytes as torch.float32: more than"),
+        (lambda: rnnkit.LSTMCell(2, 2**40, proj_size=2**39), ValueError, r"LSTMCell with input_size=2, hidden_size=1099511627776, proj_size=549755813888 needs"),
+        (lambda: rnnkit.LSTMCell(2, 3, dtype=torch.complex64), ValueError, r"LSTMCell dtype must be None or one of .* got torch.complex64"),
+        (lambda: rnnkit.GRUCell(2, 3, dtype=torch.int32), ValueError, r"GRUCell dtype .* got torch.int32"),
+        (lambda: rnnkit.RNNCell(2, 3, dtype="float64"), TypeError, r"RNNCell dtype .* \(did you mean torch.float64\?\)"),
+        (lambda: rnnkit.RNNCell(2, 3, device="tpu"), ValueError, r"RNNCell device must be a device torch can allocate on here, got 'tpu'"),
+        (lambda: set_backend(rnnkit.LSTMCell(2, 3), "gpu"), ValueError, r"LSTMCell backend must be one of 'auto', 'native', 'fused', 'reference', got 'gpu'"),
+        (lambda: set_backend(rnnkit.GRUCell(2, 3), "torch.nn"), ValueError, r"GRUCell backend must be one of .* got 'torch.nn'"),
+        (lambda: rnnkit.LSTMCell(2, 3, peephole=1), TypeError, r"LSTMCell peephole must be True or False, got 1"),
+    ],
+)
+def test_bad_arguments_are_named(call, error, match):
+    with fails_within(20), pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["auto", "fused", "reference"])
+def test_every_accepted_dtype_runs_forward_and_backward(backend, dtype):
+    for make in (lambda: rnnkit.LSTM(3, 4, bidirectional=True, dtype=dtype, backend=backend),
+                 lambda: rnnkit.GRU(3, 4, device=torch.device("cpu"), dtype=dtype, backend=backend),
+                 lambda: rnnkit.RNN(3, 4, nonlinearity="relu", device="cpu", dtype=dtype,
+                                    backend=backend)):
+        layer = make()
+        x = torch.randn(5, 2, 3, dtype=dtype, requires_grad=True)
+        output, _ = layer(x, lengths=[5, 2])
+        output.float().sum().backward()
+        assert output.dtype == x.grad.dtype == dtype
+    cell = rnnkit.LSTMCell(3, 4, dtype=dtype)
+    cell.backend = backend
+    h, c = cell(torch.randn(2, 3, dtype=dtype))
+    assert h.dtype == c.dtype == dtype
+
+
+def test_backend_setting_is_kept_by_copies_and_pickles():
+    layer = rnnkit.GRU(3, 4, backend="fused")
+    cell = rnnkit.LSTMCell(3, 4)
+    assert cell.backend == "auto"
+    cell.backend = "reference"
+    for module, value in ((layer, "fused"), (cell, "reference")):
+        assert copy.deepcopy(module).backend == value
+        assert pickle.loads(pickle.dumps(module)).backend == value
+    # A module pickled before the setting was checked kept it as a plain attribute.
+    old = pickle.loads(pickle.dumps(layer))
+    old.__dict__["backend"] = "reference"
+    assert old.backend == "reference"
+
+
+def test_a_large_layer_within_memory_still_builds_on_meta():
+    # The bound is the memory the parameters need, not a cap on sizes: 2**28 float32 parameters
+    # (1 GiB, under any host's memory) build, on meta without allocating.
+    layer = rnnkit.LSTM(2**16 - 2**10 - 2, 2**10, device="meta")
+    assert layer.weight_ih_l0.shape == (2**12, 2**16 - 2**10 - 2)
+    assert sum(p.numel() for p in layer.parameters()) == 2**28
