@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Sequence
 
 import torch
@@ -24,12 +25,24 @@ def require_bool(name: str, value: object) -> bool:
     return value
 
 
+INT64_MAX = 2**63 - 1
+"""The largest size torch can hold: tensor shapes are int64."""
+
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The parameter dtypes every engine runs (native runs float32/float64, fused the others)."""
+
+
 def require_int(name: str, value: object, *, minimum: int) -> int:
-    """An int (not a bool) >= minimum."""
+    """An int (not a bool) >= minimum that fits in int64 (a tensor size)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {minimum}, got {describe(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    if value > INT64_MAX:
+        raise ValueError(
+            f"{name} must be an int >= {minimum} that fits in int64 (at most 2**63 - 1 = "
+            f"{INT64_MAX}), got {value}"
+        )
     return int(value)
 
 
@@ -54,6 +67,69 @@ def require_choice(name: str, value: object, choices: Sequence[str]) -> str:
         accepted = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def require_dtype(name: str, dtype: object) -> torch.dtype:
+    """A floating dtype of `FLOATING_DTYPES`, or None for torch's default dtype (resolved)."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    accepted = ", ".join(str(d) for d in FLOATING_DTYPES)
+    if not isinstance(dtype, torch.dtype):
+        hint = (f" (did you mean torch.{dtype}?)"
+                if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)
+                else "")
+        raise TypeError(f"{name} must be None or one of {accepted}, got {describe(dtype)}{hint}")
+    if dtype not in FLOATING_DTYPES:
+        raise ValueError(f"{name} must be None or one of {accepted}, got {dtype}")
+    return dtype
+
+
+def require_device(name: str, device: object) -> torch.device:
+    """None (torch's default device) or a device torch names and can allocate on, resolved."""
+    if isinstance(device, bool) or not isinstance(device, str | torch.device | int | None):
+        raise TypeError(
+            f"{name} must be None, a torch.device, a device string such as 'cpu' or 'cuda:0', "
+            f"or a device index, got {describe(device)}"
+        )
+    try:
+        # An empty tensor allocates nothing: it parses the name, applies torch's default
+        # device for None, and fails here (not in the first parameter) where there is none.
+        return torch.empty(0, device=device).device
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ValueError(
+            f"{name} must be a device torch can allocate on here, got {device!r}: {error}"
+        ) from None
+
+
+def _memory_of(device: torch.device) -> tuple[int, str]:
+    """Bytes of memory that can hold tensors on ``device`` at most, and where that is.
+
+    A CUDA device's own memory; for everything else the host's physical memory (a meta layer
+    is held to what the real one would need, as it is built to be materialised here later).
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"on {device}"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "in this host"
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the int64 bound only
+        return INT64_MAX, "addressable"
+
+
+def require_allocatable(
+    owner: str, sizes: str, count: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Refuse, before allocating, ``count`` parameters that cannot fit in the device's memory.
+
+    ``count`` is computed in Python ints, so it cannot overflow; without this check a huge size
+    gives torch's internal errors, or a num_layers loop that runs for hours.
+    """
+    needed = count * dtype.itemsize
+    memory, where = _memory_of(device)
+    if count > INT64_MAX or needed > memory:
+        raise ValueError(
+            f"{owner} with {sizes} needs {count:,} parameters, {needed:,} bytes as {dtype}: more "
+            f"than the {memory:,} bytes of memory {where}; accepted: sizes whose parameters fit"
+        )
 
 
 def require_tensor(
@@ -90,10 +166,20 @@ def require_shape(name: str, value: Tensor, expected: tuple[int, ...], meaning: 
 def check_lengths(lengths: object, *, steps: int, batch: int, device: torch.device) -> Tensor:
     """Validate sequence lengths and return them as an int64 tensor on ``device``.
 
-    Accepted: a 1-D integer tensor (on any device) or a sequence of ints, one per batch entry,
-    each in ``[1, steps]``.
+    Accepted: a 1-D dense integer tensor (on any device that holds data, not meta) or a sequence
+    of ints, one per batch entry, each in ``[1, steps]``.
     """
     if isinstance(lengths, Tensor):
+        if lengths.layout != torch.strided:
+            raise TypeError(
+                f"lengths must be a dense (strided) integer tensor or a list of ints, got "
+                f"layout {lengths.layout}"
+            )
+        if lengths.device.type == "meta":
+            raise ValueError(
+                "lengths must hold values: a tensor on a real device or a list of ints, got a "
+                "tensor on the meta device (it has shape and dtype only)"
+            )
         if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise TypeError(
                 f"lengths must be an integer tensor or a list of ints, got dtype {lengths.dtype}"

@@ -17,8 +17,11 @@ from torch import Tensor, nn
 
 from rnnkit._checks import (
     describe,
+    require_allocatable,
     require_bool,
     require_choice,
+    require_device,
+    require_dtype,
     require_int,
     require_real,
     require_shape,
@@ -152,6 +155,32 @@ def output_of(state: State) -> Tensor:
     return state[0] if isinstance(state, tuple) else state
 
 
+class BackendSetting:
+    """The ``backend`` attribute of cells and layers, checked when it is set.
+
+    ``module.backend = "gpu"`` fails at the assignment, naming the accepted values, instead of
+    inside a later forward; reading it stays a dictionary look-up, so a step pays nothing.
+    The value lives in the instance dictionary under the same name, as a plain attribute did,
+    so modules pickled before this check load unchanged.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, module: nn.Module | None, owner: type | None = None):
+        if module is None:
+            return self
+        return module.__dict__.get(self.name, "auto")
+
+    def __set__(self, module: nn.Module, value: object) -> None:
+        # Imported here: the engine imports this module for the step math and its types.
+        from rnnkit.engine import BACKENDS
+
+        module.__dict__[self.name] = require_choice(
+            f"{type(module).__name__} {self.name}", value, BACKENDS
+        )
+
+
 class _CellBase(nn.Module):
     """Parameters and input handling shared by the three cell modules.
 
@@ -162,8 +191,7 @@ class _CellBase(nn.Module):
 
     gate_count: int = 1
     family: str = "rnn"
-    backend: str = "auto"
-    peephole: bool = False  # LSTMCell sets its own
+    backend = BackendSetting()  # "auto" until set
 
     def __init__(
         self,
@@ -173,6 +201,7 @@ class _CellBase(nn.Module):
         proj_size: int = 0,
         device=None,
         dtype=None,
+        peephole: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -180,13 +209,19 @@ class _CellBase(nn.Module):
         self.hidden_size = require_int(f"{name} hidden_size", hidden_size, minimum=1)
         self.bias = require_bool(f"{name} bias", bias)
         self.proj_size = require_int(f"{name} proj_size", proj_size, minimum=0)
+        self.peephole = require_bool(f"{name} peephole", peephole)
         if proj_size >= hidden_size:
             raise ValueError(
                 f"{name} proj_size must be smaller than hidden_size ({hidden_size}), "
                 f"got {proj_size}; use 0 for no projection"
             )
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": require_device(f"{name} device", device),
+                   "dtype": require_dtype(f"{name} dtype", dtype)}
         gates = self.gate_count * hidden_size
+        count = gates * (input_size + self.output_size + (2 if bias else 0))
+        count += proj_size * hidden_size + (3 * hidden_size if peephole else 0)
+        require_allocatable(name, f"input_size={input_size}, hidden_size={hidden_size}"
+                            + (f", proj_size={proj_size}" if proj_size else ""), count, **factory)
         self.weight_ih = nn.Parameter(torch.empty(gates, input_size, **factory))
         self.weight_hh = nn.Parameter(torch.empty(gates, self.output_size, **factory))
         if bias:
@@ -411,9 +446,8 @@ class LSTMCell(_CellBase):
         peephole: bool = False,
         forget_bias: float = 0.0,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, proj_size, device=device, dtype=dtype)
-        factory = {"device": device, "dtype": dtype}
-        self.peephole = require_bool("LSTMCell peephole", peephole)
+        super().__init__(input_size, hidden_size, bias, proj_size, device, dtype, peephole)
+        factory = _factory(self)
         self.forget_bias = _check_forget_bias("LSTMCell", forget_bias, bias)
         if self.proj_size:
             self.weight_hr = nn.Parameter(torch.empty(self.proj_size, hidden_size, **factory))

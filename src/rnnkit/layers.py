@@ -20,8 +20,11 @@ from rnnkit import engine
 from rnnkit._checks import (
     check_lengths,
     describe,
+    require_allocatable,
     require_bool,
     require_choice,
+    require_device,
+    require_dtype,
     require_int,
     require_probability,
     require_shape,
@@ -29,6 +32,7 @@ from rnnkit._checks import (
 )
 from rnnkit.cells import (
     NONLINEARITIES,
+    BackendSetting,
     CellKind,
     CellWeights,
     State,
@@ -48,6 +52,7 @@ class _RecurrentLayer(nn.Module):
 
     family: str = "rnn"
     gate_count: int = 1
+    backend = BackendSetting()
 
     def __init__(
         self,
@@ -68,7 +73,7 @@ class _RecurrentLayer(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.backend = require_choice(f"{name} backend", backend, engine.BACKENDS)
+        self.backend = backend  # checked by BackendSetting
         self.input_size = require_int(f"{name} input_size", input_size, minimum=1)
         self.hidden_size = require_int(f"{name} hidden_size", hidden_size, minimum=1)
         self.num_layers = require_int(f"{name} num_layers", num_layers, minimum=1)
@@ -93,7 +98,9 @@ class _RecurrentLayer(nn.Module):
                 stacklevel=3,
             )
 
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": require_device(f"{name} device", device),
+                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        require_allocatable(name, self._size_settings(), self._parameter_count(), **factory)
         gates = self.gate_count * hidden_size
         # Registration order is torch.nn's (w_ih, w_hh, b_ih, b_hh, w_hr per layer and direction)
         # so that parameters() lines up with torch.nn's; variant parameters follow each group.
@@ -123,6 +130,29 @@ class _RecurrentLayer(nn.Module):
                 self.c0 = nn.Parameter(torch.empty(states, 1, hidden_size, **factory))
 
     # ---- shape facts -----------------------------------------------------------------------
+    def _parameter_count(self) -> int:
+        """Elements of every parameter the constructor will allocate, in Python ints (exact at
+        any size, and without a loop over layers, so a huge num_layers is refused at once)."""
+        gates, hidden, out = self.gate_count * self.hidden_size, self.hidden_size, self.output_size
+        directions, layers = self.num_directions, self.num_layers
+
+        def per_direction(layer_input: int) -> int:
+            count = gates * (layer_input + out + (2 if self.bias else 0))
+            return count + self.proj_size * hidden + (3 * hidden if self.peephole else 0)
+
+        count = directions * (per_direction(self.input_size)
+                              + (layers - 1) * per_direction(directions * out))
+        if self.learn_initial_state:
+            count += layers * directions * (out + (hidden if self.family == "lstm" else 0))
+        return count
+
+    def _size_settings(self) -> str:
+        """The constructor's size arguments, for an error message."""
+        s = (f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
+             f"num_layers={self.num_layers}")
+        s += f", proj_size={self.proj_size}" if self.proj_size else ""
+        return s + (", bidirectional=True" if self.bidirectional else "")
+
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
@@ -246,9 +276,10 @@ class _RecurrentLayer(nn.Module):
         elif self.batch_first:
             x = x.transpose(0, 1)
         steps, batch = x.shape[:2]
-        if steps == 0 or batch == 0:
+        if steps == 0:
+            # An empty batch (N = 0) is fine, as in torch.nn; a sequence without steps is not.
             raise ValueError(
-                f"{name} input must have at least one time step and one sequence, "
+                f"{name} input must have at least one time step (L >= 1, as torch.nn requires), "
                 f"got shape {tuple(input.shape)}"
             )
         if lengths is None:
@@ -260,7 +291,14 @@ class _RecurrentLayer(nn.Module):
             )
         lengths = check_lengths(lengths, steps=steps, batch=batch, device=x.device)
         # Full-length sequences need no masking: the unmasked loop is the same computation.
-        return x, (None if int(lengths.min()) == steps else lengths), batched
+        if batch == 0 or int(lengths.min()) == steps:
+            return x, None, batched
+        # Engines compute the steps past a sequence's end and discard them, but a NaN or inf
+        # there would still reach the gradients (0 * NaN in the products over all steps). Zeroed
+        # once here, the padding is finite for every engine and its gradient is zero, as with a
+        # PackedSequence (whose padding pad_packed_sequence fills with zeros).
+        valid = torch.arange(steps, device=x.device).unsqueeze(1) < lengths  # (T, N)
+        return x.masked_fill(~valid.unsqueeze(2), 0.0), lengths, batched
 
     def _state_shapes(self, batch: int | None) -> list[tuple[tuple[int, ...], str]]:
         """Expected (shape, meaning) of h_0 (and c_0) for a batch size (None: unbatched)."""

@@ -15,6 +15,10 @@ Layers call `run_direction` for each layer and direction of a stack, naming a ba
 
 The environment variable ``RNNKIT_BACKEND`` forces one backend for every layer (for testing and
 benchmarking without touching code).
+
+An input without elements (an empty batch) runs ``"reference"`` whatever the backend: there is
+nothing to compute, so it costs nothing, and autograd gives torch.nn's shapes and zero gradients,
+where the fast engines' products over all rows would reshape empty tensors.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def run_direction(
 ) -> tuple[Tensor, State]:
     """Run one layer in one direction; the contract is `reference.run_direction`'s."""
     # native runs fused by itself where it cannot run (device, dtype, no compiler).
-    module = _ENGINES[resolve_backend(backend)]
+    module = _ENGINES[resolve_backend(backend)] if x.numel() else reference
     return module.run_direction(kind, x, state, weights, lengths, reverse)
 
 

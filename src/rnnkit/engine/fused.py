@@ -122,7 +122,9 @@ class FusedRNN(torch.autograd.Function):
             d_raw, d_skip = _step_output_grad(valid_t, d_h, d_output[t])
             h_t = raw[t]
             if ctx.relu:
-                torch.mul(d_raw, h_t > 0, out=d_pre[t])
+                # Autograd's relu backward (threshold_backward): zero where the output is <= 0,
+                # so a NaN output passes its gradient on, as torch.nn and the reference do.
+                d_pre[t].copy_(d_raw).masked_fill_(h_t <= 0, 0.0)
             else:
                 torch.mul(d_raw, 1 - h_t * h_t, out=d_pre[t])
             if valid_t is not None:
