@@ -116,13 +116,7 @@ def test_non_finite_padding_with_batch_first_and_learned_state(backend):
 
 # ---- NaN through a ReLU RNN ------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", [
-    "reference",
-    "fused",
-    pytest.param("native", marks=pytest.mark.xfail(
-        strict=True, reason="native's ReLU backward masks NaN outputs (engine/native, fixed "
-                            "in a separate branch; drop this mark when it lands)")),
-])
+@pytest.mark.parametrize("backend", ["reference", "fused", "native"])
 def test_relu_rnn_with_nan_input_has_torch_nn_gradients(backend):
     """Autograd's relu backward passes the gradient where the output is NaN (NaN <= 0 is
     false), so torch.nn's dx holds values there and its NaN reaches only the weight gradients
