@@ -115,6 +115,10 @@ def _memory_of(device: torch.device) -> tuple[int, str]:
         return INT64_MAX, "addressable"
 
 
+class TooLarge(ValueError):
+    """Sizes whose parameters cannot be allocated (`require_allocatable`)."""
+
+
 def require_allocatable(
     owner: str, sizes: str, count: int, dtype: torch.dtype, device: torch.device
 ) -> None:
@@ -126,7 +130,7 @@ def require_allocatable(
     needed = count * dtype.itemsize
     memory, where = _memory_of(device)
     if count > INT64_MAX or needed > memory:
-        raise ValueError(
+        raise TooLarge(
             f"{owner} with {sizes} needs {count:,} parameters, {needed:,} bytes as {dtype}: more "
             f"than the {memory:,} bytes of memory {where}; accepted: sizes whose parameters fit"
         )

@@ -54,4 +54,6 @@ def run_direction(
         else:
             outputs[t] = output_of(new_state)
         state = new_state
+    if not outputs:  # no steps: an empty output, the state as it came in
+        return x.new_zeros((0, *output_of(state).shape)), state
     return torch.stack(outputs), state  # type: ignore[arg-type]

@@ -86,7 +86,14 @@ def check_model_fits(config: ModelConfig) -> None:
     memory = physical_memory_bytes()
     if memory is None:
         return
-    parameters = parameter_count(config)
+    from rnnkit._checks import TooLarge
+
+    try:
+        parameters = parameter_count(config)
+    except TooLarge:  # the recurrent layers refuse to exist: their weights alone do not fit
+        raise ValueError(model_too_large(
+            config, f"needs more than this machine's {memory / 2**30:,.1f} GiB of memory for "
+            "its recurrent weights alone")) from None
     needed = parameters * TRAINING_BYTES_PER_PARAMETER
     if needed > memory:
         raise ValueError(model_too_large(
