@@ -157,7 +157,8 @@ def bad_files(tmp_path):
 
 USAGE_ERRORS = {"--target COL is required with --csv", "use --strategy direct with --features",
                 "--time and --features go with --csv",
-                "--peephole is for --cell lstm only, got --cell gru"}
+                "--peephole is for --cell lstm only, got --cell gru",
+                "--time and --target both name column 'sales'"}
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -188,6 +189,8 @@ USAGE_ERRORS = {"--target COL is required with --csv", "use --strategy direct wi
     (["--csv", "{}/series.csv", "--target", "sales", "--features", "price", "--strategy",
       "recursive"], "use --strategy direct with --features"),
     (["--dataset", "co2", "--features", "x"], "--time and --features go with --csv"),
+    (["--csv", "{}/series.csv", "--target", "sales", "--time", "sales"],
+     "--time and --target both name column 'sales'"),
     (["--csv", "{}/series.csv", "--target", "sales", "--cell", "gru", "--peephole"],
      "--peephole is for --cell lstm only, got --cell gru"),
 ])

@@ -522,6 +522,9 @@ def run_forecast(args: argparse.Namespace) -> int:
     if args.csv and not args.target:
         raise UsageError(f"--target COL is required with --csv: which column of {args.csv!r} "
                          "to forecast")
+    if args.time and args.time == args.target:
+        raise UsageError(f"--time and --target both name column {args.time!r}: the time column "
+                         "orders the rows and cannot be the series forecast")
     if args.strategy == "recursive" and args.features:
         raise UsageError("--strategy recursive feeds the forecast back as the next input, so it "
                          "needs the future of every feature too; use --strategy direct with "
