@@ -14,7 +14,14 @@ from rnnkit.apps.lm.model import ModelConfig
 from rnnkit.apps.lm.train import TrainConfig
 from rnnkit.apps.recurrent import CELLS
 from rnnkit.engine import BACKENDS
-from rnnkit.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, usage_errors
+from rnnkit.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    UsageError,
+    is_out_of_memory,
+    usage_errors,
+)
 from rnnkit.training.optimization import OPTIMIZERS, SCHEDULES
 
 
@@ -664,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: error: {OUT_OF_MEMORY}", file=sys.stderr)
         return EXIT_FAILURE
     except RuntimeError as error:
-        if not _is_out_of_memory(error):
+        if not is_out_of_memory(error):
             raise  # a bug: its traceback is what a report needs
         print(f"{name}: error: {OUT_OF_MEMORY} ({_one_line(error)[:200]})", file=sys.stderr)
         return EXIT_FAILURE
@@ -674,13 +681,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 OUT_OF_MEMORY = "out of memory; choose smaller sizes (--hidden, --batch-size, --lengths, ...)"
-
-
-def _is_out_of_memory(error: RuntimeError) -> bool:
-    """torch's allocators report exhaustion as a RuntimeError (CPU) or its OutOfMemoryError
-    subclass (CUDA)."""
-    text = str(error)
-    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def _one_line(error: Exception) -> str:

@@ -22,6 +22,17 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocator running out: ``MemoryError``, or torch's
+    ``RuntimeError`` ("can't allocate memory" on the CPU, its OutOfMemoryError subclass on CUDA).
+    """
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower())
+
+
 class UsageError(ValueError):
     """An option value or combination refused from the command line alone (exit 2).
 

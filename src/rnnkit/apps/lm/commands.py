@@ -12,6 +12,7 @@ from rnnkit.apps.lm.sample import generate
 from rnnkit.apps.lm.train import KIND, NonFiniteLoss, TrainConfig, Trainer, evaluate
 from rnnkit.apps.outputs import output_file
 from rnnkit.engine.native import build
+from rnnkit.errors import is_out_of_memory
 from rnnkit.training.checkpoint import load_checkpoint, restoring
 
 LN2 = math.log(2)
@@ -62,7 +63,7 @@ def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
             trainer = Trainer(model_config, config, vocabulary, text, checkpoint)
         except (MemoryError, RuntimeError) as error:
             # The estimate leaves the allocator the last word (other processes' memory, limits).
-            if isinstance(error, RuntimeError) and "alloc" not in str(error).lower():
+            if not is_out_of_memory(error):
                 raise
             raise ValueError(model_too_large(model_config, "could not be allocated")) from None
     # Build the native kernels (once per machine) before the clock starts, so that progress,
