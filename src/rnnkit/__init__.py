@@ -2,7 +2,7 @@
 
 from rnnkit import diagnostics, tasks  # submodules on the public surface
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell
-from rnnkit.interop import from_torch, to_torch
+from rnnkit.interop import from_keras, from_torch, to_keras, to_torch
 from rnnkit.layers import GRU, LSTM, RNN
 
 __version__ = "0.1.0"
@@ -15,8 +15,10 @@ __all__ = [
     "RNN",
     "RNNCell",
     "diagnostics",
+    "from_keras",
     "from_torch",
     "tasks",
+    "to_keras",
     "to_torch",
     "__version__",
 ]

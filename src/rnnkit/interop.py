@@ -1,7 +1,9 @@
-"""Conversions between rnnkit and torch.nn modules, weights included.
+"""Conversions between rnnkit and torch.nn modules (and Keras 3 layers), weights included.
 
 ``from_torch(module)`` builds the rnnkit twin of a torch.nn RNN, LSTM, GRU or cell;
 ``to_torch(module)`` (also each class's ``.to_torch()`` method) goes back, for plain configurations.
+``from_keras(layer)`` / ``to_keras(module)`` do the same with Keras 3 layers; they live in
+`rnnkit.keras_interop` (Keras is optional) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from torch import nn
 
 from rnnkit._checks import describe
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell
+from rnnkit.keras_interop import from_keras, to_keras
 from rnnkit.layers import GRU, LSTM, RNN
+
+__all__ = ["from_keras", "from_torch", "to_keras", "to_torch"]
 
 _LAYERS = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}
 _CELLS = {nn.RNNCell: RNNCell, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
