@@ -164,6 +164,10 @@ def test_to_keras_matches_rnnkit_and_comes_back(name):
     module = _with_random_parameters(RNNKIT_MODULES[name](), seed=len(name)).train(False)
     layer = rnnkit.to_keras(module)
     assert layer.built and layer.dtype == str(module.weight_ih_l0.dtype).removeprefix("torch.")
+    for part in _directions(layer):  # built with zeros, then Keras' default initialisers restored
+        config = part.get_config()
+        assert config["kernel_initializer"]["class_name"] == "GlorotUniform"
+        assert config["recurrent_initializer"]["class_name"] == "Orthogonal"
     dtype = module.weight_ih_l0.dtype
     expected, actual = _run_both(layer, module, seed=2, dtype=np.float64
                                  if dtype == torch.float64 else np.float32)
@@ -181,6 +185,17 @@ def test_to_keras_matches_rnnkit_and_comes_back(name):
             assert torch.count_nonzero(back.state_dict()[key]) == 0
         else:
             assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_bfloat16_weights_convert_exactly():
+    # NumPy has no bfloat16: the conversion goes through float64, exact both ways.
+    module = _with_random_parameters(rnnkit.GRU(FEATURES, UNITS, dtype=torch.bfloat16), seed=3)
+    layer = rnnkit.to_keras(module)
+    assert layer.cell.kernel.dtype == "bfloat16"
+    back = rnnkit.from_keras(layer)
+    for key, value in module.state_dict().items():
+        assert back.state_dict()[key].dtype == torch.bfloat16
+        assert torch.equal(back.state_dict()[key], value), key
 
 
 def test_from_keras_keeps_trainable_and_dtype():

@@ -92,8 +92,9 @@ def _reorder_gates(tensor: Tensor, family: str, gates: int) -> Tensor:
 
 
 def _as_tensor(array: object, dtype: torch.dtype) -> Tensor:
-    """A Keras weight (already NumPy) as a torch tensor of ``dtype``. Through float64, exact for
-    every float Keras stores, and for bfloat16, which NumPy has no type for."""
+    """A Keras weight (already NumPy) as a torch tensor of ``dtype``. Through float64: exact for
+    every float dtype, and it also reads bfloat16 arrays (ml_dtypes), which torch.from_numpy
+    cannot."""
     return torch.from_numpy(np.asarray(array).astype(np.float64)).to(dtype)
 
 
@@ -336,8 +337,11 @@ def to_keras(module: nn.Module):
         )
     keras = _import_keras()
     dtype = str(module.weight_ih_l0.dtype).removeprefix("torch.")
+    # The weights are overwritten below, so the layer is built with zero initialisers: Keras'
+    # default orthogonal one costs a QR per layer and has no bfloat16 kernel on torch's CPU. The
+    # defaults are put back after building, so the config (and a clone) initialise as Keras does.
     options = {"use_bias": module.bias, "return_sequences": True, "return_state": True,
-               "dtype": dtype}
+               "dtype": dtype, "kernel_initializer": "zeros", "recurrent_initializer": "zeros"}
     if isinstance(module, LSTM):
         layer = keras.layers.LSTM(module.hidden_size, **options)
     elif isinstance(module, GRU):
@@ -350,6 +354,8 @@ def to_keras(module: nn.Module):
     layer.build((None, None, module.input_size))
     inner = [layer.forward_layer, layer.backward_layer] if module.bidirectional else [layer]
     for direction, part in enumerate(inner):
+        part.cell.kernel_initializer = keras.initializers.get("glorot_uniform")
+        part.cell.recurrent_initializer = keras.initializers.get("orthogonal")
         variables = [part.cell.kernel, part.cell.recurrent_kernel]
         variables += [part.cell.bias] if module.bias else []
         for variable, value in zip(
