@@ -192,6 +192,8 @@ def check_lengths(lengths: object, *, steps: int, batch: int, device: torch.devi
             raise ValueError(
                 f"lengths must be 1-D (one length per sequence), got shape {tuple(lengths.shape)}"
             )
+        if torch.compiler.is_compiling():
+            return _traced_lengths(lengths, steps=steps, batch=batch, device=device)
         values = lengths.tolist()
     elif isinstance(lengths, Sequence) and not isinstance(lengths, str):
         values = list(lengths)
@@ -215,3 +217,18 @@ def check_lengths(lengths: object, *, steps: int, batch: int, device: torch.devi
             + (f" and {len(bad) - 1} more out of range" if len(bad) > 1 else "")
         )
     return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _traced_lengths(lengths: Tensor, *, steps: int, batch: int, device: torch.device) -> Tensor:
+    """`check_lengths` of a tensor inside torch.compile / torch.export: the values are unknown
+    while tracing, so their range is checked by the graph itself when it runs (an assertion
+    op that fails with the same message), and the shape here."""
+    if lengths.shape[0] != batch:
+        raise ValueError(
+            f"lengths must have one entry per sequence in the batch ({batch}), got "
+            f"{lengths.shape[0]}"
+        )
+    lengths = lengths.to(device=device, dtype=torch.int64)
+    torch._assert_async(((lengths >= 1) & (lengths <= steps)).all(),
+                        f"lengths must lie in [1, {steps}] (the input's time steps)")
+    return lengths

@@ -291,7 +291,8 @@ class _RecurrentLayer(nn.Module):
             )
         lengths = check_lengths(lengths, steps=steps, batch=batch, device=x.device)
         # Full-length sequences need no masking: the unmasked loop is the same computation.
-        if batch == 0 or int(lengths.min()) == steps:
+        # (Not decided while tracing for compile/export: the values are unknown then.)
+        if batch == 0 or (not torch.compiler.is_compiling() and int(lengths.min()) == steps):
             return x, None, batched
         # Engines compute the steps past a sequence's end and discard them, but a NaN or inf
         # there would still reach the gradients (0 * NaN in the products over all steps). Zeroed

@@ -4,47 +4,72 @@ Layers call `run_direction` for each layer and direction of a stack, naming a ba
 
 - ``"reference"``: the readable per-step loop on autograd (`reference.py`); the spec every other
   backend is tested against.
-- ``"fused"``: one autograd.Function per family with a hand-derived backward (`fused.py`); pure
-  PyTorch, any device, every variant.
-- ``"native"``: the same derivation with the time loops in C++ (`native/`), compiled at first use
-  and cached; CPU tensors of float32 or float64. Elsewhere, or when the kernels cannot be built
-  (one warning), it runs ``"fused"``.
-- ``"auto"`` (default): the fastest correct backend for the input. Policy: ``"native"`` for CPU
-  float32/float64 input (every variant; it is the fastest there, see docs/benchmarks.md), else
-  ``"fused"`` (other devices and dtypes).
+- ``"fused"``: the ``rnnkit::fused_*`` operators (`ops.py`, math in `fused.py`): a hand-derived
+  backward, pure PyTorch, any device and floating dtype, every variant.
+- ``"native"``: the ``rnnkit::native_*`` operators: the same derivation with the time loops in
+  C++ (`native/`), compiled at first use and cached; CPU tensors of float32 or float64.
+- ``"auto"`` (default): the fastest correct backend for the input.
+
+`engine_for` is the whole policy, in one place: an empty input runs ``"reference"`` (nothing to
+compute; autograd gives torch.nn's shapes and zero gradients); ``"auto"`` runs ``"native"``
+where it can (CPU, float32/float64 -- or a lower precision under ``torch.autocast``, where the
+operators compute in float32 --, kernels built: it is the fastest there, see
+docs/benchmarks.md) and ``"fused"`` elsewhere; an explicit ``"native"`` that cannot run the input
+runs ``"fused"`` after one warning saying why (a failed build has already warned).
 
 The environment variable ``RNNKIT_BACKEND`` forces one backend for every layer (for testing and
 benchmarking without touching code).
-
-An input without elements (an empty batch) runs ``"reference"`` whatever the backend: there is
-nothing to compute, so it costs nothing, and autograd gives torch.nn's shapes and zero gradients,
-where the fast engines' products over all rows would reshape empty tensors.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 from torch import Tensor
 
 from rnnkit._checks import require_choice
 from rnnkit.cells import CellKind, CellWeights, State
-from rnnkit.engine import fused, native, reference
+from rnnkit.engine import native, ops, reference
 
 BACKENDS = ("auto", "native", "fused", "reference")
 ENVIRONMENT_VARIABLE = "RNNKIT_BACKEND"
-_ENGINES = {"auto": native, "native": native, "fused": fused, "reference": reference}
+_RUNNERS = {"native": ops.run_native, "fused": ops.run_fused,
+            "reference": reference.run_direction}
+_warned: set[str] = set()
+
+
+class BackendWarning(UserWarning):
+    """An explicitly requested backend cannot run an input; another one runs it."""
 
 
 def resolve_backend(requested: str) -> str:
     """The backend asked for: ``RNNKIT_BACKEND`` if set, else ``requested``.
 
-    "auto" stays "auto" here: what it runs depends on the input (see `run_direction`).
+    "auto" stays "auto" here: what it runs depends on the input (see `engine_for`).
     """
     forced = os.environ.get(ENVIRONMENT_VARIABLE)
     if forced:
         requested = require_choice(f"environment variable {ENVIRONMENT_VARIABLE}", forced, BACKENDS)
     return requested
+
+
+def engine_for(backend: str, x: Tensor) -> str:
+    """The engine that runs ``x`` for a requested backend: the auto policy, stated once."""
+    requested = resolve_backend(backend)
+    if x.numel() == 0:
+        return "reference"
+    if requested in ("reference", "fused"):
+        return requested
+    why_not = native.why_not(x)
+    if why_not is None:
+        return "native"
+    if requested == "native" and why_not != native.NOT_BUILT and why_not not in _warned:
+        _warned.add(why_not)
+        warnings.warn(f"rnnkit: backend='native' cannot run this input ({why_not}); running "
+                      f"backend='fused' instead, which gives the same results", BackendWarning,
+                      stacklevel=4)
+    return "fused"
 
 
 def run_direction(
@@ -57,9 +82,8 @@ def run_direction(
     backend: str = "auto",
 ) -> tuple[Tensor, State]:
     """Run one layer in one direction; the contract is `reference.run_direction`'s."""
-    # native runs fused by itself where it cannot run (device, dtype, no compiler).
-    module = _ENGINES[resolve_backend(backend)] if x.numel() else reference
-    return module.run_direction(kind, x, state, weights, lengths, reverse)
+    return _RUNNERS[engine_for(backend, x)](kind, x, state, weights, lengths, reverse)
 
 
-__all__ = ["BACKENDS", "resolve_backend", "run_direction"]
+__all__ = ["BACKENDS", "BackendWarning", "engine_for", "resolve_backend", "run_direction",
+]

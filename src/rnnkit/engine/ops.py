@@ -1,0 +1,552 @@
+"""The engine's operators: the one boundary that torch.compile, torch.export, torch.func, autocast
+and the autograd engine see.
+
+Each family's time loops are ``torch.library`` custom operators in the ``rnnkit`` namespace, two
+implementations per family behind one calling convention (`run_fused`, `run_native`):
+
+==========================  ===============================================================
+``rnnkit::fused_{rnn,lstm,gru}``   the portable implementation (`rnnkit.engine.fused`): pure
+                                   PyTorch, any device and floating dtype
+``rnnkit::native_{rnn,lstm,gru}``  the CPU kernels (`rnnkit.engine.native`), float32/float64
+``*_backward``                     each one's reverse loop, itself an operator
+==========================  ===============================================================
+
+Every operator has:
+
+- a **schema** (from the Python signature) and a **fake** implementation giving its output
+  shapes from its input shapes, so compile and export trace it without running it, with any
+  batch and length (dynamic shapes);
+- an **autograd formula** (`register_autograd`): the backward operator gives the gradients of
+  the gate pre-activations and of the initial state; the weight gradients are then one product
+  each over all steps (`rnnkit.engine.products`), taken here in plain PyTorch ops, so they are
+  traced, compiled and transformed like any other. Under ``create_graph=True`` (a gradient
+  penalty, ``torch.func.grad``, ``gradgradcheck``) the formula instead differentiates the
+  reference engine's loop on the saved inputs, so the gradient is itself differentiable: double
+  backward is exact, at the reference's speed;
+- an **autocast** rule: under ``torch.autocast`` (CPU or CUDA) the operators run in float32,
+  whatever the low-precision dtype of their inputs (the recurrence accumulates over every step:
+  bfloat16 states lose the signal within tens of steps), and return float32;
+- a **vmap** rule: each vmapped slice runs the operator once (correct for any in_dims; the
+  transforms are for analysis, not speed).
+
+The operators' outputs may not alias each other, so the native ones, whose output without
+lengths is a view of the states buffer, return the buffer and an empty output, and `run_native`
+takes the view (the layer's output then shares the saved buffer's memory, as before).
+
+In eager mode, with nothing to differentiate and no transform, tracer or autocast active, the
+implementations are called directly rather than through the dispatcher: a streamed step's
+kernels take about as long as the dispatcher's ~15 µs per call, and the result is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from rnnkit.cells import CellKind, CellWeights, State
+from rnnkit.engine import fused, reference
+from rnnkit.engine.native import functions as native
+from rnnkit.engine.products import input_side_grads, outer_sum, peephole_grad
+
+_Optional = Tensor | None
+
+
+# ---- the eager shortcut ------------------------------------------------------------------------
+
+def _wrapped(tensor: Tensor) -> bool:
+    """Whether a tensor is a torch.func transform's wrapper (vmap, grad): these go to the op."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def _plain_eager(x: Tensor, tensors: tuple[_Optional, ...]) -> bool:
+    """True when calling an implementation directly is the same as calling its operator."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch.is_autocast_enabled(x.device.type):
+        return False
+    grad = torch.is_grad_enabled()
+    for tensor in tensors:
+        if tensor is not None and ((grad and tensor.requires_grad) or _wrapped(tensor)):
+            return False
+    return type(x) is Tensor
+
+
+# ---- helpers of the formulas -------------------------------------------------------------------
+
+def _entering(states: Tensor, reverse: bool) -> Tensor:
+    """States entering each step t, ``(T, N, H)``, from a ``(T + 1, N, H)`` buffer."""
+    return states[1:] if reverse else states[:-1]
+
+
+def _leaving(states: Tensor, reverse: bool) -> Tensor:
+    """States leaving each step t, ``(T, N, H)``: the output without lengths."""
+    return states[:-1] if reverse else states[1:]
+
+
+def _or_zeros(grad: _Optional, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _native_output_grad(d_states: _Optional, d_output: _Optional, states: Tensor,
+                        lengths: _Optional, reverse: bool) -> Tensor:
+    """The gradient of the layer's output ``(T, N, H)``: its own without lengths, else the part
+    of the states buffer's gradient that the output view received."""
+    if lengths is not None:
+        return _or_zeros(d_output, _leaving(states, reverse))
+    return _leaving(_or_zeros(d_states, states), reverse)
+
+
+def _summed_bias_grad(has_bias: bool, d_pre: Tensor) -> _Optional:
+    return d_pre.sum((0, 1)) if has_bias else None
+
+
+def _differentiable_backward(ctx, kind: CellKind, grads: tuple[Tensor, ...]) -> tuple:
+    """The vector-Jacobian product through the reference loop, itself differentiable.
+
+    Used when the backward is recorded (``create_graph=True``): the hand-derived backward
+    operators have no derivative of their own, and the reference is the spec.
+    """
+    inputs = ctx.saved_inputs
+    x, state, weights = inputs["x"], inputs["state"], inputs["weights"]
+    with torch.enable_grad():
+        output, final = reference.run_direction(kind, x, state, weights, inputs["lengths"],
+                                                inputs["reverse"])
+        outputs = [output, *(final if isinstance(final, tuple) else (final,))]
+        order = inputs["order"]  # the operator's tensor inputs, in its argument order
+        wanted = [t for t, need in zip(order, ctx.needs_input_grad, strict=False)
+                  if t is not None and need and t.requires_grad]
+        found = torch.autograd.grad(outputs, wanted, grads, create_graph=True,
+                                    allow_unused=True, materialize_grads=True)
+    by_id = {id(t): g for t, g in zip(wanted, found, strict=True)}
+    return tuple(by_id.get(id(t)) if t is not None else None for t in order)
+
+
+def _save_inputs(ctx, kind: CellKind, order: list[_Optional], x, state, weights, lengths,
+                 reverse) -> None:
+    """Keep what the differentiable backward re-runs (only read when create_graph is on)."""
+    ctx.saved_inputs = {"x": x, "state": state, "weights": weights, "lengths": lengths,
+                        "reverse": reverse, "order": order}
+    ctx.kind = kind
+
+
+# ---- registration ------------------------------------------------------------------------------
+
+def _register(op, fake: Callable, vmap: bool = True, autocast: bool = False) -> None:
+    op.register_fake(fake)
+    if vmap:
+        torch.library.register_vmap(op, _slice_by_slice(op))
+    if autocast:
+        for device in ("cpu", "cuda"):
+            torch.library.register_autocast(op, device, torch.float32)
+
+
+def _slice_by_slice(op) -> Callable:
+    """A vmap rule: run the operator on each slice of the vmapped dimension, stack the results."""
+
+    def rule(info, in_dims, *arguments):
+        results = []
+        for index in range(info.batch_size):
+            sliced = [a.select(d, index) if d is not None else a
+                      for a, d in zip(arguments, in_dims, strict=True)]
+            results.append(op(*sliced))
+        stacked = tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+        return stacked, (0,) * len(stacked)
+
+    return rule
+
+
+def _empty_like_lengths(x: Tensor, lengths: _Optional, *shape) -> Tensor:
+    """Fake of an output that exists only with lengths (an empty stand-in without)."""
+    return x.new_empty(shape) if lengths is not None else x.new_empty(0)
+
+
+# ---- Elman RNN ---------------------------------------------------------------------------------
+
+@torch.library.custom_op("rnnkit::fused_rnn", mutates_args=())
+def fused_rnn(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: _Optional,
+              b_hh: _Optional, lengths: _Optional, reverse: bool, relu: bool
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> output (T, N, H), h_n (N, H), raw (T, N, H), h_prev (T, N, H)."""
+    return fused.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu)
+
+
+@torch.library.custom_op("rnnkit::fused_rnn_backward", mutates_args=())
+def fused_rnn_backward(d_output: Tensor, d_h_n: Tensor, raw: Tensor, w_hh: Tensor,
+                       lengths: _Optional, reverse: bool, relu: bool) -> tuple[Tensor, Tensor]:
+    """-> d_pre (T, N, H), d_h0 (N, H)."""
+    return fused.rnn_backward(d_output, d_h_n, raw, w_hh, lengths, reverse, relu)
+
+
+@torch.library.custom_op("rnnkit::native_rnn", mutates_args=(), device_types="cpu")
+def native_rnn(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: _Optional,
+               b_hh: _Optional, lengths: _Optional, reverse: bool, relu: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> states (T + 1, N, H), output (T, N, H) or empty, h_n (N, H), raw (T, N, H)."""
+    return native.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu)
+
+
+@torch.library.custom_op("rnnkit::native_rnn_backward", mutates_args=(), device_types="cpu")
+def native_rnn_backward(d_output: Tensor, d_h_n: Tensor, raw: Tensor, w_hh: Tensor,
+                        lengths: _Optional, reverse: bool, relu: bool) -> tuple[Tensor, Tensor]:
+    """-> d_pre (T, N, H), d_h0 (N, H)."""
+    return native.rnn_backward(d_output, d_h_n, raw, w_hh, lengths, reverse, relu)
+
+
+def _fake_fused_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu):
+    steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
+    return tuple(x.new_empty(steps, batch, hidden) if i != 1 else x.new_empty(batch, hidden)
+                 for i in range(4))
+
+
+def _fake_native_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu):
+    steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
+    return (x.new_empty(steps + 1, batch, hidden),
+            _empty_like_lengths(x, lengths, steps, batch, hidden),
+            x.new_empty(batch, hidden), x.new_empty(steps, batch, hidden))
+
+
+def _fake_rnn_backward(d_output, d_h_n, raw, w_hh, lengths, reverse, relu):
+    return torch.empty_like(raw), torch.empty_like(d_h_n)
+
+
+def _rnn_setup(ctx, inputs, output, native_layout: bool):
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu = inputs
+    if native_layout:
+        states, _, _, raw = output
+        h_prev = _entering(states, reverse)
+    else:
+        _, _, raw, h_prev = output
+        states = None
+    ctx.save_for_backward(x, w_ih, w_hh, raw, h_prev, states, lengths)
+    ctx.reverse, ctx.relu, ctx.has_bias = reverse, relu, b_ih is not None
+    kind = CellKind("rnn", "relu" if relu else "tanh")
+    _save_inputs(ctx, kind, [x, h0, w_ih, w_hh, b_ih, b_hh], x, h0,
+                 CellWeights(w_ih, w_hh, b_ih, b_hh), lengths, reverse)
+
+
+def _rnn_backward(ctx, grads, native_layout: bool):
+    x, w_ih, w_hh, raw, h_prev, states, lengths = ctx.saved_tensors
+    if native_layout:
+        d_states, d_own_output, d_h_n, _ = grads
+        d_output = _native_output_grad(d_states, d_own_output, states, lengths, ctx.reverse)
+    else:
+        d_output, d_h_n, _, _ = grads
+        d_output = _or_zeros(d_output, raw)
+    d_h_n = _or_zeros(d_h_n, h_prev[0])
+    if torch.is_grad_enabled():
+        return (*_differentiable_backward(ctx, ctx.kind, (d_output, d_h_n)), None, None, None)
+    backward = native_rnn_backward if native_layout else fused_rnn_backward
+    d_pre, d_h0 = backward(d_output, d_h_n, raw, w_hh, lengths, ctx.reverse, ctx.relu)
+    d_x, d_w_ih = input_side_grads(ctx, d_pre, x, w_ih, 0, 2)
+    d_b = _summed_bias_grad(ctx.has_bias, d_pre)
+    return d_x, d_h0, d_w_ih, outer_sum(d_pre, h_prev), d_b, d_b, None, None, None
+
+
+# ---- LSTM --------------------------------------------------------------------------------------
+
+@torch.library.custom_op("rnnkit::fused_lstm", mutates_args=())
+def fused_lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: _Optional,
+               b_hh: _Optional, w_hr: _Optional, w_ch: _Optional, lengths: _Optional,
+               reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                       Tensor]:
+    """-> output, h_n, c_n, gates (T, N, 4H), c_raw, c_prev (T, N, H), h_prev (T, N, P),
+    m (T, N, H) with a projection, else empty."""
+    return fused.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse)
+
+
+@torch.library.custom_op("rnnkit::fused_lstm_backward", mutates_args=())
+def fused_lstm_backward(d_output: Tensor, d_h_n: Tensor, d_c_n: Tensor, gates: Tensor,
+                        c_raw: Tensor, c_prev: Tensor, m: Tensor, w_hh: Tensor,
+                        w_hr: _Optional, w_ch: _Optional, lengths: _Optional, reverse: bool
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> d_gates (T, N, 4H), d_h0 (N, P), d_c0 (N, H), d_w_hr (P, H) or empty."""
+    return fused.lstm_backward(d_output, d_h_n, d_c_n, gates, c_raw, c_prev, m, w_hh, w_hr,
+                               w_ch, lengths, reverse)
+
+
+@torch.library.custom_op("rnnkit::native_lstm", mutates_args=(), device_types="cpu")
+def native_lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: _Optional,
+                b_hh: _Optional, w_hr: _Optional, w_ch: _Optional, lengths: _Optional,
+                reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> h_states (T + 1, N, P), c_states (T + 1, N, H), output (T, N, P) or empty, h_n, c_n,
+    gates (T, N, 4H), c_new (T, N, H)."""
+    return native.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse)
+
+
+@torch.library.custom_op("rnnkit::native_lstm_backward", mutates_args=(), device_types="cpu")
+def native_lstm_backward(d_output: Tensor, d_h_n: Tensor, d_c_n: Tensor, gates: Tensor,
+                         c_states: Tensor, c_new: Tensor, w_hh: Tensor, w_hr: _Optional,
+                         w_ch: _Optional, lengths: _Optional, reverse: bool
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> d_gates (T, N, 4H), d_h0 (N, P), d_c0 (N, H), d_w_hr (P, H) or empty."""
+    return native.lstm_backward(d_output, d_h_n, d_c_n, gates, c_states, c_new, w_hh, w_hr,
+                                w_ch, lengths, reverse)
+
+
+def _lstm_sizes(x, w_hh, w_hr):
+    hidden = w_hh.shape[0] // 4
+    return x.shape[0], x.shape[1], hidden, (w_hr.shape[0] if w_hr is not None else hidden)
+
+
+def _fake_fused_lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse):
+    steps, batch, hidden, out = _lstm_sizes(x, w_hh, w_hr)
+    new = x.new_empty
+    return (new(steps, batch, out), new(batch, out), new(batch, hidden),
+            new(steps, batch, 4 * hidden), new(steps, batch, hidden), new(steps, batch, hidden),
+            new(steps, batch, out), new(steps, batch, hidden) if w_hr is not None else new(0))
+
+
+def _fake_native_lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse):
+    steps, batch, hidden, out = _lstm_sizes(x, w_hh, w_hr)
+    new = x.new_empty
+    return (new(steps + 1, batch, out), new(steps + 1, batch, hidden),
+            _empty_like_lengths(x, lengths, steps, batch, out), new(batch, out),
+            new(batch, hidden), new(steps, batch, 4 * hidden), new(steps, batch, hidden))
+
+
+def _fake_lstm_backward(d_output, d_h_n, d_c_n, gates, *rest):
+    w_hr = rest[-4]
+    return (torch.empty_like(gates), torch.empty_like(d_h_n), torch.empty_like(d_c_n),
+            gates.new_empty(w_hr.shape) if w_hr is not None else gates.new_empty(0))
+
+
+def _lstm_setup(ctx, inputs, output, native_layout: bool):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse = inputs
+    if native_layout:
+        h_states, c_states, _, _, _, gates, c_raw = output
+        h_prev, c_prev, m = _entering(h_states, reverse), _entering(c_states, reverse), None
+    else:
+        _, _, _, gates, c_raw, c_prev, h_prev, m = output
+        h_states = c_states = None
+    ctx.save_for_backward(x, w_ih, w_hh, w_hr, w_ch, gates, c_raw, c_prev, h_prev, m,
+                          h_states, c_states, lengths)
+    ctx.reverse, ctx.has_bias = reverse, b_ih is not None
+    _save_inputs(ctx, CellKind("lstm"), [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch], x,
+                 (h0, c0), CellWeights(w_ih, w_hh, b_ih, b_hh, w_hr, w_ch), lengths, reverse)
+
+
+def _lstm_backward(ctx, grads, native_layout: bool):
+    (x, w_ih, w_hh, w_hr, w_ch, gates, c_raw, c_prev, h_prev, m, h_states, c_states,
+     lengths) = ctx.saved_tensors
+    if native_layout:
+        d_h_states, _, d_own_output, d_h_n, d_c_n = grads[:5]
+        d_output = _native_output_grad(d_h_states, d_own_output, h_states, lengths,
+                                       ctx.reverse)
+    else:
+        d_output, d_h_n, d_c_n = grads[:3]
+        d_output = _or_zeros(d_output, h_prev)
+    d_h_n, d_c_n = _or_zeros(d_h_n, h_prev[0]), _or_zeros(d_c_n, c_prev[0])
+    if torch.is_grad_enabled():
+        return (*_differentiable_backward(ctx, ctx.kind, (d_output, d_h_n, d_c_n)), None, None)
+    if native_layout:
+        d_gates, d_h0, d_c0, d_w_hr = native_lstm_backward(
+            d_output, d_h_n, d_c_n, gates, c_states, c_raw, w_hh, w_hr, w_ch, lengths,
+            ctx.reverse)
+    else:
+        d_gates, d_h0, d_c0, d_w_hr = fused_lstm_backward(
+            d_output, d_h_n, d_c_n, gates, c_raw, c_prev, m, w_hh, w_hr, w_ch, lengths,
+            ctx.reverse)
+    d_x, d_w_ih = input_side_grads(ctx, d_gates, x, w_ih, 0, 3)
+    d_b = _summed_bias_grad(ctx.has_bias, d_gates)
+    d_w_ch = peephole_grad(d_gates, c_prev, c_raw) if w_ch is not None else None
+    return (d_x, d_h0, d_c0, d_w_ih, outer_sum(d_gates, h_prev), d_b, d_b,
+            d_w_hr if w_hr is not None else None, d_w_ch, None, None)
+
+
+# ---- GRU ---------------------------------------------------------------------------------------
+
+@torch.library.custom_op("rnnkit::fused_gru", mutates_args=())
+def fused_gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: _Optional,
+              b_hh: _Optional, lengths: _Optional, reverse: bool, reset_after: bool
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> output (T, N, H), h_n (N, H), gates (T, N, 3H), h_prev, n_input (T, N, H)."""
+    return fused.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after)
+
+
+@torch.library.custom_op("rnnkit::fused_gru_backward", mutates_args=())
+def fused_gru_backward(d_output: Tensor, d_h_n: Tensor, gates: Tensor, h_prev: Tensor,
+                       n_input: Tensor, w_hh: Tensor, lengths: _Optional, reverse: bool,
+                       reset_after: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> d_x_gates (T, N, 3H), d_hn (T, N, H) or empty, d_h0 (N, H)."""
+    return fused.gru_backward(d_output, d_h_n, gates, h_prev, n_input, w_hh, lengths, reverse,
+                              reset_after)
+
+
+@torch.library.custom_op("rnnkit::native_gru", mutates_args=(), device_types="cpu")
+def native_gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: _Optional,
+               b_hh: _Optional, lengths: _Optional, reverse: bool, reset_after: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> states (T + 1, N, H), output (T, N, H) or empty, h_n (N, H), gates (T, N, 3H),
+    n_input (T, N, H)."""
+    return native.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after)
+
+
+@torch.library.custom_op("rnnkit::native_gru_backward", mutates_args=(), device_types="cpu")
+def native_gru_backward(d_output: Tensor, d_h_n: Tensor, gates: Tensor, states: Tensor,
+                        n_input: Tensor, w_hh: Tensor, lengths: _Optional, reverse: bool,
+                        reset_after: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> d_x_gates (T, N, 3H), d_hn (T, N, H) or empty, d_h0 (N, H)."""
+    return native.gru_backward(d_output, d_h_n, gates, states, n_input, w_hh, lengths, reverse,
+                               reset_after)
+
+
+def _fake_fused_gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after):
+    steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
+    new = x.new_empty
+    return (new(steps, batch, hidden), new(batch, hidden), new(steps, batch, 3 * hidden),
+            new(steps, batch, hidden), new(steps, batch, hidden))
+
+
+def _fake_native_gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after):
+    steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
+    new = x.new_empty
+    return (new(steps + 1, batch, hidden), _empty_like_lengths(x, lengths, steps, batch, hidden),
+            new(batch, hidden), new(steps, batch, 3 * hidden), new(steps, batch, hidden))
+
+
+def _fake_gru_backward(d_output, d_h_n, gates, states, n_input, w_hh, lengths, reverse,
+                       reset_after):
+    d_hn = torch.empty_like(n_input) if reset_after else gates.new_empty(0)
+    return torch.empty_like(gates), d_hn, torch.empty_like(d_h_n)
+
+
+def _gru_setup(ctx, inputs, output, native_layout: bool):
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, reset_after = inputs
+    if native_layout:
+        states, _, _, gates, n_input = output
+        h_prev = _entering(states, reverse)
+    else:
+        _, _, gates, h_prev, n_input = output
+        states = None
+    ctx.save_for_backward(x, w_ih, w_hh, gates, h_prev, n_input, states, lengths)
+    ctx.reverse, ctx.reset_after, ctx.has_bias = reverse, reset_after, b_ih is not None
+    _save_inputs(ctx, CellKind("gru", reset_after=reset_after), [x, h0, w_ih, w_hh, b_ih, b_hh],
+                 x, h0, CellWeights(w_ih, w_hh, b_ih, b_hh), lengths, reverse)
+
+
+def _gru_backward(ctx, grads, native_layout: bool):
+    x, w_ih, w_hh, gates, h_prev, n_input, states, lengths = ctx.saved_tensors
+    if native_layout:
+        d_states, d_own_output, d_h_n = grads[:3]
+        d_output = _native_output_grad(d_states, d_own_output, states, lengths, ctx.reverse)
+    else:
+        d_output, d_h_n = grads[:2]
+        d_output = _or_zeros(d_output, h_prev)
+    d_h_n = _or_zeros(d_h_n, h_prev[0])
+    if torch.is_grad_enabled():
+        return (*_differentiable_backward(ctx, ctx.kind, (d_output, d_h_n)), None, None, None)
+    backward = native_gru_backward if native_layout else fused_gru_backward
+    saved_states = states if native_layout else h_prev
+    d_x_gates, d_hn, d_h0 = backward(d_output, d_h_n, gates, saved_states, n_input, w_hh,
+                                     lengths, ctx.reverse, ctx.reset_after)
+    hidden = h_prev.shape[2]
+    d_x, d_w_ih = input_side_grads(ctx, d_x_gates, x, w_ih, 0, 2)
+    d_rz = d_x_gates[:, :, : 2 * hidden]  # r and z: the same on both sides of the sums
+    # n's recurrent side: r ⊙ dn multiplies W_hn h (reset after); dn multiplies W_hn (r ⊙ h).
+    d_n_recurrent, n_recurrent_input = (
+        (d_hn, h_prev) if ctx.reset_after else (d_x_gates[:, :, 2 * hidden :], n_input))
+    d_w_hh = torch.cat([outer_sum(d_rz, h_prev), outer_sum(d_n_recurrent, n_recurrent_input)])
+    d_b_ih = d_x_gates.sum((0, 1)) if ctx.has_bias else None
+    d_b_hh = (torch.cat([d_rz.sum((0, 1)), d_n_recurrent.sum((0, 1))])
+              if ctx.has_bias else None)
+    return d_x, d_h0, d_w_ih, d_w_hh, d_b_ih, d_b_hh, None, None, None
+
+
+# ---- registering it all ------------------------------------------------------------------------
+
+def _autograd(op, setup, backward, native_layout: bool) -> None:
+    op.register_autograd(
+        lambda ctx, *grads: backward(ctx, grads, native_layout),
+        setup_context=lambda ctx, inputs, output: setup(ctx, inputs, output, native_layout),
+    )
+
+
+for _op, _fake, _setup, _backward, _native in (
+    (fused_rnn, _fake_fused_rnn, _rnn_setup, _rnn_backward, False),
+    (native_rnn, _fake_native_rnn, _rnn_setup, _rnn_backward, True),
+    (fused_lstm, _fake_fused_lstm, _lstm_setup, _lstm_backward, False),
+    (native_lstm, _fake_native_lstm, _lstm_setup, _lstm_backward, True),
+    (fused_gru, _fake_fused_gru, _gru_setup, _gru_backward, False),
+    (native_gru, _fake_native_gru, _gru_setup, _gru_backward, True),
+):
+    _register(_op, _fake, autocast=True)
+    _autograd(_op, _setup, _backward, _native)
+for _op, _fake in (
+    (fused_rnn_backward, _fake_rnn_backward), (native_rnn_backward, _fake_rnn_backward),
+    (fused_lstm_backward, _fake_lstm_backward), (native_lstm_backward, _fake_lstm_backward),
+    (fused_gru_backward, _fake_gru_backward), (native_gru_backward, _fake_gru_backward),
+):
+    _register(_op, _fake)
+
+
+# ---- the engines' calling convention -----------------------------------------------------------
+
+_IMPLEMENTATIONS = {
+    fused_rnn: fused.rnn_forward, fused_lstm: fused.lstm_forward, fused_gru: fused.gru_forward,
+    native_rnn: native.rnn_forward, native_lstm: native.lstm_forward,
+    native_gru: native.gru_forward,
+}
+
+
+def _call(op, x: Tensor, *arguments):
+    """``op(x, *arguments)``, or its implementation directly where that is the same thing."""
+    if _plain_eager(x, (x, *(a for a in arguments if isinstance(a, Tensor)))):
+        return _IMPLEMENTATIONS[op](x, *arguments)
+    return op(x, *arguments)
+
+
+def _lengths(lengths: _Optional) -> _Optional:
+    return None if lengths is None else lengths.to(torch.int64)
+
+
+def run_fused(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
+              lengths: _Optional, reverse: bool) -> tuple[Tensor, State]:
+    """The fused operators; same contract as `rnnkit.engine.reference.run_direction`."""
+    w, lengths = weights, _lengths(lengths)
+    if kind.family == "lstm":
+        h0, c0 = state  # type: ignore[misc]
+        output, h_n, c_n, *_ = _call(fused_lstm, x, h0, c0, w.weight_ih, w.weight_hh,
+                                     w.bias_ih, w.bias_hh, w.weight_hr, w.weight_ch, lengths,
+                                     reverse)
+        return output, (h_n, c_n)
+    if kind.family == "gru":
+        output, h_n, *_ = _call(fused_gru, x, state, w.weight_ih, w.weight_hh, w.bias_ih,
+                                w.bias_hh, lengths, reverse, kind.reset_after)
+        return output, h_n
+    output, h_n, *_ = _call(fused_rnn, x, state, w.weight_ih, w.weight_hh, w.bias_ih,
+                            w.bias_hh, lengths, reverse, kind.nonlinearity == "relu")
+    return output, h_n
+
+
+def run_native(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
+               lengths: _Optional, reverse: bool) -> tuple[Tensor, State]:
+    """The native operators (CPU, float32/float64, kernels built); same contract."""
+    w, lengths = weights, _lengths(lengths)
+    if kind.family == "lstm":
+        h0, c0 = state  # type: ignore[misc]
+        h_states, _, output, h_n, c_n, _, _ = _call(
+            native_lstm, x, h0, c0, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
+            w.weight_hr, w.weight_ch, lengths, reverse)
+        return _native_output(output, h_states, lengths, reverse), (h_n, c_n)
+    if kind.family == "gru":
+        states, output, h_n, _, _ = _call(native_gru, x, state, w.weight_ih, w.weight_hh,
+                                          w.bias_ih, w.bias_hh, lengths, reverse,
+                                          kind.reset_after)
+    else:
+        states, output, h_n, _ = _call(native_rnn, x, state, w.weight_ih, w.weight_hh,
+                                       w.bias_ih, w.bias_hh, lengths, reverse,
+                                       kind.nonlinearity == "relu")
+    return _native_output(output, states, lengths, reverse), h_n
+
+
+def _native_output(output: Tensor, states: Tensor, lengths: _Optional, reverse: bool) -> Tensor:
+    return output if lengths is not None else _leaving(states, reverse)
+
+
+OPERATORS = (fused_rnn, fused_lstm, fused_gru, native_rnn, native_lstm, native_gru)
+BACKWARD_OPERATORS = (fused_rnn_backward, fused_lstm_backward, fused_gru_backward,
+                      native_rnn_backward, native_lstm_backward, native_gru_backward)
+
+__all__ = ["BACKWARD_OPERATORS", "OPERATORS", "run_fused", "run_native"]
