@@ -230,5 +230,5 @@ def _traced_lengths(lengths: Tensor, *, steps: int, batch: int, device: torch.de
         )
     lengths = lengths.to(device=device, dtype=torch.int64)
     torch._assert_async(((lengths >= 1) & (lengths <= steps)).all(),
-                        f"lengths must lie in [1, {steps}] (the input's time steps)")
+                        "lengths must lie in [1, T], T the input's number of time steps")
     return lengths

@@ -278,6 +278,12 @@ class _CellBase(nn.Module):
         """One step. Shapes in the class docstring; unbatched (1-D) input gives unbatched state."""
         name = type(self).__name__
         param = self.weight_ih
+        from rnnkit.engine import precision  # see the engine import below
+
+        if precision.autocasting(param):  # float32 under autocast (rnnkit.engine.precision)
+            with torch.autocast(param.device.type, enabled=False):
+                return self.forward(precision.to_parameter_dtype(input, param),
+                                    precision.to_parameter_dtype(hx, param))
         x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
             raise ValueError(

@@ -40,6 +40,7 @@ from rnnkit.cells import (
     _init_lstm_variants,
     output_of,
 )
+from rnnkit.engine import precision
 
 
 def _stack(states: list[Tensor]) -> Tensor:
@@ -201,6 +202,11 @@ class _RecurrentLayer(nn.Module):
         lengths: Tensor | list[int] | None = None,
     ):
         """Run the stack; see the class docstring for shapes."""
+        if precision.autocasting(self.weight_ih_l0):  # float32 under autocast (engine/precision)
+            param = self.weight_ih_l0
+            with torch.autocast(param.device.type, enabled=False):
+                return self.forward(precision.to_parameter_dtype(input, param),
+                                    precision.to_parameter_dtype(hx, param), lengths=lengths)
         x, lengths, batched = self._prepare_input(input, lengths)
         initial = self._initial_states(hx, x, batched)
         output, finals = self._run_stack(x, initial, lengths)

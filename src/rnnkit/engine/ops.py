@@ -456,13 +456,35 @@ def _gru_backward(ctx, grads, native_layout: bool):
 
 # ---- registering it all ------------------------------------------------------------------------
 
-def _autograd(op, setup, backward, native_layout: bool) -> None:
-    op.register_autograd(
-        lambda ctx, *grads: backward(ctx, grads, native_layout),
-        setup_context=lambda ctx, inputs, output: setup(ctx, inputs, output, native_layout),
-    )
+def _autograd(op, setup, backward, native_layout: bool) -> type[torch.autograd.Function]:
+    """Register the formula on the operator, and return it as an autograd.Function too.
+
+    The layers call the Function: torch.library's generated autograd wrapper is an old-style
+    Function (``forward(ctx, ...)``) that torch.func transforms refuse; this one has
+    ``setup_context``, and its vmap rule is generated through ``forward``, which calls the
+    operator (whose own vmap rule then runs). Direct callers of ``torch.ops.rnnkit.*`` get the
+    same formula through the registration.
+    """
+
+    def formula(ctx, *grads):
+        return backward(ctx, grads, native_layout)
+
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output, native_layout)
+
+    op.register_autograd(formula, setup_context=setup_context)
+    name = op._name.split("::")[-1]
+    return type(f"{name}_function", (torch.autograd.Function,), {
+        "__doc__": f"``{op._name}`` with its autograd formula, for torch.func as well.",
+        "generate_vmap_rule": True,
+        # Through torch.ops (not the closure's CustomOpDef), which dynamo knows how to trace.
+        "forward": staticmethod(lambda *arguments: getattr(torch.ops.rnnkit, name)(*arguments)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(formula),
+    })
 
 
+_FUNCTIONS: dict = {}  # forward operator -> its autograd.Function
 for _op, _fake, _setup, _backward, _native in (
     (fused_rnn, _fake_fused_rnn, _rnn_setup, _rnn_backward, False),
     (native_rnn, _fake_native_rnn, _rnn_setup, _rnn_backward, True),
@@ -472,7 +494,7 @@ for _op, _fake, _setup, _backward, _native in (
     (native_gru, _fake_native_gru, _gru_setup, _gru_backward, True),
 ):
     _register(_op, _fake, autocast=True)
-    _autograd(_op, _setup, _backward, _native)
+    _FUNCTIONS[_op] = _autograd(_op, _setup, _backward, _native)
 for _op, _fake in (
     (fused_rnn_backward, _fake_rnn_backward), (native_rnn_backward, _fake_rnn_backward),
     (fused_lstm_backward, _fake_lstm_backward), (native_lstm_backward, _fake_lstm_backward),
@@ -491,10 +513,11 @@ _IMPLEMENTATIONS = {
 
 
 def _call(op, x: Tensor, *arguments):
-    """``op(x, *arguments)``, or its implementation directly where that is the same thing."""
+    """``op(x, *arguments)`` with autograd, or its implementation directly where that is the
+    same thing (see the module docstring)."""
     if _plain_eager(x, (x, *(a for a in arguments if isinstance(a, Tensor)))):
         return _IMPLEMENTATIONS[op](x, *arguments)
-    return op(x, *arguments)
+    return _FUNCTIONS[op].apply(x, *arguments)
 
 
 def _lengths(lengths: _Optional) -> _Optional:
