@@ -55,22 +55,18 @@ _Optional = Tensor | None
 
 # ---- the eager shortcut ------------------------------------------------------------------------
 
-def _wrapped(tensor: Tensor) -> bool:
-    """Whether a tensor is a torch.func transform's wrapper (vmap, grad): these go to the op."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-
-
 def _plain_eager(x: Tensor, tensors: tuple[_Optional, ...]) -> bool:
-    """True when calling an implementation directly is the same as calling its operator."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch.is_autocast_enabled(x.device.type):
-        return False
-    grad = torch.is_grad_enabled()
-    for tensor in tensors:
-        if tensor is not None and ((grad and tensor.requires_grad) or _wrapped(tensor)):
-            return False
-    return type(x) is Tensor
+    """True when calling an implementation directly is the same as calling its operator: no
+    gradient to record, no compiler or tracer, no torch.func transform (its level), no
+    dispatch mode (fake tensors, make_fx), no autocast, and a plain tensor. Each test is one
+    C call: a streamed step asks this on every call."""
+    return not (
+        (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors))
+        or torch.compiler.is_compiling() or torch.jit.is_tracing()
+        or torch._C._functorch.maybe_current_level() is not None
+        or torch._C._len_torch_dispatch_stack() or torch._C._is_any_autocast_enabled()
+        or type(x) is not Tensor
+    )
 
 
 # ---- helpers of the formulas -------------------------------------------------------------------

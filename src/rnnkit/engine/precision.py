@@ -24,7 +24,9 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def autocasting(parameter: Tensor) -> bool:
     """Whether autocast is on for the parameter's device, with float32 parameters."""
-    return parameter.dtype == torch.float32 and torch.is_autocast_enabled(parameter.device.type)
+    # The first test is one C call: a streamed step asks this on every call.
+    return (torch._C._is_any_autocast_enabled() and parameter.dtype == torch.float32
+            and torch.is_autocast_enabled(parameter.device.type))
 
 
 def to_parameter_dtype(value, parameter: Tensor):

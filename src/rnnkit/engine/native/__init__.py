@@ -41,7 +41,7 @@ def available() -> bool:
 
 def why_not(x: Tensor) -> str | None:
     """``None`` when the native kernels can run ``x``, else the reason they cannot."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return f"the kernels are for the CPU, the input is on {x.device}"
     if _computed_dtype(x) not in SUPPORTED_DTYPES:
         return f"the kernels are for float32 and float64, the input is {x.dtype}"
