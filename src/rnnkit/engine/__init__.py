@@ -28,8 +28,8 @@ import os
 from torch import Tensor
 
 from rnnkit._checks import require_choice
-from rnnkit.cells import CellKind, CellWeights, State
 from rnnkit.engine import fused, native, reference
+from rnnkit.engine.steps import CellKind, CellWeights, State
 
 BACKENDS = ("auto", "native", "fused", "reference")
 ENVIRONMENT_VARIABLE = "RNNKIT_BACKEND"

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from rnnkit.cells import CellKind, CellWeights, State
 from rnnkit.engine.products import input_side_grads, outer_sum, peephole_grad, summed_bias
+from rnnkit.engine.steps import CellKind, CellWeights, State
 
 
 def run_direction(

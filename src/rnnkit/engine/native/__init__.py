@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.cells import CellKind, CellWeights, State
 from rnnkit.engine import fused
 from rnnkit.engine.native import build
 from rnnkit.engine.native.functions import NativeGRU, NativeLSTM, NativeRNN
+from rnnkit.engine.steps import CellKind, CellWeights, State
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
