@@ -8,6 +8,7 @@ PyTorch ops); a cell holds the parameters, checks its input and hands a one-step
 from __future__ import annotations
 
 import math
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,19 @@ class BackendSetting:
         module.__dict__[self.name] = require_choice(
             f"{type(module).__name__} {self.name}", value, engine.BACKENDS
         )
+
+
+def _refuse_scripting(module: nn.Module) -> NoReturn:
+    """``torch.jit.script`` calls ``__prepare_scriptable__`` on a module and on each of its
+    submodules first: rnnkit's modules answer with this error, naming what works instead,
+    rather than TorchScript's complaint about a line deep in the input handling."""
+    name = type(module).__name__
+    raise RuntimeError(
+        f"torch.jit.script cannot compile rnnkit.{name}: TorchScript does not compile its "
+        "Python input handling and engine dispatch (and PyTorch deprecates TorchScript). "
+        "Use torch.compile(model) to compile, or torch.export.export(model, args) to export "
+        "a graph."
+    )
 
 
 class _CellBase(nn.Module):
@@ -105,6 +119,9 @@ class _CellBase(nn.Module):
     def output_size(self) -> int:
         """Size of ``h``: ``proj_size`` when projecting, else ``hidden_size``."""
         return self.proj_size or self.hidden_size
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        _refuse_scripting(self)
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, in torch.nn's order.

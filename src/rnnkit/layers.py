@@ -7,14 +7,16 @@ time-major padded tensor with optional lengths, and hands each layer and directi
 
 `forward` is three public steps, open to code that reads a stack (rnnkit.diagnostics):
 `prepare` (input forms and initial states -> `PreparedInput`), `run_stack` (the layers bottom
-to top, optionally only the first few) and `run_direction` (one layer and direction).
+to top, optionally only the first few) and `run_direction` (one layer and direction). The
+members of torch.nn.RNNBase that code written for torch.nn touches are here too
+(`flatten_parameters`, `all_weights`, `_flat_weights`, `_flat_weights_names`, `mode`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,12 @@ from rnnkit._checks import (
     require_shape,
     require_tensor,
 )
-from rnnkit.cells import BackendSetting, _check_forget_bias, _init_lstm_variants
+from rnnkit.cells import (
+    BackendSetting,
+    _check_forget_bias,
+    _init_lstm_variants,
+    _refuse_scripting,
+)
 from rnnkit.engine.steps import NONLINEARITIES, CellKind, CellWeights, Family, State, output_of
 
 
@@ -177,10 +184,46 @@ class _RecurrentLayer(nn.Module):
         """Size of ``h`` per direction: ``proj_size`` when projecting, else ``hidden_size``."""
         return self.proj_size or self.hidden_size
 
+    # ---- torch.nn.RNNBase's members that code written for torch.nn reads -------------------
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
-        """Parameters per layer and direction, in torch.nn's order (variants last)."""
+        """Parameters per layer and direction (index ``layer * D + direction``), each group in
+        torch.nn's order ``[w_ih, w_hh, b_ih, b_hh(, w_hr)]``, variant parameters last."""
         return [[getattr(self, n) for n in names.values()] for names in self._cell_parameter_names]
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """The names of `all_weights`, as torch.nn's ``_all_weights``."""
+        return [list(names.values()) for names in self._cell_parameter_names]
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        """torch.nn's parameter names in torch.nn's order (``weight_ih_l0, weight_hh_l0, …``);
+        variant parameters, which torch.nn's kernels cannot read, are not among them."""
+        return list(self._torch_parameter_names)
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """The tensors of `_flat_weights_names`, read at each access: always current after
+        ``.to()``, a reassigned parameter or a parametrization (torch.nn keeps a cached list)."""
+        return [getattr(self, name) for name in self._torch_parameter_names]
+
+    @property
+    def mode(self) -> str:
+        """torch.nn's name of the cell: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``."""
+        if self.family == Family.RNN:
+            return "RNN_" + self.nonlinearity.upper()
+        return self.family.value.upper()
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        _refuse_scripting(self)
+
+    def flatten_parameters(self) -> None:
+        """A no-op, kept so code written for torch.nn runs unchanged (its word language model
+        calls it in every forward). torch.nn copies its weights into one contiguous buffer for
+        cuDNN; rnnkit's engines read each parameter where it is, so there is nothing to do."""
+        return None
+
 
     def cell_kind(self) -> CellKind:
         """The parameter-free description of this layer's cell, as the engine reads it."""
