@@ -480,3 +480,91 @@ def test_chrono_init_draws_gate_biases_from_log_uniform(family):
 def test_bad_chrono_arguments_are_named(arguments, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         rnnkit.LSTM(3, 4, **arguments)
+
+
+# ---- the public stack runner: prepare, run_stack, run_direction --------------------------
+def _torch_twin_of_layer_0(layer):
+    """torch.nn's one-layer LSTM holding ``layer``'s layer-0 weights: an independent reference."""
+    twin = nn.LSTM(layer.input_size, layer.hidden_size, bidirectional=layer.bidirectional,
+                   dtype=torch.float64)
+    twin.load_state_dict({n: p for n, p in layer.state_dict().items() if "_l0" in n})
+    return twin
+
+
+def test_run_stack_is_forward_and_stops_at_any_layer():
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True,
+                        dtype=torch.float64)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)  # (N, L, H_in)
+    lengths = torch.tensor([5, 3])
+    prepared = layer.prepare(x, lengths=lengths)
+    assert prepared.x.shape == (5, 2, 3) and prepared.batched  # time-major whatever the input
+    assert prepared.lengths.tolist() == [5, 3] and len(prepared.initial) == 4
+    output, finals = layer.run_stack(prepared)
+    expected, (h_n, c_n) = layer(x, lengths=lengths)
+    torch.testing.assert_close(output.transpose(0, 1), expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack([f[0] for f in finals]), h_n, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack([f[1] for f in finals]), c_n, rtol=0, atol=0)
+    # upto=1: the input of layer 1 is what torch.nn's one-layer LSTM makes of the sequence.
+    below, finals_below = layer.run_stack(prepared, upto=1)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    reference, _ = pad_packed_sequence(_torch_twin_of_layer_0(layer)(packed)[0])
+    torch.testing.assert_close(below, reference)
+    assert len(finals_below) == 2
+    same_input, no_finals = layer.run_stack(prepared, upto=0)
+    assert same_input is prepared.x and no_finals == []
+
+
+def test_run_direction_runs_one_direction_of_the_stack():
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(3, 4, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    state = (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64))
+    expected, _ = _torch_twin_of_layer_0(layer)(x)
+    forward, _ = layer.run_direction(0, 0, x, state)
+    reverse, _ = layer.run_direction(0, 1, x, state)
+    torch.testing.assert_close(forward, expected[..., :4])
+    torch.testing.assert_close(reverse, expected[..., 4:])
+
+
+def test_run_stack_dropout_follows_forward_unless_told():
+    layer = rnnkit.GRU(3, 4, num_layers=2, dropout=0.5, dtype=torch.float64).train()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    prepared = layer.prepare(x)
+    torch.manual_seed(1)
+    trained, _ = layer.run_stack(prepared)
+    torch.manual_seed(1)
+    torch.testing.assert_close(trained, layer(x)[0], rtol=0, atol=0)
+    evaluated, _ = layer.run_stack(prepared, apply_dropout=False)
+    torch.testing.assert_close(evaluated, layer.eval()(x)[0], rtol=0, atol=0)
+    assert not torch.allclose(trained, evaluated)
+    assert layer.run_stack(prepared, apply_dropout=True)[0].shape == evaluated.shape
+
+
+def test_prepare_unbatched_input_and_learned_state():
+    layer = rnnkit.RNN(3, 4, learn_initial_state=True)
+    with torch.no_grad():
+        layer.h0.fill_(0.5)
+    prepared = layer.prepare(torch.randn(5, 3))
+    assert prepared.x.shape == (5, 1, 3) and not prepared.batched and prepared.lengths is None
+    assert torch.equal(prepared.initial[0], torch.full((1, 4), 0.5))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m: m.run_stack((torch.zeros(2, 1, 3), None, [], True)), TypeError,
+     "LSTM.run_stack prepared must be what LSTM.prepare returns (a PreparedInput), got a tuple"),
+    (lambda m: m.run_stack(m.prepare(torch.zeros(2, 1, 3)), upto=3), ValueError,
+     "LSTM.run_stack upto must be an int in [0, 2], got 3"),
+    (lambda m: m.run_stack(m.prepare(torch.zeros(2, 1, 3)), upto=True), TypeError,
+     "LSTM.run_stack upto must be an int in [0, 2], got True (bool)"),
+    (lambda m: m.run_stack(m.prepare(torch.zeros(2, 1, 3)), apply_dropout=1), TypeError,
+     "LSTM.run_stack apply_dropout must be True or False, got 1 (int)"),
+    (lambda m: m.run_direction(0, 1, torch.zeros(2, 1, 3), None), ValueError,
+     "LSTM.run_direction direction must be an int in [0, 0], got 1"),
+    (lambda m: m.run_direction(-1, 0, torch.zeros(2, 1, 3), None), ValueError,
+     "LSTM.run_direction layer must be an int in [0, 1], got -1"),
+    (lambda m: m.prepare(torch.zeros(2, 1, 5)), ValueError, "H_in = input_size = 3; got (2, 1, 5)"),
+])
+def test_bad_stack_runner_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=re.escape(match)):
+        call(rnnkit.LSTM(3, 4, num_layers=2))

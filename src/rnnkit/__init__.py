@@ -2,12 +2,14 @@
 
 from rnnkit import diagnostics, tasks  # submodules on the public surface
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell
+from rnnkit.engine.steps import Family
 from rnnkit.interop import from_keras, from_torch, to_keras, to_torch
 from rnnkit.layers import GRU, LSTM, RNN
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Family",
     "GRU",
     "GRUCell",
     "LSTM",

@@ -1,20 +1,19 @@
-"""One time step of each cell family (spec: shared/spec/cells.md), and the cell modules.
+"""The cell modules RNNCell, LSTMCell, GRUCell: one time step each, on the layers' engines.
 
-The step functions (`rnn_step`, `lstm_step`, `gru_step`) are the single place where the spec's
-equations are written down in PyTorch ops: the reference engine calls them, and every faster
-engine is tested against it. The cell modules run one step on the layers' engines.
+The step equations themselves live in `rnnkit.engine.steps` (the spec, shared/spec/cells.md, in
+PyTorch ops); a cell holds the parameters, checks its input and hands a one-step sequence to
+`rnnkit.engine.run_direction`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NoReturn
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnkit import engine
 from rnnkit._checks import (
     describe,
     require_allocatable,
@@ -27,132 +26,8 @@ from rnnkit._checks import (
     require_shape,
     require_tensor,
 )
-
-State = Tensor | tuple[Tensor, Tensor]
-"""A cell's state: ``h`` for RNN and GRU, ``(h, c)`` for LSTM."""
-
-NONLINEARITIES = ("tanh", "relu")
-
-
-class CellWeights(NamedTuple):
-    """The parameters of one cell (one layer and direction of a stack).
-
-    ``G`` is the number of gates (1 RNN, 4 LSTM, 3 GRU), ``H`` the hidden size, ``H_out`` the
-    size of ``h`` (``P`` with a projection, else ``H``), ``I`` the input size.
-    """
-
-    weight_ih: Tensor  # (G*H, I)
-    weight_hh: Tensor  # (G*H, H_out)
-    bias_ih: Tensor | None = None  # (G*H,)
-    bias_hh: Tensor | None = None  # (G*H,)
-    weight_hr: Tensor | None = None  # (P, H): LSTM projection
-    weight_ch: Tensor | None = None  # (3H,): LSTM peephole weights, order i, f, o
-
-
-@dataclass(frozen=True)
-class CellKind:
-    """Which equations a step runs: the family and its switches that carry no parameters.
-
-    Variants that have parameters (projection, peephole) are told by ``CellWeights`` instead.
-    """
-
-    family: str  # "rnn" | "lstm" | "gru"
-    nonlinearity: str = "tanh"  # RNN only: "tanh" | "relu"
-    reset_after: bool = True  # GRU only: reset gate after (True) or before (False) W_hn
-
-
-def rnn_step(x: Tensor, h: Tensor, w: CellWeights, nonlinearity: str = "tanh") -> Tensor:
-    """Elman step: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``.  x (N, I), h (N, H) -> (N, H)."""
-    pre = F.linear(x, w.weight_ih, w.bias_ih) + F.linear(h, w.weight_hh, w.bias_hh)
-    return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
-
-
-def lstm_gates(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights) -> dict[str, Tensor]:
-    """An LSTM step's gates and new state, with the optional peephole (``w.weight_ch``) and
-    projection (``w.weight_hr``): ``i, f, g, o`` and ``c`` (N, H), ``h`` (N, H_out).
-
-    x (N, I), h (N, H_out), c (N, H).
-    """
-    h, c = state
-    gates = F.linear(x, w.weight_ih, w.bias_ih) + F.linear(h, w.weight_hh, w.bias_hh)  # (N, 4H)
-    i, f, g, o = gates.chunk(4, dim=-1)
-    if w.weight_ch is not None:
-        p_i, p_f, p_o = w.weight_ch.chunk(3)
-        # Input and forget gates look at the previous cell, the output gate at the new one.
-        i = i + p_i * c
-        f = f + p_f * c
-    i, f, g = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g)
-    c_new = f * c + i * g
-    if w.weight_ch is not None:
-        o = o + p_o * c_new
-    o = torch.sigmoid(o)
-    h_new = o * torch.tanh(c_new)
-    if w.weight_hr is not None:
-        h_new = F.linear(h_new, w.weight_hr)  # (N, P)
-    return {"i": i, "f": f, "g": g, "o": o, "c": c_new, "h": h_new}
-
-
-def lstm_step(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights) -> tuple[Tensor, Tensor]:
-    """LSTM step: ``(h', c')`` of `lstm_gates`.  x (N, I), h (N, H_out), c (N, H)."""
-    gates = lstm_gates(x, state, w)
-    return gates["h"], gates["c"]
-
-
-def gru_gates(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True) -> dict[str, Tensor]:
-    """A GRU step's gates ``r, z, n`` and new state ``h`` (each (N, H)); ``z`` weighs the old
-    state: ``h' = (1 - z) ⊙ n + z ⊙ h``.  x (N, I), h (N, H)."""
-    hidden = h.shape[-1]
-    x_r, x_z, x_n = F.linear(x, w.weight_ih, w.bias_ih).chunk(3, dim=-1)  # 3 x (N, H)
-    if reset_after:
-        h_r, h_z, h_n = F.linear(h, w.weight_hh, w.bias_hh).chunk(3, dim=-1)
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(x_n + r * h_n)
-    else:
-        # The reset gate scales the state before W_hn, so W_hn's product waits for r.
-        b_hh = w.bias_hh
-        h_r, h_z = F.linear(
-            h, w.weight_hh[: 2 * hidden], None if b_hh is None else b_hh[: 2 * hidden]
-        ).chunk(2, dim=-1)
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        b_hn = None if b_hh is None else b_hh[2 * hidden :]
-        n = torch.tanh(x_n + F.linear(r * h, w.weight_hh[2 * hidden :], b_hn))
-    return {"r": r, "z": z, "n": n, "h": (1 - z) * n + z * h}
-
-
-def gru_step(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True) -> Tensor:
-    """GRU step: ``h'`` of `gru_gates`.  x (N, I), h (N, H) -> (N, H)."""
-    return gru_gates(x, h, w, reset_after)["h"]
-
-
-def cell_step(kind: CellKind, x: Tensor, state: State, w: CellWeights) -> State:
-    """One step of any family: the function every engine's reference is written against."""
-    if kind.family == "lstm":
-        return lstm_step(x, state, w)  # type: ignore[arg-type]
-    if kind.family == "gru":
-        return gru_step(x, state, w, kind.reset_after)  # type: ignore[arg-type]
-    return rnn_step(x, state, w, kind.nonlinearity)  # type: ignore[arg-type]
-
-
-def cell_gates(kind: CellKind, x: Tensor, state: State, w: CellWeights) -> dict[str, Tensor]:
-    """One step of any family with its gates: LSTM ``i, f, g, o, c, h``; GRU ``r, z, n, h``;
-    RNN ``h``. What diagnostics read; `cell_step` returns only the new state."""
-    if kind.family == "lstm":
-        return lstm_gates(x, state, w)  # type: ignore[arg-type]
-    if kind.family == "gru":
-        return gru_gates(x, state, w, kind.reset_after)  # type: ignore[arg-type]
-    return {"h": rnn_step(x, state, w, kind.nonlinearity)}  # type: ignore[arg-type]
-
-
-def state_of(kind: CellKind, gates: dict[str, Tensor]) -> State:
-    """The new state among a step's gates: ``(h, c)`` for LSTM, ``h`` otherwise."""
-    return (gates["h"], gates["c"]) if kind.family == "lstm" else gates["h"]
-
-
-def output_of(state: State) -> Tensor:
-    """The part of a state that is the cell's output: ``h``."""
-    return state[0] if isinstance(state, tuple) else state
+from rnnkit.engine import precision
+from rnnkit.engine.steps import NONLINEARITIES, CellKind, CellWeights, Family, State
 
 
 class BackendSetting:
@@ -173,12 +48,22 @@ class BackendSetting:
         return module.__dict__.get(self.name, "auto")
 
     def __set__(self, module: nn.Module, value: object) -> None:
-        # Imported here: the engine imports this module for the step math and its types.
-        from rnnkit.engine import BACKENDS
-
         module.__dict__[self.name] = require_choice(
-            f"{type(module).__name__} {self.name}", value, BACKENDS
+            f"{type(module).__name__} {self.name}", value, engine.BACKENDS
         )
+
+
+def _refuse_scripting(module: nn.Module) -> NoReturn:
+    """``torch.jit.script`` calls ``__prepare_scriptable__`` on a module and on each of its
+    submodules first: rnnkit's modules answer with this error, naming what works instead,
+    rather than TorchScript's complaint about a line deep in the input handling."""
+    name = type(module).__name__
+    raise RuntimeError(
+        f"torch.jit.script cannot compile rnnkit.{name}: TorchScript does not compile its "
+        "Python input handling and engine dispatch (and PyTorch deprecates TorchScript). "
+        "Use torch.compile(model) to compile, or torch.export.export(model, args) to export "
+        "a graph."
+    )
 
 
 class _CellBase(nn.Module):
@@ -190,7 +75,7 @@ class _CellBase(nn.Module):
     """
 
     gate_count: int = 1
-    family: str = "rnn"
+    family: Family = Family.RNN
     backend = BackendSetting()  # "auto" until set
 
     def __init__(
@@ -236,6 +121,9 @@ class _CellBase(nn.Module):
         """Size of ``h``: ``proj_size`` when projecting, else ``hidden_size``."""
         return self.proj_size or self.hidden_size
 
+    def __prepare_scriptable__(self) -> NoReturn:
+        _refuse_scripting(self)
+
     def reset_parameters(self) -> None:
         """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, in torch.nn's order.
 
@@ -270,7 +158,7 @@ class _CellBase(nn.Module):
     def _state_shapes(self, batch: int | None) -> list[tuple[int, ...]]:
         lead = () if batch is None else (batch,)
         shapes = [lead + (self.output_size,)]
-        if self.family == "lstm":
+        if self.family == Family.LSTM:
             shapes.append(lead + (self.hidden_size,))
         return shapes
 
@@ -278,8 +166,6 @@ class _CellBase(nn.Module):
         """One step. Shapes in the class docstring; unbatched (1-D) input gives unbatched state."""
         name = type(self).__name__
         param = self.weight_ih
-        from rnnkit.engine import precision  # see the engine import below
-
         if precision.autocasting(param):  # float32 under autocast (rnnkit.engine.precision)
             with torch.autocast(param.device.type, enabled=False):
                 return self.forward(precision.to_parameter_dtype(input, param),
@@ -297,9 +183,6 @@ class _CellBase(nn.Module):
         if not batched:
             x = x.unsqueeze(0)
             state = tuple(s.unsqueeze(0) for s in state)
-        # Imported here: the engine imports this module for the step math and its types.
-        from rnnkit import engine
-
         _, new = engine.run_direction(
             self.kind(), x.unsqueeze(0), state if len(state) == 2 else state[0], self.weights(),
             None, False, self.backend,
@@ -312,7 +195,7 @@ class _CellBase(nn.Module):
         name = type(self).__name__
         if hx is None:
             return tuple(x.new_zeros(shape) for shape in shapes)
-        if self.family == "lstm":
+        if self.family == Family.LSTM:
             if not isinstance(hx, tuple | list) or len(hx) != 2:
                 raise TypeError(
                     f"{name} hx must be a tuple (h, c) of tensors with shapes {shapes[0]} and "
@@ -365,7 +248,7 @@ class RNNCell(_CellBase):
     """
 
     gate_count = 1
-    family = "rnn"
+    family = Family.RNN
 
     def __init__(
         self,
@@ -381,7 +264,7 @@ class RNNCell(_CellBase):
         self.reset_parameters()
 
     def kind(self) -> CellKind:
-        return CellKind("rnn", nonlinearity=self.nonlinearity)
+        return CellKind(Family.RNN, nonlinearity=self.nonlinearity)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -438,7 +321,7 @@ class LSTMCell(_CellBase):
     """
 
     gate_count = 4
-    family = "lstm"
+    family = Family.LSTM
 
     def __init__(
         self,
@@ -517,7 +400,7 @@ class GRUCell(_CellBase):
     """
 
     gate_count = 3
-    family = "gru"
+    family = Family.GRU
 
     def __init__(
         self,
@@ -534,7 +417,7 @@ class GRUCell(_CellBase):
         self.reset_parameters()
 
     def kind(self) -> CellKind:
-        return CellKind("gru", reset_after=self.reset_after)
+        return CellKind(Family.GRU, reset_after=self.reset_after)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")

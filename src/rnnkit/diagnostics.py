@@ -18,10 +18,10 @@ shrinks (or grows) geometrically with the distance; the LSTM's cell path multipl
 forget gates instead, which can keep it near 1.
 
 **Gate trace.** Every gate's activation per step, layer and direction, recomputed with the
-spec's equations (`rnnkit.cells.cell_gates`) from the layer's weights: ``i, f, g, o, c, h`` for
-LSTM, ``r, z, n, h`` for GRU, ``h`` for RNN; and how saturated they are: the fraction of sigmoid
-gate values below 0.05 or above 0.95, and of tanh units (LSTM g, GRU n, tanh-RNN h) beyond
-±0.95, over the valid steps.
+spec's equations (`rnnkit.engine.steps.cell_gates`) from the layer's weights: ``i, f, g, o, c,
+h`` for LSTM, ``r, z, n, h`` for GRU, ``h`` for RNN; and how saturated they are: the fraction of
+sigmoid gate values below 0.05 or above 0.95, and of tanh units (LSTM g, GRU n, tanh-RNN h)
+beyond ±0.95, over the valid steps.
 """
 
 from __future__ import annotations
@@ -32,13 +32,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rnnkit import engine
-from rnnkit.cells import CellKind, cell_gates, output_of, state_of
-from rnnkit.layers import _RecurrentLayer
+from rnnkit.engine.steps import CellKind, Family, cell_gates, output_of, state_of
+from rnnkit.layers import PreparedInput, _RecurrentLayer
 
 DIRECTIONS = ("forward", "reverse")
-SIGMOID_GATES = {"lstm": ("i", "f", "o"), "gru": ("r", "z"), "rnn": ()}
-TANH_UNITS = {"lstm": ("g",), "gru": ("n",), "rnn": ("h",)}
+SIGMOID_GATES = {Family.LSTM: ("i", "f", "o"), Family.GRU: ("r", "z"), Family.RNN: ()}
+TANH_UNITS = {Family.LSTM: ("g",), Family.GRU: ("n",), Family.RNN: ("h",)}
 SATURATION_LOW, SATURATION_HIGH, TANH_SATURATION = 0.05, 0.95, 0.95
 
 
@@ -75,20 +74,12 @@ def _choose(layer: _RecurrentLayer, layer_index: int | None,
     return index, DIRECTIONS.index(direction)
 
 
-def _layer_inputs(layer: _RecurrentLayer, x: Tensor, initial: list, upto: int,
-                  lengths: Tensor | None) -> Tensor:
+def _layer_inputs(layer: _RecurrentLayer, prepared: PreparedInput, upto: int) -> Tensor:
     """The input sequence of layer ``upto`` (T, N, I_upto): the outputs of the layers below,
     run by the engine without dropout and without gradients."""
-    kind = layer.cell_kind()
     with torch.no_grad():
-        for index in range(upto):
-            outputs = [
-                engine.run_direction(kind, x, initial[index * layer.num_directions + d],
-                                     layer.cell_weights(index, d), lengths, reverse=d == 1,
-                                     backend=layer.backend)[0]
-                for d in range(layer.num_directions)]
-            x = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-    return x.detach()
+        sequence, _ = layer.run_stack(prepared, upto=upto, apply_dropout=False)
+    return sequence.detach()
 
 
 def _detach(state):
@@ -115,16 +106,16 @@ def gradient_flow(layer: _RecurrentLayer, input: Tensor, hx=None, *,
     if not isinstance(input, Tensor):
         raise TypeError(f"gradient_flow input must be a Tensor (a padded batch), got "
                         f"{type(input).__name__}; PackedSequence and lengths are not supported")
-    x, _, batched = layer._prepare_input(input, None)
+    prepared = layer.prepare(input, hx)
+    x = prepared.x
     index, d = _choose(layer, layer_index, direction)
-    initial = layer._initial_states(hx, x, batched)
-    sequence = _layer_inputs(layer, x, initial, index, None)
+    sequence = _layer_inputs(layer, prepared, index)
     if d == 1:
-        sequence = sequence.flip(0)
-    kind, weights = layer.cell_kind(), layer.cell_weights(index, d)
+        sequence = sequence.flip(0)  # processing order; a one-step run is the same both ways
+    kind = layer.cell_kind()
     steps, batch = sequence.shape[:2]
-    state = _detach(initial[index * layer.num_directions + d])
-    is_lstm = kind.family == "lstm"
+    state = _detach(prepared.initial[index * layer.num_directions + d])
+    is_lstm = kind.family == Family.LSTM
     h_size = output_of(state).shape[-1]
     # Zero perturbations added to the state leaving each step: the gradient with respect to
     # them is the gradient with respect to that state, the rest of the run held as it is.
@@ -134,8 +125,7 @@ def gradient_flow(layer: _RecurrentLayer, input: Tensor, hx=None, *,
                           requires_grad=True) if is_lstm else None)
     with torch.enable_grad():
         for t in range(steps):
-            _, state = engine.run_direction(kind, sequence[t : t + 1], state, weights, None,
-                                            reverse=False, backend=layer.backend)
+            _, state = layer.run_direction(index, d, sequence[t : t + 1], state)
             state = (state[0] + push_h[t], state[1] + push_c[t]) if is_lstm else state + push_h[t]
         last = output_of(state)  # (N, H_out)
         targets = [push_h, push_c] if is_lstm else [push_h]
@@ -158,7 +148,7 @@ class GateTrace:
     saturated fraction over valid steps, for the sigmoid gates and tanh units of the family.
     """
 
-    family: str
+    family: Family
     gates: dict[tuple[int, int], dict[str, Tensor]] = field(default_factory=dict)
     saturation: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
 
@@ -180,7 +170,7 @@ def saturation_of(kind: CellKind, gates: dict[str, Tensor], valid: Tensor) -> di
         values = gates[name][valid]
         result[name] = float(((values < SATURATION_LOW) | (values > SATURATION_HIGH))
                              .double().mean())
-    if kind.family == "rnn" and kind.nonlinearity != "tanh":
+    if kind.family == Family.RNN and kind.nonlinearity != "tanh":
         return result
     for name in TANH_UNITS[kind.family]:
         if name in gates:
@@ -199,8 +189,7 @@ def gate_trace(layer: _RecurrentLayer, input: Tensor, hx=None, lengths=None) -> 
     if not isinstance(input, Tensor):
         raise TypeError(f"gate_trace input must be a Tensor (padded, with lengths if needed), "
                         f"got {type(input).__name__}")
-    x, lengths, batched = layer._prepare_input(input, lengths)
-    initial = layer._initial_states(hx, x, batched)
+    x, lengths, initial, _ = layer.prepare(input, hx, lengths=lengths)
     kind: CellKind = layer.cell_kind()
     steps, batch = x.shape[:2]
     time = torch.arange(steps, device=x.device)[:, None]

@@ -4,12 +4,19 @@ A layer owns the parameters (torch.nn's names and shapes, plus the variants'), t
 input form (batched, unbatched, ``batch_first``, ``PackedSequence``, padded + ``lengths``) into one
 time-major padded tensor with optional lengths, and hands each layer and direction of the stack to
 `rnnkit.engine.run_direction`.
+
+`forward` is three public steps, open to code that reads a stack (rnnkit.diagnostics):
+`prepare` (input forms and initial states -> `PreparedInput`), `run_stack` (the layers bottom
+to top, optionally only the first few) and `run_direction` (one layer and direction). The
+members of torch.nn.RNNBase that code written for torch.nn touches are here too
+(`flatten_parameters`, `all_weights`, `_flat_weights`, `_flat_weights_names`, `mode`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +38,13 @@ from rnnkit._checks import (
     require_tensor,
 )
 from rnnkit.cells import (
-    NONLINEARITIES,
     BackendSetting,
-    CellKind,
-    CellWeights,
-    State,
     _check_forget_bias,
     _init_lstm_variants,
-    output_of,
+    _refuse_scripting,
 )
 from rnnkit.engine import precision
+from rnnkit.engine.steps import NONLINEARITIES, CellKind, CellWeights, Family, State, output_of
 
 
 def _stack(states: list[Tensor]) -> Tensor:
@@ -48,10 +52,28 @@ def _stack(states: list[Tensor]) -> Tensor:
     return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
 
 
+def _require_index(name: str, value: object, count: int) -> int:
+    """An int in ``[0, count)``; TypeError or ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int in [0, {count - 1}], got {describe(value)}")
+    if not 0 <= value < count:
+        raise ValueError(f"{name} must be an int in [0, {count - 1}], got {value}")
+    return value
+
+
+class PreparedInput(NamedTuple):
+    """A layer's input in the form its stack runs on, as `prepare` makes it."""
+
+    x: Tensor  # (T, N, H_in) time-major, padding past each length zeroed
+    lengths: Tensor | None  # (N,) int64 on x's device; None when every sequence has T steps
+    initial: list[State]  # per layer and direction (index layer * D + direction): h or (h, c)
+    batched: bool  # False for unbatched (L, H_in) input, run as N = 1
+
+
 class _RecurrentLayer(nn.Module):
     """Parameters, input handling and the layer/direction loop shared by RNN, LSTM and GRU."""
 
-    family: str = "rnn"
+    family: Family = Family.RNN
     gate_count: int = 1
     backend = BackendSetting()
 
@@ -127,7 +149,7 @@ class _RecurrentLayer(nn.Module):
         if learn_initial_state:
             states = self.num_layers * self.num_directions
             self.h0 = nn.Parameter(torch.empty(states, 1, self.output_size, **factory))
-            if self.family == "lstm":
+            if self.family == Family.LSTM:
                 self.c0 = nn.Parameter(torch.empty(states, 1, hidden_size, **factory))
 
     # ---- shape facts -----------------------------------------------------------------------
@@ -144,7 +166,7 @@ class _RecurrentLayer(nn.Module):
         count = directions * (per_direction(self.input_size)
                               + (layers - 1) * per_direction(directions * out))
         if self.learn_initial_state:
-            count += layers * directions * (out + (hidden if self.family == "lstm" else 0))
+            count += layers * directions * (out + (hidden if self.family == Family.LSTM else 0))
         return count
 
     def _size_settings(self) -> str:
@@ -163,10 +185,46 @@ class _RecurrentLayer(nn.Module):
         """Size of ``h`` per direction: ``proj_size`` when projecting, else ``hidden_size``."""
         return self.proj_size or self.hidden_size
 
+    # ---- torch.nn.RNNBase's members that code written for torch.nn reads -------------------
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
-        """Parameters per layer and direction, in torch.nn's order (variants last)."""
+        """Parameters per layer and direction (index ``layer * D + direction``), each group in
+        torch.nn's order ``[w_ih, w_hh, b_ih, b_hh(, w_hr)]``, variant parameters last."""
         return [[getattr(self, n) for n in names.values()] for names in self._cell_parameter_names]
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """The names of `all_weights`, as torch.nn's ``_all_weights``."""
+        return [list(names.values()) for names in self._cell_parameter_names]
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        """torch.nn's parameter names in torch.nn's order (``weight_ih_l0, weight_hh_l0, …``);
+        variant parameters, which torch.nn's kernels cannot read, are not among them."""
+        return list(self._torch_parameter_names)
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """The tensors of `_flat_weights_names`, read at each access: always current after
+        ``.to()``, a reassigned parameter or a parametrization (torch.nn keeps a cached list)."""
+        return [getattr(self, name) for name in self._torch_parameter_names]
+
+    @property
+    def mode(self) -> str:
+        """torch.nn's name of the cell: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``."""
+        if self.family == Family.RNN:
+            return "RNN_" + self.nonlinearity.upper()
+        return self.family.value.upper()
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        _refuse_scripting(self)
+
+    def flatten_parameters(self) -> None:
+        """A no-op, kept so code written for torch.nn runs unchanged (its word language model
+        calls it in every forward). torch.nn copies its weights into one contiguous buffer for
+        cuDNN; rnnkit's engines read each parameter where it is, so there is nothing to do."""
+        return None
+
 
     def cell_kind(self) -> CellKind:
         """The parameter-free description of this layer's cell, as the engine reads it."""
@@ -209,7 +267,7 @@ class _RecurrentLayer(nn.Module):
                                     precision.to_parameter_dtype(hx, param), lengths=lengths)
         x, lengths, batched = self._prepare_input(input, lengths)
         initial = self._initial_states(hx, x, batched)
-        output, finals = self._run_stack(x, initial, lengths)
+        output, finals = self._run_stack(x, initial, lengths, self.num_layers, self.training)
         if isinstance(input, PackedSequence):
             output = _repack(output, input, lengths)
         elif not batched:
@@ -218,15 +276,89 @@ class _RecurrentLayer(nn.Module):
             output = output.transpose(0, 1)
         return output, self._stack_states(finals, batched)
 
-    def _run_stack(
-        self, x: Tensor, initial: list[State], lengths: Tensor | None
+    # ---- the stack, step by step: what forward does, open to diagnostics -------------------
+    def prepare(
+        self,
+        input: Tensor | PackedSequence,
+        hx: State | None = None,
+        *,
+        lengths: Tensor | list[int] | None = None,
+    ) -> PreparedInput:
+        """Check ``input``, ``hx`` and ``lengths`` as `forward` does and bring them to the form
+        the stack runs on: time-major ``x (T, N, H_in)`` with padding zeroed, ``lengths (N,)``
+        (None when every sequence has all T steps) and the initial state of each layer and
+        direction (``hx`` split, or zeros, or the learned state). See `PreparedInput`.
+        """
+        x, lengths, batched = self._prepare_input(input, lengths)
+        return PreparedInput(x, lengths, self._initial_states(hx, x, batched), batched)
+
+    def run_stack(
+        self, prepared: PreparedInput, *, upto: int | None = None,
+        apply_dropout: bool | None = None,
     ) -> tuple[Tensor, list[State]]:
-        """Layers bottom to top, each direction through the engine: (T, N, I) -> (T, N, D*H_out)."""
+        """Run layers ``0 … upto-1`` of the stack, bottom to top, on this layer's engine.
+
+        Args:
+            prepared: what `prepare` returned.
+            upto: how many layers to run, in ``[0, num_layers]`` (default all). The output is
+                then the input sequence of layer ``upto``; ``upto=0`` returns ``prepared.x``.
+            apply_dropout: dropout between layers; default (None) as `forward`, in training
+                mode only. ``False`` reads the stack as in evaluation without calling ``eval()``.
+
+        Returns:
+            ``output (T, N, D*H_out)`` time-major (``(T, N, H_in)`` for ``upto=0``), zero past
+            each sequence's length, and the final states of the layers run, per layer and
+            direction (index ``layer * D + direction``), as `run_direction` returns them.
+        """
+        name = type(self).__name__
+        if not isinstance(prepared, PreparedInput):
+            raise TypeError(f"{name}.run_stack prepared must be what {name}.prepare returns (a "
+                            f"PreparedInput), got {describe(prepared)}")
+        count = self.num_layers if upto is None else _require_index(
+            f"{name}.run_stack upto", upto, self.num_layers + 1)
+        if apply_dropout is not None:
+            require_bool(f"{name}.run_stack apply_dropout", apply_dropout)
+        training = self.training if apply_dropout is None else apply_dropout
+        return self._run_stack(prepared.x, prepared.initial, prepared.lengths, count, training)
+
+    def run_direction(
+        self, layer: int, direction: int, x: Tensor, state: State,
+        lengths: Tensor | None = None,
+    ) -> tuple[Tensor, State]:
+        """One layer and direction of the stack on this layer's engine (``backend``).
+
+        Args:
+            layer: index in ``[0, num_layers)``.
+            direction: 0 forward, 1 reverse (bidirectional only): the reverse direction runs
+                each sequence from its last valid step to its first.
+            x: the layer's input ``(T, N, H_in)`` for layer 0, else ``(T, N, D*H_out)``.
+            state: its initial state, ``h (N, H_out)`` or ``(h (N, H_out), c (N, H_cell))``.
+            lengths: ``(N,)`` int64 on ``x``'s device in ``[1, T]``, or None (all T steps).
+
+        Returns:
+            ``output (T, N, H_out)`` and the final state; the contract of
+            `rnnkit.engine.run_direction`.
+        """
+        name = type(self).__name__
+        layer = _require_index(f"{name}.run_direction layer", layer, self.num_layers)
+        direction = _require_index(f"{name}.run_direction direction", direction,
+                                   self.num_directions)
+        return engine.run_direction(self.cell_kind(), x, state,
+                                    self.cell_weights(layer, direction), lengths,
+                                    reverse=direction == 1, backend=self.backend)
+
+    def _run_stack(
+        self, x: Tensor, initial: list[State], lengths: Tensor | None, upto: int, training: bool
+    ) -> tuple[Tensor, list[State]]:
+        """Layers ``0 … upto-1``, each direction through the engine: (T, N, I) -> (T, N, D*H_out).
+
+        Unchecked: `forward` and `run_stack` check first, so a streamed step pays nothing more.
+        """
         kind = self.cell_kind()
         backend = self.backend  # resolved by the engine (RNNKIT_BACKEND may override it)
         layer_input = x
         finals: list[State] = []
-        for layer in range(self.num_layers):
+        for layer in range(upto):
             outputs = []
             for direction in range(self.num_directions):
                 output, final = engine.run_direction(
@@ -241,7 +373,7 @@ class _RecurrentLayer(nn.Module):
                 outputs.append(output)
                 finals.append(final)
             layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-            if self.dropout and self.training and layer < self.num_layers - 1:
+            if self.dropout and training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, finals
 
@@ -313,7 +445,7 @@ class _RecurrentLayer(nn.Module):
         lead, meaning = ((states,), "(D*num_layers,") if batch is None else (
             (states, batch), "(D*num_layers, N,")
         result = [(lead + (self.output_size,), meaning + " H_out)")]
-        if self.family == "lstm":
+        if self.family == Family.LSTM:
             result.append((lead + (self.hidden_size,), meaning + " H_cell)"))
         return result
 
@@ -324,12 +456,12 @@ class _RecurrentLayer(nn.Module):
         shapes = self._state_shapes(batch if batched else None)
         if hx is None:
             if self.learn_initial_state:
-                learned = [self.h0] + ([self.c0] if self.family == "lstm" else [])
+                learned = [self.h0] + ([self.c0] if self.family == Family.LSTM else [])
                 parts = [p.expand(-1, batch, -1) for p in learned]
             else:
                 parts = [x.new_zeros(shape) for shape, _ in self._state_shapes(batch)]
         else:
-            if self.family == "lstm":
+            if self.family == Family.LSTM:
                 if not isinstance(hx, tuple | list) or len(hx) != 2:
                     raise TypeError(
                         f"{name} hx must be a tuple (h_0, c_0) of tensors with shapes "
@@ -349,13 +481,13 @@ class _RecurrentLayer(nn.Module):
                 require_shape(f"{name} {label}", part, shape, meaning)
             if not batched:
                 parts = [p.unsqueeze(1) for p in parts]
-        if self.family == "lstm":
+        if self.family == Family.LSTM:
             return list(zip(parts[0].unbind(0), parts[1].unbind(0), strict=True))
         return list(parts[0].unbind(0))
 
     def _stack_states(self, finals: list[State], batched: bool):
         """Final states per layer and direction -> h_n (D*num_layers, N, H_out) [, c_n]."""
-        if self.family == "lstm":
+        if self.family == Family.LSTM:
             stacked = (_stack([s[0] for s in finals]), _stack([s[1] for s in finals]))
             return stacked if batched else tuple(s.squeeze(1) for s in stacked)
         h_n = _stack([output_of(s) for s in finals])
@@ -468,7 +600,7 @@ def _chrono_biases(layer: _RecurrentLayer, max_length: int) -> None:
                                          index % layer.num_directions)
             scale = torch.empty(hidden, dtype=weights.bias_ih.dtype,
                                 device=weights.bias_ih.device).uniform_(1, max_length - 1).log()
-            if layer.family == "lstm":  # gate order i, f, g, o
+            if layer.family == Family.LSTM:  # gate order i, f, g, o
                 weights.bias_ih[hidden : 2 * hidden] = scale
                 weights.bias_ih[:hidden] = -scale
                 weights.bias_hh[: 2 * hidden] = 0
@@ -508,7 +640,7 @@ class RNN(_RecurrentLayer):
         >>> output, h_n = rnn(torch.randn(5, 3, 10))     # (5, 3, 20), (2, 3, 20)
     """
 
-    family = "rnn"
+    family = Family.RNN
     gate_count = 1
 
     def __init__(
@@ -536,7 +668,7 @@ class RNN(_RecurrentLayer):
         self.reset_parameters()
 
     def cell_kind(self) -> CellKind:
-        return CellKind("rnn", nonlinearity=self.nonlinearity)
+        return CellKind(Family.RNN, nonlinearity=self.nonlinearity)
 
     def _torch_arguments(self) -> dict[str, object]:
         return super()._torch_arguments() | {"nonlinearity": self.nonlinearity}
@@ -596,7 +728,7 @@ class LSTM(_RecurrentLayer):
         >>> output, (h_n, c_n) = lstm(torch.randn(5, 3, 10))   # (5, 3, 20), (2, 3, 20) x 2
     """
 
-    family = "lstm"
+    family = Family.LSTM
     gate_count = 4
 
     def __init__(
@@ -699,7 +831,7 @@ class GRU(_RecurrentLayer):
         >>> output, h_n = gru(torch.randn(3, 5, 10))     # (3, 5, 20), (1, 3, 20)
     """
 
-    family = "gru"
+    family = Family.GRU
     gate_count = 3
 
     def __init__(
@@ -740,7 +872,7 @@ class GRU(_RecurrentLayer):
             if getattr(self, "chrono_max_length", None) is not None else "")
 
     def cell_kind(self) -> CellKind:
-        return CellKind("gru", reset_after=self.reset_after)
+        return CellKind(Family.GRU, reset_after=self.reset_after)
 
     def _variant_settings(self) -> dict[str, object]:
         return ({} if self.reset_after else {"reset_after": False}) | super()._variant_settings()

@@ -22,6 +22,7 @@ from rnnkit.apps.outputs import output_directory
 from rnnkit.apps.recurrent import make_recurrent
 from rnnkit.diagnostics import gradient_flow
 from rnnkit.engine.native import build
+from rnnkit.engine.steps import Family
 from rnnkit.errors import usage_errors
 
 SHOWN_DISTANCES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -60,7 +61,7 @@ def fresh_flows(cells: list[str], length: int, hidden: int, samples: int, input_
 
 
 def check_fresh_options(cells: list[str], hidden: int,
-                        radius: float | None) -> dict[str, tuple[str, dict]]:
+                        radius: float | None) -> dict[str, tuple[Family, dict]]:
     """(family, options) per cell, every cell checked first; ``ValueError`` for a cell the
     other options cannot build."""
     if "lstm-projection" in cells and radius is not None:

@@ -29,8 +29,8 @@ import warnings
 from torch import Tensor
 
 from rnnkit._checks import require_choice
-from rnnkit.cells import CellKind, CellWeights, State
 from rnnkit.engine import native, ops, reference
+from rnnkit.engine.steps import CellKind, CellWeights, State
 
 BACKENDS = ("auto", "native", "fused", "reference")
 ENVIRONMENT_VARIABLE = "RNNKIT_BACKEND"

@@ -45,10 +45,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from rnnkit.cells import CellKind, CellWeights, State
 from rnnkit.engine import fused, reference
 from rnnkit.engine.native import functions as native
 from rnnkit.engine.products import input_side_grads, outer_sum, peephole_grad
+from rnnkit.engine.steps import CellKind, CellWeights, Family, State
 
 _Optional = Tensor | None
 
@@ -524,13 +524,13 @@ def run_fused(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
               lengths: _Optional, reverse: bool) -> tuple[Tensor, State]:
     """The fused operators; same contract as `rnnkit.engine.reference.run_direction`."""
     w, lengths = weights, _lengths(lengths)
-    if kind.family == "lstm":
+    if kind.family == Family.LSTM:
         h0, c0 = state  # type: ignore[misc]
         output, h_n, c_n, *_ = _call(fused_lstm, x, h0, c0, w.weight_ih, w.weight_hh,
                                      w.bias_ih, w.bias_hh, w.weight_hr, w.weight_ch, lengths,
                                      reverse)
         return output, (h_n, c_n)
-    if kind.family == "gru":
+    if kind.family == Family.GRU:
         output, h_n, *_ = _call(fused_gru, x, state, w.weight_ih, w.weight_hh, w.bias_ih,
                                 w.bias_hh, lengths, reverse, kind.reset_after)
         return output, h_n
@@ -543,13 +543,13 @@ def run_native(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                lengths: _Optional, reverse: bool) -> tuple[Tensor, State]:
     """The native operators (CPU, float32/float64, kernels built); same contract."""
     w, lengths = weights, _lengths(lengths)
-    if kind.family == "lstm":
+    if kind.family == Family.LSTM:
         h0, c0 = state  # type: ignore[misc]
         h_states, _, output, h_n, c_n, _, _ = _call(
             native_lstm, x, h0, c0, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
             w.weight_hr, w.weight_ch, lengths, reverse)
         return _native_output(output, h_states, lengths, reverse), (h_n, c_n)
-    if kind.family == "gru":
+    if kind.family == Family.GRU:
         states, output, h_n, _, _ = _call(native_gru, x, state, w.weight_ih, w.weight_hh,
                                           w.bias_ih, w.bias_hh, lengths, reverse,
                                           kind.reset_after)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.cells import CellKind, CellWeights, State, cell_step, output_of
+from rnnkit.engine.steps import CellKind, CellWeights, State, cell_step, output_of
 
 
 def run_direction(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from rnnkit.apps.recurrent import make_recurrent
 from rnnkit.diagnostics import gradient_flow
+from rnnkit.engine.steps import Family
 from rnnkit.tasks import ADDING_BASELINE_MSE, COPY_SYMBOLS, adding_problem, copy_baseline, copy_task
 from rnnkit.training.loop import progress_bar, take_step
 from rnnkit.training.optimization import check_clipping, make_optimizer
@@ -32,13 +33,13 @@ from rnnkit.training.optimization import check_clipping, make_optimizer
 TASKS = ("adding", "copy")
 # Cell names on the command line: (family, make_recurrent options).
 CELL_VARIANTS = {
-    "rnn": ("rnn", {}),
-    "rnn-relu": ("rnn", {"nonlinearity": "relu"}),
-    "lstm": ("lstm", {}),
-    "lstm-peephole": ("lstm", {"peephole": True}),
-    "lstm-projection": ("lstm", {}),  # h projected to hidden // 2: see `cell_options`
-    "gru": ("gru", {}),
-    "gru-reset-before": ("gru", {"reset_after": False}),
+    "rnn": (Family.RNN, {}),
+    "rnn-relu": (Family.RNN, {"nonlinearity": "relu"}),
+    "lstm": (Family.LSTM, {}),
+    "lstm-peephole": (Family.LSTM, {"peephole": True}),
+    "lstm-projection": (Family.LSTM, {}),  # h projected to hidden // 2: see `cell_options`
+    "gru": (Family.GRU, {}),
+    "gru-reset-before": (Family.GRU, {"reset_after": False}),
 }
 INITS = ("default", "chrono")
 HELD_OUT_SEED_OFFSET = 1_000_003  # held-out data never shares a generator state with training
@@ -85,12 +86,13 @@ def check_run_config(config: RunConfig) -> None:
     check_clipping(clip_norm=config.clip_norm, clip_value=config.clip_value,
                    clip_tensor_norm=config.clip_tensor_norm)
     cell_options(config.cell, config.hidden_size)  # a cell the hidden size cannot build
-    if config.forget_bias and config.init == "chrono" and cell_family(config.cell) == "lstm":
+    if (config.forget_bias and config.init == "chrono"
+            and cell_family(config.cell) == Family.LSTM):
         raise ValueError("--forget-bias and --init chrono both set the LSTM forget-gate bias; "
                          "choose one")
 
 
-def cell_options(cell: str, hidden_size: int) -> tuple[str, dict]:
+def cell_options(cell: str, hidden_size: int) -> tuple[Family, dict]:
     """(family, `make_recurrent` options) of a command-line cell name at ``hidden_size`` units."""
     family, options = CELL_VARIANTS[cell]
     if cell == "lstm-projection":
@@ -101,8 +103,8 @@ def cell_options(cell: str, hidden_size: int) -> tuple[str, dict]:
     return family, options
 
 
-def cell_family(cell: str) -> str:
-    """``rnn``, ``lstm`` or ``gru``: the layer a command-line cell name builds."""
+def cell_family(cell: str) -> Family:
+    """`Family.RNN`, `Family.LSTM` or `Family.GRU`: the layer a command-line cell name builds."""
     return CELL_VARIANTS[cell][0]
 
 
@@ -130,7 +132,7 @@ class MemoryModel(nn.Module):
         self.recurrent = make_recurrent(
             family, inputs, config.hidden_size, 1, init=init,
             chrono_max_length=total_steps if init == "chrono" else None,
-            forget_bias=config.forget_bias if family == "lstm" else 0.0, **options)
+            forget_bias=config.forget_bias if family == Family.LSTM else 0.0, **options)
         self.readout = nn.Linear(options.get("proj_size") or config.hidden_size, outputs)
 
     def encode(self, inputs: Tensor) -> Tensor:
@@ -211,13 +213,13 @@ def flow_by_distance(model: MemoryModel, inputs: Tensor) -> list[float]:
 def effective_init(config: RunConfig) -> str:
     """The ``init`` the run's layer gets: chrono has no meaning for a plain RNN, which keeps the
     default."""
-    return "default" if cell_family(config.cell) == "rnn" else config.init
+    return "default" if cell_family(config.cell) == Family.RNN else config.init
 
 
 def init_label(config: RunConfig) -> str:
     """How the run's recurrent layer is initialised, for tables: `effective_init`, or ``fb=1``
     for the default draw with forget bias 1 (LSTM cells only)."""
-    if config.forget_bias and cell_family(config.cell) == "lstm":
+    if config.forget_bias and cell_family(config.cell) == Family.LSTM:
         return f"fb={config.forget_bias:g}"
     return effective_init(config)
 
