@@ -184,17 +184,19 @@ def test_torch_jit_script_refuses_with_the_alternatives(make):
         assert alternative in str(caught.value)
 
 
-def test_torch_jit_trace_of_the_reference_loop_is_frozen_to_the_example_length():
-    """What torch.jit.trace does today with backend="reference": the per-step Python loop is
-    unrolled, so the traced module reproduces the example it saw and keeps that length for any
-    other input (torch warns with TracerWarnings). This records the limitation; once the engine
-    is a torch.library operator a trace should generalise, and this assertion should flip."""
+@pytest.mark.parametrize("backend", ["auto", "native", "fused", "reference"])
+def test_torch_jit_trace_generalises_to_other_lengths_and_batches(backend, monkeypatch):
+    """torch.jit.trace records the engine's operator as one node, so the traced module runs
+    any length and batch. The reference's Python loop would be unrolled to the example's
+    length: under tracing it runs the fused operator, after one BackendWarning."""
+    monkeypatch.setattr(rnnkit.engine, "_warned", set())  # the warning is once per process
     torch.manual_seed(0)
-    layer = rnnkit.LSTM(3, 4, backend="reference")
-    example, longer = torch.randn(5, 2, 3), torch.randn(7, 2, 3)
+    layer = rnnkit.LSTM(3, 4, backend=backend, peephole=True, bidirectional=True)
+    example, longer = torch.randn(5, 2, 3), torch.randn(7, 6, 3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         traced = torch.jit.trace(layer, (example,))
-    assert any(issubclass(w.category, torch.jit.TracerWarning) for w in caught)
-    torch.testing.assert_close(traced(example)[0], layer(example)[0])
-    assert traced(longer)[0].shape[0] == 5 and layer(longer)[0].shape[0] == 7
+    warned = [w for w in caught if issubclass(w.category, rnnkit.engine.BackendWarning)]
+    assert bool(warned) == (backend == "reference")
+    for x in (example, longer):
+        torch.testing.assert_close(traced(x), layer(x))

@@ -15,7 +15,8 @@ compute; autograd gives torch.nn's shapes and zero gradients); ``"auto"`` runs `
 where it can (CPU, float32/float64 -- or a lower precision under ``torch.autocast``, where the
 operators compute in float32 --, kernels built: it is the fastest there, see
 docs/benchmarks.md) and ``"fused"`` elsewhere; an explicit ``"native"`` that cannot run the input
-runs ``"fused"`` after one warning saying why (a failed build has already warned).
+runs ``"fused"`` after one warning saying why (a failed build has already warned); so does
+``"reference"`` under ``torch.jit.trace``, which would freeze its Python loop to one length.
 
 The environment variable ``RNNKIT_BACKEND`` forces one backend for every layer (for testing and
 benchmarking without touching code).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import torch
 from torch import Tensor
 
 from rnnkit._checks import require_choice
@@ -59,17 +61,28 @@ def engine_for(backend: str, x: Tensor) -> str:
     requested = resolve_backend(backend)
     if x.numel() == 0:
         return "reference"
+    if requested == "reference" and torch.jit.is_tracing():
+        # torch.jit.trace would unroll the reference's Python loop to the example's length
+        # and replay that length for every input: a silently wrong module. The fused
+        # operator is the same math, recorded as one node.
+        _warn_once("backend='reference' is a Python loop over steps, which torch.jit.trace "
+                   "would freeze to the example's length; tracing backend='fused' instead")
+        return "fused"
     if requested in ("reference", "fused"):
         return requested
     why_not = native.why_not(x)
     if why_not is None:
         return "native"
-    if requested == "native" and why_not != native.NOT_BUILT and why_not not in _warned:
-        _warned.add(why_not)
-        warnings.warn(f"rnnkit: backend='native' cannot run this input ({why_not}); running "
-                      f"backend='fused' instead, which gives the same results", BackendWarning,
-                      stacklevel=4)
+    if requested == "native" and why_not != native.NOT_BUILT:
+        _warn_once(f"backend='native' cannot run this input ({why_not}); running "
+                   f"backend='fused' instead, which gives the same results")
     return "fused"
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"rnnkit: {message}", BackendWarning, stacklevel=5)
 
 
 def run_direction(

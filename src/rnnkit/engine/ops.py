@@ -61,8 +61,9 @@ def _plain_eager(x: Tensor, tensors: tuple[_Optional, ...]) -> bool:
     dispatch mode (fake tensors, make_fx), no autocast, and a plain tensor. Each test is one
     C call: a streamed step asks this on every call."""
     return not (
-        (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors))
-        or torch.compiler.is_compiling() or torch.jit.is_tracing()
+        torch.compiler.is_compiling()  # first: dynamo cannot trace the C calls after it
+        or (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors))
+        or torch.jit.is_tracing()
         or torch._C._functorch.maybe_current_level() is not None
         or torch._C._len_torch_dispatch_stack() or torch._C._is_any_autocast_enabled()
         or type(x) is not Tensor
