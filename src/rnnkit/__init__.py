@@ -2,6 +2,7 @@
 
 from rnnkit import diagnostics, tasks  # submodules on the public surface
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell
+from rnnkit.engine.onnx import export_onnx
 from rnnkit.interop import from_torch, to_torch
 from rnnkit.layers import GRU, LSTM, RNN
 
@@ -15,6 +16,7 @@ __all__ = [
     "RNN",
     "RNNCell",
     "diagnostics",
+    "export_onnx",
     "from_torch",
     "tasks",
     "to_torch",

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from rnnkit._checks import require_choice
 from rnnkit.cells import CellKind, CellWeights, State
-from rnnkit.engine import fused, native, reference
+from rnnkit.engine import fused, native, onnx, reference
+from rnnkit.engine.onnx import is_exporting
 
 BACKENDS = ("auto", "native", "fused", "reference")
 ENVIRONMENT_VARIABLE = "RNNKIT_BACKEND"
@@ -57,9 +58,11 @@ def run_direction(
     backend: str = "auto",
 ) -> tuple[Tensor, State]:
     """Run one layer in one direction; the contract is `reference.run_direction`'s."""
+    if is_exporting():  # a tracer cannot see into the engines' kernels: see engine/onnx.py
+        return onnx.run_direction(kind, x, state, weights, lengths, reverse)
     # native runs fused by itself where it cannot run (device, dtype, no compiler).
     module = _ENGINES[resolve_backend(backend)] if x.numel() else reference
     return module.run_direction(kind, x, state, weights, lengths, reverse)
 
 
-__all__ = ["BACKENDS", "resolve_backend", "run_direction"]
+__all__ = ["BACKENDS", "is_exporting", "resolve_backend", "run_direction"]
