@@ -223,3 +223,101 @@ def test_eager_runs_are_unchanged_after_an_export(tmp_path):
     assert not rnnkit.engine.is_exporting()
     after = Flat(layer)(*inputs)
     assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+# ---- rnnkit export CKPT --onnx FILE -------------------------------------------------------
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 20
+
+
+@pytest.fixture
+def lm_checkpoint(tmp_path, monkeypatch):
+    """A 2-layer LSTM language model trained for two steps, saved as `rnnkit lm train` does."""
+    from rnnkit.apps.lm.corpus import Vocabulary
+    from rnnkit.apps.lm.model import ModelConfig
+    from rnnkit.apps.lm.train import TrainConfig, Trainer
+
+    monkeypatch.setenv("RNNKIT_BACKEND", "reference")  # tiny sizes: no kernel build needed
+    vocabulary = Vocabulary.build(TEXT, "char")
+    model = ModelConfig(len(vocabulary), hidden_size=8, embedding_size=4, num_layers=2,
+                        peephole=True)
+    config = TrainConfig(seq_len=10, batch_size=2, steps=2, eval_every=2, checkpoint_every=2)
+    Trainer(model, config, vocabulary, TEXT, tmp_path / "lm.pt").run()
+    return tmp_path / "lm.pt"
+
+
+def test_cli_exports_an_lm_checkpoint_and_checks_it_with_onnxruntime(
+        lm_checkpoint, tmp_path, capsys):
+    from rnnkit.apps.lm.commands import restore
+    from rnnkit.cli import main
+
+    path = tmp_path / "out" / "lm.onnx"
+    assert main(["export", str(lm_checkpoint), "--onnx", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "recurrent layers as ONNX 2 LSTM" in printed
+    reported = [float(v) for v in re.findall(r"(\d\.\d+e[-+]\d+) \((?:logits|h_n|c_n)\)", printed)]
+    assert len(reported) == 3 and max(reported) < 1e-5
+
+    # Independently of the command's own check: the file against the restored model.
+    model, vocabulary, _ = restore(str(lm_checkpoint))
+    model.eval()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "h_n", "c_n"]
+    ids = torch.randint(len(vocabulary), (17, 4), generator=torch.Generator().manual_seed(3))
+    logits, h_n, c_n = session.run(None, {"ids": ids.numpy()})
+    with torch.no_grad():
+        expected_logits, (expected_h, expected_c) = model(ids)
+    assert np.abs(logits - expected_logits.numpy()).max() < TOLERANCE
+    assert np.abs(h_n - expected_h.numpy()).max() < TOLERANCE
+    assert np.abs(c_n - expected_c.numpy()).max() < TOLERANCE
+
+
+def test_cli_exports_a_forecast_checkpoint(tmp_path, capsys, monkeypatch):
+    from dataclasses import asdict
+
+    from rnnkit.apps.forecast.data import DataConfig
+    from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
+    from rnnkit.cli import main
+    from rnnkit.training.checkpoint import save_checkpoint
+
+    monkeypatch.setenv("RNNKIT_BACKEND", "reference")
+    # Saved with the keys `rnnkit forecast train` writes and `forecast.restore` reads.
+    config = ForecastModelConfig(input_size=1, horizon=3, strategy="recursive", cell="gru",
+                                 hidden_size=6, reset_after=False)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "model.pt", "forecast", {
+        "data_config": asdict(DataConfig(dataset="airpassengers")),
+        "model_config": asdict(config), "columns": ["passengers"], "time_column": "month",
+        "scaler": {"mean": [0.0], "scale": [1.0]}, "model": Forecaster(config).state_dict()})
+    assert main(["export", str(tmp_path / "model.pt"), "--onnx", str(tmp_path / "f.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert "forecaster (gru" in printed and "recurrent layers as ONNX 3 GRU" in printed
+    reported = re.search(r"= (\d\.\d+e[-+]\d+) \(forecast\)", printed)
+    assert reported and float(reported.group(1)) < 1e-5
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["export", "{tmp}/missing.pt", "--onnx", "{tmp}/x.onnx"], "does not exist"),
+    (["export", "{ckpt}", "--onnx", "{tmp}"], "--onnx .* is an existing folder"),
+])
+def test_cli_export_errors_are_one_line_exit_1(tmp_path, capsys, arguments, message):
+    from rnnkit.cli import main
+
+    (tmp_path / "lm.pt").write_bytes(b"")  # the output path is checked before it is read
+    argv = [a.format(tmp=tmp_path, ckpt=tmp_path / "lm.pt") for a in arguments]
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and re.search(message, error[0])
+
+
+def test_cli_export_without_the_onnx_packages_names_the_extra(tmp_path, capsys, monkeypatch):
+    from rnnkit.apps import export
+    from rnnkit.cli import main
+
+    monkeypatch.setattr(export.importlib.util, "find_spec",
+                        lambda name: None if name == "onnxruntime" else object())
+    # Said before the checkpoint is read (this one does not exist).
+    assert main(["export", str(tmp_path / "lm.pt"), "--onnx", str(tmp_path / "x.onnx")]) == 1
+    error = capsys.readouterr().err
+    assert "onnxruntime" in error and 'pip install "rnnkit[onnx]"' in error
+    assert not (tmp_path / "x.onnx").exists()
