@@ -191,6 +191,23 @@ def test_the_graph_reads_its_input_never_a_constant(tmp_path, export):
     assert np.abs(output_first - output_second).max() > 1e-2
 
 
+def test_export_onnx_refuses_a_model_whose_code_fixes_a_dynamic_length(tmp_path):
+    # torch.nn.LSTM's own op fixes T under torch.export (torch 2.13); torch.onnx.export would
+    # quietly write a graph that takes only the traced length, export_onnx raises instead.
+    class TorchLSTM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    x = torch.randn(*TRACED, INPUT_SIZE)
+    with pytest.raises(Exception, match="specialized it to be a constant"):
+        rnnkit.export_onnx(TorchLSTM(), (x,), tmp_path / "x.onnx",
+                           dynamic_shapes=({0: torch.export.Dim("T")},))
+
+
 def test_lengths_given_as_a_list_are_refused_when_exporting(tmp_path):
     # A list would be baked into the graph as a constant: every batch would get those lengths.
     class ListLengths(torch.nn.Module):
