@@ -43,7 +43,9 @@ Why three routes:
 - The legacy (TorchScript) exporter traces eagerly and has no loop construct to offer, but it
   translates ``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``/``rnn_relu`` into the ONNX ops:
   the plain variants run through them (a reverse direction on the flipped sequence); the others
-  are refused.
+  are refused. (That exporter passes a ``forward``'s keyword-only parameters positionally, so a
+  layer itself fails there with "forward() takes from 2 to 3 positional arguments"; export a
+  module that calls it, as any model does.)
 
 Use `export_onnx` (``rnnkit.export_onnx``): it also traces with ``torch.export`` first, so a
 model whose code fixes a dynamic dimension fails with torch's constraint message instead of
