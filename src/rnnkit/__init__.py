@@ -2,6 +2,7 @@
 
 from rnnkit import diagnostics, tasks  # submodules on the public surface
 from rnnkit.cells import GRUCell, LSTMCell, RNNCell
+from rnnkit.engine.onnx import export_onnx
 from rnnkit.engine.steps import Family
 from rnnkit.interop import from_keras, from_torch, to_keras, to_torch
 from rnnkit.layers import GRU, LSTM, RNN
@@ -17,6 +18,7 @@ __all__ = [
     "RNN",
     "RNNCell",
     "diagnostics",
+    "export_onnx",
     "from_keras",
     "from_torch",
     "tasks",

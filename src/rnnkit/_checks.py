@@ -167,12 +167,28 @@ def require_shape(name: str, value: Tensor, expected: tuple[int, ...], meaning: 
         )
 
 
-def check_lengths(lengths: object, *, steps: int, batch: int, device: torch.device) -> Tensor:
+def check_lengths(lengths: object, *, steps: int, batch: int, device: torch.device,
+                  symbolic: bool = False) -> Tensor:
     """Validate sequence lengths and return them as an int64 tensor on ``device``.
 
     Accepted: a 1-D dense integer tensor (on any device that holds data, not meta) or a sequence
-    of ints, one per batch entry, each in ``[1, steps]``.
+    of ints, one per batch entry, each in ``[1, steps]``. ``symbolic``: the model is being traced
+    for export, where lengths must be a tensor (a graph input: a list would be baked into the
+    graph as a constant) whose values are not known, so only its form is checked.
     """
+    if symbolic:
+        if not isinstance(lengths, Tensor) or lengths.is_floating_point() or \
+                lengths.is_complex() or lengths.dtype == torch.bool or lengths.dim() != 1:
+            raise TypeError(
+                "lengths must be a 1-D integer tensor when a model is exported (an input of the "
+                f"exported graph), got {describe(lengths)}")
+        matches = lengths.shape[0] == batch
+        if isinstance(matches, Tensor):  # the legacy exporter's tracer gives sizes as tensors
+            matches = bool(matches)
+        torch._check(matches, lambda: (
+            f"lengths must have one entry per sequence in the batch ({batch}), got "
+            f"{lengths.shape[0]}"))
+        return lengths.to(device=device, dtype=torch.int64)
     if isinstance(lengths, Tensor):
         if lengths.layout != torch.strided:
             raise TypeError(

@@ -227,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory_command(commands)
     _add_gradients_command(commands)
 
+    x = commands.add_parser(
+        "export", help="export a checkpoint's model to ONNX, checked with onnxruntime",
+        description="Export the model of an 'rnnkit lm' or 'rnnkit forecast' checkpoint to an "
+        "ONNX file (dynamic sequence length and batch), then run it in onnxruntime on an input "
+        "of another size and print the largest difference from PyTorch. Needs the onnx extra: "
+        'pip install "rnnkit[onnx]".')
+    x.add_argument("checkpoint", metavar="CKPT")
+    x.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
+
     d = commands.add_parser("demo", help="train a character LSTM on built-in prose and sample")
     d.add_argument("--steps", type=_positive, default=DEMO_STEPS,
                    help=f"training steps (default {DEMO_STEPS}, a few minutes on 2 cores)")
@@ -611,6 +620,12 @@ def run_demo(args: argparse.Namespace) -> int:
     return status
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from rnnkit.apps.export import export_checkpoint
+
+    return export_checkpoint(args.checkpoint, args.onnx)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from rnnkit.apps.outputs import output_file
 
@@ -645,7 +660,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"lm": run_lm, "gradients": run_gradients, "memory": run_memory,
-            "forecast": run_forecast, "demo": run_demo, "bench": run_bench}
+            "forecast": run_forecast, "demo": run_demo, "bench": run_bench,
+            "export": run_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -427,10 +427,15 @@ class _RecurrentLayer(nn.Module):
                 f"{name} lengths applies to batched input only; unbatched input (L, H_in) uses "
                 f"all its L steps; got lengths={describe(lengths)}"
             )
-        lengths = check_lengths(lengths, steps=steps, batch=batch, device=x.device)
+        # Traced for ONNX, lengths is a graph input whose values are not known: only its form
+        # is checked, and the full-length shortcut (a branch on those values) is not taken.
+        exporting = engine.is_exporting()
+        lengths = check_lengths(lengths, steps=steps, batch=batch, device=x.device,
+                                symbolic=exporting)
         # Full-length sequences need no masking: the unmasked loop is the same computation.
         # (Not decided while tracing for compile/export: the values are unknown then.)
-        if batch == 0 or (not torch.compiler.is_compiling() and int(lengths.min()) == steps):
+        if not exporting and (batch == 0 or (not torch.compiler.is_compiling()
+                                             and int(lengths.min()) == steps)):
             return x, None, batched
         # Engines compute the steps past a sequence's end and discard them, but a NaN or inf
         # there would still reach the gradients (0 * NaN in the products over all steps). Zeroed

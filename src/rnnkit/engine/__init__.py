@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from rnnkit._checks import require_choice
-from rnnkit.engine import native, ops, reference
+from rnnkit.engine import native, onnx, ops, reference
+from rnnkit.engine.onnx import is_exporting
 from rnnkit.engine.steps import CellKind, CellWeights, State
 
 BACKENDS = ("auto", "native", "fused", "reference")
@@ -95,8 +96,10 @@ def run_direction(
     backend: str = "auto",
 ) -> tuple[Tensor, State]:
     """Run one layer in one direction; the contract is `reference.run_direction`'s."""
+    if is_exporting():  # ONNX: the exporters' own translation (see engine/onnx.py)
+        return onnx.run_direction(kind, x, state, weights, lengths, reverse)
     return _RUNNERS[engine_for(backend, x)](kind, x, state, weights, lengths, reverse)
 
 
-__all__ = ["BACKENDS", "BackendWarning", "engine_for", "resolve_backend", "run_direction",
-]
+__all__ = ["BACKENDS", "BackendWarning", "engine_for", "is_exporting", "resolve_backend",
+           "run_direction"]

@@ -52,6 +52,14 @@ class NonFiniteState(ValueError):
         self.key = key
 
 
+class WrongKind(ValueError):
+    """A checkpoint written by another tool than the one asked for; ``found`` names it."""
+
+    def __init__(self, message: str, found: object) -> None:
+        super().__init__(message)
+        self.found = found
+
+
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (disk full, no permission, ...); the previous file is whole."""
 
@@ -143,9 +151,9 @@ def load_checkpoint(path: str | Path, kind: str) -> dict:
         raise ValueError(f"{str(path)!r} is not an rnnkit checkpoint (a torch file, but not one "
                          f"that 'rnnkit {kind}' wrote)")
     if content.get("kind") != kind:
-        raise ValueError(
+        raise WrongKind(
             f"checkpoint {str(path)!r} was written by 'rnnkit {content.get('kind')}', not "
-            f"'rnnkit {kind}'")
+            f"'rnnkit {kind}'", content.get("kind"))
     if content.get("version") not in READABLE_VERSIONS:
         raise ValueError(
             f"checkpoint {str(path)!r} has format version {content.get('version')!r}; this rnnkit "

@@ -1,0 +1,142 @@
+"""`rnnkit export CKPT --onnx FILE`: a trained model as an ONNX file, checked against PyTorch.
+
+The checkpoint's model (an `rnnkit lm` language model or an `rnnkit forecast` network) is built
+in eval mode and exported by `rnnkit.export_onnx` with its sequence length and batch dynamic;
+onnxruntime then runs the file on a random input of another length and batch than the traced
+one, and the largest difference from PyTorch's output is printed (the command fails, exit 1,
+above `TOLERANCE`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rnnkit.apps.outputs import output_file
+from rnnkit.engine.onnx import INSTALL_HINT, export_onnx
+from rnnkit.errors import EXIT_FAILURE
+from rnnkit.training.checkpoint import WrongKind
+
+REQUIRED_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+TOLERANCE = 1e-4  # float32 through different kernels; measured differences are about 1e-6
+EXPORTABLE = ("lm", "forecast")
+
+
+@dataclass
+class ExportPlan:
+    """What to trace and how to check it, for one checkpoint's model."""
+
+    model: nn.Module  # in eval mode
+    description: str  # for the report line
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple  # torch.export's, one entry per input
+    example: Callable[[int, int], tuple[Tensor, ...]]  # (length, batch) -> inputs
+    traced: tuple[int, int] = (8, 2)  # (length, batch) of the traced example
+    checked: tuple[int, int] = (13, 3)  # another (length, batch), for the onnxruntime check
+
+
+def plan_export(checkpoint: str) -> ExportPlan:
+    """The model of an `rnnkit lm` or `rnnkit forecast` checkpoint, with its inputs' shapes;
+    ``ValueError`` naming the file when it is neither or does not load."""
+    from rnnkit.apps.forecast import commands as forecast
+    from rnnkit.apps.lm import commands as lm
+
+    length, batch = torch.export.Dim("length"), torch.export.Dim("batch")
+    try:
+        model, vocabulary, _ = lm.restore(checkpoint)
+    except WrongKind as error:
+        if error.found != "forecast":
+            raise ValueError(
+                f"checkpoint {checkpoint!r} was written by 'rnnkit {error.found}'; rnnkit export "
+                f"reads the checkpoints of {' and '.join(f'rnnkit {k}' for k in EXPORTABLE)}"
+            ) from None
+    else:
+        config = model.config
+        if config.backend == "torch.nn":
+            raise ValueError(
+                f"checkpoint {checkpoint!r} holds a torch.nn {config.cell.upper()} (backend "
+                "'torch.nn', for comparisons), which torch's exporter ties to the traced length; "
+                "rnnkit export exports models trained on an rnnkit backend")
+        vocabulary_size = len(vocabulary)
+        state = ["h_n", "c_n"] if config.cell == "lstm" else ["h_n"]
+        return ExportPlan(
+            model.eval(),
+            f"language model ({config.cell}, {config.num_layers} layer(s) of "
+            f"{config.hidden_size}, vocabulary {vocabulary_size})",
+            ["ids"], ["logits", *state], ({0: length, 1: batch},),
+            lambda steps, rows: (torch.randint(vocabulary_size, (steps, rows)),))
+    model, _, _ = forecast.restore(checkpoint)  # in eval mode
+    config = model.config
+    # A recursive forecast slides the window by one step (window[:, 1:]), which torch.export
+    # traces for windows of 3 steps or more.
+    length = torch.export.Dim("length", min=3)
+    return ExportPlan(
+        model, f"forecaster ({config.cell}, {config.num_layers} layer(s) of {config.hidden_size}, "
+        f"{config.strategy}, horizon {config.horizon})",
+        ["window"], ["forecast"], ({0: batch, 1: length},),
+        lambda steps, rows: (torch.randn(rows, steps, config.input_size),))
+
+
+def missing_packages() -> list[str]:
+    return [name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def recurrent_nodes(path: str) -> dict[str, int]:
+    """How many ONNX recurrent nodes (LSTM, GRU, RNN) and Scan loops the file's graph holds."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(path).graph.node:
+        if node.op_type in ("LSTM", "GRU", "RNN", "Scan"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def onnxruntime_differences(path: str, plan: ExportPlan, inputs: tuple[Tensor, ...]
+                            ) -> dict[str, float]:
+    """Max |onnxruntime - PyTorch| per output of the model on ``inputs``."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feeds = {name: tensor.numpy() for name, tensor in zip(plan.input_names, inputs, strict=True)}
+    results = session.run(plan.output_names, feeds)
+    with torch.no_grad():
+        expected = torch.utils._pytree.tree_leaves(plan.model(*inputs))
+    return {name: float(abs(torch.from_numpy(result) - value).max())
+            for name, result, value in zip(plan.output_names, results, expected, strict=True)}
+
+
+def export_checkpoint(checkpoint: str, onnx_path: str) -> int:
+    """Export ``checkpoint``'s model to ``onnx_path`` and check it with onnxruntime."""
+    output_file(onnx_path, "--onnx")  # before the checkpoint is read
+    missing = missing_packages()
+    if missing:
+        print(f"rnnkit export: error: ONNX export needs {', '.join(missing)}, not installed; "
+              f"install the onnx extra: {INSTALL_HINT}", file=sys.stderr)
+        return EXIT_FAILURE
+    plan = plan_export(checkpoint)
+    torch.manual_seed(0)  # the same random inputs on every run
+    export_onnx(plan.model, plan.example(*plan.traced), onnx_path,
+                dynamic_shapes=plan.dynamic_shapes, input_names=plan.input_names,
+                output_names=plan.output_names)
+    nodes = ", ".join(f"{count} {op}" for op, count in recurrent_nodes(onnx_path).items())
+    print(f"wrote {onnx_path}: {plan.description}; recurrent layers as ONNX {nodes}; inputs "
+          f"{', '.join(plan.input_names)} with dynamic length and batch")
+    steps, rows = plan.checked
+    differences = onnxruntime_differences(onnx_path, plan, plan.example(steps, rows))
+    worst = max(differences.values())
+    print(f"onnxruntime check at length {steps}, batch {rows} (traced at length "
+          f"{plan.traced[0]}, batch {plan.traced[1]}): max |onnxruntime - torch| = "
+          + ", ".join(f"{value:.2e} ({name})" for name, value in differences.items()))
+    if not worst <= TOLERANCE:  # also a NaN
+        print(f"rnnkit export: error: onnxruntime differs from PyTorch by {worst:.2e}, more than "
+              f"{TOLERANCE:.0e}; the file {onnx_path!r} is not a faithful export",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
