@@ -256,10 +256,13 @@ class _RecurrentLayer(nn.Module):
         self,
         input: Tensor | PackedSequence,
         hx: State | None = None,
-        *,
         lengths: Tensor | list[int] | None = None,
     ):
-        """Run the stack; see the class docstring for shapes."""
+        """Run the stack; see the class docstring for shapes.
+
+        ``lengths`` may be passed by position too (third, after ``hx``): tracers such as the
+        legacy ONNX exporter hand every argument over positionally.
+        """
         if precision.autocasting(self.weight_ih_l0):  # float32 under autocast (engine/precision)
             param = self.weight_ih_l0
             with torch.autocast(param.device.type, enabled=False):
@@ -555,7 +558,7 @@ def _repack(output: Tensor, packed_input: PackedSequence, lengths: Tensor) -> Pa
 
 
 _LAYER_SHAPES = """
-    Inputs: ``input, hx`` (optional), keyword ``lengths`` (optional)
+    Inputs: ``input, hx`` (optional), ``lengths`` (optional; by keyword, or third by position)
         - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first=True``, unbatched
           ``(L, H_in)``, or a ``PackedSequence`` (then the output is packed too).
         - **lengths**: ``(N,)`` integer tensor (any device) or list of ints in ``[1, L]``, any
