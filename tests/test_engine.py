@@ -54,13 +54,14 @@ def with_backend(layer, backend):
 def operator_of(tensor):
     """The rnnkit operator whose autograd node produced ``tensor`` (through views), or None.
 
-    Its node is named after the operator (``rnnkit::native_lstm`` ->
-    ``GeneratedBackwardFor_rnnkit_native_lstm_defaultBackward``).
+    Its node is named after the operator (``rnnkit::native_lstm`` -> ``rnnkit_native_lstmBackward``
+    from the layers, ``GeneratedBackwardFor_rnnkit_native_lstm_defaultBackward`` from
+    ``torch.ops.rnnkit.native_lstm`` directly).
     """
     nodes = [tensor.grad_fn]
     for _ in range(4):  # a view or two (the output of a native op is a slice of its states)
         for node in nodes:
-            match = re.search(r"rnnkit_(\w+?)_default", type(node).__name__)
+            match = re.search(r"rnnkit_((?:native|fused)_(?:rnn|lstm|gru))", type(node).__name__)
             if match:
                 return match.group(1)
         nodes = [n for node in nodes for n, _ in node.next_functions if n is not None]
@@ -289,3 +290,31 @@ def test_cells_run_on_the_engines():
     expected, _ = cell(x)
     assert operator_of(expected) is None
     torch.testing.assert_close(h, expected)
+
+
+def test_explicit_native_that_cannot_run_the_input_warns_once_and_runs_fused(monkeypatch):
+    monkeypatch.setattr(engine, "_warned", set())
+    layer = with_backend(make_layer("gru_reset_before", torch.bfloat16), "native")
+    x = torch.randn(STEPS, 2, INPUT, dtype=torch.bfloat16)
+    with pytest.warns(engine.BackendWarning, match=r"backend='native' cannot run this input \(the kernels are for float32 and float64, the input is torch.bfloat16\); running backend='fused'"):
+        output, _ = layer(x)
+    assert operator_of(output) == "fused_gru"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per reason and process
+        layer(x)
+    # "auto" picks fused for such input without a word: that is its policy.
+    monkeypatch.setattr(engine, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_backend(layer, "auto")(x)
+
+
+def test_engine_for_states_the_policy():
+    x = torch.randn(STEPS, 2, INPUT)
+    assert engine.engine_for("auto", x) == "native"
+    assert engine.engine_for("fused", x) == "fused"
+    assert engine.engine_for("reference", x) == "reference"
+    assert engine.engine_for("native", x[:, :0]) == "reference"  # nothing to compute
+    assert engine.engine_for("auto", x.bfloat16()) == "fused"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the operators compute in float32
+        assert engine.engine_for("auto", x.bfloat16()) == "native"

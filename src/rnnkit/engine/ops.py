@@ -471,7 +471,7 @@ def _autograd(op, setup, backward, native_layout: bool) -> type[torch.autograd.F
 
     op.register_autograd(formula, setup_context=setup_context)
     name = op._name.split("::")[-1]
-    return type(f"{name}_function", (torch.autograd.Function,), {
+    return type(f"rnnkit_{name}", (torch.autograd.Function,), {
         "__doc__": f"``{op._name}`` with its autograd formula, for torch.func as well.",
         "generate_vmap_rule": True,
         # Through torch.ops (not the closure's CustomOpDef), which dynamo knows how to trace.
