@@ -287,6 +287,22 @@ def test_func_grad_and_vmap_equal_reference(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_func_jacrev_equals_reference(backend):
+    # jacrev: vmap over the backward; the Jacobian of the final state by the input sequence.
+    layer = make_layer("gru_reset_before_bi", backend, torch.float64)
+    reference = make_layer("gru_reset_before_bi", "reference", torch.float64)
+    x, _ = sequences(layer, 4, 2, torch.float64)
+
+    def final_state(module):
+        return lambda inputs: module(inputs)[1]
+
+    jacobian = torch.func.jacrev(final_state(layer))(x)
+    assert jacobian.shape == (2, 2, HIDDEN, 4, 2, INPUT)
+    torch.testing.assert_close(jacobian, torch.func.jacrev(final_state(reference))(x),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_func_per_sample_gradients(backend):
     # vmap(grad(...)): per-sample gradients, the torch.func recipe.
     layer = make_layer("lstm", backend, torch.float64)

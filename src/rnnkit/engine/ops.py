@@ -99,33 +99,42 @@ def _summed_bias_grad(has_bias: bool, d_pre: Tensor) -> _Optional:
     return d_pre.sum((0, 1)) if has_bias else None
 
 
-def _differentiable_backward(ctx, kind: CellKind, grads: tuple[Tensor, ...]) -> tuple:
+def _differentiable_backward(ctx, order: tuple[_Optional, ...], grads: tuple[Tensor, ...]
+                             ) -> tuple:
     """The vector-Jacobian product through the reference loop, itself differentiable.
 
-    Used when the backward is recorded (``create_graph=True``): the hand-derived backward
-    operators have no derivative of their own, and the reference is the spec.
+    Used when the backward is recorded (``create_graph=True``: double backward, and every
+    torch.func transform): the hand-derived backward operators have no derivative of their own,
+    and the reference is the spec. ``order`` is the operator's tensor inputs in its argument
+    order, from ``ctx.saved_tensors`` (which torch.func re-wraps at its transform's level). The
+    product is taken with ``torch.func.vjp``, which composes both with torch.func's levels and
+    with autograd recording around it (``torch.autograd.grad`` would not see the former).
     """
-    inputs = ctx.saved_inputs
-    x, state, weights = inputs["x"], inputs["state"], inputs["weights"]
-    with torch.enable_grad():
-        output, final = reference.run_direction(kind, x, state, weights, inputs["lengths"],
-                                                inputs["reverse"])
-        outputs = [output, *(final if isinstance(final, tuple) else (final,))]
-        order = inputs["order"]  # the operator's tensor inputs, in its argument order
-        wanted = [t for t, need in zip(order, ctx.needs_input_grad, strict=False)
-                  if t is not None and need and t.requires_grad]
-        found = torch.autograd.grad(outputs, wanted, grads, create_graph=True,
-                                    allow_unused=True, materialize_grads=True)
-    by_id = {id(t): g for t, g in zip(wanted, found, strict=True)}
-    return tuple(by_id.get(id(t)) if t is not None else None for t in order)
+    wanted = [index for index, (t, need) in enumerate(zip(order, ctx.needs_input_grad,
+                                                          strict=False))
+              if t is not None and need]
+
+    def outputs_of(*chosen):
+        tensors = list(order)
+        for index, tensor in zip(wanted, chosen, strict=True):
+            tensors[index] = tensor
+        x, state, weights = _reference_arguments(ctx.kind, tensors)
+        output, final = reference.run_direction(ctx.kind, x, state, weights, ctx.lengths,
+                                                ctx.reverse)
+        return (output, *(final if isinstance(final, tuple) else (final,)))
+
+    _, vjp = torch.func.vjp(outputs_of, *(order[index] for index in wanted))
+    found = dict(zip(wanted, vjp(tuple(grads)), strict=True))
+    return tuple(found.get(index) for index in range(len(order)))
 
 
-def _save_inputs(ctx, kind: CellKind, order: list[_Optional], x, state, weights, lengths,
-                 reverse) -> None:
-    """Keep what the differentiable backward re-runs (only read when create_graph is on)."""
-    ctx.saved_inputs = {"x": x, "state": state, "weights": weights, "lengths": lengths,
-                        "reverse": reverse, "order": order}
-    ctx.kind = kind
+def _reference_arguments(kind: CellKind, tensors: list[_Optional]):
+    """(x, state, weights) from an operator's tensor inputs in argument order."""
+    if kind.family == Family.LSTM:
+        x, h0, c0, *weights = tensors
+        return x, (h0, c0), CellWeights(*weights)
+    x, h0, *weights = tensors
+    return x, h0, CellWeights(*weights)
 
 
 # ---- registration ------------------------------------------------------------------------------
@@ -216,15 +225,15 @@ def _rnn_setup(ctx, inputs, output, native_layout: bool):
     else:
         _, _, raw, h_prev = output
         states = None
-    ctx.save_for_backward(x, w_ih, w_hh, raw, h_prev, states, lengths)
+    # The operator's tensor inputs first (the differentiable backward re-runs them), then what
+    # the hand-derived backward reads.
+    ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, raw, h_prev, states, lengths)
     ctx.reverse, ctx.relu, ctx.has_bias = reverse, relu, b_ih is not None
-    kind = CellKind("rnn", "relu" if relu else "tanh")
-    _save_inputs(ctx, kind, [x, h0, w_ih, w_hh, b_ih, b_hh], x, h0,
-                 CellWeights(w_ih, w_hh, b_ih, b_hh), lengths, reverse)
+    ctx.kind, ctx.lengths = CellKind("rnn", "relu" if relu else "tanh"), lengths
 
 
 def _rnn_backward(ctx, grads, native_layout: bool):
-    x, w_ih, w_hh, raw, h_prev, states, lengths = ctx.saved_tensors
+    x, h0, w_ih, w_hh, b_ih, b_hh, raw, h_prev, states, lengths = ctx.saved_tensors
     if native_layout:
         d_states, d_own_output, d_h_n, _ = grads
         d_output = _native_output_grad(d_states, d_own_output, states, lengths, ctx.reverse)
@@ -233,7 +242,8 @@ def _rnn_backward(ctx, grads, native_layout: bool):
         d_output = _or_zeros(d_output, raw)
     d_h_n = _or_zeros(d_h_n, h_prev[0])
     if torch.is_grad_enabled():
-        return (*_differentiable_backward(ctx, ctx.kind, (d_output, d_h_n)), None, None, None)
+        return (*_differentiable_backward(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh),
+                                          (d_output, d_h_n)), None, None, None)
     backward = native_rnn_backward if native_layout else fused_rnn_backward
     d_pre, d_h0 = backward(d_output, d_h_n, raw, w_hh, lengths, ctx.reverse, ctx.relu)
     d_x, d_w_ih = input_side_grads(ctx, d_pre, x, w_ih, 0, 2)
@@ -317,16 +327,15 @@ def _lstm_setup(ctx, inputs, output, native_layout: bool):
     else:
         _, _, _, gates, c_raw, c_prev, h_prev, m = output
         h_states = c_states = None
-    ctx.save_for_backward(x, w_ih, w_hh, w_hr, w_ch, gates, c_raw, c_prev, h_prev, m,
-                          h_states, c_states, lengths)
-    ctx.reverse, ctx.has_bias = reverse, b_ih is not None
-    _save_inputs(ctx, CellKind("lstm"), [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch], x,
-                 (h0, c0), CellWeights(w_ih, w_hh, b_ih, b_hh, w_hr, w_ch), lengths, reverse)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, gates, c_raw, c_prev,
+                          h_prev, m, h_states, c_states, lengths)
+    ctx.reverse, ctx.has_bias, ctx.kind = reverse, b_ih is not None, CellKind("lstm")
+    ctx.lengths = lengths
 
 
 def _lstm_backward(ctx, grads, native_layout: bool):
-    (x, w_ih, w_hh, w_hr, w_ch, gates, c_raw, c_prev, h_prev, m, h_states, c_states,
-     lengths) = ctx.saved_tensors
+    (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, gates, c_raw, c_prev, h_prev, m, h_states,
+     c_states, lengths) = ctx.saved_tensors
     if native_layout:
         d_h_states, _, d_own_output, d_h_n, d_c_n = grads[:5]
         d_output = _native_output_grad(d_h_states, d_own_output, h_states, lengths,
@@ -336,7 +345,8 @@ def _lstm_backward(ctx, grads, native_layout: bool):
         d_output = _or_zeros(d_output, h_prev)
     d_h_n, d_c_n = _or_zeros(d_h_n, h_prev[0]), _or_zeros(d_c_n, c_prev[0])
     if torch.is_grad_enabled():
-        return (*_differentiable_backward(ctx, ctx.kind, (d_output, d_h_n, d_c_n)), None, None)
+        return (*_differentiable_backward(ctx, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch),
+                                          (d_output, d_h_n, d_c_n)), None, None)
     if native_layout:
         d_gates, d_h0, d_c0, d_w_hr = native_lstm_backward(
             d_output, d_h_n, d_c_n, gates, c_states, c_raw, w_hh, w_hr, w_ch, lengths,
@@ -417,14 +427,14 @@ def _gru_setup(ctx, inputs, output, native_layout: bool):
     else:
         _, _, gates, h_prev, n_input = output
         states = None
-    ctx.save_for_backward(x, w_ih, w_hh, gates, h_prev, n_input, states, lengths)
+    ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, h_prev, n_input, states,
+                          lengths)
     ctx.reverse, ctx.reset_after, ctx.has_bias = reverse, reset_after, b_ih is not None
-    _save_inputs(ctx, CellKind("gru", reset_after=reset_after), [x, h0, w_ih, w_hh, b_ih, b_hh],
-                 x, h0, CellWeights(w_ih, w_hh, b_ih, b_hh), lengths, reverse)
+    ctx.kind, ctx.lengths = CellKind("gru", reset_after=reset_after), lengths
 
 
 def _gru_backward(ctx, grads, native_layout: bool):
-    x, w_ih, w_hh, gates, h_prev, n_input, states, lengths = ctx.saved_tensors
+    x, h0, w_ih, w_hh, b_ih, b_hh, gates, h_prev, n_input, states, lengths = ctx.saved_tensors
     if native_layout:
         d_states, d_own_output, d_h_n = grads[:3]
         d_output = _native_output_grad(d_states, d_own_output, states, lengths, ctx.reverse)
@@ -433,7 +443,8 @@ def _gru_backward(ctx, grads, native_layout: bool):
         d_output = _or_zeros(d_output, h_prev)
     d_h_n = _or_zeros(d_h_n, h_prev[0])
     if torch.is_grad_enabled():
-        return (*_differentiable_backward(ctx, ctx.kind, (d_output, d_h_n)), None, None, None)
+        return (*_differentiable_backward(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh),
+                                          (d_output, d_h_n)), None, None, None)
     backward = native_gru_backward if native_layout else fused_gru_backward
     saved_states = states if native_layout else h_prev
     d_x_gates, d_hn, d_h0 = backward(d_output, d_h_n, gates, saved_states, n_input, w_hh,
