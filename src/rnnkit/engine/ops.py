@@ -478,6 +478,9 @@ def _autograd(op, setup, backward, native_layout: bool) -> type[torch.autograd.F
         return backward(ctx, grads, native_layout)
 
     def setup_context(ctx, inputs, output):
+        # The intermediates are outputs that nothing downstream uses: materialising their
+        # (absent) gradients would allocate zeros of every saved buffer, (T, N, 4H) included.
+        ctx.set_materialize_grads(False)
         setup(ctx, inputs, output, native_layout)
 
     op.register_autograd(formula, setup_context=setup_context)
