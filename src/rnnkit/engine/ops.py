@@ -55,7 +55,7 @@ _Optional = Tensor | None
 
 # ---- the eager shortcut ------------------------------------------------------------------------
 
-def _plain_eager(x: Tensor, tensors: tuple[_Optional, ...]) -> bool:
+def _plain_eager(x: Tensor, *tensors: _Optional) -> bool:
     """True when calling an implementation directly is the same as calling its operator: no
     gradient to record, no compiler or tracer, no torch.func transform (its level), no
     dispatch mode (fake tensors, make_fx), no autocast, and a plain tensor. Each test is one
@@ -516,21 +516,6 @@ for _op, _fake in (
 
 # ---- the engines' calling convention -----------------------------------------------------------
 
-_IMPLEMENTATIONS = {
-    fused_rnn: fused.rnn_forward, fused_lstm: fused.lstm_forward, fused_gru: fused.gru_forward,
-    native_rnn: native.rnn_forward, native_lstm: native.lstm_forward,
-    native_gru: native.gru_forward,
-}
-
-
-def _call(op, x: Tensor, *arguments):
-    """``op(x, *arguments)`` with autograd, or its implementation directly where that is the
-    same thing (see the module docstring)."""
-    if _plain_eager(x, (x, *(a for a in arguments if isinstance(a, Tensor)))):
-        return _IMPLEMENTATIONS[op](x, *arguments)
-    return _FUNCTIONS[op].apply(x, *arguments)
-
-
 def _lengths(lengths: _Optional) -> _Optional:
     return None if lengths is None else lengths.to(torch.int64)
 
@@ -541,37 +526,47 @@ def run_fused(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
     w, lengths = weights, _lengths(lengths)
     if kind.family == Family.LSTM:
         h0, c0 = state  # type: ignore[misc]
-        output, h_n, c_n, *_ = _call(fused_lstm, x, h0, c0, w.weight_ih, w.weight_hh,
-                                     w.bias_ih, w.bias_hh, w.weight_hr, w.weight_ch, lengths,
-                                     reverse)
+        arguments = (x, h0, c0, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, w.weight_hr,
+                     w.weight_ch, lengths, reverse)
+        eager = _plain_eager(x, *arguments[:10])
+        output, h_n, c_n, *_ = (fused.lstm_forward(*arguments) if eager
+                                else _FUNCTIONS[fused_lstm].apply(*arguments))
         return output, (h_n, c_n)
-    if kind.family == Family.GRU:
-        output, h_n, *_ = _call(fused_gru, x, state, w.weight_ih, w.weight_hh, w.bias_ih,
-                                w.bias_hh, lengths, reverse, kind.reset_after)
-        return output, h_n
-    output, h_n, *_ = _call(fused_rnn, x, state, w.weight_ih, w.weight_hh, w.bias_ih,
-                            w.bias_hh, lengths, reverse, kind.nonlinearity == "relu")
+    switch = kind.reset_after if kind.family == Family.GRU else kind.nonlinearity == "relu"
+    arguments = (x, state, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, lengths, reverse,
+                 switch)
+    implementation, op = ((fused.gru_forward, fused_gru) if kind.family == Family.GRU
+                          else (fused.rnn_forward, fused_rnn))
+    eager = _plain_eager(x, *arguments[:7])
+    output, h_n, *_ = implementation(*arguments) if eager else _FUNCTIONS[op].apply(*arguments)
     return output, h_n
 
 
 def run_native(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                lengths: _Optional, reverse: bool) -> tuple[Tensor, State]:
-    """The native operators (CPU, float32/float64, kernels built); same contract."""
+    """The native operators (CPU, float32/float64, kernels built); same contract.
+
+    In the eager shortcut the implementation returns the layer's outputs alone (the output a
+    view of the states buffer): a streamed step pays for nothing else.
+    """
     w, lengths = weights, _lengths(lengths)
     if kind.family == Family.LSTM:
         h0, c0 = state  # type: ignore[misc]
-        h_states, _, output, h_n, c_n, _, _ = _call(
-            native_lstm, x, h0, c0, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
-            w.weight_hr, w.weight_ch, lengths, reverse)
+        arguments = (x, h0, c0, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, w.weight_hr,
+                     w.weight_ch, lengths, reverse)
+        if _plain_eager(x, *arguments[:10]):
+            output, h_n, c_n = native.lstm_forward(*arguments, layer_outputs_only=True)
+            return output, (h_n, c_n)
+        h_states, _, output, h_n, c_n, _, _ = _FUNCTIONS[native_lstm].apply(*arguments)
         return _native_output(output, h_states, lengths, reverse), (h_n, c_n)
-    if kind.family == Family.GRU:
-        states, output, h_n, _, _ = _call(native_gru, x, state, w.weight_ih, w.weight_hh,
-                                          w.bias_ih, w.bias_hh, lengths, reverse,
-                                          kind.reset_after)
-    else:
-        states, output, h_n, _ = _call(native_rnn, x, state, w.weight_ih, w.weight_hh,
-                                       w.bias_ih, w.bias_hh, lengths, reverse,
-                                       kind.nonlinearity == "relu")
+    switch = kind.reset_after if kind.family == Family.GRU else kind.nonlinearity == "relu"
+    arguments = (x, state, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, lengths, reverse,
+                 switch)
+    implementation, op = ((native.gru_forward, native_gru) if kind.family == Family.GRU
+                          else (native.rnn_forward, native_rnn))
+    if _plain_eager(x, *arguments[:7]):
+        return implementation(*arguments, layer_outputs_only=True)
+    states, output, h_n, *_ = _FUNCTIONS[op].apply(*arguments)
     return _native_output(output, states, lengths, reverse), h_n
 
 

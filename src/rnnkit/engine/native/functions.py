@@ -59,14 +59,18 @@ def _own_output(output: Tensor, lengths: Tensor | None) -> Tensor:
     return output if lengths is not None else output.new_empty(0)
 
 
-def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse: bool, relu: bool):
+def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse: bool, relu: bool,
+                layer_outputs_only: bool = False):
     """h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh). Returns ``states (T + 1, N, H)``,
     ``output (T, N, H)`` (empty without lengths), ``h_n (N, H)``, ``raw (T, N, H)`` (each
-    step's act(...), which the backward reads)."""
+    step's act(...), which the backward reads); with ``layer_outputs_only`` (nothing to
+    differentiate), ``output, h_n`` alone, the output a view of the states buffer."""
     kernels = _kernels()
     pre = _project(kernels, x, w_ih, b_ih, b_hh)  # (T, N, H), activated by the kernel
     output, states = kernels.rnn_forward(pre, h0.contiguous(), w_hh.contiguous(),
                                          _contiguous(lengths), reverse, relu)
+    if layer_outputs_only:
+        return output, _final(states, reverse)
     return states, _own_output(output, lengths), _final(states, reverse), pre
 
 
@@ -77,17 +81,21 @@ def rnn_backward(d_output, d_h_n, raw, w_hh, lengths, reverse: bool, relu: bool)
     return d_pre, d_h0
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse: bool):
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse: bool,
+                 layer_outputs_only: bool = False):
     """The spec's LSTM with optional peephole (w_ch) and projection (w_hr). Returns
     ``h_states (T + 1, N, P)``, ``c_states (T + 1, N, H)``, ``output (T, N, P)`` (empty
     without lengths), ``h_n (N, P)``, ``c_n (N, H)``, ``gates (T, N, 4H)`` activated and
-    ``c_new (T, N, H)``, each step's new cell."""
+    ``c_new (T, N, H)``, each step's new cell; with ``layer_outputs_only``, ``output, h_n,
+    c_n`` alone."""
     kernels = _kernels()
     gates = _project(kernels, x, w_ih, b_ih, b_hh)  # (T, N, 4H), activated by the kernel
     output, h_states, c_states, c_new = kernels.lstm_forward(
         gates, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), _contiguous(w_hr),
         _contiguous(w_ch), _contiguous(lengths), reverse,
     )
+    if layer_outputs_only:
+        return output, _final(h_states, reverse), _final(c_states, reverse)
     return (h_states, c_states, _own_output(output, lengths), _final(h_states, reverse),
             _final(c_states, reverse), gates, c_new)
 
@@ -103,10 +111,12 @@ def lstm_backward(d_output, d_h_n, d_c_n, gates, c_states, c_new, w_hh, w_hr, w_
     return d_gates, d_h0, d_c0, d_w_hr if w_hr is not None else d_gates.new_empty(0)
 
 
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse: bool, reset_after: bool):
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse: bool, reset_after: bool,
+                layer_outputs_only: bool = False):
     """The spec's GRU. Returns ``states (T + 1, N, H)``, ``output (T, N, H)`` (empty without
     lengths), ``h_n (N, H)``, ``gates (T, N, 3H)`` activated (r | z | n) and ``n_input
-    (T, N, H)``: what r multiplies, ``W_hn h + b_hn`` (reset after) or ``r ⊙ h`` (before)."""
+    (T, N, H)``: what r multiplies, ``W_hn h + b_hn`` (reset after) or ``r ⊙ h`` (before);
+    with ``layer_outputs_only``, ``output, h_n`` alone."""
     kernels = _kernels()
     # Reset before W_hn: every recurrent bias sits outside r's product and folds into b_ih.
     # Reset after: b_hn is multiplied by r, so the recurrent biases stay in the loop.
@@ -115,6 +125,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse: bool, reset_aft
         gates, h0.contiguous(), w_hh.contiguous(), _contiguous(b_hh) if reset_after else None,
         _contiguous(lengths), reverse, reset_after,
     )
+    if layer_outputs_only:
+        return output, _final(states, reverse)
     return states, _own_output(output, lengths), _final(states, reverse), gates, n_input
 
 
