@@ -166,7 +166,8 @@ class _CellBase(nn.Module):
         """One step. Shapes in the class docstring; unbatched (1-D) input gives unbatched state."""
         name = type(self).__name__
         param = self.weight_ih
-        if precision.autocasting(param):  # float32 under autocast (rnnkit.engine.precision)
+        # float32 under autocast (engine/precision.py); the C call first: a streamed step asks
+        if torch._C._is_any_autocast_enabled() and precision.autocasting(param):
             with torch.autocast(param.device.type, enabled=False):
                 return self.forward(precision.to_parameter_dtype(input, param),
                                     precision.to_parameter_dtype(hx, param))

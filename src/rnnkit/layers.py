@@ -263,7 +263,8 @@ class _RecurrentLayer(nn.Module):
         ``lengths`` may be passed by position too (third, after ``hx``): tracers such as the
         legacy ONNX exporter hand every argument over positionally.
         """
-        if precision.autocasting(self.weight_ih_l0):  # float32 under autocast (engine/precision)
+        # float32 under autocast (engine/precision.py); the C call first: a streamed step asks
+        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih_l0):
             param = self.weight_ih_l0
             with torch.autocast(param.device.type, enabled=False):
                 return self.forward(precision.to_parameter_dtype(input, param),
