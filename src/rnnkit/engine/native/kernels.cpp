@@ -1,10 +1,11 @@
 // rnnkit native CPU kernels: the whole time loop of one layer direction, forward and backward.
 //
-// Python (functions.py) computes the input projection of all steps in one product before the
-// forward, and every weight gradient as one product over all steps after the backward; what is
-// left, and what lives here, is the part that must go step by step: per step one matrix product
-// with the recurrent weights (ATen's BLAS) and one pass of gate math over the batch, vectorised
-// with ATen's `Vectorized` and parallel over rows of the batch.
+// Python (functions.py, the rnnkit::native_* operators' implementations) computes the input
+// projection of all steps in one product before the forward, and every weight gradient as one
+// product over all steps after the backward (ops.py); what is left, and what lives here, is the
+// part that must go step by step: per step one matrix product with the recurrent weights (ATen's
+// BLAS) and one pass of gate math over the batch, vectorised with ATen's `Vectorized` and
+// parallel over rows of the batch.
 //
 // Conventions shared by every kernel:
 // - time-major buffers (T, N, ...), contiguous;
@@ -160,7 +161,7 @@ inline void zero_row(T* dst, int64_t units) {
   std::fill(dst, dst + units, T(0));
 }
 
-// The kernels run inside an autograd.Function's forward or backward: nothing they do is
+// The kernels run inside the rnnkit::native_* operators (below autograd): nothing they do is
 // recorded, so their ATen calls skip the autograd and view-tracking layers of the dispatcher
 // (a third of a step's time at batch 1 otherwise).
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
