@@ -157,6 +157,23 @@ def test_compile_fullgraph_equals_eager(name, backend):
                         [(5, 3), (8, 6)])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["lstm_peephole_proj_bi", "gru", "rnn_relu_bi"])
+def test_compiled_inference_equals_eager(name, backend):
+    # Nothing to differentiate (no_grad, inference_mode, frozen weights): the graph holds the
+    # bare operator (dynamo cannot trace an autograd.Function with nothing to record).
+    layer = make_layer(name, backend)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    x, lengths = sequences(layer, 7, 3)
+    expected = layer(x, lengths=lengths)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, lengths=lengths), expected)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x, lengths=lengths), expected)
+    layer.requires_grad_(False)
+    torch.testing.assert_close(compiled(x, lengths=lengths), expected)
+
+
 def test_compile_with_inductor_equals_eager():
     layer = make_layer("lstm_peephole_proj_bi", "auto")
     head = torch.nn.Linear(2 * layer.output_size, 1)
@@ -318,6 +335,20 @@ def test_func_per_sample_gradients(backend):
         one = grad(sample_loss)(params, x[:, n])
         for key in params:
             torch.testing.assert_close(per_sample[key][n], one[key])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_is_refused_and_the_reference_has_it(backend):
+    # The operators have no jvp rule (dynamo refuses a Function that defines one, even one
+    # that only raises), so forward mode is refused by autograd itself; README says to use the
+    # reference engine, or reverse mode.
+    layer = make_layer("gru", backend, torch.float64)
+    x, _ = sequences(layer, 4, 2, torch.float64)
+    with pytest.raises(NotImplementedError, match=r"implement the jvp function .* forward mode AD"):
+        torch.func.jacfwd(lambda inputs: layer(inputs)[0].sum())(x)
+    reference = make_layer("gru", "reference", torch.float64)
+    forward = torch.func.jacfwd(lambda inputs: reference(inputs)[0].sum())(x)
+    torch.testing.assert_close(forward, torch.func.jacrev(lambda i: layer(i)[0].sum())(x))
 
 
 # ---- double backward ---------------------------------------------------------------------------

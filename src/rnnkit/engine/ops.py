@@ -70,6 +70,17 @@ def _plain_eager(x: Tensor, *tensors: _Optional) -> bool:
     )
 
 
+def _apply(op, *arguments):
+    """The operator with its autograd formula (through its autograd.Function) when a gradient is
+    to be recorded, else the bare operator: dynamo cannot trace an autograd.Function that has
+    nothing to differentiate, and the operator alone is all a compiled inference graph needs.
+    Written in plain Python (not C calls) so that dynamo traces it."""
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad
+                                       for a in arguments):
+        return _FUNCTIONS[op].apply(*arguments)
+    return getattr(torch.ops.rnnkit, op._name.split("::")[-1])(*arguments)
+
+
 # ---- helpers of the formulas -------------------------------------------------------------------
 
 def _entering(states: Tensor, reverse: bool) -> Tensor:
@@ -495,6 +506,7 @@ def _autograd(op, setup, backward, native_layout: bool) -> type[torch.autograd.F
     })
 
 
+
 _FUNCTIONS: dict = {}  # forward operator -> its autograd.Function
 for _op, _fake, _setup, _backward, _native in (
     (fused_rnn, _fake_fused_rnn, _rnn_setup, _rnn_backward, False),
@@ -530,7 +542,7 @@ def run_fused(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                      w.weight_ch, lengths, reverse)
         eager = _plain_eager(x, *arguments[:10])
         output, h_n, c_n, *_ = (fused.lstm_forward(*arguments) if eager
-                                else _FUNCTIONS[fused_lstm].apply(*arguments))
+                                else _apply(fused_lstm, *arguments))
         return output, (h_n, c_n)
     switch = kind.reset_after if kind.family == Family.GRU else kind.nonlinearity == "relu"
     arguments = (x, state, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, lengths, reverse,
@@ -538,7 +550,7 @@ def run_fused(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
     implementation, op = ((fused.gru_forward, fused_gru) if kind.family == Family.GRU
                           else (fused.rnn_forward, fused_rnn))
     eager = _plain_eager(x, *arguments[:7])
-    output, h_n, *_ = implementation(*arguments) if eager else _FUNCTIONS[op].apply(*arguments)
+    output, h_n, *_ = implementation(*arguments) if eager else _apply(op, *arguments)
     return output, h_n
 
 
@@ -557,7 +569,7 @@ def run_native(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
         if _plain_eager(x, *arguments[:10]):
             output, h_n, c_n = native.lstm_forward(*arguments, layer_outputs_only=True)
             return output, (h_n, c_n)
-        h_states, _, output, h_n, c_n, _, _ = _FUNCTIONS[native_lstm].apply(*arguments)
+        h_states, _, output, h_n, c_n, _, _ = _apply(native_lstm, *arguments)
         return _native_output(output, h_states, lengths, reverse), (h_n, c_n)
     switch = kind.reset_after if kind.family == Family.GRU else kind.nonlinearity == "relu"
     arguments = (x, state, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, lengths, reverse,
@@ -566,7 +578,7 @@ def run_native(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                           else (native.rnn_forward, native_rnn))
     if _plain_eager(x, *arguments[:7]):
         return implementation(*arguments, layer_outputs_only=True)
-    states, output, h_n, *_ = _FUNCTIONS[op].apply(*arguments)
+    states, output, h_n, *_ = _apply(op, *arguments)
     return _native_output(output, states, lengths, reverse), h_n
 
 
