@@ -75,8 +75,9 @@ def _apply(op, *arguments):
     to be recorded, else the bare operator: dynamo cannot trace an autograd.Function that has
     nothing to differentiate, and the operator alone is all a compiled inference graph needs.
     Written in plain Python (not C calls) so that dynamo traces it."""
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad
-                                       for a in arguments):
+    # torch.jit.trace re-traces under no_grad to check its graph: one path for it either way.
+    if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and a.requires_grad for a in arguments)):
         return _FUNCTIONS[op].apply(*arguments)
     return getattr(torch.ops.rnnkit, op._name.split("::")[-1])(*arguments)
 
