@@ -111,8 +111,8 @@ def _summed_bias_grad(has_bias: bool, d_pre: Tensor) -> _Optional:
     return d_pre.sum((0, 1)) if has_bias else None
 
 
-def _differentiable_backward(ctx, order: tuple[_Optional, ...], grads: tuple[Tensor, ...]
-                             ) -> tuple:
+def _differentiable_backward(ctx, order: tuple[_Optional, ...], lengths: _Optional,
+                             grads: tuple[Tensor, ...]) -> tuple:
     """The vector-Jacobian product through the reference loop, itself differentiable.
 
     Used when the backward is recorded (``create_graph=True``: double backward, and every
@@ -131,7 +131,7 @@ def _differentiable_backward(ctx, order: tuple[_Optional, ...], grads: tuple[Ten
         for index, tensor in zip(wanted, chosen, strict=True):
             tensors[index] = tensor
         x, state, weights = _reference_arguments(ctx.kind, tensors)
-        output, final = reference.run_direction(ctx.kind, x, state, weights, ctx.lengths,
+        output, final = reference.run_direction(ctx.kind, x, state, weights, lengths,
                                                 ctx.reverse)
         return (output, *(final if isinstance(final, tuple) else (final,)))
 
@@ -151,10 +151,9 @@ def _reference_arguments(kind: CellKind, tensors: list[_Optional]):
 
 # ---- registration ------------------------------------------------------------------------------
 
-def _register(op, fake: Callable, vmap: bool = True, autocast: bool = False) -> None:
+def _register(op, fake: Callable, autocast: bool = False) -> None:
     op.register_fake(fake)
-    if vmap:
-        torch.library.register_vmap(op, _slice_by_slice(op))
+    torch.library.register_vmap(op, _slice_by_slice(op))
     if autocast:
         for device in ("cpu", "cuda"):
             torch.library.register_autocast(op, device, torch.float32)
@@ -241,7 +240,7 @@ def _rnn_setup(ctx, inputs, output, native_layout: bool):
     # the hand-derived backward reads.
     ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, raw, h_prev, states, lengths)
     ctx.reverse, ctx.relu, ctx.has_bias = reverse, relu, b_ih is not None
-    ctx.kind, ctx.lengths = CellKind("rnn", "relu" if relu else "tanh"), lengths
+    ctx.kind = CellKind("rnn", "relu" if relu else "tanh")
 
 
 def _rnn_backward(ctx, grads, native_layout: bool):
@@ -254,7 +253,7 @@ def _rnn_backward(ctx, grads, native_layout: bool):
         d_output = _or_zeros(d_output, raw)
     d_h_n = _or_zeros(d_h_n, h_prev[0])
     if torch.is_grad_enabled():
-        return (*_differentiable_backward(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh),
+        return (*_differentiable_backward(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh), lengths,
                                           (d_output, d_h_n)), None, None, None)
     backward = native_rnn_backward if native_layout else fused_rnn_backward
     d_pre, d_h0 = backward(d_output, d_h_n, raw, w_hh, lengths, ctx.reverse, ctx.relu)
@@ -342,7 +341,6 @@ def _lstm_setup(ctx, inputs, output, native_layout: bool):
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, gates, c_raw, c_prev,
                           h_prev, m, h_states, c_states, lengths)
     ctx.reverse, ctx.has_bias, ctx.kind = reverse, b_ih is not None, CellKind("lstm")
-    ctx.lengths = lengths
 
 
 def _lstm_backward(ctx, grads, native_layout: bool):
@@ -357,8 +355,9 @@ def _lstm_backward(ctx, grads, native_layout: bool):
         d_output = _or_zeros(d_output, h_prev)
     d_h_n, d_c_n = _or_zeros(d_h_n, h_prev[0]), _or_zeros(d_c_n, c_prev[0])
     if torch.is_grad_enabled():
-        return (*_differentiable_backward(ctx, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch),
-                                          (d_output, d_h_n, d_c_n)), None, None)
+        inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch)
+        return (*_differentiable_backward(ctx, inputs, lengths, (d_output, d_h_n, d_c_n)),
+                None, None)
     if native_layout:
         d_gates, d_h0, d_c0, d_w_hr = native_lstm_backward(
             d_output, d_h_n, d_c_n, gates, c_states, c_raw, w_hh, w_hr, w_ch, lengths,
@@ -442,7 +441,7 @@ def _gru_setup(ctx, inputs, output, native_layout: bool):
     ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, h_prev, n_input, states,
                           lengths)
     ctx.reverse, ctx.reset_after, ctx.has_bias = reverse, reset_after, b_ih is not None
-    ctx.kind, ctx.lengths = CellKind("gru", reset_after=reset_after), lengths
+    ctx.kind = CellKind("gru", reset_after=reset_after)
 
 
 def _gru_backward(ctx, grads, native_layout: bool):
@@ -455,7 +454,7 @@ def _gru_backward(ctx, grads, native_layout: bool):
         d_output = _or_zeros(d_output, h_prev)
     d_h_n = _or_zeros(d_h_n, h_prev[0])
     if torch.is_grad_enabled():
-        return (*_differentiable_backward(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh),
+        return (*_differentiable_backward(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh), lengths,
                                           (d_output, d_h_n)), None, None, None)
     backward = native_gru_backward if native_layout else fused_gru_backward
     saved_states = states if native_layout else h_prev
@@ -587,8 +586,4 @@ def _native_output(output: Tensor, states: Tensor, lengths: _Optional, reverse: 
     return output if lengths is not None else _leaving(states, reverse)
 
 
-OPERATORS = (fused_rnn, fused_lstm, fused_gru, native_rnn, native_lstm, native_gru)
-BACKWARD_OPERATORS = (fused_rnn_backward, fused_lstm_backward, fused_gru_backward,
-                      native_rnn_backward, native_lstm_backward, native_gru_backward)
-
-__all__ = ["BACKWARD_OPERATORS", "OPERATORS", "run_fused", "run_native"]
+__all__ = ["run_fused", "run_native"]

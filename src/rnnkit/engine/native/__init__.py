@@ -18,11 +18,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 NOT_BUILT = "the native kernels could not be built"
 
 
-def supports(x: Tensor) -> bool:
-    """Whether the kernels handle this input's device and dtype (they may still be unbuilt)."""
-    return x.device.type == "cpu" and _computed_dtype(x) in SUPPORTED_DTYPES
-
-
 def _computed_dtype(x: Tensor) -> torch.dtype:
     """The dtype the operators compute in: float32 for a low precision under autocast."""
     if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
@@ -48,4 +43,4 @@ def why_not(x: Tensor) -> str | None:
     return None if available() else NOT_BUILT
 
 
-__all__ = ["NOT_BUILT", "SUPPORTED_DTYPES", "available", "supports", "why_not"]
+__all__ = ["NOT_BUILT", "SUPPORTED_DTYPES", "available", "why_not"]
