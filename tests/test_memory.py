@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 
 from rnnkit import cli
-from rnnkit.apps.memory.experiment import RunConfig, run
+from rnnkit.apps.memory.experiment import RunConfig, default_loop, run
+from rnnkit.apps.recurrent import RecurrentConfig
 from rnnkit.tasks import ADDING_BASELINE_MSE
 
 
 def test_a_tiny_adding_run_with_lstm_ends_below_a_fifth_of_the_baseline():
-    result, _, _ = run(RunConfig("adding", "lstm", 20, hidden_size=32, steps=400, lr=1e-2,
-                                 eval_every=100, held_out=500), show_progress=False, flow=False)
+    result, _, _ = run(RunConfig("adding", 20, RecurrentConfig("lstm", hidden_size=32),
+                                 replace(default_loop(), steps=400, lr=1e-2, eval_every=100),
+                                 held_out=500), show_progress=False, flow=False)
     assert result.baseline == ADDING_BASELINE_MSE
     assert result.final_metric < ADDING_BASELINE_MSE / 5
     assert result.first_step_below_tenth is not None and result.eval_steps[-1] == 400
@@ -77,27 +80,25 @@ def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
 def test_forget_bias_reaches_the_lstm_is_labelled_and_conflicts_with_chrono():
     from rnnkit.apps.memory.experiment import MemoryModel, check_run_config, init_label
 
-    model = MemoryModel(RunConfig("adding", "lstm", 10, hidden_size=4, forget_bias=1.0))
+    model = MemoryModel(RunConfig("adding", 10, RecurrentConfig("lstm", hidden_size=4, forget_bias=1.0)))
     assert model.recurrent.forget_bias == 1.0
-    assert MemoryModel(RunConfig("adding", "gru", 10, hidden_size=4,
-                                 forget_bias=1.0)).recurrent.family == "gru"  # ignored there
+    assert MemoryModel(RunConfig("adding", 10, RecurrentConfig("gru", hidden_size=4, forget_bias=1.0))).recurrent.family == "gru"  # ignored there
     with pytest.raises(ValueError, match="--forget-bias and --init chrono"):
-        check_run_config(RunConfig("adding", "lstm", 10, forget_bias=1.0, init="chrono"))
-    assert init_label(RunConfig("adding", "lstm", 10, forget_bias=1.0)) == "fb=1"
-    assert init_label(RunConfig("adding", "gru", 10, forget_bias=1.0)) == "default"
-    assert init_label(RunConfig("adding", "lstm", 10, init="chrono")) == "chrono"
+        check_run_config(RunConfig("adding", 10, RecurrentConfig("lstm", forget_bias=1.0, init="chrono")))
+    assert init_label(RunConfig("adding", 10, RecurrentConfig("lstm", forget_bias=1.0))) == "fb=1"
+    assert init_label(RunConfig("adding", 10, RecurrentConfig("gru", forget_bias=1.0))) == "default"
+    assert init_label(RunConfig("adding", 10, RecurrentConfig("lstm", init="chrono"))) == "chrono"
     # chrono has no meaning for a plain RNN: it keeps (and is labelled) the default
-    assert init_label(RunConfig("adding", "rnn-relu", 10, init="chrono")) == "default"
-    check_run_config(RunConfig("adding", "gru", 10, forget_bias=1.0, init="chrono"))  # no LSTM
+    assert init_label(RunConfig("adding", 10, RecurrentConfig("rnn-relu", init="chrono"))) == "default"
+    check_run_config(RunConfig("adding", 10, RecurrentConfig("gru", forget_bias=1.0, init="chrono")))  # no LSTM
 
 
 def test_the_projected_lstm_reads_out_its_projection():
     from rnnkit.apps.memory.experiment import MemoryModel, check_run_config
 
-    model = MemoryModel(RunConfig("copy", "lstm-projection", 5, hidden_size=8))
+    model = MemoryModel(RunConfig("copy", 5, RecurrentConfig("lstm-projection", hidden_size=8)))
     assert model.recurrent.proj_size == 4 and model.readout.in_features == 4
-    result, _, _ = run(RunConfig("adding", "lstm-projection", 6, hidden_size=8, steps=2,
-                                 eval_every=1, held_out=10), show_progress=False)
+    result, _, _ = run(RunConfig("adding", 6, RecurrentConfig("lstm-projection", hidden_size=8), replace(default_loop(), steps=2, eval_every=1), held_out=10), show_progress=False)
     assert len(result.flow_initial) == 6 and result.flow_initial[0] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="lstm-projection projects h to hidden // 2 units"):
-        check_run_config(RunConfig("adding", "lstm-projection", 5, hidden_size=1))
+        check_run_config(RunConfig("adding", 5, RecurrentConfig("lstm-projection", hidden_size=1)))

@@ -6,7 +6,9 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 from rnnkit import bench
 from rnnkit.apps.lm.corpus import CORPORA, LEVELS
@@ -280,7 +282,7 @@ def _integers(smallest: int, option: str):
 
 
 def _cells(text: str) -> list[str]:
-    from rnnkit.apps.memory.experiment import CELL_VARIANTS
+    from rnnkit.apps.recurrent import CELL_NAMES as CELL_VARIANTS
 
     cells = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in cells if c not in CELL_VARIANTS]
@@ -291,9 +293,11 @@ def _cells(text: str) -> list[str]:
 
 
 def _add_memory_command(commands) -> None:
-    from rnnkit.apps.memory.experiment import INITS, TASKS, RunConfig
+    from rnnkit.apps.memory.experiment import TASKS, RunConfig
+    from rnnkit.apps.recurrent import INITS
 
-    defaults = RunConfig(task="adding", cell="lstm", length=100)
+    run = RunConfig(task="adding", length=100)
+    defaults = SimpleNamespace(**run.settings())
     m = commands.add_parser(
         "memory", help="train RNN, LSTM and GRU side by side on long-memory tasks",
         description="Train each cell x length (x seed) on the adding problem or the copy task, "
@@ -567,16 +571,19 @@ def run_forecast(args: argparse.Namespace) -> int:
 
 def run_memory(args: argparse.Namespace) -> int:
     from rnnkit.apps.memory.commands import memory
-    from rnnkit.apps.memory.experiment import RunConfig
+    from rnnkit.apps.memory.experiment import RunConfig, default_loop
+    from rnnkit.apps.recurrent import RecurrentConfig
 
     if not args.lr > 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
-    base = RunConfig(task=args.task, cell=args.cells[0], length=args.lengths[0],
-                     hidden_size=args.hidden, steps=args.steps, batch_size=args.batch_size,
-                     lr=args.lr, clip_norm=args.clip_norm or None, clip_value=args.clip_value,
-                     clip_tensor_norm=args.clip_tensor_norm, init=args.init,
-                     forget_bias=args.forget_bias,
-                     eval_every=args.eval_every)
+    base = RunConfig(
+        task=args.task, length=args.lengths[0],
+        recurrent=RecurrentConfig(args.cells[0], hidden_size=args.hidden, init=args.init,
+                                  forget_bias=args.forget_bias),
+        loop=replace(default_loop(), steps=args.steps, lr=args.lr,
+                     clip_norm=args.clip_norm or None, clip_value=args.clip_value,
+                     clip_tensor_norm=args.clip_tensor_norm, eval_every=args.eval_every),
+        batch_size=args.batch_size)
     return memory(args.task, args.cells, args.lengths, args.seed, base, args.out,
                   plot=not args.no_plot)
 

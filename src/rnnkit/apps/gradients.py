@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
-from rnnkit.apps.memory.experiment import cell_options
 from rnnkit.apps.outputs import output_directory
-from rnnkit.apps.recurrent import make_recurrent
+from rnnkit.apps.recurrent import RecurrentConfig, build_recurrent
 from rnnkit.diagnostics import gradient_flow
 from rnnkit.engine.native import build
-from rnnkit.engine.steps import Family
 from rnnkit.errors import usage_errors
 
 SHOWN_DISTANCES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -46,9 +44,9 @@ def fresh_flows(cells: list[str], length: int, hidden: int, samples: int, input_
     """Mean flow by distance (index 0 = distance 0) per cell; LSTMs also through c."""
     built = check_fresh_options(cells, hidden, radius)
     flows = {}
-    for cell, (family, options) in built.items():
+    for cell, config in built.items():
         torch.manual_seed(seed)
-        layer = make_recurrent(family, input_size, hidden, 1, **options).double()
+        layer = build_recurrent(config, input_size).double()
         if radius is not None:
             rescale_recurrent_weights(layer, radius)
         inputs = torch.randn(length, samples, input_size, dtype=torch.float64,
@@ -61,13 +59,16 @@ def fresh_flows(cells: list[str], length: int, hidden: int, samples: int, input_
 
 
 def check_fresh_options(cells: list[str], hidden: int,
-                        radius: float | None) -> dict[str, tuple[Family, dict]]:
-    """(family, options) per cell, every cell checked first; ``ValueError`` for a cell the
-    other options cannot build."""
+                        radius: float | None) -> dict[str, RecurrentConfig]:
+    """The one-layer stack of each cell, every cell checked first; ``ValueError`` for a cell
+    the other options cannot build."""
     if "lstm-projection" in cells and radius is not None:
         raise ValueError("lstm-projection has no square W_hh blocks for --spectral-radius to "
                          "rescale")
-    return {cell: cell_options(cell, hidden) for cell in cells}
+    configs = {cell: RecurrentConfig(cell, hidden_size=hidden) for cell in cells}
+    for config in configs.values():
+        config.check()
+    return configs
 
 
 def checkpoint_flows(checkpoint: str, text_file: str | None, corpus: str | None, length: int,

@@ -1,12 +1,163 @@
-"""The recurrent stack every app builds by name: rnnkit RNN/LSTM/GRU with a variant, or torch.nn."""
+"""The recurrent stack every app builds: one config (`RecurrentConfig`), one vocabulary of cell
+names (`CELL_NAMES`), one builder (`build_recurrent`).
+
+A cell name is a family (``lstm``, ``gru``, ``rnn``) optionally followed by a variant, the same on
+every command (``--cell`` for one, ``--cells`` for the commands that compare several):
+
+====================  ==========================================================================
+``lstm``              torch.nn's LSTM
+``lstm-peephole``     i and f see c_{t-1}, o sees c_t (Gers & Schmidhuber 2000); = ``--peephole``
+``lstm-projection``   h projected to hidden // 2 (as torch.nn's ``proj_size``)
+``gru``               torch.nn's GRU (reset gate after W_hn)
+``gru-reset-before``  the original GRU (Cho et al. 2014): reset before W_hn; = ``--reset-before``
+``rnn``               Elman RNN, tanh
+``rnn-relu``          Elman RNN, ReLU
+====================  ==========================================================================
+
+The switches (``peephole``, ``reset_before``, ``proj_size``, ``nonlinearity``) say the same as a
+name and combine with it; a switch given for another family is refused. Settings that only some
+families have are ignored by the others, so one config can describe a comparison of several cells:
+``init="chrono"`` (Tallec & Ollivier 2018) leaves an RNN at the default draw, ``forget_bias``
+touches LSTMs only.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from torch import nn
 
+from rnnkit.engine import BACKENDS
 from rnnkit.layers import GRU, LSTM, RNN
 
 CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+# Every cell name: (family, the switches it sets).
+CELL_NAMES: dict[str, tuple[str, dict]] = {
+    "lstm": ("lstm", {}),
+    "lstm-peephole": ("lstm", {"peephole": True}),
+    "lstm-projection": ("lstm", {"projection": True}),
+    "gru": ("gru", {}),
+    "gru-reset-before": ("gru", {"reset_before": True}),
+    "rnn": ("rnn", {}),
+    "rnn-relu": ("rnn", {"nonlinearity": "relu"}),
+}
+INITS = ("default", "chrono")
+NONLINEARITIES = ("tanh", "relu")
+RECURRENT_BACKENDS = (*BACKENDS, "torch.nn")
+
+
+@dataclass
+class RecurrentConfig:
+    """The recurrent stack of a model; every app embeds one (with its own defaults)."""
+
+    cell: str = "lstm"  # lstm | gru | rnn, or a variant: lstm-peephole, lstm-projection,
+    # gru-reset-before, rnn-relu
+    hidden_size: int = 256  # units per layer (and direction)
+    num_layers: int = 1  # stacked layers
+    dropout: float = 0.0  # between layers (and before the app's output layer), in training only
+    peephole: bool = False  # LSTM only: peephole connections (the same as --cell lstm-peephole)
+    reset_before: bool = False  # GRU only: reset gate before W_hn, the original GRU
+    proj_size: int = 0  # LSTM only: h projected to this size (0: none)
+    nonlinearity: str = "tanh"  # RNN only: tanh | relu (the same as --cell rnn-relu)
+    init: str = "default"  # default | chrono (Tallec & Ollivier 2018; LSTM and GRU, RNNs keep
+    # the default)
+    forget_bias: float = 0.0  # added to the LSTM forget-gate bias at initialisation (1.0 per
+    # Jozefowicz et al. 2015); other cells ignore it
+    backend: str = "auto"  # rnnkit engine: auto | reference | fused | native; or torch.nn (plain
+    # cells, for comparisons)
+
+    @property
+    def family(self) -> str:
+        """``"lstm"``, ``"gru"`` or ``"rnn"``."""
+        return CELL_NAMES[self.cell][0]
+
+    def check(self) -> None:
+        """``ValueError`` naming the first setting outside what can be built."""
+        if self.cell not in CELL_NAMES:
+            raise ValueError(f"--cell must be one of {', '.join(CELL_NAMES)}, got {self.cell!r}")
+        family = self.family
+        if self.peephole and family != "lstm":
+            raise ValueError(f"--peephole is for --cell lstm only, got --cell {self.cell}")
+        if self.reset_before and family != "gru":
+            raise ValueError(f"--reset-before is for --cell gru only, got --cell {self.cell}")
+        if self.proj_size and family != "lstm":
+            raise ValueError(f"--proj-size is for --cell lstm only, got --cell {self.cell}")
+        if self.nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"--nonlinearity must be one of {', '.join(NONLINEARITIES)}, got "
+                             f"{self.nonlinearity!r}")
+        if self.nonlinearity != "tanh" and family != "rnn":
+            raise ValueError(f"--nonlinearity is for --cell rnn only, got --cell {self.cell}")
+        for name in ("hidden_size", "num_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{_option(name)} must be a positive integer, got {value!r}")
+        if not 0 <= self.dropout <= 1:
+            raise ValueError(f"--dropout must be in [0, 1], got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.backend not in RECURRENT_BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(RECURRENT_BACKENDS)}, got "
+                             f"{self.backend!r}")
+        if self.forget_bias and self.init == "chrono" and family == "lstm":
+            raise ValueError("--forget-bias and --init chrono both set the LSTM forget-gate "
+                             "bias; choose one")
+        options = self.layer_options()
+        proj_size = options.get("proj_size", 0)
+        if CELL_NAMES[self.cell][1].get("projection") and not proj_size:
+            raise ValueError("lstm-projection projects h to hidden // 2 units: it needs "
+                             f"hidden >= 2, got {self.hidden_size}")
+        if proj_size >= self.hidden_size:
+            raise ValueError(f"--proj-size must be smaller than --hidden ({self.hidden_size}), "
+                             f"got {proj_size}")
+
+    def with_cell(self, name: str) -> RecurrentConfig:
+        """This config for the cell ``name`` (a comparison's member): the switches of the name
+        replace those of this config."""
+        return replace(self, cell=name, peephole=False, reset_before=False,
+                       nonlinearity="tanh",
+                       proj_size=self.proj_size if CELL_NAMES[name][0] == "lstm" else 0)
+
+    def layer_options(self) -> dict:
+        """The rnnkit layer's variant arguments (see `make_recurrent`)."""
+        family, switches = CELL_NAMES[self.cell]
+        options: dict = {}
+        if family == "lstm":
+            projection = self.proj_size or (self.hidden_size // 2
+                                            if switches.get("projection") else 0)
+            options |= {"peephole": self.peephole or switches.get("peephole", False),
+                        "proj_size": projection, "forget_bias": self.forget_bias}
+        if family == "gru":
+            options["reset_after"] = not (self.reset_before or switches.get("reset_before"))
+        if family == "rnn":
+            options["nonlinearity"] = switches.get("nonlinearity", self.nonlinearity)
+        if family != "rnn":
+            options["init"] = self.init
+        return options
+
+    @property
+    def output_size(self) -> int:
+        """Features of the stack's output per step: the projection's size, else hidden."""
+        return self.layer_options().get("proj_size") or self.hidden_size
+
+
+def _option(name: str) -> str:
+    return {"hidden_size": "hidden", "num_layers": "layers"}.get(name, name.replace("_", "-"))
+
+
+def build_recurrent(config: RecurrentConfig, input_size: int, batch_first: bool = False,
+                    chrono_max_length: int | None = None) -> nn.Module:
+    """The stack ``config`` describes, reading ``input_size`` features per step.
+
+    ``chrono_max_length`` is chrono initialisation's T_max, the longest dependency the app
+    expects (its sequence length); required when ``config.init == "chrono"``.
+    """
+    config.check()
+    options = config.layer_options()
+    init = options.pop("init", "default")
+    return make_recurrent(
+        config.family, input_size, config.hidden_size, config.num_layers, config.dropout,
+        backend=config.backend, batch_first=batch_first, init=init,
+        chrono_max_length=chrono_max_length if init == "chrono" else None, **options)
 
 
 def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int,
@@ -44,6 +195,8 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
             raise ValueError("torch.nn has no peephole LSTM, reset-before GRU or chrono "
                              "initialisation; use an rnnkit backend for those")
         projection = {"proj_size": proj_size} if proj_size else {}
+        if cell == "rnn":
+            projection["nonlinearity"] = nonlinearity
         return getattr(nn, cell.upper())(input_size, hidden_size, **common, **projection)
     variants = ({"peephole": peephole, "forget_bias": forget_bias, "proj_size": proj_size}
                 if cell == "lstm" else {})

@@ -42,12 +42,28 @@ def progress_bar(total: int, done: int = 0, description: str = "training", unit:
                 dynamic_ncols=True, mininterval=0.5)
 
 
+class BarProgress:
+    """A `progress_bar` with a status line: ``update(n, status)``, ``close()``."""
+
+    def __init__(self, total: int, done: int = 0, description: str = "training",
+                 unit: str = "step") -> None:
+        self.bar = progress_bar(total, done, description, unit)
+
+    def update(self, n: int = 1, status: str = "") -> None:
+        self.bar.set_postfix_str(status)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class EarlyStopping:
     """Keeps the weights of the best validation loss so far; says when ``patience`` evaluations
-    in a row brought no improvement (by more than ``min_delta``)."""
+    in a row brought no improvement (by more than ``min_delta``); ``patience=None`` never stops
+    (the best weights are still kept)."""
 
-    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
-        if patience < 1:
+    def __init__(self, patience: int | None, min_delta: float = 0.0) -> None:
+        if patience is not None and patience < 1:
             raise ValueError(f"patience must be a positive integer, got {patience!r}")
         self.patience, self.min_delta = patience, min_delta
         self.best_loss, self.best_epoch, self.best_state = math.inf, 0, None
@@ -60,7 +76,7 @@ class EarlyStopping:
             self.best_state = copy.deepcopy(model.state_dict())
         else:
             self.waited += 1
-        return self.waited >= self.patience
+        return self.patience is not None and self.waited >= self.patience
 
     def restore_best(self, model: nn.Module) -> None:
         if self.best_state is not None:

@@ -63,18 +63,21 @@ def gate_panels(model, held_out, length: int, cell: str) -> tuple[list, list[int
 
 def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], base: RunConfig,
            out: str, plot: bool = True) -> int:
-    configs = [replace(base, task=task, cell=cell, length=length, seed=seed)
+    configs = [replace(base, task=task, length=length, recurrent=base.recurrent.with_cell(cell),
+                       loop=replace(base.loop, seed=seed))
                for length in lengths for cell in cells for seed in seeds]
     with usage_errors():  # the settings are the command line's: a bad one is a usage error
         for config in configs:
             check_run_config(config)  # every bad setting before any training
     out_dir = output_directory(out)
     build.kernels()  # compile once, before the clocks start
+    recurrent, loop = base.recurrent, base.loop
     print(f"rnnkit memory {task}: cells {', '.join(cells)}; T = {', '.join(map(str, lengths))}; "
-          f"seeds {', '.join(map(str, seeds))}; hidden {base.hidden_size}, {base.steps} steps of "
-          f"batch {base.batch_size}, Adam lr {base.lr}, clipping: global norm {base.clip_norm}, "
-          f"value {base.clip_value}, tensor norm {base.clip_tensor_norm}; init "
-          f"{base.init}" + (f", LSTM forget bias {base.forget_bias}" if base.forget_bias else ""),
+          f"seeds {', '.join(map(str, seeds))}; hidden {recurrent.hidden_size}, {loop.steps} "
+          f"steps of batch {base.batch_size}, {loop.optimizer.capitalize()} lr {loop.lr}, "
+          f"clipping: global norm {loop.clip_norm}, value {loop.clip_value}, tensor norm "
+          f"{loop.clip_tensor_norm}; init {recurrent.init}"
+          + (f", LSTM forget bias {recurrent.forget_bias}" if recurrent.forget_bias else ""),
           flush=True)
     runs: list[RunResult] = []
     gate_figures: list = []
@@ -92,7 +95,7 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
     print()
     print(format_table(runs, task))
     (out_dir / "results.json").write_text(json.dumps(
-        {"task": task, "metric": metric_name(task), "settings": asdict(base),
+        {"task": task, "metric": metric_name(task), "settings": base.settings(),
          "runs": [asdict(r) for r in runs]}, indent=1) + "\n", encoding="utf-8")
     pd.DataFrame([r.summary() for r in runs]).to_csv(out_dir / "results.csv", index=False)
     written = [out_dir / "results.json", out_dir / "results.csv"]
