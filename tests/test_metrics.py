@@ -71,6 +71,8 @@ def test_bad_values_are_named(tmp_path):
         with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
             log.write(-1, loss=1.0)
     assert read_metrics(tmp_path / "metrics.jsonl") == []  # nothing half-written
+    with pytest.raises(ValueError, match=r"metrics log .*metrics.jsonl is closed"):
+        log.write(1, loss=1.0)
 
 
 def test_a_new_run_replaces_the_old_log(tmp_path):

@@ -109,6 +109,9 @@ class MetricsLog:
         """
         if not self.enabled:
             return
+        if self._file is None:
+            raise ValueError(f"metrics log {self.path} is closed; open a new MetricsLog "
+                             "(resume_step=...) to write more")
         step = require_int("step", step, minimum=0)
         now = time.time()
         record: dict[str, Any] = {"step": step, "time": now}
