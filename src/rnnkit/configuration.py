@@ -373,9 +373,7 @@ def _collect(cls: type, prefix: tuple[str, ...], found: list[Leaf]) -> None:
                 raise TypeError(f"{owner}: unknown metadata['check'] {check!r}; accepted: "
                                 f"{', '.join(CHECKS)}, or a Check")
             check = CHECKS[check]
-        if check is not None and not (isinstance(check, Check) and check.kind is base or
-                                      isinstance(check, Check) and check.kind is float
-                                      and base is int):
+        if check is not None and not (isinstance(check, Check) and check.kind is base):
             raise TypeError(f"{owner}: metadata['check'] {metadata['check']!r} is for "
                             f"{_describe_type(getattr(check, 'kind', None))} values, not "
                             f"{_describe_type(base)}")
@@ -854,7 +852,7 @@ def config_from_arguments(args: argparse.Namespace, config_type: type, defaults:
             overrides[leaf.path] = value
     config_file = getattr(args, CONFIG_FILE_DEST, None)
     data = read_config_file(config_file) if config_file is not None else {}
-    source = f"config file {str(config_file)!r}" if config_file is not None else "defaults"
+    source = f"config file {str(config_file)!r}" if config_file is not None else "command line"
     config, given = _build_config(config_type, data, source, defaults, overrides)
     if check:
         check_config(config)
