@@ -561,6 +561,14 @@ def test_unknown_check_is_a_type_error():
                        r"positive, seed, nonnegative, positive_real, probability"):
         parser_for(Odd)
 
+    @dataclass
+    class Mismatched:
+        rate: float = field(default=1.0, metadata={"check": "positive"})
+
+    with pytest.raises(TypeError, match=r"Mismatched.rate: metadata\['check'\] 'positive' is "
+                       r"for int values, not float"):
+        parser_for(Mismatched)
+
 
 def test_version_string(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.8.7")
