@@ -19,7 +19,7 @@ TINY_LM = ["--steps", "2", "--hidden", "8", "--layers", "1", "--embedding", "4",
 # What `rnnkit lm train` saves (training/train.py); re-saving these through save_checkpoint
 # crafts a checkpoint with whatever integrity data that function adds.
 LM_PAYLOAD = ("model_config", "train_config", "vocabulary", "text_fingerprint", "model",
-              "optimizer", "schedule", "step", "position", "state", "history", "random_state")
+              "optimizer", "schedule", "step", "task", "stopping", "history", "random_state")
 # A folder that refuses new files even to root: Linux's sysfs.
 UNWRITABLE = "/sys"
 

@@ -238,7 +238,7 @@ def test_an_earlier_run_is_not_overwritten_and_bad_checkpoints_are_named(tmp_pat
     saved["scaler"]["mean"] = [0.0, 0.0]  # a scaler for two columns, a network for one
     save_checkpoint(tmp_path / "mixed.pt", "forecast",
                     {k: v for k, v in saved.items() if k not in ("format", "kind", "version")})
-    saved["model_config"]["hidden_size"] = 9  # weights of 8 units no longer fit
+    saved["model_config"]["recurrent"]["hidden_size"] = 9  # weights of 8 units no longer fit
     save_checkpoint(tmp_path / "misfit.pt", "forecast",
                     {k: v for k, v in saved.items() if k not in ("format", "kind", "version")})
     (tmp_path / "short.csv").write_text("day,sales,price\n2024-01-01,1.0,1.0\n")

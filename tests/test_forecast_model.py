@@ -6,12 +6,16 @@ import pytest
 import torch
 
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
+from rnnkit.apps.recurrent import RecurrentConfig
 
 
 def network(**options) -> Forecaster:
     torch.manual_seed(0)
-    settings = dict(input_size=1, horizon=3, hidden_size=8) | options
-    return Forecaster(ForecastModelConfig(**settings)).double()
+    settings = dict(input_size=1, horizon=3) | options
+    recurrent = {key: settings.pop(key) for key in ("cell", "hidden_size", "peephole")
+                 if key in settings}
+    recurrent = RecurrentConfig(**({"hidden_size": 8} | recurrent))
+    return Forecaster(ForecastModelConfig(**settings, recurrent=recurrent)).double()
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

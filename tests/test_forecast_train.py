@@ -10,6 +10,7 @@ from rnnkit.apps.forecast.data import Scaler, split_series, window_origins, wind
 from rnnkit.apps.forecast.metrics import mae
 from rnnkit.apps.forecast.model import ForecastModelConfig
 from rnnkit.apps.forecast.train import FitConfig, fit_forecaster, forecast_windows, validation_loss
+from rnnkit.apps.recurrent import RecurrentConfig
 
 LOOKBACK, HORIZON = 24, 6
 
@@ -32,7 +33,8 @@ def seasonal_parts(length=360, season=12, seed=0):
 def test_the_model_beats_the_last_value_on_a_seasonal_series(strategy):
     values, split, scaler, (train, validation, test) = seasonal_parts()
     model, _ = fit_forecaster(
-        ForecastModelConfig(1, HORIZON, strategy=strategy, hidden_size=16),
+        ForecastModelConfig(1, HORIZON, strategy=strategy,
+                            recurrent=RecurrentConfig(hidden_size=16)),
         FitConfig(epochs=40, patience=10), train, validation, show_progress=False)
     forecast = scaler.inverse_target(forecast_windows(model, test[0]))
     actual = scaler.inverse_target(test[1])
@@ -45,7 +47,8 @@ def test_the_model_beats_the_last_value_on_a_seasonal_series(strategy):
 def test_early_stopping_keeps_the_weights_of_the_best_validation_epoch():
     _, _, _, (train, validation, _) = seasonal_parts()
     model, history = fit_forecaster(
-        ForecastModelConfig(1, HORIZON, hidden_size=8), FitConfig(epochs=12, patience=3, lr=0.05),
+        ForecastModelConfig(1, HORIZON, recurrent=RecurrentConfig(hidden_size=8)),
+        FitConfig(epochs=12, patience=3, lr=0.05),
         train, validation, show_progress=False)
     best = int(np.argmin(history.validation)) + 1
     assert history.best_epoch == best

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch
 from rnnkit.apps.lm.corpus import Vocabulary
 from rnnkit.apps.lm.model import LanguageModel, ModelConfig
 from rnnkit.apps.lm.sample import generate, next_token_distribution
-from rnnkit.apps.lm.train import NonFiniteLoss, TrainConfig, Trainer
+from rnnkit.apps.lm.train import NonFiniteLoss, TrainConfig, Trainer, default_loop
+from rnnkit.apps.recurrent import RecurrentConfig
 from rnnkit.cli import main
 from rnnkit.training.checkpoint import load_checkpoint
 
@@ -19,10 +21,11 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
 def tiny(steps=40, **train):
     vocabulary = Vocabulary.build(TEXT, "char")
-    model = ModelConfig(len(vocabulary), hidden_size=32, embedding_size=16, num_layers=2,
-                        dropout=0.1)
-    config = TrainConfig(seq_len=20, batch_size=4, steps=steps, eval_every=10,
-                         checkpoint_every=10, lr=1e-2, **train)
+    model = ModelConfig(len(vocabulary), embedding_size=16,
+                        recurrent=RecurrentConfig(hidden_size=32, num_layers=2, dropout=0.1))
+    config = TrainConfig(seq_len=20, batch_size=4,
+                         loop=replace(default_loop(), steps=steps, eval_every=10,
+                                      checkpoint_every=10, lr=1e-2, **train))
     return model, config, vocabulary
 
 
@@ -75,14 +78,14 @@ def test_non_finite_loss_stops_with_a_diagnosis(tmp_path):
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
     # An infinite learning rate makes the weights NaN at step 1 while its loss is finite.
     model, config, vocabulary = tiny(steps=10, optimizer="sgd", schedule="constant")
-    config.checkpoint_every, config.lr = 1, float("inf")
+    config.loop.checkpoint_every, config.loop.lr = 1, float("inf")
     trainer = Trainer(model, config, vocabulary, TEXT, tmp_path / "e.pt")
     with pytest.raises(NonFiniteLoss, match=r"became NaN or infinite by step 1 \(checkpoint\['model'\]\['.*'\]\), so it was not saved; no checkpoint was written"):
         trainer.run()
     assert not (tmp_path / "e.pt").exists()
 
     model, config, vocabulary = tiny(steps=10, optimizer="sgd", schedule="constant")
-    config.checkpoint_every = 1
+    config.loop.checkpoint_every = 1
     trainer = Trainer(model, config, vocabulary, TEXT, tmp_path / "f.pt")
     trainer.run(until=3)
     for group in trainer.optimizer.param_groups:
@@ -277,14 +280,15 @@ def test_torch_nn_model_starts_from_the_same_weights_and_throughput_runs(capsys)
     torch.manual_seed(0)
     ours = LanguageModel(model_config)
     torch.manual_seed(0)
-    theirs = LanguageModel(ModelConfig(**{**model_config.__dict__, "backend": "torch.nn"}))
+    theirs = LanguageModel(replace(model_config, recurrent=replace(model_config.recurrent,
+                                                                   backend="torch.nn")))
     assert isinstance(theirs.recurrent, torch.nn.LSTM)
     ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
     assert ours_state.keys() == theirs_state.keys()
     assert all(torch.equal(ours_state[k], theirs_state[k]) for k in ours_state)
     with pytest.raises(ValueError, match="torch.nn has no peephole LSTM"):
-        LanguageModel(ModelConfig(**{**model_config.__dict__, "backend": "torch.nn",
-                                     "peephole": True}))
+        LanguageModel(replace(model_config, recurrent=replace(
+            model_config.recurrent, backend="torch.nn", peephole=True)))
     assert main(["lm", "throughput", "--corpus", "prose", "--hidden", "16", "--layers", "1",
                  "--seq-len", "10", "--batch-size", "4", "--blocks", "2",
                  "--block-steps", "2"]) == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import sys
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -252,13 +253,15 @@ def lm_checkpoint(tmp_path, monkeypatch):
     """A 2-layer LSTM language model trained for two steps, saved as `rnnkit lm train` does."""
     from rnnkit.apps.lm.corpus import Vocabulary
     from rnnkit.apps.lm.model import ModelConfig
-    from rnnkit.apps.lm.train import TrainConfig, Trainer
+    from rnnkit.apps.lm.train import TrainConfig, Trainer, default_loop
+    from rnnkit.apps.recurrent import RecurrentConfig
 
     monkeypatch.setenv("RNNKIT_BACKEND", "reference")  # tiny sizes: no kernel build needed
     vocabulary = Vocabulary.build(TEXT, "char")
-    model = ModelConfig(len(vocabulary), hidden_size=8, embedding_size=4, num_layers=2,
-                        peephole=True)
-    config = TrainConfig(seq_len=10, batch_size=2, steps=2, eval_every=2, checkpoint_every=2)
+    model = ModelConfig(len(vocabulary), embedding_size=4,
+                        recurrent=RecurrentConfig(hidden_size=8, num_layers=2, peephole=True))
+    config = TrainConfig(seq_len=10, batch_size=2,
+                         loop=replace(default_loop(), steps=2, eval_every=2, checkpoint_every=2))
     Trainer(model, config, vocabulary, TEXT, tmp_path / "lm.pt").run()
     return tmp_path / "lm.pt"
 
@@ -294,13 +297,15 @@ def test_cli_exports_a_forecast_checkpoint(tmp_path, capsys, monkeypatch):
 
     from rnnkit.apps.forecast.data import DataConfig
     from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
+    from rnnkit.apps.recurrent import RecurrentConfig
     from rnnkit.cli import main
     from rnnkit.training.checkpoint import save_checkpoint
 
     monkeypatch.setenv("RNNKIT_BACKEND", "reference")
     # Saved with the keys `rnnkit forecast train` writes and `forecast.restore` reads.
-    config = ForecastModelConfig(input_size=1, horizon=3, strategy="recursive", cell="gru",
-                                 hidden_size=6, reset_after=False)
+    config = ForecastModelConfig(input_size=1, horizon=3, strategy="recursive",
+                                 recurrent=RecurrentConfig("gru", hidden_size=6,
+                                                           reset_before=True))
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "model.pt", "forecast", {
         "data_config": asdict(DataConfig(dataset="airpassengers")),

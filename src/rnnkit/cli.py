@@ -396,7 +396,7 @@ def _add_forecast_commands(commands) -> None:
                    help="rows in the validation part (default: as the test tail)")
     t.add_argument("--stride", type=_positive, default=1,
                    help="evaluate every stride-th test origin (default 1: all)")
-    model = ForecastModelConfig(input_size=1, horizon=1)
+    model = ForecastModelConfig(input_size=1, horizon=1).recurrent
     t.add_argument("--cell", choices=list(CELLS), default=model.cell)
     t.add_argument("--layers", type=_positive, default=model.num_layers)
     t.add_argument("--hidden", type=_positive, default=model.hidden_size)
@@ -428,7 +428,8 @@ def _add_forecast_commands(commands) -> None:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    defaults = ModelConfig(vocabulary_size=0)
+    model = ModelConfig(vocabulary_size=0)
+    defaults = SimpleNamespace(**vars(model.recurrent), embedding_size=model.embedding_size)
     parser.add_argument("--cell", choices=list(CELLS), default=defaults.cell)
     parser.add_argument("--layers", type=_positive, default=defaults.num_layers)
     parser.add_argument("--hidden", type=_positive, default=defaults.hidden_size)
@@ -441,7 +442,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="GRU with the reset gate before W_hn (the original GRU)")
 
 
-def _add_train_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+def _add_train_options(parser: argparse.ArgumentParser, train: TrainConfig) -> None:
+    defaults = SimpleNamespace(**{**vars(train), **vars(train.loop)})
     parser.add_argument("--level", choices=list(LEVELS), default=defaults.level)
     parser.add_argument("--max-vocabulary", type=_positive, default=defaults.max_vocabulary)
     parser.add_argument("--seq-len", type=_positive, default=defaults.seq_len)
@@ -477,18 +479,22 @@ def _lm_train_parser() -> argparse.ArgumentParser:
 
 
 def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    from rnnkit.apps.lm.train import default_loop
+    from rnnkit.apps.recurrent import RecurrentConfig
+
     model = ModelConfig(
-        vocabulary_size=0, cell=args.cell, embedding_size=args.embedding,
-        hidden_size=args.hidden, num_layers=args.layers, dropout=args.dropout,
-        tie_weights=args.tie_weights, peephole=args.peephole, reset_after=not args.reset_before)
+        vocabulary_size=0, embedding_size=args.embedding, tie_weights=args.tie_weights,
+        recurrent=RecurrentConfig(
+            args.cell, hidden_size=args.hidden, num_layers=args.layers, dropout=args.dropout,
+            peephole=args.peephole, reset_before=args.reset_before))
     train = TrainConfig(
         level=args.level, max_vocabulary=args.max_vocabulary, seq_len=args.seq_len,
-        batch_size=args.batch_size, steps=args.steps or TrainConfig.steps, lr=args.lr,
-        optimizer=args.optimizer,
-        schedule=args.schedule, clip_norm=args.clip_norm or None, clip_value=args.clip_value,
-        clip_tensor_norm=args.clip_tensor_norm,
-        validation_fraction=args.validation_fraction, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, seed=args.seed)
+        batch_size=args.batch_size, validation_fraction=args.validation_fraction,
+        loop=replace(default_loop(), steps=args.steps or default_loop().steps, lr=args.lr,
+                     optimizer=args.optimizer, schedule=args.schedule,
+                     clip_norm=args.clip_norm or None, clip_value=args.clip_value,
+                     clip_tensor_norm=args.clip_tensor_norm, eval_every=args.eval_every,
+                     checkpoint_every=args.checkpoint_every, seed=args.seed))
     return model, train
 
 
@@ -557,10 +563,13 @@ def run_forecast(args: argparse.Namespace) -> int:
         features=args.features, fill=args.fill, season=args.season, lookback=args.lookback,
         horizon=args.horizon, test_size=args.test_size, validation_size=args.validation_size,
         stride=args.stride)
+    from rnnkit.apps.recurrent import RecurrentConfig
+
     model = ForecastModelConfig(
         input_size=1 + len(args.features), horizon=args.horizon or 1, strategy=args.strategy,
-        cell=args.cell, hidden_size=args.hidden, num_layers=args.layers, dropout=args.dropout,
-        peephole=args.peephole, reset_after=not args.reset_before)
+        recurrent=RecurrentConfig(args.cell, hidden_size=args.hidden, num_layers=args.layers,
+                                  dropout=args.dropout, peephole=args.peephole,
+                                  reset_before=args.reset_before))
     fit = FitConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                     lr=args.lr, clip_norm=args.clip_norm or None, clip_value=args.clip_value,
                     clip_tensor_norm=args.clip_tensor_norm, seed=args.seed)
@@ -616,9 +625,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from rnnkit.apps.outputs import output_directory
 
     out = output_directory(args.out)
-    model = ModelConfig(vocabulary_size=0, hidden_size=256, num_layers=2, dropout=0.1)
-    train = TrainConfig(steps=args.steps, eval_every=max(1, args.steps // 6),
-                        checkpoint_every=args.steps)
+    from rnnkit.apps.lm.train import default_loop
+
+    model = ModelConfig(vocabulary_size=0)  # 2 x 256 LSTM, dropout 0.1
+    train = TrainConfig(loop=replace(default_loop(), steps=args.steps,
+                                     eval_every=max(1, args.steps // 6),
+                                     checkpoint_every=args.steps))
     status = lm.train(model, train, None, "prose", str(out / "lm.pt"), None,
                       str(out / "loss.png"), resume_steps=None, overwrite=True)
     if status == 0:

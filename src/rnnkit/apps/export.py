@@ -57,14 +57,14 @@ def plan_export(checkpoint: str) -> ExportPlan:
                 f"reads the checkpoints of {' and '.join(f'rnnkit {k}' for k in EXPORTABLE)}"
             ) from None
     else:
-        config = model.config
+        config = model.config.recurrent
         if config.backend == "torch.nn":
             raise ValueError(
                 f"checkpoint {checkpoint!r} holds a torch.nn {config.cell.upper()} (backend "
                 "'torch.nn', for comparisons), which torch's exporter ties to the traced length; "
                 "rnnkit export exports models trained on an rnnkit backend")
         vocabulary_size = len(vocabulary)
-        state = ["h_n", "c_n"] if config.cell == "lstm" else ["h_n"]
+        state = ["h_n", "c_n"] if config.family == "lstm" else ["h_n"]
         return ExportPlan(
             model.eval(),
             f"language model ({config.cell}, {config.num_layers} layer(s) of "
@@ -72,12 +72,13 @@ def plan_export(checkpoint: str) -> ExportPlan:
             ["ids"], ["logits", *state], ({0: length, 1: batch},),
             lambda steps, rows: (torch.randint(vocabulary_size, (steps, rows)),))
     model, _, _ = forecast.restore(checkpoint)  # in eval mode
-    config = model.config
+    config, recurrent = model.config, model.config.recurrent
     # A recursive forecast slides the window by one step (window[:, 1:]), which torch.export
     # traces for windows of 3 steps or more.
     length = torch.export.Dim("length", min=3)
     return ExportPlan(
-        model, f"forecaster ({config.cell}, {config.num_layers} layer(s) of {config.hidden_size}, "
+        model, f"forecaster ({recurrent.cell}, {recurrent.num_layers} layer(s) of "
+        f"{recurrent.hidden_size}, "
         f"{config.strategy}, horizon {config.horizon})",
         ["window"], ["forecast"], ({0: batch, 1: length},),
         lambda steps, rows: (torch.randn(rows, steps, config.input_size),))

@@ -77,10 +77,11 @@ def checkpoint_flows(checkpoint: str, text_file: str | None, corpus: str | None,
     from rnnkit.apps.lm.commands import load_text, restore
 
     model, vocabulary, _ = restore(checkpoint)
-    if model.config.backend == "torch.nn":
+    recurrent = model.config.recurrent
+    if recurrent.backend == "torch.nn":
         raise ValueError(f"checkpoint {checkpoint!r} runs on torch.nn layers; gradient flow "
                          "reads rnnkit layers")
-    layers = model.config.num_layers
+    layers = recurrent.num_layers
     if layer_index is not None and not 0 <= layer_index < layers:
         raise ValueError(f"--layer must be in [0, {layers - 1}] for the {layers}-layer stack of "
                          f"{checkpoint!r}, got {layer_index}")
@@ -94,8 +95,8 @@ def checkpoint_flows(checkpoint: str, text_file: str | None, corpus: str | None,
     with torch.no_grad():
         embedded = model.embedding(windows)
     flow = gradient_flow(model.recurrent, embedded, layer_index=layer_index)
-    cell = model.config.cell
-    index = model.config.num_layers - 1 if layer_index is None else layer_index
+    cell = recurrent.family
+    index = layers - 1 if layer_index is None else layer_index
     label = f"{cell} layer {index} (trained)"
     flows = {label: flow.h.mean(1).flip(0).tolist()}
     if flow.c is not None:

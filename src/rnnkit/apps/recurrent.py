@@ -132,6 +132,15 @@ class RecurrentConfig:
             options["nonlinearity"] = switches.get("nonlinearity", self.nonlinearity)
         if family != "rnn":
             options["init"] = self.init
+        # A switch given for another family goes through, for the layer to refuse by name.
+        if self.peephole and family != "lstm":
+            options["peephole"] = True
+        if self.reset_before and family != "gru":
+            options["reset_after"] = False
+        if self.proj_size and family != "lstm":
+            options["proj_size"] = self.proj_size
+        if self.nonlinearity != "tanh" and family != "rnn":
+            options["nonlinearity"] = self.nonlinearity
         return options
 
     @property
@@ -151,8 +160,12 @@ def build_recurrent(config: RecurrentConfig, input_size: int, batch_first: bool 
     ``chrono_max_length`` is chrono initialisation's T_max, the longest dependency the app
     expects (its sequence length); required when ``config.init == "chrono"``.
     """
-    config.check()
+    # The layers check what they are given (sizes, dropout, a variant for the wrong family);
+    # the one thing they cannot see is a projection that a small hidden size rounds away.
     options = config.layer_options()
+    if CELL_NAMES[config.cell][1].get("projection") and not options["proj_size"]:
+        raise ValueError("lstm-projection projects h to hidden // 2 units: it needs hidden >= 2, "
+                         f"got {config.hidden_size}")
     init = options.pop("init", "default")
     return make_recurrent(
         config.family, input_size, config.hidden_size, config.num_layers, config.dropout,

@@ -97,9 +97,8 @@ class LoopConfig:
                              f"{self.schedule!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or \
                 not self.lr > 0:
+            # (an infinite rate is let through: the non-finite policy stops it at step 1)
             raise ValueError(f"--lr must be positive, got {self.lr!r}")
-        if self.lr == math.inf:
-            raise ValueError(f"--lr must be finite, got {self.lr!r}")
         check_clipping(clip_norm=self.clip_norm, clip_value=self.clip_value,
                        clip_tensor_norm=self.clip_tensor_norm)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
@@ -197,11 +196,13 @@ def best_checkpoint_path(checkpoint: str | Path) -> Path:
 
 
 class Trainer:
-    """One training run of ``task`` under ``config``; `run` trains, `resume` continues one.
+    """One training run of ``task`` under ``config`` (kept as ``loop``); `run` trains, and
+    `load_state_dict` of a checkpoint's payload continues a saved run.
 
     ``kind`` and ``payload`` are what the app puts in its checkpoints (its tool name and its
     configuration, vocabulary, ...) beside the loop's state; ``resume_hint`` is the sentence
-    that tells a user how to continue an interrupted run.
+    that tells a user how to continue an interrupted run (``{checkpoint}`` is replaced by the
+    checkpoint's path).
     """
 
     def __init__(self, task: TrainingTask, config: LoopConfig, *,
@@ -211,7 +212,7 @@ class Trainer:
                  distributed: Any = None, device: torch.device | None = None,
                  unit_of_work: Callable[[float], str] | None = None) -> None:
         config.check()
-        self.task, self.config, self.kind = task, config, kind
+        self.task, self.loop, self.kind = task, config, kind
         self.payload = payload or dict
         self.description, self.resume_hint = description, resume_hint
         self.metrics, self.make_progress, self.distributed = metrics, progress, distributed
@@ -282,14 +283,6 @@ class Trainer:
             if kept.get("step") == self.stopping.best_epoch:
                 self.stopping.best_state = kept["model"]
 
-    @classmethod
-    def resume(cls, task: TrainingTask, config: LoopConfig, saved: dict, **options) -> Trainer:
-        """The run whose checkpoint payload is ``saved`` (from `load_checkpoint`), continued up to
-        ``config.steps``."""
-        trainer = cls(task, config, **options)
-        trainer.load_state_dict(saved)
-        return trainer
-
     def kept_checkpoint(self) -> str:
         """Which checkpoint a stopped run leaves, in words."""
         if self.checkpoint_path is None:
@@ -323,7 +316,7 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimiser step over ``accumulate`` micro-batches; returns its mean loss."""
-        accumulate = self.config.accumulate
+        accumulate = self.loop.accumulate
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(accumulate):
@@ -338,8 +331,8 @@ class Trainer:
                 self._stop_unless_finite(value)
                 (loss if accumulate == 1 else loss / accumulate).backward()
             total += value
-        norm = clip_gradients(self.model, self.config.clip_norm, self.config.clip_value,
-                              self.config.clip_tensor_norm)
+        norm = clip_gradients(self.model, self.loop.clip_norm, self.loop.clip_value,
+                              self.loop.clip_tensor_norm)
         self.optimizer.step()
         self.schedule.step()
         self.step += 1
@@ -392,10 +385,10 @@ class Trainer:
         Ctrl-C stops after the step under way: the run is checkpointed at that step and
         `Interrupted` raised, whose message says where and how to resume.
         """
-        last = self.config.steps if until is None else min(until, self.config.steps)
+        last = self.loop.steps if until is None else min(until, self.loop.steps)
         torch.set_rng_state(self.random_state)
         self.model.train()
-        progress = self.make_progress(self.config.steps, self.step) if self.make_progress \
+        progress = self.make_progress(self.loop.steps, self.step) if self.make_progress \
             else None
         try:
             with interrupt_between_steps(self.description) as interrupt:
@@ -416,10 +409,10 @@ class Trainer:
             if self._interrupt_requested(interrupt):
                 raise self._interrupted()
             loss = self.train_step()
-            final = self.step == self.config.steps
-            if self.step % self.config.eval_every == 0 or final:
+            final = self.step == self.loop.steps
+            if self.step % self.loop.eval_every == 0 or final:
                 self.validate()
-            if self.step % self.config.checkpoint_every == 0 or final or self.stopped_early:
+            if self.step % self.loop.checkpoint_every == 0 or final or self.stopped_early:
                 self.save()
             if progress is not None:
                 rate = (self.step - first_step) / max(time.perf_counter() - started, 1e-9)
@@ -427,7 +420,7 @@ class Trainer:
                               f"{self.stopping.best_loss:.4g})" if self.history.validation else "")
                 work = self.unit_of_work(rate) if self.unit_of_work else f"{rate:.1f} steps/s"
                 progress.update(1, f"loss {loss:.4g}{validation} | {work}")
-        if self._interrupt_requested(interrupt) and self.step < self.config.steps \
+        if self._interrupt_requested(interrupt) and self.step < self.loop.steps \
                 and not self.stopped_early:
             raise self._interrupted()
 
@@ -438,9 +431,10 @@ class Trainer:
                                "path)")
         if self.saved_step != self.step:
             self.save()
+        hint = self.resume_hint.format(checkpoint=self.checkpoint_path)
         return Interrupted(
-            f"interrupted at step {self.step} of {self.config.steps}: checkpoint saved to "
-            f"{str(self.checkpoint_path)!r}; {self.resume_hint}".rstrip("; "))
+            f"interrupted at step {self.step} of {self.loop.steps}: checkpoint saved to "
+            f"{str(self.checkpoint_path)!r}" + (f"; {hint}" if hint else ""))
 
     def restore_best(self) -> None:
         """Load the best validation weights into the model (the last ones when none was taken)."""

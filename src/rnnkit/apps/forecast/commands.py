@@ -39,6 +39,7 @@ from rnnkit.apps.forecast.metrics import detect_season, mase_scale
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
 from rnnkit.apps.forecast.train import FitConfig, fit_forecaster, forecast_windows
 from rnnkit.apps.outputs import output_directory, output_file
+from rnnkit.configuration import config_from_dict
 from rnnkit.engine.native import build
 from rnnkit.training.checkpoint import load_checkpoint, restoring, save_checkpoint
 
@@ -176,7 +177,8 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
 def restore(checkpoint: str) -> tuple[Forecaster, Scaler, dict]:
     saved = load_checkpoint(checkpoint, KIND)
     with restoring(checkpoint, KIND):
-        model = Forecaster(ForecastModelConfig(**saved["model_config"]))
+        model = Forecaster(config_from_dict(ForecastModelConfig, saved["model_config"],
+                                            f"checkpoint {checkpoint!r}"))
         model.load_state_dict(saved["model"])
         scaler = Scaler(np.array(saved["scaler"]["mean"]), np.array(saved["scaler"]["scale"]))
         saved["data_config"] = DataConfig(**saved["data_config"])

@@ -16,12 +16,12 @@ network's inputs out of the range it was trained on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from rnnkit.apps.recurrent import make_recurrent
+from rnnkit.apps.recurrent import RecurrentConfig, build_recurrent
 
 STRATEGIES = ("direct", "recursive")
 
@@ -33,13 +33,12 @@ class ForecastModelConfig:
     input_size: int  # columns per step: the target, then the features
     horizon: int  # steps forecast from each origin
     strategy: str = "direct"  # direct: one output per step | recursive: one step, fed back
-    cell: str = "lstm"  # lstm | gru | rnn
-    hidden_size: int = 64
-    num_layers: int = 1
-    dropout: float = 0.0  # between layers, in training only
-    peephole: bool = False  # LSTM only
-    reset_after: bool = True  # GRU only; False is the original GRU
-    backend: str = "auto"  # an rnnkit engine
+    recurrent: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(hidden_size=64))
+
+
+# Chrono initialisation's T_max: the longest dependency a forecaster is expected to use, a
+# window of this many steps (the lookback is not part of the model's configuration).
+CHRONO_SPAN = 100
 
 
 class Forecaster(nn.Module):
@@ -55,11 +54,10 @@ class Forecaster(nn.Module):
                              "they need the future of every feature too; use --strategy direct "
                              "with --features, or drop --features")
         self.config = config
-        self.recurrent = make_recurrent(
-            config.cell, config.input_size, config.hidden_size, config.num_layers,
-            config.dropout, config.peephole, config.reset_after, config.backend, batch_first=True)
+        self.recurrent = build_recurrent(config.recurrent, config.input_size, batch_first=True,
+                                         chrono_max_length=CHRONO_SPAN)
         outputs = config.horizon if config.strategy == "direct" else 1
-        self.output = nn.Linear(config.hidden_size, outputs)
+        self.output = nn.Linear(config.recurrent.output_size, outputs)
 
     def step(self, window: Tensor) -> Tensor:
         """One pass over ``window (N, L, C)``: ``(N, horizon)`` direct, ``(N, 1)`` recursive."""
@@ -69,9 +67,10 @@ class Forecaster(nn.Module):
         hidden, _ = self.recurrent(relative)  # (N, L, H)
         return last + self.output(hidden[:, -1])
 
-    def forward(self, window: Tensor) -> Tensor:
-        """The full forecast ``(N, horizon)`` of every window."""
-        if self.config.strategy == "direct":
+    def forward(self, window: Tensor, one_step: bool = False) -> Tensor:
+        """The full forecast ``(N, horizon)`` of every window; with ``one_step``, `step` alone
+        (what training fits: for a recursive forecast the next value from true values)."""
+        if one_step or self.config.strategy == "direct":
             return self.step(window)
         forecasts = []
         for _ in range(self.config.horizon):

@@ -9,16 +9,16 @@ best epoch are kept, and training stops after ``patience`` epochs without improv
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
-from rnnkit.training.loop import EarlyStopping, progress_bar, take_step
-from rnnkit.training.optimization import check_clipping, make_optimizer
+from rnnkit.training.loop import BarProgress
+from rnnkit.training.trainer import BaseTask, LoopConfig, Trainer, evaluating, model_device
 
 
 @dataclass
@@ -27,12 +27,25 @@ class FitConfig:
 
     epochs: int = 300  # at most; early stopping usually ends sooner
     patience: int = 30  # epochs without a better validation loss before stopping
-    batch_size: int = 64
+    batch_size: int = 64  # windows per optimiser step (over all processes)
     lr: float = 3e-3  # Adam
-    clip_norm: float | None = 1.0  # global-norm bound (tf.clip_by_global_norm); None: off
-    clip_value: float | None = None  # per-element bound (tf.clip_by_value); None: off
-    clip_tensor_norm: float | None = None  # per-tensor norm bound (tf.clip_by_norm); None: off
-    seed: int = 0
+    clip_norm: float | None = 1.0  # global-norm bound (tf.clip_by_global_norm); none: off
+    clip_value: float | None = None  # per-element bound (tf.clip_by_value); none: off
+    clip_tensor_norm: float | None = None  # per-tensor norm bound (tf.clip_by_norm); none: off
+    seed: int = 0  # weights, the order of the windows, dropout
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+
+    def loop(self, batches_per_epoch: int) -> LoopConfig:
+        """The loop's settings: an epoch is ``batches_per_epoch`` steps, validated at its end."""
+        return LoopConfig(
+            steps=self.epochs * batches_per_epoch, lr=self.lr, optimizer="adam",
+            schedule="constant", clip_norm=self.clip_norm, clip_value=self.clip_value,
+            clip_tensor_norm=self.clip_tensor_norm, eval_every=batches_per_epoch,
+            patience=self.patience, checkpoint_every=self.epochs * batches_per_epoch,
+            seed=self.seed, device=self.device)
+
+    def check(self) -> None:
+        check_fit_config(self)
 
 
 @dataclass
@@ -49,24 +62,19 @@ def check_fit_config(config: FitConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if not config.lr > 0:
-        raise ValueError(f"lr must be positive, got {config.lr!r}")
-    check_clipping(clip_norm=config.clip_norm, clip_value=config.clip_value,
-                   clip_tensor_norm=config.clip_tensor_norm)
+    config.loop(1).check()
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(array, dtype=torch.float32)
 
 
-@torch.no_grad()
 def forecast_windows(model: Forecaster, inputs: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Scaled forecasts ``(n, horizon)`` of scaled windows ``(n, L, C)``, in evaluation mode."""
-    was_training = model.training
-    model.eval()
-    outputs = [model(as_tensor(inputs[i : i + batch_size])).double().numpy()
-               for i in range(0, len(inputs), batch_size)]
-    model.train(was_training)
+    device = model_device(model)
+    with evaluating(model):
+        outputs = [model(as_tensor(inputs[i : i + batch_size]).to(device)).double().cpu().numpy()
+                   for i in range(0, len(inputs), batch_size)]
     return np.concatenate(outputs)
 
 
@@ -74,46 +82,69 @@ def validation_loss(model: Forecaster, inputs: np.ndarray, targets: np.ndarray) 
     return float(np.mean((forecast_windows(model, inputs) - targets) ** 2))
 
 
+class ForecastTask(BaseTask):
+    """Epochs of shuffled training windows as a `TrainingTask`: each epoch visits every window
+    once in a seeded random order, in mini-batches; over several processes each rank takes its
+    part of every mini-batch (`torch.tensor_split`: as even as the batch allows)."""
+
+    def __init__(self, model_config: ForecastModelConfig, config: FitConfig,
+                 train: tuple[np.ndarray, np.ndarray],
+                 validation: tuple[np.ndarray, np.ndarray]) -> None:
+        self.model_config, self.config, self.validation = model_config, config, validation
+        self.inputs, self.targets = as_tensor(train[0]), as_tensor(train[1])
+        if model_config.strategy == "recursive":
+            self.targets = self.targets[:, :1]  # teacher forcing: the next step from true values
+        self.order = torch.Generator().manual_seed(config.seed)
+        self.epoch: list[Tensor] = []
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The sizes of one epoch's mini-batches."""
+        full, rest = divmod(len(self.inputs), self.config.batch_size)
+        return [self.config.batch_size] * full + ([rest] if rest else [])
+
+    def build_model(self) -> Forecaster:
+        return Forecaster(self.model_config)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        if not self.epoch:
+            self.epoch = list(torch.randperm(len(self.inputs), generator=self.order)
+                              .split(self.config.batch_size))[::-1]
+        batch = self.epoch.pop()
+        if self.distributed is not None and self.distributed.world_size > 1:
+            batch = torch.tensor_split(batch, self.distributed.world_size)[self.distributed.rank]
+        return self.inputs[batch], self.targets[batch]
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        inputs, targets = batch
+        return F.mse_loss(model(inputs, one_step=True), targets)
+
+    def evaluate(self, model: Forecaster) -> float:
+        return validation_loss(model, *self.validation)
+
+
 def fit_forecaster(model_config: ForecastModelConfig, config: FitConfig,
                    train: tuple[np.ndarray, np.ndarray],
                    validation: tuple[np.ndarray, np.ndarray],
-                   show_progress: bool = True) -> tuple[Forecaster, FitHistory]:
+                   show_progress: bool = True, **options) -> tuple[Forecaster, FitHistory]:
     """A new network trained on ``train`` (scaled windows, targets), early-stopped on
     ``validation``; returns it with the weights of its best validation epoch."""
     check_fit_config(config)
-    torch.manual_seed(config.seed)
-    model = Forecaster(model_config)
-    optimizer = make_optimizer(model.parameters(), "adam", config.lr)
-    order = torch.Generator().manual_seed(config.seed)
-    inputs, targets = as_tensor(train[0]), as_tensor(train[1])
-    if model_config.strategy == "recursive":
-        targets = targets[:, :1]  # teacher forcing: learn the next step from true values
-    stopping, history = EarlyStopping(config.patience), FitHistory()
-    bar = progress_bar(config.epochs, description="training", unit="epoch") if show_progress \
-        else None
-    model.train()
-    for epoch in range(1, config.epochs + 1):
+    task = ForecastTask(model_config, config, train, validation)
+    sizes = task.batch_sizes
+    trainer = Trainer(task, config.loop(len(sizes)), description="training", **options,
+                      progress=(lambda total, done: BarProgress(total, done)) if show_progress
+                      else None)
+    steps = trainer.run()
+    epochs = len(steps.train) // len(sizes)
+    history = FitHistory(validation=steps.validation,
+                         best_epoch=trainer.stopping.best_epoch // len(sizes))
+    for epoch in range(epochs):
+        losses = steps.train[epoch * len(sizes) : (epoch + 1) * len(sizes)]
         total = 0.0
-        for batch in torch.randperm(len(inputs), generator=order).split(config.batch_size):
-            loss = F.mse_loss(model.step(inputs[batch]), targets[batch])
-            take_step(model, loss, optimizer, config.clip_norm, config.clip_value,
-                      clip_tensor_norm=config.clip_tensor_norm)
-            total += loss.item() * len(batch)
-        history.train.append(total / len(inputs))
-        history.validation.append(validation_loss(model, *validation))
-        if not math.isfinite(history.train[-1]):
-            raise ValueError(f"the training loss became {history.train[-1]} in epoch {epoch}; "
-                             "try a smaller --lr")
-        done = stopping.update(epoch, history.validation[-1], model)
-        if bar is not None:
-            bar.set_postfix_str(f"train {history.train[-1]:.4f} val {history.validation[-1]:.4f}"
-                                f" best {stopping.best_loss:.4f} (epoch {stopping.best_epoch})")
-            bar.update(1)
-        if done:
-            break
-    if bar is not None:
-        bar.close()
-    stopping.restore_best(model)
-    history.best_epoch = stopping.best_epoch
-    model.eval()
-    return model, history
+        for loss, size in zip(losses, sizes, strict=True):
+            total += loss * size
+        history.train.append(total / len(task.inputs))
+    trainer.restore_best()
+    trainer.model.eval()
+    return trainer.model, history

@@ -9,11 +9,19 @@ from pathlib import Path
 from rnnkit.apps.lm.corpus import Vocabulary, builtin_corpus, read_text_file
 from rnnkit.apps.lm.model import LanguageModel, ModelConfig, check_model_fits, model_too_large
 from rnnkit.apps.lm.sample import generate
-from rnnkit.apps.lm.train import KIND, NonFiniteLoss, TrainConfig, Trainer, evaluate
+from rnnkit.apps.lm.train import (
+    KIND,
+    NonFiniteLoss,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    model_config_from_dict,
+)
 from rnnkit.apps.outputs import output_file
 from rnnkit.engine.native import build
 from rnnkit.errors import is_out_of_memory
 from rnnkit.training.checkpoint import load_checkpoint, restoring
+from rnnkit.training.trainer import best_checkpoint_path
 
 LN2 = math.log(2)
 
@@ -42,16 +50,20 @@ def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
     output_file(checkpoint, "--checkpoint")
     if plot:
         output_file(plot, "--plot")
-    if Path(checkpoint).exists() and not overwrite and Path(checkpoint) != Path(resume or ""):
-        raise ValueError(
-            f"checkpoint {checkpoint!r} exists and would be overwritten; continue it with "
-            f"--resume {checkpoint}, choose another --checkpoint, or pass --overwrite")
+    best = best_checkpoint_path(checkpoint)
+    for path in (Path(checkpoint), best):
+        if path.exists() and not overwrite and Path(checkpoint) != Path(resume or ""):
+            raise ValueError(
+                f"checkpoint {str(path)!r} exists and would be overwritten; continue it with "
+                f"--resume {checkpoint}, choose another --checkpoint, or pass --overwrite")
+    if not resume:
+        best.unlink(missing_ok=True)  # a previous run's best, replaced by this run's
     text, source = load_text(text_file, corpus)
     if resume:
         trainer = Trainer.resume(resume, text, steps=resume_steps)
         trainer.checkpoint_path = Path(checkpoint)
-        print(f"resuming {resume} at step {trainer.step} of {trainer.config.steps}", flush=True)
-        if trainer.step >= trainer.config.steps:
+        print(f"resuming {resume} at step {trainer.step} of {trainer.loop.steps}", flush=True)
+        if trainer.step >= trainer.loop.steps:
             print(f"nothing to do: the run is complete at step {trainer.step}; give a larger "
                   "--steps to train on")
             return 0
@@ -70,17 +82,21 @@ def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
     # tokens/s and ETA measure training. A failed build warns and training runs on "fused".
     build.kernels()
     parameters = sum(p.numel() for p in trainer.model.parameters())
+    recurrent = trainer.model.config.recurrent
     print(f"{source}: {len(text):,} characters, vocabulary {len(trainer.vocabulary)} "
           f"{trainer.config.level}s, model {parameters:,} parameters "
-          f"({trainer.model.config.cell}, {trainer.model.config.num_layers} x "
-          f"{trainer.model.config.hidden_size})", flush=True)
+          f"({recurrent.cell}, {recurrent.num_layers} x {recurrent.hidden_size})", flush=True)
     try:
         history = trainer.run()
     except NonFiniteLoss as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    final = history.validation[-1]
-    print(f"validation: {describe_loss(final, trainer.config.level)}; checkpoint: {checkpoint}")
+    final, level = history.validation[-1], trainer.config.level
+    print(f"validation: {describe_loss(final, level)}; checkpoint: {checkpoint}")
+    stopping = trainer.stopping
+    if stopping.best_epoch != history.validation_steps[-1]:
+        print(f"best validation: {describe_loss(stopping.best_loss, level)} at step "
+              f"{stopping.best_epoch}; its weights: {best}")
     if plot:
         save_plot_or_hint(plot, history)
     return 0
@@ -101,7 +117,7 @@ def restore(checkpoint: str) -> tuple[LanguageModel, Vocabulary, dict]:
     the file for anything that does not fit together."""
     saved = load_checkpoint(checkpoint, KIND)
     with restoring(checkpoint, KIND):
-        model = LanguageModel(ModelConfig(**saved["model_config"]))
+        model = LanguageModel(model_config_from_dict(saved["model_config"]))
         tokens = saved["vocabulary"]
         if not isinstance(tokens, (list, tuple)):
             raise ValueError(f"checkpoint {checkpoint!r} has a malformed vocabulary (a "
@@ -149,7 +165,8 @@ def throughput(model_config: ModelConfig, config: TrainConfig, text_file: str | 
 
     text, source = load_text(text_file, corpus)
     build.kernels()
-    print(f"{source}: {model_config.cell} {model_config.num_layers} x {model_config.hidden_size}, "
+    recurrent = model_config.recurrent
+    print(f"{source}: {recurrent.cell} {recurrent.num_layers} x {recurrent.hidden_size}, "
           f"batch {config.batch_size} x {config.seq_len}, median of {blocks} blocks of "
           f"{steps_per_block} steps each, alternating")
     for name, value in compare_throughput(model_config, config, text, blocks,

@@ -2,27 +2,48 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from rnnkit.apps.recurrent import make_recurrent
+from rnnkit.apps.recurrent import RecurrentConfig, build_recurrent
+
+
+def default_recurrent() -> RecurrentConfig:
+    return RecurrentConfig(hidden_size=256, num_layers=2, dropout=0.1)
 
 
 @dataclass
 class ModelConfig:
     """What the model is; every field maps one to one onto an `rnnkit lm train` option."""
 
-    vocabulary_size: int
-    cell: str = "lstm"  # lstm | gru | rnn
+    vocabulary_size: int = 0  # set from the text's vocabulary
     embedding_size: int = 64  # ignored with tied weights: the embedding is then hidden-sized
-    hidden_size: int = 256
-    num_layers: int = 2
-    dropout: float = 0.1  # between layers and before the output layer, in training only
     tie_weights: bool = False  # output layer shares the embedding matrix (Press & Wolf 2017)
-    peephole: bool = False  # LSTM only
-    reset_after: bool = True  # GRU only; False is the original GRU
-    backend: str = "auto"  # an rnnkit engine, or "torch.nn" (plain cells: for comparisons)
+    recurrent: RecurrentConfig = field(default_factory=default_recurrent)
+
+    def check(self) -> None:
+        if isinstance(self.embedding_size, bool) or not isinstance(self.embedding_size, int) \
+                or self.embedding_size < 1:
+            raise ValueError(f"--embedding must be a positive integer, got "
+                             f"{self.embedding_size!r}")
+        self.recurrent.check()
+        if self.tie_weights and self.recurrent.output_size != self.recurrent.hidden_size:
+            raise ValueError("--tie-weights shares the embedding with the output layer, which "
+                             "reads the projected h: use it without a projection")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.recurrent.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.recurrent.num_layers
+
+
+# Chrono initialisation's T_max for a language model: the dependencies it can learn span the
+# truncated-BPTT window and the state carried across windows; 100 tokens is the default window.
+CHRONO_SPAN = 100
 
 
 class LanguageModel(nn.Module):
@@ -34,14 +55,14 @@ class LanguageModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        config.check()
         self.config = config
-        embedding_size = config.hidden_size if config.tie_weights else config.embedding_size
+        recurrent = config.recurrent
+        embedding_size = recurrent.hidden_size if config.tie_weights else config.embedding_size
         self.embedding = nn.Embedding(config.vocabulary_size, embedding_size)
-        self.recurrent = make_recurrent(
-            config.cell, embedding_size, config.hidden_size, config.num_layers, config.dropout,
-            config.peephole, config.reset_after, config.backend)
-        self.dropout = nn.Dropout(config.dropout)
-        self.output = nn.Linear(config.hidden_size, config.vocabulary_size)
+        self.recurrent = build_recurrent(recurrent, embedding_size, chrono_max_length=CHRONO_SPAN)
+        self.dropout = nn.Dropout(recurrent.dropout)
+        self.output = nn.Linear(recurrent.output_size, config.vocabulary_size)
         if config.tie_weights:
             self.output.weight = self.embedding.weight
 

@@ -23,8 +23,9 @@ def compare_throughput(model_config: ModelConfig, config: TrainConfig, text: str
     model_config = replace(model_config, vocabulary_size=len(vocabulary))
     contenders = {
         "rnnkit": Trainer(model_config, config, vocabulary, text, None),
-        "torch.nn": Trainer(replace(model_config, backend="torch.nn"), config, vocabulary, text,
-                            None),
+        "torch.nn": Trainer(
+            replace(model_config, recurrent=replace(model_config.recurrent, backend="torch.nn")),
+            config, vocabulary, text, None),
     }
     tokens = steps_per_block * config.seq_len * config.batch_size
     rates: dict[str, list[float]] = {name: [] for name in contenders}
