@@ -91,7 +91,7 @@ def check_test_tail(series: Series, history_end: int) -> None:
 
 
 def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, out: str,
-          overwrite: bool = False, plot: bool = True) -> int:
+          overwrite: bool = False, plot: bool = True, quiet: bool = False) -> int:
     out_dir = output_directory(out)  # a bad --out is said now, not after training
     checkpoint = output_file(out_dir / CHECKPOINT_NAME, "--out")
     if checkpoint.exists() and not overwrite:

@@ -44,7 +44,7 @@ def describe_loss(nats: float, level: str) -> str:
 
 def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
           corpus: str | None, checkpoint: str, resume: str | None, plot: str | None,
-          resume_steps: int | None, overwrite: bool = False) -> int:
+          resume_steps: int | None, overwrite: bool = False, quiet: bool = False) -> int:
     """Train from scratch, or resume ``resume`` (its own configuration; ``resume_steps``, if
     given, as the new total). Every output path is checked before the text is read."""
     output_file(checkpoint, "--checkpoint")

@@ -62,7 +62,7 @@ def gate_panels(model, held_out, length: int, cell: str) -> tuple[list, list[int
 
 
 def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], base: RunConfig,
-           out: str, plot: bool = True) -> int:
+           out: str, plot: bool = True, quiet: bool = False) -> int:
     configs = [replace(base, task=task, length=length, recurrent=base.recurrent.with_cell(cell),
                        loop=replace(base.loop, seed=seed))
                for length in lengths for cell in cells for seed in seeds]
