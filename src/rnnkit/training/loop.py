@@ -42,21 +42,6 @@ def progress_bar(total: int, done: int = 0, description: str = "training", unit:
                 dynamic_ncols=True, mininterval=0.5)
 
 
-class BarProgress:
-    """A `progress_bar` with a status line: ``update(n, status)``, ``close()``."""
-
-    def __init__(self, total: int, done: int = 0, description: str = "training",
-                 unit: str = "step") -> None:
-        self.bar = progress_bar(total, done, description, unit)
-
-    def update(self, n: int = 1, status: str = "") -> None:
-        self.bar.set_postfix_str(status)
-        self.bar.update(n)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 class EarlyStopping:
     """Keeps the weights of the best validation loss so far; says when ``patience`` evaluations
     in a row brought no improvement (by more than ``min_delta``); ``patience=None`` never stops

@@ -47,7 +47,10 @@ from rnnkit.training.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
+from rnnkit.training.devices import move_to, resolve_device
+from rnnkit.training.distributed import Distributed
 from rnnkit.training.loop import EarlyStopping, Interrupted, interrupt_between_steps
+from rnnkit.training.metrics import MetricsLog
 from rnnkit.training.optimization import (
     OPTIMIZERS,
     SCHEDULES,
@@ -56,6 +59,7 @@ from rnnkit.training.optimization import (
     make_optimizer,
     make_schedule,
 )
+from rnnkit.training.progress import Progress
 
 LARGEST_COUNT = 2**63 - 1
 
@@ -139,7 +143,7 @@ class BaseTask:
     """A `TrainingTask` with no batching state and no sharding; apps override what they need."""
 
     device: torch.device = torch.device("cpu")  # set by the Trainer before the first batch
-    distributed = None  # the Trainer's `Distributed`, set before the first batch
+    distributed: Distributed = Distributed()  # the Trainer's, set before the first batch
 
     def state_dict(self) -> dict:
         return {}
@@ -178,17 +182,6 @@ def model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def move_to(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor in it (nested tuples, lists, dicts) on ``device``."""
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(move_to(item, device) for item in value)
-    if isinstance(value, dict):
-        return {key: move_to(item, device) for key, item in value.items()}
-    return value
-
-
 def best_checkpoint_path(checkpoint: str | Path) -> Path:
     """Where the best-validation checkpoint of ``checkpoint`` lives: ``lm.pt`` -> ``lm.best.pt``."""
     checkpoint = Path(checkpoint)
@@ -202,27 +195,34 @@ class Trainer:
     ``kind`` and ``payload`` are what the app puts in its checkpoints (its tool name and its
     configuration, vocabulary, ...) beside the loop's state; ``resume_hint`` is the sentence
     that tells a user how to continue an interrupted run (``{checkpoint}`` is replaced by the
-    checkpoint's path).
+    checkpoint's path). ``metrics`` is an open `MetricsLog` that every validation is written to
+    (with ``metrics_fields`` beside the loop's values); ``distributed`` the run's processes (from
+    `setup_distributed`; one process on ``config.device`` when not given). Progress goes to
+    stderr unless ``show_progress`` is False or ``quiet``; ``unit_of_work`` turns the steps per
+    second into the rate the app's users think in (tokens per second).
     """
 
     def __init__(self, task: TrainingTask, config: LoopConfig, *,
                  checkpoint: str | Path | None = None, kind: str = "run",
                  payload: Callable[[], dict] | None = None, description: str = "training",
-                 resume_hint: str = "", metrics: Any = None, progress: Callable | None = None,
-                 distributed: Any = None, device: torch.device | None = None,
+                 resume_hint: str = "", metrics: MetricsLog | None = None,
+                 metrics_fields: dict | None = None, show_progress: bool = True,
+                 quiet: bool = False, distributed: Distributed | None = None,
                  unit_of_work: Callable[[float], str] | None = None) -> None:
         config.check()
         self.task, self.loop, self.kind = task, config, kind
         self.payload = payload or dict
         self.description, self.resume_hint = description, resume_hint
-        self.metrics, self.make_progress, self.distributed = metrics, progress, distributed
+        self.metrics, self.metrics_fields = metrics, metrics_fields or {}
+        self.show_progress, self.quiet = show_progress, quiet
+        self.distributed = distributed or Distributed(device=resolve_device(config.device))
         self.unit_of_work = unit_of_work
         self.checkpoint_path = Path(checkpoint) if checkpoint else None
         if self.checkpoint_path is not None:
             remove_stale_temporaries(self.checkpoint_path)  # left by a killed run
         self.saved_step: int | None = None  # the step of the checkpoint on disk, if any
-        self.device = device if device is not None else torch.device("cpu")
-        task.device, task.distributed = self.device, distributed
+        self.device = self.distributed.device
+        task.device, task.distributed = self.device, self.distributed
         torch.manual_seed(config.seed)
         self.model = task.build_model().to(self.device)
         self.optimizer = make_optimizer(self.model.parameters(), config.optimizer, config.lr)
@@ -239,7 +239,7 @@ class Trainer:
     def _wrap(self, model: nn.Module) -> nn.Module:
         """The module the loss runs through: ``DistributedDataParallel`` over several processes
         (it averages the gradients of the ranks' shards), the model itself otherwise."""
-        if self.distributed is None or self.distributed.world_size == 1:
+        if self.distributed.world_size == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -248,7 +248,7 @@ class Trainer:
 
     @property
     def is_main(self) -> bool:
-        return self.distributed is None or self.distributed.is_main
+        return self.distributed.is_main
 
     def state_dict(self) -> dict:
         """Everything the next step depends on; written by rank 0 with the task's global state."""
@@ -342,9 +342,8 @@ class Trainer:
         return loss_value
 
     def _stop_unless_finite(self, value: float) -> None:
-        finite = math.isfinite(value)
-        if self.distributed is not None and self.distributed.world_size > 1:
-            finite = not self.distributed.any_flag(not finite)
+        # Every rank stops at the same step, or the others would wait for it forever.
+        finite = not self.distributed.any_flag(not math.isfinite(value))
         if finite:
             return
         # Every recorded loss is finite (this check runs before recording), so the last finite
@@ -372,7 +371,8 @@ class Trainer:
             since = self.history.validation_steps[-2] if len(self.history.validation_steps) > 1 \
                 else 0
             recent = self.history.train[since:] or [math.nan]
-            self.metrics.write(self.step, train_loss=sum(recent) / len(recent),
+            self.metrics.write(self.step, **self.metrics_fields,
+                               train_loss=sum(recent) / len(recent),
                                validation=score, best_validation=self.stopping.best_loss,
                                best_step=self.stopping.best_epoch,
                                lr=self.optimizer.param_groups[0]["lr"])
@@ -388,8 +388,8 @@ class Trainer:
         last = self.loop.steps if until is None else min(until, self.loop.steps)
         torch.set_rng_state(self.random_state)
         self.model.train()
-        progress = self.make_progress(self.loop.steps, self.step) if self.make_progress \
-            else None
+        progress = Progress(self.loop.steps, self.step, self.description, quiet=self.quiet,
+                            enabled=self.is_main) if self.show_progress else None
         try:
             with interrupt_between_steps(self.description) as interrupt:
                 self._run_steps(last, progress, interrupt)
@@ -399,9 +399,7 @@ class Trainer:
         return self.history
 
     def _interrupt_requested(self, interrupt) -> bool:
-        if self.distributed is not None and self.distributed.world_size > 1:
-            return self.distributed.any_flag(interrupt.requested)
-        return interrupt.requested
+        return self.distributed.any_flag(interrupt.requested)  # Ctrl-C reaches every rank
 
     def _run_steps(self, last: int, progress, interrupt) -> None:
         started, first_step = time.perf_counter(), self.step

@@ -42,6 +42,8 @@ from rnnkit.apps.outputs import output_directory, output_file
 from rnnkit.configuration import config_from_dict
 from rnnkit.engine.native import build
 from rnnkit.training.checkpoint import load_checkpoint, restoring, save_checkpoint
+from rnnkit.training.distributed import setup_distributed
+from rnnkit.training.metrics import MetricsLog
 
 KIND = "forecast"
 CHECKPOINT_NAME = "model.pt"
@@ -127,8 +129,14 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     model_config = replace(model_config, input_size=len(series.columns), horizon=data.horizon)
     build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
     started = time.perf_counter()
-    model, history = fit_forecaster(model_config, fit, train_windows, validation_windows)
+    with setup_distributed(fit.device) as distributed, \
+            MetricsLog(out_dir / "metrics.jsonl", enabled=distributed.is_main) as log:
+        model, history = fit_forecaster(model_config, fit, train_windows, validation_windows,
+                                        distributed=distributed, metrics=log, quiet=quiet)
     seconds = time.perf_counter() - started
+    if not distributed.is_main:  # rank 0 evaluates and writes; the others are done
+        return 0
+    model = model.cpu()  # forecasts, baselines and the checkpoint on the host
     print(f"trained {len(history.train)} epochs in {seconds:.1f} s; kept epoch "
           f"{history.best_epoch} (validation MSE {history.validation[history.best_epoch - 1]:.4f},"
           " scaled units)", flush=True)

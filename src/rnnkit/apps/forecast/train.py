@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
-from rnnkit.training.loop import BarProgress
 from rnnkit.training.trainer import BaseTask, LoopConfig, Trainer, evaluating, model_device
 
 
@@ -133,8 +132,7 @@ def fit_forecaster(model_config: ForecastModelConfig, config: FitConfig,
     task = ForecastTask(model_config, config, train, validation)
     sizes = task.batch_sizes
     trainer = Trainer(task, config.loop(len(sizes)), description="training", **options,
-                      progress=(lambda total, done: BarProgress(total, done)) if show_progress
-                      else None)
+                      show_progress=show_progress)
     steps = trainer.run()
     epochs = len(steps.train) // len(sizes)
     history = FitHistory(validation=steps.validation,

@@ -21,6 +21,9 @@ from rnnkit.apps.outputs import output_file
 from rnnkit.engine.native import build
 from rnnkit.errors import is_out_of_memory
 from rnnkit.training.checkpoint import load_checkpoint, restoring
+from rnnkit.training.devices import describe_device
+from rnnkit.training.distributed import setup_distributed
+from rnnkit.training.metrics import MetricsLog
 from rnnkit.training.trainer import best_checkpoint_path
 
 LN2 = math.log(2)
@@ -56,50 +59,72 @@ def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
             raise ValueError(
                 f"checkpoint {str(path)!r} exists and would be overwritten; continue it with "
                 f"--resume {checkpoint}, choose another --checkpoint, or pass --overwrite")
-    if not resume:
-        best.unlink(missing_ok=True)  # a previous run's best, replaced by this run's
     text, source = load_text(text_file, corpus)
-    if resume:
-        trainer = Trainer.resume(resume, text, steps=resume_steps)
-        trainer.checkpoint_path = Path(checkpoint)
-        print(f"resuming {resume} at step {trainer.step} of {trainer.loop.steps}", flush=True)
-        if trainer.step >= trainer.loop.steps:
-            print(f"nothing to do: the run is complete at step {trainer.step}; give a larger "
-                  "--steps to train on")
-            return 0
-    else:
-        vocabulary = Vocabulary.build(text, config.level, config.max_vocabulary)
-        model_config.vocabulary_size = len(vocabulary)
-        check_model_fits(model_config)  # before allocating, in one line naming the options
-        try:
-            trainer = Trainer(model_config, config, vocabulary, text, checkpoint)
-        except (MemoryError, RuntimeError) as error:
-            # The estimate leaves the allocator the last word (other processes' memory, limits).
-            if not is_out_of_memory(error):
-                raise
-            raise ValueError(model_too_large(model_config, "could not be allocated")) from None
-    # Build the native kernels (once per machine) before the clock starts, so that progress,
-    # tokens/s and ETA measure training. A failed build warns and training runs on "fused".
-    build.kernels()
-    parameters = sum(p.numel() for p in trainer.model.parameters())
-    recurrent = trainer.model.config.recurrent
-    print(f"{source}: {len(text):,} characters, vocabulary {len(trainer.vocabulary)} "
-          f"{trainer.config.level}s, model {parameters:,} parameters "
-          f"({recurrent.cell}, {recurrent.num_layers} x {recurrent.hidden_size})", flush=True)
-    try:
-        history = trainer.run()
-    except NonFiniteLoss as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    with setup_distributed(config.loop.device) as distributed:
+        say = print if distributed.is_main else _silent
+        if not resume and distributed.is_main:
+            best.unlink(missing_ok=True)  # a previous run's best, replaced by this run's
+        options = {"distributed": distributed, "quiet": quiet}
+        if resume:
+            trainer = Trainer.resume(resume, text, steps=resume_steps, **options)
+            trainer.checkpoint_path = Path(checkpoint)
+            say(f"resuming {resume} at step {trainer.step} of {trainer.loop.steps}", flush=True)
+            if trainer.step >= trainer.loop.steps:
+                say(f"nothing to do: the run is complete at step {trainer.step}; give a larger "
+                    "--steps to train on")
+                return 0
+        else:
+            vocabulary = Vocabulary.build(text, config.level, config.max_vocabulary)
+            model_config.vocabulary_size = len(vocabulary)
+            check_model_fits(model_config)  # before allocating, in one line naming the options
+            try:
+                trainer = Trainer(model_config, config, vocabulary, text, checkpoint, **options)
+            except (MemoryError, RuntimeError) as error:
+                # The estimate leaves the allocator the last word (other processes' memory).
+                if not is_out_of_memory(error):
+                    raise
+                raise ValueError(model_too_large(model_config, "could not be allocated")) from None
+        # Build the native kernels (once per machine) before the clock starts, so that progress,
+        # tokens/s and ETA measure training. A failed build warns and training runs on "fused".
+        build.kernels()
+        parameters = sum(p.numel() for p in trainer.model.parameters())
+        recurrent = trainer.model.config.recurrent
+        say(f"{source}: {len(text):,} characters, vocabulary {len(trainer.vocabulary)} "
+            f"{trainer.config.level}s, model {parameters:,} parameters "
+            f"({recurrent.cell}, {recurrent.num_layers} x {recurrent.hidden_size}) on "
+            f"{describe_device(trainer.device)}"
+            + (f", {distributed.world_size} processes" if distributed.world_size > 1 else ""),
+            flush=True)
+        metrics = metrics_path(checkpoint)
+        with MetricsLog(metrics, resume_step=trainer.step if resume else None,
+                        tensorboard_dir=metrics.with_suffix(".tensorboard"),
+                        enabled=distributed.is_main) as log:
+            trainer.metrics = log
+            try:
+                history = trainer.run()
+            except NonFiniteLoss as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 1
     final, level = history.validation[-1], trainer.config.level
-    print(f"validation: {describe_loss(final, level)}; checkpoint: {checkpoint}")
+    say(f"validation: {describe_loss(final, level)}; checkpoint: {checkpoint}; every "
+        f"validation: {metrics}")
     stopping = trainer.stopping
     if stopping.best_epoch != history.validation_steps[-1]:
-        print(f"best validation: {describe_loss(stopping.best_loss, level)} at step "
-              f"{stopping.best_epoch}; its weights: {best}")
-    if plot:
+        say(f"best validation: {describe_loss(stopping.best_loss, level)} at step "
+            f"{stopping.best_epoch}; its weights: {best}")
+    if plot and distributed.is_main:
         save_plot_or_hint(plot, history)
     return 0
+
+
+def _silent(*args, **kwargs) -> None:
+    """`print` on the processes other than rank 0, which print nothing."""
+
+
+def metrics_path(checkpoint: str | Path) -> Path:
+    """The JSON-lines log of a run's validations, beside its checkpoint: ``lm.metrics.jsonl``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}.metrics.jsonl")
 
 
 def save_plot_or_hint(path: str, history) -> None:

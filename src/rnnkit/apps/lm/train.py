@@ -22,7 +22,6 @@ from rnnkit.apps.lm.model import LanguageModel, ModelConfig
 from rnnkit.configuration import config_from_dict
 from rnnkit.training import trainer as training
 from rnnkit.training.checkpoint import load_checkpoint, restoring
-from rnnkit.training.loop import BarProgress
 from rnnkit.training.trainer import (
     BaseTask,
     LoopConfig,
@@ -146,9 +145,7 @@ class LanguageModelTask(BaseTask):
 
     def _streams(self) -> slice:
         """This rank's streams (all of them in one process)."""
-        if self.distributed is None:
-            return slice(None)
-        return self.distributed.shard(self.config.batch_size, "--batch-size")
+        return self.distributed.shard(self.config.batch_size, "batch size")
 
     def next_batch(self) -> Tensor:
         """The next ``(seq_len + 1, N)`` window; wraps (and resets the state) at the end."""
@@ -169,7 +166,7 @@ class LanguageModelTask(BaseTask):
 
     def state_dict(self) -> dict:
         state = self.carried
-        if state is not None and self.distributed is not None:  # every stream's state
+        if state is not None:  # every stream's state, whatever the number of processes
             gather = self.distributed.all_gather
             state = tuple(gather(s, 1) for s in state) if isinstance(state, tuple) \
                 else gather(state, 1)
@@ -199,7 +196,7 @@ class LanguageModelTrainer(training.Trainer):
             checkpoint=checkpoint_path, kind=KIND, payload=self._payload,
             resume_hint="continue with 'rnnkit lm train' on the same text and --resume "
             "{checkpoint}",
-            progress=(lambda total, done: BarProgress(total, done)) if progress else None,
+            show_progress=progress,
             unit_of_work=lambda rate: f"{rate * tokens:,.0f} tok/s", **options)
         self.config = config  # the app's settings; the loop's are ``self.loop``
 

@@ -16,6 +16,7 @@ from rnnkit.apps.memory.experiment import RunConfig, RunResult, check_run_config
 from rnnkit.apps.outputs import output_directory
 from rnnkit.engine.native import build
 from rnnkit.errors import usage_errors
+from rnnkit.training.metrics import MetricsLog
 
 GATES_SHOWN = {"lstm": ("f", "i"), "gru": ("z",), "rnn": ()}
 
@@ -82,8 +83,11 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
     runs: list[RunResult] = []
     gate_figures: list = []
     marks_by_length: dict[int, list[int]] = {}
+    log = MetricsLog(out_dir / "metrics.jsonl")
     for config in configs:
-        result, model, held_out = run(config)
+        result, model, held_out = run(
+            config, quiet=quiet, metrics=log,
+            metrics_fields={"cell": config.cell, "length": config.length, "seed": config.seed})
         runs.append(result)
         print(f"{config.cell} T={config.length} seed {config.seed}: held-out "
               f"{metric_name(task)} {result.final_metric:.4f} (baseline {result.baseline:.4f})"
@@ -92,13 +96,14 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
             panels, marks = gate_panels(model, held_out, config.length, config.cell)
             gate_figures += [(config.length, panel) for panel in panels]
             marks_by_length[config.length] = marks
+    log.close()
     print()
     print(format_table(runs, task))
     (out_dir / "results.json").write_text(json.dumps(
         {"task": task, "metric": metric_name(task), "settings": base.settings(),
          "runs": [asdict(r) for r in runs]}, indent=1) + "\n", encoding="utf-8")
     pd.DataFrame([r.summary() for r in runs]).to_csv(out_dir / "results.csv", index=False)
-    written = [out_dir / "results.json", out_dir / "results.csv"]
+    written = [out_dir / "results.json", out_dir / "results.csv", out_dir / "metrics.jsonl"]
     if plot:
         written += _plots(out_dir, runs, task, seeds[0], gate_figures, marks_by_length)
     print("wrote " + ", ".join(map(str, written)))

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from rnnkit.apps.recurrent import CELL_NAMES, RecurrentConfig, build_recurrent
 from rnnkit.diagnostics import gradient_flow
 from rnnkit.tasks import ADDING_BASELINE_MSE, COPY_SYMBOLS, adding_problem, copy_baseline, copy_task
-from rnnkit.training.loop import BarProgress
 from rnnkit.training.trainer import BaseTask, LoopConfig, Trainer
 
 TASKS = ("adding", "copy")
@@ -220,16 +219,16 @@ class MemoryTask(BaseTask):
         return evaluate(model, self.held_out)
 
 
-def run(config: RunConfig, show_progress: bool = True, flow: bool = True
+def run(config: RunConfig, show_progress: bool = True, flow: bool = True, **options
         ) -> tuple[RunResult, MemoryModel, tuple[Tensor, Tensor]]:
     """Train one cell on one task length; returns the result, the trained model (its last
-    weights) and the held-out set."""
+    weights) and the held-out set. ``options`` go to the `Trainer` (quiet, metrics, ...)."""
     check_run_config(config)
     task = MemoryTask(config)
     label = f"{config.cell} T={config.length}"
     trainer = Trainer(
         task, config.loop, description=label,
-        progress=(lambda total, done: BarProgress(total, done, label)) if show_progress else None)
+        show_progress=show_progress, **options)
     model = trainer.model
     result = RunResult(config.task, config.cell, config.length, init_label(config), config.seed,
                        baseline(config.task, config.length))
