@@ -99,3 +99,34 @@ def test_cuda_training_matches_the_cpu_and_its_checkpoint_loads_on_the_cpu(tmp_p
     for key in first:
         assert second[key].device.type == "cpu"
         torch.testing.assert_close(second[key], first[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_two_processes_fit_a_forecaster_as_one_and_only_rank_0_writes(tmp_path, monkeypatch,
+                                                                     capsys):
+    import numpy as np
+    import pandas as pd
+
+    from rnnkit.apps.forecast.data import split_series, windows
+
+    monkeypatch.setenv("RNNKIT_BACKEND", "fused")
+    length, lookback, horizon, held_out = 201, 12, 4, 24
+    steps = np.arange(length)
+    values = 5 + np.sin(2 * np.pi * steps / 12) + 0.1 * np.random.default_rng(0).normal(size=length)
+    pd.DataFrame({"y": values}).to_csv(tmp_path / "series.csv", index=False)
+    split = split_series(length, lookback, horizon, held_out, held_out)
+    count = len(windows(values[:, None], 0, split.train_end, lookback, horizon)[0])
+    batch = 46
+    assert count % batch == 0 and batch % 2 == 0  # every mini-batch splits evenly in two
+    settings = ["forecast", "train", "--csv", str(tmp_path / "series.csv"), "--target", "y",
+                "--lookback", str(lookback), "--horizon", str(horizon), "--test-size",
+                str(held_out), "--validation-size", str(held_out), "--season", "12",
+                "--hidden", "8", "--epochs", "3", "--patience", "3", "--batch-size", str(batch),
+                "--no-plot"]
+    assert main([*settings, "--out", str(tmp_path / "one")]) == 0
+    ran = torchrun([*settings, "--out", str(tmp_path / "two")])
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.count("wrote ") == 1
+    one = load_checkpoint(tmp_path / "one" / "model.pt", "forecast")["model"]
+    two = load_checkpoint(tmp_path / "two" / "model.pt", "forecast")["model"]
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)

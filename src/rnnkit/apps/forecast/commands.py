@@ -158,7 +158,7 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
                "fit": asdict(fit), "season": season, "season_source": season_source,
                "split": asdict(split), "origins": len(origins), "epochs": len(history.train),
                "best_epoch": history.best_epoch, "training_seconds": round(seconds, 1)}
-    written = write_results(out_dir, evaluation, context, series.time)
+    written = [*write_results(out_dir, evaluation, context, series.time), log.path]
     save_checkpoint(checkpoint, KIND, {
         "data_config": asdict(data), "model_config": asdict(model_config),
         "fit_config": asdict(fit), "columns": series.columns, "time_column": time_column,
