@@ -154,6 +154,21 @@ def parse_seeds(text: str, option: str = "--seed") -> list[int]:
     return _parse_checked_list(CHECKS["seed"], text, option)
 
 
+def parse_bound_or_off(text: str) -> float | None:
+    """A clipping bound: a number > 0, or 0 for off (None)."""
+    value = parse_nonnegative(text)
+    return value or None
+
+
+def parse_season(text: str) -> int:
+    """A season length >= 2, or 0 for none."""
+    value = _number(int, text)
+    if value is None or value < 0 or value == 1 or value > LARGEST_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"--season takes a season length >= 2, or 0 for none, got {text!r}")
+    return value
+
+
 def parse_columns(text: str) -> list[str]:
     """Comma-separated names, blanks stripped (at least one)."""
     columns = [c.strip() for c in text.split(",") if c.strip()]
