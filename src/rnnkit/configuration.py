@@ -529,7 +529,8 @@ def validate_value(leaf: Leaf, value: Any) -> Any:
             raise _refuse(leaf, value)  # as on the command line: a subset or range of one+
     else:
         converted = _scalar_value(leaf, value)
-    if leaf.parse is not None:
+    if leaf.parse is not None and not (leaf.is_list and not converted):
+        # (An empty list is a default no command line spells, e.g. no --features.)
         # The custom parser defines what is accepted on the command line; a value from
         # elsewhere is held to the same rule through its command-line text.
         try:
