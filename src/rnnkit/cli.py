@@ -262,8 +262,11 @@ def run_lm(args: argparse.Namespace) -> int:
                          args.top_p, args.seed)
     if args.lm_command == "eval":
         return lm.evaluate_file(args.checkpoint, args.text_file)
-    resuming = args.lm_command == "train" and args.resume
-    command, given = resolve_command(args, check=not resuming)
+    command, given = resolve_command(args, check=False)
+    resuming = args.lm_command == "train" and command.resume is not None
+    if not resuming:  # a resumed run continues with its saved settings, checked then
+        with usage_errors():
+            check_config(command)
     if printed_config(args, command):
         return 0
     if resuming:
@@ -272,7 +275,7 @@ def run_lm(args: argparse.Namespace) -> int:
         if conflicts:
             raise UsageError(
                 f"{', '.join(conflicts)} cannot change a resumed run (it continues with the "
-                f"settings saved in {args.resume}; only --steps may be given)")
+                f"settings saved in {command.resume}; only --steps may be given)")
     if (command.text_file is None) == (command.corpus is None):
         raise UsageError("give a TEXT_FILE or --corpus NAME (one of them)")
     if args.lm_command == "throughput":

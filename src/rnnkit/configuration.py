@@ -613,7 +613,7 @@ def _build_config(config_type: type, data: Mapping[str, Any], source: str, defau
                   exclude: frozenset[str] = frozenset()) -> tuple[Any, set[str]]:
     by_path = {leaf.path: leaf for leaf in _all_leaves(config_type)}
     excluded = {leaf.path for leaf in by_path.values()} - {
-        leaf.path for leaf in leaves(config_type, exclude)}
+        leaf.path for leaf in leaves(config_type, exclude)} if exclude else set()
     if defaults is not None and not isinstance(defaults, config_type):
         raise TypeError(f"defaults must be a {config_type.__name__} instance, got {defaults!r}")
     given: set[str] = set()

@@ -11,8 +11,10 @@ from rnnkit.apps.recurrent import CELL_NAMES, RecurrentConfig
 from rnnkit.configuration import parse_integers
 from rnnkit.training.trainer import LoopConfig
 
-# One run's cell and seed are the members of --cells and --seed; no checkpoint is written.
-MEMORY_EXCLUDE = frozenset({"recurrent.cell", "loop.seed", "loop.checkpoint_every"})
+# One run's cell and seed are the members of --cells and --seed (a cell name carries its own
+# variant switches, see `RecurrentConfig.with_cell`); no checkpoint is written.
+MEMORY_EXCLUDE = frozenset({"recurrent.cell", "recurrent.peephole", "recurrent.reset_before",
+                            "recurrent.nonlinearity", "loop.seed", "loop.checkpoint_every"})
 
 
 @dataclass
