@@ -11,8 +11,8 @@ from pathlib import Path
 
 from rnnkit import bench
 from rnnkit.apps.forecast.config import FORECAST_EXCLUDE, ForecastTrainCommand
+from rnnkit.apps.gradients_config import FRESH, GradientsCommand
 from rnnkit.apps.lm.config import LM_EXCLUDE, RESUMABLE, LMThroughputCommand, LMTrainCommand
-from rnnkit.apps.lm.corpus import CORPORA
 from rnnkit.apps.lm.model import ModelConfig
 from rnnkit.apps.lm.train import TrainConfig
 from rnnkit.apps.memory.config import MEMORY_EXCLUDE, MemoryCommand
@@ -23,10 +23,8 @@ from rnnkit.configuration import (
     config_from_arguments,
     config_to_toml,
     leaves,
-    parse_integers,
     parse_nonnegative,
     parse_positive,
-    parse_positive_real,
     parse_probability,
     parse_seed,
     version_string,
@@ -147,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train each cell x length (x seed) on the adding problem or the copy task, "
         "then print a table and write results.json, results.csv, learning curves, gradient "
         "flow and gate heatmaps.")
-    _add_gradients_command(commands)
+    _add_config_command(
+        commands, "gradients", GradientsCommand, frozenset(),
+        help="gradient flow ‖∂h_T/∂h_t‖ by distance, without training",
+        description="Gradient flow of fresh layers (optionally with W_hh rescaled to a spectral "
+        "radius) or of a trained `rnnkit lm` checkpoint on real text; table, JSON and PNG.")
 
     x = commands.add_parser(
         "export", help="export a checkpoint's model to ONNX, checked with onnxruntime",
@@ -167,17 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEMO_STEPS = 600
-
-
-def _cells(text: str) -> list[str]:
-    from rnnkit.apps.recurrent import CELL_NAMES as CELL_VARIANTS
-
-    cells = [c.strip() for c in text.split(",") if c.strip()]
-    unknown = [c for c in cells if c not in CELL_VARIANTS]
-    if unknown or not cells:
-        raise argparse.ArgumentTypeError(
-            f"--cells takes a comma-separated subset of {','.join(CELL_VARIANTS)}, got {text!r}")
-    return cells
 
 
 def _add_config_command(commands, name: str, command_type: type, exclude: frozenset[str],
@@ -204,32 +195,6 @@ def printed_config(args: argparse.Namespace, config: object) -> bool:
     if args.print_config:
         print(config_to_toml(config, args.exclude), end="")
     return args.print_config
-
-
-def _add_gradients_command(commands) -> None:
-    g = commands.add_parser(
-        "gradients", help="gradient flow ‖∂h_T/∂h_t‖ by distance, without training",
-        description="Gradient flow of fresh layers (optionally with W_hh rescaled to a spectral "
-        "radius) or of a trained `rnnkit lm` checkpoint on real text; table, JSON and PNG.")
-    # The fresh-layer options default to None so that giving one with --checkpoint (which
-    # they cannot affect) is an error rather than silently ignored.
-    g.add_argument("--cells", type=_cells,
-                   help="comma-separated (default rnn,lstm,gru; fresh layers)")
-    g.add_argument("--length", type=parse_integers(2, "--length"), default=[100],
-                   help="sequence length T (default 100)")
-    g.add_argument("--hidden", type=parse_positive, help="hidden units (default 128; fresh layers)")
-    g.add_argument("--samples", type=parse_positive, default=8, help="sequences averaged over")
-    g.add_argument("--input-size", type=parse_positive, help="features (default 4; fresh layers)")
-    g.add_argument("--spectral-radius", type=parse_positive_real,
-                   help="rescale each square gate block of W_hh to this spectral radius")
-    g.add_argument("--seed", type=parse_seed, help="weights and inputs (default 0; fresh layers)")
-    g.add_argument("--checkpoint", metavar="CKPT",
-                   help="a trained `rnnkit lm` model instead of fresh layers")
-    g.add_argument("text_file", nargs="?", metavar="TEXT_FILE", help="text for --checkpoint")
-    g.add_argument("--corpus", choices=CORPORA, help="built-in text for --checkpoint")
-    g.add_argument("--layer", type=int, help="which layer of the checkpoint's stack (default last)")
-    g.add_argument("--out", default="rnnkit-gradients", help="folder for JSON and PNG")
-    g.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
 
 def _add_forecast_commands(commands) -> None:
@@ -338,24 +303,23 @@ def run_memory(args: argparse.Namespace) -> int:
 def run_gradients(args: argparse.Namespace) -> int:
     from rnnkit.apps import gradients
 
-    if len(args.length) != 1:
-        raise UsageError(f"--length takes one length, got {args.length}")
-    fresh = {"--cells": args.cells, "--hidden": args.hidden, "--input-size": args.input_size,
-             "--spectral-radius": args.spectral_radius, "--seed": args.seed}
-    if args.checkpoint:
-        given = [option for option, value in fresh.items() if value is not None]
-        if given:
-            raise UsageError(f"{', '.join(given)} set up fresh layers and cannot change a "
+    command, given = resolve_command(args)
+    if printed_config(args, command):
+        return 0
+    if command.checkpoint:
+        fresh = [leaf.label for leaf in leaves(GradientsCommand)
+                 if leaf.dotted in FRESH and leaf.dotted in given]
+        if fresh:
+            raise UsageError(f"{', '.join(fresh)} set up fresh layers and cannot change a "
                              "--checkpoint's trained stack; drop them")
         return gradients.gradients_of_checkpoint(
-            args.checkpoint, args.text_file, args.corpus, args.length[0], args.samples,
-            args.layer, args.out, plot=not args.no_plot)
-    if args.text_file or args.corpus or args.layer is not None:
+            command.checkpoint, command.text_file, command.corpus, command.length,
+            command.samples, command.layer, command.out, plot=command.plot)
+    if command.text_file or command.corpus or command.layer is not None:
         raise UsageError("a text (TEXT_FILE or --corpus) and --layer go with --checkpoint")
     return gradients.gradients_of_fresh_layers(
-        args.cells or ["rnn", "lstm", "gru"], args.length[0], args.hidden or 128, args.samples,
-        args.input_size or 4, args.spectral_radius, args.seed or 0, args.out,
-        plot=not args.no_plot)
+        command.cells, command.length, command.hidden, command.samples, command.input_size,
+        command.spectral_radius, command.seed, command.out, plot=command.plot)
 
 
 def run_demo(args: argparse.Namespace) -> int:
