@@ -416,7 +416,9 @@ def _collect(cls: type, prefix: tuple[str, ...], found: list[Leaf]) -> None:
         if positional and base is bool:
             raise TypeError(f"{owner}: a bool cannot be positional")
         on_cli = metadata.get("cli", True)
-        default_metavar = field.name.upper() + (",..." if is_list else "")
+        # Named after the option (--hidden HIDDEN), as argparse names its own.
+        default_metavar = _option_name(field)[2:].replace("-", "_").upper() + (
+            ",..." if is_list else "")
         if choices is not None and not is_list:
             default_metavar = "{" + ",".join(str(c) for c in choices) + "}"
         found.append(Leaf(
