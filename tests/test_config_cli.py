@@ -9,7 +9,7 @@ import pytest
 from rnnkit import cli
 from rnnkit.apps.forecast.config import FORECAST_EXCLUDE, ForecastTrainCommand
 from rnnkit.apps.gradients_config import GradientsCommand
-from rnnkit.apps.lm.config import LM_EXCLUDE, LMThroughputCommand, LMTrainCommand
+from rnnkit.apps.lm.config import LM_EXCLUDE, LMSampleCommand, LMThroughputCommand, LMTrainCommand
 from rnnkit.apps.memory.config import MEMORY_EXCLUDE, MemoryCommand
 from rnnkit.configuration import config_from_dict, leaves, tomllib
 
@@ -49,6 +49,9 @@ COMMANDS = {
          "--device", "cpu", "--out", "o", "--overwrite", "--no-plot", "--quiet"],
         ["--dataset", "sunspots", "--strategy", "recursive", *VARIANTS[0]],
         ["--dataset", "co2", *VARIANTS[1]]]),
+    "lm sample": (["lm", "sample"], LMSampleCommand, frozenset(), [
+        ["c.pt", "--prime", "ab", "--length", "3", "--temperature", "0.5", "--top-k", "2",
+         "--top-p", "0.9", "--seed", "1"]]),
     "gradients": (["gradients"], GradientsCommand, frozenset(), [
         ["--cells", "gru,rnn-relu", "--length", "7", "--hidden", "24", "--samples", "3",
          "--input-size", "2", "--spectral-radius", "0.9", "--seed", "4", "--out", "o",
@@ -82,7 +85,8 @@ def test_every_setting_round_trips_through_a_config_file(name, tmp_path, capsys)
     assert changed == {leaf.dotted for leaf in leaves(command_type, exclude)}
 
 
-@pytest.mark.parametrize("name", [name for name in COMMANDS if name != "gradients"])
+@pytest.mark.parametrize("name", [name for name in COMMANDS
+                                  if name not in ("gradients", "lm sample")])
 def test_the_command_line_overrides_the_file(name, tmp_path, capsys):
     prefix, _, _, argvs = COMMANDS[name]
     path = tmp_path / "run.toml"

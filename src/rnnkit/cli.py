@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -12,7 +11,13 @@ from pathlib import Path
 from rnnkit import bench
 from rnnkit.apps.forecast.config import FORECAST_EXCLUDE, ForecastTrainCommand
 from rnnkit.apps.gradients_config import FRESH, GradientsCommand
-from rnnkit.apps.lm.config import LM_EXCLUDE, RESUMABLE, LMThroughputCommand, LMTrainCommand
+from rnnkit.apps.lm.config import (
+    LM_EXCLUDE,
+    RESUMABLE,
+    LMSampleCommand,
+    LMThroughputCommand,
+    LMTrainCommand,
+)
 from rnnkit.apps.lm.model import ModelConfig
 from rnnkit.apps.lm.train import TrainConfig
 from rnnkit.apps.memory.config import MEMORY_EXCLUDE, MemoryCommand
@@ -23,10 +28,7 @@ from rnnkit.configuration import (
     config_from_arguments,
     config_to_toml,
     leaves,
-    parse_nonnegative,
     parse_positive,
-    parse_probability,
-    parse_seed,
     version_string,
 )
 from rnnkit.engine import BACKENDS
@@ -62,13 +64,6 @@ def _families(text: str) -> list[str]:
             f"--families takes a comma-separated subset of {','.join(bench.FAMILIES)}, "
             f"got {text!r}")
     return families
-
-
-def _temperature(text: str) -> float:
-    value = parse_nonnegative(text)
-    if math.isinf(value):
-        raise argparse.ArgumentTypeError(f"--temperature takes a finite number >= 0, got {text!r}")
-    return value
 
 
 EXIT_CODES = f"""exit codes:
@@ -115,20 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     lm_commands = lm.add_subparsers(dest="lm_command", required=True, metavar="LM_COMMAND")
     _add_config_command(lm_commands, "train", LMTrainCommand, LM_EXCLUDE,
                         help="train on a text file or a built-in corpus")
-    s = lm_commands.add_parser("sample", help="generate text from a checkpoint")
-    s.add_argument("checkpoint", metavar="CKPT")
-    s.add_argument("--prime", default="", help="text the model reads before generating")
-    s.add_argument("--length", type=parse_positive, default=500, help="tokens to generate")
-    s.add_argument("--temperature", type=_temperature, default=1.0,
-                   help="0 is greedy (a tiny one tends to it); below 1 sharper, above 1 flatter "
-                   "(default 1)")
-    s.add_argument("--top-k", type=parse_positive, help="sample among the k most likely tokens")
-    s.add_argument("--top-p", type=parse_probability,
-                   help="sample among the fewest most likely tokens whose probability reaches "
-                   "this mass, in [0, 1]; the most likely token always stays, so 0 is greedy")
-    s.add_argument("--seed", type=parse_seed, help="random seed in [0, 2**63 - 1] (reproducible "
-                   "samples)")
-
+    _add_config_command(lm_commands, "sample", LMSampleCommand, frozenset(),
+                        help="generate text from a checkpoint")
     _add_config_command(
         lm_commands, "throughput", LMThroughputCommand,
         LM_EXCLUDE | {"train.loop.checkpoint_every"},
@@ -222,12 +205,16 @@ def _add_forecast_commands(commands) -> None:
 def run_lm(args: argparse.Namespace) -> int:
     from rnnkit.apps.lm import commands as lm
 
-    if args.lm_command == "sample":
-        return lm.sample(args.checkpoint, args.prime, args.length, args.temperature, args.top_k,
-                         args.top_p, args.seed)
     if args.lm_command == "eval":
         return lm.evaluate_file(args.checkpoint, args.text_file)
     command, given = resolve_command(args, check=False)
+    if args.lm_command == "sample":
+        if printed_config(args, command):
+            return 0
+        if command.checkpoint is None:
+            raise UsageError("give the CKPT to sample from")
+        return lm.sample(command.checkpoint, command.prime, command.length, command.temperature,
+                         command.top_k, command.top_p, command.seed)
     resuming = args.lm_command == "train" and command.resume is not None
     if not resuming:  # a resumed run continues with its saved settings, checked then
         with usage_errors():

@@ -4,6 +4,8 @@ plus what the command itself reads (the text, the checkpoint); their options, co
 
 from __future__ import annotations
 
+import argparse
+import math
 from dataclasses import dataclass, field
 
 from rnnkit.apps.lm.corpus import CORPORA
@@ -51,3 +53,35 @@ class LMThroughputCommand:
         # training steps per block
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def parse_temperature(text: str) -> float:
+    """A finite number >= 0 (0: greedy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"--temperature takes a finite number >= 0, got {text!r}")
+    return value
+
+
+@dataclass
+class LMSampleCommand:
+    """`rnnkit lm sample`: generate text from a checkpoint."""
+
+    checkpoint: str | None = field(default=None, metadata={"positional": True,
+                                                           "metavar": "CKPT"})
+        # a checkpoint of `rnnkit lm train`
+    prime: str = ""  # text the model reads before generating
+    length: int = field(default=500, metadata={"check": "positive"})  # tokens to generate
+    temperature: float = field(default=1.0, metadata={"parse": parse_temperature})
+        # 0 is greedy (a tiny one tends to it); below 1 sharper, above 1 flatter
+    top_k: int | None = field(default=None, metadata={"check": "positive"})
+        # sample among the k most likely tokens (none: all)
+    top_p: float | None = field(default=None, metadata={"check": "probability"})
+        # sample among the fewest most likely tokens whose probability reaches this mass; the
+        # most likely token always stays, so 0 is greedy (none: all)
+    seed: int | None = field(default=None, metadata={"check": "seed"})
+        # random seed (reproducible samples; none: unseeded)
