@@ -227,10 +227,10 @@ def test_help_shows_comment_and_default_for_every_option():
         "TEXT_FILE a UTF-8 text file (default: none)",
         "--cell {rnn,lstm,gru} which recurrent cell (default: lstm)",
         # A two-line comment; the comment line below it at the field's indentation is not help.
-        "--hidden HIDDEN_SIZE hidden units per layer (default: 16)",
+        "--hidden HIDDEN hidden units per layer (default: 16)",
         "--dropout DROPOUT between layers (100% drops all) (default: 0.1)",
         "--peephole, --no-peephole LSTM only (default: --no-peephole)",
-        "--embedding EMBEDDING_SIZE (default: 8)",
+        "--embedding EMBEDDING (default: 8)",
         "--name NAME a label for the logs (default: run)",
         "--steps STEPS optimiser steps; none: until stopped (default: none)",
         "--lr LR learning rate (default: 0.002)",

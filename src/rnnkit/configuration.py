@@ -154,6 +154,21 @@ def parse_seeds(text: str, option: str = "--seed") -> list[int]:
     return _parse_checked_list(CHECKS["seed"], text, option)
 
 
+def parse_bound_or_off(text: str) -> float | None:
+    """A clipping bound: a number > 0, or 0 for off (None)."""
+    value = parse_nonnegative(text)
+    return value or None
+
+
+def parse_season(text: str) -> int:
+    """A season length >= 2, or 0 for none."""
+    value = _number(int, text)
+    if value is None or value < 0 or value == 1 or value > LARGEST_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"--season takes a season length >= 2, or 0 for none, got {text!r}")
+    return value
+
+
 def parse_columns(text: str) -> list[str]:
     """Comma-separated names, blanks stripped (at least one)."""
     columns = [c.strip() for c in text.split(",") if c.strip()]
@@ -327,17 +342,37 @@ def _children(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
     return tuple((field, hints[field.name]) for field in dataclasses.fields(cls))
 
 
-@cache
-def leaves(config_type: type) -> tuple[Leaf, ...]:
-    """Every leaf setting of the config tree rooted at ``config_type``, in field order.
+def leaves(config_type: type, exclude: frozenset[str] | set[str] = frozenset()
+           ) -> tuple[Leaf, ...]:
+    """Every leaf setting of the config tree rooted at ``config_type``, in field order, less
+    those whose dotted path is in ``exclude`` (settings a command fixes itself: neither an
+    option nor a key of its files).
 
-    Raises TypeError for an unsupported annotation or metadata, and for two leaves (or a leaf
-    and ``--config`` / ``--print-config``) that would take the same command-line option.
+    Raises TypeError for an unsupported annotation or metadata, for an ``exclude`` path that is
+    no leaf, and for two leaves (or a leaf and ``--config`` / ``--print-config``) that would take
+    the same command-line option.
     """
+    return _leaves(config_type, frozenset(exclude))
+
+
+@cache
+def _all_leaves(config_type: type) -> tuple[Leaf, ...]:
+    """Every leaf, excluded or not, without the check of option names (validation, files)."""
     if not _is_dataclass_type(config_type):
         raise TypeError(f"config_type must be a dataclass type, got {config_type!r}")
     found: list[Leaf] = []
     _collect(config_type, (), found)
+    return tuple(found)
+
+
+@cache
+def _leaves(config_type: type, exclude: frozenset[str]) -> tuple[Leaf, ...]:
+    found = list(_all_leaves(config_type))
+    unknown = exclude - {leaf.dotted for leaf in found}
+    if unknown:
+        raise TypeError(f"exclude names no setting of {config_type.__name__}: "
+                        f"{', '.join(sorted(unknown))}")
+    found = [leaf for leaf in found if leaf.dotted not in exclude]
     taken: dict[str, str] = {"--config": "(--config FILE)", "--print-config": "(--print-config)",
                              CONFIG_FILE_DEST: "(--config FILE)",
                              PRINT_CONFIG_DEST: "(--print-config)"}
@@ -381,7 +416,9 @@ def _collect(cls: type, prefix: tuple[str, ...], found: list[Leaf]) -> None:
         if positional and base is bool:
             raise TypeError(f"{owner}: a bool cannot be positional")
         on_cli = metadata.get("cli", True)
-        default_metavar = field.name.upper() + (",..." if is_list else "")
+        # Named after the option (--hidden HIDDEN), as argparse names its own.
+        default_metavar = _option_name(field)[2:].replace("-", "_").upper() + (
+            ",..." if is_list else "")
         if choices is not None and not is_list:
             default_metavar = "{" + ",".join(str(c) for c in choices) + "}"
         found.append(Leaf(
@@ -494,7 +531,8 @@ def validate_value(leaf: Leaf, value: Any) -> Any:
             raise _refuse(leaf, value)  # as on the command line: a subset or range of one+
     else:
         converted = _scalar_value(leaf, value)
-    if leaf.parse is not None:
+    if leaf.parse is not None and not (leaf.is_list and not converted):
+        # (An empty list is a default no command line spells, e.g. no --features.)
         # The custom parser defines what is accepted on the command line; a value from
         # elsewhere is held to the same rule through its command-line text.
         try:
@@ -525,7 +563,7 @@ def check_config(config: Any) -> None:
     most 2**63 - 1), got 0". The caller wraps it in ``rnnkit.errors.usage_errors()`` where the
     values came from the command line (exit 2).
     """
-    by_path = {leaf.path: leaf for leaf in leaves(type(config))}
+    by_path = {leaf.path: leaf for leaf in _all_leaves(type(config))}
     _check_tree(config, type(config), (), by_path)
 
 
@@ -573,24 +611,27 @@ def _checked(config: Any, source: str) -> None:
 
 
 def _build_config(config_type: type, data: Mapping[str, Any], source: str, defaults: Any,
-                  overrides: Mapping[tuple[str, ...], Any]) -> tuple[Any, set[str]]:
-    by_path = {leaf.path: leaf for leaf in leaves(config_type)}
+                  overrides: Mapping[tuple[str, ...], Any],
+                  exclude: frozenset[str] = frozenset()) -> tuple[Any, set[str]]:
+    by_path = {leaf.path: leaf for leaf in _all_leaves(config_type)}
+    excluded = {leaf.path for leaf in by_path.values()} - {
+        leaf.path for leaf in leaves(config_type, exclude)} if exclude else set()
     if defaults is not None and not isinstance(defaults, config_type):
         raise TypeError(f"defaults must be a {config_type.__name__} instance, got {defaults!r}")
     given: set[str] = set()
     config = _build(config_type, data, copy.deepcopy(defaults), source, (), by_path, overrides,
-                    given)
+                    given, excluded)
     return config, given
 
 
 def _build(cls: type, data: Any, defaults: Any, source: str, prefix: tuple[str, ...],
            by_path: Mapping[tuple[str, ...], Leaf], overrides: Mapping[tuple[str, ...], Any],
-           given: set[str]) -> Any:
+           given: set[str], excluded: set[tuple[str, ...]]) -> Any:
     if not isinstance(data, Mapping):
         raise ValueError(f"{source}: [{'.'.join(prefix)}] must be a table of keys, got "
                          f"{data!r}")
     children = _children(cls)
-    accepted = [field.name for field, _ in children]
+    accepted = [field.name for field, _ in children if (*prefix, field.name) not in excluded]
     for key in data:
         if key not in accepted:
             raise ValueError(f"{source}: unknown key {key!r} {_section(prefix)}; accepted: "
@@ -600,8 +641,10 @@ def _build(cls: type, data: Any, defaults: Any, source: str, prefix: tuple[str, 
         path = (*prefix, field.name)
         inner_defaults = getattr(defaults, field.name) if defaults is not None else None
         if _is_dataclass_type(kind):
+            if inner_defaults is None:  # the field's own default tree (an app's default_loop())
+                inner_defaults = _own_default(field)
             values[field.name] = _build(kind, data.get(field.name, {}), inner_defaults, source,
-                                        path, by_path, overrides, given)
+                                        path, by_path, overrides, given, excluded)
             continue
         leaf = by_path[path]
         if field.name in data:
@@ -630,6 +673,13 @@ def _build(cls: type, data: Any, defaults: Any, source: str, prefix: tuple[str, 
         return cls(**values)
     except (TypeError, ValueError) as error:  # the dataclass's own __post_init__ refused
         raise ValueError(f"{source}: {error}") from None
+
+
+def _own_default(field: dataclasses.Field) -> Any:
+    """A field's default value (a fresh one from its factory), else None."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else copy.deepcopy(field.default)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -720,14 +770,15 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} ({type(value).__name__}) to TOML")
 
 
-def config_to_toml(config: Any) -> str:
+def config_to_toml(config: Any, exclude: frozenset[str] | set[str] = frozenset()) -> str:
     """``config`` as a TOML document: settings as keys (each with its help as a comment),
     nested configs as tables (``[model.recurrent]``), None as the string "none".
-    `config_from_dict` of its `tomllib` parse gives ``config`` back.
+    `config_from_dict` of its `tomllib` parse gives ``config`` back. Settings in ``exclude``
+    (dotted paths) are left out, as `add_config_arguments` leaves them out.
     """
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         raise TypeError(f"config must be a dataclass instance, got {config!r}")
-    by_path = {leaf.path: leaf for leaf in leaves(type(config))}
+    by_path = {leaf.path: leaf for leaf in leaves(type(config), exclude)}
     lines: list[str] = []
     _write_table(config, (), by_path, lines)
     return "\n".join(lines).lstrip("\n") + "\n"
@@ -741,8 +792,10 @@ def _write_table(config: Any, prefix: tuple[str, ...], by_path: Mapping[tuple[st
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         path = (*prefix, field.name)
-        if path not in by_path:  # a nested config: its table follows this table's keys
-            tables.append((value, path))
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            tables.append((value, path))  # a nested config: its table follows these keys
+            continue
+        if path not in by_path:  # excluded
             continue
         line = f"{_toml_key(field.name)} = {_toml_value(value)}"
         comment = by_path[path].comment
@@ -765,9 +818,17 @@ def _default_config(config_type: type, defaults: Any) -> Any:
         return None
 
 
-def _field_default(leaf: Leaf, config: Any) -> Any:
+def _field_default(leaf: Leaf, config: Any, config_type: type) -> Any:
     if config is not None:
         return leaf.read(config)
+    # A required field above: walk the field defaults down to the leaf's table.
+    cls, node = config_type, None
+    for name in leaf.path[:-1]:
+        field = next(f for f, _ in _children(cls) if f.name == name)
+        node = getattr(node, name) if node is not None else _own_default(field)
+        cls = dict((f.name, k) for f, k in _children(cls))[name]
+    if node is not None:
+        return getattr(node, leaf.path[-1])
     if leaf.field.default is not dataclasses.MISSING:
         return leaf.field.default
     if leaf.field.default_factory is not dataclasses.MISSING:
@@ -790,7 +851,8 @@ def _help(leaf: Leaf, default: Any) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser | Any, config_type: type,
-                         defaults: Any = None) -> None:
+                         defaults: Any = None,
+                         exclude: frozenset[str] | set[str] = frozenset()) -> None:
     """Add one option per leaf setting of ``config_type`` to ``parser`` (nested configs as
     argument groups), plus ``--config FILE`` and ``--print-config``.
 
@@ -798,10 +860,12 @@ def add_config_arguments(parser: argparse.ArgumentParser | Any, config_type: typ
     help; pass the same one to `config_from_arguments`. Every option's argparse default is
     `UNSET`, so `config_from_arguments` knows what the command line gave. ``--print-config``
     only sets ``args.print_config``: the caller prints ``config_to_toml(config)`` and exits 0.
+    ``exclude`` (dotted paths, e.g. ``{"recurrent.cell"}``) are settings the command fixes
+    itself: no option, refused in its files; pass the same to `config_from_arguments`.
     """
     default_config = _default_config(config_type, defaults)
     groups: dict[tuple[str, ...], Any] = {(): parser}
-    for leaf in leaves(config_type):
+    for leaf in leaves(config_type, exclude):
         if leaf.option is None:
             continue
         section = leaf.path[:-1]
@@ -809,7 +873,7 @@ def add_config_arguments(parser: argparse.ArgumentParser | Any, config_type: typ
             groups[section] = parser.add_argument_group(
                 f"{'.'.join(section)} settings ([{'.'.join(section)}] in a config file)")
         target = groups[section]
-        text = _help(leaf, _field_default(leaf, default_config))
+        text = _help(leaf, _field_default(leaf, default_config, config_type))
         if leaf.base is bool:
             action = target.add_argument(leaf.option, dest=leaf.dotted, default=None, help=text,
                                          action=argparse.BooleanOptionalAction)
@@ -837,7 +901,8 @@ def _parser_of(leaf: Leaf) -> Callable[[str], Any]:
 
 
 def config_from_arguments(args: argparse.Namespace, config_type: type, defaults: Any = None,
-                          *, check: bool = True) -> tuple[Any, set[str]]:
+                          *, check: bool = True, exclude: frozenset[str] | set[str] = frozenset()
+                          ) -> tuple[Any, set[str]]:
     """The config that parsed ``args`` describe, and the dotted paths of the settings given
     explicitly (in ``--config FILE`` or on the command line), e.g. {"model.hidden_size"}.
 
@@ -846,14 +911,15 @@ def config_from_arguments(args: argparse.Namespace, config_type: type, defaults:
     ``rnnkit.errors.usage_errors()`` for exit 2). A bad file raises ValueError naming it.
     """
     overrides = {}
-    for leaf in leaves(config_type):
+    for leaf in leaves(config_type, exclude):
         value = getattr(args, leaf.dotted, UNSET) if leaf.option is not None else UNSET
         if value is not UNSET:
             overrides[leaf.path] = value
     config_file = getattr(args, CONFIG_FILE_DEST, None)
     data = read_config_file(config_file) if config_file is not None else {}
     source = f"config file {str(config_file)!r}" if config_file is not None else "command line"
-    config, given = _build_config(config_type, data, source, defaults, overrides)
+    config, given = _build_config(config_type, data, source, defaults, overrides,
+                                  frozenset(exclude))
     if check:
         check_config(config)
     return config, given

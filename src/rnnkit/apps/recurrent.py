@@ -23,10 +23,11 @@ touches LSTMs only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from rnnkit.configuration import LARGEST_COUNT, Check
 from rnnkit.engine import BACKENDS
 from rnnkit.layers import GRU, LSTM, RNN
 
@@ -44,27 +45,37 @@ CELL_NAMES: dict[str, tuple[str, dict]] = {
 INITS = ("default", "chrono")
 NONLINEARITIES = ("tanh", "relu")
 RECURRENT_BACKENDS = (*BACKENDS, "torch.nn")
+CHECKS_NONNEGATIVE_INT = Check(int, "an int >= 0 (at most 2**63 - 1)", "ints >= 0",
+                               lambda v: 0 <= v <= LARGEST_COUNT)
 
 
 @dataclass
 class RecurrentConfig:
     """The recurrent stack of a model; every app embeds one (with its own defaults)."""
 
-    cell: str = "lstm"  # lstm | gru | rnn, or a variant: lstm-peephole, lstm-projection,
-    # gru-reset-before, rnn-relu
-    hidden_size: int = 256  # units per layer (and direction)
-    num_layers: int = 1  # stacked layers
-    dropout: float = 0.0  # between layers (and before the app's output layer), in training only
+    cell: str = field(default="lstm", metadata={"choices": tuple(CELL_NAMES)})
+        # lstm | gru | rnn, or a variant: lstm-peephole, lstm-projection,
+        # gru-reset-before, rnn-relu
+    hidden_size: int = field(default=256, metadata={"option": "--hidden", "check": "positive"})
+        # units per layer (and direction)
+    num_layers: int = field(default=1, metadata={"option": "--layers", "check": "positive"})
+        # stacked layers
+    dropout: float = field(default=0.0, metadata={"check": "probability"})  # between layers (and
+        # before the app's output layer), in training only
     peephole: bool = False  # LSTM only: peephole connections (the same as --cell lstm-peephole)
     reset_before: bool = False  # GRU only: reset gate before W_hn, the original GRU
-    proj_size: int = 0  # LSTM only: h projected to this size (0: none)
-    nonlinearity: str = "tanh"  # RNN only: tanh | relu (the same as --cell rnn-relu)
-    init: str = "default"  # default | chrono (Tallec & Ollivier 2018; LSTM and GRU, RNNs keep
-    # the default)
+    proj_size: int = field(default=0, metadata={"check": CHECKS_NONNEGATIVE_INT})
+        # LSTM only: h projected to this size (0: none)
+    nonlinearity: str = field(default="tanh", metadata={"choices": NONLINEARITIES})
+        # RNN only: tanh | relu (the same as --cell rnn-relu)
+    init: str = field(default="default", metadata={"choices": INITS})  # default | chrono (Tallec &
+        # Ollivier 2018; LSTM and GRU, RNNs keep
+        # the default)
     forget_bias: float = 0.0  # added to the LSTM forget-gate bias at initialisation (1.0 per
-    # Jozefowicz et al. 2015); other cells ignore it
-    backend: str = "auto"  # rnnkit engine: auto | reference | fused | native; or torch.nn (plain
-    # cells, for comparisons)
+        # Jozefowicz et al. 2015); other cells ignore it
+    backend: str = field(default="auto", metadata={"choices": RECURRENT_BACKENDS})
+        # rnnkit engine: auto | reference | fused | native; or torch.nn (plain
+        # cells, for comparisons)
 
     @property
     def family(self) -> str:

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from rnnkit.configuration import parse_bound_or_off
 from rnnkit.training.checkpoint import (
     NonFiniteState,
     load_checkpoint,
@@ -64,22 +65,39 @@ from rnnkit.training.progress import Progress
 LARGEST_COUNT = 2**63 - 1
 
 
+# The clipping options: 0 on the command line is off (None); a bound of 0 would zero every
+# gradient.
+CLIP_NORM = {"parse": parse_bound_or_off, "metavar": "BOUND"}
+CLIP_BOUND = {"check": "positive_real", "metavar": "BOUND"}
+
+
 @dataclass
 class LoopConfig:
     """How the loop trains; every app embeds one (with its own defaults)."""
 
-    steps: int = 1000  # total optimiser steps (a resumed run continues up to this)
+    steps: int = field(default=1000, metadata={"check": "positive"})  # total optimiser steps (a
+        # resumed run continues up to this)
     lr: float = 1e-3  # learning rate (peak, with a schedule)
-    optimizer: str = "adam"  # adam | sgd (momentum 0.9)
-    schedule: str = "constant"  # constant | cosine | linear (decay to 0 over --steps)
-    clip_norm: float | None = 1.0  # global-norm clipping bound (tf.clip_by_global_norm); none: off
-    clip_value: float | None = None  # per-element clipping bound (tf.clip_by_value); none: off
-    clip_tensor_norm: float | None = None  # per-tensor norm bound (tf.clip_by_norm); none: off
-    accumulate: int = 1  # micro-batches summed into each optimiser step (gradient accumulation)
-    eval_every: int = 100  # optimiser steps between validations (and one at the last step)
-    patience: int | None = None  # validations without improvement before stopping; none: never
-    checkpoint_every: int = 500  # optimiser steps between checkpoints (and one at the end)
-    seed: int = 0  # seeds the weights, the batches and dropout
+    optimizer: str = field(default="adam", metadata={"choices": tuple(OPTIMIZERS)})
+        # adam | sgd (momentum 0.9)
+    schedule: str = field(default="constant", metadata={"choices": tuple(SCHEDULES)})
+        # constant | cosine | linear (decay to 0 over --steps)
+    clip_norm: float | None = field(default=1.0, metadata=CLIP_NORM)  # global-norm clipping bound
+        # (tf.clip_by_global_norm); none: off
+    clip_value: float | None = field(default=None, metadata=CLIP_BOUND)  # per-element clipping
+        # bound (tf.clip_by_value); none: off
+    clip_tensor_norm: float | None = field(default=None, metadata=CLIP_BOUND)
+        # per-tensor norm bound (tf.clip_by_norm); none: off
+    accumulate: int = field(default=1, metadata={"check": "positive"})  # micro-batches summed into
+        # each optimiser step (gradient accumulation)
+    eval_every: int = field(default=100, metadata={"check": "positive"})  # optimiser steps between
+        # validations (and one at the last step)
+    patience: int | None = field(default=None, metadata={"check": "positive"})
+        # validations without improvement before stopping; none: never
+    checkpoint_every: int = field(default=500, metadata={"check": "positive"})
+        # optimiser steps between checkpoints (and one at the end)
+    seed: int = field(default=0, metadata={"check": "seed"})  # seeds the weights, the batches and
+        # dropout
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
 
     def check(self) -> None:

@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 from pandas.tseries.frequencies import to_offset
 
+from rnnkit.configuration import parse_columns, parse_season
+
 DATASETS = ("co2", "sunspots")
 FILL_RULES = ("interpolate", "ffill", "error")
 
@@ -298,22 +300,37 @@ DATASET_DEFAULTS = {"co2": (104, 52), "sunspots": (33, 11)}
 CSV_DEFAULTS = (24, 1)
 
 
+FEATURES = {"parse": parse_columns, "metavar": "COL,..."}
+
+
 @dataclass
 class DataConfig:
     """Where the series comes from and how it is cut; one field per `rnnkit forecast` option."""
 
-    dataset: str | None = None  # a built-in series (co2 | sunspots), or
-    csv: str | None = None  # a CSV file with a header row
-    target: str | None = None  # the column to forecast (CSV; built-in data knows its own)
-    time: str | None = None  # the column of timestamps or numbers to sort by (optional)
-    features: list[str] = field(default_factory=list)  # extra input columns (direct only)
-    fill: str = "interpolate"  # interpolate | ffill | error, for missing or infinite values
-    season: int | None = None  # season length; None: the dataset's or detected; 0: none
-    lookback: int | None = None  # steps the network reads; None: the source's default
-    horizon: int | None = None  # steps forecast from each origin; None: the source's default
-    test_size: int | None = None  # length of the test tail; None: 10 % of the rows (>= horizon)
-    validation_size: int | None = None  # length of the validation part; None: as the test tail
-    stride: int = 1  # evaluate every stride-th origin of the test tail
+    dataset: str | None = field(default=None, metadata={"choices": DATASETS})
+        # a built-in series (co2 | sunspots), or
+    csv: str | None = field(default=None, metadata={"metavar": "FILE"})  # a CSV file with a header
+        # row
+    target: str | None = field(default=None, metadata={"metavar": "COL"})  # the column to forecast
+        # (CSV; built-in data knows its own)
+    time: str | None = field(default=None, metadata={"metavar": "COL"})  # the column of timestamps
+        # or numbers to sort by (optional)
+    features: list[str] = field(default_factory=list, metadata=FEATURES)  # extra input columns
+        # (direct only)
+    fill: str = field(default="interpolate", metadata={"choices": FILL_RULES})
+        # interpolate | ffill | error, for missing or infinite values
+    season: int | None = field(default=None, metadata={"parse": parse_season})
+        # season length; None: the dataset's or detected; 0: none
+    lookback: int | None = field(default=None, metadata={"check": "positive"})
+        # steps the network reads; None: the source's default
+    horizon: int | None = field(default=None, metadata={"check": "positive"})
+        # steps forecast from each origin; None: the source's default
+    test_size: int | None = field(default=None, metadata={"check": "positive"})
+        # length of the test tail; None: 10 % of the rows (>= horizon)
+    validation_size: int | None = field(default=None, metadata={"check": "positive"})
+        # length of the validation part; None: as the test tail
+    stride: int = field(default=1, metadata={"check": "positive"})  # evaluate every stride-th
+        # origin of the test tail
 
 
 def load_frame(config: DataConfig) -> tuple[pd.DataFrame, str, str | None, int | None, str]:

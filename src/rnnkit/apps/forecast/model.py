@@ -30,9 +30,11 @@ STRATEGIES = ("direct", "recursive")
 class ForecastModelConfig:
     """What the network is; every field maps one to one onto an `rnnkit forecast train` option."""
 
-    input_size: int  # columns per step: the target, then the features
-    horizon: int  # steps forecast from each origin
-    strategy: str = "direct"  # direct: one output per step | recursive: one step, fed back
+    input_size: int = field(metadata={"cli": False})  # columns per step: the target, then the
+        # features
+    horizon: int = field(metadata={"cli": False})  # steps forecast from each origin
+    strategy: str = field(default="direct", metadata={"choices": STRATEGIES})
+        # direct: one output per step | recursive: one step, fed back
     recurrent: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(hidden_size=64))
 
 

@@ -17,21 +17,36 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
-from rnnkit.training.trainer import BaseTask, LoopConfig, Trainer, evaluating, model_device
+from rnnkit.training.trainer import (
+    CLIP_BOUND,
+    CLIP_NORM,
+    BaseTask,
+    LoopConfig,
+    Trainer,
+    evaluating,
+    model_device,
+)
 
 
 @dataclass
 class FitConfig:
     """How to train; every field maps one to one onto an `rnnkit forecast train` option."""
 
-    epochs: int = 300  # at most; early stopping usually ends sooner
-    patience: int = 30  # epochs without a better validation loss before stopping
-    batch_size: int = 64  # windows per optimiser step (over all processes)
+    epochs: int = field(default=300, metadata={"check": "positive"})  # at most; early stopping
+        # usually ends sooner
+    patience: int = field(default=30, metadata={"check": "positive"})  # epochs without a better
+        # validation loss before stopping
+    batch_size: int = field(default=64, metadata={"check": "positive"})  # windows per optimiser
+        # step (over all processes)
     lr: float = 3e-3  # Adam
-    clip_norm: float | None = 1.0  # global-norm bound (tf.clip_by_global_norm); none: off
-    clip_value: float | None = None  # per-element bound (tf.clip_by_value); none: off
-    clip_tensor_norm: float | None = None  # per-tensor norm bound (tf.clip_by_norm); none: off
-    seed: int = 0  # weights, the order of the windows, dropout
+    clip_norm: float | None = field(default=1.0, metadata=CLIP_NORM)  # global-norm bound
+        # (tf.clip_by_global_norm); none: off
+    clip_value: float | None = field(default=None, metadata=CLIP_BOUND)  # per-element bound
+        # (tf.clip_by_value); none: off
+    clip_tensor_norm: float | None = field(default=None, metadata=CLIP_BOUND)
+        # per-tensor norm bound (tf.clip_by_norm); none: off
+    seed: int = field(default=0, metadata={"check": "seed"})  # weights, the order of the windows,
+        # dropout
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
 
     def loop(self, batches_per_epoch: int) -> LoopConfig:

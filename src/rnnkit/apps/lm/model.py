@@ -17,8 +17,10 @@ def default_recurrent() -> RecurrentConfig:
 class ModelConfig:
     """What the model is; every field maps one to one onto an `rnnkit lm train` option."""
 
-    vocabulary_size: int = 0  # set from the text's vocabulary
-    embedding_size: int = 64  # ignored with tied weights: the embedding is then hidden-sized
+    vocabulary_size: int = field(default=0, metadata={"cli": False})  # set from the text's
+        # vocabulary
+    embedding_size: int = field(default=64, metadata={"option": "--embedding", "check": "positive"})
+        # ignored with tied weights: the embedding is then hidden-sized
     tie_weights: bool = False  # output layer shares the embedding matrix (Press & Wolf 2017)
     recurrent: RecurrentConfig = field(default_factory=default_recurrent)
 

@@ -45,10 +45,13 @@ def default_loop() -> LoopConfig:
 class TrainConfig:
     """How to train; every field maps one to one onto an `rnnkit lm train` option."""
 
-    level: str = "char"  # char | word
-    max_vocabulary: int | None = None  # most frequent tokens kept (words); none: all
-    seq_len: int = 100  # truncated-BPTT window, in tokens
-    batch_size: int = 32  # parallel streams (over all processes)
+    level: str = field(default="char", metadata={"choices": LEVELS})  # char | word
+    max_vocabulary: int | None = field(default=None, metadata={"check": "positive"})
+        # most frequent tokens kept (words); none: all
+    seq_len: int = field(default=100, metadata={"check": "positive"})  # truncated-BPTT window, in
+        # tokens
+    batch_size: int = field(default=32, metadata={"check": "positive"})  # parallel streams (over
+        # all processes)
     validation_fraction: float = 0.05  # the text's tail held out
     loop: LoopConfig = field(default_factory=default_loop)
 

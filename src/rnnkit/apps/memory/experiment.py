@@ -46,12 +46,15 @@ def default_loop() -> LoopConfig:
 class RunConfig:
     """One run: a task at one length, one cell (``recurrent.cell``), one seed (``loop.seed``)."""
 
-    task: str  # adding | copy
-    length: int  # T: sequence length (adding) or delay (copy)
+    task: str = field(metadata={"choices": TASKS})  # adding | copy
+    length: int = field(metadata={"check": "positive"})  # T: sequence length (adding) or delay
+        # (copy)
     recurrent: RecurrentConfig = field(default_factory=default_recurrent)
     loop: LoopConfig = field(default_factory=default_loop)
-    batch_size: int = 50  # sequences per optimiser step, drawn fresh every step
-    held_out: int = 1000  # held-out sequences, the same for every cell
+    batch_size: int = field(default=50, metadata={"check": "positive"})  # sequences per optimiser
+        # step, drawn fresh every step
+    held_out: int = field(default=1000, metadata={"check": "positive"})  # held-out sequences, the
+        # same for every cell
 
     @property
     def cell(self) -> str:

@@ -1,0 +1,153 @@
+"""The command line generated from the command configs: every setting of every wired command
+reaches its config, survives ``--print-config`` -> ``--config FILE``, and a bad file or value is
+a named usage error (exit 2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rnnkit import cli
+from rnnkit.apps.forecast.config import FORECAST_EXCLUDE, ForecastTrainCommand
+from rnnkit.apps.gradients_config import GradientsCommand
+from rnnkit.apps.lm.config import LM_EXCLUDE, LMSampleCommand, LMThroughputCommand, LMTrainCommand
+from rnnkit.apps.memory.config import MEMORY_EXCLUDE, MemoryCommand
+from rnnkit.configuration import config_from_dict, leaves, tomllib
+
+LOOP = ["--steps", "9", "--lr", "0.01", "--optimizer", "sgd", "--schedule", "linear",
+        "--clip-norm", "0", "--clip-value", "2.0", "--clip-tensor-norm", "3.0", "--accumulate",
+        "2", "--eval-every", "4", "--patience", "5", "--device", "cpu"]
+STACK = ["--hidden", "24", "--layers", "3", "--dropout", "0.25", "--proj-size", "8", "--init",
+         "chrono", "--backend", "reference"]
+LM_MODEL = ["--level", "word", "--max-vocabulary", "50", "--seq-len", "7", "--batch-size", "3",
+            "--validation-fraction", "0.2", "--embedding", "12", "--seed", "11",
+            "--cell", "lstm", "--peephole", *STACK, *LOOP]
+# The variant switches exclude one another (a peephole GRU is refused), hence several argvs.
+VARIANTS = [["--cell", "gru", "--reset-before", "--forget-bias", "1.0"],
+            ["--cell", "rnn", "--nonlinearity", "relu"]]
+# (argv prefix, command type, excluded settings, argvs that together change every setting)
+COMMANDS = {
+    "lm train": (["lm", "train"], LMTrainCommand, LM_EXCLUDE, [
+        ["text.txt", "--corpus", "python", "--checkpoint", "a.pt", "--overwrite", "--plot",
+         "p.png", "--quiet", "--checkpoint-every", "6", *LM_MODEL],
+        ["--corpus", "prose", "--resume", "r.pt", "--tie-weights", *VARIANTS[0]],
+        ["--corpus", "prose", *VARIANTS[1]]]),
+    "lm throughput": (["lm", "throughput"], LMThroughputCommand,
+                      LM_EXCLUDE | {"train.loop.checkpoint_every"}, [
+        ["text.txt", "--corpus", "python", "--blocks", "2", "--block-steps", "3", *LM_MODEL],
+        ["--corpus", "prose", "--tie-weights", *VARIANTS[0]],
+        ["--corpus", "prose", *VARIANTS[1]]]),
+    "memory": (["memory"], MemoryCommand, MEMORY_EXCLUDE, [
+        ["copy", "--cells", "lstm,gru", "--lengths", "7,9", "--seed", "1,2", "--batch-size", "5",
+         "--held-out", "10", *STACK, *LOOP, "--out", "o", "--no-plot", "--quiet"],
+        ["adding", "--forget-bias", "1.0"]]),
+    "forecast train": (["forecast", "train"], ForecastTrainCommand, FORECAST_EXCLUDE, [
+        ["--csv", "s.csv", "--target", "y", "--time", "t", "--features", "a,b", "--fill",
+         "ffill", "--season", "0", "--lookback", "5", "--horizon", "2", "--test-size", "4",
+         "--validation-size", "3", "--stride", "2", "--cell", "lstm", "--peephole", *STACK,
+         "--epochs", "3", "--patience", "2", "--batch-size", "8", "--lr", "0.01",
+         "--clip-norm", "0", "--clip-value", "1.5", "--clip-tensor-norm", "2.5", "--seed", "3",
+         "--device", "cpu", "--out", "o", "--overwrite", "--no-plot", "--quiet"],
+        ["--dataset", "sunspots", "--strategy", "recursive", *VARIANTS[0]],
+        ["--dataset", "co2", *VARIANTS[1]]]),
+    "lm sample": (["lm", "sample"], LMSampleCommand, frozenset(), [
+        ["c.pt", "--prime", "ab", "--length", "3", "--temperature", "0.5", "--top-k", "2",
+         "--top-p", "0.9", "--seed", "1"]]),
+    "gradients": (["gradients"], GradientsCommand, frozenset(), [
+        ["--cells", "gru,rnn-relu", "--length", "7", "--hidden", "24", "--samples", "3",
+         "--input-size", "2", "--spectral-radius", "0.9", "--seed", "4", "--out", "o",
+         "--no-plot"],
+        ["--checkpoint", "lm.pt", "text.txt", "--corpus", "prose", "--layer", "1"]]),
+}
+
+
+def printed(argv, capsys) -> str:
+    assert cli.main([*argv, "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip(), argv
+    return out
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_setting_round_trips_through_a_config_file(name, tmp_path, capsys):
+    prefix, command_type, exclude, argvs = COMMANDS[name]
+    default = command_type()
+    changed = set()
+    for number, argv in enumerate(argvs):
+        text = printed([*prefix, *argv], capsys)
+        resolved = config_from_dict(command_type, tomllib.loads(text), defaults=default)
+        changed |= {leaf.dotted for leaf in leaves(command_type, exclude)
+                    if leaf.read(resolved) != leaf.read(default)}
+        path = tmp_path / f"{number}.toml"
+        path.write_text(text)
+        # What the file holds is the whole resolved config: read back, it prints the same.
+        assert printed([*prefix, "--config", str(path)], capsys) == text
+    # Every option of the command took a value other than its default in some argv above.
+    assert changed == {leaf.dotted for leaf in leaves(command_type, exclude)}
+
+
+@pytest.mark.parametrize("name", [name for name in COMMANDS
+                                  if name not in ("gradients", "lm sample")])
+def test_the_command_line_overrides_the_file(name, tmp_path, capsys):
+    prefix, _, _, argvs = COMMANDS[name]
+    path = tmp_path / "run.toml"
+    path.write_text(printed([*prefix, *argvs[0]], capsys))
+    text = printed([*prefix, "--config", str(path), "--hidden", "30"], capsys)
+    assert "hidden_size = 30" in text and "hidden_size = 24" not in text
+    assert "dropout = 0.25" in text  # the rest still from the file
+
+
+@pytest.mark.parametrize("argv, contents, message", [
+    (["memory"], "[recurrent]\nhiden_size = 4\n",
+     "unknown key 'hiden_size' in [recurrent]; accepted: hidden_size, num_layers"),
+    (["memory"], "[loop]\nseed = 3\n", "unknown key 'seed' in [loop]"),  # one of --seed's
+    (["memory"], "[recurrent]\ncell = 'gru'\n", "unknown key 'cell' in [recurrent]"),
+    (["lm", "train", "--corpus", "prose"], "[model]\nvocabulary_size = 3\n",
+     "unknown key 'vocabulary_size' in [model]"),
+    (["lm", "train", "--corpus", "prose"], "[model.recurrent]\nhidden_size = 0\n",
+     "--hidden must be a positive int (at most 2**63 - 1), got 0"),
+    (["forecast", "train", "--dataset", "co2"], "[model.recurrent]\ncell = 'tcn'\n",
+     "--cell must be one of 'lstm', "),
+    (["forecast", "train", "--dataset", "co2"], "[model.recurrent]\ncell = 'gru'\n"
+     "peephole = true\n", "--peephole is for --cell lstm only, got --cell gru"),
+    (["lm", "train", "--corpus", "prose"], "steps = [", "is not valid TOML"),
+    (["gradients"], "length = 1\n", "--length must be an integer in [2, 2**63 - 1], got 1"),
+])
+def test_bad_files_are_named_usage_errors(argv, contents, message, tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(contents)
+    assert cli.main([*argv, "--config", str(path), "--print-config"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error, error
+    # A value is named with its file; a rule across settings (above) with its options.
+    assert "bad.toml" in error or "peephole" in message, error
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["memory", "adding", "--reset-before"], "unrecognized arguments: --reset-before"),
+    (["lm", "throughput", "--corpus", "prose", "--checkpoint-every", "3"],
+     "unrecognized arguments: --checkpoint-every"),
+    (["memory", "adding", "--proj-size", "-1"], "expected an int >= 0"),
+    (["forecast", "train", "--dataset", "co2", "--device", "tpu", "--patience", "x"],
+     "expected a positive int (at most 2**63 - 1), got 'x'"),
+])
+def test_bad_and_excluded_options_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_resumed_run_refuses_settings_from_a_file_too(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text("[train.loop]\nlr = 0.5\nsteps = 40\n")
+    assert cli.main(["lm", "train", "--corpus", "prose", "--resume", str(tmp_path / "a.pt"),
+                     "--config", str(path), "--device", "cpu"]) == 2
+    assert "--lr cannot change a resumed run (it continues with the settings saved in " \
+        f"{tmp_path / 'a.pt'}; only --steps may be given)" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    import rnnkit
+    assert capsys.readouterr().out.strip() == f"rnnkit {rnnkit.__version__}"
