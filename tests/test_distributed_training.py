@@ -19,7 +19,7 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 60
 # dropout 0: each process draws its own dropout masks, so only a run without any is the same
 SETTINGS = ["--hidden", "8", "--layers", "2", "--dropout", "0", "--batch-size", "4",
             "--seq-len", "12", "--eval-every", "2", "--checkpoint-every", "2", "--lr", "0.01",
-            ]
+            "--device", "cpu"]
 
 
 def torchrun(arguments: list[str], processes: int = 2) -> subprocess.CompletedProcess:
