@@ -315,8 +315,8 @@ def test_yaml_file_with_null_and_yaml_floats(tmp_path):
      "be a list of integers in [0, 2**63 - 1], got [1, -1]"),
     ({"seeds": []}, "--seeds must be a list of integers in [0, 2**63 - 1], got []"),
     ({"seeds": 3}, "--seeds must be a list of integers in [0, 2**63 - 1], got 3"),
-    ({"lengths": [1]}, "config file 'run.toml': key 'lengths' at the top level: --lengths: "
-     "--lengths takes comma-separated integers in [2, 2**63 - 1], got '1'"),
+    ({"lengths": [1]}, "config file 'run.toml': key 'lengths' at the top level: --lengths "
+     "takes comma-separated integers in [2, 2**63 - 1], got '1'"),
     ({"optimizer": "adamw"}, "--optimizer must be one of 'adam', 'sgd', got 'adamw'"),
     ({"level": "byte"}, "--level must be one of 'char', 'word', or none, got 'byte'"),
     ({"model": {"vocabulary_size": -1.5}}, "key 'vocabulary_size' in [model]: "
@@ -498,7 +498,7 @@ def test_toml_file_round_trip_with_awkward_strings(tmp_path):
     (lambda r: r.model.__setattr__("recurrent", None), r"^model.recurrent must be a Recurrent, got None$"),
     (lambda r: r.__setattr__("seeds", (1, "2")), r"^--seeds must be a list of integers in \[0, 2\*\*63 - 1\], got \(1, '2'\)$"),
     (lambda r: r.__setattr__("text_file", 3), r"^TEXT_FILE must be a string, or none, got 3$"),
-    (lambda r: r.__setattr__("lengths", [1, 5]), r"^--lengths: --lengths takes comma-separated integers in \[2, 2\*\*63 - 1\], got '1,5'$"),
+    (lambda r: r.__setattr__("lengths", [1, 5]), r"^--lengths takes comma-separated integers in \[2, 2\*\*63 - 1\], got '1,5'$"),
 ])
 def test_check_config_on_values_from_code(change, message):
     run = Run()

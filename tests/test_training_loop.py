@@ -251,11 +251,11 @@ def test_evaluating_restores_the_mode_even_when_the_block_raises():
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"steps": 0}, "--steps must be a positive integer, got 0"),
-    ({"accumulate": 0}, "--accumulate must be a positive integer, got 0"),
-    ({"patience": 0}, "--patience must be a positive integer or none, got 0"),
+    ({"steps": 0}, "--steps must be a positive int (at most 2**63 - 1), got 0"),
+    ({"accumulate": 0}, "--accumulate must be a positive int (at most 2**63 - 1), got 0"),
+    ({"patience": 0}, "--patience must be a positive int (at most 2**63 - 1), or none, got 0"),
     ({"lr": 0.0}, "--lr must be positive, got 0.0"),
-    ({"optimizer": "rmsprop"}, "--optimizer must be one of adam, sgd, got 'rmsprop'"),
+    ({"optimizer": "rmsprop"}, "--optimizer must be one of 'adam', 'sgd', got 'rmsprop'"),
     ({"device": "gpu"}, "--device takes auto, cpu, cuda or cuda:N, got 'gpu'"),
 ])
 def test_bad_loop_settings_are_named(setting, message):

@@ -538,8 +538,14 @@ def validate_value(leaf: Leaf, value: Any) -> Any:
         try:
             leaf.parse(format_value(leaf, converted))
         except argparse.ArgumentTypeError as error:
-            raise ValueError(f"{leaf.label}: {error}") from None
+            raise ValueError(_named(leaf, error)) from None
     return converted
+
+
+def _named(leaf: Leaf, error: Exception) -> str:
+    """A parser's message, prefixed with the setting unless it names it already."""
+    message = str(error)
+    return message if message.startswith(leaf.label) else f"{leaf.label}: {message}"
 
 
 def _value_from_file(leaf: Leaf, value: Any) -> Any:
@@ -552,7 +558,7 @@ def _value_from_file(leaf: Leaf, value: Any) -> Any:
         except argparse.ArgumentTypeError as error:
             if leaf.parse is None:
                 raise _refuse(leaf, value) from None
-            raise ValueError(f"{leaf.label}: {error}") from None  # the parser's own words
+            raise ValueError(_named(leaf, error)) from None  # the parser's own words
     return validate_value(leaf, value)
 
 

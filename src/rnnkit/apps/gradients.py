@@ -19,6 +19,7 @@ import torch
 
 from rnnkit.apps.outputs import output_directory
 from rnnkit.apps.recurrent import RecurrentConfig, build_recurrent
+from rnnkit.configuration import check_config
 from rnnkit.diagnostics import gradient_flow
 from rnnkit.engine.native import build
 from rnnkit.errors import usage_errors
@@ -67,7 +68,7 @@ def check_fresh_options(cells: list[str], hidden: int,
                          "rescale")
     configs = {cell: RecurrentConfig(cell, hidden_size=hidden) for cell in cells}
     for config in configs.values():
-        config.check()
+        check_config(config)
     return configs
 
 

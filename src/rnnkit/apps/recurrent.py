@@ -54,28 +54,26 @@ class RecurrentConfig:
     """The recurrent stack of a model; every app embeds one (with its own defaults)."""
 
     cell: str = field(default="lstm", metadata={"choices": tuple(CELL_NAMES)})
-        # lstm | gru | rnn, or a variant: lstm-peephole, lstm-projection,
-        # gru-reset-before, rnn-relu
+        # lstm | gru | rnn, or a variant: lstm-peephole, lstm-projection, gru-reset-before,
+        # rnn-relu
     hidden_size: int = field(default=256, metadata={"option": "--hidden", "check": "positive"})
         # units per layer (and direction)
     num_layers: int = field(default=1, metadata={"option": "--layers", "check": "positive"})
         # stacked layers
-    dropout: float = field(default=0.0, metadata={"check": "probability"})  # between layers (and
-        # before the app's output layer), in training only
+    dropout: float = field(default=0.0, metadata={"check": "probability"})
+        # between layers (and before the app's output layer), in training only
     peephole: bool = False  # LSTM only: peephole connections (the same as --cell lstm-peephole)
     reset_before: bool = False  # GRU only: reset gate before W_hn, the original GRU
     proj_size: int = field(default=0, metadata={"check": CHECKS_NONNEGATIVE_INT})
         # LSTM only: h projected to this size (0: none)
     nonlinearity: str = field(default="tanh", metadata={"choices": NONLINEARITIES})
         # RNN only: tanh | relu (the same as --cell rnn-relu)
-    init: str = field(default="default", metadata={"choices": INITS})  # default | chrono (Tallec &
-        # Ollivier 2018; LSTM and GRU, RNNs keep
-        # the default)
+    init: str = field(default="default", metadata={"choices": INITS})
+        # default | chrono (Tallec & Ollivier 2018; LSTM and GRU, RNNs keep the default)
     forget_bias: float = 0.0  # added to the LSTM forget-gate bias at initialisation (1.0 per
         # Jozefowicz et al. 2015); other cells ignore it
     backend: str = field(default="auto", metadata={"choices": RECURRENT_BACKENDS})
-        # rnnkit engine: auto | reference | fused | native; or torch.nn (plain
-        # cells, for comparisons)
+        # rnnkit engine: auto | reference | fused | native; or torch.nn (plain cells, to compare)
 
     @property
     def family(self) -> str:
@@ -83,37 +81,19 @@ class RecurrentConfig:
         return CELL_NAMES[self.cell][0]
 
     def check(self) -> None:
-        """``ValueError`` naming the first setting outside what can be built."""
-        if self.cell not in CELL_NAMES:
-            raise ValueError(f"--cell must be one of {', '.join(CELL_NAMES)}, got {self.cell!r}")
+        """``ValueError`` for the settings that do not go together (`check_config` checks each
+        one's range and choices first, then calls this)."""
         family = self.family
-        if self.peephole and family != "lstm":
-            raise ValueError(f"--peephole is for --cell lstm only, got --cell {self.cell}")
-        if self.reset_before and family != "gru":
-            raise ValueError(f"--reset-before is for --cell gru only, got --cell {self.cell}")
-        if self.proj_size and family != "lstm":
-            raise ValueError(f"--proj-size is for --cell lstm only, got --cell {self.cell}")
-        if self.nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"--nonlinearity must be one of {', '.join(NONLINEARITIES)}, got "
-                             f"{self.nonlinearity!r}")
-        if self.nonlinearity != "tanh" and family != "rnn":
-            raise ValueError(f"--nonlinearity is for --cell rnn only, got --cell {self.cell}")
-        for name in ("hidden_size", "num_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{_option(name)} must be a positive integer, got {value!r}")
-        if not 0 <= self.dropout <= 1:
-            raise ValueError(f"--dropout must be in [0, 1], got {self.dropout!r}")
-        if self.init not in INITS:
-            raise ValueError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if self.backend not in RECURRENT_BACKENDS:
-            raise ValueError(f"--backend must be one of {', '.join(RECURRENT_BACKENDS)}, got "
-                             f"{self.backend!r}")
+        for switch, given, owner in (("--peephole", self.peephole, "lstm"),
+                                     ("--reset-before", self.reset_before, "gru"),
+                                     ("--proj-size", self.proj_size, "lstm"),
+                                     ("--nonlinearity", self.nonlinearity != "tanh", "rnn")):
+            if given and family != owner:
+                raise ValueError(f"{switch} is for --cell {owner} only, got --cell {self.cell}")
         if self.forget_bias and self.init == "chrono" and family == "lstm":
             raise ValueError("--forget-bias and --init chrono both set the LSTM forget-gate "
                              "bias; choose one")
-        options = self.layer_options()
-        proj_size = options.get("proj_size", 0)
+        proj_size = self.layer_options().get("proj_size", 0)
         if CELL_NAMES[self.cell][1].get("projection") and not proj_size:
             raise ValueError("lstm-projection projects h to hidden // 2 units: it needs "
                              f"hidden >= 2, got {self.hidden_size}")
@@ -158,10 +138,6 @@ class RecurrentConfig:
     def output_size(self) -> int:
         """Features of the stack's output per step: the projection's size, else hidden."""
         return self.layer_options().get("proj_size") or self.hidden_size
-
-
-def _option(name: str) -> str:
-    return {"hidden_size": "hidden", "num_layers": "layers"}.get(name, name.replace("_", "-"))
 
 
 def build_recurrent(config: RecurrentConfig, input_size: int, batch_first: bool = False,

@@ -41,14 +41,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from rnnkit.configuration import parse_bound_or_off
+from rnnkit.configuration import check_config, parse_bound_or_off
 from rnnkit.training.checkpoint import (
     NonFiniteState,
     load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
 )
-from rnnkit.training.devices import move_to, resolve_device
+from rnnkit.training.devices import move_to, parse_device, resolve_device
 from rnnkit.training.distributed import Distributed
 from rnnkit.training.loop import EarlyStopping, Interrupted, interrupt_between_steps
 from rnnkit.training.metrics import MetricsLog
@@ -61,9 +61,6 @@ from rnnkit.training.optimization import (
     make_schedule,
 )
 from rnnkit.training.progress import Progress
-
-LARGEST_COUNT = 2**63 - 1
-
 
 # The clipping options: 0 on the command line is off (None); a bound of 0 would zero every
 # gradient.
@@ -98,38 +95,18 @@ class LoopConfig:
         # optimiser steps between checkpoints (and one at the end)
     seed: int = field(default=0, metadata={"check": "seed"})  # seeds the weights, the batches and
         # dropout
-    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    device: str = field(default="auto", metadata={"parse": parse_device})
+        # auto (CUDA when available) | cpu | cuda | cuda:N
 
     def check(self) -> None:
-        """``ValueError`` naming the first setting outside what the loop accepts."""
-        for name in ("steps", "accumulate", "eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or \
-                    not 1 <= value <= LARGEST_COUNT:
-                raise ValueError(f"{_option(name)} must be a positive integer, got {value!r}")
-        if self.patience is not None and (isinstance(self.patience, bool) or
-                                          not isinstance(self.patience, int) or self.patience < 1):
-            raise ValueError(f"--patience must be a positive integer or none, got "
-                             f"{self.patience!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got "
-                             f"{self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got "
-                             f"{self.schedule!r}")
+        """``ValueError`` for what the fields' metadata cannot say (see `check_config`, which
+        checks those first and then calls this)."""
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or \
                 not self.lr > 0:
             # (an infinite rate is let through: the non-finite policy stops it at step 1)
             raise ValueError(f"--lr must be positive, got {self.lr!r}")
         check_clipping(clip_norm=self.clip_norm, clip_value=self.clip_value,
                        clip_tensor_norm=self.clip_tensor_norm)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
-                not 0 <= self.seed <= LARGEST_COUNT:
-            raise ValueError(f"--seed takes an integer in [0, 2**63 - 1], got {self.seed!r}")
-
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 class NonFiniteLoss(ValueError):
@@ -227,7 +204,7 @@ class Trainer:
                  metrics_fields: dict | None = None, show_progress: bool = True,
                  quiet: bool = False, distributed: Distributed | None = None,
                  unit_of_work: Callable[[float], str] | None = None) -> None:
-        config.check()
+        check_config(config)
         self.task, self.loop, self.kind = task, config, kind
         self.payload = payload or dict
         self.description, self.resume_hint = description, resume_hint

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
+from rnnkit.configuration import check_config
 from rnnkit.training.trainer import (
     CLIP_BOUND,
     CLIP_NORM,
@@ -76,7 +77,7 @@ def check_fit_config(config: FitConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    config.loop(1).check()
+    check_config(config.loop(1))
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:

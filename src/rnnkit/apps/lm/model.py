@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from rnnkit.apps.recurrent import RecurrentConfig, build_recurrent
+from rnnkit.configuration import check_config
 
 
 def default_recurrent() -> RecurrentConfig:
@@ -17,19 +18,13 @@ def default_recurrent() -> RecurrentConfig:
 class ModelConfig:
     """What the model is; every field maps one to one onto an `rnnkit lm train` option."""
 
-    vocabulary_size: int = field(default=0, metadata={"cli": False})  # set from the text's
-        # vocabulary
+    vocabulary_size: int = field(default=0, metadata={"cli": False})  # set from the text
     embedding_size: int = field(default=64, metadata={"option": "--embedding", "check": "positive"})
         # ignored with tied weights: the embedding is then hidden-sized
     tie_weights: bool = False  # output layer shares the embedding matrix (Press & Wolf 2017)
     recurrent: RecurrentConfig = field(default_factory=default_recurrent)
 
     def check(self) -> None:
-        if isinstance(self.embedding_size, bool) or not isinstance(self.embedding_size, int) \
-                or self.embedding_size < 1:
-            raise ValueError(f"--embedding must be a positive integer, got "
-                             f"{self.embedding_size!r}")
-        self.recurrent.check()
         if self.tie_weights and self.recurrent.output_size != self.recurrent.hidden_size:
             raise ValueError("--tie-weights shares the embedding with the output layer, which "
                              "reads the projected h: use it without a projection")
@@ -57,7 +52,7 @@ class LanguageModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        config.check()
+        check_config(config)
         self.config = config
         recurrent = config.recurrent
         embedding_size = recurrent.hidden_size if config.tie_weights else config.embedding_size

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from rnnkit.apps.lm.corpus import LEVELS, Vocabulary
 from rnnkit.apps.lm.model import LanguageModel, ModelConfig
-from rnnkit.configuration import config_from_dict
+from rnnkit.configuration import check_config, config_from_dict
 from rnnkit.training import trainer as training
 from rnnkit.training.checkpoint import load_checkpoint, restoring
 from rnnkit.training.trainer import (
@@ -74,7 +74,7 @@ def check_train_config(config: TrainConfig) -> None:
     if not 0 < config.validation_fraction < 1:
         raise ValueError(
             f"validation-fraction must be in (0, 1), got {config.validation_fraction!r}")
-    config.loop.check()
+    check_config(config.loop)
 
 
 def model_config_from_dict(data: dict, source: str = "checkpoint") -> ModelConfig:

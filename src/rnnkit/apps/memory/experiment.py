@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.apps.recurrent import CELL_NAMES, RecurrentConfig, build_recurrent
+from rnnkit.configuration import check_config
 from rnnkit.diagnostics import gradient_flow
 from rnnkit.tasks import ADDING_BASELINE_MSE, COPY_SYMBOLS, adding_problem, copy_baseline, copy_task
 from rnnkit.training.trainer import BaseTask, LoopConfig, Trainer
@@ -80,8 +81,8 @@ def check_run_config(config: RunConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    config.recurrent.check()
-    config.loop.check()
+    check_config(config.recurrent)
+    check_config(config.loop)
 
 
 def baseline(task: str, length: int) -> float:
