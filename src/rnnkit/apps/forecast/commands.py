@@ -130,7 +130,8 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
     started = time.perf_counter()
     with setup_distributed(fit.device) as distributed, \
-            MetricsLog(out_dir / "metrics.jsonl", enabled=distributed.is_main) as log:
+            MetricsLog(out_dir / "metrics.jsonl", tensorboard_dir=out_dir / "tensorboard",
+                       enabled=distributed.is_main) as log:
         model, history = fit_forecaster(model_config, fit, train_windows, validation_windows,
                                         distributed=distributed, metrics=log, quiet=quiet)
     seconds = time.perf_counter() - started

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
 from rnnkit.configuration import check_config
+from rnnkit.training.devices import parse_device
 from rnnkit.training.trainer import (
     CLIP_BOUND,
     CLIP_NORM,
@@ -48,7 +49,8 @@ class FitConfig:
         # per-tensor norm bound (tf.clip_by_norm); none: off
     seed: int = field(default=0, metadata={"check": "seed"})  # weights, the order of the windows,
         # dropout
-    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    device: str = field(default="auto", metadata={"parse": parse_device})
+        # auto (CUDA when available) | cpu | cuda | cuda:N
 
     def loop(self, batches_per_epoch: int) -> LoopConfig:
         """The loop's settings: an epoch is ``batches_per_epoch`` steps, validated at its end."""

@@ -83,7 +83,7 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
     runs: list[RunResult] = []
     gate_figures: list = []
     marks_by_length: dict[int, list[int]] = {}
-    log = MetricsLog(out_dir / "metrics.jsonl")
+    log = MetricsLog(out_dir / "metrics.jsonl")  # one file, each record naming its run
     for config in configs:
         result, model, held_out = run(
             config, quiet=quiet, metrics=log,

@@ -250,4 +250,4 @@ def run(config: RunConfig, show_progress: bool = True, flow: bool = True, **opti
     result.final_metric = result.eval_metric[-1]
     if flow:
         result.flow_trained = flow_by_distance(model, flow_inputs)
-    return result, model, task.held_out
+    return result, model.cpu(), task.held_out  # the gate heatmaps read it on the host
