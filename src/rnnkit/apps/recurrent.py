@@ -23,6 +23,7 @@ touches LSTMs only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from torch import nn
@@ -109,6 +110,9 @@ class RecurrentConfig:
         if self.backend not in RECURRENT_BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(RECURRENT_BACKENDS)}, got "
                              f"{self.backend!r}")
+        if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
+                or not math.isfinite(self.forget_bias):
+            raise ValueError(f"--forget-bias must be a finite number, got {self.forget_bias!r}")
         if self.forget_bias and self.init == "chrono" and family == "lstm":
             raise ValueError("--forget-bias and --init chrono both set the LSTM forget-gate "
                              "bias; choose one")

@@ -48,7 +48,7 @@ from rnnkit.training.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from rnnkit.training.devices import move_to, resolve_device
+from rnnkit.training.devices import move_to, parse_device, resolve_device
 from rnnkit.training.distributed import Distributed
 from rnnkit.training.loop import EarlyStopping, Interrupted, interrupt_between_steps
 from rnnkit.training.metrics import MetricsLog
@@ -98,7 +98,8 @@ class LoopConfig:
         # optimiser steps between checkpoints (and one at the end)
     seed: int = field(default=0, metadata={"check": "seed"})  # seeds the weights, the batches and
         # dropout
-    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    device: str = field(default="auto", metadata={"parse": parse_device})
+        # auto (CUDA when available) | cpu | cuda | cuda:N
 
     def check(self) -> None:
         """``ValueError`` naming the first setting outside what the loop accepts."""
