@@ -33,6 +33,7 @@ import importlib.metadata
 import inspect
 import io
 import math
+import reprlib
 import textwrap
 import tokenize
 import types
@@ -495,8 +496,19 @@ def _expected(leaf: Leaf) -> str:
     return f"{words}, or {NONE_WORD}" if leaf.optional else words
 
 
+# A value from a file is shown in a message at a bounded size: a YAML file's aliases can nest a
+# list that is billions of items long when written out (and cheap to load, being references).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict = 2, 8, 8, 8
+_SHOWN.maxstring, _SHOWN.maxlong, _SHOWN.maxother = 200, 100, 200
+
+
+def _shown(value: Any) -> str:
+    return _SHOWN.repr(value)
+
+
 def _refuse(leaf: Leaf, value: Any) -> ValueError:
-    return ValueError(f"{leaf.label} must be {_expected(leaf)}, got {value!r}")
+    return ValueError(f"{leaf.label} must be {_expected(leaf)}, got {_shown(value)}")
 
 
 def _scalar_value(leaf: Leaf, value: Any) -> Any:
@@ -635,7 +647,7 @@ def _build(cls: type, data: Any, defaults: Any, source: str, prefix: tuple[str, 
            given: set[str], excluded: set[tuple[str, ...]]) -> Any:
     if not isinstance(data, Mapping):
         raise ValueError(f"{source}: [{'.'.join(prefix)}] must be a table of keys, got "
-                         f"{data!r}")
+                         f"{_shown(data)}")
     children = _children(cls)
     accepted = [field.name for field, _ in children if (*prefix, field.name) not in excluded]
     for key in data:

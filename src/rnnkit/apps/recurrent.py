@@ -23,6 +23,7 @@ touches LSTMs only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from torch import nn
@@ -90,6 +91,9 @@ class RecurrentConfig:
                                      ("--nonlinearity", self.nonlinearity != "tanh", "rnn")):
             if given and family != owner:
                 raise ValueError(f"{switch} is for --cell {owner} only, got --cell {self.cell}")
+        if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
+                or not math.isfinite(self.forget_bias):
+            raise ValueError(f"--forget-bias must be a finite number, got {self.forget_bias!r}")
         if self.forget_bias and self.init == "chrono" and family == "lstm":
             raise ValueError("--forget-bias and --init chrono both set the LSTM forget-gate "
                              "bias; choose one")
