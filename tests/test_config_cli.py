@@ -127,8 +127,12 @@ def test_bad_files_are_named_usage_errors(argv, contents, message, tmp_path, cap
     (["lm", "throughput", "--corpus", "prose", "--checkpoint-every", "3"],
      "unrecognized arguments: --checkpoint-every"),
     (["memory", "adding", "--proj-size", "-1"], "expected an int >= 0"),
-    (["forecast", "train", "--dataset", "co2", "--device", "tpu", "--patience", "x"],
+    (["forecast", "train", "--dataset", "co2", "--patience", "x"],
      "expected a positive int (at most 2**63 - 1), got 'x'"),
+    (["forecast", "train", "--dataset", "co2", "--device", "tpu"],
+     "argument --device: --device takes auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["memory", "adding", "--device", "cuda:x"],
+     "argument --device: --device takes auto, cpu, cuda or cuda:N, got 'cuda:x'"),
 ])
 def test_bad_and_excluded_options_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
