@@ -204,3 +204,14 @@ def test_resumed_tensorboard_curves_have_no_orphaned_steps(tmp_path):
     assert tensorboard_scalars(folder)["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0),
                                                    (5, 50.0)]
     assert steps_of(tmp_path / "metrics.jsonl") == [1, 2, 3, 4, 5]
+
+
+def test_a_new_log_replaces_a_symlink_instead_of_writing_through_it(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "run.metrics.jsonl"
+    link.symlink_to(victim)
+    with MetricsLog(link) as log:
+        log.write(1, validation=0.5)
+    assert victim.read_text() == "keep me"
+    assert not link.is_symlink() and read_metrics(link)[0]["validation"] == 0.5

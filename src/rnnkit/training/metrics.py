@@ -77,7 +77,11 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self._file = open(self.path, "w", encoding="utf-8")
+            # A new log replaces the path rather than writing through it: a symlink planted
+            # there (or a hard link to another file) is unlinked, never followed, and the file
+            # is created exclusively.
+            self.path.unlink(missing_ok=True)
+            self._file = open(self.path, "x", encoding="utf-8")
         else:
             _drop_records_after(self.path, resume_step)
             self._file = open(self.path, "a", encoding="utf-8")

@@ -65,6 +65,8 @@ def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
         say = print if distributed.is_main else _silent
         if not resume and distributed.is_main:
             best.unlink(missing_ok=True)  # a previous run's best, replaced by this run's
+        # Said before any model is built: each process reads its share of the streams.
+        distributed.shard(config.batch_size, "batch size")
         options = {"distributed": distributed, "quiet": quiet}
         if resume:
             trainer = Trainer.resume(resume, text, steps=resume_steps, **options)
@@ -108,6 +110,9 @@ def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
                 print(f"error: {error}", file=sys.stderr)
                 return 1
     final, level = history.validation[-1], trainer.config.level
+    if trainer.stopped_early:
+        say(f"stopped early at step {trainer.step} of {trainer.loop.steps}: "
+            f"{trainer.loop.patience} validations without improvement (--patience)")
     say(f"validation: {describe_loss(final, level)}; checkpoint: {checkpoint}; every "
         f"validation: {metrics}")
     stopping = trainer.stopping
