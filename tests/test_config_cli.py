@@ -22,8 +22,8 @@ from rnnkit.apps.lm.config import (
     LMThroughputCommand,
     LMTrainCommand,
 )
-from rnnkit.bench import BenchCommand
 from rnnkit.apps.memory.config import MEMORY_EXCLUDE, MemoryCommand
+from rnnkit.bench import BenchCommand
 from rnnkit.configuration import config_from_dict, leaves, tomllib
 
 LOOP = ["--steps", "9", "--lr", "0.01", "--optimizer", "sgd", "--schedule", "linear",
