@@ -7,10 +7,23 @@ from __future__ import annotations
 import pytest
 
 from rnnkit import cli
-from rnnkit.apps.forecast.config import FORECAST_EXCLUDE, ForecastTrainCommand
+from rnnkit.apps.export import ExportCommand
+from rnnkit.apps.forecast.config import (
+    FORECAST_EXCLUDE,
+    ForecastPredictCommand,
+    ForecastTrainCommand,
+)
 from rnnkit.apps.gradients_config import GradientsCommand
-from rnnkit.apps.lm.config import LM_EXCLUDE, LMSampleCommand, LMThroughputCommand, LMTrainCommand
+from rnnkit.apps.lm.config import (
+    LM_EXCLUDE,
+    DemoCommand,
+    LMEvalCommand,
+    LMSampleCommand,
+    LMThroughputCommand,
+    LMTrainCommand,
+)
 from rnnkit.apps.memory.config import MEMORY_EXCLUDE, MemoryCommand
+from rnnkit.bench import BenchCommand
 from rnnkit.configuration import config_from_dict, leaves, tomllib
 
 LOOP = ["--steps", "9", "--lr", "0.01", "--optimizer", "sgd", "--schedule", "linear",
@@ -57,6 +70,15 @@ COMMANDS = {
          "--input-size", "2", "--spectral-radius", "0.9", "--seed", "4", "--out", "o",
          "--no-plot"],
         ["--checkpoint", "lm.pt", "text.txt", "--corpus", "prose", "--layer", "1"]]),
+    "lm eval": (["lm", "eval"], LMEvalCommand, frozenset(), [["c.pt", "t.txt"]]),
+    "forecast predict": (["forecast", "predict"], ForecastPredictCommand, frozenset(), [
+        ["m.pt", "--csv", "s.csv", "--out", "p.csv"], ["m.pt", "--dataset", "co2"]]),
+    "demo": (["demo"], DemoCommand, frozenset(), [["--steps", "3", "--out", "o"]]),
+    "export": (["export"], ExportCommand, frozenset(), [["c.pt", "--onnx", "m.onnx"]]),
+    "bench": (["bench"], BenchCommand, frozenset(), [
+        ["--quick", "--sizes", "10,2,4", "20,1,8", "--families", "gru,rnn", "--backend",
+         "fused", "--repeats", "3", "--streaming-hidden", "8", "--memory-size", "5,2,3",
+         "--no-memory", "--no-reference", "--json", "b.json"]]),
 }
 
 
@@ -86,7 +108,8 @@ def test_every_setting_round_trips_through_a_config_file(name, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("name", [name for name in COMMANDS
-                                  if name not in ("gradients", "lm sample")])
+                                  if name in ("lm train", "lm throughput", "memory",
+                                              "forecast train")])
 def test_the_command_line_overrides_the_file(name, tmp_path, capsys):
     prefix, _, _, argvs = COMMANDS[name]
     path = tmp_path / "run.toml"
@@ -111,6 +134,7 @@ def test_the_command_line_overrides_the_file(name, tmp_path, capsys):
      "peephole = true\n", "--peephole is for --cell lstm only, got --cell gru"),
     (["lm", "train", "--corpus", "prose"], "steps = [", "is not valid TOML"),
     (["gradients"], "length = 1\n", "--length must be an integer in [2, 2**63 - 1], got 1"),
+    (["bench"], 'sizes = ["10,20,30", "10,2"]\n', "--sizes takes T,N,H triples of positive ints"),
 ])
 def test_bad_files_are_named_usage_errors(argv, contents, message, tmp_path, capsys):
     path = tmp_path / "bad.toml"

@@ -15,6 +15,7 @@ the kernel's high-water mark, reset just before the step).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -30,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rnnkit.configuration import LARGEST_COUNT
+from rnnkit.engine import BACKENDS
 from rnnkit.interop import from_torch
 from rnnkit.layers import GRU, LSTM, RNN
 
@@ -38,6 +41,54 @@ QUICK_SIZES = [(12, 4, 16)]
 MEMORY_SIZE = (1000, 32, 256)
 QUICK_MEMORY_SIZE = (50, 4, 16)
 FAMILIES = ("lstm", "gru", "rnn")
+
+
+def _size_parser(option: str, accepted: str, as_text: bool) -> Callable[[str], object]:
+    """A parser of 'T,N,H' -> [T, N, H] (or its text, normalized), each a positive int."""
+    def parse(text: str):
+        try:
+            size = [int(part) for part in text.split(",")]
+        except ValueError:
+            size = []
+        if len(size) != 3 or min(size) < 1 or max(size) > LARGEST_COUNT:
+            raise argparse.ArgumentTypeError(
+                f"{option} takes {accepted} of positive ints up to 2**63 - 1 (e.g. 100,32,256), "
+                f"got {text!r}")
+        return ",".join(map(str, size)) if as_text else size
+    return parse
+
+
+def _triples(sizes) -> str:
+    return " ".join(",".join(map(str, size)) for size in sizes)
+
+
+@dataclass
+class BenchCommand:
+    """`rnnkit bench`: its options, config files and ``--print-config`` are generated from this
+    dataclass (`rnnkit.configuration`)."""
+
+    quick: bool = False  # one tiny size and 2 repeats: checks the command, not the speed
+    sizes: list[str] | None = field(default=None, metadata={
+        "nargs": "+", "parse": _size_parser("--sizes", "T,N,H triples", as_text=True),
+        "metavar": "T,N,H", "help": f"sizes to time (none: {_triples(FULL_SIZES)}; with "
+        f"--quick {_triples(QUICK_SIZES)})"})
+    families: list[str] = field(default_factory=lambda: list(FAMILIES),
+                                metadata={"choices": FAMILIES})  # cell families to time
+    backend: str = field(default="auto", metadata={
+        "choices": tuple(b for b in BACKENDS if b != "reference")})  # rnnkit backend to time
+    repeats: int = field(default=7, metadata={"check": "positive"})
+        # timed repeats, their median reported (2 with --quick)
+    streaming_hidden: int = field(default=256, metadata={"check": "positive"})
+        # hidden size of the single-step latency test (16 with --quick)
+    memory_size: list[int] | None = field(default=None, metadata={
+        "parse": _size_parser("--memory-size", "a T,N,H triple", as_text=False),
+        "metavar": "T,N,H", "help": "size of the training-step peak-memory comparison (none: "
+        f"{_triples([MEMORY_SIZE])}; with --quick {_triples([QUICK_MEMORY_SIZE])})"})
+    memory: bool = True  # the training-step peak-memory comparison
+    reference: bool = True  # time the (slow) reference loop peers
+    json_file: str | None = field(default=None, metadata={"option": "--json",
+                                                           "metavar": "FILE"})
+        # also write the results as JSON here
 
 # family -> variant -> (constructor arguments, whether it runs on padded input with lengths)
 VARIANTS: dict[str, dict[str, tuple[dict, bool]]] = {
@@ -318,3 +369,40 @@ def run_benchmarks(
 def rows_to_json(rows: list[Row], memory_rows: list[MemoryRow] = ()) -> str:
     return json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows],
                        "memory": [asdict(r) for r in memory_rows]}, indent=2)
+
+
+def bench_command(command: BenchCommand) -> int:
+    """Run `rnnkit bench`: time, print the tables (progress on stderr), write --json."""
+    from rnnkit.apps.outputs import output_file
+
+    if command.json_file:
+        output_file(command.json_file, "--json")  # said now, not after minutes of timing
+    if command.sizes:
+        sizes = [tuple(int(n) for n in size.split(",")) for size in command.sizes]
+    else:
+        sizes = QUICK_SIZES if command.quick else FULL_SIZES
+    repeats = 2 if command.quick else command.repeats
+    streaming_hidden = 16 if command.quick else command.streaming_hidden
+    machine = machine_description()
+    print(f"rnnkit bench: torch {machine['torch']}, {machine['threads']} threads, "
+          f"{machine['processor']}, median of {repeats}", flush=True)
+    rows = run_benchmarks(
+        sizes, command.families, command.backend, repeats, streaming_hidden,
+        with_reference=command.reference,
+        progress=lambda message: print(message, file=sys.stderr, flush=True))
+    print(format_table(rows))
+    memory_rows: list[MemoryRow] = []
+    if command.memory:
+        memory_size = tuple(command.memory_size or (
+            QUICK_MEMORY_SIZE if command.quick else MEMORY_SIZE))
+        for family in command.families:
+            print(f"measuring {family} training-step memory at T,N,H = {memory_size} ...",
+                  file=sys.stderr, flush=True)
+            memory_rows += benchmark_memory(family, memory_size, command.backend)
+        print()
+        print(format_memory_table(memory_rows))
+    if command.json_file:
+        with open(command.json_file, "w", encoding="utf-8") as handle:
+            handle.write(rows_to_json(rows, memory_rows))
+        print(f"wrote {command.json_file}")
+    return 0

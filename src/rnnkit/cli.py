@@ -9,29 +9,31 @@ from dataclasses import replace
 from pathlib import Path
 
 from rnnkit import bench
-from rnnkit.apps.forecast.config import FORECAST_EXCLUDE, ForecastTrainCommand
+from rnnkit.apps.export import ExportCommand
+from rnnkit.apps.forecast.config import (
+    FORECAST_EXCLUDE,
+    ForecastPredictCommand,
+    ForecastTrainCommand,
+)
 from rnnkit.apps.gradients_config import FRESH, GradientsCommand
 from rnnkit.apps.lm.config import (
     LM_EXCLUDE,
     RESUMABLE,
+    DemoCommand,
+    LMEvalCommand,
     LMSampleCommand,
     LMThroughputCommand,
     LMTrainCommand,
 )
-from rnnkit.apps.lm.model import ModelConfig
-from rnnkit.apps.lm.train import TrainConfig
 from rnnkit.apps.memory.config import MEMORY_EXCLUDE, MemoryCommand
 from rnnkit.configuration import (
-    LARGEST_COUNT,
     add_config_arguments,
     check_config,
     config_from_arguments,
     config_to_toml,
     leaves,
-    parse_positive,
     version_string,
 )
-from rnnkit.engine import BACKENDS
 from rnnkit.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -40,31 +42,6 @@ from rnnkit.errors import (
     is_out_of_memory,
     usage_errors,
 )
-
-
-def _size(text: str) -> tuple[int, int, int]:
-    """'T,N,H' -> (T, N, H), each a positive int."""
-    parts = text.split(",")
-    try:
-        size = tuple(int(p) for p in parts)
-    except ValueError:
-        size = ()
-    if len(size) != 3 or min(size) < 1 or max(size) > LARGEST_COUNT:
-        raise argparse.ArgumentTypeError(
-            f"--sizes takes T,N,H triples of positive ints up to 2**63 - 1 (e.g. 100,32,256), "
-            f"got {text!r}")
-    return size  # type: ignore[return-value]
-
-
-def _families(text: str) -> list[str]:
-    families = [f.strip() for f in text.split(",") if f.strip()]
-    unknown = [f for f in families if f not in bench.FAMILIES]
-    if unknown or not families:
-        raise argparse.ArgumentTypeError(
-            f"--families takes a comma-separated subset of {','.join(bench.FAMILIES)}, "
-            f"got {text!r}")
-    return families
-
 
 EXIT_CODES = f"""exit codes:
   0    success
@@ -83,28 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_string())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    b = commands.add_parser(
-        "bench", help="time rnnkit against torch.nn and the reference loop",
-        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("--quick", action="store_true",
-                   help="one tiny size and 2 repeats: checks the command, not the speed")
-    b.add_argument("--sizes", type=_size, nargs="+", metavar="T,N,H",
-                   help="sizes to time (default: " +
-                   " ".join(",".join(map(str, s)) for s in bench.FULL_SIZES) + ")")
-    b.add_argument("--families", type=_families, default=list(bench.FAMILIES),
-                   help="comma-separated subset of lstm,gru,rnn (default: all)")
-    b.add_argument("--backend", choices=[x for x in BACKENDS if x != "reference"], default="auto",
-                   help="rnnkit backend to time (default: auto)")
-    b.add_argument("--repeats", type=parse_positive, default=7, help="timed repeats (median)")
-    b.add_argument("--streaming-hidden", type=parse_positive, default=256,
-                   help="hidden size of the single-step latency test (default 256)")
-    b.add_argument("--memory-size", type=_size, metavar="T,N,H",
-                   help="size of the training-step peak-memory comparison (default " +
-                   ",".join(map(str, bench.MEMORY_SIZE)) + ")")
-    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory comparison")
-    b.add_argument("--no-reference", action="store_true",
-                   help="skip the (slow) reference loop peers")
-    b.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    _add_config_command(
+        commands, "bench", bench.BenchCommand, frozenset(),
+        help="time rnnkit against torch.nn and the reference loop", description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
 
     lm = commands.add_parser("lm", help="language models: train, sample, eval")
     lm_commands = lm.add_subparsers(dest="lm_command", required=True, metavar="LM_COMMAND")
@@ -117,9 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         LM_EXCLUDE | {"train.loop.checkpoint_every"},
         help="training speed on rnnkit against the same model on torch.nn")
 
-    e = lm_commands.add_parser("eval", help="loss of a checkpoint on a new text file")
-    e.add_argument("checkpoint", metavar="CKPT")
-    e.add_argument("text_file", metavar="TEXT_FILE")
+    _add_config_command(lm_commands, "eval", LMEvalCommand, frozenset(),
+                        help="loss of a checkpoint on a new text file")
 
     _add_forecast_commands(commands)
     _add_config_command(
@@ -134,24 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gradient flow of fresh layers (optionally with W_hh rescaled to a spectral "
         "radius) or of a trained `rnnkit lm` checkpoint on real text; table, JSON and PNG.")
 
-    x = commands.add_parser(
-        "export", help="export a checkpoint's model to ONNX, checked with onnxruntime",
+    _add_config_command(
+        commands, "export", ExportCommand, frozenset(),
+        help="export a checkpoint's model to ONNX, checked with onnxruntime",
         description="Export the model of an 'rnnkit lm' or 'rnnkit forecast' checkpoint to an "
         "ONNX file (dynamic sequence length and batch), then run it in onnxruntime on an input "
         "of another size and print the largest difference from PyTorch. Needs the onnx extra: "
         'pip install "rnnkit[onnx]".')
-    x.add_argument("checkpoint", metavar="CKPT")
-    x.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
-
-    d = commands.add_parser("demo", help="train a character LSTM on built-in prose and sample")
-    d.add_argument("--steps", type=parse_positive, default=DEMO_STEPS,
-                   help=f"training steps (default {DEMO_STEPS}, a few minutes on 2 cores)")
-    d.add_argument("--out", default="rnnkit-demo",
-                   help="folder for checkpoint and plot (a previous demo's are replaced)")
+    _add_config_command(commands, "demo", DemoCommand, frozenset(),
+                        help="train a character LSTM on built-in prose and sample")
     return parser
-
-
-DEMO_STEPS = 600
 
 
 def _add_config_command(commands, name: str, command_type: type, exclude: frozenset[str],
@@ -181,7 +131,7 @@ def printed_config(args: argparse.Namespace, config: object) -> bool:
 
 
 def _add_forecast_commands(commands) -> None:
-    from rnnkit.apps.forecast.data import CSV_DEFAULTS, DATASET_DEFAULTS, DATASETS
+    from rnnkit.apps.forecast.data import CSV_DEFAULTS, DATASET_DEFAULTS
 
     forecast = commands.add_parser("forecast", help="time-series forecasting with baselines")
     forecast_commands = forecast.add_subparsers(dest="forecast_command", required=True,
@@ -194,25 +144,23 @@ def _add_forecast_commands(commands) -> None:
         description=f"Default lookback/horizon: {defaults} for the datasets, "
         f"{CSV_DEFAULTS[0]}/{CSV_DEFAULTS[1]} for CSV.")
 
-    p = forecast_commands.add_parser("predict", help="forecast past the end of a series")
-    p.add_argument("checkpoint", metavar="CKPT", help="model.pt written by forecast train")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--csv", metavar="FILE", help="the series, with the trained columns")
-    source.add_argument("--dataset", choices=DATASETS, help="a built-in series")
-    p.add_argument("--out", default="forecast.csv", help="CSV to write (default forecast.csv)")
+    _add_config_command(forecast_commands, "predict", ForecastPredictCommand, frozenset(),
+                        help="forecast past the end of a series")
 
 
 def run_lm(args: argparse.Namespace) -> int:
     from rnnkit.apps.lm import commands as lm
 
-    if args.lm_command == "eval":
-        return lm.evaluate_file(args.checkpoint, args.text_file)
     command, given = resolve_command(args, check=False)
-    if args.lm_command == "sample":
+    if args.lm_command in ("sample", "eval"):
         if printed_config(args, command):
             return 0
         if command.checkpoint is None:
-            raise UsageError("give the CKPT to sample from")
+            raise UsageError(f"give the CKPT to {args.lm_command} (a checkpoint of lm train)")
+        if args.lm_command == "eval":
+            if command.text_file is None:
+                raise UsageError("give the TEXT_FILE to evaluate the checkpoint on")
+            return lm.evaluate_file(command.checkpoint, command.text_file)
         return lm.sample(command.checkpoint, command.prime, command.length, command.temperature,
                          command.top_k, command.top_p, command.seed)
     resuming = args.lm_command == "train" and command.resume is not None
@@ -242,11 +190,15 @@ def run_lm(args: argparse.Namespace) -> int:
 def run_forecast(args: argparse.Namespace) -> int:
     from rnnkit.apps.forecast import commands as forecast
 
-    if args.forecast_command == "predict":
-        return forecast.predict(args.checkpoint, args.csv, args.dataset, args.out)
     command, _ = resolve_command(args)
     if printed_config(args, command):
         return 0
+    if args.forecast_command == "predict":
+        if command.checkpoint is None:
+            raise UsageError("give the CKPT to predict with (model.pt of forecast train)")
+        if (command.csv is None) == (command.dataset is None):
+            raise UsageError("give --csv FILE or --dataset NAME (one of them)")
+        return forecast.predict(command.checkpoint, command.csv, command.dataset, command.out)
     data, fit = command.data, command.fit
     if (data.csv is None) == (data.dataset is None):
         raise UsageError("give --csv FILE (with --target COL) or --dataset NAME (one of them)")
@@ -310,61 +262,26 @@ def run_gradients(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from rnnkit.apps.lm import commands as lm
-    from rnnkit.apps.outputs import output_directory
+    from rnnkit.apps.lm.commands import demo
 
-    out = output_directory(args.out)
-    from rnnkit.apps.lm.train import default_loop
-
-    model = ModelConfig(vocabulary_size=0)  # 2 x 256 LSTM, dropout 0.1
-    train = TrainConfig(loop=replace(default_loop(), steps=args.steps,
-                                     eval_every=max(1, args.steps // 6),
-                                     checkpoint_every=args.steps))
-    status = lm.train(model, train, None, "prose", str(out / "lm.pt"), None,
-                      str(out / "loss.png"), resume_steps=None, overwrite=True)
-    if status == 0:
-        print("\nsample (temperature 0.8):\n")
-        lm.sample(str(out / "lm.pt"), "The ", 400, 0.8, None, None, seed=0)
-    return status
+    command, _ = resolve_command(args)
+    return 0 if printed_config(args, command) else demo(command.steps, command.out)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from rnnkit.apps.export import export_checkpoint
 
-    return export_checkpoint(args.checkpoint, args.onnx)
+    command, _ = resolve_command(args)
+    if printed_config(args, command):
+        return 0
+    if command.checkpoint is None or command.onnx is None:
+        raise UsageError("give the CKPT to export and --onnx FILE to write")
+    return export_checkpoint(command.checkpoint, command.onnx)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from rnnkit.apps.outputs import output_file
-
-    if args.json:
-        output_file(args.json, "--json")  # said now, not after minutes of timing
-    sizes = args.sizes or (bench.QUICK_SIZES if args.quick else bench.FULL_SIZES)
-    repeats = 2 if args.quick else args.repeats
-    streaming_hidden = 16 if args.quick else args.streaming_hidden
-    machine = bench.machine_description()
-    print(f"rnnkit bench: torch {machine['torch']}, {machine['threads']} threads, "
-          f"{machine['processor']}, median of {repeats}", flush=True)
-    rows = bench.run_benchmarks(
-        sizes, args.families, args.backend, repeats, streaming_hidden,
-        with_reference=not args.no_reference,
-        progress=lambda message: print(message, file=sys.stderr, flush=True))
-    print(bench.format_table(rows))
-    memory_rows = []
-    if not args.no_memory:
-        memory_size = args.memory_size or (
-            bench.QUICK_MEMORY_SIZE if args.quick else bench.MEMORY_SIZE)
-        for family in args.families:
-            print(f"measuring {family} training-step memory at T,N,H = {memory_size} ...",
-                  file=sys.stderr, flush=True)
-            memory_rows += bench.benchmark_memory(family, memory_size, args.backend)
-        print()
-        print(bench.format_memory_table(memory_rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            handle.write(bench.rows_to_json(rows, memory_rows))
-        print(f"wrote {args.json}")
-    return 0
+    command, _ = resolve_command(args)
+    return 0 if printed_config(args, command) else bench.bench_command(command)
 
 
 COMMANDS = {"lm": run_lm, "gradients": run_gradients, "memory": run_memory,

@@ -14,7 +14,8 @@ The annotation decides how a value is read:
 
 and metadata refine it: ``"check"`` (a name of `CHECKS`: ``"positive"``, ``"probability"``,
 ``"positive_real"``, ``"nonnegative"``, ``"seed"``, or a `Check`), ``"parse"`` (text -> value,
-raising ``argparse.ArgumentTypeError``), ``"choices"``, ``"positional"`` (nargs="?"),
+raising ``argparse.ArgumentTypeError``; with ``"nargs": "+"`` a list option takes one or more
+words, each one item read by ``"parse"``), ``"choices"``, ``"positional"`` (nargs="?"),
 ``"cli": False`` (files and print-config only), ``"metavar"`` and ``"help"``. The help of an
 option is the field's trailing ``# comment`` in the dataclass source (continuation comment lines
 indented below it included) and its default.
@@ -416,6 +417,8 @@ def _collect(cls: type, prefix: tuple[str, ...], found: list[Leaf]) -> None:
         positional = bool(metadata.get("positional", False))
         if positional and base is bool:
             raise TypeError(f"{owner}: a bool cannot be positional")
+        if "nargs" in metadata and not (is_list and "parse" in metadata):
+            raise TypeError(f"{owner}: metadata['nargs'] is for a list with metadata['parse']")
         on_cli = metadata.get("cli", True)
         # Named after the option (--hidden HIDDEN), as argparse names its own.
         default_metavar = _option_name(field)[2:].replace("-", "_").upper() + (
@@ -547,8 +550,10 @@ def validate_value(leaf: Leaf, value: Any) -> Any:
         # (An empty list is a default no command line spells, e.g. no --features.)
         # The custom parser defines what is accepted on the command line; a value from
         # elsewhere is held to the same rule through its command-line text.
+        items = converted if leaf.field.metadata.get("nargs") else [converted]
         try:
-            leaf.parse(format_value(leaf, converted))
+            for item in items:  # with nargs, the parser reads one item (one word)
+                leaf.parse(format_value(leaf, item))
         except argparse.ArgumentTypeError as error:
             raise ValueError(_named(leaf, error)) from None
     return converted
@@ -903,7 +908,8 @@ def add_config_arguments(parser: argparse.ArgumentParser | Any, config_type: typ
                                 type=_parser_of(leaf), help=text)
         else:
             target.add_argument(leaf.option, dest=leaf.dotted, metavar=leaf.metavar,
-                                default=UNSET, type=_parser_of(leaf), help=text)
+                                default=UNSET, type=_parser_of(leaf), help=text,
+                                nargs=leaf.field.metadata.get("nargs"))
     parser.add_argument("--config", dest=CONFIG_FILE_DEST, metavar="FILE", default=None,
                         help="read settings from this TOML file (or YAML: .yaml/.yml); options "
                         "given here override it")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,17 @@ from rnnkit.training.checkpoint import WrongKind
 REQUIRED_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 TOLERANCE = 1e-4  # float32 through different kernels; measured differences are about 1e-6
 EXPORTABLE = ("lm", "forecast")
+
+
+@dataclass
+class ExportCommand:
+    """`rnnkit export`: its options are generated from this dataclass (`rnnkit.configuration`)."""
+
+    checkpoint: str | None = field(default=None, metadata={"positional": True,
+                                                           "metavar": "CKPT"})
+        # a checkpoint of `rnnkit lm train` or `rnnkit forecast train`
+    onnx: str | None = field(default=None, metadata={"metavar": "FILE"})
+        # the ONNX file to write
 
 
 @dataclass

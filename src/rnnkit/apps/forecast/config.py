@@ -1,12 +1,12 @@
-"""The settings of `rnnkit forecast train`: data, model and fit configs plus the output folder;
-options, config files and ``--print-config`` are generated from `ForecastTrainCommand`
-(`rnnkit.configuration`)."""
+"""The settings of `rnnkit forecast train` (data, model and fit configs plus the output folder)
+and `rnnkit forecast predict`; options, config files and ``--print-config`` are generated from
+these dataclasses (`rnnkit.configuration`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rnnkit.apps.forecast.data import DataConfig
+from rnnkit.apps.forecast.data import DATASETS, DataConfig
 from rnnkit.apps.forecast.model import ForecastModelConfig
 from rnnkit.apps.forecast.train import FitConfig
 
@@ -29,3 +29,17 @@ class ForecastTrainCommand:
     overwrite: bool = False  # replace the results of an earlier run in --out (refused otherwise)
     plot: bool = True  # write forecast.png
     quiet: bool = False  # no progress bar
+
+
+@dataclass
+class ForecastPredictCommand:
+    """`rnnkit forecast predict`: forecast past the end of a series."""
+
+    checkpoint: str | None = field(default=None, metadata={"positional": True,
+                                                           "metavar": "CKPT"})
+        # model.pt written by forecast train
+    csv: str | None = field(default=None, metadata={"metavar": "FILE"})
+        # the series, with the trained columns
+    dataset: str | None = field(default=None, metadata={"choices": DATASETS})
+        # a built-in series instead of --csv
+    out: str = "forecast.csv"  # CSV to write

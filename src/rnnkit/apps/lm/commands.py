@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from rnnkit.apps.lm.corpus import Vocabulary, builtin_corpus, read_text_file
@@ -15,10 +16,11 @@ from rnnkit.apps.lm.train import (
     NonFiniteLoss,
     TrainConfig,
     Trainer,
+    default_loop,
     evaluate,
     model_config_from_dict,
 )
-from rnnkit.apps.outputs import output_file
+from rnnkit.apps.outputs import output_directory, output_file
 from rnnkit.engine.native import build
 from rnnkit.errors import is_out_of_memory
 from rnnkit.training.checkpoint import load_checkpoint, restoring
@@ -238,3 +240,18 @@ def throughput(model_config: ModelConfig, config: TrainConfig, text_file: str | 
                                           steps_per_block).items():
         print(f"{name}: {value:,.2f}")
     return 0
+
+
+def demo(steps: int, out: str) -> int:
+    """`rnnkit demo`: a 2 x 256 character LSTM (dropout 0.1) trained ``steps`` steps on built-in
+    prose, its checkpoint and loss plot in ``out`` (replaced), then a sample of 400 characters."""
+    folder = output_directory(out)
+    train_config = TrainConfig(loop=replace(default_loop(), steps=steps,
+                                            eval_every=max(1, steps // 6), checkpoint_every=steps))
+    status = train(ModelConfig(vocabulary_size=0), train_config, None, "prose",
+                   str(folder / "lm.pt"), None, str(folder / "loss.png"), resume_steps=None,
+                   overwrite=True)
+    if status == 0:
+        print("\nsample (temperature 0.8):\n")
+        sample(str(folder / "lm.pt"), "The ", 400, 0.8, None, None, seed=0)
+    return status

@@ -1,6 +1,7 @@
-"""The settings of `rnnkit lm train` and `rnnkit lm throughput`: the model and training configs
-plus what the command itself reads (the text, the checkpoint); their options, config files and
-``--print-config`` are generated from these dataclasses (`rnnkit.configuration`)."""
+"""The settings of `rnnkit lm train|throughput|sample|eval` and `rnnkit demo`: the model and
+training configs plus what the command itself reads (the text, the checkpoint); their options,
+config files and ``--print-config`` are generated from these dataclasses
+(`rnnkit.configuration`)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,24 @@ class LMSampleCommand:
         # most likely token always stays, so 0 is greedy (none: all)
     seed: int | None = field(default=None, metadata={"check": "seed"})
         # random seed (reproducible samples; none: unseeded)
+
+
+@dataclass
+class LMEvalCommand:
+    """`rnnkit lm eval`: the loss of a checkpoint on a new text file."""
+
+    checkpoint: str | None = field(default=None, metadata={"positional": True,
+                                                           "metavar": "CKPT"})
+        # a checkpoint of `rnnkit lm train`
+    text_file: str | None = field(default=None, metadata={"positional": True,
+                                                          "metavar": "TEXT_FILE"})
+        # the UTF-8 text file to score
+
+
+@dataclass
+class DemoCommand:
+    """`rnnkit demo`: train a character LSTM on built-in prose, then sample from it."""
+
+    steps: int = field(default=600, metadata={"check": "positive"})
+        # training steps (the default takes a few minutes on 2 cores)
+    out: str = "rnnkit-demo"  # folder for checkpoint and plot (a previous demo's are replaced)
