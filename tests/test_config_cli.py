@@ -25,6 +25,7 @@ from rnnkit.apps.lm.config import (
 from rnnkit.apps.memory.config import MEMORY_EXCLUDE, MemoryCommand
 from rnnkit.bench import BenchCommand
 from rnnkit.configuration import config_from_dict, leaves, tomllib
+from rnnkit.training.checkpoint import load_checkpoint
 
 LOOP = ["--steps", "9", "--lr", "0.01", "--optimizer", "sgd", "--schedule", "linear",
         "--clip-norm", "0", "--clip-value", "2.0", "--clip-tensor-norm", "3.0", "--accumulate",
@@ -164,7 +165,13 @@ def test_bad_and_excluded_options_are_refused_by_the_parser(argv, message, capsy
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_a_resumed_run_refuses_settings_from_a_file_too(tmp_path, capsys):
+def test_a_resumed_run_refuses_settings_from_a_file_too(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RNNKIT_BACKEND", "fused")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    assert cli.main(["lm", "train", str(text), "--hidden", "8", "--layers", "1", "--seq-len",
+                     "10", "--batch-size", "4", "--steps", "2", "--checkpoint",
+                     str(tmp_path / "a.pt"), "--quiet"]) == 0
     path = tmp_path / "run.toml"
     path.write_text("[train.loop]\nlr = 0.5\nsteps = 40\n")
     assert cli.main(["lm", "train", "--corpus", "prose", "--resume", str(tmp_path / "a.pt"),
@@ -179,3 +186,30 @@ def test_version(capsys):
     assert exit_info.value.code == 0
     import rnnkit
     assert capsys.readouterr().out.strip() == f"rnnkit {rnnkit.__version__}"
+
+
+def test_a_resumed_run_compares_settings_with_the_saved_ones(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RNNKIT_BACKEND", "fused")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    run = tmp_path / "runs" / "a.pt"
+    assert cli.main(["lm", "train", str(text), "--hidden", "8", "--layers", "1", "--seq-len",
+                     "10", "--batch-size", "4", "--steps", "2", "--checkpoint", str(run),
+                     "--quiet"]) == 0
+    capsys.readouterr()
+    # --print-config shows the settings the resumed run will use: the saved ones, new --steps
+    assert cli.main(["lm", "train", str(text), "--resume", str(run), "--steps", "3",
+                     "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "hidden_size = 8" in printed and "steps = 3" in printed
+    assert f"checkpoint = '{run}'" in printed or f'checkpoint = "{run}"' in printed
+    # the same value as saved (from a file, say) is not a conflict; another value is
+    same = tmp_path / "same.toml"
+    same.write_text("[model.recurrent]\nhidden_size = 8\n")
+    assert cli.main(["lm", "train", str(text), "--resume", str(run), "--steps", "3",
+                     "--config", str(same), "--quiet"]) == 0
+    # without --checkpoint the run continues in the file it resumed from
+    assert load_checkpoint(run, "lm")["step"] == 3
+    assert not (tmp_path / "lm.pt").exists()
+    assert cli.main(["lm", "train", str(text), "--resume", str(run), "--hidden", "9"]) == 2
+    assert "--hidden cannot change a resumed run" in capsys.readouterr().err

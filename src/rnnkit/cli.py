@@ -164,18 +164,29 @@ def run_lm(args: argparse.Namespace) -> int:
         return lm.sample(command.checkpoint, command.prime, command.length, command.temperature,
                          command.top_k, command.top_p, command.seed)
     resuming = args.lm_command == "train" and command.resume is not None
-    if not resuming:  # a resumed run continues with its saved settings, checked then
-        with usage_errors():
-            check_config(command)
-    if printed_config(args, command):
-        return 0
     if resuming:
+        # The saved run's settings are the ones used: a setting given (on the command line
+        # or in a file) with another value than the saved one is an error, not ignored.
+        if "checkpoint" not in given:  # continue in the file resumed from
+            command = replace(command, checkpoint=command.resume)
+        saved = replace(command, **lm.saved_settings(command.resume))
+        steps = command.train.loop.steps
         conflicts = [leaf.label for leaf in leaves(LMTrainCommand, args.exclude)
-                     if leaf.dotted in given and leaf.dotted not in RESUMABLE]
+                     if leaf.dotted in given and leaf.dotted not in RESUMABLE
+                     and _setting(command, leaf.path) != _setting(saved, leaf.path)]
         if conflicts:
             raise UsageError(
                 f"{', '.join(conflicts)} cannot change a resumed run (it continues with the "
                 f"settings saved in {command.resume}; only --steps may be given)")
+        if "train.loop.steps" in given:
+            saved.train.loop.steps = steps
+        saved.train.loop.device = command.train.loop.device
+        command = replace(saved, quiet=command.quiet, plot=command.plot)
+    else:  # a resumed run continues with its saved settings, checked when they were saved
+        with usage_errors():
+            check_config(command)
+    if printed_config(args, command):
+        return 0
     if (command.text_file is None) == (command.corpus is None):
         raise UsageError("give a TEXT_FILE or --corpus NAME (one of them)")
     if args.lm_command == "throughput":
@@ -185,6 +196,12 @@ def run_lm(args: argparse.Namespace) -> int:
     return lm.train(command.model, command.train, command.text_file, command.corpus,
                     command.checkpoint, command.resume, command.plot, resume_steps=resume_steps,
                     overwrite=command.overwrite, quiet=command.quiet)
+
+
+def _setting(config: object, path: tuple[str, ...]) -> object:
+    for name in path:
+        config = getattr(config, name)
+    return config
 
 
 def run_forecast(args: argparse.Namespace) -> int:

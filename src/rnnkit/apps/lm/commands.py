@@ -19,6 +19,7 @@ from rnnkit.apps.lm.train import (
     default_loop,
     evaluate,
     model_config_from_dict,
+    train_config_from_dict,
 )
 from rnnkit.apps.outputs import output_directory, output_file
 from rnnkit.engine.native import build
@@ -167,6 +168,15 @@ def metrics_path(checkpoint: str | Path) -> Path:
     """The JSON-lines log of a run's validations, beside its checkpoint: ``lm.metrics.jsonl``."""
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(f"{checkpoint.stem}.metrics.jsonl")
+
+
+def saved_settings(checkpoint: str) -> dict:
+    """The ``model`` and ``train`` configs a resumable checkpoint was trained with."""
+    saved = load_checkpoint(checkpoint, KIND)
+    with restoring(checkpoint, KIND):
+        source = f"checkpoint {checkpoint!r}"
+        return {"model": model_config_from_dict(saved["model_config"], source),
+                "train": train_config_from_dict(saved["train_config"], source)}
 
 
 def save_plot_or_hint(path: str, history) -> None:
