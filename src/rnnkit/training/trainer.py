@@ -31,6 +31,7 @@ score. The loop owns everything else, once:
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -277,6 +278,36 @@ class Trainer:
             kept = load_checkpoint(best, self.kind)
             if kept.get("step") == self.stopping.best_epoch:
                 self.stopping.best_state = kept["model"]
+
+    def continue_in(self, checkpoint: str | Path) -> None:
+        """Write this resumed run's checkpoints to ``checkpoint`` from now on, and make the best
+        file beside it hold this run's best weights or nothing: a stale one there (another
+        run's, or steps past the resumed checkpoint) would otherwise pass for this run's best."""
+        resumed, self.checkpoint_path = self.checkpoint_path, Path(checkpoint)
+        best = best_checkpoint_path(self.checkpoint_path)
+        if self._holds_best(best):
+            return
+        if self.step == self.stopping.best_epoch and self.history.validation_steps:
+            self.save(best)  # the resumed weights are the best so far (every rank: collective)
+            return
+        if not self.is_main:
+            return
+        own = best_checkpoint_path(resumed) if resumed is not None else best
+        if own != best and self._holds_best(own):
+            shutil.copyfile(own, best)
+        else:
+            best.unlink(missing_ok=True)
+
+    def _holds_best(self, path: Path) -> bool:
+        """Whether ``path`` is the best-validation checkpoint of this run (its step and score)."""
+        if not path.is_file():
+            return False
+        try:
+            kept = load_checkpoint(path, self.kind)
+            return kept["step"] == self.stopping.best_epoch and \
+                kept["stopping"]["best_loss"] == self.stopping.best_loss
+        except (ValueError, KeyError, TypeError):
+            return False
 
     def kept_checkpoint(self) -> str:
         """Which checkpoint a stopped run leaves, in words."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -73,8 +72,7 @@ def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
         options = {"distributed": distributed, "quiet": quiet}
         if resume:
             trainer = Trainer.resume(resume, text, steps=resume_steps, **options)
-            trainer.checkpoint_path = Path(checkpoint)
-            keep_best_of_this_run(trainer, best, Path(resume), distributed.is_main)
+            trainer.continue_in(checkpoint)
             say(f"resuming {resume} at step {trainer.step} of {trainer.loop.steps}", flush=True)
             if trainer.step >= trainer.loop.steps:
                 say(f"nothing to do: the run is complete at step {trainer.step}; give a larger "
@@ -127,37 +125,6 @@ def train(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
     if plot and distributed.is_main:
         save_plot_or_hint(plot, history)
     return 0
-
-
-def _is_best_of(path: Path, trainer: Trainer) -> bool:
-    """Whether ``path`` holds the best-validation checkpoint of the run ``trainer`` resumed
-    (its step and score), not one left by another run or by this run's abandoned future."""
-    if not path.is_file():
-        return False
-    try:
-        kept = load_checkpoint(path, KIND)
-        return kept["step"] == trainer.stopping.best_epoch and \
-            kept["stopping"]["best_loss"] == trainer.stopping.best_loss
-    except (ValueError, KeyError, TypeError):
-        return False
-
-
-def keep_best_of_this_run(trainer: Trainer, best: Path, resumed: Path, is_main: bool) -> None:
-    """Make ``best`` (beside the resumed run's --checkpoint) hold that run's best weights, or
-    nothing: a stale file there (another run's, or steps after the resumed checkpoint) would
-    otherwise be reported as this run's best if the run never improves on it."""
-    if _is_best_of(best, trainer):
-        return
-    if trainer.step == trainer.stopping.best_epoch and trainer.history.validation_steps:
-        trainer.save(best)  # the resumed weights are the best so far (every rank: collective)
-        return
-    if not is_main:
-        return
-    own = best_checkpoint_path(resumed)
-    if own != best and _is_best_of(own, trainer):
-        shutil.copyfile(own, best)
-    else:
-        best.unlink(missing_ok=True)
 
 
 def _silent(*args, **kwargs) -> None:
