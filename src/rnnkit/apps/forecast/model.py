@@ -38,15 +38,16 @@ class ForecastModelConfig:
     recurrent: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(hidden_size=64))
 
 
-# Chrono initialisation's T_max: the longest dependency a forecaster is expected to use, a
-# window of this many steps (the lookback is not part of the model's configuration).
+# Chrono initialisation's T_max when the model is built without its lookback (to load
+# weights, which replace the drawn ones).
 CHRONO_SPAN = 100
 
 
 class Forecaster(nn.Module):
     """Scaled windows ``(N, L, C)`` -> scaled forecasts ``(N, horizon)``; see the module doc."""
 
-    def __init__(self, config: ForecastModelConfig) -> None:
+    def __init__(self, config: ForecastModelConfig, chrono_span: int = CHRONO_SPAN) -> None:
+        """``chrono_span``: chrono initialisation's T_max, the lookback the network reads."""
         super().__init__()
         if config.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got "
@@ -57,7 +58,7 @@ class Forecaster(nn.Module):
                              "with --features, or drop --features")
         self.config = config
         self.recurrent = build_recurrent(config.recurrent, config.input_size, batch_first=True,
-                                         chrono_max_length=CHRONO_SPAN)
+                                         chrono_max_length=chrono_span)
         outputs = config.horizon if config.strategy == "direct" else 1
         self.output = nn.Linear(config.recurrent.output_size, outputs)
 

@@ -121,7 +121,7 @@ class ForecastTask(BaseTask):
         return [self.config.batch_size] * full + ([rest] if rest else [])
 
     def build_model(self) -> Forecaster:
-        return Forecaster(self.model_config)
+        return Forecaster(self.model_config, chrono_span=self.inputs.shape[1])  # the lookback
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         if not self.epoch:

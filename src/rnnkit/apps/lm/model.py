@@ -38,8 +38,8 @@ class ModelConfig:
         return self.recurrent.num_layers
 
 
-# Chrono initialisation's T_max for a language model: the dependencies it can learn span the
-# truncated-BPTT window and the state carried across windows; 100 tokens is the default window.
+# Chrono initialisation's T_max when the model is built without its training window (to load
+# weights, which replace the drawn ones): the default truncated-BPTT window.
 CHRONO_SPAN = 100
 
 
@@ -50,14 +50,15 @@ class LanguageModel(nn.Module):
     ``e = Embedding(x)``, ``h = RNN(e, state)``, ``logits = W_out dropout(h) + b_out``.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, chrono_span: int = CHRONO_SPAN) -> None:
+        """``chrono_span``: chrono initialisation's T_max, the truncated-BPTT window."""
         super().__init__()
         check_config(config)
         self.config = config
         recurrent = config.recurrent
         embedding_size = recurrent.hidden_size if config.tie_weights else config.embedding_size
         self.embedding = nn.Embedding(config.vocabulary_size, embedding_size)
-        self.recurrent = build_recurrent(recurrent, embedding_size, chrono_max_length=CHRONO_SPAN)
+        self.recurrent = build_recurrent(recurrent, embedding_size, chrono_max_length=chrono_span)
         self.dropout = nn.Dropout(recurrent.dropout)
         self.output = nn.Linear(recurrent.output_size, config.vocabulary_size)
         if config.tie_weights:

@@ -144,7 +144,7 @@ class LanguageModelTask(BaseTask):
         self.position, self.carried = 0, None
 
     def build_model(self) -> LanguageModel:
-        return LanguageModel(self.model_config)
+        return LanguageModel(self.model_config, chrono_span=self.config.seq_len)
 
     def _streams(self) -> slice:
         """This rank's streams (all of them in one process)."""
