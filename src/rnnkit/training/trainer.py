@@ -260,7 +260,8 @@ class Trainer:
             "random_state": torch.get_rng_state(),
         }
 
-    def load_state_dict(self, saved: dict, source: str = "the checkpoint") -> None:
+    def load_state_dict(self, saved: dict) -> None:
+        """Continue the run whose checkpoint payload is ``saved`` (from `load_checkpoint`)."""
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.schedule.load_state_dict(saved["schedule"])
@@ -273,10 +274,9 @@ class Trainer:
         self.stopping.waited = int(stopping["waited"])
         self.task.load_state_dict(saved["task"])
         self.random_state = saved["random_state"]
-        best = best_checkpoint_path(self.checkpoint_path) if self.checkpoint_path else None
-        if best is not None and best.is_file() and math.isfinite(self.stopping.best_loss):
-            kept = load_checkpoint(best, self.kind)
-            if kept.get("step") == self.stopping.best_epoch:
+        if self.checkpoint_path is not None:
+            kept = self._best_in(best_checkpoint_path(self.checkpoint_path))
+            if kept is not None:
                 self.stopping.best_state = kept["model"]
 
     def continue_in(self, checkpoint: str | Path) -> None:
@@ -285,7 +285,7 @@ class Trainer:
         run's, or steps past the resumed checkpoint) would otherwise pass for this run's best."""
         resumed, self.checkpoint_path = self.checkpoint_path, Path(checkpoint)
         best = best_checkpoint_path(self.checkpoint_path)
-        if self._holds_best(best):
+        if self._best_in(best) is not None:
             return
         if self.step == self.stopping.best_epoch and self.history.validation_steps:
             self.save(best)  # the resumed weights are the best so far (every rank: collective)
@@ -293,21 +293,23 @@ class Trainer:
         if not self.is_main:
             return
         own = best_checkpoint_path(resumed) if resumed is not None else best
-        if own != best and self._holds_best(own):
+        if own != best and self._best_in(own) is not None:
             shutil.copyfile(own, best)
         else:
             best.unlink(missing_ok=True)
 
-    def _holds_best(self, path: Path) -> bool:
-        """Whether ``path`` is the best-validation checkpoint of this run (its step and score)."""
-        if not path.is_file():
-            return False
+    def _best_in(self, path: Path) -> dict | None:
+        """The checkpoint at ``path`` if it is this run's best (its step and score), else None:
+        another run's, or one from steps past the resumed checkpoint, is not."""
+        if not path.is_file() or not math.isfinite(self.stopping.best_loss):
+            return None
         try:
             kept = load_checkpoint(path, self.kind)
-            return kept["step"] == self.stopping.best_epoch and \
+            same = kept["step"] == self.stopping.best_epoch and \
                 kept["stopping"]["best_loss"] == self.stopping.best_loss
         except (ValueError, KeyError, TypeError):
-            return False
+            return None
+        return kept if same else None
 
     def kept_checkpoint(self) -> str:
         """Which checkpoint a stopped run leaves, in words."""
