@@ -1,4 +1,4 @@
-"""The pieces of a training loop every app shares: one optimiser step, progress, early stopping.
+"""The pieces of a training loop every app shares: one optimiser step, early stopping, Ctrl-C.
 
 Apps differ in how they cut data into batches (truncated BPTT over text, windows of a series,
 generated tasks); what happens to a batch's loss does not, so it lives here once.
@@ -27,19 +27,19 @@ def take_step(model: nn.Module, loss: Tensor, optimizer, clip_norm: float | None
     gradient norm *before* clipping, for logging."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return apply_gradients(model, optimizer, clip_norm, clip_value, schedule, clip_tensor_norm)
+
+
+def apply_gradients(model: nn.Module, optimizer, clip_norm: float | None = None,
+                    clip_value: float | None = None, schedule=None,
+                    clip_tensor_norm: float | None = None) -> float:
+    """The second half of `take_step`, for gradients already accumulated in ``model``: clip,
+    step the optimiser and the schedule; returns the global gradient norm before clipping."""
     norm = clip_gradients(model, clip_norm, clip_value, clip_tensor_norm)
     optimizer.step()
     if schedule is not None:
         schedule.step()
     return norm
-
-
-def progress_bar(total: int, done: int = 0, description: str = "training", unit: str = "step"):
-    """A tqdm bar on stderr (stdout stays for results)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc=description, unit=unit, file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5)
 
 
 class EarlyStopping:

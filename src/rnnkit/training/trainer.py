@@ -51,13 +51,17 @@ from rnnkit.training.checkpoint import (
 )
 from rnnkit.training.devices import move_to, parse_device, resolve_device
 from rnnkit.training.distributed import Distributed
-from rnnkit.training.loop import EarlyStopping, Interrupted, interrupt_between_steps
+from rnnkit.training.loop import (
+    EarlyStopping,
+    Interrupted,
+    apply_gradients,
+    interrupt_between_steps,
+)
 from rnnkit.training.metrics import MetricsLog
 from rnnkit.training.optimization import (
     OPTIMIZERS,
     SCHEDULES,
     check_clipping,
-    clip_gradients,
     make_optimizer,
     make_schedule,
 )
@@ -359,10 +363,8 @@ class Trainer:
                 self._stop_unless_finite(value)
                 (loss if accumulate == 1 else loss / accumulate).backward()
             total += value
-        norm = clip_gradients(self.model, self.loop.clip_norm, self.loop.clip_value,
-                              self.loop.clip_tensor_norm)
-        self.optimizer.step()
-        self.schedule.step()
+        norm = apply_gradients(self.model, self.optimizer, self.loop.clip_norm,
+                               self.loop.clip_value, self.schedule, self.loop.clip_tensor_norm)
         self.step += 1
         loss_value = total if accumulate == 1 else total / accumulate
         self.history.train.append(loss_value)

@@ -128,7 +128,7 @@ class ForecastTask(BaseTask):
             self.epoch = list(torch.randperm(len(self.inputs), generator=self.order)
                               .split(self.config.batch_size))[::-1]
         batch = self.epoch.pop()
-        if self.distributed is not None and self.distributed.world_size > 1:
+        if self.distributed.world_size > 1:
             batch = torch.tensor_split(batch, self.distributed.world_size)[self.distributed.rank]
         return self.inputs[batch], self.targets[batch]
 

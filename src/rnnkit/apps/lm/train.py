@@ -56,25 +56,16 @@ class TrainConfig:
     loop: LoopConfig = field(default_factory=default_loop)
 
     def check(self) -> None:
-        check_train_config(self)
+        """What the fields' metadata cannot say (`check_config` calls it after them)."""
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(
+                f"validation-fraction must be in (0, 1), got {self.validation_fraction!r}")
 
 
 def check_train_config(config: TrainConfig) -> None:
-    """Raise ValueError naming the first field outside its accepted range."""
-    if config.level not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {config.level!r}")
-    for name in ("seq_len", "batch_size"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if config.max_vocabulary is not None and (not isinstance(config.max_vocabulary, int)
-                                              or config.max_vocabulary < 1):
-        raise ValueError(f"max-vocabulary must be a positive integer or none, got "
-                         f"{config.max_vocabulary!r}")
-    if not 0 < config.validation_fraction < 1:
-        raise ValueError(
-            f"validation-fraction must be in (0, 1), got {config.validation_fraction!r}")
-    check_config(config.loop)
+    """Raise ValueError naming the first field outside its accepted range: each field by its
+    metadata, then `TrainConfig.check` (see `check_config`)."""
+    check_config(config)
 
 
 def model_config_from_dict(data: dict, source: str = "checkpoint") -> ModelConfig:
