@@ -252,7 +252,7 @@ def test_a_test_tail_without_values_is_refused_before_training(tmp_path, capsys)
     values[-50:] = np.nan
     pd.DataFrame({"y": values}).to_csv(tmp_path / "tail.csv", index=False)
     error = fails(["forecast", "train", "--csv", str(tmp_path / "tail.csv"), "--target", "y",
-                   "--hidden", "4", "--epochs", "1", "--no-plot", "--out",
+                   "--hidden", "4", "--steps", "1", "--no-plot", "--out",
                    str(tmp_path / "out")], capsys, 1)
     assert "'y' has no value in the test tail (rows 180 to 199 of 200" in error, error
     assert "trained" not in fails.out and not (tmp_path / "out" / "model.pt").exists()

@@ -29,7 +29,7 @@ from rnnkit.training.checkpoint import load_checkpoint
 
 LOOP = ["--steps", "9", "--lr", "0.01", "--optimizer", "sgd", "--schedule", "linear",
         "--clip-norm", "0", "--clip-value", "2.0", "--clip-tensor-norm", "3.0", "--accumulate",
-        "2", "--eval-every", "4", "--patience", "5", "--device", "cpu"]
+        "2", "--eval-every", "4", "--patience", "5", "--min-steps", "3", "--device", "cpu"]
 STACK = ["--hidden", "24", "--layers", "3", "--dropout", "0.25", "--proj-size", "8", "--init",
          "chrono", "--backend", "reference"]
 LM_MODEL = ["--level", "word", "--max-vocabulary", "50", "--seq-len", "7", "--batch-size", "3",
@@ -60,7 +60,8 @@ COMMANDS = {
         ["--csv", "s.csv", "--target", "y", "--time", "t", "--features", "a,b", "--fill",
          "ffill", "--season", "0", "--lookback", "5", "--horizon", "2", "--test-size", "4",
          "--validation-size", "3", "--stride", "2", "--cell", "lstm", "--peephole", *STACK,
-         "--epochs", "3", "--patience", "2", "--batch-size", "8", "--lr", "0.01",
+         "--steps", "3", "--min-steps", "1", "--eval-every", "2", "--patience", "2",
+         "--batch-size", "8", "--lr", "0.01", "--seeds", "4,5", "--scaler", "standard",
          "--clip-norm", "0", "--clip-value", "1.5", "--clip-tensor-norm", "2.5", "--seed", "3",
          "--device", "cpu", "--out", "o", "--overwrite", "--no-plot", "--quiet"],
         ["--dataset", "sunspots", "--strategy", "recursive", *VARIANTS[0]],

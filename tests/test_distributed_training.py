@@ -120,13 +120,14 @@ def test_two_processes_fit_a_forecaster_as_one_and_only_rank_0_writes(tmp_path, 
     settings = ["forecast", "train", "--csv", str(tmp_path / "series.csv"), "--target", "y",
                 "--lookback", str(lookback), "--horizon", str(horizon), "--test-size",
                 str(held_out), "--validation-size", str(held_out), "--season", "12",
-                "--hidden", "8", "--epochs", "3", "--patience", "3", "--batch-size", str(batch),
+                "--hidden", "8", "--steps", "6", "--eval-every", "2", "--min-steps", "0",
+                "--patience", "3", "--batch-size", str(batch),
                 "--no-plot"]
     assert main([*settings, "--out", str(tmp_path / "one")]) == 0
     ran = torchrun([*settings, "--out", str(tmp_path / "two")])
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout.count("wrote ") == 1
-    one = load_checkpoint(tmp_path / "one" / "model.pt", "forecast")["model"]
-    two = load_checkpoint(tmp_path / "two" / "model.pt", "forecast")["model"]
+    one = load_checkpoint(tmp_path / "one" / "model.pt", "forecast")["models"][0]
+    two = load_checkpoint(tmp_path / "two" / "model.pt", "forecast")["models"][0]
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)

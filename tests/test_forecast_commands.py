@@ -14,7 +14,8 @@ from rnnkit import cli
 from rnnkit.apps.forecast.commands import restore
 from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
 
-FAST = ["--hidden", "8", "--epochs", "6", "--patience", "3", "--lookback", "14",
+FAST = ["--hidden", "8", "--steps", "12", "--eval-every", "2", "--min-steps", "0",
+        "--patience", "3", "--lookback", "14",
         "--horizon", "4", "--test-size", "20", "--validation-size", "20"]
 
 
@@ -54,8 +55,12 @@ def test_train_writes_results_and_predict_reproduces_the_evaluation_forecast(tmp
 
     # The forecast made at a test origin, from a file that ends just before it.
     forecasts = pd.read_csv(out / "forecasts.csv")
-    origin = int(forecasts["origin"].iloc[8])
-    expected = forecasts[forecasts["origin"] == origin]
+    assert list(forecasts.columns) == ["unique_id", "cutoff", "ds", "step", "y", "model", "value"]
+    cutoff = forecasts["cutoff"].iloc[8 * 4]
+    expected = forecasts[(forecasts["cutoff"] == cutoff) & (forecasts["model"] == "rnnkit")]
+    origin = int(np.flatnonzero(frame["day"].astype(str) == cutoff)[0]) + 1
+    np.testing.assert_allclose(expected["y"], frame["sales"][origin : origin + 4])
+    expected = expected.rename(columns={"value": "rnnkit", "ds": "time"})
     frame.iloc[:origin].to_csv(tmp_path / "past.csv", index=False)
     assert cli.main(["forecast", "predict", str(out / "model.pt"), "--csv",
                      str(tmp_path / "past.csv"), "--out", str(tmp_path / "next.csv")]) == 0
@@ -106,7 +111,7 @@ def test_no_test_tail_value_reaches_the_scaler_or_the_trained_weights(tmp_path, 
     np.testing.assert_array_equal(scaler_a.scale, scaler_b.scale)
     for name, tensor in model_a.state_dict().items():
         assert torch.equal(tensor, model_b.state_dict()[name]), name
-    assert saved_a["history"] == saved_b["history"]
+    assert saved_a["histories"] == saved_b["histories"]
     assert [row["MASE"] / row["MAE"] for row in saved_a["results"]] == pytest.approx(
         [row["MASE"] / row["MAE"] for row in saved_b["results"]])  # the same MASE scale
     assert [row["method"] for row in saved_a["results"]] == [
@@ -198,7 +203,7 @@ def test_bad_training_input_is_one_line_naming_the_problem(tmp_path, capsys, arg
     bad_files(tmp_path)
     arguments = [a.format(tmp_path) for a in arguments]
     out = [] if "--out" in arguments else ["--out", str(tmp_path / "out")]
-    argv = ["forecast", "train", *arguments, *out, "--epochs", "1", "--no-plot"]
+    argv = ["forecast", "train", *arguments, *out, "--steps", "1", "--no-plot"]
     # 2: the command line alone is wrong; 1: the files (data, --out) are.
     assert cli.main(argv) == (2 if message in USAGE_ERRORS else 1)
     error = capsys.readouterr().err.strip()
@@ -234,7 +239,7 @@ def test_an_earlier_run_is_not_overwritten_and_bad_checkpoints_are_named(tmp_pat
 
     (tmp_path / "broken.pt").write_bytes(before[: len(before) // 2])
     saved = load_checkpoint(out / "model.pt", "forecast")
-    save_checkpoint(tmp_path / "hollow.pt", "forecast", {"model": saved["model"]})
+    save_checkpoint(tmp_path / "hollow.pt", "forecast", {"models": saved["models"]})
     saved["scaler"]["mean"] = [0.0, 0.0]  # a scaler for two columns, a network for one
     save_checkpoint(tmp_path / "mixed.pt", "forecast",
                     {k: v for k, v in saved.items() if k not in ("format", "kind", "version")})

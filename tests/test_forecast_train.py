@@ -35,7 +35,7 @@ def test_the_model_beats_the_last_value_on_a_seasonal_series(strategy):
     model, _ = fit_forecaster(
         ForecastModelConfig(1, HORIZON, strategy=strategy,
                             recurrent=RecurrentConfig(hidden_size=16)),
-        FitConfig(epochs=40, patience=10), train, validation, show_progress=False)
+        FitConfig(steps=160, eval_every=4, patience=10, min_steps=0), train, validation, show_progress=False)
     forecast = scaler.inverse_target(forecast_windows(model, test[0]))
     actual = scaler.inverse_target(test[1])
     origins = window_origins(split.validation_end, split.length, LOOKBACK, HORIZON)
@@ -48,10 +48,10 @@ def test_early_stopping_keeps_the_weights_of_the_best_validation_epoch():
     _, _, _, (train, validation, _) = seasonal_parts()
     model, history = fit_forecaster(
         ForecastModelConfig(1, HORIZON, recurrent=RecurrentConfig(hidden_size=8)),
-        FitConfig(epochs=12, patience=3, lr=0.05),
+        FitConfig(steps=48, eval_every=4, patience=3, min_steps=0, lr=0.05),
         train, validation, show_progress=False)
-    best = int(np.argmin(history.validation)) + 1
-    assert history.best_epoch == best
+    best = history.validation_steps[int(np.argmin(history.validation))]
+    assert history.best_step == best
     assert validation_loss(model, *validation) == pytest.approx(min(history.validation),
                                                                 rel=1e-6)
     assert len(history.train) <= 12 and len(history.train) == len(history.validation)

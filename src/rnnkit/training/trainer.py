@@ -96,6 +96,7 @@ class LoopConfig:
         # validations (and one at the last step)
     patience: int | None = field(default=None, metadata={"check": "positive"})
         # validations without improvement before stopping; none: never
+    min_steps: int = 0  # optimiser steps before early stopping may end a run
     checkpoint_every: int = field(default=500, metadata={"check": "positive"})
         # optimiser steps between checkpoints (and one at the end)
     seed: int = field(default=0, metadata={"check": "seed"})  # seeds the weights, the batches and
@@ -110,6 +111,10 @@ class LoopConfig:
                 not self.lr > 0:
             # (an infinite rate is let through: the non-finite policy stops it at step 1)
             raise ValueError(f"--lr must be positive, got {self.lr!r}")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or \
+                self.min_steps < 0:
+            raise ValueError(f"--min-steps must be a non-negative integer, got "
+                             f"{self.min_steps!r}")
         check_clipping(clip_norm=self.clip_norm, clip_value=self.clip_value,
                        clip_tensor_norm=self.clip_tensor_norm)
 
@@ -393,7 +398,8 @@ class Trainer:
         self.history.validation_steps.append(self.step)
         self.history.validation.append(score)
         improved_before = self.stopping.best_epoch
-        if self.stopping.update(self.step, score, self.model):
+        if self.stopping.update(self.step, score, self.model) and \
+                self.step >= self.loop.min_steps:
             self.stopped_early = True
         if self.stopping.best_epoch != improved_before and self.checkpoint_path is not None:
             self.save(best_checkpoint_path(self.checkpoint_path))

@@ -25,6 +25,7 @@ from rnnkit.apps.forecast.data import (
     load_frame,
     prepare_series,
     resolve_sizes,
+    rolling_windows,
     split_series,
     window_origins,
     windows,
@@ -36,8 +37,8 @@ from rnnkit.apps.forecast.evaluate import (
     write_results,
 )
 from rnnkit.apps.forecast.metrics import detect_season, mase_scale
-from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
-from rnnkit.apps.forecast.train import FitConfig, fit_forecaster, forecast_windows
+from rnnkit.apps.forecast.model import ForecastEnsemble, Forecaster, ForecastModelConfig
+from rnnkit.apps.forecast.train import FitConfig, fit_ensemble, forecast_windows
 from rnnkit.apps.outputs import output_directory, output_file
 from rnnkit.configuration import config_from_dict
 from rnnkit.engine.native import build
@@ -118,29 +119,36 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
           f" rows; lookback {data.lookback}, horizon {data.horizon} ({model_config.strategy})",
           flush=True)
 
-    scaler = Scaler.fit(series.values[: split.train_end], series.columns)
+    scaler = Scaler.fit(series.values[: split.train_end], series.columns, data.scaler)
     target = series.values[:, 0]
     # MASE's scale now: a season too long for the history is said before training, not after.
     scale = mase_scale(target[: split.validation_end], season)
     scaled = scaler.transform(series.values)
     train_windows = windows(scaled, 0, split.train_end, data.lookback, data.horizon)
-    validation_windows = windows(scaled, split.train_end, split.validation_end, data.lookback,
-                                 data.horizon)
+    validation_windows = rolling_windows(scaled, split.train_end, split.validation_end,
+                                         data.lookback, data.horizon)
+    print(f"{len(train_windows[0])} training windows ({-(-len(train_windows[0]) // fit.batch_size)}"
+          f" mini-batches an epoch); rolling validation from {len(validation_windows[0])} origins",
+          flush=True)
     model_config = replace(model_config, input_size=len(series.columns), horizon=data.horizon)
     build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
     started = time.perf_counter()
     with setup_distributed(fit.device) as distributed, \
             MetricsLog(out_dir / "metrics.jsonl", tensorboard_dir=out_dir / "tensorboard",
                        enabled=distributed.is_main) as log:
-        model, history = fit_forecaster(model_config, fit, train_windows, validation_windows,
-                                        distributed=distributed, metrics=log, quiet=quiet)
+        fitted = fit_ensemble(model_config, fit, train_windows, validation_windows,
+                              distributed=distributed, metrics=log, quiet=quiet)
     seconds = time.perf_counter() - started
     if not distributed.is_main:  # rank 0 evaluates and writes; the others are done
         return 0
-    model = model.cpu()  # forecasts, baselines and the checkpoint on the host
-    print(f"trained {len(history.train)} epochs in {seconds:.1f} s; kept epoch "
-          f"{history.best_epoch} (validation MSE {history.validation[history.best_epoch - 1]:.4f},"
-          " scaled units)", flush=True)
+    models = [model.cpu() for model, _ in fitted]  # forecasts, baselines, checkpoint on the host
+    histories = [history for _, history in fitted]
+    for history in histories:
+        print(f"seed {history.seed}: trained {history.steps} steps; kept step "
+              f"{history.best_step} (validation MSE {history.best_validation:.4f}, scaled "
+              "units)", flush=True)
+    print(f"trained {len(models)} network{'s' if len(models) > 1 else ''} in {seconds:.1f} s",
+          flush=True)
 
     origins = window_origins(split.validation_end, split.length, data.lookback, data.horizon,
                              data.stride)
@@ -148,24 +156,33 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
                                         data.lookback, data.horizon, data.stride)
     print(f"forecasting {len(origins)} test origins with the model and the baselines ...",
           file=sys.stderr, flush=True)
+    members = [scaler.inverse_target(forecast_windows(model, test_inputs)) for model in models]
     evaluation = Evaluation(
         origins=origins, actual=scaler.inverse_target(test_targets),
-        model=scaler.inverse_target(forecast_windows(model, test_inputs)),
+        model=np.mean(members, axis=0),
         baselines=all_baselines(target, split.validation_end, origins, data.horizon, season),
-        scale=scale, season=season)
+        scale=scale, season=season, members=members if len(members) > 1 else [],
+        seeds=[history.seed for history in histories])
     print(format_table(evaluation.table()))
+    if evaluation.members:
+        print(evaluation.describe_spread())
 
     context = {"source": source, "data": asdict(data), "model": asdict(model_config),
                "fit": asdict(fit), "season": season, "season_source": season_source,
-               "split": asdict(split), "origins": len(origins), "epochs": len(history.train),
-               "best_epoch": history.best_epoch, "training_seconds": round(seconds, 1)}
-    written = [*write_results(out_dir, evaluation, context, series.time), log.path]
+               "split": asdict(split), "origins": len(origins),
+               "validation_origins": len(validation_windows[0]),
+               "networks": [{"seed": h.seed, "steps": h.steps, "best_step": h.best_step,
+                             "best_validation": h.best_validation} for h in histories],
+               "training_seconds": round(seconds, 1)}
+    written = [*write_results(out_dir, evaluation, context, series.time,
+                              data.dataset or series.columns[0]), log.path]
     save_checkpoint(checkpoint, KIND, {
         "data_config": asdict(data), "model_config": asdict(model_config),
         "fit_config": asdict(fit), "columns": series.columns, "time_column": time_column,
         "season": season,
         "scaler": {"mean": scaler.mean.tolist(), "scale": scaler.scale.tolist()},
-        "model": model.state_dict(), "history": asdict(history),
+        "models": [model.state_dict() for model in models],
+        "histories": [asdict(history) for history in histories],
         "results": evaluation.table(),
     })
     written.append(checkpoint)
@@ -183,21 +200,28 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     return 0
 
 
-def restore(checkpoint: str) -> tuple[Forecaster, Scaler, dict]:
+def restore(checkpoint: str) -> tuple[ForecastEnsemble, Scaler, dict]:
+    """The networks (one per seed; their mean is the forecast), the scaler and the saved
+    settings of a ``forecast train`` checkpoint; in evaluation mode."""
     saved = load_checkpoint(checkpoint, KIND)
     with restoring(checkpoint, KIND):
-        model = Forecaster(config_from_dict(ForecastModelConfig, saved["model_config"],
-                                            f"checkpoint {checkpoint!r}"))
-        model.load_state_dict(saved["model"])
+        model_config = config_from_dict(ForecastModelConfig, saved["model_config"],
+                                        f"checkpoint {checkpoint!r}")
+        members = []
+        for weights in saved["models"]:
+            member = Forecaster(model_config)
+            member.load_state_dict(weights)
+            members.append(member)
         scaler = Scaler(np.array(saved["scaler"]["mean"]), np.array(saved["scaler"]["scale"]))
         saved["data_config"] = DataConfig(**saved["data_config"])
         columns, _ = saved["columns"], saved["time_column"]
-    if not len(columns) == len(scaler.mean) == model.config.input_size:
+    if not members:
+        raise ValueError(f"checkpoint {checkpoint!r} is inconsistent: it holds no network")
+    if not len(columns) == len(scaler.mean) == model_config.input_size:
         raise ValueError(f"checkpoint {checkpoint!r} is inconsistent: {len(columns)} columns, a "
                          f"scaler for {len(scaler.mean)} and a network reading "
-                         f"{model.config.input_size}")
-    model.eval()
-    return model, scaler, saved
+                         f"{model_config.input_size}")
+    return ForecastEnsemble(members).eval(), scaler, saved
 
 
 def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> int:

@@ -133,10 +133,15 @@ def _time_order(frame: pd.DataFrame, time: str) -> tuple[pd.Index, np.ndarray]:
     stamps are refused with their rows."""
     stamps = frame[time]
     if not pd.api.types.is_numeric_dtype(stamps):
+        original = stamps
         try:
-            stamps = pd.to_datetime(stamps, errors="coerce")
+            with warnings.catch_warnings():  # pandas 2 warns on mixed offsets (3 raises)
+                warnings.simplefilter("ignore", FutureWarning)
+                stamps = pd.to_datetime(original, errors="coerce")
         except ValueError:  # several UTC offsets (local time across a DST change): to UTC
-            stamps = pd.to_datetime(stamps, errors="coerce", utc=True)
+            stamps = pd.to_datetime(original, errors="coerce", utc=True)
+        if not pd.api.types.is_datetime64_any_dtype(stamps):  # pandas 2: mixed offsets, objects
+            stamps = pd.to_datetime(original, errors="coerce", utc=True)
         if stamps.isna().any():
             raise ValueError(f"time column {time!r} has unreadable timestamps at "
                              f"{_at_rows(np.flatnonzero(stamps.isna().to_numpy()))}")
@@ -221,23 +226,43 @@ def fill_missing(series: Series, fill: str, history_end: int | None = None) -> S
     return replace(series, values=whole.ffill().to_numpy())
 
 
+SCALERS = ("robust", "standard")
+
+
 @dataclass
 class Scaler:
-    """Per-column standardisation, fitted on the training part only."""
+    """Per-column affine scaling ``(x - center) / scale``, fitted on the training part only.
 
-    mean: np.ndarray
-    scale: np.ndarray
+    - ``standard``: every column's mean and standard deviation.
+    - ``robust`` (the default of `rnnkit forecast`): the target's median and its mean absolute
+      one-step change ``mean_t |y_t - y_{t-1}|`` (the in-sample naive forecast's error); the
+      features standardised. A level shift or a trend inflates the standard deviation of the
+      training part (and so shrinks every change the network sees to a sliver of its inputs'
+      range); it moves the one-step changes by one term only. The network works relative to the
+      window's last value (`Forecaster`), so the center matters little for the target: the scale
+      sets the size of the changes it learns.
+    """
+
+    mean: np.ndarray  # (C,) the center subtracted
+    scale: np.ndarray  # (C,) the divisor
 
     @classmethod
-    def fit(cls, train: np.ndarray, columns: list[str]) -> Scaler:
-        scale = train.std(axis=0)
+    def fit(cls, train: np.ndarray, columns: list[str], method: str = "standard") -> Scaler:
+        """The scaler of ``train (L, C)`` (column 0 the target) by ``method``."""
+        if method not in SCALERS:
+            raise ValueError(f"scaler must be one of {', '.join(SCALERS)}, got {method!r}")
         # The range, not the deviation: std of 0.1 repeated is 1.4e-17, not 0.
         spread = np.ptp(train, axis=0)
         constant = [c for c, s in zip(columns, spread, strict=True) if s == 0]
         if constant:
             raise ValueError(f"column(s) {', '.join(map(repr, constant))} are constant over the "
                              "training part: nothing to forecast or learn from")
-        return cls(train.mean(axis=0), scale)
+        center, scale = train.mean(axis=0), train.std(axis=0)
+        if method == "robust":
+            center[0] = np.median(train[:, 0])
+            # Not constant, so some step changes: the mean absolute change is positive.
+            scale[0] = np.mean(np.abs(np.diff(train[:, 0])))
+        return cls(center, scale)
 
     def transform(self, values: np.ndarray) -> np.ndarray:
         return (values - self.mean) / self.scale
@@ -294,6 +319,30 @@ def windows(values: np.ndarray, start: int, end: int, lookback: int, horizon: in
     return inputs, targets
 
 
+def rolling_windows(values: np.ndarray, start: int, end: int, lookback: int,
+                    horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rolling validation of the part ``[start, end)``: every origin whose forecast reaches
+    into it, scored on the steps that land inside.
+
+    Origins ``t`` run from ``max(lookback, start - horizon + 1)`` to ``end - 1``; inputs are
+    ``values[t - lookback : t]`` (the past of ``t``: train and validation values only, since
+    ``t < end``); targets ``(n, horizon)`` hold ``values[t + k, 0]`` where ``start <= t + k <
+    end`` and NaN elsewhere (those steps are not scored, and values at or after ``end`` are
+    never read). Every value of the part is so scored at every lead time 1..horizon (when the
+    history before it is long enough), instead of from the ``end - start - horizon + 1`` origins
+    whose whole forecast fits: one origin when the part is one horizon long.
+    """
+    origins = np.arange(max(lookback, start - horizon + 1), end)
+    if len(origins) == 0:
+        raise ValueError(f"no origin forecasts into rows {start} to {end - 1} with lookback "
+                         f"{lookback}")
+    known = np.full(end + horizon, np.nan)
+    known[start:end] = values[start:end, 0]
+    inputs = np.stack([values[t - lookback : t] for t in origins])
+    targets = np.stack([known[t : t + horizon] for t in origins])
+    return inputs, targets
+
+
 # Built-in datasets' natural lookback and horizon: two years -> one year of weekly CO2; three
 # solar cycles -> one cycle of yearly sunspot numbers.
 DATASET_DEFAULTS = {"co2": (104, 52), "sunspots": (33, 11)}
@@ -319,6 +368,8 @@ class DataConfig:
         # (direct only)
     fill: str = field(default="interpolate", metadata={"choices": FILL_RULES})
         # interpolate | ffill | error, for missing or infinite values
+    scaler: str = field(default="robust", metadata={"choices": SCALERS})
+        # robust: the target by its median and mean absolute step change | standard: mean, std
     season: int | None = field(default=None, metadata={"parse": parse_season})
         # season length; None: the dataset's or detected; 0: none
     lookback: int | None = field(default=None, metadata={"check": "positive"})

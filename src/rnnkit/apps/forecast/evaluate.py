@@ -7,7 +7,7 @@ best baseline), written as CSV and JSON; every forecast as a long CSV; and a PNG
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,34 @@ class Evaluation:
     baselines: list[BaselineForecast]
     scale: float  # MASE's denominator
     season: int | None
+    members: list[np.ndarray] = field(default_factory=list)  # an ensemble's networks' forecasts
+        # (each (n, horizon)), when there are several; ``model`` is their mean
+    seeds: list[int] = field(default_factory=list)  # the seed of each member
+    model_intervals: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+        # the network's prediction intervals by level: (lo, hi), each (n, horizon)
+
+    def member_scores(self) -> list[dict]:
+        """Each network of the ensemble scored alone: its seed and metrics."""
+        return [{"seed": seed, **score(self.actual, forecast, self.scale)}
+                for seed, forecast in zip(self.seeds, self.members, strict=True)]
+
+    def describe_spread(self) -> str:
+        """One line: each seed's MASE alone, their spread, and the ensemble's."""
+        scores = [row["MASE"] for row in self.member_scores()]
+        ensemble = score(self.actual, self.model, self.scale)["MASE"]
+        each = ", ".join(f"seed {seed} {mase:.4g}" for seed, mase in zip(self.seeds, scores,
+                                                                          strict=True))
+        return (f"{MODEL_NAME} ensemble of {len(scores)} seeds: MASE {ensemble:.4g}; each alone "
+                f"{each} (mean {np.mean(scores):.4g}, spread max - min {np.ptp(scores):.4g})")
 
     def forecasts(self) -> dict[str, np.ndarray]:
         return {MODEL_NAME: self.model} | {b.name: b.forecasts for b in self.baselines}
+
+    def intervals(self) -> dict[str, dict[float, tuple[np.ndarray, np.ndarray]]]:
+        """Each method's prediction intervals by level (lo, hi), for those that have them."""
+        found = {b.name: getattr(b, "intervals", {}) for b in self.baselines}
+        return {name: levels for name, levels in
+                ({MODEL_NAME: self.model_intervals} | found).items() if levels}
 
     def best_baseline(self) -> BaselineForecast:
         """The baseline with the lowest MAE on the test tail."""
@@ -58,24 +83,44 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, evaluation: Evaluation, context: dict,
-                  time: pd.Index | None) -> list[Path]:
-    """metrics.csv, metrics.json (with ``context``) and forecasts.csv in ``out``."""
+def long_forecasts(evaluation: Evaluation, series_id: str,
+                   time: pd.Index | None) -> pd.DataFrame:
+    """Every forecast in long format, one row per (origin, step, model), the columns
+    statsforecast and neuralforecast use: ``unique_id``, ``cutoff`` (the last value known at the
+    origin: its time stamp, or its row), ``ds`` (the target's time stamp, or its row), ``step``
+    (1..horizon), ``y`` (the actual value), ``model`` (a stable name: ``rnnkit`` and the
+    baselines' names) and ``value``; ``lo-L``/``hi-L`` columns for each level ``L`` of a method's
+    prediction intervals (empty for methods without them)."""
+    n, horizon = evaluation.actual.shape
+    target_rows = (evaluation.origins[:, None] + np.arange(horizon)).ravel()
+    cutoff_rows = np.repeat(evaluation.origins - 1, horizon)
+    stamps = np.asarray(time) if time is not None else None
+    common = {"unique_id": series_id,
+              "cutoff": stamps[cutoff_rows] if stamps is not None else cutoff_rows,
+              "ds": stamps[target_rows] if stamps is not None else target_rows,
+              "step": np.tile(np.arange(1, horizon + 1), n),
+              "y": evaluation.actual.ravel()}
+    parts = []
+    for name, forecast in evaluation.forecasts().items():
+        part = pd.DataFrame({**common, "model": name, "value": forecast.ravel()})
+        for level, (lo, hi) in sorted(evaluation.intervals().get(name, {}).items()):
+            part[f"lo-{level:g}"], part[f"hi-{level:g}"] = lo.ravel(), hi.ravel()
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def write_results(out: Path, evaluation: Evaluation, context: dict, time: pd.Index | None,
+                  series_id: str = "series") -> list[Path]:
+    """metrics.csv, metrics.json (with ``context``) and forecasts.csv (`long_forecasts`) in
+    ``out``."""
     rows = evaluation.table()
     paths = [out / "metrics.csv", out / "metrics.json", out / "forecasts.csv"]
     pd.DataFrame(rows).to_csv(paths[0], index=False)
-    paths[1].write_text(json.dumps({**context, "results": rows}, indent=2, default=str) + "\n",
-                        encoding="utf-8")
-    n, horizon = evaluation.actual.shape
-    long = {"origin": np.repeat(evaluation.origins, horizon),
-            "step": np.tile(np.arange(1, horizon + 1), n)}
-    if time is not None:
-        target_index = (evaluation.origins[:, None] + np.arange(horizon)).ravel()
-        long["time"] = np.asarray(time)[target_index]
-    long["actual"] = evaluation.actual.ravel()
-    for name, forecast in evaluation.forecasts().items():
-        long[name] = forecast.ravel()
-    pd.DataFrame(long).to_csv(paths[2], index=False)
+    summary = {**context, "results": rows}
+    if evaluation.members:
+        summary["members"] = evaluation.member_scores()
+    paths[1].write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    long_forecasts(evaluation, series_id, time).to_csv(paths[2], index=False)
     return paths
 
 

@@ -81,3 +81,20 @@ class Forecaster(nn.Module):
             forecasts.append(next_value)
             window = torch.cat([window[:, 1:], next_value[:, :, None]], dim=1)
         return torch.cat(forecasts, dim=1)
+
+
+class ForecastEnsemble(nn.Module):
+    """Networks of one configuration trained from different seeds; the forecast is their mean,
+    ``ŷ = (1/K) Σ_k ŷ_k`` ``(N, horizon)`` (a single network's own output when ``K = 1``)."""
+
+    def __init__(self, members: list[Forecaster]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one network")
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+
+    def forward(self, window: Tensor, one_step: bool = False) -> Tensor:
+        if len(self.members) == 1:
+            return self.members[0](window, one_step)
+        return torch.stack([member(window, one_step) for member in self.members]).mean(0)

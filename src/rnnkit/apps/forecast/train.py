@@ -1,15 +1,23 @@
-"""Training the forecaster on the training windows, early-stopped on the validation windows.
+"""Training the forecaster on the training windows, early-stopped on a rolling validation.
 
-Each epoch visits the training windows once in a seeded random order, in mini-batches, and
-minimises the mean squared error of the scaled forecasts (direct: all ``horizon`` outputs;
-recursive: the one-step forecast, the window holding true values). After each epoch the whole
-multi-step forecast of every validation window is scored by the same error; the weights of the
-best epoch are kept, and training stops after ``patience`` epochs without improvement.
+Training draws mini-batches from epochs of the training windows (each window once per epoch, in a
+seeded random order) and minimises the mean squared error of the scaled forecasts (direct: all
+``horizon`` outputs; recursive: the one-step forecast, the window holding true values), for a
+budget of optimiser ``steps``. Every ``eval_every`` steps the whole multi-step forecast of every
+origin that reaches into the validation part is scored on the steps inside it (the rolling
+validation of `rolling_windows`: every validation value at every lead time); the weights of the
+best validation are kept, and training stops after ``patience`` validations without improvement,
+but never before ``min_steps``. A budget in steps, not epochs, is what keeps a short series (a
+few mini-batches an epoch) from stopping after a hundred updates.
+
+With several ``seeds`` one network is trained per seed (`fit_ensemble`); the ensemble's forecast
+is their mean.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -17,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
-from rnnkit.configuration import check_config
+from rnnkit.configuration import check_config, parse_seeds
 from rnnkit.training.devices import parse_device
 from rnnkit.training.trainer import (
     CLIP_BOUND,
@@ -29,15 +37,20 @@ from rnnkit.training.trainer import (
     model_device,
 )
 
+SEEDS = {"parse": partial(parse_seeds, option="--seeds"), "metavar": "S,..."}
+
 
 @dataclass
 class FitConfig:
     """How to train; every field maps one to one onto an `rnnkit forecast train` option."""
 
-    epochs: int = field(default=300, metadata={"check": "positive"})  # at most; early stopping
-        # usually ends sooner
-    patience: int = field(default=30, metadata={"check": "positive"})  # epochs without a better
-        # validation loss before stopping
+    steps: int = field(default=3000, metadata={"check": "positive"})  # optimiser steps at most
+        # (early stopping usually ends sooner)
+    min_steps: int = 600  # steps before early stopping may end training
+    eval_every: int = field(default=25, metadata={"check": "positive"})  # optimiser steps between
+        # validations
+    patience: int = field(default=20, metadata={"check": "positive"})  # validations without a
+        # better validation loss before stopping
     batch_size: int = field(default=64, metadata={"check": "positive"})  # windows per optimiser
         # step (over all processes)
     lr: float = 3e-3  # Adam
@@ -49,17 +62,24 @@ class FitConfig:
         # per-tensor norm bound (tf.clip_by_norm); none: off
     seed: int = field(default=0, metadata={"check": "seed"})  # weights, the order of the windows,
         # dropout
+    seeds: list[int] = field(default_factory=list, metadata=SEEDS)  # an ensemble: one network
+        # per seed, forecasts averaged (replaces --seed)
     device: str = field(default="auto", metadata={"parse": parse_device})
         # auto (CUDA when available) | cpu | cuda | cuda:N
 
-    def loop(self, batches_per_epoch: int) -> LoopConfig:
-        """The loop's settings: an epoch is ``batches_per_epoch`` steps, validated at its end."""
+    @property
+    def ensemble_seeds(self) -> list[int]:
+        """The seeds of the networks to train: ``seeds``, or ``[seed]``."""
+        return list(self.seeds) or [self.seed]
+
+    def loop(self, seed: int | None = None) -> LoopConfig:
+        """The loop's settings for the network of ``seed`` (default: ``self.seed``)."""
         return LoopConfig(
-            steps=self.epochs * batches_per_epoch, lr=self.lr, optimizer="adam",
-            schedule="constant", clip_norm=self.clip_norm, clip_value=self.clip_value,
-            clip_tensor_norm=self.clip_tensor_norm, eval_every=batches_per_epoch,
-            patience=self.patience, checkpoint_every=self.epochs * batches_per_epoch,
-            seed=self.seed, device=self.device)
+            steps=self.steps, lr=self.lr, optimizer="adam", schedule="constant",
+            clip_norm=self.clip_norm, clip_value=self.clip_value,
+            clip_tensor_norm=self.clip_tensor_norm, eval_every=self.eval_every,
+            patience=self.patience, min_steps=self.min_steps, checkpoint_every=self.steps,
+            seed=self.seed if seed is None else seed, device=self.device)
 
     def check(self) -> None:
         check_fit_config(self)
@@ -67,19 +87,37 @@ class FitConfig:
 
 @dataclass
 class FitHistory:
-    """Per-epoch mean training loss and validation loss (scaled MSE), and the epoch kept."""
+    """One network's training: the mean training loss between validations, the validation loss
+    (scaled MSE) at each, the steps they were taken at, and the step whose weights are kept."""
 
     train: list[float] = field(default_factory=list)
     validation: list[float] = field(default_factory=list)
-    best_epoch: int = 0
+    validation_steps: list[int] = field(default_factory=list)
+    best_step: int = 0
+    seed: int = 0
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps taken."""
+        return self.validation_steps[-1] if self.validation_steps else 0
+
+    @property
+    def best_validation(self) -> float:
+        return self.validation[self.validation_steps.index(self.best_step)]
 
 
 def check_fit_config(config: FitConfig) -> None:
-    for name in ("epochs", "patience", "batch_size"):
+    for name in ("steps", "patience", "batch_size", "eval_every"):
         value = getattr(config, name)
-        if not isinstance(value, int) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    check_config(config.loop(1))
+    if isinstance(config.min_steps, bool) or not isinstance(config.min_steps, int) \
+            or config.min_steps < 0:
+        raise ValueError(f"min-steps must be a non-negative integer, got {config.min_steps!r}")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise ValueError(f"--seeds repeats a seed: {config.seeds}; each network needs its own")
+    for seed in config.ensemble_seeds:
+        check_config(config.loop(seed))
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -96,7 +134,10 @@ def forecast_windows(model: Forecaster, inputs: np.ndarray, batch_size: int = 10
 
 
 def validation_loss(model: Forecaster, inputs: np.ndarray, targets: np.ndarray) -> float:
-    return float(np.mean((forecast_windows(model, inputs) - targets) ** 2))
+    """Mean squared error of the scaled forecasts over the scored steps: NaN targets (outside
+    the validation part, `rolling_windows`) are left out."""
+    errors = (forecast_windows(model, inputs) - targets) ** 2
+    return float(np.mean(errors[~np.isnan(targets)]))
 
 
 class ForecastTask(BaseTask):
@@ -142,25 +183,33 @@ class ForecastTask(BaseTask):
 
 def fit_forecaster(model_config: ForecastModelConfig, config: FitConfig,
                    train: tuple[np.ndarray, np.ndarray],
-                   validation: tuple[np.ndarray, np.ndarray],
+                   validation: tuple[np.ndarray, np.ndarray], seed: int | None = None,
                    show_progress: bool = True, **options) -> tuple[Forecaster, FitHistory]:
-    """A new network trained on ``train`` (scaled windows, targets), early-stopped on
-    ``validation``; returns it with the weights of its best validation epoch."""
+    """A new network (seeded by ``seed``, default ``config.seed``) trained on ``train`` (scaled
+    windows, targets), early-stopped on ``validation`` (NaN targets not scored); returns it with
+    the weights of its best validation."""
     check_fit_config(config)
-    task = ForecastTask(model_config, config, train, validation)
-    sizes = task.batch_sizes
-    trainer = Trainer(task, config.loop(len(sizes)), description="training", **options,
-                      show_progress=show_progress)
+    seed = config.seed if seed is None else seed
+    task = ForecastTask(model_config, replace(config, seed=seed), train, validation)
+    trainer = Trainer(task, config.loop(seed), description=f"training (seed {seed})",
+                      **options, show_progress=show_progress)
     steps = trainer.run()
-    epochs = len(steps.train) // len(sizes)
-    history = FitHistory(validation=steps.validation,
-                         best_epoch=trainer.stopping.best_epoch // len(sizes))
-    for epoch in range(epochs):
-        losses = steps.train[epoch * len(sizes) : (epoch + 1) * len(sizes)]
-        total = 0.0
-        for loss, size in zip(losses, sizes, strict=True):
-            total += loss * size
-        history.train.append(total / len(task.inputs))
+    history = FitHistory(validation=steps.validation, validation_steps=steps.validation_steps,
+                         best_step=trainer.stopping.best_epoch, seed=seed)
+    since = 0
+    for step in steps.validation_steps:
+        losses = steps.train[since:step]
+        history.train.append(sum(losses) / len(losses))
+        since = step
     trainer.restore_best()
     trainer.model.eval()
     return trainer.model, history
+
+
+def fit_ensemble(model_config: ForecastModelConfig, config: FitConfig,
+                 train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
+                 **options) -> list[tuple[Forecaster, FitHistory]]:
+    """One network per seed of ``config.ensemble_seeds``, each trained by `fit_forecaster`."""
+    return [fit_forecaster(model_config, config, train, validation, seed=seed, **options)
+            for seed in config.ensemble_seeds]
+
