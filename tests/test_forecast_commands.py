@@ -50,7 +50,7 @@ def test_train_writes_results_and_predict_reproduces_the_evaluation_forecast(tmp
         assert (out / name).stat().st_size > 0
     metrics = json.loads((out / "metrics.json").read_text())
     methods = [row["method"] for row in metrics["results"]]
-    assert methods[0] == "rnnkit" and "last value" in methods and "seasonal naive (m=7)" in methods
+    assert methods[0] == "rnnkit" and "Naive" in methods and "SeasonalNaive" in methods
     assert metrics["origins"] == 20 - 4 + 1 and metrics["split"]["validation_end"] == 140
 
     # The forecast made at a test origin, from a file that ends just before it.
@@ -137,7 +137,7 @@ def test_features_and_recursive_strategy_run(tmp_path):
     out = train(tmp_path, "features", "--features", "price", "--cell", "gru", "--no-plot")
     assert restore(str(out / "model.pt"))[2]["columns"] == ["sales", "price"]
     train(tmp_path, "recursive", "--strategy", "recursive", "--season", "0", "--no-plot")
-    assert "seasonal naive" not in (tmp_path / "recursive" / "metrics.csv").read_text()
+    assert "SeasonalNaive" not in (tmp_path / "recursive" / "metrics.csv").read_text()
 
 
 def bad_files(tmp_path):

@@ -15,9 +15,24 @@ The skill score against a reference is ``1 - MAE / MAE_reference``: 0 is as good
 reference, 1 is perfect, negative is worse. Against a perfect reference (``MAE_reference = 0``)
 it is the ratio's limit: 0 for a forecast as perfect (as good as the reference), -inf for any
 other (infinitely worse than the reference).
+
+Prediction intervals at levels ``ℓ`` (percent) are scored through their quantiles: the interval
+of level ``ℓ`` is ``[q_{(1-ℓ/100)/2}, q_{(1+ℓ/100)/2}]`` (80 -> the 0.1 and 0.9 quantiles), and
+with the median (the point forecast) they make the quantile set ``Q``:
+
+    pinball_q(y, ŷ_q) = mean max(q (y - ŷ_q), (q - 1)(y - ŷ_q))     (0 <= q <= 1)
+    SPL               = mean_{q ∈ Q} pinball_q / mean_t |x_t - x_{t-m}|   (scaled as MASE)
+    coverage          = mean 1[lo <= y <= hi]                          (nominal: ℓ / 100)
+    OWA               = (sMAPE / sMAPE_sn + MASE / MASE_sn) / 2        (M4, against seasonal
+                                                                         naive "sn")
+
+The pinball loss of the median is half the MAE; averaged over many quantiles the pinball loss
+approaches half the CRPS, so SPL reads as a scaled CRPS of the interval forecast.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -96,3 +111,80 @@ def detect_season(values: np.ndarray, max_lag: int | None = None,
     # Multiples of the season correlate about as strongly as the season itself: take the
     # shortest lag whose peak comes within 10 % of the highest.
     return int(peaks[correlation[peaks] >= 0.9 * highest][0])
+
+
+def parse_levels(text: str) -> list[float]:
+    """The interval levels of ``--levels`` (``"80,95"`` -> ``[80, 95]``), ascending.
+
+    Each level is a percentage strictly inside (0, 100); a whole number comes back as ``int``
+    (so that it names columns as ``lo-80``, not ``lo-80.0``). Repeats are an error.
+    """
+    levels = []
+    for item in text.split(","):
+        try:
+            level = float(item)
+        except ValueError:
+            level = float("nan")
+        if not 0 < level < 100:  # nan fails this too
+            raise ValueError(f"--levels {text!r}: {item.strip()!r} is not a level; give "
+                             "percentages strictly between 0 and 100, separated by commas "
+                             "(e.g. 80,95)")
+        level = int(level) if level.is_integer() else level
+        if level in levels:
+            raise ValueError(f"--levels {text!r}: {level} is given twice; give each level once")
+        levels.append(level)
+    return sorted(levels)
+
+
+def quantiles_of_levels(levels: Iterable[float]) -> list[float]:
+    """The quantiles that bound the intervals of ``levels`` (percent), with the median, ascending:
+    ``[80]`` -> ``[0.1, 0.5, 0.9]``; ``[80, 95]`` -> ``[0.025, 0.1, 0.5, 0.9, 0.975]``."""
+    quantiles = {0.5}
+    for level in levels:
+        quantiles.update(((100 - level) / 200, (100 + level) / 200))
+    return sorted(quantiles)
+
+
+def quantile_forecasts(median: np.ndarray, intervals: Mapping[float, tuple[np.ndarray, np.ndarray]]
+                       ) -> dict[float, np.ndarray]:
+    """``{quantile: forecast}`` of a point forecast (taken as the median, the 0.5 quantile) and
+    its ``{level: (lo, hi)}`` intervals, the keys in the order of `quantiles_of_levels`."""
+    by_quantile = {0.5: median}
+    for level, (lo, hi) in intervals.items():
+        by_quantile[(100 - level) / 200] = lo
+        by_quantile[(100 + level) / 200] = hi
+    return {q: by_quantile[q] for q in quantiles_of_levels(intervals)}
+
+
+def pinball_loss(actual: np.ndarray, quantile_forecast: np.ndarray, q: float) -> float:
+    """Mean pinball (quantile) loss ``max(q (y - ŷ_q), (q - 1)(y - ŷ_q))`` of the ``q``-quantile
+    forecast; it is lowest, in expectation, for the true ``q``-quantile."""
+    if not 0 <= q <= 1:
+        raise ValueError(f"q must be a quantile in [0, 1], got {q}")
+    error = actual - quantile_forecast
+    return float(np.mean(np.maximum(q * error, (q - 1) * error)))
+
+
+def scaled_pinball_loss(actual: np.ndarray, quantile_forecasts: Mapping[float, np.ndarray],
+                        scale: float) -> float:
+    """The pinball loss averaged over the ``{quantile: forecast}`` of `quantile_forecasts`,
+    divided by MASE's ``scale`` (`mase_scale`)."""
+    if not quantile_forecasts:
+        raise ValueError("scaled_pinball_loss needs at least one quantile forecast")
+    losses = [pinball_loss(actual, forecast, q) for q, forecast in quantile_forecasts.items()]
+    return float(np.mean(losses)) / scale
+
+
+def coverage(actual: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
+    """The fraction of ``actual`` inside its interval ``[lo, hi]`` (bounds included)."""
+    return float(np.mean((lo <= actual) & (actual <= hi)))
+
+
+def owa(smape: float, mase: float, smape_naive: float, mase_naive: float) -> float:
+    """M4's overall weighted average against seasonal naive: ``(sMAPE / sMAPE_sn + MASE /
+    MASE_sn) / 2``; 1 is as good as seasonal naive, below 1 better."""
+    for name, value in (("smape_naive", smape_naive), ("mase_naive", mase_naive)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive to divide by, got {value}: seasonal "
+                             "naive is perfect there and OWA is undefined")
+    return 0.5 * (smape / smape_naive + mase / mase_naive)
