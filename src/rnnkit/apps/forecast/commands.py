@@ -15,7 +15,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import pandas as pd
 
-from rnnkit.apps.forecast.baselines import all_baselines
+from rnnkit.apps.forecast.baselines import all_baselines, missing_statistical_baselines
 from rnnkit.apps.forecast.data import (
     DataConfig,
     Scaler,
@@ -130,7 +130,14 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     print(f"{len(train_windows[0])} training windows ({-(-len(train_windows[0]) // fit.batch_size)}"
           f" mini-batches an epoch); rolling validation from {len(validation_windows[0])} origins",
           flush=True)
-    model_config = replace(model_config, input_size=len(series.columns), horizon=data.horizon)
+    # The network corrects seasonal naive when the window holds a whole season.
+    naive_season = season if season and season <= data.lookback else None
+    model_config = replace(model_config, input_size=len(series.columns), horizon=data.horizon,
+                           season=naive_season)
+    print("the network corrects " + (f"the seasonal naive forecast (season {season})"
+          if naive_season else "the last value" + (
+              f" (the season {season} is longer than the lookback {data.lookback})"
+              if season else "")), flush=True)
     build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
     started = time.perf_counter()
     with setup_distributed(fit.device) as distributed, \
@@ -145,7 +152,7 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     histories = [history for _, history in fitted]
     for history in histories:
         print(f"seed {history.seed}: trained {history.steps} steps; kept step "
-              f"{history.best_step} (validation MSE {history.best_validation:.4f}, scaled "
+              f"{history.best_step} (validation loss {history.best_validation:.4f}, scaled "
               "units)", flush=True)
     print(f"trained {len(models)} network{'s' if len(models) > 1 else ''} in {seconds:.1f} s",
           flush=True)
@@ -156,13 +163,25 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
                                         data.lookback, data.horizon, data.stride)
     print(f"forecasting {len(origins)} test origins with the model and the baselines ...",
           file=sys.stderr, flush=True)
-    members = [scaler.inverse_target(forecast_windows(model, test_inputs)) for model in models]
+    # (n, horizon, Q) quantiles per network, in the series' units; the point is the median.
+    members = [scaler.inverse_target(forecast_windows(model, test_inputs, quantiles=True))
+               for model in models]
+    quantiles = np.mean(members, axis=0)  # the ensemble: each quantile averaged
+    middle = models[0].median
+    levels = model_config.levels
     evaluation = Evaluation(
         origins=origins, actual=scaler.inverse_target(test_targets),
-        model=np.mean(members, axis=0),
-        baselines=all_baselines(target, split.validation_end, origins, data.horizon, season),
-        scale=scale, season=season, members=members if len(members) > 1 else [],
-        seeds=[history.seed for history in histories])
+        model=quantiles[..., middle],
+        baselines=all_baselines(target, split.validation_end, origins, data.horizon, season,
+                                levels),
+        scale=scale, season=season,
+        members=[member[..., middle] for member in members] if len(members) > 1 else [],
+        seeds=[history.seed for history in histories],
+        model_intervals={level: (quantiles[..., middle - 1 - k], quantiles[..., middle + 1 + k])
+                         for k, level in enumerate(sorted(levels))})
+    note = missing_statistical_baselines()
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     print(format_table(evaluation.table()))
     if evaluation.members:
         print(evaluation.describe_spread())

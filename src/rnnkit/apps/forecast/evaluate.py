@@ -14,7 +14,14 @@ import numpy as np
 import pandas as pd
 
 from rnnkit.apps.forecast.baselines import BaselineForecast
-from rnnkit.apps.forecast.metrics import METRICS, score, skill
+from rnnkit.apps.forecast.metrics import (
+    METRICS,
+    coverage,
+    quantile_forecasts,
+    scaled_pinball_loss,
+    score,
+    skill,
+)
 
 MODEL_NAME = "rnnkit"
 
@@ -52,7 +59,7 @@ class Evaluation:
 
     def intervals(self) -> dict[str, dict[float, tuple[np.ndarray, np.ndarray]]]:
         """Each method's prediction intervals by level (lo, hi), for those that have them."""
-        found = {b.name: getattr(b, "intervals", {}) for b in self.baselines}
+        found = {b.name: b.intervals for b in self.baselines}
         return {name: levels for name, levels in
                 ({MODEL_NAME: self.model_intervals} | found).items() if levels}
 
@@ -61,25 +68,40 @@ class Evaluation:
         return min(self.baselines, key=lambda b: score(self.actual, b.forecasts, 1)["MAE"])
 
     def table(self) -> list[dict]:
-        """One row per method (the model first): metrics, and skill against the best baseline."""
+        """One row per method (the model first): metrics, skill against the best baseline, and
+        for methods with prediction intervals the empirical coverage of each level
+        (``coverage-80``: the fraction of actual values inside) and the scaled pinball loss
+        ``SPL`` of their quantiles (the median and the bounds, divided by MASE's scale)."""
         best = self.best_baseline()
         best_error = score(self.actual, best.forecasts, self.scale)["MAE"]
+        intervals = self.intervals()
         rows = []
         for name, forecast in self.forecasts().items():
             metrics = score(self.actual, forecast, self.scale)
-            rows.append({"method": name, **metrics,
-                         "skill": skill(metrics["MAE"], best_error),
-                         "best_baseline": name == best.name})
+            row = {"method": name, **metrics, "skill": skill(metrics["MAE"], best_error),
+                   "best_baseline": name == best.name}
+            for level, (lo, hi) in sorted(intervals.get(name, {}).items()):
+                row[f"coverage-{level:g}"] = coverage(self.actual, lo, hi)
+            if name in intervals:
+                row["SPL"] = scaled_pinball_loss(
+                    self.actual, quantile_forecasts(forecast, intervals[name]), self.scale)
+            rows.append(row)
         return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'method':<34}" + "".join(f"{m:>10}" for m in (*METRICS, "skill"))
+    extra = list(dict.fromkeys(key for row in rows for key in row
+                               if key.startswith("coverage-") or key == "SPL"))
+    columns = (*METRICS, "skill", *extra)
+    header = f"{'method':<22}" + "".join(f"{m:>12}" for m in columns)
     lines = [header, "-" * len(header)]
     for row in rows:
         name = row["method"] + (" *" if row["best_baseline"] else "")
-        lines.append(f"{name:<34}" + "".join(f"{row[m]:>10.4g}" for m in (*METRICS, "skill")))
-    lines.append("* best baseline (lowest MAE); skill = 1 - MAE / MAE of the best baseline")
+        lines.append(f"{name:<22}" + "".join(
+            f"{row[m]:>12.4g}" if m in row else f"{'-':>12}" for m in columns))
+    lines.append("* best baseline (lowest MAE); skill = 1 - MAE / MAE of the best baseline"
+                 + ("; coverage-L: share of actual values inside the L % interval; SPL: "
+                    "scaled pinball loss" if extra else ""))
     return "\n".join(lines)
 
 
@@ -146,6 +168,10 @@ def save_forecast_plot(path: Path, values: np.ndarray, time: pd.Index | None,
         shown.append(len(evaluation.origins) - 1)  # reach the end of the test tail
     for k in shown:
         span = axis[evaluation.origins[k] : evaluation.origins[k] + horizon]
+        for level, (lo, hi) in sorted(evaluation.model_intervals.items(), reverse=True):
+            axes.fill_between(span, lo[k], hi[k], color="tab:red", alpha=0.12 if level > 85
+                              else 0.22, linewidth=0,
+                              label=f"{MODEL_NAME} {level:g} % interval" if k == 0 else None)
         axes.plot(span, evaluation.model[k], color="tab:red", linewidth=1.4,
                   label=f"{MODEL_NAME} (from origins {horizon} steps apart)" if k == 0
                   else None)

@@ -1,29 +1,58 @@
-"""The forecasting network: a recurrent stack reads the lookback window, a linear layer forecasts.
+"""The forecasting network: a recurrent stack reads the lookback window, a linear layer corrects
+a naive forecast.
 
-With a scaled window ``x (N, L, C)`` (column 0 the target, then the features) and its last
-target value ``x_last = x[:, L-1, 0]``:
+With a scaled window ``x (N, L, C)`` (column 0 the target, then the features), its last target
+value ``x_last = x[:, L-1, 0]`` and a season ``m`` (when one is known and ``m <= L``):
 
     z          = x with z[..., 0] = x[..., 0] - x_last      (the window relative to its end)
     h_L        = RNN(z)[:, L-1]                             (the last hidden state, (N, H))
-    direct:    ŷ = x_last + W h_L + b                       (N, horizon): one output per step
-    recursive: ŷ_1 = x_last + W h_L + b                     (N, 1), then the window slides
-               over ŷ_1 and the step repeats, horizon times
+    b_k        = x[:, L + k - m (⌊k/m⌋ + 1), 0]             (seasonal naive: the same point of
+                                                             the last full season), or x_last
+                                                             without a season
+    direct:    ŷ_k = b_k + (W h_L + c)_k,  k = 0..horizon-1  (N, horizon): one output per step
+    recursive: ŷ_0 = b_0 + W h_L + c                        (N, 1), then the window slides over
+               ŷ_0 and the step repeats, horizon times
 
-Working relative to the window's last value makes "repeat the last value" the network's
-starting point, and lets a trending series leave the range it was scaled on without pushing the
+Prediction intervals (``levels``, e.g. 80 and 95 percent): the layer gives ``Q`` outputs per step
+for the quantiles ``τ_1 < ... < τ_Q`` of `quantiles_of_levels` (the median in the middle, index
+``c``); ``ŷ_{k,c}`` is the point forecast above and the others are stacked on it with positive
+gaps, so that the quantiles never cross:
+
+    ŷ_{k,j} = ŷ_{k,j-1} + softplus(o_{k,j})  (j > c)
+    ŷ_{k,j} = ŷ_{k,j+1} - softplus(o_{k,j})  (j < c)
+
+and training minimises the pinball loss ``mean_{n,k,j} max(τ_j e, (τ_j - 1) e)``, ``e = y - ŷ_j``.
+
+``W`` and ``c`` start at zero, so an untrained network *is* the naive forecast (seasonal naive
+when the season is known) and training learns what to add to it; the validation at step 0
+(`fit_forecaster`) keeps it when nothing learned does better. Working relative to the window's
+last value lets a trending series leave the range it was scaled on without pushing the
 network's inputs out of the range it was trained on.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnkit.apps.forecast.metrics import parse_levels, quantiles_of_levels
 from rnnkit.apps.recurrent import RecurrentConfig, build_recurrent
 
 STRATEGIES = ("direct", "recursive")
+
+
+def _parse_levels(text: str) -> list[float]:
+    try:
+        return parse_levels(text)
+    except ValueError as error:  # argparse shows an ArgumentTypeError's own words
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+LEVELS = {"parse": _parse_levels, "metavar": "L,..."}
 
 
 @dataclass
@@ -35,6 +64,10 @@ class ForecastModelConfig:
     horizon: int = field(metadata={"cli": False})  # steps forecast from each origin
     strategy: str = field(default="direct", metadata={"choices": STRATEGIES})
         # direct: one output per step | recursive: one step, fed back
+    levels: list[float] = field(default_factory=list, metadata=LEVELS)  # prediction interval
+        # levels in percent (80,95); the network then forecasts their quantiles (direct only)
+    season: int | None = field(default=None, metadata={"cli": False})  # the season of the
+        # seasonal naive forecast the network corrects (None: the last value)
     recurrent: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(hidden_size=64))
 
 
@@ -56,36 +89,70 @@ class Forecaster(nn.Module):
             raise ValueError("recursive forecasts feed the forecast back as the next input, so "
                              "they need the future of every feature too; use --strategy direct "
                              "with --features, or drop --features")
+        if config.levels and config.strategy == "recursive":
+            raise ValueError("--levels needs --strategy direct: a recursive forecast feeds one "
+                             "value back, not a distribution")
         self.config = config
+        self.quantiles = quantiles_of_levels(config.levels) if config.levels else [0.5]
+        self.median = self.quantiles.index(0.5)
         self.recurrent = build_recurrent(config.recurrent, config.input_size, batch_first=True,
                                          chrono_max_length=chrono_span)
         outputs = config.horizon if config.strategy == "direct" else 1
-        self.output = nn.Linear(config.recurrent.output_size, outputs)
+        self.output = nn.Linear(config.recurrent.output_size, outputs * len(self.quantiles))
+        nn.init.zeros_(self.output.weight)  # the untrained network is the naive forecast
+        nn.init.zeros_(self.output.bias)
+        steps = torch.arange(outputs)
+        # How far back each step's naive value lies: m (⌊k/m⌋ + 1), or 1 (the last value).
+        back = config.season * (steps // config.season + 1) if config.season else \
+            torch.ones(outputs, dtype=torch.long)
+        self.register_buffer("naive_lag", back, persistent=False)
+
+    def naive(self, window: Tensor) -> Tensor:
+        """The forecast the network corrects ``(N, outputs)``: each step's value one season
+        back (or the last value), from ``window (N, L, C)``'s target column."""
+        if self.config.season and window.shape[1] < self.config.season:
+            raise ValueError(f"the window has {window.shape[1]} steps, fewer than the season "
+                             f"{self.config.season} its seasonal naive forecast reads")
+        return window[:, window.shape[1] - self.naive_lag, 0]
 
     def step(self, window: Tensor) -> Tensor:
-        """One pass over ``window (N, L, C)``: ``(N, horizon)`` direct, ``(N, 1)`` recursive."""
+        """One pass over ``window (N, L, C)``: the quantiles ``(N, outputs, Q)`` (``Q = 1``
+        without levels) of ``horizon`` steps (direct) or one (recursive); module doc."""
         last = window[:, -1:, 0]  # (N, 1)
         relative = window.clone()
         relative[..., 0] -= last
         hidden, _ = self.recurrent(relative)  # (N, L, H)
-        return last + self.output(hidden[:, -1])
+        raw = self.output(hidden[:, -1]).unflatten(1, (-1, len(self.quantiles)))
+        median = self.naive(window) + raw[..., self.median]  # (N, outputs)
+        if len(self.quantiles) == 1:
+            return median[..., None]
+        gaps = F.softplus(raw)
+        above = median[..., None] + gaps[..., self.median + 1 :].cumsum(-1)
+        below = median[..., None] - gaps[..., : self.median].flip(-1).cumsum(-1).flip(-1)
+        return torch.cat([below, median[..., None], above], dim=-1)
 
-    def forward(self, window: Tensor, one_step: bool = False) -> Tensor:
-        """The full forecast ``(N, horizon)`` of every window; with ``one_step``, `step` alone
-        (what training fits: for a recursive forecast the next value from true values)."""
+    def forward(self, window: Tensor, one_step: bool = False,
+                quantiles: bool = False) -> Tensor:
+        """The point forecast ``(N, horizon)`` of every window (the median with ``levels``);
+        with ``quantiles``, every quantile ``(N, horizon, Q)``; with ``one_step``, `step`'s
+        first output alone (what training fits: for a recursive forecast the next value from
+        true values)."""
         if one_step or self.config.strategy == "direct":
-            return self.step(window)
+            forecast = self.step(window)
+            return forecast if quantiles else forecast[..., self.median]
         forecasts = []
         for _ in range(self.config.horizon):
-            next_value = self.step(window)  # (N, 1)
+            next_value = self.step(window)[..., 0]  # (N, 1)
             forecasts.append(next_value)
             window = torch.cat([window[:, 1:], next_value[:, :, None]], dim=1)
-        return torch.cat(forecasts, dim=1)
+        forecast = torch.cat(forecasts, dim=1)
+        return forecast[..., None] if quantiles else forecast
 
 
 class ForecastEnsemble(nn.Module):
     """Networks of one configuration trained from different seeds; the forecast is their mean,
-    ``ŷ = (1/K) Σ_k ŷ_k`` ``(N, horizon)`` (a single network's own output when ``K = 1``)."""
+    ``ŷ = (1/K) Σ_k ŷ_k`` (of each quantile: the averaged quantiles stay ordered), a single
+    network's own output when ``K = 1``."""
 
     def __init__(self, members: list[Forecaster]) -> None:
         super().__init__()
@@ -93,8 +160,11 @@ class ForecastEnsemble(nn.Module):
             raise ValueError("an ensemble needs at least one network")
         self.members = nn.ModuleList(members)
         self.config = members[0].config
+        self.quantiles = members[0].quantiles
 
-    def forward(self, window: Tensor, one_step: bool = False) -> Tensor:
+    def forward(self, window: Tensor, one_step: bool = False,
+                quantiles: bool = False) -> Tensor:
         if len(self.members) == 1:
-            return self.members[0](window, one_step)
-        return torch.stack([member(window, one_step) for member in self.members]).mean(0)
+            return self.members[0](window, one_step, quantiles)
+        return torch.stack([member(window, one_step, quantiles)
+                            for member in self.members]).mean(0)

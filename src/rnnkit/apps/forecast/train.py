@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnkit.apps.forecast.metrics import quantiles_of_levels
 from rnnkit.apps.forecast.model import Forecaster, ForecastModelConfig
 from rnnkit.configuration import check_config, parse_seeds
 from rnnkit.training.devices import parse_device
@@ -124,20 +125,35 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(array, dtype=torch.float32)
 
 
-def forecast_windows(model: Forecaster, inputs: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Scaled forecasts ``(n, horizon)`` of scaled windows ``(n, L, C)``, in evaluation mode."""
+def forecast_windows(model: Forecaster, inputs: np.ndarray, batch_size: int = 1024,
+                     quantiles: bool = False) -> np.ndarray:
+    """Scaled forecasts ``(n, horizon)`` of scaled windows ``(n, L, C)``, in evaluation mode;
+    with ``quantiles``, every quantile ``(n, horizon, Q)``."""
     device = model_device(model)
     with evaluating(model):
-        outputs = [model(as_tensor(inputs[i : i + batch_size]).to(device)).double().cpu().numpy()
-                   for i in range(0, len(inputs), batch_size)]
+        outputs = [model(as_tensor(inputs[i : i + batch_size]).to(device), quantiles=quantiles)
+                   .double().cpu().numpy() for i in range(0, len(inputs), batch_size)]
     return np.concatenate(outputs)
 
 
+def pinball_loss(forecast: Tensor, target: Tensor, quantiles: list[float]) -> Tensor:
+    """Mean pinball loss of quantile forecasts ``(N, h, Q)`` against ``target (N, h)``:
+    ``mean max(τ e, (τ - 1) e)`` with ``e = y - ŷ_τ`` over all steps and quantiles ``τ``."""
+    tau = torch.tensor(quantiles, dtype=forecast.dtype, device=forecast.device)
+    error = target[..., None] - forecast
+    return torch.maximum(tau * error, (tau - 1) * error).mean()
+
+
 def validation_loss(model: Forecaster, inputs: np.ndarray, targets: np.ndarray) -> float:
-    """Mean squared error of the scaled forecasts over the scored steps: NaN targets (outside
-    the validation part, `rolling_windows`) are left out."""
-    errors = (forecast_windows(model, inputs) - targets) ** 2
-    return float(np.mean(errors[~np.isnan(targets)]))
+    """The training criterion on the scored steps (NaN targets, outside the validation part,
+    `rolling_windows`, are left out): the mean squared error of the scaled forecasts, or with
+    prediction intervals the mean pinball loss of their quantiles."""
+    scored = ~np.isnan(targets)
+    if len(model.quantiles) == 1:
+        return float(np.mean(((forecast_windows(model, inputs) - targets) ** 2)[scored]))
+    forecast = forecast_windows(model, inputs, quantiles=True)  # (n, h, Q)
+    return float(pinball_loss(torch.as_tensor(forecast[scored]), torch.as_tensor(targets[scored]),
+                              model.quantiles))
 
 
 class ForecastTask(BaseTask):
@@ -175,6 +191,9 @@ class ForecastTask(BaseTask):
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         inputs, targets = batch
+        if self.model_config.levels:
+            return pinball_loss(model(inputs, one_step=True, quantiles=True), targets,
+                                quantiles_of_levels(self.model_config.levels))
         return F.mse_loss(model(inputs, one_step=True), targets)
 
     def evaluate(self, model: Forecaster) -> float:
@@ -193,13 +212,16 @@ def fit_forecaster(model_config: ForecastModelConfig, config: FitConfig,
     task = ForecastTask(model_config, replace(config, seed=seed), train, validation)
     trainer = Trainer(task, config.loop(seed), description=f"training (seed {seed})",
                       **options, show_progress=show_progress)
+    # Step 0: the untrained network is the naive forecast (`Forecaster`), kept when no later
+    # validation beats it.
+    trainer.validate()
     steps = trainer.run()
     history = FitHistory(validation=steps.validation, validation_steps=steps.validation_steps,
                          best_step=trainer.stopping.best_epoch, seed=seed)
     since = 0
     for step in steps.validation_steps:
         losses = steps.train[since:step]
-        history.train.append(sum(losses) / len(losses))
+        history.train.append(sum(losses) / len(losses) if losses else float("nan"))
         since = step
     trainer.restore_best()
     trainer.model.eval()
