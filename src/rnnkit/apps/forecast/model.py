@@ -116,6 +116,11 @@ class Forecaster(nn.Module):
         return window[:, window.shape[1] - self.naive_lag, 0]
 
     def step(self, window: Tensor) -> Tensor:
+        """One pass over ``window (N, L, C)``: ``(N, horizon)`` direct, ``(N, 1)`` recursive
+        (the median with ``levels``)."""
+        return self.quantile_step(window)[..., self.median]
+
+    def quantile_step(self, window: Tensor) -> Tensor:
         """One pass over ``window (N, L, C)``: the quantiles ``(N, outputs, Q)`` (``Q = 1``
         without levels) of ``horizon`` steps (direct) or one (recursive); module doc."""
         last = window[:, -1:, 0]  # (N, 1)
@@ -138,11 +143,10 @@ class Forecaster(nn.Module):
         first output alone (what training fits: for a recursive forecast the next value from
         true values)."""
         if one_step or self.config.strategy == "direct":
-            forecast = self.step(window)
-            return forecast if quantiles else forecast[..., self.median]
+            return self.quantile_step(window) if quantiles else self.step(window)
         forecasts = []
         for _ in range(self.config.horizon):
-            next_value = self.step(window)[..., 0]  # (N, 1)
+            next_value = self.step(window)  # (N, 1)
             forecasts.append(next_value)
             window = torch.cat([window[:, 1:], next_value[:, :, None]], dim=1)
         forecast = torch.cat(forecasts, dim=1)

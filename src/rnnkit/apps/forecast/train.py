@@ -91,7 +91,7 @@ class FitHistory:
     """One network's training: the mean training loss between validations, the validation loss
     (scaled MSE) at each, the steps they were taken at, and the step whose weights are kept."""
 
-    train: list[float] = field(default_factory=list)
+    train: list[float | None] = field(default_factory=list)  # None at step 0 (no training yet)
     validation: list[float] = field(default_factory=list)
     validation_steps: list[int] = field(default_factory=list)
     best_step: int = 0
@@ -221,7 +221,7 @@ def fit_forecaster(model_config: ForecastModelConfig, config: FitConfig,
     since = 0
     for step in steps.validation_steps:
         losses = steps.train[since:step]
-        history.train.append(sum(losses) / len(losses) if losses else float("nan"))
+        history.train.append(sum(losses) / len(losses) if losses else None)  # step 0: none
         since = step
     trainer.restore_best()
     trainer.model.eval()
