@@ -48,7 +48,10 @@ AutoARIMA's search uses statsforecast's ``approximation=True`` (conditional sums
 while choosing the orders, then a final maximum-likelihood fit of the chosen model) when the
 history is longer than 150 values or the season longer than 12: the default of R's
 forecast::auto.arima, which statsforecast mirrors but does not copy. Weekly CO2 (season 52,
-2056 values) otherwise takes more than ten minutes; the exact search stays for short series.
+2056 values) otherwise takes more than ten minutes of CPU to fit; with it, about 35 s, and each
+origin's forward about 0.26 s (a Kalman filter over 2000+ values with a state of dimension 108:
+AR and MA lags up to 55 and 53 differencing states), so the 177 test origins add about 45 s.
+The exact search stays for short series.
 """
 
 from __future__ import annotations
