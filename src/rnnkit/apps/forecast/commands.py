@@ -227,7 +227,8 @@ def restore(checkpoint: str) -> tuple[ForecastEnsemble, Scaler, dict]:
         model_config = config_from_dict(ForecastModelConfig, saved["model_config"],
                                         f"checkpoint {checkpoint!r}")
         members = []
-        for weights in saved["models"]:
+        # One network per seed; a checkpoint written before ensembles holds one, as "model".
+        for weights in saved["models"] if "models" in saved else [saved["model"]]:
             member = Forecaster(model_config)
             member.load_state_dict(weights)
             members.append(member)

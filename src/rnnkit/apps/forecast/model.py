@@ -102,10 +102,11 @@ class Forecaster(nn.Module):
         nn.init.zeros_(self.output.weight)  # the untrained network is the naive forecast
         nn.init.zeros_(self.output.bias)
         steps = torch.arange(outputs)
-        # How far back each step's naive value lies: m (⌊k/m⌋ + 1), or 1 (the last value).
-        back = config.season * (steps // config.season + 1) if config.season else \
-            torch.ones(outputs, dtype=torch.long)
-        self.register_buffer("naive_lag", back, persistent=False)
+        # Where step k's naive value lies, counted from the window's end (L + offset):
+        # k - m (⌊k/m⌋ + 1), the same point of the last full season; or -1, the last value.
+        offset = steps - config.season * (steps // config.season + 1) if config.season else \
+            torch.full((outputs,), -1)
+        self.register_buffer("naive_offset", offset, persistent=False)
 
     def naive(self, window: Tensor) -> Tensor:
         """The forecast the network corrects ``(N, outputs)``: each step's value one season
@@ -113,7 +114,7 @@ class Forecaster(nn.Module):
         if self.config.season and window.shape[1] < self.config.season:
             raise ValueError(f"the window has {window.shape[1]} steps, fewer than the season "
                              f"{self.config.season} its seasonal naive forecast reads")
-        return window[:, window.shape[1] - self.naive_lag, 0]
+        return window[:, window.shape[1] + self.naive_offset, 0]
 
     def step(self, window: Tensor) -> Tensor:
         """One pass over ``window (N, L, C)``: ``(N, horizon)`` direct, ``(N, 1)`` recursive
