@@ -46,10 +46,21 @@ STRATEGIES = ("direct", "recursive")
 
 
 def _parse_levels(text: str) -> list[float]:
-    try:
-        return parse_levels(text)
+    try:  # floats, as a config file gives them
+        return [float(level) for level in parse_levels(text)]
     except ValueError as error:  # argparse shows an ArgumentTypeError's own words
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def check_levels(levels: list[float]) -> None:
+    """``ValueError`` unless every level lies strictly inside (0, 100), each once."""
+    for level in levels:
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or \
+                not 0 < level < 100:
+            raise ValueError(f"levels must be percentages strictly between 0 and 100, got "
+                             f"{level!r} in {list(levels)}")
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"levels repeat a level: {list(levels)}; give each once")
 
 
 LEVELS = {"parse": _parse_levels, "metavar": "L,..."}
@@ -69,6 +80,9 @@ class ForecastModelConfig:
     season: int | None = field(default=None, metadata={"cli": False})  # the season of the
         # seasonal naive forecast the network corrects (None: the last value)
     recurrent: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(hidden_size=64))
+
+    def check(self) -> None:
+        check_levels(self.levels)
 
 
 # Chrono initialisation's T_max when the model is built without its lookback (to load
@@ -92,6 +106,7 @@ class Forecaster(nn.Module):
         if config.levels and config.strategy == "recursive":
             raise ValueError("--levels needs --strategy direct: a recursive forecast feeds one "
                              "value back, not a distribution")
+        check_levels(config.levels)
         self.config = config
         self.quantiles = quantiles_of_levels(config.levels) if config.levels else [0.5]
         self.median = self.quantiles.index(0.5)
