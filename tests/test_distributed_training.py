@@ -106,15 +106,15 @@ def test_two_processes_fit_a_forecaster_as_one_and_only_rank_0_writes(tmp_path, 
     import numpy as np
     import pandas as pd
 
-    from rnnkit.apps.forecast.data import split_series, windows
+    from rnnkit.apps.forecast.data import rolling_windows, split_series
 
     monkeypatch.setenv("RNNKIT_BACKEND", "fused")
-    length, lookback, horizon, held_out = 201, 12, 4, 24
+    length, lookback, horizon, held_out = 198, 12, 4, 24
     steps = np.arange(length)
     values = 5 + np.sin(2 * np.pi * steps / 12) + 0.1 * np.random.default_rng(0).normal(size=length)
     pd.DataFrame({"y": values}).to_csv(tmp_path / "series.csv", index=False)
     split = split_series(length, lookback, horizon, held_out, held_out)
-    count = len(windows(values[:, None], 0, split.train_end, lookback, horizon)[0])
+    count = len(rolling_windows(values[:, None], 0, split.train_end, lookback, horizon)[0])
     batch = 46
     assert count % batch == 0 and batch % 2 == 0  # every mini-batch splits evenly in two
     settings = ["forecast", "train", "--csv", str(tmp_path / "series.csv"), "--target", "y",

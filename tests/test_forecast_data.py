@@ -171,7 +171,7 @@ def test_bad_series_are_named(frame, arguments, message):
 def test_bad_splits_files_and_constant_series(tmp_path):
     with pytest.raises(ValueError, match="horizon must be a positive integer, got 0"):
         split_series(100, 10, 0, 10, 10)
-    with pytest.raises(ValueError, match="too few rows: 30, but lookback 10 \\+ horizon 5 \\+ validation 10 \\+ test 10 = 35"):
+    with pytest.raises(ValueError, match="too few rows: 30, but lookback 10 \\+ 1 training target \\+ validation 10 \\+ test 10 = 31"):
         split_series(30, 10, 5, 10, 10)
     for constant in (1.0, 0.1):  # 0.1 repeated has a floating-point std of 1.4e-17, not 0
         with pytest.raises(ValueError, match="'y' are constant over the training part"):

@@ -124,7 +124,7 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     # MASE's scale now: a season too long for the history is said before training, not after.
     scale = mase_scale(target[: split.validation_end], season)
     scaled = scaler.transform(series.values)
-    train_windows = windows(scaled, 0, split.train_end, data.lookback, data.horizon)
+    train_windows = rolling_windows(scaled, 0, split.train_end, data.lookback, data.horizon)
     validation_windows = rolling_windows(scaled, split.train_end, split.validation_end,
                                          data.lookback, data.horizon)
     print(f"{len(train_windows[0])} training windows ({-(-len(train_windows[0]) // fit.batch_size)}"

@@ -282,19 +282,21 @@ class Split:
 
 def split_series(length: int, lookback: int, horizon: int, test_size: int,
                  validation_size: int) -> Split:
-    """Parts in time order; each must hold at least one window's targets."""
+    """Parts in time order. The test tail holds at least one whole forecast (``horizon``
+    values); training and validation score every origin whose forecast reaches into their part
+    (`rolling_windows`), so the train part needs one target after a ``lookback`` window, and
+    the validation part one value."""
     for name, value in (("lookback", lookback), ("horizon", horizon), ("test size", test_size),
                         ("validation size", validation_size)):
         if value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value}")
-    if test_size < horizon or validation_size < horizon:
-        raise ValueError(f"test size ({test_size}) and validation size ({validation_size}) must "
-                         f"be at least the horizon ({horizon})")
+    if test_size < horizon:
+        raise ValueError(f"test size ({test_size}) must be at least the horizon ({horizon})")
     train_end = length - test_size - validation_size
-    needed = lookback + horizon + validation_size + test_size
-    if train_end < lookback + horizon:
+    needed = lookback + 1 + validation_size + test_size
+    if train_end < lookback + 1:
         raise ValueError(
-            f"too few rows: {length}, but lookback {lookback} + horizon {horizon} + validation "
+            f"too few rows: {length}, but lookback {lookback} + 1 training target + validation "
             f"{validation_size} + test {test_size} = {needed} are needed")
     return Split(train_end, train_end + validation_size, length)
 
@@ -373,7 +375,8 @@ class DataConfig:
     season: int | None = field(default=None, metadata={"parse": parse_season})
         # season length; None: the dataset's or detected; 0: none
     lookback: int | None = field(default=None, metadata={"check": "positive"})
-        # steps the network reads; None: the source's default
+        # steps the network reads; None: the source's default (24 for a CSV), at most half the
+        # train part but a whole --season
     horizon: int | None = field(default=None, metadata={"check": "positive"})
         # steps forecast from each origin; None: the source's default
     test_size: int | None = field(default=None, metadata={"check": "positive"})
@@ -403,7 +406,6 @@ def load_frame(config: DataConfig) -> tuple[pd.DataFrame, str, str | None, int |
 def resolve_sizes(config: DataConfig, length: int) -> DataConfig:
     """A copy of ``config`` with lookback, horizon and part sizes filled in for ``length`` rows."""
     lookback, horizon = DATASET_DEFAULTS.get(config.dataset, CSV_DEFAULTS)
-    lookback = config.lookback if config.lookback is not None else lookback
     horizon = config.horizon if config.horizon is not None else horizon
     if horizon <= 0:
         raise ValueError(f"horizon must be a positive integer, got {horizon}")
@@ -413,6 +415,14 @@ def resolve_sizes(config: DataConfig, length: int) -> DataConfig:
         raise ValueError(f"stride must be a positive integer, got {config.stride}")
     test_size = config.test_size or max(horizon, round(0.1 * length))
     validation_size = config.validation_size or test_size
+    if config.lookback is not None:
+        lookback = config.lookback
+    else:  # the default, shortened to leave a short series training windows: at most half
+        # the train part, but a whole given season (the network corrects seasonal naive)
+        room = length - test_size - validation_size - 1
+        lookback = min(lookback, max(room // 2, 1))
+        if config.season and config.season <= room:
+            lookback = max(lookback, config.season)
     return replace(config, lookback=lookback, horizon=horizon, test_size=test_size,
                    validation_size=validation_size)
 

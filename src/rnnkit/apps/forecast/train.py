@@ -21,7 +21,6 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnkit.apps.forecast.metrics import quantiles_of_levels
@@ -136,12 +135,17 @@ def forecast_windows(model: Forecaster, inputs: np.ndarray, batch_size: int = 10
     return np.concatenate(outputs)
 
 
-def pinball_loss(forecast: Tensor, target: Tensor, quantiles: list[float]) -> Tensor:
+def pinball_loss(forecast: Tensor, target: Tensor, quantiles: list[float],
+                 scored: Tensor | None = None) -> Tensor:
     """Mean pinball loss of quantile forecasts ``(N, h, Q)`` against ``target (N, h)``:
-    ``mean max(τ e, (τ - 1) e)`` with ``e = y - ŷ_τ`` over all steps and quantiles ``τ``."""
+    ``mean max(τ e, (τ - 1) e)`` with ``e = y - ŷ_τ`` over all steps and quantiles ``τ``; the
+    slots where ``scored (N, h)`` is False count 0."""
     tau = torch.tensor(quantiles, dtype=forecast.dtype, device=forecast.device)
     error = target[..., None] - forecast
-    return torch.maximum(tau * error, (tau - 1) * error).mean()
+    loss = torch.maximum(tau * error, (tau - 1) * error)
+    if scored is not None:
+        loss = torch.where(scored[..., None], loss, 0.0)
+    return loss.mean()
 
 
 def validation_loss(model: Forecaster, inputs: np.ndarray, targets: np.ndarray) -> float:
@@ -190,11 +194,18 @@ class ForecastTask(BaseTask):
         return self.inputs[batch], self.targets[batch]
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """The mean over every (window, step) slot of the squared error (or the pinball loss
+        with levels); a slot whose target lies past the train part (NaN, `rolling_windows`)
+        counts 0, so that equal shards of a batch weigh equally over several processes."""
         inputs, targets = batch
+        scored = ~torch.isnan(targets)
+        targets = torch.where(scored, targets, 0.0)
         if self.model_config.levels:
-            return pinball_loss(model(inputs, one_step=True, quantiles=True), targets,
-                                quantiles_of_levels(self.model_config.levels))
-        return F.mse_loss(model(inputs, one_step=True), targets)
+            forecast = model(inputs, one_step=True, quantiles=True)
+            return pinball_loss(forecast, targets, quantiles_of_levels(self.model_config.levels),
+                                scored)
+        errors = (model(inputs, one_step=True) - targets) ** 2
+        return torch.where(scored, errors, 0.0).mean()
 
     def evaluate(self, model: Forecaster) -> float:
         return validation_loss(model, *self.validation)
