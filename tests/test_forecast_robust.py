@@ -324,3 +324,38 @@ def test_seeds_repeated_are_refused(tmp_path, capsys):
     assert cli.main(["forecast", "train", "--csv", str(tmp_path / "series.csv"), "--target",
                      "sales", *FAST, "--seeds", "3,3", "--out", str(tmp_path / "out")]) == 2
     assert "--seeds repeats a seed: [3, 3]" in capsys.readouterr().err
+
+
+# --- backtesting ------------------------------------------------------------------------------
+
+def test_each_backtest_window_is_the_run_on_the_series_cut_at_its_end(tmp_path):
+    frame = write_series(tmp_path / "series.csv", length=180)
+    out = run(tmp_path, "backtest", "--windows", "2")
+    frame.iloc[:-20].to_csv(tmp_path / "cut.csv", index=False)  # window 0 ends 20 rows earlier
+    alone = run(tmp_path, "alone", csv="cut.csv")
+    summary = json.loads((out / "metrics.json").read_text())
+    first = summary["backtest"][0]["results"]
+    expected = json.loads((alone / "metrics.json").read_text())["results"]
+    assert [row["method"] for row in first] == [row["method"] for row in expected]
+    for got, want in zip(first, expected, strict=True):
+        assert got["MAE"] == pytest.approx(want["MAE"], rel=1e-6), got["method"]
+    # The overall row is the mean of the windows'; metrics.csv holds both windows and the mean.
+    second = summary["backtest"][1]["results"]
+    for row, a, b in zip(summary["results"], first, second, strict=True):
+        assert row["MASE"] == pytest.approx((a["MASE"] + b["MASE"]) / 2)
+    table = pd.read_csv(out / "metrics.csv")
+    assert list(table["window"].astype(str).unique()) == ["0", "1", "mean"]
+    forecasts = pd.read_csv(out / "forecasts.csv")
+    assert sorted(forecasts["window"].unique()) == [0, 1]
+    last_cutoff_0 = pd.to_datetime(forecasts[forecasts["window"] == 0]["cutoff"]).max()
+    first_cutoff_1 = pd.to_datetime(forecasts[forecasts["window"] == 1]["cutoff"]).min()
+    assert last_cutoff_0 < first_cutoff_1
+
+
+def test_a_backtest_too_long_for_the_series_is_refused_before_training(tmp_path, capsys):
+    write_series(tmp_path / "series.csv")
+    assert cli.main(["forecast", "train", "--csv", str(tmp_path / "series.csv"), "--target",
+                     "sales", *FAST, "--windows", "7", "--out", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr()
+    assert "too few rows: 40, but lookback 14 + 1 training target" in error.err
+    assert "trained" not in error.out and not (tmp_path / "out" / "model.pt").exists()

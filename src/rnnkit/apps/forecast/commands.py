@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,7 @@ from rnnkit.apps.forecast.data import (
     DataConfig,
     Scaler,
     Series,
+    Split,
     fill_missing,
     future_times,
     load_frame,
@@ -32,13 +33,14 @@ from rnnkit.apps.forecast.data import (
 )
 from rnnkit.apps.forecast.evaluate import (
     Evaluation,
+    backtest_table,
     format_table,
     save_forecast_plot,
     write_results,
 )
 from rnnkit.apps.forecast.metrics import detect_season, mase_scale
 from rnnkit.apps.forecast.model import ForecastEnsemble, Forecaster, ForecastModelConfig
-from rnnkit.apps.forecast.train import FitConfig, fit_ensemble, forecast_windows
+from rnnkit.apps.forecast.train import FitConfig, FitHistory, fit_ensemble, forecast_windows
 from rnnkit.apps.outputs import output_directory, output_file
 from rnnkit.configuration import config_from_dict
 from rnnkit.engine.native import build
@@ -93,15 +95,41 @@ def check_test_tail(series: Series, history_end: int) -> None:
             "there, or a smaller --test-size")
 
 
-def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, out: str,
-          overwrite: bool = False, plot: bool = True, quiet: bool = False) -> int:
-    out_dir = output_directory(out)  # a bad --out is said now, not after training
-    checkpoint = output_file(out_dir / CHECKPOINT_NAME, "--out")
-    if checkpoint.exists() and not overwrite:
-        raise ValueError(f"{str(checkpoint)!r} exists and would be overwritten; choose another "
-                         "--out folder or pass --overwrite")
-    series, source, time_column = load_series(data)
-    data = resolve_sizes(data, len(series.values))
+@dataclass
+class FittedCut:
+    """One cut of the series trained and scored: the networks, their scaler and training, and
+    the evaluation of the network and the baselines on the cut's test tail."""
+
+    data: DataConfig  # the sizes resolved
+    model_config: ForecastModelConfig
+    split: Split
+    season: int | None
+    season_source: str
+    scaler: Scaler
+    models: list[Forecaster]
+    histories: list[FitHistory]
+    evaluation: Evaluation
+    validation_origins: int
+    seconds: float
+
+    def context(self) -> dict:
+        """What metrics.json says about this cut besides the results."""
+        return {"data": asdict(self.data), "model": asdict(self.model_config),
+                "season": self.season, "season_source": self.season_source,
+                "split": asdict(self.split), "origins": len(self.evaluation.origins),
+                "validation_origins": self.validation_origins,
+                "networks": [{"seed": h.seed, "steps": h.steps, "best_step": h.best_step,
+                              "best_validation": h.best_validation} for h in self.histories],
+                "training_seconds": round(self.seconds, 1)}
+
+
+def fit_and_score(series: Series, data: DataConfig, model_config: ForecastModelConfig,
+                  fit: FitConfig, source: str, log: MetricsLog, distributed,
+                  quiet: bool = False, window: int | None = None) -> FittedCut | None:
+    """Split ``series`` in time (its last ``test_size`` rows the test tail), fill, scale on the
+    train part, fit the networks on the rolling windows of the train part (early-stopped on
+    the validation part's), and forecast every test origin with them and the baselines (fitted
+    on the history before the tail). None on the processes other than rank 0."""
     split = split_series(len(series.values), data.lookback, data.horizon, data.test_size,
                          data.validation_size)
     missing = describe_missing(series, data.fill, split.validation_end)
@@ -138,16 +166,13 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
           if naive_season else "the last value" + (
               f" (the season {season} is longer than the lookback {data.lookback})"
               if season else "")), flush=True)
-    build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
     started = time.perf_counter()
-    with setup_distributed(fit.device) as distributed, \
-            MetricsLog(out_dir / "metrics.jsonl", tensorboard_dir=out_dir / "tensorboard",
-                       enabled=distributed.is_main) as log:
-        fitted = fit_ensemble(model_config, fit, train_windows, validation_windows,
-                              distributed=distributed, metrics=log, quiet=quiet)
+    fitted = fit_ensemble(model_config, fit, train_windows, validation_windows,
+                          distributed=distributed, metrics=log, quiet=quiet,
+                          metrics_fields={} if window is None else {"window": window})
     seconds = time.perf_counter() - started
     if not distributed.is_main:  # rank 0 evaluates and writes; the others are done
-        return 0
+        return None
     models = [model.cpu() for model, _ in fitted]  # forecasts, baselines, checkpoint on the host
     histories = [history for _, history in fitted]
     for history in histories:
@@ -179,30 +204,78 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
         seeds=[history.seed for history in histories],
         model_intervals={level: (quantiles[..., middle - 1 - k], quantiles[..., middle + 1 + k])
                          for k, level in enumerate(sorted(levels))})
-    note = missing_statistical_baselines()
-    if note:
-        print(f"note: {note}", file=sys.stderr)
     print(format_table(evaluation.table()))
     if evaluation.members:
         print(evaluation.describe_spread())
+    return FittedCut(data, model_config, split, season, season_source, scaler, models,
+                     histories, evaluation, len(validation_windows[0]), seconds)
 
-    context = {"source": source, "data": asdict(data), "model": asdict(model_config),
-               "fit": asdict(fit), "season": season, "season_source": season_source,
-               "split": asdict(split), "origins": len(origins),
-               "validation_origins": len(validation_windows[0]),
-               "networks": [{"seed": h.seed, "steps": h.steps, "best_step": h.best_step,
-                             "best_validation": h.best_validation} for h in histories],
-               "training_seconds": round(seconds, 1)}
-    written = [*write_results(out_dir, evaluation, context, series.time,
-                              data.dataset or series.columns[0]), log.path]
+
+def cut(series: Series, end: int) -> Series:
+    """The first ``end`` rows of ``series`` (what was known at that point)."""
+    values = series.values[:end]
+    return replace(series, values=values, time=None if series.time is None else
+                   series.time[:end], missing=int(np.isnan(values).sum()))
+
+
+def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, out: str,
+          overwrite: bool = False, plot: bool = True, quiet: bool = False) -> int:
+    """Train and score on the series' test tail; with ``data.windows = K``, a rolling-origin
+    backtest: K test tails of ``test_size`` rows ending ``test_size`` apart, the last at the
+    series' end, each with everything refitted (networks, scaler, season, baselines) on the
+    rows before it; metrics per window and their mean. The checkpoint and the plot are those
+    of the last window (all of the series)."""
+    out_dir = output_directory(out)  # a bad --out is said now, not after training
+    checkpoint = output_file(out_dir / CHECKPOINT_NAME, "--out")
+    if checkpoint.exists() and not overwrite:
+        raise ValueError(f"{str(checkpoint)!r} exists and would be overwritten; choose another "
+                         "--out folder or pass --overwrite")
+    series, source, time_column = load_series(data)
+    data = resolve_sizes(data, len(series.values))
+    ends = [len(series.values) - (data.windows - 1 - k) * data.test_size
+            for k in range(data.windows)]
+    # Every window's split is checked before the first trains.
+    for end in ends:
+        split_series(end, data.lookback, data.horizon, data.test_size, data.validation_size)
+    series_id = data.dataset or series.columns[0]
+    build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
+    note = missing_statistical_baselines()
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    cuts = []
+    with setup_distributed(fit.device) as distributed, \
+            MetricsLog(out_dir / "metrics.jsonl", tensorboard_dir=out_dir / "tensorboard",
+                       enabled=distributed.is_main) as log:
+        for k, end in enumerate(ends):
+            if data.windows > 1:
+                print(f"backtest window {k + 1} of {data.windows}: the test tail is rows "
+                      f"{end - data.test_size} to {end - 1}", flush=True)
+            cuts.append(fit_and_score(cut(series, end), data, model_config, fit, source, log,
+                                      distributed, quiet, k if data.windows > 1 else None))
+    if not distributed.is_main:
+        return 0
+    last = cuts[-1]
+    context = {"source": source, "fit": asdict(fit), **last.context()}
+    if data.windows > 1:
+        backtest = [{"window": k, "test_start": int(c.split.validation_end),
+                     **c.context(), "results": c.evaluation.table()} for k, c in enumerate(cuts)]
+        overall = backtest_table([c.evaluation.table() for c in cuts])
+        print(f"backtest over {data.windows} windows (everything refitted for each); the mean "
+              "of each metric over the windows:")
+        print(format_table(overall))
+        context |= {"backtest": backtest}
+    else:
+        overall = None
+    written = [*write_results(out_dir, [c.evaluation for c in cuts], context, series.time,
+                              series_id, overall), log.path]
     save_checkpoint(checkpoint, KIND, {
-        "data_config": asdict(data), "model_config": asdict(model_config),
+        "data_config": asdict(last.data), "model_config": asdict(last.model_config),
         "fit_config": asdict(fit), "columns": series.columns, "time_column": time_column,
-        "season": season,
-        "scaler": {"mean": scaler.mean.tolist(), "scale": scaler.scale.tolist()},
-        "models": [model.state_dict() for model in models],
-        "histories": [asdict(history) for history in histories],
-        "results": evaluation.table(),
+        "season": last.season,
+        "scaler": {"mean": last.scaler.mean.tolist(), "scale": last.scaler.scale.tolist()},
+        "models": [model.state_dict() for model in last.models],
+        "histories": [asdict(history) for history in last.histories],
+        "results": last.evaluation.table(),
     })
     written.append(checkpoint)
     if plot:
@@ -210,7 +283,8 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
 
         try:
             path = out_dir / "forecast.png"
-            save_forecast_plot(path, target, series.time, evaluation, split.validation_end,
+            save_forecast_plot(path, series.values[:, 0], series.time, last.evaluation,
+                               last.split.validation_end,
                                f"{source}: {data.horizon}-step forecasts on the test tail")
             written.append(path)
         except MissingPlotting as error:

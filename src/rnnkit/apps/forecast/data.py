@@ -385,6 +385,9 @@ class DataConfig:
         # length of the validation part; None: as the test tail
     stride: int = field(default=1, metadata={"check": "positive"})  # evaluate every stride-th
         # origin of the test tail
+    windows: int = field(default=1, metadata={"check": "positive"})  # a rolling-origin
+        # backtest: K test tails of --test-size rows, each scored after refitting everything on
+        # the rows before it
 
 
 def load_frame(config: DataConfig) -> tuple[pd.DataFrame, str, str | None, int | None, str]:

@@ -131,18 +131,50 @@ def long_forecasts(evaluation: Evaluation, series_id: str,
     return pd.concat(parts, ignore_index=True)
 
 
-def write_results(out: Path, evaluation: Evaluation, context: dict, time: pd.Index | None,
-                  series_id: str = "series") -> list[Path]:
+def backtest_table(tables: list[list[dict]]) -> list[dict]:
+    """The mean of each metric over the windows of a backtest, per method (every window's
+    table lists the same methods); skill and the best baseline from the mean MAE."""
+    methods = [row["method"] for row in tables[0]]
+    rows = []
+    for method in methods:
+        found = [next(row for row in table if row["method"] == method) for table in tables]
+        metrics = [key for key in found[0] if key not in ("method", "best_baseline", "skill")]
+        rows.append({"method": method, **{key: float(np.mean([row[key] for row in found]))
+                                          for key in metrics}})
+    baselines = [row for row in rows if row["method"] != MODEL_NAME]
+    best = min(baselines, key=lambda row: row["MAE"])
+    for row in rows:
+        row["skill"] = skill(row["MAE"], best["MAE"])
+        row["best_baseline"] = row is best
+    return rows
+
+
+def write_results(out: Path, evaluations: list[Evaluation], context: dict,
+                  time: pd.Index | None, series_id: str = "series",
+                  overall: list[dict] | None = None) -> list[Path]:
     """metrics.csv, metrics.json (with ``context``) and forecasts.csv (`long_forecasts`) in
-    ``out``."""
-    rows = evaluation.table()
+    ``out``; with several evaluations (a backtest's windows), metrics.csv holds each window's
+    rows (column ``window``) and then ``overall`` (window ``mean``), metrics.json's results are
+    ``overall``, and forecasts.csv has a ``window`` column."""
     paths = [out / "metrics.csv", out / "metrics.json", out / "forecasts.csv"]
-    pd.DataFrame(rows).to_csv(paths[0], index=False)
+    last = evaluations[-1]
+    if len(evaluations) == 1:
+        rows = last.table()
+        pd.DataFrame(rows).to_csv(paths[0], index=False)
+        forecasts = long_forecasts(last, series_id, time)
+    else:
+        rows = overall
+        per_window = [{"window": k, **row} for k, e in enumerate(evaluations)
+                      for row in e.table()]
+        pd.DataFrame(per_window + [{"window": "mean", **row} for row in overall]).to_csv(
+            paths[0], index=False)
+        forecasts = pd.concat([long_forecasts(e, series_id, time).assign(window=k)
+                               for k, e in enumerate(evaluations)], ignore_index=True)
     summary = {**context, "results": rows}
-    if evaluation.members:
-        summary["members"] = evaluation.member_scores()
+    if last.members:
+        summary["members"] = last.member_scores()
     paths[1].write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    long_forecasts(evaluation, series_id, time).to_csv(paths[2], index=False)
+    forecasts.to_csv(paths[2], index=False)
     return paths
 
 

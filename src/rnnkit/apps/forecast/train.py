@@ -221,6 +221,7 @@ def fit_forecaster(model_config: ForecastModelConfig, config: FitConfig,
     check_fit_config(config)
     seed = config.seed if seed is None else seed
     task = ForecastTask(model_config, replace(config, seed=seed), train, validation)
+    options["metrics_fields"] = {**options.get("metrics_fields", {}), "seed": seed}
     trainer = Trainer(task, config.loop(seed), description=f"training (seed {seed})",
                       **options, show_progress=show_progress)
     # Step 0: the untrained network is the naive forecast (`Forecaster`), kept when no later
