@@ -62,7 +62,7 @@ COMMANDS = {
          "--validation-size", "3", "--stride", "2", "--cell", "lstm", "--peephole", *STACK,
          "--steps", "3", "--min-steps", "1", "--eval-every", "2", "--patience", "2",
          "--batch-size", "8", "--lr", "0.01", "--seeds", "4,5", "--scaler", "standard",
-         "--levels", "80,95", "--windows", "2",
+         "--levels", "80,95", "--windows", "2", "--id", "k",
          "--clip-norm", "0", "--clip-value", "1.5", "--clip-tensor-norm", "2.5", "--seed", "3",
          "--device", "cpu", "--out", "o", "--overwrite", "--no-plot", "--quiet"],
         ["--dataset", "sunspots", "--strategy", "recursive", *VARIANTS[0]],

@@ -359,3 +359,110 @@ def test_a_backtest_too_long_for_the_series_is_refused_before_training(tmp_path,
     error = capsys.readouterr()
     assert "too few rows: 40, but lookback 14 + 1 training target" in error.err
     assert "trained" not in error.out and not (tmp_path / "out" / "model.pt").exists()
+
+
+# --- many series (long format) ----------------------------------------------------------------
+
+def write_panel(path, lengths=(90, 110, 100), changed=None, seed=0):
+    """Long format: unique_id, ds, y; series k at its own level and amplitude; ``changed``
+    (an id) gets a test tail of 1e4."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, length in enumerate(lengths):
+        time = np.arange(length)
+        values = (10 * (k + 1) + (k + 1) * np.sin(2 * np.pi * time / 7)
+                  + 0.2 * rng.normal(size=length))
+        if changed == f"S{k}":
+            values[-20:] = 1e4
+        rows.append(pd.DataFrame({"unique_id": f"S{k}", "ds": pd.date_range(
+            "2024-01-01", periods=length, freq="D"), "y": values}))
+    frame = pd.concat(rows, ignore_index=True).sample(frac=1.0, random_state=1)  # any order
+    frame.to_csv(path, index=False)
+    return frame
+
+
+PANEL = ["--id", "unique_id", "--target", "y", "--time", "ds", *FAST]
+
+
+def test_one_network_over_many_series_scores_each_and_the_aggregate(tmp_path):
+    frame = write_panel(tmp_path / "panel.csv")
+    out = tmp_path / "panel"
+    assert cli.main(["forecast", "train", "--csv", str(tmp_path / "panel.csv"), *PANEL,
+                     "--levels", "80", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary["series"]) == {"S0", "S1", "S2"}
+    rows = {row["method"]: row for row in summary["results"]}
+    for method in ("rnnkit", "SeasonalNaive", "AutoETS"):
+        each = [next(r for r in summary["series"][s] if r["method"] == method)["MASE"]
+                for s in ("S0", "S1", "S2")]
+        assert rows[method]["MASE"] == pytest.approx(np.mean(each))
+        assert rows[method]["median MASE"] == pytest.approx(np.median(each))
+    assert rows["SeasonalNaive"]["OWA"] == pytest.approx(1.0)
+    assert sum(row["wins"] for row in rows.values()) == 3
+    forecasts = pd.read_csv(out / "forecasts.csv")
+    assert set(forecasts["unique_id"]) == {"S0", "S1", "S2"}
+    # Long format round trip: each series' actual values are its own test tail.
+    for series_id, part in forecasts[forecasts["model"] == "rnnkit"].groupby("unique_id"):
+        own = frame[frame["unique_id"] == series_id].sort_values("ds")
+        first = part[part["step"] == 1]
+        np.testing.assert_allclose(first["y"], own["y"].to_numpy()[-20:][: len(first)])
+        mae = np.mean(np.abs(part["y"] - part["value"]))
+        table = {r["method"]: r for r in summary["series"][series_id]}
+        assert mae == pytest.approx(table["rnnkit"]["MAE"])
+    table = pd.read_csv(out / "metrics.csv")
+    assert list(table["unique_id"].unique()) == ["S0", "S1", "S2", "all"]
+    # predict forecasts every series, each with its own scaler.
+    assert cli.main(["forecast", "predict", str(out / "model.pt"), "--csv",
+                     str(tmp_path / "panel.csv"), "--out", str(tmp_path / "next.csv")]) == 0
+    predicted = pd.read_csv(tmp_path / "next.csv")
+    assert list(predicted.columns) == ["unique_id", "step", "time", "y"]
+    assert predicted.groupby("unique_id").size().to_dict() == {"S0": 4, "S1": 4, "S2": 4}
+    means = predicted.groupby("unique_id")["y"].mean()
+    assert means["S0"] < means["S1"] < means["S2"]  # each at its own level
+
+
+def test_no_series_test_tail_reaches_the_shared_weights_or_another_series(tmp_path):
+    write_panel(tmp_path / "panel.csv")
+    write_panel(tmp_path / "changed.csv", changed="S1")
+    runs = []
+    for name in ("panel", "changed"):
+        out = tmp_path / f"run-{name}"
+        assert cli.main(["forecast", "train", "--csv", str(tmp_path / f"{name}.csv"), *PANEL,
+                         "--out", str(out), "--quiet"]) == 0
+        runs.append(restore(str(out / "model.pt")))
+    (model_a, _, saved_a), (model_b, _, saved_b) = runs
+    for name, tensor in model_a.state_dict().items():
+        assert torch.equal(tensor, model_b.state_dict()[name]), name
+    for series_id in ("S0", "S1", "S2"):
+        np.testing.assert_array_equal(saved_a["scalers"][series_id].scale,
+                                      saved_b["scalers"][series_id].scale)
+    assert saved_a["histories"] == saved_b["histories"]
+    assert saved_a["results"] != saved_b["results"]  # S1's test tail is scored (can fail)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: f.drop(columns="unique_id"), "--id column 'unique_id' not in the data"),
+    (lambda f: f.assign(unique_id=f["unique_id"].where(f.index != f.index[3])),
+     "--id column 'unique_id' is empty at data row 3"),
+    (lambda f: f[(f["unique_id"] != "S2") | (f["ds"] < "2024-01-31")],
+     "series 'S2': too few rows: 30, but lookback 14 \\+ 1 training target"),
+    (lambda f: f.assign(y=f["y"].astype(object).where(
+        f.index != f.index[f["unique_id"] == "S0"][0], "x")),
+     "series 'S0' \\(--id unique_id\\): column 'y' is not numeric"),
+])
+def test_bad_long_format_input_is_named(tmp_path, capsys, change, message):
+    frame = write_panel(tmp_path / "panel.csv").reset_index(drop=True)
+    change(frame).to_csv(tmp_path / "bad.csv", index=False)
+    assert cli.main(["forecast", "train", "--csv", str(tmp_path / "bad.csv"), *PANEL,
+                     "--out", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert __import__("re").search(message, error), error
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_id_with_a_dataset_or_naming_the_target_is_a_usage_error(capsys):
+    for argv, message in [(["--dataset", "co2", "--id", "k"], "--id goes with --csv"),
+                          (["--csv", "x.csv", "--target", "y", "--id", "y"],
+                           "--id names column 'y', which is also the target")]:
+        assert cli.main(["forecast", "train", *argv]) == 2
+        assert message in capsys.readouterr().err

@@ -221,6 +221,12 @@ def run_forecast(args: argparse.Namespace) -> int:
         raise UsageError("give --csv FILE (with --target COL) or --dataset NAME (one of them)")
     if data.dataset and (data.time or data.features):
         raise UsageError("--time and --features go with --csv; a built-in dataset has its own")
+    if data.dataset and data.id:
+        raise UsageError("--id goes with --csv (a long-format file of many series); a built-in "
+                         "dataset is one series")
+    if data.id and data.id in (data.target, data.time, *data.features):
+        raise UsageError(f"--id names column {data.id!r}, which is also the target, the time or "
+                         "a feature: the id column names the series and is nothing else")
     if data.csv and not data.target:
         raise UsageError(f"--target COL is required with --csv: which column of {data.csv!r} "
                          "to forecast")

@@ -27,6 +27,7 @@ from rnnkit.apps.forecast.data import (
     prepare_series,
     resolve_sizes,
     rolling_windows,
+    series_frames,
     split_series,
     window_origins,
     windows,
@@ -35,6 +36,7 @@ from rnnkit.apps.forecast.evaluate import (
     Evaluation,
     backtest_table,
     format_table,
+    panel_table,
     save_forecast_plot,
     write_results,
 )
@@ -52,14 +54,24 @@ KIND = "forecast"
 CHECKPOINT_NAME = "model.pt"
 
 
-def load_series(config: DataConfig) -> tuple[Series, str, str | None]:
-    """The prepared series of ``config``'s source, a one-line description of it, and the name
-    of its time column."""
+def load_panel(config: DataConfig) -> tuple[list[tuple[str, Series]], str, str | None]:
+    """The prepared series of ``config``'s source by id (one, named by the dataset or the target
+    column, without ``--id``), a one-line description, and the name of the time column."""
     frame, target, time_column, season, description = load_frame(config)
     if config.season is not None:
         season = config.season or None  # 0: the user says there is none
-    series = prepare_series(frame, target, time_column, config.features, config.fill, season)
-    return series, description, time_column
+    if not config.id:
+        return ([(config.dataset or target, prepare_series(
+            frame, target, time_column, config.features, config.fill, season))], description,
+            time_column)
+    panel = []
+    for series_id, part in series_frames(frame, config.id):
+        try:
+            panel.append((series_id, prepare_series(part, target, time_column, config.features,
+                                                    config.fill, season)))
+        except ValueError as error:
+            raise ValueError(f"series {series_id!r} (--id {config.id}): {error}") from None
+    return panel, description, time_column
 
 
 def describe_missing(series: Series, fill: str, history_end: int | None = None) -> str:
@@ -96,72 +108,137 @@ def check_test_tail(series: Series, history_end: int) -> None:
 
 
 @dataclass
+class PreparedSeries:
+    """One series of a cut, split, filled and scaled, with its windows."""
+
+    series_id: str
+    series: Series  # filled
+    split: Split
+    scaler: Scaler
+    scaled: np.ndarray  # (L, C)
+    scale: float  # MASE's denominator
+    missing: str  # how many values were missing and how they were filled
+    train: tuple[np.ndarray, np.ndarray]  # rolling windows of the train part
+    validation: tuple[np.ndarray, np.ndarray]  # rolling windows of the validation part
+
+
+@dataclass
 class FittedCut:
-    """One cut of the series trained and scored: the networks, their scaler and training, and
-    the evaluation of the network and the baselines on the cut's test tail."""
+    """One cut of the series trained and scored: the networks, each series' scaler, the
+    training, and each series' evaluation (the network and the baselines on its test tail)."""
 
     data: DataConfig  # the sizes resolved
     model_config: ForecastModelConfig
-    split: Split
     season: int | None
     season_source: str
-    scaler: Scaler
+    prepared: list[PreparedSeries]
     models: list[Forecaster]
     histories: list[FitHistory]
-    evaluation: Evaluation
-    validation_origins: int
+    evaluations: dict[str, Evaluation]  # by series id, in the order of ``prepared``
     seconds: float
 
     def context(self) -> dict:
         """What metrics.json says about this cut besides the results."""
-        return {"data": asdict(self.data), "model": asdict(self.model_config),
-                "season": self.season, "season_source": self.season_source,
-                "split": asdict(self.split), "origins": len(self.evaluation.origins),
-                "validation_origins": self.validation_origins,
-                "networks": [{"seed": h.seed, "steps": h.steps, "best_step": h.best_step,
-                              "best_validation": h.best_validation} for h in self.histories],
-                "training_seconds": round(self.seconds, 1)}
+        first = self.prepared[0]
+        context = {"data": asdict(self.data), "model": asdict(self.model_config),
+                   "season": self.season, "season_source": self.season_source,
+                   "split": asdict(first.split),
+                   "origins": len(self.evaluations[first.series_id].origins),
+                   "validation_origins": sum(len(p.validation[0]) for p in self.prepared),
+                   "networks": [{"seed": h.seed, "steps": h.steps, "best_step": h.best_step,
+                                 "best_validation": h.best_validation}
+                                for h in self.histories],
+                   "training_seconds": round(self.seconds, 1)}
+        if len(self.prepared) > 1:
+            context["series_count"] = len(self.prepared)
+        return context
 
 
-def fit_and_score(series: Series, data: DataConfig, model_config: ForecastModelConfig,
-                  fit: FitConfig, source: str, log: MetricsLog, distributed,
-                  quiet: bool = False, window: int | None = None) -> FittedCut | None:
-    """Split ``series`` in time (its last ``test_size`` rows the test tail), fill, scale on the
-    train part, fit the networks on the rolling windows of the train part (early-stopped on
-    the validation part's), and forecast every test origin with them and the baselines (fitted
-    on the history before the tail). None on the processes other than rank 0."""
+def prepare_cut(series_id: str, series: Series, data: DataConfig,
+                season: int | None) -> PreparedSeries:
+    """Split one series in time, fill it from its history, scale it on its train part, and
+    cut its rolling training and validation windows."""
     split = split_series(len(series.values), data.lookback, data.horizon, data.test_size,
                          data.validation_size)
     missing = describe_missing(series, data.fill, split.validation_end)
     filled = fill_missing(series, data.fill, split.validation_end)  # an empty history first
     check_test_tail(series, split.validation_end)  # on the values before the fill
-    series = filled
-    season, season_source = choose_season(series, data, split.train_end)
-    print(f"{source}: {len(series.values):,} rows, target {series.columns[0]!r}"
-          + (f", features {series.columns[1:]}" if series.columns[1:] else "")
-          + f"; {missing}; "
-          f"{series.irregular_steps} irregular time steps; season: "
-          f"{season or '-'} ({season_source})", flush=True)
-    print(f"split in time: train {split.train_end}, validation "
-          f"{split.validation_end - split.train_end}, test {split.length - split.validation_end}"
-          f" rows; lookback {data.lookback}, horizon {data.horizon} ({model_config.strategy})",
-          flush=True)
-
-    scaler = Scaler.fit(series.values[: split.train_end], series.columns, data.scaler)
-    target = series.values[:, 0]
+    scaler = Scaler.fit(filled.values[: split.train_end], filled.columns, data.scaler)
     # MASE's scale now: a season too long for the history is said before training, not after.
-    scale = mase_scale(target[: split.validation_end], season)
-    scaled = scaler.transform(series.values)
-    train_windows = rolling_windows(scaled, 0, split.train_end, data.lookback, data.horizon)
-    validation_windows = rolling_windows(scaled, split.train_end, split.validation_end,
-                                         data.lookback, data.horizon)
+    scale = mase_scale(filled.values[: split.validation_end, 0], season)
+    scaled = scaler.transform(filled.values)
+    return PreparedSeries(
+        series_id, filled, split, scaler, scaled, scale, missing,
+        rolling_windows(scaled, 0, split.train_end, data.lookback, data.horizon),
+        rolling_windows(scaled, split.train_end, split.validation_end, data.lookback,
+                        data.horizon))
+
+
+def panel_season(panel: list[tuple[str, Series]], data: DataConfig) -> tuple[int | None, str]:
+    """One season for every series (the naive forecast the network corrects, SeasonalNaive,
+    MASE): given, known, or the most common one detected on the series' train parts."""
+    if len(panel) == 1:
+        series = panel[0][1]
+        split = split_series(len(series.values), data.lookback, data.horizon, data.test_size,
+                             data.validation_size)
+        return choose_season(fill_missing(series, data.fill, split.validation_end), data,
+                             split.train_end)
+    found = []
+    for _, series in panel:
+        split = split_series(len(series.values), data.lookback, data.horizon, data.test_size,
+                             data.validation_size)
+        found.append(choose_season(fill_missing(series, data.fill, split.validation_end), data,
+                                   split.train_end))
+    seasons = [season for season, _ in found if season]
+    if not seasons:
+        return None, found[0][1]
+    counts = pd.Series(seasons).value_counts()
+    season = int(min(counts.index[counts == counts.max()]))
+    source = found[0][1] if found[0][1] != "detected" else \
+        f"the most common detected, in {int(counts.max())} of {len(panel)} series"
+    return season, source
+
+
+def fit_and_score(panel: list[tuple[str, Series]], data: DataConfig,
+                  model_config: ForecastModelConfig, fit: FitConfig, source: str,
+                  log: MetricsLog, distributed, quiet: bool = False,
+                  window: int | None = None) -> FittedCut | None:
+    """Split every series in time (its last ``test_size`` rows the test tail), fill, scale
+    each on its own train part, fit one network (per seed) on the rolling windows of all train
+    parts (early-stopped on all validation parts'), and forecast every test origin of every
+    series with it and the baselines (fitted on that series' history before its tail). None
+    on the processes other than rank 0."""
+    season, season_source = panel_season(panel, data)
+    prepared = [prepare_cut(series_id, series, data, season) for series_id, series in panel]
+    first = prepared[0]
+    if len(prepared) == 1:
+        print(f"{source}: {len(first.series.values):,} rows, target {first.series.columns[0]!r}"
+              + (f", features {first.series.columns[1:]}" if first.series.columns[1:] else "")
+              + f"; {first.missing}; {first.series.irregular_steps} irregular time steps; "
+              f"season: {season or '-'} ({season_source})", flush=True)
+        split = first.split
+        print(f"split in time: train {split.train_end}, validation "
+              f"{split.validation_end - split.train_end}, test "
+              f"{split.length - split.validation_end} rows; lookback {data.lookback}, horizon "
+              f"{data.horizon} ({model_config.strategy})", flush=True)
+    else:
+        lengths = [len(p.series.values) for p in prepared]
+        print(f"{source}: {len(prepared)} series of {min(lengths):,} to {max(lengths):,} rows, "
+              f"target {first.series.columns[0]!r}; season: {season or '-'} ({season_source});"
+              f" each split in time with validation {data.validation_size} and test "
+              f"{data.test_size} rows and scaled on its own train part; lookback "
+              f"{data.lookback}, horizon {data.horizon} ({model_config.strategy})", flush=True)
+    train_windows = tuple(np.concatenate([p.train[k] for p in prepared])
+                          for k in range(2))
+    validation_windows = tuple(np.concatenate([p.validation[k] for p in prepared])
+                               for k in range(2))
     print(f"{len(train_windows[0])} training windows ({-(-len(train_windows[0]) // fit.batch_size)}"
           f" mini-batches an epoch); rolling validation from {len(validation_windows[0])} origins",
           flush=True)
     # The network corrects seasonal naive when the window holds a whole season.
     naive_season = season if season and season <= data.lookback else None
-    model_config = replace(model_config, input_size=len(series.columns), horizon=data.horizon,
-                           season=naive_season)
+    model_config = replace(model_config, input_size=len(first.series.columns),
+                           horizon=data.horizon, season=naive_season)
     print("the network corrects " + (f"the seasonal naive forecast (season {season})"
           if naive_season else "the last value" + (
               f" (the season {season} is longer than the lookback {data.lookback})"
@@ -181,34 +258,49 @@ def fit_and_score(series: Series, data: DataConfig, model_config: ForecastModelC
               "units)", flush=True)
     print(f"trained {len(models)} network{'s' if len(models) > 1 else ''} in {seconds:.1f} s",
           flush=True)
+    evaluations = {}
+    for p in prepared:
+        origins = window_origins(p.split.validation_end, p.split.length, data.lookback,
+                                 data.horizon, data.stride)
+        test_inputs, test_targets = windows(p.scaled, p.split.validation_end, p.split.length,
+                                            data.lookback, data.horizon, data.stride)
+        print(f"forecasting {len(origins)} test origins"
+              + (f" of series {p.series_id!r}" if len(prepared) > 1 else "")
+              + " with the model and the baselines ...", file=sys.stderr, flush=True)
+        evaluations[p.series_id] = evaluate_series(p, models, origins, test_inputs,
+                                                   test_targets, season, model_config.levels,
+                                                   [h.seed for h in histories])
+    if len(prepared) == 1:
+        evaluation = evaluations[first.series_id]
+        print(format_table(evaluation.table()))
+        if evaluation.members:
+            print(evaluation.describe_spread())
+    else:
+        print(format_table(panel_table(list(evaluations.values()))))
+    return FittedCut(data, model_config, season, season_source, prepared, models, histories,
+                     evaluations, seconds)
 
-    origins = window_origins(split.validation_end, split.length, data.lookback, data.horizon,
-                             data.stride)
-    test_inputs, test_targets = windows(scaled, split.validation_end, split.length,
-                                        data.lookback, data.horizon, data.stride)
-    print(f"forecasting {len(origins)} test origins with the model and the baselines ...",
-          file=sys.stderr, flush=True)
+
+def evaluate_series(p: PreparedSeries, models: list[Forecaster], origins: np.ndarray,
+                    test_inputs: np.ndarray, test_targets: np.ndarray, season: int | None,
+                    levels: list[float], seeds: list[int]) -> Evaluation:
+    """The network (each seed, and their mean) and the baselines from every test origin of one
+    series, in its own units."""
     # (n, horizon, Q) quantiles per network, in the series' units; the point is the median.
-    members = [scaler.inverse_target(forecast_windows(model, test_inputs, quantiles=True))
+    members = [p.scaler.inverse_target(forecast_windows(model, test_inputs, quantiles=True))
                for model in models]
     quantiles = np.mean(members, axis=0)  # the ensemble: each quantile averaged
     middle = models[0].median
-    levels = model_config.levels
-    evaluation = Evaluation(
-        origins=origins, actual=scaler.inverse_target(test_targets),
+    return Evaluation(
+        origins=origins, actual=p.scaler.inverse_target(test_targets),
         model=quantiles[..., middle],
-        baselines=all_baselines(target, split.validation_end, origins, data.horizon, season,
-                                levels),
-        scale=scale, season=season,
+        baselines=all_baselines(p.series.values[:, 0], p.split.validation_end, origins,
+                                test_targets.shape[1], season, levels),
+        scale=p.scale, season=season,
         members=[member[..., middle] for member in members] if len(members) > 1 else [],
-        seeds=[history.seed for history in histories],
+        seeds=seeds,
         model_intervals={level: (quantiles[..., middle - 1 - k], quantiles[..., middle + 1 + k])
                          for k, level in enumerate(sorted(levels))})
-    print(format_table(evaluation.table()))
-    if evaluation.members:
-        print(evaluation.describe_spread())
-    return FittedCut(data, model_config, split, season, season_source, scaler, models,
-                     histories, evaluation, len(validation_windows[0]), seconds)
 
 
 def cut(series: Series, end: int) -> Series:
@@ -220,24 +312,30 @@ def cut(series: Series, end: int) -> Series:
 
 def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, out: str,
           overwrite: bool = False, plot: bool = True, quiet: bool = False) -> int:
-    """Train and score on the series' test tail; with ``data.windows = K``, a rolling-origin
-    backtest: K test tails of ``test_size`` rows ending ``test_size`` apart, the last at the
-    series' end, each with everything refitted (networks, scaler, season, baselines) on the
-    rows before it; metrics per window and their mean. The checkpoint and the plot are those
-    of the last window (all of the series)."""
+    """Train and score on the test tail of the series (of each, with ``--id``: one network
+    over all of them); with ``data.windows = K``, a rolling-origin backtest: K test tails of
+    ``test_size`` rows ending ``test_size`` apart, the last at the series' end, each with
+    everything refitted (networks, scalers, season, baselines) on the rows before it; metrics
+    per window and their mean. The checkpoint and the plot are those of the last window (all
+    of the series)."""
     out_dir = output_directory(out)  # a bad --out is said now, not after training
     checkpoint = output_file(out_dir / CHECKPOINT_NAME, "--out")
     if checkpoint.exists() and not overwrite:
         raise ValueError(f"{str(checkpoint)!r} exists and would be overwritten; choose another "
                          "--out folder or pass --overwrite")
-    series, source, time_column = load_series(data)
-    data = resolve_sizes(data, len(series.values))
-    ends = [len(series.values) - (data.windows - 1 - k) * data.test_size
-            for k in range(data.windows)]
-    # Every window's split is checked before the first trains.
-    for end in ends:
-        split_series(end, data.lookback, data.horizon, data.test_size, data.validation_size)
-    series_id = data.dataset or series.columns[0]
+    panel, source, time_column = load_panel(data)
+    shortest = min(len(series.values) for _, series in panel)
+    data = resolve_sizes(data, shortest)
+    # Every window's split of every series is checked before the first trains.
+    for series_id, series in panel:
+        for k in range(data.windows):
+            end = len(series.values) - (data.windows - 1 - k) * data.test_size
+            try:
+                split_series(end, data.lookback, data.horizon, data.test_size,
+                             data.validation_size)
+            except ValueError as error:
+                raise ValueError(f"series {series_id!r}: {error}" if len(panel) > 1
+                                 else str(error)) from None
     build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
     note = missing_statistical_baselines()
     if note:
@@ -246,56 +344,82 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     with setup_distributed(fit.device) as distributed, \
             MetricsLog(out_dir / "metrics.jsonl", tensorboard_dir=out_dir / "tensorboard",
                        enabled=distributed.is_main) as log:
-        for k, end in enumerate(ends):
+        for k in range(data.windows):
+            back = (data.windows - 1 - k) * data.test_size
             if data.windows > 1:
-                print(f"backtest window {k + 1} of {data.windows}: the test tail is rows "
-                      f"{end - data.test_size} to {end - 1}", flush=True)
-            cuts.append(fit_and_score(cut(series, end), data, model_config, fit, source, log,
-                                      distributed, quiet, k if data.windows > 1 else None))
+                print(f"backtest window {k + 1} of {data.windows}: the test tail is the "
+                      f"{data.test_size} rows ending {back} rows before the end", flush=True)
+            cuts.append(fit_and_score(
+                [(series_id, cut(series, len(series.values) - back))
+                 for series_id, series in panel], data, model_config, fit, source, log,
+                distributed, quiet, k if data.windows > 1 else None))
     if not distributed.is_main:
         return 0
     last = cuts[-1]
     context = {"source": source, "fit": asdict(fit), **last.context()}
+    tables = [cut_table(c) for c in cuts]
     if data.windows > 1:
-        backtest = [{"window": k, "test_start": int(c.split.validation_end),
-                     **c.context(), "results": c.evaluation.table()} for k, c in enumerate(cuts)]
-        overall = backtest_table([c.evaluation.table() for c in cuts])
+        context["backtest"] = [{"window": k, **c.context(), "results": table}
+                               for k, (c, table) in enumerate(zip(cuts, tables, strict=True))]
+        overall = backtest_table(tables)
         print(f"backtest over {data.windows} windows (everything refitted for each); the mean "
               "of each metric over the windows:")
         print(format_table(overall))
-        context |= {"backtest": backtest}
     else:
-        overall = None
-    written = [*write_results(out_dir, [c.evaluation for c in cuts], context, series.time,
-                              series_id, overall), log.path]
+        overall = tables[0]
+    written = [*write_results(out_dir, [c.evaluations for c in cuts], context,
+                              {p.series_id: p.series.time for p in last.prepared}, overall),
+               log.path]
+    scalers = {p.series_id: {"mean": p.scaler.mean.tolist(), "scale": p.scaler.scale.tolist()}
+               for p in last.prepared}
     save_checkpoint(checkpoint, KIND, {
         "data_config": asdict(last.data), "model_config": asdict(last.model_config),
-        "fit_config": asdict(fit), "columns": series.columns, "time_column": time_column,
-        "season": last.season,
-        "scaler": {"mean": last.scaler.mean.tolist(), "scale": last.scaler.scale.tolist()},
+        "fit_config": asdict(fit), "columns": last.prepared[0].series.columns,
+        "time_column": time_column, "season": last.season,
+        **({"scalers": scalers} if data.id else {"scaler": next(iter(scalers.values()))}),
         "models": [model.state_dict() for model in last.models],
         "histories": [asdict(history) for history in last.histories],
-        "results": last.evaluation.table(),
+        "results": overall,
     })
     written.append(checkpoint)
     if plot:
         from rnnkit.training.plots import MissingPlotting
 
         try:
-            path = out_dir / "forecast.png"
-            save_forecast_plot(path, series.values[:, 0], series.time, last.evaluation,
-                               last.split.validation_end,
-                               f"{source}: {data.horizon}-step forecasts on the test tail")
-            written.append(path)
+            for number, p in enumerate(last.prepared[:PLOTTED_SERIES]):
+                path = out_dir / ("forecast.png" if number == 0 else
+                                  f"forecast-{safe_name(p.series_id)}.png")
+                save_forecast_plot(path, p.series.values[:, 0], p.series.time,
+                                   last.evaluations[p.series_id], p.split.validation_end,
+                                   f"{source}" + (f", series {p.series_id!r}"
+                                                  if len(last.prepared) > 1 else "")
+                                   + f": {data.horizon}-step forecasts on the test tail")
+                written.append(path)
         except MissingPlotting as error:
             print(f"note: {error}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
-def restore(checkpoint: str) -> tuple[ForecastEnsemble, Scaler, dict]:
+PLOTTED_SERIES = 3  # with many series, the first three are drawn
+
+
+def safe_name(name: str) -> str:
+    """``name`` with every character but letters, digits, ``-``, ``_`` and ``.`` as ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:80]
+
+
+def cut_table(fitted: FittedCut) -> list[dict]:
+    """The results table of a cut: its series' table, or with many series the aggregate."""
+    evaluations = list(fitted.evaluations.values())
+    return evaluations[0].table() if len(evaluations) == 1 else panel_table(evaluations)
+
+
+def restore(checkpoint: str) -> tuple[ForecastEnsemble, Scaler | None, dict]:
     """The networks (one per seed; their mean is the forecast), the scaler and the saved
-    settings of a ``forecast train`` checkpoint; in evaluation mode."""
+    settings of a ``forecast train`` checkpoint; in evaluation mode. A checkpoint of many
+    series (``--id``) has a scaler per series, in ``saved["scalers"]`` by id (and None
+    returned for the scaler)."""
     saved = load_checkpoint(checkpoint, KIND)
     with restoring(checkpoint, KIND):
         model_config = config_from_dict(ForecastModelConfig, saved["model_config"],
@@ -306,21 +430,28 @@ def restore(checkpoint: str) -> tuple[ForecastEnsemble, Scaler, dict]:
             member = Forecaster(model_config)
             member.load_state_dict(weights)
             members.append(member)
-        scaler = Scaler(np.array(saved["scaler"]["mean"]), np.array(saved["scaler"]["scale"]))
+        saved_scalers = saved["scalers"] if "scalers" in saved else {None: saved["scaler"]}
+        scalers = {series_id: Scaler(np.array(found["mean"]), np.array(found["scale"]))
+                   for series_id, found in saved_scalers.items()}
         saved["data_config"] = DataConfig(**saved["data_config"])
         columns, _ = saved["columns"], saved["time_column"]
     if not members:
         raise ValueError(f"checkpoint {checkpoint!r} is inconsistent: it holds no network")
-    if not len(columns) == len(scaler.mean) == model_config.input_size:
-        raise ValueError(f"checkpoint {checkpoint!r} is inconsistent: {len(columns)} columns, a "
-                         f"scaler for {len(scaler.mean)} and a network reading "
-                         f"{model_config.input_size}")
-    return ForecastEnsemble(members).eval(), scaler, saved
+    for scaler in scalers.values():
+        if not len(columns) == len(scaler.mean) == model_config.input_size:
+            raise ValueError(f"checkpoint {checkpoint!r} is inconsistent: {len(columns)} "
+                             f"columns, a scaler for {len(scaler.mean)} and a network reading "
+                             f"{model_config.input_size}")
+    if "scalers" in saved:
+        saved["scalers"] = scalers
+        return ForecastEnsemble(members).eval(), None, saved
+    return ForecastEnsemble(members).eval(), scalers[None], saved
 
 
 def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> int:
-    """Forecast the ``horizon`` values after the end of the series, with the checkpoint's
-    columns, fill rule and scaler; write them to ``out`` as CSV."""
+    """Forecast the ``horizon`` values after the end of the series (of each series, for a
+    checkpoint of many), with the checkpoint's columns, fill rule and scalers; write them to
+    ``out`` as CSV."""
     output_file(out, "--out")  # before the checkpoint and the data are read
     model, scaler, saved = restore(checkpoint)
     trained = saved["data_config"]
@@ -329,28 +460,44 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
         source = replace(trained, csv=csv, dataset=None, target=columns[0], features=columns[1:],
                          time=saved["time_column"])
     else:
+        if trained.id:
+            raise ValueError(f"checkpoint {checkpoint!r} forecasts many series (--id "
+                             f"{trained.id}); give them with --csv")
         source = replace(trained, csv=None, dataset=dataset, target=None)
-    series, description, _ = load_series(source)
-    if series.columns != columns:
-        raise ValueError(f"the model was trained on columns {columns}; {description} gives "
-                         f"{series.columns}")
+    panel, description, _ = load_panel(source)
+    scalers = saved["scalers"] if trained.id else {panel[0][0]: scaler}
+    unknown = [series_id for series_id, _ in panel if series_id not in scalers]
+    if unknown:
+        raise ValueError(f"{description} has series the model was not trained on (no scaler "
+                         f"for them): {unknown[:5]}; it knows {list(scalers)[:5]}")
     lookback, horizon = trained.lookback, trained.horizon
-    if len(series.values) < lookback:
-        raise ValueError(f"{description} has {len(series.values)} rows; the model reads the "
-                         f"last {lookback} (its lookback)")
-    missing = describe_missing(series, trained.fill)
-    series = fill_missing(series, trained.fill)  # all of it is history here
-    window = scaler.transform(series.values[-lookback:])[None]  # (1, lookback, C)
-    forecast = scaler.inverse_target(forecast_windows(model, window))[0]  # (horizon,)
-    table = {"step": np.arange(1, horizon + 1)}
-    times = future_times(series, horizon)
-    if times is not None:
-        table["time"] = times
-    table[series.columns[0]] = forecast
-    frame = pd.DataFrame(table)
+    frames = []
+    for series_id, series in panel:
+        named = f"{description}" + (f", series {series_id!r}" if trained.id else "")
+        if series.columns != columns:
+            raise ValueError(f"the model was trained on columns {columns}; {description} "
+                             f"gives {series.columns}")
+        if len(series.values) < lookback:
+            raise ValueError(f"{named} has {len(series.values)} rows; the model reads the "
+                             f"last {lookback} (its lookback)")
+        missing = describe_missing(series, trained.fill)
+        series = fill_missing(series, trained.fill)  # all of it is history here
+        by = scalers[series_id]
+        window = by.transform(series.values[-lookback:])[None]  # (1, lookback, C)
+        forecast = by.inverse_target(forecast_windows(model, window))[0]  # (horizon,)
+        table = {"unique_id": series_id} if trained.id else {}
+        table["step"] = np.arange(1, horizon + 1)
+        times = future_times(series, horizon)
+        if times is not None:
+            table["time"] = times
+        table[series.columns[0]] = forecast
+        frames.append(pd.DataFrame(table))
+        print(f"{named}: {len(series.values):,} rows; {missing}; {series.irregular_steps} "
+              f"irregular time steps; forecast of the next {horizon} steps"
+              + (":" if not trained.id else ""))
+    frame = pd.concat(frames, ignore_index=True)
     frame.to_csv(out, index=False)
-    print(f"{description}: {len(series.values):,} rows; {missing}; {series.irregular_steps} "
-          f"irregular time steps; forecast of the next {horizon} steps:")
-    print(frame.to_string(index=False))
+    if not trained.id:
+        print(frame.to_string(index=False))
     print(f"wrote {out}")
     return 0

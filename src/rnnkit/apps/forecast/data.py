@@ -366,6 +366,8 @@ class DataConfig:
         # (CSV; built-in data knows its own)
     time: str | None = field(default=None, metadata={"metavar": "COL"})  # the column of timestamps
         # or numbers to sort by (optional)
+    id: str | None = field(default=None, metadata={"metavar": "COL"})  # long format (unique_id,
+        # ds, y): the column naming each series; one network over all, each scaled on its own
     features: list[str] = field(default_factory=list, metadata=FEATURES)  # extra input columns
         # (direct only)
     fill: str = field(default="interpolate", metadata={"choices": FILL_RULES})
@@ -388,6 +390,23 @@ class DataConfig:
     windows: int = field(default=1, metadata={"check": "positive"})  # a rolling-origin
         # backtest: K test tails of --test-size rows, each scored after refitting everything on
         # the rows before it
+
+
+def series_frames(frame: pd.DataFrame, id_column: str) -> list[tuple[str, pd.DataFrame]]:
+    """The rows of each series of a long-format frame (``unique_id, ds, y``), by the id in
+    ``id_column``, in the order of the ids (as text, sorted: the file's row order does not
+    matter)."""
+    if id_column not in frame.columns:
+        raise ValueError(f"--id column {id_column!r} not in the data; it has "
+                         f"{', '.join(map(repr, frame.columns))}")
+    ids = frame[id_column]
+    if ids.isna().any():
+        raise ValueError(f"--id column {id_column!r} is empty at "
+                         f"{_at_rows(np.flatnonzero(ids.isna().to_numpy()))}: every row needs "
+                         "the id of its series")
+    ids = ids.astype(str)
+    return [(series_id, frame[ids == series_id].reset_index(drop=True))
+            for series_id in sorted(ids.unique())]
 
 
 def load_frame(config: DataConfig) -> tuple[pd.DataFrame, str, str | None, int | None, str]:

@@ -17,6 +17,7 @@ from rnnkit.apps.forecast.baselines import BaselineForecast
 from rnnkit.apps.forecast.metrics import (
     METRICS,
     coverage,
+    owa,
     quantile_forecasts,
     scaled_pinball_loss,
     score,
@@ -91,7 +92,7 @@ class Evaluation:
 
 def format_table(rows: list[dict]) -> str:
     extra = list(dict.fromkeys(key for row in rows for key in row
-                               if key.startswith("coverage-") or key == "SPL"))
+                               if key not in (*METRICS, "method", "skill", "best_baseline")))
     columns = (*METRICS, "skill", *extra)
     header = f"{'method':<22}" + "".join(f"{m:>12}" for m in columns)
     lines = [header, "-" * len(header)]
@@ -99,9 +100,15 @@ def format_table(rows: list[dict]) -> str:
         name = row["method"] + (" *" if row["best_baseline"] else "")
         lines.append(f"{name:<22}" + "".join(
             f"{row[m]:>12.4g}" if m in row else f"{'-':>12}" for m in columns))
-    lines.append("* best baseline (lowest MAE); skill = 1 - MAE / MAE of the best baseline"
+    panel = any("OWA" in row for row in rows)
+    lines.append("* best baseline (lowest " + ("mean MASE" if panel else "MAE") + "); skill = 1 - "
+                 + ("MASE / MASE" if panel else "MAE / MAE") + " of the best baseline"
                  + ("; coverage-L: share of actual values inside the L % interval; SPL: "
-                    "scaled pinball loss" if extra else ""))
+                    "scaled pinball loss" if any(k.startswith("coverage-") for k in extra)
+                    else "")
+                 + ("; means over the series; OWA against SeasonalNaive (Naive without a "
+                    "season); wins: series where it is best; below_ref: series where it beats "
+                    "that reference" if panel else ""))
     return "\n".join(lines)
 
 
@@ -141,40 +148,84 @@ def backtest_table(tables: list[list[dict]]) -> list[dict]:
         metrics = [key for key in found[0] if key not in ("method", "best_baseline", "skill")]
         rows.append({"method": method, **{key: float(np.mean([row[key] for row in found]))
                                           for key in metrics}})
+    # Many series' aggregates have no MAE (their units differ): their skill is in MASE.
+    key = "MAE" if "MAE" in rows[0] else "MASE"
     baselines = [row for row in rows if row["method"] != MODEL_NAME]
-    best = min(baselines, key=lambda row: row["MAE"])
+    best = min(baselines, key=lambda row: row[key])
     for row in rows:
-        row["skill"] = skill(row["MAE"], best["MAE"])
+        row["skill"] = skill(row[key], best[key])
         row["best_baseline"] = row is best
     return rows
 
 
-def write_results(out: Path, evaluations: list[Evaluation], context: dict,
-                  time: pd.Index | None, series_id: str = "series",
-                  overall: list[dict] | None = None) -> list[Path]:
+def panel_table(evaluations: list[Evaluation]) -> list[dict]:
+    """The aggregate over many series, per method (each series' table lists the same methods):
+    mean and median MASE, mean sMAPE, OWA (M4's ``(sMAPE / sMAPE_ref + MASE / MASE_ref) / 2`` of
+    the means, against SeasonalNaive, or Naive without a season), ``wins`` (series where the
+    method has the lowest MASE of all), ``below_ref`` (series where its MASE is below the
+    reference's), and the mean coverage and SPL of methods with intervals. ``skill`` and the
+    best baseline come from the mean MASE."""
+    tables = [evaluation.table() for evaluation in evaluations]
+    methods = [row["method"] for row in tables[0]]
+    by_method = {m: [next(r for r in table if r["method"] == m) for table in tables]
+                 for m in methods}
+    reference = "SeasonalNaive" if "SeasonalNaive" in by_method else "Naive"
+    best_of_series = [min(table, key=lambda row: row["MASE"])["method"] for table in tables]
+    ref_mase = np.mean([row["MASE"] for row in by_method[reference]])
+    ref_smape = np.mean([row["sMAPE"] for row in by_method[reference]])
+    rows = []
+    for method, found in by_method.items():
+        mase = [row["MASE"] for row in found]
+        smape_mean = float(np.mean([row["sMAPE"] for row in found]))
+        row = {"method": method, "sMAPE": smape_mean, "MASE": float(np.mean(mase)),
+               "median MASE": float(np.median(mase)),
+               "OWA": float(owa(smape_mean, float(np.mean(mase)), ref_smape, ref_mase)),
+               "wins": best_of_series.count(method),
+               "below_ref": int(sum(m < r["MASE"] for m, r in
+                                    zip(mase, by_method[reference], strict=True)))}
+        for key in found[0]:
+            if key.startswith("coverage-") or key == "SPL":
+                row[key] = float(np.mean([r[key] for r in found]))
+        rows.append(row)
+    best = min((row for row in rows if row["method"] != MODEL_NAME), key=lambda r: r["MASE"])
+    for row in rows:
+        row["skill"] = skill(row["MASE"], best["MASE"])
+        row["best_baseline"] = row is best
+    return rows
+
+
+def write_results(out: Path, windows: list[dict[str, Evaluation]], context: dict,
+                  times: dict[str, pd.Index | None], overall: list[dict]) -> list[Path]:
     """metrics.csv, metrics.json (with ``context``) and forecasts.csv (`long_forecasts`) in
-    ``out``; with several evaluations (a backtest's windows), metrics.csv holds each window's
-    rows (column ``window``) and then ``overall`` (window ``mean``), metrics.json's results are
-    ``overall``, and forecasts.csv has a ``window`` column."""
+    ``out``, from each backtest window's evaluations by series id (one window without
+    ``--windows``; one series without ``--id``). metrics.json's ``results`` are ``overall``
+    (the one series' table, the aggregate over the series, or the mean over the windows);
+    metrics.csv holds the table of each series and window (``unique_id`` and ``window``
+    columns when there are several) and then ``overall``; forecasts.csv every forecast."""
     paths = [out / "metrics.csv", out / "metrics.json", out / "forecasts.csv"]
-    last = evaluations[-1]
-    if len(evaluations) == 1:
-        rows = last.table()
-        pd.DataFrame(rows).to_csv(paths[0], index=False)
-        forecasts = long_forecasts(last, series_id, time)
-    else:
-        rows = overall
-        per_window = [{"window": k, **row} for k, e in enumerate(evaluations)
-                      for row in e.table()]
-        pd.DataFrame(per_window + [{"window": "mean", **row} for row in overall]).to_csv(
-            paths[0], index=False)
-        forecasts = pd.concat([long_forecasts(e, series_id, time).assign(window=k)
-                               for k, e in enumerate(evaluations)], ignore_index=True)
-    summary = {**context, "results": rows}
-    if last.members:
-        summary["members"] = last.member_scores()
+    several_series, several_windows = len(windows[-1]) > 1, len(windows) > 1
+    rows, parts = [], []
+    for k, evaluations in enumerate(windows):
+        for series_id, evaluation in evaluations.items():
+            labels = ({"window": k} if several_windows else {}) | \
+                ({"unique_id": series_id} if several_series else {})
+            rows += [labels | row for row in evaluation.table()]
+            forecast = long_forecasts(evaluation, series_id, times[series_id])
+            parts.append(forecast.assign(window=k) if several_windows else forecast)
+    if several_series or several_windows:
+        labels = ({"window": "mean"} if several_windows else {}) | \
+            ({"unique_id": "all"} if several_series else {})
+        rows += [labels | row for row in overall]
+    pd.DataFrame(rows).to_csv(paths[0], index=False)
+    summary = {**context, "results": overall}
+    last = list(windows[-1].values())
+    if several_series:
+        summary["series"] = {series_id: evaluation.table()
+                             for series_id, evaluation in windows[-1].items()}
+    elif last[0].members:
+        summary["members"] = last[0].member_scores()
     paths[1].write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    forecasts.to_csv(paths[2], index=False)
+    pd.concat(parts, ignore_index=True).to_csv(paths[2], index=False)
     return paths
 
 
