@@ -21,10 +21,13 @@ rnnkit runs as a user runs it, in a subprocess per series, protocol and configur
 ``--rnnkit-args``; its MASE is the ``rnnkit`` row of ``DIR/metrics.json``. (The one-origin
 horizon equals the test size, so both protocols keep the same train/validation/test split.)
 
-Usage: ``python benchmarks/forecast_suite.py [--limit N] [--out DIR] [--protocols
-one-origin,rolling] [--rnnkit-args "--seed 1" --label seed1 ...] [--skip-rnnkit]``.
-Writes ``per_series.csv``, ``summary.csv``, ``summary.md`` and ``mase_vs_seasonal_naive.png``
-in ``--out``; progress on stderr.
+Usage: ``python benchmarks/forecast_suite.py [--limit N] [--order length] [--out DIR]
+[--protocols one-origin,rolling] [--rnnkit-args "--seed 1" --label seed1 ...] [--skip-rnnkit]``.
+Writes ``per_series.csv`` (rewritten after every series, so a stopped run keeps what it did),
+``summary.csv``, ``summary.md`` and ``mase_vs_seasonal_naive.png`` in ``--out``; progress on
+stderr. ``--summarize A.csv B.csv ...`` writes the summary and plot of earlier runs'
+per_series.csv files (for instance one run per protocol, run side by side) without running
+anything.
 """
 
 from __future__ import annotations
@@ -156,13 +159,19 @@ def run_rnnkit(csv: Path, season: int, plan: Protocol, out: Path, extra: list[st
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         return {"MASE": float("nan"), "seconds": seconds,
                 "error": lines[-1] if lines else f"exit status {done.returncode}"}
+    return {**read_rnnkit_metrics(out, plan), "seconds": seconds}
+
+
+def read_rnnkit_metrics(out: Path, plan: Protocol) -> dict:
+    """rnnkit's MASE, epochs and training seconds from ``out/metrics.json``, and the seasonal
+    naive MASE it computed itself; ``RuntimeError`` when it scored other origins than ``plan``."""
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     by_method = {row["method"]: row for row in metrics["results"]}
     naive = [row["MASE"] for name, row in by_method.items() if name.startswith("seasonal naive")]
     if metrics["origins"] != len(plan.origins):
         raise RuntimeError(f"rnnkit scored {metrics['origins']} origins in {out}, the suite "
                            f"{len(plan.origins)}: the test tails differ")
-    return {"MASE": by_method["rnnkit"]["MASE"], "seconds": seconds, "error": "",
+    return {"MASE": by_method["rnnkit"]["MASE"], "error": "",
             "training_seconds": metrics["training_seconds"], "epochs": metrics["epochs"],
             "best_epoch": metrics["best_epoch"],
             "rnnkit_seasonal_naive_MASE": naive[0] if naive else float("nan")}
@@ -175,7 +184,7 @@ def safe_name(name: str) -> str:
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     """Per protocol and method: mean and median MASE over the series where every method has a
     score, wins (lowest MASE on a series; ties count for each), series below seasonal naive,
-    failures, and total seconds."""
+    total seconds over those series, and failures (series without a score) over all series."""
     summary = []
     for name, part in rows.groupby("protocol", sort=False):
         table = part.pivot(index="series", columns="method", values="MASE")
@@ -190,7 +199,8 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
                 "wins": int((scores == best).sum()),
                 "below seasonal naive": int(below) if method != REFERENCE else np.nan,
                 "failed": int(table[method].isna().sum()),
-                "seconds": part.loc[part["method"] == method, "seconds"].sum()})
+                "seconds": part.loc[(part["method"] == method)
+                                    & part["series"].isin(complete.index), "seconds"].sum()})
     return pd.DataFrame(summary)
 
 
@@ -201,10 +211,11 @@ def markdown_table(summary: pd.DataFrame) -> str:
         lines += [f"**{name}** ({count} series where every method ran)", "",
                   "| method | mean MASE | median MASE | wins | below seasonal naive | failed "
                   "| total seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for row in part.sort_values("mean MASE").itertuples(index=False):
-            below = "-" if np.isnan(row[6]) else f"{int(row[6])}/{count}"
-            lines.append(f"| {row.method} | {row[3]:.3f} | {row[4]:.3f} | {row.wins} | {below} "
-                         f"| {row.failed} | {row.seconds:.1f} |")
+        for row in part.sort_values("mean MASE").to_dict("records"):
+            below = row["below seasonal naive"]
+            below = "-" if np.isnan(below) else f"{int(below)}/{count}"
+            lines.append(f"| {row['method']} | {row['mean MASE']:.3f} | {row['median MASE']:.3f} "
+                         f"| {row['wins']} | {below} | {row['failed']} | {row['seconds']:.1f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -224,12 +235,17 @@ def save_plot(rows: pd.DataFrame, path: Path) -> None:
         reference = table[REFERENCE]
         for method in table.columns.drop(REFERENCE):
             axis.scatter(reference, table[method], s=18, alpha=0.75, label=method)
-        top = np.nanmax(table.to_numpy()) * 1.05
-        axis.plot([0, top], [0, top], color="0.5", linestyle=":", linewidth=1)
-        axis.set_xlim(0, top)
-        axis.set_ylim(0, top)
-        axis.set_xlabel("SeasonalNaive MASE")
-        axis.set_ylabel("method MASE")
+        scores = table.to_numpy()
+        scores = scores[np.isfinite(scores) & (scores > 0)]
+        low, top = scores.min() / 1.2, scores.max() * 1.2
+        axis.plot([low, top], [low, top], color="0.5", linestyle=":", linewidth=1)
+        # Log axes: MASE spans two orders of magnitude across series.
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlim(low, top)
+        axis.set_ylim(low, top)
+        axis.set_xlabel("SeasonalNaive MASE (log)")
+        axis.set_ylabel("method MASE (log)")
         axis.set_title(f"{name}: {len(table)} series (below the diagonal: better)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -254,8 +270,14 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                              "rnnkit plus the flags)")
     parser.add_argument("--skip-rnnkit", action="store_true",
                         help="score the statistical methods only")
+    parser.add_argument("--order", choices=("source", "length"), default="source",
+                        help="run the series in the loader's order, or shortest first (so that "
+                             "a run stopped early has covered the most series)")
     parser.add_argument("--timeout", type=float, default=900,
                         help="seconds one rnnkit run may take")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="CSV",
+                        help="summarize these per_series.csv files of earlier runs into --out "
+                             "instead of running")
     arguments = parser.parse_args(argv)
     if arguments.limit is not None and arguments.limit <= 0:
         parser.error(f"--limit must be a positive integer, got {arguments.limit}")
@@ -287,12 +309,54 @@ def choose_series(arguments: argparse.Namespace) -> list[SeasonalSeries]:
         if missing:
             raise SystemExit(f"--series: unknown name(s) {missing}; known: {sorted(known)}")
         records = [r for r in records if r.name in wanted]
+    if arguments.order == "length":
+        records = sorted(records, key=lambda r: len(r.series))  # stable: ties keep their order
     return records[: arguments.limit]
+
+
+def combine(paths: list[str]) -> pd.DataFrame:
+    """The rows of earlier runs' per_series.csv files; a (series, protocol, method) given twice
+    is refused (which run's score would count?)."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"--summarize: {path!r} is not a file")
+    table = pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
+    table["error"] = table["error"].fillna("")
+    repeated = table.duplicated(["series", "protocol", "method"], keep=False)
+    if repeated.any():
+        first = table[repeated].iloc[0]
+        raise SystemExit(f"--summarize: {first['series']} / {first['protocol']} / "
+                         f"{first['method']} is in more than one row of {paths}")
+    return table
+
+
+def write_summary(table: pd.DataFrame, out: Path) -> None:
+    """summary.csv, summary.md and the plot of the per-series ``table``, in ``out``."""
+    summary = summarize(table)
+    summary.to_csv(out / "summary.csv", index=False)
+    text = markdown_table(summary)
+    (out / "summary.md").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    written = [out / "summary.csv", out / "summary.md"]
+    from rnnkit.training.plots import MissingPlotting
+
+    try:
+        save_plot(table, out / "mase_vs_seasonal_naive.png")
+        written.append(out / "mase_vs_seasonal_naive.png")
+    except MissingPlotting as error:
+        print(f"note: {error}", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     out = Path(arguments.out)
+    if arguments.summarize:
+        out.mkdir(parents=True, exist_ok=True)
+        table = combine(arguments.summarize)
+        table.to_csv(out / "per_series.csv", index=False)
+        write_summary(table, out)
+        return 0
     (out / "series").mkdir(parents=True, exist_ok=True)
     records = choose_series(arguments)
     rows = []
@@ -317,22 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in results:
                 if r["error"]:
                     print(f"    {r['method']} failed: {r['error']}", file=sys.stderr, flush=True)
-    table = pd.DataFrame(rows)
-    table.to_csv(out / "per_series.csv", index=False)
-    summary = summarize(table)
-    summary.to_csv(out / "summary.csv", index=False)
-    text = markdown_table(summary)
-    (out / "summary.md").write_text(text + "\n", encoding="utf-8")
-    print(text)
-    written = [out / "per_series.csv", out / "summary.csv", out / "summary.md"]
-    from rnnkit.training.plots import MissingPlotting
-
-    try:
-        save_plot(table, out / "mase_vs_seasonal_naive.png")
-        written.append(out / "mase_vs_seasonal_naive.png")
-    except MissingPlotting as error:
-        print(f"note: {error}", file=sys.stderr)
-    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+        pd.DataFrame(rows).to_csv(out / "per_series.csv", index=False)  # a stop keeps these
+    write_summary(pd.DataFrame(rows), out)
     return 0
 
 

@@ -159,5 +159,48 @@ def test_summary_counts_wins_and_series_below_seasonal_naive():
     assert summary.loc["rnnkit", "below seasonal naive"] == 1
     assert summary.loc["AutoETS", "below seasonal naive"] == 2
     assert summary.loc["AutoETS", "failed"] == 1
-    assert "| rnnkit | 0.850 | 0.850 | 1 | 1/2 | 0 | 3.0 |" in forecast_suite.markdown_table(
+    # Seconds too over the 2 complete series only: comparable between methods.
+    assert "| rnnkit | 0.850 | 0.850 | 1 | 1/2 | 0 | 2.0 |" in forecast_suite.markdown_table(
         forecast_suite.summarize(rows))
+
+
+def test_rnnkit_command_is_what_rnnkit_forecast_train_reads(tmp_path, capsys):
+    """The suite's command line, read back by rnnkit's own parser (--print-config), sets the
+    series, season, horizon and the 2-season test and validation parts it means."""
+    from rnnkit.cli import main
+
+    plan = forecast_suite.protocol("rolling", 100, 4)
+    command = forecast_suite.rnnkit_command(tmp_path / "s.csv", 4, plan, tmp_path / "run",
+                                            ["--seed", "3"])
+    assert command[1:5] == ["-m", "rnnkit", "forecast", "train"]
+    assert main(command[3:] + ["--print-config"]) == 0
+    printed = capsys.readouterr().out
+    for line in (f'csv = "{tmp_path / "s.csv"}"', 'target = "y"', 'time = "ds"', "season = 4",
+                 "horizon = 4", "test_size = 8", "validation_size = 8", "quiet = true",
+                 "plot = false", "seed = 3"):
+        assert line in printed.splitlines() or any(
+            row.startswith(line + "  #") for row in printed.splitlines()), line
+
+
+def test_rnnkit_metrics_are_read_and_checked_against_the_plan(tmp_path):
+    plan = forecast_suite.protocol("rolling", 100, 4)
+    results = [{"method": "rnnkit", "MASE": 0.7}, {"method": "seasonal naive (m=4)", "MASE": 1.1}]
+    metrics = {"origins": len(plan.origins), "training_seconds": 2.5, "epochs": 40,
+               "best_epoch": 10, "results": results}
+    (tmp_path / "metrics.json").write_text(forecast_suite.json.dumps(metrics))
+    read = forecast_suite.read_rnnkit_metrics(tmp_path, plan)
+    assert (read["MASE"], read["rnnkit_seasonal_naive_MASE"], read["epochs"]) == (0.7, 1.1, 40)
+    metrics["origins"] = 1
+    (tmp_path / "metrics.json").write_text(forecast_suite.json.dumps(metrics))
+    with pytest.raises(RuntimeError, match="rnnkit scored 1 origins .* the suite 5"):
+        forecast_suite.read_rnnkit_metrics(tmp_path, plan)
+
+
+def test_summarize_refuses_a_score_given_twice(tmp_path):
+    rows = pd.DataFrame([{"series": "a", "protocol": "rolling", "method": "AutoETS",
+                          "MASE": 0.5, "seconds": 1.0, "error": ""}])
+    rows.to_csv(tmp_path / "one.csv", index=False)
+    with pytest.raises(SystemExit, match="a / rolling / AutoETS is in more than one row"):
+        forecast_suite.combine([str(tmp_path / "one.csv")] * 2)
+    np.testing.assert_array_equal(forecast_suite.combine([str(tmp_path / "one.csv")])["MASE"],
+                                  [0.5])
