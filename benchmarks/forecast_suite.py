@@ -163,17 +163,19 @@ def run_rnnkit(csv: Path, season: int, plan: Protocol, out: Path, extra: list[st
 
 
 def read_rnnkit_metrics(out: Path, plan: Protocol) -> dict:
-    """rnnkit's MASE, epochs and training seconds from ``out/metrics.json``, and the seasonal
-    naive MASE it computed itself; ``RuntimeError`` when it scored other origins than ``plan``."""
+    """rnnkit's MASE, steps (per network) and training seconds from ``out/metrics.json``, and
+    the seasonal naive MASE it computed itself; ``RuntimeError`` when it scored other origins
+    than ``plan``."""
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     by_method = {row["method"]: row for row in metrics["results"]}
-    naive = [row["MASE"] for name, row in by_method.items() if name.startswith("seasonal naive")]
+    naive = [row["MASE"] for name, row in by_method.items() if name == "SeasonalNaive"]
     if metrics["origins"] != len(plan.origins):
         raise RuntimeError(f"rnnkit scored {metrics['origins']} origins in {out}, the suite "
                            f"{len(plan.origins)}: the test tails differ")
     return {"MASE": by_method["rnnkit"]["MASE"], "error": "",
-            "training_seconds": metrics["training_seconds"], "epochs": metrics["epochs"],
-            "best_epoch": metrics["best_epoch"],
+            "training_seconds": metrics["training_seconds"],
+            "steps": ";".join(str(n["steps"]) for n in metrics["networks"]),
+            "best_step": ";".join(str(n["best_step"]) for n in metrics["networks"]),
             "rnnkit_seasonal_naive_MASE": naive[0] if naive else float("nan")}
 
 

@@ -184,12 +184,14 @@ def test_rnnkit_command_is_what_rnnkit_forecast_train_reads(tmp_path, capsys):
 
 def test_rnnkit_metrics_are_read_and_checked_against_the_plan(tmp_path):
     plan = forecast_suite.protocol("rolling", 100, 4)
-    results = [{"method": "rnnkit", "MASE": 0.7}, {"method": "seasonal naive (m=4)", "MASE": 1.1}]
-    metrics = {"origins": len(plan.origins), "training_seconds": 2.5, "epochs": 40,
-               "best_epoch": 10, "results": results}
+    results = [{"method": "rnnkit", "MASE": 0.7}, {"method": "SeasonalNaive", "MASE": 1.1}]
+    metrics = {"origins": len(plan.origins), "training_seconds": 2.5,
+               "networks": [{"seed": 0, "steps": 40, "best_step": 10},
+                            {"seed": 1, "steps": 30, "best_step": 5}], "results": results}
     (tmp_path / "metrics.json").write_text(forecast_suite.json.dumps(metrics))
     read = forecast_suite.read_rnnkit_metrics(tmp_path, plan)
-    assert (read["MASE"], read["rnnkit_seasonal_naive_MASE"], read["epochs"]) == (0.7, 1.1, 40)
+    assert (read["MASE"], read["rnnkit_seasonal_naive_MASE"], read["steps"]) == (0.7, 1.1,
+                                                                                 "40;30")
     metrics["origins"] = 1
     (tmp_path / "metrics.json").write_text(forecast_suite.json.dumps(metrics))
     with pytest.raises(RuntimeError, match="rnnkit scored 1 origins .* the suite 5"):
