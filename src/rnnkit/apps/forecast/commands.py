@@ -41,7 +41,7 @@ from rnnkit.apps.forecast.evaluate import (
 from rnnkit.apps.forecast.metrics import detect_season, mase_scale
 from rnnkit.apps.forecast.model import ForecastEnsemble, Forecaster, ForecastModelConfig
 from rnnkit.apps.forecast.train import FitConfig, FitHistory, fit_ensemble, forecast_windows
-from rnnkit.apps.outputs import output_directory, output_file
+from rnnkit.apps.outputs import not_an_input, output_directory, output_file
 from rnnkit.configuration import config_from_dict
 from rnnkit.engine.native import build
 from rnnkit.training.checkpoint import load_checkpoint, restoring, save_checkpoint
@@ -194,11 +194,14 @@ def fit_and_score(series: Series, data: DataConfig, model_config: ForecastModelC
     quantiles = np.mean(members, axis=0)  # the ensemble: each quantile averaged
     middle = models[0].median
     levels = model_config.levels
+    baselines = all_baselines(target, split.validation_end, origins, data.horizon, season,
+                              levels)
+    for baseline in baselines:  # e.g. a season dropped: the table alone would not say
+        if baseline.note:
+            print(f"note: {baseline.note}", file=sys.stderr, flush=True)
     evaluation = Evaluation(
         origins=origins, actual=scaler.inverse_target(test_targets),
-        model=quantiles[..., middle],
-        baselines=all_baselines(target, split.validation_end, origins, data.horizon, season,
-                                levels),
+        model=quantiles[..., middle], baselines=baselines,
         scale=scale, season=season,
         members=[member[..., middle] for member in members] if len(members) > 1 else [],
         seeds=[history.seed for history in histories],
@@ -234,9 +237,21 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     data = resolve_sizes(data, len(series.values))
     ends = [len(series.values) - (data.windows - 1 - k) * data.test_size
             for k in range(data.windows)]
-    # Every window's split is checked before the first trains.
-    for end in ends:
-        split_series(end, data.lookback, data.horizon, data.test_size, data.validation_size)
+    # Every window's split is checked before the first trains; the first window's cut is the
+    # shortest, and a backtest's error says which window and why it is short.
+    for k, end in enumerate(ends):
+        try:
+            split_series(max(end, 0), data.lookback, data.horizon, data.test_size,
+                         data.validation_size)
+        except ValueError as error:
+            if data.windows == 1:
+                raise
+            raise ValueError(
+                f"--windows {data.windows} with --test-size {data.test_size}: backtest window "
+                f"{k + 1} is trained and scored on the first {max(end, 0)} of the "
+                f"{len(series.values)} rows ({data.windows - 1 - k} later test tails of "
+                f"{data.test_size} rows cut off); {error}; give fewer --windows or a smaller "
+                "--test-size") from None
     series_id = data.dataset or series.columns[0]
     build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
     note = missing_statistical_baselines()
@@ -322,6 +337,7 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
     """Forecast the ``horizon`` values after the end of the series, with the checkpoint's
     columns, fill rule and scaler; write them to ``out`` as CSV."""
     output_file(out, "--out")  # before the checkpoint and the data are read
+    not_an_input(out, "--out", {"CKPT": checkpoint, "--csv": csv})
     model, scaler, saved = restore(checkpoint)
     trained = saved["data_config"]
     columns = saved["columns"]
@@ -347,6 +363,13 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
     if times is not None:
         table["time"] = times
     table[series.columns[0]] = forecast
+    levels = model.config.levels
+    if levels:  # the intervals it was trained for, named as in forecasts.csv
+        quantiles = scaler.inverse_target(forecast_windows(model, window, quantiles=True))[0]
+        middle = model.quantiles.index(0.5)
+        for k, level in enumerate(sorted(levels)):
+            table[f"lo-{level:g}"] = quantiles[:, middle - 1 - k]
+            table[f"hi-{level:g}"] = quantiles[:, middle + 1 + k]
     frame = pd.DataFrame(table)
     frame.to_csv(out, index=False)
     print(f"{description}: {len(series.values):,} rows; {missing}; {series.irregular_steps} "
