@@ -171,3 +171,19 @@ def test_a_season_dropped_from_a_baseline_is_said(tmp_path, capsys):
     for name in ("AutoARIMA", "AutoETS", "AutoTheta"):
         assert f"note: {name} fitted without a season: the history holds 22 values, fewer " \
                "than two seasons of 12" in error
+
+
+# Bug 7. Level columns were named with ``{level:g}`` (6 digits): --levels 99.99999999 gave
+# ``coverage-100`` (as if a 100 % interval), and 99.99999,99.999999 two levels in one column.
+def test_close_levels_keep_their_own_columns():
+    from rnnkit.apps.forecast.evaluate import Evaluation, long_forecasts
+
+    actual = np.array([[1.0, 2.0]])
+    intervals = {99.99999: (actual - 1, actual + 1), 99.999999: (actual - 3, actual - 2)}
+    evaluation = Evaluation(origins=np.array([5]), actual=actual, model=actual.copy(),
+                            baselines=[], scale=1.0, season=None, model_intervals=intervals)
+    frame = long_forecasts(evaluation, "y", None)
+    assert [c for c in frame.columns if c[:3] in ("lo-", "hi-")] == [
+        "lo-99.99999", "hi-99.99999", "lo-99.999999", "hi-99.999999"]
+    np.testing.assert_array_equal(frame["hi-99.999999"], (actual - 2).ravel())
+    assert [f"{level:g}" for level in (80.0, 99.5)] == ["80", "99.5"]  # the usual names stay

@@ -38,7 +38,7 @@ from rnnkit.apps.forecast.evaluate import (
     save_forecast_plot,
     write_results,
 )
-from rnnkit.apps.forecast.metrics import detect_season, mase_scale
+from rnnkit.apps.forecast.metrics import detect_season, level_name, mase_scale
 from rnnkit.apps.forecast.model import ForecastEnsemble, Forecaster, ForecastModelConfig
 from rnnkit.apps.forecast.train import FitConfig, FitHistory, fit_ensemble, forecast_windows
 from rnnkit.apps.outputs import not_an_input, output_directory, output_file
@@ -368,8 +368,8 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
         quantiles = scaler.inverse_target(forecast_windows(model, window, quantiles=True))[0]
         middle = model.quantiles.index(0.5)
         for k, level in enumerate(sorted(levels)):
-            table[f"lo-{level:g}"] = quantiles[:, middle - 1 - k]
-            table[f"hi-{level:g}"] = quantiles[:, middle + 1 + k]
+            table[f"lo-{level_name(level)}"] = quantiles[:, middle - 1 - k]
+            table[f"hi-{level_name(level)}"] = quantiles[:, middle + 1 + k]
     frame = pd.DataFrame(table)
     frame.to_csv(out, index=False)
     print(f"{description}: {len(series.values):,} rows; {missing}; {series.irregular_steps} "
