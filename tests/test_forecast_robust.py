@@ -415,7 +415,7 @@ def test_one_network_over_many_series_scores_each_and_the_aggregate(tmp_path):
     assert cli.main(["forecast", "predict", str(out / "model.pt"), "--csv",
                      str(tmp_path / "panel.csv"), "--out", str(tmp_path / "next.csv")]) == 0
     predicted = pd.read_csv(tmp_path / "next.csv")
-    assert list(predicted.columns) == ["unique_id", "step", "time", "y"]
+    assert list(predicted.columns) == ["unique_id", "step", "time", "y", "lo-80", "hi-80"]
     assert predicted.groupby("unique_id").size().to_dict() == {"S0": 4, "S1": 4, "S2": 4}
     means = predicted.groupby("unique_id")["y"].mean()
     assert means["S0"] < means["S1"] < means["S2"]  # each at its own level

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rnnkit.apps.outputs import output_file
+from rnnkit.apps.outputs import not_an_input, output_file
 from rnnkit.engine.onnx import INSTALL_HINT, export_onnx
 from rnnkit.errors import EXIT_FAILURE
 from rnnkit.training.checkpoint import WrongKind
@@ -85,14 +85,17 @@ def plan_export(checkpoint: str) -> ExportPlan:
     model, _, _ = forecast.restore(checkpoint)  # in eval mode
     config, recurrent = model.config, model.config.recurrent
     # A recursive forecast slides the window by one step (window[:, 1:]), which torch.export
-    # traces for windows of 3 steps or more.
-    length = torch.export.Dim("length", min=3)
+    # traces for windows of 3 steps or more; a network that corrects seasonal naive reads one
+    # season back, so its window holds a season at least (traced and checked longer than that).
+    season = config.season or 0
+    length = torch.export.Dim("length", min=max(3, season))
     return ExportPlan(
         model, f"forecaster ({recurrent.cell}, {recurrent.num_layers} layer(s) of "
         f"{recurrent.hidden_size}, "
         f"{config.strategy}, horizon {config.horizon})",
         ["window"], ["forecast"], ({0: batch, 1: length},),
-        lambda steps, rows: (torch.randn(rows, steps, config.input_size),))
+        lambda steps, rows: (torch.randn(rows, steps, config.input_size),),
+        traced=(max(8, season + 2), 2), checked=(max(13, season + 7), 3))
 
 
 def missing_packages() -> list[str]:
@@ -127,6 +130,7 @@ def onnxruntime_differences(path: str, plan: ExportPlan, inputs: tuple[Tensor, .
 def export_checkpoint(checkpoint: str, onnx_path: str) -> int:
     """Export ``checkpoint``'s model to ``onnx_path`` and check it with onnxruntime."""
     output_file(onnx_path, "--onnx")  # before the checkpoint is read
+    not_an_input(onnx_path, "--onnx", {"CKPT": checkpoint})
     missing = missing_packages()
     if missing:
         print(f"rnnkit export: error: ONNX export needs {', '.join(missing)}, not installed; "

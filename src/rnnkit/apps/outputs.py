@@ -67,3 +67,17 @@ def _probe(folder: Path, described: str) -> None:
                          f"{error.strerror or error}") from None
     os.close(handle)
     os.unlink(probe)
+
+
+def not_an_input(out: str | Path, option: str, inputs: dict[str, str | Path | None]) -> None:
+    """``ValueError`` when the file ``out`` is one of the command's ``inputs`` (``{option:
+    path}``, None for those not given): writing it would destroy what the command reads, such
+    as the checkpoint, before the user sees why."""
+    path = Path(out)
+    for name, given in inputs.items():
+        if given is None or not path.exists() or not Path(given).exists():
+            continue
+        if os.path.samefile(path, given):
+            raise ValueError(f"{option} {str(path)!r} is the file given as {name} "
+                             f"{str(given)!r}: writing it would overwrite that input; give "
+                             f"{option} another file")

@@ -199,7 +199,13 @@ def statistical_baseline(name: str, values: np.ndarray, history_end: int, origin
     forecasts = np.empty((len(origins), horizon))
     intervals = {lv: (np.empty_like(forecasts), np.empty_like(forecasts)) for lv in levels}
     with _quiet():
-        model.fit(values[:history_end].astype(np.float64))
+        try:
+            model.fit(values[:history_end].astype(np.float64))
+        except NotImplementedError as error:  # statsforecast's "tiny datasets" (ETS, Theta)
+            raise ValueError(
+                f"{name} cannot be fitted on the {history_end} values before the test tail "
+                f"(statsforecast: {error}); give a longer series, or a smaller --test-size or "
+                "--validation-size") from None
         for row, t in enumerate(origins):
             result = model.forward(values[:t].astype(np.float64), horizon, level=level)
             forecasts[row] = result["mean"]

@@ -40,10 +40,10 @@ from rnnkit.apps.forecast.evaluate import (
     save_forecast_plot,
     write_results,
 )
-from rnnkit.apps.forecast.metrics import detect_season, mase_scale
+from rnnkit.apps.forecast.metrics import detect_season, level_name, mase_scale
 from rnnkit.apps.forecast.model import ForecastEnsemble, Forecaster, ForecastModelConfig
 from rnnkit.apps.forecast.train import FitConfig, FitHistory, fit_ensemble, forecast_windows
-from rnnkit.apps.outputs import output_directory, output_file
+from rnnkit.apps.outputs import not_an_input, output_directory, output_file
 from rnnkit.configuration import config_from_dict
 from rnnkit.engine.native import build
 from rnnkit.training.checkpoint import load_checkpoint, restoring, save_checkpoint
@@ -291,11 +291,14 @@ def evaluate_series(p: PreparedSeries, models: list[Forecaster], origins: np.nda
                for model in models]
     quantiles = np.mean(members, axis=0)  # the ensemble: each quantile averaged
     middle = models[0].median
+    baselines = all_baselines(p.series.values[:, 0], p.split.validation_end, origins,
+                              test_targets.shape[1], season, levels)
+    for baseline in baselines:  # e.g. a season dropped: the table alone would not say
+        if baseline.note:
+            print(f"note: {baseline.note}", file=sys.stderr, flush=True)
     return Evaluation(
         origins=origins, actual=p.scaler.inverse_target(test_targets),
-        model=quantiles[..., middle],
-        baselines=all_baselines(p.series.values[:, 0], p.split.validation_end, origins,
-                                test_targets.shape[1], season, levels),
+        model=quantiles[..., middle], baselines=baselines,
         scale=p.scale, season=season,
         members=[member[..., middle] for member in members] if len(members) > 1 else [],
         seeds=seeds,
@@ -326,16 +329,25 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
     panel, source, time_column = load_panel(data)
     shortest = min(len(series.values) for _, series in panel)
     data = resolve_sizes(data, shortest)
-    # Every window's split of every series is checked before the first trains.
+    # Every window's split of every series is checked before the first trains; the first
+    # window's cut is the shortest, and a backtest's error says which window and why it is
+    # short.
     for series_id, series in panel:
+        named = f"series {series_id!r}: " if len(panel) > 1 else ""
         for k in range(data.windows):
             end = len(series.values) - (data.windows - 1 - k) * data.test_size
             try:
-                split_series(end, data.lookback, data.horizon, data.test_size,
+                split_series(max(end, 0), data.lookback, data.horizon, data.test_size,
                              data.validation_size)
             except ValueError as error:
-                raise ValueError(f"series {series_id!r}: {error}" if len(panel) > 1
-                                 else str(error)) from None
+                if data.windows == 1:
+                    raise ValueError(f"{named}{error}") from None
+                raise ValueError(
+                    f"{named}--windows {data.windows} with --test-size {data.test_size}: "
+                    f"backtest window {k + 1} is trained and scored on the first {max(end, 0)} "
+                    f"of the {len(series.values)} rows ({data.windows - 1 - k} later test tails "
+                    f"of {data.test_size} rows cut off); {error}; give fewer --windows or a "
+                    "smaller --test-size") from None
     build.kernels()  # compile once, before the clock (a failed build warns; "fused" runs)
     note = missing_statistical_baselines()
     if note:
@@ -453,6 +465,7 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
     checkpoint of many), with the checkpoint's columns, fill rule and scalers; write them to
     ``out`` as CSV."""
     output_file(out, "--out")  # before the checkpoint and the data are read
+    not_an_input(out, "--out", {"CKPT": checkpoint, "--csv": csv})
     model, scaler, saved = restore(checkpoint)
     trained = saved["data_config"]
     columns = saved["columns"]
@@ -491,6 +504,13 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
         if times is not None:
             table["time"] = times
         table[series.columns[0]] = forecast
+        levels = model.config.levels
+        if levels:  # the intervals it was trained for, named as in forecasts.csv
+            quantiles = by.inverse_target(forecast_windows(model, window, quantiles=True))[0]
+            middle = model.quantiles.index(0.5)
+            for k, level in enumerate(sorted(levels)):
+                table[f"lo-{level_name(level)}"] = quantiles[:, middle - 1 - k]
+                table[f"hi-{level_name(level)}"] = quantiles[:, middle + 1 + k]
         frames.append(pd.DataFrame(table))
         print(f"{named}: {len(series.values):,} rows; {missing}; {series.irregular_steps} "
               f"irregular time steps; forecast of the next {horizon} steps"

@@ -17,6 +17,7 @@ from rnnkit.apps.forecast.baselines import BaselineForecast
 from rnnkit.apps.forecast.metrics import (
     METRICS,
     coverage,
+    level_name,
     owa,
     quantile_forecasts,
     scaled_pinball_loss,
@@ -82,7 +83,7 @@ class Evaluation:
             row = {"method": name, **metrics, "skill": skill(metrics["MAE"], best_error),
                    "best_baseline": name == best.name}
             for level, (lo, hi) in sorted(intervals.get(name, {}).items()):
-                row[f"coverage-{level:g}"] = coverage(self.actual, lo, hi)
+                row[f"coverage-{level_name(level)}"] = coverage(self.actual, lo, hi)
             if name in intervals:
                 row["SPL"] = scaled_pinball_loss(
                     self.actual, quantile_forecasts(forecast, intervals[name]), self.scale)
@@ -133,7 +134,8 @@ def long_forecasts(evaluation: Evaluation, series_id: str,
     for name, forecast in evaluation.forecasts().items():
         part = pd.DataFrame({**common, "model": name, "value": forecast.ravel()})
         for level, (lo, hi) in sorted(evaluation.intervals().get(name, {}).items()):
-            part[f"lo-{level:g}"], part[f"hi-{level:g}"] = lo.ravel(), hi.ravel()
+            name_of_level = level_name(level)
+            part[f"lo-{name_of_level}"], part[f"hi-{name_of_level}"] = lo.ravel(), hi.ravel()
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
 

@@ -136,6 +136,14 @@ def parse_levels(text: str) -> list[float]:
     return sorted(levels)
 
 
+def level_name(level: float) -> str:
+    """How ``level`` names its columns (``coverage-80``, ``lo-99.5``): ``{level:g}`` when that
+    reads back as the same number, else every digit (``:g`` keeps 6, so 99.99999999 would
+    read as a 100 % interval, and two close levels would share one column)."""
+    text = f"{level:g}"
+    return text if float(text) == level else repr(float(level))
+
+
 def quantiles_of_levels(levels: Iterable[float]) -> list[float]:
     """The quantiles that bound the intervals of ``levels`` (percent), with the median, ascending:
     ``[80]`` -> ``[0.1, 0.5, 0.9]``; ``[80, 95]`` -> ``[0.025, 0.1, 0.5, 0.9, 0.975]``."""
