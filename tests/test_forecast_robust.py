@@ -466,3 +466,16 @@ def test_id_with_a_dataset_or_naming_the_target_is_a_usage_error(capsys):
                            "--id names column 'y', which is also the target")]:
         assert cli.main(["forecast", "train", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_network_that_learns_nothing_better_says_it_is_the_naive_forecast(tmp_path, capsys):
+    write_series(tmp_path / "series.csv")
+    # lr 0 cannot move the weights: every validation ties step 0's, which is kept.
+    run(tmp_path, "frozen", "--lr", "1e-30")
+    printed = capsys.readouterr().out
+    assert "kept step 0" in printed
+    assert "no trained weights validated better than the untrained network, which is seasonal " \
+           "naive (season 7)" in printed
+    rows = {row["method"]: row for row in
+            json.loads((tmp_path / "frozen" / "metrics.json").read_text())["results"]}
+    assert rows["rnnkit"]["MAE"] == pytest.approx(rows["SeasonalNaive"]["MAE"], rel=1e-5)

@@ -258,6 +258,13 @@ def fit_and_score(panel: list[tuple[str, Series]], data: DataConfig,
               "units)", flush=True)
     print(f"trained {len(models)} network{'s' if len(models) > 1 else ''} in {seconds:.1f} s",
           flush=True)
+    untrained = [h.seed for h in histories if h.best_step == 0]
+    if untrained:  # said plainly: the table's "rnnkit" row is then the naive forecast
+        print(f"note: for seed{'s' if len(untrained) > 1 else ''} "
+              f"{', '.join(map(str, untrained))} no trained weights validated better than the "
+              "untrained network, which is " + (f"seasonal naive (season {naive_season})"
+                                                if naive_season else "the last value")
+              + ": that is the forecast kept", flush=True)
     evaluations = {}
     for p in prepared:
         origins = window_origins(p.split.validation_end, p.split.length, data.lookback,
