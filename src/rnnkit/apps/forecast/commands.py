@@ -116,10 +116,10 @@ class PreparedSeries:
     split: Split
     scaler: Scaler
     scaled: np.ndarray  # (L, C)
-    scale: float  # MASE's denominator
     missing: str  # how many values were missing and how they were filled
     train: tuple[np.ndarray, np.ndarray]  # rolling windows of the train part
     validation: tuple[np.ndarray, np.ndarray]  # rolling windows of the validation part
+    scale: float = float("nan")  # MASE's denominator, once the season is chosen
 
 
 @dataclass
@@ -154,8 +154,7 @@ class FittedCut:
         return context
 
 
-def prepare_cut(series_id: str, series: Series, data: DataConfig,
-                season: int | None) -> PreparedSeries:
+def prepare_cut(series_id: str, series: Series, data: DataConfig) -> PreparedSeries:
     """Split one series in time, fill it from its history, scale it on its train part, and
     cut its rolling training and validation windows."""
     split = split_series(len(series.values), data.lookback, data.horizon, data.test_size,
@@ -164,38 +163,27 @@ def prepare_cut(series_id: str, series: Series, data: DataConfig,
     filled = fill_missing(series, data.fill, split.validation_end)  # an empty history first
     check_test_tail(series, split.validation_end)  # on the values before the fill
     scaler = Scaler.fit(filled.values[: split.train_end], filled.columns, data.scaler)
-    # MASE's scale now: a season too long for the history is said before training, not after.
-    scale = mase_scale(filled.values[: split.validation_end, 0], season)
     scaled = scaler.transform(filled.values)
     return PreparedSeries(
-        series_id, filled, split, scaler, scaled, scale, missing,
+        series_id, filled, split, scaler, scaled, missing,
         rolling_windows(scaled, 0, split.train_end, data.lookback, data.horizon),
         rolling_windows(scaled, split.train_end, split.validation_end, data.lookback,
                         data.horizon))
 
 
-def panel_season(panel: list[tuple[str, Series]], data: DataConfig) -> tuple[int | None, str]:
+def panel_season(prepared: list[PreparedSeries], data: DataConfig) -> tuple[int | None, str]:
     """One season for every series (the naive forecast the network corrects, SeasonalNaive,
     MASE): given, known, or the most common one detected on the series' train parts."""
-    if len(panel) == 1:
-        series = panel[0][1]
-        split = split_series(len(series.values), data.lookback, data.horizon, data.test_size,
-                             data.validation_size)
-        return choose_season(fill_missing(series, data.fill, split.validation_end), data,
-                             split.train_end)
-    found = []
-    for _, series in panel:
-        split = split_series(len(series.values), data.lookback, data.horizon, data.test_size,
-                             data.validation_size)
-        found.append(choose_season(fill_missing(series, data.fill, split.validation_end), data,
-                                   split.train_end))
+    found = [choose_season(p.series, data, p.split.train_end) for p in prepared]
+    if len(prepared) == 1:
+        return found[0]
     seasons = [season for season, _ in found if season]
     if not seasons:
         return None, found[0][1]
     counts = pd.Series(seasons).value_counts()
     season = int(min(counts.index[counts == counts.max()]))
     source = found[0][1] if found[0][1] != "detected" else \
-        f"the most common detected, in {int(counts.max())} of {len(panel)} series"
+        f"the most common detected, in {int(counts.max())} of {len(prepared)} series"
     return season, source
 
 
@@ -208,8 +196,10 @@ def fit_and_score(panel: list[tuple[str, Series]], data: DataConfig,
     parts (early-stopped on all validation parts'), and forecast every test origin of every
     series with it and the baselines (fitted on that series' history before its tail). None
     on the processes other than rank 0."""
-    season, season_source = panel_season(panel, data)
-    prepared = [prepare_cut(series_id, series, data, season) for series_id, series in panel]
+    prepared = [prepare_cut(series_id, series, data) for series_id, series in panel]
+    season, season_source = panel_season(prepared, data)
+    for p in prepared:  # now: a season too long for the history is said before training
+        p.scale = mase_scale(p.series.values[: p.split.validation_end, 0], season)
     first = prepared[0]
     if len(prepared) == 1:
         print(f"{source}: {len(first.series.values):,} rows, target {first.series.columns[0]!r}"
