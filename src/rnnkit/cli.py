@@ -237,11 +237,6 @@ def run_forecast(args: argparse.Namespace) -> int:
         raise UsageError("--strategy recursive feeds the forecast back as the next input, so it "
                          "needs the future of every feature too; use --strategy direct with "
                          "--features, or drop --features")
-    if command.model.strategy == "recursive" and command.model.levels:
-        raise UsageError("--levels needs --strategy direct: a recursive forecast feeds one "
-                         "value back, not a distribution")
-    if len(set(fit.seeds)) != len(fit.seeds):
-        raise UsageError(f"--seeds repeats a seed: {fit.seeds}; each network needs its own")
     model = replace(command.model, input_size=1 + len(data.features), horizon=data.horizon or 1)
     out = command.out or f"forecast-{data.dataset or Path(data.csv).stem}"
     return forecast.train(data, model, fit, out, overwrite=command.overwrite,

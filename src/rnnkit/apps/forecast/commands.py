@@ -41,7 +41,12 @@ from rnnkit.apps.forecast.evaluate import (
     write_results,
 )
 from rnnkit.apps.forecast.metrics import detect_season, level_name, mase_scale
-from rnnkit.apps.forecast.model import ForecastEnsemble, Forecaster, ForecastModelConfig
+from rnnkit.apps.forecast.model import (
+    ForecastEnsemble,
+    Forecaster,
+    ForecastModelConfig,
+    interval_bounds,
+)
 from rnnkit.apps.forecast.train import FitConfig, FitHistory, fit_ensemble, forecast_windows
 from rnnkit.apps.outputs import not_an_input, output_directory, output_file
 from rnnkit.configuration import config_from_dict
@@ -299,8 +304,7 @@ def evaluate_series(p: PreparedSeries, models: list[Forecaster], origins: np.nda
         scale=p.scale, season=season,
         members=[member[..., middle] for member in members] if len(members) > 1 else [],
         seeds=seeds,
-        model_intervals={level: (quantiles[..., middle - 1 - k], quantiles[..., middle + 1 + k])
-                         for k, level in enumerate(sorted(levels))})
+        model_intervals=interval_bounds(quantiles, levels))
 
 
 def cut(series: Series, end: int) -> Series:
@@ -504,10 +508,8 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
         levels = model.config.levels
         if levels:  # the intervals it was trained for, named as in forecasts.csv
             quantiles = by.inverse_target(forecast_windows(model, window, quantiles=True))[0]
-            middle = model.quantiles.index(0.5)
-            for k, level in enumerate(sorted(levels)):
-                table[f"lo-{level_name(level)}"] = quantiles[:, middle - 1 - k]
-                table[f"hi-{level_name(level)}"] = quantiles[:, middle + 1 + k]
+            for level, (lo, hi) in interval_bounds(quantiles, levels).items():
+                table[f"lo-{level_name(level)}"], table[f"hi-{level_name(level)}"] = lo, hi
         frames.append(pd.DataFrame(table))
         print(f"{named}: {len(series.values):,} rows; {missing}; {series.irregular_steps} "
               f"irregular time steps; forecast of the next {horizon} steps"

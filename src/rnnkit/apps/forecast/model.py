@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,8 +53,12 @@ def _parse_levels(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def check_levels(levels: list[float]) -> None:
-    """``ValueError`` unless every level lies strictly inside (0, 100), each once."""
+def check_levels(levels: list[float], strategy: str = "direct") -> None:
+    """``ValueError`` unless every level lies strictly inside (0, 100), each once, with the
+    direct strategy."""
+    if levels and strategy == "recursive":
+        raise ValueError("--levels needs --strategy direct: a recursive forecast feeds one "
+                         "value back, not a distribution")
     for level in levels:
         if isinstance(level, bool) or not isinstance(level, (int, float)) or \
                 not 0 < level < 100:
@@ -82,7 +87,7 @@ class ForecastModelConfig:
     recurrent: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(hidden_size=64))
 
     def check(self) -> None:
-        check_levels(self.levels)
+        check_levels(self.levels, self.strategy)
 
 
 # Chrono initialisation's T_max when the model is built without its lookback (to load
@@ -103,10 +108,7 @@ class Forecaster(nn.Module):
             raise ValueError("recursive forecasts feed the forecast back as the next input, so "
                              "they need the future of every feature too; use --strategy direct "
                              "with --features, or drop --features")
-        if config.levels and config.strategy == "recursive":
-            raise ValueError("--levels needs --strategy direct: a recursive forecast feeds one "
-                             "value back, not a distribution")
-        check_levels(config.levels)
+        check_levels(config.levels, config.strategy)
         self.config = config
         self.quantiles = quantiles_of_levels(config.levels) if config.levels else [0.5]
         self.median = self.quantiles.index(0.5)
@@ -167,6 +169,15 @@ class Forecaster(nn.Module):
             window = torch.cat([window[:, 1:], next_value[:, :, None]], dim=1)
         forecast = torch.cat(forecasts, dim=1)
         return forecast[..., None] if quantiles else forecast
+
+
+def interval_bounds(quantiles: np.ndarray, levels: list[float]) -> dict[float, tuple]:
+    """``{level: (lo, hi)}`` from quantile forecasts ``(..., Q)`` in the order of
+    `quantiles_of_levels` (the median in the middle; the k-th narrowest level k + 1 places on
+    either side of it)."""
+    middle = quantiles.shape[-1] // 2
+    return {level: (quantiles[..., middle - 1 - k], quantiles[..., middle + 1 + k])
+            for k, level in enumerate(sorted(levels))}
 
 
 class ForecastEnsemble(nn.Module):
