@@ -221,10 +221,13 @@ def run_forecast(args: argparse.Namespace) -> int:
         raise UsageError("give --csv FILE (with --target COL) or --dataset NAME (one of them)")
     if data.dataset and (data.time or data.features):
         raise UsageError("--time and --features go with --csv; a built-in dataset has its own")
+    if data.dataset and data.future_features:
+        raise UsageError("--future-features go with --csv: a built-in dataset has no columns "
+                         "known in advance")
     if data.dataset and data.id:
         raise UsageError("--id goes with --csv (a long-format file of many series); a built-in "
                          "dataset is one series")
-    if data.id and data.id in (data.target, data.time, *data.features):
+    if data.id and data.id in (data.target, data.time, *data.features, *data.future_features):
         raise UsageError(f"--id names column {data.id!r}, which is also the target, the time or "
                          "a feature: the id column names the series and is nothing else")
     if data.csv and not data.target:
@@ -237,7 +240,8 @@ def run_forecast(args: argparse.Namespace) -> int:
         raise UsageError("--strategy recursive feeds the forecast back as the next input, so it "
                          "needs the future of every feature too; use --strategy direct with "
                          "--features, or drop --features")
-    model = replace(command.model, input_size=1 + len(data.features), horizon=data.horizon or 1)
+    model = replace(command.model, input_size=1 + len(data.features) + len(data.future_features),
+                    future_size=len(data.future_features), horizon=data.horizon or 1)
     out = command.out or f"forecast-{data.dataset or Path(data.csv).stem}"
     return forecast.train(data, model, fit, out, overwrite=command.overwrite,
                           plot=command.plot, quiet=command.quiet)

@@ -87,15 +87,17 @@ def plan_export(checkpoint: str) -> ExportPlan:
     # A recursive forecast slides the window by one step (window[:, 1:]), which torch.export
     # traces for windows of 3 steps or more; a network that corrects seasonal naive reads one
     # season back, so its window holds a season at least (traced and checked longer than that).
-    season = config.season or 0
-    length = torch.export.Dim("length", min=max(3, season))
+    # With known future features the window also holds the horizon's rows after the past.
+    season, ahead = config.season or 0, config.horizon if config.future_size else 0
+    length = torch.export.Dim("length", min=max(3, season) + ahead)
     return ExportPlan(
         model, f"forecaster ({recurrent.cell}, {recurrent.num_layers} layer(s) of "
         f"{recurrent.hidden_size}, "
-        f"{config.strategy}, horizon {config.horizon})",
+        f"{config.strategy}, horizon {config.horizon}"
+        + (f", {config.future_size} known future feature(s)" if ahead else "") + ")",
         ["window"], ["forecast"], ({0: batch, 1: length},),
         lambda steps, rows: (torch.randn(rows, steps, config.input_size),),
-        traced=(max(8, season + 2), 2), checked=(max(13, season + 7), 3))
+        traced=(max(8, season + 2) + ahead, 2), checked=(max(13, season + 7) + ahead, 3))
 
 
 def missing_packages() -> list[str]:

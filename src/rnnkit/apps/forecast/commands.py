@@ -67,13 +67,14 @@ def load_panel(config: DataConfig) -> tuple[list[tuple[str, Series]], str, str |
         season = config.season or None  # 0: the user says there is none
     if not config.id:
         return ([(config.dataset or target, prepare_series(
-            frame, target, time_column, config.features, config.fill, season))], description,
-            time_column)
+            frame, target, time_column, config.features, config.fill, season,
+            config.future_features))], description, time_column)
     panel = []
     for series_id, part in series_frames(frame, config.id):
         try:
             panel.append((series_id, prepare_series(part, target, time_column, config.features,
-                                                    config.fill, season)))
+                                                    config.fill, season,
+                                                    config.future_features)))
         except ValueError as error:
             raise ValueError(f"series {series_id!r} (--id {config.id}): {error}") from None
     return panel, description, time_column
@@ -169,11 +170,12 @@ def prepare_cut(series_id: str, series: Series, data: DataConfig) -> PreparedSer
     check_test_tail(series, split.validation_end)  # on the values before the fill
     scaler = Scaler.fit(filled.values[: split.train_end], filled.columns, data.scaler)
     scaled = scaler.transform(filled.values)
+    future = len(data.future_features)
     return PreparedSeries(
         series_id, filled, split, scaler, scaled, missing,
-        rolling_windows(scaled, 0, split.train_end, data.lookback, data.horizon),
+        rolling_windows(scaled, 0, split.train_end, data.lookback, data.horizon, future),
         rolling_windows(scaled, split.train_end, split.validation_end, data.lookback,
-                        data.horizon))
+                        data.horizon, future))
 
 
 def panel_season(prepared: list[PreparedSeries], data: DataConfig) -> tuple[int | None, str]:
@@ -208,7 +210,9 @@ def fit_and_score(panel: list[tuple[str, Series]], data: DataConfig,
     first = prepared[0]
     if len(prepared) == 1:
         print(f"{source}: {len(first.series.values):,} rows, target {first.series.columns[0]!r}"
-              + (f", features {first.series.columns[1:]}" if first.series.columns[1:] else "")
+              + (f", features {data.features}" if data.features else "")
+              + (f", known future features {data.future_features}" if data.future_features
+                 else "")
               + f"; {first.missing}; {first.series.irregular_steps} irregular time steps; "
               f"season: {season or '-'} ({season_source})", flush=True)
         split = first.split
@@ -265,7 +269,8 @@ def fit_and_score(panel: list[tuple[str, Series]], data: DataConfig,
         origins = window_origins(p.split.validation_end, p.split.length, data.lookback,
                                  data.horizon, data.stride)
         test_inputs, test_targets = windows(p.scaled, p.split.validation_end, p.split.length,
-                                            data.lookback, data.horizon, data.stride)
+                                            data.lookback, data.horizon, data.stride,
+                                            len(data.future_features))
         print(f"forecasting {len(origins)} test origins"
               + (f" of series {p.series_id!r}" if len(prepared) > 1 else "")
               + " with the model and the baselines ...", file=sys.stderr, flush=True)
@@ -314,6 +319,18 @@ def cut(series: Series, end: int) -> Series:
                    series.time[:end], missing=int(np.isnan(values).sum()))
 
 
+def history_and_future(series: Series) -> tuple[Series, np.ndarray, pd.Index | None]:
+    """``series`` up to its target's last value, and the values ``(K, C)`` and times (None
+    without) of the ``K`` rows after it: with known future features, the future those rows
+    describe (the target empty there, the future features given)."""
+    known = np.flatnonzero(~np.isnan(series.values[:, 0]))
+    if not len(known):
+        raise ValueError(f"the target {series.columns[0]!r} has no value at all")
+    end = int(known[-1]) + 1
+    return (cut(series, end), series.values[end:],
+            None if series.time is None else series.time[end:])
+
+
 def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, out: str,
           overwrite: bool = False, plot: bool = True, quiet: bool = False) -> int:
     """Train and score on the test tail of the series (of each, with ``--id``: one network
@@ -328,6 +345,17 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
         raise ValueError(f"{str(checkpoint)!r} exists and would be overwritten; choose another "
                          "--out folder or pass --overwrite")
     panel, source, time_column = load_panel(data)
+    if data.future_features:  # rows after the target's end hold the future for predict
+        trimmed = []
+        for series_id, series in panel:
+            history, after, _ = history_and_future(series)
+            if len(after):
+                print(("" if len(panel) == 1 else f"series {series_id!r}: ")
+                      + f"the last {len(after)} rows have no {series.columns[0]!r} value: the "
+                      "future of the known future features (what predict reads), not trained "
+                      "or scored on", flush=True)
+            trimmed.append((series_id, history))
+        panel = trimmed
     shortest = min(len(series.values) for _, series in panel)
     data = resolve_sizes(data, shortest)
     # Every window's split of every series is checked before the first trains; the first
@@ -471,7 +499,9 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
     trained = saved["data_config"]
     columns = saved["columns"]
     if csv is not None:  # the columns the model was trained on, whatever the source was
-        source = replace(trained, csv=csv, dataset=None, target=columns[0], features=columns[1:],
+        past_end = len(columns) - len(trained.future_features)
+        source = replace(trained, csv=csv, dataset=None, target=columns[0],
+                         features=columns[1:past_end], future_features=columns[past_end:],
                          time=saved["time_column"])
     else:
         if trained.id:
@@ -485,12 +515,25 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
         raise ValueError(f"{description} has series the model was not trained on (no scaler "
                          f"for them): {unknown[:5]}; it knows {list(scalers)[:5]}")
     lookback, horizon = trained.lookback, trained.horizon
+    future = model.config.future_size
     frames = []
     for series_id, series in panel:
         named = f"{description}" + (f", series {series_id!r}" if trained.id else "")
         if series.columns != columns:
             raise ValueError(f"the model was trained on columns {columns}; {description} "
                              f"gives {series.columns}")
+        if future:
+            series, ahead, ahead_times = history_and_future(series)
+            ahead = ahead[:horizon, -future:]
+            if len(ahead) < horizon or np.isnan(ahead).any():
+                empty = [c for c, gap in zip(columns[-future:], np.isnan(ahead).any(0),
+                                             strict=True) if gap]
+                raise ValueError(
+                    f"{named}: the model reads the known future features {columns[-future:]} "
+                    f"over the {horizon} steps it forecasts; give them on the {horizon} rows "
+                    f"after the last value of {columns[0]!r} (with {columns[0]!r} empty there)"
+                    f": found {len(ahead)} such rows"
+                    + (f", with {', '.join(map(repr, empty))} empty on some" if empty else ""))
         if len(series.values) < lookback:
             raise ValueError(f"{named} has {len(series.values)} rows; the model reads the "
                              f"last {lookback} (its lookback)")
@@ -498,10 +541,15 @@ def predict(checkpoint: str, csv: str | None, dataset: str | None, out: str) -> 
         series = fill_missing(series, trained.fill)  # all of it is history here
         by = scalers[series_id]
         window = by.transform(series.values[-lookback:])[None]  # (1, lookback, C)
+        if future:  # (1, lookback + horizon, C): the future rows hold the future features
+            rows = np.full((horizon, len(columns)), np.nan)
+            rows[:, -future:] = ahead
+            window = np.concatenate([window, by.transform(rows)[None]], axis=1)
         forecast = by.inverse_target(forecast_windows(model, window))[0]  # (horizon,)
         table = {"unique_id": series_id} if trained.id else {}
         table["step"] = np.arange(1, horizon + 1)
-        times = future_times(series, horizon)
+        times = future_times(series, horizon) if not future or ahead_times is None else \
+            list(ahead_times[:horizon])  # the future rows' own stamps
         if times is not None:
             table["time"] = times
         table[series.columns[0]] = forecast

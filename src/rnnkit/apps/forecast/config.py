@@ -11,7 +11,8 @@ from rnnkit.apps.forecast.model import ForecastModelConfig
 from rnnkit.apps.forecast.train import FitConfig
 
 # Columns per step and the horizon follow from the data settings.
-FORECAST_EXCLUDE = frozenset({"model.input_size", "model.horizon", "model.season"})
+FORECAST_EXCLUDE = frozenset({"model.input_size", "model.horizon", "model.season",
+                              "model.future_size"})
 
 
 @dataclass

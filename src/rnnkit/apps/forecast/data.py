@@ -164,12 +164,20 @@ def _time_order(frame: pd.DataFrame, time: str) -> tuple[pd.Index, np.ndarray]:
 
 def prepare_series(frame: pd.DataFrame, target: str, time: str | None = None,
                    features: list[str] | None = None, fill: str = "interpolate",
-                   season: int | None = None) -> Series:
-    """Select, check and order the columns; count missing values (refused under ``fill`` =
+                   season: int | None = None,
+                   future_features: list[str] | None = None) -> Series:
+    """Select, check and order the columns (the target, the past-only ``features``, then the
+    ``future_features``, known in advance); count missing values (refused under ``fill`` =
     ``"error"``) and irregular time steps. Filling waits for the split: `fill_missing`."""
     if fill not in FILL_RULES:
         raise ValueError(f"fill must be one of {', '.join(FILL_RULES)}, got {fill!r}")
-    columns = [target, *(features or [])]
+    columns = [target, *(features or []), *(future_features or [])]
+    roles = (["the target"] + ["--features"] * len(features or [])
+             + ["--future-features"] * len(future_features or []))
+    for k, column in enumerate(columns):
+        if column in columns[:k]:
+            raise ValueError(f"column {column!r} is given twice ({roles[columns.index(column)]} "
+                             f"and {roles[k]}); give each column one role")
     wanted = columns + ([time] if time else [])
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
@@ -309,20 +317,40 @@ def window_origins(start: int, end: int, lookback: int, horizon: int,
     return np.arange(max(start, lookback), end - horizon + 1)[::stride]
 
 
+def window_inputs(values: np.ndarray, origins: np.ndarray, lookback: int, horizon: int,
+                  future: int = 0) -> np.ndarray:
+    """The network's input from each origin ``t``: the past ``values[t - lookback : t]``
+    ``(n, lookback, C)``; with ``future`` known-future columns (the last ``future`` of ``C``),
+    ``(n, lookback + horizon, C)``: the past, then the ``horizon`` rows from ``t`` holding those
+    columns' values alone (every other column NaN there: the target after the origin is never
+    part of an input; `Forecaster` reads the future rows' last ``future`` columns only)."""
+    past = np.stack([values[t - lookback : t] for t in origins])
+    if not future:
+        return past
+    if origins[-1] + horizon > len(values):
+        raise ValueError(f"the known future features end at row {len(values) - 1}, but the "
+                         f"forecast from row {origins[-1]} reads them up to row "
+                         f"{origins[-1] + horizon - 1}")
+    ahead = np.full((len(origins), horizon, values.shape[1]), np.nan)
+    ahead[..., -future:] = np.stack([values[t : t + horizon, -future:] for t in origins])
+    return np.concatenate([past, ahead], axis=1)
+
+
 def windows(values: np.ndarray, start: int, end: int, lookback: int, horizon: int,
-            stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs ``(n, lookback, C)`` and targets ``(n, horizon)`` of every window whose targets
+            stride: int = 1, future: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs ``(n, lookback, C)`` (`window_inputs`: ``(n, lookback + horizon, C)`` with
+    ``future`` known-future columns) and targets ``(n, horizon)`` of every window whose targets
     lie in ``[start, end)``: targets ``values[t : t + horizon, 0]``, inputs
     ``values[t - lookback : t]``, for the origins of `window_origins`.
     """
     origins = window_origins(start, end, lookback, horizon, stride)
-    inputs = np.stack([values[t - lookback : t] for t in origins])
+    inputs = window_inputs(values, origins, lookback, horizon, future)
     targets = np.stack([values[t : t + horizon, 0] for t in origins])
     return inputs, targets
 
 
 def rolling_windows(values: np.ndarray, start: int, end: int, lookback: int,
-                    horizon: int) -> tuple[np.ndarray, np.ndarray]:
+                    horizon: int, future: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The rolling validation of the part ``[start, end)``: every origin whose forecast reaches
     into it, scored on the steps that land inside.
 
@@ -332,7 +360,9 @@ def rolling_windows(values: np.ndarray, start: int, end: int, lookback: int,
     end`` and NaN elsewhere (those steps are not scored, and values at or after ``end`` are
     never read). Every value of the part is so scored at every lead time 1..horizon (when the
     history before it is long enough), instead of from the ``end - start - horizon + 1`` origins
-    whose whole forecast fits: one origin when the part is one horizon long.
+    whose whole forecast fits: one origin when the part is one horizon long. With ``future``
+    known-future columns the inputs also hold their values over each forecast
+    (`window_inputs`), which may lie past ``end``: they are known in advance.
     """
     origins = np.arange(max(lookback, start - horizon + 1), end)
     if len(origins) == 0:
@@ -340,7 +370,7 @@ def rolling_windows(values: np.ndarray, start: int, end: int, lookback: int,
                          f"{lookback}")
     known = np.full(end + horizon, np.nan)
     known[start:end] = values[start:end, 0]
-    inputs = np.stack([values[t - lookback : t] for t in origins])
+    inputs = window_inputs(values, origins, lookback, horizon, future)
     targets = np.stack([known[t : t + horizon] for t in origins])
     return inputs, targets
 
@@ -369,7 +399,10 @@ class DataConfig:
     id: str | None = field(default=None, metadata={"metavar": "COL"})  # long format (unique_id,
         # ds, y): the column naming each series; one network over all, each scaled on its own
     features: list[str] = field(default_factory=list, metadata=FEATURES)  # extra input columns
-        # (direct only)
+        # known up to the origin only (direct only)
+    future_features: list[str] = field(default_factory=list, metadata=FEATURES)  # input
+        # columns known in advance (calendar, promotions): the network also reads their values
+        # over the forecast horizon; predict needs them on the rows after the series' last value
     fill: str = field(default="interpolate", metadata={"choices": FILL_RULES})
         # interpolate | ffill | error, for missing or infinite values
     scaler: str = field(default="robust", metadata={"choices": SCALERS})

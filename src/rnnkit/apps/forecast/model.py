@@ -13,6 +13,15 @@ value ``x_last = x[:, L-1, 0]`` and a season ``m`` (when one is known and ``m <=
     recursive: ŷ_0 = b_0 + W h_L + c                        (N, 1), then the window slides over
                ŷ_0 and the step repeats, horizon times
 
+Known future features (``future_size`` F > 0, calendar columns or promotions, the last F of the
+C columns): the window is ``(N, L + horizon, C)``, the L past rows followed by the ``horizon``
+rows after the origin, of which only those F columns are read (`window_inputs`), and the
+linear layer also reads their values over the steps it forecasts:
+
+    direct:    ŷ = b + W [h_L; f_0; ...; f_{horizon-1}] + c  (f_k: the (F,) future features of
+                                                             step k)
+    recursive: ŷ_0 = b_0 + W [h_L; f_0] + c; the window then slides over the row (ŷ_0, f_0)
+
 Prediction intervals (``levels``, e.g. 80 and 95 percent): the layer gives ``Q`` outputs per step
 for the quantiles ``τ_1 < ... < τ_Q`` of `quantiles_of_levels` (the median in the middle, index
 ``c``); ``ŷ_{k,c}`` is the point forecast above and the others are stacked on it with positive
@@ -84,6 +93,8 @@ class ForecastModelConfig:
         # levels in percent (80,95); the network then forecasts their quantiles (direct only)
     season: int | None = field(default=None, metadata={"cli": False})  # the season of the
         # seasonal naive forecast the network corrects (None: the last value)
+    future_size: int = field(default=0, metadata={"cli": False})  # the known future features:
+        # the last future_size input columns, read over the horizon too
     recurrent: RecurrentConfig = field(default_factory=lambda: RecurrentConfig(hidden_size=64))
 
     def check(self) -> None:
@@ -104,7 +115,10 @@ class Forecaster(nn.Module):
         if config.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got "
                              f"{config.strategy!r}")
-        if config.strategy == "recursive" and config.input_size != 1:
+        if not 0 <= config.future_size < config.input_size:
+            raise ValueError(f"future_size must lie in [0, input_size = {config.input_size}) "
+                             f"(the target is not known in advance), got {config.future_size}")
+        if config.strategy == "recursive" and config.input_size != 1 + config.future_size:
             raise ValueError("recursive forecasts feed the forecast back as the next input, so "
                              "they need the future of every feature too; use --strategy direct "
                              "with --features, or drop --features")
@@ -115,7 +129,10 @@ class Forecaster(nn.Module):
         self.recurrent = build_recurrent(config.recurrent, config.input_size, batch_first=True,
                                          chrono_max_length=chrono_span)
         outputs = config.horizon if config.strategy == "direct" else 1
-        self.output = nn.Linear(config.recurrent.output_size, outputs * len(self.quantiles))
+        # Rows after the past in a window: the horizon's known future features, when there are.
+        self.ahead = config.horizon if config.future_size else 0
+        self.output = nn.Linear(config.recurrent.output_size + outputs * config.future_size,
+                                outputs * len(self.quantiles))
         nn.init.zeros_(self.output.weight)  # the untrained network is the naive forecast
         nn.init.zeros_(self.output.bias)
         steps = torch.arange(outputs)
@@ -125,28 +142,49 @@ class Forecaster(nn.Module):
             torch.full((outputs,), -1)
         self.register_buffer("naive_offset", offset, persistent=False)
 
-    def naive(self, window: Tensor) -> Tensor:
+    def split_window(self, window: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``window`` as its past ``(N, L, C)`` and the known future features ``(N, horizon,
+        F)`` after it (None without future features)."""
+        if not self.ahead:
+            return window, None
+        if window.shape[1] <= self.ahead:
+            raise ValueError(f"the window has {window.shape[1]} steps; with known future "
+                             f"features it holds the past and then the {self.ahead} steps "
+                             "forecast")
+        return window[:, : -self.ahead], window[:, -self.ahead :, -self.config.future_size :]
+
+    def naive(self, past: Tensor) -> Tensor:
         """The forecast the network corrects ``(N, outputs)``: each step's value one season
-        back (or the last value), from ``window (N, L, C)``'s target column."""
-        if self.config.season and window.shape[1] < self.config.season:
-            raise ValueError(f"the window has {window.shape[1]} steps, fewer than the season "
+        back (or the last value), from ``past (N, L, C)``'s target column."""
+        if self.config.season and past.shape[1] < self.config.season:
+            raise ValueError(f"the window has {past.shape[1]} steps, fewer than the season "
                              f"{self.config.season} its seasonal naive forecast reads")
-        return window[:, window.shape[1] + self.naive_offset, 0]
+        return past[:, past.shape[1] + self.naive_offset, 0]
 
     def step(self, window: Tensor) -> Tensor:
-        """One pass over ``window (N, L, C)``: ``(N, horizon)`` direct, ``(N, 1)`` recursive
-        (the median with ``levels``)."""
+        """One pass over ``window (N, L, C)`` (``(N, L + horizon, C)`` with future features):
+        ``(N, horizon)`` direct, ``(N, 1)`` recursive (the median with ``levels``)."""
         return self.quantile_step(window)[..., self.median]
 
     def quantile_step(self, window: Tensor) -> Tensor:
-        """One pass over ``window (N, L, C)``: the quantiles ``(N, outputs, Q)`` (``Q = 1``
-        without levels) of ``horizon`` steps (direct) or one (recursive); module doc."""
-        last = window[:, -1:, 0]  # (N, 1)
-        relative = window.clone()
+        """One pass over ``window (N, L, C)`` (``(N, L + horizon, C)`` with future features):
+        the quantiles ``(N, outputs, Q)`` (``Q = 1`` without levels) of ``horizon`` steps
+        (direct) or one (recursive); module doc."""
+        past, future = self.split_window(window)
+        return self._quantiles(past, None if future is None else
+                               future[:, : self.naive_offset.shape[0]])
+
+    def _quantiles(self, past: Tensor, future: Tensor | None) -> Tensor:
+        """`quantile_step` of the ``past (N, L, C)`` and the future features of the steps
+        forecast ``(N, outputs, F)`` (None without)."""
+        last = past[:, -1:, 0]  # (N, 1)
+        relative = past.clone()
         relative[..., 0] -= last
         hidden, _ = self.recurrent(relative)  # (N, L, H)
-        raw = self.output(hidden[:, -1]).unflatten(1, (-1, len(self.quantiles)))
-        median = self.naive(window) + raw[..., self.median]  # (N, outputs)
+        summary = hidden[:, -1] if future is None else \
+            torch.cat([hidden[:, -1], future.flatten(1)], dim=1)
+        raw = self.output(summary).unflatten(1, (-1, len(self.quantiles)))
+        median = self.naive(past) + raw[..., self.median]  # (N, outputs)
         if len(self.quantiles) == 1:
             return median[..., None]
         gaps = F.softplus(raw)
@@ -162,11 +200,15 @@ class Forecaster(nn.Module):
         true values)."""
         if one_step or self.config.strategy == "direct":
             return self.quantile_step(window) if quantiles else self.step(window)
+        past, future = self.split_window(window)
         forecasts = []
-        for _ in range(self.config.horizon):
-            next_value = self.step(window)  # (N, 1)
+        for k in range(self.config.horizon):
+            ahead = None if future is None else future[:, k : k + 1]  # (N, 1, F)
+            next_value = self._quantiles(past, ahead)[..., self.median]  # (N, 1)
             forecasts.append(next_value)
-            window = torch.cat([window[:, 1:], next_value[:, :, None]], dim=1)
+            row = next_value[:, :, None] if ahead is None else \
+                torch.cat([next_value[:, :, None], ahead], dim=2)  # (N, 1, C)
+            past = torch.cat([past[:, 1:], row], dim=1)
         forecast = torch.cat(forecasts, dim=1)
         return forecast[..., None] if quantiles else forecast
 

@@ -182,7 +182,9 @@ class ForecastTask(BaseTask):
         return [self.config.batch_size] * full + ([rest] if rest else [])
 
     def build_model(self) -> Forecaster:
-        return Forecaster(self.model_config, chrono_span=self.inputs.shape[1])  # the lookback
+        lookback = self.inputs.shape[1] - (self.model_config.horizon
+                                           if self.model_config.future_size else 0)
+        return Forecaster(self.model_config, chrono_span=lookback)
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         if not self.epoch:
