@@ -152,10 +152,12 @@ def test_a_history_too_short_for_a_statistical_baseline_is_a_named_error(tmp_pat
     write_train_csv(tmp_path / "series.csv", 6)
     assert cli.main(["forecast", "train", "--csv", str(tmp_path / "series.csv"), "--target",
                      "y", *FAST, "--out", str(tmp_path / "out")]) == 1
-    error = capsys.readouterr().err
+    printed = capsys.readouterr()
+    error = printed.err
     assert "AutoETS cannot be fitted on the 5 values before the test tail (statsforecast: " \
            "tiny datasets); give a longer series" in error
     assert "Traceback" not in error
+    assert "trained" not in printed.out  # said before training, not after it
 
 
 # Bug 6. A statistical baseline fitted without its season (history shorter than two seasons)

@@ -352,6 +352,20 @@ def test_each_backtest_window_is_the_run_on_the_series_cut_at_its_end(tmp_path):
     assert last_cutoff_0 < first_cutoff_1
 
 
+def test_a_backtest_default_lookback_fits_its_first_and_shortest_cut(tmp_path):
+    # 60 rows, 3 windows of 12: the first cut holds 36 rows, room for a lookback of
+    # (36 - 12 - 12 - 1) // 2 = 5; the default computed on all 60 rows (17) would not fit it.
+    write_series(tmp_path / "series.csv", length=60)
+    options = [a for a in FAST if a not in ("--lookback", "14")]
+    sizes = {"--test-size": "12", "--validation-size": "12", "--season": "0"}
+    options = [sizes.get(previous, a) for previous, a in zip([None, *options[:-1]], options,
+                                                            strict=True)]
+    assert cli.main(["forecast", "train", "--csv", str(tmp_path / "series.csv"), "--target",
+                     "sales", *options, "--windows", "3", "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [window["data"]["lookback"] for window in summary["backtest"]] == [5, 5, 5]
+
+
 def test_a_backtest_too_long_for_the_series_is_refused_before_training(tmp_path, capsys):
     write_series(tmp_path / "series.csv")
     assert cli.main(["forecast", "train", "--csv", str(tmp_path / "series.csv"), "--target",

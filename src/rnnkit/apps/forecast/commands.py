@@ -242,6 +242,22 @@ def fit_and_score(panel: list[tuple[str, Series]], data: DataConfig,
           if naive_season else "the last value" + (
               f" (the season {season} is longer than the lookback {data.lookback})"
               if season else "")), flush=True)
+    # The test windows and the baselines first: a baseline that cannot be fitted on a series
+    # (statsforecast's "tiny datasets") is said before any time is spent training.
+    tests, baselines = {}, {}
+    for p in prepared:
+        origins = window_origins(p.split.validation_end, p.split.length, data.lookback,
+                                 data.horizon, data.stride)
+        tests[p.series_id] = (origins, *windows(p.scaled, p.split.validation_end,
+                                                p.split.length, data.lookback, data.horizon,
+                                                data.stride, len(data.future_features)))
+        if distributed.is_main:
+            print(f"forecasting {len(origins)} test origins"
+                  + (f" of series {p.series_id!r}" if len(prepared) > 1 else "")
+                  + " with the baselines ...", file=sys.stderr, flush=True)
+            baselines[p.series_id] = all_baselines(p.series.values[:, 0], p.split.validation_end,
+                                                   origins, data.horizon, season,
+                                                   model_config.levels)
     started = time.perf_counter()
     fitted = fit_ensemble(model_config, fit, train_windows, validation_windows,
                           distributed=distributed, metrics=log, quiet=quiet,
@@ -264,19 +280,11 @@ def fit_and_score(panel: list[tuple[str, Series]], data: DataConfig,
               "untrained network, which is " + (f"seasonal naive (season {naive_season})"
                                                 if naive_season else "the last value")
               + ": that is the forecast kept", flush=True)
-    evaluations = {}
-    for p in prepared:
-        origins = window_origins(p.split.validation_end, p.split.length, data.lookback,
-                                 data.horizon, data.stride)
-        test_inputs, test_targets = windows(p.scaled, p.split.validation_end, p.split.length,
-                                            data.lookback, data.horizon, data.stride,
-                                            len(data.future_features))
-        print(f"forecasting {len(origins)} test origins"
-              + (f" of series {p.series_id!r}" if len(prepared) > 1 else "")
-              + " with the model and the baselines ...", file=sys.stderr, flush=True)
-        evaluations[p.series_id] = evaluate_series(p, models, origins, test_inputs,
-                                                   test_targets, season, model_config.levels,
-                                                   [h.seed for h in histories])
+    evaluations = {p.series_id: evaluate_series(p, models, *tests[p.series_id], season,
+                                                model_config.levels,
+                                                [h.seed for h in histories],
+                                                baselines[p.series_id])
+                   for p in prepared}
     if len(prepared) == 1:
         evaluation = evaluations[first.series_id]
         print(format_table(evaluation.table()))
@@ -290,16 +298,18 @@ def fit_and_score(panel: list[tuple[str, Series]], data: DataConfig,
 
 def evaluate_series(p: PreparedSeries, models: list[Forecaster], origins: np.ndarray,
                     test_inputs: np.ndarray, test_targets: np.ndarray, season: int | None,
-                    levels: list[float], seeds: list[int]) -> Evaluation:
-    """The network (each seed, and their mean) and the baselines from every test origin of one
-    series, in its own units."""
+                    levels: list[float], seeds: list[int],
+                    baselines: list | None = None) -> Evaluation:
+    """The network (each seed, and their mean) and the baselines (computed here unless given)
+    from every test origin of one series, in its own units."""
     # (n, horizon, Q) quantiles per network, in the series' units; the point is the median.
     members = [p.scaler.inverse_target(forecast_windows(model, test_inputs, quantiles=True))
                for model in models]
     quantiles = np.mean(members, axis=0)  # the ensemble: each quantile averaged
     middle = models[0].median
-    baselines = all_baselines(p.series.values[:, 0], p.split.validation_end, origins,
-                              test_targets.shape[1], season, levels)
+    if baselines is None:
+        baselines = all_baselines(p.series.values[:, 0], p.split.validation_end, origins,
+                                  test_targets.shape[1], season, levels)
     for baseline in baselines:  # e.g. a season dropped: the table alone would not say
         if baseline.note:
             print(f"note: {baseline.note}", file=sys.stderr, flush=True)
@@ -357,7 +367,11 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
             trimmed.append((series_id, history))
         panel = trimmed
     shortest = min(len(series.values) for _, series in panel)
+    given_lookback = data.lookback
     data = resolve_sizes(data, shortest)
+    if data.windows > 1:  # the default lookback fits the first backtest cut, the shortest
+        data = resolve_sizes(replace(data, lookback=given_lookback),
+                             max(shortest - (data.windows - 1) * data.test_size, 1))
     # Every window's split of every series is checked before the first trains; the first
     # window's cut is the shortest, and a backtest's error says which window and why it is
     # short.
