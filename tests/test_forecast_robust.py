@@ -20,7 +20,13 @@ from rnnkit.apps.forecast.commands import restore
 from rnnkit.apps.forecast.data import Scaler, rolling_windows, split_series, windows
 from rnnkit.apps.forecast.metrics import coverage, pinball_loss, quantiles_of_levels
 from rnnkit.apps.forecast.model import ForecastEnsemble, Forecaster, ForecastModelConfig
-from rnnkit.apps.forecast.train import FitConfig, fit_forecaster
+from rnnkit.apps.forecast.train import (
+    FitConfig,
+    fit_ensemble,
+    fit_forecaster,
+    refit_forecaster,
+    validation_loss,
+)
 from rnnkit.apps.forecast.train import pinball_loss as training_pinball_loss
 from rnnkit.apps.recurrent import RecurrentConfig
 
@@ -136,6 +142,28 @@ def test_early_stopping_waits_for_min_steps():
     assert waited.validation_steps[0] == 0 and waited.train[0] is None
     best = waited.validation_steps[int(np.argmin(waited.validation))]
     assert waited.best_step == best
+
+
+def test_refit_trains_afresh_on_train_and_validation_for_the_steps_chosen():
+    values, split, scaled, train, validation = short_parts()
+    history = rolling_windows(scaled, 0, split.validation_end, 12, 6)
+    model_config = ForecastModelConfig(1, 6, season=12, recurrent=RecurrentConfig(hidden_size=4))
+    config = FitConfig(steps=80, eval_every=5, patience=4, min_steps=0, lr=0.02, refit=True,
+                       seed=3)
+    [(model, record)] = fit_ensemble(model_config, config, train, validation, history,
+                                     show_progress=False)
+    assert record.best_step > 0  # else nothing is refitted and the check below is empty
+    assert record.refit_steps == round(record.best_step * len(history[0]) / len(train[0]))
+    assert len(history[0]) > len(train[0])  # the validation part's origins too
+    again = refit_forecaster(model_config, config, history, record.refit_steps, seed=3,
+                             show_progress=False)
+    stopped, _ = fit_forecaster(model_config, config, train, validation, show_progress=False)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    assert not torch.equal(model.output.weight, stopped.output.weight)
+    # The refit learnt from the windows it was given: it fits them better than the network
+    # early-stopped without the validation part's values did.
+    assert validation_loss(model, *history) < validation_loss(stopped, *history)
 
 
 def test_bad_step_settings_are_named():
@@ -279,10 +307,11 @@ def test_an_ensemble_forecasts_the_mean_of_its_seeds_with_intervals_in_long_form
     np.testing.assert_allclose(predicted["sales"], ours["value"].iloc[:4], rtol=1e-6)
 
 
-def test_no_test_value_reaches_an_ensemble_with_intervals(tmp_path):
+@pytest.mark.parametrize("refit", [[], ["--refit"]])
+def test_no_test_value_reaches_an_ensemble_with_intervals(tmp_path, refit):
     write_series(tmp_path / "series.csv")
     write_series(tmp_path / "changed.csv", tail=np.full(20, 1e4))
-    options = ["--seeds", "0,1", "--levels", "80"]
+    options = ["--seeds", "0,1", "--levels", "80", *refit]
     first = run(tmp_path, "first", *options)
     second = run(tmp_path, "second", *options, csv="changed.csv")
     (model_a, scaler_a, saved_a), (model_b, scaler_b, saved_b) = (
@@ -292,6 +321,8 @@ def test_no_test_value_reaches_an_ensemble_with_intervals(tmp_path):
         assert torch.equal(tensor, model_b.state_dict()[name]), name
     # The rolling validation (every origin up to the test tail) saw the same values.
     assert saved_a["histories"] == saved_b["histories"]
+    if refit:  # refitted on train + validation (so the check covers the refit's windows too)
+        assert all(h["refit_steps"] > 0 for h in saved_a["histories"])
     assert saved_a["results"][0]["MAE"] != saved_b["results"][0]["MAE"]
 
 
@@ -433,6 +464,32 @@ def test_one_network_over_many_series_scores_each_and_the_aggregate(tmp_path):
     assert predicted.groupby("unique_id").size().to_dict() == {"S0": 4, "S1": 4, "S2": 4}
     means = predicted.groupby("unique_id")["y"].mean()
     assert means["S0"] < means["S1"] < means["S2"]  # each at its own level
+
+
+def test_plot_series_chooses_which_series_are_drawn(tmp_path, capsys, monkeypatch):
+    from rnnkit.apps.forecast import commands
+
+    write_panel(tmp_path / "panel.csv", lengths=(90, 110, 100, 95))
+    drawn = []
+    monkeypatch.setattr(commands, "save_forecast_plot",
+                        lambda path, values, *rest: drawn.append((path.name, len(values))))
+    options = [a for a in PANEL if a != "--no-plot"]
+    assert cli.main(["forecast", "train", "--csv", str(tmp_path / "panel.csv"), *options,
+                     "--plot-series", "S3,S1", "--out", str(tmp_path / "chosen"), "--quiet"]) == 0
+    assert drawn == [("forecast.png", 95), ("forecast-S1.png", 110)]  # in the order given
+    drawn.clear()
+    assert cli.main(["forecast", "train", "--csv", str(tmp_path / "panel.csv"), *options,
+                     "--out", str(tmp_path / "default"), "--quiet"]) == 0
+    assert [name for name, _ in drawn] == ["forecast.png", "forecast-S1.png", "forecast-S2.png"]
+    capsys.readouterr()
+    assert cli.main(["forecast", "train", "--csv", str(tmp_path / "panel.csv"), *options,
+                     "--plot-series", "S1,S9", "--out", str(tmp_path / "bad")]) == 1
+    printed = capsys.readouterr()
+    assert "--plot-series names series the data does not have: ['S9']; it has ['S0', 'S1', " \
+           "'S2', 'S3']" in printed.err and "trained" not in printed.out
+    assert cli.main(["forecast", "train", "--csv", str(tmp_path / "panel.csv"), "--target", "y",
+                     "--plot-series", "S1"]) == 2
+    assert "--plot-series goes with --id" in capsys.readouterr().err
 
 
 def test_no_series_test_tail_reaches_the_shared_weights_or_another_series(tmp_path):

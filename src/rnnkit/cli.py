@@ -230,6 +230,8 @@ def run_forecast(args: argparse.Namespace) -> int:
     if data.id and data.id in (data.target, data.time, *data.features, *data.future_features):
         raise UsageError(f"--id names column {data.id!r}, which is also the target, the time or "
                          "a feature: the id column names the series and is nothing else")
+    if command.plot_series and not data.id:
+        raise UsageError("--plot-series goes with --id: it chooses which of many series to plot")
     if data.csv and not data.target:
         raise UsageError(f"--target COL is required with --csv: which column of {data.csv!r} "
                          "to forecast")
@@ -244,7 +246,8 @@ def run_forecast(args: argparse.Namespace) -> int:
                     future_size=len(data.future_features), horizon=data.horizon or 1)
     out = command.out or f"forecast-{data.dataset or Path(data.csv).stem}"
     return forecast.train(data, model, fit, out, overwrite=command.overwrite,
-                          plot=command.plot, quiet=command.quiet)
+                          plot=command.plot, quiet=command.quiet,
+                          plot_series=command.plot_series)
 
 
 def run_memory(args: argparse.Namespace) -> int:

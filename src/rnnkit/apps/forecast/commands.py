@@ -125,6 +125,7 @@ class PreparedSeries:
     missing: str  # how many values were missing and how they were filled
     train: tuple[np.ndarray, np.ndarray]  # rolling windows of the train part
     validation: tuple[np.ndarray, np.ndarray]  # rolling windows of the validation part
+    history: tuple[np.ndarray, np.ndarray]  # rolling windows of train + validation (--refit)
     scale: float = float("nan")  # MASE's denominator, once the season is chosen
 
 
@@ -152,7 +153,8 @@ class FittedCut:
                    "origins": len(self.evaluations[first.series_id].origins),
                    "validation_origins": sum(len(p.validation[0]) for p in self.prepared),
                    "networks": [{"seed": h.seed, "steps": h.steps, "best_step": h.best_step,
-                                 "best_validation": h.best_validation}
+                                 "best_validation": h.best_validation,
+                                 "refit_steps": h.refit_steps}
                                 for h in self.histories],
                    "training_seconds": round(self.seconds, 1)}
         if len(self.prepared) > 1:
@@ -175,7 +177,8 @@ def prepare_cut(series_id: str, series: Series, data: DataConfig) -> PreparedSer
         series_id, filled, split, scaler, scaled, missing,
         rolling_windows(scaled, 0, split.train_end, data.lookback, data.horizon, future),
         rolling_windows(scaled, split.train_end, split.validation_end, data.lookback,
-                        data.horizon, future))
+                        data.horizon, future),
+        rolling_windows(scaled, 0, split.validation_end, data.lookback, data.horizon, future))
 
 
 def panel_season(prepared: list[PreparedSeries], data: DataConfig) -> tuple[int | None, str]:
@@ -259,7 +262,8 @@ def fit_and_score(panel: list[tuple[str, Series]], data: DataConfig,
                                                    origins, data.horizon, season,
                                                    model_config.levels)
     started = time.perf_counter()
-    fitted = fit_ensemble(model_config, fit, train_windows, validation_windows,
+    history_windows = tuple(np.concatenate([p.history[k] for p in prepared]) for k in range(2))
+    fitted = fit_ensemble(model_config, fit, train_windows, validation_windows, history_windows,
                           distributed=distributed, metrics=log, quiet=quiet,
                           metrics_fields={} if window is None else {"window": window})
     seconds = time.perf_counter() - started
@@ -270,7 +274,8 @@ def fit_and_score(panel: list[tuple[str, Series]], data: DataConfig,
     for history in histories:
         print(f"seed {history.seed}: trained {history.steps} steps; kept step "
               f"{history.best_step} (validation loss {history.best_validation:.4f}, scaled "
-              "units)", flush=True)
+              "units)" + (f"; refitted on train + validation for {history.refit_steps} steps"
+                          if history.refit_steps else ""), flush=True)
     print(f"trained {len(models)} network{'s' if len(models) > 1 else ''} in {seconds:.1f} s",
           flush=True)
     untrained = [h.seed for h in histories if h.best_step == 0]
@@ -342,13 +347,15 @@ def history_and_future(series: Series) -> tuple[Series, np.ndarray, pd.Index | N
 
 
 def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, out: str,
-          overwrite: bool = False, plot: bool = True, quiet: bool = False) -> int:
+          overwrite: bool = False, plot: bool = True, quiet: bool = False,
+          plot_series: list[str] | None = None) -> int:
     """Train and score on the test tail of the series (of each, with ``--id``: one network
     over all of them); with ``data.windows = K``, a rolling-origin backtest: K test tails of
     ``test_size`` rows ending ``test_size`` apart, the last at the series' end, each with
     everything refitted (networks, scalers, season, baselines) on the rows before it; metrics
     per window and their mean. The checkpoint and the plot are those of the last window (all
-    of the series)."""
+    of the series); ``plot_series``: the ids of the series to plot (default: the first
+    three)."""
     out_dir = output_directory(out)  # a bad --out is said now, not after training
     checkpoint = output_file(out_dir / CHECKPOINT_NAME, "--out")
     if checkpoint.exists() and not overwrite:
@@ -366,6 +373,13 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
                       "or scored on", flush=True)
             trimmed.append((series_id, history))
         panel = trimmed
+    ids = [series_id for series_id, _ in panel]
+    unknown = [series_id for series_id in plot_series or [] if series_id not in ids]
+    if unknown:
+        raise ValueError(f"--plot-series names series the data does not have: {unknown}; it "
+                         f"has {ids[:10]}" + (f" and {len(ids) - 10} more" if len(ids) > 10
+                                              else ""))
+    plotted = list(dict.fromkeys(plot_series)) if plot_series else ids[:PLOTTED_SERIES]
     shortest = min(len(series.values) for _, series in panel)
     given_lookback = data.lookback
     data = resolve_sizes(data, shortest)
@@ -441,7 +455,9 @@ def train(data: DataConfig, model_config: ForecastModelConfig, fit: FitConfig, o
         from rnnkit.training.plots import MissingPlotting
 
         try:
-            for number, p in enumerate(last.prepared[:PLOTTED_SERIES]):
+            chosen = [p for p in last.prepared if p.series_id in plotted]
+            chosen.sort(key=lambda p: plotted.index(p.series_id))
+            for number, p in enumerate(chosen):
                 path = out_dir / ("forecast.png" if number == 0 else
                                   f"forecast-{safe_name(p.series_id)}.png")
                 save_forecast_plot(path, p.series.values[:, 0], p.series.time,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rnnkit.apps.forecast.data import DATASETS, DataConfig
+from rnnkit.apps.forecast.data import DATASETS, FEATURES, DataConfig
 from rnnkit.apps.forecast.model import ForecastModelConfig
 from rnnkit.apps.forecast.train import FitConfig
 
@@ -29,6 +29,8 @@ class ForecastTrainCommand:
         # forecast-<dataset or CSV name>)
     overwrite: bool = False  # replace the results of an earlier run in --out (refused otherwise)
     plot: bool = True  # write forecast.png
+    plot_series: list[str] = field(default_factory=list, metadata=FEATURES)  # with --id: the
+        # ids of the series to plot (none: the first three)
     quiet: bool = False  # no progress bar
 
 

@@ -64,6 +64,8 @@ class FitConfig:
         # dropout
     seeds: list[int] = field(default_factory=list, metadata=SEEDS)  # an ensemble: one network
         # per seed, forecasts averaged (replaces --seed)
+    refit: bool = False  # then train each network afresh on the train and validation parts
+        # (the most recent history) for the steps early stopping chose, scaled by their windows
     device: str = field(default="auto", metadata={"parse": parse_device})
         # auto (CUDA when available) | cpu | cuda | cuda:N
 
@@ -95,6 +97,7 @@ class FitHistory:
     validation_steps: list[int] = field(default_factory=list)
     best_step: int = 0
     seed: int = 0
+    refit_steps: int = 0  # steps of the refit on train + validation (0: not refitted)
 
     @property
     def steps(self) -> int:
@@ -242,10 +245,44 @@ def fit_forecaster(model_config: ForecastModelConfig, config: FitConfig,
     return trainer.model, history
 
 
+def refit_forecaster(model_config: ForecastModelConfig, config: FitConfig,
+                     history: tuple[np.ndarray, np.ndarray], steps: int, seed: int,
+                     show_progress: bool = True, **options) -> Forecaster:
+    """A new network (seeded by ``seed``) trained on ``history`` (the windows of the train and
+    validation parts) for ``steps`` steps, with no held-out data to stop on: the weights of
+    the last step. (The loop's one evaluation, at the end, scores ``history`` itself: logged
+    in-sample, not a validation.)"""
+    loop = replace(config, steps=steps, eval_every=steps, min_steps=steps, seed=seed)
+    task = ForecastTask(model_config, loop, history, history)
+    options["metrics_fields"] = {**options.get("metrics_fields", {}), "seed": seed,
+                                 "refit": True}
+    trainer = Trainer(task, loop.loop(seed), description=f"refitting (seed {seed})", **options,
+                      show_progress=show_progress)
+    trainer.run()
+    trainer.model.eval()
+    return trainer.model
+
+
 def fit_ensemble(model_config: ForecastModelConfig, config: FitConfig,
                  train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
+                 history: tuple[np.ndarray, np.ndarray] | None = None,
                  **options) -> list[tuple[Forecaster, FitHistory]]:
-    """One network per seed of ``config.ensemble_seeds``, each trained by `fit_forecaster`."""
-    return [fit_forecaster(model_config, config, train, validation, seed=seed, **options)
-            for seed in config.ensemble_seeds]
+    """One network per seed of ``config.ensemble_seeds``, each trained by `fit_forecaster`;
+    with ``config.refit``, each then retrained from its seed on ``history`` (the train and
+    validation windows) by `refit_forecaster`, for its best step times ``len(history) /
+    len(train)`` steps (as many epochs), unless early stopping kept step 0 (the naive
+    forecast: nothing to refit)."""
+    fitted = []
+    for seed in config.ensemble_seeds:
+        model, record = fit_forecaster(model_config, config, train, validation, seed=seed,
+                                       **options)
+        if config.refit and record.best_step > 0:
+            if history is None:
+                raise ValueError("refit needs the windows of the train and validation parts")
+            record.refit_steps = max(1, round(record.best_step * len(history[0])
+                                              / len(train[0])))
+            model = refit_forecaster(model_config, config, history, record.refit_steps, seed,
+                                     **options)
+        fitted.append((model, record))
+    return fitted
 
