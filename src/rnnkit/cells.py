@@ -22,12 +22,13 @@ from rnnkit._checks import (
     require_device,
     require_dtype,
     require_int,
+    require_probability,
     require_real,
     require_shape,
     require_tensor,
 )
 from rnnkit.engine import precision
-from rnnkit.engine.steps import NONLINEARITIES, CellKind, CellWeights, Family, State
+from rnnkit.engine.steps import NONLINEARITIES, CellKind, CellWeights, Family, Masks, State
 
 
 class BackendSetting:
@@ -87,9 +88,15 @@ class _CellBase(nn.Module):
         device=None,
         dtype=None,
         peephole: bool = False,
+        layer_norm: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float | tuple[float, float] = 0.0,
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        self.layer_norm = require_bool(f"{name} layer_norm", layer_norm)
+        self.recurrent_dropout = _rate(f"{name} recurrent_dropout", recurrent_dropout)
+        self.zoneout = _zoneout_rates(f"{name} zoneout", zoneout, self.family)
         self.input_size = require_int(f"{name} input_size", input_size, minimum=1)
         self.hidden_size = require_int(f"{name} hidden_size", hidden_size, minimum=1)
         self.bias = require_bool(f"{name} bias", bias)
@@ -105,6 +112,8 @@ class _CellBase(nn.Module):
         gates = self.gate_count * hidden_size
         count = gates * (input_size + self.output_size + (2 if bias else 0))
         count += proj_size * hidden_size + (3 * hidden_size if peephole else 0)
+        if self.layer_norm:
+            count += 2 * gates + (2 * hidden_size if self.family == Family.LSTM else 0)
         require_allocatable(name, f"input_size={input_size}, hidden_size={hidden_size}"
                             + (f", proj_size={proj_size}" if proj_size else ""), count, **factory)
         self.weight_ih = nn.Parameter(torch.empty(gates, input_size, **factory))
@@ -115,6 +124,12 @@ class _CellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        if self.layer_norm:  # the spec's names, as the layers' without the layer suffix
+            self.layer_norm_ih = nn.Parameter(torch.ones(gates, **factory))
+            self.layer_norm_hh = nn.Parameter(torch.ones(gates, **factory))
+            if self.family == Family.LSTM:
+                self.layer_norm_c_weight = nn.Parameter(torch.ones(hidden_size, **factory))
+                self.layer_norm_c_bias = nn.Parameter(torch.zeros(hidden_size, **factory))
 
     @property
     def output_size(self) -> int:
@@ -133,6 +148,13 @@ class _CellBase(nn.Module):
         bound = 1.0 / math.sqrt(self.hidden_size)
         for name in self._torch_parameter_names():
             nn.init.uniform_(getattr(self, name), -bound, bound)
+        if self.layer_norm:  # gain 1, no shift
+            with torch.no_grad():
+                for name in ("layer_norm_ih", "layer_norm_hh", "layer_norm_c_weight"):
+                    if hasattr(self, name):
+                        getattr(self, name).fill_(1.0)
+                if hasattr(self, "layer_norm_c_bias"):
+                    self.layer_norm_c_bias.zero_()
 
     def _torch_parameter_names(self) -> list[str]:
         names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
@@ -143,7 +165,7 @@ class _CellBase(nn.Module):
         # Module builds an AttributeError for each absent one (microseconds each, on every
         # streamed step). Attributes, not the parameter dict, so that parametrizations (weight
         # norm, ...) apply.
-        return CellWeights(
+        weights = CellWeights(
             self.weight_ih,
             self.weight_hh,
             self.bias_ih,
@@ -151,6 +173,51 @@ class _CellBase(nn.Module):
             self.weight_hr if self.proj_size else None,
             self.weight_ch if self.peephole else None,
         )
+        if not self.layer_norm:
+            return weights
+        lstm = self.family == Family.LSTM
+        return weights._replace(
+            layer_norm_ih=self.layer_norm_ih, layer_norm_hh=self.layer_norm_hh,
+            layer_norm_c_weight=self.layer_norm_c_weight if lstm else None,
+            layer_norm_c_bias=self.layer_norm_c_bias if lstm else None)
+
+    def recurrent_dropout_mask(self, batch: int | None = None) -> Tensor:
+        """A variational recurrent dropout mask ``(N, H_out)`` (``(H_out,)`` for ``batch``
+        None): entries 0 with probability ``recurrent_dropout``, else ``1 / (1 - p)``. Draw it
+        once per sequence and pass it to every step (``cell(x_t, hx, recurrent_mask=mask)``)
+        for Gal & Ghahramani's tied form."""
+        keep = 1 - self.recurrent_dropout
+        shape = (self.output_size,) if batch is None else (batch, self.output_size)
+        param = self.weight_hh
+        return torch.bernoulli(torch.full(shape, keep, dtype=param.dtype,
+                                          device=param.device)) / keep
+
+    def _masks(self, x: Tensor, recurrent_mask: Tensor | None) -> Masks | None:
+        """The step's masks for ``x (1, N, I)`` (module doc of `rnnkit.engine.steps`): the
+        given recurrent mask, or in training one drawn for this step alone; zoneout drawn per
+        unit in training, its probability in evaluation."""
+        name = type(self).__name__
+        batch = x.shape[1]
+        if recurrent_mask is not None:
+            require_tensor(f"{name} recurrent_mask", recurrent_mask, dtype=x.dtype,
+                           device=x.device)
+            if recurrent_mask.shape[-1:] != (self.output_size,) or recurrent_mask.dim() > 2:
+                raise ValueError(f"{name} recurrent_mask must have shape (N, {self.output_size})"
+                                 f" or ({self.output_size},) (H_out), got "
+                                 f"{tuple(recurrent_mask.shape)}")
+        elif self.training and self.recurrent_dropout:
+            recurrent_mask = self.recurrent_dropout_mask(batch)
+        keeps = []
+        for rate, size in zip(self.zoneout, (self.output_size, self.hidden_size), strict=True):
+            if not rate:
+                keeps.append(None)
+            elif self.training:
+                keeps.append(torch.bernoulli(torch.full((1, batch, size), rate, dtype=x.dtype,
+                                                        device=x.device)))
+            else:
+                keeps.append(torch.tensor(rate, dtype=x.dtype, device=x.device))
+        masks = Masks(recurrent_mask, *keeps)
+        return None if masks.empty else masks
 
     def kind(self) -> CellKind:
         return CellKind(self.family)
@@ -162,15 +229,21 @@ class _CellBase(nn.Module):
             shapes.append(lead + (self.hidden_size,))
         return shapes
 
-    def forward(self, input: Tensor, hx: State | None = None) -> State:
-        """One step. Shapes in the class docstring; unbatched (1-D) input gives unbatched state."""
+    def forward(self, input: Tensor, hx: State | None = None,
+                recurrent_mask: Tensor | None = None) -> State:
+        """One step. Shapes in the class docstring; unbatched (1-D) input gives unbatched state.
+
+        ``recurrent_mask`` (``(N, H_out)``, with ``recurrent_dropout``): the variational mask
+        of `recurrent_dropout_mask`, drawn once per sequence; without it a training step draws
+        its own (dropout on this step alone). Zoneout draws its masks per step."""
         name = type(self).__name__
         param = self.weight_ih
         # float32 under autocast (engine/precision.py); the C call first: a streamed step asks
         if torch._C._is_any_autocast_enabled() and precision.autocasting(param):
             with torch.autocast(param.device.type, enabled=False):
                 return self.forward(precision.to_parameter_dtype(input, param),
-                                    precision.to_parameter_dtype(hx, param))
+                                    precision.to_parameter_dtype(hx, param),
+                                    precision.to_parameter_dtype(recurrent_mask, param))
         x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
             raise ValueError(
@@ -184,9 +257,14 @@ class _CellBase(nn.Module):
         if not batched:
             x = x.unsqueeze(0)
             state = tuple(s.unsqueeze(0) for s in state)
+        masks = None
+        if recurrent_mask is not None or self.recurrent_dropout or any(self.zoneout):
+            if recurrent_mask is not None and not batched:
+                recurrent_mask = recurrent_mask.unsqueeze(0)
+            masks = self._masks(x.unsqueeze(0), recurrent_mask)
         _, new = engine.run_direction(
             self.kind(), x.unsqueeze(0), state if len(state) == 2 else state[0], self.weights(),
-            None, False, self.backend,
+            None, False, self.backend, masks=masks,
         )
         if not batched:
             new = tuple(s.squeeze(0) for s in new) if isinstance(new, tuple) else new.squeeze(0)
@@ -220,7 +298,26 @@ class _CellBase(nn.Module):
         s = f"{self.input_size}, {self.hidden_size}"
         if not self.bias:
             s += ", bias=False"
+        for key, value in self._variant_switches().items():
+            s += f", {key}={value!r}"
         return s
+
+    def _variant_switches(self) -> dict[str, object]:
+        """Layer norm, recurrent dropout and zoneout where set (torch.nn has none of them)."""
+        switches: dict[str, object] = {"layer_norm": True} if self.layer_norm else {}
+        if self.recurrent_dropout:
+            switches["recurrent_dropout"] = self.recurrent_dropout
+        if any(self.zoneout):
+            p_h, p_c = self.zoneout
+            switches["zoneout"] = p_h if self.family != Family.LSTM or p_h == p_c else (p_h, p_c)
+        return switches
+
+    def _refuse_variant_switches(self) -> None:
+        switches = self._variant_switches()
+        if switches:
+            settings = ", ".join(f"{k}={v!r}" for k, v in switches.items())
+            raise ValueError(f"torch.nn.{type(self).__name__} has no equivalent of {settings}; "
+                             "only a plain cell converts")
 
 
 class RNNCell(_CellBase):
@@ -259,8 +356,14 @@ class RNNCell(_CellBase):
         nonlinearity: str = "tanh",
         device=None,
         dtype=None,
+        *,
+        layer_norm: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float = 0.0,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype,
+                         layer_norm=layer_norm, recurrent_dropout=recurrent_dropout,
+                         zoneout=zoneout)
         self.nonlinearity = require_choice("RNNCell nonlinearity", nonlinearity, NONLINEARITIES)
         self.reset_parameters()
 
@@ -272,7 +375,8 @@ class RNNCell(_CellBase):
         return s + (f", nonlinearity={self.nonlinearity!r}" if self.nonlinearity != "tanh" else "")
 
     def to_torch(self) -> nn.RNNCell:
-        """The equivalent ``torch.nn.RNNCell`` with the same weights."""
+        """The equivalent ``torch.nn.RNNCell`` with the same weights (plain cells only)."""
+        self._refuse_variant_switches()
         return _copy_into(
             self,
             nn.RNNCell(
@@ -335,8 +439,13 @@ class LSTMCell(_CellBase):
         proj_size: int = 0,
         peephole: bool = False,
         forget_bias: float = 0.0,
+        layer_norm: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float | tuple[float, float] = 0.0,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, proj_size, device, dtype, peephole)
+        super().__init__(input_size, hidden_size, bias, proj_size, device, dtype, peephole,
+                         layer_norm=layer_norm, recurrent_dropout=recurrent_dropout,
+                         zoneout=zoneout)
         factory = _factory(self)
         self.forget_bias = _check_forget_bias("LSTMCell", forget_bias, bias)
         if self.proj_size:
@@ -358,6 +467,7 @@ class LSTMCell(_CellBase):
 
     def to_torch(self) -> nn.LSTMCell:
         """The equivalent ``torch.nn.LSTMCell``; plain cells only (torch.nn has no variants)."""
+        self._refuse_variant_switches()
         if self.proj_size or self.peephole:
             raise ValueError(
                 "torch.nn.LSTMCell has no equivalent of proj_size or peephole; got "
@@ -412,8 +522,16 @@ class GRUCell(_CellBase):
         dtype=None,
         *,
         reset_after: bool = True,
+        layer_norm: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float = 0.0,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        if layer_norm is True and reset_after is False:
+            raise ValueError("GRUCell layer_norm=True needs reset_after=True: with the reset "
+                             "gate before W_hn there is no whole W_hh h to normalise (spec)")
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype,
+                         layer_norm=layer_norm, recurrent_dropout=recurrent_dropout,
+                         zoneout=zoneout)
         self.reset_after = require_bool("GRUCell reset_after", reset_after)
         self.reset_parameters()
 
@@ -424,7 +542,8 @@ class GRUCell(_CellBase):
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
 
     def to_torch(self) -> nn.GRUCell:
-        """The equivalent ``torch.nn.GRUCell``; only for ``reset_after=True``."""
+        """The equivalent ``torch.nn.GRUCell``; only for ``reset_after=True``, plain cells."""
+        self._refuse_variant_switches()
         if not self.reset_after:
             raise ValueError(
                 "torch.nn.GRUCell has no reset_after=False form; got reset_after=False "
@@ -433,6 +552,27 @@ class GRUCell(_CellBase):
         return _copy_into(
             self, nn.GRUCell(self.input_size, self.hidden_size, self.bias, **_factory(self))
         )
+
+
+def _rate(name: str, value: object) -> float:
+    """A dropout-like probability: a number in [0, 1) (at 1 nothing would be kept)."""
+    rate = require_probability(name, value)
+    if rate >= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value}: at 1 nothing is kept")
+    return rate
+
+
+def _zoneout_rates(name: str, value: object, family: Family) -> tuple[float, float]:
+    """``(p_h, p_c)`` of ``zoneout``: one number for both (c only exists for LSTM), or an LSTM's
+    ``(p_h, p_c)`` pair."""
+    if isinstance(value, (tuple, list)):
+        if family != Family.LSTM or len(value) != 2:
+            accepted = ("a number or a pair (p_h, p_c)" if family == Family.LSTM
+                        else "a number (a pair (p_h, p_c) is for LSTM's two states)")
+            raise ValueError(f"{name} must be {accepted} in [0, 1), got {value!r}")
+        return _rate(f"{name} p_h", value[0]), _rate(f"{name} p_c", value[1])
+    rate = _rate(name, value)
+    return rate, rate if family == Family.LSTM else 0.0
 
 
 def _check_forget_bias(owner: str, forget_bias: object, bias: bool) -> float:

@@ -41,10 +41,20 @@ from rnnkit.cells import (
     BackendSetting,
     _check_forget_bias,
     _init_lstm_variants,
+    _rate,
     _refuse_scripting,
+    _zoneout_rates,
 )
 from rnnkit.engine import precision
-from rnnkit.engine.steps import NONLINEARITIES, CellKind, CellWeights, Family, State, output_of
+from rnnkit.engine.steps import (
+    NONLINEARITIES,
+    CellKind,
+    CellWeights,
+    Family,
+    Masks,
+    State,
+    output_of,
+)
 
 
 def _stack(states: list[Tensor]) -> Tensor:
@@ -93,9 +103,17 @@ class _RecurrentLayer(nn.Module):
         peephole: bool = False,
         learn_initial_state: bool = False,
         backend: str = "auto",
+        layer_norm: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float | tuple[float, float] = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        self.layer_norm = require_bool(f"{name} layer_norm", layer_norm)
+        self.recurrent_dropout = _rate(f"{name} recurrent_dropout", recurrent_dropout)
+        self.zoneout = _zoneout_rates(f"{name} zoneout", zoneout, self.family)
+        self.weight_drop = _rate(f"{name} weight_drop", weight_drop)
         self.backend = backend  # checked by BackendSetting
         self.input_size = require_int(f"{name} input_size", input_size, minimum=1)
         self.hidden_size = require_int(f"{name} hidden_size", hidden_size, minimum=1)
@@ -143,6 +161,13 @@ class _RecurrentLayer(nn.Module):
                 if peephole:
                     shapes["weight_ch"] = (3 * hidden_size,)
                     names["weight_ch"] = "weight_ch" + suffix
+                if self.layer_norm:  # the spec's names: layer_norm_ih_l{k}, ...
+                    extra = {"layer_norm_ih": (gates,), "layer_norm_hh": (gates,)}
+                    if self.family == Family.LSTM:
+                        extra |= {"layer_norm_c_weight": (hidden_size,),
+                                  "layer_norm_c_bias": (hidden_size,)}
+                    shapes |= extra
+                    names |= {role: role + suffix for role in extra}
                 for role, shape in shapes.items():
                     setattr(self, names[role], nn.Parameter(torch.empty(shape, **factory)))
                 self._cell_parameter_names.append(names)
@@ -161,7 +186,9 @@ class _RecurrentLayer(nn.Module):
 
         def per_direction(layer_input: int) -> int:
             count = gates * (layer_input + out + (2 if self.bias else 0))
-            return count + self.proj_size * hidden + (3 * hidden if self.peephole else 0)
+            norms = (2 * gates + (2 * hidden if self.family == Family.LSTM else 0)
+                     if self.layer_norm else 0)
+            return count + self.proj_size * hidden + (3 * hidden if self.peephole else 0) + norms
 
         count = directions * (per_direction(self.input_size)
                               + (layers - 1) * per_direction(directions * out))
@@ -250,6 +277,10 @@ class _RecurrentLayer(nn.Module):
             for name in ("h0", "c0"):
                 if hasattr(self, name):
                     getattr(self, name).zero_()
+            for names in self._cell_parameter_names:  # layer norm: gain 1, no shift
+                for role, name in names.items():
+                    if role.startswith("layer_norm"):
+                        getattr(self, name).fill_(0.0 if role == "layer_norm_c_bias" else 1.0)
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(
@@ -347,9 +378,50 @@ class _RecurrentLayer(nn.Module):
         layer = _require_index(f"{name}.run_direction layer", layer, self.num_layers)
         direction = _require_index(f"{name}.run_direction direction", direction,
                                    self.num_directions)
-        return engine.run_direction(self.cell_kind(), x, state,
-                                    self.cell_weights(layer, direction), lengths,
-                                    reverse=direction == 1, backend=self.backend)
+        weights, masks = self._direction_inputs(layer, direction, x, self.training)
+        return engine.run_direction(self.cell_kind(), x, state, weights, lengths,
+                                    reverse=direction == 1, backend=self.backend, masks=masks)
+
+    @property
+    def _regularised(self) -> bool:
+        """Whether any of recurrent dropout, zoneout or weight drop is on."""
+        return bool(self.recurrent_dropout or self.weight_drop or any(self.zoneout))
+
+    def _direction_inputs(self, layer: int, direction: int, x: Tensor,
+                          training: bool) -> tuple[CellWeights, Masks | None]:
+        """One layer and direction's weights and masks for an input ``x (T, N, ·)``, drawn
+        from torch's default generator (spec: "Normalisation and regularisation"):
+
+        - weight drop (training): ``W_hh`` replaced by ``M ⊙ W_hh / (1 - p)``, one mask ``M``
+          of its shape per call (the gradient reaches ``W_hh`` through it);
+        - recurrent dropout (training): one inverted mask ``(N, H_out)`` for every step;
+        - zoneout: per step, sample and unit 0/1 masks ``(T, N, ·)`` that keep the old value
+          with probability ``p`` in training; the probability itself (0-dim) in evaluation.
+        """
+        weights = self.cell_weights(layer, direction)
+        if not self._regularised:
+            return weights, None
+        if training and self.weight_drop:
+            kept = torch.bernoulli(torch.full_like(weights.weight_hh, 1 - self.weight_drop))
+            weights = weights._replace(weight_hh=weights.weight_hh * kept
+                                       / (1 - self.weight_drop))
+        steps, batch = x.shape[0], x.shape[1]
+        factory = {"dtype": x.dtype, "device": x.device}
+        recurrent = None
+        if training and self.recurrent_dropout:
+            keep = 1 - self.recurrent_dropout
+            recurrent = torch.bernoulli(torch.full((batch, self.output_size), keep,
+                                                   **factory)) / keep
+        keeps = []
+        for rate, size in zip(self.zoneout, (self.output_size, self.hidden_size), strict=True):
+            if not rate:
+                keeps.append(None)
+            elif training:
+                keeps.append(torch.bernoulli(torch.full((steps, batch, size), rate, **factory)))
+            else:
+                keeps.append(torch.tensor(rate, **factory))
+        masks = Masks(recurrent, *keeps)
+        return weights, None if masks.empty else masks
 
     def _run_stack(
         self, x: Tensor, initial: list[State], lengths: Tensor | None, upto: int, training: bool
@@ -365,14 +437,16 @@ class _RecurrentLayer(nn.Module):
         for layer in range(upto):
             outputs = []
             for direction in range(self.num_directions):
+                weights, masks = self._direction_inputs(layer, direction, layer_input, training)
                 output, final = engine.run_direction(
                     kind,
                     layer_input,
                     initial[layer * self.num_directions + direction],
-                    self.cell_weights(layer, direction),
+                    weights,
                     lengths,
                     reverse=direction == 1,
                     backend=backend,
+                    masks=masks,
                 )
                 outputs.append(output)
                 finals.append(final)
@@ -505,7 +579,17 @@ class _RecurrentLayer(nn.Module):
     # ---- conversion and display ------------------------------------------------------------
     def _variant_settings(self) -> dict[str, object]:
         """Settings torch.nn has no equivalent for, with their values here (non-default only)."""
-        return {"learn_initial_state": True} if self.learn_initial_state else {}
+        settings = {"learn_initial_state": True} if self.learn_initial_state else {}
+        if self.layer_norm:
+            settings["layer_norm"] = True
+        if self.recurrent_dropout:
+            settings["recurrent_dropout"] = self.recurrent_dropout
+        if any(self.zoneout):
+            p_h, p_c = self.zoneout
+            settings["zoneout"] = p_h if self.family != Family.LSTM or p_h == p_c else (p_h, p_c)
+        if self.weight_drop:
+            settings["weight_drop"] = self.weight_drop
+        return settings
 
     def _torch_arguments(self) -> dict[str, object]:
         return {
@@ -667,11 +751,17 @@ class RNN(_RecurrentLayer):
         *,
         learn_initial_state: bool = False,
         backend: str = "auto",
+        layer_norm: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         checked_nonlinearity = require_choice("RNN nonlinearity", nonlinearity, NONLINEARITIES)
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
             device=device, dtype=dtype, learn_initial_state=learn_initial_state, backend=backend,
+            layer_norm=layer_norm, recurrent_dropout=recurrent_dropout, zoneout=zoneout,
+            weight_drop=weight_drop,
         )
         self.nonlinearity = checked_nonlinearity
         self.reset_parameters()
@@ -759,6 +849,10 @@ class LSTM(_RecurrentLayer):
         chrono_max_length: int | None = None,
         learn_initial_state: bool = False,
         backend: str = "auto",
+        layer_norm: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float | tuple[float, float] = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         forget = _check_forget_bias("LSTM", forget_bias, bias if isinstance(bias, bool) else True)
         chrono = _check_init("LSTM", init, chrono_max_length, bias)
@@ -768,7 +862,8 @@ class LSTM(_RecurrentLayer):
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
             proj_size, device, dtype, peephole=peephole, learn_initial_state=learn_initial_state,
-            backend=backend,
+            backend=backend, layer_norm=layer_norm, recurrent_dropout=recurrent_dropout,
+            zoneout=zoneout, weight_drop=weight_drop,
         )
         self.forget_bias = forget
         self.init, self.chrono_max_length = init, chrono
@@ -860,11 +955,20 @@ class GRU(_RecurrentLayer):
         chrono_max_length: int | None = None,
         learn_initial_state: bool = False,
         backend: str = "auto",
+        layer_norm: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         chrono = _check_init("GRU", init, chrono_max_length, bias)
+        if layer_norm is True and reset_after is False:
+            raise ValueError("GRU layer_norm=True needs reset_after=True: with the reset gate "
+                             "before W_hn there is no whole W_hh h to normalise (spec)")
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
             device=device, dtype=dtype, learn_initial_state=learn_initial_state, backend=backend,
+            layer_norm=layer_norm, recurrent_dropout=recurrent_dropout, zoneout=zoneout,
+            weight_drop=weight_drop,
         )
         self.reset_after = require_bool("GRU reset_after", reset_after)
         self.init, self.chrono_max_length = init, chrono

@@ -33,7 +33,7 @@ from torch import Tensor
 from rnnkit._checks import require_choice
 from rnnkit.engine import native, onnx, ops, reference
 from rnnkit.engine.onnx import is_exporting
-from rnnkit.engine.steps import CellKind, CellWeights, State
+from rnnkit.engine.steps import CellKind, CellWeights, Masks, State
 
 BACKENDS = ("auto", "native", "fused", "reference")
 ENVIRONMENT_VARIABLE = "RNNKIT_BACKEND"
@@ -94,8 +94,25 @@ def run_direction(
     lengths: Tensor | None,
     reverse: bool,
     backend: str = "auto",
+    masks: Masks | None = None,
 ) -> tuple[Tensor, State]:
-    """Run one layer in one direction; the contract is `reference.run_direction`'s."""
+    """Run one layer in one direction; the contract is `reference.run_direction`'s.
+
+    Layer norm, recurrent dropout and zoneout (``weights.layer_norm``, ``masks``) run on the
+    reference loop for now, whatever the backend: the fused and native operators do not have
+    them yet (an explicit ``"fused"`` or ``"native"`` warns once). Weight drop needs nothing
+    here: the layer hands the engine the dropped ``W_hh``, so every backend runs it.
+    """
+    if weights.layer_norm or masks is not None:
+        if is_exporting():
+            raise ValueError("layer_norm, recurrent_dropout and zoneout do not export to ONNX "
+                             "yet; export a model without them")
+        requested = resolve_backend(backend)
+        if requested in ("fused", "native"):
+            _warn_once(f"backend={requested!r} has no layer norm, recurrent dropout or "
+                       "zoneout yet; running backend='reference', which gives the spec's "
+                       "results")
+        return reference.run_direction(kind, x, state, weights, lengths, reverse, masks)
     if is_exporting():  # ONNX: the exporters' own translation (see engine/onnx.py)
         return onnx.run_direction(kind, x, state, weights, lengths, reverse)
     return _RUNNERS[engine_for(backend, x)](kind, x, state, weights, lengths, reverse)

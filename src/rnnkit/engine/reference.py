@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.engine.steps import CellKind, CellWeights, State, cell_step, output_of
+from rnnkit.engine.steps import CellKind, CellWeights, Masks, State, cell_step, output_of, zoneout
 
 
 def run_direction(
@@ -18,6 +18,7 @@ def run_direction(
     weights: CellWeights,
     lengths: Tensor | None,
     reverse: bool,
+    masks: Masks | None = None,
 ) -> tuple[Tensor, State]:
     """Run one layer in one direction over a padded, time-major sequence.
 
@@ -29,6 +30,7 @@ def run_direction(
         lengths: ``(N,)`` int64 on ``x``'s device, each in ``[1, T]``, or ``None`` when every
             sequence has all ``T`` steps.
         reverse: run from the last valid step of each sequence to its first.
+        masks: recurrent dropout and zoneout (`Masks`, drawn by the layer); None: neither.
 
     Returns:
         ``output (T, N, H_out)``, zero at ``t >= lengths[n]``, and the final state, taken
@@ -37,8 +39,11 @@ def run_direction(
     steps = x.shape[0]
     outputs: list[Tensor | None] = [None] * steps
     order = range(steps - 1, -1, -1) if reverse else range(steps)
+    recurrent = None if masks is None else masks.recurrent
     for t in order:
-        new_state = cell_step(kind, x[t], state, weights)
+        new_state = cell_step(kind, x[t], state, weights, recurrent)
+        if masks is not None and (masks.zoneout_h is not None or masks.zoneout_c is not None):
+            new_state = zoneout(new_state, state, *masks.zoneout_at(t))
         if lengths is not None:
             # Past a sequence's end the state is held, so going forward it stays at the value
             # after the last valid step, and going backward it stays at the initial state

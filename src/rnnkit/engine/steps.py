@@ -28,6 +28,19 @@ GRU (`gru_gates`, `gru_step`), gate order r, z, n; ``z`` weighs the old state::
     n  = tanh(W_in x + b_in + W_hn (r ⊙ h) + b_hn)     reset_after=False (Cho et al. 2014)
     h' = (1 - z) ⊙ n + z ⊙ h
 
+Normalisation and regularisation (the spec's section of that name; ``LN(v; γ, β)`` is layer
+normalisation over the feature dimension, biased variance, eps 1e-5, `F.layer_norm`):
+
+- layer norm (``w.layer_norm_ih``, ``w.layer_norm_hh`` (G·H,) gains, no shift; LSTM also
+  ``w.layer_norm_c_weight``, ``w.layer_norm_c_bias`` (H,)): each product normalised on its own,
+  over all gates jointly, before the biases; LSTM ``h' = W_hr (o ⊙ tanh(LN(c'; γ_c, β_c)))``,
+  peepholes added after the normalisation, read from the un-normalised ``c``;
+- recurrent dropout (``recurrent_mask`` m (N, H_out), the same every step): the state enters
+  the recurrent product as ``m ⊙ h`` (GRU reset_after=False: ``W_hn (r ⊙ m ⊙ h)``); the state
+  carried on is not masked;
+- zoneout (`zoneout`, applied by the loop after each step): ``h_t = d ⊙ h_{t-1} + (1 - d) ⊙
+  h̃_t`` with ``d`` a per-step 0/1 mask in training or the probability ``p`` in evaluation.
+
 The reference engine runs these functions step by step on autograd; every faster engine is
 tested against it. Nothing here imports the layers or cells: they import this module.
 """
@@ -76,6 +89,61 @@ class CellWeights(NamedTuple):
     bias_hh: Tensor | None = None  # (G*H,)
     weight_hr: Tensor | None = None  # (P, H): LSTM projection
     weight_ch: Tensor | None = None  # (3H,): LSTM peephole weights, order i, f, o
+    layer_norm_ih: Tensor | None = None  # (G*H,): gain of LN(W_ih x)
+    layer_norm_hh: Tensor | None = None  # (G*H,): gain of LN(W_hh h)
+    layer_norm_c_weight: Tensor | None = None  # (H,): LSTM gain of LN(c')
+    layer_norm_c_bias: Tensor | None = None  # (H,): LSTM shift of LN(c')
+
+    @property
+    def layer_norm(self) -> bool:
+        """Whether the step normalises its products (the spec's ``layer_norm=True``)."""
+        return self.layer_norm_ih is not None
+
+
+class Masks(NamedTuple):
+    """The random parts of a training step, drawn by the layer once per forward call (torch's
+    default generator) and handed to every engine alike, so engines can be compared exactly.
+
+    ``recurrent`` is the inverted recurrent-dropout mask (entries 0 or ``1 / (1 - p)``); the
+    zoneout ``d`` are 0/1 masks ``(T, N, ·)`` in training (1: the unit keeps its old value at
+    that step) or 0-dim tensors holding ``p`` in evaluation (the expectation).
+    """
+
+    recurrent: Tensor | None = None  # (N, H_out), the same at every step
+    zoneout_h: Tensor | None = None  # (T, N, H_out) or ()
+    zoneout_c: Tensor | None = None  # LSTM: (T, N, H) or ()
+
+    @property
+    def empty(self) -> bool:
+        return self.recurrent is None and self.zoneout_h is None and self.zoneout_c is None
+
+    def zoneout_at(self, t: int) -> tuple[Tensor | None, Tensor | None]:
+        """The zoneout ``d`` of step ``t`` for h and c (None where that zoneout is off)."""
+        return tuple(None if d is None else d if d.dim() == 0 else d[t]
+                     for d in (self.zoneout_h, self.zoneout_c))  # type: ignore[return-value]
+
+
+def _normalised(v: Tensor, gain: Tensor | None, shift: Tensor | None = None) -> Tensor:
+    """``LN(v; γ, β)`` over the last dimension (biased variance, eps 1e-5); ``v`` itself when
+    there is no gain (layer norm off)."""
+    if gain is None:
+        return v
+    return F.layer_norm(v, v.shape[-1:], gain, shift, eps=1e-5)
+
+
+def _products(x: Tensor, h: Tensor, w: CellWeights,
+              recurrent_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(LN(W_ih x) + b_ih, LN(W_hh (m ⊙ h)) + b_hh)`` (each (N, G·H)); without layer norm
+    the plain products with their biases, without a mask ``m = 1``."""
+    if recurrent_mask is not None:
+        h = h * recurrent_mask
+    if not w.layer_norm:
+        return F.linear(x, w.weight_ih, w.bias_ih), F.linear(h, w.weight_hh, w.bias_hh)
+    input_part = _normalised(F.linear(x, w.weight_ih), w.layer_norm_ih)
+    hidden_part = _normalised(F.linear(h, w.weight_hh), w.layer_norm_hh)
+    if w.bias_ih is not None:
+        input_part, hidden_part = input_part + w.bias_ih, hidden_part + w.bias_hh
+    return input_part, hidden_part
 
 
 @dataclass(frozen=True)
@@ -117,20 +185,26 @@ def family_of(name: str, value: object) -> Family:
     raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
 
 
-def rnn_step(x: Tensor, h: Tensor, w: CellWeights, nonlinearity: str = "tanh") -> Tensor:
-    """Elman step: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``.  x (N, I), h (N, H) -> (N, H)."""
-    pre = F.linear(x, w.weight_ih, w.bias_ih) + F.linear(h, w.weight_hh, w.bias_hh)
+def rnn_step(x: Tensor, h: Tensor, w: CellWeights, nonlinearity: str = "tanh",
+             recurrent_mask: Tensor | None = None) -> Tensor:
+    """Elman step: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)`` (layer norm: ``act(LN(W_ih x)
+    + LN(W_hh h) + b_ih + b_hh)``).  x (N, I), h (N, H) -> (N, H)."""
+    input_part, hidden_part = _products(x, h, w, recurrent_mask)
+    pre = input_part + hidden_part
     return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
 
 
-def lstm_gates(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights) -> dict[str, Tensor]:
-    """An LSTM step's gates and new state, with the optional peephole (``w.weight_ch``) and
-    projection (``w.weight_hr``): ``i, f, g, o`` and ``c`` (N, H), ``h`` (N, H_out).
+def lstm_gates(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights,
+               recurrent_mask: Tensor | None = None) -> dict[str, Tensor]:
+    """An LSTM step's gates and new state, with the optional peephole (``w.weight_ch``),
+    projection (``w.weight_hr``), layer norm and recurrent dropout mask (module doc): ``i, f,
+    g, o`` and ``c`` (N, H), ``h`` (N, H_out).
 
     x (N, I), h (N, H_out), c (N, H).
     """
     h, c = state
-    gates = F.linear(x, w.weight_ih, w.bias_ih) + F.linear(h, w.weight_hh, w.bias_hh)  # (N, 4H)
+    input_part, hidden_part = _products(x, h, w, recurrent_mask)
+    gates = input_part + hidden_part  # (N, 4H)
     i, f, g, o = gates.chunk(4, dim=-1)
     if w.weight_ch is not None:
         p_i, p_f, p_o = w.weight_ch.chunk(3)
@@ -142,53 +216,76 @@ def lstm_gates(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights) -> dict[
     if w.weight_ch is not None:
         o = o + p_o * c_new
     o = torch.sigmoid(o)
-    h_new = o * torch.tanh(c_new)
+    h_new = o * torch.tanh(_normalised(c_new, w.layer_norm_c_weight, w.layer_norm_c_bias))
     if w.weight_hr is not None:
         h_new = F.linear(h_new, w.weight_hr)  # (N, P)
     return {"i": i, "f": f, "g": g, "o": o, "c": c_new, "h": h_new}
 
 
-def lstm_step(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights) -> tuple[Tensor, Tensor]:
+def lstm_step(x: Tensor, state: tuple[Tensor, Tensor], w: CellWeights,
+              recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """LSTM step: ``(h', c')`` of `lstm_gates`.  x (N, I), h (N, H_out), c (N, H)."""
-    gates = lstm_gates(x, state, w)
+    gates = lstm_gates(x, state, w, recurrent_mask)
     return gates["h"], gates["c"]
 
 
-def gru_gates(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True) -> dict[str, Tensor]:
+def gru_gates(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True,
+              recurrent_mask: Tensor | None = None) -> dict[str, Tensor]:
     """A GRU step's gates ``r, z, n`` and new state ``h`` (each (N, H)); ``z`` weighs the old
-    state: ``h' = (1 - z) ⊙ n + z ⊙ h``.  x (N, I), h (N, H)."""
+    state: ``h' = (1 - z) ⊙ n + z ⊙ h``; layer norm and the recurrent dropout mask as in the
+    module doc (layer norm with reset_after=True only).  x (N, I), h (N, H)."""
     hidden = h.shape[-1]
-    x_r, x_z, x_n = F.linear(x, w.weight_ih, w.bias_ih).chunk(3, dim=-1)  # 3 x (N, H)
     if reset_after:
-        h_r, h_z, h_n = F.linear(h, w.weight_hh, w.bias_hh).chunk(3, dim=-1)
+        input_part, hidden_part = _products(x, h, w, recurrent_mask)
+        x_r, x_z, x_n = input_part.chunk(3, dim=-1)  # 3 x (N, H)
+        h_r, h_z, h_n = hidden_part.chunk(3, dim=-1)
         r = torch.sigmoid(x_r + h_r)
         z = torch.sigmoid(x_z + h_z)
         n = torch.tanh(x_n + r * h_n)
     else:
+        if w.layer_norm:
+            raise ValueError("layer norm needs the GRU's reset_after=True: with the reset gate "
+                             "before W_hn there is no whole W_hh h to normalise")
+        x_r, x_z, x_n = F.linear(x, w.weight_ih, w.bias_ih).chunk(3, dim=-1)  # 3 x (N, H)
         # The reset gate scales the state before W_hn, so W_hn's product waits for r.
+        entering = h if recurrent_mask is None else h * recurrent_mask
         b_hh = w.bias_hh
         h_r, h_z = F.linear(
-            h, w.weight_hh[: 2 * hidden], None if b_hh is None else b_hh[: 2 * hidden]
+            entering, w.weight_hh[: 2 * hidden], None if b_hh is None else b_hh[: 2 * hidden]
         ).chunk(2, dim=-1)
         r = torch.sigmoid(x_r + h_r)
         z = torch.sigmoid(x_z + h_z)
         b_hn = None if b_hh is None else b_hh[2 * hidden :]
-        n = torch.tanh(x_n + F.linear(r * h, w.weight_hh[2 * hidden :], b_hn))
+        n = torch.tanh(x_n + F.linear(r * entering, w.weight_hh[2 * hidden :], b_hn))
     return {"r": r, "z": z, "n": n, "h": (1 - z) * n + z * h}
 
 
-def gru_step(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True) -> Tensor:
+def gru_step(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True,
+             recurrent_mask: Tensor | None = None) -> Tensor:
     """GRU step: ``h'`` of `gru_gates`.  x (N, I), h (N, H) -> (N, H)."""
-    return gru_gates(x, h, w, reset_after)["h"]
+    return gru_gates(x, h, w, reset_after, recurrent_mask)["h"]
 
 
-def cell_step(kind: CellKind, x: Tensor, state: State, w: CellWeights) -> State:
+def cell_step(kind: CellKind, x: Tensor, state: State, w: CellWeights,
+              recurrent_mask: Tensor | None = None) -> State:
     """One step of any family: the function every engine's reference is written against."""
     if kind.family == Family.LSTM:
-        return lstm_step(x, state, w)  # type: ignore[arg-type]
+        return lstm_step(x, state, w, recurrent_mask)  # type: ignore[arg-type]
     if kind.family == Family.GRU:
-        return gru_step(x, state, w, kind.reset_after)  # type: ignore[arg-type]
-    return rnn_step(x, state, w, kind.nonlinearity)  # type: ignore[arg-type]
+        return gru_step(x, state, w, kind.reset_after, recurrent_mask)  # type: ignore[arg-type]
+    return rnn_step(x, state, w, kind.nonlinearity, recurrent_mask)  # type: ignore[arg-type]
+
+
+def zoneout(new: State, old: State, keep_h: Tensor | None, keep_c: Tensor | None) -> State:
+    """Zoneout of one step: ``d ⊙ old + (1 - d) ⊙ new`` for h with ``keep_h`` and for c with
+    ``keep_c`` (each a 0/1 mask of the state's shape, or a 0-dim probability in evaluation;
+    None: that part updates as usual)."""
+    def zoned(updated: Tensor, previous: Tensor, keep: Tensor | None) -> Tensor:
+        return updated if keep is None else keep * previous + (1 - keep) * updated
+
+    if isinstance(new, tuple):
+        return zoned(new[0], old[0], keep_h), zoned(new[1], old[1], keep_c)
+    return zoned(new, old, keep_h)
 
 
 def cell_gates(kind: CellKind, x: Tensor, state: State, w: CellWeights) -> dict[str, Tensor]:
@@ -217,6 +314,7 @@ __all__ = [
     "CellKind",
     "CellWeights",
     "Family",
+    "Masks",
     "State",
     "cell_gates",
     "cell_step",
@@ -228,4 +326,5 @@ __all__ = [
     "output_of",
     "rnn_step",
     "state_of",
+    "zoneout",
 ]
