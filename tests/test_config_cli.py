@@ -31,7 +31,10 @@ LOOP = ["--steps", "9", "--lr", "0.01", "--optimizer", "sgd", "--schedule", "lin
         "--clip-norm", "0", "--clip-value", "2.0", "--clip-tensor-norm", "3.0", "--accumulate",
         "2", "--eval-every", "4", "--patience", "5", "--min-steps", "3", "--device", "cpu"]
 STACK = ["--hidden", "24", "--layers", "3", "--dropout", "0.25", "--proj-size", "8", "--init",
-         "chrono", "--backend", "reference"]
+         "chrono", "--backend", "reference", "--layer-norm", "--recurrent-dropout", "0.1",
+         "--zoneout", "0.2", "--weight-drop", "0.3"]
+AWD = ["--embedding-dropout", "0.1", "--input-dropout", "0.2", "--locked-dropout",
+       "--output-dropout", "0.3"]
 LM_MODEL = ["--level", "word", "--max-vocabulary", "50", "--seq-len", "7", "--batch-size", "3",
             "--validation-fraction", "0.2", "--embedding", "12", "--seed", "11",
             "--cell", "lstm", "--peephole", *STACK, *LOOP]
@@ -43,14 +46,14 @@ COMMANDS = {
     "lm train": (["lm", "train"], LMTrainCommand, LM_EXCLUDE, [
         ["text.txt", "--corpus", "python", "--checkpoint", "a.pt", "--overwrite", "--plot",
          "p.png", "--quiet", "--checkpoint-every", "6", *LM_MODEL],
-        ["--corpus", "prose", "--tie-weights", *VARIANTS[0]],
-        ["--corpus", "prose", *VARIANTS[1]],
+        ["--corpus", "prose", "--tie-weights", *VARIANTS[0], *AWD],
+        ["--corpus", "prose", "--preset", "awd", *VARIANTS[1]],
         # a resumed run prints the saved run's settings: r.pt is made by the test
         ["--corpus", "prose", "--resume", "r.pt", "--steps", "5"]]),
     "lm throughput": (["lm", "throughput"], LMThroughputCommand,
                       LM_EXCLUDE | {"train.loop.checkpoint_every"}, [
         ["text.txt", "--corpus", "python", "--blocks", "2", "--block-steps", "3", *LM_MODEL],
-        ["--corpus", "prose", "--tie-weights", *VARIANTS[0]],
+        ["--corpus", "prose", "--tie-weights", *VARIANTS[0], *AWD],
         ["--corpus", "prose", *VARIANTS[1]]]),
     "memory": (["memory"], MemoryCommand, MEMORY_EXCLUDE, [
         ["copy", "--cells", "lstm,gru", "--lengths", "7,9", "--seed", "1,2", "--batch-size", "5",

@@ -119,7 +119,11 @@ def resolve_command(args: argparse.Namespace, check: bool = True) -> tuple[objec
     """The command config that ``args`` describe (defaults < --config FILE < command line) and
     the dotted paths given; a bad file or value is a `UsageError` (exit 2)."""
     with usage_errors():
-        return config_from_arguments(args, args.command_type, args.command_type(),
+        defaults = args.command_type()
+        preset = getattr(args, "preset", None)  # a preset sets the defaults the rest override
+        if isinstance(preset, str) and hasattr(args.command_type, "with_preset"):
+            defaults = args.command_type.with_preset(preset)
+        return config_from_arguments(args, args.command_type, defaults,
                                      check=check, exclude=args.exclude)
 
 

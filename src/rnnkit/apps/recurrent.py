@@ -73,6 +73,14 @@ class RecurrentConfig:
         # default | chrono (Tallec & Ollivier 2018; LSTM and GRU, RNNs keep the default)
     forget_bias: float = 0.0  # added to the LSTM forget-gate bias at initialisation (1.0 per
         # Jozefowicz et al. 2015); other cells ignore it
+    layer_norm: bool = False  # layer-normalised products and LSTM cell (Ba et al. 2016; GRU
+        # with the reset gate after W_hn)
+    recurrent_dropout: float = field(default=0.0, metadata={"check": "probability"})
+        # variational dropout on the state entering W_hh (Gal & Ghahramani 2016), training only
+    zoneout: float = field(default=0.0, metadata={"check": "probability"})  # a unit keeps its
+        # previous value with this probability (Krueger et al. 2017; LSTM: h and c)
+    weight_drop: float = field(default=0.0, metadata={"check": "probability"})
+        # DropConnect on W_hh, one mask per forward call (AWD-LSTM), training only
     backend: str = field(default="auto", metadata={"choices": RECURRENT_BACKENDS})
         # rnnkit engine: auto | reference | fused | native; or torch.nn (plain cells, to compare)
 
@@ -97,6 +105,14 @@ class RecurrentConfig:
         if self.forget_bias and self.init == "chrono" and family == "lstm":
             raise ValueError("--forget-bias and --init chrono both set the LSTM forget-gate "
                              "bias; choose one")
+        for switch in ("recurrent_dropout", "zoneout", "weight_drop"):
+            if getattr(self, switch) >= 1:
+                raise ValueError(f"--{switch.replace('_', '-')} must be below 1 (at 1 nothing "
+                                 f"is kept), got {getattr(self, switch)}")
+        if self.layer_norm and family == "gru" and (
+                self.reset_before or CELL_NAMES[self.cell][1].get("reset_before")):
+            raise ValueError("--layer-norm needs the GRU's reset gate after W_hn: drop "
+                             "--reset-before (or --cell gru-reset-before)")
         proj_size = self.layer_options().get("proj_size", 0)
         if CELL_NAMES[self.cell][1].get("projection") and not proj_size:
             raise ValueError("lstm-projection projects h to hidden // 2 units: it needs "
@@ -136,6 +152,9 @@ class RecurrentConfig:
             options["proj_size"] = self.proj_size
         if self.nonlinearity != "tanh" and family != "rnn":
             options["nonlinearity"] = self.nonlinearity
+        for switch in ("layer_norm", "recurrent_dropout", "zoneout", "weight_drop"):
+            if getattr(self, switch):  # the layer checks the values (p < 1, a GRU's form)
+                options[switch] = getattr(self, switch)
         return options
 
     @property
@@ -168,7 +187,8 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
                    dropout: float = 0.0, peephole: bool = False, reset_after: bool = True,
                    backend: str = "auto", batch_first: bool = False, init: str = "default",
                    chrono_max_length: int | None = None, nonlinearity: str = "tanh",
-                   forget_bias: float = 0.0, proj_size: int = 0) -> nn.Module:
+                   forget_bias: float = 0.0, proj_size: int = 0,
+                   **regularisation) -> nn.Module:
     """A stack of ``num_layers`` recurrent layers of ``cell`` (lstm | gru | rnn).
 
     ``dropout`` applies between layers (torch.nn's convention); ``peephole`` and ``proj_size``
@@ -176,7 +196,8 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
     ``reset_after=False`` (the original GRU) for GRU only. ``backend`` is an rnnkit engine, or
     ``"torch.nn"`` for the plain torch.nn layer (comparisons; it has no variants).
     ``init="chrono"`` (LSTM, GRU) draws the gate biases of Tallec & Ollivier 2018 for
-    dependencies up to ``chrono_max_length`` steps.
+    dependencies up to ``chrono_max_length`` steps. ``regularisation``: the layers'
+    ``layer_norm``, ``recurrent_dropout``, ``zoneout``, ``weight_drop`` (rnnkit backends only).
     """
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
@@ -195,6 +216,9 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
     if init != "default" and cell == "rnn":
         raise ValueError(f"init={init!r} exists for the lstm and gru cells, not 'rnn'")
     if backend == "torch.nn":
+        if regularisation:
+            raise ValueError(f"torch.nn has no {', '.join(regularisation)}; use an rnnkit "
+                             "backend for those")
         if peephole or not reset_after or init != "default" or forget_bias:
             raise ValueError("torch.nn has no peephole LSTM, reset-before GRU or chrono "
                              "initialisation; use an rnnkit backend for those")
@@ -210,4 +234,5 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
         variants |= {"init": init, "chrono_max_length": chrono_max_length}
     if cell == "rnn":
         variants["nonlinearity"] = nonlinearity
-    return CELLS[cell](input_size, hidden_size, backend=backend, **common, **variants)
+    return CELLS[cell](input_size, hidden_size, backend=backend, **common, **variants,
+                       **regularisation)

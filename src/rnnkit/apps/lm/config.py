@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rnnkit.apps.lm.corpus import CORPORA
 from rnnkit.apps.lm.model import ModelConfig
@@ -36,8 +36,25 @@ class LMTrainCommand:
     plot: str | None = field(default=None, metadata={"metavar": "PNG"})
         # save train/validation loss curves here
     quiet: bool = False  # no progress bar
+    preset: str | None = field(default=None, metadata={"choices": ("awd",)})
+        # awd: the AWD-LSTM recipe's regularisation on this model (Merity et al. 2018, their
+        # character-level settings): weight drop 0.5 on W_hh, locked dropout 0.25 between
+        # layers, 0.1 on the embedding output and before the output layer, tied weights;
+        # options given with it override its values (--print-config shows them all)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def with_preset(cls, name: str) -> LMTrainCommand:
+        """The defaults of ``--preset name``: what the options start from before the config
+        file and the command line."""
+        if name != "awd":
+            raise ValueError(f"--preset must be awd, got {name!r}")
+        plain = cls()
+        recurrent = replace(plain.model.recurrent, weight_drop=0.5, dropout=0.25)
+        return replace(plain, preset=name, model=replace(
+            plain.model, tie_weights=True, locked_dropout=True, input_dropout=0.1,
+            output_dropout=0.1, recurrent=recurrent))
 
 
 @dataclass
