@@ -98,17 +98,26 @@ VARIANTS: dict[str, dict[str, tuple[dict, bool]]] = {
         "projection": ({"proj_size": -1}, False),  # -1: half the hidden size, set per size
         "learned state": ({"learn_initial_state": True}, False),
         "lengths": ({}, True),
+        **{name: ({switch: value}, False) for name, switch, value in (
+            ("layer_norm", "layer_norm", True), ("recurrent_dropout", "recurrent_dropout", 0.25),
+            ("zoneout", "zoneout", 0.1), ("weight_drop", "weight_drop", 0.5))},
     },
     "gru": {
         "plain": ({}, False),
         "reset_after=False": ({"reset_after": False}, False),
         "learned state": ({"learn_initial_state": True}, False),
         "lengths": ({}, True),
+        **{name: ({switch: value}, False) for name, switch, value in (
+            ("layer_norm", "layer_norm", True), ("recurrent_dropout", "recurrent_dropout", 0.25),
+            ("zoneout", "zoneout", 0.1), ("weight_drop", "weight_drop", 0.5))},
     },
     "rnn": {
         "plain": ({}, False),
         "learned state": ({"learn_initial_state": True}, False),
         "lengths": ({}, True),
+        **{name: ({switch: value}, False) for name, switch, value in (
+            ("layer_norm", "layer_norm", True), ("recurrent_dropout", "recurrent_dropout", 0.25),
+            ("zoneout", "zoneout", 0.1), ("weight_drop", "weight_drop", 0.5))},
     },
 }
 CLASSES = {"lstm": (LSTM, nn.LSTM), "gru": (GRU, nn.GRU), "rnn": (RNN, nn.RNN)}
