@@ -90,6 +90,13 @@ class BenchCommand:
                                                            "metavar": "FILE"})
         # also write the results as JSON here
 
+# The normalisation and regularisation switches, one at a time, for every family.
+SWITCHES: dict[str, tuple[dict, bool]] = {
+    "layer_norm": ({"layer_norm": True}, False),
+    "recurrent_dropout": ({"recurrent_dropout": 0.25}, False),
+    "zoneout": ({"zoneout": 0.1}, False),
+    "weight_drop": ({"weight_drop": 0.5}, False),
+}
 # family -> variant -> (constructor arguments, whether it runs on padded input with lengths)
 VARIANTS: dict[str, dict[str, tuple[dict, bool]]] = {
     "lstm": {
@@ -98,26 +105,20 @@ VARIANTS: dict[str, dict[str, tuple[dict, bool]]] = {
         "projection": ({"proj_size": -1}, False),  # -1: half the hidden size, set per size
         "learned state": ({"learn_initial_state": True}, False),
         "lengths": ({}, True),
-        **{name: ({switch: value}, False) for name, switch, value in (
-            ("layer_norm", "layer_norm", True), ("recurrent_dropout", "recurrent_dropout", 0.25),
-            ("zoneout", "zoneout", 0.1), ("weight_drop", "weight_drop", 0.5))},
+        **SWITCHES,
     },
     "gru": {
         "plain": ({}, False),
         "reset_after=False": ({"reset_after": False}, False),
         "learned state": ({"learn_initial_state": True}, False),
         "lengths": ({}, True),
-        **{name: ({switch: value}, False) for name, switch, value in (
-            ("layer_norm", "layer_norm", True), ("recurrent_dropout", "recurrent_dropout", 0.25),
-            ("zoneout", "zoneout", 0.1), ("weight_drop", "weight_drop", 0.5))},
+        **SWITCHES,
     },
     "rnn": {
         "plain": ({}, False),
         "learned state": ({"learn_initial_state": True}, False),
         "lengths": ({}, True),
-        **{name: ({switch: value}, False) for name, switch, value in (
-            ("layer_norm", "layer_norm", True), ("recurrent_dropout", "recurrent_dropout", 0.25),
-            ("zoneout", "zoneout", 0.1), ("weight_drop", "weight_drop", 0.5))},
+        **SWITCHES,
     },
 }
 CLASSES = {"lstm": (LSTM, nn.LSTM), "gru": (GRU, nn.GRU), "rnn": (RNN, nn.RNN)}
