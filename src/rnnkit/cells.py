@@ -192,20 +192,33 @@ class _CellBase(nn.Module):
         return torch.bernoulli(torch.full(shape, keep, dtype=param.dtype,
                                           device=param.device)) / keep
 
+    def _check_recurrent_mask(self, recurrent_mask: object, x: Tensor, batched: bool) -> Tensor:
+        """``recurrent_mask`` checked against the input ``x`` as the caller gave it (``(N, I)``
+        or unbatched ``(I,)``): a tensor of the parameters' dtype and device, ``(N, H_out)`` or
+        ``(H_out,)`` for batched input (``(1, H_out)`` broadcasts too), ``(H_out,)`` unbatched."""
+        name = type(self).__name__
+        require_tensor(f"{name} recurrent_mask", recurrent_mask, dtype=x.dtype, device=x.device)
+        shape, size = tuple(recurrent_mask.shape), self.output_size
+        if not batched:
+            if shape != (size,):
+                raise ValueError(f"{name} recurrent_mask must have shape ({size},) for unbatched "
+                                 f"input (H_out = {size}), got {shape}")
+        elif shape not in ((size,), (x.shape[0], size), (1, size)):
+            raise ValueError(f"{name} recurrent_mask must have shape (N, {size}) with N = "
+                             f"{x.shape[0]} (the input's batch), or ({size},) (H_out = {size}), "
+                             f"got {shape}")
+        return recurrent_mask
+
     def _masks(self, x: Tensor, recurrent_mask: Tensor | None) -> Masks | None:
         """The step's masks for ``x (1, N, I)`` (module doc of `rnnkit.engine.steps`): the
-        given recurrent mask, or in training one drawn for this step alone; zoneout drawn per
-        unit in training, its probability in evaluation."""
-        name = type(self).__name__
+        given recurrent mask (checked by `_check_recurrent_mask`) in training, or one drawn
+        for this step alone; none in evaluation (the spec: dropout is the identity there, so
+        a loop that passes one mask every step runs unchanged in both modes); zoneout drawn
+        per unit in training, its probability in evaluation."""
         batch = x.shape[1]
-        if recurrent_mask is not None:
-            require_tensor(f"{name} recurrent_mask", recurrent_mask, dtype=x.dtype,
-                           device=x.device)
-            if recurrent_mask.shape[-1:] != (self.output_size,) or recurrent_mask.dim() > 2:
-                raise ValueError(f"{name} recurrent_mask must have shape (N, {self.output_size})"
-                                 f" or ({self.output_size},) (H_out), got "
-                                 f"{tuple(recurrent_mask.shape)}")
-        elif self.training and self.recurrent_dropout:
+        if not self.training:
+            recurrent_mask = None
+        elif recurrent_mask is None and self.recurrent_dropout:
             recurrent_mask = self.recurrent_dropout_mask(batch)
         keeps = []
         for rate, size in zip(self.zoneout, (self.output_size, self.hidden_size), strict=True):
@@ -235,7 +248,8 @@ class _CellBase(nn.Module):
 
         ``recurrent_mask`` (``(N, H_out)``, with ``recurrent_dropout``): the variational mask
         of `recurrent_dropout_mask`, drawn once per sequence; without it a training step draws
-        its own (dropout on this step alone). Zoneout draws its masks per step."""
+        its own (dropout on this step alone). In evaluation mode the mask is checked and not
+        applied (dropout is the identity there). Zoneout draws its masks per step."""
         name = type(self).__name__
         param = self.weight_ih
         # float32 under autocast (engine/precision.py); the C call first: a streamed step asks
@@ -254,13 +268,15 @@ class _CellBase(nn.Module):
         batch = x.shape[0] if batched else None
         shapes = self._state_shapes(batch)
         state = self._check_state(hx, shapes, x)
+        if recurrent_mask is not None:
+            recurrent_mask = self._check_recurrent_mask(recurrent_mask, x, batched)
         if not batched:
             x = x.unsqueeze(0)
             state = tuple(s.unsqueeze(0) for s in state)
+            if recurrent_mask is not None:
+                recurrent_mask = recurrent_mask.unsqueeze(0)
         masks = None
         if recurrent_mask is not None or self.recurrent_dropout or any(self.zoneout):
-            if recurrent_mask is not None and not batched:
-                recurrent_mask = recurrent_mask.unsqueeze(0)
             masks = self._masks(x.unsqueeze(0), recurrent_mask)
         _, new = engine.run_direction(
             self.kind(), x.unsqueeze(0), state if len(state) == 2 else state[0], self.weights(),

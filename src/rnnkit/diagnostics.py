@@ -32,7 +32,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rnnkit.engine.steps import CellKind, Family, cell_gates, output_of, state_of
+from rnnkit import engine
+from rnnkit.engine.steps import CellKind, Family, cell_gates, output_of, state_of, zoneout
 from rnnkit.layers import PreparedInput, _RecurrentLayer
 
 DIRECTIONS = ("forward", "reverse")
@@ -125,7 +126,12 @@ def gradient_flow(layer: _RecurrentLayer, input: Tensor, hx=None, *,
                           requires_grad=True) if is_lstm else None)
     with torch.enable_grad():
         for t in range(steps):
-            _, state = layer.run_direction(index, d, sequence[t : t + 1], state)
+            # As in evaluation whatever the layer's mode: no dropout masks drawn per step,
+            # zoneout as its expectation (the module doc).
+            step_input = sequence[t : t + 1]
+            weights, masks = layer._direction_inputs(index, d, step_input, training=False)
+            _, state = engine.run_direction(kind, step_input, state, weights, None,
+                                            reverse=d == 1, backend=layer.backend, masks=masks)
             state = (state[0] + push_h[t], state[1] + push_c[t]) if is_lstm else state + push_h[t]
         last = output_of(state)  # (N, H_out)
         targets = [push_h, push_c] if is_lstm else [push_h]
@@ -201,7 +207,9 @@ def gate_trace(layer: _RecurrentLayer, input: Tensor, hx=None, lengths=None) -> 
         for index in range(layer.num_layers):
             outputs = []
             for d in range(layer.num_directions):
-                weights = layer.cell_weights(index, d)
+                # Evaluation's weights and masks: zoneout is then its expectation, applied to
+                # the step's new state as the layer's loop does.
+                weights, masks = layer._direction_inputs(index, d, sequence, training=False)
                 state = initial[index * layer.num_directions + d]
                 per_step: dict[str, list[Tensor]] = {}
                 order = range(steps - 1, -1, -1) if d == 1 else range(steps)
@@ -209,6 +217,10 @@ def gate_trace(layer: _RecurrentLayer, input: Tensor, hx=None, lengths=None) -> 
                     gates = cell_gates(kind, sequence[t], state, weights)
                     mask = valid[t][:, None]  # (N, 1): past a sequence's end nothing happens
                     new_state = state_of(kind, gates)
+                    if masks is not None:
+                        new_state = zoneout(new_state, state, *masks.zoneout_at(t))
+                        gates |= {"h": output_of(new_state)} | (
+                            {"c": new_state[1]} if isinstance(new_state, tuple) else {})
                     state = (tuple(torch.where(mask, n, o) for n, o in zip(new_state, state,
                                                                            strict=True))
                              if isinstance(state, tuple) else torch.where(mask, new_state, state))

@@ -80,6 +80,20 @@ def engine_for(backend: str, x: Tensor) -> str:
     return "fused"
 
 
+def _onnx_capture() -> bool:
+    """Whether torch.onnx.export (dynamo) is capturing the model, asked so that dynamo's own
+    strict capture sees it too: the exporter retries a failed non-strict capture with it, and
+    dynamo reads ``torch.onnx.is_in_onnx_export()`` as False while tracing (its flag, read
+    here directly, keeps its value)."""
+    if not torch.compiler.is_compiling():
+        return False
+    try:
+        from torch.onnx._internal.exporter import _flags  # private: absent, nothing to see
+    except ImportError:
+        return False
+    return bool(getattr(_flags, "_is_onnx_exporting", False))
+
+
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
@@ -104,9 +118,15 @@ def run_direction(
     here: the layer hands the engine the dropped ``W_hh``, so every backend runs it.
     """
     if weights.layer_norm or masks is not None:
-        if is_exporting():
+        if is_exporting() or _onnx_capture():
             raise ValueError("layer_norm, recurrent_dropout and zoneout do not export to ONNX "
                              "yet; export a model without them")
+        if torch.jit.is_tracing():
+            # The reference loop is Python: torch.jit.trace would record the example's steps
+            # and replay that many for every input, a silently wrong module.
+            raise ValueError("torch.jit.trace cannot record layer_norm, recurrent_dropout or "
+                             "zoneout: they run on the reference loop, which a trace freezes "
+                             "to the example's length; use torch.compile(model) instead")
         requested = resolve_backend(backend)
         if requested in ("fused", "native"):
             _warn_once(f"backend={requested!r} has no layer norm, recurrent dropout or "
