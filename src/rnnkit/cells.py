@@ -186,11 +186,8 @@ class _CellBase(nn.Module):
         None): entries 0 with probability ``recurrent_dropout``, else ``1 / (1 - p)``. Draw it
         once per sequence and pass it to every step (``cell(x_t, hx, recurrent_mask=mask)``)
         for Gal & Ghahramani's tied form."""
-        keep = 1 - self.recurrent_dropout
         shape = (self.output_size,) if batch is None else (batch, self.output_size)
-        param = self.weight_hh
-        return torch.bernoulli(torch.full(shape, keep, dtype=param.dtype,
-                                          device=param.device)) / keep
+        return _inverted_dropout_mask(shape, self.recurrent_dropout, self.weight_hh)
 
     def _check_recurrent_mask(self, recurrent_mask: object, x: Tensor, batched: bool) -> Tensor:
         """``recurrent_mask`` checked against the input ``x`` as the caller gave it (``(N, I)``
@@ -220,15 +217,8 @@ class _CellBase(nn.Module):
             recurrent_mask = None
         elif recurrent_mask is None and self.recurrent_dropout:
             recurrent_mask = self.recurrent_dropout_mask(batch)
-        keeps = []
-        for rate, size in zip(self.zoneout, (self.output_size, self.hidden_size), strict=True):
-            if not rate:
-                keeps.append(None)
-            elif self.training:
-                keeps.append(torch.bernoulli(torch.full((1, batch, size), rate, dtype=x.dtype,
-                                                        device=x.device)))
-            else:
-                keeps.append(torch.tensor(rate, dtype=x.dtype, device=x.device))
+        keeps = _zoneout_keeps(self.zoneout, (self.output_size, self.hidden_size), 1, batch,
+                               self.training, x)
         masks = Masks(recurrent_mask, *keeps)
         return None if masks.empty else masks
 
@@ -324,8 +314,7 @@ class _CellBase(nn.Module):
         if self.recurrent_dropout:
             switches["recurrent_dropout"] = self.recurrent_dropout
         if any(self.zoneout):
-            p_h, p_c = self.zoneout
-            switches["zoneout"] = p_h if self.family != Family.LSTM or p_h == p_c else (p_h, p_c)
+            switches["zoneout"] = _zoneout_setting(self.zoneout, self.family)
         return switches
 
     def _refuse_variant_switches(self) -> None:
@@ -589,6 +578,31 @@ def _zoneout_rates(name: str, value: object, family: Family) -> tuple[float, flo
         return _rate(f"{name} p_h", value[0]), _rate(f"{name} p_c", value[1])
     rate = _rate(name, value)
     return rate, rate if family == Family.LSTM else 0.0
+
+
+def _inverted_dropout_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
+    """A dropout mask of ``shape`` (``like``'s dtype and device, torch's default generator):
+    0 with probability ``p``, else ``1 / (1 - p)``."""
+    keep = 1 - p
+    return torch.bernoulli(torch.full(shape, keep, dtype=like.dtype, device=like.device)) / keep
+
+
+def _zoneout_keeps(rates: tuple[float, float], sizes: tuple[int, int], steps: int, batch: int,
+                   training: bool, like: Tensor) -> list[Tensor | None]:
+    """Zoneout's ``d`` for h and c (`rnnkit.engine.steps.Masks`): per step, sample and unit
+    0/1 masks ``(steps, batch, size)`` keeping the old value with probability ``p`` in
+    training, the probability itself (0-dim) in evaluation; None where the rate is 0."""
+    factory = {"dtype": like.dtype, "device": like.device}
+    return [None if not rate else
+            torch.bernoulli(torch.full((steps, batch, size), rate, **factory)) if training else
+            torch.tensor(rate, **factory)
+            for rate, size in zip(rates, sizes, strict=True)]
+
+
+def _zoneout_setting(rates: tuple[float, float], family: Family) -> float | tuple[float, float]:
+    """``zoneout`` as it was given: one number, or an LSTM's differing ``(p_h, p_c)``."""
+    p_h, p_c = rates
+    return p_h if family != Family.LSTM or p_h == p_c else (p_h, p_c)
 
 
 def _check_forget_bias(owner: str, forget_bias: object, bias: bool) -> float:

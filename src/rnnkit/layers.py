@@ -41,9 +41,12 @@ from rnnkit.cells import (
     BackendSetting,
     _check_forget_bias,
     _init_lstm_variants,
+    _inverted_dropout_mask,
     _rate,
     _refuse_scripting,
+    _zoneout_keeps,
     _zoneout_rates,
+    _zoneout_setting,
 )
 from rnnkit.engine import precision
 from rnnkit.engine.steps import (
@@ -401,25 +404,17 @@ class _RecurrentLayer(nn.Module):
         weights = self.cell_weights(layer, direction)
         if not self._regularised:
             return weights, None
+        w_hh = weights.weight_hh
         if training and self.weight_drop:
-            kept = torch.bernoulli(torch.full_like(weights.weight_hh, 1 - self.weight_drop))
-            weights = weights._replace(weight_hh=weights.weight_hh * kept
-                                       / (1 - self.weight_drop))
+            weights = weights._replace(
+                weight_hh=w_hh * _inverted_dropout_mask(w_hh.shape, self.weight_drop, w_hh))
         steps, batch = x.shape[0], x.shape[1]
-        factory = {"dtype": x.dtype, "device": x.device}
         recurrent = None
         if training and self.recurrent_dropout:
-            keep = 1 - self.recurrent_dropout
-            recurrent = torch.bernoulli(torch.full((batch, self.output_size), keep,
-                                                   **factory)) / keep
-        keeps = []
-        for rate, size in zip(self.zoneout, (self.output_size, self.hidden_size), strict=True):
-            if not rate:
-                keeps.append(None)
-            elif training:
-                keeps.append(torch.bernoulli(torch.full((steps, batch, size), rate, **factory)))
-            else:
-                keeps.append(torch.tensor(rate, **factory))
+            recurrent = _inverted_dropout_mask((batch, self.output_size), self.recurrent_dropout,
+                                               x)
+        keeps = _zoneout_keeps(self.zoneout, (self.output_size, self.hidden_size), steps, batch,
+                               training, x)
         masks = Masks(recurrent, *keeps)
         return weights, None if masks.empty else masks
 
@@ -585,8 +580,7 @@ class _RecurrentLayer(nn.Module):
         if self.recurrent_dropout:
             settings["recurrent_dropout"] = self.recurrent_dropout
         if any(self.zoneout):
-            p_h, p_c = self.zoneout
-            settings["zoneout"] = p_h if self.family != Family.LSTM or p_h == p_c else (p_h, p_c)
+            settings["zoneout"] = _zoneout_setting(self.zoneout, self.family)
         if self.weight_drop:
             settings["weight_drop"] = self.weight_drop
         return settings
