@@ -114,20 +114,21 @@ def test_gradient_flow_of_a_layer_in_training_mode_reads_it_as_in_evaluation():
 
 # ---- tracing and ONNX export -------------------------------------------------------------
 
-def test_tracing_a_layer_with_a_switch_on_the_reference_loop_is_a_named_error():
-    """torch.jit.trace would freeze the reference loop to the example's length: a module
-    that silently answers 4 steps for a 6-step input. Refused by name instead."""
-    for options in ({"layer_norm": True}, {"zoneout": 0.2}):
-        model = Wrapped(rnnkit.LSTM(3, 5, **options)).eval()
-        with pytest.raises(ValueError, match="torch.jit.trace"):
-            torch.jit.trace(model, torch.randn(4, 2, 3))
-    # A plain layer, and weight drop (plain in evaluation), still trace for any length.
-    for options in ({}, {"weight_drop": 0.3}):
+def test_tracing_a_layer_with_a_switch_records_the_operator_or_is_a_named_error():
+    """torch.jit.trace once froze the reference loop to the example's length: a module that
+    silently answered 4 steps for a 6-step input. The switches now run as one recurrence
+    operator, which a trace records whole, so an evaluation-mode trace runs any length; in
+    training mode the masks are drawn at the example's shape, so tracing is refused by name."""
+    for options in ({"layer_norm": True}, {"zoneout": 0.2}, {}, {"weight_drop": 0.3}):
         torch.manual_seed(0)
         model = Wrapped(rnnkit.LSTM(3, 5, **options)).eval()
         traced = torch.jit.trace(model, torch.randn(4, 2, 3))
         x = torch.randn(6, 2, 3)
         torch.testing.assert_close(traced(x), model(x))
+    for options in ({"zoneout": 0.2}, {"recurrent_dropout": 0.2}):
+        model = Wrapped(rnnkit.LSTM(3, 5, **options)).train()
+        with pytest.raises(ValueError, match="torch.jit.trace cannot record"):
+            torch.jit.trace(model, torch.randn(4, 2, 3))
 
 
 def test_torch_onnx_export_of_a_layer_norm_model_is_the_named_error(tmp_path):

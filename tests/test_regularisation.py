@@ -238,15 +238,18 @@ def test_gradcheck_float64_through_every_switch(family):
         lambda x: reference.run_direction(kind, x, state, w, None, False, Masks(mask))[0], (x,))
 
 
-def test_a_fast_backend_asked_for_a_switch_it_lacks_warns_and_gives_the_reference(recwarn):
+def test_every_backend_runs_the_switches_without_falling_back(recwarn):
+    """The fused and native engines have the switches (the recurrence operators): asking for
+    one runs it, with no warning, and gives the reference's results."""
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     outputs = {}
-    for backend in ("reference", "native"):
-        model = layer("lstm", layer_norm=True, backend=backend)
+    for backend in ("reference", "fused", "native"):
+        model = layer("lstm", layer_norm=True, zoneout=0.3, backend=backend).eval()
         outputs[backend] = model(x)[0]
-    torch.testing.assert_close(outputs["native"], outputs["reference"], rtol=0, atol=0)
-    assert any("no layer norm, recurrent dropout or zoneout yet" in str(w.message)
-               for w in recwarn.list)
+    for backend in ("fused", "native"):
+        torch.testing.assert_close(outputs[backend], outputs["reference"], rtol=1e-12,
+                                   atol=1e-12)
+    assert not [w for w in recwarn.list if "rnnkit" in str(w.message)]
 
 
 @pytest.mark.parametrize(("options", "message"), [

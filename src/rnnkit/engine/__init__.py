@@ -113,26 +113,12 @@ def run_direction(
     """Run one layer in one direction; the contract is `reference.run_direction`'s.
 
     Layer norm, recurrent dropout and zoneout (``weights.layer_norm``, ``masks``) run on the
-    reference loop for now, whatever the backend: the fused and native operators do not have
-    them yet (an explicit ``"fused"`` or ``"native"`` warns once). Weight drop needs nothing
-    here: the layer hands the engine the dropped ``W_hh``, so every backend runs it.
+    ``*_recurrence`` operators (`ops.run_recurrence`): native or fused by the same policy as
+    the plain layers, the reference loop when asked for. Weight drop needs nothing here: the
+    layer hands the engine the dropped ``W_hh``, so every backend runs it.
     """
     if weights.layer_norm or masks is not None:
-        if is_exporting() or _onnx_capture():
-            raise ValueError("layer_norm, recurrent_dropout and zoneout do not export to ONNX "
-                             "yet; export a model without them")
-        if torch.jit.is_tracing():
-            # The reference loop is Python: torch.jit.trace would record the example's steps
-            # and replay that many for every input, a silently wrong module.
-            raise ValueError("torch.jit.trace cannot record layer_norm, recurrent_dropout or "
-                             "zoneout: they run on the reference loop, which a trace freezes "
-                             "to the example's length; use torch.compile(model) instead")
-        requested = resolve_backend(backend)
-        if requested in ("fused", "native"):
-            _warn_once(f"backend={requested!r} has no layer norm, recurrent dropout or "
-                       "zoneout yet; running backend='reference', which gives the spec's "
-                       "results")
-        return reference.run_direction(kind, x, state, weights, lengths, reverse, masks)
+        return _run_variant(kind, x, state, weights, lengths, reverse, backend, masks)
     if is_exporting():  # ONNX: the exporters' own translation (see engine/onnx.py)
         return onnx.run_direction(kind, x, state, weights, lengths, reverse)
     return _RUNNERS[engine_for(backend, x)](kind, x, state, weights, lengths, reverse)
@@ -140,3 +126,29 @@ def run_direction(
 
 __all__ = ["BACKENDS", "BackendWarning", "engine_for", "is_exporting", "resolve_backend",
            "run_direction"]
+
+
+def _run_variant(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
+                 lengths: Tensor | None, reverse: bool, backend: str,
+                 masks: Masks | None) -> tuple[Tensor, State]:
+    """Layer norm, recurrent dropout, zoneout: the recurrence operators or the reference."""
+    if is_exporting() or _onnx_capture():
+        raise ValueError("layer_norm, recurrent_dropout and zoneout do not export to ONNX "
+                         "yet; export a model without them")
+    per_step_masks = masks is not None and any(
+        mask is not None and mask.dim() > 0 for mask in masks)
+    if torch.jit.is_tracing() and per_step_masks:
+        # The masks are drawn in Python at the example's batch and length: a trace would
+        # replay those shapes (and those very masks) for every input.
+        raise ValueError("torch.jit.trace cannot record recurrent_dropout or zoneout in "
+                         "training mode (their masks are drawn per call at the example's "
+                         "shape); trace the model in evaluation mode (model.eval()), or use "
+                         "torch.compile(model)")
+    engine_name = engine_for(backend, x)
+    if engine_name == "reference" or (masks is not None and any(
+            mask is not None and mask.requires_grad for mask in masks)):
+        # A mask that asks for its own gradient (a cell's recurrent_mask given by the
+        # caller) is differentiated by autograd: the operators treat masks as constants.
+        return reference.run_direction(kind, x, state, weights, lengths, reverse, masks)
+    return ops.run_recurrence(kind, x, state, weights, lengths, reverse, masks,
+                              native_kernels=engine_name == "native")

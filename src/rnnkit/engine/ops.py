@@ -45,10 +45,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from rnnkit.engine import fused, reference
+from rnnkit.engine import fused, fused_recurrence, reference
 from rnnkit.engine.native import functions as native
 from rnnkit.engine.products import input_side_grads, outer_sum, peephole_grad
-from rnnkit.engine.steps import CellKind, CellWeights, Family, State
+from rnnkit.engine.steps import CellKind, CellWeights, Family, Masks, State, input_side
 
 _Optional = Tensor | None
 
@@ -130,9 +130,10 @@ def _differentiable_backward(ctx, order: tuple[_Optional, ...], lengths: _Option
         tensors = list(order)
         for index, tensor in zip(wanted, chosen, strict=True):
             tensors[index] = tensor
-        x, state, weights = _reference_arguments(ctx.kind, tensors)
+        x, state, weights, masks = getattr(ctx, "reference_arguments",
+                                           _reference_arguments)(ctx.kind, tensors)
         output, final = reference.run_direction(ctx.kind, x, state, weights, lengths,
-                                                ctx.reverse)
+                                                ctx.reverse, masks)
         return (output, *(final if isinstance(final, tuple) else (final,)))
 
     _, vjp = torch.func.vjp(outputs_of, *(order[index] for index in wanted))
@@ -141,12 +142,12 @@ def _differentiable_backward(ctx, order: tuple[_Optional, ...], lengths: _Option
 
 
 def _reference_arguments(kind: CellKind, tensors: list[_Optional]):
-    """(x, state, weights) from an operator's tensor inputs in argument order."""
+    """(x, state, weights, masks) from an operator's tensor inputs in argument order."""
     if kind.family == Family.LSTM:
         x, h0, c0, *weights = tensors
-        return x, (h0, c0), CellWeights(*weights)
+        return x, (h0, c0), CellWeights(*weights), None
     x, h0, *weights = tensors
-    return x, h0, CellWeights(*weights)
+    return x, h0, CellWeights(*weights), None
 
 
 # ---- registration ------------------------------------------------------------------------------
@@ -473,6 +474,360 @@ def _gru_backward(ctx, grads, native_layout: bool):
     return d_x, d_h0, d_w_ih, d_w_hh, d_b_ih, d_b_hh, None, None, None
 
 
+# ---- the recurrence operators: layer norm, recurrent dropout, zoneout -------------------------
+# The layer's input side pre_x (LN(W_ih x) plus the biases outside the recurrence) is computed
+# before, by ordinary autograd ops (`steps.input_side`); these operators run the rest, with the
+# masks the layer drew (`rnnkit.engine.fused_recurrence` has the math and the buffers).
+
+@torch.library.custom_op("rnnkit::fused_lstm_recurrence", mutates_args=())
+def fused_lstm_recurrence(
+    pre_x: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, gain_hh: _Optional, gain_c: _Optional,
+    shift_c: _Optional, w_hr: _Optional, w_ch: _Optional, recurrent_mask: _Optional,
+    zoneout_h: _Optional, zoneout_c: _Optional, lengths: _Optional, reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor]:
+    """-> output, h_n, c_n, h_states, c_states, gates, c_new, normalised_hh, rstd_hh,
+    normalised_c, rstd_c (`fused_recurrence.lstm_forward`)."""
+    return fused_recurrence.lstm_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr,
+                                         w_ch, recurrent_mask, zoneout_h, zoneout_c, lengths,
+                                         reverse)
+
+
+@torch.library.custom_op("rnnkit::native_lstm_recurrence", mutates_args=(), device_types="cpu")
+def native_lstm_recurrence(
+    pre_x: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, gain_hh: _Optional, gain_c: _Optional,
+    shift_c: _Optional, w_hr: _Optional, w_ch: _Optional, recurrent_mask: _Optional,
+    zoneout_h: _Optional, zoneout_c: _Optional, lengths: _Optional, reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor]:
+    """The same in C++ (`native.lstm_recurrence_forward`)."""
+    return native.lstm_recurrence_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr,
+                                          w_ch, recurrent_mask, zoneout_h, zoneout_c, lengths,
+                                          reverse)
+
+
+@torch.library.custom_op("rnnkit::fused_lstm_recurrence_backward", mutates_args=())
+def fused_lstm_recurrence_backward(
+    d_output: Tensor, d_h_n: Tensor, d_c_n: Tensor, h_states: Tensor, c_states: Tensor,
+    gates: Tensor, c_new: Tensor, normalised_hh: Tensor, rstd_hh: Tensor, normalised_c: Tensor,
+    rstd_c: Tensor, w_hh: Tensor, gain_hh: _Optional, gain_c: _Optional, shift_c: _Optional,
+    w_hr: _Optional, w_ch: _Optional, recurrent_mask: _Optional, zoneout_h: _Optional,
+    zoneout_c: _Optional, lengths: _Optional, reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm."""
+    return fused_recurrence.lstm_backward(
+        d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, normalised_hh, rstd_hh,
+        normalised_c, rstd_c, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, recurrent_mask,
+        zoneout_h, zoneout_c, lengths, reverse)
+
+
+@torch.library.custom_op("rnnkit::native_lstm_recurrence_backward", mutates_args=(),
+                         device_types="cpu")
+def native_lstm_recurrence_backward(
+    d_output: Tensor, d_h_n: Tensor, d_c_n: Tensor, h_states: Tensor, c_states: Tensor,
+    gates: Tensor, c_new: Tensor, normalised_hh: Tensor, rstd_hh: Tensor, normalised_c: Tensor,
+    rstd_c: Tensor, w_hh: Tensor, gain_hh: _Optional, gain_c: _Optional, shift_c: _Optional,
+    w_hr: _Optional, w_ch: _Optional, recurrent_mask: _Optional, zoneout_h: _Optional,
+    zoneout_c: _Optional, lengths: _Optional, reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The same in C++."""
+    return native.lstm_recurrence_backward(
+        d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, normalised_hh, rstd_hh,
+        normalised_c, rstd_c, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, recurrent_mask,
+        zoneout_h, zoneout_c, lengths, reverse)
+
+
+def _fake_lstm_recurrence(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch,
+                          recurrent_mask, zoneout_h, zoneout_c, lengths, reverse):
+    steps, batch, hidden, out = pre_x.shape[0], pre_x.shape[1], c0.shape[1], h0.shape[1]
+    new = pre_x.new_empty
+    return (new(steps, batch, out), new(batch, out), new(batch, hidden),
+            new(steps + 1, batch, out), new(steps + 1, batch, hidden),
+            new(steps, batch, 4 * hidden), new(steps, batch, hidden),
+            *_fake_norm(pre_x, gain_hh, steps, batch, 4 * hidden),
+            *_fake_norm(pre_x, gain_c, steps, batch, hidden))
+
+
+def _fake_norm(like, gain, steps, batch, width):
+    """normalised (T, N, K) and rstd (T, N) of a layer norm, or two empty stand-ins."""
+    if gain is None:
+        return like.new_empty(0), like.new_empty(0)
+    return like.new_empty(steps, batch, width), like.new_empty(steps, batch)
+
+
+def _fake_lstm_recurrence_backward(d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new,
+                                   normalised_hh, rstd_hh, normalised_c, rstd_c, w_hh, gain_hh,
+                                   gain_c, shift_c, w_hr, *rest):
+    return (torch.empty_like(gates),
+            torch.empty_like(gates) if gain_hh is not None else gates.new_empty(0),
+            torch.empty_like(d_h_n), torch.empty_like(d_c_n),
+            gates.new_empty(w_hr.shape) if w_hr is not None else gates.new_empty(0),
+            torch.empty_like(c_new) if gain_c is not None else gates.new_empty(0))
+
+
+def _recurrence_weights(kind: CellKind, tensors: list[_Optional]):
+    """(pre_x, state, weights, masks) for the reference loop from a recurrence operator's
+    tensor inputs in argument order: the weights hold no W_ih (`steps.input_side`)."""
+    if kind.family == Family.LSTM:
+        (pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h,
+         zoneout_c) = tensors
+        weights = CellWeights(None, w_hh, weight_hr=w_hr, weight_ch=w_ch, layer_norm_hh=gain_hh,
+                              layer_norm_c_weight=gain_c, layer_norm_c_bias=shift_c)
+        return pre_x, (h0, c0), weights, Masks(mask, zoneout_h, zoneout_c)
+    if kind.family == Family.GRU:
+        pre_x, h0, w_hh, b_hh, gain_hh, mask, zoneout_h = tensors
+        weights = CellWeights(None, w_hh, bias_hh=b_hh, layer_norm_hh=gain_hh)
+        return pre_x, h0, weights, Masks(mask, zoneout_h)
+    pre_x, h0, w_hh, gain_hh, mask, zoneout_h = tensors
+    return pre_x, h0, CellWeights(None, w_hh, layer_norm_hh=gain_hh), Masks(mask, zoneout_h)
+
+
+def _entering_masked(states: Tensor, reverse: bool, mask: _Optional) -> Tensor:
+    """The states entering each step as the recurrent product sees them: ``m ⊙ h``."""
+    entering = _entering(states, reverse)
+    return entering if mask is None else entering * mask
+
+
+def _summed(needed: bool, grad: Tensor, factor: _Optional = None) -> _Optional:
+    """``Σ_{t,n} grad (⊙ factor)``, a gain's or a bias's gradient, when it is needed."""
+    if not needed:
+        return None
+    return (grad if factor is None else grad * factor).sum((0, 1))
+
+
+def _lstm_recurrence_setup(ctx, inputs, output, native_layout: bool):
+    (pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h, zoneout_c,
+     lengths, reverse) = inputs
+    ctx.save_for_backward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask,
+                          zoneout_h, zoneout_c, lengths, *output[3:])
+    ctx.reverse, ctx.kind = reverse, CellKind("lstm")
+    ctx.reference_arguments = _recurrence_weights
+
+
+def _lstm_recurrence_backward(ctx, grads, native_layout: bool):
+    (pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h, zoneout_c,
+     lengths, h_states, c_states, gates, c_new, normalised_hh, rstd_hh, normalised_c,
+     rstd_c) = ctx.saved_tensors
+    d_output, d_h_n, d_c_n = grads[:3]
+    d_output = _or_zeros(d_output, _leaving(h_states, ctx.reverse))
+    d_h_n, d_c_n = _or_zeros(d_h_n, h0), _or_zeros(d_c_n, c0)
+    inputs = (pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h,
+              zoneout_c)
+    if torch.is_grad_enabled():
+        return (*_differentiable_backward(ctx, inputs, lengths, (d_output, d_h_n, d_c_n)),
+                None, None)
+    backward = (native_lstm_recurrence_backward if native_layout
+                else fused_lstm_recurrence_backward)
+    d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm = backward(
+        d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, normalised_hh, rstd_hh,
+        normalised_c, rstd_c, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h,
+        zoneout_c, lengths, ctx.reverse)
+    needs = ctx.needs_input_grad
+    d_v = d_product if gain_hh is not None else d_pre_x
+    d_w_hh = outer_sum(d_v, _entering_masked(h_states, ctx.reverse, mask)) if needs[3] else None
+    d_gain_hh = _summed(gain_hh is not None and needs[4], d_pre_x, normalised_hh)
+    d_gain_c = _summed(gain_c is not None and needs[5], d_cell_norm, normalised_c)
+    d_shift_c = _summed(gain_c is not None and needs[6], d_cell_norm)
+    d_w_ch = (peephole_grad(d_pre_x, _entering(c_states, ctx.reverse), c_new)
+              if w_ch is not None and needs[8] else None)
+    return (d_pre_x, d_h0, d_c0, d_w_hh, d_gain_hh, d_gain_c, d_shift_c,
+            d_w_hr if w_hr is not None else None, d_w_ch, None, None, None, None, None)
+
+
+@torch.library.custom_op("rnnkit::fused_gru_recurrence", mutates_args=())
+def fused_gru_recurrence(
+    pre_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: _Optional, gain_hh: _Optional,
+    recurrent_mask: _Optional, zoneout_h: _Optional, lengths: _Optional, reverse: bool,
+    reset_after: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> output, h_n, states, gates, n_input, normalised_hh, rstd_hh
+    (`fused_recurrence.gru_forward`)."""
+    return fused_recurrence.gru_forward(pre_x, h0, w_hh, b_hh, gain_hh, recurrent_mask,
+                                        zoneout_h, lengths, reverse, reset_after)
+
+
+@torch.library.custom_op("rnnkit::native_gru_recurrence", mutates_args=(), device_types="cpu")
+def native_gru_recurrence(
+    pre_x: Tensor, h0: Tensor, w_hh: Tensor, b_hh: _Optional, gain_hh: _Optional,
+    recurrent_mask: _Optional, zoneout_h: _Optional, lengths: _Optional, reverse: bool,
+    reset_after: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The same in C++ (`native.gru_recurrence_forward`)."""
+    return native.gru_recurrence_forward(pre_x, h0, w_hh, b_hh, gain_hh, recurrent_mask,
+                                         zoneout_h, lengths, reverse, reset_after)
+
+
+@torch.library.custom_op("rnnkit::fused_gru_recurrence_backward", mutates_args=())
+def fused_gru_recurrence_backward(
+    d_output: Tensor, d_h_n: Tensor, states: Tensor, gates: Tensor, n_input: Tensor,
+    normalised_hh: Tensor, rstd_hh: Tensor, w_hh: Tensor, gain_hh: _Optional,
+    recurrent_mask: _Optional, zoneout_h: _Optional, lengths: _Optional, reverse: bool,
+    reset_after: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> d_pre_x, d_hidden, d_product, d_h0."""
+    return fused_recurrence.gru_backward(d_output, d_h_n, states, gates, n_input, normalised_hh,
+                                         rstd_hh, w_hh, gain_hh, recurrent_mask, zoneout_h,
+                                         lengths, reverse, reset_after)
+
+
+@torch.library.custom_op("rnnkit::native_gru_recurrence_backward", mutates_args=(),
+                         device_types="cpu")
+def native_gru_recurrence_backward(
+    d_output: Tensor, d_h_n: Tensor, states: Tensor, gates: Tensor, n_input: Tensor,
+    normalised_hh: Tensor, rstd_hh: Tensor, w_hh: Tensor, gain_hh: _Optional,
+    recurrent_mask: _Optional, zoneout_h: _Optional, lengths: _Optional, reverse: bool,
+    reset_after: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The same in C++."""
+    return native.gru_recurrence_backward(d_output, d_h_n, states, gates, n_input,
+                                          normalised_hh, rstd_hh, w_hh, gain_hh, recurrent_mask,
+                                          zoneout_h, lengths, reverse, reset_after)
+
+
+def _fake_gru_recurrence(pre_x, h0, w_hh, b_hh, gain_hh, recurrent_mask, zoneout_h, lengths,
+                         reverse, reset_after):
+    steps, batch, hidden = pre_x.shape[0], pre_x.shape[1], h0.shape[1]
+    new = pre_x.new_empty
+    return (new(steps, batch, hidden), new(batch, hidden), new(steps + 1, batch, hidden),
+            new(steps, batch, 3 * hidden), new(steps, batch, hidden),
+            *_fake_norm(pre_x, gain_hh, steps, batch, 3 * hidden))
+
+
+def _fake_gru_recurrence_backward(d_output, d_h_n, states, gates, n_input, normalised_hh,
+                                  rstd_hh, w_hh, gain_hh, recurrent_mask, zoneout_h, lengths,
+                                  reverse, reset_after):
+    return (torch.empty_like(gates),
+            torch.empty_like(gates) if reset_after else gates.new_empty(0),
+            torch.empty_like(gates) if gain_hh is not None else gates.new_empty(0),
+            torch.empty_like(d_h_n))
+
+
+def _gru_recurrence_setup(ctx, inputs, output, native_layout: bool):
+    (pre_x, h0, w_hh, b_hh, gain_hh, mask, zoneout_h, lengths, reverse, reset_after) = inputs
+    ctx.save_for_backward(pre_x, h0, w_hh, b_hh, gain_hh, mask, zoneout_h, lengths,
+                          *output[2:])
+    ctx.reverse, ctx.reset_after = reverse, reset_after
+    ctx.kind = CellKind("gru", reset_after=reset_after)
+    ctx.reference_arguments = _recurrence_weights
+
+
+def _gru_recurrence_backward(ctx, grads, native_layout: bool):
+    (pre_x, h0, w_hh, b_hh, gain_hh, mask, zoneout_h, lengths, states, gates, n_input,
+     normalised_hh, rstd_hh) = ctx.saved_tensors
+    d_output = _or_zeros(grads[0], _leaving(states, ctx.reverse))
+    d_h_n = _or_zeros(grads[1], h0)
+    if torch.is_grad_enabled():
+        inputs = (pre_x, h0, w_hh, b_hh, gain_hh, mask, zoneout_h)
+        return (*_differentiable_backward(ctx, inputs, lengths, (d_output, d_h_n)),
+                None, None, None)
+    backward = (native_gru_recurrence_backward if native_layout
+                else fused_gru_recurrence_backward)
+    d_pre_x, d_hidden, d_product, d_h0 = backward(
+        d_output, d_h_n, states, gates, n_input, normalised_hh, rstd_hh, w_hh, gain_hh, mask,
+        zoneout_h, lengths, ctx.reverse, ctx.reset_after)
+    needs = ctx.needs_input_grad
+    entering = _entering_masked(states, ctx.reverse, mask)
+    hidden = h0.shape[1]
+    if ctx.reset_after:
+        d_v = d_product if gain_hh is not None else d_hidden
+        d_w_hh = outer_sum(d_v, entering) if needs[2] else None
+    else:  # W_hn multiplies r ⊙ hm, which the forward kept as n_input
+        d_w_hh = torch.cat([outer_sum(d_pre_x[:, :, : 2 * hidden], entering),
+                            outer_sum(d_pre_x[:, :, 2 * hidden :], n_input)]) if needs[2] else None
+    d_b_hh = _summed(b_hh is not None and needs[3], d_hidden)
+    d_gain_hh = _summed(gain_hh is not None and needs[4], d_hidden, normalised_hh)
+    return d_pre_x, d_h0, d_w_hh, d_b_hh, d_gain_hh, None, None, None, None, None
+
+
+@torch.library.custom_op("rnnkit::fused_rnn_recurrence", mutates_args=())
+def fused_rnn_recurrence(
+    pre_x: Tensor, h0: Tensor, w_hh: Tensor, gain_hh: _Optional, recurrent_mask: _Optional,
+    zoneout_h: _Optional, lengths: _Optional, reverse: bool, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> output, h_n, states, raw, normalised_hh, rstd_hh (`fused_recurrence.rnn_forward`)."""
+    return fused_recurrence.rnn_forward(pre_x, h0, w_hh, gain_hh, recurrent_mask, zoneout_h,
+                                        lengths, reverse, relu)
+
+
+@torch.library.custom_op("rnnkit::native_rnn_recurrence", mutates_args=(), device_types="cpu")
+def native_rnn_recurrence(
+    pre_x: Tensor, h0: Tensor, w_hh: Tensor, gain_hh: _Optional, recurrent_mask: _Optional,
+    zoneout_h: _Optional, lengths: _Optional, reverse: bool, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The same in C++ (`native.rnn_recurrence_forward`)."""
+    return native.rnn_recurrence_forward(pre_x, h0, w_hh, gain_hh, recurrent_mask, zoneout_h,
+                                         lengths, reverse, relu)
+
+
+@torch.library.custom_op("rnnkit::fused_rnn_recurrence_backward", mutates_args=())
+def fused_rnn_recurrence_backward(
+    d_output: Tensor, d_h_n: Tensor, states: Tensor, raw: Tensor, normalised_hh: Tensor,
+    rstd_hh: Tensor, w_hh: Tensor, gain_hh: _Optional, recurrent_mask: _Optional,
+    zoneout_h: _Optional, lengths: _Optional, reverse: bool, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> d_pre_x, d_product, d_h0."""
+    return fused_recurrence.rnn_backward(d_output, d_h_n, states, raw, normalised_hh, rstd_hh,
+                                         w_hh, gain_hh, recurrent_mask, zoneout_h, lengths,
+                                         reverse, relu)
+
+
+@torch.library.custom_op("rnnkit::native_rnn_recurrence_backward", mutates_args=(),
+                         device_types="cpu")
+def native_rnn_recurrence_backward(
+    d_output: Tensor, d_h_n: Tensor, states: Tensor, raw: Tensor, normalised_hh: Tensor,
+    rstd_hh: Tensor, w_hh: Tensor, gain_hh: _Optional, recurrent_mask: _Optional,
+    zoneout_h: _Optional, lengths: _Optional, reverse: bool, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The same in C++."""
+    return native.rnn_recurrence_backward(d_output, d_h_n, states, raw, normalised_hh, rstd_hh,
+                                          w_hh, gain_hh, recurrent_mask, zoneout_h, lengths,
+                                          reverse, relu)
+
+
+def _fake_rnn_recurrence(pre_x, h0, w_hh, gain_hh, recurrent_mask, zoneout_h, lengths, reverse,
+                         relu):
+    steps, batch, hidden = pre_x.shape[0], pre_x.shape[1], h0.shape[1]
+    new = pre_x.new_empty
+    return (new(steps, batch, hidden), new(batch, hidden), new(steps + 1, batch, hidden),
+            new(steps, batch, hidden), *_fake_norm(pre_x, gain_hh, steps, batch, hidden))
+
+
+def _fake_rnn_recurrence_backward(d_output, d_h_n, states, raw, normalised_hh, rstd_hh, w_hh,
+                                  gain_hh, *rest):
+    return (torch.empty_like(raw),
+            torch.empty_like(raw) if gain_hh is not None else raw.new_empty(0),
+            torch.empty_like(d_h_n))
+
+
+def _rnn_recurrence_setup(ctx, inputs, output, native_layout: bool):
+    pre_x, h0, w_hh, gain_hh, mask, zoneout_h, lengths, reverse, relu = inputs
+    ctx.save_for_backward(pre_x, h0, w_hh, gain_hh, mask, zoneout_h, lengths, *output[2:])
+    ctx.reverse, ctx.relu = reverse, relu
+    ctx.kind = CellKind("rnn", "relu" if relu else "tanh")
+    ctx.reference_arguments = _recurrence_weights
+
+
+def _rnn_recurrence_backward(ctx, grads, native_layout: bool):
+    (pre_x, h0, w_hh, gain_hh, mask, zoneout_h, lengths, states, raw, normalised_hh,
+     rstd_hh) = ctx.saved_tensors
+    d_output = _or_zeros(grads[0], raw)
+    d_h_n = _or_zeros(grads[1], h0)
+    if torch.is_grad_enabled():
+        inputs = (pre_x, h0, w_hh, gain_hh, mask, zoneout_h)
+        return (*_differentiable_backward(ctx, inputs, lengths, (d_output, d_h_n)),
+                None, None, None)
+    backward = (native_rnn_recurrence_backward if native_layout
+                else fused_rnn_recurrence_backward)
+    d_pre_x, d_product, d_h0 = backward(d_output, d_h_n, states, raw, normalised_hh, rstd_hh,
+                                        w_hh, gain_hh, mask, zoneout_h, lengths, ctx.reverse,
+                                        ctx.relu)
+    needs = ctx.needs_input_grad
+    d_v = d_product if gain_hh is not None else d_pre_x
+    d_w_hh = outer_sum(d_v, _entering_masked(states, ctx.reverse, mask)) if needs[2] else None
+    d_gain_hh = _summed(gain_hh is not None and needs[3], d_pre_x, normalised_hh)
+    return d_pre_x, d_h0, d_w_hh, d_gain_hh, None, None, None, None, None
+
+
 # ---- registering it all ------------------------------------------------------------------------
 
 def _autograd(op, setup, backward, native_layout: bool) -> type[torch.autograd.Function]:
@@ -515,6 +870,18 @@ for _op, _fake, _setup, _backward, _native in (
     (native_lstm, _fake_native_lstm, _lstm_setup, _lstm_backward, True),
     (fused_gru, _fake_fused_gru, _gru_setup, _gru_backward, False),
     (native_gru, _fake_native_gru, _gru_setup, _gru_backward, True),
+    (fused_lstm_recurrence, _fake_lstm_recurrence, _lstm_recurrence_setup,
+     _lstm_recurrence_backward, False),
+    (native_lstm_recurrence, _fake_lstm_recurrence, _lstm_recurrence_setup,
+     _lstm_recurrence_backward, True),
+    (fused_gru_recurrence, _fake_gru_recurrence, _gru_recurrence_setup,
+     _gru_recurrence_backward, False),
+    (native_gru_recurrence, _fake_gru_recurrence, _gru_recurrence_setup,
+     _gru_recurrence_backward, True),
+    (fused_rnn_recurrence, _fake_rnn_recurrence, _rnn_recurrence_setup,
+     _rnn_recurrence_backward, False),
+    (native_rnn_recurrence, _fake_rnn_recurrence, _rnn_recurrence_setup,
+     _rnn_recurrence_backward, True),
 ):
     _register(_op, _fake, autocast=True)
     _FUNCTIONS[_op] = _autograd(_op, _setup, _backward, _native)
@@ -522,6 +889,12 @@ for _op, _fake in (
     (fused_rnn_backward, _fake_rnn_backward), (native_rnn_backward, _fake_rnn_backward),
     (fused_lstm_backward, _fake_lstm_backward), (native_lstm_backward, _fake_lstm_backward),
     (fused_gru_backward, _fake_gru_backward), (native_gru_backward, _fake_gru_backward),
+    (fused_lstm_recurrence_backward, _fake_lstm_recurrence_backward),
+    (native_lstm_recurrence_backward, _fake_lstm_recurrence_backward),
+    (fused_gru_recurrence_backward, _fake_gru_recurrence_backward),
+    (native_gru_recurrence_backward, _fake_gru_recurrence_backward),
+    (fused_rnn_recurrence_backward, _fake_rnn_recurrence_backward),
+    (native_rnn_recurrence_backward, _fake_rnn_recurrence_backward),
 ):
     _register(_op, _fake)
 
@@ -582,8 +955,44 @@ def run_native(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
     return _native_output(output, states, lengths, reverse), h_n
 
 
+def run_recurrence(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
+                   lengths: _Optional, reverse: bool, masks: Masks | None,
+                   native_kernels: bool) -> tuple[Tensor, State]:
+    """Layer norm, recurrent dropout and zoneout: the input side by autograd ops
+    (`steps.input_side`), the recurrence by the ``*_recurrence`` operators, native or fused;
+    same contract as `rnnkit.engine.reference.run_direction`."""
+    pre_x, w = input_side(kind, x, weights)
+    masks, lengths = masks or Masks(), _lengths(lengths)
+    if kind.family == Family.LSTM:
+        h0, c0 = state  # type: ignore[misc]
+        arguments = (pre_x, h0, c0, w.weight_hh, w.layer_norm_hh, w.layer_norm_c_weight,
+                     w.layer_norm_c_bias, w.weight_hr, w.weight_ch, masks.recurrent,
+                     masks.zoneout_h, masks.zoneout_c, lengths, reverse)
+        implementation, op = ((native.lstm_recurrence_forward, native_lstm_recurrence)
+                              if native_kernels else
+                              (fused_recurrence.lstm_forward, fused_lstm_recurrence))
+        eager = _plain_eager(pre_x, *arguments[:13])
+        output, h_n, c_n, *_ = implementation(*arguments) if eager else _apply(op, *arguments)
+        return output, (h_n, c_n)
+    if kind.family == Family.GRU:
+        arguments = (pre_x, state, w.weight_hh, w.bias_hh, w.layer_norm_hh, masks.recurrent,
+                     masks.zoneout_h, lengths, reverse, kind.reset_after)
+        implementation, op = ((native.gru_recurrence_forward, native_gru_recurrence)
+                              if native_kernels else
+                              (fused_recurrence.gru_forward, fused_gru_recurrence))
+    else:
+        arguments = (pre_x, state, w.weight_hh, w.layer_norm_hh, masks.recurrent,
+                     masks.zoneout_h, lengths, reverse, kind.nonlinearity == "relu")
+        implementation, op = ((native.rnn_recurrence_forward, native_rnn_recurrence)
+                              if native_kernels else
+                              (fused_recurrence.rnn_forward, fused_rnn_recurrence))
+    eager = _plain_eager(pre_x, *arguments[:-3])
+    output, h_n, *_ = implementation(*arguments) if eager else _apply(op, *arguments)
+    return output, h_n
+
+
 def _native_output(output: Tensor, states: Tensor, lengths: _Optional, reverse: bool) -> Tensor:
     return output if lengths is not None else _leaving(states, reverse)
 
 
-__all__ = ["run_fused", "run_native"]
+__all__ = ["run_fused", "run_native", "run_recurrence"]

@@ -83,7 +83,7 @@ class CellWeights(NamedTuple):
     size of ``h`` (``P`` with a projection, else ``H``), ``I`` the input size.
     """
 
-    weight_ih: Tensor  # (G*H, I)
+    weight_ih: Tensor | None  # (G*H, I); None: ``x`` is the input side already (`input_side`)
     weight_hh: Tensor  # (G*H, H_out)
     bias_ih: Tensor | None = None  # (G*H,)
     bias_hh: Tensor | None = None  # (G*H,)
@@ -97,7 +97,7 @@ class CellWeights(NamedTuple):
     @property
     def layer_norm(self) -> bool:
         """Whether the step normalises its products (the spec's ``layer_norm=True``)."""
-        return self.layer_norm_ih is not None
+        return self.layer_norm_hh is not None
 
 
 class Masks(NamedTuple):
@@ -131,19 +131,53 @@ def _normalised(v: Tensor, gain: Tensor | None, shift: Tensor | None = None) -> 
     return F.layer_norm(v, v.shape[-1:], gain, shift, eps=1e-5)
 
 
+def _input_part(x: Tensor, w: CellWeights) -> Tensor:
+    """``LN(W_ih x) + b_ih`` (without layer norm ``W_ih x + b_ih``), or ``x`` itself when the
+    weights hold no ``W_ih`` (x is then the input side already, see `input_side`)."""
+    if w.weight_ih is None:
+        return x if w.bias_ih is None else x + w.bias_ih
+    if w.layer_norm_ih is None:
+        return F.linear(x, w.weight_ih, w.bias_ih)
+    normalised = _normalised(F.linear(x, w.weight_ih), w.layer_norm_ih)
+    return normalised if w.bias_ih is None else normalised + w.bias_ih
+
+
 def _products(x: Tensor, h: Tensor, w: CellWeights,
               recurrent_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(LN(W_ih x) + b_ih, LN(W_hh (m ⊙ h)) + b_hh)`` (each (N, G·H)); without layer norm
     the plain products with their biases, without a mask ``m = 1``."""
     if recurrent_mask is not None:
         h = h * recurrent_mask
-    if not w.layer_norm:
-        return F.linear(x, w.weight_ih, w.bias_ih), F.linear(h, w.weight_hh, w.bias_hh)
-    input_part = _normalised(F.linear(x, w.weight_ih), w.layer_norm_ih)
+    if w.layer_norm_hh is None:
+        return _input_part(x, w), F.linear(h, w.weight_hh, w.bias_hh)
     hidden_part = _normalised(F.linear(h, w.weight_hh), w.layer_norm_hh)
-    if w.bias_ih is not None:
-        input_part, hidden_part = input_part + w.bias_ih, hidden_part + w.bias_hh
-    return input_part, hidden_part
+    return _input_part(x, w), hidden_part if w.bias_hh is None else hidden_part + w.bias_hh
+
+
+def input_side(kind: CellKind, x: Tensor, w: CellWeights) -> tuple[Tensor, CellWeights]:
+    """Split a layer direction into its input side, computed for every step at once, and the
+    weights of what is left: the recurrence.
+
+    ``pre_x (T, N, G·H)`` is ``LN(W_ih x; γ_ih)`` (or ``W_ih x``) plus every bias that sits
+    outside a recurrent product (LSTM and RNN: ``b_ih + b_hh``; GRU reset after: ``b_ih``, as
+    ``b_hn`` is multiplied by r; GRU reset before: both). The returned weights have no ``W_ih``,
+    no ``γ_ih`` and only the biases left in the loop, so ``cell_step(kind, pre_x[t], state,
+    recurrence)`` is the original step: what the recurrence operators compute
+    (`rnnkit.engine.fused_recurrence`), and what their double backward differentiates.
+    """
+    keep_recurrent_bias = kind.family == Family.GRU and kind.reset_after
+    if w.weight_ih is None:  # split already: x is the input side
+        pre_x = x
+    elif w.layer_norm_ih is None:
+        pre_x = F.linear(x, w.weight_ih)
+    else:
+        pre_x = _normalised(F.linear(x, w.weight_ih), w.layer_norm_ih)
+    for bias in (w.bias_ih, None if keep_recurrent_bias else w.bias_hh):
+        if bias is not None:
+            pre_x = pre_x + bias
+    recurrence = w._replace(weight_ih=None, bias_ih=None, layer_norm_ih=None,
+                            bias_hh=w.bias_hh if keep_recurrent_bias else None)
+    return pre_x, recurrence
 
 
 @dataclass(frozen=True)
@@ -246,7 +280,7 @@ def gru_gates(x: Tensor, h: Tensor, w: CellWeights, reset_after: bool = True,
         if w.layer_norm:
             raise ValueError("layer norm needs the GRU's reset_after=True: with the reset gate "
                              "before W_hn there is no whole W_hh h to normalise")
-        x_r, x_z, x_n = F.linear(x, w.weight_ih, w.bias_ih).chunk(3, dim=-1)  # 3 x (N, H)
+        x_r, x_z, x_n = _input_part(x, w).chunk(3, dim=-1)  # 3 x (N, H)
         # The reset gate scales the state before W_hn, so W_hn's product waits for r.
         entering = h if recurrent_mask is None else h * recurrent_mask
         b_hh = w.bias_hh
@@ -321,6 +355,7 @@ __all__ = [
     "family_of",
     "gru_gates",
     "gru_step",
+    "input_side",
     "lstm_gates",
     "lstm_step",
     "output_of",

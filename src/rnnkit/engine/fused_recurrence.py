@@ -1,0 +1,391 @@
+r"""The recurrence operators' portable implementation: layer norm, recurrent dropout and zoneout
+with a hand-derived backward, in pure PyTorch ops on any device.
+
+`rnnkit.engine.ops` registers these functions as the ``rnnkit::fused_*_recurrence`` operators
+(the native ones, `rnnkit.engine.native.functions`, have the same signatures and results). They
+run only the *recurrence* of a layer direction: its input side ``pre_x (T, N, G·H)`` is
+computed before, for every step at once, by ordinary autograd ops (`steps.input_side`:
+``LN(W_ih x; γ_ih)`` plus the biases outside any recurrent product), so layer norm of the input
+product and every input-side gradient come from ATen's own kernels. Per step, for a valid row
+(shared/spec/cells.md, "Normalisation and regularisation")::
+
+    hm = m ⊙ h_{t-1}                         recurrent dropout mask m (N, H_out), or 1
+    v  = hm W_hh^T                           (N, G·H)
+    u  = γ_hh ⊙ x̂,  x̂ = (v - μ(v)) · rstd    layer norm (rstd = 1 / sqrt(σ²(v) + 1e-5)); else u = v
+    h̃, c̃ = the family's update from pre_x[t] + u (GRU: u + b_hh, its n part times r)
+    h_t = d ⊙ h_{t-1} + (1 - d) ⊙ h̃           zoneout d: a (T, N, ·) 0/1 mask, or p (0-dim), or off
+
+and the output of step t is the zoned ``h_t``. A row past its length holds its state, outputs
+zero, and in the backward lets the state gradients pass around the step.
+
+Buffers: states ``(T + 1, N, ·)`` in time order, as the native kernels keep them (the state
+entering step t is at index t going forward, t + 1 going backward); ``normalised_*`` hold x̂ and
+``rstd_*`` the inverse deviations of each layer norm, for the backward. The backward returns the
+per-step gradients (``d_pre_x`` of the gate pre-activations, ``d_product`` of the raw product v
+with layer norm, ...) and the operators' autograd formula sums them into weight gradients with
+one product or reduction over all steps.
+
+Layer norm's backward, per row, for ``y = γ ⊙ x̂`` and ``g = dy ⊙ γ``::
+
+    dv = rstd · (g - mean(g) - x̂ ⊙ mean(g ⊙ x̂))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rnnkit.engine.fused import _keep, _rejoin, _step_output_grad, _time_order, valid_steps
+
+EPS = 1e-5  # the spec's layer norm epsilon
+
+
+# ---- pieces every family shares -------------------------------------------------------------
+
+def _positions(steps: int, t: int, reverse: bool) -> tuple[int, int]:
+    """Indices of the states entering and leaving step t in a ``(T + 1, N, ·)`` buffer."""
+    return (t + 1, t) if reverse else (t, t + 1)
+
+
+def _entering(h: Tensor, recurrent_mask: Tensor | None) -> Tensor:
+    return h if recurrent_mask is None else h * recurrent_mask
+
+
+def _normalise(v: Tensor) -> tuple[Tensor, Tensor]:
+    """x̂ and rstd ``(N,)`` of each row of ``v (N, K)``: LN without gain or shift."""
+    normalised, _, rstd = torch.native_layer_norm(v, v.shape[-1:], None, None, EPS)
+    return normalised, rstd.squeeze(-1)
+
+
+def normalised_backward(d_y: Tensor, gain: Tensor, normalised: Tensor, rstd: Tensor) -> Tensor:
+    """Gradient of ``v`` from that of ``y = γ ⊙ x̂``: the module doc's formula, rows ``(N, K)``."""
+    g = d_y * gain
+    mean_g = g.mean(-1, keepdim=True)
+    mean_gx = (g * normalised).mean(-1, keepdim=True)
+    return rstd.unsqueeze(-1) * (g - mean_g - normalised * mean_gx)
+
+
+def _keep_rate(zoneout: Tensor | None, t: int) -> Tensor | None:
+    """Zoneout's d at step t: the step's 0/1 mask, the probability (0-dim), or None (off)."""
+    if zoneout is None:
+        return None
+    return zoneout if zoneout.dim() == 0 else zoneout[t]
+
+
+def _zoned(updated: Tensor, previous: Tensor, keep: Tensor | None) -> Tensor:
+    return updated if keep is None else keep * previous + (1 - keep) * updated
+
+
+def _split_zoned_grad(d_state: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(gradient of the update h̃, gradient going straight to h_{t-1}) from that of h_t."""
+    if keep is None:
+        return d_state, None
+    return (1 - keep) * d_state, keep * d_state
+
+
+def _plus(total: Tensor, part: Tensor | None) -> Tensor:
+    return total if part is None else total + part
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+class _Buffers:
+    """The forward's per-step buffers of one layer norm (x̂ ``(T, N, K)`` and rstd ``(T, N)``),
+    empty when it is off."""
+
+    def __init__(self, like: Tensor, steps: int, batch: int, width: int, on: bool):
+        self.on = on
+        self.normalised = like.new_empty(steps, batch, width) if on else _empty(like)
+        self.rstd = like.new_empty(steps, batch) if on else _empty(like)
+
+    def normalise(self, t: int, v: Tensor, gain: Tensor) -> Tensor:
+        """``γ ⊙ x̂`` of ``v`` at step t, keeping x̂ and rstd."""
+        normalised, rstd = _normalise(v)
+        self.normalised[t], self.rstd[t] = normalised, rstd
+        return normalised * gain
+
+
+def _recurrent_sum(v: Tensor, gain: Tensor | None, norm: _Buffers, t: int) -> Tensor:
+    """u: the recurrent product, normalised with layer norm."""
+    return v if gain is None else norm.normalise(t, v, gain)
+
+
+def _product_grad(d_u: Tensor, gain: Tensor | None, normalised: Tensor, rstd: Tensor, t: int,
+                  d_product: Tensor) -> Tensor:
+    """dv from du (through layer norm, stored in ``d_product[t]``), or du itself."""
+    if gain is None:
+        return d_u
+    d_v = normalised_backward(d_u, gain, normalised[t], rstd[t])
+    d_product[t] = d_v
+    return d_v
+
+
+# ---- LSTM -----------------------------------------------------------------------------------
+# pre_x + u -> i, f, g, o; c̃ = f c + i g; h̃ = W_hr (o ⊙ tanh(LN(c̃; γ_c, β_c))); zoneout.
+
+def lstm_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, recurrent_mask,
+                 zoneout_h, zoneout_c, lengths, reverse: bool):
+    """Returns ``output (T, N, P), h_n (N, P), c_n (N, H)``, the states ``h_states (T + 1, N,
+    P)``, ``c_states (T + 1, N, H)``, ``gates (T, N, 4H)`` activated, ``c_new (T, N, H)`` (c̃,
+    before zoneout), and layer norm's ``normalised_hh (T, N, 4H)``, ``rstd_hh (T, N)``,
+    ``normalised_c (T, N, H)``, ``rstd_c (T, N)`` (each empty when off)."""
+    steps, batch = pre_x.shape[:2]
+    hidden, out_size = c0.shape[1], h0.shape[1]
+    valid = valid_steps(lengths, steps)
+    gates = pre_x.clone()  # (T, N, 4H), activated in place
+    new = pre_x.new_empty
+    h_states, c_states = new(steps + 1, batch, out_size), new(steps + 1, batch, hidden)
+    c_new, output = new(steps, batch, hidden), new(steps, batch, out_size)
+    norm_hh = _Buffers(pre_x, steps, batch, 4 * hidden, gain_hh is not None)
+    norm_c = _Buffers(pre_x, steps, batch, hidden, gain_c is not None)
+    w_hh_t = w_hh.t()
+    if w_ch is not None:
+        p_i, p_f, p_o = w_ch.chunk(3)
+    first = steps if reverse else 0
+    h_states[first], c_states[first] = h0, c0
+    h, c = h0, c0
+    for t in _time_order(steps, reverse):
+        _, leaving = _positions(steps, t, reverse)
+        a = gates[t]  # (N, 4H)
+        v = _entering(h, recurrent_mask) @ w_hh_t  # (N, 4H)
+        a.add_(_recurrent_sum(v, gain_hh, norm_hh, t))
+        i, f, g, o = a.chunk(4, dim=1)
+        if w_ch is not None:
+            i.addcmul_(p_i, c)
+            f.addcmul_(p_f, c)
+        a[:, : 2 * hidden].sigmoid_()
+        g.tanh_()
+        c_t = torch.mul(f, c, out=c_new[t]).addcmul_(i, g)
+        if w_ch is not None:
+            o.addcmul_(p_o, c_t)
+        o.sigmoid_()
+        cell_out = c_t if gain_c is None else norm_c.normalise(t, c_t, gain_c) + shift_c
+        h_t = o * torch.tanh(cell_out)
+        if w_hr is not None:
+            h_t = h_t @ w_hr.t()  # (N, P)
+        h_t = _zoned(h_t, h, _keep_rate(zoneout_h, t))
+        c_t = _zoned(c_t, c, _keep_rate(zoneout_c, t))
+        valid_t = None if valid is None else valid[t]
+        h, c = _keep(valid_t, h_t, h), _keep(valid_t, c_t, c)
+        h_states[leaving], c_states[leaving] = h, c
+        output[t] = h_t if valid_t is None else h_t.masked_fill(~valid_t, 0.0)
+    last = 0 if reverse else steps
+    return (output, h_states[last].clone(), c_states[last].clone(), h_states, c_states, gates,
+            c_new, norm_hh.normalised, norm_hh.rstd, norm_c.normalised, norm_c.rstd)
+
+
+def lstm_backward(d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, normalised_hh,
+                  rstd_hh, normalised_c, rstd_c, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch,
+                  recurrent_mask, zoneout_h, zoneout_c, lengths, reverse: bool):
+    """Returns ``d_pre_x (T, N, 4H)`` (the gates before their nonlinearities, which is also the
+    gradient of u), ``d_product (T, N, 4H)`` (of v; empty without layer norm), ``d_h0 (N, P)``,
+    ``d_c0 (N, H)``, ``d_w_hr (P, H)`` (empty without a projection) and ``d_cell_norm (T, N,
+    H)`` (of LN(c̃)'s output; empty without layer norm)."""
+    steps = gates.shape[0]
+    valid = valid_steps(lengths, steps)
+    d_pre_x = torch.empty_like(gates)
+    d_product = torch.empty_like(gates) if gain_hh is not None else _empty(gates)
+    d_cell_norm = torch.empty_like(c_new) if gain_c is not None else _empty(gates)
+    projected = w_hr is not None
+    d_h_raw_all = torch.empty_like(d_output) if projected else None  # (T, N, P)
+    m_all = torch.empty_like(c_new) if projected else None  # (T, N, H): o ⊙ tanh(LN(c̃))
+    if w_ch is not None:
+        p_i, p_f, p_o = w_ch.chunk(3)
+    d_h, d_c = d_h_n, d_c_n
+    for t in reversed(_time_order(steps, reverse)):
+        entering, _ = _positions(steps, t, reverse)
+        valid_t = None if valid is None else valid[t]
+        d_h_through, d_h_skip = _step_output_grad(valid_t, d_h, d_output[t])
+        d_c_through = d_c if valid_t is None else torch.where(valid_t, d_c, 0.0)
+        d_h_raw, d_h_direct = _split_zoned_grad(d_h_through, _keep_rate(zoneout_h, t))
+        d_c_t, d_c_direct = _split_zoned_grad(d_c_through, _keep_rate(zoneout_c, t))
+        i, f, g, o = gates[t].chunk(4, dim=1)
+        d_i, d_f, d_g, d_o = d_pre_x[t].chunk(4, dim=1)
+        c_t = c_new[t]
+        cell_out = c_t if gain_c is None else torch.addcmul(shift_c, normalised_c[t], gain_c)
+        tanh_out = torch.tanh(cell_out)
+        if projected:
+            d_h_raw_all[t] = d_h_raw
+            m_all[t] = o * tanh_out
+            d_m = d_h_raw @ w_hr  # (N, H)
+        else:
+            d_m = d_h_raw
+        torch.mul(d_m * tanh_out, o * (1 - o), out=d_o)
+        d_cell_out = d_m * o * (1 - tanh_out * tanh_out)
+        if gain_c is None:
+            d_c_t = d_c_t + d_cell_out
+        else:
+            d_cell_norm[t] = d_cell_out
+            d_c_t = d_c_t + normalised_backward(d_cell_out, gain_c, normalised_c[t], rstd_c[t])
+        if w_ch is not None:
+            d_c_t = d_c_t + d_o * p_o
+        c_old = c_states[entering]
+        torch.mul(d_c_t * g, i * (1 - i), out=d_i)
+        torch.mul(d_c_t * c_old, f * (1 - f), out=d_f)
+        torch.mul(d_c_t * i, 1 - g * g, out=d_g)
+        d_c_old = d_c_t * f
+        if w_ch is not None:
+            d_c_old.addcmul_(d_i, p_i).addcmul_(d_f, p_f)
+        if valid_t is not None:
+            # Rows past a sequence's end contribute nothing to the weight gradients.
+            d_pre_x[t].masked_fill_(~valid_t, 0.0)
+            if gain_c is not None:
+                d_cell_norm[t].masked_fill_(~valid_t, 0.0)
+        d_v = _product_grad(d_pre_x[t], gain_hh, normalised_hh, rstd_hh, t, d_product)
+        d_h_old = _plus(_entering(d_v @ w_hh, recurrent_mask), d_h_direct)
+        d_h = _rejoin(valid_t, d_h_old, d_h_skip)
+        d_c = _rejoin(valid_t, _plus(d_c_old, d_c_direct), d_c)
+    d_w_hr = (d_h_raw_all.flatten(0, 1).t() @ m_all.flatten(0, 1)) if projected else _empty(gates)
+    return d_pre_x, d_product, d_h, d_c, d_w_hr, d_cell_norm
+
+
+# ---- GRU ------------------------------------------------------------------------------------
+# r, z, n from pre_x + u (reset after: n = tanh(a_n + r ⊙ (u_n + b_hn))); h̃ = n + z (h - n).
+
+def gru_forward(pre_x, h0, w_hh, b_hh, gain_hh, recurrent_mask, zoneout_h, lengths,
+                reverse: bool, reset_after: bool):
+    """Returns ``output (T, N, H), h_n (N, H), states (T + 1, N, H), gates (T, N, 3H)``
+    activated (r | z | n), ``n_input (T, N, H)`` (what r multiplies: ``u_n + b_hn`` reset after,
+    ``r ⊙ hm`` reset before), ``normalised_hh (T, N, 3H)`` and ``rstd_hh (T, N)`` (empty
+    without layer norm, which needs reset_after)."""
+    steps, batch = pre_x.shape[:2]
+    hidden = h0.shape[1]
+    valid = valid_steps(lengths, steps)
+    gates = pre_x.clone()  # (T, N, 3H), becomes (r | z | n)
+    new = pre_x.new_empty
+    states, output, n_input = (new(steps + 1, batch, hidden), new(steps, batch, hidden),
+                               new(steps, batch, hidden))
+    norm_hh = _Buffers(pre_x, steps, batch, 3 * hidden, gain_hh is not None)
+    w_hh_t, w_rz_t, w_n_t = w_hh.t(), w_hh[: 2 * hidden].t(), w_hh[2 * hidden :].t()
+    states[steps if reverse else 0] = h0
+    h = h0
+    for t in _time_order(steps, reverse):
+        _, leaving = _positions(steps, t, reverse)
+        a = gates[t]
+        rz, n = a[:, : 2 * hidden], a[:, 2 * hidden :]
+        entering = _entering(h, recurrent_mask)
+        if reset_after:
+            u = _recurrent_sum(entering @ w_hh_t, gain_hh, norm_hh, t)  # (N, 3H)
+            if b_hh is not None:
+                u = u + b_hh
+            rz.add_(u[:, : 2 * hidden]).sigmoid_()
+            n_input[t] = u[:, 2 * hidden :]
+            n.addcmul_(rz[:, :hidden], n_input[t]).tanh_()
+        else:
+            rz.addmm_(entering, w_rz_t).sigmoid_()
+            torch.mul(rz[:, :hidden], entering, out=n_input[t])
+            n.addmm_(n_input[t], w_n_t).tanh_()
+        h_t = torch.addcmul(n, rz[:, hidden:], h - n)  # (1 - z) n + z h
+        h_t = _zoned(h_t, h, _keep_rate(zoneout_h, t))
+        valid_t = None if valid is None else valid[t]
+        h = _keep(valid_t, h_t, h)
+        states[leaving] = h
+        output[t] = h_t if valid_t is None else h_t.masked_fill(~valid_t, 0.0)
+    return (output, states[0 if reverse else steps].clone(), states, gates, n_input,
+            norm_hh.normalised, norm_hh.rstd)
+
+
+def gru_backward(d_output, d_h_n, states, gates, n_input, normalised_hh, rstd_hh, w_hh,
+                 gain_hh, recurrent_mask, zoneout_h, lengths, reverse: bool, reset_after: bool):
+    """Returns ``d_pre_x (T, N, 3H)`` (r, z, n before their nonlinearities), ``d_hidden (T, N,
+    3H)`` = du = (d_r, d_z, r ⊙ d_n) (reset after; empty reset before), ``d_product (T, N,
+    3H)`` (of v; empty without layer norm) and ``d_h0 (N, H)``."""
+    steps = gates.shape[0]
+    hidden = states.shape[2]
+    valid = valid_steps(lengths, steps)
+    w_rz, w_n = w_hh[: 2 * hidden], w_hh[2 * hidden :]
+    d_pre_x = torch.empty_like(gates)
+    d_hidden = torch.empty_like(gates) if reset_after else _empty(gates)
+    d_product = torch.empty_like(gates) if gain_hh is not None else _empty(gates)
+    d_h = d_h_n
+    for t in reversed(_time_order(steps, reverse)):
+        entering, _ = _positions(steps, t, reverse)
+        valid_t = None if valid is None else valid[t]
+        d_h_through, d_h_skip = _step_output_grad(valid_t, d_h, d_output[t])
+        d_h_raw, d_h_direct = _split_zoned_grad(d_h_through, _keep_rate(zoneout_h, t))
+        r, z, n = gates[t].chunk(3, dim=1)
+        d_r, d_z, d_n = d_pre_x[t].chunk(3, dim=1)
+        h_old = states[entering]
+        torch.mul(d_h_raw * (h_old - n), z * (1 - z), out=d_z)
+        torch.mul(d_h_raw * (1 - z), 1 - n * n, out=d_n)
+        d_h_old = d_h_raw * z
+        if reset_after:
+            torch.mul(d_n * n_input[t], r * (1 - r), out=d_r)
+            if valid_t is not None:
+                d_pre_x[t].masked_fill_(~valid_t, 0.0)
+            d_u = d_hidden[t]
+            d_u[:, : 2 * hidden] = d_pre_x[t][:, : 2 * hidden]
+            torch.mul(d_n, r, out=d_u[:, 2 * hidden :])
+            d_v = _product_grad(d_u, gain_hh, normalised_hh, rstd_hh, t, d_product)
+            d_entering = d_v @ w_hh
+        else:
+            d_rh = d_n @ w_n  # (N, H): gradient of r ⊙ hm
+            torch.mul(d_rh * _entering(h_old, recurrent_mask), r * (1 - r), out=d_r)
+            if valid_t is not None:
+                d_pre_x[t].masked_fill_(~valid_t, 0.0)
+            d_entering = torch.addmm(d_rh * r, d_pre_x[t][:, : 2 * hidden], w_rz)
+        d_h_old = _plus(d_h_old + _entering(d_entering, recurrent_mask), d_h_direct)
+        d_h = _rejoin(valid_t, d_h_old, d_h_skip)
+    return d_pre_x, d_hidden, d_product, d_h
+
+
+# ---- Elman RNN ------------------------------------------------------------------------------
+# h̃ = act(pre_x + u), act = tanh or relu; zoneout.
+
+def rnn_forward(pre_x, h0, w_hh, gain_hh, recurrent_mask, zoneout_h, lengths, reverse: bool,
+                relu: bool):
+    """Returns ``output (T, N, H), h_n (N, H), states (T + 1, N, H), raw (T, N, H)`` (each
+    step's act(...) before zoneout), ``normalised_hh (T, N, H)`` and ``rstd_hh (T, N)``
+    (empty without layer norm)."""
+    steps, batch = pre_x.shape[:2]
+    hidden = h0.shape[1]
+    valid = valid_steps(lengths, steps)
+    raw = pre_x.clone()  # (T, N, H), activated in place
+    states, output = pre_x.new_empty(steps + 1, batch, hidden), torch.empty_like(pre_x)
+    norm_hh = _Buffers(pre_x, steps, batch, hidden, gain_hh is not None)
+    w_hh_t = w_hh.t()
+    states[steps if reverse else 0] = h0
+    h = h0
+    for t in _time_order(steps, reverse):
+        _, leaving = _positions(steps, t, reverse)
+        v = _entering(h, recurrent_mask) @ w_hh_t
+        h_t = raw[t].add_(_recurrent_sum(v, gain_hh, norm_hh, t))
+        if relu:
+            h_t.relu_()
+        else:
+            h_t.tanh_()
+        h_t = _zoned(h_t, h, _keep_rate(zoneout_h, t))
+        valid_t = None if valid is None else valid[t]
+        h = _keep(valid_t, h_t, h)
+        states[leaving] = h
+        output[t] = h_t if valid_t is None else h_t.masked_fill(~valid_t, 0.0)
+    return (output, states[0 if reverse else steps].clone(), states, raw, norm_hh.normalised,
+            norm_hh.rstd)
+
+
+def rnn_backward(d_output, d_h_n, states, raw, normalised_hh, rstd_hh, w_hh, gain_hh,
+                 recurrent_mask, zoneout_h, lengths, reverse: bool, relu: bool):
+    """Returns ``d_pre_x (T, N, H)`` (before the nonlinearity), ``d_product (T, N, H)`` (of v;
+    empty without layer norm) and ``d_h0 (N, H)``."""
+    steps = raw.shape[0]
+    valid = valid_steps(lengths, steps)
+    d_pre_x = torch.empty_like(raw)
+    d_product = torch.empty_like(raw) if gain_hh is not None else _empty(raw)
+    d_h = d_h_n
+    for t in reversed(_time_order(steps, reverse)):
+        valid_t = None if valid is None else valid[t]
+        d_h_through, d_h_skip = _step_output_grad(valid_t, d_h, d_output[t])
+        d_h_raw, d_h_direct = _split_zoned_grad(d_h_through, _keep_rate(zoneout_h, t))
+        if relu:
+            # As autograd's threshold_backward: zero where the output is <= 0.
+            d_pre_x[t].copy_(d_h_raw).masked_fill_(raw[t] <= 0, 0.0)
+        else:
+            torch.mul(d_h_raw, 1 - raw[t] * raw[t], out=d_pre_x[t])
+        if valid_t is not None:
+            d_pre_x[t].masked_fill_(~valid_t, 0.0)
+        d_v = _product_grad(d_pre_x[t], gain_hh, normalised_hh, rstd_hh, t, d_product)
+        d_h_old = _plus(_entering(d_v @ w_hh, recurrent_mask), d_h_direct)
+        d_h = _rejoin(valid_t, d_h_old, d_h_skip)
+    return d_pre_x, d_product, d_h
