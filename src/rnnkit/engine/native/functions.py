@@ -139,3 +139,116 @@ def gru_backward(d_output, d_h_n, gates, states, n_input, w_hh, lengths, reverse
         _contiguous(lengths), reverse, reset_after,
     )
     return d_x_gates, d_hn if reset_after else d_x_gates.new_empty(0), d_h0
+
+
+# ---- the recurrence operators: layer norm, recurrent dropout, zoneout -----------------------
+#
+# The input side ``pre_x (T, N, G*H)`` comes computed (on autograd) and is only read; the kernels
+# run the recurrence (the contract: /work/recurrence-contract.md, the math of `steps`). Absent
+# per-step buffers (no layer norm, no projection) are empty tensors; every reduction over the
+# batch (weight, gain and bias gradients) is left to the caller.
+
+
+def _or_empty(tensor: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if tensor is None else tensor
+
+
+def _when(given: Tensor | None, tensor: Tensor | None) -> Tensor | None:
+    """``tensor`` made contiguous when ``given`` (its switch) is set, else None: the forward's
+    empty stand-ins for absent buffers never reach the kernels."""
+    return None if given is None else _contiguous(tensor)
+
+
+def lstm_recurrence_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch,
+                            recurrent_mask, zoneout_h, zoneout_c, lengths, reverse: bool):
+    """The LSTM recurrence. Returns ``output (T, N, P)``, ``h_n (N, P)``, ``c_n (N, H)``,
+    ``h_states (T + 1, N, P)``, ``c_states (T + 1, N, H)``, ``gates (T, N, 4H)`` activated,
+    ``c_new (T, N, H)`` (un-zoned new cells), ``normalised_hh (T, N, 4H)`` and ``rstd_hh
+    (T, N)`` (empty without ``gain_hh``), ``normalised_c (T, N, H)`` and ``rstd_c (T, N)``
+    (empty without ``gain_c``)."""
+    (output, h_states, c_states, gates, c_new, normalised_hh, rstd_hh, normalised_c,
+     rstd_c) = _kernels().lstm_recurrence_forward(
+        _contiguous(pre_x), h0.contiguous(), c0.contiguous(), w_hh.contiguous(),
+        _contiguous(gain_hh), _contiguous(gain_c), _contiguous(shift_c), _contiguous(w_hr),
+        _contiguous(w_ch), _contiguous(recurrent_mask), _contiguous(zoneout_h),
+        _contiguous(zoneout_c), _contiguous(lengths), reverse,
+    )
+    return (output, _final(h_states, reverse), _final(c_states, reverse), h_states, c_states,
+            gates, c_new, _or_empty(normalised_hh, pre_x), _or_empty(rstd_hh, pre_x),
+            _or_empty(normalised_c, pre_x), _or_empty(rstd_c, pre_x))
+
+
+def lstm_recurrence_backward(d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new,
+                             normalised_hh, rstd_hh, normalised_c, rstd_c, w_hh, gain_hh, gain_c,
+                             shift_c, w_hr, w_ch, recurrent_mask, zoneout_h, zoneout_c, lengths,
+                             reverse: bool):
+    """Returns ``d_pre_x (T, N, 4H)`` (the gate pre-activation gradients), ``d_product
+    (T, N, 4H)`` (the gradient of ``hm W_hh^T``; empty without ``gain_hh``), ``d_h0 (N, P)``,
+    ``d_c0 (N, H)``, ``d_w_hr (P, H)`` (empty without a projection) and ``d_cell_norm
+    (T, N, H)`` (the gradient of LN(c̃)'s output; empty without ``gain_c``)."""
+    d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm = _kernels().lstm_recurrence_backward(
+        d_output.contiguous(), d_h_n.contiguous(), d_c_n.contiguous(), h_states.contiguous(),
+        c_states.contiguous(), gates.contiguous(), c_new.contiguous(),
+        _when(gain_hh, normalised_hh), _when(gain_hh, rstd_hh), _when(gain_c, normalised_c),
+        _when(gain_c, rstd_c), w_hh.contiguous(), _contiguous(gain_hh), _contiguous(gain_c),
+        _contiguous(shift_c), _contiguous(w_hr), _contiguous(w_ch), _contiguous(recurrent_mask),
+        _contiguous(zoneout_h), _contiguous(zoneout_c), _contiguous(lengths), reverse,
+    )
+    return (d_pre_x, _or_empty(d_product, d_pre_x), d_h0, d_c0, _or_empty(d_w_hr, d_pre_x),
+            _or_empty(d_cell_norm, d_pre_x))
+
+
+def gru_recurrence_forward(pre_x, h0, w_hh, b_hh, gain_hh, recurrent_mask, zoneout_h, lengths,
+                           reverse: bool, reset_after: bool):
+    """The GRU recurrence. Returns ``output (T, N, H)``, ``h_n (N, H)``, ``states
+    (T + 1, N, H)``, ``gates (T, N, 3H)`` activated (r | z | n), ``n_input (T, N, H)`` (what r
+    multiplies: ``u_n`` reset after, ``r ⊙ hm`` before), ``normalised_hh (T, N, 3H)`` and
+    ``rstd_hh (T, N)`` (empty without ``gain_hh``)."""
+    output, states, gates, n_input, normalised_hh, rstd_hh = _kernels().gru_recurrence_forward(
+        _contiguous(pre_x), h0.contiguous(), w_hh.contiguous(), _contiguous(b_hh),
+        _contiguous(gain_hh), _contiguous(recurrent_mask), _contiguous(zoneout_h),
+        _contiguous(lengths), reverse, reset_after,
+    )
+    return (output, _final(states, reverse), states, gates, n_input,
+            _or_empty(normalised_hh, pre_x), _or_empty(rstd_hh, pre_x))
+
+
+def gru_recurrence_backward(d_output, d_h_n, states, gates, n_input, normalised_hh, rstd_hh, w_hh,
+                            gain_hh, recurrent_mask, zoneout_h, lengths, reverse: bool,
+                            reset_after: bool):
+    """Returns ``d_pre_x (T, N, 3H)`` (r, z, n pre-activation gradients), ``d_hidden
+    (T, N, 3H)`` (``(d_r, d_z, d_n ⊙ r)``, reset after; else empty), ``d_product (T, N, 3H)``
+    (empty without ``gain_hh``) and ``d_h0 (N, H)``."""
+    d_pre_x, d_hidden, d_product, d_h0 = _kernels().gru_recurrence_backward(
+        d_output.contiguous(), d_h_n.contiguous(), states.contiguous(), gates.contiguous(),
+        n_input.contiguous(), _when(gain_hh, normalised_hh), _when(gain_hh, rstd_hh),
+        w_hh.contiguous(), _contiguous(gain_hh), _contiguous(recurrent_mask),
+        _contiguous(zoneout_h), _contiguous(lengths), reverse, reset_after,
+    )
+    return d_pre_x, _or_empty(d_hidden, d_pre_x), _or_empty(d_product, d_pre_x), d_h0
+
+
+def rnn_recurrence_forward(pre_x, h0, w_hh, gain_hh, recurrent_mask, zoneout_h, lengths,
+                           reverse: bool, relu: bool):
+    """The Elman recurrence. Returns ``output (T, N, H)``, ``h_n (N, H)``, ``states
+    (T + 1, N, H)``, ``raw (T, N, H)`` (each step's un-zoned ``h̃``), ``normalised_hh
+    (T, N, H)`` and ``rstd_hh (T, N)`` (empty without ``gain_hh``)."""
+    output, states, raw, normalised_hh, rstd_hh = _kernels().rnn_recurrence_forward(
+        _contiguous(pre_x), h0.contiguous(), w_hh.contiguous(), _contiguous(gain_hh),
+        _contiguous(recurrent_mask), _contiguous(zoneout_h), _contiguous(lengths), reverse, relu,
+    )
+    return (output, _final(states, reverse), states, raw, _or_empty(normalised_hh, pre_x),
+            _or_empty(rstd_hh, pre_x))
+
+
+def rnn_recurrence_backward(d_output, d_h_n, states, raw, normalised_hh, rstd_hh, w_hh, gain_hh,
+                            recurrent_mask, zoneout_h, lengths, reverse: bool, relu: bool):
+    """Returns ``d_pre_x (T, N, H)``, ``d_product (T, N, H)`` (empty without ``gain_hh``) and
+    ``d_h0 (N, H)``."""
+    d_pre_x, d_product, d_h0 = _kernels().rnn_recurrence_backward(
+        d_output.contiguous(), d_h_n.contiguous(), states.contiguous(), raw.contiguous(),
+        _when(gain_hh, normalised_hh), _when(gain_hh, rstd_hh), w_hh.contiguous(),
+        _contiguous(gain_hh), _contiguous(recurrent_mask), _contiguous(zoneout_h),
+        _contiguous(lengths), reverse, relu,
+    )
+    return d_pre_x, _or_empty(d_product, d_pre_x), d_h0

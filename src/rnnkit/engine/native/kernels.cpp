@@ -23,6 +23,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -60,6 +61,23 @@ class Arguments {
   }
   void lengths(const std::optional<Tensor>& t, int64_t batch) const {
     if (t.has_value()) check("lengths", *t, {batch}, at::kLong);
+  }
+  // Zoneout's d: a 0-dim probability p (evaluation) or a (steps, batch, width) 0/1 mask.
+  void zoneout(const char* name, const std::optional<Tensor>& t, int64_t steps, int64_t batch,
+               int64_t width) const {
+    if (!t.has_value()) return;
+    common(name, *t);
+    TORCH_CHECK(t->scalar_type() == dtype_, kernel_, ": ", name, " must be ", dtype_, ", got ",
+                t->scalar_type());
+    TORCH_CHECK(t->dim() == 0 || t->sizes().equals({steps, batch, width}), kernel_, ": ", name,
+                " must be a 0-dim probability or have shape [", steps, ", ", batch, ", ", width,
+                "], got ", t->sizes());
+  }
+  // Two optional arguments that come together or not at all.
+  void together(const char* first, const std::optional<Tensor>& a, const char* second,
+                const std::optional<Tensor>& b) const {
+    TORCH_CHECK(a.has_value() == b.has_value(), kernel_, ": ", first, " and ", second,
+                " must be given together, got ", a.has_value() ? first : second, " alone");
   }
 
  private:
@@ -1017,10 +1035,1056 @@ std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, co
   return {d_x_gates, d_hn, d_h};
 }
 
+// ---- the recurrence kernels: layer norm, recurrent dropout, zoneout --------------------------
+//
+// The `*_recurrence_*` kernels run only the recurrence: the input side pre_x (T, N, G*H) comes in
+// computed (x W_ih^T, its layer norm and the biases outside any recurrent product, on autograd),
+// and is never written. Per step: the entering state, masked by the recurrent dropout mask when
+// one is given (into a small (N, P) buffer), times W_hh; with layer norm (gain_hh) that product
+// goes to an (N, G*H) buffer and each row is normalised over its G*H columns (x̂ and rstd kept for
+// the backward); the gate math; zoneout h_t = d ⊙ h_{t-1} + (1 - d) ⊙ h̃_t with d a per-step 0/1
+// mask or a scalar probability. Every saved per-step buffer is zero in rows past a sequence's
+// end. The backward returns per-step gradients only: every reduction over the batch (weights,
+// gains, biases) is one product or sum over all steps in the caller (ops.py's formula).
+
+constexpr double kLayerNormEps = 1e-5;
+
+// Zoneout's d for one state: off, a scalar p (evaluation) or a (T, N, W) 0/1 mask (training).
+template <typename T>
+struct Zoneout {
+  const T* mask;  // (T, N, W) or nullptr
+  T p;
+  bool on;
+  int64_t batch, width;
+  const T* row(int64_t t, int64_t n) const {
+    return mask == nullptr ? nullptr : mask + (t * batch + n) * width;
+  }
+  // d for units [j, j + k) of a row given by `row` (nullptr: the scalar p).
+  Vec<T> keep(const T* row_p, int64_t j, int64_t k) const {
+    return row_p == nullptr ? Vec<T>(p) : Vec<T>::loadu(row_p + j, k);
+  }
+};
+
+template <typename T>
+Zoneout<T> zoneout_of(const std::optional<Tensor>& d, int64_t batch, int64_t width) {
+  if (!d.has_value()) return {nullptr, T(0), false, batch, width};
+  if (d->dim() == 0) return {nullptr, d->item<T>(), true, batch, width};
+  return {d->data_ptr<T>(), T(0), true, batch, width};
+}
+
+// d ⊙ old + (1 - d) ⊙ updated, as the spec writes it (exact for d = 0 and d = 1).
+template <typename T>
+inline Vec<T> zoned(const Vec<T>& d, const Vec<T>& old, const Vec<T>& updated) {
+  return d * old + (Vec<T>(T(1)) - d) * updated;
+}
+
+template <typename T>
+T* data_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Σ_j term(j) over a row of `units`, a vector at a time; the lanes past a partial vector's
+// `count` are dropped whatever `term` gives there.
+template <typename T, typename F>
+inline T row_sum(int64_t units, const F& term) {
+  using V = Vec<T>;
+  V acc(T(0));
+  for_units<T>(units, [&](int64_t j, int64_t k) {
+    const V x = term(j, k);
+    acc = acc + (k == V::size() ? x : V::set(V(T(0)), x, k));
+  });
+  alignas(64) T lanes[V::size()];
+  acc.store(lanes);
+  T sum = T(0);
+  for (int64_t l = 0; l < V::size(); ++l) sum += lanes[l];
+  return sum;
+}
+
+// Mean and 1 / sqrt(biased variance + eps) of a row (two passes: the row is in L1).
+template <typename T>
+struct Moments {
+  T mean, rstd;
+};
+
+template <typename T>
+inline Moments<T> moments(const T* v, int64_t units) {
+  using V = Vec<T>;
+  const T mean = row_sum<T>(units, [&](int64_t j, int64_t k) { return V::loadu(v + j, k); }) /
+                 T(units);
+  const T variance = row_sum<T>(units, [&](int64_t j, int64_t k) {
+                       const V centred = V::loadu(v + j, k) - V(mean);
+                       return centred * centred;
+                     }) / T(units);
+  return {mean, T(1) / std::sqrt(variance + T(kLayerNormEps))};
+}
+
+// The layer norm backward of one row, y = γ ⊙ x̂ with dy given: with g = dy ⊙ γ,
+// dv = rstd (g - mean(g) - x̂ mean(g ⊙ x̂)).
+template <typename T>
+inline void layer_norm_backward_row(const T* dy, const T* gain, const T* x_hat, T rstd, T* dv,
+                                    int64_t units) {
+  using V = Vec<T>;
+  const T mean_g = row_sum<T>(units, [&](int64_t j, int64_t k) {
+                     return V::loadu(dy + j, k) * V::loadu(gain + j, k);
+                   }) / T(units);
+  const T mean_gx = row_sum<T>(units, [&](int64_t j, int64_t k) {
+                      return V::loadu(dy + j, k) * V::loadu(gain + j, k) * V::loadu(x_hat + j, k);
+                    }) / T(units);
+  for_units<T>(units, [&](int64_t j, int64_t k) {
+    const V g = V::loadu(dy + j, k) * V::loadu(gain + j, k);
+    (V(rstd) * (g - V(mean_g) - V::loadu(x_hat + j, k) * V(mean_gx))).store(dv + j, k);
+  });
+}
+
+// out = mask ⊙ h over a whole (N, W) step (the state entering the recurrent product).
+template <typename T>
+inline void masked_state(T* out, const T* h, const T* mask, int64_t count) {
+  using V = Vec<T>;
+  for_units<T>(count, [&](int64_t j, int64_t k) {
+    (V::loadu(h + j, k) * V::loadu(mask + j, k)).store(out + j, k);
+  });
+}
+
+// d_h += mask ⊙ product in the valid rows (the masked state's gradient reaching the state).
+template <typename T>
+inline void add_masked(T* d_h, const T* mask, const T* product, int64_t rows, int64_t width,
+                       int64_t t, const Validity& valid) {
+  using V = Vec<T>;
+  for_rows(rows, width, [&](int64_t n) {
+    if (!valid(t, n)) return;
+    const int64_t row = n * width;
+    for_units<T>(width, [&](int64_t j, int64_t k) {
+      (V::loadu(d_h + row + j, k) + V::loadu(mask + row + j, k) * V::loadu(product + row + j, k))
+          .store(d_h + row + j, k);
+    });
+  });
+}
+
+// One step's entering state for the recurrent product: the state itself, or masked into `scratch`.
+template <typename T>
+Block<const T> entering_state(const Tensor& states, int64_t index, const T* mask, T* scratch) {
+  const Block<T> h = step_block<T>(states, index);
+  if (mask == nullptr) return h;
+  masked_state(scratch, h.data, mask, h.rows * h.cols);
+  return Block<const T>{scratch, h.rows, h.cols, h.cols};
+}
+
+Tensor per_step_or_undefined(bool wanted, at::IntArrayRef shape, const Tensor& like) {
+  return wanted ? at::empty(shape, like.options()) : Tensor();
+}
+
+// ---- Elman RNN recurrence ---------------------------------------------------------------------
+
+// Returns {output (T, N, H), states (T + 1, N, H), raw (T, N, H) = h̃ = act(pre_x + u),
+// normalised_hh (T, N, H) or undefined, rstd_hh (T, N) or undefined}.
+std::vector<Tensor> rnn_recurrence_forward(
+    const Tensor& pre_x, const Tensor& h0, const Tensor& w_hh,
+    const std::optional<Tensor>& gain_hh, const std::optional<Tensor>& recurrent_mask,
+    const std::optional<Tensor>& zoneout_h, const std::optional<Tensor>& lengths, bool reverse,
+    bool relu) {
+  const Arguments check("rnn_recurrence_forward", "pre_x", pre_x, 3);
+  const int64_t T = pre_x.size(0), N = pre_x.size(1), H = pre_x.size(2);
+  check("h0", h0, {N, H});
+  check("w_hh", w_hh, {H, H});
+  check("gain_hh", gain_hh, {H});
+  check("recurrent_mask", recurrent_mask, {N, H});
+  check.zoneout("zoneout_h", zoneout_h, T, N, H);
+  check.lengths(lengths, N);
+  const BelowAutograd below_autograd;
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  const bool normed = gain_hh.has_value();
+  Tensor states = states_buffer(T, h0);
+  start_states(states, steps.first_in(), h0);
+  Tensor output = at::empty({T, N, H}, pre_x.options());
+  Tensor raw = at::empty({T, N, H}, pre_x.options());
+  Tensor normalised = per_step_or_undefined(normed, {T, N, H}, pre_x);
+  Tensor rstd = per_step_or_undefined(normed, {T, N}, pre_x);
+  Tensor product = per_step_or_undefined(normed, {N, H}, pre_x);
+  Tensor masked = per_step_or_undefined(recurrent_mask.has_value(), {N, H}, pre_x);
+  const ForwardWeight w_hh_forward(w_hh, T);
+  AT_DISPATCH_FLOATING_TYPES(pre_x.scalar_type(), "rnn_recurrence_forward", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* mask_p = data_or_null<scalar_t>(recurrent_mask);
+    scalar_t* masked_p = data_or_null<scalar_t>(masked);
+    const scalar_t* gain_p = data_or_null<scalar_t>(gain_hh);
+    scalar_t* product_p = data_or_null<scalar_t>(product);
+    const Zoneout<scalar_t> zone = zoneout_of<scalar_t>(zoneout_h, N, H);
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = steps.time(s);
+      scalar_t* raw_p = at_step<scalar_t>(raw, t);
+      // u without layer norm lands in raw's step, and the row pass adds pre_x.
+      w_hh_forward.multiply<scalar_t>(
+          entering_state<scalar_t>(states, steps.in(t), mask_p, masked_p),
+          normed ? matrix<scalar_t>(product) : step_block<scalar_t>(raw, t), false);
+      const scalar_t* pre_p = at_step<scalar_t>(pre_x, t);
+      const scalar_t* h_p = at_step<scalar_t>(states, steps.in(t));
+      scalar_t* h_new_p = at_step<scalar_t>(states, steps.out(t));
+      scalar_t* out_p = at_step<scalar_t>(output, t);
+      scalar_t* x_hat_p = normed ? at_step<scalar_t>(normalised, t) : nullptr;
+      scalar_t* rstd_p = normed ? rstd.data_ptr<scalar_t>() + t * N : nullptr;
+      for_rows(N, H, [&](int64_t n) {
+        const int64_t row = n * H;
+        if (!valid(t, n)) {
+          copy_row(h_new_p + row, h_p + row, H);
+          zero_row(out_p + row, H);
+          zero_row(raw_p + row, H);
+          if (normed) {
+            zero_row(x_hat_p + row, H);
+            rstd_p[n] = scalar_t(0);
+          }
+          return;
+        }
+        Moments<scalar_t> m{scalar_t(0), scalar_t(0)};
+        if (normed) {
+          m = moments(product_p + row, H);
+          rstd_p[n] = m.rstd;
+        }
+        const scalar_t* zone_row = zone.row(t, n);
+        for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+          V a = V::loadu(pre_p + row + j, k);
+          if (normed) {
+            const V x_hat = (V::loadu(product_p + row + j, k) - V(m.mean)) * V(m.rstd);
+            x_hat.store(x_hat_p + row + j, k);
+            a = a + V::loadu(gain_p + j, k) * x_hat;
+          } else {
+            a = a + V::loadu(raw_p + row + j, k);
+          }
+          const V h_tilde = relu ? at::vec::clamp_min(a, V(scalar_t(0))) : fast_tanh(a);
+          h_tilde.store(raw_p + row + j, k);
+          const V h_next = zone.on
+              ? zoned(zone.keep(zone_row, j, k), V::loadu(h_p + row + j, k), h_tilde)
+              : h_tilde;
+          h_next.store(h_new_p + row + j, k);
+          h_next.store(out_p + row + j, k);
+        });
+      });
+    }
+  });
+  return {output, states, raw, normalised, rstd};
+}
+
+// Returns {d_pre_x (T, N, H), d_product (T, N, H) or undefined (without gain_hh), d_h0 (N, H)}.
+std::vector<Tensor> rnn_recurrence_backward(
+    const Tensor& d_output, const Tensor& d_h_n, const Tensor& states, const Tensor& raw,
+    const std::optional<Tensor>& normalised_hh, const std::optional<Tensor>& rstd_hh,
+    const Tensor& w_hh, const std::optional<Tensor>& gain_hh,
+    const std::optional<Tensor>& recurrent_mask, const std::optional<Tensor>& zoneout_h,
+    const std::optional<Tensor>& lengths, bool reverse, bool relu) {
+  const Arguments check("rnn_recurrence_backward", "raw", raw, 3);
+  const int64_t T = raw.size(0), N = raw.size(1), H = raw.size(2);
+  check("d_output", d_output, {T, N, H});
+  check("d_h_n", d_h_n, {N, H});
+  check("states", states, {T + 1, N, H});
+  check("w_hh", w_hh, {H, H});
+  check("gain_hh", gain_hh, {H});
+  check.together("gain_hh", gain_hh, "normalised_hh", normalised_hh);
+  check.together("gain_hh", gain_hh, "rstd_hh", rstd_hh);
+  check("normalised_hh", normalised_hh, {T, N, H});
+  check("rstd_hh", rstd_hh, {T, N});
+  check("recurrent_mask", recurrent_mask, {N, H});
+  check.zoneout("zoneout_h", zoneout_h, T, N, H);
+  check.lengths(lengths, N);
+  const BelowAutograd below_autograd;
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  const bool normed = gain_hh.has_value();
+  const bool masked = recurrent_mask.has_value();
+  Tensor d_pre = at::empty_like(raw);
+  Tensor d_product = per_step_or_undefined(normed, {T, N, H}, raw);
+  Tensor d_h = d_h_n.clone(at::MemoryFormat::Contiguous);
+  Tensor d_masked = per_step_or_undefined(masked, {N, H}, raw);
+  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "rnn_recurrence_backward", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* mask_p = data_or_null<scalar_t>(recurrent_mask);
+    const scalar_t* gain_p = data_or_null<scalar_t>(gain_hh);
+    scalar_t* d_h_p = d_h.data_ptr<scalar_t>();
+    const Zoneout<scalar_t> zone = zoneout_of<scalar_t>(zoneout_h, N, H);
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = steps.time(s);
+      const scalar_t* raw_p = at_step<scalar_t>(raw, t);
+      const scalar_t* d_out_p = at_step<scalar_t>(d_output, t);
+      scalar_t* d_pre_p = at_step<scalar_t>(d_pre, t);
+      scalar_t* d_prod_p = normed ? at_step<scalar_t>(d_product, t) : nullptr;
+      const scalar_t* x_hat_p = normed ? at_step<scalar_t>(*normalised_hh, t) : nullptr;
+      const scalar_t* rstd_p = normed ? rstd_hh->data_ptr<scalar_t>() + t * N : nullptr;
+      for_rows(N, H, [&](int64_t n) {
+        const int64_t row = n * H;
+        if (!valid(t, n)) {  // the state gradient skips the step
+          zero_row(d_pre_p + row, H);
+          if (normed) zero_row(d_prod_p + row, H);
+          return;
+        }
+        const scalar_t* zone_row = zone.row(t, n);
+        for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+          const V d = V::loadu(d_h_p + row + j, k) + V::loadu(d_out_p + row + j, k);
+          V d_tilde = d;
+          if (zone.on) {
+            const V keep = zone.keep(zone_row, j, k);
+            d_tilde = (V(scalar_t(1)) - keep) * d;
+            (keep * d).store(d_h_p + row + j, k);  // the product below adds to it
+          } else {
+            V(scalar_t(0)).store(d_h_p + row + j, k);
+          }
+          const V y = V::loadu(raw_p + row + j, k);
+          // relu's as torch's threshold_backward (rnn_backward): a select, never d * mask.
+          const V d_pre_v = relu ? V::blendv(d_tilde, V(scalar_t(0)), y <= V(scalar_t(0)))
+                                 : d_tilde * tanh_grad(y);
+          d_pre_v.store(d_pre_p + row + j, k);
+        });
+        if (normed) {
+          layer_norm_backward_row(d_pre_p + row, gain_p, x_hat_p + row, rstd_p[n],
+                                  d_prod_p + row, H);
+        }
+      });
+      const Block<scalar_t> dv = step_block<scalar_t>(normed ? d_product : d_pre, t);
+      if (masked) {
+        step_product<scalar_t>(dv, matrix<scalar_t>(w_hh), matrix<scalar_t>(d_masked), false);
+        add_masked(d_h_p, mask_p, d_masked.data_ptr<scalar_t>(), N, H, t, valid);
+      } else {
+        step_product<scalar_t>(dv, matrix<scalar_t>(w_hh), matrix<scalar_t>(d_h), true);
+      }
+    }
+  });
+  return {d_pre, d_product, d_h};
+}
+
+// ---- GRU recurrence ---------------------------------------------------------------------------
+
+// reset_after: u = LN(hm W_hh^T) (or the product itself) + b_hh; r = σ(a_r + u_r),
+// z = σ(a_z + u_z), n = tanh(a_n + r ⊙ u_n), n_input = u_n. reset_before (no gain_hh, no b_hh):
+// r, z = σ(a_rz + hm W_rz^T), n_input = r ⊙ hm, n = tanh(a_n + n_input W_n^T). Then
+// h̃ = (1 - z) ⊙ n + z ⊙ h and zoneout. Returns {output (T, N, H), states (T + 1, N, H),
+// gates (T, N, 3H) activated r, z, n, n_input (T, N, H), normalised_hh (T, N, 3H) or undefined,
+// rstd_hh (T, N) or undefined}.
+std::vector<Tensor> gru_recurrence_forward(
+    const Tensor& pre_x, const Tensor& h0, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& gain_hh, const std::optional<Tensor>& recurrent_mask,
+    const std::optional<Tensor>& zoneout_h, const std::optional<Tensor>& lengths, bool reverse,
+    bool reset_after) {
+  const Arguments check("gru_recurrence_forward", "pre_x", pre_x, 3);
+  const int64_t T = pre_x.size(0), N = pre_x.size(1), H = pre_x.size(2) / 3;
+  TORCH_CHECK(pre_x.size(2) == 3 * H,
+              "gru_recurrence_forward: pre_x must have 3 * hidden columns, got ", pre_x.sizes());
+  check("h0", h0, {N, H});
+  check("w_hh", w_hh, {3 * H, H});
+  check("b_hh", b_hh, {3 * H});
+  check("gain_hh", gain_hh, {3 * H});
+  TORCH_CHECK(reset_after || (!b_hh.has_value() && !gain_hh.has_value()),
+              "gru_recurrence_forward: with reset_after=False, b_hh and gain_hh must be None "
+              "(pre_x holds both biases; layer norm needs reset_after=True)");
+  check("recurrent_mask", recurrent_mask, {N, H});
+  check.zoneout("zoneout_h", zoneout_h, T, N, H);
+  check.lengths(lengths, N);
+  const BelowAutograd below_autograd;
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  const bool normed = gain_hh.has_value();
+  Tensor states = states_buffer(T, h0);
+  start_states(states, steps.first_in(), h0);
+  Tensor output = at::empty({T, N, H}, pre_x.options());
+  Tensor gates = at::empty({T, N, 3 * H}, pre_x.options());
+  Tensor n_input = at::empty({T, N, H}, pre_x.options());
+  Tensor normalised = per_step_or_undefined(normed, {T, N, 3 * H}, pre_x);
+  Tensor rstd = per_step_or_undefined(normed, {T, N}, pre_x);
+  Tensor product = per_step_or_undefined(reset_after, {N, 3 * H}, pre_x);
+  Tensor masked = per_step_or_undefined(recurrent_mask.has_value(), {N, H}, pre_x);
+  const ForwardWeight w_hh_forward(w_hh, reset_after ? T : 0);
+  const ForwardWeight w_rz_forward(w_hh.narrow(0, 0, 2 * H), reset_after ? 0 : T);
+  const ForwardWeight w_n_forward(w_hh.narrow(0, 2 * H, H), reset_after ? 0 : T);
+  AT_DISPATCH_FLOATING_TYPES(pre_x.scalar_type(), "gru_recurrence_forward", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* mask_p = data_or_null<scalar_t>(recurrent_mask);
+    scalar_t* masked_p = data_or_null<scalar_t>(masked);
+    const scalar_t* gain_p = data_or_null<scalar_t>(gain_hh);
+    const scalar_t* b_hh_p = data_or_null<scalar_t>(b_hh);
+    scalar_t* product_p = data_or_null<scalar_t>(product);
+    const Zoneout<scalar_t> zone = zoneout_of<scalar_t>(zoneout_h, N, H);
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = steps.time(s);
+      const Block<const scalar_t> entering =
+          entering_state<scalar_t>(states, steps.in(t), mask_p, masked_p);
+      const Block<scalar_t> a = step_block<scalar_t>(gates, t);
+      scalar_t* g_p = a.data;
+      const scalar_t* pre_p = at_step<scalar_t>(pre_x, t);
+      const scalar_t* h_p = at_step<scalar_t>(states, steps.in(t));
+      scalar_t* h_new_p = at_step<scalar_t>(states, steps.out(t));
+      scalar_t* out_p = at_step<scalar_t>(output, t);
+      scalar_t* n_in_p = at_step<scalar_t>(n_input, t);
+      scalar_t* x_hat_p = normed ? at_step<scalar_t>(normalised, t) : nullptr;
+      scalar_t* rstd_p = normed ? rstd.data_ptr<scalar_t>() + t * N : nullptr;
+      // Both forms end with n = tanh(n_pre), h̃ = n + z (h - n), zoneout: n, h_t and output.
+      auto finish = [&](int64_t n, int64_t j, int64_t k, const V& z, const V& n_pre) {
+        const int64_t row = n * H;
+        const V n_gate = fast_tanh(n_pre);
+        n_gate.store(g_p + n * 3 * H + 2 * H + j, k);
+        const V h = V::loadu(h_p + row + j, k);
+        V h_next = n_gate + z * (h - n_gate);
+        if (zone.on) h_next = zoned(zone.keep(zone.row(t, n), j, k), h, h_next);
+        h_next.store(h_new_p + row + j, k);
+        h_next.store(out_p + row + j, k);
+      };
+      auto hold = [&](int64_t n) {
+        copy_row(h_new_p + n * H, h_p + n * H, H);
+        zero_row(out_p + n * H, H);
+        zero_row(g_p + n * 3 * H, 3 * H);
+        zero_row(n_in_p + n * H, H);
+        if (normed) {
+          zero_row(x_hat_p + n * 3 * H, 3 * H);
+          rstd_p[n] = scalar_t(0);
+        }
+      };
+      if (reset_after) {
+        w_hh_forward.multiply<scalar_t>(entering, matrix<scalar_t>(product), false);
+        for_rows(N, 3 * H, [&](int64_t n) {
+          if (!valid(t, n)) return hold(n);
+          const scalar_t* v_row = product_p + n * 3 * H;
+          const scalar_t* pre_row = pre_p + n * 3 * H;
+          scalar_t* g_row = g_p + n * 3 * H;
+          scalar_t* x_hat_row = normed ? x_hat_p + n * 3 * H : nullptr;
+          Moments<scalar_t> m{scalar_t(0), scalar_t(0)};
+          if (normed) {
+            m = moments(v_row, 3 * H);
+            rstd_p[n] = m.rstd;
+          }
+          // u of the columns [offset + j, offset + j + k): LN(v) (x̂ kept) or v, plus b_hh.
+          auto u_of = [&](int64_t offset, int64_t j, int64_t k) {
+            V u = V::loadu(v_row + offset + j, k);
+            if (normed) {
+              const V x_hat = (u - V(m.mean)) * V(m.rstd);
+              x_hat.store(x_hat_row + offset + j, k);
+              u = V::loadu(gain_p + offset + j, k) * x_hat;
+            }
+            if (b_hh_p != nullptr) u = u + V::loadu(b_hh_p + offset + j, k);
+            return u;
+          };
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            const V r = sigmoid(V::loadu(pre_row + j, k) + u_of(0, j, k));
+            const V z = sigmoid(V::loadu(pre_row + H + j, k) + u_of(H, j, k));
+            const V u_n = u_of(2 * H, j, k);
+            r.store(g_row + j, k);
+            z.store(g_row + H + j, k);
+            u_n.store(n_in_p + n * H + j, k);
+            finish(n, j, k, z, V::loadu(pre_row + 2 * H + j, k) + r * u_n);
+          });
+        });
+      } else {
+        w_rz_forward.multiply<scalar_t>(entering, a.columns(0, 2 * H), false);
+        for_rows(N, 2 * H, [&](int64_t n) {
+          if (!valid(t, n)) return hold(n);
+          const scalar_t* pre_row = pre_p + n * 3 * H;
+          scalar_t* g_row = g_p + n * 3 * H;
+          const scalar_t* hm_row = entering.data + n * H;
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            const V r = sigmoid(V::loadu(pre_row + j, k) + V::loadu(g_row + j, k));
+            const V z = sigmoid(V::loadu(pre_row + H + j, k) + V::loadu(g_row + H + j, k));
+            r.store(g_row + j, k);
+            z.store(g_row + H + j, k);
+            (r * V::loadu(hm_row + j, k)).store(n_in_p + n * H + j, k);
+          });
+        });
+        w_n_forward.multiply<scalar_t>(step_block<scalar_t>(n_input, t), a.columns(2 * H, H),
+                                       false);
+        for_rows(N, H, [&](int64_t n) {
+          scalar_t* g_row = g_p + n * 3 * H;
+          if (!valid(t, n)) return zero_row(g_row + 2 * H, H);
+          const scalar_t* pre_row = pre_p + n * 3 * H;
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            finish(n, j, k, V::loadu(g_row + H + j, k),
+                   V::loadu(pre_row + 2 * H + j, k) + V::loadu(g_row + 2 * H + j, k));
+          });
+        });
+      }
+    }
+  });
+  return {output, states, gates, n_input, normalised, rstd};
+}
+
+// Returns {d_pre_x (T, N, 3H) = (d_r, d_z, d_n) pre-activation gradients, d_hidden (T, N, 3H) =
+// du = (d_r, d_z, d_n ⊙ r) (reset_after; else undefined), d_product (T, N, 3H) = LN_back(du)
+// (with gain_hh; else undefined), d_h0 (N, H)}.
+std::vector<Tensor> gru_recurrence_backward(
+    const Tensor& d_output, const Tensor& d_h_n, const Tensor& states, const Tensor& gates,
+    const Tensor& n_input, const std::optional<Tensor>& normalised_hh,
+    const std::optional<Tensor>& rstd_hh, const Tensor& w_hh,
+    const std::optional<Tensor>& gain_hh, const std::optional<Tensor>& recurrent_mask,
+    const std::optional<Tensor>& zoneout_h, const std::optional<Tensor>& lengths, bool reverse,
+    bool reset_after) {
+  const Arguments check("gru_recurrence_backward", "gates", gates, 3);
+  const int64_t T = gates.size(0), N = gates.size(1), H = gates.size(2) / 3;
+  TORCH_CHECK(gates.size(2) == 3 * H,
+              "gru_recurrence_backward: gates must have 3 * hidden columns, got ", gates.sizes());
+  check("d_output", d_output, {T, N, H});
+  check("d_h_n", d_h_n, {N, H});
+  check("states", states, {T + 1, N, H});
+  check("n_input", n_input, {T, N, H});
+  check("w_hh", w_hh, {3 * H, H});
+  check("gain_hh", gain_hh, {3 * H});
+  TORCH_CHECK(reset_after || !gain_hh.has_value(),
+              "gru_recurrence_backward: with reset_after=False, gain_hh must be None");
+  check.together("gain_hh", gain_hh, "normalised_hh", normalised_hh);
+  check.together("gain_hh", gain_hh, "rstd_hh", rstd_hh);
+  check("normalised_hh", normalised_hh, {T, N, 3 * H});
+  check("rstd_hh", rstd_hh, {T, N});
+  check("recurrent_mask", recurrent_mask, {N, H});
+  check.zoneout("zoneout_h", zoneout_h, T, N, H);
+  check.lengths(lengths, N);
+  const BelowAutograd below_autograd;
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  const bool normed = gain_hh.has_value();
+  const bool masked = recurrent_mask.has_value();
+  Tensor d_pre = at::empty_like(gates);
+  Tensor d_hidden = per_step_or_undefined(reset_after, {T, N, 3 * H}, gates);
+  Tensor d_product = per_step_or_undefined(normed, {T, N, 3 * H}, gates);
+  Tensor d_h = d_h_n.clone(at::MemoryFormat::Contiguous);
+  // The gradient reaching the masked state (mask given), and d_rh = d_n W_n (reset before).
+  Tensor d_masked = per_step_or_undefined(masked, {N, H}, gates);
+  Tensor d_rh = per_step_or_undefined(!reset_after, {N, H}, gates);
+  const Tensor w_rz = w_hh.narrow(0, 0, 2 * H), w_n = w_hh.narrow(0, 2 * H, H);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "gru_recurrence_backward", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* mask_p = data_or_null<scalar_t>(recurrent_mask);
+    scalar_t* d_masked_p = data_or_null<scalar_t>(d_masked);
+    const scalar_t* gain_p = data_or_null<scalar_t>(gain_hh);
+    scalar_t* d_h_p = d_h.data_ptr<scalar_t>();
+    const Zoneout<scalar_t> zone = zoneout_of<scalar_t>(zoneout_h, N, H);
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = steps.time(s);
+      const scalar_t* d_out_p = at_step<scalar_t>(d_output, t);
+      const scalar_t* g_p = at_step<scalar_t>(gates, t);
+      const scalar_t* h_p = at_step<scalar_t>(states, steps.in(t));
+      const scalar_t* n_in_p = at_step<scalar_t>(n_input, t);
+      const Block<scalar_t> d_pre_t = step_block<scalar_t>(d_pre, t);
+      scalar_t* d_pre_p = d_pre_t.data;
+      // Shared: zoneout, then z's and n's pre-activation gradients from h̃ = n + z (h - n);
+      // d_h becomes the direct part d ⊙ dh + z ⊙ dh̃ (the products below add the rest).
+      auto through_update = [&](int64_t n, int64_t j, int64_t k, V* d_n_out) {
+        const int64_t row = n * H;
+        const scalar_t* g_row = g_p + n * 3 * H;
+        const V dh = V::loadu(d_h_p + row + j, k) + V::loadu(d_out_p + row + j, k);
+        V d_tilde = dh, direct = V(scalar_t(0));
+        if (zone.on) {
+          const V keep = zone.keep(zone.row(t, n), j, k);
+          d_tilde = (V(scalar_t(1)) - keep) * dh;
+          direct = keep * dh;
+        }
+        const V z = V::loadu(g_row + H + j, k), n_gate = V::loadu(g_row + 2 * H + j, k);
+        const V d_z = d_tilde * (V::loadu(h_p + row + j, k) - n_gate) * sigmoid_grad(z);
+        const V d_n = d_tilde * (V(scalar_t(1)) - z) * tanh_grad(n_gate);
+        d_z.store(d_pre_p + n * 3 * H + H + j, k);
+        d_n.store(d_pre_p + n * 3 * H + 2 * H + j, k);
+        (direct + z * d_tilde).store(d_h_p + row + j, k);
+        *d_n_out = d_n;
+      };
+      if (reset_after) {
+        scalar_t* d_hid_p = at_step<scalar_t>(d_hidden, t);
+        scalar_t* d_prod_p = normed ? at_step<scalar_t>(d_product, t) : nullptr;
+        const scalar_t* x_hat_p = normed ? at_step<scalar_t>(*normalised_hh, t) : nullptr;
+        const scalar_t* rstd_p = normed ? rstd_hh->data_ptr<scalar_t>() + t * N : nullptr;
+        for_rows(N, 3 * H, [&](int64_t n) {
+          scalar_t* d_hid_row = d_hid_p + n * 3 * H;
+          if (!valid(t, n)) {
+            zero_row(d_pre_p + n * 3 * H, 3 * H);
+            zero_row(d_hid_row, 3 * H);
+            if (normed) zero_row(d_prod_p + n * 3 * H, 3 * H);
+            return;
+          }
+          const scalar_t* g_row = g_p + n * 3 * H;
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            V d_n;
+            through_update(n, j, k, &d_n);
+            const V r = V::loadu(g_row + j, k);
+            const V d_r = d_n * V::loadu(n_in_p + n * H + j, k) * sigmoid_grad(r);
+            d_r.store(d_pre_p + n * 3 * H + j, k);
+            d_r.store(d_hid_row + j, k);
+            V::loadu(d_pre_p + n * 3 * H + H + j, k).store(d_hid_row + H + j, k);
+            (d_n * r).store(d_hid_row + 2 * H + j, k);
+          });
+          if (normed) {
+            layer_norm_backward_row(d_hid_row, gain_p, x_hat_p + n * 3 * H, rstd_p[n],
+                                    d_prod_p + n * 3 * H, 3 * H);
+          }
+        });
+        const Block<scalar_t> dv = step_block<scalar_t>(normed ? d_product : d_hidden, t);
+        if (masked) {
+          step_product<scalar_t>(dv, matrix<scalar_t>(w_hh), matrix<scalar_t>(d_masked), false);
+          add_masked(d_h_p, mask_p, d_masked_p, N, H, t, valid);
+        } else {
+          step_product<scalar_t>(dv, matrix<scalar_t>(w_hh), matrix<scalar_t>(d_h), true);
+        }
+      } else {
+        for_rows(N, 2 * H, [&](int64_t n) {
+          if (!valid(t, n)) return zero_row(d_pre_p + n * 3 * H, 3 * H);
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            V d_n;
+            through_update(n, j, k, &d_n);
+          });
+        });
+        step_product<scalar_t>(d_pre_t.columns(2 * H, H), matrix<scalar_t>(w_n),
+                               matrix<scalar_t>(d_rh), false);  // gradient of n_input = r ⊙ hm
+        const scalar_t* d_rh_p = d_rh.data_ptr<scalar_t>();
+        // The masked state's gradient: d_rh ⊙ r + (d_r, d_z) W_rz, into d_masked when a mask
+        // multiplies it afterwards, else straight into d_h.
+        scalar_t* d_hm_p = masked ? d_masked_p : d_h_p;
+        for_rows(N, H, [&](int64_t n) {
+          const int64_t row = n * H;
+          if (!valid(t, n)) {
+            if (masked) zero_row(d_hm_p + row, H);
+            return;
+          }
+          const scalar_t* g_row = g_p + n * 3 * H;
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            const V r = V::loadu(g_row + j, k), d_rh_v = V::loadu(d_rh_p + row + j, k);
+            V hm = V::loadu(h_p + row + j, k);
+            if (masked) hm = hm * V::loadu(mask_p + row + j, k);
+            (d_rh_v * hm * sigmoid_grad(r)).store(d_pre_p + n * 3 * H + j, k);
+            const V d_hm = d_rh_v * r;
+            (masked ? d_hm : V::loadu(d_h_p + row + j, k) + d_hm).store(d_hm_p + row + j, k);
+          });
+        });
+        step_product<scalar_t>(d_pre_t.columns(0, 2 * H), matrix<scalar_t>(w_rz),
+                               matrix<scalar_t>(masked ? d_masked : d_h), true);
+        if (masked) add_masked(d_h_p, mask_p, d_masked_p, N, H, t, valid);
+      }
+    }
+  });
+  return {d_pre, d_hidden, d_product, d_h};
+}
+
+// ---- LSTM recurrence --------------------------------------------------------------------------
+
+// a = pre_x + u (u = LN(hm W_hh^T; gain_hh) or the product), i = σ(a_i + p_i ⊙ c),
+// f = σ(a_f + p_f ⊙ c), g = tanh(a_g), c̃ = f ⊙ c + i ⊙ g, o = σ(a_o + p_o ⊙ c̃),
+// ℓ = LN(c̃; gain_c, shift_c) or c̃, h̃ = (o ⊙ tanh ℓ) W_hr^T or o ⊙ tanh ℓ, then zoneout of h
+// and c. Returns {output (T, N, P), h_states (T + 1, N, P), c_states (T + 1, N, H), gates
+// (T, N, 4H) activated i, f, g, o, c_new (T, N, H) = c̃, normalised_hh (T, N, 4H), rstd_hh
+// (T, N), normalised_c (T, N, H), rstd_c (T, N)}, the last four undefined without their gain.
+std::vector<Tensor> lstm_recurrence_forward(
+    const Tensor& pre_x, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const std::optional<Tensor>& gain_hh, const std::optional<Tensor>& gain_c,
+    const std::optional<Tensor>& shift_c, const std::optional<Tensor>& w_hr,
+    const std::optional<Tensor>& w_ch, const std::optional<Tensor>& recurrent_mask,
+    const std::optional<Tensor>& zoneout_h, const std::optional<Tensor>& zoneout_c,
+    const std::optional<Tensor>& lengths, bool reverse) {
+  const Arguments check("lstm_recurrence_forward", "pre_x", pre_x, 3);
+  const int64_t T = pre_x.size(0), N = pre_x.size(1), H = pre_x.size(2) / 4;
+  TORCH_CHECK(pre_x.size(2) == 4 * H,
+              "lstm_recurrence_forward: pre_x must have 4 * hidden columns, got ", pre_x.sizes());
+  const int64_t P = w_hr.has_value() && w_hr->dim() == 2 ? w_hr->size(0) : H;
+  check("h0", h0, {N, P});
+  check("c0", c0, {N, H});
+  check("w_hh", w_hh, {4 * H, P});
+  check("gain_hh", gain_hh, {4 * H});
+  check("gain_c", gain_c, {H});
+  check("shift_c", shift_c, {H});
+  check.together("gain_c", gain_c, "shift_c", shift_c);
+  check("w_hr", w_hr, {P, H});
+  check("w_ch", w_ch, {3 * H});
+  check("recurrent_mask", recurrent_mask, {N, P});
+  check.zoneout("zoneout_h", zoneout_h, T, N, P);
+  check.zoneout("zoneout_c", zoneout_c, T, N, H);
+  check.lengths(lengths, N);
+  const BelowAutograd below_autograd;
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  const bool projected = w_hr.has_value(), normed = gain_hh.has_value();
+  const bool cell_normed = gain_c.has_value();
+  Tensor h_states = states_buffer(T, h0);
+  Tensor c_states = states_buffer(T, c0);
+  start_states(h_states, steps.first_in(), h0);
+  start_states(c_states, steps.first_in(), c0);
+  Tensor output = at::empty({T, N, P}, pre_x.options());
+  Tensor gates = at::empty({T, N, 4 * H}, pre_x.options());
+  Tensor c_new = at::empty({T, N, H}, pre_x.options());
+  Tensor normalised = per_step_or_undefined(normed, {T, N, 4 * H}, pre_x);
+  Tensor rstd = per_step_or_undefined(normed, {T, N}, pre_x);
+  Tensor normalised_c = per_step_or_undefined(cell_normed, {T, N, H}, pre_x);
+  Tensor rstd_c = per_step_or_undefined(cell_normed, {T, N}, pre_x);
+  // Per-call scratch: the product to normalise, the masked state, and with a projection
+  // m = o ⊙ tanh ℓ (zero in held rows) and its product h̃ = m W_hr^T.
+  Tensor product = per_step_or_undefined(normed, {N, 4 * H}, pre_x);
+  Tensor masked = per_step_or_undefined(recurrent_mask.has_value(), {N, P}, pre_x);
+  Tensor m = projected ? at::zeros({N, H}, pre_x.options()) : Tensor();
+  Tensor h_raw = per_step_or_undefined(projected, {N, P}, pre_x);
+  const ForwardWeight w_hh_forward(w_hh, T);
+  const std::optional<ForwardWeight> w_hr_forward =
+      projected ? std::make_optional<ForwardWeight>(*w_hr, T) : std::nullopt;
+  AT_DISPATCH_FLOATING_TYPES(pre_x.scalar_type(), "lstm_recurrence_forward", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* peep = data_or_null<scalar_t>(w_ch);
+    const scalar_t* mask_p = data_or_null<scalar_t>(recurrent_mask);
+    scalar_t* masked_p = data_or_null<scalar_t>(masked);
+    const scalar_t* gain_p = data_or_null<scalar_t>(gain_hh);
+    const scalar_t* gain_c_p = data_or_null<scalar_t>(gain_c);
+    const scalar_t* shift_c_p = data_or_null<scalar_t>(shift_c);
+    scalar_t* product_p = data_or_null<scalar_t>(product);
+    const Zoneout<scalar_t> zone_h = zoneout_of<scalar_t>(zoneout_h, N, P);
+    const Zoneout<scalar_t> zone_c = zoneout_of<scalar_t>(zoneout_c, N, H);
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = steps.time(s);
+      // u without layer norm lands in the gates' step, and the row pass adds pre_x.
+      w_hh_forward.multiply<scalar_t>(
+          entering_state<scalar_t>(h_states, steps.in(t), mask_p, masked_p),
+          normed ? matrix<scalar_t>(product) : step_block<scalar_t>(gates, t), false);
+      scalar_t* g_p = at_step<scalar_t>(gates, t);
+      const scalar_t* pre_p = at_step<scalar_t>(pre_x, t);
+      const scalar_t* h_p = at_step<scalar_t>(h_states, steps.in(t));
+      const scalar_t* c_p = at_step<scalar_t>(c_states, steps.in(t));
+      scalar_t* h_new_p = at_step<scalar_t>(h_states, steps.out(t));
+      scalar_t* c_out_p = at_step<scalar_t>(c_states, steps.out(t));
+      scalar_t* c_new_p = at_step<scalar_t>(c_new, t);
+      scalar_t* out_p = at_step<scalar_t>(output, t);
+      scalar_t* m_p = projected ? m.data_ptr<scalar_t>() : nullptr;
+      scalar_t* x_hat_p = normed ? at_step<scalar_t>(normalised, t) : nullptr;
+      scalar_t* rstd_p = normed ? rstd.data_ptr<scalar_t>() + t * N : nullptr;
+      scalar_t* c_hat_p = cell_normed ? at_step<scalar_t>(normalised_c, t) : nullptr;
+      scalar_t* rstd_c_p = cell_normed ? rstd_c.data_ptr<scalar_t>() + t * N : nullptr;
+      for_rows(N, 4 * H, [&](int64_t n) {
+        const int64_t row = n * H, row4 = n * 4 * H;
+        scalar_t* g_row = g_p + row4;
+        if (!valid(t, n)) {
+          copy_row(c_out_p + row, c_p + row, H);
+          zero_row(c_new_p + row, H);
+          zero_row(g_row, 4 * H);
+          if (normed) {
+            zero_row(x_hat_p + row4, 4 * H);
+            rstd_p[n] = scalar_t(0);
+          }
+          if (cell_normed) {
+            zero_row(c_hat_p + row, H);
+            rstd_c_p[n] = scalar_t(0);
+          }
+          if (projected) {
+            zero_row(m_p + row, H);
+          } else {
+            copy_row(h_new_p + row, h_p + row, H);
+            zero_row(out_p + row, H);
+          }
+          return;
+        }
+        const scalar_t* pre_row = pre_p + row4;
+        const scalar_t* v_row = normed ? product_p + row4 : g_row;
+        Moments<scalar_t> mo{scalar_t(0), scalar_t(0)};
+        if (normed) {
+          mo = moments(v_row, 4 * H);
+          rstd_p[n] = mo.rstd;
+        }
+        // a = pre_x + u at the columns [offset + j, offset + j + k) (x̂ kept with layer norm).
+        auto a_of = [&](int64_t offset, int64_t j, int64_t k) {
+          const V v = V::loadu(v_row + offset + j, k);
+          const V pre = V::loadu(pre_row + offset + j, k);
+          if (!normed) return pre + v;
+          const V x_hat = (v - V(mo.mean)) * V(mo.rstd);
+          x_hat.store(x_hat_p + row4 + offset + j, k);
+          return pre + V::loadu(gain_p + offset + j, k) * x_hat;
+        };
+        const scalar_t* zone_h_row = zone_h.row(t, n);
+        const scalar_t* zone_c_row = zone_c.row(t, n);
+        // From c̃, ℓ and a_o: o, m = o ⊙ tanh ℓ, and h_t (without a projection; else m).
+        auto finish = [&](int64_t j, int64_t k, const V& c_next, const V& ell, V o_pre) {
+          if (peep != nullptr) o_pre = o_pre + V::loadu(peep + 2 * H + j, k) * c_next;
+          const V o = sigmoid(o_pre);
+          o.store(g_row + 3 * H + j, k);
+          const V h_tilde = o * fast_tanh(ell);
+          if (projected) {
+            h_tilde.store(m_p + row + j, k);
+            return;
+          }
+          const V h_next = zone_h.on
+              ? zoned(zone_h.keep(zone_h_row, j, k), V::loadu(h_p + row + j, k), h_tilde)
+              : h_tilde;
+          h_next.store(h_new_p + row + j, k);
+          h_next.store(out_p + row + j, k);
+        };
+        for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+          const V c = V::loadu(c_p + row + j, k);
+          V i_pre = a_of(0, j, k), f_pre = a_of(H, j, k);
+          if (peep != nullptr) {
+            i_pre = i_pre + V::loadu(peep + j, k) * c;
+            f_pre = f_pre + V::loadu(peep + H + j, k) * c;
+          }
+          const V i = sigmoid(i_pre), f = sigmoid(f_pre);
+          const V g = fast_tanh(a_of(2 * H, j, k));
+          const V c_next = f * c + i * g;
+          i.store(g_row + j, k);
+          f.store(g_row + H + j, k);
+          g.store(g_row + 2 * H + j, k);
+          c_next.store(c_new_p + row + j, k);
+          (zone_c.on ? zoned(zone_c.keep(zone_c_row, j, k), c, c_next) : c_next)
+              .store(c_out_p + row + j, k);
+          const V o_pre = a_of(3 * H, j, k);
+          if (cell_normed) {
+            o_pre.store(g_row + 3 * H + j, k);  // o waits for LN(c̃)'s row moments
+          } else {
+            finish(j, k, c_next, c_next, o_pre);
+          }
+        });
+        if (cell_normed) {
+          const Moments<scalar_t> mc = moments(c_new_p + row, H);
+          rstd_c_p[n] = mc.rstd;
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            const V c_next = V::loadu(c_new_p + row + j, k);
+            const V c_hat = (c_next - V(mc.mean)) * V(mc.rstd);
+            c_hat.store(c_hat_p + row + j, k);
+            const V ell = V::loadu(gain_c_p + j, k) * c_hat + V::loadu(shift_c_p + j, k);
+            finish(j, k, c_next, ell, V::loadu(g_row + 3 * H + j, k));
+          });
+        }
+      });
+      if (projected) {
+        w_hr_forward->multiply<scalar_t>(matrix<scalar_t>(m), matrix<scalar_t>(h_raw), false);
+        const scalar_t* h_raw_p = h_raw.data_ptr<scalar_t>();
+        for_rows(N, P, [&](int64_t n) {
+          const int64_t row = n * P;
+          if (!valid(t, n)) {
+            copy_row(h_new_p + row, h_p + row, P);
+            zero_row(out_p + row, P);
+            return;
+          }
+          if (!zone_h.on) {
+            copy_row(h_new_p + row, h_raw_p + row, P);
+            copy_row(out_p + row, h_raw_p + row, P);
+            return;
+          }
+          const scalar_t* zone_row = zone_h.row(t, n);
+          for_units<scalar_t>(P, [&](int64_t j, int64_t k) {
+            const V h_next = zoned(zone_h.keep(zone_row, j, k), V::loadu(h_p + row + j, k),
+                                   V::loadu(h_raw_p + row + j, k));
+            h_next.store(h_new_p + row + j, k);
+            h_next.store(out_p + row + j, k);
+          });
+        });
+      }
+    }
+  });
+  return {output, h_states, c_states, gates, c_new, normalised, rstd, normalised_c, rstd_c};
+}
+
+// Returns {d_pre_x (T, N, 4H) = dA (gate pre-activation gradients), d_product (T, N, 4H) = dv =
+// LN_back(dA) (with gain_hh; else undefined), d_h0 (N, P), d_c0 (N, H), d_w_hr (P, H) (with a
+// projection; else undefined), d_cell_norm (T, N, H) = dℓ (with gain_c; else undefined)}.
+std::vector<Tensor> lstm_recurrence_backward(
+    const Tensor& d_output, const Tensor& d_h_n, const Tensor& d_c_n, const Tensor& h_states,
+    const Tensor& c_states, const Tensor& gates, const Tensor& c_new,
+    const std::optional<Tensor>& normalised_hh, const std::optional<Tensor>& rstd_hh,
+    const std::optional<Tensor>& normalised_c, const std::optional<Tensor>& rstd_c,
+    const Tensor& w_hh, const std::optional<Tensor>& gain_hh, const std::optional<Tensor>& gain_c,
+    const std::optional<Tensor>& shift_c, const std::optional<Tensor>& w_hr,
+    const std::optional<Tensor>& w_ch, const std::optional<Tensor>& recurrent_mask,
+    const std::optional<Tensor>& zoneout_h, const std::optional<Tensor>& zoneout_c,
+    const std::optional<Tensor>& lengths, bool reverse) {
+  const Arguments check("lstm_recurrence_backward", "gates", gates, 3);
+  const int64_t T = gates.size(0), N = gates.size(1), H = gates.size(2) / 4;
+  TORCH_CHECK(gates.size(2) == 4 * H,
+              "lstm_recurrence_backward: gates must have 4 * hidden columns, got ", gates.sizes());
+  const int64_t P = w_hr.has_value() && w_hr->dim() == 2 ? w_hr->size(0) : H;
+  check("d_output", d_output, {T, N, P});
+  check("d_h_n", d_h_n, {N, P});
+  check("d_c_n", d_c_n, {N, H});
+  check("h_states", h_states, {T + 1, N, P});
+  check("c_states", c_states, {T + 1, N, H});
+  check("c_new", c_new, {T, N, H});
+  check("w_hh", w_hh, {4 * H, P});
+  check("gain_hh", gain_hh, {4 * H});
+  check.together("gain_hh", gain_hh, "normalised_hh", normalised_hh);
+  check.together("gain_hh", gain_hh, "rstd_hh", rstd_hh);
+  check("normalised_hh", normalised_hh, {T, N, 4 * H});
+  check("rstd_hh", rstd_hh, {T, N});
+  check("gain_c", gain_c, {H});
+  check("shift_c", shift_c, {H});
+  check.together("gain_c", gain_c, "shift_c", shift_c);
+  check.together("gain_c", gain_c, "normalised_c", normalised_c);
+  check.together("gain_c", gain_c, "rstd_c", rstd_c);
+  check("normalised_c", normalised_c, {T, N, H});
+  check("rstd_c", rstd_c, {T, N});
+  check("w_hr", w_hr, {P, H});
+  check("w_ch", w_ch, {3 * H});
+  check("recurrent_mask", recurrent_mask, {N, P});
+  check.zoneout("zoneout_h", zoneout_h, T, N, P);
+  check.zoneout("zoneout_c", zoneout_c, T, N, H);
+  check.lengths(lengths, N);
+  const BelowAutograd below_autograd;
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  const bool projected = w_hr.has_value(), normed = gain_hh.has_value();
+  const bool cell_normed = gain_c.has_value(), masked = recurrent_mask.has_value();
+  Tensor d_pre = at::empty_like(gates);
+  Tensor d_product = per_step_or_undefined(normed, {T, N, 4 * H}, gates);
+  Tensor d_cell_norm = per_step_or_undefined(cell_normed, {T, N, H}, gates);
+  Tensor d_h = d_h_n.clone(at::MemoryFormat::Contiguous);
+  Tensor d_c = d_c_n.clone(at::MemoryFormat::Contiguous);
+  Tensor d_masked = per_step_or_undefined(masked, {N, P}, gates);
+  // With a projection: dh̃ of every step, m = o ⊙ tanh ℓ of every step (recomputed), and the
+  // gradient of m; d_w_hr is then one product over all steps.
+  Tensor d_h_raw_all = per_step_or_undefined(projected, {T, N, P}, gates);
+  Tensor m_all = per_step_or_undefined(projected, {T, N, H}, gates);
+  Tensor d_m = per_step_or_undefined(projected, {N, H}, gates);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_recurrence_backward", [&] {
+    using V = Vec<scalar_t>;
+    const V one(scalar_t(1)), zero(scalar_t(0));
+    const scalar_t* peep = data_or_null<scalar_t>(w_ch);
+    const scalar_t* mask_p = data_or_null<scalar_t>(recurrent_mask);
+    scalar_t* d_masked_p = data_or_null<scalar_t>(d_masked);
+    const scalar_t* gain_p = data_or_null<scalar_t>(gain_hh);
+    const scalar_t* gain_c_p = data_or_null<scalar_t>(gain_c);
+    const scalar_t* shift_c_p = data_or_null<scalar_t>(shift_c);
+    const scalar_t* d_m_p = data_or_null<scalar_t>(d_m);
+    scalar_t* d_h_p = d_h.data_ptr<scalar_t>();
+    scalar_t* d_c_p = d_c.data_ptr<scalar_t>();
+    const Zoneout<scalar_t> zone_h = zoneout_of<scalar_t>(zoneout_h, N, P);
+    const Zoneout<scalar_t> zone_c = zoneout_of<scalar_t>(zoneout_c, N, H);
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = steps.time(s);
+      const scalar_t* d_out_p = at_step<scalar_t>(d_output, t);
+      if (projected) {  // dh̃ = (1 - d) dh into its step, d_h = d ⊙ dh; then dm = dh̃ W_hr
+        scalar_t* d_raw_p = at_step<scalar_t>(d_h_raw_all, t);
+        for_rows(N, P, [&](int64_t n) {
+          const int64_t row = n * P;
+          if (!valid(t, n)) return zero_row(d_raw_p + row, P);
+          const scalar_t* zone_row = zone_h.row(t, n);
+          for_units<scalar_t>(P, [&](int64_t j, int64_t k) {
+            const V dh = V::loadu(d_h_p + row + j, k) + V::loadu(d_out_p + row + j, k);
+            if (zone_h.on) {
+              const V keep = zone_h.keep(zone_row, j, k);
+              ((one - keep) * dh).store(d_raw_p + row + j, k);
+              (keep * dh).store(d_h_p + row + j, k);
+            } else {
+              dh.store(d_raw_p + row + j, k);
+              zero.store(d_h_p + row + j, k);
+            }
+          });
+        });
+        step_product<scalar_t>(step_block<scalar_t>(d_h_raw_all, t), matrix<scalar_t>(*w_hr),
+                               matrix<scalar_t>(d_m), false);
+      }
+      const scalar_t* g_p = at_step<scalar_t>(gates, t);
+      const scalar_t* c_p = at_step<scalar_t>(c_states, steps.in(t));
+      const scalar_t* c_new_p = at_step<scalar_t>(c_new, t);
+      scalar_t* d_pre_p = at_step<scalar_t>(d_pre, t);
+      scalar_t* d_prod_p = normed ? at_step<scalar_t>(d_product, t) : nullptr;
+      scalar_t* d_ell_p = cell_normed ? at_step<scalar_t>(d_cell_norm, t) : nullptr;
+      scalar_t* m_p = projected ? at_step<scalar_t>(m_all, t) : nullptr;
+      const scalar_t* x_hat_p = normed ? at_step<scalar_t>(*normalised_hh, t) : nullptr;
+      const scalar_t* rstd_p = normed ? rstd_hh->data_ptr<scalar_t>() + t * N : nullptr;
+      const scalar_t* c_hat_p = cell_normed ? at_step<scalar_t>(*normalised_c, t) : nullptr;
+      const scalar_t* rstd_c_p = cell_normed ? rstd_c->data_ptr<scalar_t>() + t * N : nullptr;
+      for_rows(N, 4 * H, [&](int64_t n) {
+        const int64_t row = n * H, row4 = n * 4 * H;
+        scalar_t* d_row = d_pre_p + row4;
+        if (!valid(t, n)) {  // d_h and d_c skip the step
+          zero_row(d_row, 4 * H);
+          if (normed) zero_row(d_prod_p + row4, 4 * H);
+          if (cell_normed) zero_row(d_ell_p + row, H);
+          if (projected) zero_row(m_p + row, H);
+          return;
+        }
+        const scalar_t* g_row = g_p + row4;
+        const scalar_t* zone_c_row = zone_c.row(t, n);
+        // From dℓ's share of dc̃ and d_o: the rest of dc̃, d_i, d_f, d_g and dc_{t-1}.
+        auto finish = [&](int64_t j, int64_t k, const V& d_from_ell, const V& d_o) {
+          const V dc = V::loadu(d_c_p + row + j, k);
+          V d_c_tilde = dc, d_c_prev = zero;
+          if (zone_c.on) {
+            const V keep = zone_c.keep(zone_c_row, j, k);
+            d_c_tilde = (one - keep) * dc;
+            d_c_prev = keep * dc;
+          }
+          d_c_tilde = d_c_tilde + d_from_ell;
+          if (peep != nullptr) d_c_tilde = d_c_tilde + d_o * V::loadu(peep + 2 * H + j, k);
+          const V i = V::loadu(g_row + j, k), f = V::loadu(g_row + H + j, k);
+          const V g = V::loadu(g_row + 2 * H + j, k);
+          const V d_i = d_c_tilde * g * sigmoid_grad(i);
+          const V d_f = d_c_tilde * V::loadu(c_p + row + j, k) * sigmoid_grad(f);
+          const V d_g = d_c_tilde * i * tanh_grad(g);
+          d_c_prev = d_c_prev + d_c_tilde * f;
+          if (peep != nullptr) {
+            d_c_prev = d_c_prev + d_i * V::loadu(peep + j, k) + d_f * V::loadu(peep + H + j, k);
+          }
+          d_i.store(d_row + j, k);
+          d_f.store(d_row + H + j, k);
+          d_g.store(d_row + 2 * H + j, k);
+          d_o.store(d_row + 3 * H + j, k);
+          d_c_prev.store(d_c_p + row + j, k);
+        };
+        const scalar_t* zone_h_row = zone_h.row(t, n);
+        for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+          V dm;
+          if (projected) {
+            dm = V::loadu(d_m_p + row + j, k);
+          } else {
+            const V dh = V::loadu(d_h_p + row + j, k) + V::loadu(d_out_p + row + j, k);
+            if (zone_h.on) {
+              const V keep = zone_h.keep(zone_h_row, j, k);
+              dm = (one - keep) * dh;
+              (keep * dh).store(d_h_p + row + j, k);  // the product below adds to it
+            } else {
+              dm = dh;
+              zero.store(d_h_p + row + j, k);
+            }
+          }
+          const V o = V::loadu(g_row + 3 * H + j, k);
+          const V ell = cell_normed ? V::loadu(gain_c_p + j, k) * V::loadu(c_hat_p + row + j, k) +
+                                          V::loadu(shift_c_p + j, k)
+                                    : V::loadu(c_new_p + row + j, k);
+          const V tanh_ell = fast_tanh(ell);
+          if (projected) (o * tanh_ell).store(m_p + row + j, k);
+          const V d_o = dm * tanh_ell * sigmoid_grad(o);
+          const V d_ell = dm * o * tanh_grad(tanh_ell);
+          if (cell_normed) {  // LN(c̃)'s backward needs the row's sums first
+            d_ell.store(d_ell_p + row + j, k);
+            d_o.store(d_row + 3 * H + j, k);
+          } else {
+            finish(j, k, d_ell, d_o);
+          }
+        });
+        if (cell_normed) {
+          const scalar_t* d_ell_row = d_ell_p + row;
+          const scalar_t* c_hat_row = c_hat_p + row;
+          const scalar_t rc = rstd_c_p[n];
+          const scalar_t mean_g = row_sum<scalar_t>(H, [&](int64_t j, int64_t k) {
+                                    return V::loadu(d_ell_row + j, k) * V::loadu(gain_c_p + j, k);
+                                  }) / scalar_t(H);
+          const scalar_t mean_gx = row_sum<scalar_t>(H, [&](int64_t j, int64_t k) {
+                                     return V::loadu(d_ell_row + j, k) * V::loadu(gain_c_p + j, k) *
+                                            V::loadu(c_hat_row + j, k);
+                                   }) / scalar_t(H);
+          for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
+            const V gv = V::loadu(d_ell_row + j, k) * V::loadu(gain_c_p + j, k);
+            const V d_from_ell =
+                V(rc) * (gv - V(mean_g) - V::loadu(c_hat_row + j, k) * V(mean_gx));
+            finish(j, k, d_from_ell, V::loadu(d_row + 3 * H + j, k));
+          });
+        }
+        if (normed) {
+          layer_norm_backward_row(d_row, gain_p, x_hat_p + row4, rstd_p[n], d_prod_p + row4,
+                                  4 * H);
+        }
+      });
+      const Block<scalar_t> dv = step_block<scalar_t>(normed ? d_product : d_pre, t);
+      if (masked) {
+        step_product<scalar_t>(dv, matrix<scalar_t>(w_hh), matrix<scalar_t>(d_masked), false);
+        add_masked(d_h_p, mask_p, d_masked_p, N, P, t, valid);
+      } else {
+        step_product<scalar_t>(dv, matrix<scalar_t>(w_hh), matrix<scalar_t>(d_h), true);
+      }
+    }
+  });
+  Tensor d_w_hr;
+  if (projected) d_w_hr = d_h_raw_all.view({T * N, P}).t().mm(m_all.view({T * N, H}));
+  return {d_pre, d_product, d_h, d_c, d_w_hr, d_cell_norm};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rnnkit native CPU kernels: time loops of RNN, LSTM and GRU, forward and backward";
+  m.doc() = "rnnkit native CPU kernels: time loops of RNN, LSTM and GRU, forward and backward "
+            "(plain, and the recurrence with layer norm, recurrent dropout and zoneout)";
   m.def("linear", &linear);
   m.def("rnn_forward", &rnn_forward);
   m.def("rnn_backward", &rnn_backward);
@@ -1028,6 +2092,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &lstm_backward);
   m.def("gru_forward", &gru_forward);
   m.def("gru_backward", &gru_backward);
+  m.def("rnn_recurrence_forward", &rnn_recurrence_forward);
+  m.def("rnn_recurrence_backward", &rnn_recurrence_backward);
+  m.def("lstm_recurrence_forward", &lstm_recurrence_forward);
+  m.def("lstm_recurrence_backward", &lstm_recurrence_backward);
+  m.def("gru_recurrence_forward", &gru_recurrence_forward);
+  m.def("gru_recurrence_backward", &gru_recurrence_backward);
   m.def("set_blas_min_multiply_adds", &set_blas_min_multiply_adds,
         "step products of at least this many multiply-adds run on ATen's mm (BLAS)");
   m.def("blas_min_multiply_adds", [] { return blas_min_multiply_adds; });
