@@ -333,6 +333,23 @@ def test_no_steps_keep_the_state():
     assert torch.equal(h_n, case.get("h0")) and torch.equal(c_n, case.get("c0"))
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_an_empty_batch_gives_empty_results_and_zero_weight_gradients(family):
+    case = Case(family, "all_train", True, False, 3)
+    for name in ("x", "h0", "c0"):
+        if name in case.leaves:  # keep no rows of the batch
+            kept = case.leaves[name][:, :0] if name == "x" else case.leaves[name][:0]
+            case.leaves[name] = kept.detach().requires_grad_()
+    case.batch = 0
+    case.recurrent_mask = case.recurrent_mask[:0]
+    case.zoneout_h = case.zoneout_h[:, :0]
+    case.zoneout_c = None if case.zoneout_c is None else case.zoneout_c[:, :0]
+    case.d_output, case.d_h_n, case.d_c_n = case.d_output[:, :0], case.d_h_n[:0], case.d_c_n[:0]
+    results = case.native()
+    assert results["output"].shape == (STEPS, 0, case.out)
+    assert all((g == 0).all() for n, g in results.items() if n.startswith("grad:"))
+
+
 # ---- bad input gives a RuntimeError naming the kernel and the argument ----------------------
 
 def lstm_arguments(**changes):

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -1105,6 +1106,33 @@ inline T row_sum(int64_t units, const F& term) {
   return sum;
 }
 
+// (Σ_j a(j), Σ_j b(j)) in one pass, where terms(j, k) gives the pair (a, b) of its units.
+template <typename T, typename F>
+inline std::pair<T, T> row_sums(int64_t units, const F& terms) {
+  using V = Vec<T>;
+  V acc_a(T(0)), acc_b(T(0));
+  for_units<T>(units, [&](int64_t j, int64_t k) {
+    const std::pair<V, V> x = terms(j, k);
+    if (k == V::size()) {
+      acc_a = acc_a + x.first;
+      acc_b = acc_b + x.second;
+    } else {
+      acc_a = acc_a + V::set(V(T(0)), x.first, k);
+      acc_b = acc_b + V::set(V(T(0)), x.second, k);
+    }
+  });
+  alignas(64) T lanes_a[V::size()];
+  alignas(64) T lanes_b[V::size()];
+  acc_a.store(lanes_a);
+  acc_b.store(lanes_b);
+  T a = T(0), b = T(0);
+  for (int64_t l = 0; l < V::size(); ++l) {
+    a += lanes_a[l];
+    b += lanes_b[l];
+  }
+  return {a, b};
+}
+
 // Mean and 1 / sqrt(biased variance + eps) of a row (two passes: the row is in L1).
 template <typename T>
 struct Moments {
@@ -1129,12 +1157,11 @@ template <typename T>
 inline void layer_norm_backward_row(const T* dy, const T* gain, const T* x_hat, T rstd, T* dv,
                                     int64_t units) {
   using V = Vec<T>;
-  const T mean_g = row_sum<T>(units, [&](int64_t j, int64_t k) {
-                     return V::loadu(dy + j, k) * V::loadu(gain + j, k);
-                   }) / T(units);
-  const T mean_gx = row_sum<T>(units, [&](int64_t j, int64_t k) {
-                      return V::loadu(dy + j, k) * V::loadu(gain + j, k) * V::loadu(x_hat + j, k);
-                    }) / T(units);
+  const auto [sum_g, sum_gx] = row_sums<T>(units, [&](int64_t j, int64_t k) {
+    const V g = V::loadu(dy + j, k) * V::loadu(gain + j, k);
+    return std::make_pair(g, g * V::loadu(x_hat + j, k));
+  });
+  const T mean_g = sum_g / T(units), mean_gx = sum_gx / T(units);
   for_units<T>(units, [&](int64_t j, int64_t k) {
     const V g = V::loadu(dy + j, k) * V::loadu(gain + j, k);
     (V(rstd) * (g - V(mean_g) - V::loadu(x_hat + j, k) * V(mean_gx))).store(dv + j, k);
@@ -2047,13 +2074,11 @@ std::vector<Tensor> lstm_recurrence_backward(
           const scalar_t* d_ell_row = d_ell_p + row;
           const scalar_t* c_hat_row = c_hat_p + row;
           const scalar_t rc = rstd_c_p[n];
-          const scalar_t mean_g = row_sum<scalar_t>(H, [&](int64_t j, int64_t k) {
-                                    return V::loadu(d_ell_row + j, k) * V::loadu(gain_c_p + j, k);
-                                  }) / scalar_t(H);
-          const scalar_t mean_gx = row_sum<scalar_t>(H, [&](int64_t j, int64_t k) {
-                                     return V::loadu(d_ell_row + j, k) * V::loadu(gain_c_p + j, k) *
-                                            V::loadu(c_hat_row + j, k);
-                                   }) / scalar_t(H);
+          const auto [sum_g, sum_gx] = row_sums<scalar_t>(H, [&](int64_t j, int64_t k) {
+            const V gv = V::loadu(d_ell_row + j, k) * V::loadu(gain_c_p + j, k);
+            return std::make_pair(gv, gv * V::loadu(c_hat_row + j, k));
+          });
+          const scalar_t mean_g = sum_g / scalar_t(H), mean_gx = sum_gx / scalar_t(H);
           for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
             const V gv = V::loadu(d_ell_row + j, k) * V::loadu(gain_c_p + j, k);
             const V d_from_ell =
