@@ -166,15 +166,15 @@ def input_side(kind: CellKind, x: Tensor, w: CellWeights) -> tuple[Tensor, CellW
     (`rnnkit.engine.fused_recurrence`), and what their double backward differentiates.
     """
     keep_recurrent_bias = kind.family == Family.GRU and kind.reset_after
+    bias = w.bias_ih
+    if bias is not None and not keep_recurrent_bias:
+        bias = bias + w.bias_hh  # (G·H,): added once, by the product or LN's shift
     if w.weight_ih is None:  # split already: x is the input side
-        pre_x = x
+        pre_x = x if bias is None else x + bias
     elif w.layer_norm_ih is None:
-        pre_x = F.linear(x, w.weight_ih)
+        pre_x = F.linear(x, w.weight_ih, bias)
     else:
-        pre_x = _normalised(F.linear(x, w.weight_ih), w.layer_norm_ih)
-    for bias in (w.bias_ih, None if keep_recurrent_bias else w.bias_hh):
-        if bias is not None:
-            pre_x = pre_x + bias
+        pre_x = _normalised(F.linear(x, w.weight_ih), w.layer_norm_ih, bias)
     recurrence = w._replace(weight_ih=None, bias_ih=None, layer_norm_ih=None,
                             bias_hh=w.bias_hh if keep_recurrent_bias else None)
     return pre_x, recurrence
