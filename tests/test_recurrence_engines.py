@@ -205,3 +205,30 @@ def test_tracing_training_masks_is_a_named_error():
     with pytest.raises(ValueError, match="torch.jit.trace cannot record recurrent_dropout or "
                                          "zoneout in training mode"):
         torch.jit.trace(model, (torch.randn(3, 2, 4),), check_trace=False)
+
+
+def test_compiled_training_with_masks_equals_eager_under_the_same_seed(monkeypatch):
+    """The masks are drawn by the layer with torch.rand: under aot_eager the compiled graph
+    draws them from the same generator as eager; inductor has its own random number generator
+    (different masks, equally valid), and with ``fallback_random`` it calls torch's, so the
+    compiled step equals eager (README, "torch.compile")."""
+    torch.manual_seed(0)
+    model = rnnkit.LSTM(6, 8, layer_norm=True, zoneout=0.2, recurrent_dropout=0.2,
+                        weight_drop=0.3).train()
+    x = torch.randn(5, 3, 6, requires_grad=True)
+
+    def step(module):
+        torch.manual_seed(7)
+        output, _ = module(x)
+        return (output, *torch.autograd.grad(output.square().sum(),
+                                             [x, *model.parameters()]))
+
+    eager = step(model)
+    compiled = step(torch.compile(model, backend="aot_eager", fullgraph=True))
+    for found, expected in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(found, expected, rtol=0, atol=0)
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch._dynamo.reset()
+    compiled = step(torch.compile(model, fullgraph=True))
+    for found, expected in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)

@@ -4,8 +4,9 @@ Layers call `run_direction` for each layer and direction of a stack, naming a ba
 
 - ``"reference"``: the readable per-step loop on autograd (`reference.py`); the spec every other
   backend is tested against.
-- ``"fused"``: the ``rnnkit::fused_*`` operators (`ops.py`, math in `fused.py`): a hand-derived
-  backward, pure PyTorch, any device and floating dtype, every variant.
+- ``"fused"``: the ``rnnkit::fused_*`` operators (`ops.py`, math in `fused.py`; layer norm,
+  recurrent dropout and zoneout in `fused_recurrence.py`): a hand-derived backward, pure
+  PyTorch, any device and floating dtype, every variant.
 - ``"native"``: the ``rnnkit::native_*`` operators: the same derivation with the time loops in
   C++ (`native/`), compiled at first use and cached; CPU tensors of float32 or float64.
 - ``"auto"`` (default): the fastest correct backend for the input.

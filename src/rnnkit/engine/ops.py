@@ -9,6 +9,10 @@ implementations per family behind one calling convention (`run_fused`, `run_nati
                                    PyTorch, any device and floating dtype
 ``rnnkit::native_{rnn,lstm,gru}``  the CPU kernels (`rnnkit.engine.native`), float32/float64
 ``*_backward``                     each one's reverse loop, itself an operator
+``rnnkit::{fused,native}_*_recurrence``  layer norm, recurrent dropout and zoneout: the
+                                   recurrence alone, its input side ``pre_x`` computed before
+                                   by autograd ops (`steps.input_side`); math in
+                                   `rnnkit.engine.fused_recurrence`
 ==========================  ===============================================================
 
 Every operator has:
