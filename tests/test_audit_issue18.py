@@ -131,14 +131,25 @@ def test_tracing_a_layer_with_a_switch_records_the_operator_or_is_a_named_error(
             torch.jit.trace(model, torch.randn(4, 2, 3))
 
 
-def test_torch_onnx_export_of_a_layer_norm_model_is_the_named_error(tmp_path):
-    """torch.onnx.export(dynamo=True) retries a failed non-strict capture with dynamo's strict
-    one, where torch.onnx.is_in_onnx_export() reads False: the refusal was skipped and a graph
-    fixed to the example's length written. It must stay the named error."""
+def test_torch_onnx_export_of_a_layer_norm_model_runs_at_any_length_in_evaluation_only(tmp_path):
+    """torch.onnx.export(dynamo=True) once wrote a graph fixed to the example's length (its
+    strict retry skipped the refusal); then layer norm and zoneout were refused by name. In
+    evaluation mode they now export as a Scan loop that runs other lengths and batches than
+    the traced ones; in training mode (masks drawn per call) they stay the named error."""
+    onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    model = Wrapped(rnnkit.LSTM(3, 5, layer_norm=True)).eval()
+    model = perturbed(Wrapped(rnnkit.LSTM(3, 5, layer_norm=True, zoneout=0.2))).eval()
     path = tmp_path / "ln.onnx"
-    with pytest.raises(Exception, match="layer_norm, recurrent_dropout and zoneout do not "
-                                        "export to ONNX"):
-        torch.onnx.export(model, (torch.randn(4, 2, 3),), str(path), dynamo=True)
+    steps, batch = torch.export.Dim("T"), torch.export.Dim("N")
+    torch.onnx.export(model, (torch.randn(4, 2, 3),), str(path), dynamo=True,
+                      dynamic_shapes=({0: steps, 1: batch},))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(7, 3, 3)
+    (found,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(found), model(x), rtol=0, atol=1e-5)
+
+    path = tmp_path / "training.onnx"
+    with pytest.raises(Exception, match="zoneout do not export to ONNX in training mode"):
+        torch.onnx.export(model.train(), (torch.randn(4, 2, 3),), str(path), dynamo=True)
     assert not path.exists()

@@ -119,6 +119,8 @@ NATIVE_CASES = [
     ("RNN", {"bias": False, "num_layers": 2}, False, "RNN"),
     ("RNN", {"nonlinearity": "relu", "learn_initial_state": True, "bidirectional": True}, True,
      "RNN"),
+    # Recurrent dropout and weight drop are the identity in evaluation mode: the plain node.
+    ("GRU", {"recurrent_dropout": 0.3, "weight_drop": 0.4}, True, "GRU"),
 ]
 
 
@@ -168,6 +170,9 @@ def test_legacy_exporter_gives_the_onnx_op_for_plain_layers(tmp_path, family, op
     ("LSTM", {"proj_size": 2}, False, "an LSTM with proj_size"),
     ("GRU", {"reset_after": False}, False, "a GRU with reset_after=False"),
     ("RNN", {}, True, "an RNN with lengths"),
+    ("LSTM", {"layer_norm": True, "peephole": True}, False, "an LSTM with layer_norm=True"),
+    ("GRU", {"zoneout": 0.2}, False, "a GRU with zoneout"),
+    ("RNN", {"layer_norm": True, "zoneout": 0.1}, True, "an RNN with layer_norm=True and zoneout"),
 ])
 def test_legacy_exporter_refuses_variants_by_name(tmp_path, family, options, with_lengths,
                                                   variant):
@@ -241,6 +246,86 @@ def test_eager_runs_are_unchanged_after_an_export(tmp_path):
     assert not rnnkit.engine.is_exporting()
     after = Flat(layer)(*inputs)
     assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+# ---- layer norm and zoneout (issue 18's switches) ----------------------------------------
+
+# Evaluation mode, where they are deterministic: the spec's step with the layer-norm gains and
+# zoneout's expectation in a Scan loop, on export_onnx too (ONNX's recurrent nodes have no place
+# for them). Gains and shifts are drawn in [-0.5, 0.5] by `make`, far from the identity.
+# Representative, not a product (each Scan costs seconds to export): every family with layer
+# norm, zoneout or both, and between them 2 layers, both directions, lengths or none, peephole,
+# projection, learned initial state, batch_first, and the switches that are plain in
+# evaluation (recurrent dropout, weight drop).
+VARIANT_CASES = [
+    ("LSTM", {"layer_norm": True, "zoneout": (0.3, 0.1), "recurrent_dropout": 0.4,
+              "weight_drop": 0.3, "num_layers": 2, "bidirectional": True}, True),
+    ("LSTM", {"peephole": True, "zoneout": 0.2}, False),
+    ("LSTM", {"proj_size": 3, "layer_norm": True, "learn_initial_state": True,
+              "batch_first": True}, True),
+    ("GRU", {"layer_norm": True, "zoneout": 0.25, "bidirectional": True}, True),
+    ("RNN", {"layer_norm": True, "zoneout": 0.15, "nonlinearity": "relu", "num_layers": 2},
+     False),
+]
+
+
+def recurrent_constructs(path) -> list[str]:
+    """The op types of the graph's recurrent constructs, one per layer and direction."""
+    return [node.op_type for node in onnx.load(str(path)).graph.node
+            if node.op_type in ("LSTM", "GRU", "RNN", "Scan")]
+
+
+@pytest.mark.parametrize(("family", "options", "with_lengths"), VARIANT_CASES)
+def test_export_onnx_of_layer_norm_and_zoneout_in_evaluation_runs_a_scan_at_any_size(
+        tmp_path, family, options, with_lengths):
+    layer = make(family, **options)
+    check_export(tmp_path, layer, with_lengths, export_native)
+    assert recurrent_constructs(tmp_path / "layer.onnx") == \
+        ["Scan"] * (layer.num_layers * layer.num_directions)
+
+
+def test_plain_torch_onnx_export_of_layer_norm_and_zoneout_runs_a_scan_at_any_size(tmp_path):
+    layer = make("LSTM", layer_norm=True, zoneout=(0.3, 0.1), peephole=True, batch_first=True)
+    check_export(tmp_path, layer, True, export_plain)
+    assert recurrent_constructs(tmp_path / "layer.onnx") == ["Scan"]
+
+
+def export_legacy_training(model, args, path, shapes):
+    """The legacy exporter as asked to keep training mode (it exports in evaluation unless
+    told otherwise)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), dynamo=False,
+                          training=torch.onnx.TrainingMode.TRAINING)
+
+
+def raised(error: BaseException, kind: type) -> BaseException | None:
+    """``error`` or the first of its causes that is a ``kind`` (torch.onnx.export wraps the
+    model's error in its own, the model's as the cause)."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__
+    return error
+
+
+@pytest.mark.parametrize("export", [export_native, export_plain, export_legacy_training],
+                         ids=["export_onnx", "dynamo", "legacy"])
+@pytest.mark.parametrize(("family", "options"), [
+    ("LSTM", {"zoneout": 0.2}),
+    ("GRU", {"recurrent_dropout": 0.3, "layer_norm": True}),
+])
+def test_training_mode_recurrent_dropout_and_zoneout_are_a_named_error(
+        tmp_path, export, family, options):
+    # Their masks are drawn per call: a graph would freeze the example's draws.
+    layer = make(family, **options).train()
+    path = tmp_path / "x.onnx"
+    with pytest.raises(Exception) as caught:
+        export(Flat(layer), example(layer, *TRACED, True), path, dynamic_shapes(layer, True))
+    error = raised(caught.value, ValueError)
+    assert error is not None, caught.value
+    assert re.search(r"recurrent_dropout and zoneout do not export to ONNX in training mode.*"
+                     r"model\.eval\(\)", str(error))
+    assert not path.exists()
+    assert layer.training  # left as it was
 
 
 # ---- rnnkit export CKPT --onnx FILE -------------------------------------------------------

@@ -132,12 +132,20 @@ __all__ = ["BACKENDS", "BackendWarning", "engine_for", "is_exporting", "resolve_
 def _run_variant(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                  lengths: Tensor | None, reverse: bool, backend: str,
                  masks: Masks | None) -> tuple[Tensor, State]:
-    """Layer norm, recurrent dropout, zoneout: the recurrence operators or the reference."""
-    if is_exporting() or _onnx_capture():
-        raise ValueError("layer_norm, recurrent_dropout and zoneout do not export to ONNX "
-                         "yet; export a model without them")
+    """Layer norm, recurrent dropout, zoneout: the recurrence operators or the reference; the
+    ONNX routes in evaluation mode (`onnx.run_direction`)."""
     per_step_masks = masks is not None and any(
         mask is not None and mask.dim() > 0 for mask in masks)
+    exporting = is_exporting() or _onnx_capture()
+    if exporting and per_step_masks:
+        # Drawn in Python once per call: a graph would hold the example's masks (and shape)
+        # for every input, a deterministic model that is neither training nor evaluation.
+        raise ValueError("recurrent_dropout and zoneout do not export to ONNX in training mode "
+                         "(their masks are drawn per call, and a graph would freeze them); "
+                         "export the model in evaluation mode (model.eval()), where they are "
+                         "deterministic")
+    if exporting:
+        return onnx.run_direction(kind, x, state, weights, lengths, reverse, masks)
     if torch.jit.is_tracing() and per_step_masks:
         # The masks are drawn in Python at the example's batch and length: a trace would
         # replay those shapes (and those very masks) for every input.

@@ -18,10 +18,25 @@ RNN tanh / relu                   ONNX ``RNN``           ``Scan``               
 reverse direction                 ``direction=reverse``  ``Scan`` (reversed)         flipped
 lengths                           ``sequence_lens``      masked inside ``Scan``      refused
 learned initial state             the ops' initial state (a parameter expanded over N), any route
+layer_norm / zoneout, evaluation  ``Scan``               ``Scan``                    refused
+recurrent_dropout / weight_drop,  as the plain layer (the identity in evaluation mode), any
+evaluation                        route
+recurrent_dropout / zoneout,      ``ValueError``         ``ValueError``              ``ValueError``
+training
 ================================  =====================  ==========================  ========
 
 ("legacy exporter": ``torch.onnx.export(..., dynamo=False)``; "refused": an
 `UnsupportedExport` naming the variant and the route that exports it, at export time.)
+
+Layer norm and zoneout in evaluation mode (``model.eval()``, where they are deterministic) go
+through the ``Scan`` route on both dynamo routes, combined with any variant above: ONNX's
+recurrent operators have no place for the normalisations, nor for zoneout's expectation
+``h_t = p h_{t-1} + (1 - p) h̃_t``. The loop's body is the spec's step itself (`cell_step` with
+the layer-norm gains that `CellWeights` carries, then `rnnkit.engine.steps.zoneout` with the
+0-dim probabilities the layer hands over in evaluation), the reference engine's step. In training
+mode recurrent dropout and zoneout draw their masks per call, and a graph would freeze the
+example's draws: every route refuses them with a ``ValueError`` saying to call ``model.eval()``
+(the legacy exporter puts a model in evaluation mode itself unless given ``training=``).
 
 Why three routes:
 
@@ -62,7 +77,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rnnkit.engine.steps import CellKind, CellWeights, State, cell_step, output_of
+from rnnkit.engine.steps import CellKind, CellWeights, Masks, State, cell_step, output_of, zoneout
 
 INSTALL_HINT = 'pip install "rnnkit[onnx]"'
 NAMESPACE = "rnnkit_onnx"
@@ -99,22 +114,39 @@ def run_direction(
     weights: CellWeights,
     lengths: Tensor | None,
     reverse: bool,
+    masks: Masks | None = None,
 ) -> tuple[Tensor, State]:
     """One layer in one direction, as the running exporter can express it (module docstring).
 
     The contract is `rnnkit.engine.reference.run_direction`'s: ``x (T, N, I)``, state
-    ``h (N, H_out)`` or ``(h, c)``, ``lengths (N,)`` int64 or None; returns ``output
-    (T, N, H_out)``, zero past each sequence's end, and the final state.
+    ``h (N, H_out)`` or ``(h, c)``, ``lengths (N,)`` int64 or None, ``masks`` those of
+    evaluation mode (zoneout's probabilities, 0-dim; the caller refuses per-call masks);
+    returns ``output (T, N, H_out)``, zero past each sequence's end, and the final state.
     """
+    if masks is not None and masks.empty:
+        masks = None
+    if masks is not None and any(mask is not None and mask.dim() > 0 for mask in masks):
+        raise ValueError("per-step masks (recurrent dropout or zoneout in training mode) have "
+                         "no ONNX form: export the model in evaluation mode (model.eval())")
     if not _is_compiling():  # the legacy exporter traces eager execution
-        return _run_torch_op(kind, x, state, weights, lengths, reverse)
-    if _native_operators and weights.weight_hr is None:
+        return _run_torch_op(kind, x, state, weights, lengths, reverse, masks)
+    if _native_operators and weights.weight_hr is None and not weights.layer_norm \
+            and masks is None:
         return _run_native_operator(kind, x, state, weights, lengths, reverse)
-    return _run_scan(kind, x, state, weights, lengths, reverse)
+    return _run_scan(kind, x, state, weights, lengths, reverse, masks)
 
 
-def _describe(kind: CellKind, weights: CellWeights, lengths: Tensor | None) -> str | None:
+def _describe(kind: CellKind, weights: CellWeights, lengths: Tensor | None,
+              masks: Masks | None = None) -> str | None:
     """The variant the legacy exporter cannot express, in words; None for a plain layer."""
+    family = ("a " if kind.family == "gru" else "an ") + kind.family.upper()
+    switches = [name for name, on in (
+        ("layer_norm=True", weights.layer_norm),
+        ("recurrent_dropout", masks is not None and masks.recurrent is not None),
+        ("zoneout", masks is not None and (masks.zoneout_h is not None
+                                           or masks.zoneout_c is not None))) if on]
+    if switches:
+        return f"{family} with {' and '.join(switches)}"
     if weights.weight_hr is not None:
         return "an LSTM with proj_size"
     if weights.weight_ch is not None:
@@ -122,22 +154,23 @@ def _describe(kind: CellKind, weights: CellWeights, lengths: Tensor | None) -> s
     if kind.family == "gru" and not kind.reset_after:
         return "a GRU with reset_after=False"
     if lengths is not None:
-        return f"an {kind.family.upper()} with lengths"
+        return f"{family} with lengths"
     return None
 
 
 def _run_torch_op(
     kind: CellKind, x: Tensor, state: State, weights: CellWeights, lengths: Tensor | None,
-    reverse: bool,
+    reverse: bool, masks: Masks | None = None,
 ) -> tuple[Tensor, State]:
     """The legacy exporter's route: torch's recurrent op, which it translates to ONNX's."""
-    variant = _describe(kind, weights, lengths)
+    variant = _describe(kind, weights, lengths, masks)
     if variant is not None:
         raise UnsupportedExport(
             f"the legacy ONNX exporter (torch.onnx.export(..., dynamo=False)) cannot export "
             f"{variant}: it has no ONNX form there; use rnnkit.export_onnx(model, args, path, "
             "dynamic_shapes=...) (or torch.onnx.export(..., dynamo=True)), which export every "
-            "variant")
+            "variant" + (" (layer_norm, zoneout in evaluation mode: model.eval())"
+                         if weights.layer_norm or masks is not None else ""))
     has_biases = weights.bias_ih is not None
     flat = [weights.weight_ih, weights.weight_hh]
     flat += [weights.bias_ih, weights.bias_hh] if has_biases else []
@@ -159,14 +192,22 @@ def _run_torch_op(
 
 def _run_scan(
     kind: CellKind, x: Tensor, state: State, weights: CellWeights, lengths: Tensor | None,
-    reverse: bool,
+    reverse: bool, masks: Masks | None = None,
 ) -> tuple[Tensor, State]:
-    """The spec's step (`cell_step`) in a ``scan`` over time: exported as one ONNX ``Scan``."""
+    """The spec's step (`cell_step`, layer norm included) in a ``scan`` over time, with
+    evaluation-mode zoneout (`zoneout`: the expectation ``p h_{t-1} + (1 - p) h̃_t``) after it,
+    as the reference engine runs them: exported as one ONNX ``Scan``."""
     from torch._higher_order_ops.scan import scan
+
+    recurrent = None if masks is None else masks.recurrent
+    keep_h, keep_c = (None, None) if masks is None else masks.zoneout_at(0)  # 0-dim: every step
+    zoned = keep_h is not None or keep_c is not None
 
     def step(carry: State, inputs: tuple[Tensor, Tensor]) -> tuple[State, Tensor]:
         x_t, t = inputs  # (N, I), () the step's index in the sequence
-        new = cell_step(kind, x_t, carry, weights)
+        new = cell_step(kind, x_t, carry, weights, recurrent)
+        if zoned:
+            new = zoneout(new, carry, keep_h, keep_c)
         if lengths is None:
             return new, output_of(new).clone()  # an output may not alias the carry
         # As in the reference engine: past a sequence's end its state is held (going backward:
@@ -373,7 +414,8 @@ def export_onnx(
     ``({0: torch.export.Dim("T"), 1: torch.export.Dim("N")},)`` for one ``(T, N, I)`` input),
     which raises if the model's code fixes a dimension marked dynamic, then translated by
     ``torch.onnx.export`` with `onnx_translations`. Call ``model.eval()`` first for inference
-    (dropout is exported as it runs).
+    (dropout between layers is exported as it runs; recurrent dropout and zoneout export in
+    evaluation mode only, a ``ValueError`` in training mode).
 
     Returns the ``torch.onnx.ONNXProgram`` (already saved to ``path``). Needs ``onnx`` and
     ``onnxscript`` (``pip install "rnnkit[onnx]"``).
