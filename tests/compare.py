@@ -56,13 +56,8 @@ def assert_same(
 
     With a ``group`` name, the worst difference is recorded in ``WORST`` for the run's summary.
     """
-    assert sorted(actual) == sorted(expected)
-    if group:
-        worst, count = WORST.get((group, dtype), (0.0, 0))
-        WORST[(group, dtype)] = (max(worst, max_error(actual, expected)), count + 1)
-    tolerance = TOLERANCE[dtype]
+    tolerance = _same_keys_and_shapes(actual, expected, dtype, group)
     for key in expected:
-        assert actual[key].shape == expected[key].shape, key
         torch.testing.assert_close(
             actual[key], expected[key], rtol=tolerance, atol=tolerance, msg=lambda m, k=key: f"{k}: {m}"
         )
@@ -86,16 +81,24 @@ def assert_same_normwise(
     1e-5 of its own size (elementwise `assert_same` would be). Both engines are equally far
     from float64 there (tests/test_recurrence_engines.py says how far).
     """
-    assert sorted(actual) == sorted(expected)
-    if group:
-        worst, count = WORST.get((group, dtype), (0.0, 0))
-        WORST[(group, dtype)] = (max(worst, max_error(actual, expected)), count + 1)
-    tolerance = TOLERANCE[dtype]
+    tolerance = _same_keys_and_shapes(actual, expected, dtype, group)
     for key in expected:
-        assert actual[key].shape == expected[key].shape, key
         if not expected[key].numel():
             continue
         scale = max(1.0, float(expected[key].abs().max()))
         error = float((actual[key] - expected[key]).abs().max())
         assert error <= tolerance * scale, (
             f"{key}: max |difference| {error:.3g} > {tolerance:g} x {scale:.3g}")
+
+
+def _same_keys_and_shapes(actual: dict[str, Tensor], expected: dict[str, Tensor],
+                          dtype: torch.dtype, group: str) -> float:
+    """Assert the same keys and shapes, record the worst difference under ``group``, and
+    return the tolerance for ``dtype``."""
+    assert sorted(actual) == sorted(expected)
+    for key in expected:
+        assert actual[key].shape == expected[key].shape, key
+    if group:
+        worst, count = WORST.get((group, dtype), (0.0, 0))
+        WORST[(group, dtype)] = (max(worst, max_error(actual, expected)), count + 1)
+    return TOLERANCE[dtype]

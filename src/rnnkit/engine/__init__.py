@@ -125,10 +125,6 @@ def run_direction(
     return _RUNNERS[engine_for(backend, x)](kind, x, state, weights, lengths, reverse)
 
 
-__all__ = ["BACKENDS", "BackendWarning", "engine_for", "is_exporting", "resolve_backend",
-           "run_direction"]
-
-
 def _run_variant(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                  lengths: Tensor | None, reverse: bool, backend: str,
                  masks: Masks | None) -> tuple[Tensor, State]:
@@ -161,3 +157,7 @@ def _run_variant(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
         return reference.run_direction(kind, x, state, weights, lengths, reverse, masks)
     return ops.run_recurrence(kind, x, state, weights, lengths, reverse, masks,
                               native_kernels=engine_name == "native")
+
+
+__all__ = ["BACKENDS", "BackendWarning", "engine_for", "is_exporting", "resolve_backend",
+           "run_direction"]
