@@ -232,3 +232,24 @@ def test_compiled_training_with_masks_equals_eager_under_the_same_seed(monkeypat
     compiled = step(torch.compile(model, fullgraph=True))
     for found, expected in zip(compiled, eager, strict=True):
         torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_per_sample_gradients_with_torch_func_equal_the_reference(engine):
+    torch.manual_seed(0)
+    model = rnnkit.GRU(4, 6, layer_norm=True, zoneout=0.2, backend=engine).eval()
+    reference_model = rnnkit.GRU(4, 6, layer_norm=True, zoneout=0.2, backend="reference").eval()
+    reference_model.load_state_dict(model.state_dict())
+    sequences = torch.randn(5, 3, 4)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def per_sample(module):
+        def loss(parameters, sequence):
+            output, _ = torch.func.functional_call(module, parameters, (sequence.unsqueeze(1),))
+            return output.square().mean()
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 1))(params, sequences)
+
+    found, expected = per_sample(model), per_sample(reference_model)
+    assert found["layer_norm_hh_l0"].shape == (3, 18)
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-5, atol=1e-6)
