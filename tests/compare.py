@@ -70,7 +70,8 @@ def max_error(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> float:
 
 
 def assert_same_normwise(
-    actual: dict[str, Tensor], expected: dict[str, Tensor], dtype: torch.dtype, group: str = ""
+    actual: dict[str, Tensor], expected: dict[str, Tensor], dtype: torch.dtype, group: str = "",
+    factor: float = 1.0,
 ):
     """Same keys, and each tensor within the tolerance for ``dtype`` *relative to its largest
     entry*: ``max |a - e| <= tol * max(1, max |e|)``.
@@ -79,9 +80,10 @@ def assert_same_normwise(
     gradients summed over every step reach tens while the rounding of one engine's summation
     order against another's is ~1e-6 of that; an entry near zero beside them is not held to
     1e-5 of its own size (elementwise `assert_same` would be). Both engines are equally far
-    from float64 there (tests/test_recurrence_engines.py says how far).
+    from float64 there (tests/test_recurrence_engines.py says how far). ``factor`` widens the
+    tolerance where the caller shows the reference itself is that far from float64.
     """
-    tolerance = _same_keys_and_shapes(actual, expected, dtype, group)
+    tolerance = factor * _same_keys_and_shapes(actual, expected, dtype, group)
     for key in expected:
         if not expected[key].numel():
             continue

@@ -86,9 +86,17 @@ def test_every_engine_equals_the_reference(form, switch, with_lengths, engine, d
 
         return outputs_and_gradients(model, call, inputs)
 
-    # float64 entry by entry; float32 relative to each tensor's largest entry (compare.py).
-    check = assert_same if dtype == torch.float64 else assert_same_normwise
-    check(run(engine), run("reference"), dtype, group=f"recurrence {engine}")
+    # float64 entry by entry at 1e-10: the exactness check. float32 relative to each tensor's
+    # largest entry (compare.py), at 1e-5; with layer norm at 3e-5, as the reference itself is
+    # that far from float64 there: LN's backward scales by 1/deviation of rows that can have
+    # little spread (measured on this grid's peephole-projection LSTM: the reference 1.2e-5,
+    # native 1.3e-5, fused 4e-6 from float64, normwise).
+    if dtype == torch.float64:
+        assert_same(run(engine), run("reference"), dtype, group=f"recurrence {engine}")
+    else:
+        factor = 3.0 if SWITCHES[switch][0].get("layer_norm") else 1.0
+        assert_same_normwise(run(engine), run("reference"), dtype,
+                             group=f"recurrence {engine}", factor=factor)
 
 
 def _operator_arguments(family: str, form_options: dict, dtype=torch.float64):
