@@ -217,6 +217,9 @@ class _CellBase(nn.Module):
             recurrent_mask = None
         elif recurrent_mask is None and self.recurrent_dropout:
             recurrent_mask = self.recurrent_dropout_mask(batch)
+        elif recurrent_mask is not None:
+            # (H_out,) and (1, H_out) are accepted: the operators take (N, H_out) only.
+            recurrent_mask = recurrent_mask.expand(batch, self.output_size)
         keeps = _zoneout_keeps(self.zoneout, (self.output_size, self.hidden_size), 1, batch,
                                self.training, x)
         masks = Masks(recurrent_mask, *keeps)
