@@ -40,6 +40,45 @@ from rnnkit.engine.fused import _keep, _rejoin, _step_output_grad, _time_order, 
 EPS = 1e-5  # the spec's layer norm epsilon
 
 
+# ---- argument checks ------------------------------------------------------------------------
+# The operators are public (torch.ops.rnnkit.*): a tensor of another shape would broadcast into
+# silent garbage, so each forward checks its arguments once, as the native kernels do.
+
+def _check(op: str, pre_x: Tensor, shapes: dict[str, tuple[Tensor | None, tuple[int, ...]]],
+           zoneouts: dict[str, tuple[Tensor | None, tuple[int, ...]]],
+           lengths: Tensor | None) -> None:
+    """``ValueError`` naming ``op`` and the argument: of pre_x's dtype and device, each tensor
+    of its shape, each zoneout 0-dim or of its ``(T, N, ·)`` shape, lengths ``(N,)`` integer."""
+    if pre_x.dim() != 3 or not pre_x.is_floating_point():
+        raise ValueError(f"{op}: pre_x must be a floating (T, N, G*H) tensor, got "
+                         f"{pre_x.dtype} of shape {tuple(pre_x.shape)}")
+
+    def same_kind(name: str, t: Tensor) -> None:
+        if t.dtype != pre_x.dtype or t.device != pre_x.device:
+            raise ValueError(f"{op}: {name} must be {pre_x.dtype} on {pre_x.device} (as pre_x), "
+                             f"got {t.dtype} on {t.device}")
+
+    for name, (t, shape) in shapes.items():
+        if t is None:
+            continue
+        same_kind(name, t)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    for name, (t, shape) in zoneouts.items():
+        if t is None:
+            continue
+        same_kind(name, t)
+        if t.dim() != 0 and tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must be a 0-dim probability or have shape {shape}, "
+                             f"got {tuple(t.shape)}")
+    if lengths is not None and (tuple(lengths.shape) != pre_x.shape[1:2]
+                                or lengths.is_floating_point() or lengths.is_complex()
+                                or lengths.device != pre_x.device):
+        raise ValueError(f"{op}: lengths must be an integer ({pre_x.shape[1]},) tensor on "
+                         f"{pre_x.device}, got {lengths.dtype} of shape "
+                         f"{tuple(lengths.shape)} on {lengths.device}")
+
+
 # ---- pieces every family shares -------------------------------------------------------------
 
 def _positions(steps: int, t: int, reverse: bool) -> tuple[int, int]:
@@ -132,7 +171,19 @@ def lstm_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, recu
     before zoneout), and layer norm's ``normalised_hh (T, N, 4H)``, ``rstd_hh (T, N)``,
     ``normalised_c (T, N, H)``, ``rstd_c (T, N)`` (each empty when off)."""
     steps, batch = pre_x.shape[:2]
-    hidden, out_size = c0.shape[1], h0.shape[1]
+    hidden = pre_x.shape[-1] // 4
+    out_size = w_hr.shape[0] if w_hr is not None and w_hr.dim() == 2 else hidden
+    rows = (steps, batch)
+    _check("fused_lstm_recurrence", pre_x, {
+        "pre_x": (pre_x, (*rows, 4 * hidden)), "h0": (h0, (batch, out_size)),
+        "c0": (c0, (batch, hidden)), "w_hh": (w_hh, (4 * hidden, out_size)),
+        "gain_hh": (gain_hh, (4 * hidden,)), "gain_c": (gain_c, (hidden,)),
+        "shift_c": (shift_c, (hidden,)), "w_hr": (w_hr, (out_size, hidden)),
+        "w_ch": (w_ch, (3 * hidden,)), "recurrent_mask": (recurrent_mask, (batch, out_size))},
+        {"zoneout_h": (zoneout_h, (*rows, out_size)), "zoneout_c": (zoneout_c, (*rows, hidden))},
+        lengths)
+    if (gain_c is None) != (shift_c is None):
+        raise ValueError("fused_lstm_recurrence: gain_c and shift_c must be given together")
     valid = valid_steps(lengths, steps)
     gates = pre_x.clone()  # (T, N, 4H), activated in place
     new = pre_x.new_empty
@@ -251,7 +302,15 @@ def gru_forward(pre_x, h0, w_hh, b_hh, gain_hh, recurrent_mask, zoneout_h, lengt
     ``r ⊙ hm`` reset before), ``normalised_hh (T, N, 3H)`` and ``rstd_hh (T, N)`` (empty
     without layer norm, which needs reset_after)."""
     steps, batch = pre_x.shape[:2]
-    hidden = h0.shape[1]
+    hidden = pre_x.shape[-1] // 3
+    _check("fused_gru_recurrence", pre_x, {
+        "pre_x": (pre_x, (steps, batch, 3 * hidden)), "h0": (h0, (batch, hidden)),
+        "w_hh": (w_hh, (3 * hidden, hidden)), "b_hh": (b_hh, (3 * hidden,)),
+        "gain_hh": (gain_hh, (3 * hidden,)), "recurrent_mask": (recurrent_mask, (batch, hidden))},
+        {"zoneout_h": (zoneout_h, (steps, batch, hidden))}, lengths)
+    if not reset_after and (b_hh is not None or gain_hh is not None):
+        raise ValueError("fused_gru_recurrence: with reset_after=False, b_hh and gain_hh must be "
+                         "None (pre_x holds both biases; layer norm needs reset_after=True)")
     valid = valid_steps(lengths, steps)
     gates = pre_x.clone()  # (T, N, 3H), becomes (r | z | n)
     new = pre_x.new_empty
@@ -340,7 +399,11 @@ def rnn_forward(pre_x, h0, w_hh, gain_hh, recurrent_mask, zoneout_h, lengths, re
     step's act(...) before zoneout), ``normalised_hh (T, N, H)`` and ``rstd_hh (T, N)``
     (empty without layer norm)."""
     steps, batch = pre_x.shape[:2]
-    hidden = h0.shape[1]
+    hidden = pre_x.shape[-1]
+    _check("fused_rnn_recurrence", pre_x, {
+        "h0": (h0, (batch, hidden)), "w_hh": (w_hh, (hidden, hidden)),
+        "gain_hh": (gain_hh, (hidden,)), "recurrent_mask": (recurrent_mask, (batch, hidden))},
+        {"zoneout_h": (zoneout_h, (steps, batch, hidden))}, lengths)
     valid = valid_steps(lengths, steps)
     raw = pre_x.clone()  # (T, N, H), activated in place
     states, output = pre_x.new_empty(steps + 1, batch, hidden), torch.empty_like(pre_x)
