@@ -215,7 +215,7 @@ def test_tracing_training_masks_is_a_named_error():
         torch.jit.trace(model, (torch.randn(3, 2, 4),), check_trace=False)
 
 
-def test_compiled_training_with_masks_equals_eager_under_the_same_seed(monkeypatch):
+def test_compiled_training_with_masks_equals_eager_under_the_same_seed():
     """The masks are drawn by the layer with torch.rand: under aot_eager the compiled graph
     draws them from the same generator as eager; inductor has its own random number generator
     (different masks, equally valid), and with ``fallback_random`` it calls torch's, so the
@@ -235,9 +235,10 @@ def test_compiled_training_with_masks_equals_eager_under_the_same_seed(monkeypat
     compiled = step(torch.compile(model, backend="aot_eager", fullgraph=True))
     for found, expected in zip(compiled, eager, strict=True):
         torch.testing.assert_close(found, expected, rtol=0, atol=0)
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch._dynamo.reset()
-    compiled = step(torch.compile(model, fullgraph=True))
+    # The config's own patch: monkeypatch's undo broke the config module for later tests.
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = step(torch.compile(model, fullgraph=True))
     for found, expected in zip(compiled, eager, strict=True):
         torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
 
