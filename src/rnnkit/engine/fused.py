@@ -59,6 +59,40 @@ def _rejoin(valid_t: Tensor | None, through_step: Tensor, skipped: Tensor | None
     return through_step if valid_t is None else torch.where(valid_t, through_step, skipped)
 
 
+def lstm_cell_update(a: Tensor, c: Tensor, peephole: tuple[Tensor, ...] | None, hidden: int,
+                     c_out: Tensor) -> Tensor:
+    """The LSTM's gates and new cell from the summed pre-activations ``a (N, 4H)``, in place:
+    ``a`` becomes (i, f, g, o) activated, ``c' = f ⊙ c + i ⊙ g`` is written to ``c_out`` and
+    returned; peepholes ``(p_i, p_f, p_o)`` see c (i, f) and c' (o)."""
+    i, f, g, o = a.chunk(4, dim=1)
+    if peephole is not None:
+        i.addcmul_(peephole[0], c)
+        f.addcmul_(peephole[1], c)
+    a[:, : 2 * hidden].sigmoid_()
+    g.tanh_()
+    c_new = torch.mul(f, c, out=c_out).addcmul_(i, g)
+    if peephole is not None:
+        o.addcmul_(peephole[2], c_new)
+    o.sigmoid_()
+    return c_new
+
+
+def lstm_cell_update_backward(d_c_new: Tensor, gates: Tensor, d_gates: Tensor, c: Tensor,
+                              peephole: tuple[Tensor, ...] | None) -> Tensor:
+    """Backward of `lstm_cell_update` for i, f, g (d_o is the caller's, already in ``d_gates``):
+    writes d_i, d_f, d_g before their nonlinearities into ``d_gates (N, 4H)`` and returns the
+    gradient of the entering cell c."""
+    i, f, g, _ = gates.chunk(4, dim=1)
+    d_i, d_f, d_g, _ = d_gates.chunk(4, dim=1)
+    torch.mul(d_c_new * g, i * (1 - i), out=d_i)
+    torch.mul(d_c_new * c, f * (1 - f), out=d_f)
+    torch.mul(d_c_new * i, 1 - g * g, out=d_g)
+    d_c = d_c_new * f
+    if peephole is not None:
+        d_c.addcmul_(d_i, peephole[0]).addcmul_(d_f, peephole[1])
+    return d_c
+
+
 # ---- Elman RNN -----------------------------------------------------------------------------
 # h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act = tanh or relu.
 
@@ -127,23 +161,14 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse
     h_prev = new(steps, batch, h0.shape[1])
     output = new(steps, batch, h0.shape[1])
     m_all = new(steps, batch, hidden) if w_hr is not None else new(0)
-    if w_ch is not None:
-        p_i, p_f, p_o = w_ch.chunk(3)
+    peephole = None if w_ch is None else w_ch.chunk(3)
     h, c = h0, c0
     for t in _time_order(steps, reverse):
         h_prev[t], c_prev[t] = h, c
         a = gates[t]  # (N, 4H)
         a.addmm_(h, w_hh_t)
-        i, f, g, o = a.chunk(4, dim=1)
-        if w_ch is not None:
-            i.addcmul_(p_i, c)
-            f.addcmul_(p_f, c)
-        a[:, : 2 * hidden].sigmoid_()
-        g.tanh_()
-        c_t = torch.mul(f, c, out=c_raw[t]).addcmul_(i, g)
-        if w_ch is not None:
-            o.addcmul_(p_o, c_t)
-        o.sigmoid_()
+        c_t = lstm_cell_update(a, c, peephole, hidden, c_raw[t])
+        o = a[:, 3 * hidden :]
         m = torch.mul(o, torch.tanh(c_t, out=tanh_c[t]),
                       out=None if w_hr is None else m_all[t])
         h_t = m if w_hr is None else m @ w_hr.t()
@@ -160,15 +185,14 @@ def lstm_backward(d_output, d_h_n, d_c_n, gates, c_raw, c_prev, m_all, w_hh, w_h
     valid = valid_steps(lengths, gates.shape[0])
     d_gates = torch.empty_like(gates)
     d_h_raw_all = torch.empty_like(d_output) if w_hr is not None else None  # (T, N, P)
-    if w_ch is not None:
-        p_i, p_f, p_o = w_ch.chunk(3)
+    peephole = None if w_ch is None else w_ch.chunk(3)
+    hidden = c_raw.shape[2]
     d_h, d_c = d_h_n, d_c_n
     for t in reversed(_time_order(gates.shape[0], reverse)):
         valid_t = None if valid is None else valid[t]
         d_h_raw, d_h_skip = _step_output_grad(valid_t, d_h, d_output[t])
         d_c_raw = d_c if valid_t is None else torch.where(valid_t, d_c, 0.0)
-        i, f, g, o = gates[t].chunk(4, dim=1)
-        d_i, d_f, d_g, d_o = d_gates[t].chunk(4, dim=1)
+        o, d_o = gates[t][:, 3 * hidden :], d_gates[t][:, 3 * hidden :]
         if w_hr is not None:
             d_h_raw_all[t] = d_h_raw
             d_m = d_h_raw @ w_hr  # (N, H)
@@ -178,14 +202,9 @@ def lstm_backward(d_output, d_h_n, d_c_n, gates, c_raw, c_prev, m_all, w_hh, w_h
         # o = σ(.): dσ = σ(1 - σ); tanh' = 1 - tanh²
         torch.mul(d_m * tc, o * (1 - o), out=d_o)
         d_c_t = d_c_raw + d_m * o * (1 - tc * tc)
-        if w_ch is not None:
-            d_c_t.addcmul_(d_o, p_o)
-        torch.mul(d_c_t * g, i * (1 - i), out=d_i)
-        torch.mul(d_c_t * c_prev[t], f * (1 - f), out=d_f)
-        torch.mul(d_c_t * i, 1 - g * g, out=d_g)
-        d_c_prev = d_c_t * f
-        if w_ch is not None:
-            d_c_prev.addcmul_(d_i, p_i).addcmul_(d_f, p_f)
+        if peephole is not None:
+            d_c_t.addcmul_(d_o, peephole[2])
+        d_c_prev = lstm_cell_update_backward(d_c_t, gates[t], d_gates[t], c_prev[t], peephole)
         if valid_t is not None:
             # Rows past a sequence's end contribute nothing to the weight gradients.
             d_gates[t].masked_fill_(~valid_t, 0.0)

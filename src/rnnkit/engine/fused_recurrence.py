@@ -35,7 +35,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnnkit.engine.fused import _keep, _rejoin, _step_output_grad, _time_order, valid_steps
+from rnnkit.engine.fused import (
+    _keep,
+    _rejoin,
+    _step_output_grad,
+    _time_order,
+    lstm_cell_update,
+    lstm_cell_update_backward,
+    valid_steps,
+)
 
 EPS = 1e-5  # the spec's layer norm epsilon
 
@@ -192,8 +200,7 @@ def lstm_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, recu
     norm_hh = _Buffers(pre_x, steps, batch, 4 * hidden, gain_hh is not None)
     norm_c = _Buffers(pre_x, steps, batch, hidden, gain_c is not None)
     w_hh_t = w_hh.t()
-    if w_ch is not None:
-        p_i, p_f, p_o = w_ch.chunk(3)
+    peephole = None if w_ch is None else w_ch.chunk(3)
     first = steps if reverse else 0
     h_states[first], c_states[first] = h0, c0
     h, c = h0, c0
@@ -202,16 +209,8 @@ def lstm_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, recu
         a = gates[t]  # (N, 4H)
         v = _entering(h, recurrent_mask) @ w_hh_t  # (N, 4H)
         a.add_(_recurrent_sum(v, gain_hh, norm_hh, t))
-        i, f, g, o = a.chunk(4, dim=1)
-        if w_ch is not None:
-            i.addcmul_(p_i, c)
-            f.addcmul_(p_f, c)
-        a[:, : 2 * hidden].sigmoid_()
-        g.tanh_()
-        c_t = torch.mul(f, c, out=c_new[t]).addcmul_(i, g)
-        if w_ch is not None:
-            o.addcmul_(p_o, c_t)
-        o.sigmoid_()
+        c_t = lstm_cell_update(a, c, peephole, hidden, c_new[t])
+        o = a[:, 3 * hidden :]
         cell_out = c_t if gain_c is None else norm_c.normalise(t, c_t, gain_c) + shift_c
         h_t = o * torch.tanh(cell_out)
         if w_hr is not None:
@@ -242,8 +241,8 @@ def lstm_backward(d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, norm
     projected = w_hr is not None
     d_h_raw_all = torch.empty_like(d_output) if projected else None  # (T, N, P)
     m_all = torch.empty_like(c_new) if projected else None  # (T, N, H): o ⊙ tanh(LN(c̃))
-    if w_ch is not None:
-        p_i, p_f, p_o = w_ch.chunk(3)
+    peephole = None if w_ch is None else w_ch.chunk(3)
+    hidden = c_new.shape[2]
     d_h, d_c = d_h_n, d_c_n
     for t in reversed(_time_order(steps, reverse)):
         entering, _ = _positions(steps, t, reverse)
@@ -252,8 +251,7 @@ def lstm_backward(d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, norm
         d_c_through = d_c if valid_t is None else torch.where(valid_t, d_c, 0.0)
         d_h_raw, d_h_direct = _split_zoned_grad(d_h_through, _keep_rate(zoneout_h, t))
         d_c_t, d_c_direct = _split_zoned_grad(d_c_through, _keep_rate(zoneout_c, t))
-        i, f, g, o = gates[t].chunk(4, dim=1)
-        d_i, d_f, d_g, d_o = d_pre_x[t].chunk(4, dim=1)
+        o, d_o = gates[t][:, 3 * hidden :], d_pre_x[t][:, 3 * hidden :]
         c_t = c_new[t]
         cell_out = c_t if gain_c is None else torch.addcmul(shift_c, normalised_c[t], gain_c)
         tanh_out = torch.tanh(cell_out)
@@ -270,15 +268,10 @@ def lstm_backward(d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, norm
         else:
             d_cell_norm[t] = d_cell_out
             d_c_t = d_c_t + normalised_backward(d_cell_out, gain_c, normalised_c[t], rstd_c[t])
-        if w_ch is not None:
-            d_c_t = d_c_t + d_o * p_o
-        c_old = c_states[entering]
-        torch.mul(d_c_t * g, i * (1 - i), out=d_i)
-        torch.mul(d_c_t * c_old, f * (1 - f), out=d_f)
-        torch.mul(d_c_t * i, 1 - g * g, out=d_g)
-        d_c_old = d_c_t * f
-        if w_ch is not None:
-            d_c_old.addcmul_(d_i, p_i).addcmul_(d_f, p_f)
+        if peephole is not None:
+            d_c_t = d_c_t + d_o * peephole[2]
+        d_c_old = lstm_cell_update_backward(d_c_t, gates[t], d_pre_x[t], c_states[entering],
+                                            peephole)
         if valid_t is not None:
             # Rows past a sequence's end contribute nothing to the weight gradients.
             d_pre_x[t].masked_fill_(~valid_t, 0.0)
