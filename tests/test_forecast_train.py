@@ -48,13 +48,15 @@ def test_early_stopping_keeps_the_weights_of_the_best_validation_epoch():
     _, _, _, (train, validation, _) = seasonal_parts()
     model, history = fit_forecaster(
         ForecastModelConfig(1, HORIZON, recurrent=RecurrentConfig(hidden_size=8)),
-        FitConfig(steps=48, eval_every=4, patience=3, min_steps=0, lr=0.05),
+        FitConfig(steps=400, eval_every=4, patience=3, min_steps=0, lr=0.05),
         train, validation, show_progress=False)
     best = history.validation_steps[int(np.argmin(history.validation))]
     assert history.best_step == best
     assert validation_loss(model, *validation) == pytest.approx(min(history.validation),
                                                                 rel=1e-6)
-    assert len(history.train) <= 12 and len(history.train) == len(history.validation)
+    # Stopped: three evaluations without a better one, long before the 101 of the budget.
+    assert len(history.train) < 101 and len(history.train) == len(history.validation)
+    assert history.validation_steps[-1] == history.best_step + 3 * 4
 
 
 def test_bad_fit_settings_are_named():
