@@ -35,6 +35,7 @@ from rnnkit.configuration import LARGEST_COUNT
 from rnnkit.engine import BACKENDS
 from rnnkit.interop import from_torch
 from rnnkit.layers import GRU, LSTM, RNN
+from rnnkit.training.devices import describe_allocator
 
 FULL_SIZES = [(100, 32, 64), (100, 32, 256), (50, 64, 512), (200, 1, 128)]
 QUICK_SIZES = [(12, 4, 16)]
@@ -363,6 +364,7 @@ def machine_description() -> dict[str, object]:
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "allocator": describe_allocator(),
     }
 
 
@@ -399,7 +401,7 @@ def bench_command(command: BenchCommand) -> int:
     streaming_hidden = 16 if command.quick else command.streaming_hidden
     machine = machine_description()
     print(f"rnnkit bench: torch {machine['torch']}, {machine['threads']} threads, "
-          f"{machine['processor']}, median of {repeats}", flush=True)
+          f"{machine['processor']}, median of {repeats}; {machine['allocator']}", flush=True)
     rows = run_benchmarks(
         sizes, command.families, command.backend, repeats, streaming_hidden,
         with_reference=command.reference,

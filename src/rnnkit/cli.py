@@ -42,6 +42,7 @@ from rnnkit.errors import (
     is_out_of_memory,
     usage_errors,
 )
+from rnnkit.training.devices import keep_freed_memory
 
 EXIT_CODES = f"""exit codes:
   0    success
@@ -328,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     code of `rnnkit.errors` (see ``rnnkit --help``), never a traceback for what is not a bug."""
     args = build_parser().parse_args(argv)
     name = f"rnnkit {args.command}"
+    keep_freed_memory()  # this process is the command's: no page faults for memory it reuses
     try:
         return COMMANDS[args.command](args)
     except UsageError as error:

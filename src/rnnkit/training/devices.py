@@ -10,6 +10,7 @@ that is missing here is a run-time error that says why and what to pass instead.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import os
 import platform
@@ -158,3 +159,55 @@ def describe_device(device: torch.device | str) -> str:
         memory_gib = properties.total_memory / 2**30
         return f"cuda:{index} ({properties.name}, {memory_gib:.0f} GiB)"
     return str(device)
+
+
+# glibc's default: allocations from 128 KiB up are mapped afresh (the bound then follows the
+# largest block freed, up to 32 MiB), and free memory above the heap's top goes back to the
+# system past twice that. A training step allocates and frees the same tens of megabytes every
+# step, and which of them come back as new pages depends on the order: a zoneout LSTM step at
+# (100, 32, 256) took 6,700 page faults and 12 ms of system time out of 62 ms (measured,
+# `benchmarks/switch_overhead.py`); the plain step 230. Held here: none, and the same step 52 ms.
+KEPT_MMAP_THRESHOLD = 64 << 20
+"""Blocks below this come from the heap (glibc's ``M_MMAP_THRESHOLD``), fixed."""
+KEPT_TRIM_THRESHOLD = 256 << 20
+"""Free memory at the heap's top kept up to this (glibc's ``M_TRIM_THRESHOLD``)."""
+_MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory a step frees for the next step, rather than return it
+    to the system and take it back as new pages (each one a page fault): freed memory up to
+    `KEPT_TRIM_THRESHOLD` stays with the process, blocks under `KEPT_MMAP_THRESHOLD` come from
+    the heap. The rnnkit commands call it once at start (they own their process); a library user
+    may call it, or set glibc's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``.
+
+    Returns whether it was applied: not on other C libraries (jemalloc or tcmalloc preloaded
+    keep memory their own way), and not where the environment already sets glibc's malloc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in _MALLOC_ENVIRONMENT):
+        return False  # the user chose
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    applied = bool(mallopt(m_mmap_threshold, KEPT_MMAP_THRESHOLD)
+                   and mallopt(m_trim_threshold, KEPT_TRIM_THRESHOLD))
+    _allocator["kept"] = _allocator["kept"] or applied
+    return applied
+
+
+_allocator = {"kept": False}
+
+
+def describe_allocator() -> str:
+    """How this process's malloc treats freed memory, for benchmark headers."""
+    if _allocator["kept"]:
+        return (f"malloc keeps freed memory (glibc: mmap threshold {KEPT_MMAP_THRESHOLD >> 20} "
+                f"MiB, trim threshold {KEPT_TRIM_THRESHOLD >> 20} MiB)")
+    chosen = [name for name in _MALLOC_ENVIRONMENT if name in os.environ]
+    return f"malloc as the environment sets it ({', '.join(chosen)})" if chosen else \
+        "malloc's defaults"
