@@ -192,8 +192,10 @@ def test_keeping_freed_memory_takes_no_page_faults_for_reused_buffers():
     applied, kept = _faults_of_reuse("keep", environment)
     _, default = _faults_of_reuse("default", environment)
     assert applied == "True"
-    assert default >= 8 * 10_000 * 0.9  # 40 MiB = 10,240 pages, mapped afresh each time
-    assert kept < 500
+    assert default >= 8 * 10_240 * 0.9  # 40 MiB = 10,240 pages, mapped afresh each time
+    # Kept: the heap may still grow once or twice (a small block allocated past the freed one
+    # in between), never every time.
+    assert kept <= 2 * 10_240
     # An environment that sets glibc's malloc is the user's choice: left alone.
     applied, _ = _faults_of_reuse("keep", {**environment, "MALLOC_TRIM_THRESHOLD_": "1000000"})
     assert applied == "False"

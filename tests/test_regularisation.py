@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import rnnkit
-from rnnkit.cells import _bernoulli
 from rnnkit.engine import reference
 from rnnkit.engine.steps import CellKind, Family, Masks
 
@@ -168,26 +167,6 @@ def test_mask_keep_rates_over_many_draws():
     weights, masks = model._direction_inputs(0, 0, x, training=False)
     assert weights.weight_hh is model.weight_hh_l0 and masks.recurrent is None
     assert masks.zoneout_h.item() == pytest.approx(0.1)
-
-
-@pytest.mark.parametrize("p", [0.03, 0.25, 0.5, 0.9])
-def test_the_mask_sampler_keeps_its_rate_with_independent_halves(p):
-    """The sampler takes two 32-bit uniforms from each 64-bit draw: both halves, and the pairs
-    they form, must follow Bernoulli(p) (a correlated half would show in the joint rate)."""
-    torch.manual_seed(1)
-    draws = 1_000_001  # odd: the last pair is half used
-    mask = _bernoulli((draws,), p, torch.zeros(()))
-    assert mask.shape == (draws,) and set(mask.unique().tolist()) <= {0.0, 1.0}
-    bound = 5 * (p * (1 - p) / (draws / 2)) ** 0.5  # five standard deviations
-    assert abs(mask[0::2].mean().item() - p) < bound
-    assert abs(mask[1::2].mean().item() - p) < bound
-    both = (mask[:-1:2] * mask[1::2]).mean().item()
-    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / (draws / 2)) ** 0.5
-    # Degenerate rates round to the certain outcome; float64 masks for float64 layers.
-    assert not _bernoulli((3, 5), 1e-12, torch.zeros(())).any()
-    assert _bernoulli((3, 5), 1 - 1e-12, torch.zeros((), dtype=torch.float64)).all()
-    assert _bernoulli((3, 5), 0.5, torch.zeros((), dtype=torch.float64)).dtype == torch.float64
-    assert _bernoulli((0, 4), 0.5, torch.zeros(())).shape == (0, 4)
 
 
 @pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])

@@ -86,6 +86,19 @@ def _apply(op, *arguments):
     return getattr(torch.ops.rnnkit, op._name.split("::")[-1])(*arguments)
 
 
+@torch.library.custom_op("rnnkit::native_bernoulli", mutates_args=(), device_types="cpu")
+def native_bernoulli(seed: Tensor, shape: list[int], p: float, float64: bool) -> Tensor:
+    """A 0/1 mask of ``shape``, 1 with probability ``p``: SplitMix64 from the 0-dim int64
+    ``seed`` in C++ (`rnnkit.engine.masks`). An operator, so torch.compile and torch.export
+    keep the call (the seed, drawn from torch's generator, is what the graph varies)."""
+    return native.bernoulli_mask(shape, p, seed, float64)
+
+
+@native_bernoulli.register_fake
+def _fake_native_bernoulli(seed, shape, p, float64):
+    return seed.new_empty(shape, dtype=torch.float64 if float64 else torch.float32)
+
+
 # ---- helpers of the formulas -------------------------------------------------------------------
 
 def _entering(states: Tensor, reverse: bool) -> Tensor:

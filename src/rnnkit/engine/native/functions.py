@@ -34,6 +34,12 @@ def _kernels():
     return kernels
 
 
+def bernoulli_mask(shape: list[int], p: float, seed: Tensor, float64: bool) -> Tensor:
+    """0/1 entries of ``shape``, 1 with probability ``p``, from SplitMix64 started at the 0-dim
+    int64 ``seed`` (`rnnkit.engine.masks`); float64 if ``float64``, else float32."""
+    return _kernels().bernoulli_mask([int(size) for size in shape], p, seed, float64)
+
+
 def _project(kernels, x: Tensor, weight: Tensor, bias: Tensor | None,
              second_bias: Tensor | None = None) -> Tensor:
     """x W^T + b (+ b2) for every step at once, ``(T, N, I) -> (T, N, G)``, a new tensor."""

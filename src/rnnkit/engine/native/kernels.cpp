@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -2105,12 +2106,60 @@ std::vector<Tensor> lstm_recurrence_backward(
   return {d_pre, d_product, d_h, d_c, d_w_hr, d_cell_norm};
 }
 
+// ---- mask bits ------------------------------------------------------------------------------
+
+// SplitMix64 (Steele, Lea and Flood 2014, the generator of Java's SplittableRandom): a state
+// advancing by the golden gamma, and an output function that mixes it. Entry i's 64 bits are
+// mix(seed + (i + 1) * gamma), so any range of them is computed on its own: in parallel, and
+// vectorised (two 64-bit products per draw).
+constexpr uint64_t kSplitMixGamma = 0x9E3779B97F4A7C15ULL;
+
+inline uint64_t splitmix64_mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// A 0/1 tensor of `shape` (float64 if `float64`, else float32), 1 with probability p: entry 2k
+// is 1 when the low 32 bits of draw k are below round(p 2^32), entry 2k + 1 likewise with its
+// high 32 bits. `seed` is a 0-dim int64 tensor (drawn from torch's generator by the caller).
+Tensor bernoulli_mask(at::IntArrayRef shape, double p, const Tensor& seed, bool float64) {
+  TORCH_CHECK(seed.dim() == 0 && seed.scalar_type() == at::kLong && seed.is_cpu(),
+              "bernoulli_mask: seed must be a 0-dim int64 CPU tensor, got ", seed.sizes(), " ",
+              seed.scalar_type());
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "bernoulli_mask: p must be in [0, 1], got ", p);
+  const at::ScalarType dtype = float64 ? at::kDouble : at::kFloat;
+  Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype));
+  const int64_t count = out.numel();
+  const uint64_t start = static_cast<uint64_t>(seed.item<int64_t>());
+  const uint64_t threshold = static_cast<uint64_t>(std::llround(p * 4294967296.0));  // <= 2^32
+  const int64_t pairs = count / 2;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "bernoulli_mask", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, pairs, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const uint64_t bits =
+            splitmix64_mix(start + static_cast<uint64_t>(k + 1) * kSplitMixGamma);
+        o[2 * k] = (bits & 0xFFFFFFFFULL) < threshold ? scalar_t(1) : scalar_t(0);
+        o[2 * k + 1] = (bits >> 32) < threshold ? scalar_t(1) : scalar_t(0);
+      }
+    });
+    if (count % 2 == 1) {
+      const uint64_t bits =
+          splitmix64_mix(start + static_cast<uint64_t>(pairs + 1) * kSplitMixGamma);
+      o[count - 1] = (bits & 0xFFFFFFFFULL) < threshold ? scalar_t(1) : scalar_t(0);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rnnkit native CPU kernels: time loops of RNN, LSTM and GRU, forward and backward "
             "(plain, and the recurrence with layer norm, recurrent dropout and zoneout)";
   m.def("linear", &linear);
+  m.def("bernoulli_mask", &bernoulli_mask);
   m.def("rnn_forward", &rnn_forward);
   m.def("rnn_backward", &rnn_backward);
   m.def("lstm_forward", &lstm_forward);
