@@ -27,6 +27,7 @@ SWITCHES = {
     "layer_norm": {"layer_norm": True},
     "zoneout": {"zoneout": 0.1},
     "recurrent_dropout": {"recurrent_dropout": 0.25},
+    "weight_drop": {"weight_drop": 0.5},
     "all four": {"layer_norm": True, "recurrent_dropout": 0.25, "zoneout": 0.1,
                  "weight_drop": 0.5},
 }
