@@ -6,15 +6,18 @@ import json
 import os
 
 import pytest
+import torch
 
 from rnnkit import bench, cli
+from rnnkit.engine import native
 
 
 def test_bench_quick_prints_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert cli.main(["bench", "--quick", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "infer ms" in out and "train ms" in out
+    assert "infer ms" in out and "train ms" in out and "train GF/s" in out
+    assert "float32 FMA peak:" in out and "torch.mm at n = 512:" in out
     for family in bench.FAMILIES:
         for variant in bench.VARIANTS[family]:
             assert f"{family:6} {variant:18} rnnkit[auto]" in out
@@ -31,6 +34,14 @@ def test_bench_quick_prints_table_and_writes_json(tmp_path, capsys):
     assert len(variants) == sum(len(v) - 1 for v in bench.VARIANTS.values())
     for row in variants:
         assert row["ratios"]["train x plain"] > 0 and row["ratios"]["train speedup vs reference"] > 0
+    # Rates are the size's matrix-product FLOPs over the median time.
+    for row in plain:
+        flops = bench.product_flops(row["family"], tuple(row["size"]))
+        assert row["training_gflops"] == pytest.approx(flops / row["training_ms"] / 1e6)
+    peak = data["peak"]
+    assert peak["mm_size"] == 512 and peak["mm_gflops"] > 0
+    if native.why_not(torch.zeros(1)) is None:
+        assert peak["fma_gflops"] > 0 and peak["lanes"] in (8, 16) and peak["threads"] >= 1
 
 
 @pytest.mark.parametrize(
@@ -63,3 +74,33 @@ def test_memory_probe_imports_this_rnnkit_whatever_the_working_directory(tmp_pat
     assert not marker.exists()
     assert [row.implementation for row in rows] == ["torch.nn", "rnnkit[auto]"]
     assert all(row.peak_mib >= 0 for row in rows) and rows[1].ratios["peak x torch.nn"] >= 0
+
+
+@pytest.mark.parametrize(("family", "proj_size"), [("lstm", 0), ("lstm", 3), ("gru", 0),
+                                                   ("rnn", 0)])
+def test_the_bench_s_flop_count_is_what_the_reference_loop_multiplies(family, proj_size):
+    """`product_flops` against torch's own count of every matrix product the reference engine
+    (one product per step and weight, in plain PyTorch ops) runs, forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import rnnkit
+
+    steps, batch, hidden = 5, 3, 8
+    layer_class = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU, "rnn": rnnkit.RNN}[family]
+    options = {"proj_size": proj_size} if proj_size else {}
+    model = layer_class(hidden, hidden, backend="reference", **options)
+    width = proj_size or hidden
+    for input_grad in (False, True):
+        x = torch.randn(steps, batch, hidden, requires_grad=input_grad)
+        state = [torch.randn(1, batch, width, requires_grad=True)]
+        if family == "lstm":
+            state.append(torch.randn(1, batch, hidden, requires_grad=True))
+        with FlopCounterMode(display=False) as forward_count:
+            output, _ = model(x, tuple(state) if family == "lstm" else state[0])
+        with FlopCounterMode(display=False) as backward_count:
+            output.sum().backward()
+        size = (steps, batch, hidden)
+        assert forward_count.get_total_flops() == bench.product_flops(
+            family, size, proj_size, training=False)
+        assert forward_count.get_total_flops() + backward_count.get_total_flops() == \
+            bench.product_flops(family, size, proj_size, training=True, input_grad=input_grad)

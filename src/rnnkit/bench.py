@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from rnnkit.configuration import LARGEST_COUNT
-from rnnkit.engine import BACKENDS
+from rnnkit.engine import BACKENDS, native
 from rnnkit.interop import from_torch
 from rnnkit.layers import GRU, LSTM, RNN
 from rnnkit.training.devices import describe_allocator
@@ -140,6 +140,35 @@ class Row:
     inference_ms: float
     training_ms: float | None
     ratios: dict[str, float] = field(default_factory=dict)
+    inference_gflops: float | None = None  # matrix-product FLOPs (`product_flops`) per second
+    training_gflops: float | None = None
+
+
+# Gate blocks per family: the rows of W_ih and W_hh are gates x hidden.
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def product_flops(family: str, size: tuple[int, int, int], proj_size: int = 0,
+                  training: bool = True, input_grad: bool = False) -> float:
+    """The matrix-product FLOPs of one layer's pass over (T, N) with input and hidden size H
+    (2 per multiply-add; elementwise work is not counted): forward, ``2 T N (H·G·H + P·G·H)``
+    for the input and recurrent products (``G`` gate blocks, ``P`` the state's width, ``H``
+    or the projection's ``P``, whose own product adds ``2 T N H·P``). Training adds the
+    backward's products: each weight's gradient, and the gradient of each product's input,
+    except the sequence's own unless ``input_grad`` (the bench's input does not require one).
+    Padded steps (lengths) are counted: the nominal work of the size."""
+    steps, batch, hidden = size
+    width = proj_size or hidden
+    gates = GATES[family] * hidden
+    input_product = 2 * steps * batch * hidden * gates
+    recurrent = 2 * steps * batch * (width * gates + (hidden * width if proj_size else 0))
+    if not training:
+        return input_product + recurrent
+    return (3 if input_grad else 2) * input_product + 3 * recurrent
+
+
+def _gflops(flops: float, ms: float | None) -> float | None:
+    return None if ms is None or ms <= 0 else flops / (ms * 1e-3) / 1e9
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -210,9 +239,15 @@ def benchmark_size(family: str, size: tuple[int, int, int], backend: str, repeat
     inference_ms = _time_interleaved(inference, repeats)
     training_ms = _time_interleaved(training, repeats)
 
-    rows = [Row(family, variant, implementation, size, inference_ms[(variant, implementation)],
-                training_ms[(variant, implementation)])
-            for variant, implementation in contenders]
+    rows = []
+    for variant, implementation in contenders:
+        proj_size = hidden // 2 if VARIANTS[family][variant][0].get("proj_size") else 0
+        key = (variant, implementation)
+        infer, train = inference_ms[key], training_ms[key]
+        rows.append(Row(family, variant, implementation, size, infer, train,
+                        inference_gflops=_gflops(product_flops(family, size, proj_size, False),
+                                                 infer),
+                        training_gflops=_gflops(product_flops(family, size, proj_size), train)))
     plain = training_ms[("plain", f"rnnkit[{backend}]")]
     for row in rows:
         if row.implementation == "torch.nn":
@@ -256,7 +291,8 @@ def benchmark_streaming(hidden: int, backend: str, repeats: int, steps: int = 10
     per_step = {name: ms / steps for name, ms in _time_interleaved(runs, repeats).items()}
     rows = []
     for name, ms in per_step.items():
-        row = Row("lstm", "streaming step", name, (1, 1, hidden), ms, None)
+        row = Row("lstm", "streaming step", name, (1, 1, hidden), ms, None,
+                  inference_gflops=_gflops(product_flops("lstm", (1, 1, hidden), 0, False), ms))
         if name != "torch.nn.LSTMCell":
             row.ratios["step x torch.nn.LSTMCell"] = ms / per_step["torch.nn.LSTMCell"]
         rows.append(row)
@@ -343,18 +379,81 @@ def format_memory_table(rows: list[MemoryRow]) -> str:
     return "\n".join(lines)
 
 
-def format_table(rows: list[Row]) -> str:
-    """A fixed-width table: one line per contender, times in ms, ratios last."""
+def format_table(rows: list[Row], peak_gflops: float | None = None) -> str:
+    """A fixed-width table: one line per contender, times in ms, the matrix-product GFLOP/s
+    (`product_flops`) and, given the machine's float32 peak, the training rate's share of it
+    (the inference rate's for rows without training), ratios last."""
     header = (f"{'family':6} {'variant':18} {'implementation':24} {'T,N,H':14} "
-              f"{'infer ms':>9} {'train ms':>9}  ratios")
+              f"{'infer ms':>9} {'train ms':>9} {'infer GF/s':>10} {'train GF/s':>10} "
+              f"{'% peak':>6}  ratios")
     lines = [header, "-" * len(header)]
     for row in rows:
         size = ",".join(str(s) for s in row.size)
         train = "-" if row.training_ms is None else f"{row.training_ms:9.2f}"
+        rates = [("-" if rate is None else f"{rate:10.1f}")
+                 for rate in (row.inference_gflops, row.training_gflops)]
+        rate = row.training_gflops if row.training_ms is not None else row.inference_gflops
+        share = "-" if rate is None or not peak_gflops else f"{100 * rate / peak_gflops:5.1f}%"
         ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.ratios.items())
         lines.append(f"{row.family:6} {row.variant:18} {row.implementation:24} {size:14} "
-                     f"{row.inference_ms:9.2f} {train:>9}  {ratios}")
+                     f"{row.inference_ms:9.2f} {train:>9} {rates[0]:>10} {rates[1]:>10} "
+                     f"{share:>6}  {ratios}")
     return "\n".join(lines)
+
+
+@dataclass
+class Peak:
+    """The machine's float32 reference points, measured in this process."""
+
+    fma_gflops: float | None  # a loop of nothing but vector FMAs on every thread (None: no kernels)
+    lanes: int | None  # float32 lanes per vector in the kernels' build (16 AVX-512, 8 AVX2)
+    threads: int
+    clock_ghz: float | None  # the fastest core's current clock in /proc/cpuinfo (None: unknown)
+    mm_size: int  # torch.mm of two n x n float32 matrices
+    mm_gflops: float
+
+    def describe(self) -> str:
+        """One line: the FMA peak, its decomposition, and torch.mm against it."""
+        mm = f"torch.mm at n = {self.mm_size}: {self.mm_gflops:.1f} GFLOP/s"
+        if self.fma_gflops is None:
+            return f"float32 FMA peak: unknown (the native kernels are not built); {mm}"
+        per_thread_cycle = self.threads * self.lanes * 2  # FLOP per cycle per FMA unit
+        parts = f"{self.threads} threads x {self.lanes} lanes x 2 FLOP"
+        if self.clock_ghz:
+            # A VM lists its nominal clock; the cores run faster (turbo). The FMA units are the
+            # whole number nearest the measured rate at the listed clock; the clock they then
+            # imply is the effective one.
+            units = max(1, round(self.fma_gflops / (per_thread_cycle * self.clock_ghz)))
+            effective = self.fma_gflops / (per_thread_cycle * units)
+            parts += (f" x {units} FMA units x {effective:.2f} GHz effective; "
+                      f"/proc/cpuinfo lists {self.clock_ghz:.2f} GHz")
+        return (f"float32 FMA peak: {self.fma_gflops:.1f} GFLOP/s measured (= {parts}); "
+                f"{mm} ({100 * self.mm_gflops / self.fma_gflops:.0f} % of it)")
+
+
+def cpu_clock_ghz() -> float | None:
+    """The highest current core clock in /proc/cpuinfo (Linux), in GHz; None elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            clocks = [float(line.split(":")[1]) for line in info if line.startswith("cpu MHz")]
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(clocks) / 1e3 if clocks else None
+
+
+def measure_peak(quick: bool) -> Peak:
+    """The FMA loop (median of 3 after a warm-up) and torch.mm at n = 4096 (512 with quick)."""
+    iterations = 2_000_000 if quick else 20_000_000
+    native.fma_peak(iterations // 10)  # warm-up: threads started, clocks up
+    runs = [native.fma_peak(iterations) for _ in range(3)]
+    fma = None if runs[0] is None else (statistics.median(r[0] for r in runs), *runs[0][1:])
+    size = 512 if quick else 4096
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
+    mm_ms = _time_interleaved({"mm": lambda: torch.mm(a, b)}, 3)["mm"]
+    return Peak(fma_gflops=None if fma is None else fma[0], lanes=None if fma is None else fma[1],
+                threads=torch.get_num_threads(), clock_ghz=cpu_clock_ghz(), mm_size=size,
+                mm_gflops=2 * size**3 / (mm_ms * 1e-3) / 1e9)
 
 
 def machine_description() -> dict[str, object]:
@@ -382,9 +481,11 @@ def run_benchmarks(
     return rows
 
 
-def rows_to_json(rows: list[Row], memory_rows: list[MemoryRow] = ()) -> str:
+def rows_to_json(rows: list[Row], memory_rows: list[MemoryRow] = (),
+                 peak: Peak | None = None) -> str:
     return json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows],
-                       "memory": [asdict(r) for r in memory_rows]}, indent=2)
+                       "memory": [asdict(r) for r in memory_rows],
+                       "peak": None if peak is None else asdict(peak)}, indent=2)
 
 
 def bench_command(command: BenchCommand) -> int:
@@ -402,11 +503,13 @@ def bench_command(command: BenchCommand) -> int:
     machine = machine_description()
     print(f"rnnkit bench: torch {machine['torch']}, {machine['threads']} threads, "
           f"{machine['processor']}, median of {repeats}; {machine['allocator']}", flush=True)
+    peak = measure_peak(command.quick)  # a few seconds: no progress line
+    print(peak.describe(), flush=True)
     rows = run_benchmarks(
         sizes, command.families, command.backend, repeats, streaming_hidden,
         with_reference=command.reference,
         progress=lambda message: print(message, file=sys.stderr, flush=True))
-    print(format_table(rows))
+    print(format_table(rows, peak.fma_gflops))
     memory_rows: list[MemoryRow] = []
     if command.memory:
         memory_size = tuple(command.memory_size or (
@@ -419,6 +522,6 @@ def bench_command(command: BenchCommand) -> int:
         print(format_memory_table(memory_rows))
     if command.json_file:
         with open(command.json_file, "w", encoding="utf-8") as handle:
-            handle.write(rows_to_json(rows, memory_rows))
+            handle.write(rows_to_json(rows, memory_rows, peak))
         print(f"wrote {command.json_file}")
     return 0

@@ -43,4 +43,15 @@ def why_not(x: Tensor) -> str | None:
     return None if available() else NOT_BUILT
 
 
-__all__ = ["NOT_BUILT", "SUPPORTED_DTYPES", "available", "why_not"]
+def fma_peak(iterations: int) -> tuple[float, int, int] | None:
+    """``(GFLOP/s, float32 lanes per vector, threads)`` of a loop of nothing but vector FMAs on
+    every thread (`kernels.cpp` ``fma_peak``): the float32 peak this build reaches here; ``None``
+    without the kernels."""
+    kernels = build.kernels()
+    if kernels is None:
+        return None
+    gflops, lanes, threads, _ = kernels.fma_peak(iterations)
+    return gflops, int(lanes), int(threads)
+
+
+__all__ = ["NOT_BUILT", "SUPPORTED_DTYPES", "available", "fma_peak", "why_not"]

@@ -23,6 +23,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -2153,6 +2154,42 @@ Tensor bernoulli_mask(at::IntArrayRef shape, double p, const Tensor& seed, bool 
   return out;
 }
 
+// ---- the machine's float32 peak ---------------------------------------------------------------
+
+// The float32 FLOP/s of a loop of nothing but vector FMAs, on every thread at once: 12
+// independent accumulators per thread (more than FMA latency x FMA units on current x86 cores),
+// so the FMA units bound it, not the chains' latency. Returns {GFLOP/s, float32 lanes per vector,
+// threads, a sum of the results (kept so the compiler keeps the loop)}.
+std::vector<double> fma_peak(int64_t iterations) {
+  using V = Vec<float>;
+  constexpr int kChains = 12;
+  TORCH_CHECK(iterations > 0, "fma_peak: iterations must be positive, got ", iterations);
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> sinks(threads * V::size(), 0.0f);
+  const auto start = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t thread = begin; thread < end; ++thread) {
+      V acc[kChains];
+      for (int c = 0; c < kChains; ++c) acc[c] = V(1e-3f * static_cast<float>(c));
+      const V a(0.999999f), b(1e-7f);
+      for (int64_t i = 0; i < iterations; ++i) {
+        for (int c = 0; c < kChains; ++c) acc[c] = at::vec::fmadd(acc[c], a, b);
+      }
+      V total = acc[0];
+      for (int c = 1; c < kChains; ++c) total = total + acc[c];
+      total.store(sinks.data() + thread * V::size());
+    }
+  });
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  double sink = 0.0;
+  for (const float value : sinks) sink += value;
+  const double flops = 2.0 * static_cast<double>(threads) * static_cast<double>(iterations) *
+                       kChains * V::size();
+  return {flops / seconds / 1e9, static_cast<double>(V::size()), static_cast<double>(threads),
+          sink};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -2160,6 +2197,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             "(plain, and the recurrence with layer norm, recurrent dropout and zoneout)";
   m.def("linear", &linear);
   m.def("bernoulli_mask", &bernoulli_mask);
+  m.def("fma_peak", &fma_peak);
   m.def("rnn_forward", &rnn_forward);
   m.def("rnn_backward", &rnn_backward);
   m.def("lstm_forward", &lstm_forward);
