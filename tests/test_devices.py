@@ -163,26 +163,26 @@ def test_describe_cuda():
         f"cuda:0 ({properties.name}, {properties.total_memory / 2**30:.0f} GiB)")
 
 
-# A child process that allocates and frees the same 40 MiB eight times (a training step's
-# buffers, over glibc's largest dynamic mmap threshold), printing the page faults it took.
+# A child process that allocates and frees the same 40 MiB sixteen times (a training step's
+# buffers, over glibc's largest dynamic mmap threshold), printing the page faults of each time.
 _FAULTS_OF_REUSE = """
 import resource, sys, torch
 from rnnkit.training.devices import keep_freed_memory
 print(keep_freed_memory() if sys.argv[1] == "keep" else None)
-for _ in range(2):
-    torch.ones(10 << 20)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):
+faults = []
+for _ in range(16):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(10 << 20)  # 40 MiB, filled: every page touched
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
 """
 
 
-def _faults_of_reuse(mode: str, environment: dict | None = None) -> tuple[str, int]:
+def _faults_of_reuse(mode: str, environment: dict | None = None) -> tuple[str, list[int]]:
     done = subprocess.run([sys.executable, "-c", _FAULTS_OF_REUSE, mode], capture_output=True,
                           text=True, check=True, env=environment)
-    applied, faults = done.stdout.split()
-    return applied, int(faults)
+    applied, faults = done.stdout.splitlines()
+    return applied, [int(count) for count in faults.split()]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
@@ -192,10 +192,11 @@ def test_keeping_freed_memory_takes_no_page_faults_for_reused_buffers():
     applied, kept = _faults_of_reuse("keep", environment)
     _, default = _faults_of_reuse("default", environment)
     assert applied == "True"
-    assert default >= 8 * 10_240 * 0.9  # 40 MiB = 10,240 pages, mapped afresh each time
-    # Kept: the heap may still grow once or twice (a small block allocated past the freed one
-    # in between), never every time.
-    assert kept <= 2 * 10_240
+    pages = 10_240  # 40 MiB
+    assert all(count >= 0.9 * pages for count in default)  # mapped afresh every time
+    # Kept: the first few may still fault while the heap settles (more of them on a busy
+    # machine: up to six of sixteen measured); then the same pages serve every time.
+    assert sum(kept[-4:]) < pages
     # An environment that sets glibc's malloc is the user's choice: left alone.
     applied, _ = _faults_of_reuse("keep", {**environment, "MALLOC_TRIM_THRESHOLD_": "1000000"})
     assert applied == "False"

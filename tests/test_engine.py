@@ -318,3 +318,61 @@ def test_engine_for_states_the_policy():
     assert engine.engine_for("auto", x.bfloat16()) == "fused"
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the operators compute in float32
         assert engine.engine_for("auto", x.bfloat16()) == "native"
+
+
+def _torch_lstm_calls(monkeypatch) -> list[int]:
+    """Count the calls of torch's own LSTM kernel (``torch.lstm``) from here on."""
+    calls: list[int] = []
+    kernel = torch.lstm
+
+    def counted(*arguments):
+        calls.append(1)
+        return kernel(*arguments)
+
+    monkeypatch.setattr(torch, "lstm", counted)
+    return calls
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_auto_runs_plain_lstm_inference_on_torch_s_kernel_equal_to_the_reference(
+        monkeypatch, bidirectional, batch_first):
+    torch.manual_seed(0)
+    model = rnnkit.LSTM(5, 7, num_layers=2, bidirectional=bidirectional,
+                        batch_first=batch_first)
+    reference = rnnkit.LSTM(5, 7, num_layers=2, bidirectional=bidirectional,
+                            batch_first=batch_first, backend="reference")
+    reference.load_state_dict(model.state_dict())
+    batch = engine.TORCH_LSTM_MIN_BATCH
+    x = torch.randn((batch, 9, 5) if batch_first else (9, batch, 5))
+    directions = 2 if bidirectional else 1
+    state = (torch.randn(2 * directions, batch, 7), torch.randn(2 * directions, batch, 7))
+    calls = _torch_lstm_calls(monkeypatch)
+    with torch.no_grad():
+        found, expected = model(x, state), reference(x, state)
+    assert len(calls) == 2 * directions  # every layer and direction
+    assert_same({"out": found[0], "h": found[1][0], "c": found[1][1]},
+                {"out": expected[0], "h": expected[1][0], "c": expected[1][1]}, torch.float32)
+
+
+def test_torch_s_lstm_kernel_runs_only_what_it_covers(monkeypatch):
+    calls = _torch_lstm_calls(monkeypatch)
+    batch = engine.TORCH_LSTM_MIN_BATCH
+    x = torch.randn(6, batch, 4)
+    plain = rnnkit.LSTM(4, 8)
+    with torch.no_grad():
+        plain(x)
+    assert len(calls) == 1
+    plain(x)  # a gradient may be asked for: rnnkit's operators and their backward
+    with torch.no_grad():
+        plain(x[:, : batch - 1])  # one stream fewer: the native loop is faster there
+        plain(x, lengths=[6] + [5] * (batch - 1))  # lengths (all full would be none)
+        plain.double()(x.double())  # float64
+        rnnkit.LSTM(4, 8, peephole=True)(x)
+        rnnkit.LSTM(4, 8, proj_size=3)(x)
+        rnnkit.LSTM(4, 8, backend="native")(x)
+        rnnkit.GRU(4, 8)(x)
+    monkeypatch.setenv("RNNKIT_BACKEND", "native")
+    with torch.no_grad():
+        rnnkit.LSTM(4, 8)(x)
+    assert len(calls) == 1

@@ -11,13 +11,21 @@ Layers call `run_direction` for each layer and direction of a stack, naming a ba
   C++ (`native/`), compiled at first use and cached; CPU tensors of float32 or float64.
 - ``"auto"`` (default): the fastest correct backend for the input.
 
-`engine_for` is the whole policy, in one place: an empty input runs ``"reference"`` (nothing to
-compute; autograd gives torch.nn's shapes and zero gradients); ``"auto"`` runs ``"native"``
-where it can (CPU, float32/float64 -- or a lower precision under ``torch.autocast``, where the
-operators compute in float32 --, kernels built: it is the fastest there, see
-docs/benchmarks.md) and ``"fused"`` elsewhere; an explicit ``"native"`` that cannot run the input
-runs ``"fused"`` after one warning saying why (a failed build has already warned); so does
-``"reference"`` under ``torch.jit.trace``, which would freeze its Python loop to one length.
+`engine_for` is the whole policy, in one place (with `runs_torch_lstm`, its one exception): an
+empty input runs ``"reference"`` (nothing to compute; autograd gives torch.nn's shapes and zero
+gradients); ``"auto"`` runs ``"native"`` where it can (CPU, float32/float64 -- or a lower
+precision under ``torch.autocast``, where the operators compute in float32 --, kernels built:
+it is the fastest there, see docs/benchmarks.md) and ``"fused"`` elsewhere; an explicit
+``"native"`` that cannot run the input runs ``"fused"`` after one warning saying why (a failed
+build has already warned); so does ``"reference"`` under ``torch.jit.trace``, which would
+freeze its Python loop to one length.
+
+The exception: ``"auto"`` runs a plain LSTM direction (no peephole, projection, layer norm or
+masks; no lengths) on torch's own kernel (``torch.lstm``, oneDNN's fused LSTM on the CPU) when
+nothing is to be differentiated, the input is float32 on the CPU and the batch has at least
+`TORCH_LSTM_MIN_BATCH` sequences: measured faster there than the native loop (docs/benchmarks.md,
+issue 19), while the native loop is faster for a single stream. Not while compiling, tracing,
+exporting or under autocast, where the operators' own rules hold.
 
 The environment variable ``RNNKIT_BACKEND`` forces one backend for every layer (for testing and
 benchmarking without touching code).
@@ -34,13 +42,18 @@ from torch import Tensor
 from rnnkit._checks import require_choice
 from rnnkit.engine import native, onnx, ops, reference
 from rnnkit.engine.onnx import is_exporting
-from rnnkit.engine.steps import CellKind, CellWeights, Masks, State
+from rnnkit.engine.steps import CellKind, CellWeights, Family, Masks, State
 
 BACKENDS = ("auto", "native", "fused", "reference")
 ENVIRONMENT_VARIABLE = "RNNKIT_BACKEND"
 _RUNNERS = {"native": ops.run_native, "fused": ops.run_fused,
             "reference": reference.run_direction}
 _warned: set[str] = set()
+
+TORCH_LSTM_MIN_BATCH = 4
+"""From this batch on, plain LSTM inference under "auto" runs torch's kernel (`runs_torch_lstm`):
+on the Intel Xeon VM (2 threads, T = 50-200) torch's took 0.8-0.95x the native loop's time at
+batch 4-8 and 0.7-0.85x at 16-64; at batch 1 the native loop took 0.5-0.8x torch's."""
 
 
 class BackendWarning(UserWarning):
@@ -122,7 +135,40 @@ def run_direction(
         return _run_variant(kind, x, state, weights, lengths, reverse, backend, masks)
     if is_exporting():  # ONNX: the exporters' own translation (see engine/onnx.py)
         return onnx.run_direction(kind, x, state, weights, lengths, reverse)
+    if runs_torch_lstm(kind, x, state, weights, lengths, backend):
+        return _torch_lstm_direction(x, state, weights, reverse)
     return _RUNNERS[engine_for(backend, x)](kind, x, state, weights, lengths, reverse)
+
+
+def runs_torch_lstm(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
+                    lengths: Tensor | None, backend: str) -> bool:
+    """Whether "auto" hands this plain LSTM direction to torch's own kernel (module docstring)."""
+    if (kind.family != Family.LSTM or weights.weight_ch is not None
+            or weights.weight_hr is not None or weights.weight_ih is None
+            or lengths is not None or x.dim() != 3 or x.shape[1] < TORCH_LSTM_MIN_BATCH
+            or x.dtype != torch.float32 or not x.is_cpu or x.shape[0] == 0):
+        return False
+    if resolve_backend(backend) != "auto" or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    tensors = (x, *state, *(w for w in weights if w is not None))
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _torch_lstm_direction(x: Tensor, state: State, weights: CellWeights,
+                          reverse: bool) -> tuple[Tensor, State]:
+    """One plain LSTM direction on ``torch.lstm`` (one layer, forward; a reversed direction
+    runs on the time-reversed input). The same equations and weight layout as the spec's."""
+    h0, c0 = state
+    has_biases = weights.bias_ih is not None
+    parameters = [weights.weight_ih, weights.weight_hh]
+    if has_biases:
+        parameters += [weights.bias_ih, weights.bias_hh]
+    steps = x.flip(0) if reverse else x
+    output, h_n, c_n = torch.lstm(steps, (h0.unsqueeze(0), c0.unsqueeze(0)), parameters,
+                                  has_biases, 1, 0.0, False, False, False)
+    return (output.flip(0) if reverse else output), (h_n[0], c_n[0])
 
 
 def _run_variant(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
@@ -159,5 +205,5 @@ def _run_variant(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                               native_kernels=engine_name == "native")
 
 
-__all__ = ["BACKENDS", "BackendWarning", "engine_for", "is_exporting", "resolve_backend",
-           "run_direction"]
+__all__ = ["BACKENDS", "TORCH_LSTM_MIN_BATCH", "BackendWarning", "engine_for", "is_exporting",
+           "resolve_backend", "run_direction", "runs_torch_lstm"]
