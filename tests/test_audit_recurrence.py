@@ -60,6 +60,15 @@ def test_the_fused_lstm_and_gru_recurrence_operators_name_a_wrong_argument():
     with pytest.raises(ValueError, match=r"fused_lstm_recurrence: zoneout_c must be a 0-dim"):
         torch.ops.rnnkit.fused_lstm_recurrence(pre_x, h0, c0, w_hh, None, None, None, None,
                                                None, None, None, torch.ones(T, N, 1), None, False)
+    with pytest.raises(ValueError, match=r"fused_lstm_recurrence: gain_ih \(the input side's "
+                                         r"layer norm\) needs gain_hh"):
+        torch.ops.rnnkit.fused_lstm_recurrence(pre_x, h0, c0, w_hh, None, None, None, None,
+                                               None, None, None, None, None, False,
+                                               torch.ones(4 * H))
+    with pytest.raises(ValueError, match=r"fused_lstm_recurrence: bias_ih must have shape"):
+        torch.ops.rnnkit.fused_lstm_recurrence(pre_x, h0, c0, w_hh, None, None, None, None,
+                                               None, None, None, None, None, False, None,
+                                               torch.ones(H))
     with pytest.raises(ValueError, match=r"fused_gru_recurrence: with reset_after=False"):
         torch.ops.rnnkit.fused_gru_recurrence(torch.randn(T, N, 3 * H), h0,
                                               torch.randn(3 * H, H), None, torch.ones(3 * H),

@@ -186,6 +186,43 @@ class Case:
         results.update({f"grad:{n}": grads[n] for n in self.leaves})
         return results
 
+    def native_folded(self):
+        """The LSTM kernels with the input side's layer norm folded in: the bare product
+        ``W_ih x``, γ_ih and the summed bias go in; the raw product's gradient and the gain,
+        bias and peephole sums come out of the backward."""
+        leaf = {n: t.detach() for n, t in self.leaves.items()}.get
+        product = F.linear(self.get("x"), self.get("w_ih"))
+        bias = leaf("b_ih") + leaf("b_hh")
+        forward = native.lstm_recurrence_forward(
+            product.detach(), leaf("h0"), leaf("c0"), leaf("w_hh"), leaf("gain_hh"),
+            leaf("gain_c"), leaf("shift_c"), leaf("w_hr"), leaf("w_ch"), self.recurrent_mask,
+            self.zoneout_h, self.zoneout_c, self.lengths, self.reverse, leaf("gain_ih"), bias)
+        self.forward = forward
+        h_states, c_states, gates, c_new, x_hat, rstd_hh, c_hat, rstd_c, mean_ih, rstd_ih = (
+            forward[3:])
+        (d_product_ih, d_product, d_h0, d_c0, d_w_hr, d_cell_norm, d_gain_ih, d_bias,
+         d_gain_hh, d_gain_c, d_shift_c, d_w_ch) = native.lstm_recurrence_backward(
+            self.d_output, self.d_h_n, self.d_c_n, *forward[3:11], leaf("w_hh"),
+            leaf("gain_hh"), leaf("gain_c"), leaf("shift_c"), leaf("w_hr"), leaf("w_ch"),
+            self.recurrent_mask, self.zoneout_h, self.zoneout_c, self.lengths, self.reverse,
+            product.detach(), mean_ih, rstd_ih, leaf("gain_ih"))
+        self.check_held_rows(gates, c_new, d_product_ih, mean_ih, rstd_ih)
+        grads = dict(zip(("x", "w_ih"), torch.autograd.grad(
+            product, [self.leaves["x"], self.leaves["w_ih"]], d_product_ih), strict=True))
+        grads["w_hh"] = torch.einsum("tng,tnp->gp", d_product,
+                                     self.masked(self.entering(h_states)))
+        grads.update(h0=d_h0, c0=d_c0, b_ih=d_bias, b_hh=d_bias, gain_ih=d_gain_ih,
+                     gain_hh=d_gain_hh, gain_c=d_gain_c, shift_c=d_shift_c)
+        if "w_hr" in self.leaves:
+            grads["w_hr"] = d_w_hr
+        if "w_ch" in self.leaves:
+            grads["w_ch"] = d_w_ch
+        else:
+            assert d_w_ch.numel() == 0
+        results = {"output": forward[0], "h_n": forward[1], "c_n": forward[2]}
+        results.update({f"grad:{n}": grads[n] for n in self.leaves})
+        return results
+
     def entering(self, states):
         """The states entering every step, (T, N, ·), in time order."""
         return states[1:] if self.reverse else states[:-1]
@@ -202,11 +239,13 @@ class Case:
         return {n: g for n, g in zip(names, grads, strict=True) if g is not None}
 
     def _lstm_gradients(self, pre_x, forward, leaf):
-        (_, _, _, h_states, c_states, gates, c_new, x_hat, _, c_hat, _) = forward
-        d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm = native.lstm_recurrence_backward(
-            self.d_output, self.d_h_n, self.d_c_n, *forward[3:], leaf("w_hh"), leaf("gain_hh"),
-            leaf("gain_c"), leaf("shift_c"), leaf("w_hr"), leaf("w_ch"), self.recurrent_mask,
-            self.zoneout_h, self.zoneout_c, self.lengths, self.reverse)
+        (_, _, _, h_states, c_states, gates, c_new, x_hat, _, c_hat, _, _, _) = forward
+        d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm, *sums = (
+            native.lstm_recurrence_backward(
+                self.d_output, self.d_h_n, self.d_c_n, *forward[3:11], leaf("w_hh"), leaf("gain_hh"),
+                leaf("gain_c"), leaf("shift_c"), leaf("w_hr"), leaf("w_ch"), self.recurrent_mask,
+                self.zoneout_h, self.zoneout_c, self.lengths, self.reverse))
+        assert all(s.numel() == 0 for s in sums)  # the input norm is not folded here
         H = self.hidden
         self.check_held_rows(gates, c_new, d_pre_x)
         grads = self._input_side(pre_x, d_pre_x)
@@ -273,7 +312,10 @@ class Case:
         if self.lengths is None:
             return
         held = torch.arange(self.steps).unsqueeze(1) >= self.lengths  # (T, N)
-        extra = [b for b in self.forward[-2:] if b.numel()]  # the layer norm buffers, if any
+        # The layer norm buffers, if any (the LSTM's last two: the folded input norm's).
+        extra = [b for b in self.forward[-2:] if b.numel()]
+        if self.lstm:
+            extra += [b for b in self.forward[7:11] if b.numel()]
         for buffer in (*buffers, *extra, self.forward[0]):
             assert (buffer[held] == 0).all()
 
@@ -298,6 +340,21 @@ def check(case):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_native_recurrence_equals_the_reference(family, switch, reverse, with_lengths, batch):
     check(Case(family, switch, reverse, with_lengths, batch))
+
+
+LSTM_FAMILIES = [family for family in FAMILIES if family.startswith("lstm")]
+NORMED_SWITCHES = [switch for switch, (layer_norm, _, _) in SWITCHES.items() if layer_norm]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("switch", NORMED_SWITCHES)
+@pytest.mark.parametrize("family", LSTM_FAMILIES)
+def test_the_lstm_kernels_with_the_input_norm_folded_in_equal_the_reference(
+        family, switch, reverse, with_lengths, dtype):
+    case = Case(family, switch, reverse, with_lengths, 3, dtype=dtype)
+    assert_close_all(case.native_folded(), case.reference(), dtype)
 
 
 @pytest.mark.parametrize("switch", ["all_train", "all_eval"])
@@ -358,7 +415,7 @@ def lstm_arguments(**changes):
         "pre_x": torch.zeros(T, N, 4 * H), "h0": torch.zeros(N, P), "c0": torch.zeros(N, H),
         "w_hh": torch.zeros(4 * H, P), "gain_hh": None, "gain_c": None, "shift_c": None,
         "w_hr": None, "w_ch": None, "recurrent_mask": None, "zoneout_h": None,
-        "zoneout_c": None, "lengths": None, "reverse": False,
+        "zoneout_c": None, "lengths": None, "reverse": False, "gain_ih": None, "bias_ih": None,
     }
     arguments.update(changes)
     return arguments
@@ -372,6 +429,8 @@ def lstm_arguments(**changes):
     ({"gain_c": torch.ones(5)}, r"lstm_recurrence_forward: gain_c and shift_c must be given together, got gain_c alone"),
     ({"gain_hh": torch.ones(5)}, r"lstm_recurrence_forward: gain_hh must have shape \[20\], got \[5\]"),
     ({"lengths": torch.ones(2, dtype=torch.int32)}, r"lstm_recurrence_forward: lengths must be Long, got Int"),
+    ({"gain_ih": torch.ones(20)}, r"lstm_recurrence_forward: gain_ih \(the input side's layer norm\) needs gain_hh"),
+    ({"bias_ih": torch.ones(5)}, r"lstm_recurrence_forward: bias_ih must have shape \[20\], got \[5\]"),
 ])
 def test_the_lstm_kernel_refuses_a_bad_argument_naming_it(changes, message):
     arguments = lstm_arguments(**changes)
@@ -403,7 +462,7 @@ def test_every_recurrence_kernel_checks_its_masks():
     forward = native.lstm_recurrence_forward(*lstm_arguments().values())
     with pytest.raises(RuntimeError, match=r"lstm_recurrence_backward: zoneout_c must be a 0-dim probability or have shape \[3, 2, 5\], got \[2, 5\]"):
         native.lstm_recurrence_backward(
-            torch.zeros(3, 2, 5), h0, h0, *forward[3:], torch.zeros(20, 5), None, None, None,
+            torch.zeros(3, 2, 5), h0, h0, *forward[3:11], torch.zeros(20, 5), None, None, None,
             None, None, None, None, torch.ones(2, 5), None, False)
     _, _, states, gates, n_input, x_hat, rstd = native.gru_recurrence_forward(
         x, h0, w_hh, None, None, None, None, None, False, True)

@@ -104,8 +104,11 @@ def test_every_engine_equals_the_reference(form, switch, with_lengths, engine, d
                              group=f"recurrence {engine}", sensitivity=sensitivity)
 
 
-def _operator_arguments(family: str, form_options: dict, dtype=torch.float64):
-    """A direction's recurrence operator inputs with every switch on, at float64."""
+def _operator_arguments(family: str, form_options: dict, dtype=torch.float64,
+                        fold_layer_norm: bool = False):
+    """A direction's recurrence operator inputs with every switch on, at float64; folded, the
+    input side is the bare ``W_ih x`` and the weights keep ``γ_ih`` and the summed bias
+    (`steps.input_side`), as the LSTM's layers run it."""
     torch.manual_seed(1)
     steps_, batch, hidden = 5, 3, 4
     model = LAYERS[family](3, hidden, layer_norm=family != "gru" or form_options.get(
@@ -117,7 +120,7 @@ def _operator_arguments(family: str, form_options: dict, dtype=torch.float64):
             if tensor is not None:
                 tensor.add_(0.3 * torch.randn_like(tensor))
     x = torch.randn(steps_, batch, 3, dtype=dtype)
-    pre_x, w = steps.input_side(kind, x, weights)
+    pre_x, w = steps.input_side(kind, x, weights, fold_layer_norm=fold_layer_norm)
     out_size = weights.weight_hh.shape[1]
     state = [torch.randn(batch, out_size, dtype=dtype)]
     if family == "lstm":
@@ -130,14 +133,21 @@ def _operator_arguments(family: str, form_options: dict, dtype=torch.float64):
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("form", ["lstm-peephole-projection", "lstm", "gru", "gru-reset-before",
-                                  "rnn-tanh", "rnn-relu"])
-def test_gradcheck_float64_through_the_operators(form, reverse, engine):
+@pytest.mark.parametrize("form,folded", [
+    *((form, False) for form in ("lstm-peephole-projection", "lstm", "gru", "gru-reset-before",
+                                 "rnn-tanh", "rnn-relu")),
+    # Only the LSTM's operators fold the input side's layer norm in (as its layers run them).
+    ("lstm-peephole-projection", True), ("lstm", True),
+], ids=lambda value: {True: "folded", False: "unfolded"}.get(value, value))
+def test_gradcheck_float64_through_the_operators(form, folded, reverse, engine):
     family, form_options = FORMS[form]
-    kind, pre_x, state, w, masks = _operator_arguments(family, form_options)
+    kind, pre_x, state, w, masks = _operator_arguments(family, form_options,
+                                                       fold_layer_norm=folded)
+    assert (w.layer_norm_ih is not None) == folded
     lengths = torch.tensor([5, 2, 4])
     names = [name for name in ("weight_hh", "bias_hh", "weight_hr", "weight_ch", "layer_norm_hh",
-                               "layer_norm_c_weight", "layer_norm_c_bias")
+                               "layer_norm_c_weight", "layer_norm_c_bias", "layer_norm_ih",
+                               "bias_ih")
              if getattr(w, name) is not None]
     leaves = [pre_x, *state, *(getattr(w, name) for name in names)]
     leaves = [leaf.detach().requires_grad_() for leaf in leaves]
@@ -153,9 +163,11 @@ def test_gradcheck_float64_through_the_operators(form, reverse, engine):
     assert torch.autograd.gradcheck(run, leaves, atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.parametrize("folded", [False, True], ids=["unfolded", "folded"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_double_backward_through_a_recurrence_operator_is_the_reference(engine):
-    kind, pre_x, (h0, c0), w, masks = _operator_arguments("lstm", {"peephole": True})
+def test_double_backward_through_a_recurrence_operator_is_the_reference(engine, folded):
+    kind, pre_x, (h0, c0), w, masks = _operator_arguments("lstm", {"peephole": True},
+                                                          fold_layer_norm=folded)
     pre_x.requires_grad_()
 
     def penalty(run):

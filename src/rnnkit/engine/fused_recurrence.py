@@ -6,7 +6,10 @@ with a hand-derived backward, in pure PyTorch ops on any device.
 run only the *recurrence* of a layer direction: its input side ``pre_x (T, N, G·H)`` is
 computed before, for every step at once, by ordinary autograd ops (`steps.input_side`:
 ``LN(W_ih x; γ_ih)`` plus the biases outside any recurrent product), so layer norm of the input
-product and every input-side gradient come from ATen's own kernels. Per step, for a valid row
+product and every input-side gradient come from ATen's own kernels. The LSTM's alone also take
+that layer norm (``gain_ih``, ``bias_ih``, with ``pre_x`` the bare ``W_ih x``), as its native
+kernel folds it into its row passes; its backward then returns the product's gradient and sums
+the gain, bias and peephole gradients itself. Per step, for a valid row
 (shared/spec/cells.md, "Normalisation and regularisation")::
 
     hm = m ⊙ h_{t-1}                         recurrent dropout mask m (N, H_out), or 1
@@ -173,11 +176,17 @@ def _product_grad(d_u: Tensor, gain: Tensor | None, normalised: Tensor, rstd: Te
 # pre_x + u -> i, f, g, o; c̃ = f c + i g; h̃ = W_hr (o ⊙ tanh(LN(c̃; γ_c, β_c))); zoneout.
 
 def lstm_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, recurrent_mask,
-                 zoneout_h, zoneout_c, lengths, reverse: bool):
+                 zoneout_h, zoneout_c, lengths, reverse: bool, gain_ih=None, bias_ih=None):
     """Returns ``output (T, N, P), h_n (N, P), c_n (N, H)``, the states ``h_states (T + 1, N,
     P)``, ``c_states (T + 1, N, H)``, ``gates (T, N, 4H)`` activated, ``c_new (T, N, H)`` (c̃,
     before zoneout), and layer norm's ``normalised_hh (T, N, 4H)``, ``rstd_hh (T, N)``,
-    ``normalised_c (T, N, H)``, ``rstd_c (T, N)`` (each empty when off)."""
+    ``normalised_c (T, N, H)``, ``rstd_c (T, N)``, ``mean_ih``, ``rstd_ih (T, N)`` (each empty
+    when off).
+
+    The input side's layer norm folded in (``gain_ih``, which needs ``gain_hh``): ``pre_x`` is
+    the raw product ``W_ih x``, and the gates start from ``γ_ih ⊙ LN(pre_x)`` (its moments
+    kept, zero in held rows, as the native kernel keeps them); ``bias_ih (4H,)``, when given, is
+    added to every row."""
     steps, batch = pre_x.shape[:2]
     hidden = pre_x.shape[-1] // 4
     out_size = w_hr.shape[0] if w_hr is not None and w_hr.dim() == 2 else hidden
@@ -187,13 +196,17 @@ def lstm_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, recu
         "c0": (c0, (batch, hidden)), "w_hh": (w_hh, (4 * hidden, out_size)),
         "gain_hh": (gain_hh, (4 * hidden,)), "gain_c": (gain_c, (hidden,)),
         "shift_c": (shift_c, (hidden,)), "w_hr": (w_hr, (out_size, hidden)),
-        "w_ch": (w_ch, (3 * hidden,)), "recurrent_mask": (recurrent_mask, (batch, out_size))},
+        "w_ch": (w_ch, (3 * hidden,)), "recurrent_mask": (recurrent_mask, (batch, out_size)),
+        "gain_ih": (gain_ih, (4 * hidden,)), "bias_ih": (bias_ih, (4 * hidden,))},
         {"zoneout_h": (zoneout_h, (*rows, out_size)), "zoneout_c": (zoneout_c, (*rows, hidden))},
         lengths)
     if (gain_c is None) != (shift_c is None):
         raise ValueError("fused_lstm_recurrence: gain_c and shift_c must be given together")
+    if gain_ih is not None and gain_hh is None:
+        raise ValueError("fused_lstm_recurrence: gain_ih (the input side's layer norm) needs "
+                         "gain_hh")
     valid = valid_steps(lengths, steps)
-    gates = pre_x.clone()  # (T, N, 4H), activated in place
+    gates, mean_ih, rstd_ih = _input_rows(pre_x, gain_ih, bias_ih, valid)  # activated in place
     new = pre_x.new_empty
     h_states, c_states = new(steps + 1, batch, out_size), new(steps + 1, batch, hidden)
     c_new, output = new(steps, batch, hidden), new(steps, batch, out_size)
@@ -223,16 +236,44 @@ def lstm_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, recu
         output[t] = h_t if valid_t is None else h_t.masked_fill(~valid_t, 0.0)
     last = 0 if reverse else steps
     return (output, h_states[last].clone(), c_states[last].clone(), h_states, c_states, gates,
-            c_new, norm_hh.normalised, norm_hh.rstd, norm_c.normalised, norm_c.rstd)
+            c_new, norm_hh.normalised, norm_hh.rstd, norm_c.normalised, norm_c.rstd, mean_ih,
+            rstd_ih)
+
+
+def _input_rows(pre_x: Tensor, gain_ih: Tensor | None, bias_ih: Tensor | None,
+                valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The gates' starting values ``(T, N, 4H)``, a new tensor: ``pre_x`` (+ ``bias_ih``), or
+    with ``gain_ih`` ``γ_ih ⊙ LN(pre_x) (+ bias_ih)``; and LN's mean and rstd ``(T, N)``
+    (zero in held rows; empty without ``gain_ih``)."""
+    if gain_ih is None:
+        gates = pre_x.clone() if bias_ih is None else pre_x + bias_ih
+        return gates, _empty(pre_x), _empty(pre_x)
+    _, mean, rstd = torch.native_layer_norm(pre_x, pre_x.shape[-1:], None, None, EPS)
+    mean, rstd = mean.squeeze(-1), rstd.squeeze(-1)
+    if valid is not None:
+        held = ~valid.squeeze(2)
+        mean, rstd = mean.masked_fill(held, 0.0), rstd.masked_fill(held, 0.0)
+    gates = _input_normalised(pre_x, mean, rstd) * gain_ih
+    return (gates if bias_ih is None else gates.add_(bias_ih)), mean, rstd
+
+
+def _input_normalised(pre_x: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """x̂_ih ``(T, N, 4H)`` from the raw product and its kept moments."""
+    return (pre_x - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
 
 
 def lstm_backward(d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, normalised_hh,
                   rstd_hh, normalised_c, rstd_c, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch,
-                  recurrent_mask, zoneout_h, zoneout_c, lengths, reverse: bool):
+                  recurrent_mask, zoneout_h, zoneout_c, lengths, reverse: bool, pre_x=None,
+                  mean_ih=None, rstd_ih=None, gain_ih=None):
     """Returns ``d_pre_x (T, N, 4H)`` (the gates before their nonlinearities, which is also the
     gradient of u), ``d_product (T, N, 4H)`` (of v; empty without layer norm), ``d_h0 (N, P)``,
     ``d_c0 (N, H)``, ``d_w_hr (P, H)`` (empty without a projection) and ``d_cell_norm (T, N,
-    H)`` (of LN(c̃)'s output; empty without layer norm)."""
+    H)`` (of LN(c̃)'s output; empty without layer norm); then the folded input norm's sums
+    over steps and rows, each empty unless ``gain_ih`` is given (with the forward's raw
+    ``pre_x``, ``mean_ih``, ``rstd_ih``): ``d_gain_ih = Σ dA ⊙ x̂_ih``, ``d_bias_ih = Σ dA``,
+    ``d_gain_hh = Σ dA ⊙ x̂_hh``, ``d_gain_c``, ``d_shift_c`` (with ``gain_c``) and ``d_w_ch``
+    (with ``w_ch``). Folded, ``d_pre_x`` is the raw product's gradient ``LN_back(dA; γ_ih)``."""
     steps = gates.shape[0]
     valid = valid_steps(lengths, steps)
     d_pre_x = torch.empty_like(gates)
@@ -282,7 +323,35 @@ def lstm_backward(d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, norm
         d_h = _rejoin(valid_t, d_h_old, d_h_skip)
         d_c = _rejoin(valid_t, _plus(d_c_old, d_c_direct), d_c)
     d_w_hr = (d_h_raw_all.flatten(0, 1).t() @ m_all.flatten(0, 1)) if projected else _empty(gates)
-    return d_pre_x, d_product, d_h, d_c, d_w_hr, d_cell_norm
+    sums = [_empty(gates) for _ in range(6)]  # outputs may not alias one another
+    if gain_ih is not None:
+        sums = _folded_sums(d_pre_x, pre_x, mean_ih, rstd_ih, normalised_hh, d_cell_norm,
+                            normalised_c, c_states, c_new, gain_c is not None, w_ch is not None,
+                            reverse)
+        rows = d_pre_x.flatten(0, 1)
+        x_hat_ih = _input_normalised(pre_x, mean_ih, rstd_ih).flatten(0, 1)
+        d_pre_x = normalised_backward(rows, gain_ih, x_hat_ih, rstd_ih.flatten()).view_as(gates)
+    return (d_pre_x, d_product, d_h, d_c, d_w_hr, d_cell_norm, *sums)
+
+
+def _folded_sums(d_a, pre_x, mean_ih, rstd_ih, normalised_hh, d_cell_norm, normalised_c,
+                 c_states, c_new, cell_normed: bool, peephole: bool, reverse: bool) -> list:
+    """The sums over steps and rows of `lstm_backward` with the input norm folded in (held rows
+    have dA = 0 and add nothing)."""
+    def total(grad: Tensor, factor: Tensor | None = None) -> Tensor:
+        return (grad if factor is None else grad * factor).sum((0, 1))
+
+    x_hat_ih = _input_normalised(pre_x, mean_ih, rstd_ih)
+    sums = [total(d_a, x_hat_ih), total(d_a), total(d_a, normalised_hh)]
+    sums += ([total(d_cell_norm, normalised_c), total(d_cell_norm)] if cell_normed
+             else [_empty(d_a), _empty(d_a)])
+    if peephole:
+        c_prev = c_states[1:] if reverse else c_states[:-1]
+        d_i, d_f, _, d_o = d_a.split(c_new.shape[2], dim=2)
+        sums.append(torch.cat([total(d_i, c_prev), total(d_f, c_prev), total(d_o, c_new)]))
+    else:
+        sums.append(_empty(d_a))
+    return sums
 
 
 # ---- GRU ------------------------------------------------------------------------------------

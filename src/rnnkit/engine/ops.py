@@ -11,7 +11,8 @@ implementations per family behind one calling convention (`run_fused`, `run_nati
 ``*_backward``                     each one's reverse loop, itself an operator
 ``rnnkit::{fused,native}_*_recurrence``  layer norm, recurrent dropout and zoneout: the
                                    recurrence alone, its input side ``pre_x`` computed before
-                                   by autograd ops (`steps.input_side`); math in
+                                   by autograd ops (`steps.input_side`; the LSTM's take the
+                                   bare ``W_ih x`` and normalise it in their loop); math in
                                    `rnnkit.engine.fused_recurrence`
 ==========================  ===============================================================
 
@@ -501,13 +502,15 @@ def fused_lstm_recurrence(
     pre_x: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, gain_hh: _Optional, gain_c: _Optional,
     shift_c: _Optional, w_hr: _Optional, w_ch: _Optional, recurrent_mask: _Optional,
     zoneout_h: _Optional, zoneout_c: _Optional, lengths: _Optional, reverse: bool,
+    gain_ih: _Optional = None, bias_ih: _Optional = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-           Tensor]:
+           Tensor, Tensor, Tensor]:
     """-> output, h_n, c_n, h_states, c_states, gates, c_new, normalised_hh, rstd_hh,
-    normalised_c, rstd_c (`fused_recurrence.lstm_forward`)."""
+    normalised_c, rstd_c, mean_ih, rstd_ih (`fused_recurrence.lstm_forward`; with ``gain_ih``
+    pre_x is the raw ``W_ih x``, normalised per row inside)."""
     return fused_recurrence.lstm_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr,
                                          w_ch, recurrent_mask, zoneout_h, zoneout_c, lengths,
-                                         reverse)
+                                         reverse, gain_ih, bias_ih)
 
 
 @torch.library.custom_op("rnnkit::native_lstm_recurrence", mutates_args=(), device_types="cpu")
@@ -515,12 +518,13 @@ def native_lstm_recurrence(
     pre_x: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, gain_hh: _Optional, gain_c: _Optional,
     shift_c: _Optional, w_hr: _Optional, w_ch: _Optional, recurrent_mask: _Optional,
     zoneout_h: _Optional, zoneout_c: _Optional, lengths: _Optional, reverse: bool,
+    gain_ih: _Optional = None, bias_ih: _Optional = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-           Tensor]:
+           Tensor, Tensor, Tensor]:
     """The same in C++ (`native.lstm_recurrence_forward`)."""
     return native.lstm_recurrence_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr,
                                           w_ch, recurrent_mask, zoneout_h, zoneout_c, lengths,
-                                          reverse)
+                                          reverse, gain_ih, bias_ih)
 
 
 @torch.library.custom_op("rnnkit::fused_lstm_recurrence_backward", mutates_args=())
@@ -529,13 +533,16 @@ def fused_lstm_recurrence_backward(
     gates: Tensor, c_new: Tensor, normalised_hh: Tensor, rstd_hh: Tensor, normalised_c: Tensor,
     rstd_c: Tensor, w_hh: Tensor, gain_hh: _Optional, gain_c: _Optional, shift_c: _Optional,
     w_hr: _Optional, w_ch: _Optional, recurrent_mask: _Optional, zoneout_h: _Optional,
-    zoneout_c: _Optional, lengths: _Optional, reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm."""
+    zoneout_c: _Optional, lengths: _Optional, reverse: bool, pre_x: _Optional = None,
+    mean_ih: _Optional = None, rstd_ih: _Optional = None, gain_ih: _Optional = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor]:
+    """-> d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm, and with ``gain_ih`` (the input
+    norm folded in) d_gain_ih, d_bias_ih, d_gain_hh, d_gain_c, d_shift_c, d_w_ch."""
     return fused_recurrence.lstm_backward(
         d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, normalised_hh, rstd_hh,
         normalised_c, rstd_c, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, recurrent_mask,
-        zoneout_h, zoneout_c, lengths, reverse)
+        zoneout_h, zoneout_c, lengths, reverse, pre_x, mean_ih, rstd_ih, gain_ih)
 
 
 @torch.library.custom_op("rnnkit::native_lstm_recurrence_backward", mutates_args=(),
@@ -545,24 +552,28 @@ def native_lstm_recurrence_backward(
     gates: Tensor, c_new: Tensor, normalised_hh: Tensor, rstd_hh: Tensor, normalised_c: Tensor,
     rstd_c: Tensor, w_hh: Tensor, gain_hh: _Optional, gain_c: _Optional, shift_c: _Optional,
     w_hr: _Optional, w_ch: _Optional, recurrent_mask: _Optional, zoneout_h: _Optional,
-    zoneout_c: _Optional, lengths: _Optional, reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    zoneout_c: _Optional, lengths: _Optional, reverse: bool, pre_x: _Optional = None,
+    mean_ih: _Optional = None, rstd_ih: _Optional = None, gain_ih: _Optional = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor]:
     """The same in C++."""
     return native.lstm_recurrence_backward(
         d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, normalised_hh, rstd_hh,
         normalised_c, rstd_c, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, recurrent_mask,
-        zoneout_h, zoneout_c, lengths, reverse)
+        zoneout_h, zoneout_c, lengths, reverse, pre_x, mean_ih, rstd_ih, gain_ih)
 
 
 def _fake_lstm_recurrence(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch,
-                          recurrent_mask, zoneout_h, zoneout_c, lengths, reverse):
+                          recurrent_mask, zoneout_h, zoneout_c, lengths, reverse, gain_ih=None,
+                          bias_ih=None):
     steps, batch, hidden, out = pre_x.shape[0], pre_x.shape[1], c0.shape[1], h0.shape[1]
     new = pre_x.new_empty
     return (new(steps, batch, out), new(batch, out), new(batch, hidden),
             new(steps + 1, batch, out), new(steps + 1, batch, hidden),
             new(steps, batch, 4 * hidden), new(steps, batch, hidden),
             *_fake_norm(pre_x, gain_hh, steps, batch, 4 * hidden),
-            *_fake_norm(pre_x, gain_c, steps, batch, hidden))
+            *_fake_norm(pre_x, gain_c, steps, batch, hidden),
+            *(_fake_norm(pre_x, gain_ih, steps, batch, 0)[1] for _ in range(2)))  # mean, rstd
 
 
 def _fake_norm(like, gain, steps, batch, width):
@@ -574,21 +585,35 @@ def _fake_norm(like, gain, steps, batch, width):
 
 def _fake_lstm_recurrence_backward(d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new,
                                    normalised_hh, rstd_hh, normalised_c, rstd_c, w_hh, gain_hh,
-                                   gain_c, shift_c, w_hr, *rest):
+                                   gain_c, shift_c, w_hr, w_ch, recurrent_mask, zoneout_h,
+                                   zoneout_c, lengths, reverse, pre_x=None, mean_ih=None,
+                                   rstd_ih=None, gain_ih=None):
+    hidden, folded = c_new.shape[2], gain_ih is not None
+
+    def empty() -> Tensor:  # one each: outputs may not alias one another
+        return gates.new_empty(0)
+
+    def summed(wanted: bool, width: int) -> Tensor:
+        return gates.new_empty(width) if folded and wanted else empty()
+
     return (torch.empty_like(gates),
-            torch.empty_like(gates) if gain_hh is not None else gates.new_empty(0),
+            torch.empty_like(gates) if gain_hh is not None else empty(),
             torch.empty_like(d_h_n), torch.empty_like(d_c_n),
-            gates.new_empty(w_hr.shape) if w_hr is not None else gates.new_empty(0),
-            torch.empty_like(c_new) if gain_c is not None else gates.new_empty(0))
+            gates.new_empty(w_hr.shape) if w_hr is not None else empty(),
+            torch.empty_like(c_new) if gain_c is not None else empty(),
+            summed(True, 4 * hidden), summed(True, 4 * hidden), summed(True, 4 * hidden),
+            summed(gain_c is not None, hidden), summed(gain_c is not None, hidden),
+            summed(w_ch is not None, 3 * hidden))
 
 
 def _recurrence_weights(kind: CellKind, tensors: list[_Optional]):
     """(pre_x, state, weights, masks) for the reference loop from a recurrence operator's
     tensor inputs in argument order: the weights hold no W_ih (`steps.input_side`)."""
-    if kind.family == Family.LSTM:
+    if kind.family == Family.LSTM:  # lengths and reverse (None here) sit before gain_ih, bias_ih
         (pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h,
-         zoneout_c) = tensors
-        weights = CellWeights(None, w_hh, weight_hr=w_hr, weight_ch=w_ch, layer_norm_hh=gain_hh,
+         zoneout_c, _, _, gain_ih, bias_ih) = tensors
+        weights = CellWeights(None, w_hh, bias_ih=bias_ih, weight_hr=w_hr, weight_ch=w_ch,
+                              layer_norm_ih=gain_ih, layer_norm_hh=gain_hh,
                               layer_norm_c_weight=gain_c, layer_norm_c_bias=shift_c)
         return pre_x, (h0, c0), weights, Masks(mask, zoneout_h, zoneout_c)
     if kind.family == Family.GRU:
@@ -625,41 +650,50 @@ def _summed(needed: bool, grad: Tensor, factor: _Optional = None) -> _Optional:
 
 def _lstm_recurrence_setup(ctx, inputs, output, native_layout: bool):
     (pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h, zoneout_c,
-     lengths, reverse) = inputs
+     lengths, reverse, gain_ih, bias_ih) = inputs
     ctx.save_for_backward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask,
-                          zoneout_h, zoneout_c, lengths, *output[3:])
+                          zoneout_h, zoneout_c, lengths, gain_ih, bias_ih, *output[3:])
     ctx.reverse, ctx.kind = reverse, CellKind("lstm")
     ctx.reference_arguments = _recurrence_weights
 
 
 def _lstm_recurrence_backward(ctx, grads, native_layout: bool):
     (pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h, zoneout_c,
-     lengths, h_states, c_states, gates, c_new, normalised_hh, rstd_hh, normalised_c,
-     rstd_c) = ctx.saved_tensors
+     lengths, gain_ih, bias_ih, h_states, c_states, gates, c_new, normalised_hh, rstd_hh,
+     normalised_c, rstd_c, mean_ih, rstd_ih) = ctx.saved_tensors
     d_output, d_h_n, d_c_n = grads[:3]
     d_output = _or_zeros(d_output, _leaving(h_states, ctx.reverse))
     d_h_n, d_c_n = _or_zeros(d_h_n, h0), _or_zeros(d_c_n, c0)
-    inputs = (pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h,
-              zoneout_c)
     if torch.is_grad_enabled():
-        return (*_differentiable_backward(ctx, inputs, lengths, (d_output, d_h_n, d_c_n)),
-                None, None)
+        inputs = (pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h,
+                  zoneout_c, None, None, gain_ih, bias_ih)  # in argument order
+        return _differentiable_backward(ctx, inputs, lengths, (d_output, d_h_n, d_c_n))
     backward = (native_lstm_recurrence_backward if native_layout
                 else fused_lstm_recurrence_backward)
-    d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm = backward(
+    folded = gain_ih is not None
+    (d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm, *sums) = backward(
         d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, normalised_hh, rstd_hh,
         normalised_c, rstd_c, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h,
-        zoneout_c, lengths, ctx.reverse)
+        zoneout_c, lengths, ctx.reverse, *((pre_x, mean_ih, rstd_ih, gain_ih) if folded else ()))
     needs = ctx.needs_input_grad
     d_v = d_product if gain_hh is not None else d_pre_x
     d_w_hh = outer_sum(d_v, _entering_masked(h_states, ctx.reverse, mask)) if needs[3] else None
+    if folded:  # the kernel summed them (d_pre_x is then W_ih x's gradient, not dA's)
+        d_gain_ih, d_bias_ih, d_gain_hh, d_gain_c, d_shift_c, d_w_ch = (
+            s if s.numel() else None for s in sums)
+        d_bias_ih = d_bias_ih if bias_ih is not None else None
+        return (d_pre_x, d_h0, d_c0, d_w_hh, d_gain_hh, d_gain_c, d_shift_c,
+                d_w_hr if w_hr is not None else None, d_w_ch, None, None, None, None, None,
+                d_gain_ih, d_bias_ih)
     d_gain_hh = _summed(gain_hh is not None and needs[4], d_pre_x, normalised_hh)
     d_gain_c = _summed(gain_c is not None and needs[5], d_cell_norm, normalised_c)
     d_shift_c = _summed(gain_c is not None and needs[6], d_cell_norm)
     d_w_ch = (peephole_grad(d_pre_x, _entering(c_states, ctx.reverse), c_new)
               if w_ch is not None and needs[8] else None)
+    d_bias_ih = _summed(bias_ih is not None and needs[15], d_pre_x)
     return (d_pre_x, d_h0, d_c0, d_w_hh, d_gain_hh, d_gain_c, d_shift_c,
-            d_w_hr if w_hr is not None else None, d_w_ch, None, None, None, None, None)
+            d_w_hr if w_hr is not None else None, d_w_ch, None, None, None, None, None, None,
+            d_bias_ih)
 
 
 @torch.library.custom_op("rnnkit::fused_gru_recurrence", mutates_args=())
@@ -988,18 +1022,25 @@ def run_recurrence(kind: CellKind, x: Tensor, state: State, weights: CellWeights
                    native_kernels: bool) -> tuple[Tensor, State]:
     """Layer norm, recurrent dropout and zoneout: the input side by autograd ops
     (`steps.input_side`), the recurrence by the ``*_recurrence`` operators, native or fused;
-    same contract as `rnnkit.engine.reference.run_direction`."""
-    pre_x, w = input_side(kind, x, weights)
+    same contract as `rnnkit.engine.reference.run_direction`.
+
+    The LSTM's operators take the input side's layer norm too (``gain_ih``, ``bias_ih``): its
+    row moments while each row is in cache, and in the backward its gradient and the gain and
+    bias sums, instead of separate passes over the ``(T, N, 4H)`` product."""
+    lstm = kind.family == Family.LSTM
+    # The LSTM's operators normalise the input product themselves (`steps.input_side`).
+    pre_x, w = input_side(kind, x, weights, fold_layer_norm=lstm)
     masks, lengths = masks or Masks(), _lengths(lengths)
-    if kind.family == Family.LSTM:
+    if lstm:
         h0, c0 = state  # type: ignore[misc]
         arguments = (pre_x, h0, c0, w.weight_hh, w.layer_norm_hh, w.layer_norm_c_weight,
                      w.layer_norm_c_bias, w.weight_hr, w.weight_ch, masks.recurrent,
-                     masks.zoneout_h, masks.zoneout_c, lengths, reverse)
+                     masks.zoneout_h, masks.zoneout_c, lengths, reverse, w.layer_norm_ih,
+                     w.bias_ih)
         implementation, op = ((native.lstm_recurrence_forward, native_lstm_recurrence)
                               if native_kernels else
                               (fused_recurrence.lstm_forward, fused_lstm_recurrence))
-        eager = _plain_eager(pre_x, *arguments[:13])
+        eager = _plain_eager(pre_x, *arguments[:13], *arguments[14:])
         output, h_n, c_n, *_ = implementation(*arguments) if eager else _apply(op, *arguments)
         return output, (h_n, c_n)
     if kind.family == Family.GRU:

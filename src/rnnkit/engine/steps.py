@@ -83,7 +83,7 @@ class CellWeights(NamedTuple):
     size of ``h`` (``P`` with a projection, else ``H``), ``I`` the input size.
     """
 
-    weight_ih: Tensor | None  # (G*H, I); None: ``x`` is the input side already (`input_side`)
+    weight_ih: Tensor | None  # (G*H, I); None: ``x`` is W_ih x (or the input side) (`input_side`)
     weight_hh: Tensor  # (G*H, H_out)
     bias_ih: Tensor | None = None  # (G*H,)
     bias_hh: Tensor | None = None  # (G*H,)
@@ -132,10 +132,12 @@ def _normalised(v: Tensor, gain: Tensor | None, shift: Tensor | None = None) -> 
 
 
 def _input_part(x: Tensor, w: CellWeights) -> Tensor:
-    """``LN(W_ih x) + b_ih`` (without layer norm ``W_ih x + b_ih``), or ``x`` itself when the
-    weights hold no ``W_ih`` (x is then the input side already, see `input_side`)."""
+    """``LN(W_ih x) + b_ih`` (without layer norm ``W_ih x + b_ih``). When the weights hold no
+    ``W_ih``, x is that product already (see `input_side`): ``LN(x) + b_ih`` with a
+    ``layer_norm_ih``, else ``x + b_ih`` (``x`` itself without a bias)."""
     if w.weight_ih is None:
-        return x if w.bias_ih is None else x + w.bias_ih
+        normalised = _normalised(x, w.layer_norm_ih)
+        return normalised if w.bias_ih is None else normalised + w.bias_ih
     if w.layer_norm_ih is None:
         return F.linear(x, w.weight_ih, w.bias_ih)
     normalised = _normalised(F.linear(x, w.weight_ih), w.layer_norm_ih)
@@ -154,7 +156,8 @@ def _products(x: Tensor, h: Tensor, w: CellWeights,
     return _input_part(x, w), hidden_part if w.bias_hh is None else hidden_part + w.bias_hh
 
 
-def input_side(kind: CellKind, x: Tensor, w: CellWeights) -> tuple[Tensor, CellWeights]:
+def input_side(kind: CellKind, x: Tensor, w: CellWeights,
+               fold_layer_norm: bool = False) -> tuple[Tensor, CellWeights]:
     """Split a layer direction into its input side, computed for every step at once, and the
     weights of what is left: the recurrence.
 
@@ -164,13 +167,24 @@ def input_side(kind: CellKind, x: Tensor, w: CellWeights) -> tuple[Tensor, CellW
     no ``γ_ih`` and only the biases left in the loop, so ``cell_step(kind, pre_x[t], state,
     recurrence)`` is the original step: what the recurrence operators compute
     (`rnnkit.engine.fused_recurrence`), and what their double backward differentiates.
+
+    With ``fold_layer_norm`` and an input layer norm, the normalisation is left to the
+    recurrence instead (the LSTM operators normalise each row in their loop): ``pre_x`` is the
+    bare product ``W_ih x``, and the returned weights keep ``γ_ih`` as ``layer_norm_ih`` and
+    the summed bias as ``bias_ih`` (``_input_part`` then computes ``LN(pre_x[t]; γ_ih) + b``,
+    the same step).
     """
     keep_recurrent_bias = kind.family == Family.GRU and kind.reset_after
     bias = w.bias_ih
-    if bias is not None and not keep_recurrent_bias:
+    if bias is not None and w.bias_hh is not None and not keep_recurrent_bias:
         bias = bias + w.bias_hh  # (G·H,): added once, by the product or LN's shift
-    if w.weight_ih is None:  # split already: x is the input side
-        pre_x = x if bias is None else x + bias
+    if fold_layer_norm and w.layer_norm_ih is not None:
+        pre_x = x if w.weight_ih is None else F.linear(x, w.weight_ih)
+        recurrence = w._replace(weight_ih=None, bias_ih=bias,
+                                bias_hh=w.bias_hh if keep_recurrent_bias else None)
+        return pre_x, recurrence
+    if w.weight_ih is None:  # split already: x is the product W_ih x
+        pre_x = _input_part(x, w._replace(bias_ih=bias))
     elif w.layer_norm_ih is None:
         pre_x = F.linear(x, w.weight_ih, bias)
     else:

@@ -166,42 +166,58 @@ def _when(given: Tensor | None, tensor: Tensor | None) -> Tensor | None:
 
 
 def lstm_recurrence_forward(pre_x, h0, c0, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch,
-                            recurrent_mask, zoneout_h, zoneout_c, lengths, reverse: bool):
+                            recurrent_mask, zoneout_h, zoneout_c, lengths, reverse: bool,
+                            gain_ih=None, bias_ih=None):
     """The LSTM recurrence. Returns ``output (T, N, P)``, ``h_n (N, P)``, ``c_n (N, H)``,
     ``h_states (T + 1, N, P)``, ``c_states (T + 1, N, H)``, ``gates (T, N, 4H)`` activated,
     ``c_new (T, N, H)`` (un-zoned new cells), ``normalised_hh (T, N, 4H)`` and ``rstd_hh
     (T, N)`` (empty without ``gain_hh``), ``normalised_c (T, N, H)`` and ``rstd_c (T, N)``
-    (empty without ``gain_c``)."""
+    (empty without ``gain_c``), ``mean_ih`` and ``rstd_ih (T, N)`` (empty without
+    ``gain_ih``).
+
+    With ``gain_ih`` (the input side's layer norm folded in; needs ``gain_hh``) ``pre_x`` is
+    the raw product ``W_ih x`` and the kernel normalises each row; ``bias_ih (4H,)``, when
+    given, is added to every row."""
     (output, h_states, c_states, gates, c_new, normalised_hh, rstd_hh, normalised_c,
-     rstd_c) = _kernels().lstm_recurrence_forward(
+     rstd_c, mean_ih, rstd_ih) = _kernels().lstm_recurrence_forward(
         _contiguous(pre_x), h0.contiguous(), c0.contiguous(), w_hh.contiguous(),
         _contiguous(gain_hh), _contiguous(gain_c), _contiguous(shift_c), _contiguous(w_hr),
         _contiguous(w_ch), _contiguous(recurrent_mask), _contiguous(zoneout_h),
-        _contiguous(zoneout_c), _contiguous(lengths), reverse,
+        _contiguous(zoneout_c), _contiguous(lengths), reverse, _contiguous(gain_ih),
+        _contiguous(bias_ih),
     )
     return (output, _final(h_states, reverse), _final(c_states, reverse), h_states, c_states,
             gates, c_new, _or_empty(normalised_hh, pre_x), _or_empty(rstd_hh, pre_x),
-            _or_empty(normalised_c, pre_x), _or_empty(rstd_c, pre_x))
+            _or_empty(normalised_c, pre_x), _or_empty(rstd_c, pre_x),
+            _or_empty(mean_ih, pre_x), _or_empty(rstd_ih, pre_x))
 
 
 def lstm_recurrence_backward(d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new,
                              normalised_hh, rstd_hh, normalised_c, rstd_c, w_hh, gain_hh, gain_c,
                              shift_c, w_hr, w_ch, recurrent_mask, zoneout_h, zoneout_c, lengths,
-                             reverse: bool):
+                             reverse: bool, pre_x=None, mean_ih=None, rstd_ih=None,
+                             gain_ih=None):
     """Returns ``d_pre_x (T, N, 4H)`` (the gate pre-activation gradients), ``d_product
     (T, N, 4H)`` (the gradient of ``hm W_hh^T``; empty without ``gain_hh``), ``d_h0 (N, P)``,
-    ``d_c0 (N, H)``, ``d_w_hr (P, H)`` (empty without a projection) and ``d_cell_norm
-    (T, N, H)`` (the gradient of LN(c̃)'s output; empty without ``gain_c``)."""
-    d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm = _kernels().lstm_recurrence_backward(
+    ``d_c0 (N, H)``, ``d_w_hr (P, H)`` (empty without a projection), ``d_cell_norm
+    (T, N, H)`` (the gradient of LN(c̃)'s output; empty without ``gain_c``), and the sums of
+    the folded input norm (each empty unless ``gain_ih`` is given, with the forward's
+    ``pre_x``, ``mean_ih``, ``rstd_ih``): ``d_gain_ih``, ``d_bias_ih``, ``d_gain_hh`` (4H,),
+    ``d_gain_c``, ``d_shift_c`` (H,) (with ``gain_c``), ``d_w_ch`` (3H,) (with ``w_ch``).
+    Folded, ``d_pre_x`` is the gradient of the raw product ``W_ih x``."""
+    (d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm,
+     *sums) = _kernels().lstm_recurrence_backward(
         d_output.contiguous(), d_h_n.contiguous(), d_c_n.contiguous(), h_states.contiguous(),
         c_states.contiguous(), gates.contiguous(), c_new.contiguous(),
         _when(gain_hh, normalised_hh), _when(gain_hh, rstd_hh), _when(gain_c, normalised_c),
         _when(gain_c, rstd_c), w_hh.contiguous(), _contiguous(gain_hh), _contiguous(gain_c),
         _contiguous(shift_c), _contiguous(w_hr), _contiguous(w_ch), _contiguous(recurrent_mask),
         _contiguous(zoneout_h), _contiguous(zoneout_c), _contiguous(lengths), reverse,
+        _when(gain_ih, pre_x), _when(gain_ih, mean_ih), _when(gain_ih, rstd_ih),
+        _contiguous(gain_ih),
     )
     return (d_pre_x, _or_empty(d_product, d_pre_x), d_h0, d_c0, _or_empty(d_w_hr, d_pre_x),
-            _or_empty(d_cell_norm, d_pre_x))
+            _or_empty(d_cell_norm, d_pre_x), *(_or_empty(s, d_pre_x) for s in sums))
 
 
 def gru_recurrence_forward(pre_x, h0, w_hh, b_hh, gain_hh, recurrent_mask, zoneout_h, lengths,

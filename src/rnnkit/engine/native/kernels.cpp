@@ -1170,6 +1170,35 @@ inline void layer_norm_backward_row(const T* dy, const T* gain, const T* x_hat, 
   });
 }
 
+// The same from the un-normalised row v and its moments (x̂ = (v - mean) rstd recomputed, not
+// stored); dv may be dy itself (each unit is read before it is written).
+template <typename T>
+inline void layer_norm_backward_row_from(const T* dy, const T* gain, const T* v, Moments<T> mo,
+                                         T* dv, int64_t units) {
+  using V = Vec<T>;
+  auto x_hat = [&](int64_t j, int64_t k) {
+    return (V::loadu(v + j, k) - V(mo.mean)) * V(mo.rstd);
+  };
+  const auto [sum_g, sum_gx] = row_sums<T>(units, [&](int64_t j, int64_t k) {
+    const V g = V::loadu(dy + j, k) * V::loadu(gain + j, k);
+    return std::make_pair(g, g * x_hat(j, k));
+  });
+  const T mean_g = sum_g / T(units), mean_gx = sum_gx / T(units);
+  for_units<T>(units, [&](int64_t j, int64_t k) {
+    const V g = V::loadu(dy + j, k) * V::loadu(gain + j, k);
+    (V(mo.rstd) * (g - V(mean_g) - x_hat(j, k) * V(mean_gx))).store(dv + j, k);
+  });
+}
+
+// acc += a (⊙ b) over a row: a row's share of a gain's or bias's gradient Σ_{t,n}.
+template <typename T, typename F>
+inline void accumulate_row(T* acc, int64_t units, const F& term) {
+  using V = Vec<T>;
+  for_units<T>(units, [&](int64_t j, int64_t k) {
+    (V::loadu(acc + j, k) + term(j, k)).store(acc + j, k);
+  });
+}
+
 // out = mask ⊙ h over a whole (N, W) step (the state entering the recurrent product).
 template <typename T>
 inline void masked_state(T* out, const T* h, const T* mask, int64_t count) {
@@ -1693,14 +1722,21 @@ std::vector<Tensor> gru_recurrence_backward(
 // ℓ = LN(c̃; gain_c, shift_c) or c̃, h̃ = (o ⊙ tanh ℓ) W_hr^T or o ⊙ tanh ℓ, then zoneout of h
 // and c. Returns {output (T, N, P), h_states (T + 1, N, P), c_states (T + 1, N, H), gates
 // (T, N, 4H) activated i, f, g, o, c_new (T, N, H) = c̃, normalised_hh (T, N, 4H), rstd_hh
-// (T, N), normalised_c (T, N, H), rstd_c (T, N)}, the last four undefined without their gain.
+// (T, N), normalised_c (T, N, H), rstd_c (T, N), mean_ih (T, N), rstd_ih (T, N)}, the last six
+// undefined without their gain.
+//
+// The input side's layer norm folded in (gain_ih given, which needs gain_hh): pre_x is then the
+// raw input product W_ih x, and each row of it is normalised here, a = γ_ih ⊙ LN(pre_x) (+ bias_ih)
+// + u, its moments kept (mean_ih, rstd_ih) for the backward, which recomputes x̂_ih from them.
+// bias_ih (4H,) is added to every row when given (with or without gain_ih).
 std::vector<Tensor> lstm_recurrence_forward(
     const Tensor& pre_x, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const std::optional<Tensor>& gain_hh, const std::optional<Tensor>& gain_c,
     const std::optional<Tensor>& shift_c, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& w_ch, const std::optional<Tensor>& recurrent_mask,
     const std::optional<Tensor>& zoneout_h, const std::optional<Tensor>& zoneout_c,
-    const std::optional<Tensor>& lengths, bool reverse) {
+    const std::optional<Tensor>& lengths, bool reverse, const std::optional<Tensor>& gain_ih,
+    const std::optional<Tensor>& bias_ih) {
   const Arguments check("lstm_recurrence_forward", "pre_x", pre_x, 3);
   const int64_t T = pre_x.size(0), N = pre_x.size(1), H = pre_x.size(2) / 4;
   TORCH_CHECK(pre_x.size(2) == 4 * H,
@@ -1719,11 +1755,15 @@ std::vector<Tensor> lstm_recurrence_forward(
   check.zoneout("zoneout_h", zoneout_h, T, N, P);
   check.zoneout("zoneout_c", zoneout_c, T, N, H);
   check.lengths(lengths, N);
+  check("gain_ih", gain_ih, {4 * H});
+  check("bias_ih", bias_ih, {4 * H});
+  TORCH_CHECK(!gain_ih.has_value() || gain_hh.has_value(),
+              "lstm_recurrence_forward: gain_ih (the input side's layer norm) needs gain_hh");
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool projected = w_hr.has_value(), normed = gain_hh.has_value();
-  const bool cell_normed = gain_c.has_value();
+  const bool cell_normed = gain_c.has_value(), input_normed = gain_ih.has_value();
   Tensor h_states = states_buffer(T, h0);
   Tensor c_states = states_buffer(T, c0);
   start_states(h_states, steps.first_in(), h0);
@@ -1735,6 +1775,8 @@ std::vector<Tensor> lstm_recurrence_forward(
   Tensor rstd = per_step_or_undefined(normed, {T, N}, pre_x);
   Tensor normalised_c = per_step_or_undefined(cell_normed, {T, N, H}, pre_x);
   Tensor rstd_c = per_step_or_undefined(cell_normed, {T, N}, pre_x);
+  Tensor mean_ih = per_step_or_undefined(input_normed, {T, N}, pre_x);
+  Tensor rstd_ih = per_step_or_undefined(input_normed, {T, N}, pre_x);
   // Per-call scratch: the product to normalise, the masked state, and with a projection
   // m = o ⊙ tanh ℓ (zero in held rows) and its product h̃ = m W_hr^T.
   Tensor product = per_step_or_undefined(normed, {N, 4 * H}, pre_x);
@@ -1752,6 +1794,8 @@ std::vector<Tensor> lstm_recurrence_forward(
     const scalar_t* gain_p = data_or_null<scalar_t>(gain_hh);
     const scalar_t* gain_c_p = data_or_null<scalar_t>(gain_c);
     const scalar_t* shift_c_p = data_or_null<scalar_t>(shift_c);
+    const scalar_t* gain_ih_p = data_or_null<scalar_t>(gain_ih);
+    const scalar_t* bias_ih_p = data_or_null<scalar_t>(bias_ih);
     scalar_t* product_p = data_or_null<scalar_t>(product);
     const Zoneout<scalar_t> zone_h = zoneout_of<scalar_t>(zoneout_h, N, P);
     const Zoneout<scalar_t> zone_c = zoneout_of<scalar_t>(zoneout_c, N, H);
@@ -1774,10 +1818,13 @@ std::vector<Tensor> lstm_recurrence_forward(
       scalar_t* rstd_p = normed ? rstd.data_ptr<scalar_t>() + t * N : nullptr;
       scalar_t* c_hat_p = cell_normed ? at_step<scalar_t>(normalised_c, t) : nullptr;
       scalar_t* rstd_c_p = cell_normed ? rstd_c.data_ptr<scalar_t>() + t * N : nullptr;
+      scalar_t* mean_ih_p = input_normed ? mean_ih.data_ptr<scalar_t>() + t * N : nullptr;
+      scalar_t* rstd_ih_p = input_normed ? rstd_ih.data_ptr<scalar_t>() + t * N : nullptr;
       for_rows(N, 4 * H, [&](int64_t n) {
         const int64_t row = n * H, row4 = n * 4 * H;
         scalar_t* g_row = g_p + row4;
         if (!valid(t, n)) {
+          if (input_normed) mean_ih_p[n] = rstd_ih_p[n] = scalar_t(0);
           copy_row(c_out_p + row, c_p + row, H);
           zero_row(c_new_p + row, H);
           zero_row(g_row, 4 * H);
@@ -1804,10 +1851,21 @@ std::vector<Tensor> lstm_recurrence_forward(
           mo = moments(v_row, 4 * H);
           rstd_p[n] = mo.rstd;
         }
-        // a = pre_x + u at the columns [offset + j, offset + j + k) (x̂ kept with layer norm).
+        Moments<scalar_t> mi{scalar_t(0), scalar_t(0)};
+        if (input_normed) {  // the input side's row, read once more while it is in cache
+          mi = moments(pre_row, 4 * H);
+          mean_ih_p[n] = mi.mean;
+          rstd_ih_p[n] = mi.rstd;
+        }
+        // a = pre_x + u at the columns [offset + j, offset + j + k) (x̂ kept with layer norm),
+        // pre_x being γ_ih ⊙ LN(W_ih x) + b from the raw product with the input norm folded in.
         auto a_of = [&](int64_t offset, int64_t j, int64_t k) {
           const V v = V::loadu(v_row + offset + j, k);
-          const V pre = V::loadu(pre_row + offset + j, k);
+          V pre = V::loadu(pre_row + offset + j, k);
+          if (input_normed) {
+            pre = V::loadu(gain_ih_p + offset + j, k) * ((pre - V(mi.mean)) * V(mi.rstd));
+          }
+          if (bias_ih_p != nullptr) pre = pre + V::loadu(bias_ih_p + offset + j, k);
           if (!normed) return pre + v;
           const V x_hat = (v - V(mo.mean)) * V(mo.rstd);
           x_hat.store(x_hat_p + row4 + offset + j, k);
@@ -1892,12 +1950,19 @@ std::vector<Tensor> lstm_recurrence_forward(
       }
     }
   });
-  return {output, h_states, c_states, gates, c_new, normalised, rstd, normalised_c, rstd_c};
+  return {output, h_states, c_states, gates, c_new, normalised, rstd, normalised_c, rstd_c,
+          mean_ih, rstd_ih};
 }
 
 // Returns {d_pre_x (T, N, 4H) = dA (gate pre-activation gradients), d_product (T, N, 4H) = dv =
 // LN_back(dA) (with gain_hh; else undefined), d_h0 (N, P), d_c0 (N, H), d_w_hr (P, H) (with a
-// projection; else undefined), d_cell_norm (T, N, H) = dℓ (with gain_c; else undefined)}.
+// projection; else undefined), d_cell_norm (T, N, H) = dℓ (with gain_c; else undefined),
+// then, with the input side's layer norm folded in (gain_ih, pre_x, mean_ih, rstd_ih given),
+// the sums over steps and rows that the forward's folded norm needs, each undefined otherwise:
+// d_gain_ih = Σ dA ⊙ x̂_ih, d_bias_ih = Σ dA, d_gain_hh = Σ dA ⊙ x̂_hh, d_gain_c = Σ dℓ ⊙ ĉ,
+// d_shift_c = Σ dℓ (with gain_c), d_w_ch = Σ (d_i ⊙ c, d_f ⊙ c, d_o ⊙ c̃) (with w_ch)}. Folded,
+// the first result is the raw product's gradient LN_back(dA; γ_ih) instead of dA. The sums are
+// kept per row (N, ·), one thread per row within a step, and summed over N at the end.
 std::vector<Tensor> lstm_recurrence_backward(
     const Tensor& d_output, const Tensor& d_h_n, const Tensor& d_c_n, const Tensor& h_states,
     const Tensor& c_states, const Tensor& gates, const Tensor& c_new,
@@ -1907,7 +1972,9 @@ std::vector<Tensor> lstm_recurrence_backward(
     const std::optional<Tensor>& shift_c, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& w_ch, const std::optional<Tensor>& recurrent_mask,
     const std::optional<Tensor>& zoneout_h, const std::optional<Tensor>& zoneout_c,
-    const std::optional<Tensor>& lengths, bool reverse) {
+    const std::optional<Tensor>& lengths, bool reverse, const std::optional<Tensor>& pre_x,
+    const std::optional<Tensor>& mean_ih, const std::optional<Tensor>& rstd_ih,
+    const std::optional<Tensor>& gain_ih) {
   const Arguments check("lstm_recurrence_backward", "gates", gates, 3);
   const int64_t T = gates.size(0), N = gates.size(1), H = gates.size(2) / 4;
   TORCH_CHECK(gates.size(2) == 4 * H,
@@ -1938,12 +2005,31 @@ std::vector<Tensor> lstm_recurrence_backward(
   check.zoneout("zoneout_h", zoneout_h, T, N, P);
   check.zoneout("zoneout_c", zoneout_c, T, N, H);
   check.lengths(lengths, N);
+  check("gain_ih", gain_ih, {4 * H});
+  check.together("gain_ih", gain_ih, "pre_x", pre_x);
+  check.together("gain_ih", gain_ih, "mean_ih", mean_ih);
+  check.together("gain_ih", gain_ih, "rstd_ih", rstd_ih);
+  check("pre_x", pre_x, {T, N, 4 * H});
+  check("mean_ih", mean_ih, {T, N});
+  check("rstd_ih", rstd_ih, {T, N});
+  TORCH_CHECK(!gain_ih.has_value() || gain_hh.has_value(),
+              "lstm_recurrence_backward: gain_ih (the input side's layer norm) needs gain_hh");
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool projected = w_hr.has_value(), normed = gain_hh.has_value();
   const bool cell_normed = gain_c.has_value(), masked = recurrent_mask.has_value();
+  const bool folded = gain_ih.has_value(), peeped = w_ch.has_value();
   Tensor d_pre = at::empty_like(gates);
+  // The folded sums' per-row accumulators (zero: held rows add nothing).
+  auto per_row = [&](bool wanted, int64_t width) {
+    return wanted ? at::zeros({N, width}, gates.options()) : Tensor();
+  };
+  Tensor acc_gain_ih = per_row(folded, 4 * H), acc_bias_ih = per_row(folded, 4 * H);
+  Tensor acc_gain_hh = per_row(folded, 4 * H);
+  Tensor acc_gain_c = per_row(folded && cell_normed, H);
+  Tensor acc_shift_c = per_row(folded && cell_normed, H);
+  Tensor acc_w_ch = per_row(folded && peeped, 3 * H);
   Tensor d_product = per_step_or_undefined(normed, {T, N, 4 * H}, gates);
   Tensor d_cell_norm = per_step_or_undefined(cell_normed, {T, N, H}, gates);
   Tensor d_h = d_h_n.clone(at::MemoryFormat::Contiguous);
@@ -1964,6 +2050,13 @@ std::vector<Tensor> lstm_recurrence_backward(
     const scalar_t* gain_c_p = data_or_null<scalar_t>(gain_c);
     const scalar_t* shift_c_p = data_or_null<scalar_t>(shift_c);
     const scalar_t* d_m_p = data_or_null<scalar_t>(d_m);
+    const scalar_t* gain_ih_p = data_or_null<scalar_t>(gain_ih);
+    scalar_t* acc_gain_ih_p = data_or_null<scalar_t>(acc_gain_ih);
+    scalar_t* acc_bias_ih_p = data_or_null<scalar_t>(acc_bias_ih);
+    scalar_t* acc_gain_hh_p = data_or_null<scalar_t>(acc_gain_hh);
+    scalar_t* acc_gain_c_p = data_or_null<scalar_t>(acc_gain_c);
+    scalar_t* acc_shift_c_p = data_or_null<scalar_t>(acc_shift_c);
+    scalar_t* acc_w_ch_p = data_or_null<scalar_t>(acc_w_ch);
     scalar_t* d_h_p = d_h.data_ptr<scalar_t>();
     scalar_t* d_c_p = d_c.data_ptr<scalar_t>();
     const Zoneout<scalar_t> zone_h = zoneout_of<scalar_t>(zoneout_h, N, P);
@@ -2003,6 +2096,9 @@ std::vector<Tensor> lstm_recurrence_backward(
       const scalar_t* rstd_p = normed ? rstd_hh->data_ptr<scalar_t>() + t * N : nullptr;
       const scalar_t* c_hat_p = cell_normed ? at_step<scalar_t>(*normalised_c, t) : nullptr;
       const scalar_t* rstd_c_p = cell_normed ? rstd_c->data_ptr<scalar_t>() + t * N : nullptr;
+      const scalar_t* u_p = folded ? at_step<scalar_t>(*pre_x, t) : nullptr;
+      const scalar_t* mean_ih_p = folded ? mean_ih->data_ptr<scalar_t>() + t * N : nullptr;
+      const scalar_t* rstd_ih_p = folded ? rstd_ih->data_ptr<scalar_t>() + t * N : nullptr;
       for_rows(N, 4 * H, [&](int64_t n) {
         const int64_t row = n * H, row4 = n * 4 * H;
         scalar_t* d_row = d_pre_p + row4;
@@ -2034,6 +2130,13 @@ std::vector<Tensor> lstm_recurrence_backward(
           d_c_prev = d_c_prev + d_c_tilde * f;
           if (peep != nullptr) {
             d_c_prev = d_c_prev + d_i * V::loadu(peep + j, k) + d_f * V::loadu(peep + H + j, k);
+          }
+          if (folded && peep != nullptr) {
+            scalar_t* acc = acc_w_ch_p + n * 3 * H + j;
+            const V c = V::loadu(c_p + row + j, k);
+            (V::loadu(acc, k) + d_i * c).store(acc, k);
+            (V::loadu(acc + H, k) + d_f * c).store(acc + H, k);
+            (V::loadu(acc + 2 * H, k) + d_o * V::loadu(c_new_p + row + j, k)).store(acc + 2 * H, k);
           }
           d_i.store(d_row + j, k);
           d_f.store(d_row + H + j, k);
@@ -2081,6 +2184,14 @@ std::vector<Tensor> lstm_recurrence_backward(
             return std::make_pair(gv, gv * V::loadu(c_hat_row + j, k));
           });
           const scalar_t mean_g = sum_g / scalar_t(H), mean_gx = sum_gx / scalar_t(H);
+          if (folded) {
+            accumulate_row<scalar_t>(acc_gain_c_p + row, H, [&](int64_t j, int64_t k) {
+              return V::loadu(d_ell_row + j, k) * V::loadu(c_hat_row + j, k);
+            });
+            accumulate_row<scalar_t>(acc_shift_c_p + row, H, [&](int64_t j, int64_t k) {
+              return V::loadu(d_ell_row + j, k);
+            });
+          }
           for_units<scalar_t>(H, [&](int64_t j, int64_t k) {
             const V gv = V::loadu(d_ell_row + j, k) * V::loadu(gain_c_p + j, k);
             const V d_from_ell =
@@ -2088,9 +2199,28 @@ std::vector<Tensor> lstm_recurrence_backward(
             finish(j, k, d_from_ell, V::loadu(d_row + 3 * H + j, k));
           });
         }
+        if (folded) {  // dA's sums, then dA -> the raw input product's gradient, in place
+          const scalar_t* u_row = u_p + row4;
+          const scalar_t* x_hat_row = x_hat_p + row4;
+          const Moments<scalar_t> mi{mean_ih_p[n], rstd_ih_p[n]};
+          for_units<scalar_t>(4 * H, [&](int64_t j, int64_t k) {
+            const V d_a = V::loadu(d_row + j, k);
+            const V x_hat_ih = (V::loadu(u_row + j, k) - V(mi.mean)) * V(mi.rstd);
+            scalar_t* g_ih = acc_gain_ih_p + row4 + j;
+            scalar_t* b_ih = acc_bias_ih_p + row4 + j;
+            scalar_t* g_hh = acc_gain_hh_p + row4 + j;
+            (V::loadu(g_ih, k) + d_a * x_hat_ih).store(g_ih, k);
+            (V::loadu(b_ih, k) + d_a).store(b_ih, k);
+            (V::loadu(g_hh, k) + d_a * V::loadu(x_hat_row + j, k)).store(g_hh, k);
+          });
+        }
         if (normed) {
           layer_norm_backward_row(d_row, gain_p, x_hat_p + row4, rstd_p[n], d_prod_p + row4,
                                   4 * H);
+        }
+        if (folded) {
+          layer_norm_backward_row_from(d_row, gain_ih_p, u_p + row4,
+                                       Moments<scalar_t>{mean_ih_p[n], rstd_ih_p[n]}, d_row, 4 * H);
         }
       });
       const Block<scalar_t> dv = step_block<scalar_t>(normed ? d_product : d_pre, t);
@@ -2104,7 +2234,10 @@ std::vector<Tensor> lstm_recurrence_backward(
   });
   Tensor d_w_hr;
   if (projected) d_w_hr = d_h_raw_all.view({T * N, P}).t().mm(m_all.view({T * N, H}));
-  return {d_pre, d_product, d_h, d_c, d_w_hr, d_cell_norm};
+  auto summed = [](const Tensor& acc) { return acc.defined() ? acc.sum(0) : Tensor(); };
+  return {d_pre, d_product, d_h, d_c, d_w_hr, d_cell_norm, summed(acc_gain_ih),
+          summed(acc_bias_ih), summed(acc_gain_hh), summed(acc_gain_c), summed(acc_shift_c),
+          summed(acc_w_ch)};
 }
 
 // ---- mask bits ------------------------------------------------------------------------------
