@@ -249,9 +249,9 @@ def benchmark_size(family: str, size: tuple[int, int, int], backend: str, repeat
             training_ms.update(_time_interleaved(training, repeats))
 
     rows = []
-    for variant, implementation in contenders:
-        proj_size = hidden // 2 if VARIANTS[family][variant][0].get("proj_size") else 0
-        key = (variant, implementation)
+    for key, (module, _) in contenders.items():
+        variant, implementation = key
+        proj_size = getattr(module, "proj_size", 0)  # the module's own: 0 without a projection
         infer, train = inference_ms[key], training_ms[key]
         rows.append(Row(family, variant, implementation, size, infer, train,
                         inference_gflops=_gflops(product_flops(family, size, proj_size, False),

@@ -47,6 +47,7 @@ from rnnkit.engine.fused import (
     lstm_cell_update_backward,
     valid_steps,
 )
+from rnnkit.engine.products import peephole_grad
 
 EPS = 1e-5  # the spec's layer norm epsilon
 
@@ -325,32 +326,26 @@ def lstm_backward(d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, norm
     d_w_hr = (d_h_raw_all.flatten(0, 1).t() @ m_all.flatten(0, 1)) if projected else _empty(gates)
     sums = [_empty(gates) for _ in range(6)]  # outputs may not alias one another
     if gain_ih is not None:
-        sums = _folded_sums(d_pre_x, pre_x, mean_ih, rstd_ih, normalised_hh, d_cell_norm,
-                            normalised_c, c_states, c_new, gain_c is not None, w_ch is not None,
-                            reverse)
-        rows = d_pre_x.flatten(0, 1)
-        x_hat_ih = _input_normalised(pre_x, mean_ih, rstd_ih).flatten(0, 1)
-        d_pre_x = normalised_backward(rows, gain_ih, x_hat_ih, rstd_ih.flatten()).view_as(gates)
+        x_hat_ih = _input_normalised(pre_x, mean_ih, rstd_ih)  # (T, N, 4H)
+        sums = _folded_sums(d_pre_x, x_hat_ih, normalised_hh, d_cell_norm, normalised_c,
+                            c_states, c_new, gain_c is not None, w_ch is not None, reverse)
+        d_pre_x = normalised_backward(d_pre_x.flatten(0, 1), gain_ih, x_hat_ih.flatten(0, 1),
+                                      rstd_ih.flatten()).view_as(gates)
     return (d_pre_x, d_product, d_h, d_c, d_w_hr, d_cell_norm, *sums)
 
 
-def _folded_sums(d_a, pre_x, mean_ih, rstd_ih, normalised_hh, d_cell_norm, normalised_c,
-                 c_states, c_new, cell_normed: bool, peephole: bool, reverse: bool) -> list:
+def _folded_sums(d_a, x_hat_ih, normalised_hh, d_cell_norm, normalised_c, c_states, c_new,
+                 cell_normed: bool, peephole: bool, reverse: bool) -> list:
     """The sums over steps and rows of `lstm_backward` with the input norm folded in (held rows
     have dA = 0 and add nothing)."""
     def total(grad: Tensor, factor: Tensor | None = None) -> Tensor:
         return (grad if factor is None else grad * factor).sum((0, 1))
 
-    x_hat_ih = _input_normalised(pre_x, mean_ih, rstd_ih)
     sums = [total(d_a, x_hat_ih), total(d_a), total(d_a, normalised_hh)]
     sums += ([total(d_cell_norm, normalised_c), total(d_cell_norm)] if cell_normed
              else [_empty(d_a), _empty(d_a)])
-    if peephole:
-        c_prev = c_states[1:] if reverse else c_states[:-1]
-        d_i, d_f, _, d_o = d_a.split(c_new.shape[2], dim=2)
-        sums.append(torch.cat([total(d_i, c_prev), total(d_f, c_prev), total(d_o, c_new)]))
-    else:
-        sums.append(_empty(d_a))
+    c_prev = c_states[1:] if reverse else c_states[:-1]  # the cells entering each step
+    sums.append(peephole_grad(d_a, c_prev, c_new) if peephole else _empty(d_a))
     return sums
 
 

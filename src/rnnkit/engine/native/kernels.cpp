@@ -1154,31 +1154,12 @@ inline Moments<T> moments(const T* v, int64_t units) {
 }
 
 // The layer norm backward of one row, y = γ ⊙ x̂ with dy given: with g = dy ⊙ γ,
-// dv = rstd (g - mean(g) - x̂ mean(g ⊙ x̂)).
-template <typename T>
-inline void layer_norm_backward_row(const T* dy, const T* gain, const T* x_hat, T rstd, T* dv,
-                                    int64_t units) {
+// dv = rstd (g - mean(g) - x̂ mean(g ⊙ x̂)), where x_hat(j, k) gives x̂ at [j, j + k). dv may be
+// dy itself (each unit is read before it is written).
+template <typename T, typename XHat>
+inline void layer_norm_backward_row_of(const T* dy, const T* gain, T rstd, T* dv, int64_t units,
+                                       const XHat& x_hat) {
   using V = Vec<T>;
-  const auto [sum_g, sum_gx] = row_sums<T>(units, [&](int64_t j, int64_t k) {
-    const V g = V::loadu(dy + j, k) * V::loadu(gain + j, k);
-    return std::make_pair(g, g * V::loadu(x_hat + j, k));
-  });
-  const T mean_g = sum_g / T(units), mean_gx = sum_gx / T(units);
-  for_units<T>(units, [&](int64_t j, int64_t k) {
-    const V g = V::loadu(dy + j, k) * V::loadu(gain + j, k);
-    (V(rstd) * (g - V(mean_g) - V::loadu(x_hat + j, k) * V(mean_gx))).store(dv + j, k);
-  });
-}
-
-// The same from the un-normalised row v and its moments (x̂ = (v - mean) rstd recomputed, not
-// stored); dv may be dy itself (each unit is read before it is written).
-template <typename T>
-inline void layer_norm_backward_row_from(const T* dy, const T* gain, const T* v, Moments<T> mo,
-                                         T* dv, int64_t units) {
-  using V = Vec<T>;
-  auto x_hat = [&](int64_t j, int64_t k) {
-    return (V::loadu(v + j, k) - V(mo.mean)) * V(mo.rstd);
-  };
   const auto [sum_g, sum_gx] = row_sums<T>(units, [&](int64_t j, int64_t k) {
     const V g = V::loadu(dy + j, k) * V::loadu(gain + j, k);
     return std::make_pair(g, g * x_hat(j, k));
@@ -1186,7 +1167,27 @@ inline void layer_norm_backward_row_from(const T* dy, const T* gain, const T* v,
   const T mean_g = sum_g / T(units), mean_gx = sum_gx / T(units);
   for_units<T>(units, [&](int64_t j, int64_t k) {
     const V g = V::loadu(dy + j, k) * V::loadu(gain + j, k);
-    (V(mo.rstd) * (g - V(mean_g) - x_hat(j, k) * V(mean_gx))).store(dv + j, k);
+    (V(rstd) * (g - V(mean_g) - x_hat(j, k) * V(mean_gx))).store(dv + j, k);
+  });
+}
+
+// The same with x̂ stored.
+template <typename T>
+inline void layer_norm_backward_row(const T* dy, const T* gain, const T* x_hat, T rstd, T* dv,
+                                    int64_t units) {
+  layer_norm_backward_row_of(dy, gain, rstd, dv, units, [&](int64_t j, int64_t k) {
+    return Vec<T>::loadu(x_hat + j, k);
+  });
+}
+
+// The same from the un-normalised row v and its moments (x̂ = (v - mean) rstd recomputed, not
+// stored).
+template <typename T>
+inline void layer_norm_backward_row_from(const T* dy, const T* gain, const T* v, Moments<T> mo,
+                                         T* dv, int64_t units) {
+  using V = Vec<T>;
+  layer_norm_backward_row_of(dy, gain, mo.rstd, dv, units, [&](int64_t j, int64_t k) {
+    return (V::loadu(v + j, k) - V(mo.mean)) * V(mo.rstd);
   });
 }
 
