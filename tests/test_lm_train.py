@@ -156,6 +156,25 @@ def test_sampling_is_reproducible_and_greedy_at_temperature_zero():
     assert greedy == "".join(expected)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch.nn"])
+def test_the_models_token_stream_equals_forward_a_token_at_a_time(backend):
+    model_config, _, vocabulary = tiny()
+    model_config = replace(model_config, recurrent=replace(model_config.recurrent,
+                                                           backend=backend))
+    torch.manual_seed(0)
+    model = LanguageModel(model_config)
+    ids, _ = vocabulary.encode("the quick")
+    with pytest.raises(ValueError, match=r"evaluation mode .*model.eval\(\)"):
+        model.stream()
+    model.eval()
+    with torch.no_grad():
+        logits, state = model(ids[:3].view(-1, 1))
+        step = model.stream(state)
+        streamed = torch.stack([step(token.view(1)) for token in ids[3:]])  # (T, 1, V)
+        expected, _ = model(ids[3:].view(-1, 1), state)
+    torch.testing.assert_close(streamed, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_top_k_and_top_p_keep_only_the_likely_tokens():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     top_k = next_token_distribution(logits, 1.0, 2, None)

@@ -166,21 +166,28 @@ class _CellBase(nn.Module):
         # Module builds an AttributeError for each absent one (microseconds each, on every
         # streamed step). Attributes, not the parameter dict, so that parametrizations (weight
         # norm, ...) apply.
+        # The parameters themselves, looked up directly (a streamed step asks every call);
+        # computed ones (parametrizations: weight norm, ...) through their attributes.
+        parameters = {} if "parametrizations" in self._modules else self._parameters
+
+        def weight(name: str) -> Tensor | None:
+            return parameters[name] if name in parameters else getattr(self, name)
+
         weights = CellWeights(
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
-            self.weight_hr if self.proj_size else None,
-            self.weight_ch if self.peephole else None,
+            weight("weight_ih"),
+            weight("weight_hh"),
+            weight("bias_ih"),
+            weight("bias_hh"),
+            weight("weight_hr") if self.proj_size else None,
+            weight("weight_ch") if self.peephole else None,
         )
         if not self.layer_norm:
             return weights
         lstm = self.family == Family.LSTM
         return weights._replace(
-            layer_norm_ih=self.layer_norm_ih, layer_norm_hh=self.layer_norm_hh,
-            layer_norm_c_weight=self.layer_norm_c_weight if lstm else None,
-            layer_norm_c_bias=self.layer_norm_c_bias if lstm else None)
+            layer_norm_ih=weight("layer_norm_ih"), layer_norm_hh=weight("layer_norm_hh"),
+            layer_norm_c_weight=weight("layer_norm_c_weight") if lstm else None,
+            layer_norm_c_bias=weight("layer_norm_c_bias") if lstm else None)
 
     def recurrent_dropout_mask(self, batch: int | None = None) -> Tensor:
         """A variational recurrent dropout mask ``(N, H_out)`` (``(H_out,)`` for ``batch``
@@ -244,6 +251,10 @@ class _CellBase(nn.Module):
         of `recurrent_dropout_mask`, drawn once per sequence; without it a training step draws
         its own (dropout on this step alone). In evaluation mode the mask is checked and not
         applied (dropout is the identity there). Zoneout draws its masks per step."""
+        if recurrent_mask is None:
+            new = self._inference_step(input, hx)
+            if new is not None:
+                return new
         name = type(self).__name__
         param = self.weight_ih
         # float32 under autocast (engine/precision.py); the C call first: a streamed step asks
@@ -279,6 +290,36 @@ class _CellBase(nn.Module):
         if not batched:
             new = tuple(s.squeeze(0) for s in new) if isinstance(new, tuple) else new.squeeze(0)
         return new
+
+    def _inference_step(self, x: object, hx: object) -> State | None:
+        """A streamed step's short way: `engine.inference_step` straight away when the input is
+        a batched tensor of the right size and the state is None or exactly of its shapes,
+        and no mask is drawn (no layer norm or zoneout; recurrent dropout only in evaluation,
+        where it is the identity). None when any of that, or the engine's own conditions
+        (nothing to differentiate, contiguous CPU float32/float64 of one dtype, ...), does not
+        hold: `forward` then checks everything and runs the general way, which gives the
+        errors. The results are the same either way (tests/test_cells.py)."""
+        if (type(x) is not Tensor or x.dim() != 2 or x.shape[1] != self.input_size
+                or x.shape[0] == 0 or self.layer_norm or self.zoneout != (0.0, 0.0)
+                or (self.training and self.recurrent_dropout)):
+            return None
+        batch = x.shape[0]
+        lstm = self.family == Family.LSTM
+        if hx is None:
+            h = x.new_zeros(batch, self.output_size)
+            state = (h, x.new_zeros(batch, self.hidden_size)) if lstm else h
+        elif lstm:
+            if (type(hx) is not tuple or len(hx) != 2 or type(hx[0]) is not Tensor
+                    or type(hx[1]) is not Tensor
+                    or hx[0].shape != (batch, self.output_size)
+                    or hx[1].shape != (batch, self.hidden_size)):
+                return None
+            state = hx
+        else:
+            if type(hx) is not Tensor or hx.shape != (batch, self.hidden_size):
+                return None
+            state = hx
+        return engine.inference_step(self.kind(), x, state, self.weights(), self.backend)
 
     def _check_state(self, hx: object, shapes: list[tuple[int, ...]], x: Tensor) -> tuple:
         name = type(self).__name__

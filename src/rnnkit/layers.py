@@ -58,6 +58,7 @@ from rnnkit.engine.steps import (
     State,
     output_of,
 )
+from rnnkit.stream import LayerStream
 
 
 def _stack(states: list[Tensor]) -> Tensor:
@@ -263,7 +264,12 @@ class _RecurrentLayer(nn.Module):
     def cell_weights(self, layer: int, direction: int) -> CellWeights:
         """The parameters of one layer and direction of the stack."""
         names = self._cell_parameter_names[layer * self.num_directions + direction]
-        return CellWeights(**{role: getattr(self, name) for role, name in names.items()})
+        if "parametrizations" in self._modules:  # computed weights: through the attributes
+            return CellWeights(**{role: getattr(self, name) for role, name in names.items()})
+        # The parameters themselves, looked up directly (a streamed step asks every call).
+        parameters = self._parameters
+        return CellWeights(**{role: parameters[name] if name in parameters
+                              else getattr(self, name) for role, name in names.items()})
 
     # ---- initialisation --------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -313,6 +319,15 @@ class _RecurrentLayer(nn.Module):
         elif self.batch_first:
             output = output.transpose(0, 1)
         return output, self._stack_states(finals, batched)
+
+    def stream(self, hx: State | None = None) -> LayerStream:
+        """A handle that runs this layer one time step per call, keeping the state between
+        calls (streaming inference): ``stream(x_t)`` equals ``forward`` on the one-step
+        sequence from the state so far, which starts at ``hx`` (``forward``'s form; None:
+        zeros, or the learned initial state). Checks once, then each layer's step is one
+        native call where nothing is differentiated (`rnnkit.stream.LayerStream`).
+        Unidirectional layers only."""
+        return LayerStream(self, hx)
 
     # ---- the stack, step by step: what forward does, open to diagnostics -------------------
     def prepare(
@@ -622,6 +637,10 @@ class _RecurrentLayer(nn.Module):
         for key, value in self._variant_settings().items():
             s += f", {key}={value!r}"
         return s
+
+
+RecurrentLayer = _RecurrentLayer
+"""The base of `RNN`, `LSTM` and `GRU`, for ``isinstance`` tests (apps ask it)."""
 
 
 def _repack(output: Tensor, packed_input: PackedSequence, lengths: Tensor) -> PackedSequence:

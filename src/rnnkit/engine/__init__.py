@@ -41,6 +41,7 @@ from torch import Tensor
 
 from rnnkit._checks import require_choice
 from rnnkit.engine import native, onnx, ops, reference
+from rnnkit.engine.native import functions as native_functions
 from rnnkit.engine.onnx import is_exporting
 from rnnkit.engine.steps import CellKind, CellWeights, Family, Masks, State
 
@@ -140,6 +141,34 @@ def run_direction(
     return _RUNNERS[engine_for(backend, x)](kind, x, state, weights, lengths, reverse)
 
 
+def inference_step(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
+                   backend: str = "auto") -> State | None:
+    """One step ``x (N, I)`` -> the new state on the native step kernels, or None where they
+    do not apply (the caller then runs the step as a one-step sequence, `run_direction`).
+
+    They apply under "auto" and "native" (after ``RNNKIT_BACKEND``) when nothing is to be
+    differentiated, in plain eager mode (`ops.plain_eager`: no compiler, tracer, transform or
+    autocast), to a cell without layer norm whose tensors are all contiguous, on the CPU and
+    of the weights' float32 or float64 dtype, with the kernels built. The caller has checked
+    the shapes (a kernel refuses a wrong one with an error, never reads past it). Masks
+    (recurrent dropout in training, zoneout) are the caller's to rule out.
+    """
+    if weights.layer_norm_hh is not None or weights.weight_ih is None:
+        return None
+    dtype = x.dtype
+    if dtype not in native.SUPPORTED_DTYPES:
+        return None
+    tensors = (x, *state, *weights) if type(state) is tuple else (x, state, *weights)
+    if not all(t is None or (t.dtype is dtype and t.is_cpu and t.is_contiguous())
+               for t in tensors):
+        return None
+    if not ops.plain_eager(*tensors) or not native.available():
+        return None
+    if resolve_backend(backend) not in ("auto", "native"):
+        return None
+    return native_functions.step(kind, x, state, weights)
+
+
 def runs_torch_lstm(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                     lengths: Tensor | None, backend: str) -> bool:
     """Whether "auto" hands this plain LSTM direction to torch's own kernel (module docstring)."""
@@ -206,4 +235,4 @@ def _run_variant(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
 
 
 __all__ = ["BACKENDS", "TORCH_LSTM_MIN_BATCH", "BackendWarning", "engine_for", "is_exporting",
-           "resolve_backend", "run_direction", "runs_torch_lstm"]
+           "inference_step", "resolve_backend", "run_direction", "runs_torch_lstm"]

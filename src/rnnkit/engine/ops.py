@@ -60,7 +60,7 @@ _Optional = Tensor | None
 
 # ---- the eager shortcut ------------------------------------------------------------------------
 
-def _plain_eager(x: Tensor, *tensors: _Optional) -> bool:
+def plain_eager(x: Tensor, *tensors: _Optional) -> bool:
     """True when calling an implementation directly is the same as calling its operator: no
     gradient to record, no compiler or tracer, no torch.func transform (its level), no
     dispatch mode (fake tensors, make_fx), no autocast, and a plain tensor. Each test is one
@@ -975,7 +975,7 @@ def run_fused(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
         h0, c0 = state  # type: ignore[misc]
         arguments = (x, h0, c0, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, w.weight_hr,
                      w.weight_ch, lengths, reverse)
-        eager = _plain_eager(x, *arguments[:10])
+        eager = plain_eager(x, *arguments[:10])
         output, h_n, c_n, *_ = (fused.lstm_forward(*arguments) if eager
                                 else _apply(fused_lstm, *arguments))
         return output, (h_n, c_n)
@@ -984,7 +984,7 @@ def run_fused(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                  switch)
     implementation, op = ((fused.gru_forward, fused_gru) if kind.family == Family.GRU
                           else (fused.rnn_forward, fused_rnn))
-    eager = _plain_eager(x, *arguments[:7])
+    eager = plain_eager(x, *arguments[:7])
     output, h_n, *_ = implementation(*arguments) if eager else _apply(op, *arguments)
     return output, h_n
 
@@ -1001,7 +1001,7 @@ def run_native(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
         h0, c0 = state  # type: ignore[misc]
         arguments = (x, h0, c0, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, w.weight_hr,
                      w.weight_ch, lengths, reverse)
-        if _plain_eager(x, *arguments[:10]):
+        if plain_eager(x, *arguments[:10]):
             output, h_n, c_n = native.lstm_forward(*arguments, layer_outputs_only=True)
             return output, (h_n, c_n)
         h_states, _, output, h_n, c_n, _, _ = _apply(native_lstm, *arguments)
@@ -1011,7 +1011,7 @@ def run_native(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                  switch)
     implementation, op = ((native.gru_forward, native_gru) if kind.family == Family.GRU
                           else (native.rnn_forward, native_rnn))
-    if _plain_eager(x, *arguments[:7]):
+    if plain_eager(x, *arguments[:7]):
         return implementation(*arguments, layer_outputs_only=True)
     states, output, h_n, *_ = _apply(op, *arguments)
     return _native_output(output, states, lengths, reverse), h_n
@@ -1040,7 +1040,7 @@ def run_recurrence(kind: CellKind, x: Tensor, state: State, weights: CellWeights
         implementation, op = ((native.lstm_recurrence_forward, native_lstm_recurrence)
                               if native_kernels else
                               (fused_recurrence.lstm_forward, fused_lstm_recurrence))
-        eager = _plain_eager(pre_x, *arguments[:13], *arguments[14:])
+        eager = plain_eager(pre_x, *arguments[:13], *arguments[14:])
         output, h_n, c_n, *_ = implementation(*arguments) if eager else _apply(op, *arguments)
         return output, (h_n, c_n)
     if kind.family == Family.GRU:
@@ -1055,7 +1055,7 @@ def run_recurrence(kind: CellKind, x: Tensor, state: State, weights: CellWeights
         implementation, op = ((native.rnn_recurrence_forward, native_rnn_recurrence)
                               if native_kernels else
                               (fused_recurrence.rnn_forward, fused_rnn_recurrence))
-    eager = _plain_eager(pre_x, *arguments[:-3])
+    eager = plain_eager(pre_x, *arguments[:-3])
     output, h_n, *_ = implementation(*arguments) if eager else _apply(op, *arguments)
     return output, h_n
 

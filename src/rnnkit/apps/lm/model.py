@@ -3,6 +3,7 @@ with the model-level regularisation of AWD-LSTM (Merity et al. 2018) as options.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from rnnkit.apps.recurrent import RecurrentConfig, build_recurrent
 from rnnkit.configuration import check_config
+from rnnkit.layers import RecurrentLayer
 
 
 def default_recurrent() -> RecurrentConfig:
@@ -123,6 +125,27 @@ class LanguageModel(nn.Module):
             return self.output(self.dropout(hidden)), state  # (T, N, V)
         hidden, state = self._locked_stack(embedded, state)
         return self.output(locked_dropout(hidden, self.output_rate, self.training)), state
+
+    def stream(self, state=None) -> Callable[[Tensor], Tensor]:
+        """Next-token logits a step at a time, for generation in evaluation mode: a callable
+        ``ids (N,) -> logits (N, V)`` that keeps the state between calls, starting from
+        ``state`` (`forward`'s). The same as `forward` on one-step sequences (the AWD dropouts
+        are off in evaluation); an rnnkit stack runs on its `LayerStream` (one native call per
+        layer and step), torch.nn's through its forward."""
+        if self.training:
+            raise ValueError("LanguageModel.stream is for generation in evaluation mode (its "
+                             "dropouts are off there); call model.eval() first")
+        recurrent = self.recurrent
+        if isinstance(recurrent, RecurrentLayer) and not recurrent.bidirectional:
+            layers = recurrent.stream(state)
+            return lambda ids: self.output(layers(self.embedding(ids)))
+        held = [state]
+
+        def step(ids: Tensor) -> Tensor:
+            logits, held[0] = self(ids.view(1, -1), held[0])
+            return logits[0]
+
+        return step
 
     def _locked_stack(self, embedded: Tensor, state):
         """The stack layer by layer (each direction through the layer's own engine), with

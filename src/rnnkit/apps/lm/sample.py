@@ -56,9 +56,9 @@ def generate(model: LanguageModel, vocabulary: Vocabulary, prime: str, length: i
     ids, _ = vocabulary.encode(prime) if prime else (torch.zeros(1, dtype=torch.int64), 0)
     logits, state = model(ids.view(-1, 1))  # (T, 1, V)
     last = logits[-1, 0]
+    step = model.stream(state)  # then one token at a time
     for _ in range(length):
         probabilities = next_token_distribution(last, temperature, top_k, top_p)
         token = int(torch.multinomial(probabilities, 1, generator=generator))
         yield vocabulary.tokens[token]
-        logits, state = model(torch.tensor([[token]]), state)
-        last = logits[-1, 0]
+        last = step(torch.tensor([token]))[0]

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from rnnkit.engine.native import build
 from rnnkit.engine.products import summed_bias
+from rnnkit.engine.steps import Family
 
 # Up to this many rows (steps x batch), the input projection uses the kernels' own product:
 # ATen's costs tens of microseconds at one row (a streamed step) with MKL on this CPU class.
@@ -145,6 +146,31 @@ def gru_backward(d_output, d_h_n, gates, states, n_input, w_hh, lengths, reverse
         _contiguous(lengths), reverse, reset_after,
     )
     return d_x_gates, d_hn if reset_after else d_x_gates.new_empty(0), d_h0
+
+
+# ---- one streamed step (inference only) -------------------------------------------------------
+#
+# One kernel call per layer and step: both products and the gate math in one pass over the
+# weights (`kernels.cpp`, "one streamed step"). Every argument must already be contiguous and of
+# one dtype on the CPU (`rnnkit.engine.inference_step` makes sure); nothing is saved for a
+# backward, so these are only called when nothing is differentiated.
+
+
+def step(kind, x: Tensor, state, weights):
+    """The state after one step of ``x (N, I)`` from ``state`` (``h (N, H_out)``, or ``(h, c)``
+    for an LSTM) with ``weights`` (`rnnkit.engine.steps.CellWeights`, no layer norm)."""
+    kernels = _kernels()
+    w = weights
+    if kind.family == Family.LSTM:
+        h, c = state
+        h_new, c_new = kernels.lstm_step(x, h, c, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
+                                         w.weight_hr, w.weight_ch)
+        return h_new, c_new
+    if kind.family == Family.GRU:
+        return kernels.gru_step(x, state, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
+                                kind.reset_after)
+    return kernels.rnn_step(x, state, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
+                            kind.nonlinearity == "relu")
 
 
 # ---- the recurrence operators: layer norm, recurrent dropout, zoneout -----------------------

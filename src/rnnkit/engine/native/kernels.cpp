@@ -20,6 +20,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -383,10 +384,9 @@ inline void dot_tile(const T* x, int64_t ldx, const T* w, int64_t ldw, T* out, i
   }
   for (int r = 0; r < Rows; ++r) {
     for (int c = 0; c < cols; ++c) {
-      alignas(64) T lane[lanes];
-      acc[r][c].store(lane);
-      T sum = T(0);
-      for (int64_t l = 0; l < lanes; ++l) sum += lane[l];
+      // Shuffles within the register (ATen's reduction), not a store and `lanes` scalar adds:
+      // at batch 1 the reductions were a third of a streamed step's arithmetic.
+      const T sum = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc[r][c]);
       T& o = out[r * ldo + c];
       o = accumulate ? o + sum : sum;
     }
@@ -2241,6 +2241,244 @@ std::vector<Tensor> lstm_recurrence_backward(
           summed(acc_w_ch)};
 }
 
+// ---- one streamed step: inference, both products and the gate math in one pass ---------------
+//
+// A streamed step (a token at a time, batch 1 to a few) multiplies two small blocks of rows by
+// whole weight matrices and then does a few vector operations per unit. The sequence kernels
+// would run it as three calls (input projection, recurrent product, gate math), each waking the
+// threads and each reading a whole weight matrix; these kernels take one block of units at a
+// time, with every gate row of both matrices for those units, and finish the units' gate math
+// while the block's pre-activations are in cache. The block ranges are split between threads
+// the same way every call (at::parallel_for's static split), so each core re-reads only its own
+// share of the weights, which then stays in that core's L2 from step to step.
+// Nothing is saved for a backward: the engine calls these only when nothing is differentiated.
+
+// Units per block: one vector of float32 (16 under AVX-512), whatever the build's width.
+template <typename T>
+constexpr int64_t step_block_units() { return Vec<T>::size(); }
+
+// out[n, 0:cols] (+)= x[n] · w[0:cols]^T for every row n of x, w's rows `ldw` apart: dot tiles
+// of up to 8 weight rows and 3 state rows.
+template <typename T>
+void dot_rows(Block<const T> x, const T* w, int64_t ldw, int64_t cols, T* out, int64_t ldo,
+              bool accumulate) {
+  for (int64_t c = 0; c < cols; c += 8) {
+    const int64_t width = std::min<int64_t>(8, cols - c);
+    int64_t n = 0;
+    for (; n + 3 <= x.rows; n += 3) {
+      dot_tile<T, 3, 8>(x.data + n * x.ld, x.ld, w + c * ldw, ldw, out + n * ldo + c, ldo,
+                        x.cols, width, accumulate);
+    }
+    for (; n < x.rows; ++n) {
+      dot_tile<T, 1, 8>(x.data + n * x.ld, x.ld, w + c * ldw, ldw, out + n * ldo + c, ldo,
+                        x.cols, width, accumulate);
+    }
+  }
+}
+
+// Rows n of `out` (ld `ldo`), columns [first, first + count): b1 + b2, or b1, or zero.
+template <typename T>
+void fill_bias(T* out, int64_t rows, int64_t ldo, int64_t first, int64_t count, const T* b1,
+               const T* b2) {
+  for (int64_t n = 0; n < rows; ++n) {
+    T* o = out + n * ldo + first;
+    for (int64_t u = 0; u < count; ++u) {
+      o[u] = b1 == nullptr ? T(0) : (b2 == nullptr ? b1[first + u] : b1[first + u] + b2[first + u]);
+    }
+  }
+}
+
+// Blocks of units in parallel, each thread a fixed contiguous share (see above); inline on the
+// calling thread when the whole step is under ~64k multiply-adds (waking a thread costs more).
+template <typename F>
+void for_unit_blocks(int64_t units, int64_t block, int64_t multiply_adds_per_unit, const F& body) {
+  const int64_t blocks = (units + block - 1) / block;
+  const int64_t per_block = std::max<int64_t>(1, block * multiply_adds_per_unit);
+  const int64_t grain = units * multiply_adds_per_unit < 65536 ? blocks
+                        : std::max<int64_t>(1, 16384 / per_block);
+  at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t end) {
+    for (int64_t b = first; b < end; ++b) {
+      const int64_t j = b * block;
+      body(j, std::min(block, units - j));
+    }
+  });
+}
+
+// pre[:, g*H + j : g*H + j + u] = b_ih + b_hh + x W_ih^T + h W_hh^T for gates g in [0, G) of
+// the block's units (the hh product left out for gate `skip_hh`, -1 for none).
+template <typename T>
+void block_preactivations(Block<const T> x, Block<const T> h, const T* w_ih, const T* w_hh,
+                          const T* b_ih, const T* b_hh, Block<T> pre, int64_t H, int64_t G,
+                          int64_t j, int64_t u, int64_t skip_hh) {
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t col = g * H + j;
+    fill_bias<T>(pre.data, pre.rows, pre.ld, col, u, b_ih, g == skip_hh ? nullptr : b_hh);
+    dot_rows<T>(x, w_ih + col * x.cols, x.cols, u, pre.data + col, pre.ld, true);
+    if (g != skip_hh) dot_rows<T>(h, w_hh + col * h.cols, h.cols, u, pre.data + col, pre.ld, true);
+  }
+}
+
+// One LSTM step: x (N, I), h (N, P), c (N, H), w_ih (4H, I), w_hh (4H, P), b_ih and b_hh (4H,)
+// together or neither, w_hr (P, H), w_ch (3H,). Returns {h' (N, P), c' (N, H)}.
+std::vector<Tensor> lstm_step(const Tensor& x, const Tensor& h, const Tensor& c,
+                              const Tensor& w_ih, const Tensor& w_hh,
+                              const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                              const std::optional<Tensor>& w_hr, const std::optional<Tensor>& w_ch) {
+  const Arguments check("lstm_step", "x", x, 2);
+  const int64_t N = x.size(0), I = x.size(1), H = c.dim() == 2 ? c.size(1) : 0;
+  const int64_t P = w_hr.has_value() && w_hr->dim() == 2 ? w_hr->size(0) : H;
+  check("h", h, {N, P});
+  check("c", c, {N, H});
+  check("w_ih", w_ih, {4 * H, I});
+  check("w_hh", w_hh, {4 * H, P});
+  check.together("b_ih", b_ih, "b_hh", b_hh);
+  check("b_ih", b_ih, {4 * H});
+  check("b_hh", b_hh, {4 * H});
+  check("w_hr", w_hr, {P, H});
+  check("w_ch", w_ch, {3 * H});
+  const BelowAutograd below_autograd;
+  const bool projected = w_hr.has_value();
+  Tensor pre = at::empty({N, 4 * H}, x.options());
+  Tensor c_new = at::empty({N, H}, x.options());
+  Tensor h_new = at::empty({N, P}, x.options());
+  Tensor m = projected ? at::empty({N, H}, x.options()) : h_new;  // o ⊙ tanh(c')
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_step", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* peep = data_or_null<scalar_t>(w_ch);
+    const scalar_t* c_p = c.data_ptr<scalar_t>();
+    scalar_t* pre_p = pre.data_ptr<scalar_t>();
+    scalar_t* c_new_p = c_new.data_ptr<scalar_t>();
+    scalar_t* m_p = m.data_ptr<scalar_t>();
+    for_unit_blocks(H, step_block_units<scalar_t>(), N * 4 * (I + P), [&](int64_t j, int64_t u) {
+      block_preactivations<scalar_t>(matrix<scalar_t>(x), matrix<scalar_t>(h),
+                                     w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+                                     data_or_null<scalar_t>(b_ih), data_or_null<scalar_t>(b_hh),
+                                     matrix<scalar_t>(pre), H, 4, j, u, -1);
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* a = pre_p + n * 4 * H + j;
+        const V c_old = V::loadu(c_p + n * H + j, u);
+        V i_pre = V::loadu(a, u), f_pre = V::loadu(a + H, u), o_pre = V::loadu(a + 3 * H, u);
+        if (peep != nullptr) {
+          i_pre = i_pre + V::loadu(peep + j, u) * c_old;
+          f_pre = f_pre + V::loadu(peep + H + j, u) * c_old;
+        }
+        const V i = sigmoid(i_pre), f = sigmoid(f_pre), g = fast_tanh(V::loadu(a + 2 * H, u));
+        const V c_next = f * c_old + i * g;
+        if (peep != nullptr) o_pre = o_pre + V::loadu(peep + 2 * H + j, u) * c_next;
+        c_next.store(c_new_p + n * H + j, u);
+        (sigmoid(o_pre) * fast_tanh(c_next)).store(m_p + n * H + j, u);
+      }
+    });
+    if (projected) {
+      step_product_transposed<scalar_t>(matrix<scalar_t>(m), matrix<scalar_t>(*w_hr),
+                                        matrix<scalar_t>(h_new), false);
+    }
+  });
+  return {h_new, c_new};
+}
+
+// One GRU step: x (N, I), h (N, H), w_ih and w_hh (3H, ...) as (r | z | n), b_ih and b_hh
+// (3H,) together or neither. Returns h' (N, H) = (1 - z) ⊙ n + z ⊙ h, with
+// n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)) (reset after) or
+// n = tanh(W_in x + b_in + W_hn (r ⊙ h) + b_hn) (before: a second pass, once r is known).
+Tensor gru_step(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+                const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                bool reset_after) {
+  const Arguments check("gru_step", "x", x, 2);
+  const int64_t N = x.size(0), I = x.size(1), H = h.dim() == 2 ? h.size(1) : 0;
+  check("h", h, {N, H});
+  check("w_ih", w_ih, {3 * H, I});
+  check("w_hh", w_hh, {3 * H, H});
+  check.together("b_ih", b_ih, "b_hh", b_hh);
+  check("b_ih", b_ih, {3 * H});
+  check("b_hh", b_hh, {3 * H});
+  const BelowAutograd below_autograd;
+  Tensor pre = at::empty({N, 3 * H}, x.options());
+  Tensor n_input = at::empty({N, H}, x.options());  // W_hn h + b_hn, or r ⊙ h
+  Tensor h_new = at::empty({N, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_step", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* h_p = h.data_ptr<scalar_t>();
+    const scalar_t* w_hh_p = w_hh.data_ptr<scalar_t>();
+    const scalar_t* b_hh_p = data_or_null<scalar_t>(b_hh);
+    scalar_t* pre_p = pre.data_ptr<scalar_t>();
+    scalar_t* n_in_p = n_input.data_ptr<scalar_t>();
+    scalar_t* h_new_p = h_new.data_ptr<scalar_t>();
+    const auto finish = [&](int64_t n, int64_t j, int64_t u, const V& n_sum) {
+      const V z = V::loadu(pre_p + n * 3 * H + H + j, u);
+      const V nv = fast_tanh(n_sum);
+      (nv + z * (V::loadu(h_p + n * H + j, u) - nv)).store(h_new_p + n * H + j, u);
+    };
+    const int64_t block = step_block_units<scalar_t>();
+    for_unit_blocks(H, block, N * 3 * (I + H), [&](int64_t j, int64_t u) {
+      // r and z whole; n's input side, with b_hn too when it sits outside r's product.
+      block_preactivations<scalar_t>(matrix<scalar_t>(x), matrix<scalar_t>(h),
+                                     w_ih.data_ptr<scalar_t>(), w_hh_p,
+                                     data_or_null<scalar_t>(b_ih), b_hh_p,
+                                     matrix<scalar_t>(pre), H, 3, j, u, 2);
+      if (!reset_after && b_hh_p != nullptr) {
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t k = 0; k < u; ++k) pre_p[n * 3 * H + 2 * H + j + k] += b_hh_p[2 * H + j + k];
+      }
+      if (reset_after) {
+        fill_bias<scalar_t>(n_in_p, N, H, j, u, b_hh_p == nullptr ? nullptr : b_hh_p + 2 * H,
+                            nullptr);
+        dot_rows<scalar_t>(matrix<scalar_t>(h), w_hh_p + (2 * H + j) * H, H, u, n_in_p + j, H,
+                           true);
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        scalar_t* a = pre_p + n * 3 * H + j;
+        const V r = sigmoid(V::loadu(a, u));
+        sigmoid(V::loadu(a + H, u)).store(a + H, u);  // z, read by `finish`
+        if (reset_after) {
+          finish(n, j, u, V::loadu(a + 2 * H, u) + r * V::loadu(n_in_p + n * H + j, u));
+        } else {
+          (r * V::loadu(h_p + n * H + j, u)).store(n_in_p + n * H + j, u);
+        }
+      }
+    });
+    if (!reset_after) {  // W_hn (r ⊙ h) needs every unit's r
+      for_unit_blocks(H, block, N * H, [&](int64_t j, int64_t u) {
+        dot_rows<scalar_t>(matrix<scalar_t>(n_input), w_hh_p + (2 * H + j) * H, H, u,
+                           pre_p + 2 * H + j, 3 * H, true);
+        for (int64_t n = 0; n < N; ++n) finish(n, j, u, V::loadu(pre_p + n * 3 * H + 2 * H + j, u));
+      });
+    }
+  });
+  return h_new;
+}
+
+// One Elman step: h' = act(W_ih x + b_ih + W_hh h + b_hh), x (N, I), h (N, H).
+Tensor rnn_step(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+                const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, bool relu) {
+  const Arguments check("rnn_step", "x", x, 2);
+  const int64_t N = x.size(0), I = x.size(1), H = h.dim() == 2 ? h.size(1) : 0;
+  check("h", h, {N, H});
+  check("w_ih", w_ih, {H, I});
+  check("w_hh", w_hh, {H, H});
+  check.together("b_ih", b_ih, "b_hh", b_hh);
+  check("b_ih", b_ih, {H});
+  check("b_hh", b_hh, {H});
+  const BelowAutograd below_autograd;
+  Tensor h_new = at::empty({N, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_step", [&] {
+    using V = Vec<scalar_t>;
+    scalar_t* h_new_p = h_new.data_ptr<scalar_t>();
+    for_unit_blocks(H, step_block_units<scalar_t>(), N * (I + H), [&](int64_t j, int64_t u) {
+      block_preactivations<scalar_t>(matrix<scalar_t>(x), matrix<scalar_t>(h),
+                                     w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+                                     data_or_null<scalar_t>(b_ih), data_or_null<scalar_t>(b_hh),
+                                     matrix<scalar_t>(h_new), H, 1, j, u, -1);
+      for (int64_t n = 0; n < N; ++n) {
+        scalar_t* a = h_new_p + n * H + j;
+        const V v = V::loadu(a, u);
+        (relu ? at::vec::clamp_min(v, V(scalar_t(0))) : fast_tanh(v)).store(a, u);
+      }
+    });
+  });
+  return h_new;
+}
+
 // ---- mask bits ------------------------------------------------------------------------------
 
 // SplitMix64 (Steele, Lea and Flood 2014, the generator of Java's SplittableRandom): a state
@@ -2338,6 +2576,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &lstm_backward);
   m.def("gru_forward", &gru_forward);
   m.def("gru_backward", &gru_backward);
+  m.def("rnn_step", &rnn_step);
+  m.def("lstm_step", &lstm_step);
+  m.def("gru_step", &gru_step);
   m.def("rnn_recurrence_forward", &rnn_recurrence_forward);
   m.def("rnn_recurrence_backward", &rnn_recurrence_backward);
   m.def("lstm_recurrence_forward", &lstm_recurrence_forward);

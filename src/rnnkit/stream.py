@@ -1,0 +1,140 @@
+"""A recurrent layer run one time step at a time, its state kept between calls.
+
+Streaming inference (a token, a sample, a frame at a time) calls a layer once per step. Through
+``forward`` every call checks the input and the state, splits and stacks the state and runs a
+one-step sequence; `LayerStream` checks once, keeps each layer's state as the step kernels
+return it, and runs each layer's step on `rnnkit.engine.inference_step` (one native call per
+layer: both products and the gate math). Where that does not apply (something to
+differentiate, a mask to draw, layer norm, another device, compile, ...) a call runs the
+layer's ``forward`` on the one-step sequence: every call gives what ``forward`` gives.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from rnnkit import engine
+from rnnkit._checks import require_tensor
+from rnnkit.engine.steps import Family, State, output_of
+
+if TYPE_CHECKING:  # the layers import this module
+    from rnnkit.layers import _RecurrentLayer
+
+
+class LayerStream:
+    r"""Steps of a unidirectional `rnnkit.RNN`, `rnnkit.LSTM` or `rnnkit.GRU`, one call each.
+
+    .. math::
+        y_t,\ s_t = \mathrm{layer}(x_t,\ s_{t-1}),\qquad s_0 = \texttt{hx}
+        \text{ (zeros, or the learned initial state, when None)}
+
+    ``stream(x_t)`` equals ``layer(x_t.unsqueeze(0), s)`` (``unsqueeze(1)`` with
+    ``batch_first``): its output's one step, and the stream's state becomes its final state.
+
+    Inputs: ``x_t (N, H_in)`` or unbatched ``(H_in,)``; the first call fixes which, and the
+    batch ``N`` (with ``hx``, its batch). Output: ``y_t (N, H_out)`` or ``(H_out,)``, the top
+    layer's ``h_t``. ``state``: the final state as ``forward`` returns it, ``h_n (L, N, H_out)``
+    (and ``c_n (L, N, H)`` for an LSTM), or None before the first call.
+
+    Example::
+
+        >>> lstm = rnnkit.LSTM(10, 20, num_layers=2).eval()
+        >>> stream = lstm.stream()
+        >>> with torch.no_grad():
+        ...     y = [stream(x_t) for x_t in torch.randn(5, 3, 10)]    # each (3, 20)
+        >>> h_n, c_n = stream.state                                     # (2, 3, 20) each
+    """
+
+    def __init__(self, layer: _RecurrentLayer, hx: State | None = None) -> None:
+        name = type(layer).__name__
+        if layer.bidirectional:
+            raise ValueError(f"{name}.stream needs a unidirectional layer: the reverse "
+                             "direction reads each sequence from its last step; got "
+                             "bidirectional=True (run forward on whole sequences instead)")
+        self.layer = layer
+        self._hx = hx  # checked at the first call, which tells the batch
+        self._states: list[State] | None = None  # per layer, contiguous, batched
+        self._batched = True
+        self._input_shape: tuple[int, ...] = ()
+
+    @property
+    def state(self) -> State | None:
+        """The final state after the steps so far, as the layer's ``forward`` returns it."""
+        if self._states is None:
+            return None
+        return self.layer._stack_states(self._states, self._batched)
+
+    def __call__(self, input: Tensor) -> Tensor:
+        """One step: ``x_t (N, H_in)`` or ``(H_in,)`` -> ``y_t (N, H_out)`` or ``(H_out,)``."""
+        states = self._states
+        if states is not None and type(input) is Tensor and input.shape == self._input_shape:
+            output = self._inference_step(input if self._batched else input.unsqueeze(0),
+                                          states)
+            if output is not None:
+                return output if self._batched else output.squeeze(0)
+        return self._general_step(input)
+
+    def _inference_step(self, x: Tensor, states: list[State]) -> Tensor | None:
+        """Every layer on `engine.inference_step`, or None (nothing changed) where it does
+        not apply: in training with dropout between layers or a regularisation switch, or
+        where the engine declines (it decides before any work, the same for every layer)."""
+        layer = self.layer
+        if layer.training and (layer._regularised or (layer.dropout and layer.num_layers > 1)):
+            return None
+        if any(layer.zoneout):  # evaluation's expectation is a mask too
+            return None
+        kind, backend = layer.cell_kind(), layer.backend
+        new_states, layer_input = [], x
+        for index, state in enumerate(states):
+            new = engine.inference_step(kind, layer_input, state,
+                                        layer.cell_weights(index, 0), backend)
+            if new is None:
+                return None
+            new_states.append(new)
+            layer_input = output_of(new)
+        self._states = new_states
+        # A copy: the state is the kernel's h itself, and forward's output never aliases its
+        # final state either (an in-place change of the output must not change the stream).
+        return layer_input.clone()
+
+    def _general_step(self, input: object) -> Tensor:
+        """The step through ``forward`` on a one-step sequence: its checks, its engines."""
+        layer = self.layer
+        name = type(layer).__name__
+        param = layer.weight_ih_l0
+        x = require_tensor(f"{name} stream input", input, dtype=param.dtype,
+                           device=param.device)
+        if x.dim() not in (1, 2) or x.shape[-1] != layer.input_size:
+            raise ValueError(f"{name} stream input must have shape (N, H_in) or unbatched "
+                             f"(H_in,), with H_in = input_size = {layer.input_size}; got "
+                             f"{tuple(x.shape)}")
+        if self._states is not None and x.shape != self._input_shape:
+            raise ValueError(f"{name} stream input must keep the shape of the stream's first "
+                             f"step, {self._input_shape}; got {tuple(x.shape)} (open a new "
+                             "stream for another batch)")
+        batched = x.dim() == 2
+        sequence = x.unsqueeze(1 if batched and layer.batch_first else 0)
+        output, final = layer(sequence, self.state if self._states is not None else self._hx)
+        if self._states is None:
+            self._batched, self._input_shape = batched, tuple(x.shape)
+        self._states = _final_states(layer, final, batched)
+        if not batched:
+            return output[0]
+        return output[:, 0] if layer.batch_first else output[0]  # (N, H_out)
+
+
+def _final_states(layer: _RecurrentLayer, final: State, batched: bool) -> list[State]:
+    """``forward``'s final state -> per layer ``h (N, H_out)`` or ``(h, c)``, contiguous."""
+    if layer.family == Family.LSTM:
+        h_n, c_n = final
+        if not batched:
+            h_n, c_n = h_n.unsqueeze(1), c_n.unsqueeze(1)
+        return [(h.contiguous(), c.contiguous()) for h, c in zip(h_n, c_n, strict=True)]
+    h_n = final if batched else final.unsqueeze(1)
+    return [h.contiguous() for h in h_n]
+
+
+__all__ = ["LayerStream"]
+

@@ -1,0 +1,314 @@
+"""The streamed step: the native step kernels, a cell's short way to them, and `LayerStream`.
+
+Each is checked against the general path (a one-step sequence through `forward`, itself tested
+against the reference and torch.nn elsewhere) and the reference engine, and each test also
+checks which path ran, with a spy on the kernels' one entry (`native_functions.step`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rnnkit
+from rnnkit import engine
+from rnnkit.engine import reference
+from rnnkit.engine.native import build
+from rnnkit.engine.steps import CellKind, CellWeights, Family
+
+pytestmark = pytest.mark.skipif(build.kernels() is None, reason="needs the native kernels")
+
+TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-13}  # normwise: ||got - want|| / ||want||
+
+
+def assert_close(got, want):
+    """Each tensor of ``got`` within `TOLERANCE` of ``want``'s, normwise (a step sums hundreds
+    of products of magnitude ~1: its elementwise rounding scales with the whole row)."""
+    got, want = (list(s) if isinstance(s, tuple) else [s] for s in (got, want))
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        error = float((a - b).norm() / b.norm().clamp_min(1e-30))
+        assert error <= TOLERANCE[b.dtype], f"normwise error {error:.3g}"
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many times the step kernels ran (each call: one layer, one step)."""
+    calls = []
+    real = engine.native_functions.step
+
+    def spy(*arguments):
+        calls.append(arguments[0])
+        return real(*arguments)
+
+    monkeypatch.setattr(engine.native_functions, "step", spy)
+    return calls
+
+
+def _random_weights(kind: CellKind, input_size: int, hidden: int, dtype, *, bias=True,
+                    proj=0, peephole=False, seed=0) -> CellWeights:
+    generator = torch.Generator().manual_seed(seed)
+    gates = {Family.RNN: 1, Family.LSTM: 4, Family.GRU: 3}[kind.family] * hidden
+    out = proj or hidden
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype) * 0.4
+
+    return CellWeights(draw(gates, input_size), draw(gates, out),
+                       draw(gates) if bias else None, draw(gates) if bias else None,
+                       draw(proj, hidden) if proj else None,
+                       draw(3 * hidden) if peephole else None)
+
+
+STEP_CASES = [  # (kind, batch, input, hidden, options): odd sizes, partial vector blocks,
+    # more than one block, and sizes past the threshold where threads share the units
+    (CellKind(Family.LSTM), 1, 5, 3, {}),
+    (CellKind(Family.LSTM), 3, 17, 37, {"bias": False}),
+    (CellKind(Family.LSTM), 4, 70, 130, {}),
+    (CellKind(Family.LSTM), 2, 9, 20, {"peephole": True}),
+    (CellKind(Family.LSTM), 5, 33, 40, {"proj": 7, "peephole": True}),
+    (CellKind(Family.LSTM), 1, 200, 150, {"proj": 90}),
+    (CellKind(Family.GRU), 1, 5, 3, {}),
+    (CellKind(Family.GRU), 4, 70, 130, {}),
+    (CellKind(Family.GRU, reset_after=False), 3, 17, 37, {}),
+    (CellKind(Family.GRU, reset_after=False), 2, 100, 160, {"bias": False}),
+    (CellKind(Family.RNN), 1, 5, 3, {}),
+    (CellKind(Family.RNN, nonlinearity="relu"), 4, 70, 300, {}),
+    (CellKind(Family.RNN), 3, 17, 37, {"bias": False}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c[0].family}-{c[1]}x{c[2]}x{c[3]}"
+                         f"-{c[0].reset_after}-{c[0].nonlinearity}-{sorted(c[4].items())}")
+def test_step_kernels_equal_the_reference_step(case, dtype, kernel_calls):
+    kind, batch, input_size, hidden, options = case
+    weights = _random_weights(kind, input_size, hidden, dtype, **options)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, input_size, generator=generator, dtype=dtype)
+    out = options.get("proj") or hidden
+    h = torch.randn(batch, out, generator=generator, dtype=dtype)
+    state = (h, torch.randn(batch, hidden, generator=generator, dtype=dtype)) \
+        if kind.family == Family.LSTM else h
+    with torch.no_grad():
+        stepped = engine.inference_step(kind, x, state, weights)
+        _, expected = reference.run_direction(kind, x.unsqueeze(0), state, weights, None, False)
+    assert len(kernel_calls) == 1
+    assert_close(stepped, expected)
+
+
+def _lstm_inputs(dtype=torch.float32):
+    weights = _random_weights(CellKind(Family.LSTM), 6, 8, dtype)
+    x, h, c = (torch.randn(2, size, dtype=dtype) for size in (6, 8, 8))
+    return CellKind(Family.LSTM), x, (h, c), weights
+
+
+def test_the_engine_declines_what_the_kernels_do_not_run(monkeypatch, kernel_calls):
+    kind, x, state, weights = _lstm_inputs()
+    with torch.no_grad():
+        assert engine.inference_step(kind, x, state, weights) is not None
+        assert engine.inference_step(kind, x, state, weights, "reference") is None
+        assert engine.inference_step(kind, x, state, weights, "fused") is None
+        monkeypatch.setenv("RNNKIT_BACKEND", "fused")
+        assert engine.inference_step(kind, x, state, weights, "auto") is None
+        monkeypatch.delenv("RNNKIT_BACKEND")
+        wide = torch.randn(2, 12)[:, ::2]  # not contiguous
+        assert engine.inference_step(kind, wide, state, weights) is None
+        assert engine.inference_step(kind, x.double(), state, weights) is None
+        assert engine.inference_step(kind, x.half(), state, weights) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert engine.inference_step(kind, x, state, weights) is None
+    grad_weights = weights._replace(weight_hh=weights.weight_hh.clone().requires_grad_())
+    assert engine.inference_step(kind, x, state, grad_weights) is None  # to differentiate
+    with torch.no_grad():
+        assert engine.inference_step(kind, x, state, grad_weights) is not None
+        normalised = weights._replace(layer_norm_hh=torch.ones(32), layer_norm_ih=torch.ones(32))
+        assert engine.inference_step(kind, x, state, normalised) is None
+    assert len(kernel_calls) == 2
+
+
+# ---- cells -------------------------------------------------------------------------------
+
+CELL_CASES = {
+    "lstm": lambda: rnnkit.LSTMCell(6, 10),
+    "lstm-peephole-proj": lambda: rnnkit.LSTMCell(6, 10, proj_size=4, peephole=True),
+    "gru": lambda: rnnkit.GRUCell(6, 10),
+    "gru-reset-before": lambda: rnnkit.GRUCell(6, 10, reset_after=False),
+    "rnn-relu": lambda: rnnkit.RNNCell(6, 10, nonlinearity="relu"),
+}
+
+
+def _cell_state(cell, batch):
+    h = torch.randn(batch, cell.output_size)
+    return (h, torch.randn(batch, cell.hidden_size)) if isinstance(cell, rnnkit.LSTMCell) else h
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("name", list(CELL_CASES))
+def test_a_cell_step_without_gradients_runs_the_kernels_and_equals_the_reference(
+        name, with_state, kernel_calls):
+    torch.manual_seed(0)
+    cell = CELL_CASES[name]()
+    x = torch.randn(3, 6)
+    hx = _cell_state(cell, 3) if with_state else None
+    with torch.no_grad():
+        fast = cell(x, hx)
+        assert len(kernel_calls) == 1
+        cell.backend = "reference"
+        slow = cell(x, hx)
+    assert len(kernel_calls) == 1
+    assert_close(fast, slow)
+
+
+def test_a_cell_takes_the_general_way_when_the_kernels_do_not_apply(kernel_calls):
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    cell = rnnkit.LSTMCell(6, 10)
+    h, c = cell(x)  # weights that require grad, grad mode on: the operators, with autograd
+    assert h.requires_grad and not kernel_calls
+    with torch.no_grad():
+        cell(x.unsqueeze(0)[0])  # batched, fine
+        assert len(kernel_calls) == 1
+        cell(x[0])  # unbatched: the general way
+        cell(x, (h.detach().t().contiguous().t(), c.detach()))  # a strided h: general way
+    assert len(kernel_calls) == 1
+    dropped = rnnkit.LSTMCell(6, 10, recurrent_dropout=0.5)
+    zoned = rnnkit.LSTMCell(6, 10, zoneout=0.2).eval()
+    normed = rnnkit.LSTMCell(6, 10, layer_norm=True)
+    with torch.no_grad():
+        dropped(x)  # training: a mask to draw
+        zoned(x)  # zoneout's expectation in evaluation
+        normed(x)
+        assert len(kernel_calls) == 1
+        dropped.eval()(x)  # recurrent dropout is the identity in evaluation
+    assert len(kernel_calls) == 2
+
+
+def test_wrong_input_on_the_short_way_still_gets_the_named_error():
+    cell = rnnkit.LSTMCell(6, 10)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"LSTMCell hx\[0\] \(h\) must have shape"):
+            cell(torch.randn(3, 6), (torch.randn(3, 9), torch.randn(3, 10)))
+        with pytest.raises(TypeError, match="LSTMCell input has dtype torch.float64"):
+            cell(torch.randn(3, 6, dtype=torch.float64))
+        with pytest.raises(ValueError, match=r"LSTMCell input must have shape \(N, 6\)"):
+            cell(torch.randn(3, 7))
+
+
+def test_a_parametrized_weight_is_the_one_the_short_way_uses(kernel_calls):
+    torch.manual_seed(0)
+    cell = rnnkit.LSTMCell(4, 6, dtype=torch.float64)
+    nn.utils.parametrizations.weight_norm(cell, "weight_hh")
+    with torch.no_grad():
+        cell.parametrizations.weight_hh.original0.mul_(3.0)
+    reference_cell = nn.LSTMCell(4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(reference_cell, name).copy_(getattr(cell, name))
+        x = torch.randn(3, 4, dtype=torch.float64)
+        for got, want in zip(cell(x), reference_cell(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert len(kernel_calls) == 1
+
+
+# ---- layers ------------------------------------------------------------------------------
+
+LAYER_CASES = {
+    "lstm-2": lambda: rnnkit.LSTM(5, 12, num_layers=2),
+    "lstm-proj-peephole": lambda: rnnkit.LSTM(5, 12, proj_size=6, peephole=True),
+    "lstm-batch-first": lambda: rnnkit.LSTM(5, 12, batch_first=True),
+    "gru-2": lambda: rnnkit.GRU(5, 12, num_layers=2),
+    "gru-reset-before": lambda: rnnkit.GRU(5, 12, reset_after=False),
+    "rnn-relu-3": lambda: rnnkit.RNN(5, 12, num_layers=3, nonlinearity="relu"),
+}
+
+
+def _layer_state(layer, batch, generator):
+    h = torch.randn(layer.num_layers, batch, layer.output_size, generator=generator)
+    if isinstance(layer, rnnkit.LSTM):
+        return h, torch.randn(layer.num_layers, batch, layer.hidden_size, generator=generator)
+    return h
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("name", list(LAYER_CASES))
+def test_a_stream_equals_forward_on_the_whole_sequence(name, with_state, kernel_calls):
+    torch.manual_seed(0)
+    layer = LAYER_CASES[name]().eval()
+    generator = torch.Generator().manual_seed(2)
+    steps = torch.randn(7, 3, 5, generator=generator)  # (T, N, I)
+    hx = _layer_state(layer, 3, generator) if with_state else None
+    sequence = steps.transpose(0, 1) if layer.batch_first else steps
+    with torch.no_grad():
+        expected, expected_state = layer(sequence, hx)
+        stream = layer.stream(hx)
+        assert stream.state is None
+        outputs = torch.stack([stream(x) for x in steps], dim=1 if layer.batch_first else 0)
+    assert_close(outputs, expected)
+    assert_close(stream.state, expected_state)
+    # the first step checks through forward; every later one is one kernel call per layer
+    assert len(kernel_calls) == 6 * layer.num_layers
+
+
+def test_an_unbatched_stream_and_a_learned_initial_state():
+    torch.manual_seed(0)
+    layer = rnnkit.GRU(5, 8, num_layers=2, learn_initial_state=True).eval()
+    with torch.no_grad():
+        layer.h0.normal_()
+        steps = torch.randn(4, 5)  # (T, I) unbatched
+        expected, expected_state = layer(steps)
+        stream = layer.stream()
+        outputs = torch.stack([stream(x) for x in steps])
+    assert outputs.shape == (4, 8) and stream.state.shape == (2, 8)
+    assert_close(outputs, expected)
+    assert_close(stream.state, expected_state)
+
+
+def test_a_stream_with_gradients_or_in_training_runs_forward_and_differentiates(kernel_calls):
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(5, 8, num_layers=2, dropout=0.5)
+    steps = torch.randn(4, 2, 5)
+    layer.eval()
+    expected, _ = layer(steps)
+    stream = layer.stream()
+    outputs = torch.stack([stream(x) for x in steps])  # grad mode: forward, recorded
+    torch.testing.assert_close(outputs, expected, rtol=2e-6, atol=2e-6)
+    (grad_stream,) = torch.autograd.grad(outputs.sum(), layer.weight_hh_l0)
+    (grad_forward,) = torch.autograd.grad(expected.sum(), layer.weight_hh_l0)
+    torch.testing.assert_close(grad_stream, grad_forward, rtol=1e-5, atol=1e-6)
+    layer.train()  # dropout between layers: a mask per call
+    with torch.no_grad():
+        stream = layer.stream()
+        for x in steps:
+            stream(x)
+    assert not kernel_calls
+
+
+def test_the_output_is_not_the_state_the_stream_keeps():
+    layer = rnnkit.RNN(3, 4).eval()
+    with torch.no_grad():
+        stream = layer.stream()
+        stream(torch.randn(1, 3))
+        y = stream(torch.randn(1, 3))
+        kept = stream.state.clone()
+        y.zero_()
+        torch.testing.assert_close(stream.state, kept, rtol=0, atol=0)
+
+
+def test_stream_errors_name_the_argument_and_value():
+    layer = rnnkit.LSTM(5, 8)
+    with pytest.raises(ValueError, match="LSTM.stream needs a unidirectional layer"):
+        rnnkit.LSTM(5, 8, bidirectional=True).stream()
+    stream = layer.eval().stream()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"LSTM stream input must have shape .*got \(2, 6\)"):
+            stream(torch.randn(2, 6))
+        with pytest.raises(TypeError, match="LSTM stream input must be a"):
+            stream([1.0] * 5)
+        stream(torch.randn(2, 5))
+        with pytest.raises(ValueError, match=r"keep the shape of the stream's first step, "
+                                             r"\(2, 5\); got \(3, 5\)"):
+            stream(torch.randn(3, 5))
+        with pytest.raises(ValueError, match=r"LSTM hx\[0\] \(h_0\) must have shape"):
+            layer.stream((torch.zeros(1, 3, 8), torch.zeros(1, 2, 8)))(torch.randn(2, 5))
