@@ -312,3 +312,17 @@ def test_stream_errors_name_the_argument_and_value():
             stream(torch.randn(3, 5))
         with pytest.raises(ValueError, match=r"LSTM hx\[0\] \(h_0\) must have shape"):
             layer.stream((torch.zeros(1, 3, 8), torch.zeros(1, 2, 8)))(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["hx", "nohx"])
+def test_a_compiled_cell_step_traces_whole_and_equals_eager(with_state, kernel_calls):
+    torch.manual_seed(0)
+    cell = rnnkit.LSTMCell(4, 6)
+    compiled = torch.compile(cell, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 4)
+    hx = (torch.randn(2, 6), torch.randn(2, 6)) if with_state else None
+    with torch.no_grad():
+        got = compiled(x, hx)
+        assert not kernel_calls  # compiled: the operators, not the eager short way
+        want = cell(x, hx)
+    assert_close(got, want)

@@ -273,7 +273,8 @@ def benchmark_size(family: str, size: tuple[int, int, int], backend: str, repeat
 
 
 def benchmark_streaming(hidden: int, backend: str, repeats: int, steps: int = 100) -> list[Row]:
-    """Latency of one step at batch 1: torch.nn.LSTMCell, rnnkit.LSTMCell, rnnkit.LSTM (1 step)."""
+    """Latency of one step at batch 1: torch.nn.LSTMCell, rnnkit.LSTMCell, rnnkit.LSTM called
+    on one-step sequences, and its `LayerStream` (``layer.stream()``)."""
     torch.manual_seed(0)
     peer = nn.LSTMCell(hidden, hidden)
     cell = from_torch(peer)
@@ -295,8 +296,15 @@ def benchmark_streaming(hidden: int, backend: str, repeats: int, steps: int = 10
             for x in xs:
                 _, state = layer(x.unsqueeze(0), state)
 
+    def layer_stream() -> None:
+        with torch.no_grad():
+            stream = layer.stream()
+            for x in xs:
+                stream(x)
+
     runs = {"torch.nn.LSTMCell": stream_cell(peer), "rnnkit.LSTMCell": stream_cell(cell),
-            f"rnnkit.LSTM[{backend}] 1 step": stream_layer}
+            f"rnnkit.LSTM[{backend}] 1 step": stream_layer,
+            f"rnnkit.LSTM[{backend}].stream()": layer_stream}
     per_step = {name: ms / steps for name, ms in _time_interleaved(runs, repeats).items()}
     rows = []
     for name, ms in per_step.items():

@@ -153,7 +153,8 @@ def inference_step(kind: CellKind, x: Tensor, state: State, weights: CellWeights
     the shapes (a kernel refuses a wrong one with an error, never reads past it). Masks
     (recurrent dropout in training, zoneout) are the caller's to rule out.
     """
-    if weights.layer_norm_hh is not None or weights.weight_ih is None:
+    if (torch.compiler.is_compiling()  # first: the rest is for eager tensors
+            or weights.layer_norm_hh is not None or weights.weight_ih is None):
         return None
     dtype = x.dtype
     if dtype not in native.SUPPORTED_DTYPES:
