@@ -79,10 +79,22 @@ STEP_CASES = [  # (kind, batch, input, hidden, options): odd sizes, partial vect
 ]
 
 
+@pytest.fixture(params=["threads-by-size", "every-thread", "one-thread"])
+def thread_split(request):
+    """The kernels' threshold for sharing a step between threads: as built, as low as it goes
+    (every product split), and out of reach (every product on the calling thread)."""
+    kernels = build.kernels()
+    built = kernels.thread_min_multiply_adds()
+    kernels.set_thread_min_multiply_adds({"threads-by-size": built, "every-thread": 1,
+                                          "one-thread": 1 << 62}[request.param])
+    yield
+    kernels.set_thread_min_multiply_adds(built)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c[0].family}-{c[1]}x{c[2]}x{c[3]}"
                          f"-{c[0].reset_after}-{c[0].nonlinearity}-{sorted(c[4].items())}")
-def test_step_kernels_equal_the_reference_step(case, dtype, kernel_calls):
+def test_step_kernels_equal_the_reference_step(case, dtype, kernel_calls, thread_split):
     kind, batch, input_size, hidden, options = case
     weights = _random_weights(kind, input_size, hidden, dtype, **options)
     generator = torch.Generator().manual_seed(5)
@@ -170,9 +182,10 @@ def test_a_cell_takes_the_general_way_when_the_kernels_do_not_apply(kernel_calls
     with torch.no_grad():
         cell(x.unsqueeze(0)[0])  # batched, fine
         assert len(kernel_calls) == 1
-        cell(x[0])  # unbatched: the general way
-        cell(x, (h.detach().t().contiguous().t(), c.detach()))  # a strided h: general way
-    assert len(kernel_calls) == 1
+        cell(x[0])  # unbatched: the general way, whose one-step sequence takes the kernels
+        assert len(kernel_calls) == 2
+        cell(x, (h.detach().t().contiguous().t(), c.detach()))  # a strided h: the operators
+    assert len(kernel_calls) == 2
     dropped = rnnkit.LSTMCell(6, 10, recurrent_dropout=0.5)
     zoned = rnnkit.LSTMCell(6, 10, zoneout=0.2).eval()
     normed = rnnkit.LSTMCell(6, 10, layer_norm=True)
@@ -180,9 +193,9 @@ def test_a_cell_takes_the_general_way_when_the_kernels_do_not_apply(kernel_calls
         dropped(x)  # training: a mask to draw
         zoned(x)  # zoneout's expectation in evaluation
         normed(x)
-        assert len(kernel_calls) == 1
+        assert len(kernel_calls) == 2
         dropped.eval()(x)  # recurrent dropout is the identity in evaluation
-    assert len(kernel_calls) == 2
+    assert len(kernel_calls) == 3
 
 
 def test_wrong_input_on_the_short_way_still_gets_the_named_error():
@@ -247,8 +260,8 @@ def test_a_stream_equals_forward_on_the_whole_sequence(name, with_state, kernel_
         outputs = torch.stack([stream(x) for x in steps], dim=1 if layer.batch_first else 0)
     assert_close(outputs, expected)
     assert_close(stream.state, expected_state)
-    # the first step checks through forward; every later one is one kernel call per layer
-    assert len(kernel_calls) == 6 * layer.num_layers
+    # every step is one kernel call per layer (the first through forward's checks)
+    assert len(kernel_calls) == 7 * layer.num_layers
 
 
 def test_an_unbatched_stream_and_a_learned_initial_state():
@@ -277,12 +290,19 @@ def test_a_stream_with_gradients_or_in_training_runs_forward_and_differentiates(
     (grad_stream,) = torch.autograd.grad(outputs.sum(), layer.weight_hh_l0)
     (grad_forward,) = torch.autograd.grad(expected.sum(), layer.weight_hh_l0)
     torch.testing.assert_close(grad_stream, grad_forward, rtol=1e-5, atol=1e-6)
-    layer.train()  # dropout between layers: a mask per call
+    layer.train()  # dropout between layers: forward draws a mask per call, as the stream does
     with torch.no_grad():
-        stream = layer.stream()
-        for x in steps:
-            stream(x)
-    assert not kernel_calls
+        stream, state = layer.stream(), None
+        for seed, x in enumerate(steps):
+            torch.manual_seed(seed)
+            streamed = stream(x)
+            torch.manual_seed(seed)
+            output, new_state = layer(x.unsqueeze(0), state)
+            torch.testing.assert_close(streamed, output[0], rtol=0, atol=0)
+            evaluated = layer.eval()(x.unsqueeze(0), state)[0][0]
+            assert not torch.equal(output[0], evaluated)  # the dropout did act
+            layer.train()
+            state = new_state
 
 
 def test_the_output_is_not_the_state_the_stream_keeps():

@@ -43,7 +43,7 @@ from rnnkit._checks import require_choice
 from rnnkit.engine import native, onnx, ops, reference
 from rnnkit.engine.native import functions as native_functions
 from rnnkit.engine.onnx import is_exporting
-from rnnkit.engine.steps import CellKind, CellWeights, Family, Masks, State
+from rnnkit.engine.steps import CellKind, CellWeights, Family, Masks, State, output_of
 
 BACKENDS = ("auto", "native", "fused", "reference")
 ENVIRONMENT_VARIABLE = "RNNKIT_BACKEND"
@@ -136,6 +136,10 @@ def run_direction(
         return _run_variant(kind, x, state, weights, lengths, reverse, backend, masks)
     if is_exporting():  # ONNX: the exporters' own translation (see engine/onnx.py)
         return onnx.run_direction(kind, x, state, weights, lengths, reverse)
+    if x.shape[0] == 1 and lengths is None and x.shape[1] > 0:  # a streamed step
+        final = inference_step(kind, x[0], state, weights, backend)
+        if final is not None:  # the output a copy: it never aliases the final state
+            return output_of(final).unsqueeze(0).clone(), final
     if runs_torch_lstm(kind, x, state, weights, lengths, backend):
         return _torch_lstm_direction(x, state, weights, reverse)
     return _RUNNERS[engine_for(backend, x)](kind, x, state, weights, lengths, reverse)

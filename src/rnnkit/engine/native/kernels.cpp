@@ -289,12 +289,21 @@ inline void product_strip(Block<const T> x, Block<const T> b, Block<T> out, int6
   }
 }
 
+// Threads share a step's product only when each gets at least this many multiply-adds: below
+// that, waking them costs more than they save (settable for benchmarks and tests).
+int64_t thread_min_multiply_adds = 65536;
+
+void set_thread_min_multiply_adds(int64_t value) {
+  TORCH_CHECK(value >= 1, "thread_min_multiply_adds must be >= 1, got ", value);
+  thread_min_multiply_adds = value;
+}
+
 template <typename T, int Rows, int Cols>
 void product_with_tiles(Block<const T> x, Block<const T> b, Block<T> out, bool accumulate) {
   constexpr int64_t strip = Cols * Vec<T>::size();
   const int64_t strips = (b.cols + strip - 1) / strip;
-  // Threads only when each gets at least ~64k multiply-adds: below that, waking them costs more.
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, x.rows * x.cols * strip));
+  const int64_t grain = std::max<int64_t>(
+      1, thread_min_multiply_adds / std::max<int64_t>(1, x.rows * x.cols * strip));
   at::parallel_for(0, strips, grain, [&](int64_t first, int64_t end) {
     for (int64_t s = first; s < end; ++s) {
       const int64_t j = s * strip;
@@ -396,7 +405,8 @@ inline void dot_tile(const T* x, int64_t ldx, const T* w, int64_t ldw, T* out, i
 template <typename T, int Rows, int Cols>
 void dot_with_tiles(Block<const T> x, Block<const T> w, Block<T> out, bool accumulate) {
   const int64_t blocks = (w.rows + Cols - 1) / Cols;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, x.rows * x.cols * Cols));
+  const int64_t grain = std::max<int64_t>(
+      1, thread_min_multiply_adds / std::max<int64_t>(1, x.rows * x.cols * Cols));
   at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t end) {
     for (int64_t b = first; b < end; ++b) {
       const int64_t j = b * Cols, cols = std::min<int64_t>(Cols, w.rows - j);
@@ -2288,14 +2298,13 @@ void fill_bias(T* out, int64_t rows, int64_t ldo, int64_t first, int64_t count, 
   }
 }
 
-// Blocks of units in parallel, each thread a fixed contiguous share (see above); inline on the
-// calling thread when the whole step is under ~64k multiply-adds (waking a thread costs more).
+// Blocks of units in parallel, each thread a fixed contiguous share (see above), and only as
+// many threads as get `thread_min_multiply_adds` each (one: inline on the calling thread).
 template <typename F>
 void for_unit_blocks(int64_t units, int64_t block, int64_t multiply_adds_per_unit, const F& body) {
   const int64_t blocks = (units + block - 1) / block;
-  const int64_t per_block = std::max<int64_t>(1, block * multiply_adds_per_unit);
-  const int64_t grain = units * multiply_adds_per_unit < 65536 ? blocks
-                        : std::max<int64_t>(1, 16384 / per_block);
+  const int64_t grain = std::max<int64_t>(
+      1, thread_min_multiply_adds / std::max<int64_t>(1, block * multiply_adds_per_unit));
   at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t end) {
     for (int64_t b = first; b < end; ++b) {
       const int64_t j = b * block;
@@ -2588,4 +2597,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_blas_min_multiply_adds", &set_blas_min_multiply_adds,
         "step products of at least this many multiply-adds run on ATen's mm (BLAS)");
   m.def("blas_min_multiply_adds", [] { return blas_min_multiply_adds; });
+  m.def("set_thread_min_multiply_adds", &set_thread_min_multiply_adds,
+        "threads share a step product only when each gets at least this many multiply-adds");
+  m.def("thread_min_multiply_adds", [] { return thread_min_multiply_adds; });
 }
