@@ -103,8 +103,8 @@ def test_step_kernels_equal_the_reference_step(case, dtype, kernel_calls, thread
     h = torch.randn(batch, out, generator=generator, dtype=dtype)
     state = (h, torch.randn(batch, hidden, generator=generator, dtype=dtype)) \
         if kind.family == Family.LSTM else h
-    with torch.no_grad():
-        stepped = engine.inference_step(kind, x, state, weights)
+    with torch.no_grad():  # the kernels themselves, at every batch (the policy aside)
+        stepped = engine.native_functions.step(kind, x, state, weights)
         _, expected = reference.run_direction(kind, x.unsqueeze(0), state, weights, None, False)
     assert len(kernel_calls) == 1
     assert_close(stepped, expected)
@@ -129,6 +129,10 @@ def test_the_engine_declines_what_the_kernels_do_not_run(monkeypatch, kernel_cal
         assert engine.inference_step(kind, wide, state, weights) is None
         assert engine.inference_step(kind, x.double(), state, weights) is None
         assert engine.inference_step(kind, x.half(), state, weights) is None
+        big = engine.STEP_KERNEL_MAX_BATCH + 1  # the sequence path is faster there
+        big_state = tuple(s[:1].expand(big, -1).contiguous() for s in state)
+        assert engine.inference_step(kind, x[:1].expand(big, -1).contiguous(), big_state,
+                                     weights) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert engine.inference_step(kind, x, state, weights) is None
     grad_weights = weights._replace(weight_hh=weights.weight_hh.clone().requires_grad_())

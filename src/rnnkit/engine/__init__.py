@@ -57,6 +57,14 @@ on the Intel Xeon VM (2 threads, T = 50-200) torch's took 0.8-0.95x the native l
 batch 4-8 and 0.7-0.85x at 16-64; at batch 1 the native loop took 0.5-0.8x torch's."""
 
 
+STEP_KERNEL_MAX_BATCH = 4
+"""Up to this batch, a step without gradients runs on the step kernels (`inference_step`): on
+the Intel Xeon VM (1 thread, H = 64 and 256) they took 0.34-0.84x the time of the sequence path
+(input projection, then the recurrent kernel) up to batch 4, but 1.07x at batch 8 (H = 256) and
+up to 2.3x at 128, where their dot tiles re-read the weights for every 3 rows while ATen's mm
+blocks them (benchmarks/streamed_step_parts.py and docs/benchmarks.md, issue 19)."""
+
+
 class BackendWarning(UserWarning):
     """An explicitly requested backend cannot run an input; another one runs it."""
 
@@ -150,7 +158,8 @@ def inference_step(kind: CellKind, x: Tensor, state: State, weights: CellWeights
     """One step ``x (N, I)`` -> the new state on the native step kernels, or None where they
     do not apply (the caller then runs the step as a one-step sequence, `run_direction`).
 
-    They apply under "auto" and "native" (after ``RNNKIT_BACKEND``) when nothing is to be
+    They apply to batches of at most `STEP_KERNEL_MAX_BATCH` rows (a streamed step), under
+    "auto" and "native" (after ``RNNKIT_BACKEND``), when nothing is to be
     differentiated, in plain eager mode (`ops.plain_eager`: no compiler, tracer, transform or
     autocast), to a cell without layer norm whose tensors are all contiguous, on the CPU and
     of the weights' float32 or float64 dtype, with the kernels built. The caller has checked
@@ -161,7 +170,7 @@ def inference_step(kind: CellKind, x: Tensor, state: State, weights: CellWeights
             or weights.layer_norm_hh is not None or weights.weight_ih is None):
         return None
     dtype = x.dtype
-    if dtype not in native.SUPPORTED_DTYPES:
+    if dtype not in native.SUPPORTED_DTYPES or x.shape[0] > STEP_KERNEL_MAX_BATCH:
         return None
     tensors = (x, *state, *weights) if type(state) is tuple else (x, state, *weights)
     if not all(t is None or (t.dtype is dtype and t.is_cpu and t.is_contiguous())
@@ -239,5 +248,6 @@ def _run_variant(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                               native_kernels=engine_name == "native")
 
 
-__all__ = ["BACKENDS", "TORCH_LSTM_MIN_BATCH", "BackendWarning", "engine_for", "is_exporting",
-           "inference_step", "resolve_backend", "run_direction", "runs_torch_lstm"]
+__all__ = ["BACKENDS", "STEP_KERNEL_MAX_BATCH", "TORCH_LSTM_MIN_BATCH", "BackendWarning",
+           "engine_for", "inference_step", "is_exporting", "resolve_backend", "run_direction",
+           "runs_torch_lstm"]
