@@ -27,6 +27,11 @@ nothing is to be differentiated, the input is float32 on the CPU and the batch h
 issue 19), while the native loop is faster for a single stream. Not while compiling, tracing,
 exporting or under autocast, where the operators' own rules hold.
 
+A streamed step (a cell's call, a layer's `rnnkit.stream.LayerStream` step, a one-step
+sequence) with nothing to differentiate, at most `STEP_KERNEL_MAX_BATCH` rows and no layer norm
+or masks, runs under "auto" and "native" on the native step kernels (`inference_step`): both
+products and the gate math of a layer in one call.
+
 The environment variable ``RNNKIT_BACKEND`` forces one backend for every layer (for testing and
 benchmarking without touching code).
 """
