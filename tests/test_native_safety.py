@@ -305,8 +305,12 @@ def kernel_arguments(hidden=HIDDEN, steps=3, batch=2):
     (1, torch.empty(2, HIDDEN, device="meta"), r"rnn_forward: h0 must be on the CPU, got meta"),
     (3, torch.tensor([3, 2], dtype=torch.int32), r"rnn_forward: lengths must be Long, got Int"),
     (3, torch.tensor([3, 2, 1]), r"rnn_forward: lengths must have shape \[2\], got \[3\]"),
+    (3, torch.tensor([4, 2]), r"rnn_forward: lengths must lie in \[1, 3\] \(the input's time "
+                              r"steps\), got 4 at index 0"),
+    (3, torch.tensor([3, 0]), r"rnn_forward: lengths must lie in \[1, 3\] .* got 0 at index 1"),
 ], ids=["w_hh-transposed", "h0-expanded", "pre-strided", "w_hh-shape", "h0-float64",
-        "pre-float16", "pre-2d", "h0-meta", "lengths-int32", "lengths-size"])
+        "pre-float16", "pre-2d", "h0-meta", "lengths-int32", "lengths-size", "lengths-past-T",
+        "lengths-zero"])
 def test_a_kernel_refuses_a_bad_argument_naming_it(position, bad, message):
     arguments = kernel_arguments()
     arguments[position] = bad
@@ -333,6 +337,15 @@ def test_every_kernel_checks_its_arguments():
     with pytest.raises(RuntimeError, match=r"lstm_backward: c_states must have shape \[4, 2, 5\]"):
         k.lstm_backward(torch.randn(3, 2, H), h0, h0, gates, torch.randn(3, 2, H),
                         torch.randn(3, 2, H), torch.randn(4 * H, H), None, None, None, False)
+    x1 = torch.randn(2, INPUT)
+    with pytest.raises(RuntimeError, match=r"lstm_step: h must have shape \[2, 5\], got \[2, 4\]"):
+        k.lstm_step(x1, torch.randn(2, H - 1), h0, w, torch.randn(4 * H, H), None, None, None,
+                    None)
+    with pytest.raises(RuntimeError, match=r"gru_step: b_ih and b_hh must be given together"):
+        k.gru_step(x1, h0, torch.randn(3 * H, INPUT), torch.randn(3 * H, H), torch.zeros(3 * H),
+                   None, True)
+    with pytest.raises(RuntimeError, match=r"rnn_step: w_hh must be contiguous"):
+        k.rnn_step(x1, h0, torch.randn(H, INPUT), torch.randn(H, H).t(), None, None, False)
     with pytest.raises(RuntimeError, match=r"gru_backward: w_hh must be contiguous"):
         k.gru_backward(torch.randn(3, 2, H), h0, torch.randn(3, 2, 3 * H), torch.randn(4, 2, H),
                        torch.randn(3, 2, H), torch.randn(H, 3 * H).t(), None, False, True)

@@ -63,8 +63,16 @@ class Arguments {
   void operator()(const char* name, const std::optional<Tensor>& t, at::IntArrayRef shape) const {
     if (t.has_value()) check(name, *t, shape, dtype_);
   }
-  void lengths(const std::optional<Tensor>& t, int64_t batch) const {
-    if (t.has_value()) check("lengths", *t, {batch}, at::kLong);
+  // Lengths in [1, steps], as the layers check them: a length past T or below 1 reads no
+  // memory out of bounds here, but it is no sequence the operators' contract describes.
+  void lengths(const std::optional<Tensor>& t, int64_t batch, int64_t steps) const {
+    if (!t.has_value()) return;
+    check("lengths", *t, {batch}, at::kLong);
+    const int64_t* values = t->data_ptr<int64_t>();
+    for (int64_t n = 0; n < batch; ++n) {
+      TORCH_CHECK(values[n] >= 1 && values[n] <= steps, kernel_, ": lengths must lie in [1, ",
+                  steps, "] (the input's time steps), got ", values[n], " at index ", n);
+    }
   }
   // Zoneout's d: a 0-dim probability p (evaluation) or a (steps, batch, width) 0/1 mask.
   void zoneout(const char* name, const std::optional<Tensor>& t, int64_t steps, int64_t batch,
@@ -528,7 +536,7 @@ std::vector<Tensor> rnn_forward(Tensor pre, const Tensor& h0, const Tensor& w_hh
   const int64_t T = pre.size(0), N = pre.size(1), H = pre.size(2);
   check("h0", h0, {N, H});
   check("w_hh", w_hh, {H, H});
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
@@ -575,7 +583,7 @@ std::vector<Tensor> rnn_backward(const Tensor& d_output, const Tensor& d_h_n, co
   check("d_output", d_output, {T, N, H});
   check("d_h_n", d_h_n, {N, H});
   check("w_hh", w_hh, {H, H});
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
@@ -634,7 +642,7 @@ std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c
   check("w_hh", w_hh, {4 * H, P});
   check("w_hr", w_hr, {P, H});
   check("w_ch", w_ch, {3 * H});
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
@@ -744,7 +752,7 @@ std::vector<Tensor> lstm_backward(const Tensor& d_output, const Tensor& d_h_n,
   check("w_hh", w_hh, {4 * H, P});
   check("w_hr", w_hr, {P, H});
   check("w_ch", w_ch, {3 * H});
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
@@ -849,7 +857,7 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
   check("h0", h0, {N, H});
   check("w_hh", w_hh, {3 * H, H});
   check("b_hh", b_hh, {3 * H});
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
@@ -952,7 +960,7 @@ std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, co
   check("states", states, {T + 1, N, H});
   check("n_input", n_input, {T, N, H});
   check("w_hh", w_hh, {3 * H, H});
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
@@ -1263,7 +1271,7 @@ std::vector<Tensor> rnn_recurrence_forward(
   check("gain_hh", gain_hh, {H});
   check("recurrent_mask", recurrent_mask, {N, H});
   check.zoneout("zoneout_h", zoneout_h, T, N, H);
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
@@ -1358,7 +1366,7 @@ std::vector<Tensor> rnn_recurrence_backward(
   check("rstd_hh", rstd_hh, {T, N});
   check("recurrent_mask", recurrent_mask, {N, H});
   check.zoneout("zoneout_h", zoneout_h, T, N, H);
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
@@ -1449,7 +1457,7 @@ std::vector<Tensor> gru_recurrence_forward(
               "(pre_x holds both biases; layer norm needs reset_after=True)");
   check("recurrent_mask", recurrent_mask, {N, H});
   check.zoneout("zoneout_h", zoneout_h, T, N, H);
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
@@ -1602,7 +1610,7 @@ std::vector<Tensor> gru_recurrence_backward(
   check("rstd_hh", rstd_hh, {T, N});
   check("recurrent_mask", recurrent_mask, {N, H});
   check.zoneout("zoneout_h", zoneout_h, T, N, H);
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
@@ -1765,7 +1773,7 @@ std::vector<Tensor> lstm_recurrence_forward(
   check("recurrent_mask", recurrent_mask, {N, P});
   check.zoneout("zoneout_h", zoneout_h, T, N, P);
   check.zoneout("zoneout_c", zoneout_c, T, N, H);
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   check("gain_ih", gain_ih, {4 * H});
   check("bias_ih", bias_ih, {4 * H});
   TORCH_CHECK(!gain_ih.has_value() || gain_hh.has_value(),
@@ -2015,7 +2023,7 @@ std::vector<Tensor> lstm_recurrence_backward(
   check("recurrent_mask", recurrent_mask, {N, P});
   check.zoneout("zoneout_h", zoneout_h, T, N, P);
   check.zoneout("zoneout_c", zoneout_c, T, N, H);
-  check.lengths(lengths, N);
+  check.lengths(lengths, N, T);
   check("gain_ih", gain_ih, {4 * H});
   check.together("gain_ih", gain_ih, "pre_x", pre_x);
   check.together("gain_ih", gain_ih, "mean_ih", mean_ih);
