@@ -25,16 +25,25 @@ DTYPES = (torch.float32, torch.float64)
 
 
 @pytest.fixture(autouse=True)
-def _collector_paused():
-    """Python's cyclic collector walks the autograd graph that the reference loop builds, at
-    every collection: quadratic in T, and under pytest's large heap the T = 10,000 reference
-    took 120 s instead of 1.5 s. Paused during each test, run once after it."""
+def _collector_paused_one_thread():
+    """Two settings that keep the reference loop's thousands of tiny steps fast:
+
+    - Python's cyclic collector walks the autograd graph that the loop builds, at every
+      collection: quadratic in T; under pytest's large heap the T = 10,000 reference took 120 s
+      instead of 1.5 s. Paused during each test, run once after it.
+    - One thread: tensors this small gain nothing from a second, and on a shared two-core
+      machine each parallel region waited for a descheduled thread (the same test: 39 s with
+      two threads while the other core was busy, 1.8 s with one).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     gc.disable()
     try:
         yield
     finally:
         gc.enable()
         gc.collect()
+        torch.set_num_threads(threads)
 
 
 def _path_results(path, family, x, h0, weight, bias, lengths, reverse, log_space):
@@ -129,9 +138,11 @@ def test_auto_runs_the_scan():
 @pytest.mark.parametrize("family", list(MinFamily), ids=str)
 def test_gradcheck_scans(family, log_space, monkeypatch):
     """Finite differences in float64 against each scan's hand-written backward, with lengths,
-    both directions; blocks of 4 steps, so that 19 steps make five blocks, a ragged last one
-    and two levels of the log-space scan's recursion."""
+    both directions. Small blocks, so that 19 steps take every branch: the log-space scan in
+    five blocks of 4 (a ragged last one, two levels of recursion), the linear scan blocked
+    (four blocks of 5) over doubling rounds for the blocks' ends."""
     monkeypatch.setattr(scan, "LOG_SCAN_CHUNK", 4)
+    monkeypatch.setattr(scan, "DOUBLING_MAX_STEPS", 4)
     steps = 19
     x, h0, weight, bias, _ = _direction_inputs(family, steps, torch.float64, batch=2,
                                                input_size=2, hidden=2)

@@ -258,7 +258,7 @@ def require_non_negative(name: str, value: Tensor, reason: str) -> None:
     """
     if torch.compiler.is_compiling() or value.numel() == 0:
         return
-    smallest = float(value.min())
+    smallest = float(value.detach().min())
     if smallest < 0:
         raise ValueError(f"{name} must be >= 0 everywhere ({reason}), got a minimum of "
                          f"{smallest:.6g}")

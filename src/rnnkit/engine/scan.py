@@ -32,6 +32,7 @@ Nothing here imports the layers or cells: they import this module.
 from __future__ import annotations
 
 import enum
+import math
 
 import torch
 import torch.nn.functional as F
@@ -240,7 +241,7 @@ def _doubling_scan(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
     the steps ``t - 2s + 1 … t``, ``h = (∏ a) h_start + Σ (∏ later a) b``; ``h_0`` is folded
     into step 0 first. ``ceil(log2 T)`` rounds of products and sums, no division and no
     logarithm: values that underflow are ones whose true contribution is below the smallest
-    float.
+    float. For short sequences (`_blocked_scan` runs the long ones).
     """
     steps = a.shape[0]
     a = a.clone()
@@ -256,6 +257,49 @@ def _doubling_scan(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
     return b
 
 
+DOUBLING_MAX_STEPS = 64
+"""Up to this length `_scan_values` runs the doubling rounds (at most 6, a few dozen small
+operations); beyond, `_blocked_scan`, whose passes over the data do not grow with log T."""
+
+
+def _scan_values(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
+    """``h_t = a_t h_{t-1} + b_t`` without autograd: `_doubling_scan` for short sequences,
+    `_blocked_scan` for long ones (the same values up to rounding)."""
+    if a.shape[0] <= DOUBLING_MAX_STEPS:
+        return _doubling_scan(a, b, h0)
+    return _blocked_scan(a, b, h0)
+
+
+def _blocked_scan(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
+    """The same recurrence in ``B ≈ sqrt(T)`` blocks of ``C = ceil(T / B)`` steps: a loop over
+    the C positions advances every block at once (from a zero start, keeping each block's
+    decay ``∏ a``), the states entering the blocks come from the same recurrence over the
+    blocks' ends (`_scan_values`, recursively), and one pass adds them in.
+
+    About six passes over ``(T, ...)`` and ``2C`` operations, where the doubling rounds make
+    ``4 log2 T`` passes: measured in docs/benchmarks.md ("minGRU and minLSTM").
+    """
+    steps, rest = a.shape[0], a.shape[1:]
+    block = math.isqrt(steps - 1) + 1  # C = ceil(sqrt(T)): as many blocks as steps per block
+    blocks = -(-steps // block)
+    padding = blocks * block - steps
+    if padding:  # held steps (a = 1, b = 0), dropped at the end
+        a = torch.cat([a, a.new_ones((padding, *rest))])
+        b = torch.cat([b, b.new_zeros((padding, *rest))])
+    a = a.reshape(blocks, block, *rest)
+    b = b.reshape(blocks, block, *rest)
+    decay = torch.empty_like(a)  # ∏ a from each block's start
+    local = torch.empty_like(b)  # h from a zero state at each block's start
+    decay[:, 0] = a[:, 0]
+    local[:, 0] = b[:, 0]
+    for j in range(1, block):
+        torch.mul(a[:, j], decay[:, j - 1], out=decay[:, j])
+        torch.addcmul(b[:, j], a[:, j], local[:, j - 1], out=local[:, j])
+    ends = _scan_values(decay[:, -1], local[:, -1], h0)  # (blocks, ...): h after each block
+    starts = torch.cat([h0.unsqueeze(0), ends[:-1]]).unsqueeze(1)  # (blocks, 1, ...)
+    return local.addcmul_(decay, starts).reshape(blocks * block, *rest)[:steps]
+
+
 def _scan_dtype(dtype: torch.dtype) -> torch.dtype:
     """float16 and bfloat16 are scanned in float32 (log2 T roundings of 2^-8 would show)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -267,8 +311,8 @@ def _adjoint(a: Tensor, grad_h: Tensor, h: Tensor, h0: Tensor) -> tuple[Tensor, 
     ``∂L/∂b_t = γ_t``, ``∂L/∂a_t = γ_t ⊙ h_{t-1}``, ``∂L/∂h_0 = a_0 ⊙ γ_0``."""
     dtype = _scan_dtype(a.dtype)
     a_next = torch.cat([a[1:], torch.ones_like(a[:1])]).to(dtype)  # a_{t+1}; the last unused
-    gamma = _doubling_scan(a_next.flip(0), grad_h.to(dtype).flip(0),
-                           torch.zeros_like(h0, dtype=dtype)).flip(0).to(a.dtype)
+    gamma = _scan_values(a_next.flip(0), grad_h.to(dtype).flip(0),
+                         torch.zeros_like(h0, dtype=dtype)).flip(0).to(a.dtype)
     return gamma, torch.cat([h0.unsqueeze(0), h[:-1]])
 
 
@@ -279,7 +323,7 @@ class _LinearScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
         dtype = _scan_dtype(a.dtype)
-        h = _doubling_scan(a.to(dtype), b.to(dtype), h0.to(dtype)).to(a.dtype)
+        h = _scan_values(a.to(dtype), b.to(dtype), h0.to(dtype)).to(a.dtype)
         ctx.save_for_backward(a, h, h0)
         return h
 
