@@ -126,11 +126,12 @@ def test_layer_backends_agree_stacked_bidirectional_packed(family, log_space, dt
                                  group="minimal")
 
 
-def test_auto_runs_the_scan():
-    assert scan.engine_for("auto", log_space=False) == "linear_scan"
-    assert scan.engine_for("auto", log_space=True) == "log_scan"
-    assert scan.engine_for("scan", log_space=True) == "log_scan"
-    assert scan.engine_for("reference", log_space=True) == "reference"
+def test_auto_runs_the_scan_and_a_single_step_on_the_loop():
+    assert scan.engine_for("auto", log_space=False, steps=2) == "linear_scan"
+    assert scan.engine_for("auto", log_space=True, steps=300) == "log_scan"
+    assert scan.engine_for("auto", log_space=True, steps=1) == "reference"
+    assert scan.engine_for("scan", log_space=True, steps=1) == "log_scan"
+    assert scan.engine_for("reference", log_space=False, steps=300) == "reference"
 
 
 # ---- gradcheck ----------------------------------------------------------------------------

@@ -328,9 +328,10 @@ _MINIMAL_LAYER_SHAPES = """
         torch.nn's layers, in the same positional order.
         log_space (keyword): the paper's log-space variant (``h̃ = g(W_h x + b_h)``, so
             ``h >= 0``), trained through its log-space scan. Default ``False``.
-        backend (keyword): ``"auto"`` (default: the scan), ``"scan"`` (linear-space scan, or
-            the log-space scan with ``log_space=True``) or ``"reference"`` (the step loop);
-            settable later as ``layer.backend``. All give the same results.
+        backend (keyword): ``"auto"`` (default: the scan; a single step, the loop),
+            ``"scan"`` (linear-space scan, or the log-space scan with ``log_space=True``) or
+            ``"reference"`` (the step loop); settable later as ``layer.backend``. All give
+            the same results.
 
     Inputs: ``input, hx`` (optional), ``lengths`` (optional; by keyword, or third by position)
         - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first=True``, unbatched
