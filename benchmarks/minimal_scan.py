@@ -41,6 +41,9 @@ def variants(steps: int):
                 module = layer(SIZE, SIZE, log_space=log_space, backend=backend)
                 name = f"{family}{' log' if log_space else ''} {backend}"
                 rows[name] = training_step(module, x)
+                if log_space and backend == "scan":
+                    module = layer(SIZE, SIZE, log_space=True, backend="log_scan")
+                    rows[f"{family} log log_scan"] = training_step(module, x)
     rows["GRU auto (peer)"] = training_step(rnnkit.GRU(SIZE, SIZE), x)
     return rows
 

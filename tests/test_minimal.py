@@ -103,8 +103,8 @@ def test_each_path_equals_the_reference(family, log_space, steps, dtype):
 @pytest.mark.parametrize("log_space", [False, True], ids=["linear", "log_space"])
 @pytest.mark.parametrize("family", list(MinFamily), ids=str)
 def test_layer_backends_agree_stacked_bidirectional_packed(family, log_space, dtype):
-    """A two-layer bidirectional layer: "scan" and "auto" equal "reference" in every parameter's
-    gradient, on padded input with lengths and on the same batch packed."""
+    """A two-layer bidirectional layer: every other backend equals "reference" in every
+    parameter's gradient, on padded input with lengths and on the same batch packed."""
     torch.manual_seed(1)
     layer = LAYERS[family](4, 5, num_layers=2, bidirectional=True, log_space=log_space,
                            dtype=dtype, backend="reference")
@@ -119,18 +119,19 @@ def test_layer_backends_agree_stacked_bidirectional_packed(family, log_space, dt
     }
     for call in calls.values():
         expected = outputs_and_gradients(layer, call, inputs)
-        for backend in ("scan", "auto"):
+        for backend in ("scan", "auto") + (("log_scan",) if log_space else ()):
             other = copy.deepcopy(layer)
             other.backend = backend
             assert_same_normwise(outputs_and_gradients(other, call, inputs), expected, dtype,
                                  group="minimal")
 
 
-def test_auto_runs_the_scan_and_a_single_step_on_the_loop():
+def test_auto_runs_the_linear_scan_and_a_single_step_on_the_loop():
     assert scan.engine_for("auto", log_space=False, steps=2) == "linear_scan"
-    assert scan.engine_for("auto", log_space=True, steps=300) == "log_scan"
+    assert scan.engine_for("auto", log_space=True, steps=300) == "linear_scan"
     assert scan.engine_for("auto", log_space=True, steps=1) == "reference"
-    assert scan.engine_for("scan", log_space=True, steps=1) == "log_scan"
+    assert scan.engine_for("scan", log_space=True, steps=1) == "linear_scan"
+    assert scan.engine_for("log_scan", log_space=True, steps=1) == "log_scan"
     assert scan.engine_for("reference", log_space=False, steps=300) == "reference"
 
 
@@ -379,7 +380,9 @@ def test_bad_inputs_name_the_argument():
         (lambda: rnnkit.MinGRU(0, 4), ValueError, r"MinGRU input_size must be an int >= 1, got 0"),
         (lambda: rnnkit.MinLSTM(3, 4, log_space=1), TypeError, r"MinLSTM log_space must be True or False"),
         (lambda: rnnkit.MinGRU(3, 4, backend="native"), ValueError,
-         r"MinGRU backend must be one of 'auto', 'reference', 'scan', got 'native'"),
+         r"MinGRU backend must be one of 'auto', 'reference', 'scan', 'log_scan', got 'native'"),
+        (lambda: rnnkit.MinGRU(3, 4, backend="log_scan"), ValueError,
+         r"MinGRU backend 'log_scan' needs log_space=True .*got log_space=False, use 'scan'"),
         (lambda: rnnkit.MinGRUCell(3, 4, dtype=torch.int32), ValueError, r"MinGRUCell dtype must be None or one of"),
     ]
     for call, error, message in cases:

@@ -44,9 +44,13 @@ class _MinimalBackendSetting(BackendSetting):
     """``backend`` of the minimal layers, checked at assignment against `scan.BACKENDS`."""
 
     def __set__(self, module: nn.Module, value: object) -> None:
-        module.__dict__[self.name] = require_choice(
-            f"{type(module).__name__} {self.name}", value, scan.BACKENDS
-        )
+        name = f"{type(module).__name__} {self.name}"
+        require_choice(name, value, scan.BACKENDS)
+        if value == "log_scan" and not module.log_space:
+            raise ValueError(f"{name} 'log_scan' needs log_space=True (the linear variant's b "
+                             "can be negative: it has no real logarithm); got log_space=False, "
+                             "use 'scan'")
+        module.__dict__[self.name] = value
 
 
 def _check_sizes(name: str, input_size: object, hidden_size: object) -> tuple[int, int]:
@@ -327,11 +331,11 @@ _MINIMAL_LAYER_SHAPES = """
         (between layers, training only), bidirectional=False, device=None, dtype=None: as
         torch.nn's layers, in the same positional order.
         log_space (keyword): the paper's log-space variant (``h̃ = g(W_h x + b_h)``, so
-            ``h >= 0``), trained through its log-space scan. Default ``False``.
-        backend (keyword): ``"auto"`` (default: the scan; a single step, the loop),
-            ``"scan"`` (linear-space scan, or the log-space scan with ``log_space=True``) or
-            ``"reference"`` (the step loop); settable later as ``layer.backend``. All give
-            the same results.
+            ``h >= 0``). Default ``False``.
+        backend (keyword): ``"auto"`` (default: the linear-space scan; a single step, the
+            loop), ``"scan"`` (the linear-space scan, both variants), ``"log_scan"`` (the
+            paper's log-space scan; ``log_space=True`` only) or ``"reference"`` (the step
+            loop); settable later as ``layer.backend``. All give the same results.
 
     Inputs: ``input, hx`` (optional), ``lengths`` (optional; by keyword, or third by position)
         - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first=True``, unbatched

@@ -22,9 +22,10 @@ Three execution paths, one function each, all with the signature of `run_directi
 - `run_reference`: the step equations in a loop over time, on autograd (the spec in code);
 - `run_linear_scan`: all steps at once with `scan_linear`, a doubling (Hillis-Steele) scan of
   ``(a, b)`` pairs with a hand-written backward (the same scan, reversed);
-- `run_log_scan` (log-space variant only): the paper's scan, ``log h_t = log A_t +
-  logcumsumexp_s(log b_s - log A_s)`` with ``log A_t = cumsum log a``, in `scan_log`: chunked
-  and accumulated in float64, which bounds the cancellation between the two large terms.
+- `run_log_scan` (log-space variant only, ``backend="log_scan"``): the paper's scan,
+  ``log h_t = log A_t + logcumsumexp_s(log b_s - log A_s)`` with ``log A_t = cumsum log a``, in
+  `scan_log`: chunked and accumulated in float64, which bounds the cancellation between the
+  two large terms.
 
 Nothing here imports the layers or cells: they import this module.
 """
@@ -52,9 +53,10 @@ class MinFamily(str, enum.Enum):
 GATE_COUNT = {MinFamily.GRU: 2, MinFamily.LSTM: 3}
 """Rows of ``weight_ih`` per hidden unit: (W_z|W_h) for minGRU, (W_f|W_i|W_h) for minLSTM."""
 
-BACKENDS = ("auto", "reference", "scan")
-"""``backend`` of the minimal layers: ``"scan"`` is `run_linear_scan`, or `run_log_scan` for
-the log-space variant; ``"auto"`` runs the scan, a single step the loop (`engine_for`)."""
+BACKENDS = ("auto", "reference", "scan", "log_scan")
+"""``backend`` of the minimal layers, one path each: ``"reference"`` `run_reference`,
+``"scan"`` `run_linear_scan` (both variants), ``"log_scan"`` `run_log_scan` (the log-space
+variant only); ``"auto"`` chooses (`engine_for`)."""
 
 LOG_SCAN_CHUNK = 64
 """Steps per block of `scan_log`: the cancellation in ``log A_t + logcumsumexp(log b - log A)``
@@ -198,15 +200,22 @@ def run_log_scan(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
 def engine_for(backend: str, log_space: bool, steps: int) -> str:
     """The path a ``backend`` runs for a sequence of ``steps``: the auto policy, stated once.
 
-    ``"auto"`` runs the scan, except for a single step (a layer streamed one step per call),
-    where the scan would compute the step itself around its set-up: the loop runs it. Measured
-    with ``python benchmarks/minimal_scan.py`` (docs/benchmarks.md, "minGRU and minLSTM"): a
-    training step's scan took 0.1-0.4x the loop's time from T = 128 on; one streamed step of
-    MinGRU(256, 256) took 165 us on the scan and 102 us on the loop (log-space: 292 and 160).
+    ``"auto"`` runs the linear-space scan, for both variants, except for a single step (a
+    layer streamed one step per call), which the loop runs with less set-up. Measured with
+    ``OMP_NUM_THREADS=1 python benchmarks/minimal_scan.py`` (docs/benchmarks.md, "minGRU and
+    minLSTM"): from T = 128 on a training step's linear scan took 0.1-0.4x the loop's time and
+    about half the log-space scan's (torch's CPU ``logcumsumexp`` costs ~25 ``exp``); the
+    log-space variant's coefficients are positive reals, which the linear scan runs as exactly.
+    One streamed step of MinGRU(256, 256): 102 us on the loop, 165 us on the scan.
     """
     if backend == "reference" or (backend == "auto" and steps == 1):
         return "reference"
-    return "log_scan" if log_space else "linear_scan"
+    if backend == "log_scan":
+        if not log_space:
+            raise ValueError("backend 'log_scan' needs log_space=True: the linear variant's "
+                             "b = z h̃ can be negative, and has no real logarithm; use 'scan'")
+        return "log_scan"
+    return "linear_scan"
 
 
 _RUNNERS = {"reference": run_reference, "linear_scan": run_linear_scan,
