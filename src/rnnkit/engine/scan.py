@@ -204,7 +204,7 @@ def engine_for(backend: str, log_space: bool, steps: int) -> str:
     layer streamed one step per call), which the loop runs with less set-up. Measured with
     ``OMP_NUM_THREADS=1 python benchmarks/minimal_scan.py`` (docs/benchmarks.md, "minGRU and
     minLSTM"): from T = 128 on a training step's linear scan took 0.1-0.4x the loop's time and
-    about half the log-space scan's (torch's CPU ``logcumsumexp`` costs ~25 ``exp``); the
+    0.3-0.5x the log-space scan's (torch's CPU ``logcumsumexp`` costs ~25 ``exp``); the
     log-space variant's coefficients are positive reals, which the linear scan runs as exactly.
     One streamed step of MinGRU(256, 256): 102 us on the loop, 165 us on the scan.
     """
