@@ -395,3 +395,16 @@ def test_bad_inputs_name_the_argument():
                           False, False)
     # A zero state (the default) is accepted in log space: h_0 enters the scan linearly.
     log_layer(x, torch.zeros(1, 2, 4))
+
+
+def test_torch_func_grad_equals_autograd():
+    """The scans' autograd Functions keep forward and setup_context apart, so torch.func's
+    transforms run them."""
+    torch.manual_seed(10)
+    x = torch.randn(70, 2, 3, dtype=torch.float64)
+    for log_space, backend in ((False, "scan"), (True, "log_scan")):
+        layer = rnnkit.MinLSTM(3, 4, log_space=log_space, backend=backend, dtype=torch.float64)
+        transformed = torch.func.grad(lambda x, layer=layer: layer(x)[0].sum())(x)
+        leaf = x.clone().requires_grad_()
+        layer(leaf)[0].sum().backward()
+        torch.testing.assert_close(transformed, leaf.grad, rtol=1e-12, atol=1e-12)

@@ -332,11 +332,14 @@ class _LinearScan(torch.autograd.Function):
     ``h_0``: O(T N H) memory, where autograd through the rounds would keep log2 T copies."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
+    def forward(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
         dtype = _scan_dtype(a.dtype)
-        h = _scan_values(a.to(dtype), b.to(dtype), h0.to(dtype)).to(a.dtype)
-        ctx.save_for_backward(a, h, h0)
-        return h
+        return _scan_values(a.to(dtype), b.to(dtype), h0.to(dtype)).to(a.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        a, _, h0 = inputs  # separate from forward, so torch.func's transforms can run it
+        ctx.save_for_backward(a, output, h0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -362,12 +365,15 @@ class _LogScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
+    def forward(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
         wide = log_a.to(torch.float64).clamp(min=_LOG_TINY)
         h = _scan_log_blocks(wide, log_b.to(torch.float64), h0.to(torch.float64))
-        h = h.to(log_a.dtype)
-        ctx.save_for_backward(log_a, log_b, h, h0)
-        return h
+        return h.to(log_a.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        log_a, log_b, h0 = inputs
+        ctx.save_for_backward(log_a, log_b, output, h0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
