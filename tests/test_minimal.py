@@ -30,7 +30,8 @@ def _collector_paused_one_thread():
 
     - Python's cyclic collector walks the autograd graph that the loop builds, at every
       collection: quadratic in T; under pytest's large heap the T = 10,000 reference took 120 s
-      instead of 1.5 s. Paused during each test, run once after it.
+      instead of 1.5 s. Paused during each test (and not run after it: a collection of that
+      heap costs ~0.4 s, which 77 tests would pay).
     - One thread: tensors this small gain nothing from a second, and on a shared two-core
       machine each parallel region waited for a descheduled thread (the same test: 39 s with
       two threads while the other core was busy, 1.8 s with one).
@@ -42,7 +43,6 @@ def _collector_paused_one_thread():
         yield
     finally:
         gc.enable()
-        gc.collect()
         torch.set_num_threads(threads)
 
 
