@@ -20,12 +20,16 @@ Log-space variant (``log_space=True``): ``h̃_t = g(W_h x_t + b_h)`` with ``g(v)
 Three execution paths, one function each, all with the signature of `run_direction`:
 
 - `run_reference`: the step equations in a loop over time, on autograd (the spec in code);
-- `run_linear_scan`: all steps at once with `scan_linear`, a doubling (Hillis-Steele) scan of
-  ``(a, b)`` pairs with a hand-written backward (the same scan, reversed);
+- `run_linear_scan` (``backend="scan"``, both variants): all steps at once with `scan_linear`,
+  doubling (Hillis-Steele) rounds over ``(a, b)`` pairs for short sequences, sqrt(T) blocks for
+  long ones;
 - `run_log_scan` (log-space variant only, ``backend="log_scan"``): the paper's scan,
   ``log h_t = log A_t + logcumsumexp_s(log b_s - log A_s)`` with ``log A_t = cumsum log a``, in
   `scan_log`: chunked and accumulated in float64, which bounds the cancellation between the
   two large terms.
+
+Both scans have a hand-written backward, the adjoint recurrence run by the linear scan
+backward in time (`_adjoint`).
 
 Nothing here imports the layers or cells: they import this module.
 """
@@ -67,8 +71,8 @@ _LOG_TINY = -708.0
 """Just above ``log`` of float64's smallest normal number (-708.4): a decay below it is zero."""
 
 _LOG_ZERO = -1.0e4
-"""``log b`` of a held step (b = 0). Finite, unlike -inf, whose logcumsumexp backward gives
-NaN (inf - inf); ``exp(-1e4)`` is 0 in every precision, so the value is exact."""
+"""``log b`` of a held step (b = 0): ``exp(-1e4)`` is 0 in every precision, and unlike -inf it
+keeps every intermediate (``log b - log A``, ...) finite."""
 
 
 # ---- the step equations -------------------------------------------------------------------
@@ -185,8 +189,8 @@ def run_log_scan(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
     """The paper's log-space scan (`scan_log`), for the log-space variant only (it needs
     ``b > 0``). Past a sequence's end ``log a = 0`` and ``log b`` is `_LOG_ZERO` (a = 1, b = 0)."""
     if not log_space:
-        raise ValueError("run_log_scan needs log_space=True: the linear variant's b = i' h̃ "
-                         "can be negative, and a negative number has no real logarithm")
+        raise ValueError("run_log_scan needs log_space=True: the linear variant's b (z h̃ or "
+                         "i' h̃) can be negative, and a negative number has no real logarithm")
     log_a, log_b = log_coefficients(family, F.linear(x, weight_ih, bias_ih))
     valid = _valid_steps(lengths, x.shape[0], x)
     if valid is not None:
@@ -213,7 +217,8 @@ def engine_for(backend: str, log_space: bool, steps: int) -> str:
     if backend == "log_scan":
         if not log_space:
             raise ValueError("backend 'log_scan' needs log_space=True: the linear variant's "
-                             "b = z h̃ can be negative, and has no real logarithm; use 'scan'")
+                             "b (z h̃ or i' h̃) can be negative, and has no real logarithm; "
+                             "use 'scan'")
         return "log_scan"
     return "linear_scan"
 
