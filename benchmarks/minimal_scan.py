@@ -5,7 +5,9 @@ One layer, N = 16, input and hidden size 256, T in ``STEPS``; every variant is t
 interleaved with the others (median of ``REPEATS``), so the ratios within a row come from the
 same moments of the machine.
 
-    python benchmarks/minimal_scan.py [T ...]
+    python benchmarks/minimal_scan.py [--scans-only] [T ...]
+
+``--scans-only`` leaves out the reference loop (minutes per step at T = 8192).
 
 Results: docs/benchmarks.md ("minGRU and minLSTM: reference loop against the scans").
 """
@@ -31,13 +33,13 @@ def training_step(module, x):
     return run
 
 
-def variants(steps: int):
+def variants(steps: int, scans_only: bool):
     torch.manual_seed(0)
     x = torch.randn(steps, BATCH, SIZE, requires_grad=True)
     rows = {}
     for family, layer in (("minGRU", rnnkit.MinGRU), ("minLSTM", rnnkit.MinLSTM)):
         for log_space in (False, True):
-            for backend in ("reference", "scan"):
+            for backend in ("scan",) if scans_only else ("reference", "scan"):
                 module = layer(SIZE, SIZE, log_space=log_space, backend=backend)
                 name = f"{family}{' log' if log_space else ''} {backend}"
                 rows[name] = training_step(module, x)
@@ -49,11 +51,12 @@ def variants(steps: int):
 
 
 def main() -> None:
-    steps_list = [int(a) for a in sys.argv[1:]] or list(STEPS)
+    scans_only = "--scans-only" in sys.argv[1:]
+    steps_list = [int(a) for a in sys.argv[1:] if a != "--scans-only"] or list(STEPS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={BATCH}, "
           f"I=H={SIZE}, median of {REPEATS}, ms per training step")
     for steps in steps_list:
-        rows = variants(steps)
+        rows = variants(steps, scans_only)
         for run in rows.values():  # warm-up
             run()
         times = {name: [] for name in rows}
