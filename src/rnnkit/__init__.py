@@ -6,6 +6,7 @@ from rnnkit.engine.onnx import export_onnx
 from rnnkit.engine.steps import Family
 from rnnkit.interop import from_keras, from_torch, to_keras, to_torch
 from rnnkit.layers import GRU, LSTM, RNN
+from rnnkit.minimal import MinGRU, MinGRUCell, MinLSTM, MinLSTMCell
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,10 @@ __all__ = [
     "GRUCell",
     "LSTM",
     "LSTMCell",
+    "MinGRU",
+    "MinGRUCell",
+    "MinLSTM",
+    "MinLSTMCell",
     "RNN",
     "RNNCell",
     "diagnostics",

@@ -248,3 +248,17 @@ def _traced_lengths(lengths: Tensor, *, steps: int, batch: int, device: torch.de
     torch._assert_async(((lengths >= 1) & (lengths <= steps)).all(),
                         "lengths must lie in [1, T], T the input's number of time steps")
     return lengths
+
+
+def require_non_negative(name: str, value: Tensor, reason: str) -> None:
+    """Every entry of ``value`` >= 0 (NaN passes: it is no sign error); ``reason`` says why.
+
+    Reads the values, so it synchronises with an accelerator; skipped while torch.compile
+    traces, where the values are unknown.
+    """
+    if torch.compiler.is_compiling() or value.numel() == 0:
+        return
+    smallest = float(value.detach().min())
+    if smallest < 0:
+        raise ValueError(f"{name} must be >= 0 everywhere ({reason}), got a minimum of "
+                         f"{smallest:.6g}")

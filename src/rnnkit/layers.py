@@ -75,6 +75,81 @@ def _require_index(name: str, value: object, count: int) -> int:
     return value
 
 
+def prepare_sequence(
+    name: str, input: object, lengths: object, *, input_size: int, batch_first: bool,
+    parameter: Tensor,
+) -> tuple[Tensor, Tensor | None, bool]:
+    """A sequence layer's input, checked, in the form its stack runs on (every layer family).
+
+    ``input``: ``(L, N, input_size)`` (``(N, L, input_size)`` with ``batch_first``), unbatched
+    ``(L, input_size)`` or a ``PackedSequence``, of ``parameter``'s dtype and device;
+    ``lengths`` for padded batched input. Returns ``x (T, N, I)`` time-major with the padding
+    past each length zeroed, ``lengths (N,)`` int64 on x's device (None when every sequence
+    has all T steps) and whether the input was batched. Errors name ``name``'s argument.
+    """
+    param = parameter
+    if isinstance(input, PackedSequence):
+        if lengths is not None:
+            raise ValueError(
+                f"{name} lengths must be None when input is a PackedSequence (it carries its "
+                f"own lengths), got {describe(lengths)}"
+            )
+        data = require_tensor(
+            f"{name} input (PackedSequence.data)", input.data,
+            dtype=param.dtype, device=param.device,
+        )
+        if data.dim() != 2 or data.shape[1] != input_size:
+            raise ValueError(
+                f"{name} input (PackedSequence.data) must have shape (sum of lengths, "
+                f"input_size={input_size}), got {tuple(data.shape)}"
+            )
+        x, packed_lengths = pad_packed_sequence(input)  # (T, N, I), lengths in input order
+        return x, packed_lengths.to(x.device), True
+
+    x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
+    layout = "(N, L, H_in)" if batch_first else "(L, N, H_in)"
+    if x.dim() not in (2, 3) or x.shape[-1] != input_size:
+        raise ValueError(
+            f"{name} input must have shape {layout} or unbatched (L, H_in), with "
+            f"H_in = input_size = {input_size}; got {tuple(x.shape)}"
+        )
+    batched = x.dim() == 3
+    if not batched:
+        x = x.unsqueeze(1)
+    elif batch_first:
+        x = x.transpose(0, 1)
+    steps, batch = x.shape[:2]
+    if steps == 0:
+        # An empty batch (N = 0) is fine, as in torch.nn; a sequence without steps is not.
+        raise ValueError(
+            f"{name} input must have at least one time step (L >= 1, as torch.nn requires), "
+            f"got shape {tuple(input.shape)}"
+        )
+    if lengths is None:
+        return x, None, batched
+    if not batched:
+        raise ValueError(
+            f"{name} lengths applies to batched input only; unbatched input (L, H_in) uses "
+            f"all its L steps; got lengths={describe(lengths)}"
+        )
+    # Traced for ONNX, lengths is a graph input whose values are not known: only its form
+    # is checked, and the full-length shortcut (a branch on those values) is not taken.
+    exporting = engine.is_exporting()
+    lengths = check_lengths(lengths, steps=steps, batch=batch, device=x.device,
+                            symbolic=exporting)
+    # Full-length sequences need no masking: the unmasked loop is the same computation.
+    # (Not decided while tracing for compile/export: the values are unknown then.)
+    if not exporting and (batch == 0 or (not torch.compiler.is_compiling()
+                                         and int(lengths.min()) == steps)):
+        return x, None, batched
+    # Engines compute the steps past a sequence's end and discard them, but a NaN or inf
+    # there would still reach the gradients (0 * NaN in the products over all steps). Zeroed
+    # once here, the padding is finite for every engine and its gradient is zero, as with a
+    # PackedSequence (whose padding pad_packed_sequence fills with zeros).
+    valid = torch.arange(steps, device=x.device).unsqueeze(1) < lengths  # (T, N)
+    return x.masked_fill(~valid.unsqueeze(2), 0.0), lengths, batched
+
+
 class PreparedInput(NamedTuple):
     """A layer's input in the form its stack runs on, as `prepare` makes it."""
 
@@ -469,68 +544,8 @@ class _RecurrentLayer(nn.Module):
         self, input: object, lengths: object
     ) -> tuple[Tensor, Tensor | None, bool]:
         """Any accepted input -> (x (T, N, I) time-major, lengths (N,) or None, batched)."""
-        name = type(self).__name__
-        param = self.weight_ih_l0
-        if isinstance(input, PackedSequence):
-            if lengths is not None:
-                raise ValueError(
-                    f"{name} lengths must be None when input is a PackedSequence (it carries its "
-                    f"own lengths), got {describe(lengths)}"
-                )
-            data = require_tensor(
-                f"{name} input (PackedSequence.data)", input.data,
-                dtype=param.dtype, device=param.device,
-            )
-            if data.dim() != 2 or data.shape[1] != self.input_size:
-                raise ValueError(
-                    f"{name} input (PackedSequence.data) must have shape (sum of lengths, "
-                    f"input_size={self.input_size}), got {tuple(data.shape)}"
-                )
-            x, packed_lengths = pad_packed_sequence(input)  # (T, N, I), lengths in input order
-            return x, packed_lengths.to(x.device), True
-
-        x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
-        layout = "(N, L, H_in)" if self.batch_first else "(L, N, H_in)"
-        if x.dim() not in (2, 3) or x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"{name} input must have shape {layout} or unbatched (L, H_in), with "
-                f"H_in = input_size = {self.input_size}; got {tuple(x.shape)}"
-            )
-        batched = x.dim() == 3
-        if not batched:
-            x = x.unsqueeze(1)
-        elif self.batch_first:
-            x = x.transpose(0, 1)
-        steps, batch = x.shape[:2]
-        if steps == 0:
-            # An empty batch (N = 0) is fine, as in torch.nn; a sequence without steps is not.
-            raise ValueError(
-                f"{name} input must have at least one time step (L >= 1, as torch.nn requires), "
-                f"got shape {tuple(input.shape)}"
-            )
-        if lengths is None:
-            return x, None, batched
-        if not batched:
-            raise ValueError(
-                f"{name} lengths applies to batched input only; unbatched input (L, H_in) uses "
-                f"all its L steps; got lengths={describe(lengths)}"
-            )
-        # Traced for ONNX, lengths is a graph input whose values are not known: only its form
-        # is checked, and the full-length shortcut (a branch on those values) is not taken.
-        exporting = engine.is_exporting()
-        lengths = check_lengths(lengths, steps=steps, batch=batch, device=x.device,
-                                symbolic=exporting)
-        # Full-length sequences need no masking: the unmasked loop is the same computation.
-        # (Not decided while tracing for compile/export: the values are unknown then.)
-        if not exporting and (batch == 0 or (not torch.compiler.is_compiling()
-                                             and int(lengths.min()) == steps)):
-            return x, None, batched
-        # Engines compute the steps past a sequence's end and discard them, but a NaN or inf
-        # there would still reach the gradients (0 * NaN in the products over all steps). Zeroed
-        # once here, the padding is finite for every engine and its gradient is zero, as with a
-        # PackedSequence (whose padding pad_packed_sequence fills with zeros).
-        valid = torch.arange(steps, device=x.device).unsqueeze(1) < lengths  # (T, N)
-        return x.masked_fill(~valid.unsqueeze(2), 0.0), lengths, batched
+        return prepare_sequence(type(self).__name__, input, lengths, input_size=self.input_size,
+                                batch_first=self.batch_first, parameter=self.weight_ih_l0)
 
     def _state_shapes(self, batch: int | None) -> list[tuple[tuple[int, ...], str]]:
         """Expected (shape, meaning) of h_0 (and c_0) for a batch size (None: unbatched)."""

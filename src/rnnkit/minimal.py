@@ -1,0 +1,412 @@
+r"""minGRU and minLSTM (Feng et al. 2024, "Were RNNs All We Needed?"): cells for stepping and
+sequence layers, on the recurrence and scans of `rnnkit.engine.scan`.
+
+The gates read the input only, never the state, so ``h_t = a_t ⊙ h_{t-1} + b_t`` is linear in
+``h`` and a whole sequence runs as one scan (spec: "minGRU and minLSTM"). The layers take
+torch.nn's layer arguments and input forms; a cell is one step of the same equations, for
+constant-memory streaming.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NoReturn
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from rnnkit._checks import (
+    describe,
+    require_allocatable,
+    require_bool,
+    require_choice,
+    require_device,
+    require_dtype,
+    require_int,
+    require_non_negative,
+    require_probability,
+    require_shape,
+    require_tensor,
+)
+from rnnkit.cells import BackendSetting, _refuse_scripting
+from rnnkit.engine import scan
+from rnnkit.engine.scan import GATE_COUNT, MinFamily
+from rnnkit.layers import _repack, _stack, prepare_sequence
+
+_LOG_SPACE_STATE = ("log_space=True keeps h >= 0; h_0 enters the scan linearly, so 0, the "
+                    "default, is accepted")
+
+
+class _MinimalBackendSetting(BackendSetting):
+    """``backend`` of the minimal layers, checked at assignment against `scan.BACKENDS`."""
+
+    def __set__(self, module: nn.Module, value: object) -> None:
+        name = f"{type(module).__name__} {self.name}"
+        require_choice(name, value, scan.BACKENDS)
+        if value == "log_scan" and not module.log_space:
+            raise ValueError(f"{name} 'log_scan' needs log_space=True (the linear variant's b "
+                             "can be negative: it has no real logarithm); got log_space=False, "
+                             "use 'scan'")
+        module.__dict__[self.name] = value
+
+
+def _check_sizes(name: str, input_size: object, hidden_size: object) -> tuple[int, int]:
+    return (require_int(f"{name} input_size", input_size, minimum=1),
+            require_int(f"{name} hidden_size", hidden_size, minimum=1))
+
+
+class _MinimalCell(nn.Module):
+    """Parameters and input checks shared by MinGRUCell and MinLSTMCell: one step each."""
+
+    family: MinFamily = MinFamily.GRU
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, log_space: bool = False) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.input_size, self.hidden_size = _check_sizes(name, input_size, hidden_size)
+        self.bias = require_bool(f"{name} bias", bias)
+        self.log_space = require_bool(f"{name} log_space", log_space)
+        factory = {"device": require_device(f"{name} device", device),
+                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        gates = GATE_COUNT[self.family] * hidden_size
+        require_allocatable(name, f"input_size={input_size}, hidden_size={hidden_size}",
+                            gates * (input_size + (1 if bias else 0)), **factory)
+        self.weight_ih = nn.Parameter(torch.empty(gates, input_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(gates, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for parameter in self.parameters():
+            nn.init.uniform_(parameter, -bound, bound)
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        _refuse_scripting(self)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        """One step; shapes in the class docstring. Unbatched input gives an unbatched state."""
+        name = type(self).__name__
+        param = self.weight_ih
+        x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
+        if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{name} input must have shape (N, {self.input_size}) or ({self.input_size},) "
+                f"(input_size={self.input_size}), got {tuple(x.shape)}"
+            )
+        shape = (*x.shape[:-1], self.hidden_size)
+        if hx is None:
+            h = x.new_zeros(shape)
+        else:
+            if not isinstance(hx, Tensor):
+                raise TypeError(f"{name} hx must be a Tensor of shape {shape}, got "
+                                f"{describe(hx)}")
+            h = require_tensor(f"{name} hx", hx, dtype=x.dtype, device=x.device)
+            require_shape(f"{name} hx", h, shape, "(N, H)" if x.dim() == 2 else "(H,)")
+            if self.log_space:
+                require_non_negative(f"{name} hx", h, _LOG_SPACE_STATE)
+        return scan.step(self.family, x, h, self.weight_ih, self.bias_ih, self.log_space)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        s += "" if self.bias else ", bias=False"
+        return s + (", log_space=True" if self.log_space else "")
+
+
+class MinGRUCell(_MinimalCell):
+    r"""A minGRU cell (Feng et al. 2024, section 3.1), one time step: the gate reads ``x`` only.
+
+    .. math::
+        \begin{aligned}
+        z &= \sigma(W_z x + b_z) \\
+        \tilde h &= W_h x + b_h \qquad (\tilde h = g(W_h x + b_h) \text{ with log\_space}) \\
+        h' &= (1 - z) \odot h + z \odot \tilde h
+        \end{aligned}
+
+    ``σ`` is the sigmoid, ``⊙`` the elementwise product, ``g(v) = v + 0.5`` for ``v >= 0`` and
+    ``σ(v)`` below: with ``log_space=True``, ``h̃ > 0``, so ``h`` stays >= 0 from ``h >= 0``.
+
+    Args:
+        input_size: features in ``x`` (``I``).
+        hidden_size: features in ``h`` (``H``).
+        bias: if ``False``, no ``bias_ih``. Default ``True``.
+        log_space (keyword): the paper's log-space variant, as above. Default ``False``.
+
+    Inputs: ``input`` ``(N, I)`` or ``(I,)``; ``hx`` ``(N, H)`` or ``(H,)``, zeros if omitted
+    (with ``log_space=True`` it must be >= 0 everywhere).
+    Output: ``h'`` ``(N, H)`` or ``(H,)``.
+
+    Parameters: ``weight_ih (2H, I)`` as ``(W_z|W_h)``, ``bias_ih (2H,)`` as ``(b_z|b_h)``,
+    ``U(-1/sqrt(H), 1/sqrt(H))``. There is no recurrent weight; the state dict is the same as
+    one layer and direction of `MinGRU` without the ``_l0`` suffix.
+
+    Example::
+
+        >>> cell = rnnkit.MinGRUCell(10, 20)
+        >>> h = cell(torch.randn(3, 10))              # (3, 20)
+        >>> h = cell(torch.randn(3, 10), h)           # the next step
+    """
+
+    family = MinFamily.GRU
+
+
+class MinLSTMCell(_MinimalCell):
+    r"""A minLSTM cell (Feng et al. 2024, section 3.2), one time step; no cell state, no output
+    gate: the normalised gates make it time-independent in scale.
+
+    .. math::
+        \begin{aligned}
+        f &= \sigma(W_f x + b_f) \qquad i = \sigma(W_i x + b_i) \\
+        \tilde h &= W_h x + b_h \qquad (\tilde h = g(W_h x + b_h) \text{ with log\_space}) \\
+        f' &= f / (f + i) \qquad i' = i / (f + i) \\
+        h' &= f' \odot h + i' \odot \tilde h
+        \end{aligned}
+
+    Symbols, ``g`` and ``log_space`` as `MinGRUCell`.
+
+    Args:
+        input_size, hidden_size, bias=True, log_space=False (keyword): as `MinGRUCell`.
+
+    Inputs: ``input`` ``(N, I)`` or ``(I,)``; ``hx`` ``(N, H)`` or ``(H,)``, zeros if omitted.
+    Output: ``h'`` ``(N, H)`` or ``(H,)``.
+
+    Parameters: ``weight_ih (3H, I)`` as ``(W_f|W_i|W_h)``, ``bias_ih (3H,)``,
+    ``U(-1/sqrt(H), 1/sqrt(H))``.
+
+    Example::
+
+        >>> cell = rnnkit.MinLSTMCell(10, 20, log_space=True)
+        >>> h = cell(torch.randn(3, 10))              # (3, 20), all > 0
+    """
+
+    family = MinFamily.LSTM
+
+
+class _MinimalLayer(nn.Module):
+    """Parameters, input forms, stacking and directions shared by MinGRU and MinLSTM."""
+
+    family: MinFamily = MinFamily.GRU
+    backend = _MinimalBackendSetting()
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        log_space: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.input_size, self.hidden_size = _check_sizes(name, input_size, hidden_size)
+        self.num_layers = require_int(f"{name} num_layers", num_layers, minimum=1)
+        self.bias = require_bool(f"{name} bias", bias)
+        self.batch_first = require_bool(f"{name} batch_first", batch_first)
+        self.dropout = require_probability(f"{name} dropout", dropout)
+        self.bidirectional = require_bool(f"{name} bidirectional", bidirectional)
+        self.log_space = require_bool(f"{name} log_space", log_space)
+        self.backend = backend  # checked by _MinimalBackendSetting
+        if self.dropout > 0 and num_layers == 1:
+            warnings.warn(f"{name} dropout={dropout} acts between stacked layers only, so it "
+                          "does nothing with num_layers=1", stacklevel=3)
+        factory = {"device": require_device(f"{name} device", device),
+                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        gates = GATE_COUNT[self.family] * hidden_size
+        upper_input = self.num_directions * hidden_size
+        count = self.num_directions * gates * (
+            input_size + (num_layers - 1) * upper_input + num_layers * (1 if bias else 0))
+        require_allocatable(name, f"input_size={input_size}, hidden_size={hidden_size}, "
+                            f"num_layers={num_layers}", count, **factory)
+        # Per layer and direction (index layer * D + direction): (weight name, bias name).
+        self._parameter_names: list[tuple[str, str | None]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else upper_input
+            for direction in range(self.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                setattr(self, "weight_ih" + suffix,
+                        nn.Parameter(torch.empty(gates, layer_input, **factory)))
+                if bias:
+                    setattr(self, "bias_ih" + suffix, nn.Parameter(torch.empty(gates, **factory)))
+                self._parameter_names.append(
+                    ("weight_ih" + suffix, "bias_ih" + suffix if bias else None))
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for parameter in self.parameters():
+            nn.init.uniform_(parameter, -bound, bound)
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        _refuse_scripting(self)
+
+    def weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor | None]:
+        """``(weight_ih, bias_ih)`` of one layer and direction (bias None with bias=False)."""
+        weight, bias = self._parameter_names[layer * self.num_directions + direction]
+        return getattr(self, weight), None if bias is None else getattr(self, bias)
+
+    def forward(
+        self,
+        input: Tensor | PackedSequence,
+        hx: Tensor | None = None,
+        lengths: Tensor | list[int] | None = None,
+    ) -> tuple[Tensor | PackedSequence, Tensor]:
+        """Run the stack; shapes in the class docstring."""
+        x, lengths, batched = prepare_sequence(
+            type(self).__name__, input, lengths, input_size=self.input_size,
+            batch_first=self.batch_first, parameter=self.weight_ih_l0)
+        initial = self._initial_states(hx, x, batched)
+        layer_input = x
+        finals: list[Tensor] = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                weight, bias = self.weights(layer, direction)
+                output, final = scan.run_direction(
+                    self.family, layer_input, initial[layer * self.num_directions + direction],
+                    weight, bias, lengths, direction == 1, self.log_space, self.backend)
+                outputs.append(output)
+                finals.append(final)
+            layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        output = layer_input
+        if isinstance(input, PackedSequence):
+            output = _repack(output, input, lengths)
+        elif not batched:
+            output = output.squeeze(1)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        h_n = _stack(finals)
+        return output, h_n if batched else h_n.squeeze(1)
+
+    def _initial_states(self, hx: object, x: Tensor, batched: bool) -> list[Tensor]:
+        """``hx`` checked (or zeros) and split per layer and direction: ``(N, H)`` each."""
+        name = type(self).__name__
+        states, batch = self.num_layers * self.num_directions, x.shape[1]
+        if hx is None:
+            return list(x.new_zeros(states, batch, self.hidden_size).unbind(0))
+        shape, meaning = (((states, batch, self.hidden_size), "(D*num_layers, N, H)") if batched
+                          else ((states, self.hidden_size), "(D*num_layers, H)"))
+        if not isinstance(hx, Tensor):
+            raise TypeError(f"{name} hx must be a Tensor h_0 of shape {meaning} = {shape}, got "
+                            f"{describe(hx)}")
+        require_tensor(f"{name} hx (h_0)", hx, dtype=x.dtype, device=x.device)
+        require_shape(f"{name} hx (h_0)", hx, shape, meaning)
+        if self.log_space:
+            require_non_negative(f"{name} hx (h_0)", hx, _LOG_SPACE_STATE)
+        return list((hx if batched else hx.unsqueeze(1)).unbind(0))
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
+                    "bidirectional": False, "log_space": False}
+        for key, default in defaults.items():
+            if getattr(self, key) != default:
+                s += f", {key}={getattr(self, key)}"
+        return s
+
+
+_MINIMAL_LAYER_SHAPES = """
+    Args:
+        input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0
+        (between layers, training only), bidirectional=False, device=None, dtype=None: as
+        torch.nn's layers, in the same positional order.
+        log_space (keyword): the paper's log-space variant (``h̃ = g(W_h x + b_h)``, so
+            ``h >= 0``). Default ``False``.
+        backend (keyword): ``"auto"`` (default: the linear-space scan; a single step, the
+            loop), ``"scan"`` (the linear-space scan, both variants), ``"log_scan"`` (the
+            paper's log-space scan; ``log_space=True`` only) or ``"reference"`` (the step
+            loop); settable later as ``layer.backend``. All give the same results.
+
+    Inputs: ``input, hx`` (optional), ``lengths`` (optional; by keyword, or third by position)
+        - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first=True``, unbatched
+          ``(L, H_in)``, or a ``PackedSequence`` (then the output is packed too).
+        - **hx**: ``h_0 (D*num_layers, N, H)`` (unbatched ``(D*num_layers, H)``), zeros if
+          omitted; with ``log_space=True`` every entry must be >= 0.
+        - **lengths**: ``(N,)`` integer tensor or list of ints in ``[1, L]``, any order, for
+          padded batched input. Outputs past a sequence's end are zero; its final state is the
+          state after its own last step; the reverse direction runs over the valid steps only.
+
+    Outputs: ``output, h_n``: ``output (L, N, D*H)`` (``(N, L, D*H)`` with ``batch_first``),
+    ``h_n (D*num_layers, N, H)`` whether or not ``batch_first``.
+
+    Legend: ``N`` batch size, ``L`` sequence length, ``D`` 2 if bidirectional else 1,
+    ``H_in`` input_size, ``H`` hidden_size. Layer ``k > 0`` reads layer ``k-1``'s output, both
+    directions concatenated (``H_in = D*H``).
+"""
+
+
+class MinGRU(_MinimalLayer):
+    __doc__ = r"""A multi-layer minGRU (Feng et al. 2024): torch.nn's layer interface, a scan
+    over time instead of a loop.
+
+    For each element of the input sequence, each layer computes
+
+    .. math::
+        \begin{aligned}
+        z_t &= \sigma(W_z x_t + b_z) \\
+        \tilde h_t &= W_h x_t + b_h \qquad (g(W_h x_t + b_h) \text{ with log\_space}) \\
+        h_t &= (1 - z_t) \odot h_{t-1} + z_t \odot \tilde h_t
+        \end{aligned}
+
+    where ``x_t`` is the input at time ``t`` and ``g(v) = v + 0.5`` for ``v >= 0``, ``σ(v)``
+    below. The gate does not read ``h_{t-1}``, so the recurrence is linear in ``h`` and all
+    ``T`` steps run as one scan (`rnnkit.engine.scan`).
+""" + _MINIMAL_LAYER_SHAPES + r"""
+    Parameters: ``weight_ih_l{k} (2H, H_in)`` as ``(W_z|W_h)``, ``bias_ih_l{k} (2H,)``; suffix
+    ``_reverse`` for the backward direction. All ``U(-1/sqrt(H), 1/sqrt(H))``.
+
+    Example::
+
+        >>> gru = rnnkit.MinGRU(10, 20, num_layers=2, batch_first=True)
+        >>> output, h_n = gru(torch.randn(3, 5, 10))     # (3, 5, 20), (2, 3, 20)
+    """
+
+    family = MinFamily.GRU
+
+
+class MinLSTM(_MinimalLayer):
+    __doc__ = r"""A multi-layer minLSTM (Feng et al. 2024): torch.nn's layer interface, a scan
+    over time instead of a loop. The state is ``h`` alone (no cell state, no output gate).
+
+    For each element of the input sequence, each layer computes
+
+    .. math::
+        \begin{aligned}
+        f_t &= \sigma(W_f x_t + b_f) \qquad i_t = \sigma(W_i x_t + b_i) \\
+        \tilde h_t &= W_h x_t + b_h \qquad (g(W_h x_t + b_h) \text{ with log\_space}) \\
+        f'_t &= f_t / (f_t + i_t) \qquad i'_t = i_t / (f_t + i_t) \\
+        h_t &= f'_t \odot h_{t-1} + i'_t \odot \tilde h_t
+        \end{aligned}
+
+    symbols as `MinGRU`.
+""" + _MINIMAL_LAYER_SHAPES + r"""
+    Parameters: ``weight_ih_l{k} (3H, H_in)`` as ``(W_f|W_i|W_h)``, ``bias_ih_l{k} (3H,)``;
+    suffix ``_reverse`` for the backward direction. All ``U(-1/sqrt(H), 1/sqrt(H))``.
+
+    Example::
+
+        >>> lstm = rnnkit.MinLSTM(10, 20, bidirectional=True, log_space=True)
+        >>> output, h_n = lstm(torch.randn(5, 3, 10))    # (5, 3, 40), (2, 3, 20)
+    """
+
+    family = MinFamily.LSTM
