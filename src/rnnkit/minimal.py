@@ -53,6 +53,13 @@ class _MinimalBackendSetting(BackendSetting):
         module.__dict__[self.name] = value
 
 
+def _reset_uniform(module: nn.Module) -> None:
+    """Every parameter of a minimal cell or layer ``U(-1/sqrt(H), 1/sqrt(H))``, torch.nn's rule."""
+    bound = 1.0 / math.sqrt(module.hidden_size)
+    for parameter in module.parameters():
+        nn.init.uniform_(parameter, -bound, bound)
+
+
 def _check_sizes(name: str, input_size: object, hidden_size: object) -> tuple[int, int]:
     return (require_int(f"{name} input_size", input_size, minimum=1),
             require_int(f"{name} hidden_size", hidden_size, minimum=1))
@@ -84,9 +91,7 @@ class _MinimalCell(nn.Module):
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for parameter in self.parameters():
-            nn.init.uniform_(parameter, -bound, bound)
+        _reset_uniform(self)
 
     def __prepare_scriptable__(self) -> NoReturn:
         _refuse_scripting(self)
@@ -251,9 +256,7 @@ class _MinimalLayer(nn.Module):
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for parameter in self.parameters():
-            nn.init.uniform_(parameter, -bound, bound)
+        _reset_uniform(self)
 
     def __prepare_scriptable__(self) -> NoReturn:
         _refuse_scripting(self)
