@@ -34,7 +34,7 @@ from torch import Tensor
 
 from rnnkit import engine
 from rnnkit.engine.steps import CellKind, Family, cell_gates, output_of, state_of, zoneout
-from rnnkit.layers import PreparedInput, _RecurrentLayer
+from rnnkit.layers import PreparedInput, RecurrentLayer
 
 DIRECTIONS = ("forward", "reverse")
 SIGMOID_GATES = {Family.LSTM: ("i", "f", "o"), Family.GRU: ("r", "z"), Family.RNN: ()}
@@ -50,14 +50,14 @@ class GradientFlow(NamedTuple):
     c: Tensor | None
 
 
-def _check_layer(layer: object, function: str) -> _RecurrentLayer:
-    if not isinstance(layer, _RecurrentLayer):
+def _check_layer(layer: object, function: str) -> RecurrentLayer:
+    if not isinstance(layer, RecurrentLayer):
         raise TypeError(f"{function} takes an rnnkit RNN, LSTM or GRU layer, got "
                         f"{type(layer).__name__}")
     return layer
 
 
-def _choose(layer: _RecurrentLayer, layer_index: int | None,
+def _choose(layer: RecurrentLayer, layer_index: int | None,
             direction: str | None) -> tuple[int, int]:
     """(layer index, direction index) to diagnose, validated."""
     index = layer.num_layers - 1 if layer_index is None else layer_index
@@ -75,7 +75,7 @@ def _choose(layer: _RecurrentLayer, layer_index: int | None,
     return index, DIRECTIONS.index(direction)
 
 
-def _layer_inputs(layer: _RecurrentLayer, prepared: PreparedInput, upto: int) -> Tensor:
+def _layer_inputs(layer: RecurrentLayer, prepared: PreparedInput, upto: int) -> Tensor:
     """The input sequence of layer ``upto`` (T, N, I_upto): the outputs of the layers below,
     run by the engine without dropout and without gradients."""
     with torch.no_grad():
@@ -87,7 +87,7 @@ def _detach(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
-def gradient_flow(layer: _RecurrentLayer, input: Tensor, hx=None, *,
+def gradient_flow(layer: RecurrentLayer, input: Tensor, hx=None, *,
                   layer_index: int | None = None, direction: str | None = None) -> GradientFlow:
     """Per-step Frobenius norms of ∂h_T/∂(state leaving step t); see the module docstring.
 
@@ -184,7 +184,7 @@ def saturation_of(kind: CellKind, gates: dict[str, Tensor], valid: Tensor) -> di
     return result
 
 
-def gate_trace(layer: _RecurrentLayer, input: Tensor, hx=None, lengths=None) -> GateTrace:
+def gate_trace(layer: RecurrentLayer, input: Tensor, hx=None, lengths=None) -> GateTrace:
     """Every gate of every layer and direction over ``input``; see `GateTrace`.
 
     ``input``, ``hx`` and ``lengths`` are as the layer's own ``forward`` takes them (padded

@@ -20,7 +20,7 @@ from rnnkit._checks import require_tensor
 from rnnkit.engine.steps import Family, State, output_of
 
 if TYPE_CHECKING:  # the layers import this module
-    from rnnkit.layers import _RecurrentLayer
+    from rnnkit.layers import RecurrentLayer
 
 
 class LayerStream:
@@ -47,7 +47,7 @@ class LayerStream:
         >>> h_n, c_n = stream.state                                     # (2, 3, 20) each
     """
 
-    def __init__(self, layer: _RecurrentLayer, hx: State | None = None) -> None:
+    def __init__(self, layer: RecurrentLayer, hx: State | None = None) -> None:
         name = type(layer).__name__
         if layer.bidirectional:
             raise ValueError(f"{name}.stream needs a unidirectional layer: the reverse "
@@ -125,7 +125,7 @@ class LayerStream:
         return output[:, 0] if layer.batch_first else output[0]  # (N, H_out)
 
 
-def _final_states(layer: _RecurrentLayer, final: State, batched: bool) -> list[State]:
+def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[State]:
     """``forward``'s final state -> per layer ``h (N, H_out)`` or ``(h, c)``, contiguous."""
     if layer.family == Family.LSTM:
         h_n, c_n = final
