@@ -2335,6 +2335,18 @@ void block_preactivations(Block<const T> x, Block<const T> h, const T* w_ih, con
   }
 }
 
+// The weights every step kernel takes: w_ih (G*H, I), w_hh (G*H, P), and b_ih and b_hh (G*H,)
+// given together or not at all.
+void check_step_weights(const Arguments& check, const Tensor& w_ih, const Tensor& w_hh,
+                        const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                        int64_t gates, int64_t input, int64_t width) {
+  check("w_ih", w_ih, {gates, input});
+  check("w_hh", w_hh, {gates, width});
+  check.together("b_ih", b_ih, "b_hh", b_hh);
+  check("b_ih", b_ih, {gates});
+  check("b_hh", b_hh, {gates});
+}
+
 // One LSTM step: x (N, I), h (N, P), c (N, H), w_ih (4H, I), w_hh (4H, P), b_ih and b_hh (4H,)
 // together or neither, w_hr (P, H), w_ch (3H,). Returns {h' (N, P), c' (N, H)}.
 std::vector<Tensor> lstm_step(const Tensor& x, const Tensor& h, const Tensor& c,
@@ -2346,11 +2358,7 @@ std::vector<Tensor> lstm_step(const Tensor& x, const Tensor& h, const Tensor& c,
   const int64_t P = w_hr.has_value() && w_hr->dim() == 2 ? w_hr->size(0) : H;
   check("h", h, {N, P});
   check("c", c, {N, H});
-  check("w_ih", w_ih, {4 * H, I});
-  check("w_hh", w_hh, {4 * H, P});
-  check.together("b_ih", b_ih, "b_hh", b_hh);
-  check("b_ih", b_ih, {4 * H});
-  check("b_hh", b_hh, {4 * H});
+  check_step_weights(check, w_ih, w_hh, b_ih, b_hh, 4 * H, I, P);
   check("w_hr", w_hr, {P, H});
   check("w_ch", w_ch, {3 * H});
   const BelowAutograd below_autograd;
@@ -2404,11 +2412,7 @@ Tensor gru_step(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tens
   const Arguments check("gru_step", "x", x, 2);
   const int64_t N = x.size(0), I = x.size(1), H = h.dim() == 2 ? h.size(1) : 0;
   check("h", h, {N, H});
-  check("w_ih", w_ih, {3 * H, I});
-  check("w_hh", w_hh, {3 * H, H});
-  check.together("b_ih", b_ih, "b_hh", b_hh);
-  check("b_ih", b_ih, {3 * H});
-  check("b_hh", b_hh, {3 * H});
+  check_step_weights(check, w_ih, w_hh, b_ih, b_hh, 3 * H, I, H);
   const BelowAutograd below_autograd;
   Tensor pre = at::empty({N, 3 * H}, x.options());
   Tensor n_input = at::empty({N, H}, x.options());  // W_hn h + b_hn, or r ⊙ h
@@ -2471,11 +2475,7 @@ Tensor rnn_step(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tens
   const Arguments check("rnn_step", "x", x, 2);
   const int64_t N = x.size(0), I = x.size(1), H = h.dim() == 2 ? h.size(1) : 0;
   check("h", h, {N, H});
-  check("w_ih", w_ih, {H, I});
-  check("w_hh", w_hh, {H, H});
-  check.together("b_ih", b_ih, "b_hh", b_hh);
-  check("b_ih", b_ih, {H});
-  check("b_hh", b_hh, {H});
+  check_step_weights(check, w_ih, w_hh, b_ih, b_hh, H, I, H);
   const BelowAutograd below_autograd;
   Tensor h_new = at::empty({N, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_step", [&] {
