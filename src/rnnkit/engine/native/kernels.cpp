@@ -2322,14 +2322,16 @@ void for_unit_blocks(int64_t units, int64_t block, int64_t multiply_adds_per_uni
 }
 
 // pre[:, g*H + j : g*H + j + u] = b_ih + b_hh + x W_ih^T + h W_hh^T for gates g in [0, G) of
-// the block's units (the hh product left out for gate `skip_hh`, -1 for none).
+// the block's units; for gate `skip_hh` (-1: none) the hh product is left out, and b_hh too
+// unless `skipped_keeps_bias` (the GRU's n: b_hn sits inside r's product, or outside it).
 template <typename T>
 void block_preactivations(Block<const T> x, Block<const T> h, const T* w_ih, const T* w_hh,
                           const T* b_ih, const T* b_hh, Block<T> pre, int64_t H, int64_t G,
-                          int64_t j, int64_t u, int64_t skip_hh) {
+                          int64_t j, int64_t u, int64_t skip_hh, bool skipped_keeps_bias) {
   for (int64_t g = 0; g < G; ++g) {
     const int64_t col = g * H + j;
-    fill_bias<T>(pre.data, pre.rows, pre.ld, col, u, b_ih, g == skip_hh ? nullptr : b_hh);
+    const bool hh_bias = g != skip_hh || skipped_keeps_bias;
+    fill_bias<T>(pre.data, pre.rows, pre.ld, col, u, b_ih, hh_bias ? b_hh : nullptr);
     dot_rows<T>(x, w_ih + col * x.cols, x.cols, u, pre.data + col, pre.ld, true);
     if (g != skip_hh) dot_rows<T>(h, w_hh + col * h.cols, h.cols, u, pre.data + col, pre.ld, true);
   }
@@ -2378,7 +2380,7 @@ std::vector<Tensor> lstm_step(const Tensor& x, const Tensor& h, const Tensor& c,
       block_preactivations<scalar_t>(matrix<scalar_t>(x), matrix<scalar_t>(h),
                                      w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
                                      data_or_null<scalar_t>(b_ih), data_or_null<scalar_t>(b_hh),
-                                     matrix<scalar_t>(pre), H, 4, j, u, -1);
+                                     matrix<scalar_t>(pre), H, 4, j, u, -1, false);
       for (int64_t n = 0; n < N; ++n) {
         const scalar_t* a = pre_p + n * 4 * H + j;
         const V c_old = V::loadu(c_p + n * H + j, u);
@@ -2436,11 +2438,7 @@ Tensor gru_step(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tens
       block_preactivations<scalar_t>(matrix<scalar_t>(x), matrix<scalar_t>(h),
                                      w_ih.data_ptr<scalar_t>(), w_hh_p,
                                      data_or_null<scalar_t>(b_ih), b_hh_p,
-                                     matrix<scalar_t>(pre), H, 3, j, u, 2);
-      if (!reset_after && b_hh_p != nullptr) {
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t k = 0; k < u; ++k) pre_p[n * 3 * H + 2 * H + j + k] += b_hh_p[2 * H + j + k];
-      }
+                                     matrix<scalar_t>(pre), H, 3, j, u, 2, !reset_after);
       if (reset_after) {
         fill_bias<scalar_t>(n_in_p, N, H, j, u, b_hh_p == nullptr ? nullptr : b_hh_p + 2 * H,
                             nullptr);
@@ -2485,7 +2483,7 @@ Tensor rnn_step(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tens
       block_preactivations<scalar_t>(matrix<scalar_t>(x), matrix<scalar_t>(h),
                                      w_ih.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
                                      data_or_null<scalar_t>(b_ih), data_or_null<scalar_t>(b_hh),
-                                     matrix<scalar_t>(h_new), H, 1, j, u, -1);
+                                     matrix<scalar_t>(h_new), H, 1, j, u, -1, false);
       for (int64_t n = 0; n < N; ++n) {
         scalar_t* a = h_new_p + n * H + j;
         const V v = V::loadu(a, u);
