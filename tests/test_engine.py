@@ -131,17 +131,27 @@ def test_gradcheck_through_backend(backend, name):
 # Sizes that exercise the native step products' every path: batch 1 and 2 tiles, leftover rows
 # after full tiles, a partial last column strip, and strips split between threads.
 # Steps 1-2 take the forward's dot-product kernel, 3 and more the transposed copy; up to 16 rows
-# project the input with the kernels' own product.
-@pytest.fixture(params=["tiles", "blas"])
+# project the input with the kernels' own product. An LSTM without projection runs on resident
+# weights by default ("resident": here with every thread taking a share of the units, so that
+# blocks split unevenly between threads), and on the other two only with that path turned off.
+@pytest.fixture(params=["tiles", "blas", "resident"])
 def step_products(request):
-    """Runs a test with every native step product on the kernels' tiles, then on ATen's mm."""
+    """Runs a test with every native step product on the kernels' tiles, then on ATen's mm,
+    then with the LSTM's loops on resident weights shared by all threads."""
     kernels = build.kernels()
     if kernels is None:
         pytest.fail("the native kernels did not build")
-    default = kernels.blas_min_multiply_adds()
+    defaults = (kernels.blas_min_multiply_adds(), kernels.resident_max_bytes_per_thread(),
+                kernels.thread_min_multiply_adds())
     kernels.set_blas_min_multiply_adds(2**62 if request.param == "tiles" else 0)
+    if request.param == "resident":
+        kernels.set_thread_min_multiply_adds(1)
+    else:
+        kernels.set_resident_max_bytes_per_thread(0)
     yield request.param
-    kernels.set_blas_min_multiply_adds(default)
+    kernels.set_blas_min_multiply_adds(defaults[0])
+    kernels.set_resident_max_bytes_per_thread(defaults[1])
+    kernels.set_thread_min_multiply_adds(defaults[2])
 
 
 @pytest.mark.parametrize("steps,batch,hidden", [(3, 1, 70), (2, 2, 9), (5, 13, 37), (2, 8, 64),
@@ -378,3 +388,24 @@ def test_torch_s_lstm_kernel_runs_only_what_it_covers(monkeypatch):
     with torch.no_grad():
         rnnkit.LSTM(4, 8)(x)
     assert len(calls) == 1
+
+
+def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache():
+    kernels = build.kernels()
+    limit = kernels.resident_max_bytes_per_thread()
+    threads = torch.get_num_threads()
+    assert limit == 1 << 20
+    # (T, N, H) = (100, 32, 256) float32: W_hh is 1 MiB, shared by the threads.
+    assert kernels.lstm_runs_resident(100, 32, 256, False, 4)
+    assert not kernels.lstm_runs_resident(100, 32, 256, True, 4)  # a projection: the old loop
+    assert not kernels.lstm_runs_resident(1, 32, 256, False, 4)  # one step: no packing
+    assert not kernels.lstm_runs_resident(100, 0, 256, False, 4)  # an empty batch
+    # H = 512 float32: 4 MiB, more than the threads' shares together on up to 3 threads.
+    assert kernels.lstm_runs_resident(100, 32, 512, False, 4) == (threads >= 4)
+    try:
+        kernels.set_resident_max_bytes_per_thread(0)
+        assert not kernels.lstm_runs_resident(100, 32, 64, False, 4)
+    finally:
+        kernels.set_resident_max_bytes_per_thread(limit)
+    with pytest.raises(RuntimeError, match="resident_max_bytes_per_thread must be >= 0, got -1"):
+        kernels.set_resident_max_bytes_per_thread(-1)

@@ -1,8 +1,8 @@
 """The native operators' CPU implementations: products over all steps here, time loops in C++.
 
 `rnnkit.engine.ops` registers these functions as the ``rnnkit::native_*`` operators. Per layer
-and direction the forward is one input projection (every step at once, biases folded in) and
-one kernel call (the recurrent loop, `kernels.cpp`); the backward is one kernel call (the
+and direction the forward is one input projection (every step at once, biases folded in; the
+LSTM kernel adds its biases itself as it reads each step) and one kernel call (the recurrent loop, `kernels.cpp`); the backward is one kernel call (the
 reverse loop, giving the gate gradients of every step); the weight gradients are then one
 product each over all steps, taken by the operators' autograd formula. The kernels keep states
 in a ``(T + 1, N, H)`` buffer in time order (the state entering step t is at index t going
@@ -96,9 +96,12 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse
     ``c_new (T, N, H)``, each step's new cell; with ``layer_outputs_only``, ``output, h_n,
     c_n`` alone."""
     kernels = _kernels()
-    gates = _project(kernels, x, w_ih, b_ih, b_hh)  # (T, N, 4H), activated by the kernel
+    if x.shape[0] * x.shape[1] <= SMALL_PROJECTION_ROWS:
+        gates, bias = _project(kernels, x, w_ih, b_ih, b_hh), None
+    else:  # the kernel adds the biases as it reads each step: no broadcast pass over (T, N, 4H)
+        gates, bias = _project(kernels, x, w_ih, None), _contiguous(summed_bias(b_ih, b_hh))
     output, h_states, c_states, c_new = kernels.lstm_forward(
-        gates, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), _contiguous(w_hr),
+        gates, bias, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), _contiguous(w_hr),
         _contiguous(w_ch), _contiguous(lengths), reverse,
     )
     if layer_outputs_only:

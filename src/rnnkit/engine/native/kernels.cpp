@@ -5,7 +5,9 @@
 // product over all steps after the backward (ops.py); what is left, and what lives here, is the
 // part that must go step by step: per step one matrix product with the recurrent weights (ATen's
 // BLAS) and one pass of gate math over the batch, vectorised with ATen's `Vectorized` and
-// parallel over rows of the batch.
+// parallel over rows of the batch. The LSTM's loops instead run on resident weights where they
+// fit the cores' caches (one parallel region per call, the product and gate math fused per
+// register tile; "the LSTM's loop on resident weights" below).
 //
 // Conventions shared by every kernel:
 // - time-major buffers (T, N, ...), contiguous;
@@ -23,11 +25,20 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -153,10 +164,33 @@ inline void for_units(int64_t units, const F& body) {
   if (j < units) body(j, units - j);
 }
 
+// 1 / d. A float32 division costs as much as the rest of a gate's math together (vdivps is not
+// pipelined); the hardware's reciprocal estimate refined by one Newton step, r (2 - d r), is a
+// few cycles and within about an ulp of the division (14-bit estimate under AVX-512, 12-bit
+// under AVX2). Float64 keeps the division: one step would leave 28 bits of its 53.
+template <typename T>
+inline Vec<T> reciprocal(const Vec<T>& d) {
+  return Vec<T>(T(1)) / d;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline Vec<float> reciprocal(const Vec<float>& d) {
+  const Vec<float> r(_mm512_rcp14_ps(d));
+  return r * at::vec::fnmadd(d, r, Vec<float>(2.0f));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vec<float> reciprocal(const Vec<float>& d) {
+  const Vec<float> r(_mm256_rcp_ps(d));
+  return r * at::vec::fnmadd(d, r, Vec<float>(2.0f));
+}
+#endif
+
 template <typename T>
 inline Vec<T> sigmoid(const Vec<T>& x) {
   const Vec<T> one(T(1));
-  return one / (one + x.neg().exp());
+  return reciprocal(one + x.neg().exp());
 }
 
 // tanh from one exp: tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|), sign restored. A few
@@ -167,7 +201,7 @@ template <typename T>
 inline Vec<T> fast_tanh(const Vec<T>& x) {
   const Vec<T> one(T(1));
   const Vec<T> e = (x.abs() * Vec<T>(T(-2))).exp();
-  const Vec<T> magnitude = (one - e) / (one + e);
+  const Vec<T> magnitude = (one - e) * reciprocal(one + e);
   return Vec<T>::blendv(magnitude, magnitude.neg(), x < Vec<T>(T(0)));
 }
 
@@ -622,13 +656,438 @@ std::vector<Tensor> rnn_backward(const Tensor& d_output, const Tensor& d_h_n, co
   return {d_pre, d_h};
 }
 
+// ---- the LSTM's loop on resident weights ------------------------------------------------------
+//
+// The sequence loop above runs each step as two parallel regions: the recurrent product (ATen's
+// mm, or the tiles) and then the gate math, each a fork and join of the threads, and the product
+// re-reads all of W_hh every step. Here the threads are started once per call and split the
+// hidden units between them: thread p owns units [u0, u1) and all four gate rows of W_hh for
+// them, packed once per call so that its share (4 (u1 - u0) K values) stays in its own L2 for
+// the whole sequence. Each step a thread computes, for every row n of the batch and each block
+// of U units (one vector) it owns, the 4 x U pre-activations of those units in registers (a
+// tile of up to `kResidentRows` rows x 4 vectors: i, f, g, o of the same units), adds the input
+// projection, and finishes the gate math of the tile right there: nothing of the product goes
+// to memory. The step's new h is then complete once every thread has written its units, which
+// one barrier per step waits for (a spin on an atomic, not a fork and join).
+
+// Rows of the batch per register tile: 6 x 4 accumulators with 32 vector registers (AVX-512),
+// 2 x 4 with 16 (AVX2 and narrower).
+template <typename T>
+constexpr int kResidentRows = Vec<T>::size() * sizeof(T) >= 64 ? 6 : 2;
+
+// Bytes of packed W_hh a thread may hold for the loop to run here: its share should stay in its
+// core's L2 (2 MiB per core on the Xeons and 512 KiB-1 MiB on the EPYCs these VMs run on; the
+// rest of the step's data shares it). Larger weights go to the sequence loop above, where
+// ATen's mm blocks them for every cache level. Settable for benchmarks and tests.
+int64_t resident_max_bytes_per_thread = int64_t(1) << 20;
+
+void set_resident_max_bytes_per_thread(int64_t value) {
+  TORCH_CHECK(value >= 0, "resident_max_bytes_per_thread must be >= 0, got ", value);
+  resident_max_bytes_per_thread = value;
+}
+
+// W_hh (4H, K) packed by blocks of U units: block b holds, for k = 0..K-1, the four gate rows'
+// values for units [bU, bU + U) as 4 x U contiguous values (i | f | g | o), zero past H.
+template <typename T>
+Tensor pack_gate_blocks(const Tensor& w_hh, int64_t H, int64_t U) {
+  const int64_t K = w_hh.size(1), blocks = (H + U - 1) / U;
+  Tensor packed = at::zeros({blocks, K, 4, U}, w_hh.options());
+  const T* w = w_hh.data_ptr<T>();
+  T* p = packed.data_ptr<T>();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t units = std::min(U, H - b * U);
+    for (int64_t q = 0; q < 4; ++q) {
+      for (int64_t u = 0; u < units; ++u) {
+        const T* row = w + (q * H + b * U + u) * K;
+        T* column = p + (b * K * 4 + q) * U + u;
+        for (int64_t k = 0; k < K; ++k) column[k * 4 * U] = row[k];
+      }
+    }
+  }
+  return packed;
+}
+
+// acc[r][q] = h[r] · (column block q of `panel`) for Rows rows of h (ld `ldh`), K inner.
+// The 4 * Rows sums are named variables, not an array: GCC keeps an array of Vectorized in
+// memory and stores every element back each k, which halves the FMA rate.
+#define RNNKIT_ROW_SUMS(r) V s##r##0(T(0)), s##r##1(T(0)), s##r##2(T(0)), s##r##3(T(0));
+#define RNNKIT_ROW_FMA(r)                                          \
+  if constexpr (Rows > r) {                                        \
+    const V x(h[r * ldh + k]);                                     \
+    s##r##0 = at::vec::fmadd(x, b0, s##r##0);                      \
+    s##r##1 = at::vec::fmadd(x, b1, s##r##1);                      \
+    s##r##2 = at::vec::fmadd(x, b2, s##r##2);                      \
+    s##r##3 = at::vec::fmadd(x, b3, s##r##3);                      \
+  }
+#define RNNKIT_ROW_OUT(r)                                          \
+  if constexpr (Rows > r) {                                        \
+    acc[r][0] = s##r##0, acc[r][1] = s##r##1;                      \
+    acc[r][2] = s##r##2, acc[r][3] = s##r##3;                      \
+  }
+template <typename T, int Rows>
+inline void gate_block_product(const T* h, int64_t ldh, const T* panel, int64_t K,
+                               Vec<T> (&acc)[Rows][4]) {
+  static_assert(Rows >= 1 && Rows <= 6, "gate_block_product: 1 to 6 rows");
+  using V = Vec<T>;
+  constexpr int64_t U = V::size();
+  RNNKIT_ROW_SUMS(0) RNNKIT_ROW_SUMS(1) RNNKIT_ROW_SUMS(2)
+  RNNKIT_ROW_SUMS(3) RNNKIT_ROW_SUMS(4) RNNKIT_ROW_SUMS(5)
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = panel + k * 4 * U;
+    const V b0 = V::loadu(b), b1 = V::loadu(b + U), b2 = V::loadu(b + 2 * U),
+            b3 = V::loadu(b + 3 * U);
+    RNNKIT_ROW_FMA(0) RNNKIT_ROW_FMA(1) RNNKIT_ROW_FMA(2)
+    RNNKIT_ROW_FMA(3) RNNKIT_ROW_FMA(4) RNNKIT_ROW_FMA(5)
+  }
+  RNNKIT_ROW_OUT(0) RNNKIT_ROW_OUT(1) RNNKIT_ROW_OUT(2)
+  RNNKIT_ROW_OUT(3) RNNKIT_ROW_OUT(4) RNNKIT_ROW_OUT(5)
+}
+#undef RNNKIT_ROW_SUMS
+#undef RNNKIT_ROW_FMA
+#undef RNNKIT_ROW_OUT
+
+// What one step of the resident loop reads and writes (pointers at step t; rows N, units H).
+template <typename T>
+struct LstmStepBuffers {
+  T* gates;        // (N, 4H) in: the input projection; out: i, f, g, o activated
+  const T* h;      // (N, H) entering state
+  const T* c;      // (N, H)
+  T* h_new;        // (N, H) leaving state (held past a sequence's end)
+  T* c_held;       // (N, H)
+  T* c_new;        // (N, H) the step's new cell (held past the end)
+  T* out;          // (N, H) output: h_new, or zero past the end
+  const T* peep;   // (3H,) or nullptr
+  const T* bias;   // (4H,) added to the projection, or nullptr
+};
+
+// Rows [n, n + Rows) x units [j, j + count) of one step: product, then gate math in registers.
+template <typename T, int Rows>
+inline void resident_tile(const LstmStepBuffers<T>& s, const T* panel, int64_t H, int64_t n,
+                          int64_t j, int64_t count, int64_t t, const Validity& valid) {
+  using V = Vec<T>;
+  V acc[Rows][4];
+  gate_block_product<T, Rows>(s.h + n * H, H, panel, H, acc);
+  for (int r = 0; r < Rows; ++r) {
+    const int64_t row = (n + r) * H + j;
+    if (!valid(t, n + r)) {
+      copy_row(s.c_held + row, s.c + row, count);
+      copy_row(s.c_new + row, s.c + row, count);
+      copy_row(s.h_new + row, s.h + row, count);
+      zero_row(s.out + row, count);
+      continue;
+    }
+    T* g_row = s.gates + (n + r) * 4 * H + j;
+    const V c = V::loadu(s.c + row, count);
+    V i_pre = acc[r][0] + V::loadu(g_row, count);
+    V f_pre = acc[r][1] + V::loadu(g_row + H, count);
+    V g_pre = acc[r][2] + V::loadu(g_row + 2 * H, count);
+    V o_pre = acc[r][3] + V::loadu(g_row + 3 * H, count);
+    if (s.bias != nullptr) {
+      i_pre = i_pre + V::loadu(s.bias + j, count);
+      f_pre = f_pre + V::loadu(s.bias + H + j, count);
+      g_pre = g_pre + V::loadu(s.bias + 2 * H + j, count);
+      o_pre = o_pre + V::loadu(s.bias + 3 * H + j, count);
+    }
+    if (s.peep != nullptr) {
+      i_pre = i_pre + V::loadu(s.peep + j, count) * c;
+      f_pre = f_pre + V::loadu(s.peep + H + j, count) * c;
+    }
+    const V i = sigmoid(i_pre), f = sigmoid(f_pre), g = fast_tanh(g_pre);
+    const V c_next = f * c + i * g;
+    if (s.peep != nullptr) o_pre = o_pre + V::loadu(s.peep + 2 * H + j, count) * c_next;
+    const V o = sigmoid(o_pre);
+    const V h_next = o * fast_tanh(c_next);
+    i.store(g_row, count);
+    f.store(g_row + H, count);
+    g.store(g_row + 2 * H, count);
+    o.store(g_row + 3 * H, count);
+    c_next.store(s.c_held + row, count);
+    c_next.store(s.c_new + row, count);
+    h_next.store(s.h_new + row, count);
+    if (s.out != s.h_new) h_next.store(s.out + row, count);
+  }
+}
+
+// The last rows < kResidentRows of a step, as one tile.
+template <typename T>
+inline void resident_tail(const LstmStepBuffers<T>& s, const T* panel, int64_t H, int64_t n,
+                          int64_t rows, int64_t j, int64_t count, int64_t t,
+                          const Validity& valid) {
+  switch (rows) {
+    case 0: return;
+    case 1: return resident_tile<T, 1>(s, panel, H, n, j, count, t, valid);
+    case 2: return resident_tile<T, 2>(s, panel, H, n, j, count, t, valid);
+    case 3: return resident_tile<T, 3>(s, panel, H, n, j, count, t, valid);
+    case 4: return resident_tile<T, 4>(s, panel, H, n, j, count, t, valid);
+    default: return resident_tile<T, 5>(s, panel, H, n, j, count, t, valid);
+  }
+}
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#endif
+}
+
+// The threads' one synchronisation per step: the last to arrive opens the next generation.
+class SpinBarrier {
+ public:
+  void wait(int team) {
+    const int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == team - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_acq_rel);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins < 4096) {
+        spin_pause();
+      } else {
+        std::this_thread::yield();  // the other thread was descheduled: let it run
+      }
+    }
+  }
+
+ private:
+  std::atomic<int> arrived_{0};
+  std::atomic<int> generation_{0};
+};
+
+// Threads for a resident loop over `blocks` unit blocks, `multiply_adds` per step.
+int resident_threads(int64_t blocks, int64_t multiply_adds) {
+  const int64_t by_work = std::max<int64_t>(1, multiply_adds / thread_min_multiply_adds);
+  return static_cast<int>(std::min<int64_t>({at::get_num_threads(), blocks, by_work}));
+}
+
+// Whether lstm_forward runs on resident weights: no projection, at least two steps (the packing
+// is one pass over W_hh), and each thread's share of W_hh within `resident_max_bytes_per_thread`.
+bool lstm_resident(int64_t T, int64_t N, int64_t H, bool projected, int64_t element_size) {
+  if (projected || T < 2 || N == 0 || at::in_parallel_region()) return false;
+  const int64_t blocks = (H + Vec<float>::size() - 1) / Vec<float>::size();
+  const int threads = resident_threads(blocks, N * H * 4 * H);
+  return 4 * H * H * element_size <= resident_max_bytes_per_thread * threads;
+}
+
+template <typename T>
+void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Tensor& c_states,
+                           const Tensor& output, const Tensor& c_new, const Tensor& w_hh,
+                           const T* peep, const T* bias, const Steps& steps,
+                           const Validity& valid) {
+  constexpr int64_t U = Vec<T>::size();
+  constexpr int Rows = kResidentRows<T>;
+  const int64_t T_ = steps.count, N = gates.size(1), H = gates.size(2) / 4;
+  const int64_t blocks = (H + U - 1) / U;
+  const Tensor packed = pack_gate_blocks<T>(w_hh, H, U);
+  const T* panels = packed.data_ptr<T>();
+  const int team_wanted = resident_threads(blocks, N * H * 4 * H);
+  SpinBarrier barrier;
+  // Raw pointers taken here: nothing inside the threads' region may throw.
+  T* gates_p = gates.data_ptr<T>();
+  T* h_p = h_states.data_ptr<T>();
+  T* c_p = c_states.data_ptr<T>();
+  T* out_p = output.data_ptr<T>();
+  T* c_new_p = c_new.data_ptr<T>();
+  const int64_t state = N * H;
+  auto run = [&](int thread, int team) {
+    const int64_t first = blocks * thread / team, end = blocks * (thread + 1) / team;
+    for (int64_t s = 0; s < T_; ++s) {
+      const int64_t t = steps.time(s);
+      const LstmStepBuffers<T> buffers{
+          gates_p + t * 4 * state, h_p + steps.in(t) * state, c_p + steps.in(t) * state,
+          h_p + steps.out(t) * state, c_p + steps.out(t) * state, c_new_p + t * state,
+          out_p + t * state, peep, bias};
+      for (int64_t b = first; b < end; ++b) {
+        const int64_t j = b * U, count = std::min(U, H - j);
+        const T* panel = panels + b * H * 4 * U;
+        int64_t n = 0;
+        for (; n + Rows <= N; n += Rows) {
+          resident_tile<T, Rows>(buffers, panel, H, n, j, count, t, valid);
+        }
+        resident_tail<T>(buffers, panel, H, n, N - n, j, count, t, valid);
+      }
+      if (team > 1) barrier.wait(team);
+    }
+  };
+#ifdef _OPENMP
+  if (team_wanted > 1) {
+#pragma omp parallel num_threads(team_wanted)
+    run(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  run(0, 1);
+}
+
+// The backward on resident weights. Thread p owns strips of 4U units of dh; each step, for every
+// tile of rows x 4 vectors of its units, it computes dh_t = dh_held + dG_{t+1} W_hh[:, units]
+// (K = 4H: the previous step's gate gradients of every unit, which the barrier has completed)
+// and finishes the units' gate gradients and dc in registers. W_hh's columns for its strips,
+// (4H x 4U) each, are packed once per call and stay in its L2.
+
+// W_hh (4H, H) by strips of 4U columns: strip b is (4H, 4U), zero past H.
+template <typename T>
+Tensor pack_column_strips(const Tensor& w_hh, int64_t H, int64_t width) {
+  const int64_t K = w_hh.size(0), strips = (H + width - 1) / width;
+  Tensor packed = at::zeros({strips, K, width}, w_hh.options());
+  const T* w = w_hh.data_ptr<T>();
+  T* p = packed.data_ptr<T>();
+  for (int64_t b = 0; b < strips; ++b) {
+    const int64_t units = std::min(width, H - b * width);
+    for (int64_t k = 0; k < K; ++k) {
+      std::memcpy(p + (b * K + k) * width, w + k * H + b * width, sizeof(T) * units);
+    }
+  }
+  return packed;
+}
+
+// What one step of the resident backward reads and writes (pointers at step t; rows N).
+template <typename T>
+struct LstmBackwardBuffers {
+  const T* d_gates_before;  // (N, 4H) the previous step's (t + 1 forward) gate gradients, or null
+  T* d_gates;               // (N, 4H) out: this step's, before the nonlinearities
+  T* d_h;                   // (N, H) dh held past a sequence's end; zero once it went through
+  T* d_c;                   // (N, H) in: dc leaving the step; out: dc entering it
+  const T* d_out;           // (N, H)
+  const T* gates;           // (N, 4H) i, f, g, o activated
+  const T* c;               // (N, H) entering cell
+  const T* c_new;           // (N, H)
+  const T* peep;            // (3H,) or null
+};
+
+// Rows [n, n + Rows) x the strip's units [j, j + 4U) of one backward step. With `step` false,
+// only dh += dG_before W_hh (the gradient of h_0 after the last step).
+template <typename T, int Rows>
+inline void resident_backward_tile(const LstmBackwardBuffers<T>& s, const T* panel, int64_t H,
+                                   int64_t n, int64_t j, int64_t t, const Validity& valid,
+                                   bool step) {
+  using V = Vec<T>;
+  constexpr int64_t U = V::size();
+  V acc[Rows][4];
+  if (s.d_gates_before != nullptr) {
+    gate_block_product<T, Rows>(s.d_gates_before + n * 4 * H, 4 * H, panel, 4 * H, acc);
+  } else {
+    for (int r = 0; r < Rows; ++r) {
+      for (int q = 0; q < 4; ++q) acc[r][q] = V(T(0));
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const bool live = step && valid(t, n + r);
+    for (int q = 0; q < 4; ++q) {
+      const int64_t u = j + q * U, count = std::min<int64_t>(U, H - u);
+      if (count <= 0) break;
+      const int64_t row = (n + r) * H + u;
+      const V d_h_now = V::loadu(s.d_h + row, count) + acc[r][q];
+      if (!live) {  // past the end (or the last product alone): dh carries on, dG is zero
+        d_h_now.store(s.d_h + row, count);
+        if (step) {
+          T* d_row = s.d_gates + (n + r) * 4 * H + u;
+          for (int64_t gate = 0; gate < 4; ++gate) zero_row(d_row + gate * H, count);
+        }
+        continue;
+      }
+      const T* g_row = s.gates + (n + r) * 4 * H + u;
+      T* d_row = s.d_gates + (n + r) * 4 * H + u;
+      const V d_h_out = d_h_now + V::loadu(s.d_out + row, count);
+      V(T(0)).store(s.d_h + row, count);  // refilled by the next step's product
+      const V i = V::loadu(g_row, count), f = V::loadu(g_row + H, count);
+      const V g = V::loadu(g_row + 2 * H, count), o = V::loadu(g_row + 3 * H, count);
+      const V tanh_c = fast_tanh(V::loadu(s.c_new + row, count));
+      const V d_o = d_h_out * tanh_c * sigmoid_grad(o);
+      V d_c_next = V::loadu(s.d_c + row, count) + d_h_out * o * tanh_grad(tanh_c);
+      if (s.peep != nullptr) d_c_next = d_c_next + d_o * V::loadu(s.peep + 2 * H + u, count);
+      const V d_i = d_c_next * g * sigmoid_grad(i);
+      const V d_f = d_c_next * V::loadu(s.c + row, count) * sigmoid_grad(f);
+      const V d_g = d_c_next * i * tanh_grad(g);
+      V d_c_prev = d_c_next * f;
+      if (s.peep != nullptr) {
+        d_c_prev = d_c_prev + d_i * V::loadu(s.peep + u, count) +
+                   d_f * V::loadu(s.peep + H + u, count);
+      }
+      d_i.store(d_row, count);
+      d_f.store(d_row + H, count);
+      d_g.store(d_row + 2 * H, count);
+      d_o.store(d_row + 3 * H, count);
+      d_c_prev.store(s.d_c + row, count);
+    }
+  }
+}
+
+template <typename T>
+inline void resident_backward_tail(const LstmBackwardBuffers<T>& s, const T* panel, int64_t H,
+                                   int64_t n, int64_t rows, int64_t j, int64_t t,
+                                   const Validity& valid, bool step) {
+  switch (rows) {
+    case 0: return;
+    case 1: return resident_backward_tile<T, 1>(s, panel, H, n, j, t, valid, step);
+    case 2: return resident_backward_tile<T, 2>(s, panel, H, n, j, t, valid, step);
+    case 3: return resident_backward_tile<T, 3>(s, panel, H, n, j, t, valid, step);
+    case 4: return resident_backward_tile<T, 4>(s, panel, H, n, j, t, valid, step);
+    default: return resident_backward_tile<T, 5>(s, panel, H, n, j, t, valid, step);
+  }
+}
+
+template <typename T>
+void lstm_backward_resident(const Tensor& d_output, const Tensor& gates, const Tensor& c_states,
+                            const Tensor& c_new, const Tensor& w_hh, const T* peep,
+                            const Steps& steps, const Validity& valid, const Tensor& d_gates,
+                            const Tensor& d_h, const Tensor& d_c) {
+  constexpr int64_t U = Vec<T>::size();
+  constexpr int Rows = kResidentRows<T>;
+  const int64_t T_ = steps.count, N = gates.size(1), H = gates.size(2) / 4;
+  const int64_t strips = (H + 4 * U - 1) / (4 * U);
+  const Tensor packed = pack_column_strips<T>(w_hh, H, 4 * U);
+  const T* panels = packed.data_ptr<T>();
+  const int team_wanted = resident_threads(strips, N * H * 4 * H);
+  SpinBarrier barrier;
+  const T* d_out_p = d_output.data_ptr<T>();
+  const T* gates_p = gates.data_ptr<T>();
+  const T* c_p = c_states.data_ptr<T>();
+  const T* c_new_p = c_new.data_ptr<T>();
+  T* d_gates_p = d_gates.data_ptr<T>();
+  T* d_h_p = d_h.data_ptr<T>();
+  T* d_c_p = d_c.data_ptr<T>();
+  const int64_t state = N * H;
+  auto run = [&](int thread, int team) {
+    const int64_t first = strips * thread / team, end = strips * (thread + 1) / team;
+    for (int64_t s = 0; s <= T_; ++s) {  // s = T_: the last product alone (dh_0)
+      const bool step = s < T_;
+      const int64_t t = step ? steps.time(T_ - 1 - s) : 0;
+      const int64_t t_before = s > 0 ? steps.time(T_ - s) : 0;
+      const LstmBackwardBuffers<T> buffers{
+          s > 0 ? d_gates_p + t_before * 4 * state : nullptr, d_gates_p + t * 4 * state, d_h_p,
+          d_c_p, d_out_p + t * state, gates_p + t * 4 * state, c_p + steps.in(t) * state,
+          c_new_p + t * state, peep};
+      for (int64_t b = first; b < end; ++b) {
+        const T* panel = panels + b * 4 * H * 4 * U;
+        int64_t n = 0;
+        for (; n + Rows <= N; n += Rows) {
+          resident_backward_tile<T, Rows>(buffers, panel, H, n, b * 4 * U, t, valid, step);
+        }
+        resident_backward_tail<T>(buffers, panel, H, n, N - n, b * 4 * U, t, valid, step);
+      }
+      if (team > 1 && step) barrier.wait(team);
+    }
+  };
+#ifdef _OPENMP
+  if (team_wanted > 1) {
+#pragma omp parallel num_threads(team_wanted)
+    run(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  run(0, 1);
+}
+
 // ---- LSTM -----------------------------------------------------------------------------------
 
-// gates (T, N, 4H): x W_ih^T + b_ih + b_hh, overwritten with the activated i, f, g, o.
+// gates (T, N, 4H): x W_ih^T, plus b_ih + b_hh unless `bias` (4H,) brings them (added here:
+// a broadcast bias inside the projection's addmm costs a pass over the whole (T, N, 4H)),
+// overwritten with the activated i, f, g, o.
 // Optional projection w_hr (P, H) and peephole w_ch (3H,) in the order i, f, o.
 // Returns {output (T, N, P), h_states (T + 1, N, P), c_states (T + 1, N, H), c_new (T, N, H)}
 // where c_new is each step's new cell (for invalid rows: the held one).
-std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c0,
+std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias,
+                                 const Tensor& h0, const Tensor& c0,
                                  const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                                  const std::optional<Tensor>& w_ch,
                                  const std::optional<Tensor>& lengths, bool reverse) {
@@ -642,6 +1101,7 @@ std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c
   check("w_hh", w_hh, {4 * H, P});
   check("w_hr", w_hr, {P, H});
   check("w_ch", w_ch, {3 * H});
+  check("bias", bias, {4 * H});
   check.lengths(lengths, N, T);
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
@@ -653,7 +1113,8 @@ std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c
   Tensor c_new = at::empty({T, N, H}, gates.options());
   start_states(h_states, steps.first_in(), h0);
   start_states(c_states, steps.first_in(), c0);
-  const ForwardWeight w_hh_forward(w_hh, T);
+  const bool resident = lstm_resident(T, N, H, projected, gates.element_size());
+  const ForwardWeight w_hh_forward(w_hh, resident ? 0 : T);  // resident: packed there instead
   const std::optional<ForwardWeight> w_hr_forward =
       projected ? std::make_optional<ForwardWeight>(*w_hr, T) : std::nullopt;
   // With a projection the kernel writes m = o ⊙ tanh(c') here, and h' = m W_hr^T follows.
@@ -662,6 +1123,11 @@ std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward", [&] {
     using V = Vec<scalar_t>;
     const scalar_t* peep = w_ch.has_value() ? w_ch->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    if (resident) {
+      return lstm_forward_resident<scalar_t>(gates, h_states, c_states, output, c_new, w_hh,
+                                             peep, b, steps, valid);
+    }
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = steps.time(s);
       w_hh_forward.multiply<scalar_t>(step_block<scalar_t>(h_states, steps.in(t)),
@@ -692,13 +1158,20 @@ std::vector<Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c
           const V c = V::loadu(c_p + row + j, k);
           V i_pre = V::loadu(g_row + j, k);
           V f_pre = V::loadu(g_row + H + j, k);
+          V g_pre = V::loadu(g_row + 2 * H + j, k);
           V o_pre = V::loadu(g_row + 3 * H + j, k);
+          if (b != nullptr) {
+            i_pre = i_pre + V::loadu(b + j, k);
+            f_pre = f_pre + V::loadu(b + H + j, k);
+            g_pre = g_pre + V::loadu(b + 2 * H + j, k);
+            o_pre = o_pre + V::loadu(b + 3 * H + j, k);
+          }
           if (peep != nullptr) {
             i_pre = i_pre + V::loadu(peep + j, k) * c;
             f_pre = f_pre + V::loadu(peep + H + j, k) * c;
           }
           const V i = sigmoid(i_pre), f = sigmoid(f_pre);
-          const V g = fast_tanh(V::loadu(g_row + 2 * H + j, k));
+          const V g = fast_tanh(g_pre);
           const V c_next = f * c + i * g;
           if (peep != nullptr) o_pre = o_pre + V::loadu(peep + 2 * H + j, k) * c_next;
           const V o = sigmoid(o_pre);
@@ -765,9 +1238,14 @@ std::vector<Tensor> lstm_backward(const Tensor& d_output, const Tensor& d_h_n,
   Tensor d_h_raw_all = projected ? at::empty({T, N, P}, gates.options()) : Tensor();
   Tensor m_all = projected ? at::empty({T, N, H}, gates.options()) : Tensor();
   Tensor d_m = projected ? at::empty({N, H}, gates.options()) : Tensor();
+  const bool resident = lstm_resident(T, N, H, projected, gates.element_size());
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
     using V = Vec<scalar_t>;
     const scalar_t* peep = w_ch.has_value() ? w_ch->data_ptr<scalar_t>() : nullptr;
+    if (resident) {
+      return lstm_backward_resident<scalar_t>(d_output, gates, c_states, c_new, w_hh, peep,
+                                              steps, valid, d_gates, d_h, d_c);
+    }
     scalar_t* d_h_p = d_h.data_ptr<scalar_t>();
     scalar_t* d_c_p = d_c.data_ptr<scalar_t>();
     for (int64_t s = T - 1; s >= 0; --s) {
@@ -2606,4 +3084,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_thread_min_multiply_adds", &set_thread_min_multiply_adds,
         "threads share a step product only when each gets at least this many multiply-adds");
   m.def("thread_min_multiply_adds", [] { return thread_min_multiply_adds; });
+  m.def("set_resident_max_bytes_per_thread", &set_resident_max_bytes_per_thread,
+        "LSTM loops run on resident weights while each thread's share of W_hh is at most this");
+  m.def("resident_max_bytes_per_thread", [] { return resident_max_bytes_per_thread; });
+  m.def("lstm_runs_resident", &lstm_resident,
+        "whether an LSTM loop of (steps, batch, hidden, projected, element size) runs on resident "
+        "weights");
 }
