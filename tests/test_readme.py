@@ -18,3 +18,6 @@ def test_readme_python_examples_run():
     assert tuple(namespace["output"].shape) == (3, 7, 20)
     assert tuple(namespace["h"].shape) == (3, 8) and tuple(namespace["c"].shape) == (3, 20)
     assert tuple(namespace["y_t"].shape) == (1, 3, 20)
+    assert tuple(namespace["y_s"].shape) == (3, 7, 20)
+    assert all(tuple(t.shape) == (2, 3, 20) for t in (namespace[k] for k in ("h_s", "c_s", "n_s", "m_s")))
+    assert all(bool(t.isfinite().all()) for t in namespace["s_state"])

@@ -7,6 +7,7 @@ from rnnkit.engine.steps import Family
 from rnnkit.interop import from_keras, from_torch, to_keras, to_torch
 from rnnkit.layers import GRU, LSTM, RNN
 from rnnkit.minimal import MinGRU, MinGRUCell, MinLSTM, MinLSTMCell
+from rnnkit.slstm import SLSTM, SLSTMCell
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,8 @@ __all__ = [
     "MinLSTMCell",
     "RNN",
     "RNNCell",
+    "SLSTM",
+    "SLSTMCell",
     "diagnostics",
     "export_onnx",
     "from_keras",

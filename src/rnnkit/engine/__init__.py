@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from rnnkit._checks import require_choice
-from rnnkit.engine import native, onnx, ops, reference
+from rnnkit.engine import native, onnx, ops, reference, slstm
 from rnnkit.engine.native import functions as native_functions
 from rnnkit.engine.onnx import is_exporting
 from rnnkit.engine.steps import CellKind, CellWeights, Family, Masks, State, output_of
@@ -253,6 +253,42 @@ def _run_variant(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                               native_kernels=engine_name == "native")
 
 
+def slstm_engine_for(backend: str, x: Tensor) -> str:
+    """The path that runs an sLSTM direction (`rnnkit.engine.slstm.BACKENDS`): the policy,
+    stated once. An empty input runs ``"reference"`` (nothing to compute; autograd gives the
+    shapes and zero gradients); ``"auto"`` runs ``"fused"``, the only fast path (no native
+    kernel yet). ``RNNKIT_BACKEND`` is not read: its ``"native"`` names a kernel sLSTM lacks."""
+    if x.numel() == 0 or backend == "reference":
+        return "reference"
+    return "fused"
+
+
+def run_slstm_direction(x: Tensor, state: slstm.SLSTMState, weight_ih: Tensor,
+                        weight_hh: Tensor, bias_ih: Tensor | None, lengths: Tensor | None,
+                        reverse: bool, exp_forget: bool, backend: str = "auto"
+                        ) -> tuple[Tensor, slstm.SLSTMState]:
+    """Run one sLSTM layer in one direction over a padded, time-major sequence.
+
+    Args:
+        x: input ``(T, N, I)``, padding past each length zeroed.
+        state: ``(h_0, c_0, n_0, m_0)``, each ``(N, H)`` (``m_0`` already ``-inf`` where
+            ``n_0 = 0``: `slstm.empty_where_no_mass`).
+        weight_ih: ``(4H, I)`` as ``(W_i|W_f|W_z|W_o)``; weight_hh ``(K, 4d, d)``; bias_ih
+            ``(4H,)`` or None.
+        lengths: ``(N,)`` int64 on ``x``'s device, each in ``[1, T]``, or None (all T steps).
+        reverse: run from the last valid step of each sequence to its first.
+        exp_forget: ``f = exp(f̃)`` instead of ``σ(f̃)``.
+        backend: one of `slstm.BACKENDS` (`slstm_engine_for`).
+
+    Returns:
+        ``output (T, N, H)``, zero at ``t >= lengths[n]``, and the final ``(h, c, n, m)``, each
+        ``(N, H)``, after each sequence's own last step (reversed: after its step 0).
+    """
+    run = (slstm.run_reference if slstm_engine_for(backend, x) == "reference"
+           else ops.run_fused_slstm)
+    return run(x, state, weight_ih, weight_hh, bias_ih, lengths, reverse, exp_forget)
+
+
 __all__ = ["BACKENDS", "STEP_KERNEL_MAX_BATCH", "TORCH_LSTM_MIN_BATCH", "BackendWarning",
            "engine_for", "inference_step", "is_exporting", "resolve_backend", "run_direction",
-           "runs_torch_lstm"]
+           "run_slstm_direction", "runs_torch_lstm", "slstm_engine_for"]

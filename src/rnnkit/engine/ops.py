@@ -50,7 +50,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from rnnkit.engine import fused, fused_recurrence, reference
+from rnnkit.engine import fused, fused_recurrence, reference, slstm
 from rnnkit.engine.native import functions as native
 from rnnkit.engine.products import input_side_grads, outer_sum, peephole_grad
 from rnnkit.engine.steps import CellKind, CellWeights, Family, Masks, State, input_side
@@ -1064,4 +1064,108 @@ def _native_output(output: Tensor, states: Tensor, lengths: _Optional, reverse: 
     return output if lengths is not None else _leaving(states, reverse)
 
 
-__all__ = ["run_fused", "run_native", "run_recurrence"]
+# ---- sLSTM (Beck et al. 2024) ------------------------------------------------------------------
+# The math and the buffers' layouts are in `rnnkit.engine.slstm`; the weight gradients, one
+# product each over all steps, are taken here (`slstm.weight_gradients`), as for the families
+# above.
+
+@torch.library.custom_op("rnnkit::fused_slstm", mutates_args=())
+def fused_slstm(x: Tensor, h0: Tensor, c0: Tensor, n0: Tensor, m0: Tensor, w_ih: Tensor,
+                w_hh: Tensor, b_ih: _Optional, lengths: _Optional, reverse: bool,
+                exp_forget: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                           Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                           Tensor]:
+    """-> output (T, N, H), h_n, c_n, n_n, m_n (N, H), pre, gates (T, K, N, 4d), h_tilde,
+    n_new (T, K, N, d), h, c, n, m states (T + 1, K, N, d) (`slstm.fused_forward`)."""
+    return slstm.fused_forward(x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, reverse,
+                               exp_forget)
+
+
+@torch.library.custom_op("rnnkit::fused_slstm_backward", mutates_args=())
+def fused_slstm_backward(d_output: Tensor, d_h_n: Tensor, d_c_n: Tensor, d_n_n: Tensor,
+                         d_m_n: Tensor, pre: Tensor, gates: Tensor, h_tilde: Tensor,
+                         n_new: Tensor, c_states: Tensor, n_states: Tensor, m_states: Tensor,
+                         w_hh: Tensor, lengths: _Optional, reverse: bool, exp_forget: bool
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> d_pre (T, K, N, 4d), d_h0, d_c0, d_n0, d_m0 (N, H) (`slstm.fused_backward`)."""
+    return slstm.fused_backward(d_output, d_h_n, d_c_n, d_n_n, d_m_n, pre, gates, h_tilde,
+                                n_new, c_states, n_states, m_states, w_hh, lengths, reverse,
+                                exp_forget)
+
+
+def _fake_fused_slstm(x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, reverse, exp_forget):
+    steps, batch = x.shape[0], x.shape[1]
+    heads, rows, width = w_hh.shape
+    new = x.new_empty
+    return (new(steps, batch, heads * width), *(new(batch, heads * width) for _ in range(4)),
+            new(steps, heads, batch, rows), new(steps, heads, batch, rows),
+            new(steps, heads, batch, width), new(steps, heads, batch, width),
+            *(new(steps + 1, heads, batch, width) for _ in range(4)))
+
+
+def _fake_slstm_backward(d_output, d_h_n, d_c_n, d_n_n, d_m_n, pre, *rest):
+    return (torch.empty_like(pre), *(torch.empty_like(d_h_n) for _ in range(4)))
+
+
+def _slstm_setup(ctx, inputs, output, native_layout: bool):
+    x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, reverse, exp_forget = inputs
+    (_, _, _, _, _, pre, gates, h_tilde, n_new, h_states, c_states, n_states,
+     m_states) = output
+    ctx.save_for_backward(x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, pre, gates, h_tilde,
+                          n_new, h_states, c_states, n_states, m_states)
+    ctx.reverse, ctx.exp_forget = reverse, exp_forget
+
+
+def _slstm_backward(ctx, grads, native_layout: bool):
+    (x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, pre, gates, h_tilde, n_new, h_states,
+     c_states, n_states, m_states) = ctx.saved_tensors
+    d_output = _or_zeros(grads[0], x.new_empty(x.shape[0], x.shape[1], h0.shape[1]))
+    d_finals = tuple(_or_zeros(g, h0) for g in grads[1:5])
+    if torch.is_grad_enabled():
+        # Recorded (double backward, torch.func): the reference loop's vector-Jacobian product,
+        # itself differentiable, as `_differentiable_backward` does for the other families.
+        order = (x, h0, c0, n0, m0, w_ih, w_hh, b_ih)
+        wanted = [k for k, (t, need) in enumerate(zip(order, ctx.needs_input_grad,
+                                                      strict=False))
+                  if t is not None and need]
+
+        def outputs_of(*chosen):
+            tensors = list(order)
+            for index, tensor in zip(wanted, chosen, strict=True):
+                tensors[index] = tensor
+            output, final = slstm.run_reference(
+                tensors[0], tuple(tensors[1:5]), tensors[5], tensors[6], tensors[7], lengths,
+                ctx.reverse, ctx.exp_forget)
+            return (output, *final)
+
+        _, vjp = torch.func.vjp(outputs_of, *(order[k] for k in wanted))
+        found = dict(zip(wanted, vjp((d_output, *d_finals)), strict=True))
+        return (*(found.get(k) for k in range(len(order))), None, None, None)
+    d_pre, d_h0, d_c0, d_n0, d_m0 = fused_slstm_backward(
+        d_output, *d_finals, pre, gates, h_tilde, n_new, c_states, n_states, m_states, w_hh,
+        lengths, ctx.reverse, ctx.exp_forget)
+    needs = ctx.needs_input_grad
+    d_x, d_w_ih, d_w_hh, d_b = slstm.weight_gradients(
+        d_pre, x, slstm.entering(h_states, ctx.reverse), w_ih,
+        (needs[0], needs[5], needs[6], b_ih is not None and needs[7]))
+    return d_x, d_h0, d_c0, d_n0, d_m0, d_w_ih, d_w_hh, d_b, None, None, None
+
+
+_register(fused_slstm, _fake_fused_slstm, autocast=True)
+_FUNCTIONS[fused_slstm] = _autograd(fused_slstm, _slstm_setup, _slstm_backward, False)
+_register(fused_slstm_backward, _fake_slstm_backward)
+
+
+def run_fused_slstm(x: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor], w_ih: Tensor,
+                    w_hh: Tensor, b_ih: _Optional, lengths: _Optional, reverse: bool,
+                    exp_forget: bool) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """``rnnkit::fused_slstm``; same contract as `rnnkit.engine.slstm.run_reference`."""
+    arguments = (x, *state, w_ih, w_hh, b_ih, _lengths(lengths), reverse, exp_forget)
+    if plain_eager(x, *arguments[:8]):
+        results = slstm.fused_forward(*arguments)
+    else:
+        results = _apply(fused_slstm, *arguments)
+    return results[0], tuple(results[1:5])
+
+
+__all__ = ["run_fused", "run_fused_slstm", "run_native", "run_recurrence"]

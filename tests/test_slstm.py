@@ -1,0 +1,512 @@
+"""xLSTM's sLSTM (rnnkit.slstm, rnnkit.engine.slstm): the fused operator against the reference
+loop (values and all gradients), both against the paper's unstabilised equations written out
+here, the stabiliser at extreme inputs, the input forms, streaming, state dicts and the
+boundary's errors."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
+
+import rnnkit
+from compare import assert_same, assert_same_normwise, outputs_and_gradients
+from rnnkit import engine
+from rnnkit.engine import ops, slstm
+
+DTYPES = (torch.float32, torch.float64)
+PATHS = {"reference": slstm.run_reference, "fused": ops.run_fused_slstm}
+NAMES = ("x", "h0", "c0", "n0", "m0", "weight_ih", "weight_hh", "bias_ih")
+
+
+@pytest.fixture(autouse=True)
+def _collector_paused_one_thread():
+    """As tests/test_minimal.py: the reference loop's autograd graph makes Python's cyclic
+    collector quadratic in T, and tensors this small gain nothing from a second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        torch.set_num_threads(threads)
+
+
+def _inputs(steps, dtype, *, batch=3, input_size=4, hidden=8, heads=2, scale=1.0, seed=0,
+            empty_state=False):
+    """x, the initial state (h, c, n, m), weights and lengths (one sequence full length), drawn
+    in float64 and rounded, so that both dtypes see the same problem."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    width = hidden // heads
+    x = draw(steps, batch, input_size) * scale
+    if empty_state:
+        state = (torch.zeros(batch, hidden, dtype=torch.float64),) * 3 + (
+            torch.full((batch, hidden), -math.inf, dtype=torch.float64),)
+    else:  # a state the cell can reach: |c| <= n, n >= 1
+        n0 = 1 + torch.rand(batch, hidden, generator=generator, dtype=torch.float64)
+        state = (draw(batch, hidden).tanh() * 0.5, (torch.rand(batch, hidden,
+                 generator=generator, dtype=torch.float64) * 2 - 1) * n0, n0, draw(batch, hidden))
+    weight_ih = draw(4 * hidden, input_size) / math.sqrt(input_size)
+    weight_hh = draw(heads, 4 * width, width) / math.sqrt(width)
+    bias = draw(4 * hidden) * 0.5
+    lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
+    lengths[0] = steps
+    tensors = (x, *state, weight_ih, weight_hh, bias)
+    return [t.to(dtype) for t in tensors], lengths
+
+
+def _results(path, tensors, lengths, reverse, exp_forget):
+    """Outputs, the four final state parts and the gradients of every input of one path, under
+    a fixed random projection of all five results (float64 draws, as tests/compare.py)."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    output, final = path(leaves[0], tuple(leaves[1:5]), leaves[5], leaves[6], leaves[7],
+                         lengths, reverse, exp_forget)
+    results = {"output": output, "h_n": final[0], "c_n": final[1], "n_n": final[2],
+               "m_n": final[3]}
+    generator = torch.Generator().manual_seed(7)
+    loss = sum((t * torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype))
+               .sum() for t in results.values())
+    grads = torch.autograd.grad(loss, leaves)
+    return {**{k: v.detach() for k, v in results.items()},
+            **{f"grad:{name}": g for name, g in zip(NAMES, grads, strict=True)}}
+
+
+# ---- the fused operator against the reference loop ------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("steps", [1, 2, 7, 64, 300])
+def test_fused_equals_the_reference(steps, heads, dtype):
+    """Outputs, all four final state parts and the gradients of input, initial state (all four
+    parts) and every parameter, with lengths (outputs past each end zero), both directions,
+    both forget gates, from a reachable state and from the empty one (m_0 = -inf)."""
+    for empty_state in (False, True):
+        tensors, lengths = _inputs(steps, dtype, heads=heads, empty_state=empty_state,
+                                   seed=steps)
+        for reverse in (False, True):
+            for exp_forget in (False, True):
+                expected = _results(slstm.run_reference, tensors, lengths, reverse, exp_forget)
+                past_end = torch.arange(steps).unsqueeze(1) >= lengths  # (T, N)
+                assert not expected["output"][past_end].any()
+                actual = _results(ops.run_fused_slstm, tensors, lengths, reverse, exp_forget)
+                if empty_state:  # m_0 = -inf: its gradient is 0 on both, compared apart
+                    assert not expected.pop("grad:m0").any()
+                    assert not actual.pop("grad:m0").any()
+                assert_same_normwise(actual, expected, dtype, group="slstm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_backends_agree_stacked_bidirectional_packed(dtype):
+    """A three-layer bidirectional layer with four heads: "fused" and "auto" equal "reference"
+    in outputs, every state part and the gradients of input, hx and every parameter, on
+    padded input with lengths and on the same batch packed."""
+    torch.manual_seed(1)
+    layer = rnnkit.SLSTM(4, 8, num_layers=3, bidirectional=True, num_heads=4, dtype=dtype,
+                         backend="reference")
+    x = torch.randn(37, 3, 4, dtype=dtype)
+    h0, c0, m0 = (torch.randn(6, 3, 8, dtype=dtype) * 0.5 for _ in range(3))
+    n0 = 1 + torch.rand(6, 3, 8, dtype=dtype)
+    lengths = torch.tensor([37, 1, 20])
+    inputs = {name: t.requires_grad_() for name, t in
+              zip(("x", "h0", "c0", "n0", "m0"), (x, h0, c0, n0, m0), strict=True)}
+
+    def state():
+        return tuple(inputs[k] for k in ("h0", "c0", "n0", "m0"))
+
+    calls = {
+        "lengths": lambda m: m(inputs["x"], state(), lengths=lengths),
+        "packed": lambda m: m(pack_padded_sequence(inputs["x"], lengths, enforce_sorted=False),
+                              state()),
+    }
+    for call in calls.values():
+        expected = outputs_and_gradients(layer, call, inputs)
+        for backend in ("fused", "auto"):
+            other = copy.deepcopy(layer)
+            other.backend = backend
+            assert_same_normwise(outputs_and_gradients(other, call, inputs), expected, dtype,
+                                 group="slstm layer")
+
+
+def test_auto_runs_fused_and_an_empty_batch_the_reference():
+    x = torch.zeros(3, 2, 4)
+    assert engine.slstm_engine_for("auto", x) == "fused"
+    assert engine.slstm_engine_for("fused", x) == "fused"
+    assert engine.slstm_engine_for("reference", x) == "reference"
+    assert engine.slstm_engine_for("auto", torch.zeros(3, 0, 4)) == "reference"
+
+
+@settings(max_examples=25)
+@given(steps=st.integers(1, 12), batch=st.integers(1, 3), heads=st.sampled_from([1, 2, 3]),
+       width=st.integers(1, 3), reverse=st.booleans(), exp_forget=st.booleans(),
+       scale=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2**16))
+def test_fused_equals_the_reference_property(steps, batch, heads, width, reverse, exp_forget,
+                                             scale, seed):
+    """Any small shape, head count and input scale (float64): the same values and gradients."""
+    tensors, lengths = _inputs(steps, torch.float64, batch=batch, hidden=heads * width,
+                               heads=heads, scale=scale, seed=seed)
+    expected = _results(slstm.run_reference, tensors, lengths, reverse, exp_forget)
+    actual = _results(ops.run_fused_slstm, tensors, lengths, reverse, exp_forget)
+    assert_same_normwise(actual, expected, torch.float64)
+
+
+# ---- gradcheck ------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", list(PATHS))
+def test_gradcheck(path):
+    """Finite differences in float64 against each path's backward (the fused one hand-written),
+    with lengths, both directions, both forget gates; and the fused operator's double backward
+    (through the reference's differentiable vector-Jacobian product)."""
+    tensors, _ = _inputs(6, torch.float64, batch=2, input_size=3, hidden=4, heads=2, seed=3)
+    lengths = torch.tensor([6, 3])
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    for reverse in (False, True):
+        for exp_forget in (False, True):
+            def run(*a, reverse=reverse, exp_forget=exp_forget):
+                output, final = PATHS[path](a[0], tuple(a[1:5]), a[5], a[6], a[7], lengths,
+                                            reverse, exp_forget)
+                return (output, *final)
+
+            assert torch.autograd.gradcheck(run, leaves)
+    if path == "fused":
+        assert torch.autograd.gradgradcheck(run, leaves)
+
+
+def test_operator_registration():
+    """torch.library's own check of the operator: schema, fake (meta) shapes, autograd formula
+    registration, against the implementation."""
+    tensors, lengths = _inputs(4, torch.float64, batch=2, input_size=3, hidden=4, heads=2)
+    arguments = (*[t.requires_grad_() for t in tensors], lengths, True, False)
+    torch.library.opcheck(ops.fused_slstm, arguments)
+
+
+def test_torch_func_grad_equals_autograd():
+    torch.manual_seed(10)
+    layer = rnnkit.SLSTM(3, 4, num_heads=2, dtype=torch.float64)
+    x = torch.randn(9, 2, 3, dtype=torch.float64)
+    transformed = torch.func.grad(lambda x: layer(x)[0].sum())(x)
+    leaf = x.clone().requires_grad_()
+    layer(leaf)[0].sum().backward()
+    torch.testing.assert_close(transformed, leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+# ---- the paper's equations and the stabiliser -----------------------------------------------
+def _dense_recurrent(weight_hh):
+    """The block-diagonal (4H, H) matrix: gate g's (H, H) block is block_diag over heads."""
+    heads, rows, width = weight_hh.shape
+    per_gate = weight_hh.reshape(heads, 4, width, width)
+    return torch.cat([torch.block_diag(*per_gate[:, g]) for g in range(4)])
+
+
+def _unstabilised(x, weight_ih, weight_hh, bias, exp_forget):
+    """The paper's sLSTM without the stabiliser, written out independently (a dense
+    block-diagonal R): ``i = exp(ĩ)``, ``f = σ(f̃)`` or ``exp(f̃)``, from zero states. Returns
+    ``h, c, n`` for every step ``(T, N, H)``."""
+    recurrent = _dense_recurrent(weight_hh)
+    hidden = recurrent.shape[1]
+    h = c = n = x.new_zeros(x.shape[1], hidden)
+    hs, cs, ns = [], [], []
+    for x_t in x:
+        i_pre, f_pre, z_pre, o_pre = (x_t @ weight_ih.T + h @ recurrent.T + bias).chunk(4, 1)
+        i = torch.exp(i_pre)
+        f = torch.exp(f_pre) if exp_forget else torch.sigmoid(f_pre)
+        c = f * c + i * torch.tanh(z_pre)
+        n = f * n + i
+        h = torch.sigmoid(o_pre) * c / n
+        hs.append(h), cs.append(c), ns.append(n)
+    return torch.stack(hs), torch.stack(cs), torch.stack(ns)
+
+
+def _stabilised_states(x, weight_ih, weight_hh, bias, exp_forget):
+    """``h, c, n, m`` of every step through the cell (the reference step)."""
+    state = None
+    cell = rnnkit.SLSTMCell(x.shape[2], weight_ih.shape[0] // 4, num_heads=weight_hh.shape[0],
+                            forget_gate="exp" if exp_forget else "sigmoid", dtype=x.dtype)
+    cell.load_state_dict({"weight_ih": weight_ih, "weight_hh": weight_hh, "bias_ih": bias})
+    parts = []
+    with torch.no_grad():
+        for x_t in x:
+            state = cell(x_t, state)
+            parts.append(state)
+    return [torch.stack(p) for p in zip(*parts, strict=True)]
+
+
+@pytest.mark.parametrize("exp_forget", [False, True], ids=["sigmoid", "exp"])
+def test_stabiliser_does_not_change_the_output(exp_forget):
+    """Moderate inputs, float64: the stabilised cell's h equals the unstabilised formula's (m
+    cancels in h = c / n), and its c, n are the unstabilised ones times exp(-m); the layer's
+    fused and reference paths give the same h."""
+    tensors, _ = _inputs(40, torch.float64, heads=2, seed=5)
+    x, _, _, _, _, weight_ih, weight_hh, bias = tensors
+    h_plain, c_plain, n_plain = _unstabilised(x, weight_ih, weight_hh, bias, exp_forget)
+    h, c, n, m = _stabilised_states(x, weight_ih, weight_hh, bias, exp_forget)
+    assert float(m.abs().max()) > 1.0  # the stabiliser did move
+    torch.testing.assert_close(h, h_plain, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(c * m.exp(), c_plain, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(n * m.exp(), n_plain, rtol=1e-10, atol=1e-12)
+    layer = rnnkit.SLSTM(4, 8, num_heads=2, dtype=torch.float64,
+                         forget_gate="exp" if exp_forget else "sigmoid")
+    layer.load_state_dict({"weight_ih_l0": weight_ih, "weight_hh_l0": weight_hh,
+                           "bias_ih_l0": bias})
+    for backend in slstm.BACKENDS:
+        layer.backend = backend
+        torch.testing.assert_close(layer(x)[0], h_plain, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("exp_forget", [False, True], ids=["sigmoid", "exp"])
+def test_stabiliser_keeps_large_inputs_finite_where_the_plain_formula_overflows(exp_forget):
+    """Inputs x1e3 in float32: the unstabilised formula's exp overflows (inf, then inf / inf =
+    nan in h), while both paths stay finite in every value and gradient, with n >= 1 and
+    |h| <= 1 as the spec says."""
+    tensors, lengths = _inputs(50, torch.float32, heads=2, seed=6, scale=1e3, empty_state=True)
+    x, _, _, _, _, weight_ih, weight_hh, bias = tensors
+    h_plain, c_plain, n_plain = _unstabilised(x, weight_ih, weight_hh, bias, exp_forget)
+    assert not bool(torch.isfinite(n_plain).all())
+    assert not bool(torch.isfinite(h_plain).all())
+    for name, path in PATHS.items():
+        for reverse in (False, True):
+            results = _results(path, tensors, lengths, reverse, exp_forget)
+            results.pop("grad:m0")  # m_0 = -inf: its gradient is zero (tested above)
+            assert all(bool(t.isfinite().all()) for t in results.values()), name
+            assert bool((results["n_n"] >= 1).all()) and bool((results["output"].abs() <= 1)
+                                                                .all())
+
+
+@settings(max_examples=30)
+@given(scale=st.floats(1e-2, 1e4), seed=st.integers(0, 2**16), exp_forget=st.booleans())
+def test_normaliser_at_least_one_and_h_bounded(scale, seed, exp_forget):
+    """Any input scale, from the empty state: every step's n >= 1, |c| <= n and |h| <= 1
+    (float32), the bounds the stabiliser guarantees."""
+    tensors, _ = _inputs(20, torch.float32, batch=2, heads=2, seed=seed, scale=scale)
+    x, _, _, _, _, weight_ih, weight_hh, bias = tensors
+    h, c, n, m = _stabilised_states(x, weight_ih, weight_hh, bias, exp_forget)
+    assert bool(torch.isfinite(m).all())
+    assert bool((n >= 1).all())
+    assert bool((c.abs() <= n * (1 + 1e-6)).all())
+    assert bool((h.abs() <= 1).all())
+
+
+def test_zero_state_acts_as_the_empty_state():
+    """An all-zero hx (torch.nn's habit) gives what no hx gives: where n = 0, m is -inf."""
+    torch.manual_seed(11)
+    layer = rnnkit.SLSTM(3, 4, num_layers=2)
+    x = torch.randn(6, 2, 3) * 1e3
+    zeros = tuple(torch.zeros(2, 2, 4) for _ in range(4))
+    default_output, default_state = layer(x)
+    output, state = layer(x, zeros)
+    assert bool(output.isfinite().all())
+    torch.testing.assert_close(output, default_output, rtol=0, atol=0)
+    for part, default in zip(state, default_state, strict=True):
+        torch.testing.assert_close(part, default, rtol=0, atol=0)
+
+
+# ---- input forms, lengths, streaming ----------------------------------------------------------
+def test_lengths_equal_each_sequence_run_alone():
+    """Padded input with lengths, and the same batch packed: each sequence's output and final
+    state (all four parts, both directions, two layers) equal running it alone, unbatched."""
+    torch.manual_seed(4)
+    layer = rnnkit.SLSTM(3, 4, num_layers=2, bidirectional=True, num_heads=2,
+                         dtype=torch.float64)
+    lengths = [6, 2, 9]
+    sequences = [torch.randn(n, 3, dtype=torch.float64) for n in lengths]
+    padded = torch.zeros(9, 3, 3, dtype=torch.float64)
+    for n, sequence in enumerate(sequences):
+        padded[: lengths[n], n] = sequence
+    output, state = layer(padded, lengths=lengths)
+    packed_output, packed_state = layer(pack_sequence(sequences, enforce_sorted=False))
+    unpacked, _ = pad_packed_sequence(packed_output)
+    torch.testing.assert_close(unpacked, output[: max(lengths)], rtol=1e-12, atol=1e-12)
+    for part, packed_part in zip(state, packed_state, strict=True):
+        torch.testing.assert_close(packed_part, part, rtol=1e-12, atol=1e-12)
+    for n, sequence in enumerate(sequences):
+        alone, alone_state = layer(sequence)
+        torch.testing.assert_close(output[: lengths[n], n], alone, rtol=1e-12, atol=1e-12)
+        for part, alone_part in zip(state, alone_state, strict=True):
+            torch.testing.assert_close(part[:, n], alone_part, rtol=1e-12, atol=1e-12)
+        assert not output[lengths[n]:, n].any()
+
+
+def test_input_forms_agree():
+    """batch_first, unbatched (input and hx) and an empty batch give torch.nn's shapes and the
+    same values."""
+    torch.manual_seed(5)
+    layer = rnnkit.SLSTM(3, 4, num_layers=2, bidirectional=True, num_heads=2)
+    x = torch.randn(6, 2, 3)
+    output, state = layer(x)
+    assert output.shape == (6, 2, 8) and all(s.shape == (4, 2, 4) for s in state)
+    first = copy.deepcopy(layer)
+    first.batch_first = True
+    output_first, state_first = first(x.transpose(0, 1))
+    torch.testing.assert_close(output_first.transpose(0, 1), output)
+    output_single, state_single = layer(x[:, 1], tuple(s[:, 1] for s in state))
+    output_batched, state_batched = layer(x[:, 1:], tuple(s[:, 1:] for s in state))
+    torch.testing.assert_close(output_single, output_batched[:, 0])
+    for single, batched in zip(state_single, state_batched, strict=True):
+        torch.testing.assert_close(single, batched[:, 0])
+    empty_output, empty_state = layer(torch.randn(6, 0, 3))
+    assert empty_output.shape == (6, 0, 8) and all(s.shape == (4, 0, 4) for s in empty_state)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_streaming_equals_the_whole_sequence(backend):
+    """One step at a time, with the cell (the first layer's weights loaded) and with the layer
+    itself (two layers, one step per call, the state carried), equals the whole sequence."""
+    torch.manual_seed(7)
+    layer = rnnkit.SLSTM(3, 8, num_layers=2, num_heads=4, backend=backend,
+                         dtype=torch.float64)
+    x = torch.randn(40, 2, 3, dtype=torch.float64)
+    output, final = layer(x)
+    first_layer = rnnkit.SLSTM(3, 8, num_heads=4, dtype=torch.float64)
+    first_layer.load_state_dict({k: v for k, v in layer.state_dict().items() if "_l0" in k})
+    first_output, _ = first_layer(x)
+    cell = rnnkit.SLSTMCell(3, 8, num_heads=4, dtype=torch.float64)
+    cell.load_state_dict({k.replace("_l0", ""): v for k, v in layer.state_dict().items()
+                          if "_l0" in k})
+    state = None
+    for t in range(40):
+        state = cell(x[t], state)
+        torch.testing.assert_close(state[0], first_output[t], rtol=1e-12, atol=1e-12)
+    state = None
+    for t in range(40):
+        step_output, state = layer(x[t : t + 1], state)
+        torch.testing.assert_close(step_output[0], output[t], rtol=1e-12, atol=1e-12)
+    for part, whole in zip(state, final, strict=True):
+        torch.testing.assert_close(part, whole, rtol=1e-12, atol=1e-12)
+    unbatched = cell(x[0, 0])
+    for part, batched in zip(unbatched, cell(x[0, :1]), strict=True):
+        torch.testing.assert_close(part, batched[0])
+
+
+# ---- parameters -------------------------------------------------------------------------------
+def test_parameters_names_shapes_initialisation_and_state_dict_round_trip(tmp_path):
+    torch.manual_seed(8)
+    layer = rnnkit.SLSTM(3, 16, num_layers=2, bidirectional=True, num_heads=4)
+    shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+    assert shapes == {
+        "weight_ih_l0": (64, 3), "weight_hh_l0": (4, 16, 4), "bias_ih_l0": (64,),
+        "weight_ih_l0_reverse": (64, 3), "weight_hh_l0_reverse": (4, 16, 4),
+        "bias_ih_l0_reverse": (64,),
+        "weight_ih_l1": (64, 32), "weight_hh_l1": (4, 16, 4), "bias_ih_l1": (64,),
+        "weight_ih_l1_reverse": (64, 32), "weight_hh_l1_reverse": (4, 16, 4),
+        "bias_ih_l1_reverse": (64,),
+    }
+    bound = 1 / math.sqrt(16)
+    for parameter in layer.parameters():
+        values = parameter.detach()
+        assert float(values.abs().max()) <= bound
+        assert float(values.std()) > bound / 4  # drawn, not constant
+    assert {n: tuple(p.shape) for n, p in rnnkit.SLSTMCell(3, 16).named_parameters()} == \
+        {"weight_ih": (64, 3), "weight_hh": (1, 64, 16), "bias_ih": (64,)}
+    assert [n for n, _ in rnnkit.SLSTM(3, 4, bias=False).named_parameters()] == \
+        ["weight_ih_l0", "weight_hh_l0"]
+
+    path = tmp_path / "slstm.pt"
+    torch.save(layer.state_dict(), path)
+    copy_of = rnnkit.SLSTM(3, 16, num_layers=2, bidirectional=True, num_heads=4)
+    copy_of.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(5, 2, 3)
+    output, state = layer(x)
+    copy_output, copy_state = copy_of(x)
+    torch.testing.assert_close(copy_output, output, rtol=0, atol=0)
+    for part, copy_part in zip(state, copy_state, strict=True):
+        torch.testing.assert_close(copy_part, part, rtol=0, atol=0)
+
+
+def test_heads_are_independent():
+    """Block-diagonal recurrence: with input weights zero except one head's rows, the other
+    heads' units do not move from their zero-input trajectory (h only mixes within a head)."""
+    torch.manual_seed(12)
+    layer = rnnkit.SLSTM(3, 8, num_heads=2, dtype=torch.float64)
+    x = torch.randn(10, 2, 3, dtype=torch.float64)
+    baseline, _ = layer(torch.zeros_like(x))
+    with torch.no_grad():  # only head 0's units (0..3 of each gate) read the input
+        layer.weight_ih_l0.view(4, 2, 4, 3)[:, 1] = 0
+    output, _ = layer(x)
+    torch.testing.assert_close(output[..., 4:], baseline[..., 4:], rtol=0, atol=0)
+    assert not torch.allclose(output[..., :4], baseline[..., :4])
+
+
+def test_dropout_between_layers_in_training_only():
+    torch.manual_seed(9)
+    layer = rnnkit.SLSTM(3, 4, num_layers=2, dropout=0.5)
+    x = torch.randn(8, 2, 3)
+    layer.eval()
+    evaluation, _ = layer(x)
+    layer.train()
+    torch.manual_seed(0)
+    trained, _ = layer(x)
+    assert not torch.allclose(trained, evaluation)
+    layer.backend = "reference"
+    torch.manual_seed(0)
+    torch.testing.assert_close(layer(x)[0], trained)  # the same masks on every backend
+    with pytest.warns(UserWarning, match="dropout=0.5 acts between stacked layers only"):
+        rnnkit.SLSTM(3, 4, dropout=0.5)
+
+
+# ---- the boundary's errors --------------------------------------------------------------------
+def test_bad_inputs_name_the_argument():
+    layer = rnnkit.SLSTM(3, 4, num_layers=2)
+    cell = rnnkit.SLSTMCell(3, 4)
+    x = torch.randn(5, 2, 3)
+    good = tuple(torch.zeros(2, 2, 4) for _ in range(4))
+    cases = [
+        (lambda: rnnkit.SLSTM(3, 10, num_heads=4), ValueError,
+         r"SLSTM num_heads must divide hidden_size=10 .*got num_heads=4; accepted: 1, 2, 5, 10"),
+        (lambda: rnnkit.SLSTMCell(3, 4, num_heads=0), ValueError,
+         r"SLSTMCell num_heads must be an int >= 1, got 0"),
+        (lambda: rnnkit.SLSTM(3, 4, forget_gate="tanh"), ValueError,
+         r"SLSTM forget_gate must be one of 'sigmoid', 'exp', got 'tanh'"),
+        (lambda: rnnkit.SLSTM(3, 4, backend="native"), ValueError,
+         r"SLSTM backend must be one of 'auto', 'fused', 'reference', got 'native'"),
+        (lambda: rnnkit.SLSTM(0, 4), ValueError, r"SLSTM input_size must be an int >= 1, got 0"),
+        (lambda: layer(torch.randn(5, 2, 7)), ValueError,
+         r"SLSTM input must have shape \(L, N, H_in\) .* input_size = 3; got \(5, 2, 7\)"),
+        (lambda: layer(x, good[0]), TypeError,
+         r"SLSTM hx must be a tuple \(h_0, c_0, n_0, m_0\) of four Tensors of shape "
+         r"\(D\*num_layers, N, H\) = \(2, 2, 4\), got a Tensor"),
+        (lambda: layer(x, good[:3]), TypeError, r"SLSTM hx must be a tuple \(h_0, c_0, n_0, m_0\)"),
+        (lambda: layer(x, (*good[:2], torch.zeros(1, 2, 4), good[3])), ValueError,
+         r"SLSTM hx \(n_0\) must have shape \(D\*num_layers, N, H\) = \(2, 2, 4\), got \(1, 2, 4\)"),
+        (lambda: layer(x, (*good[:3], good[3].double())), TypeError,
+         r"SLSTM hx \(m_0\) has dtype torch.float64"),
+        (lambda: layer(x.double()), TypeError,
+         r"SLSTM input has dtype torch.float64 but the parameters have dtype torch.float32"),
+        (lambda: layer(x, lengths=[5, 6]), ValueError, r"lengths must lie in \[1, 5\]"),
+        (lambda: cell(torch.randn(2, 5)), ValueError,
+         r"SLSTMCell input must have shape \(N, 3\) or \(3,\) \(input_size=3\), got \(2, 5\)"),
+        (lambda: cell(torch.randn(2, 3), tuple(torch.zeros(3, 4) for _ in range(4))),
+         ValueError, r"SLSTMCell hx \(h_0\) must have shape \(N, H\) = \(2, 4\), got \(3, 4\)"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    with pytest.raises(ValueError, match=r"SLSTM backend must be one of"):
+        layer.backend = "fast"
+
+
+def test_reference_step_matches_the_dense_formula_with_torch_lstm_gate_order():
+    """The reference step against F.linear with the dense block-diagonal matrix, rows in the
+    documented order (i|f|z|o): a check of the weight layout the docs promise."""
+    torch.manual_seed(13)
+    cell = rnnkit.SLSTMCell(3, 6, num_heads=3, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    h, c = torch.randn(2, 6, dtype=torch.float64) * 0.5, torch.randn(2, 6, dtype=torch.float64)
+    n, m = 2 + torch.rand(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    pre = F.linear(x, cell.weight_ih, cell.bias_ih) + h @ _dense_recurrent(cell.weight_hh).T
+    i_pre, f_pre, z_pre, o_pre = pre.chunk(4, dim=1)
+    m_new = torch.maximum(F.logsigmoid(f_pre) + m, i_pre)
+    i, f = torch.exp(i_pre - m_new), torch.exp(F.logsigmoid(f_pre) + m - m_new)
+    c_new = f * c + i * torch.tanh(z_pre)
+    n_new = f * n + i
+    expected = (torch.sigmoid(o_pre) * c_new / n_new, c_new, n_new, m_new)
+    for part, want in zip(cell(x, (h, c, n, m)), expected, strict=True):
+        assert_same({"v": part}, {"v": want}, torch.float64)
