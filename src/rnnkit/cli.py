@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_forecast_commands(commands)
     _add_config_command(
         commands, "memory", MemoryCommand, MEMORY_EXCLUDE,
-        help="train RNN, LSTM and GRU side by side on long-memory tasks",
+        help="train RNN, LSTM, GRU (minGRU, minLSTM, ...) side by side on long-memory tasks",
         description="Train each cell x length (x seed) on the adding problem or the copy task, "
         "then print a table and write results.json, results.csv, learning curves, gradient "
         "flow and gate heatmaps.")
