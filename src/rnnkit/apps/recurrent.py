@@ -46,7 +46,7 @@ from rnnkit.minimal import MinGRU, MinLSTM
 
 # The settings of `RecurrentConfig` beyond the ones every layer takes (hidden_size, num_layers,
 # dropout, backend), each named by its field.
-TORCH_SETTINGS = frozenset({"init", "layer_norm", "recurrent_dropout", "zoneout", "weight_drop"})
+OPTIONAL_SETTINGS = frozenset({"init", "layer_norm", "recurrent_dropout", "zoneout", "weight_drop"})
 REGULARISATION = ("layer_norm", "recurrent_dropout", "zoneout", "weight_drop")
 
 
@@ -60,7 +60,7 @@ class StackFamily:
     variants: dict[str, dict] = field(default_factory=dict)  # cell-name suffix -> switches
         # (``lstm-peephole``: {"peephole": True}); beyond torch.nn's three families, the
         # switches are the layer's own keyword arguments
-    settings: frozenset[str] = frozenset()  # the `TORCH_SETTINGS` it takes; the others are
+    settings: frozenset[str] = frozenset()  # the `OPTIONAL_SETTINGS` it takes; the others are
         # ignored (init) or refused by name (regularisation)
     torch_nn: bool = False  # torch.nn has the same layer (``--backend torch.nn``)
     exports: bool = False  # `rnnkit export` writes it to ONNX (`rnnkit.export_onnx`)
@@ -72,11 +72,11 @@ class StackFamily:
 FAMILIES: dict[str, StackFamily] = {
     "lstm": StackFamily(LSTM, BACKENDS, {"peephole": {"peephole": True},
                                          "projection": {"projection": True}},
-                        TORCH_SETTINGS, torch_nn=True, exports=True),
-    "gru": StackFamily(GRU, BACKENDS, {"reset-before": {"reset_before": True}}, TORCH_SETTINGS,
+                        OPTIONAL_SETTINGS, torch_nn=True, exports=True),
+    "gru": StackFamily(GRU, BACKENDS, {"reset-before": {"reset_before": True}}, OPTIONAL_SETTINGS,
                        torch_nn=True, exports=True),
     "rnn": StackFamily(RNN, BACKENDS, {"relu": {"nonlinearity": "relu"}},
-                       TORCH_SETTINGS - {"init"}, torch_nn=True, exports=True),
+                       OPTIONAL_SETTINGS - {"init"}, torch_nn=True, exports=True),
     "mingru": StackFamily(MinGRU, MINIMAL_BACKENDS, {"log": {"log_space": True}}, peer="gru"),
     "minlstm": StackFamily(MinLSTM, MINIMAL_BACKENDS, {"log": {"log_space": True}},
                            peer="lstm"),
@@ -189,6 +189,7 @@ class RecurrentConfig:
         if self.backend not in (*stack.backends, "torch.nn"):
             raise ValueError(f"--backend {self.backend} is not an engine of --cell {self.cell}; "
                              f"it takes {', '.join(stack.backends)}")
+        # The one backend that needs a variant (the minimal families' log-space scan).
         if self.backend == "log_scan" and not CELL_NAMES[self.cell][1].get("log_space"):
             raise ValueError(f"--backend log_scan runs the log-space variant only (its b_t > 0 "
                              f"has a logarithm): use --cell {family}-log, or --backend scan; "
