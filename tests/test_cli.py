@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 
@@ -12,26 +14,33 @@ from rnnkit import bench, cli
 from rnnkit.engine import native
 
 
-def test_bench_quick_prints_table_and_writes_json(tmp_path, capsys):
-    path = tmp_path / "bench.json"
-    assert cli.main(["bench", "--quick", "--json", str(path)]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory) -> tuple[str, dict]:
+    """What `rnnkit bench --quick --json FILE` prints, and the file (every family)."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(["bench", "--quick", "--json", str(path)]) == 0
+    return printed.getvalue(), json.loads(path.read_text())
+
+
+def test_bench_quick_prints_table_and_writes_json(quick_bench):
+    out, data = quick_bench
     assert "infer ms" in out and "train ms" in out and "train GF/s" in out
     assert "float32 FMA peak:" in out and "torch.mm at n = 512:" in out
     for family in bench.FAMILIES:
-        for variant in bench.VARIANTS[family]:
-            assert f"{family:6} {variant:18} rnnkit[auto]" in out
+        for variant, (arguments, _) in bench.VARIANTS[family].items():
+            assert f"{family:7} {variant:18} rnnkit[{arguments.get('backend', 'auto')}]" in out
     assert "torch.nn.LSTMCell" in out and "step x torch.nn.LSTMCell" in out
-    data = json.loads(path.read_text())
-    rows = data["rows"]
+    rows = [r for r in data["rows"] if r["family"] in bench.CLASSES]  # minimal ones: below
     assert data["machine"]["torch"]
     plain = [r for r in rows if r["variant"] == "plain" and r["implementation"] == "rnnkit[auto]"]
-    assert len(plain) == len(bench.FAMILIES)
+    assert len(plain) == len(bench.CLASSES)
     for row in plain:
         assert row["inference_ms"] > 0 and row["training_ms"] > 0
         assert row["ratios"]["train x torch.nn"] > 0
     variants = [r for r in rows if r["implementation"] == "rnnkit[auto]" and r["variant"] != "plain"]
-    assert len(variants) == sum(len(v) - 1 for v in bench.VARIANTS.values())
+    assert len(variants) == sum(len(bench.VARIANTS[family]) - 1 for family in bench.CLASSES)
     for row in variants:
         assert row["ratios"]["train x plain"] > 0 and row["ratios"]["train speedup vs reference"] > 0
     # Rates are the size's matrix-product FLOPs over the median time.
@@ -77,7 +86,7 @@ def test_memory_probe_imports_this_rnnkit_whatever_the_working_directory(tmp_pat
 
 
 @pytest.mark.parametrize(("family", "proj_size"), [("lstm", 0), ("lstm", 3), ("gru", 0),
-                                                   ("rnn", 0)])
+                                                   ("rnn", 0), ("mingru", 0), ("minlstm", 0)])
 def test_the_bench_s_flop_count_is_what_the_reference_loop_multiplies(family, proj_size):
     """`product_flops` against torch's own count of every matrix product the reference engine
     (one product per step and weight, in plain PyTorch ops) runs, forward and backward."""
@@ -86,7 +95,8 @@ def test_the_bench_s_flop_count_is_what_the_reference_loop_multiplies(family, pr
     import rnnkit
 
     steps, batch, hidden = 5, 3, 8
-    layer_class = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU, "rnn": rnnkit.RNN}[family]
+    layer_class = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU, "rnn": rnnkit.RNN,
+                   "mingru": rnnkit.MinGRU, "minlstm": rnnkit.MinLSTM}[family]
     options = {"proj_size": proj_size} if proj_size else {}
     model = layer_class(hidden, hidden, backend="reference", **options)
     width = proj_size or hidden
@@ -95,7 +105,7 @@ def test_the_bench_s_flop_count_is_what_the_reference_loop_multiplies(family, pr
         state = [torch.randn(1, batch, width, requires_grad=True)]
         if family == "lstm":
             state.append(torch.randn(1, batch, hidden, requires_grad=True))
-        with FlopCounterMode(display=False) as forward_count:
+        with FlopCounterMode(display=False) as forward_count:  # the minimal: no W_hh h
             output, _ = model(x, tuple(state) if family == "lstm" else state[0])
         with FlopCounterMode(display=False) as backward_count:
             output.sum().backward()
@@ -104,3 +114,35 @@ def test_the_bench_s_flop_count_is_what_the_reference_loop_multiplies(family, pr
             family, size, proj_size, training=False)
         assert forward_count.get_total_flops() + backward_count.get_total_flops() == \
             bench.product_flops(family, size, proj_size, training=True, input_grad=input_grad)
+
+
+def test_bench_times_the_minimal_cells_against_rnnkits_gated_peers(quick_bench):
+    """torch.nn has no minGRU or minLSTM: their rows say which rnnkit layer they ran against."""
+    out, data = quick_bench
+    rows = {(r["family"], r["variant"], r["implementation"]): r for r in data["rows"]}
+    for family, peer, cell_peer in (("mingru", "rnnkit.GRU", "rnnkit.GRUCell"),
+                                    ("minlstm", "rnnkit.LSTM", "rnnkit.LSTMCell")):
+        assert f"{family:7} plain              {peer}[auto]" in out
+        peer_row = rows[(family, "plain", f"{peer}[auto]")]
+        plain = rows[(family, "plain", "rnnkit[auto]")]
+        assert plain["ratios"][f"train x {peer}"] == pytest.approx(
+            plain["training_ms"] / peer_row["training_ms"])
+        assert plain["ratios"][f"infer x {peer}"] == pytest.approx(
+            plain["inference_ms"] / peer_row["inference_ms"])
+        assert plain["training_gflops"] == pytest.approx(bench.product_flops(
+            family, (12, 4, 16)) / plain["training_ms"] / 1e6)
+        for variant, (arguments, _) in bench.MINIMAL_VARIANTS.items():
+            row = rows[(family, variant, f"rnnkit[{arguments.get('backend', 'auto')}]")]
+            assert row["ratios"]["train speedup vs reference"] == pytest.approx(
+                rows[(family, variant, "rnnkit[reference]")]["training_ms"]
+                / row["training_ms"])
+            if variant != "plain":
+                assert row["ratios"]["train x plain"] > 0
+        cell = rows[(family, "streaming step", f"rnnkit.Min{peer.split('.')[1]}Cell")]
+        assert cell["ratios"][f"step x {cell_peer}"] > 0
+        assert (family, "streaming step", cell_peer) in rows
+        memory = {r["implementation"]: r for r in data["memory"] if r["family"] == family}
+        assert set(memory) == {f"{peer}[auto]", "rnnkit[auto]"}
+        assert memory["rnnkit[auto]"]["ratios"][f"peak x {peer}"] >= 0
+    assert not any(r["implementation"] == "torch.nn" for r in data["rows"]
+                   if r["family"] in bench.MINIMAL)

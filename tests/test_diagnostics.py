@@ -249,7 +249,86 @@ def test_bad_diagnostic_input_is_named():
         gradient_flow(lstm, x, layer_index=1, direction="forward")
     with pytest.raises(ValueError, match="direction must be 'forward' \\(or None\\)"):
         gradient_flow(rnnkit.GRU(3, 4), x, direction="reverse")
-    with pytest.raises(TypeError, match="takes an rnnkit RNN, LSTM or GRU layer, got LSTM"):
+    with pytest.raises(TypeError, match="takes an rnnkit RNN, LSTM, GRU, MinGRU or MinLSTM layer, "
+                                        "got LSTM"):
         gradient_flow(torch.nn.LSTM(3, 4), x)
     with pytest.raises(KeyError, match="no gate 'z'"):
         gate_trace(rnnkit.LSTM(3, 4), x).gate("z")
+
+
+# minGRU and minLSTM -----------------------------------------------------------------------------
+
+def _minimal_layer(layer_class, bidirectional, log_space):
+    torch.manual_seed(0)
+    return layer_class(3, 5, num_layers=2, bidirectional=bidirectional, log_space=log_space,
+                       dtype=torch.float64)
+
+
+@pytest.mark.parametrize("layer_class", [rnnkit.MinGRU, rnnkit.MinLSTM])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_minimal_gradient_flow_is_the_norm_of_autograds_jacobian(layer_class, direction):
+    """The closed form ‖Π a‖ against autograd through the layer itself: the top layer alone,
+    fed the stack's lower output, run on from each state h_t to the end."""
+    bidirectional = direction == "reverse"
+    layer = _minimal_layer(layer_class, bidirectional, log_space=bidirectional)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    flow = gradient_flow(layer, x, direction=direction if bidirectional else None)
+    assert flow.c is None and flow.h.shape == (6, 2)
+    lower = layer_class(3, 5, bidirectional=bidirectional, log_space=bidirectional,
+                        dtype=torch.float64)
+    lower.load_state_dict({k: v for k, v in layer.state_dict().items() if "_l0" in k})
+    top = layer_class(lower.num_directions * 5, 5, log_space=bidirectional, dtype=torch.float64)
+    suffix = "_l1_reverse" if bidirectional else "_l1"
+    top.load_state_dict({"weight_ih_l0": getattr(layer, "weight_ih" + suffix),
+                         "bias_ih_l0": getattr(layer, "bias_ih" + suffix)})
+    with torch.no_grad():
+        sequence = lower(x)[0]
+    if bidirectional:
+        sequence = sequence.flip(0)  # the reverse direction's processing order
+    for n in range(2):
+        for t in range(6):
+            h_t = top(sequence[: t + 1, n : n + 1])[1][0, 0]  # the state leaving step t
+            rest = sequence[t + 1 :, n : n + 1]
+
+            def run_on(h, rest=rest):  # the top layer from h_t to the last step
+                return top(rest, h.view(1, 1, 5))[1].view(5)
+
+            jacobian = (torch.autograd.functional.jacobian(run_on, h_t) if t < 5
+                        else torch.eye(5, dtype=torch.float64))
+            assert float(flow.h[t, n]) == pytest.approx(float(jacobian.norm()), rel=1e-10)
+
+
+@pytest.mark.parametrize("layer_class, gates", [(rnnkit.MinGRU, ("z", "h")),
+                                                (rnnkit.MinLSTM, ("f'", "i'", "h"))])
+def test_minimal_gate_trace_holds_the_spec_gates_and_the_layers_output(layer_class, gates):
+    layer = _minimal_layer(layer_class, bidirectional=True, log_space=False)
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    lengths = [6, 2, 4]
+    trace = gate_trace(layer, x, lengths=lengths)
+    output, _ = layer(x, lengths=lengths)
+    top = torch.cat([trace.gate("h", 1, 0), trace.gate("h", 1, 1)], dim=2)
+    valid = torch.arange(6)[:, None] < torch.tensor(lengths)  # (T, N)
+    torch.testing.assert_close(top[valid], output[valid])
+    assert bool(top[~valid].isnan().all())
+    # Layer 0 reads x: its gates from the spec's formulas (docs/spec-minimal.md).
+    projected = torch.nn.functional.linear(x, layer.weight_ih_l0, layer.bias_ih_l0)
+    if layer_class is rnnkit.MinGRU:
+        expected = {"z": torch.sigmoid(projected[..., :5])}
+    else:
+        f, i = torch.sigmoid(projected[..., :5]), torch.sigmoid(projected[..., 5:10])
+        expected = {"f'": f / (f + i), "i'": i / (f + i)}
+    for name, value in expected.items():
+        torch.testing.assert_close(trace.gate(name)[valid], value[valid])
+    assert set(trace.gates[(0, 0)]) == set(gates)
+    assert set(trace.saturation[(0, 0)]) == set(gates) - {"h"}
+
+
+def test_minimal_saturation_counts_pinned_gates():
+    layer = rnnkit.MinGRU(2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        layer.bias_ih_l0[:4] = 50.0  # z pinned at 1
+    assert gate_trace(layer, torch.randn(7, 2, 2, dtype=torch.float64)).saturation[(0, 0)] \
+        == {"z": 1.0}
+    layer = rnnkit.MinLSTM(2, 4, dtype=torch.float64)
+    assert gate_trace(layer, torch.zeros(7, 2, 2, dtype=torch.float64)).saturation[(0, 0)] \
+        == {"f'": 0.0, "i'": 0.0}

@@ -8,11 +8,17 @@ inference (forward under ``no_grad``) and training (forward + backward of ``outp
 
 Peers: plain cells against torch.nn's module with the same weights; every variant against the
 plain cell through rnnkit ("x plain") and against the reference loop ("x faster than reference").
-Single-step streaming latency is timed against ``torch.nn.LSTMCell``.
+Single-step streaming latency is timed against ``torch.nn.LSTMCell``. torch.nn has no minGRU or
+minLSTM: their rows (families ``mingru``, ``minlstm``, each variant also against its reference
+loop) have rnnkit's GRU and LSTM of the same size as the peer, on the ``--backend`` given
+(rows ``rnnkit.GRU[<backend>]``, ratios "x rnnkit.GRU"), and their cells' streaming step is
+timed against ``rnnkit.GRUCell`` and ``rnnkit.LSTMCell``; the minimal layers run their own
+engines (``auto``, and ``log_scan`` for the log-space variant).
 
 Memory: the peak resident memory that one training step (forward + backward of ``output.sum()``)
-adds to a fresh process, for torch.nn and rnnkit, each measured in a process of its own (Linux:
-the kernel's high-water mark, reset just before the step).
+adds to a fresh process, for torch.nn (the minimal families: rnnkit's GRU, LSTM) and rnnkit,
+each measured in a process of its own (Linux: the kernel's high-water mark, reset just before
+the step).
 """
 
 from __future__ import annotations
@@ -33,17 +39,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rnnkit.cells import GRUCell, LSTMCell
 from rnnkit.configuration import LARGEST_COUNT
 from rnnkit.engine import BACKENDS, native
 from rnnkit.interop import from_torch
 from rnnkit.layers import GRU, LSTM, RNN
+from rnnkit.minimal import MinGRU, MinGRUCell, MinLSTM, MinLSTMCell
 from rnnkit.training.devices import describe_allocator
 
 FULL_SIZES = [(100, 32, 64), (100, 32, 256), (50, 64, 512), (200, 1, 128)]
 QUICK_SIZES = [(12, 4, 16)]
 MEMORY_SIZE = (1000, 32, 256)
 QUICK_MEMORY_SIZE = (50, 4, 16)
-FAMILIES = ("lstm", "gru", "rnn")
+FAMILIES = ("lstm", "gru", "rnn", "mingru", "minlstm")
 
 
 def _size_parser(option: str, accepted: str, as_text: bool) -> Callable[[str], object]:
@@ -79,6 +87,8 @@ class BenchCommand:
                                 metadata={"choices": FAMILIES})  # cell families to time
     backend: str = field(default="auto", metadata={
         "choices": tuple(b for b in BACKENDS if b != "reference")})  # rnnkit backend to time
+        # (lstm, gru, rnn, and the minimal families' GRU and LSTM peers; minGRU and minLSTM run
+        # their own engines)
     repeats: int = field(default=7, metadata={"check": "positive"})
         # timed repeats, their median reported (2 with --quick)
     streaming_hidden: int = field(default=256, metadata={"check": "positive"})
@@ -129,6 +139,20 @@ VARIANTS: dict[str, dict[str, tuple[dict, bool]]] = {
     },
 }
 CLASSES = {"lstm": (LSTM, nn.LSTM), "gru": (GRU, nn.GRU), "rnn": (RNN, nn.RNN)}
+# The families torch.nn lacks: (layer, cell, the rnnkit family of the same size timed beside).
+MINIMAL: dict[str, tuple[type[nn.Module], type[nn.Module], str]] = {
+    "mingru": (MinGRU, MinGRUCell, "gru"),
+    "minlstm": (MinLSTM, MinLSTMCell, "lstm"),
+}
+# Their variants: (constructor arguments, whether it runs on padded input with lengths); a
+# "backend" argument names the engine in the row ("rnnkit[log_scan]"), else their auto.
+MINIMAL_VARIANTS: dict[str, tuple[dict, bool]] = {
+    "plain": ({}, False),
+    "log_space": ({"log_space": True}, False),
+    "log_space log_scan": ({"log_space": True, "backend": "log_scan"}, False),
+    "lengths": ({}, True),
+}
+VARIANTS |= {family: MINIMAL_VARIANTS for family in MINIMAL}
 
 
 @dataclass
@@ -146,8 +170,9 @@ class Row:
     training_gflops: float | None = None
 
 
-# Gate blocks per family: the rows of W_ih and W_hh are gates x hidden.
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+# Gate blocks per family: the rows of W_ih and W_hh are gates x hidden (the minimal families
+# have W_ih only).
+GATES = {"lstm": 4, "gru": 3, "rnn": 1, "mingru": 2, "minlstm": 3}
 
 
 def product_flops(family: str, size: tuple[int, int, int], proj_size: int = 0,
@@ -158,12 +183,14 @@ def product_flops(family: str, size: tuple[int, int, int], proj_size: int = 0,
     or the projection's ``P``, whose own product adds ``2 T N H·P``). Training adds the
     backward's products: each weight's gradient, and the gradient of each product's input,
     except the sequence's own unless ``input_grad`` (the bench's input does not require one).
-    Padded steps (lengths) are counted: the nominal work of the size."""
+    Padded steps (lengths) are counted: the nominal work of the size. The minimal families
+    have no recurrent product."""
     steps, batch, hidden = size
     width = proj_size or hidden
     gates = GATES[family] * hidden
     input_product = 2 * steps * batch * hidden * gates
-    recurrent = 2 * steps * batch * (width * gates + (hidden * width if proj_size else 0))
+    recurrent = 0 if family in MINIMAL else (
+        2 * steps * batch * (width * gates + (hidden * width if proj_size else 0)))
     if not training:
         return input_product + recurrent
     return (3 if input_grad else 2) * input_product + 3 * recurrent
@@ -209,6 +236,8 @@ def _runners(module: nn.Module, x: torch.Tensor, lengths: list[int] | None):
 def benchmark_size(family: str, size: tuple[int, int, int], backend: str, repeats: int,
                    with_reference: bool) -> list[Row]:
     """Every variant of ``family`` at ``size`` (T, N, H), with torch.nn and reference peers."""
+    if family in MINIMAL:
+        return benchmark_minimal_size(family, size, backend, repeats, with_reference)
     steps, batch, hidden = size
     rnnkit_class, torch_class = CLASSES[family]
     generator = torch.Generator().manual_seed(0)
@@ -238,15 +267,7 @@ def benchmark_size(family: str, size: tuple[int, int, int], backend: str, repeat
     # Two groups, each interleaved: torch.nn and rnnkit's engine, then the reference loops.
     # A 3 ms step timed between 40 ms reference loops, whose buffers evict its caches, moved
     # its ratios to the plain cell by 0.1 from run to run at (200, 1, 128).
-    inference_ms, training_ms = {}, {}
-    for group in (False, True):
-        inference, training = {}, {}
-        for key, (module, variant_lengths) in contenders.items():
-            if (key[1] == "rnnkit[reference]") == group:
-                inference[key], training[key] = _runners(module, x, variant_lengths)
-        if inference:
-            inference_ms.update(_time_interleaved(inference, repeats))
-            training_ms.update(_time_interleaved(training, repeats))
+    inference_ms, training_ms = _timed_groups(contenders, x, repeats)
 
     rows = []
     for key, (module, _) in contenders.items():
@@ -269,6 +290,109 @@ def benchmark_size(family: str, size: tuple[int, int, int], backend: str, repeat
             reference_ms = training_ms.get((row.variant, "rnnkit[reference]"))
             if reference_ms is not None:
                 row.ratios["train speedup vs reference"] = reference_ms / row.training_ms
+    return rows
+
+
+def _timed_groups(contenders: dict[tuple[str, str], tuple[nn.Module, list[int] | None]],
+                  x: torch.Tensor, repeats: int) -> tuple[dict, dict]:
+    """(inference ms, training ms) of every contender: two groups, each interleaved, the
+    reference loops after the rest (see `benchmark_size`)."""
+    inference_ms, training_ms = {}, {}
+    for group in (False, True):
+        inference, training = {}, {}
+        for key, (module, variant_lengths) in contenders.items():
+            if (key[1] == "rnnkit[reference]") == group:
+                inference[key], training[key] = _runners(module, x, variant_lengths)
+        if inference:
+            inference_ms.update(_time_interleaved(inference, repeats))
+            training_ms.update(_time_interleaved(training, repeats))
+    return inference_ms, training_ms
+
+
+def benchmark_minimal_size(family: str, size: tuple[int, int, int], backend: str, repeats: int,
+                           with_reference: bool) -> list[Row]:
+    """Every variant of a minimal ``family`` at ``size`` (T, N, H) on its own engines, each
+    against its reference loop, and the plain layer against rnnkit's GRU or LSTM of the same
+    size on ``backend`` (torch.nn has no minimal layer)."""
+    steps, batch, hidden = size
+    layer_class, _, peer_family = MINIMAL[family]
+    peer_class = CLASSES[peer_family][0]
+    peer_label = f"rnnkit.{peer_class.__name__}"
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(steps, batch, hidden, generator=generator)
+    lengths = torch.randint(max(1, steps // 2), steps + 1, (batch,), generator=generator)
+    lengths[0] = steps
+    torch.manual_seed(0)
+    peer_key = ("plain", f"{peer_label}[{backend}]")
+    contenders = {peer_key: (peer_class(hidden, hidden, backend=backend), None)}
+    for variant, (arguments, needs_lengths) in MINIMAL_VARIANTS.items():
+        arguments = dict(arguments)
+        engine = arguments.pop("backend", "auto")
+        module = layer_class(hidden, hidden, **arguments, backend=engine)
+        variant_lengths = lengths.tolist() if needs_lengths else None
+        contenders[(variant, f"rnnkit[{engine}]")] = (module, variant_lengths)
+        if with_reference:
+            reference = layer_class(hidden, hidden, **arguments, backend="reference")
+            reference.load_state_dict(module.state_dict())
+            contenders[(variant, "rnnkit[reference]")] = (reference, variant_lengths)
+    inference_ms, training_ms = _timed_groups(contenders, x, repeats)
+    rows = []
+    for key in contenders:
+        variant, implementation = key
+        row_family = peer_family if key == peer_key else family
+        infer, train = inference_ms[key], training_ms[key]
+        row = Row(family, variant, implementation, size, infer, train,
+                  inference_gflops=_gflops(product_flops(row_family, size, 0, False), infer),
+                  training_gflops=_gflops(product_flops(row_family, size), train))
+        if implementation not in ("rnnkit[reference]", peer_key[1]):
+            if variant == "plain":
+                row.ratios[f"train x {peer_label}"] = train / training_ms[peer_key]
+                row.ratios[f"infer x {peer_label}"] = infer / inference_ms[peer_key]
+            else:
+                row.ratios["train x plain"] = train / training_ms[("plain", "rnnkit[auto]")]
+            reference_ms = training_ms.get((variant, "rnnkit[reference]"))
+            if reference_ms is not None:
+                row.ratios["train speedup vs reference"] = reference_ms / train
+        rows.append(row)
+    return rows
+
+
+def benchmark_minimal_streaming(families, hidden: int, backend: str, repeats: int,
+                                steps: int = 100) -> list[Row]:
+    """Latency of one step at batch 1 of each minimal family's cell against rnnkit's GRUCell
+    or LSTMCell (on ``backend``), interleaved."""
+    xs = torch.randn(steps, 1, hidden, generator=torch.Generator().manual_seed(0))
+
+    def stream_cell(module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                state = None
+                for x in xs:
+                    state = module(x, state)
+        return run
+
+    torch.manual_seed(0)
+    cells: dict[str, tuple[str, str, nn.Module]] = {}  # label -> (family, peer label, cell)
+    for family in families:
+        _, cell_class, peer_family = MINIMAL[family]
+        peer_class = {"gru": GRUCell, "lstm": LSTMCell}[peer_family]
+        peer_label = f"rnnkit.{peer_class.__name__}"
+        peer = peer_class(hidden, hidden)
+        peer.backend = backend
+        cells[peer_label] = (family, peer_label, peer)
+        cells[f"rnnkit.{cell_class.__name__}"] = (family, peer_label, cell_class(hidden, hidden))
+    runs = {label: stream_cell(cell) for label, (_, _, cell) in cells.items()}
+    per_step = {name: ms / steps for name, ms in _time_interleaved(runs, repeats).items()}
+    rows = []
+    for label, (family, peer_label, _) in cells.items():
+        ms = per_step[label]
+        row = Row(family, "streaming step", label, (1, 1, hidden), ms, None,
+                  inference_gflops=_gflops(product_flops(
+                      family if label != peer_label else MINIMAL[family][2], (1, 1, hidden), 0,
+                      False), ms))
+        if label != peer_label:
+            row.ratios[f"step x {peer_label}"] = ms / per_step[peer_label]
+        rows.append(row)
     return rows
 
 
@@ -340,11 +464,15 @@ def measure_training_step_memory(family: str, implementation: str, size: list[in
     """In this process: MiB that one training step adds at its peak (run in a fresh process)."""
     steps, batch, hidden = size
     torch.manual_seed(0)
-    rnnkit_class, torch_class = CLASSES[family]
-    if implementation == "torch.nn":
-        module = torch_class(hidden, hidden)
+    if family in MINIMAL:  # the peer is rnnkit's GRU or LSTM, on ``backend``
+        layer_class, _, peer_family = MINIMAL[family]
+        module = (CLASSES[peer_family][0](hidden, hidden, backend=backend)
+                  if implementation != "rnnkit[auto]" else layer_class(hidden, hidden))
+    elif implementation == "torch.nn":
+        module = CLASSES[family][1](hidden, hidden)
     else:
-        module = rnnkit_class(hidden, hidden, backend=backend)
+        module = CLASSES[family][0](hidden, hidden, backend=backend)
+    if implementation != "torch.nn":
         module(torch.randn(2, 1, hidden))  # loads the native kernels before the baseline
     x = torch.randn(steps, batch, hidden)
     with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
@@ -370,28 +498,35 @@ def run_in_fresh_process(code: str) -> subprocess.CompletedProcess:
 
 
 def benchmark_memory(family: str, size: tuple[int, int, int], backend: str) -> list[MemoryRow]:
-    """Peak memory of a training step, torch.nn against rnnkit, each in a fresh process."""
+    """Peak memory of a training step, torch.nn (for a minimal family rnnkit's GRU or LSTM on
+    ``backend``) against rnnkit, each in a fresh process."""
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("the memory benchmark needs Linux (/proc/self/clear_refs)")
+    if family in MINIMAL:
+        peer = f"rnnkit.{CLASSES[MINIMAL[family][2]][0].__name__}[{backend}]"
+        implementations = (peer, "rnnkit[auto]")
+    else:
+        peer, implementations = "torch.nn", ("torch.nn", f"rnnkit[{backend}]")
     rows = []
-    for implementation in ("torch.nn", f"rnnkit[{backend}]"):
+    for implementation in implementations:
         done = run_in_fresh_process(
             "from rnnkit.bench import measure_training_step_memory as m; "
             f"print(m({family!r}, {implementation!r}, {list(size)!r}, {backend!r}))")
         if done.returncode != 0:
             raise RuntimeError(f"memory measurement of {implementation} failed:\n{done.stderr}")
         rows.append(MemoryRow(family, implementation, size, float(done.stdout.split()[-1])))
-    rows[1].ratios["peak x torch.nn"] = rows[1].peak_mib / max(rows[0].peak_mib, 1e-9)
+    peer_name = peer.split("[")[0]  # "torch.nn", "rnnkit.GRU"
+    rows[1].ratios[f"peak x {peer_name}"] = rows[1].peak_mib / max(rows[0].peak_mib, 1e-9)
     return rows
 
 
 def format_memory_table(rows: list[MemoryRow]) -> str:
-    header = f"{'family':6} {'implementation':24} {'T,N,H':14} {'peak MiB':>9}  ratios"
+    header = f"{'family':7} {'implementation':24} {'T,N,H':14} {'peak MiB':>9}  ratios"
     lines = [header, "-" * len(header)]
     for row in rows:
         size = ",".join(str(s) for s in row.size)
         ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.ratios.items())
-        lines.append(f"{row.family:6} {row.implementation:24} {size:14} {row.peak_mib:9.1f}  "
+        lines.append(f"{row.family:7} {row.implementation:24} {size:14} {row.peak_mib:9.1f}  "
                      f"{ratios}")
     return "\n".join(lines)
 
@@ -400,7 +535,7 @@ def format_table(rows: list[Row], peak_gflops: float | None = None) -> str:
     """A fixed-width table: one line per contender, times in ms, the matrix-product GFLOP/s
     (`product_flops`) and, given the machine's float32 peak, the training rate's share of it
     (the inference rate's for rows without training), ratios last."""
-    header = (f"{'family':6} {'variant':18} {'implementation':24} {'T,N,H':14} "
+    header = (f"{'family':7} {'variant':18} {'implementation':24} {'T,N,H':14} "
               f"{'infer ms':>9} {'train ms':>9} {'infer GF/s':>10} {'train GF/s':>10} "
               f"{'% peak':>6}  ratios")
     lines = [header, "-" * len(header)]
@@ -412,7 +547,7 @@ def format_table(rows: list[Row], peak_gflops: float | None = None) -> str:
         rate = row.training_gflops if row.training_ms is not None else row.inference_gflops
         share = "-" if rate is None or not peak_gflops else f"{100 * rate / peak_gflops:5.1f}%"
         ratios = "  ".join(f"{k} {v:.2f}" for k, v in row.ratios.items())
-        lines.append(f"{row.family:6} {row.variant:18} {row.implementation:24} {size:14} "
+        lines.append(f"{row.family:7} {row.variant:18} {row.implementation:24} {size:14} "
                      f"{row.inference_ms:9.2f} {train:>9} {rates[0]:>10} {rates[1]:>10} "
                      f"{share:>6}  {ratios}")
     return "\n".join(lines)
@@ -494,6 +629,9 @@ def run_benchmarks(
             rows += benchmark_size(family, size, backend, repeats, with_reference)
     progress(f"timing streaming steps at H = {streaming_hidden} ...")
     rows += benchmark_streaming(streaming_hidden, backend, repeats)
+    minimal = [family for family in families if family in MINIMAL]
+    if minimal:
+        rows += benchmark_minimal_streaming(minimal, streaming_hidden, backend, repeats)
     return rows
 
 

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_command(
         lm_commands, "throughput", LMThroughputCommand,
         LM_EXCLUDE | {"train.loop.checkpoint_every"},
-        help="training speed on rnnkit against the same model on torch.nn")
+        help="training speed on rnnkit against the same model on torch.nn (minGRU, minLSTM: "
+        "against rnnkit's GRU, LSTM)")
 
     _add_config_command(lm_commands, "eval", LMEvalCommand, frozenset(),
                         help="loss of a checkpoint on a new text file")
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_forecast_commands(commands)
     _add_config_command(
         commands, "memory", MemoryCommand, MEMORY_EXCLUDE,
-        help="train RNN, LSTM and GRU side by side on long-memory tasks",
+        help="train RNN, LSTM, GRU (minGRU, minLSTM, ...) side by side on long-memory tasks",
         description="Train each cell x length (x seed) on the adding problem or the copy task, "
         "then print a table and write results.json, results.csv, learning curves, gradient "
         "flow and gate heatmaps.")
@@ -259,7 +260,12 @@ def run_memory(args: argparse.Namespace) -> int:
     from rnnkit.apps.memory.commands import memory
     from rnnkit.apps.memory.experiment import RunConfig
 
-    command, _ = resolve_command(args)
+    # The command's own recurrent cell is a placeholder (--cells names them): its settings are
+    # checked with each member cell, whose family decides what they may be (a backend, ...).
+    command, _ = resolve_command(args, check=False)
+    with usage_errors():
+        for cell in command.cells:
+            check_config(replace(command, recurrent=command.recurrent.with_cell(cell)))
     if printed_config(args, command):
         return 0
     if command.task is None:

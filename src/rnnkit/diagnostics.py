@@ -22,6 +22,13 @@ spec's equations (`rnnkit.engine.steps.cell_gates`) from the layer's weights: ``
 h`` for LSTM, ``r, z, n, h`` for GRU, ``h`` for RNN; and how saturated they are: the fraction of
 sigmoid gate values below 0.05 or above 0.95, and of tanh units (LSTM g, GRU n, tanh-RNN h)
 beyond ±0.95, over the valid steps.
+
+**minGRU and minLSTM** (`rnnkit.MinGRU`, `rnnkit.MinLSTM`): the gates read the input only, so
+``h_t = a_t ⊙ h_{t-1} + b_t`` with ``a_t`` independent of ``h`` and ``∂h_T/∂h_t = diag(Π_{k>t}
+a_k)``: the flow is the norm of that product, exact, in closed form (no perturbation loop). The
+traced gates are the minGRU's ``z = 1 - a`` and the minLSTM's normalised ``f' = a`` and
+``i' = 1 - a`` (`rnnkit.engine.scan.coefficients`), with ``h``; all three count as sigmoid
+gates for saturation, and ``h̃`` (linear, or ``g``) has no saturating unit.
 """
 
 from __future__ import annotations
@@ -30,16 +37,24 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkit import engine
+from rnnkit.engine import scan
+from rnnkit.engine.scan import MinFamily
 from rnnkit.engine.steps import CellKind, Family, cell_gates, output_of, state_of, zoneout
-from rnnkit.layers import PreparedInput, RecurrentLayer
+from rnnkit.layers import PreparedInput, RecurrentLayer, prepare_sequence
+from rnnkit.minimal import MinGRU, MinLSTM
 
 DIRECTIONS = ("forward", "reverse")
 SIGMOID_GATES = {Family.LSTM: ("i", "f", "o"), Family.GRU: ("r", "z"), Family.RNN: ()}
 TANH_UNITS = {Family.LSTM: ("g",), Family.GRU: ("n",), Family.RNN: ("h",)}
 SATURATION_LOW, SATURATION_HIGH, TANH_SATURATION = 0.05, 0.95, 0.95
+MINIMAL_GATES = {MinFamily.GRU: ("z",), MinFamily.LSTM: ("f'", "i'")}
+MinimalLayer = MinGRU | MinLSTM
+DIAGNOSED = (RecurrentLayer, MinGRU, MinLSTM)
+"""The layers `gradient_flow` and `gate_trace` read (`diagnosable`)."""
 
 
 class GradientFlow(NamedTuple):
@@ -50,10 +65,16 @@ class GradientFlow(NamedTuple):
     c: Tensor | None
 
 
-def _check_layer(layer: object, function: str) -> RecurrentLayer:
-    if not isinstance(layer, RecurrentLayer):
-        raise TypeError(f"{function} takes an rnnkit RNN, LSTM or GRU layer, got "
-                        f"{type(layer).__name__}")
+def diagnosable(layer: object) -> bool:
+    """Whether `gradient_flow` and `gate_trace` read ``layer`` (an rnnkit RNN, LSTM, GRU,
+    MinGRU or MinLSTM)."""
+    return isinstance(layer, DIAGNOSED)
+
+
+def _check_layer(layer: object, function: str) -> RecurrentLayer | MinimalLayer:
+    if not diagnosable(layer):
+        raise TypeError(f"{function} takes an rnnkit RNN, LSTM, GRU, MinGRU or MinLSTM layer, "
+                        f"got {type(layer).__name__}")
     return layer
 
 
@@ -92,7 +113,8 @@ def gradient_flow(layer: RecurrentLayer, input: Tensor, hx=None, *,
     """Per-step Frobenius norms of ∂h_T/∂(state leaving step t); see the module docstring.
 
     Args:
-        layer: an rnnkit ``RNN``, ``LSTM`` or ``GRU`` (any variant, any backend).
+        layer: an rnnkit ``RNN``, ``LSTM``, ``GRU``, ``MinGRU`` or ``MinLSTM`` (any variant,
+            any backend).
         input: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``, or unbatched
             ``(L, H_in)`` (then N = 1). No lengths: every sequence runs all L steps.
         hx: the initial state, as the layer takes it (default zeros or the learned state).
@@ -101,12 +123,14 @@ def gradient_flow(layer: RecurrentLayer, input: Tensor, hx=None, *,
             reverse direction's steps are in its processing order (row 0 is the last time step).
 
     Returns:
-        ``GradientFlow(h, c)``, each ``(L, N)`` (``c`` None for RNN and GRU).
+        ``GradientFlow(h, c)``, each ``(L, N)`` (``c`` None but for LSTM).
     """
     layer = _check_layer(layer, "gradient_flow")
     if not isinstance(input, Tensor):
         raise TypeError(f"gradient_flow input must be a Tensor (a padded batch), got "
                         f"{type(input).__name__}; PackedSequence and lengths are not supported")
+    if isinstance(layer, MinimalLayer):
+        return _minimal_gradient_flow(layer, input, hx, layer_index, direction)
     prepared = layer.prepare(input, hx)
     x = prepared.x
     index, d = _choose(layer, layer_index, direction)
@@ -145,6 +169,80 @@ def gradient_flow(layer: RecurrentLayer, input: Tensor, hx=None, *,
     return GradientFlow(norms[0], norms[1] if is_lstm else None)
 
 
+def _minimal_inputs(layer: MinimalLayer, input: Tensor, hx, lengths=None
+                    ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """A minimal layer's ``forward`` input, checked as it checks it: ``x (T, N, I)``,
+    ``lengths`` and the initial state of each layer and direction."""
+    x, lengths, batched = prepare_sequence(
+        type(layer).__name__, input, lengths, input_size=layer.input_size,
+        batch_first=layer.batch_first, parameter=layer.weight_ih_l0)
+    return x, lengths, layer._initial_states(hx, x, batched)
+
+
+def _minimal_direction(layer: MinimalLayer, sequence: Tensor, index: int, direction: int,
+                       initial: list[Tensor], lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(a, output)`` of one layer and direction, ``(T, N, H)`` each in time order: the decay
+    of ``h_t = a_t ⊙ h_{t-1} + b_t`` and the layer's output (its own engine)."""
+    weight, bias = layer.weights(index, direction)
+    a, _ = scan.coefficients(layer.family, F.linear(sequence, weight, bias), layer.log_space)
+    output, _ = scan.run_direction(
+        layer.family, sequence, initial[index * layer.num_directions + direction], weight,
+        bias, lengths, direction == 1, layer.log_space, layer.backend)
+    return a, output
+
+
+def _minimal_gradient_flow(layer: MinimalLayer, input: Tensor, hx, layer_index: int | None,
+                           direction: str | None) -> GradientFlow:
+    """`gradient_flow` of a MinGRU or MinLSTM: ``‖Π_{k>t} a_k‖`` per step (module doc)."""
+    x, _, initial = _minimal_inputs(layer, input, hx)
+    index, d = _choose(layer, layer_index, direction)
+    sequence = x
+    with torch.no_grad():
+        for below in range(index):  # the layers below, as in evaluation (no dropout)
+            outputs = [_minimal_direction(layer, sequence, below, other, initial, None)[1]
+                       for other in range(layer.num_directions)]
+            sequence = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+        a, _ = _minimal_direction(layer, sequence, index, d, initial, None)  # (T, N, H)
+    if d == 1:
+        a = a.flip(0)  # processing order
+    # ∂h_last/∂h_t = diag(a_{t+1} ⊙ … ⊙ a_last): the products from each step to the end,
+    # shifted by one; the identity at the last step.
+    from_step = torch.cumprod(a.flip(0), dim=0).flip(0)  # (T, N, H): Π_{k >= t} a_k
+    products = torch.cat([from_step[1:], torch.ones_like(a[:1])])
+    return GradientFlow(torch.linalg.vector_norm(products, dim=-1), None)
+
+
+def _minimal_gate_trace(layer: MinimalLayer, input: Tensor, hx, lengths) -> GateTrace:
+    """`gate_trace` of a MinGRU or MinLSTM: ``z`` or ``f', i'``, and ``h`` (module doc)."""
+    x, lengths, initial = _minimal_inputs(layer, input, hx, lengths)
+    steps, batch = x.shape[:2]
+    time = torch.arange(steps, device=x.device)[:, None]
+    valid = (time < lengths[None, :]) if lengths is not None else torch.ones(
+        steps, batch, dtype=torch.bool, device=x.device)  # (T, N)
+    trace = GateTrace(layer.family)
+    sequence = x
+    with torch.no_grad():
+        for index in range(layer.num_layers):
+            outputs = []
+            for d in range(layer.num_directions):
+                a, output = _minimal_direction(layer, sequence, index, d, initial, lengths)
+                gates = ({"z": 1 - a} if layer.family == MinFamily.GRU
+                         else {"f'": a, "i'": 1 - a}) | {"h": output}
+                trace.gates[(index, d)] = {
+                    name: value.masked_fill(~valid[:, :, None], float("nan"))
+                    for name, value in gates.items()}
+                trace.saturation[(index, d)] = {
+                    name: _saturated(gates[name][valid]) for name in MINIMAL_GATES[layer.family]}
+                outputs.append(output)
+            sequence = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return trace
+
+
+def _saturated(values: Tensor) -> float:
+    """The fraction of sigmoid gate ``values`` below 0.05 or above 0.95."""
+    return float(((values < SATURATION_LOW) | (values > SATURATION_HIGH)).double().mean())
+
+
 @dataclass
 class GateTrace:
     """Gate activations and their saturation, per (layer, direction).
@@ -154,7 +252,7 @@ class GateTrace:
     saturated fraction over valid steps, for the sigmoid gates and tanh units of the family.
     """
 
-    family: Family
+    family: Family | MinFamily
     gates: dict[tuple[int, int], dict[str, Tensor]] = field(default_factory=dict)
     saturation: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
 
@@ -173,9 +271,7 @@ def saturation_of(kind: CellKind, gates: dict[str, Tensor], valid: Tensor) -> di
     A relu RNN has no saturating unit (relu does not saturate above): its dict is empty."""
     result = {}
     for name in SIGMOID_GATES[kind.family]:
-        values = gates[name][valid]
-        result[name] = float(((values < SATURATION_LOW) | (values > SATURATION_HIGH))
-                             .double().mean())
+        result[name] = _saturated(gates[name][valid])
     if kind.family == Family.RNN and kind.nonlinearity != "tanh":
         return result
     for name in TANH_UNITS[kind.family]:
@@ -195,6 +291,8 @@ def gate_trace(layer: RecurrentLayer, input: Tensor, hx=None, lengths=None) -> G
     if not isinstance(input, Tensor):
         raise TypeError(f"gate_trace input must be a Tensor (padded, with lengths if needed), "
                         f"got {type(input).__name__}")
+    if isinstance(layer, MinimalLayer):
+        return _minimal_gate_trace(layer, input, hx, lengths)
     x, lengths, initial, _ = layer.prepare(input, hx, lengths=lengths)
     kind: CellKind = layer.cell_kind()
     steps, batch = x.shape[:2]
@@ -239,4 +337,5 @@ def gate_trace(layer: RecurrentLayer, input: Tensor, hx=None, lengths=None) -> G
     return trace
 
 
-__all__ = ["GateTrace", "GradientFlow", "gate_trace", "gradient_flow", "saturation_of"]
+__all__ = ["GateTrace", "GradientFlow", "diagnosable", "gate_trace", "gradient_flow",
+           "saturation_of"]

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from rnnkit.apps.outputs import not_an_input, output_file
+from rnnkit.apps.recurrent import FAMILIES, RecurrentConfig
 from rnnkit.engine.onnx import INSTALL_HINT, export_onnx
 from rnnkit.errors import EXIT_FAILURE
 from rnnkit.training.checkpoint import WrongKind
@@ -69,6 +70,7 @@ def plan_export(checkpoint: str) -> ExportPlan:
             ) from None
     else:
         config = model.config.recurrent
+        refuse_unexported(checkpoint, config)
         if config.backend == "torch.nn":
             raise ValueError(
                 f"checkpoint {checkpoint!r} holds a torch.nn {config.cell.upper()} (backend "
@@ -84,6 +86,7 @@ def plan_export(checkpoint: str) -> ExportPlan:
             lambda steps, rows: (torch.randint(vocabulary_size, (steps, rows)),))
     model, _, _ = forecast.restore(checkpoint)  # in eval mode
     config, recurrent = model.config, model.config.recurrent
+    refuse_unexported(checkpoint, recurrent)
     # A recursive forecast slides the window by one step (window[:, 1:]), which torch.export
     # traces for windows of 3 steps or more; a network that corrects seasonal naive reads one
     # season back, so its window holds a season at least (traced and checked longer than that).
@@ -98,6 +101,14 @@ def plan_export(checkpoint: str) -> ExportPlan:
         ["window"], ["forecast"], ({0: batch, 1: length},),
         lambda steps, rows: (torch.randn(rows, steps, config.input_size),),
         traced=(max(8, season + 2) + ahead, 2), checked=(max(13, season + 7) + ahead, 3))
+
+
+def refuse_unexported(checkpoint: str, recurrent: RecurrentConfig) -> None:
+    """``ValueError`` for a checkpoint whose layer family `rnnkit.export_onnx` does not export."""
+    if not FAMILIES[recurrent.family].exports:
+        exported = ", ".join(name for name, family in FAMILIES.items() if family.exports)
+        raise ValueError(f"checkpoint {checkpoint!r} holds a {recurrent.cell} stack, which "
+                         f"rnnkit export does not write to ONNX yet (it exports {exported})")
 
 
 def missing_packages() -> list[str]:

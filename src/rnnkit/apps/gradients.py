@@ -69,7 +69,17 @@ def check_fresh_options(cells: list[str], hidden: int,
     configs = {cell: RecurrentConfig(cell, hidden_size=hidden) for cell in cells}
     for config in configs.values():
         check_config(config)
+        if radius is not None and not _has_recurrent_weights(config):
+            raise ValueError(f"--spectral-radius rescales W_hh, which --cell {config.cell} does "
+                             "not have (its gates read x only)")
     return configs
+
+
+def _has_recurrent_weights(config: RecurrentConfig) -> bool:
+    """Whether ``config``'s layer has a ``weight_hh`` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        layer = build_recurrent(config, 1)
+    return any(name.startswith("weight_hh") for name, _ in layer.named_parameters())
 
 
 def checkpoint_flows(checkpoint: str, text_file: str | None, corpus: str | None, length: int,

@@ -1,8 +1,9 @@
-"""The recurrent stack every app builds: one config (`RecurrentConfig`), one vocabulary of cell
-names (`CELL_NAMES`), one builder (`build_recurrent`).
+"""The recurrent stack every app builds: one config (`RecurrentConfig`), one table of layer
+families (`FAMILIES`) and the cell names it gives (`CELL_NAMES`), one builder (`build_recurrent`).
 
-A cell name is a family (``lstm``, ``gru``, ``rnn``) optionally followed by a variant, the same on
-every command (``--cell`` for one, ``--cells`` for the commands that compare several):
+A cell name is a family (``lstm``, ``gru``, ``rnn``, ``mingru``, ``minlstm``) optionally followed
+by a variant, the same on every command (``--cell`` for one, ``--cells`` for the commands that
+compare several):
 
 ====================  ==========================================================================
 ``lstm``              torch.nn's LSTM
@@ -12,13 +13,22 @@ every command (``--cell`` for one, ``--cells`` for the commands that compare sev
 ``gru-reset-before``  the original GRU (Cho et al. 2014): reset before W_hn; = ``--reset-before``
 ``rnn``               Elman RNN, tanh
 ``rnn-relu``          Elman RNN, ReLU
+``mingru``            minGRU (Feng et al. 2024): the gate reads x only, a scan over time
+``mingru-log``        minGRU's log-space variant (h >= 0; the only one ``--backend log_scan`` runs)
+``minlstm``           minLSTM (Feng et al. 2024): normalised f and i read x only
+``minlstm-log``       minLSTM's log-space variant
 ====================  ==========================================================================
 
 The switches (``peephole``, ``reset_before``, ``proj_size``, ``nonlinearity``) say the same as a
 name and combine with it; a switch given for another family is refused. Settings that only some
 families have are ignored by the others, so one config can describe a comparison of several cells:
-``init="chrono"`` (Tallec & Ollivier 2018) leaves an RNN at the default draw, ``forget_bias``
-touches LSTMs only.
+``init="chrono"`` (Tallec & Ollivier 2018) leaves an RNN, a minGRU and a minLSTM at the default
+draw, ``forget_bias`` touches LSTMs only (not minLSTM: its layer has no such argument). The
+normalisation and regularisation switches (``layer_norm``, ``recurrent_dropout``, ``zoneout``,
+``weight_drop``) change what a model is, so a family without them refuses them by name rather
+than train something else than asked; so does a family given a ``backend`` it does not have
+(the minimal layers run ``auto``, ``reference``, ``scan``, ``log_scan``; torch.nn has no
+minimal layer).
 """
 
 from __future__ import annotations
@@ -30,22 +40,60 @@ from torch import nn
 
 from rnnkit.configuration import LARGEST_COUNT, Check
 from rnnkit.engine import BACKENDS
+from rnnkit.engine.scan import BACKENDS as MINIMAL_BACKENDS
 from rnnkit.layers import GRU, LSTM, RNN
+from rnnkit.minimal import MinGRU, MinLSTM
 
-CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+# The settings of `RecurrentConfig` beyond the ones every layer takes (hidden_size, num_layers,
+# dropout, backend), each named by its field.
+OPTIONAL_SETTINGS = frozenset({"init", "layer_norm", "recurrent_dropout", "zoneout", "weight_drop"})
+REGULARISATION = ("layer_norm", "recurrent_dropout", "zoneout", "weight_drop")
+
+
+@dataclass(frozen=True)
+class StackFamily:
+    """What the apps need to know of one family of layers to build it and check a config."""
+
+    layer: type[nn.Module]  # the rnnkit layer: (input_size, hidden_size, num_layers, *,
+        # dropout, batch_first, backend, **variant switches)
+    backends: tuple[str, ...]  # the values its ``backend`` takes
+    variants: dict[str, dict] = field(default_factory=dict)  # cell-name suffix -> switches
+        # (``lstm-peephole``: {"peephole": True}); beyond torch.nn's three families, the
+        # switches are the layer's own keyword arguments
+    settings: frozenset[str] = frozenset()  # the `OPTIONAL_SETTINGS` it takes; the others are
+        # ignored (init) or refused by name (regularisation)
+    torch_nn: bool = False  # torch.nn has the same layer (``--backend torch.nn``)
+    exports: bool = False  # `rnnkit export` writes it to ONNX (`rnnkit.export_onnx`)
+    peer: str | None = None  # where torch.nn has none: the family of the same size a speed
+        # comparison (`rnnkit lm throughput`) runs against
+
+
+# One entry per family; a new layer family plugs into every app here.
+FAMILIES: dict[str, StackFamily] = {
+    "lstm": StackFamily(LSTM, BACKENDS, {"peephole": {"peephole": True},
+                                         "projection": {"projection": True}},
+                        OPTIONAL_SETTINGS, torch_nn=True, exports=True),
+    "gru": StackFamily(GRU, BACKENDS, {"reset-before": {"reset_before": True}}, OPTIONAL_SETTINGS,
+                       torch_nn=True, exports=True),
+    "rnn": StackFamily(RNN, BACKENDS, {"relu": {"nonlinearity": "relu"}},
+                       OPTIONAL_SETTINGS - {"init"}, torch_nn=True, exports=True),
+    "mingru": StackFamily(MinGRU, MINIMAL_BACKENDS, {"log": {"log_space": True}}, peer="gru"),
+    "minlstm": StackFamily(MinLSTM, MINIMAL_BACKENDS, {"log": {"log_space": True}},
+                           peer="lstm"),
+}
+TORCH_FAMILIES = ("lstm", "gru", "rnn")  # their switches are `RecurrentConfig`'s own
+CELLS = {name: family.layer for name, family in FAMILIES.items()}
 # Every cell name: (family, the switches it sets).
 CELL_NAMES: dict[str, tuple[str, dict]] = {
-    "lstm": ("lstm", {}),
-    "lstm-peephole": ("lstm", {"peephole": True}),
-    "lstm-projection": ("lstm", {"projection": True}),
-    "gru": ("gru", {}),
-    "gru-reset-before": ("gru", {"reset_before": True}),
-    "rnn": ("rnn", {}),
-    "rnn-relu": ("rnn", {"nonlinearity": "relu"}),
+    cell: (name, switches)
+    for name, family in FAMILIES.items()
+    for cell, switches in ((name, {}), *((f"{name}-{suffix}", switches)
+                                         for suffix, switches in family.variants.items()))
 }
 INITS = ("default", "chrono")
 NONLINEARITIES = ("tanh", "relu")
-RECURRENT_BACKENDS = (*BACKENDS, "torch.nn")
+RECURRENT_BACKENDS = tuple(dict.fromkeys(
+    (*(b for family in FAMILIES.values() for b in family.backends), "torch.nn")))
 CHECKS_NONNEGATIVE_INT = Check(int, "an int >= 0 (at most 2**63 - 1)", "ints >= 0",
                                lambda v: 0 <= v <= LARGEST_COUNT)
 
@@ -55,8 +103,8 @@ class RecurrentConfig:
     """The recurrent stack of a model; every app embeds one (with its own defaults)."""
 
     cell: str = field(default="lstm", metadata={"choices": tuple(CELL_NAMES)})
-        # lstm | gru | rnn, or a variant: lstm-peephole, lstm-projection, gru-reset-before,
-        # rnn-relu
+        # lstm | gru | rnn | mingru | minlstm, or a variant: lstm-peephole, lstm-projection,
+        # gru-reset-before, rnn-relu, mingru-log, minlstm-log
     hidden_size: int = field(default=256, metadata={"option": "--hidden", "check": "positive"})
         # units per layer (and direction)
     num_layers: int = field(default=1, metadata={"option": "--layers", "check": "positive"})
@@ -70,11 +118,12 @@ class RecurrentConfig:
     nonlinearity: str = field(default="tanh", metadata={"choices": NONLINEARITIES})
         # RNN only: tanh | relu (the same as --cell rnn-relu)
     init: str = field(default="default", metadata={"choices": INITS})
-        # default | chrono (Tallec & Ollivier 2018; LSTM and GRU, RNNs keep the default)
+        # default | chrono (Tallec & Ollivier 2018; LSTM and GRU, the other cells keep the
+        # default)
     forget_bias: float = 0.0  # added to the LSTM forget-gate bias at initialisation (1.0 per
         # Jozefowicz et al. 2015); other cells ignore it
     layer_norm: bool = False  # layer-normalised products and LSTM cell (Ba et al. 2016; GRU
-        # with the reset gate after W_hn)
+        # with the reset gate after W_hn); this and the three below: LSTM, GRU, RNN only
     recurrent_dropout: float = field(default=0.0, metadata={"check": "probability"})
         # variational dropout on the state entering W_hh (Gal & Ghahramani 2016), training only
     zoneout: float = field(default=0.0, metadata={"check": "probability"})  # a unit keeps its
@@ -82,17 +131,20 @@ class RecurrentConfig:
     weight_drop: float = field(default=0.0, metadata={"check": "probability"})
         # DropConnect on W_hh, one mask per forward call (AWD-LSTM), training only
     backend: str = field(default="auto", metadata={"choices": RECURRENT_BACKENDS})
-        # rnnkit engine: auto | reference | fused | native; or torch.nn (plain cells, to compare)
+        # rnnkit engine: auto | reference | fused | native (LSTM, GRU, RNN), auto | reference |
+        # scan | log_scan (minGRU, minLSTM); or torch.nn (LSTM, GRU, RNN's plain cells, to
+        # compare)
 
     @property
     def family(self) -> str:
-        """``"lstm"``, ``"gru"`` or ``"rnn"``."""
+        """The cell's family, a key of `FAMILIES`: ``"lstm"``, ``"gru"``, ``"minlstm"``, ..."""
         return CELL_NAMES[self.cell][0]
 
     def check(self) -> None:
         """``ValueError`` for the settings that do not go together (`check_config` checks each
         one's range and choices first, then calls this)."""
         family = self.family
+        self._check_family()
         for switch, given, owner in (("--peephole", self.peephole, "lstm"),
                                      ("--reset-before", self.reset_before, "gru"),
                                      ("--proj-size", self.proj_size, "lstm"),
@@ -121,6 +173,28 @@ class RecurrentConfig:
             raise ValueError(f"--proj-size must be smaller than --hidden ({self.hidden_size}), "
                              f"got {proj_size}")
 
+    def _check_family(self) -> None:
+        """The settings the family does not have (see the module docstring) and its backend."""
+        family, stack = self.family, FAMILIES[self.family]
+        for setting in REGULARISATION:
+            if getattr(self, setting) and setting not in stack.settings:
+                owners = [name for name, other in FAMILIES.items() if setting in other.settings]
+                owners = " or ".join(filter(None, (", ".join(owners[:-1]), owners[-1])))
+                raise ValueError(f"--{setting.replace('_', '-')} is for --cell {owners}, got "
+                                 f"--cell {self.cell} (its layer has no {setting})")
+        if self.backend == "torch.nn" and not stack.torch_nn:
+            raise ValueError(f"--backend torch.nn has no {self.cell} layer (torch.nn has "
+                             f"{', '.join(n for n, f in FAMILIES.items() if f.torch_nn)}); "
+                             f"--cell {self.cell} takes --backend {', '.join(stack.backends)}")
+        if self.backend not in (*stack.backends, "torch.nn"):
+            raise ValueError(f"--backend {self.backend} is not an engine of --cell {self.cell}; "
+                             f"it takes {', '.join(stack.backends)}")
+        # The one backend that needs a variant (the minimal families' log-space scan).
+        if self.backend == "log_scan" and not CELL_NAMES[self.cell][1].get("log_space"):
+            raise ValueError(f"--backend log_scan runs the log-space variant only (its b_t > 0 "
+                             f"has a logarithm): use --cell {family}-log, or --backend scan; "
+                             f"got --cell {self.cell}")
+
     def with_cell(self, name: str) -> RecurrentConfig:
         """This config for the cell ``name`` (a comparison's member): the switches of the name
         replace those of this config."""
@@ -131,6 +205,14 @@ class RecurrentConfig:
     def layer_options(self) -> dict:
         """The rnnkit layer's variant arguments (see `make_recurrent`)."""
         family, switches = CELL_NAMES[self.cell]
+        if family not in TORCH_FAMILIES:  # the name's switches are the layer's arguments
+            options = dict(switches)
+            if "init" in FAMILIES[family].settings:
+                options["init"] = self.init
+            for setting in REGULARISATION:  # refused by `check`; here for the layer to refuse
+                if getattr(self, setting):
+                    options[setting] = getattr(self, setting)
+            return options
         options: dict = {}
         if family == "lstm":
             projection = self.proj_size or (self.hidden_size // 2
@@ -141,7 +223,7 @@ class RecurrentConfig:
             options["reset_after"] = not (self.reset_before or switches.get("reset_before"))
         if family == "rnn":
             options["nonlinearity"] = switches.get("nonlinearity", self.nonlinearity)
-        if family != "rnn":
+        if "init" in FAMILIES[family].settings:
             options["init"] = self.init
         # A switch given for another family goes through, for the layer to refuse by name.
         if self.peephole and family != "lstm":
@@ -173,6 +255,18 @@ def build_recurrent(config: RecurrentConfig, input_size: int, batch_first: bool 
     # The layers check what they are given (sizes, dropout, a variant for the wrong family);
     # the one thing they cannot see is a projection that a small hidden size rounds away.
     options = config.layer_options()
+    if config.family not in TORCH_FAMILIES:
+        if config.backend == "torch.nn":
+            raise ValueError(f"torch.nn has no {config.cell} layer; use an rnnkit backend: "
+                             f"{', '.join(FAMILIES[config.family].backends)}")
+        init = options.pop("init", "default")
+        if init != "default":
+            options |= {"init": init, "chrono_max_length": chrono_max_length}
+        # torch.nn's convention: dropout acts between layers, so one layer has none to warn of
+        return CELLS[config.family](
+            input_size, config.hidden_size, config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0, batch_first=batch_first,
+            backend=config.backend, **options)
     if CELL_NAMES[config.cell][1].get("projection") and not options["proj_size"]:
         raise ValueError("lstm-projection projects h to hidden // 2 units: it needs hidden >= 2, "
                          f"got {config.hidden_size}")
@@ -189,7 +283,8 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
                    chrono_max_length: int | None = None, nonlinearity: str = "tanh",
                    forget_bias: float = 0.0, proj_size: int = 0,
                    **regularisation) -> nn.Module:
-    """A stack of ``num_layers`` recurrent layers of ``cell`` (lstm | gru | rnn).
+    """A stack of ``num_layers`` recurrent layers of ``cell`` (lstm | gru | rnn: the families
+    torch.nn has; `build_recurrent` builds every family).
 
     ``dropout`` applies between layers (torch.nn's convention); ``peephole`` and ``proj_size``
     (h projected to that size, as torch.nn) are for LSTM only and
@@ -199,8 +294,8 @@ def make_recurrent(cell: str, input_size: int, hidden_size: int, num_layers: int
     dependencies up to ``chrono_max_length`` steps. ``regularisation``: the layers'
     ``layer_norm``, ``recurrent_dropout``, ``zoneout``, ``weight_drop`` (rnnkit backends only).
     """
-    if cell not in CELLS:
-        raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
+    if cell not in TORCH_FAMILIES:
+        raise ValueError(f"cell must be one of {', '.join(TORCH_FAMILIES)}, got {cell!r}")
     if peephole and cell != "lstm":
         raise ValueError(f"peephole connections exist for the lstm cell only, not {cell!r}")
     if not reset_after and cell != "gru":

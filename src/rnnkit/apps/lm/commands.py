@@ -205,7 +205,7 @@ def evaluate_file(checkpoint: str, text_file: str) -> int:
 
 def throughput(model_config: ModelConfig, config: TrainConfig, text_file: str | None,
                corpus: str | None, blocks: int, steps_per_block: int) -> int:
-    from rnnkit.apps.lm.throughput import compare_throughput
+    from rnnkit.apps.lm.throughput import compare_throughput, peer_of
 
     text, source = load_text(text_file, corpus)
     build.kernels()
@@ -213,6 +213,10 @@ def throughput(model_config: ModelConfig, config: TrainConfig, text_file: str | 
     print(f"{source}: {recurrent.cell} {recurrent.num_layers} x {recurrent.hidden_size}, "
           f"batch {config.batch_size} x {config.seq_len}, median of {blocks} blocks of "
           f"{steps_per_block} steps each, alternating")
+    peer_name, peer = peer_of(recurrent)
+    if peer_name != "torch.nn":
+        print(f"torch.nn has no {recurrent.cell}: the peer is rnnkit's {peer.cell} of the same "
+              f"size ({peer.num_layers} x {peer.hidden_size}, backend {peer.backend})")
     for name, value in compare_throughput(model_config, config, text, blocks,
                                           steps_per_block).items():
         print(f"{name}: {value:,.2f}")

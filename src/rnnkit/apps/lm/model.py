@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnkit.apps.recurrent import RecurrentConfig, build_recurrent
+from rnnkit.apps.recurrent import CELLS, RecurrentConfig, build_recurrent
 from rnnkit.configuration import check_config
 from rnnkit.layers import RecurrentLayer
 
@@ -50,6 +50,10 @@ class ModelConfig:
         if self.locked_dropout and self.recurrent.backend == "torch.nn":
             raise ValueError("--locked-dropout runs the stack layer by layer, which the "
                              "torch.nn backend does not open; use an rnnkit backend")
+        if self.locked_dropout and not issubclass(CELLS[self.recurrent.family], RecurrentLayer):
+            raise ValueError(f"--locked-dropout runs the stack layer by layer, which --cell "
+                             f"{self.recurrent.cell}'s layer does not open (lstm, gru and rnn "
+                             "do); use --dropout")
 
     @property
     def hidden_size(self) -> int:
@@ -130,8 +134,9 @@ class LanguageModel(nn.Module):
         """Next-token logits a step at a time, for generation in evaluation mode: a callable
         ``ids (N,) -> logits (N, V)`` that keeps the state between calls, starting from
         ``state`` (`forward`'s). The same as `forward` on one-step sequences (the AWD dropouts
-        are off in evaluation); an rnnkit stack runs on its `LayerStream` (one native call per
-        layer and step), torch.nn's through its forward."""
+        are off in evaluation); an rnnkit RNN, LSTM or GRU stack runs on its `LayerStream`
+        (one native call per layer and step), the others (torch.nn's, MinGRU, MinLSTM) through
+        their forward on one-step sequences."""
         if self.training:
             raise ValueError("LanguageModel.stream is for generation in evaluation mode (its "
                              "dropouts are off there); call model.eval() first")

@@ -14,11 +14,15 @@ import torch
 
 from rnnkit.apps.memory.experiment import RunConfig, RunResult, check_run_config, metric_name, run
 from rnnkit.apps.outputs import output_directory
+from rnnkit.diagnostics import diagnosable
 from rnnkit.engine.native import build
 from rnnkit.errors import usage_errors
 from rnnkit.training.metrics import MetricsLog
 
-GATES_SHOWN = {"lstm": ("f", "i"), "gru": ("z",), "rnn": ()}
+# The gates of each family in the heatmaps: what decides how long the state is kept. minLSTM's
+# i' is 1 - f', so f' alone says it.
+GATES_SHOWN = {"lstm": ("f", "i"), "gru": ("z",), "rnn": (), "mingru": ("z",),
+               "minlstm": ("f'",)}
 
 
 def _spread(values: list[float]) -> str:
@@ -54,12 +58,18 @@ def gate_panels(model, held_out, length: int, cell: str) -> tuple[list, list[int
     inputs = held_out[0][:, :1]
     trace = gate_trace(model.recurrent, model.encode(inputs))
     panels = [(f"{cell} T={length}: {name}", trace.gate(name)[:, 0])
-              for name in GATES_SHOWN[model.recurrent.family]]
+              for name in GATES_SHOWN.get(model.recurrent.family, ())]
     if model.task == "adding":
         marks = torch.nonzero(inputs[:, 0, 1]).flatten().tolist()
     else:  # the ten symbols to copy and the delimiter that asks for them
         marks = [*range(10), length + 9]
     return panels, marks
+
+
+def _class_name(module) -> str:
+    """``torch.nn.LSTM``, ``rnnkit.MinGRU``: the module's class as its users name it."""
+    package = type(module).__module__.split(".")[0]
+    return f"{'torch.nn' if package == 'torch' else package}.{type(module).__name__}"
 
 
 def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], base: RunConfig,
@@ -92,7 +102,13 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
         print(f"{config.cell} T={config.length} seed {config.seed}: held-out "
               f"{metric_name(task)} {result.final_metric:.4f} (baseline {result.baseline:.4f})"
               f" in {result.seconds:.1f} s", flush=True)
-        if config.seed == seeds[0]:
+        if not diagnosable(model.recurrent):
+            if config.seed == seeds[0]:
+                print(f"note: {config.cell} runs on {_class_name(model.recurrent)}, which "
+                      "rnnkit.diagnostics does not read (it reads rnnkit's RNN, LSTM, GRU, "
+                      "MinGRU and MinLSTM): no gradient flow or gate heatmaps for it",
+                      flush=True)
+        elif config.seed == seeds[0]:
             panels, marks = gate_panels(model, held_out, config.length, config.cell)
             gate_figures += [(config.length, panel) for panel in panels]
             marks_by_length[config.length] = marks
@@ -119,13 +135,15 @@ def _plots(out_dir: Path, runs: list[RunResult], task: str, first_seed: int, gat
     try:
         save_learning_curves(out_dir / "learning_curves.png", runs, metric_name(task))
         panels = {}
-        for result in (r for r in runs if r.seed == first_seed):
+        for result in (r for r in runs if r.seed == first_seed and r.flow_initial):
             lines = panels.setdefault(f"T = {result.length}", {})
             lines[f"{result.cell} (init)"] = result.flow_initial
             lines[f"{result.cell} (trained)"] = result.flow_trained
-        save_flow_plot(out_dir / "gradient_flow.png", panels,
-                       f"gradient flow, seed {first_seed}")
-        written += [out_dir / "learning_curves.png", out_dir / "gradient_flow.png"]
+        written.append(out_dir / "learning_curves.png")
+        if panels:
+            save_flow_plot(out_dir / "gradient_flow.png", panels,
+                           f"gradient flow, seed {first_seed}")
+            written.append(out_dir / "gradient_flow.png")
         for length, marks in marks_by_length.items():
             shown = [panel for panel_length, panel in gate_figures if panel_length == length]
             if shown:

@@ -10,7 +10,8 @@ Chrono initialisation (``init="chrono"``) uses ``T_max`` = the task's whole sequ
 Training draws a fresh batch every step from a seeded generator (the shared `Trainer`: Adam,
 clipping); evaluation uses one fixed held-out set drawn from another seed, the same for
 every cell, so runs are comparable. Gradient flow (`rnnkit.diagnostics.gradient_flow`) is taken
-on a few held-out sequences at initialisation and after training.
+on a few held-out sequences at initialisation and after training, for the layers the diagnostics
+read (`rnnkit.diagnostics.diagnosable`; not torch.nn's): the others' runs have no flow.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from rnnkit.apps.recurrent import CELL_NAMES, RecurrentConfig, build_recurrent
 from rnnkit.configuration import check_config
-from rnnkit.diagnostics import gradient_flow
+from rnnkit.diagnostics import diagnosable, gradient_flow
 from rnnkit.tasks import ADDING_BASELINE_MSE, COPY_SYMBOLS, adding_problem, copy_baseline, copy_task
 from rnnkit.training.trainer import BaseTask, LoopConfig, Trainer
 
@@ -237,6 +238,7 @@ def run(config: RunConfig, show_progress: bool = True, flow: bool = True, **opti
     result = RunResult(config.task, config.cell, config.length, init_label(config), config.seed,
                        baseline(config.task, config.length))
     flow_inputs = task.held_out[0][:, :FLOW_SAMPLES]
+    flow = flow and diagnosable(model.recurrent)
     if flow:
         result.flow_initial = flow_by_distance(model, flow_inputs)
     started = time.perf_counter()

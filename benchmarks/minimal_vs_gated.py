@@ -1,0 +1,152 @@
+"""minGRU and minLSTM against the gated cells they simplify, on rnnkit's default engines: the
+training step (forward + backward of ``output.sum()``, one layer, N = 16, input and hidden
+H = 256) of MinGRU against rnnkit.GRU and MinLSTM against rnnkit.LSTM at T = 128, 512, 2048,
+8192, and the single-step streaming latency of MinGRUCell against rnnkit.GRUCell and
+MinLSTMCell against rnnkit.LSTMCell (batch 1).
+
+    python benchmarks/minimal_vs_gated.py [--threads 2] [--lengths 128,512,2048,8192]
+        [--batch 16] [--hidden 256] [--repeats 5] [--stream-steps 200]
+
+Each pair is timed interleaved (A, B, A, B, ...) after a warm-up, and reported by its medians:
+milliseconds per training step, microseconds per time step, the ratio minimal / gated, and how
+each step time grew from the previous T (4 for time linear in T when the lengths grow by 4).
+On a CPU the minimal cells' advantage is the absence of the recurrent product ``W_hh h``, not
+parallelism: both run every time step's arithmetic. ``torch.set_num_threads`` is set from
+``--threads``; like the rnnkit commands, malloc keeps freed memory
+(`rnnkit.training.devices.keep_freed_memory`).
+
+Results: not recorded yet (issue 20; docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import rnnkit
+from rnnkit.training.devices import keep_freed_memory
+
+PAIRS = {  # minimal -> (its layer, its cell, the gated layer, the gated cell)
+    "minGRU": (rnnkit.MinGRU, rnnkit.MinGRUCell, rnnkit.GRU, rnnkit.GRUCell),
+    "minLSTM": (rnnkit.MinLSTM, rnnkit.MinLSTMCell, rnnkit.LSTM, rnnkit.LSTMCell),
+}
+
+
+def positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    values = positive_ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return values[0]
+
+
+def interleaved_medians(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn ``repeats`` times after one warm-up."""
+    for run in runs.values():
+        run()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def training_step(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        layer.zero_grad(set_to_none=True)
+        output, _ = layer(x)
+        output.sum().backward()
+    return run
+
+
+def streaming(cell: torch.nn.Module, xs: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            state = None
+            for x in xs:
+                state = cell(x, state)
+    return run
+
+
+def time_training(lengths: list[int], batch: int, hidden: int, repeats: int) -> None:
+    print(f"training step (forward + backward), one layer, N = {batch}, H = {hidden}, median of "
+          f"{repeats}")
+    header = (f"{'pair':16} {'T':>6} {'minimal ms':>11} {'gated ms':>10} {'min/gated':>10} "
+              f"{'min us/t':>9} {'gated us/t':>10} {'min growth':>11} {'gated growth':>12}")
+    print(header)
+    print("-" * len(header))
+    for name, (minimal, _, gated, _) in PAIRS.items():
+        previous: tuple[float, float] | None = None
+        for steps in lengths:
+            torch.manual_seed(0)
+            x = torch.randn(steps, batch, hidden)
+            medians = interleaved_medians({"minimal": training_step(minimal(hidden, hidden), x),
+                                           "gated": training_step(gated(hidden, hidden), x)},
+                                          repeats)
+            ms_minimal, ms_gated = medians["minimal"] * 1e3, medians["gated"] * 1e3
+            growth = (("-", "-") if previous is None else
+                      (f"{ms_minimal / previous[0]:.2f}x", f"{ms_gated / previous[1]:.2f}x"))
+            pair = f"{name} / {gated.__name__}"
+            print(f"{pair:16} {steps:6d} {ms_minimal:11.2f} {ms_gated:10.2f} "
+                  f"{ms_minimal / ms_gated:10.3f} {1e3 * ms_minimal / steps:9.2f} "
+                  f"{1e3 * ms_gated / steps:10.2f} {growth[0]:>11} {growth[1]:>12}", flush=True)
+            previous = (ms_minimal, ms_gated)
+
+
+def time_streaming(hidden: int, steps: int, repeats: int) -> None:
+    print(f"\nstreaming: one step of a cell at batch 1, H = {hidden}, no_grad, {steps} steps per "
+          f"run, median of {repeats} runs")
+    header = f"{'pair':24} {'minimal us':>11} {'gated us':>9} {'min/gated':>10}"
+    print(header)
+    print("-" * len(header))
+    xs = torch.randn(steps, 1, hidden, generator=torch.Generator().manual_seed(0))
+    for _, minimal, _, gated in PAIRS.values():
+        torch.manual_seed(0)
+        medians = interleaved_medians({"minimal": streaming(minimal(hidden, hidden), xs),
+                                       "gated": streaming(gated(hidden, hidden), xs)}, repeats)
+        us_minimal, us_gated = (medians[key] / steps * 1e6 for key in ("minimal", "gated"))
+        pair = f"{minimal.__name__} / {gated.__name__}"
+        print(f"{pair:24} {us_minimal:11.2f} {us_gated:9.2f} {us_minimal / us_gated:10.3f}",
+              flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="torch.set_num_threads (default 2)")
+    parser.add_argument("--lengths", type=positive_ints, default=[128, 512, 2048, 8192],
+                        help="sequence lengths T, comma-separated (default 128,512,2048,8192)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="N (default 16)")
+    parser.add_argument("--hidden", type=positive_int, default=256,
+                        help="input and hidden size H (default 256)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed repeats per contender, median reported (default 5)")
+    parser.add_argument("--stream-steps", type=positive_int, default=200,
+                        help="steps per streaming run (default 200)")
+    arguments = parser.parse_args(argv)
+    keep_freed_memory()
+    torch.set_num_threads(arguments.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}")
+    time_training(arguments.lengths, arguments.batch, arguments.hidden, arguments.repeats)
+    time_streaming(arguments.hidden, arguments.stream_steps, arguments.repeats)
+
+
+if __name__ == "__main__":
+    main()

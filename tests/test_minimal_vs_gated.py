@@ -1,0 +1,58 @@
+"""benchmarks/minimal_vs_gated.py on tiny settings: it sets the thread count it is given, prints
+one row per pair and length with ratios and growth that are its own times' quotients, and the
+streaming rows; bad arguments are refused by argparse."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import minimal_vs_gated  # noqa: E402
+
+
+def test_the_benchmark_prints_every_pair_and_length_with_consistent_ratios(capsys):
+    threads = torch.get_num_threads()
+    try:
+        minimal_vs_gated.main(["--threads", "1", "--lengths", "4,8", "--batch", "2",
+                               "--hidden", "4", "--repeats", "1", "--stream-steps", "3"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert ", 1 threads," in lines[0]
+    rows = [line.split() for line in lines if line.startswith(("minGRU /", "minLSTM /"))]
+    assert [(row[0], row[2], int(row[3])) for row in rows] == [
+        ("minGRU", "GRU", 4), ("minGRU", "GRU", 8), ("minLSTM", "LSTM", 4), ("minLSTM", "LSTM", 8)]
+    half = 0.005  # the times are printed to 0.01 ms: the quotients of the printed ones lie
+    # within these bounds, up to the quotient's own printed rounding
+
+    def within(printed: float, numerator: float, denominator: float, scale: float = 1.0):
+        low = scale * (numerator - half) / (denominator + half)
+        high = scale * (numerator + half) / max(denominator - half, 1e-9)
+        return low - 0.0005 <= printed <= high + 0.005
+
+    for first, second in (rows[:2], rows[2:]):
+        for row in (first, second):
+            minimal, gated, steps = float(row[4]), float(row[5]), int(row[3])
+            assert within(float(row[6]), minimal, gated)  # minimal / gated
+            assert within(float(row[7]), minimal, steps + half, 1e3)  # us per time step
+            assert within(float(row[8]), gated, steps + half, 1e3)
+        assert first[9:] == ["-", "-"]
+        assert within(float(second[9].rstrip("x")), float(second[4]), float(first[4]))
+        assert within(float(second[10].rstrip("x")), float(second[5]), float(first[5]))
+    streaming = [line.split() for line in lines if line.startswith("Min") and "Cell /" in line]
+    assert [row[:3] for row in streaming] == [["MinGRUCell", "/", "GRUCell"],
+                                              ["MinLSTMCell", "/", "LSTMCell"]]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in streaming)
+
+
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--lengths", "128,x"], ["--batch", "2,3"]])
+def test_bad_arguments_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        minimal_vs_gated.main(argv)
+    assert exit_info.value.code == 2 and "expected" in capsys.readouterr().err
