@@ -38,6 +38,21 @@ def test_the_minimal_cell_names_build_their_layers():
     assert scan.backend == "log_scan"
 
 
+def test_the_slstm_cell_names_build_their_layers():
+    from rnnkit.slstm import SLSTM
+
+    for name, heads, forget in [("slstm", 1, "sigmoid"), ("slstm-exp", 1, "exp"),
+                                ("slstm-heads4", 4, "sigmoid")]:
+        layer = build_recurrent(RecurrentConfig(name, hidden_size=8, num_layers=2, dropout=0.5),
+                                3)
+        assert isinstance(layer, SLSTM)
+        assert (layer.num_heads, layer.forget_gate, layer.num_layers) == (heads, forget, 2)
+    assert FAMILIES["slstm"].peer == "lstm"
+    with pytest.raises(ValueError, match="--zoneout is for --cell lstm, gru or rnn, got --cell "
+                                         "slstm"):
+        check_config(RecurrentConfig("slstm", hidden_size=8, zoneout=0.1))
+
+
 def test_settings_only_other_families_have_are_ignored_as_for_the_rnn():
     """init=chrono and forget_bias are the cases of the module's rule: a comparison with LSTMs
     keeps them for the LSTMs; the minimal cells keep the default draw and say so."""
@@ -116,7 +131,7 @@ def test_memory_notes_a_layer_the_diagnostics_do_not_read_and_draws_the_rest(tmp
 
 # rnnkit lm --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cell", ["mingru", "minlstm-log"])
+@pytest.mark.parametrize("cell", ["mingru", "minlstm-log", "slstm-heads4"])
 def test_lm_train_resume_and_sample_with_a_minimal_cell(cell, tmp_path, capsys):
     checkpoint = tmp_path / "lm.pt"
     assert cli.main(["lm", "train", "--corpus", "prose", *TINY_LM, "--layers", "2",
@@ -135,7 +150,7 @@ def test_lm_train_resume_and_sample_with_a_minimal_cell(cell, tmp_path, capsys):
     assert len(samples[0].rstrip("\n")) == len("The ") + 12
 
 
-@pytest.mark.parametrize("cell", ["mingru", "minlstm-log"])
+@pytest.mark.parametrize("cell", ["mingru", "minlstm-log", "slstm-exp"])
 def test_the_minimal_models_token_stream_equals_forward(cell):
     model_config, _, vocabulary = tiny()
     model_config = replace(model_config, recurrent=RecurrentConfig(cell, hidden_size=8,

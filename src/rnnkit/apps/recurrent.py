@@ -1,9 +1,9 @@
 """The recurrent stack every app builds: one config (`RecurrentConfig`), one table of layer
 families (`FAMILIES`) and the cell names it gives (`CELL_NAMES`), one builder (`build_recurrent`).
 
-A cell name is a family (``lstm``, ``gru``, ``rnn``, ``mingru``, ``minlstm``) optionally followed
-by a variant, the same on every command (``--cell`` for one, ``--cells`` for the commands that
-compare several):
+A cell name is a family (``lstm``, ``gru``, ``rnn``, ``mingru``, ``minlstm``, ``slstm``)
+optionally followed by a variant, the same on every command (``--cell`` for one, ``--cells`` for
+the commands that compare several):
 
 ====================  ==========================================================================
 ``lstm``              torch.nn's LSTM
@@ -27,8 +27,8 @@ draw, ``forget_bias`` touches LSTMs only (not minLSTM: its layer has no such arg
 normalisation and regularisation switches (``layer_norm``, ``recurrent_dropout``, ``zoneout``,
 ``weight_drop``) change what a model is, so a family without them refuses them by name rather
 than train something else than asked; so does a family given a ``backend`` it does not have
-(the minimal layers run ``auto``, ``reference``, ``scan``, ``log_scan``; torch.nn has no
-minimal layer).
+(the minimal layers run ``auto``, ``reference``, ``scan``, ``log_scan``; sLSTM ``auto``,
+``fused``, ``reference``; torch.nn has neither).
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ from torch import nn
 from rnnkit.configuration import LARGEST_COUNT, Check
 from rnnkit.engine import BACKENDS
 from rnnkit.engine.scan import BACKENDS as MINIMAL_BACKENDS
+from rnnkit.engine.slstm import BACKENDS as SLSTM_BACKENDS
 from rnnkit.layers import GRU, LSTM, RNN
 from rnnkit.minimal import MinGRU, MinLSTM
+from rnnkit.slstm import SLSTM
 
 # The settings of `RecurrentConfig` beyond the ones every layer takes (hidden_size, num_layers,
 # dropout, backend), each named by its field.
@@ -80,6 +82,9 @@ FAMILIES: dict[str, StackFamily] = {
     "mingru": StackFamily(MinGRU, MINIMAL_BACKENDS, {"log": {"log_space": True}}, peer="gru"),
     "minlstm": StackFamily(MinLSTM, MINIMAL_BACKENDS, {"log": {"log_space": True}},
                            peer="lstm"),
+    # xLSTM's sLSTM: one head by default; "-heads4" as the paper's reference code runs it.
+    "slstm": StackFamily(SLSTM, SLSTM_BACKENDS, {"exp": {"forget_gate": "exp"},
+                                                 "heads4": {"num_heads": 4}}, peer="lstm"),
 }
 TORCH_FAMILIES = ("lstm", "gru", "rnn")  # their switches are `RecurrentConfig`'s own
 CELLS = {name: family.layer for name, family in FAMILIES.items()}
