@@ -350,15 +350,17 @@ def _torch_lstm_calls(monkeypatch) -> list[int]:
 def test_auto_runs_plain_lstm_inference_on_torch_s_kernel_equal_to_the_reference(
         monkeypatch, bidirectional, batch_first):
     torch.manual_seed(0)
-    model = rnnkit.LSTM(5, 7, num_layers=2, bidirectional=bidirectional,
+    hidden = engine.TORCH_LSTM_MIN_HIDDEN
+    model = rnnkit.LSTM(5, hidden, num_layers=2, bidirectional=bidirectional,
                         batch_first=batch_first)
-    reference = rnnkit.LSTM(5, 7, num_layers=2, bidirectional=bidirectional,
+    reference = rnnkit.LSTM(5, hidden, num_layers=2, bidirectional=bidirectional,
                             batch_first=batch_first, backend="reference")
     reference.load_state_dict(model.state_dict())
     batch = engine.TORCH_LSTM_MIN_BATCH
     x = torch.randn((batch, 9, 5) if batch_first else (9, batch, 5))
     directions = 2 if bidirectional else 1
-    state = (torch.randn(2 * directions, batch, 7), torch.randn(2 * directions, batch, 7))
+    state = (torch.randn(2 * directions, batch, hidden),
+             torch.randn(2 * directions, batch, hidden))
     calls = _torch_lstm_calls(monkeypatch)
     with torch.no_grad():
         found, expected = model(x, state), reference(x, state)
@@ -369,24 +371,25 @@ def test_auto_runs_plain_lstm_inference_on_torch_s_kernel_equal_to_the_reference
 
 def test_torch_s_lstm_kernel_runs_only_what_it_covers(monkeypatch):
     calls = _torch_lstm_calls(monkeypatch)
-    batch = engine.TORCH_LSTM_MIN_BATCH
+    batch, hidden = engine.TORCH_LSTM_MIN_BATCH, engine.TORCH_LSTM_MIN_HIDDEN
     x = torch.randn(6, batch, 4)
-    plain = rnnkit.LSTM(4, 8)
+    plain = rnnkit.LSTM(4, hidden)
     with torch.no_grad():
         plain(x)
     assert len(calls) == 1
     plain(x)  # a gradient may be asked for: rnnkit's operators and their backward
     with torch.no_grad():
         plain(x[:, : batch - 1])  # one stream fewer: the native loop is faster there
+        rnnkit.LSTM(4, hidden - 1)(x)  # a smaller hidden size: the same
         plain(x, lengths=[6] + [5] * (batch - 1))  # lengths (all full would be none)
-        plain.double()(x.double())  # float64
-        rnnkit.LSTM(4, 8, peephole=True)(x)
-        rnnkit.LSTM(4, 8, proj_size=3)(x)
-        rnnkit.LSTM(4, 8, backend="native")(x)
-        rnnkit.GRU(4, 8)(x)
+        rnnkit.LSTM(4, hidden).double()(x.double())  # float64
+        rnnkit.LSTM(4, hidden, peephole=True)(x)
+        rnnkit.LSTM(4, hidden, proj_size=3)(x)
+        rnnkit.LSTM(4, hidden, backend="native")(x)
+        rnnkit.GRU(4, hidden)(x)
     monkeypatch.setenv("RNNKIT_BACKEND", "native")
     with torch.no_grad():
-        rnnkit.LSTM(4, 8)(x)
+        rnnkit.LSTM(4, hidden)(x)
     assert len(calls) == 1
 
 

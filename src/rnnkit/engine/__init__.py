@@ -22,9 +22,10 @@ freeze its Python loop to one length.
 
 The exception: ``"auto"`` runs a plain LSTM direction (no peephole, projection, layer norm or
 masks; no lengths) on torch's own kernel (``torch.lstm``, oneDNN's fused LSTM on the CPU) when
-nothing is to be differentiated, the input is float32 on the CPU and the batch has at least
-`TORCH_LSTM_MIN_BATCH` sequences: measured faster there than the native loop (docs/benchmarks.md,
-issue 19), while the native loop is faster for a single stream. Not while compiling, tracing,
+nothing is to be differentiated, the input is float32 on the CPU, the batch has at least
+`TORCH_LSTM_MIN_BATCH` sequences and the hidden size is at least `TORCH_LSTM_MIN_HIDDEN`:
+measured faster there than the native loop (docs/benchmarks.md, issue 19), while the native
+loop is faster for a single stream and at smaller hidden sizes. Not while compiling, tracing,
 exporting or under autocast, where the operators' own rules hold.
 
 A streamed step (a cell's call, a layer's `rnnkit.stream.LayerStream` step, a one-step
@@ -60,6 +61,12 @@ TORCH_LSTM_MIN_BATCH = 4
 """From this batch on, plain LSTM inference under "auto" runs torch's kernel (`runs_torch_lstm`):
 on the Intel Xeon VM (2 threads, T = 50-200) torch's took 0.8-0.95x the native loop's time at
 batch 4-8 and 0.7-0.85x at 16-64; at batch 1 the native loop took 0.5-0.8x torch's."""
+
+TORCH_LSTM_MIN_HIDDEN = 256
+"""And from this hidden size on: since the LSTM's loops run on resident weights, the native
+loop's inference took 0.94x torch's kernel's time at (T, N, H) = (100, 32, 64) and 0.86x at
+(100, 16, 128), but 1.09-1.19x at H = 256 and 512 (Intel Xeon VM, 2 threads; sizes between 128
+and 256 were not measured)."""
 
 
 STEP_KERNEL_MAX_BATCH = 4
@@ -194,6 +201,7 @@ def runs_torch_lstm(kind: CellKind, x: Tensor, state: State, weights: CellWeight
     if (kind.family != Family.LSTM or weights.weight_ch is not None
             or weights.weight_hr is not None or weights.weight_ih is None
             or lengths is not None or x.dim() != 3 or x.shape[1] < TORCH_LSTM_MIN_BATCH
+            or weights.weight_hh.shape[1] < TORCH_LSTM_MIN_HIDDEN
             or x.dtype != torch.float32 or not x.is_cpu or x.shape[0] == 0):
         return False
     if resolve_backend(backend) != "auto" or torch.is_autocast_enabled("cpu"):
@@ -289,6 +297,7 @@ def run_slstm_direction(x: Tensor, state: slstm.SLSTMState, weight_ih: Tensor,
     return run(x, state, weight_ih, weight_hh, bias_ih, lengths, reverse, exp_forget)
 
 
-__all__ = ["BACKENDS", "STEP_KERNEL_MAX_BATCH", "TORCH_LSTM_MIN_BATCH", "BackendWarning",
+__all__ = ["BACKENDS", "STEP_KERNEL_MAX_BATCH", "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN",
+           "BackendWarning",
            "engine_for", "inference_step", "is_exporting", "resolve_backend", "run_direction",
            "run_slstm_direction", "runs_torch_lstm", "slstm_engine_for"]
