@@ -10,7 +10,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkit
-from compare import assert_same, outputs_and_gradients
+from compare import assert_same, assert_same_normwise, outputs_and_gradients
 from rnnkit import engine
 from rnnkit.engine import native
 from rnnkit.engine.native import build
@@ -412,3 +412,30 @@ def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache
         kernels.set_resident_max_bytes_per_thread(limit)
     with pytest.raises(RuntimeError, match="resident_max_bytes_per_thread must be >= 0, got -1"):
         kernels.set_resident_max_bytes_per_thread(-1)
+
+
+@pytest.mark.parametrize("layer_class, extra", [
+    (rnnkit.LSTM, {}), (rnnkit.LSTM, {"peephole": True}), (rnnkit.LSTM, {"layer_norm": True}),
+    (rnnkit.GRU, {}), (rnnkit.GRU, {"reset_after": False}), (rnnkit.GRU, {"layer_norm": True}),
+    (rnnkit.RNN, {})])
+def test_native_kernels_stay_exact_where_the_gates_saturate(layer_class, extra):
+    # Inputs x1e3 drive pre-activations far below -88, where e^-x overflows float32: the fast
+    # reciprocal in the kernels' sigmoid once turned that inf into NaN (inf * 0 in its Newton
+    # step). Whole sequences (training and inference paths) and a cell's step kernel.
+    torch.manual_seed(0)
+    layer = layer_class(INPUT, 16, **extra)
+    x = torch.randn(STEPS, 3, INPUT) * 1e3
+
+    def run(module):
+        return module(x)
+
+    expected = outputs_and_gradients(with_backend(layer, "reference"), run, {})
+    actual = outputs_and_gradients(with_backend(layer, "native"), run, {})
+    assert all(torch.isfinite(value).all() for value in actual.values())
+    # normwise: the weight gradients sum x1e3 inputs, and float32's rounding scales with them
+    assert_same_normwise(actual, expected, torch.float32)
+    with torch.no_grad():
+        inference, _ = with_backend(layer, "native")(x)
+        stepped, _ = with_backend(layer, "native")(x[:1])  # one step: the step kernels
+    torch.testing.assert_close(inference, expected["out0"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stepped, expected["out0"][:1], rtol=1e-5, atol=1e-5)

@@ -316,8 +316,9 @@ def native_lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b
 def native_lstm_backward(d_output: Tensor, d_h_n: Tensor, d_c_n: Tensor, gates: Tensor,
                          c_states: Tensor, c_new: Tensor, w_hh: Tensor, w_hr: _Optional,
                          w_ch: _Optional, lengths: _Optional, reverse: bool
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> d_gates (T, N, 4H), d_h0 (N, P), d_c0 (N, H), d_w_hr (P, H) or empty."""
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> d_gates (T, N, 4H), d_h0 (N, P), d_c0 (N, H), d_w_hr (P, H) or empty, d_bias (4H,)
+    (d_gates summed over steps and rows)."""
     return native.lstm_backward(d_output, d_h_n, d_c_n, gates, c_states, c_new, w_hh, w_hr,
                                 w_ch, lengths, reverse)
 
@@ -349,6 +350,11 @@ def _fake_lstm_backward(d_output, d_h_n, d_c_n, gates, *rest):
             gates.new_empty(w_hr.shape) if w_hr is not None else gates.new_empty(0))
 
 
+def _fake_native_lstm_backward(d_output, d_h_n, d_c_n, gates, *rest):
+    return (*_fake_lstm_backward(d_output, d_h_n, d_c_n, gates, *rest),
+            gates.new_empty(gates.shape[-1]))
+
+
 def _lstm_setup(ctx, inputs, output, native_layout: bool):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse = inputs
     if native_layout:
@@ -377,16 +383,17 @@ def _lstm_backward(ctx, grads, native_layout: bool):
         inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch)
         return (*_differentiable_backward(ctx, inputs, lengths, (d_output, d_h_n, d_c_n)),
                 None, None)
-    if native_layout:
-        d_gates, d_h0, d_c0, d_w_hr = native_lstm_backward(
+    if native_layout:  # the kernel sums the bias gradient while it has the gate gradients
+        d_gates, d_h0, d_c0, d_w_hr, d_gates_sum = native_lstm_backward(
             d_output, d_h_n, d_c_n, gates, c_states, c_raw, w_hh, w_hr, w_ch, lengths,
             ctx.reverse)
+        d_b = d_gates_sum if ctx.has_bias else None
     else:
         d_gates, d_h0, d_c0, d_w_hr = fused_lstm_backward(
             d_output, d_h_n, d_c_n, gates, c_raw, c_prev, m, w_hh, w_hr, w_ch, lengths,
             ctx.reverse)
+        d_b = _summed_bias_grad(ctx.has_bias, d_gates)
     d_x, d_w_ih = input_side_grads(ctx, d_gates, x, w_ih, 0, 3)
-    d_b = _summed_bias_grad(ctx.has_bias, d_gates)
     d_w_ch = peephole_grad(d_gates, c_prev, c_raw) if w_ch is not None else None
     return (d_x, d_h0, d_c0, d_w_ih, outer_sum(d_gates, h_prev), d_b, d_b,
             d_w_hr if w_hr is not None else None, d_w_ch, None, None)
@@ -949,7 +956,8 @@ for _op, _fake, _setup, _backward, _native in (
     _FUNCTIONS[_op] = _autograd(_op, _setup, _backward, _native)
 for _op, _fake in (
     (fused_rnn_backward, _fake_rnn_backward), (native_rnn_backward, _fake_rnn_backward),
-    (fused_lstm_backward, _fake_lstm_backward), (native_lstm_backward, _fake_lstm_backward),
+    (fused_lstm_backward, _fake_lstm_backward),
+    (native_lstm_backward, _fake_native_lstm_backward),
     (fused_gru_backward, _fake_gru_backward), (native_gru_backward, _fake_gru_backward),
     (fused_lstm_recurrence_backward, _fake_lstm_recurrence_backward),
     (native_lstm_recurrence_backward, _fake_lstm_recurrence_backward),

@@ -114,12 +114,14 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse
 def lstm_backward(d_output, d_h_n, d_c_n, gates, c_states, c_new, w_hh, w_hr, w_ch, lengths,
                   reverse: bool):
     """Returns ``d_gates (T, N, 4H)``, ``d_h0 (N, P)``, ``d_c0 (N, H)``, ``d_w_hr (P, H)``
-    (empty without a projection)."""
-    d_gates, d_h0, d_c0, d_w_hr = _kernels().lstm_backward(
+    (empty without a projection) and ``d_bias (4H,)``, the gate gradients summed over steps and
+    rows (the gradient of each bias)."""
+    d_gates, d_h0, d_c0, d_w_hr, d_bias = _kernels().lstm_backward(
         d_output.contiguous(), d_h_n.contiguous(), d_c_n.contiguous(), gates, c_states, c_new,
         w_hh.contiguous(), _contiguous(w_hr), _contiguous(w_ch), _contiguous(lengths), reverse,
     )
-    return d_gates, d_h0, d_c0, d_w_hr if w_hr is not None else d_gates.new_empty(0)
+    return (d_gates, d_h0, d_c0, d_w_hr if w_hr is not None else d_gates.new_empty(0),
+            d_bias)
 
 
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse: bool, reset_after: bool,

@@ -196,10 +196,14 @@ inline Vec<T> gate_exp(const Vec<T>& x) {
   return x.exp_u20();
 }
 
+// σ(x) = 1 / (1 + e^-x), e^-x capped at e^80 (e^700 in float64): past the cap e^-x overflows to
+// inf, whose reciprocal estimate's Newton step is inf * 0 = NaN; σ there is below 2e-35, which
+// the cap gives exactly enough (float32's smallest normal is 1.2e-38). NaN passes through.
 template <typename T>
 inline Vec<T> sigmoid(const Vec<T>& x) {
   const Vec<T> one(T(1));
-  return reciprocal(one + gate_exp(x.neg()));
+  const Vec<T> cap(sizeof(T) == 4 ? T(80) : T(700));
+  return reciprocal(one + gate_exp(at::vec::minimum(x.neg(), cap)));
 }
 
 // tanh from one exp: tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|), sign restored. A few
@@ -961,6 +965,7 @@ struct LstmBackwardBuffers {
   const T* c;               // (N, H) entering cell
   const T* c_new;           // (N, H)
   const T* peep;            // (3H,) or null
+  T* d_bias;                // (4H,) Σ over steps and rows of the gate gradients, accumulated
 };
 
 // Rows [n, n + Rows) x the strip's units [j, j + 4U) of one backward step. With `step` false,
@@ -986,6 +991,7 @@ inline void resident_backward_tile(const LstmBackwardBuffers<T>& s, const T* pan
       if (count <= 0) break;
       const int64_t row = (n + r) * H + u;
       const V d_h_now = V::loadu(s.d_h + row, count) + acc[r][q];
+      T* d_b = s.d_bias + u;
       if (!live) {  // past the end (or the last product alone): dh carries on, dG is zero
         d_h_now.store(s.d_h + row, count);
         if (step) {
@@ -1017,6 +1023,12 @@ inline void resident_backward_tile(const LstmBackwardBuffers<T>& s, const T* pan
       d_g.store(d_row + 2 * H, count);
       d_o.store(d_row + 3 * H, count);
       d_c_prev.store(s.d_c + row, count);
+      // The bias gradient while the gate gradients are in registers: these units are this
+      // thread's alone, so the sums need no reduction (and no second pass over dG).
+      (V::loadu(d_b, count) + d_i).store(d_b, count);
+      (V::loadu(d_b + H, count) + d_f).store(d_b + H, count);
+      (V::loadu(d_b + 2 * H, count) + d_g).store(d_b + 2 * H, count);
+      (V::loadu(d_b + 3 * H, count) + d_o).store(d_b + 3 * H, count);
     }
   }
 }
@@ -1039,7 +1051,7 @@ template <typename T>
 void lstm_backward_resident(const Tensor& d_output, const Tensor& gates, const Tensor& c_states,
                             const Tensor& c_new, const Tensor& w_hh, const T* peep,
                             const Steps& steps, const Validity& valid, const Tensor& d_gates,
-                            const Tensor& d_h, const Tensor& d_c) {
+                            const Tensor& d_h, const Tensor& d_c, const Tensor& d_bias) {
   constexpr int64_t U = Vec<T>::size();
   constexpr int Rows = kResidentRows<T>;
   const int64_t T_ = steps.count, N = gates.size(1), H = gates.size(2) / 4;
@@ -1055,6 +1067,7 @@ void lstm_backward_resident(const Tensor& d_output, const Tensor& gates, const T
   T* d_gates_p = d_gates.data_ptr<T>();
   T* d_h_p = d_h.data_ptr<T>();
   T* d_c_p = d_c.data_ptr<T>();
+  T* d_bias_p = d_bias.data_ptr<T>();  // zeroed by the caller
   const int64_t state = N * H;
   auto run = [&](int thread, int team) {
     const int64_t first = strips * thread / team, end = strips * (thread + 1) / team;
@@ -1065,7 +1078,7 @@ void lstm_backward_resident(const Tensor& d_output, const Tensor& gates, const T
       const LstmBackwardBuffers<T> buffers{
           s > 0 ? d_gates_p + t_before * 4 * state : nullptr, d_gates_p + t * 4 * state, d_h_p,
           d_c_p, d_out_p + t * state, gates_p + t * 4 * state, c_p + steps.in(t) * state,
-          c_new_p + t * state, peep};
+          c_new_p + t * state, peep, d_bias_p};
       for (int64_t b = first; b < end; ++b) {
         const T* panel = panels + b * 4 * H * 4 * U;
         int64_t n = 0;
@@ -1213,8 +1226,8 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
   return {output, h_states, c_states, c_new};
 }
 
-// Returns {d_gates (T, N, 4H) before the nonlinearities, d_h0 (N, P), d_c0 (N, H), d_w_hr}
-// where d_w_hr (P, H) is defined only with a projection.
+// Returns {d_gates (T, N, 4H) before the nonlinearities, d_h0 (N, P), d_c0 (N, H), d_w_hr,
+// d_bias (4H,) = Σ_{t,n} d_gates[t, n]} where d_w_hr (P, H) is defined only with a projection.
 std::vector<Tensor> lstm_backward(const Tensor& d_output, const Tensor& d_h_n,
                                   const Tensor& d_c_n, const Tensor& gates,
                                   const Tensor& c_states, const Tensor& c_new, const Tensor& w_hh,
@@ -1248,12 +1261,13 @@ std::vector<Tensor> lstm_backward(const Tensor& d_output, const Tensor& d_h_n,
   Tensor m_all = projected ? at::empty({T, N, H}, gates.options()) : Tensor();
   Tensor d_m = projected ? at::empty({N, H}, gates.options()) : Tensor();
   const bool resident = lstm_resident(T, N, H, projected, gates.element_size());
+  Tensor d_bias = at::zeros({4 * H}, gates.options());
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
     using V = Vec<scalar_t>;
     const scalar_t* peep = w_ch.has_value() ? w_ch->data_ptr<scalar_t>() : nullptr;
     if (resident) {
       return lstm_backward_resident<scalar_t>(d_output, gates, c_states, c_new, w_hh, peep,
-                                              steps, valid, d_gates, d_h, d_c);
+                                              steps, valid, d_gates, d_h, d_c, d_bias);
     }
     scalar_t* d_h_p = d_h.data_ptr<scalar_t>();
     scalar_t* d_c_p = d_c.data_ptr<scalar_t>();
@@ -1324,7 +1338,8 @@ std::vector<Tensor> lstm_backward(const Tensor& d_output, const Tensor& d_h_n,
   });
   Tensor d_w_hr;
   if (projected) d_w_hr = d_h_raw_all.view({T * N, P}).t().mm(m_all.view({T * N, H}));
-  return {d_gates, d_h, d_c, d_w_hr};
+  if (!resident) d_bias = d_gates.sum({0, 1});
+  return {d_gates, d_h, d_c, d_w_hr, d_bias};
 }
 
 // ---- GRU ------------------------------------------------------------------------------------
