@@ -252,16 +252,17 @@ def test_torch_func_grad_equals_autograd():
 
 
 # ---- the native kernels: threads, products, the inference path, argument checks -------------
-@pytest.fixture(params=["tiles", "blas", "threads"])
+@pytest.fixture(params=["tiles", "blas", "threads", "blas-threads"])
 def native_products(request):
     """Runs a test with the native step products on the kernels' tiles, then on ATen's mm,
-    then with two threads sharing every head and product (the default thresholds restored)."""
+    then with two threads sharing every head and product, on the tiles and on mm (ATen's mm
+    then called from inside the heads' parallel region); the default thresholds restored."""
     kernels = build.kernels()
     if kernels is None:
         pytest.fail("the native kernels did not build")
     defaults = kernels.blas_min_multiply_adds(), kernels.thread_min_multiply_adds()
-    kernels.set_blas_min_multiply_adds(0 if request.param == "blas" else 2**62)
-    if request.param == "threads":
+    kernels.set_blas_min_multiply_adds(0 if request.param.startswith("blas") else 2**62)
+    if request.param.endswith("threads"):
         kernels.set_thread_min_multiply_adds(1)
         torch.set_num_threads(2)  # the autouse fixture restores the count
     yield request.param
