@@ -1,10 +1,12 @@
-"""sLSTM: a training step (forward, backward of a fixed projection) of rnnkit.SLSTM on its fused
-operator and on the reference loop, against rnnkit.LSTM (default engine) at the same sizes.
+"""sLSTM: a training step (forward, backward of a fixed projection) of rnnkit.SLSTM on its native
+and fused operators and on the reference loop, against rnnkit.LSTM (default engine) at the same
+sizes.
 
 One layer, input and hidden size H, batch N, T in ``STEPS``, sLSTM with 1 and 4 heads; every
 variant is timed interleaved with the others (median of ``REPEATS``), so the ratios within a
 row come from the same moments of the machine. Prints milliseconds per step and each time as a
-ratio to rnnkit.LSTM's (< 1: faster than the LSTM).
+ratio to rnnkit.LSTM's (< 1: faster than the LSTM), and each native time as a ratio to the fused
+one at the same heads (< 1: native faster).
 
     OMP_NUM_THREADS=1 python benchmarks/slstm_step.py [--no-reference] [--size H] [--batch N]
                                                        [T ...]
@@ -41,7 +43,8 @@ def variants(steps: int, size: int, batch: int, with_reference: bool) -> dict:
     x = torch.randn(steps, batch, size, requires_grad=True)
     rows = {"LSTM (peer)": training_step(rnnkit.LSTM(size, size), x)}
     for heads in (1, 4):
-        for backend in ("fused", "reference") if with_reference else ("fused",):
+        for backend in ("native", "fused", "reference") if with_reference else ("native",
+                                                                                 "fused"):
             module = rnnkit.SLSTM(size, size, num_heads=heads, backend=backend)
             rows[f"sLSTM heads={heads} {backend}"] = training_step(module, x)
     return rows
@@ -72,7 +75,11 @@ def main() -> None:
         medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         peer = medians["LSTM (peer)"]
         for name, ms in medians.items():
-            print(f"T={steps:5d}  {name:28s} {ms:9.2f} ms  {ms / peer:6.2f}x LSTM")
+            versus_fused = ""
+            if name.endswith(" native"):
+                fused = medians[name.replace(" native", " fused")]
+                versus_fused = f"  {ms / fused:6.2f}x fused"
+            print(f"T={steps:5d}  {name:28s} {ms:9.2f} ms  {ms / peer:6.2f}x LSTM{versus_fused}")
 
 
 if __name__ == "__main__":

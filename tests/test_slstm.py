@@ -1,13 +1,14 @@
-"""xLSTM's sLSTM (rnnkit.slstm, rnnkit.engine.slstm): the fused operator against the reference
-loop (values and all gradients), both against the paper's unstabilised equations written out
-here, the stabiliser at extreme inputs, the input forms, streaming, state dicts and the
-boundary's errors."""
+"""xLSTM's sLSTM (rnnkit.slstm, rnnkit.engine.slstm): the fused and native operators against the
+reference loop (values and all gradients), all against the paper's unstabilised equations
+written out here, the stabiliser at extreme inputs, the native kernels' threads, products and
+argument checks, the input forms, streaming, state dicts and the boundary's errors."""
 
 from __future__ import annotations
 
 import copy
 import gc
 import math
+import re
 
 import pytest
 import torch
@@ -20,9 +21,12 @@ import rnnkit
 from compare import assert_same, assert_same_normwise, outputs_and_gradients
 from rnnkit import engine
 from rnnkit.engine import ops, slstm
+from rnnkit.engine.native import build
 
 DTYPES = (torch.float32, torch.float64)
-PATHS = {"reference": slstm.run_reference, "fused": ops.run_fused_slstm}
+PATHS = {"reference": slstm.run_reference, "fused": ops.run_fused_slstm,
+         "native": ops.run_native_slstm}
+FAST_PATHS = ("fused", "native")
 NAMES = ("x", "h0", "c0", "n0", "m0", "weight_ih", "weight_hh", "bias_ih")
 
 
@@ -83,32 +87,40 @@ def _results(path, tensors, lengths, reverse, exp_forget):
             **{f"grad:{name}": g for name, g in zip(NAMES, grads, strict=True)}}
 
 
-# ---- the fused operator against the reference loop ------------------------------------------
+# ---- the fused and native operators against the reference loop -----------------------------
+@pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", [1, 4])
 @pytest.mark.parametrize("steps", [1, 2, 7, 64, 300])
-def test_fused_equals_the_reference(steps, heads, dtype):
+def test_fast_path_equals_the_reference(steps, heads, dtype, path):
     """Outputs, all four final state parts and the gradients of input, initial state (all four
-    parts) and every parameter, with lengths (outputs past each end zero), both directions,
-    both forget gates, from a reachable state and from the empty one (m_0 = -inf)."""
+    parts) and every parameter, with lengths (outputs past each end zero) and without, both
+    directions, both forget gates, from a reachable state and from the empty one (m_0 =
+    -inf)."""
     for empty_state in (False, True):
         tensors, lengths = _inputs(steps, dtype, heads=heads, empty_state=empty_state,
                                    seed=steps)
         for reverse in (False, True):
             for exp_forget in (False, True):
-                expected = _results(slstm.run_reference, tensors, lengths, reverse, exp_forget)
-                past_end = torch.arange(steps).unsqueeze(1) >= lengths  # (T, N)
-                assert not expected["output"][past_end].any()
-                actual = _results(ops.run_fused_slstm, tensors, lengths, reverse, exp_forget)
-                if empty_state:  # m_0 = -inf: its gradient is 0 on both, compared apart
-                    assert not expected.pop("grad:m0").any()
-                    assert not actual.pop("grad:m0").any()
-                assert_same_normwise(actual, expected, dtype, group="slstm")
+                # Without lengths, once per direction (the native output is then a view of its
+                # states buffer, a path of its own).
+                for each_length in (lengths, None) if exp_forget == empty_state else (lengths,):
+                    expected = _results(slstm.run_reference, tensors, each_length, reverse,
+                                        exp_forget)
+                    if each_length is not None:
+                        past_end = torch.arange(steps).unsqueeze(1) >= each_length  # (T, N)
+                        assert not expected["output"][past_end].any()
+                    actual = _results(PATHS[path], tensors, each_length, reverse, exp_forget)
+                    if empty_state:  # m_0 = -inf: its gradient is 0 on both, compared apart
+                        assert not expected.pop("grad:m0").any()
+                        assert not actual.pop("grad:m0").any()
+                    assert_same_normwise(actual, expected, dtype, group=f"slstm {path}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_layer_backends_agree_stacked_bidirectional_packed(dtype):
-    """A three-layer bidirectional layer with four heads: "fused" and "auto" equal "reference"
+    """A three-layer bidirectional layer with four heads: "fused", "native" and "auto" equal
+    "reference"
     in outputs, every state part and the gradients of input, hx and every parameter, on
     padded input with lengths and on the same batch packed."""
     torch.manual_seed(1)
@@ -131,41 +143,69 @@ def test_layer_backends_agree_stacked_bidirectional_packed(dtype):
     }
     for call in calls.values():
         expected = outputs_and_gradients(layer, call, inputs)
-        for backend in ("fused", "auto"):
+        for backend in ("fused", "native", "auto"):
             other = copy.deepcopy(layer)
             other.backend = backend
             assert_same_normwise(outputs_and_gradients(other, call, inputs), expected, dtype,
                                  group="slstm layer")
 
 
-def test_auto_runs_fused_and_an_empty_batch_the_reference():
+def test_auto_runs_native_where_it_can_and_an_empty_batch_the_reference():
     x = torch.zeros(3, 2, 4)
-    assert engine.slstm_engine_for("auto", x) == "fused"
+    assert engine.slstm_engine_for("auto", x) == "native"
+    assert engine.slstm_engine_for("auto", x.double()) == "native"
+    assert engine.slstm_engine_for("auto", x.half()) == "fused"  # no float16 kernels
+    assert engine.slstm_engine_for("native", x) == "native"
     assert engine.slstm_engine_for("fused", x) == "fused"
     assert engine.slstm_engine_for("reference", x) == "reference"
     assert engine.slstm_engine_for("auto", torch.zeros(3, 0, 4)) == "reference"
+
+
+@pytest.mark.parametrize("lengths", [None, [5, 2]])
+@pytest.mark.parametrize("backend", ["auto", "native", "fused"])
+def test_fast_backend_runs_its_own_operator(backend, lengths):
+    """Guards the parity tests above: "native" (or "auto") silently running "fused" would pass
+    them too. The operator is read off the autograd node that produced the output and h_n."""
+    layer = rnnkit.SLSTM(3, 8, num_heads=2, backend=backend)
+    output, (h_n, *_) = layer(torch.randn(5, 2, 3), lengths=lengths)
+    expected = "fused" if backend == "fused" else "native"
+    assert _operator_of(output) == _operator_of(h_n) == f"{expected}_slstm"
+
+
+def _operator_of(tensor):
+    """The rnnkit operator whose autograd node produced ``tensor`` (through a few views), as
+    tests/test_engine.py's ``operator_of``."""
+    nodes = [tensor.grad_fn]
+    for _ in range(5):
+        for node in nodes:
+            match = re.search(r"rnnkit_((?:native|fused)_slstm)", type(node).__name__)
+            if match:
+                return match.group(1)
+        nodes = [n for node in nodes for n, _ in node.next_functions if n is not None]
+    return None
 
 
 @settings(max_examples=25)
 @given(steps=st.integers(1, 12), batch=st.integers(1, 3), heads=st.sampled_from([1, 2, 3]),
        width=st.integers(1, 3), reverse=st.booleans(), exp_forget=st.booleans(),
        scale=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2**16))
-def test_fused_equals_the_reference_property(steps, batch, heads, width, reverse, exp_forget,
-                                             scale, seed):
+def test_fast_paths_equal_the_reference_property(steps, batch, heads, width, reverse,
+                                                 exp_forget, scale, seed):
     """Any small shape, head count and input scale (float64): the same values and gradients."""
     tensors, lengths = _inputs(steps, torch.float64, batch=batch, hidden=heads * width,
                                heads=heads, scale=scale, seed=seed)
     expected = _results(slstm.run_reference, tensors, lengths, reverse, exp_forget)
-    actual = _results(ops.run_fused_slstm, tensors, lengths, reverse, exp_forget)
-    assert_same_normwise(actual, expected, torch.float64)
+    for path in FAST_PATHS:
+        actual = _results(PATHS[path], tensors, lengths, reverse, exp_forget)
+        assert_same_normwise(actual, expected, torch.float64, group=path)
 
 
 # ---- gradcheck ------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", list(PATHS))
 def test_gradcheck(path):
-    """Finite differences in float64 against each path's backward (the fused one hand-written),
-    with lengths, both directions, both forget gates; and the fused operator's double backward
-    (through the reference's differentiable vector-Jacobian product)."""
+    """Finite differences in float64 against each path's backward (the fused and native ones
+    hand-written), with lengths, both directions, both forget gates; and the operators' double
+    backward (through the reference's differentiable vector-Jacobian product)."""
     tensors, _ = _inputs(6, torch.float64, batch=2, input_size=3, hidden=4, heads=2, seed=3)
     lengths = torch.tensor([6, 3])
     leaves = [t.clone().requires_grad_() for t in tensors]
@@ -177,16 +217,28 @@ def test_gradcheck(path):
                 return (output, *final)
 
             assert torch.autograd.gradcheck(run, leaves)
-    if path == "fused":
+    if path != "reference":
         assert torch.autograd.gradgradcheck(run, leaves)
 
 
 def test_operator_registration():
-    """torch.library's own check of the operator: schema, fake (meta) shapes, autograd formula
-    registration, against the implementation."""
+    """torch.library's own check of the operators: schema, fake (meta) shapes, autograd formula
+    registration, against the implementation; the native ones with and without lengths (their
+    output is then an empty stand-in), and the native backward on the forward's buffers."""
     tensors, lengths = _inputs(4, torch.float64, batch=2, input_size=3, hidden=4, heads=2)
     arguments = (*[t.requires_grad_() for t in tensors], lengths, True, False)
     torch.library.opcheck(ops.fused_slstm, arguments)
+    for each_length in (lengths, None):
+        for exp_forget in (False, True):
+            torch.library.opcheck(ops.native_slstm, (*arguments[:8], each_length, False,
+                                                     exp_forget))
+    with torch.no_grad():
+        (h_states, _, h_n, c_n, n_n, m_n, pre, gates, c_states, n_states,
+         m_states) = ops.native_slstm(*arguments[:8], lengths, True, False)
+    d_output = torch.randn(4, 2, 4, dtype=torch.float64)
+    torch.library.opcheck(ops.native_slstm_backward, (
+        d_output, *(torch.randn_like(h_n) for _ in range(4)), pre, gates, c_states, n_states,
+        m_states, arguments[6].detach(), lengths, True, False))
 
 
 def test_torch_func_grad_equals_autograd():
@@ -197,6 +249,127 @@ def test_torch_func_grad_equals_autograd():
     leaf = x.clone().requires_grad_()
     layer(leaf)[0].sum().backward()
     torch.testing.assert_close(transformed, leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+# ---- the native kernels: threads, products, the inference path, argument checks -------------
+@pytest.fixture(params=["tiles", "blas", "threads", "blas-threads"])
+def native_products(request):
+    """Runs a test with the native step products on the kernels' tiles, then on ATen's mm,
+    then with two threads sharing every head and product, on the tiles and on mm (ATen's mm
+    then called from inside the heads' parallel region); the default thresholds restored."""
+    kernels = build.kernels()
+    if kernels is None:
+        pytest.fail("the native kernels did not build")
+    defaults = kernels.blas_min_multiply_adds(), kernels.thread_min_multiply_adds()
+    kernels.set_blas_min_multiply_adds(0 if request.param.startswith("blas") else 2**62)
+    if request.param.endswith("threads"):
+        kernels.set_thread_min_multiply_adds(1)
+        torch.set_num_threads(2)  # the autouse fixture restores the count
+    yield request.param
+    kernels.set_blas_min_multiply_adds(defaults[0])
+    kernels.set_thread_min_multiply_adds(defaults[1])
+
+
+@pytest.mark.parametrize("steps,batch,hidden,heads", [(2, 1, 12, 1), (5, 13, 36, 4),
+                                                      (3, 7, 70, 2), (9, 3, 20, 5)])
+def test_native_equals_the_reference_on_every_product(steps, batch, hidden, heads,
+                                                      native_products):
+    """Float64, with lengths, both directions and forget gates: batch 1 and leftover rows of
+    the tiles, head widths that leave a partial vector (d = 9, 35, 4), steps 1-2 on the
+    dot-product kernel and 3 or more on the transposed copy of R_k."""
+    tensors, lengths = _inputs(steps, torch.float64, batch=batch, input_size=5, hidden=hidden,
+                               heads=heads, seed=steps + batch)
+    for reverse in (False, True):
+        for exp_forget in (False, True):
+            expected = _results(slstm.run_reference, tensors, lengths, reverse, exp_forget)
+            actual = _results(ops.run_native_slstm, tensors, lengths, reverse, exp_forget)
+            assert_same_normwise(actual, expected, torch.float64, group=native_products)
+
+
+def test_native_threads_heads_at_a_size_worth_it_by_default():
+    """Default thresholds, two threads: each head's product (N d 4d multiply-adds) is worth a
+    thread here, so the heads of a step are shared between threads; float32 and float64."""
+    kernels = build.kernels()
+    batch, hidden, heads = 16, 128, 4
+    width = hidden // heads
+    assert batch * width * 4 * width >= kernels.thread_min_multiply_adds()
+    torch.set_num_threads(2)
+    for dtype in DTYPES:
+        tensors, lengths = _inputs(6, dtype, batch=batch, input_size=5, hidden=hidden,
+                                   heads=heads, seed=2)
+        expected = _results(slstm.run_reference, tensors, lengths, False, False)
+        actual = _results(ops.run_native_slstm, tensors, lengths, False, False)
+        assert_same_normwise(actual, expected, dtype, group="threaded heads")
+
+
+def test_native_inference_path_equals_the_training_path():
+    """Under no_grad the native operator's implementation runs alone and stores no gates: the
+    same kernels otherwise, so the same bits."""
+    layer = rnnkit.SLSTM(3, 8, num_layers=2, bidirectional=True, num_heads=2,
+                         dtype=torch.float64, backend="native")
+    x = torch.randn(11, 3, 3, dtype=torch.float64)
+    for lengths in (None, [11, 4, 1]):
+        expected = layer(x, lengths=lengths)
+        with torch.no_grad():
+            actual = layer(x, lengths=lengths)
+        assert expected[0].grad_fn is not None and actual[0].grad_fn is None
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_native_kernels_check_every_argument():
+    """A direct call of a kernel with a wrong argument names the kernel, the argument, what it
+    got and what it accepts, before any work."""
+    kernels = build.kernels()
+    steps, batch, heads, width = 3, 2, 2, 4
+    hidden = heads * width
+    pre = torch.zeros(steps, batch, 4 * hidden)
+    state = torch.zeros(batch, hidden)
+    w_hh = torch.zeros(heads, 4 * width, width)
+
+    def forward(**changed):
+        arguments = {"pre": pre.clone(), "h0": state, "c0": state, "n0": state, "m0": state,
+                     "w_hh": w_hh, "lengths": None, "reverse": False, "exp_forget": False,
+                     "store_gates": True, **changed}
+        return kernels.slstm_forward(*arguments.values())
+
+    cases = [
+        (dict(h0=torch.zeros(batch, hidden + 1)), r"slstm_forward: h0 must have shape \[2, 8\], "
+         r"got \[2, 9\]"),
+        (dict(m0=torch.zeros(batch, hidden, dtype=torch.float64)),
+         r"slstm_forward: m0 must be Float, got Double"),
+        (dict(c0=torch.zeros(hidden, batch).t()), r"slstm_forward: c0 must be contiguous"),
+        (dict(w_hh=torch.zeros(4 * hidden, hidden)),
+         r"slstm_forward: w_hh must have 3 dimensions \[heads, 4 \* head_size, head_size\], "
+         r"got shape \[32, 8\]"),
+        (dict(w_hh=torch.zeros(heads, 3 * width, width)),
+         r"slstm_forward: w_hh must have shape \[2, 16, 4\], got \[2, 12, 4\]"),
+        (dict(pre=torch.zeros(steps, batch, 3 * hidden)),
+         r"slstm_forward: pre must have shape \[3, 2, 32\], got \[3, 2, 24\]"),
+        (dict(pre=torch.zeros(steps, batch, 4 * hidden, dtype=torch.int32)),
+         r"slstm_forward: pre must be float32 or float64, got Int"),
+        (dict(lengths=torch.tensor([3, 4])),
+         r"slstm_forward: lengths must lie in \[1, 3\] .*got 4 at index 1"),
+        (dict(lengths=torch.tensor([3, 2], dtype=torch.int32)),
+         r"slstm_forward: lengths must be Long, got Int"),
+    ]
+    for changed, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            forward(**changed)
+    _, gates, _, c_states, n_states, m_states = forward()
+    good = {"d_output": torch.zeros(steps, batch, hidden), "d_h_n": state, "d_c_n": state,
+            "d_n_n": state, "d_m_n": state, "pre": pre, "gates": gates, "c_states": c_states,
+            "n_states": n_states, "m_states": m_states, "w_hh": w_hh, "lengths": None,
+            "reverse": False, "exp_forget": False}
+    assert kernels.slstm_backward(*good.values())[0].shape == pre.shape
+    for name, wrong, message in [
+        ("gates", gates[:, :, :-1].contiguous(), r"gates must have shape \[3, 2, 32\], got "
+         r"\[3, 2, 31\]"),
+        ("m_states", m_states[1:].contiguous(), r"m_states must have shape \[4, 2, 8\]"),
+        ("d_output", torch.zeros(steps, batch, hidden + 1), r"d_output must have shape"),
+        ("d_n_n", state.double(), r"d_n_n must be Float, got Double"),
+    ]:
+        with pytest.raises(RuntimeError, match=f"slstm_backward: {message}"):
+            kernels.slstm_backward(*{**good, name: wrong}.values())
 
 
 # ---- the paper's equations and the stabiliser -----------------------------------------------
@@ -356,7 +529,7 @@ def test_input_forms_agree():
     assert empty_output.shape == (6, 0, 8) and all(s.shape == (4, 0, 4) for s in empty_state)
 
 
-@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("backend", ["native", "fused", "reference"])
 def test_streaming_equals_the_whole_sequence(backend):
     """One step at a time, with the cell (the first layer's weights loaded) and with the layer
     itself (two layers, one step per call, the state carried), equals the whole sequence."""
@@ -465,8 +638,8 @@ def test_bad_inputs_name_the_argument():
          r"SLSTMCell num_heads must be an int >= 1, got 0"),
         (lambda: rnnkit.SLSTM(3, 4, forget_gate="tanh"), ValueError,
          r"SLSTM forget_gate must be one of 'sigmoid', 'exp', got 'tanh'"),
-        (lambda: rnnkit.SLSTM(3, 4, backend="native"), ValueError,
-         r"SLSTM backend must be one of 'auto', 'fused', 'reference', got 'native'"),
+        (lambda: rnnkit.SLSTM(3, 4, backend="turbo"), ValueError,
+         r"SLSTM backend must be one of 'auto', 'native', 'fused', 'reference', got 'turbo'"),
         (lambda: rnnkit.SLSTM(0, 4), ValueError, r"SLSTM input_size must be an int >= 1, got 0"),
         (lambda: layer(torch.randn(5, 2, 7)), ValueError,
          r"SLSTM input must have shape \(L, N, H_in\) .* input_size = 3; got \(5, 2, 7\)"),

@@ -211,10 +211,13 @@ class SLSTM(nn.Module):
         num_heads (keyword): heads of the block-diagonal recurrence; must divide
             ``hidden_size``. Default 1.
         forget_gate (keyword): ``"sigmoid"`` (default, as the reference code) or ``"exp"``.
-        backend (keyword): ``"auto"`` (default: ``"fused"``), ``"fused"`` (the
-            ``rnnkit::fused_slstm`` operator: preallocated buffers, one batched product per
-            step, hand-written backward) or ``"reference"`` (the step loop on autograd);
-            settable later as ``layer.backend``. Both give the same results.
+        backend (keyword): ``"auto"`` (default: ``"native"`` on the CPU in float32/float64
+            with the kernels built, else ``"fused"``), ``"native"`` (the
+            ``rnnkit::native_slstm`` operator: the time loop in C++, forward and backward),
+            ``"fused"`` (the ``rnnkit::fused_slstm`` operator: preallocated buffers, one
+            batched product per step, hand-written backward) or ``"reference"`` (the step
+            loop on autograd); settable later as ``layer.backend``. All give the same
+            results.
 
     Inputs: ``input, hx`` (optional), ``lengths`` (optional; by keyword, or third by position)
         - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first=True``, unbatched

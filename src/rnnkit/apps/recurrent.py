@@ -28,7 +28,7 @@ normalisation and regularisation switches (``layer_norm``, ``recurrent_dropout``
 ``weight_drop``) change what a model is, so a family without them refuses them by name rather
 than train something else than asked; so does a family given a ``backend`` it does not have
 (the minimal layers run ``auto``, ``reference``, ``scan``, ``log_scan``; sLSTM ``auto``,
-``fused``, ``reference``; torch.nn has neither).
+``native``, ``fused``, ``reference``; torch.nn has neither).
 """
 
 from __future__ import annotations

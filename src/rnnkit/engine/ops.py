@@ -14,6 +14,8 @@ implementations per family behind one calling convention (`run_fused`, `run_nati
                                    by autograd ops (`steps.input_side`; the LSTM's take the
                                    bare ``W_ih x`` and normalise it in their loop); math in
                                    `rnnkit.engine.fused_recurrence`
+``rnnkit::{fused,native}_slstm``   xLSTM's sLSTM (`run_fused_slstm`, `run_native_slstm`);
+                                   math and the fused loops in `rnnkit.engine.slstm`
 ==========================  ===============================================================
 
 Every operator has:
@@ -1073,9 +1075,10 @@ def _native_output(output: Tensor, states: Tensor, lengths: _Optional, reverse: 
 
 
 # ---- sLSTM (Beck et al. 2024) ------------------------------------------------------------------
-# The math and the buffers' layouts are in `rnnkit.engine.slstm`; the weight gradients, one
-# product each over all steps, are taken here (`slstm.weight_gradients`), as for the families
-# above.
+# The math and the fused buffers' layouts are in `rnnkit.engine.slstm`; the native kernels keep
+# (T, N, 4H) rows head-major and (T + 1, N, H) states (`kernels.cpp`, "sLSTM"). The weight
+# gradients, one product each over all steps, are taken here for both (`slstm.weight_gradients`,
+# which reads the native buffers as strided (T, K, N, ...) views), as for the families above.
 
 @torch.library.custom_op("rnnkit::fused_slstm", mutates_args=())
 def fused_slstm(x: Tensor, h0: Tensor, c0: Tensor, n0: Tensor, m0: Tensor, w_ih: Tensor,
@@ -1115,10 +1118,46 @@ def _fake_slstm_backward(d_output, d_h_n, d_c_n, d_n_n, d_m_n, pre, *rest):
     return (torch.empty_like(pre), *(torch.empty_like(d_h_n) for _ in range(4)))
 
 
+@torch.library.custom_op("rnnkit::native_slstm", mutates_args=(), device_types="cpu")
+def native_slstm(x: Tensor, h0: Tensor, c0: Tensor, n0: Tensor, m0: Tensor, w_ih: Tensor,
+                 w_hh: Tensor, b_ih: _Optional, lengths: _Optional, reverse: bool,
+                 exp_forget: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                            Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> h_states (T + 1, N, H), output (T, N, H) or empty, h_n, c_n, n_n, m_n (N, H), pre,
+    gates (T, N, 4H) rows head-major, c, n, m states (T + 1, N, H) (`native.slstm_forward`)."""
+    return native.slstm_forward(x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, reverse,
+                                exp_forget)
+
+
+@torch.library.custom_op("rnnkit::native_slstm_backward", mutates_args=(), device_types="cpu")
+def native_slstm_backward(d_output: Tensor, d_h_n: Tensor, d_c_n: Tensor, d_n_n: Tensor,
+                          d_m_n: Tensor, pre: Tensor, gates: Tensor, c_states: Tensor,
+                          n_states: Tensor, m_states: Tensor, w_hh: Tensor, lengths: _Optional,
+                          reverse: bool, exp_forget: bool
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> d_pre (T, N, 4H) rows head-major, d_h0, d_c0, d_n0, d_m0 (N, H)
+    (`native.slstm_backward`)."""
+    return native.slstm_backward(d_output, d_h_n, d_c_n, d_n_n, d_m_n, pre, gates, c_states,
+                                 n_states, m_states, w_hh, lengths, reverse, exp_forget)
+
+
+def _fake_native_slstm(x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, reverse, exp_forget):
+    steps, batch = x.shape[0], x.shape[1]
+    hidden = w_hh.shape[0] * w_hh.shape[2]
+    new = x.new_empty
+    return (new(steps + 1, batch, hidden), _empty_like_lengths(x, lengths, steps, batch, hidden),
+            *(new(batch, hidden) for _ in range(4)), new(steps, batch, 4 * hidden),
+            new(steps, batch, 4 * hidden), *(new(steps + 1, batch, hidden) for _ in range(3)))
+
+
 def _slstm_setup(ctx, inputs, output, native_layout: bool):
     x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, reverse, exp_forget = inputs
-    (_, _, _, _, _, pre, gates, h_tilde, n_new, h_states, c_states, n_states,
-     m_states) = output
+    if native_layout:  # rows head-major (T, N, 4H), states (T + 1, N, H)
+        (h_states, _, _, _, _, _, pre, gates, c_states, n_states, m_states) = output
+        h_tilde = n_new = None  # the native backward reads c_t and n_t from the states
+    else:  # head-major buffers (T, K, N, ...)
+        (_, _, _, _, _, pre, gates, h_tilde, n_new, h_states, c_states, n_states,
+         m_states) = output
     ctx.save_for_backward(x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, pre, gates, h_tilde,
                           n_new, h_states, c_states, n_states, m_states)
     ctx.reverse, ctx.exp_forget = reverse, exp_forget
@@ -1127,8 +1166,12 @@ def _slstm_setup(ctx, inputs, output, native_layout: bool):
 def _slstm_backward(ctx, grads, native_layout: bool):
     (x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, pre, gates, h_tilde, n_new, h_states,
      c_states, n_states, m_states) = ctx.saved_tensors
-    d_output = _or_zeros(grads[0], x.new_empty(x.shape[0], x.shape[1], h0.shape[1]))
-    d_finals = tuple(_or_zeros(g, h0) for g in grads[1:5])
+    if native_layout:
+        d_output = _native_output_grad(grads[0], grads[1], h_states, lengths, ctx.reverse)
+        d_finals = tuple(_or_zeros(g, h0) for g in grads[2:6])
+    else:
+        d_output = _or_zeros(grads[0], x.new_empty(x.shape[0], x.shape[1], h0.shape[1]))
+        d_finals = tuple(_or_zeros(g, h0) for g in grads[1:5])
     if torch.is_grad_enabled():
         # Recorded (double backward, torch.func): the reference loop's vector-Jacobian product,
         # itself differentiable, as `_differentiable_backward` does for the other families.
@@ -1149,19 +1192,32 @@ def _slstm_backward(ctx, grads, native_layout: bool):
         _, vjp = torch.func.vjp(outputs_of, *(order[k] for k in wanted))
         found = dict(zip(wanted, vjp((d_output, *d_finals)), strict=True))
         return (*(found.get(k) for k in range(len(order))), None, None, None)
-    d_pre, d_h0, d_c0, d_n0, d_m0 = fused_slstm_backward(
-        d_output, *d_finals, pre, gates, h_tilde, n_new, c_states, n_states, m_states, w_hh,
-        lengths, ctx.reverse, ctx.exp_forget)
+    h_entering = slstm.entering(h_states, ctx.reverse)
+    if native_layout:
+        d_pre, d_h0, d_c0, d_n0, d_m0 = native_slstm_backward(
+            d_output, *d_finals, pre, gates, c_states, n_states, m_states, w_hh, lengths,
+            ctx.reverse, ctx.exp_forget)
+        # (T, N, K 4d) and (T, N, K d) seen as (T, K, N, ...): views, no copies; the products
+        # below read them as they lie.
+        heads, rows, width = w_hh.shape
+        d_pre = d_pre.unflatten(2, (heads, rows)).transpose(1, 2)
+        h_entering = h_entering.unflatten(2, (heads, width)).transpose(1, 2)
+    else:
+        d_pre, d_h0, d_c0, d_n0, d_m0 = fused_slstm_backward(
+            d_output, *d_finals, pre, gates, h_tilde, n_new, c_states, n_states, m_states,
+            w_hh, lengths, ctx.reverse, ctx.exp_forget)
     needs = ctx.needs_input_grad
     d_x, d_w_ih, d_w_hh, d_b = slstm.weight_gradients(
-        d_pre, x, slstm.entering(h_states, ctx.reverse), w_ih,
-        (needs[0], needs[5], needs[6], b_ih is not None and needs[7]))
+        d_pre, x, h_entering, w_ih, (needs[0], needs[5], needs[6], b_ih is not None and needs[7]))
     return d_x, d_h0, d_c0, d_n0, d_m0, d_w_ih, d_w_hh, d_b, None, None, None
 
 
-_register(fused_slstm, _fake_fused_slstm, autocast=True)
-_FUNCTIONS[fused_slstm] = _autograd(fused_slstm, _slstm_setup, _slstm_backward, False)
+for _op, _fake, _native in ((fused_slstm, _fake_fused_slstm, False),
+                           (native_slstm, _fake_native_slstm, True)):
+    _register(_op, _fake, autocast=True)
+    _FUNCTIONS[_op] = _autograd(_op, _slstm_setup, _slstm_backward, _native)
 _register(fused_slstm_backward, _fake_slstm_backward)
+_register(native_slstm_backward, _fake_slstm_backward)
 
 
 def run_fused_slstm(x: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor], w_ih: Tensor,
@@ -1176,4 +1232,18 @@ def run_fused_slstm(x: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor], w_i
     return results[0], tuple(results[1:5])
 
 
-__all__ = ["run_fused", "run_fused_slstm", "run_native", "run_recurrence"]
+def run_native_slstm(x: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor], w_ih: Tensor,
+                     w_hh: Tensor, b_ih: _Optional, lengths: _Optional, reverse: bool,
+                     exp_forget: bool) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """``rnnkit::native_slstm`` (CPU, float32/float64, kernels built); same contract as
+    `rnnkit.engine.slstm.run_reference`. In the eager shortcut the kernel stores no gates and
+    returns the layer's outputs alone."""
+    lengths = _lengths(lengths)
+    arguments = (x, *state, w_ih, w_hh, b_ih, lengths, reverse, exp_forget)
+    if plain_eager(x, *arguments[:8]):
+        return native.slstm_forward(*arguments, layer_outputs_only=True)
+    results = _apply(native_slstm, *arguments)
+    return _native_output(results[1], results[0], lengths, reverse), tuple(results[2:6])
+
+
+__all__ = ["run_fused", "run_fused_slstm", "run_native", "run_native_slstm", "run_recurrence"]

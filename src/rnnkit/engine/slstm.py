@@ -39,9 +39,11 @@ GATES = 4
 FORGET_GATES = ("sigmoid", "exp")
 """``forget_gate``: ``f = σ(f̃)`` (the reference code's default) or ``f = exp(f̃)``."""
 
-BACKENDS = ("auto", "fused", "reference")
+BACKENDS = ("auto", "native", "fused", "reference")
 """``backend`` of `rnnkit.SLSTM`: ``"reference"`` `run_reference`, ``"fused"`` the operator
-(`rnnkit.engine.ops.run_fused_slstm`); ``"auto"`` runs ``"fused"`` (`engine_for`)."""
+(`rnnkit.engine.ops.run_fused_slstm`), ``"native"`` the C++ loops
+(`rnnkit.engine.ops.run_native_slstm`); ``"auto"`` runs ``"native"`` where it can, else
+``"fused"`` (`rnnkit.engine.slstm_engine_for`)."""
 
 SLSTMState = tuple[Tensor, Tensor, Tensor, Tensor]
 """``(h, c, n, m)``, each ``(N, H)`` (or ``(H,)`` for one unbatched step)."""

@@ -1558,6 +1558,268 @@ std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, co
   return {d_x_gates, d_hn, d_h};
 }
 
+// ---- sLSTM ----------------------------------------------------------------------------------
+//
+// xLSTM's sLSTM (Beck et al. 2024): the equations, and the fused loops these kernels mirror
+// value for value, are in engine/slstm.py. K heads of d units, H = K d, gate order (i, f, z, o).
+//
+// Layouts. The pre-activation and gate buffers are (T, N, 4H) with each row head-major: head k's
+// (ĩ|f̃|z̃|õ) of its d units at columns [4dk, 4d(k + 1)) (`slstm.heads_first` of the public,
+// gate-major rows: the input projection's weight rows are reordered once per call, so the
+// projection writes this layout directly). States are (T + 1, N, H) in the public layout, head k's
+// units at [dk, d(k + 1)). Head k's recurrent product then reads and writes strided blocks of a
+// step's buffers, h (N, d) at stride H into pre (N, 4d) at stride 4H: no transposes in the loop,
+// the initial and final states as the layer holds them, and the output without lengths a view
+// of the h states buffer, as for the other families.
+//
+// Per step: K products (N, d) x (d, 4d) (`ForwardWeight`: a transposed copy of each R_k per call
+// over many steps), the heads shared between threads when each head's product is worth a thread
+// (`slstm_head_grain`), else one after another with each product and its gate math threaded
+// inside; then the stabilised gate math of each (row, head), vectorised over the head's units.
+
+// 1 / (1 + e^{-x}) with a true division: 0 where e^{-x} overflows (x < -88 in float32), where
+// `sigmoid`'s refined reciprocal estimate gives NaN (its Newton step computes inf * 0), and
+// never above 1. The sLSTM's gates see the pre-activations of inputs x1e3 (its stabiliser is
+// there for them), so its σ must hold at every finite input.
+template <typename T>
+inline Vec<T> exact_sigmoid(const Vec<T>& x) {
+  const Vec<T> one(T(1));
+  return one / (one + x.neg().exp());
+}
+
+// log σ(x) = min(x, 0) - log1p(e^{-|x|}), torch's formula for logsigmoid: finite at every
+// finite x (log(σ(x)) underflows to -inf below about -104 in float32).
+template <typename T>
+inline Vec<T> log_sigmoid(const Vec<T>& x) {
+  return at::vec::minimum(x, Vec<T>(T(0))) - x.abs().neg().exp().log1p();
+}
+
+// log f from the forget pre-activation: f̃ itself (exp forget gate) or log σ(f̃) (sigmoid).
+template <typename T>
+inline Vec<T> log_forget(const Vec<T>& f_pre, bool exp_forget) {
+  return exp_forget ? f_pre : log_sigmoid(f_pre);
+}
+
+// Threads share the heads of a step only when each head's product (N d 4d multiply-adds) is
+// worth a thread (`thread_min_multiply_adds`); else the heads run in turn on the calling thread
+// and each head's product and gate math may use the threads themselves (nested at::parallel_for
+// runs inline, so the two never both split).
+inline int64_t slstm_head_grain(int64_t heads, int64_t batch, int64_t width) {
+  return batch * width * 4 * width >= thread_min_multiply_adds ? 1 : std::max<int64_t>(1, heads);
+}
+
+// w_hh must be (K, 4d, d); returns {K, d}. Checked before the shapes that depend on it.
+std::pair<int64_t, int64_t> slstm_heads(const char* kernel, const Tensor& w_hh) {
+  TORCH_CHECK(w_hh.dim() == 3, kernel, ": w_hh must have 3 dimensions [heads, 4 * head_size, ",
+              "head_size], got shape ", w_hh.sizes());
+  return {w_hh.size(0), w_hh.size(2)};
+}
+
+// pre (T, N, 4H): x W_ih^T + b_ih with head-major rows, overwritten with the full
+// pre-activations W x + b + R h of each step (the backward reads ĩ and f̃ from them).
+// h0, c0, n0, m0 (N, H): the initial state (m0 already -inf where n0 = 0). w_hh: [K, 4d, d].
+// Returns {output (T, N, H) (a view of h_states without lengths), gates (T, N, 4H) the values
+// (i'|f'|z|o) head-major, or undefined unless `store_gates`, h_states, c_states, n_states,
+// m_states (T + 1, N, H)}. Every row's gate math runs at every step (so the buffers hold the
+// same values with and without lengths); past a sequence's end the four states are then held.
+std::vector<Tensor> slstm_forward(Tensor pre, const Tensor& h0, const Tensor& c0,
+                                  const Tensor& n0, const Tensor& m0, const Tensor& w_hh,
+                                  const std::optional<Tensor>& lengths, bool reverse,
+                                  bool exp_forget, bool store_gates) {
+  const Arguments check("slstm_forward", "pre", pre, 3);
+  const auto [K, d] = slstm_heads("slstm_forward", w_hh);
+  const int64_t T = pre.size(0), N = pre.size(1), H = K * d, G = 4 * d;
+  check("pre", pre, {T, N, 4 * H});
+  check("w_hh", w_hh, {K, G, d});
+  check("h0", h0, {N, H});
+  check("c0", c0, {N, H});
+  check("n0", n0, {N, H});
+  check("m0", m0, {N, H});
+  check.lengths(lengths, N, T);
+  const BelowAutograd below_autograd;
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  Tensor h_states = states_buffer(T, h0), c_states = states_buffer(T, h0),
+         n_states = states_buffer(T, h0), m_states = states_buffer(T, h0);
+  start_states(h_states, steps.first_in(), h0);
+  start_states(c_states, steps.first_in(), c0);
+  start_states(n_states, steps.first_in(), n0);
+  start_states(m_states, steps.first_in(), m0);
+  Tensor output = output_buffer(h_states, steps, lengths);
+  Tensor gates = store_gates ? at::empty_like(pre) : Tensor();
+  std::vector<ForwardWeight> r_forward;  // R_k (4d, d), multiplied as h_k R_k^T
+  r_forward.reserve(K);
+  for (int64_t k = 0; k < K; ++k) r_forward.emplace_back(w_hh.select(0, k), T);
+  const int64_t grain = slstm_head_grain(K, N, d);
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "slstm_forward", [&] {
+    using V = Vec<scalar_t>;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = steps.time(s), in = steps.in(t), out = steps.out(t);
+      scalar_t* a_p = at_step<scalar_t>(pre, t);
+      scalar_t* g_p = store_gates ? at_step<scalar_t>(gates, t) : nullptr;
+      const scalar_t *h_p = at_step<scalar_t>(h_states, in), *c_p = at_step<scalar_t>(c_states, in),
+                     *n_p = at_step<scalar_t>(n_states, in), *m_p = at_step<scalar_t>(m_states, in);
+      scalar_t *h_new_p = at_step<scalar_t>(h_states, out), *c_new_p = at_step<scalar_t>(c_states, out),
+               *n_new_p = at_step<scalar_t>(n_states, out), *m_new_p = at_step<scalar_t>(m_states, out);
+      scalar_t* out_p = lengths.has_value() ? at_step<scalar_t>(output, t) : nullptr;
+      at::parallel_for(0, K, grain, [&](int64_t first, int64_t end) {
+        for (int64_t k = first; k < end; ++k) {
+          // a_k (N, 4d) at stride 4H += h_k (N, d) at stride H · R_k^T
+          r_forward[k].multiply<scalar_t>(Block<const scalar_t>{h_p + k * d, N, d, H},
+                                          Block<scalar_t>{a_p + k * G, N, G, 4 * H}, true);
+          for_rows(N, G, [&](int64_t n) {
+            scalar_t* a = a_p + n * 4 * H + k * G;  // (ĩ|f̃|z̃|õ) of head k, row n
+            scalar_t* g = g_p ? g_p + n * 4 * H + k * G : nullptr;
+            const int64_t base = n * H + k * d;  // head k's units of row n in a state
+            for_units<scalar_t>(d, [&](int64_t j, int64_t count) {
+              const V i_pre = V::loadu(a + j, count), f_pre = V::loadu(a + d + j, count);
+              const V u = log_forget(f_pre, exp_forget) + V::loadu(m_p + base + j, count);
+              // max(log f + m, ĩ), the first branch on a tie (and where either is NaN, ĩ), as
+              // the fused path's where().
+              const V m_new = V::blendv(i_pre, u, u >= i_pre);
+              const V i = (i_pre - m_new).exp(), f = (u - m_new).exp();
+              const V z = fast_tanh(V::loadu(a + 2 * d + j, count));
+              const V o = exact_sigmoid(V::loadu(a + 3 * d + j, count));
+              const V c_new = f * V::loadu(c_p + base + j, count) + i * z;
+              const V n_new = f * V::loadu(n_p + base + j, count) + i;
+              // A true division: |c| <= n keeps |h| <= 1 exactly, and the backward recomputes
+              // these very bits.
+              const V h_new = o * (c_new / n_new);
+              h_new.store(h_new_p + base + j, count);
+              c_new.store(c_new_p + base + j, count);
+              n_new.store(n_new_p + base + j, count);
+              m_new.store(m_new_p + base + j, count);
+              if (out_p) h_new.store(out_p + base + j, count);
+              if (g) {
+                i.store(g + j, count);
+                f.store(g + d + j, count);
+                z.store(g + 2 * d + j, count);
+                o.store(g + 3 * d + j, count);
+              }
+            });
+            if (!valid(t, n)) {  // past the end: all four parts held, the output zero
+              copy_row(h_new_p + base, h_p + base, d);
+              copy_row(c_new_p + base, c_p + base, d);
+              copy_row(n_new_p + base, n_p + base, d);
+              copy_row(m_new_p + base, m_p + base, d);
+              zero_row(out_p + base, d);
+            }
+          });
+        }
+      });
+    }
+  });
+  return {output, gates, h_states, c_states, n_states, m_states};
+}
+
+// The exact derivative of slstm_forward, the path through m included (engine/slstm.py,
+// `fused_backward`, has the formulas line by line). d_output (T, N, H); d_h_n, d_c_n, d_n_n,
+// d_m_n (N, H); pre, gates (T, N, 4H) as slstm_forward left them; c_states, n_states, m_states
+// (T + 1, N, H); w_hh: [K, 4d, d]. Returns {d_pre (T, N, 4H) the gradients of (ĩ|f̃|z̃|õ)
+// head-major, zero past each sequence's end, d_h0, d_c0, d_n0, d_m0 (N, H)}. A valid step's
+// c_t and n_t are read from the states it left (equal there to the unheld values), and
+// h̃ = c_t / n_t is recomputed with the forward's own division.
+std::vector<Tensor> slstm_backward(const Tensor& d_output, const Tensor& d_h_n,
+                                   const Tensor& d_c_n, const Tensor& d_n_n, const Tensor& d_m_n,
+                                   const Tensor& pre, const Tensor& gates,
+                                   const Tensor& c_states, const Tensor& n_states,
+                                   const Tensor& m_states, const Tensor& w_hh,
+                                   const std::optional<Tensor>& lengths, bool reverse,
+                                   bool exp_forget) {
+  const Arguments check("slstm_backward", "pre", pre, 3);
+  const auto [K, d] = slstm_heads("slstm_backward", w_hh);
+  const int64_t T = pre.size(0), N = pre.size(1), H = K * d, G = 4 * d;
+  check("pre", pre, {T, N, 4 * H});
+  check("w_hh", w_hh, {K, G, d});
+  check("gates", gates, {T, N, 4 * H});
+  check("d_output", d_output, {T, N, H});
+  check("d_h_n", d_h_n, {N, H});
+  check("d_c_n", d_c_n, {N, H});
+  check("d_n_n", d_n_n, {N, H});
+  check("d_m_n", d_m_n, {N, H});
+  check("c_states", c_states, {T + 1, N, H});
+  check("n_states", n_states, {T + 1, N, H});
+  check("m_states", m_states, {T + 1, N, H});
+  check.lengths(lengths, N, T);
+  const BelowAutograd below_autograd;
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  Tensor d_pre = at::empty_like(pre);
+  // The gradients flowing into the state leaving the current step, then entering it.
+  Tensor d_h = d_h_n.clone(at::MemoryFormat::Contiguous), d_c = d_c_n.clone(at::MemoryFormat::Contiguous),
+         d_n = d_n_n.clone(at::MemoryFormat::Contiguous), d_m = d_m_n.clone(at::MemoryFormat::Contiguous);
+  const int64_t grain = slstm_head_grain(K, N, d);
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "slstm_backward", [&] {
+    using V = Vec<scalar_t>;
+    const V one(scalar_t(1)), zero(scalar_t(0));
+    scalar_t *d_h_p = d_h.data_ptr<scalar_t>(), *d_c_p = d_c.data_ptr<scalar_t>(),
+             *d_n_p = d_n.data_ptr<scalar_t>(), *d_m_p = d_m.data_ptr<scalar_t>();
+    const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = steps.time(s), in = steps.in(t), out = steps.out(t);
+      const scalar_t *a_p = at_step<scalar_t>(pre, t), *g_p = at_step<scalar_t>(gates, t),
+                     *d_out_p = at_step<scalar_t>(d_output, t);
+      const scalar_t *c_old_p = at_step<scalar_t>(c_states, in), *n_old_p = at_step<scalar_t>(n_states, in),
+                     *m_old_p = at_step<scalar_t>(m_states, in);
+      const scalar_t *c_new_p = at_step<scalar_t>(c_states, out), *n_new_p = at_step<scalar_t>(n_states, out);
+      scalar_t* d_pre_p = at_step<scalar_t>(d_pre, t);
+      at::parallel_for(0, K, grain, [&](int64_t first, int64_t end) {
+        for (int64_t k = first; k < end; ++k) {
+          for_rows(N, G, [&](int64_t n) {
+            const scalar_t* a = a_p + n * 4 * H + k * G;
+            const scalar_t* g = g_p + n * 4 * H + k * G;
+            scalar_t* dp = d_pre_p + n * 4 * H + k * G;
+            const int64_t base = n * H + k * d;
+            if (!valid(t, n)) {  // no gate gradient; the held state passes its own around
+              zero_row(dp, G);
+              return;
+            }
+            for_units<scalar_t>(d, [&](int64_t j, int64_t count) {
+              const V i = V::loadu(g + j, count), f = V::loadu(g + d + j, count),
+                      z = V::loadu(g + 2 * d + j, count), o = V::loadu(g + 3 * d + j, count);
+              const V n_t = V::loadu(n_new_p + base + j, count);
+              const V h_tilde = V::loadu(c_new_p + base + j, count) / n_t;
+              const V d_h_t = V::loadu(d_h_p + base + j, count) + V::loadu(d_out_p + base + j, count);
+              const V d_o = (d_h_t * h_tilde) * (o * (one - o));
+              const V d_h_tilde = d_h_t * o;
+              const V d_c_t = V::loadu(d_c_p + base + j, count) + d_h_tilde / n_t;
+              const V d_n_t = V::loadu(d_n_p + base + j, count) - d_h_tilde * h_tilde / n_t;
+              const V d_f_prime = d_c_t * V::loadu(c_old_p + base + j, count) +
+                                  d_n_t * V::loadu(n_old_p + base + j, count);
+              const V d_i_prime = d_c_t * z + d_n_t;
+              const V d_z = (d_c_t * i) * (one - z * z);
+              const V through_f = d_f_prime * f;  // ∂/∂(u - m_t)
+              const V through_i = d_i_prime * i;  // ∂/∂(ĩ - m_t)
+              const V d_m_total = V::loadu(d_m_p + base + j, count) - through_f - through_i;
+              const V i_pre = V::loadu(a + j, count), f_pre = V::loadu(a + d + j, count);
+              const V u = log_forget(f_pre, exp_forget) + V::loadu(m_old_p + base + j, count);
+              const V past = u >= i_pre;  // m_t = u (else ĩ)
+              const V d_u = through_f + V::blendv(zero, d_m_total, past);
+              const V d_i = through_i + V::blendv(d_m_total, zero, past);
+              // d logσ(f̃) / df̃ = σ(-f̃)
+              const V d_f = exp_forget ? d_u : d_u * exact_sigmoid(f_pre.neg());
+              d_i.store(dp + j, count);
+              d_f.store(dp + d + j, count);
+              d_z.store(dp + 2 * d + j, count);
+              d_o.store(dp + 3 * d + j, count);
+              (d_c_t * f).store(d_c_p + base + j, count);
+              (d_n_t * f).store(d_n_p + base + j, count);
+              d_u.store(d_m_p + base + j, count);
+              zero.store(d_h_p + base + j, count);  // refilled by the product below
+            });
+          });
+          // d_h_k (N, d) at stride H += d_pre_k (N, 4d) at stride 4H · R_k (4d, d): a row
+          // past its end adds zero to its held gradient.
+          step_product<scalar_t>(Block<const scalar_t>{d_pre_p + k * G, N, G, 4 * H},
+                                 Block<const scalar_t>{w_p + k * G * d, G, d, d},
+                                 Block<scalar_t>{d_h_p + k * d, N, d, H}, true);
+        }
+      });
+    }
+  });
+  return {d_pre, d_h, d_c, d_n, d_m};
+}
+
 // ---- the recurrence kernels: layer norm, recurrent dropout, zoneout --------------------------
 //
 // The `*_recurrence_*` kernels run only the recurrence: the input side pre_x (T, N, G*H) comes in
@@ -3082,7 +3344,7 @@ std::vector<double> fma_peak(int64_t iterations) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rnnkit native CPU kernels: time loops of RNN, LSTM and GRU, forward and backward "
+  m.doc() = "rnnkit native CPU kernels: time loops of RNN, LSTM, GRU and sLSTM, forward and backward "
             "(plain, and the recurrence with layer norm, recurrent dropout and zoneout)";
   m.def("linear", &linear);
   m.def("bernoulli_mask", &bernoulli_mask);
@@ -3093,6 +3355,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &lstm_backward);
   m.def("gru_forward", &gru_forward);
   m.def("gru_backward", &gru_backward);
+  m.def("slstm_forward", &slstm_forward);
+  m.def("slstm_backward", &slstm_backward);
   m.def("rnn_step", &rnn_step);
   m.def("lstm_step", &lstm_step);
   m.def("gru_step", &gru_step);
