@@ -60,6 +60,19 @@ def _reset_uniform(module: nn.Module) -> None:
         nn.init.uniform_(parameter, -bound, bound)
 
 
+def _step_input(cell: nn.Module, input: object) -> Tensor:
+    """A cell's ``input`` checked: a tensor of its parameters' dtype and device, ``(N, I)`` or
+    unbatched ``(I,)``; errors name the cell, the shape given and the one accepted."""
+    name, param = type(cell).__name__, cell.weight_ih
+    x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
+    if x.dim() not in (1, 2) or x.shape[-1] != cell.input_size:
+        raise ValueError(
+            f"{name} input must have shape (N, {cell.input_size}) or ({cell.input_size},) "
+            f"(input_size={cell.input_size}), got {tuple(x.shape)}"
+        )
+    return x
+
+
 def _check_sizes(name: str, input_size: object, hidden_size: object) -> tuple[int, int]:
     return (require_int(f"{name} input_size", input_size, minimum=1),
             require_int(f"{name} hidden_size", hidden_size, minimum=1))
@@ -99,13 +112,7 @@ class _MinimalCell(nn.Module):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step; shapes in the class docstring. Unbatched input gives an unbatched state."""
         name = type(self).__name__
-        param = self.weight_ih
-        x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
-        if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"{name} input must have shape (N, {self.input_size}) or ({self.input_size},) "
-                f"(input_size={self.input_size}), got {tuple(x.shape)}"
-            )
+        x = _step_input(self, input)
         shape = (*x.shape[:-1], self.hidden_size)
         if hx is None:
             h = x.new_zeros(shape)

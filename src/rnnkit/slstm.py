@@ -35,7 +35,7 @@ from rnnkit.cells import BackendSetting, _refuse_scripting
 from rnnkit.engine import slstm
 from rnnkit.engine.slstm import FORGET_GATES, GATES, SLSTMState
 from rnnkit.layers import _repack, _stack, prepare_sequence
-from rnnkit.minimal import _check_sizes, _reset_uniform
+from rnnkit.minimal import _check_sizes, _reset_uniform, _step_input
 
 _STATE_PARTS = ("h_0", "c_0", "n_0", "m_0")
 
@@ -160,13 +160,7 @@ class SLSTMCell(nn.Module):
     def forward(self, input: Tensor, hx: SLSTMState | None = None) -> SLSTMState:
         """One step; shapes in the class docstring. Unbatched input gives an unbatched state."""
         name = type(self).__name__
-        param = self.weight_ih
-        x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
-        if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"{name} input must have shape (N, {self.input_size}) or ({self.input_size},) "
-                f"(input_size={self.input_size}), got {tuple(x.shape)}"
-            )
+        x = _step_input(self, input)
         shape = (*x.shape[:-1], self.hidden_size)
         if hx is None:
             state = _empty_state(shape, x)

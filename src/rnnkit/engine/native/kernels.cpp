@@ -872,6 +872,20 @@ int resident_threads(int64_t blocks, int64_t multiply_adds) {
   return static_cast<int>(std::min<int64_t>({at::get_num_threads(), blocks, by_work}));
 }
 
+// run(thread, team) on a team of `threads` OpenMP threads, all running at once (their spin
+// barriers need that; OpenMP may grant fewer, and `team` says how many), or inline as (0, 1).
+template <typename F>
+void on_team(int threads, const F& run) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    run(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  run(0, 1);
+}
+
 // Whether lstm_forward runs on resident weights: no projection, at least two steps (the packing
 // is one pass over W_hh), and each thread's share of W_hh within `resident_max_bytes_per_thread`.
 bool lstm_resident(int64_t T, int64_t N, int64_t H, bool projected, int64_t element_size) {
@@ -921,14 +935,7 @@ void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Te
       if (team > 1) barrier.wait(team);
     }
   };
-#ifdef _OPENMP
-  if (team_wanted > 1) {
-#pragma omp parallel num_threads(team_wanted)
-    run(omp_get_thread_num(), omp_get_num_threads());
-    return;
-  }
-#endif
-  run(0, 1);
+  on_team(team_wanted, run);
 }
 
 // The backward on resident weights. Thread p owns strips of 4U units of dh; each step, for every
@@ -1090,14 +1097,7 @@ void lstm_backward_resident(const Tensor& d_output, const Tensor& gates, const T
       if (team > 1 && step) barrier.wait(team);
     }
   };
-#ifdef _OPENMP
-  if (team_wanted > 1) {
-#pragma omp parallel num_threads(team_wanted)
-    run(omp_get_thread_num(), omp_get_num_threads());
-    return;
-  }
-#endif
-  run(0, 1);
+  on_team(team_wanted, run);
 }
 
 // ---- LSTM -----------------------------------------------------------------------------------
