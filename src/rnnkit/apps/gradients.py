@@ -20,7 +20,7 @@ import torch
 from rnnkit.apps.outputs import output_directory
 from rnnkit.apps.recurrent import RecurrentConfig, build_recurrent
 from rnnkit.configuration import check_config
-from rnnkit.diagnostics import gradient_flow
+from rnnkit.diagnostics import diagnosable, gradient_flow
 from rnnkit.engine.native import build
 from rnnkit.errors import usage_errors
 
@@ -69,10 +69,21 @@ def check_fresh_options(cells: list[str], hidden: int,
     configs = {cell: RecurrentConfig(cell, hidden_size=hidden) for cell in cells}
     for config in configs.values():
         check_config(config)
+        _require_diagnosable(config, f"--cells {config.cell}")
         if radius is not None and not _has_recurrent_weights(config):
             raise ValueError(f"--spectral-radius rescales W_hh, which --cell {config.cell} does "
                              "not have (its gates read x only)")
     return configs
+
+
+def _require_diagnosable(config: RecurrentConfig, what: str) -> None:
+    """``ValueError`` unless `rnnkit.diagnostics` reads ``config``'s layer (sLSTM: not yet)."""
+    with torch.device("meta"):
+        layer = build_recurrent(config, 1)
+    if not diagnosable(layer):
+        raise ValueError(f"{what}: rnnkit gradients reads rnnkit's RNN, LSTM, GRU, MinGRU and "
+                         f"MinLSTM layers (rnnkit.diagnostics), not {type(layer).__name__} yet; "
+                         "choose one of those cells")
 
 
 def _has_recurrent_weights(config: RecurrentConfig) -> bool:
@@ -92,6 +103,7 @@ def checkpoint_flows(checkpoint: str, text_file: str | None, corpus: str | None,
     if recurrent.backend == "torch.nn":
         raise ValueError(f"checkpoint {checkpoint!r} runs on torch.nn layers; gradient flow "
                          "reads rnnkit layers")
+    _require_diagnosable(recurrent, f"checkpoint {checkpoint!r} ({recurrent.cell})")
     layers = recurrent.num_layers
     if layer_index is not None and not 0 <= layer_index < layers:
         raise ValueError(f"--layer must be in [0, {layers - 1}] for the {layers}-layer stack of "

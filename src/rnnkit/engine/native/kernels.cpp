@@ -173,17 +173,24 @@ inline Vec<T> reciprocal(const Vec<T>& d) {
   return Vec<T>(T(1)) / d;
 }
 
+//
+// The callers' d is 1 + e^v, in [1, inf]. Where it is inf (or so large that 1/d is below the
+// smallest normal), the estimate is 0 and the Newton step would be 0 * (2 - inf * 0) = NaN: the
+// estimate's 0 is kept there, as the division gives (σ = 0 exactly at -inf, so a zero gate
+// gradient times an infinite input is NaN on every engine alike).
 #if defined(CPU_CAPABILITY_AVX512)
 template <>
 inline Vec<float> reciprocal(const Vec<float>& d) {
   const Vec<float> r(_mm512_rcp14_ps(d));
-  return r * at::vec::fnmadd(d, r, Vec<float>(2.0f));
+  const Vec<float> refined = r * at::vec::fnmadd(d, r, Vec<float>(2.0f));
+  return Vec<float>::blendv(refined, r, r == Vec<float>(0.0f));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 template <>
 inline Vec<float> reciprocal(const Vec<float>& d) {
   const Vec<float> r(_mm256_rcp_ps(d));
-  return r * at::vec::fnmadd(d, r, Vec<float>(2.0f));
+  const Vec<float> refined = r * at::vec::fnmadd(d, r, Vec<float>(2.0f));
+  return Vec<float>::blendv(refined, r, r == Vec<float>(0.0f));
 }
 #endif
 
@@ -196,14 +203,10 @@ inline Vec<T> gate_exp(const Vec<T>& x) {
   return x.exp_u20();
 }
 
-// σ(x) = 1 / (1 + e^-x), e^-x capped at e^80 (e^700 in float64): past the cap e^-x overflows to
-// inf, whose reciprocal estimate's Newton step is inf * 0 = NaN; σ there is below 2e-35, which
-// the cap gives exactly enough (float32's smallest normal is 1.2e-38). NaN passes through.
 template <typename T>
 inline Vec<T> sigmoid(const Vec<T>& x) {
   const Vec<T> one(T(1));
-  const Vec<T> cap(sizeof(T) == 4 ? T(80) : T(700));
-  return reciprocal(one + gate_exp(at::vec::minimum(x.neg(), cap)));
+  return reciprocal(one + gate_exp(x.neg()));
 }
 
 // tanh from one exp: tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|), sign restored. A few
