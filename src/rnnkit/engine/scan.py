@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.engine import ops
+from rnnkit.engine import onnx, ops
 
 
 class MinFamily(str, enum.Enum):
@@ -184,6 +184,8 @@ def run_linear_scan(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
         b = b.masked_fill(~valid, 0.0)
     if reverse:
         a, b = a.flip(0), b.flip(0)
+    if onnx.is_capturing():  # ONNX has no form of the scans: the loop (engine/onnx.py)
+        return _finish(onnx.run_linear_recurrence(a, b, h0), valid, reverse)
     return _finish(scan_linear(a, b, h0), valid, reverse)
 
 
@@ -249,6 +251,12 @@ def run_direction(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
     Returns:
         ``output (T, N, H)``, zero at ``t >= lengths[n]``, and the final state ``(N, H)``.
     """
+    if onnx.is_capturing():
+        # An ONNX export: every backend as `run_linear_scan`, whose scan becomes a Scan loop
+        # over a multiply-add (`onnx.run_linear_recurrence`): ONNX has neither CumProd nor
+        # LogCumSumExp for the log-space scan, and the reference's Python loop would fix T.
+        # The same values (the log-space variant's a and b are positive reals).
+        return run_linear_scan(family, x, h0, weight_ih, bias_ih, lengths, reverse, log_space)
     return _RUNNERS[engine_for(backend, log_space, x.shape[0])](
         family, x, h0, weight_ih, bias_ih, lengths, reverse, log_space)
 
