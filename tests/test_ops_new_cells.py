@@ -154,3 +154,64 @@ def test_export_without_lengths_equals_eager():
     exported = torch.export.export(layer, (x,),
                                    dynamic_shapes={"input": {0: steps, 1: batch}}).module()
     _compare_with_eager(layer, lambda x, lengths: exported(x), [(11, 3)], with_lengths=False)
+
+
+# ---- autocast ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "cell"), [
+    ("mingru_linear", rnnkit.MinGRUCell), ("minlstm_log_space_log_scan_batch_first", None),
+    ("minlstm_linear_scan_bi", rnnkit.MinLSTMCell), ("slstm_fused_heads_bi", rnnkit.SLSTMCell),
+    ("slstm_native_exp", None)])
+def test_autocast_bfloat16_runs_in_float32(name, cell):
+    # The families' rule (engine/precision.py): under autocast a layer or cell computes in its
+    # float32 from bfloat16 inputs and returns float32, the same numbers as a float32 run on
+    # them, gradients included; the products around it (here a projection) keep bfloat16.
+    layer = make_layer(name)
+    projection = torch.nn.Linear(INPUT, INPUT)
+    x, lengths = sequences(layer, 20, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = projection(x)
+    assert features.dtype == torch.bfloat16
+
+    def run(cast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            output, _ = layer(features if cast else features.float(), lengths=lengths)
+        return output, torch.autograd.grad(output.sum(), list(layer.parameters()))
+
+    (mixed, mixed_grads), (plain, plain_grads) = run(True), run(False)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, rtol=1e-6, atol=1e-7)
+    for a, e in zip(mixed_grads, plain_grads, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    # And close to the float32 model on the unrounded input (bfloat16 rounds at 2^-8).
+    with torch.no_grad():
+        exact, _ = layer(projection(x), lengths=lengths)
+    torch.testing.assert_close(mixed, exact, rtol=0.05, atol=0.03)
+    if cell is not None:
+        step_cell = cell(INPUT, HIDDEN)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state = step_cell(features[0] if not layer.batch_first else features[:, 0])
+        expected = step_cell(features[0].float() if not layer.batch_first
+                             else features[:, 0].float())
+        torch.testing.assert_close(state, expected)
+        assert all(s.dtype == torch.float32 for s in torch.utils._pytree.tree_leaves(state))
+
+
+@pytest.mark.parametrize("op", ["linear_scan", "log_scan"])
+def test_autocast_scan_operators_compute_in_float32(op):
+    # Called directly under autocast: float32 results from bfloat16 inputs, exactly the float32
+    # scan of the rounded inputs (a bfloat16 scan would differ by far more than float32 rounding).
+    generator = torch.Generator().manual_seed(4)
+    first, second = (torch.rand(300, 2, 3, generator=generator) * 0.5 + 0.5 for _ in range(2))
+    if op == "log_scan":
+        first, second = first.log(), second.log()
+    h0 = torch.rand(2, 3, generator=generator)
+    run = getattr(torch.ops.rnnkit, op)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run(first.bfloat16(), second.bfloat16(), h0)
+    assert mixed.dtype == torch.float32
+    expected = run(first.bfloat16().float(), second.bfloat16().float(), h0)
+    torch.testing.assert_close(mixed, expected)
+    in_bfloat16 = run(first.bfloat16(), second.bfloat16(), h0.bfloat16())
+    assert in_bfloat16.dtype == torch.bfloat16  # outside autocast: the inputs' dtype
