@@ -181,14 +181,22 @@ def test_lm_throughput_times_a_minimal_cell_against_rnnkits_gated_peer(capsys):
         rates["rnnkit minlstm tokens/s"] / rates["rnnkit lstm tokens/s"], rel=0.01)
 
 
-def test_export_refuses_a_minimal_checkpoint_by_name(tmp_path, capsys):
+def test_export_refuses_a_family_it_does_not_export_by_name(tmp_path, monkeypatch):
+    # Every family exports today (the minimal cells and sLSTM as ONNX Scan loops:
+    # tests/test_onnx_export.py); a family plugged in without an ONNX route is refused by name.
+    from dataclasses import replace
+
+    from rnnkit.apps import export
     from rnnkit.apps.export import plan_export
 
     checkpoint = tmp_path / "lm.pt"
     assert cli.main(["lm", "train", "--corpus", "prose", *TINY_LM, "--cell", "mingru",
                      "--checkpoint", str(checkpoint), "--quiet"]) == 0
+    families = dict(export.FAMILIES, mingru=replace(export.FAMILIES["mingru"], exports=False))
+    monkeypatch.setattr(export, "FAMILIES", families)
     with pytest.raises(ValueError, match="holds a mingru stack, which rnnkit export does not "
-                                         r"write to ONNX yet \(it exports lstm, gru, rnn\)"):
+                                         r"write to ONNX yet \(it exports lstm, gru, rnn, "
+                                         r"minlstm, slstm\)"):
         plan_export(str(checkpoint))
 
 

@@ -146,3 +146,55 @@ def test_bench_times_the_minimal_cells_against_rnnkits_gated_peers(quick_bench):
         assert memory["rnnkit[auto]"]["ratios"][f"peak x {peer}"] >= 0
     assert not any(r["implementation"] == "torch.nn" for r in data["rows"]
                    if r["family"] in bench.MINIMAL)
+
+
+def test_bench_times_slstm_against_rnnkits_lstm_and_its_reference(quick_bench):
+    """torch.nn has no sLSTM: its rows (plain, exp forget gate, 4 heads, lengths) run against
+    rnnkit's LSTM of the same size, and each against the reference loop."""
+    out, data = quick_bench
+    assert "slstm" in bench.FAMILIES
+    rows = {(r["family"], r["variant"], r["implementation"]): r for r in data["rows"]}
+    assert "slstm   plain              rnnkit.LSTM[auto]" in out
+    peer = rows[("slstm", "plain", "rnnkit.LSTM[auto]")]
+    plain = rows[("slstm", "plain", "rnnkit[auto]")]
+    assert plain["ratios"]["train x rnnkit.LSTM"] == pytest.approx(
+        plain["training_ms"] / peer["training_ms"])
+    assert plain["ratios"]["infer x rnnkit.LSTM"] == pytest.approx(
+        plain["inference_ms"] / peer["inference_ms"])
+    assert set(bench.VARIANTS["slstm"]) == {"plain", "exp forget gate", "4 heads", "lengths"}
+    for variant in bench.VARIANTS["slstm"]:
+        row = rows[("slstm", variant, "rnnkit[auto]")]
+        assert row["ratios"]["train speedup vs reference"] == pytest.approx(
+            rows[("slstm", variant, "rnnkit[reference]")]["training_ms"] / row["training_ms"])
+    heads = rows[("slstm", "4 heads", "rnnkit[auto]")]
+    assert heads["training_gflops"] == pytest.approx(bench.product_flops(
+        "slstm", (12, 4, 16), num_heads=4) / heads["training_ms"] / 1e6)
+    cell = rows[("slstm", "streaming step", "rnnkit.SLSTMCell")]
+    assert cell["ratios"]["step x rnnkit.LSTMCell"] > 0
+    memory = {r["implementation"]: r for r in data["memory"] if r["family"] == "slstm"}
+    assert set(memory) == {"rnnkit.LSTM[auto]", "rnnkit[auto]"}
+    assert not any(r["implementation"] == "torch.nn" for r in data["rows"]
+                   if r["family"] == "slstm")
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_the_bench_s_slstm_flop_count_is_what_the_reference_loop_multiplies(num_heads):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import rnnkit
+
+    steps, batch, hidden = 5, 3, 8
+    model = rnnkit.SLSTM(hidden, hidden, num_heads=num_heads, backend="reference")
+    for input_grad in (False, True):
+        x = torch.randn(steps, batch, hidden, requires_grad=input_grad)
+        state = tuple(torch.rand(1, batch, hidden, requires_grad=True) for _ in range(4))
+        with FlopCounterMode(display=False) as forward_count:
+            output, _ = model(x, state)
+        with FlopCounterMode(display=False) as backward_count:
+            output.sum().backward()
+        size = (steps, batch, hidden)
+        assert forward_count.get_total_flops() == bench.product_flops(
+            "slstm", size, training=False, num_heads=num_heads)
+        assert forward_count.get_total_flops() + backward_count.get_total_flops() == \
+            bench.product_flops("slstm", size, training=True, input_grad=input_grad,
+                                num_heads=num_heads)

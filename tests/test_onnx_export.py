@@ -428,3 +428,81 @@ def test_cli_export_without_the_onnx_packages_names_the_extra(tmp_path, capsys, 
     error = capsys.readouterr().err
     assert "onnxruntime" in error and 'pip install "rnnkit[onnx]"' in error
     assert not (tmp_path / "x.onnx").exists()
+
+
+# ---- minGRU, minLSTM, sLSTM: the sequential loop as an ONNX Scan -----------------------------
+
+def make_new_cell(family: str, **options) -> torch.nn.Module:
+    """As `make`, on the layer's default backend (the scans, the native sLSTM loops): what the
+    export replaces by a loop is then compared with the fast path it stands for."""
+    torch.manual_seed(0)
+    layer = getattr(rnnkit, family)(INPUT_SIZE, HIDDEN_SIZE + 1, **options)  # 6: 2 heads
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.uniform_(-0.5, 0.5)
+    return layer.eval()
+
+
+NEW_CELL_CASES = [
+    ("MinGRU", {}, True),
+    ("MinGRU", {"log_space": True, "backend": "log_scan", "bidirectional": True}, False),
+    ("MinLSTM", {"num_layers": 2, "bidirectional": True}, True),
+    ("MinLSTM", {"log_space": True, "batch_first": True}, True),
+    ("SLSTM", {"num_heads": 2, "bidirectional": True}, True),
+    ("SLSTM", {"forget_gate": "exp", "num_layers": 2, "backend": "fused"}, False),
+]
+
+
+@pytest.mark.parametrize(("family", "options", "with_lengths"), NEW_CELL_CASES)
+def test_export_onnx_of_the_new_cells_matches_eager(tmp_path, family, options, with_lengths):
+    # ONNX has no operator for these recurrences (nor CumProd or LogCumSumExp for the scans):
+    # each layer and direction is one Scan loop over the reference step, any length and batch.
+    layer = make_new_cell(family, **options)
+    ops = check_export(tmp_path, layer, with_lengths, export_native)
+    assert "Scan" in ops and not ops & {"LSTM", "GRU", "RNN", "CumSum"}
+
+
+def test_plain_torch_onnx_export_of_an_slstm_is_a_scan_loop(tmp_path):
+    layer = make_new_cell("SLSTM", num_heads=3)
+    ops = check_export(tmp_path, layer, True, export_plain)
+    assert "Scan" in ops
+
+
+@pytest.mark.parametrize(("family", "named"), [("MinLSTM", "minGRU or minLSTM"),
+                                               ("SLSTM", "an sLSTM")])
+def test_legacy_exporter_refuses_the_new_cells_by_name(tmp_path, family, named):
+    layer = make_new_cell(family)
+    with pytest.raises(UnsupportedExport, match=re.escape(named) + ".*rnnkit.export_onnx"):
+        export_legacy(Flat(layer), example(layer, *TRACED, False), tmp_path / "x.onnx", None)
+
+
+@pytest.mark.parametrize(("cell", "state"), [("slstm-heads4", ["h_n", "c_n", "n_n", "m_n"]),
+                                             ("minlstm-log", ["h_n"])])
+def test_cli_exports_a_new_cell_lm_checkpoint(tmp_path, capsys, cell, state):
+    from rnnkit.apps.lm.commands import restore
+    from rnnkit.cli import main
+
+    checkpoint, path = tmp_path / "lm.pt", tmp_path / "lm.onnx"
+    assert main(["lm", "train", "--corpus", "prose", "--steps", "2", "--hidden", "8",
+                 "--layers", "2", "--embedding", "4", "--batch-size", "2", "--seq-len", "8",
+                 "--eval-every", "1", "--cell", cell, "--checkpoint", str(checkpoint),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), "--onnx", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "recurrent layers as ONNX 2 Scan" in printed
+    reported = re.findall(r"(\d\.\d+e[-+]\d+) \((\w+)\)", printed)
+    assert [name for _, name in reported] == ["logits", *state]
+    assert max(float(value) for value, _ in reported) < 1e-5
+
+    # Independently of the command's own check: the file against the restored model.
+    model, vocabulary, _ = restore(str(checkpoint))
+    model.eval()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", *state]
+    ids = torch.randint(len(vocabulary), (17, 4), generator=torch.Generator().manual_seed(3))
+    results = session.run(None, {"ids": ids.numpy()})
+    with torch.no_grad():
+        expected = torch.utils._pytree.tree_leaves(model(ids))
+    for result, value in zip(results, expected, strict=True):
+        assert np.abs(result - value.numpy()).max() < TOLERANCE

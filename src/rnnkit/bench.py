@@ -8,12 +8,12 @@ inference (forward under ``no_grad``) and training (forward + backward of ``outp
 
 Peers: plain cells against torch.nn's module with the same weights; every variant against the
 plain cell through rnnkit ("x plain") and against the reference loop ("x faster than reference").
-Single-step streaming latency is timed against ``torch.nn.LSTMCell``. torch.nn has no minGRU or
-minLSTM: their rows (families ``mingru``, ``minlstm``, each variant also against its reference
-loop) have rnnkit's GRU and LSTM of the same size as the peer, on the ``--backend`` given
-(rows ``rnnkit.GRU[<backend>]``, ratios "x rnnkit.GRU"), and their cells' streaming step is
-timed against ``rnnkit.GRUCell`` and ``rnnkit.LSTMCell``; the minimal layers run their own
-engines (``auto``, and ``log_scan`` for the log-space variant).
+Single-step streaming latency is timed against ``torch.nn.LSTMCell``. torch.nn has no minGRU,
+minLSTM or sLSTM: their rows (families ``mingru``, ``minlstm``, ``slstm``, each variant also
+against its reference loop) have rnnkit's GRU, LSTM and LSTM of the same size as the peer, on
+the ``--backend`` given (rows ``rnnkit.GRU[<backend>]``, ratios "x rnnkit.GRU"), and their
+cells' streaming step is timed against ``rnnkit.GRUCell`` and ``rnnkit.LSTMCell``; the new
+layers run their own engines (``auto``, and ``log_scan`` for the log-space variant).
 
 Memory: the peak resident memory that one training step (forward + backward of ``output.sum()``)
 adds to a fresh process, for torch.nn (the minimal families: rnnkit's GRU, LSTM) and rnnkit,
@@ -45,13 +45,14 @@ from rnnkit.engine import BACKENDS, native
 from rnnkit.interop import from_torch
 from rnnkit.layers import GRU, LSTM, RNN
 from rnnkit.minimal import MinGRU, MinGRUCell, MinLSTM, MinLSTMCell
+from rnnkit.slstm import SLSTM, SLSTMCell
 from rnnkit.training.devices import describe_allocator
 
 FULL_SIZES = [(100, 32, 64), (100, 32, 256), (50, 64, 512), (200, 1, 128)]
 QUICK_SIZES = [(12, 4, 16)]
 MEMORY_SIZE = (1000, 32, 256)
 QUICK_MEMORY_SIZE = (50, 4, 16)
-FAMILIES = ("lstm", "gru", "rnn", "mingru", "minlstm")
+FAMILIES = ("lstm", "gru", "rnn", "mingru", "minlstm", "slstm")
 
 
 def _size_parser(option: str, accepted: str, as_text: bool) -> Callable[[str], object]:
@@ -140,10 +141,13 @@ VARIANTS: dict[str, dict[str, tuple[dict, bool]]] = {
 }
 CLASSES = {"lstm": (LSTM, nn.LSTM), "gru": (GRU, nn.GRU), "rnn": (RNN, nn.RNN)}
 # The families torch.nn lacks: (layer, cell, the rnnkit family of the same size timed beside).
+# (Named for the minimal cells, the first of them; xLSTM's sLSTM is timed the same way.)
 MINIMAL: dict[str, tuple[type[nn.Module], type[nn.Module], str]] = {
     "mingru": (MinGRU, MinGRUCell, "gru"),
     "minlstm": (MinLSTM, MinLSTMCell, "lstm"),
+    "slstm": (SLSTM, SLSTMCell, "lstm"),
 }
+NO_RECURRENT_PRODUCT = ("mingru", "minlstm")  # the gates read x only
 # Their variants: (constructor arguments, whether it runs on padded input with lengths); a
 # "backend" argument names the engine in the row ("rnnkit[log_scan]"), else their auto.
 MINIMAL_VARIANTS: dict[str, tuple[dict, bool]] = {
@@ -152,7 +156,13 @@ MINIMAL_VARIANTS: dict[str, tuple[dict, bool]] = {
     "log_space log_scan": ({"log_space": True, "backend": "log_scan"}, False),
     "lengths": ({}, True),
 }
-VARIANTS |= {family: MINIMAL_VARIANTS for family in MINIMAL}
+SLSTM_VARIANTS: dict[str, tuple[dict, bool]] = {
+    "plain": ({}, False),
+    "exp forget gate": ({"forget_gate": "exp"}, False),
+    "4 heads": ({"num_heads": 4}, False),
+    "lengths": ({}, True),
+}
+VARIANTS |= {"mingru": MINIMAL_VARIANTS, "minlstm": MINIMAL_VARIANTS, "slstm": SLSTM_VARIANTS}
 
 
 @dataclass
@@ -172,11 +182,11 @@ class Row:
 
 # Gate blocks per family: the rows of W_ih and W_hh are gates x hidden (the minimal families
 # have W_ih only).
-GATES = {"lstm": 4, "gru": 3, "rnn": 1, "mingru": 2, "minlstm": 3}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1, "mingru": 2, "minlstm": 3, "slstm": 4}
 
 
 def product_flops(family: str, size: tuple[int, int, int], proj_size: int = 0,
-                  training: bool = True, input_grad: bool = False) -> float:
+                  training: bool = True, input_grad: bool = False, num_heads: int = 1) -> float:
     """The matrix-product FLOPs of one layer's pass over (T, N) with input and hidden size H
     (2 per multiply-add; elementwise work is not counted): forward, ``2 T N (H·G·H + P·G·H)``
     for the input and recurrent products (``G`` gate blocks, ``P`` the state's width, ``H``
@@ -184,12 +194,13 @@ def product_flops(family: str, size: tuple[int, int, int], proj_size: int = 0,
     backward's products: each weight's gradient, and the gradient of each product's input,
     except the sequence's own unless ``input_grad`` (the bench's input does not require one).
     Padded steps (lengths) are counted: the nominal work of the size. The minimal families
-    have no recurrent product."""
+    have no recurrent product; sLSTM's is block-diagonal over ``num_heads``, so each gate row
+    reads ``P = H / num_heads`` units of the state."""
     steps, batch, hidden = size
-    width = proj_size or hidden
+    width = proj_size or (hidden // num_heads)
     gates = GATES[family] * hidden
     input_product = 2 * steps * batch * hidden * gates
-    recurrent = 0 if family in MINIMAL else (
+    recurrent = 0 if family in NO_RECURRENT_PRODUCT else (
         2 * steps * batch * (width * gates + (hidden * width if proj_size else 0)))
     if not training:
         return input_product + recurrent
@@ -325,7 +336,7 @@ def benchmark_minimal_size(family: str, size: tuple[int, int, int], backend: str
     torch.manual_seed(0)
     peer_key = ("plain", f"{peer_label}[{backend}]")
     contenders = {peer_key: (peer_class(hidden, hidden, backend=backend), None)}
-    for variant, (arguments, needs_lengths) in MINIMAL_VARIANTS.items():
+    for variant, (arguments, needs_lengths) in VARIANTS[family].items():
         arguments = dict(arguments)
         engine = arguments.pop("backend", "auto")
         module = layer_class(hidden, hidden, **arguments, backend=engine)
@@ -337,13 +348,16 @@ def benchmark_minimal_size(family: str, size: tuple[int, int, int], backend: str
             contenders[(variant, "rnnkit[reference]")] = (reference, variant_lengths)
     inference_ms, training_ms = _timed_groups(contenders, x, repeats)
     rows = []
-    for key in contenders:
+    for key, (module, _) in contenders.items():
         variant, implementation = key
         row_family = peer_family if key == peer_key else family
+        heads = getattr(module, "num_heads", 1)
         infer, train = inference_ms[key], training_ms[key]
         row = Row(family, variant, implementation, size, infer, train,
-                  inference_gflops=_gflops(product_flops(row_family, size, 0, False), infer),
-                  training_gflops=_gflops(product_flops(row_family, size), train))
+                  inference_gflops=_gflops(product_flops(row_family, size, 0, False,
+                                                         num_heads=heads), infer),
+                  training_gflops=_gflops(product_flops(row_family, size, num_heads=heads),
+                                          train))
         if implementation not in ("rnnkit[reference]", peer_key[1]):
             if variant == "plain":
                 row.ratios[f"train x {peer_label}"] = train / training_ms[peer_key]
@@ -372,26 +386,28 @@ def benchmark_minimal_streaming(families, hidden: int, backend: str, repeats: in
         return run
 
     torch.manual_seed(0)
-    cells: dict[str, tuple[str, str, nn.Module]] = {}  # label -> (family, peer label, cell)
+    # (family, label) -> (peer label, cell): minLSTM and sLSTM each get their own LSTMCell row.
+    cells: dict[tuple[str, str], tuple[str, nn.Module]] = {}
     for family in families:
         _, cell_class, peer_family = MINIMAL[family]
         peer_class = {"gru": GRUCell, "lstm": LSTMCell}[peer_family]
         peer_label = f"rnnkit.{peer_class.__name__}"
         peer = peer_class(hidden, hidden)
         peer.backend = backend
-        cells[peer_label] = (family, peer_label, peer)
-        cells[f"rnnkit.{cell_class.__name__}"] = (family, peer_label, cell_class(hidden, hidden))
-    runs = {label: stream_cell(cell) for label, (_, _, cell) in cells.items()}
-    per_step = {name: ms / steps for name, ms in _time_interleaved(runs, repeats).items()}
+        cells[(family, peer_label)] = (peer_label, peer)
+        cells[(family, f"rnnkit.{cell_class.__name__}")] = (peer_label,
+                                                             cell_class(hidden, hidden))
+    runs = {key: stream_cell(cell) for key, (_, cell) in cells.items()}
+    per_step = {key: ms / steps for key, ms in _time_interleaved(runs, repeats).items()}
     rows = []
-    for label, (family, peer_label, _) in cells.items():
-        ms = per_step[label]
+    for (family, label), (peer_label, _) in cells.items():
+        ms = per_step[(family, label)]
         row = Row(family, "streaming step", label, (1, 1, hidden), ms, None,
                   inference_gflops=_gflops(product_flops(
                       family if label != peer_label else MINIMAL[family][2], (1, 1, hidden), 0,
                       False), ms))
         if label != peer_label:
-            row.ratios[f"step x {peer_label}"] = ms / per_step[peer_label]
+            row.ratios[f"step x {peer_label}"] = ms / per_step[(family, peer_label)]
         rows.append(row)
     return rows
 

@@ -32,7 +32,7 @@ from rnnkit._checks import (
     require_tensor,
 )
 from rnnkit.cells import BackendSetting, _refuse_scripting
-from rnnkit.engine import scan
+from rnnkit.engine import precision, scan
 from rnnkit.engine.scan import GATE_COUNT, MinFamily
 from rnnkit.layers import _repack, _stack, prepare_sequence
 
@@ -111,6 +111,12 @@ class _MinimalCell(nn.Module):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step; shapes in the class docstring. Unbatched input gives an unbatched state."""
+        # float32 under autocast, the families' rule (engine/precision.py)
+        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih):
+            param = self.weight_ih
+            with torch.autocast(param.device.type, enabled=False):
+                return self.forward(precision.to_parameter_dtype(input, param),
+                                    precision.to_parameter_dtype(hx, param))
         name = type(self).__name__
         x = _step_input(self, input)
         shape = (*x.shape[:-1], self.hidden_size)
@@ -280,6 +286,12 @@ class _MinimalLayer(nn.Module):
         lengths: Tensor | list[int] | None = None,
     ) -> tuple[Tensor | PackedSequence, Tensor]:
         """Run the stack; shapes in the class docstring."""
+        # float32 under autocast, the families' rule (engine/precision.py)
+        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih_l0):
+            param = self.weight_ih_l0
+            with torch.autocast(param.device.type, enabled=False):
+                return self.forward(precision.to_parameter_dtype(input, param),
+                                    precision.to_parameter_dtype(hx, param), lengths=lengths)
         x, lengths, batched = prepare_sequence(
             type(self).__name__, input, lengths, input_size=self.input_size,
             batch_first=self.batch_first, parameter=self.weight_ih_l0)

@@ -32,7 +32,7 @@ from rnnkit._checks import (
     require_tensor,
 )
 from rnnkit.cells import BackendSetting, _refuse_scripting
-from rnnkit.engine import slstm
+from rnnkit.engine import precision, slstm
 from rnnkit.engine.slstm import FORGET_GATES, GATES, SLSTMState
 from rnnkit.layers import _repack, _stack, prepare_sequence
 from rnnkit.minimal import _check_sizes, _reset_uniform, _step_input
@@ -159,6 +159,12 @@ class SLSTMCell(nn.Module):
 
     def forward(self, input: Tensor, hx: SLSTMState | None = None) -> SLSTMState:
         """One step; shapes in the class docstring. Unbatched input gives an unbatched state."""
+        # float32 under autocast, the families' rule (engine/precision.py)
+        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih):
+            param = self.weight_ih
+            with torch.autocast(param.device.type, enabled=False):
+                return self.forward(precision.to_parameter_dtype(input, param),
+                                    precision.to_parameter_dtype(hx, param))
         name = type(self).__name__
         x = _step_input(self, input)
         shape = (*x.shape[:-1], self.hidden_size)
@@ -324,6 +330,12 @@ class SLSTM(nn.Module):
         lengths: Tensor | list[int] | None = None,
     ) -> tuple[Tensor | PackedSequence, SLSTMState]:
         """Run the stack; shapes in the class docstring."""
+        # float32 under autocast, the families' rule (engine/precision.py)
+        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih_l0):
+            param = self.weight_ih_l0
+            with torch.autocast(param.device.type, enabled=False):
+                return self.forward(precision.to_parameter_dtype(input, param),
+                                    precision.to_parameter_dtype(hx, param), lengths=lengths)
         x, lengths, batched = prepare_sequence(
             type(self).__name__, input, lengths, input_size=self.input_size,
             batch_first=self.batch_first, parameter=self.weight_ih_l0)

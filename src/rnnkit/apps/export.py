@@ -26,6 +26,8 @@ from rnnkit.training.checkpoint import WrongKind
 REQUIRED_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 TOLERANCE = 1e-4  # float32 through different kernels; measured differences are about 1e-6
 EXPORTABLE = ("lm", "forecast")
+STATE_NAMES = {"lstm": ["h_n", "c_n"], "slstm": ["h_n", "c_n", "n_n", "m_n"]}
+"""The ONNX outputs of a language model's final state, per family (others: ``h_n`` alone)."""
 
 
 @dataclass
@@ -77,7 +79,7 @@ def plan_export(checkpoint: str) -> ExportPlan:
                 "'torch.nn', for comparisons), which torch's exporter ties to the traced length; "
                 "rnnkit export exports models trained on an rnnkit backend")
         vocabulary_size = len(vocabulary)
-        state = ["h_n", "c_n"] if config.family == "lstm" else ["h_n"]
+        state = STATE_NAMES.get(config.family, ["h_n"])
         return ExportPlan(
             model.eval(),
             f"language model ({config.cell}, {config.num_layers} layer(s) of "

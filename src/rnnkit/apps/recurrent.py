@@ -79,12 +79,16 @@ FAMILIES: dict[str, StackFamily] = {
                        torch_nn=True, exports=True),
     "rnn": StackFamily(RNN, BACKENDS, {"relu": {"nonlinearity": "relu"}},
                        OPTIONAL_SETTINGS - {"init"}, torch_nn=True, exports=True),
-    "mingru": StackFamily(MinGRU, MINIMAL_BACKENDS, {"log": {"log_space": True}}, peer="gru"),
+    # The three below export as ONNX Scan loops (rnnkit.engine.onnx: ONNX has no operator
+    # for their recurrences).
+    "mingru": StackFamily(MinGRU, MINIMAL_BACKENDS, {"log": {"log_space": True}}, peer="gru",
+                          exports=True),
     "minlstm": StackFamily(MinLSTM, MINIMAL_BACKENDS, {"log": {"log_space": True}},
-                           peer="lstm"),
+                           peer="lstm", exports=True),
     # xLSTM's sLSTM: one head by default; "-heads4" as the paper's reference code runs it.
     "slstm": StackFamily(SLSTM, SLSTM_BACKENDS, {"exp": {"forget_gate": "exp"},
-                                                 "heads4": {"num_heads": 4}}, peer="lstm"),
+                                                 "heads4": {"num_heads": 4}}, peer="lstm",
+                         exports=True),
 }
 TORCH_FAMILIES = ("lstm", "gru", "rnn")  # their switches are `RecurrentConfig`'s own
 CELLS = {name: family.layer for name, family in FAMILIES.items()}

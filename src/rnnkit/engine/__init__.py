@@ -116,17 +116,8 @@ def engine_for(backend: str, x: Tensor) -> str:
 
 
 def _onnx_capture() -> bool:
-    """Whether torch.onnx.export (dynamo) is capturing the model, asked so that dynamo's own
-    strict capture sees it too: the exporter retries a failed non-strict capture with it, and
-    dynamo reads ``torch.onnx.is_in_onnx_export()`` as False while tracing (its flag, read
-    here directly, keeps its value)."""
-    if not torch.compiler.is_compiling():
-        return False
-    try:
-        from torch.onnx._internal.exporter import _flags  # private: absent, nothing to see
-    except ImportError:
-        return False
-    return bool(getattr(_flags, "_is_onnx_exporting", False))
+    """Whether torch.onnx.export (dynamo) is capturing the model (`onnx.is_capturing`)."""
+    return onnx.is_capturing()
 
 
 def _warn_once(message: str) -> None:
@@ -297,6 +288,9 @@ def run_slstm_direction(x: Tensor, state: slstm.SLSTMState, weight_ih: Tensor,
         ``output (T, N, H)``, zero at ``t >= lengths[n]``, and the final ``(h, c, n, m)``, each
         ``(N, H)``, after each sequence's own last step (reversed: after its step 0).
     """
+    if onnx.is_capturing():  # ONNX: the step in a Scan loop (engine/onnx.py)
+        return onnx.run_slstm_direction(x, state, weight_ih, weight_hh, bias_ih, lengths,
+                                        reverse, exp_forget)
     run = _SLSTM_RUNNERS[slstm_engine_for(backend, x)]
     return run(x, state, weight_ih, weight_hh, bias_ih, lengths, reverse, exp_forget)
 

@@ -229,6 +229,93 @@ def _run_scan(
     return output, final  # (T, N, H_out), state
 
 
+# ---- minGRU, minLSTM and sLSTM ----------------------------------------------------------------
+# Their fast paths are operators (`rnnkit::linear_scan`, `rnnkit::log_scan`,
+# `rnnkit::{fused,native}_slstm`) that ONNX has no translation for, and ONNX has no operator for
+# their recurrences either (minGRU/minLSTM: no CumProd and no LogCumSumExp, so neither the
+# paper's log-space scan nor a cumulative-product form exports; the doubling scan's rounds
+# depend on T, which a graph must not fix). Every exporter that traces with dynamo (`export_onnx`,
+# ``torch.onnx.export(..., dynamo=True)``) therefore runs them as the sequential loop in a
+# ``scan`` (one ONNX ``Scan``, any T and N), the reference engine's step; in evaluation mode and
+# in training mode alike, since these cells draw nothing per call.
+
+def is_capturing() -> bool:
+    """`is_exporting`, or dynamo's own strict capture inside ``torch.onnx.export`` (the
+    exporter retries a failed non-strict capture with it, and dynamo reads
+    ``torch.onnx.is_in_onnx_export()`` as False while tracing: its flag, read here directly,
+    keeps its value)."""
+    if is_exporting():
+        return True
+    if not _is_compiling():
+        return False
+    try:
+        from torch.onnx._internal.exporter import _flags  # private: absent, nothing to see
+    except ImportError:
+        return False
+    return bool(getattr(_flags, "_is_onnx_exporting", False))
+
+
+def _require_dynamo_route(family: str) -> None:
+    if not _is_compiling():  # the legacy exporter traces eager execution: no loop to offer
+        raise UnsupportedExport(
+            f"the legacy ONNX exporter (torch.onnx.export(..., dynamo=False)) cannot export "
+            f"{family}: its recurrence has no ONNX operator, and that exporter has no loop "
+            "construct; use rnnkit.export_onnx(model, args, path, dynamic_shapes=...) (or "
+            "torch.onnx.export(..., dynamo=True)), which export it as an ONNX Scan")
+
+
+def run_linear_recurrence(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
+    """``h (T, N, H)`` with ``h_t = a_t ⊙ h_{t-1} + b_t`` (minGRU's and minLSTM's recurrence,
+    `rnnkit.engine.scan.scan_linear`'s contract) as a loop over time in a ``scan``: an ONNX
+    ``Scan`` whose body is one multiply-add. Lengths are the caller's (``a = 1, b = 0`` past an
+    end), as for the scans."""
+    from torch._higher_order_ops.scan import scan
+
+    _require_dynamo_route("minGRU or minLSTM")
+
+    def step(h: Tensor, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        a_t, b_t = inputs  # (N, H) each
+        new = a_t * h + b_t
+        return new, new.clone()  # an output may not alias the carry
+
+    _, states = scan(step, h0.clone(memory_format=torch.contiguous_format), (a, b))
+    return states
+
+
+def run_slstm_direction(x: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor],
+                        weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
+                        lengths: Tensor | None, reverse: bool, exp_forget: bool):
+    """One sLSTM layer in one direction as a ``scan`` over the spec's gate math
+    (`rnnkit.engine.slstm.gate_step`, the reference engine's), held past each sequence's end as
+    the reference holds it; contract of `rnnkit.engine.run_slstm_direction`."""
+    from torch._higher_order_ops.scan import scan
+
+    from rnnkit.engine import slstm
+
+    _require_dynamo_route("an sLSTM")
+
+    # The input side of every step at once, and R as one dense matrix: the loop's body then
+    # multiplies by static shapes only (the ONNX exporter's decompositions of the heads'
+    # reshapes by a symbolic batch inside a scan body fail in torch 2.13).
+    pre_x = torch.nn.functional.linear(x, weight_ih, bias_ih)  # (T, N, 4H)
+    recurrent = slstm.block_diagonal(weight_hh)  # (4H, H)
+
+    def step(carry, inputs):
+        pre_x_t, t = inputs  # (N, 4H), () the step's index in the sequence
+        pre = pre_x_t + torch.nn.functional.linear(carry[0], recurrent)
+        new = slstm.gate_step(pre, carry, exp_forget)
+        if lengths is None:
+            return new, new[0].clone()
+        valid = (lengths > t).unsqueeze(1)  # (N, 1)
+        new = tuple(torch.where(valid, n, o) for n, o in zip(new, carry, strict=True))
+        return new, new[0].masked_fill(~valid, 0.0)
+
+    steps = torch.arange(x.shape[0], device=x.device)  # (T,)
+    fresh = tuple(s.clone(memory_format=torch.contiguous_format) for s in state)
+    final, output = scan(step, fresh, (pre_x, steps), reverse=reverse)
+    return output, tuple(final)
+
+
 # ---- the operators export_onnx traces, and their ONNX translations -------------------------
 
 @functools.cache
@@ -438,5 +525,5 @@ def export_onnx(
         external_data=False, verbose=False)
 
 
-__all__ = ["UnsupportedExport", "export_onnx", "is_exporting", "onnx_translations",
-           "run_direction"]
+__all__ = ["UnsupportedExport", "export_onnx", "is_capturing", "is_exporting",
+           "onnx_translations", "run_direction", "run_linear_recurrence", "run_slstm_direction"]

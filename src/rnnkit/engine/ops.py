@@ -16,6 +16,10 @@ implementations per family behind one calling convention (`run_fused`, `run_nati
                                    `rnnkit.engine.fused_recurrence`
 ``rnnkit::{fused,native}_slstm``   xLSTM's sLSTM (`run_fused_slstm`, `run_native_slstm`);
                                    math and the fused loops in `rnnkit.engine.slstm`
+``rnnkit::{linear,log}_scan``      minGRU/minLSTM's scans, registered in `rnnkit.engine.scan`
+                                   next to their kernels, with this module's helpers
+                                   (`_register`, `_autograd`), so that nothing here imports
+                                   the minimal cells; the backward is the linear scan itself
 ==========================  ===============================================================
 
 Every operator has:

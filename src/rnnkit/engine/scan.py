@@ -28,8 +28,10 @@ Three execution paths, one function each, all with the signature of `run_directi
   `scan_log`: chunked and accumulated in float64, which bounds the cancellation between the
   two large terms.
 
-Both scans have a hand-written backward, the adjoint recurrence run by the linear scan
-backward in time (`_adjoint`).
+Both scans are operators (``rnnkit::linear_scan``, ``rnnkit::log_scan``, registered below
+with `rnnkit.engine.ops`' helpers: fake shapes, autocast, vmap), so torch.compile and
+torch.export see one node with a dynamic length; their hand-written backward is the adjoint
+recurrence run by the linear scan backward in time (`_adjoint`).
 
 Nothing here imports the layers or cells: they import this module.
 """
@@ -42,6 +44,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from rnnkit.engine import onnx, ops
 
 
 class MinFamily(str, enum.Enum):
@@ -180,6 +184,8 @@ def run_linear_scan(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
         b = b.masked_fill(~valid, 0.0)
     if reverse:
         a, b = a.flip(0), b.flip(0)
+    if onnx.is_capturing():  # ONNX has no form of the scans: the loop (engine/onnx.py)
+        return _finish(onnx.run_linear_recurrence(a, b, h0), valid, reverse)
     return _finish(scan_linear(a, b, h0), valid, reverse)
 
 
@@ -245,6 +251,12 @@ def run_direction(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
     Returns:
         ``output (T, N, H)``, zero at ``t >= lengths[n]``, and the final state ``(N, H)``.
     """
+    if onnx.is_capturing():
+        # An ONNX export: every backend as `run_linear_scan`, whose scan becomes a Scan loop
+        # over a multiply-add (`onnx.run_linear_recurrence`): ONNX has neither CumProd nor
+        # LogCumSumExp for the log-space scan, and the reference's Python loop would fix T.
+        # The same values (the log-space variant's a and b are positive reals).
+        return run_linear_scan(family, x, h0, weight_ih, bias_ih, lengths, reverse, log_space)
     return _RUNNERS[engine_for(backend, log_space, x.shape[0])](
         family, x, h0, weight_ih, bias_ih, lengths, reverse, log_space)
 
@@ -321,77 +333,108 @@ def _scan_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# ---- the scans as operators --------------------------------------------------------------
+# ``rnnkit::linear_scan`` and ``rnnkit::log_scan``: registered here, next to their kernels, with
+# the registration helpers of `rnnkit.engine.ops` (the boundary compile, export, autocast and
+# torch.func see; it imports nothing of the minimal cells). As operators with fake shapes,
+# torch.export keeps the sequence length dynamic (the kernels' Python loops over T would
+# otherwise specialise it) and torch.compile traces them whole.
+
+def _linear_scan_values(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
+    dtype = _scan_dtype(a.dtype)
+    return _scan_values(a.to(dtype), b.to(dtype), h0.to(dtype)).to(a.dtype)
+
+
+def _log_scan_values(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
+    wide = log_a.to(torch.float64).clamp(min=_LOG_TINY)
+    return _scan_log_blocks(wide, log_b.to(torch.float64), h0.to(torch.float64)).to(log_a.dtype)
+
+
+@torch.library.custom_op("rnnkit::linear_scan", mutates_args=())
+def linear_scan(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
+    """-> h (T, N, H), ``h_t = a_t ⊙ h_{t-1} + b_t`` (`scan_linear`)."""
+    return _linear_scan_values(a, b, h0)
+
+
+@torch.library.custom_op("rnnkit::log_scan", mutates_args=())
+def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
+    """-> h (T, N, H) from ``log a, log b`` (`scan_log`)."""
+    return _log_scan_values(log_a, log_b, h0)
+
+
+def _fake_scan(first: Tensor, second: Tensor, h0: Tensor) -> Tensor:
+    return torch.empty_like(first)
+
+
 def _adjoint(a: Tensor, grad_h: Tensor, h: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
     """The backward of ``h_t = a_t ⊙ h_{t-1} + b_t``: ``(γ, h_{t-1})`` with ``γ_t = ∂L/∂h_t
     + a_{t+1} γ_{t+1}`` (``γ`` past the end 0), the same recurrence backward in time, so
-    ``∂L/∂b_t = γ_t``, ``∂L/∂a_t = γ_t ⊙ h_{t-1}``, ``∂L/∂h_0 = a_0 ⊙ γ_0``."""
-    dtype = _scan_dtype(a.dtype)
-    a_next = torch.cat([a[1:], torch.ones_like(a[:1])]).to(dtype)  # a_{t+1}; the last unused
-    gamma = _scan_values(a_next.flip(0), grad_h.to(dtype).flip(0),
-                         torch.zeros_like(h0, dtype=dtype)).flip(0).to(a.dtype)
+    ``∂L/∂b_t = γ_t``, ``∂L/∂a_t = γ_t ⊙ h_{t-1}``, ``∂L/∂h_0 = a_0 ⊙ γ_0``.
+
+    γ is itself `scan_linear` of the flipped sequence: when the backward is recorded
+    (``create_graph=True``, torch.func) that scan records its own formula, so the gradient is
+    differentiable again, exactly."""
+    a_next = torch.cat([a[1:], torch.ones_like(a[:1])])  # a_{t+1}; the last unused
+    gamma = scan_linear(a_next.flip(0), grad_h.flip(0), torch.zeros_like(h0)).flip(0)
     return gamma, torch.cat([h0.unsqueeze(0), h[:-1]])
 
 
-class _LinearScan(torch.autograd.Function):
-    """`scan_linear`: the doubling scan forward, `_adjoint` backward. Saves ``a``, ``h`` and
-    ``h_0``: O(T N H) memory, where autograd through the rounds would keep log2 T copies."""
+def _linear_scan_setup(ctx, inputs, output, native_layout: bool) -> None:
+    a, _, h0 = inputs
+    ctx.save_for_backward(a, output, h0)
 
-    @staticmethod
-    def forward(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
-        dtype = _scan_dtype(a.dtype)
-        return _scan_values(a.to(dtype), b.to(dtype), h0.to(dtype)).to(a.dtype)
 
-    @staticmethod
-    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
-        a, _, h0 = inputs  # separate from forward, so torch.func's transforms can run it
-        ctx.save_for_backward(a, output, h0)
+def _linear_scan_backward(ctx, grads, native_layout: bool):
+    """Saves ``a``, ``h`` and ``h_0``: O(T N H) memory, where autograd through the doubling
+    rounds would keep log2 T copies."""
+    a, h, h0 = ctx.saved_tensors
+    (grad_h,) = grads
+    if grad_h is None:
+        return None, None, None
+    gamma, h_previous = _adjoint(a, grad_h, h, h0)
+    return gamma * h_previous, gamma, a[0] * gamma[0]
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h: Tensor):
-        a, h, h0 = ctx.saved_tensors
-        gamma, h_previous = _adjoint(a, grad_h, h, h0)
-        return gamma * h_previous, gamma, a[0] * gamma[0]
+
+def _log_scan_setup(ctx, inputs, output, native_layout: bool) -> None:
+    log_a, log_b, h0 = inputs
+    ctx.save_for_backward(log_a, log_b, output, h0)
+
+
+def _log_scan_backward(ctx, grads, native_layout: bool):
+    """The exact derivative by `_adjoint`: ``∂L/∂log b_t = γ_t b_t``, ``∂L/∂log a_t = γ_t a_t
+    h_{t-1}``. Not autograd through ``logcumsumexp``: its backward splits the gradient by sign
+    into two log-space sums and subtracts them, which at T = 10,000 lost ~1e-10 of the weight
+    gradients in float64 (measured against the reference); the adjoint loses ~1e-15."""
+    log_a, log_b, h, h0 = ctx.saved_tensors
+    (grad_h,) = grads
+    if grad_h is None:
+        return None, None, None
+    a = log_a.exp()
+    gamma, h_previous = _adjoint(a, grad_h, h, h0)
+    return gamma * a * h_previous, gamma * log_b.exp(), a[0] * gamma[0]
+
+
+for _op, _setup, _backward in ((linear_scan, _linear_scan_setup, _linear_scan_backward),
+                               (log_scan, _log_scan_setup, _log_scan_backward)):
+    # Autocast: the scans run in float32 at least and return float32, as the other operators
+    # (a state accumulated over every step in bfloat16 would lose the signal).
+    ops._register(_op, _fake_scan, autocast=True)
+    ops._FUNCTIONS[_op] = ops._autograd(_op, _setup, _backward, False)
 
 
 def scan_linear(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
     """``h (T, N, H)`` with ``h_t = a_t ⊙ h_{t-1} + b_t`` from ``a, b (T, N, H)`` and ``h0 (N, H)``;
-    any real ``a``, ``b``; differentiable in all three (`_LinearScan`)."""
-    return _LinearScan.apply(a, b, h0)
-
-
-class _LogScan(torch.autograd.Function):
-    """`scan_log`: the blocked log-space scan forward; backward the exact derivative by
-    `_adjoint`, ``∂L/∂log b_t = γ_t b_t``, ``∂L/∂log a_t = γ_t a_t h_{t-1}``.
-
-    Not autograd through ``logcumsumexp``: its backward splits the gradient by sign into two
-    log-space sums and subtracts them, which at T = 10,000 lost ~1e-10 of the weight gradients
-    in float64 (measured against the reference); the adjoint loses ~1e-15.
-    """
-
-    @staticmethod
-    def forward(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
-        wide = log_a.to(torch.float64).clamp(min=_LOG_TINY)
-        h = _scan_log_blocks(wide, log_b.to(torch.float64), h0.to(torch.float64))
-        return h.to(log_a.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
-        log_a, log_b, h0 = inputs
-        ctx.save_for_backward(log_a, log_b, output, h0)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h: Tensor):
-        log_a, log_b, h, h0 = ctx.saved_tensors
-        a = log_a.exp()
-        gamma, h_previous = _adjoint(a, grad_h, h, h0)
-        return gamma * a * h_previous, gamma * log_b.exp(), a[0] * gamma[0]
+    any real ``a``, ``b``; differentiable in all three (``rnnkit::linear_scan``: forward
+    `_scan_values` in float32 at least, backward `_adjoint`)."""
+    if ops.plain_eager(a, a, b, h0):
+        return _linear_scan_values(a, b, h0)
+    return ops._apply(linear_scan, a, b, h0)
 
 
 def scan_log(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
     """``h (T, N, H)`` with ``h_t = a_t ⊙ h_{t-1} + b_t`` from ``log a, log b (T, N, H)`` (the
-    paper's log-space scan) and ``h0 (N, H)``; differentiable in all three (`_LogScan`).
+    paper's log-space scan) and ``h0 (N, H)``; differentiable in all three
+    (``rnnkit::log_scan``: forward `_scan_log_blocks`, backward the exact adjoint).
 
     With ``log A_t = Σ_{s<=t} log a_s``, the paper's ``log h_t = log A_t + logcumsumexp_s(log b_s
     - log A_s)``. Its two terms grow with t and cancel: in float32 at T = 10,000 with moderate
@@ -406,7 +449,9 @@ def scan_log(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
     - ``h_0`` enters linearly, ``h_t = A_t h_0 + exp(…)``, so it needs no logarithm: zero (the
       default state) is exact, with a finite gradient.
     """
-    return _LogScan.apply(log_a, log_b, h0)
+    if ops.plain_eager(log_a, log_a, log_b, h0):
+        return _log_scan_values(log_a, log_b, h0)
+    return ops._apply(log_scan, log_a, log_b, h0)
 
 
 def _scan_log_blocks(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:

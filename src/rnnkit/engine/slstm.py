@@ -75,13 +75,30 @@ def recurrent_product(h: Tensor, weight_hh: Tensor) -> Tensor:
         *lead, GATES * heads * width)
 
 
+def block_diagonal(weight_hh: Tensor) -> Tensor:
+    """The block-diagonal ``R`` as one dense ``(4H, H)`` matrix, gate-major ``(R_i|R_f|R_z|R_o)``,
+    from ``weight_hh (K, 4d, d)``: ``R h`` is then ``F.linear(h, R)``, `recurrent_product`'s
+    value. Built from the weights' static sizes alone (for the ONNX route, whose loop body may
+    not reshape by a symbolic batch); K times the products' work, so not for the fast paths."""
+    heads, rows, width = weight_hh.shape
+    per_gate = weight_hh.unflatten(1, (GATES, width))  # (K, 4, d, d)
+    eye = torch.eye(heads, dtype=weight_hh.dtype, device=weight_hh.device)
+    dense = torch.einsum("kgij,kl->gkilj", per_gate, eye)  # (4, K, d, K, d)
+    return dense.reshape(GATES * heads * width, heads * width)
+
+
 def step(x: Tensor, state: SLSTMState, weight_ih: Tensor, weight_hh: Tensor,
          bias_ih: Tensor | None, exp_forget: bool) -> SLSTMState:
     """One stabilised step on autograd: ``x (N, I)`` or ``(I,)``, ``state`` ``(h, c, n, m)``
-    each ``(N, H)`` or ``(H,)`` -> the new ``(h, c, n, m)``. The equations of the module
-    docstring, line by line."""
+    each ``(N, H)`` or ``(H,)`` -> the new ``(h, c, n, m)`` (`gate_step` after the products)."""
+    pre = F.linear(x, weight_ih, bias_ih) + recurrent_product(state[0], weight_hh)  # (N, 4H)
+    return gate_step(pre, state, exp_forget)
+
+
+def gate_step(pre: Tensor, state: SLSTMState, exp_forget: bool) -> SLSTMState:
+    """The step from its pre-activations ``pre = W x + R h + b`` ``(N, 4H)`` gate-major
+    ``(ĩ|f̃|z̃|õ)``, on autograd: the equations of the module docstring, line by line."""
     h, c, n, m = state
-    pre = F.linear(x, weight_ih, bias_ih) + recurrent_product(h, weight_hh)  # (N, 4H)
     i_pre, f_pre, z_pre, o_pre = pre.chunk(GATES, dim=-1)
     log_f_plus_m = log_forget(f_pre, exp_forget) + m
     # max(log f + m, ĩ), the first branch on a tie (spec); where(), not maximum(), which would
