@@ -89,6 +89,25 @@ def test_memory_adding_runs_minimal_cells_with_their_flow_and_gates(tmp_path, ca
         assert (out / name).stat().st_size > 0
 
 
+def test_memory_no_flow_skips_the_gradient_flow_and_keeps_the_rest(tmp_path, capsys):
+    # at long T the flow's Jacobians cost more than the training (issue 20's T = 1000 runs)
+    out = tmp_path / "adding"
+    assert cli.main(["memory", "adding", "--cells", "gru,mingru", "--lengths", "6", "--hidden",
+                     "5", "--steps", "2", "--eval-every", "1", "--batch-size", "8",
+                     "--held-out", "20", "--no-flow", "--out", str(out), "--quiet"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {r["cell"] for r in runs} == {"gru", "mingru"}
+    assert all(r["flow_initial"] == [] == r["flow_trained"] for r in runs)
+    assert all(math.isfinite(r["final_metric"]) for r in runs)
+    assert not (out / "gradient_flow.png").exists()
+    assert (out / "learning_curves.png").stat().st_size > 0 and (out / "gates_T6.png").exists()
+    assert "gradient_flow.png" not in capsys.readouterr().out
+    printed = tmp_path / "memory.toml"
+    assert cli.main(["memory", "adding", "--no-flow", "--print-config"]) == 0
+    printed.write_text(capsys.readouterr().out)
+    assert "flow = false" in printed.read_text()
+
+
 def test_memory_copy_runs_minimal_cells_on_a_chosen_engine(tmp_path, capsys):
     out = tmp_path / "copy"
     assert cli.main(["memory", "copy", "--cells", "minlstm,mingru-log", "--lengths", "4",

@@ -57,7 +57,7 @@ COMMANDS = {
         ["--corpus", "prose", *VARIANTS[1]]]),
     "memory": (["memory"], MemoryCommand, MEMORY_EXCLUDE, [
         ["copy", "--cells", "lstm,gru", "--lengths", "7,9", "--seed", "1,2", "--batch-size", "5",
-         "--held-out", "10", *STACK, *LOOP, "--out", "o", "--no-plot", "--quiet"],
+         "--held-out", "10", *STACK, *LOOP, "--out", "o", "--no-plot", "--no-flow", "--quiet"],
         ["adding", "--forget-bias", "1.0"]]),
     "forecast train": (["forecast", "train"], ForecastTrainCommand, FORECAST_EXCLUDE, [
         ["--csv", "s.csv", "--target", "y", "--time", "t", "--features", "a,b", "--fill",

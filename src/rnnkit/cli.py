@@ -277,7 +277,7 @@ def run_memory(args: argparse.Namespace) -> int:
         for cell in command.cells:
             check_config(replace(base, recurrent=base.recurrent.with_cell(cell)))
     return memory(command.task, command.cells, command.lengths, command.seeds, base,
-                  command.out, plot=command.plot, quiet=command.quiet)
+                  command.out, plot=command.plot, quiet=command.quiet, flow=command.flow)
 
 
 def run_gradients(args: argparse.Namespace) -> int:

@@ -73,7 +73,10 @@ def _class_name(module) -> str:
 
 
 def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], base: RunConfig,
-           out: str, plot: bool = True, quiet: bool = False) -> int:
+           out: str, plot: bool = True, quiet: bool = False, flow: bool = True) -> int:
+    """`rnnkit memory`: train every cell x length x seed, then the table, results and plots;
+    ``flow`` False skips the gradient flow (`experiment.run`), which at long T costs more than
+    the training."""
     configs = [replace(base, task=task, length=length, recurrent=base.recurrent.with_cell(cell),
                        loop=replace(base.loop, seed=seed))
                for length in lengths for cell in cells for seed in seeds]
@@ -96,7 +99,7 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
     log = MetricsLog(out_dir / "metrics.jsonl")  # one file, each record naming its run
     for config in configs:
         result, model, held_out = run(
-            config, quiet=quiet, metrics=log,
+            config, flow=flow, quiet=quiet, metrics=log,
             metrics_fields={"cell": config.cell, "length": config.length, "seed": config.seed})
         runs.append(result)
         print(f"{config.cell} T={config.length} seed {config.seed}: held-out "

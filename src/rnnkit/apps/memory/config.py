@@ -42,4 +42,5 @@ class MemoryCommand:
     loop: LoopConfig = field(default_factory=default_loop)
     out: str = "rnnkit-memory"  # folder for results and plots
     plot: bool = True  # write the PNGs
+    flow: bool = True  # gradient flow before and after training (slow at long T: --no-flow)
     quiet: bool = False  # no progress bars
