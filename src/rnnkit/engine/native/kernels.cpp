@@ -740,15 +740,28 @@ Tensor pack_gate_blocks(const Tensor& w_hh, int64_t H, int64_t U) {
     acc[r][0] = s##r##0, acc[r][1] = s##r##1;                      \
     acc[r][2] = s##r##2, acc[r][3] = s##r##3;                      \
   }
-template <typename T, int Rows>
+// The cache lines a tile's gate math will read and write are fetched while its product runs
+// (`ahead(k)` at each k issues at most one: a few in flight at a time). The step's rows lie 4H
+// values apart, a page apart at H = 256: a stride the hardware prefetchers do not follow, so
+// without this the gate math waits on a miss for each row's pre-activations and outputs.
+// (Inline assembly: GCC 12.2 at -O2 and -O3 dropped `_mm_prefetch` and `__builtin_prefetch`
+// from this loop, with no prefetch left in the object code.)
+inline void fetch_line(const void* line) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(line)));
+#endif
+}
+
+template <typename T, int Rows, typename Ahead>
 inline void gate_block_product(const T* h, int64_t ldh, const T* panel, int64_t K,
-                               Vec<T> (&acc)[Rows][4]) {
+                               Vec<T> (&acc)[Rows][4], const Ahead& ahead) {
   static_assert(Rows >= 1 && Rows <= 6, "gate_block_product: 1 to 6 rows");
   using V = Vec<T>;
   constexpr int64_t U = V::size();
   RNNKIT_ROW_SUMS(0) RNNKIT_ROW_SUMS(1) RNNKIT_ROW_SUMS(2)
   RNNKIT_ROW_SUMS(3) RNNKIT_ROW_SUMS(4) RNNKIT_ROW_SUMS(5)
   for (int64_t k = 0; k < K; ++k) {
+    ahead(k);
     const T* b = panel + k * 4 * U;
     const V b0 = V::loadu(b), b1 = V::loadu(b + U), b2 = V::loadu(b + 2 * U),
             b3 = V::loadu(b + 3 * U);
@@ -782,7 +795,15 @@ inline void resident_tile(const LstmStepBuffers<T>& s, const T* panel, int64_t H
                           int64_t j, int64_t count, int64_t t, const Validity& valid) {
   using V = Vec<T>;
   V acc[Rows][4];
-  gate_block_product<T, Rows>(s.h + n * H, H, panel, H, acc);
+  // Per row: its four gates' pre-activations, then five state lines; one every other k.
+  const T* const state_lines[5] = {s.c, s.c_held, s.c_new, s.h_new, s.out};
+  const auto ahead = [&](int64_t k) {
+    if (k % 2 != 0 || k >= 2 * 9 * Rows) return;
+    const int64_t r = k / 18, which = k / 2 % 9;
+    fetch_line(which < 4 ? s.gates + (n + r) * 4 * H + which * H + j
+                         : state_lines[which - 4] + (n + r) * H + j);
+  };
+  gate_block_product<T, Rows>(s.h + n * H, H, panel, H, acc, ahead);
   for (int r = 0; r < Rows; ++r) {
     const int64_t row = (n + r) * H + j;
     if (!valid(t, n + r)) {
@@ -988,7 +1009,12 @@ inline void resident_backward_tile(const LstmBackwardBuffers<T>& s, const T* pan
   constexpr int64_t U = V::size();
   V acc[Rows][4];
   if (s.d_gates_before != nullptr) {
-    gate_block_product<T, Rows>(s.d_gates_before + n * 4 * H, 4 * H, panel, 4 * H, acc);
+    // No lines fetched ahead: the product's K (4H) is four times the forward's, which hides
+    // more of the misses, and fetching the tile's 28 lines a row evicted the rows of dG that
+    // the product reads (measured 3 % slower).
+    const auto nothing_ahead = [](int64_t) {};
+    gate_block_product<T, Rows>(s.d_gates_before + n * 4 * H, 4 * H, panel, 4 * H, acc,
+                                nothing_ahead);
   } else {
     for (int r = 0; r < Rows; ++r) {
       for (int q = 0; q < 4; ++q) acc[r][q] = V(T(0));
