@@ -1,7 +1,7 @@
-"""minGRU and minLSTM in the apps (`rnnkit.apps.recurrent`'s families): `rnnkit memory` and
-`rnnkit lm` run end to end with them, their diagnostics are drawn, switches they do not have
-are refused by name (exit 2) or ignored where the rule says so, and their settings survive
-``--print-config`` -> ``--config``."""
+"""minGRU, minLSTM and sLSTM in the apps (`rnnkit.apps.recurrent`'s families): `rnnkit memory`,
+`rnnkit lm` and `rnnkit gradients` run end to end with them, their diagnostics are drawn,
+switches they do not have are refused by name (exit 2) or ignored where the rule says so, and
+their settings survive ``--print-config`` -> ``--config``."""
 
 from __future__ import annotations
 
