@@ -553,3 +553,28 @@ def test_slstm_saturation_follows_its_documented_definition():
     assert set(saturation) == {"o", "i'/n", "z"} and saturation["i'/n"] == 1.0
     one_step = gate_trace(exp_layer, x[:1]).saturation[(0, 0)]  # nothing to weigh
     assert math.isnan(one_step["i'/n"])
+
+
+def test_slstm_diagnostics_take_the_layers_input_forms_and_name_bad_requests():
+    torch.manual_seed(0)
+    layer = rnnkit.SLSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    expected = gradient_flow(layer, x, direction="forward")
+    layer.batch_first = True
+    flow = gradient_flow(layer, x.transpose(0, 1), direction="forward")
+    torch.testing.assert_close(flow.h, expected.h, rtol=0, atol=0)
+    single = gradient_flow(layer, x[:, 1], direction="forward")  # unbatched: N = 1
+    torch.testing.assert_close(single.c, expected.c[:, 1:], rtol=1e-12, atol=1e-14)
+    trace = gate_trace(layer, x.transpose(0, 1))
+    assert trace.gate("h", 1, 1).shape == (5, 2, 4)
+    with pytest.raises(ValueError, match="the layer is bidirectional: choose direction"):
+        gradient_flow(layer, x)
+    with pytest.raises(ValueError, match=r"layer_index must be an int in \[0, 1\]"):
+        gradient_flow(layer, x, layer_index=2, direction="forward")
+    with pytest.raises(ValueError, match="SLSTM input must have shape"):
+        gradient_flow(layer, torch.randn(2, 5, 7, dtype=torch.float64), direction="forward")
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 3])
+    with pytest.raises(TypeError, match="PackedSequence and lengths are not supported"):
+        gradient_flow(layer, packed, direction="forward")
+    with pytest.raises(KeyError, match=r"no gate 'f\(t\)'.* this slstm trace has i, f, z, o"):
+        trace.gate("f(t)")
