@@ -142,7 +142,7 @@ def _detach(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
-def gradient_flow(layer: RecurrentLayer, input: Tensor, hx=None, *,
+def gradient_flow(layer: RecurrentLayer | MinimalLayer | SLSTM, input: Tensor, hx=None, *,
                   layer_index: int | None = None, direction: str | None = None) -> GradientFlow:
     """Per-step Frobenius norms of ∂h_T/∂(state leaving step t); see the module docstring.
 
@@ -427,7 +427,8 @@ def saturation_of(kind: CellKind, gates: dict[str, Tensor], valid: Tensor) -> di
     return result
 
 
-def gate_trace(layer: RecurrentLayer, input: Tensor, hx=None, lengths=None) -> GateTrace:
+def gate_trace(layer: RecurrentLayer | MinimalLayer | SLSTM, input: Tensor, hx=None,
+               lengths=None) -> GateTrace:
     """Every gate of every layer and direction over ``input``; see `GateTrace`.
 
     ``input``, ``hx`` and ``lengths`` are as the layer's own ``forward`` takes them (padded
