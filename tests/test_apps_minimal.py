@@ -1,7 +1,7 @@
-"""minGRU and minLSTM in the apps (`rnnkit.apps.recurrent`'s families): `rnnkit memory` and
-`rnnkit lm` run end to end with them, their diagnostics are drawn, switches they do not have
-are refused by name (exit 2) or ignored where the rule says so, and their settings survive
-``--print-config`` -> ``--config``."""
+"""minGRU, minLSTM and sLSTM in the apps (`rnnkit.apps.recurrent`'s families): `rnnkit memory`,
+`rnnkit lm` and `rnnkit gradients` run end to end with them, their diagnostics are drawn,
+switches they do not have are refused by name (exit 2) or ignored where the rule says so, and
+their settings survive ``--print-config`` -> ``--config``."""
 
 from __future__ import annotations
 
@@ -131,6 +131,52 @@ def test_the_gate_heatmaps_show_the_minimal_gates(cell, gate):
     values = panels[0][1]
     assert values.shape == (23, 4) and bool(((values > 0) & (values < 1)).all())
     assert marks == [*range(10), 12]
+
+
+def test_memory_runs_slstm_cells_with_their_flow_and_gate_heatmaps(tmp_path, capsys):
+    # rnnkit.diagnostics reads sLSTM: no note, the same outputs as for the other cells
+    out = tmp_path / "adding"
+    assert cli.main(["memory", "adding", "--cells", "lstm,slstm,slstm-exp,slstm-heads4",
+                     "--lengths", "6", "--hidden", "4", "--steps", "2", "--eval-every", "1",
+                     "--batch-size", "4", "--held-out", "8", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "note:" not in printed and "gates_T6.png" in printed
+    runs = {r["cell"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    for cell in ("slstm", "slstm-exp", "slstm-heads4"):
+        for flow in (runs[cell]["flow_initial"], runs[cell]["flow_trained"]):
+            assert len(flow) == 6 and flow[0] == pytest.approx(2.0)  # sqrt(H) at distance 0
+            assert all(math.isfinite(v) and v > 0 for v in flow)
+    for name in ("learning_curves.png", "gradient_flow.png", "gates_T6.png"):
+        assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("cell", ["slstm", "slstm-exp", "slstm-heads4"])
+def test_the_gate_heatmaps_show_the_slstm_factors_in_zero_one(cell):
+    result, model, held_out = run(RunConfig("copy", 3, RecurrentConfig(cell, hidden_size=4),
+                                            replace(default_loop(), steps=1, eval_every=1),
+                                            held_out=4), show_progress=False)
+    panels, marks = gate_panels(model, held_out, 3, cell)
+    assert [label for label, _ in panels] == [f"{cell} T=3: {gate}" for gate in
+                                              ("f'", "i'", "i'/n")]
+    for _, values in panels:
+        assert values.shape == (23, 4) and bool(((values >= 0) & (values <= 1)).all())
+    f_prime, i_prime, write = (values for _, values in panels)
+    assert torch.equal(torch.maximum(f_prime, i_prime), torch.ones(23, 4))
+    assert bool((write[0] == 1).all())  # the first step from the empty state writes all
+    assert marks == [*range(10), 12]
+
+
+def test_gradients_of_a_trained_slstm_language_model(tmp_path, capsys):
+    checkpoint = tmp_path / "lm.pt"
+    assert cli.main(["lm", "train", "--corpus", "prose", *TINY_LM, "--layers", "2",
+                     "--cell", "slstm-heads4", "--checkpoint", str(checkpoint), "--quiet"]) == 0
+    assert cli.main(["gradients", "--checkpoint", str(checkpoint), "--corpus", "prose",
+                     "--length", "10", "--samples", "2", "--layer", "0", "--out",
+                     str(tmp_path / "g"), "--no-plot"]) == 0
+    flows = json.loads((tmp_path / "g" / "gradient_flow.json").read_text())["flow_by_distance"]
+    assert set(flows) == {"slstm layer 0 (trained)", "slstm layer 0 (trained, through c/n)"}
+    assert len(flows["slstm layer 0 (trained)"]) == 10
+    assert flows["slstm layer 0 (trained, through c/n)"][0] == 0
 
 
 def test_memory_notes_a_layer_the_diagnostics_do_not_read_and_draws_the_rest(tmp_path, capsys):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import rnnkit
 from rnnkit import cli
 from rnnkit.apps.gradients import rescale_recurrent_weights
 from rnnkit.apps.recurrent import make_recurrent
@@ -38,25 +39,42 @@ def test_fresh_layers_vanish_below_radius_one_and_grow_above(tmp_path, capsys):
 def test_every_cell_name_gives_its_flow_with_the_identity_at_distance_zero(tmp_path):
     from rnnkit.apps.memory.experiment import CELL_VARIANTS
 
-    read = [cell for cell in CELL_VARIANTS if not cell.startswith("slstm")]  # see below
-    assert len(read) == len(CELL_VARIANTS) - 3
-    assert cli.main(["gradients", "--cells", ",".join(read), "--length", "6",
+    assert {"slstm", "slstm-exp", "slstm-heads4"} <= set(CELL_VARIANTS)
+    assert cli.main(["gradients", "--cells", ",".join(CELL_VARIANTS), "--length", "6",
                      "--hidden", "8", "--out", str(tmp_path), "--no-plot"]) == 0
     flows = json.loads((tmp_path / "gradient_flow.json").read_text())["flow_by_distance"]
-    for cell in read:
+    for cell in CELL_VARIANTS:
         size = 4 if cell == "lstm-projection" else 8  # h projected to hidden // 2
         assert flows[cell][0] == pytest.approx(math.sqrt(size)) and len(flows[cell]) == 6
     assert flows["lstm-projection (through c)"][0] == 0
 
 
-@pytest.mark.parametrize("cell", ["slstm", "slstm-heads4"])
-def test_a_cell_the_diagnostics_do_not_read_is_refused_by_name(cell, tmp_path, capsys):
-    # rnnkit.diagnostics has no gradient flow for sLSTM yet: a usage error, not a traceback
-    assert cli.main(["gradients", "--cells", f"lstm,{cell}", "--length", "6", "--hidden", "8",
-                     "--out", str(tmp_path), "--no-plot"]) == 2
-    assert (f"--cells {cell}: rnnkit gradients reads rnnkit's RNN, LSTM, GRU, MinGRU and "
-            "MinLSTM layers (rnnkit.diagnostics), not SLSTM yet") in capsys.readouterr().err
-    assert not (tmp_path / "gradient_flow.json").exists()
+def test_slstm_cells_give_their_flow_through_h_and_through_c_over_n(tmp_path, capsys):
+    # The sLSTM's cell path is its normalised cell c/n (rnnkit.diagnostics), beside the LSTM's c.
+    assert cli.main(["gradients", "--cells", "lstm,slstm,slstm-exp,slstm-heads4", "--length",
+                     "12", "--hidden", "8", "--samples", "3", "--spectral-radius", "0.9",
+                     "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "slstm-heads4 (through c/n)" in printed
+    flows = json.loads((tmp_path / "gradient_flow.json").read_text())["flow_by_distance"]
+    assert set(flows) == {"lstm", "lstm (through c)", *(
+        name for cell in ("slstm", "slstm-exp", "slstm-heads4")
+        for name in (cell, f"{cell} (through c/n)"))}
+    for cell in ("slstm", "slstm-exp", "slstm-heads4"):
+        through_h, through_cell = flows[cell], flows[f"{cell} (through c/n)"]
+        assert len(through_h) == len(through_cell) == 12
+        assert through_h[0] == pytest.approx(math.sqrt(8)) and through_cell[0] == 0
+        assert all(math.isfinite(v) and v > 0 for v in through_h[1:] + through_cell[1:])
+    assert (tmp_path / "gradient_flow.png").stat().st_size > 0
+
+
+def test_rescaling_an_slstm_sets_each_heads_gate_blocks_spectral_radius():
+    for heads in (1, 4):
+        layer = rnnkit.SLSTM(3, 8, num_heads=heads, dtype=torch.float64)
+        rescale_recurrent_weights(layer, 0.7)
+        for head in layer.weight_hh_l0.detach():  # (4d, d): (R_i|R_f|R_z|R_o)
+            for block in head.split(8 // heads):
+                assert float(torch.linalg.eigvals(block).abs().max()) == pytest.approx(0.7)
 
 
 def test_a_trained_language_model_on_real_text(tmp_path, capsys):

@@ -21,3 +21,7 @@ def test_readme_python_examples_run():
     assert tuple(namespace["y_s"].shape) == (3, 7, 20)
     assert all(tuple(t.shape) == (2, 3, 20) for t in (namespace[k] for k in ("h_s", "c_s", "n_s", "m_s")))
     assert all(bool(t.isfinite().all()) for t in namespace["s_state"])
+    # rnnkit.diagnostics on an sLSTM
+    assert tuple(namespace["kept"].shape) == (50, 8, 32)
+    assert bool(((namespace["kept"] >= 0) & (namespace["kept"] <= 1)).all())
+    assert 0 <= namespace["write_saturated"] <= 1

@@ -29,6 +29,36 @@ a_k)``: the flow is the norm of that product, exact, in closed form (no perturba
 traced gates are the minGRU's ``z = 1 - a`` and the minLSTM's normalised ``f' = a`` and
 ``i' = 1 - a`` (`rnnkit.engine.scan.coefficients`), with ``h``; all three count as sigmoid
 gates for saturation, and ``h̃`` (linear, or ``g``) has no saturating unit.
+
+**sLSTM** (`rnnkit.SLSTM`; spec "sLSTM (Beck et al. 2024)"). Its normalised cell ``h̃_t = c_t /
+n_t`` (``h_t = o_t ⊙ h̃_t``) is a running average: with ``w_t = i'_t / n_t``,
+
+    h̃_t = (1 - w_t) ⊙ h̃_{t-1} + w_t ⊙ z_t        1 - w_t = f'_t ⊙ n_{t-1} / n_t
+
+where ``i'_t = exp(ĩ_t - m_t)`` and ``f'_t = exp(log f_t + m_{t-1} - m_t)`` are the stabilised
+input and forget factors, in ``[0, 1]``, the factors that carry the gradient along ``c`` and
+``n``. Unstabilised, ``w_t = i_t / (f_t N_{t-1} + i_t) = σ(ĩ_t - log f_t - log N_{t-1})`` with
+``N`` the unstabilised normaliser: a sigmoid gate, which ``i_t = exp(ĩ_t)`` itself is not.
+
+*Gradient flow*: ``flow.h`` as for the other families, and ``flow.c = ‖∂h_T/∂h̃_t‖_F``, through
+the normalised cell: ``c_t`` perturbed by ``n_t ⊙ δ`` with ``h_t, n_t, m_t`` held. That is the
+sLSTM's cell path (with ``h`` held, one step multiplies it by ``diag(1 - w_k)``; distance 1 is
+``diag(o_T ⊙ (1 - w_T))``), and unlike ``∂h_T/∂c_t`` it does not depend on the scale ``exp(m_t)``
+the stabiliser divides ``c_t`` by. There is no cheap closed form (``h_{t-1}`` enters every gate
+through the recurrent matrix ``R``, as in an LSTM), so the flow is autograd's, exact, as for the
+classic families: the layer's own engine runs each step, one vector-Jacobian product per unit.
+
+*Gate trace*: ``i = exp(ĩ)`` and ``f`` (σ or exp: the paper's unstabilised gates; in float32
+``exp`` overflows to ``inf`` above 88.7), ``z``, ``o``, the factors ``i'`` and ``f'``, the write
+weight ``i'/n`` (``w`` above), the state ``c, n, m`` as the layer stores it (stabilised) and
+``h``. *Saturation*: the sigmoid rule (below 0.05 or above 0.95) for ``o``, for ``f`` with
+``forget_gate="sigmoid"`` and for ``i'/n``, whose derivative ``∂w/∂ĩ = w (1 - w)`` vanishes at
+both ends (near 0 the step's input is ignored, near 1 it overwrites the memory), counted over
+the steps that have a memory to weigh (``n_{t-1} > 0``: the first step from the empty state has
+``i'/n = 1`` by definition; NaN where no step has one, as in a one-step sequence); the tanh rule
+(``|z| > 0.95``) for ``z``. The exponentials ``i``, ``f = exp(f̃)`` do not saturate (their
+derivative is their value), and ``i'``, ``f'`` have no saturation either: by construction
+``max(i', f') = 1`` at every step.
 """
 
 from __future__ import annotations
@@ -41,11 +71,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkit import engine
-from rnnkit.engine import scan
+from rnnkit.engine import scan, slstm
 from rnnkit.engine.scan import MinFamily
 from rnnkit.engine.steps import CellKind, Family, cell_gates, output_of, state_of, zoneout
 from rnnkit.layers import PreparedInput, RecurrentLayer, prepare_sequence
 from rnnkit.minimal import MinGRU, MinLSTM
+from rnnkit.slstm import SLSTM
 
 DIRECTIONS = ("forward", "reverse")
 SIGMOID_GATES = {Family.LSTM: ("i", "f", "o"), Family.GRU: ("r", "z"), Family.RNN: ()}
@@ -53,13 +84,16 @@ TANH_UNITS = {Family.LSTM: ("g",), Family.GRU: ("n",), Family.RNN: ("h",)}
 SATURATION_LOW, SATURATION_HIGH, TANH_SATURATION = 0.05, 0.95, 0.95
 MINIMAL_GATES = {MinFamily.GRU: ("z",), MinFamily.LSTM: ("f'", "i'")}
 MinimalLayer = MinGRU | MinLSTM
-DIAGNOSED = (RecurrentLayer, MinGRU, MinLSTM)
+SLSTM_FAMILY = "slstm"  # `GateTrace.family` of an sLSTM (`rnnkit.SLSTM` has no family enum)
+SLSTM_WRITE = "i'/n"  # the sLSTM's write weight w_t = i'_t / n_t (module doc)
+DIAGNOSED = (RecurrentLayer, MinGRU, MinLSTM, SLSTM)
 """The layers `gradient_flow` and `gate_trace` read (`diagnosable`)."""
 
 
 class GradientFlow(NamedTuple):
-    """``h (T, N)``: ‖∂h_T/∂h_t‖_F; ``c (T, N)`` the same through the LSTM cell, else None.
-    Row t is the state leaving step t in processing order; the last row is distance 0."""
+    """``h (T, N)``: ‖∂h_T/∂h_t‖_F; ``c (T, N)`` the same through the LSTM cell ``c_t`` or the
+    sLSTM's normalised cell ``c_t / n_t`` (module doc), else None. Row t is the state leaving
+    step t in processing order; the last row is distance 0."""
 
     h: Tensor
     c: Tensor | None
@@ -67,18 +101,18 @@ class GradientFlow(NamedTuple):
 
 def diagnosable(layer: object) -> bool:
     """Whether `gradient_flow` and `gate_trace` read ``layer`` (an rnnkit RNN, LSTM, GRU,
-    MinGRU or MinLSTM)."""
+    MinGRU, MinLSTM or SLSTM)."""
     return isinstance(layer, DIAGNOSED)
 
 
-def _check_layer(layer: object, function: str) -> RecurrentLayer | MinimalLayer:
+def _check_layer(layer: object, function: str) -> RecurrentLayer | MinimalLayer | SLSTM:
     if not diagnosable(layer):
-        raise TypeError(f"{function} takes an rnnkit RNN, LSTM, GRU, MinGRU or MinLSTM layer, "
-                        f"got {type(layer).__name__}")
+        raise TypeError(f"{function} takes an rnnkit RNN, LSTM, GRU, MinGRU, MinLSTM or SLSTM "
+                        f"layer, got {type(layer).__name__}")
     return layer
 
 
-def _choose(layer: RecurrentLayer, layer_index: int | None,
+def _choose(layer: RecurrentLayer | MinimalLayer | SLSTM, layer_index: int | None,
             direction: str | None) -> tuple[int, int]:
     """(layer index, direction index) to diagnose, validated."""
     index = layer.num_layers - 1 if layer_index is None else layer_index
@@ -108,13 +142,13 @@ def _detach(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
-def gradient_flow(layer: RecurrentLayer, input: Tensor, hx=None, *,
+def gradient_flow(layer: RecurrentLayer | MinimalLayer | SLSTM, input: Tensor, hx=None, *,
                   layer_index: int | None = None, direction: str | None = None) -> GradientFlow:
     """Per-step Frobenius norms of ∂h_T/∂(state leaving step t); see the module docstring.
 
     Args:
-        layer: an rnnkit ``RNN``, ``LSTM``, ``GRU``, ``MinGRU`` or ``MinLSTM`` (any variant,
-            any backend).
+        layer: an rnnkit ``RNN``, ``LSTM``, ``GRU``, ``MinGRU``, ``MinLSTM`` or ``SLSTM`` (any
+            variant, any backend).
         input: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``, or unbatched
             ``(L, H_in)`` (then N = 1). No lengths: every sequence runs all L steps.
         hx: the initial state, as the layer takes it (default zeros or the learned state).
@@ -123,7 +157,7 @@ def gradient_flow(layer: RecurrentLayer, input: Tensor, hx=None, *,
             reverse direction's steps are in its processing order (row 0 is the last time step).
 
     Returns:
-        ``GradientFlow(h, c)``, each ``(L, N)`` (``c`` None but for LSTM).
+        ``GradientFlow(h, c)``, each ``(L, N)`` (``c`` None but for LSTM and SLSTM).
     """
     layer = _check_layer(layer, "gradient_flow")
     if not isinstance(input, Tensor):
@@ -131,6 +165,8 @@ def gradient_flow(layer: RecurrentLayer, input: Tensor, hx=None, *,
                         f"{type(input).__name__}; PackedSequence and lengths are not supported")
     if isinstance(layer, MinimalLayer):
         return _minimal_gradient_flow(layer, input, hx, layer_index, direction)
+    if isinstance(layer, SLSTM):
+        return _slstm_gradient_flow(layer, input, hx, layer_index, direction)
     prepared = layer.prepare(input, hx)
     x = prepared.x
     index, d = _choose(layer, layer_index, direction)
@@ -157,21 +193,26 @@ def gradient_flow(layer: RecurrentLayer, input: Tensor, hx=None, *,
             _, state = engine.run_direction(kind, step_input, state, weights, None,
                                             reverse=d == 1, backend=layer.backend, masks=masks)
             state = (state[0] + push_h[t], state[1] + push_c[t]) if is_lstm else state + push_h[t]
-        last = output_of(state)  # (N, H_out)
-        targets = [push_h, push_c] if is_lstm else [push_h]
-        squares = [torch.zeros(steps, batch, dtype=x.dtype, device=x.device) for _ in targets]
-        for unit in range(h_size):
-            # Samples are independent, so one product per unit serves the whole batch.
-            rows = torch.autograd.grad(last[:, unit].sum(), targets, retain_graph=True)
-            for total, row in zip(squares, rows, strict=True):
-                total += row.pow(2).sum(-1)
-    norms = [total.sqrt() for total in squares]
+        norms = _jacobian_norms(output_of(state), [push_h, push_c] if is_lstm else [push_h])
     return GradientFlow(norms[0], norms[1] if is_lstm else None)
 
 
-def _minimal_inputs(layer: MinimalLayer, input: Tensor, hx, lengths=None
-                    ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-    """A minimal layer's ``forward`` input, checked as it checks it: ``x (T, N, I)``,
+def _jacobian_norms(last: Tensor, pushes: list[Tensor]) -> list[Tensor]:
+    """``‖∂last/∂push[t]‖_F`` per step and sample, ``(T, N)`` for each of ``pushes (T, N, ·)``:
+    one vector-Jacobian product per unit of ``last (N, H_out)``, inside ``enable_grad``."""
+    steps, batch = pushes[0].shape[:2]
+    squares = [torch.zeros(steps, batch, dtype=last.dtype, device=last.device) for _ in pushes]
+    for unit in range(last.shape[-1]):
+        # Samples are independent, so one product per unit serves the whole batch.
+        rows = torch.autograd.grad(last[:, unit].sum(), pushes, retain_graph=True)
+        for total, row in zip(squares, rows, strict=True):
+            total += row.pow(2).sum(-1)
+    return [total.sqrt() for total in squares]
+
+
+def _forward_inputs(layer: MinimalLayer | SLSTM, input: Tensor, hx, lengths=None
+                    ) -> tuple[Tensor, Tensor | None, list]:
+    """A minimal or sLSTM layer's ``forward`` input, checked as it checks it: ``x (T, N, I)``,
     ``lengths`` and the initial state of each layer and direction."""
     x, lengths, batched = prepare_sequence(
         type(layer).__name__, input, lengths, input_size=layer.input_size,
@@ -191,17 +232,25 @@ def _minimal_direction(layer: MinimalLayer, sequence: Tensor, index: int, direct
     return a, output
 
 
+def _run_below(layer: MinimalLayer | SLSTM, x: Tensor, upto: int, run_direction) -> Tensor:
+    """The input sequence of layer ``upto``: the layers below, both directions concatenated,
+    as in evaluation (no dropout); ``run_direction(sequence, layer, direction)`` gives one
+    direction's output ``(T, N, H)``."""
+    sequence = x
+    for below in range(upto):
+        outputs = [run_direction(sequence, below, other) for other in range(layer.num_directions)]
+        sequence = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return sequence
+
+
 def _minimal_gradient_flow(layer: MinimalLayer, input: Tensor, hx, layer_index: int | None,
                            direction: str | None) -> GradientFlow:
     """`gradient_flow` of a MinGRU or MinLSTM: ``‖Π_{k>t} a_k‖`` per step (module doc)."""
-    x, _, initial = _minimal_inputs(layer, input, hx)
+    x, _, initial = _forward_inputs(layer, input, hx)
     index, d = _choose(layer, layer_index, direction)
-    sequence = x
     with torch.no_grad():
-        for below in range(index):  # the layers below, as in evaluation (no dropout)
-            outputs = [_minimal_direction(layer, sequence, below, other, initial, None)[1]
-                       for other in range(layer.num_directions)]
-            sequence = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+        sequence = _run_below(layer, x, index, lambda sequence, below, other: _minimal_direction(
+            layer, sequence, below, other, initial, None)[1])
         a, _ = _minimal_direction(layer, sequence, index, d, initial, None)  # (T, N, H)
     if d == 1:
         a = a.flip(0)  # processing order
@@ -214,7 +263,7 @@ def _minimal_gradient_flow(layer: MinimalLayer, input: Tensor, hx, layer_index: 
 
 def _minimal_gate_trace(layer: MinimalLayer, input: Tensor, hx, lengths) -> GateTrace:
     """`gate_trace` of a MinGRU or MinLSTM: ``z`` or ``f', i'``, and ``h`` (module doc)."""
-    x, lengths, initial = _minimal_inputs(layer, input, hx, lengths)
+    x, lengths, initial = _forward_inputs(layer, input, hx, lengths)
     steps, batch = x.shape[:2]
     time = torch.arange(steps, device=x.device)[:, None]
     valid = (time < lengths[None, :]) if lengths is not None else torch.ones(
@@ -238,6 +287,104 @@ def _minimal_gate_trace(layer: MinimalLayer, input: Tensor, hx, lengths) -> Gate
     return trace
 
 
+def _slstm_direction(layer: SLSTM, sequence: Tensor, index: int, direction: int,
+                     initial: list, lengths: Tensor | None) -> Tensor:
+    """The output ``(T, N, H)`` of one sLSTM layer and direction, by the layer's own engine."""
+    output, _ = engine.run_slstm_direction(
+        sequence, initial[index * layer.num_directions + direction],
+        *layer.weights(index, direction), lengths, direction == 1, layer.forget_gate == "exp",
+        layer.backend)
+    return output
+
+
+def _slstm_gradient_flow(layer: SLSTM, input: Tensor, hx, layer_index: int | None,
+                         direction: str | None) -> GradientFlow:
+    """`gradient_flow` of an SLSTM: through ``h`` and through ``c / n`` (module doc), by
+    autograd through the layer's own engine, one step per call."""
+    x, _, initial = _forward_inputs(layer, input, hx)
+    index, d = _choose(layer, layer_index, direction)
+    with torch.no_grad():
+        sequence = _run_below(layer, x, index, lambda sequence, below, other: _slstm_direction(
+            layer, sequence, below, other, initial, None))
+    if d == 1:
+        sequence = sequence.flip(0)  # processing order; a one-step run is the same both ways
+    weights = tuple(None if w is None else w.detach() for w in layer.weights(index, d))
+    exp_forget = layer.forget_gate == "exp"
+    state = _detach(initial[index * layer.num_directions + d])
+    steps, batch = sequence.shape[:2]
+    # Zero perturbations of the state leaving each step, as for the classic families; the
+    # cell's is scaled by n_t, so that it moves c_t / n_t by push_c[t] (module doc).
+    push_h, push_c = (torch.zeros(steps, batch, layer.hidden_size, dtype=x.dtype,
+                                  device=x.device, requires_grad=True) for _ in range(2))
+    with torch.enable_grad():
+        for t in range(steps):
+            _, (h, c, n, m) = engine.run_slstm_direction(
+                sequence[t : t + 1], state, *weights, None, False, exp_forget, layer.backend)
+            state = (h + push_h[t], c + n * push_c[t], n, m)
+        norms = _jacobian_norms(state[0], [push_h, push_c])
+    return GradientFlow(*norms)
+
+
+def _slstm_gate_trace(layer: SLSTM, input: Tensor, hx, lengths) -> GateTrace:
+    """`gate_trace` of an SLSTM: the spec's step (`rnnkit.engine.slstm.step_values`) with the
+    layer's weights, every quantity of the module doc."""
+    x, lengths, initial = _forward_inputs(layer, input, hx, lengths)
+    steps, batch = x.shape[:2]
+    time = torch.arange(steps, device=x.device)[:, None]
+    valid = (time < lengths[None, :]) if lengths is not None else torch.ones(
+        steps, batch, dtype=torch.bool, device=x.device)  # (T, N)
+    exp_forget = layer.forget_gate == "exp"
+    trace = GateTrace(SLSTM_FAMILY)
+    sequence = x
+    with torch.no_grad():
+        for index in range(layer.num_layers):
+            outputs = []
+            for d in range(layer.num_directions):
+                weight_ih, weight_hh, bias_ih = layer.weights(index, d)
+                projected = F.linear(sequence, weight_ih, bias_ih)  # (T, N, 4H)
+                state = initial[index * layer.num_directions + d]
+                per_step: dict[str, list[Tensor]] = {}
+                weighed: list[Tensor] = []  # steps with a memory to weigh: n_{t-1} > 0
+                for t in range(steps - 1, -1, -1) if d == 1 else range(steps):
+                    pre = projected[t] + slstm.recurrent_product(state[0], weight_hh)
+                    values = slstm.step_values(pre, state, exp_forget)
+                    gates = {"i": values["log i"].exp(), "f": values["log f"].exp(),
+                             "z": values["z"], "o": values["o"], "i'": values["i'"],
+                             "f'": values["f'"], SLSTM_WRITE: values["i'"] / values["n"],
+                             "c": values["c"], "n": values["n"], "m": values["m"],
+                             "h": values["h"]}
+                    mask = valid[t][:, None]  # (N, 1): past a sequence's end nothing happens
+                    weighed.append(mask & (state[2] > 0))
+                    new_state = (values["h"], values["c"], values["n"], values["m"])
+                    state = tuple(torch.where(mask, new, old)
+                                  for new, old in zip(new_state, state, strict=True))
+                    for name, value in gates.items():
+                        per_step.setdefault(name, []).append(
+                            torch.where(mask, value, torch.full_like(value, float("nan"))))
+                if d == 1:
+                    per_step = {name: values[::-1] for name, values in per_step.items()}
+                    weighed = weighed[::-1]
+                gates_of_direction = {name: torch.stack(values) for name, values in
+                                      per_step.items()}  # (T, N, H) each
+                trace.gates[(index, d)] = gates_of_direction
+                trace.saturation[(index, d)] = _slstm_saturation(
+                    gates_of_direction, valid, torch.stack(weighed), exp_forget)
+                outputs.append(torch.nan_to_num(gates_of_direction["h"], nan=0.0))
+            sequence = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return trace
+
+
+def _slstm_saturation(gates: dict[str, Tensor], valid: Tensor, weighed: Tensor,
+                      exp_forget: bool) -> dict[str, float]:
+    """The sLSTM's saturated fractions (module doc): ``o``, a sigmoid ``f`` and ``i'/n`` by the
+    sigmoid rule, ``i'/n`` over the ``weighed (T, N, H)`` entries only; ``z`` by the tanh rule."""
+    sigmoid_gates = ("f", "o") if not exp_forget else ("o",)
+    result = {name: _saturated(gates[name][valid]) for name in sigmoid_gates}
+    result[SLSTM_WRITE] = _saturated(gates[SLSTM_WRITE][weighed])
+    result["z"] = float((gates["z"][valid].abs() > TANH_SATURATION).double().mean())
+    return result
+
+
 def _saturated(values: Tensor) -> float:
     """The fraction of sigmoid gate ``values`` below 0.05 or above 0.95."""
     return float(((values < SATURATION_LOW) | (values > SATURATION_HIGH)).double().mean())
@@ -252,7 +399,7 @@ class GateTrace:
     saturated fraction over valid steps, for the sigmoid gates and tanh units of the family.
     """
 
-    family: Family | MinFamily
+    family: Family | MinFamily | str  # str: `SLSTM_FAMILY`
     gates: dict[tuple[int, int], dict[str, Tensor]] = field(default_factory=dict)
     saturation: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
 
@@ -280,7 +427,8 @@ def saturation_of(kind: CellKind, gates: dict[str, Tensor], valid: Tensor) -> di
     return result
 
 
-def gate_trace(layer: RecurrentLayer, input: Tensor, hx=None, lengths=None) -> GateTrace:
+def gate_trace(layer: RecurrentLayer | MinimalLayer | SLSTM, input: Tensor, hx=None,
+               lengths=None) -> GateTrace:
     """Every gate of every layer and direction over ``input``; see `GateTrace`.
 
     ``input``, ``hx`` and ``lengths`` are as the layer's own ``forward`` takes them (padded
@@ -293,6 +441,8 @@ def gate_trace(layer: RecurrentLayer, input: Tensor, hx=None, lengths=None) -> G
                         f"got {type(input).__name__}")
     if isinstance(layer, MinimalLayer):
         return _minimal_gate_trace(layer, input, hx, lengths)
+    if isinstance(layer, SLSTM):
+        return _slstm_gate_trace(layer, input, hx, lengths)
     x, lengths, initial, _ = layer.prepare(input, hx, lengths=lengths)
     kind: CellKind = layer.cell_kind()
     steps, batch = x.shape[:2]

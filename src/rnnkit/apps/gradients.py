@@ -5,8 +5,10 @@ Fresh layers: for each cell, a one-layer network of ``hidden`` units reads ``sam
 sequences ``x_t ~ N(0, 1)`` of ``input_size`` features; with ``spectral_radius`` r, each square
 ``H x H`` gate block of ``W_hh`` is rescaled to spectral radius r first. For a tanh RNN,
 ``∂h_T/∂h_t = Π diag(1 - h_k²) W_hh``: below r = 1 the product vanishes geometrically with the
-distance, above it can grow. A checkpoint of `rnnkit lm train` instead gives its trained stack
-on real text: ``samples`` windows of ``length`` tokens, evenly spaced through the text.
+distance, above it can grow. An sLSTM's ``W_hh`` is one ``(4d, d)`` stack of gate blocks per
+head: each block is rescaled the same way. A checkpoint of `rnnkit lm train` instead gives its
+trained stack on real text: ``samples`` windows of ``length`` tokens, evenly spaced through the
+text.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from pathlib import Path
 import torch
 
 from rnnkit.apps.outputs import output_directory
-from rnnkit.apps.recurrent import RecurrentConfig, build_recurrent
+from rnnkit.apps.recurrent import CELL_NAMES, RecurrentConfig, build_recurrent
 from rnnkit.configuration import check_config
-from rnnkit.diagnostics import diagnosable, gradient_flow
+from rnnkit.diagnostics import gradient_flow
 from rnnkit.engine.native import build
 from rnnkit.errors import usage_errors
 
@@ -28,21 +30,33 @@ SHOWN_DISTANCES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
 def rescale_recurrent_weights(layer, radius: float) -> None:
-    """Scale each square gate block of every ``weight_hh`` to spectral radius ``radius``."""
+    """Scale each square gate block of every ``weight_hh`` to spectral radius ``radius``:
+    ``(G s, s)`` (torch.nn's layout) or, per head, ``(K, G d, d)`` (sLSTM's)."""
     with torch.no_grad():
         for name, weight in layer.named_parameters():
-            if not name.startswith("weight_hh") or weight.shape[0] % weight.shape[1]:
+            if not name.startswith("weight_hh"):
                 continue
-            size = weight.shape[1]
-            for block in weight.split(size):
-                current = torch.linalg.eigvals(block).abs().max()
-                if current > 0:
-                    block.mul_(radius / current)
+            heads = weight if weight.dim() == 3 else weight[None]  # (K, G s, s)
+            size = heads.shape[-1]
+            if heads.shape[1] % size:
+                continue
+            for head in heads:
+                for block in head.split(size):
+                    current = torch.linalg.eigvals(block).abs().max()
+                    if current > 0:
+                        block.mul_(radius / current)
+
+
+def cell_path(cell: str) -> str:
+    """What `GradientFlow.c` is taken through for ``cell``'s family: the LSTM's ``c``, the
+    sLSTM's normalised cell ``c/n`` (`rnnkit.diagnostics`)."""
+    return "c/n" if CELL_NAMES[cell][0] == "slstm" else "c"
 
 
 def fresh_flows(cells: list[str], length: int, hidden: int, samples: int, input_size: int,
                 radius: float | None, seed: int) -> dict[str, list[float]]:
-    """Mean flow by distance (index 0 = distance 0) per cell; LSTMs also through c."""
+    """Mean flow by distance (index 0 = distance 0) per cell; LSTMs also through c, sLSTMs
+    through c/n."""
     built = check_fresh_options(cells, hidden, radius)
     flows = {}
     for cell, config in built.items():
@@ -55,7 +69,7 @@ def fresh_flows(cells: list[str], length: int, hidden: int, samples: int, input_
         flow = gradient_flow(layer, inputs)
         flows[cell] = flow.h.mean(1).flip(0).tolist()
         if flow.c is not None:
-            flows[f"{cell} (through c)"] = flow.c.mean(1).flip(0).tolist()
+            flows[f"{cell} (through {cell_path(cell)})"] = flow.c.mean(1).flip(0).tolist()
     return flows
 
 
@@ -69,21 +83,10 @@ def check_fresh_options(cells: list[str], hidden: int,
     configs = {cell: RecurrentConfig(cell, hidden_size=hidden) for cell in cells}
     for config in configs.values():
         check_config(config)
-        _require_diagnosable(config, f"--cells {config.cell}")
         if radius is not None and not _has_recurrent_weights(config):
             raise ValueError(f"--spectral-radius rescales W_hh, which --cell {config.cell} does "
                              "not have (its gates read x only)")
     return configs
-
-
-def _require_diagnosable(config: RecurrentConfig, what: str) -> None:
-    """``ValueError`` unless `rnnkit.diagnostics` reads ``config``'s layer (sLSTM: not yet)."""
-    with torch.device("meta"):
-        layer = build_recurrent(config, 1)
-    if not diagnosable(layer):
-        raise ValueError(f"{what}: rnnkit gradients reads rnnkit's RNN, LSTM, GRU, MinGRU and "
-                         f"MinLSTM layers (rnnkit.diagnostics), not {type(layer).__name__} yet; "
-                         "choose one of those cells")
 
 
 def _has_recurrent_weights(config: RecurrentConfig) -> bool:
@@ -103,7 +106,6 @@ def checkpoint_flows(checkpoint: str, text_file: str | None, corpus: str | None,
     if recurrent.backend == "torch.nn":
         raise ValueError(f"checkpoint {checkpoint!r} runs on torch.nn layers; gradient flow "
                          "reads rnnkit layers")
-    _require_diagnosable(recurrent, f"checkpoint {checkpoint!r} ({recurrent.cell})")
     layers = recurrent.num_layers
     if layer_index is not None and not 0 <= layer_index < layers:
         raise ValueError(f"--layer must be in [0, {layers - 1}] for the {layers}-layer stack of "
@@ -123,7 +125,8 @@ def checkpoint_flows(checkpoint: str, text_file: str | None, corpus: str | None,
     label = f"{cell} layer {index} (trained)"
     flows = {label: flow.h.mean(1).flip(0).tolist()}
     if flow.c is not None:
-        flows[f"{cell} layer {index} (trained, through c)"] = flow.c.mean(1).flip(0).tolist()
+        flows[f"{cell} layer {index} (trained, through {cell_path(recurrent.cell)})"] = \
+            flow.c.mean(1).flip(0).tolist()
     return flows, f"{checkpoint} on {source}"
 
 

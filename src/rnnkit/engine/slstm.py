@@ -97,10 +97,22 @@ def step(x: Tensor, state: SLSTMState, weight_ih: Tensor, weight_hh: Tensor,
 
 def gate_step(pre: Tensor, state: SLSTMState, exp_forget: bool) -> SLSTMState:
     """The step from its pre-activations ``pre = W x + R h + b`` ``(N, 4H)`` gate-major
-    ``(ĩ|f̃|z̃|õ)``, on autograd: the equations of the module docstring, line by line."""
+    ``(ĩ|f̃|z̃|õ)``, on autograd: the new ``(h, c, n, m)`` of `step_values`."""
+    values = step_values(pre, state, exp_forget)
+    return values["h"], values["c"], values["n"], values["m"]
+
+
+def step_values(pre: Tensor, state: SLSTMState, exp_forget: bool) -> dict[str, Tensor]:
+    """Every quantity of one step, by its symbol, on autograd: the equations of the module
+    docstring, line by line (`gate_step` keeps the new state; `rnnkit.diagnostics` the rest).
+
+    ``"log i"`` ``ĩ``, ``"log f"`` ``log f``, ``"i'"``, ``"f'"`` the stabilised factors, ``"z"``,
+    ``"o"``, and the new state ``"c"``, ``"n"``, ``"m"``, ``"h"``; each ``(N, H)``.
+    """
     h, c, n, m = state
     i_pre, f_pre, z_pre, o_pre = pre.chunk(GATES, dim=-1)
-    log_f_plus_m = log_forget(f_pre, exp_forget) + m
+    log_f = log_forget(f_pre, exp_forget)
+    log_f_plus_m = log_f + m
     # max(log f + m, ĩ), the first branch on a tie (spec); where(), not maximum(), which would
     # split a tie's gradient between the branches.
     m_new = torch.where(log_f_plus_m >= i_pre, log_f_plus_m, i_pre)
@@ -111,7 +123,8 @@ def gate_step(pre: Tensor, state: SLSTMState, exp_forget: bool) -> SLSTMState:
     c_new = f * c + i * z
     n_new = f * n + i
     h_new = o * c_new / n_new
-    return h_new, c_new, n_new, m_new
+    return {"log i": i_pre, "log f": log_f, "i'": i, "f'": f, "z": z, "o": o, "c": c_new,
+            "n": n_new, "m": m_new, "h": h_new}
 
 
 def run_reference(x: Tensor, state: SLSTMState, weight_ih: Tensor, weight_hh: Tensor,

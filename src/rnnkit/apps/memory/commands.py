@@ -20,9 +20,10 @@ from rnnkit.errors import usage_errors
 from rnnkit.training.metrics import MetricsLog
 
 # The gates of each family in the heatmaps: what decides how long the state is kept. minLSTM's
-# i' is 1 - f', so f' alone says it.
+# i' is 1 - f', so f' alone says it. sLSTM: its stabilised factors f', i' (in [0, 1], what
+# carries c and n) and the write weight i'/n of its normalised cell (`rnnkit.diagnostics`).
 GATES_SHOWN = {"lstm": ("f", "i"), "gru": ("z",), "rnn": (), "mingru": ("z",),
-               "minlstm": ("f'",)}
+               "minlstm": ("f'",), "slstm": ("f'", "i'", "i'/n")}
 
 
 def _spread(values: list[float]) -> str:
@@ -58,7 +59,7 @@ def gate_panels(model, held_out, length: int, cell: str) -> tuple[list, list[int
     inputs = held_out[0][:, :1]
     trace = gate_trace(model.recurrent, model.encode(inputs))
     panels = [(f"{cell} T={length}: {name}", trace.gate(name)[:, 0])
-              for name in GATES_SHOWN.get(model.recurrent.family, ())]
+              for name in GATES_SHOWN[trace.family]]
     if model.task == "adding":
         marks = torch.nonzero(inputs[:, 0, 1]).flatten().tolist()
     else:  # the ten symbols to copy and the delimiter that asks for them
@@ -109,7 +110,7 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
             if config.seed == seeds[0]:
                 print(f"note: {config.cell} runs on {_class_name(model.recurrent)}, which "
                       "rnnkit.diagnostics does not read (it reads rnnkit's RNN, LSTM, GRU, "
-                      "MinGRU and MinLSTM): no gradient flow or gate heatmaps for it",
+                      "MinGRU, MinLSTM and SLSTM): no gradient flow or gate heatmaps for it",
                       flush=True)
         elif config.seed == seeds[0]:
             panels, marks = gate_panels(model, held_out, config.length, config.cell)
