@@ -845,18 +845,31 @@ inline void resident_tile(const LstmStepBuffers<T>& s, const T* panel, int64_t H
   }
 }
 
-// The last rows < kResidentRows of a step, as one tile.
-template <typename T>
-inline void resident_tail(const LstmStepBuffers<T>& s, const T* panel, int64_t H, int64_t n,
-                          int64_t rows, int64_t j, int64_t count, int64_t t,
-                          const Validity& valid) {
+// body.template operator()<R>() for a tile of R = rows (1 to 6) rows, R a compile-time constant.
+template <typename F>
+inline void with_tile_rows(int64_t rows, const F& body) {
   switch (rows) {
-    case 0: return;
-    case 1: return resident_tile<T, 1>(s, panel, H, n, j, count, t, valid);
-    case 2: return resident_tile<T, 2>(s, panel, H, n, j, count, t, valid);
-    case 3: return resident_tile<T, 3>(s, panel, H, n, j, count, t, valid);
-    case 4: return resident_tile<T, 4>(s, panel, H, n, j, count, t, valid);
-    default: return resident_tile<T, 5>(s, panel, H, n, j, count, t, valid);
+    case 1: return body.template operator()<1>();
+    case 2: return body.template operator()<2>();
+    case 3: return body.template operator()<3>();
+    case 4: return body.template operator()<4>();
+    case 5: return body.template operator()<5>();
+    default: return body.template operator()<6>();
+  }
+}
+
+// tile.template operator()<R>(n) over a step's N rows, in the fewest tiles of at most Rows rows,
+// their heights differing by at most one. A tile streams its W_hh panel from L2 whatever its
+// height, so a short last tile (32 = 5 x 6 + 2) costs nearly as much as a full one; even
+// heights (6, 6, 5, 5, 5, 5) make every tile pay for itself.
+template <int Rows, typename F>
+inline void for_row_tiles(int64_t N, const F& tile) {
+  const int64_t tiles = (N + Rows - 1) / Rows;
+  int64_t n = 0;
+  for (int64_t left = tiles; left > 0; --left) {
+    const int64_t rows = (N - n + left - 1) / left;
+    with_tile_rows(rows, [&]<int R>() { tile.template operator()<R>(n); });
+    n += rows;
   }
 }
 
@@ -950,11 +963,9 @@ void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Te
       for (int64_t b = first; b < end; ++b) {
         const int64_t j = b * U, count = std::min(U, H - j);
         const T* panel = panels + b * H * 4 * U;
-        int64_t n = 0;
-        for (; n + Rows <= N; n += Rows) {
-          resident_tile<T, Rows>(buffers, panel, H, n, j, count, t, valid);
-        }
-        resident_tail<T>(buffers, panel, H, n, N - n, j, count, t, valid);
+        for_row_tiles<Rows>(N, [&]<int R>(int64_t n) {
+          resident_tile<T, R>(buffers, panel, H, n, j, count, t, valid);
+        });
       }
       if (team > 1) barrier.wait(team);
     }
@@ -1070,20 +1081,6 @@ inline void resident_backward_tile(const LstmBackwardBuffers<T>& s, const T* pan
 }
 
 template <typename T>
-inline void resident_backward_tail(const LstmBackwardBuffers<T>& s, const T* panel, int64_t H,
-                                   int64_t n, int64_t rows, int64_t j, int64_t t,
-                                   const Validity& valid, bool step) {
-  switch (rows) {
-    case 0: return;
-    case 1: return resident_backward_tile<T, 1>(s, panel, H, n, j, t, valid, step);
-    case 2: return resident_backward_tile<T, 2>(s, panel, H, n, j, t, valid, step);
-    case 3: return resident_backward_tile<T, 3>(s, panel, H, n, j, t, valid, step);
-    case 4: return resident_backward_tile<T, 4>(s, panel, H, n, j, t, valid, step);
-    default: return resident_backward_tile<T, 5>(s, panel, H, n, j, t, valid, step);
-  }
-}
-
-template <typename T>
 void lstm_backward_resident(const Tensor& d_output, const Tensor& gates, const Tensor& c_states,
                             const Tensor& c_new, const Tensor& w_hh, const T* peep,
                             const Steps& steps, const Validity& valid, const Tensor& d_gates,
@@ -1117,11 +1114,9 @@ void lstm_backward_resident(const Tensor& d_output, const Tensor& gates, const T
           c_new_p + t * state, peep, d_bias_p};
       for (int64_t b = first; b < end; ++b) {
         const T* panel = panels + b * 4 * H * 4 * U;
-        int64_t n = 0;
-        for (; n + Rows <= N; n += Rows) {
-          resident_backward_tile<T, Rows>(buffers, panel, H, n, b * 4 * U, t, valid, step);
-        }
-        resident_backward_tail<T>(buffers, panel, H, n, N - n, b * 4 * U, t, valid, step);
+        for_row_tiles<Rows>(N, [&]<int R>(int64_t n) {
+          resident_backward_tile<T, R>(buffers, panel, H, n, b * 4 * U, t, valid, step);
+        });
       }
       if (team > 1 && step) barrier.wait(team);
     }
