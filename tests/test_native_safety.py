@@ -328,10 +328,10 @@ def test_every_kernel_checks_its_arguments():
     gates, h0 = torch.randn(3, 2, 4 * H), torch.randn(2, H)
     with pytest.raises(RuntimeError, match=r"lstm_forward: w_ch must have shape \[15\], got \[20\]"):
         k.lstm_forward(gates, None, h0, h0, torch.randn(4 * H, H), None, torch.randn(4 * H), None,
-                       False)
+                       False, True)
     with pytest.raises(RuntimeError, match=r"lstm_forward: bias must have shape \[20\], got \[15\]"):
         k.lstm_forward(gates, torch.randn(3 * H), h0, h0, torch.randn(4 * H, H), None, None, None,
-                       False)
+                       False, True)
     with pytest.raises(RuntimeError, match=r"gru_forward: b_hh must be contiguous"):
         k.gru_forward(torch.randn(3, 2, 3 * H), h0, torch.randn(3 * H, H),
                       torch.randn(6 * H)[::2], None, False, True)

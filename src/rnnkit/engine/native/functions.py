@@ -104,9 +104,9 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse
         gates, bias = _project(kernels, x, w_ih, None), _contiguous(summed_bias(b_ih, b_hh))
     output, h_states, c_states, c_new = kernels.lstm_forward(
         gates, bias, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), _contiguous(w_hr),
-        _contiguous(w_ch), _contiguous(lengths), reverse,
+        _contiguous(w_ch), _contiguous(lengths), reverse, not layer_outputs_only,
     )
-    if layer_outputs_only:
+    if layer_outputs_only:  # the kernel kept neither the activated gates nor c_new
         return output, _final(h_states, reverse), _final(c_states, reverse)
     return (h_states, c_states, _own_output(output, lengths), _final(h_states, reverse),
             _final(c_states, reverse), gates, c_new)

@@ -783,10 +783,11 @@ struct LstmStepBuffers {
   const T* c;      // (N, H)
   T* h_new;        // (N, H) leaving state (held past a sequence's end)
   T* c_held;       // (N, H)
-  T* c_new;        // (N, H) the step's new cell (held past the end)
+  T* c_new;        // (N, H) the step's new cell (held past the end); c_held if not kept
   T* out;          // (N, H) output: h_new, or zero past the end
   const T* peep;   // (3H,) or nullptr
   const T* bias;   // (4H,) added to the projection, or nullptr
+  bool keep_gates; // write i, f, g, o over the projection (for the backward)
 };
 
 // Rows [n, n + Rows) x units [j, j + count) of one step: product, then gate math in registers.
@@ -834,10 +835,12 @@ inline void resident_tile(const LstmStepBuffers<T>& s, const T* panel, int64_t H
     if (s.peep != nullptr) o_pre = o_pre + V::loadu(s.peep + 2 * H + j, count) * c_next;
     const V o = sigmoid(o_pre);
     const V h_next = o * fast_tanh(c_next);
-    i.store(g_row, count);
-    f.store(g_row + H, count);
-    g.store(g_row + 2 * H, count);
-    o.store(g_row + 3 * H, count);
+    if (s.keep_gates) {
+      i.store(g_row, count);
+      f.store(g_row + H, count);
+      g.store(g_row + 2 * H, count);
+      o.store(g_row + 3 * H, count);
+    }
     c_next.store(s.c_held + row, count);
     c_next.store(s.c_new + row, count);
     h_next.store(s.h_new + row, count);
@@ -936,7 +939,7 @@ template <typename T>
 void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Tensor& c_states,
                            const Tensor& output, const Tensor& c_new, const Tensor& w_hh,
                            const T* peep, const T* bias, const Steps& steps,
-                           const Validity& valid) {
+                           const Validity& valid, bool for_backward) {
   constexpr int64_t U = Vec<T>::size();
   constexpr int Rows = kResidentRows<T>;
   const int64_t T_ = steps.count, N = gates.size(1), H = gates.size(2) / 4;
@@ -950,7 +953,7 @@ void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Te
   T* h_p = h_states.data_ptr<T>();
   T* c_p = c_states.data_ptr<T>();
   T* out_p = output.data_ptr<T>();
-  T* c_new_p = c_new.data_ptr<T>();
+  T* c_new_p = for_backward ? c_new.data_ptr<T>() : nullptr;
   const int64_t state = N * H;
   auto run = [&](int thread, int team) {
     const int64_t first = blocks * thread / team, end = blocks * (thread + 1) / team;
@@ -958,8 +961,8 @@ void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Te
       const int64_t t = steps.time(s);
       const LstmStepBuffers<T> buffers{
           gates_p + t * 4 * state, h_p + steps.in(t) * state, c_p + steps.in(t) * state,
-          h_p + steps.out(t) * state, c_p + steps.out(t) * state, c_new_p + t * state,
-          out_p + t * state, peep, bias};
+          h_p + steps.out(t) * state, c_p + steps.out(t) * state, for_backward ? c_new_p + t * state : c_p + steps.out(t) * state,
+          out_p + t * state, peep, bias, for_backward};
       for (int64_t b = first; b < end; ++b) {
         const int64_t j = b * U, count = std::min(U, H - j);
         const T* panel = panels + b * H * 4 * U;
@@ -1128,15 +1131,17 @@ void lstm_backward_resident(const Tensor& d_output, const Tensor& gates, const T
 
 // gates (T, N, 4H): x W_ih^T, plus b_ih + b_hh unless `bias` (4H,) brings them (added here:
 // a broadcast bias inside the projection's addmm costs a pass over the whole (T, N, 4H)),
-// overwritten with the activated i, f, g, o.
+// overwritten with the activated i, f, g, o if `for_backward`.
 // Optional projection w_hr (P, H) and peephole w_ch (3H,) in the order i, f, o.
 // Returns {output (T, N, P), h_states (T + 1, N, P), c_states (T + 1, N, H), c_new (T, N, H)}
-// where c_new is each step's new cell (for invalid rows: the held one).
+// where c_new is each step's new cell (for invalid rows: the held one), (0, N, H) unless
+// `for_backward`.
 std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias,
                                  const Tensor& h0, const Tensor& c0,
                                  const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                                  const std::optional<Tensor>& w_ch,
-                                 const std::optional<Tensor>& lengths, bool reverse) {
+                                 const std::optional<Tensor>& lengths, bool reverse,
+                                 bool for_backward) {
   const Arguments check("lstm_forward", "gates", gates, 3);
   const int64_t T = gates.size(0), N = gates.size(1), H = gates.size(2) / 4;
   TORCH_CHECK(gates.size(2) == 4 * H, "lstm_forward: gates must have 4 * hidden columns, got ",
@@ -1156,7 +1161,8 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
   Tensor h_states = states_buffer(T, h0);
   Tensor c_states = states_buffer(T, c0);
   Tensor output = output_buffer(h_states, steps, lengths);
-  Tensor c_new = at::empty({T, N, H}, gates.options());
+  // Without a backward to come, the gates stay as projected and c_new is not written.
+  Tensor c_new = at::empty({for_backward ? T : 0, N, H}, gates.options());
   start_states(h_states, steps.first_in(), h0);
   start_states(c_states, steps.first_in(), c0);
   const bool resident = lstm_resident(T, N, H, projected, gates.element_size());
@@ -1172,7 +1178,7 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     if (resident) {
       return lstm_forward_resident<scalar_t>(gates, h_states, c_states, output, c_new, w_hh,
-                                             peep, b, steps, valid);
+                                             peep, b, steps, valid, for_backward);
     }
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = steps.time(s);
@@ -1183,7 +1189,7 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
       const scalar_t* c_p = at_step<scalar_t>(c_states, steps.in(t));
       scalar_t* h_new_p = at_step<scalar_t>(h_states, steps.out(t));
       scalar_t* c_held_p = at_step<scalar_t>(c_states, steps.out(t));
-      scalar_t* c_new_p = at_step<scalar_t>(c_new, t);
+      scalar_t* c_new_p = for_backward ? at_step<scalar_t>(c_new, t) : c_held_p;
       scalar_t* out_p = at_step<scalar_t>(output, t);
       scalar_t* m_p = projected ? m.data_ptr<scalar_t>() : out_p;
       for_rows(N, 4 * H, [&](int64_t n) {
@@ -1222,10 +1228,12 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
           if (peep != nullptr) o_pre = o_pre + V::loadu(peep + 2 * H + j, k) * c_next;
           const V o = sigmoid(o_pre);
           const V h_next = o * fast_tanh(c_next);
-          i.store(g_row + j, k);
-          f.store(g_row + H + j, k);
-          g.store(g_row + 2 * H + j, k);
-          o.store(g_row + 3 * H + j, k);
+          if (for_backward) {
+            i.store(g_row + j, k);
+            f.store(g_row + H + j, k);
+            g.store(g_row + 2 * H + j, k);
+            o.store(g_row + 3 * H + j, k);
+          }
           c_next.store(c_held_p + row + j, k);
           c_next.store(c_new_p + row + j, k);
           h_next.store(m_p + row + j, k);
