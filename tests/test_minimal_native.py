@@ -173,7 +173,7 @@ def test_native_gradient_is_differentiable_again():
                                                    input_size=2, hidden=2)
         lengths = torch.tensor([6, 3])
 
-        def run(x, h0, weight, bias, family=family):
+        def run(x, h0, weight, bias, family=family, lengths=lengths):
             return scan.run_native(family, x, h0, weight, bias, lengths, True, True)
 
         leaves = [t.clone().requires_grad_() for t in (x, h0, weight, bias)]

@@ -17,7 +17,7 @@ minLSTM (family ``"minlstm"``), ``weight_ih = (W_f|W_i|W_h)``::
 Log-space variant (``log_space=True``): ``h̃_t = g(W_h x_t + b_h)`` with ``g(v) = v + 0.5`` for
 ``v >= 0`` and ``σ(v)`` otherwise, so ``b_t > 0`` and ``h_t >= 0`` whenever ``h_0 >= 0``.
 
-Three execution paths, one function each, all with the signature of `run_direction`:
+Four execution paths, one function each, all with the signature of `run_direction`:
 
 - `run_reference`: the step equations in a loop over time, on autograd (the spec in code);
 - `run_linear_scan` (``backend="scan"``, both variants): all steps at once with `scan_linear`,
@@ -26,7 +26,11 @@ Three execution paths, one function each, all with the signature of `run_directi
 - `run_log_scan` (log-space variant only, ``backend="log_scan"``): the paper's scan,
   ``log h_t = log A_t + logcumsumexp_s(log b_s - log A_s)`` with ``log A_t = cumsum log a``, in
   `scan_log`: chunked and accumulated in float64, which bounds the cancellation between the
-  two large terms.
+  two large terms;
+- `run_native` (``backend="native"``, both variants; CPU, float32/float64): the input
+  projection of all steps by one product, then a C++ loop over time (``rnnkit::native_min_scan``,
+  `kernels.cpp` "minGRU and minLSTM") that computes each step's ``a, b`` in registers, parallel
+  over the units, and its adjoint backward; ``"auto"`` runs it where it can (`engine_for`).
 
 Both scans are operators (``rnnkit::linear_scan``, ``rnnkit::log_scan``, registered below
 with `rnnkit.engine.ops`' helpers: fake shapes, autocast, vmap), so torch.compile and
@@ -65,7 +69,8 @@ GATE_COUNT = {MinFamily.GRU: 2, MinFamily.LSTM: 3}
 BACKENDS = ("auto", "reference", "scan", "log_scan", "native")
 """``backend`` of the minimal layers, one path each: ``"reference"`` `run_reference`,
 ``"scan"`` `run_linear_scan` (both variants), ``"log_scan"`` `run_log_scan` (the log-space
-variant only); ``"auto"`` chooses (`engine_for`)."""
+variant only), ``"native"`` `run_native` (both variants, CPU); ``"auto"`` chooses
+(`engine_for`)."""
 
 LOG_SCAN_CHUNK = 64
 """Steps per block of `scan_log`: the cancellation in ``log A_t + logcumsumexp(log b - log A)``
@@ -217,7 +222,6 @@ def run_log_scan(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
     return _finish(scan_log(log_a, log_b, h0), valid, reverse)
 
 
-
 def run_native(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
                bias_ih: Tensor | None, lengths: Tensor | None, reverse: bool,
                log_space: bool) -> tuple[Tensor, Tensor]:
@@ -233,6 +237,7 @@ def run_native(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
         return native_functions.min_scan_forward(*arguments, layer_outputs_only=True)
     states, output, final = ops._apply(native_min_scan, *arguments)
     return (output if lengths is not None else ops._leaving(states, reverse)), final
+
 
 def engine_for(backend: str, log_space: bool, x: Tensor) -> str:
     """The path a ``backend`` runs for the input ``x (T, N, I)``: the auto policy, stated once.
@@ -255,8 +260,10 @@ def engine_for(backend: str, log_space: bool, x: Tensor) -> str:
                              "b (z h̃ or i' h̃) can be negative, and has no real logarithm; "
                              "use 'scan'")
         return "log_scan"
-    if backend in ("reference", "scan"):
-        return "reference" if backend == "reference" else "linear_scan"
+    if backend == "reference":
+        return "reference"
+    if backend == "scan":
+        return "linear_scan"
     if x.numel() == 0:  # nothing to compute: the scan gives torch.nn's shapes
         return "linear_scan"
     why_not = native.why_not(x)
