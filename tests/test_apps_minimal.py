@@ -296,10 +296,10 @@ LM = ["lm", "train", "--corpus", "prose"]
      "--nonlinearity is for --cell rnn only, got --cell minlstm"),
     ([*LM, "--cell", "mingru", "--backend", "torch.nn"],
      "--backend torch.nn has no mingru layer (torch.nn has lstm, gru, rnn); --cell mingru takes "
-     "--backend auto, reference, scan, log_scan"),
-    (["lm", "throughput", "--corpus", "prose", "--cell", "minlstm", "--backend", "native"],
-     "--backend native is not an engine of --cell minlstm; it takes auto, reference, scan, "
-     "log_scan"),
+     "--backend auto, reference, scan, log_scan, native"),
+    (["lm", "throughput", "--corpus", "prose", "--cell", "minlstm", "--backend", "fused"],
+     "--backend fused is not an engine of --cell minlstm; it takes auto, reference, scan, "
+     "log_scan, native"),
     ([*LM, "--cell", "gru", "--backend", "scan"],
      "--backend scan is not an engine of --cell gru; it takes auto, native, fused, reference"),
     (["memory", "adding", "--cells", "mingru-log,mingru", "--backend", "log_scan"],
@@ -320,6 +320,7 @@ def test_switches_a_minimal_layer_lacks_are_usage_errors_naming_them(argv, messa
     (LM, ["--cell", "minlstm-log", "--backend", "log_scan", "--layers", "3", "--dropout",
           "0.2", "--tie-weights", "--hidden", "12"]),
     (["lm", "throughput", "--corpus", "prose"], ["--cell", "mingru", "--backend", "reference"]),
+    (["lm", "throughput", "--corpus", "prose"], ["--cell", "minlstm", "--backend", "native"]),
     (["memory", "copy"], ["--cells", "mingru,minlstm-log,lstm", "--backend", "auto",
                           "--init", "chrono"]),
     (["forecast", "train", "--dataset", "co2"], ["--cell", "mingru-log", "--backend", "scan"]),

@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_s
 
 import rnnkit
 from compare import assert_same_normwise, outputs_and_gradients
-from rnnkit.engine import scan
+from rnnkit.engine import native, scan
 from rnnkit.engine.scan import GATE_COUNT, MinFamily
 
 LAYERS = {MinFamily.GRU: rnnkit.MinGRU, MinFamily.LSTM: rnnkit.MinLSTM}
@@ -126,13 +126,18 @@ def test_layer_backends_agree_stacked_bidirectional_packed(family, log_space, dt
                                  group="minimal")
 
 
-def test_auto_runs_the_linear_scan_and_a_single_step_on_the_loop():
-    assert scan.engine_for("auto", log_space=False, steps=2) == "linear_scan"
-    assert scan.engine_for("auto", log_space=True, steps=300) == "linear_scan"
-    assert scan.engine_for("auto", log_space=True, steps=1) == "reference"
-    assert scan.engine_for("scan", log_space=True, steps=1) == "linear_scan"
-    assert scan.engine_for("log_scan", log_space=True, steps=1) == "log_scan"
-    assert scan.engine_for("reference", log_space=False, steps=300) == "reference"
+def test_each_backend_runs_its_path_and_auto_without_kernels_the_scan(monkeypatch):
+    # Without the native kernels (tests/test_minimal_native.py has the policy with them):
+    # "auto" runs the linear scan, and a single step on the loop.
+    monkeypatch.setattr(native, "available", lambda: False)
+    x = torch.zeros(300, 2, 3)
+    assert scan.engine_for("auto", log_space=False, x=x[:2]) == "linear_scan"
+    assert scan.engine_for("auto", log_space=True, x=x) == "linear_scan"
+    assert scan.engine_for("auto", log_space=True, x=x[:1]) == "reference"
+    assert scan.engine_for("scan", log_space=True, x=x[:1]) == "linear_scan"
+    assert scan.engine_for("log_scan", log_space=True, x=x[:1]) == "log_scan"
+    assert scan.engine_for("reference", log_space=False, x=x) == "reference"
+    assert scan.engine_for("native", log_space=False, x=x) == "linear_scan"
 
 
 # ---- gradcheck ----------------------------------------------------------------------------
@@ -379,8 +384,9 @@ def test_bad_inputs_name_the_argument():
         (lambda: cell(torch.randn(2, 3).half()), TypeError, r"MinLSTMCell input has dtype torch.float16"),
         (lambda: rnnkit.MinGRU(0, 4), ValueError, r"MinGRU input_size must be an int >= 1, got 0"),
         (lambda: rnnkit.MinLSTM(3, 4, log_space=1), TypeError, r"MinLSTM log_space must be True or False"),
-        (lambda: rnnkit.MinGRU(3, 4, backend="native"), ValueError,
-         r"MinGRU backend must be one of 'auto', 'reference', 'scan', 'log_scan', got 'native'"),
+        (lambda: rnnkit.MinGRU(3, 4, backend="fused"), ValueError,
+         r"MinGRU backend must be one of 'auto', 'reference', 'scan', 'log_scan', 'native', "
+         r"got 'fused'"),
         (lambda: rnnkit.MinGRU(3, 4, backend="log_scan"), ValueError,
          r"MinGRU backend 'log_scan' needs log_space=True .*got log_space=False, use 'scan'"),
         (lambda: rnnkit.MinGRUCell(3, 4, dtype=torch.int32), ValueError, r"MinGRUCell dtype must be None or one of"),

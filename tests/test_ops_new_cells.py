@@ -9,7 +9,7 @@ import torch
 
 import rnnkit
 from compare import assert_same, outputs_and_gradients
-from rnnkit.engine import scan
+from rnnkit.engine import native, scan
 
 INPUT, HIDDEN = 3, 4
 
@@ -25,9 +25,11 @@ VARIANTS = {
                                             "bidirectional": True}),
     "slstm_native_exp": (rnnkit.SLSTM, {"backend": "native", "forget_gate": "exp"}),
 }
-# The operator each variant's graph must hold (not the traced call's constants).
-OPERATORS = {"mingru_linear": "linear_scan", "mingru_log_space_log_scan": "log_scan",
-             "minlstm_linear_scan_bi": "linear_scan", "minlstm_log_space_auto": "linear_scan",
+# The operator each variant's graph must hold (not the traced call's constants); "auto" runs
+# the minimal cells' native loop where the kernels are built (`scan.engine_for`).
+AUTO_MINIMAL = "native_min_scan" if native.why_not(torch.zeros(1)) is None else "linear_scan"
+OPERATORS = {"mingru_linear": AUTO_MINIMAL, "mingru_log_space_log_scan": "log_scan",
+             "minlstm_linear_scan_bi": "linear_scan", "minlstm_log_space_auto": AUTO_MINIMAL,
              "minlstm_log_space_log_scan_batch_first": "log_scan",
              "slstm_fused_heads_bi": "fused_slstm", "slstm_native_exp": "native_slstm"}
 

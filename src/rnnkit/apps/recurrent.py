@@ -27,8 +27,8 @@ draw, ``forget_bias`` touches LSTMs only (not minLSTM: its layer has no such arg
 normalisation and regularisation switches (``layer_norm``, ``recurrent_dropout``, ``zoneout``,
 ``weight_drop``) change what a model is, so a family without them refuses them by name rather
 than train something else than asked; so does a family given a ``backend`` it does not have
-(the minimal layers run ``auto``, ``reference``, ``scan``, ``log_scan``; sLSTM ``auto``,
-``native``, ``fused``, ``reference``; torch.nn has neither).
+(the minimal layers run ``auto``, ``reference``, ``scan``, ``log_scan``, ``native``; sLSTM
+``auto``, ``native``, ``fused``, ``reference``; torch.nn has neither).
 """
 
 from __future__ import annotations
@@ -141,8 +141,8 @@ class RecurrentConfig:
         # DropConnect on W_hh, one mask per forward call (AWD-LSTM), training only
     backend: str = field(default="auto", metadata={"choices": RECURRENT_BACKENDS})
         # rnnkit engine: auto | reference | fused | native (LSTM, GRU, RNN), auto | reference |
-        # scan | log_scan (minGRU, minLSTM); or torch.nn (LSTM, GRU, RNN's plain cells, to
-        # compare)
+        # scan | log_scan | native (minGRU, minLSTM); or torch.nn (LSTM, GRU, RNN's plain
+        # cells, to compare)
 
     @property
     def family(self) -> str:

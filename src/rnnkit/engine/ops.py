@@ -20,6 +20,8 @@ implementations per family behind one calling convention (`run_fused`, `run_nati
                                    next to their kernels, with this module's helpers
                                    (`_register`, `_autograd`), so that nothing here imports
                                    the minimal cells; the backward is the linear scan itself
+``rnnkit::native_min_scan``        minGRU/minLSTM's C++ loop (and ``*_backward``), registered
+                                   in `rnnkit.engine.scan` the same way
 ==========================  ===============================================================
 
 Every operator has:

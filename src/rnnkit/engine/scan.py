@@ -17,7 +17,7 @@ minLSTM (family ``"minlstm"``), ``weight_ih = (W_f|W_i|W_h)``::
 Log-space variant (``log_space=True``): ``h̃_t = g(W_h x_t + b_h)`` with ``g(v) = v + 0.5`` for
 ``v >= 0`` and ``σ(v)`` otherwise, so ``b_t > 0`` and ``h_t >= 0`` whenever ``h_0 >= 0``.
 
-Three execution paths, one function each, all with the signature of `run_direction`:
+Four execution paths, one function each, all with the signature of `run_direction`:
 
 - `run_reference`: the step equations in a loop over time, on autograd (the spec in code);
 - `run_linear_scan` (``backend="scan"``, both variants): all steps at once with `scan_linear`,
@@ -26,7 +26,11 @@ Three execution paths, one function each, all with the signature of `run_directi
 - `run_log_scan` (log-space variant only, ``backend="log_scan"``): the paper's scan,
   ``log h_t = log A_t + logcumsumexp_s(log b_s - log A_s)`` with ``log A_t = cumsum log a``, in
   `scan_log`: chunked and accumulated in float64, which bounds the cancellation between the
-  two large terms.
+  two large terms;
+- `run_native` (``backend="native"``, both variants; CPU, float32/float64): the input
+  projection of all steps by one product, then a C++ loop over time (``rnnkit::native_min_scan``,
+  `kernels.cpp` "minGRU and minLSTM") that computes each step's ``a, b`` in registers, parallel
+  over the units, and its adjoint backward; ``"auto"`` runs it where it can (`engine_for`).
 
 Both scans are operators (``rnnkit::linear_scan``, ``rnnkit::log_scan``, registered below
 with `rnnkit.engine.ops`' helpers: fake shapes, autocast, vmap), so torch.compile and
@@ -45,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.engine import onnx, ops
+from rnnkit.engine import _warn_once, native, onnx, ops
+from rnnkit.engine.native import functions as native_functions
 
 
 class MinFamily(str, enum.Enum):
@@ -61,10 +66,11 @@ class MinFamily(str, enum.Enum):
 GATE_COUNT = {MinFamily.GRU: 2, MinFamily.LSTM: 3}
 """Rows of ``weight_ih`` per hidden unit: (W_z|W_h) for minGRU, (W_f|W_i|W_h) for minLSTM."""
 
-BACKENDS = ("auto", "reference", "scan", "log_scan")
+BACKENDS = ("auto", "reference", "scan", "log_scan", "native")
 """``backend`` of the minimal layers, one path each: ``"reference"`` `run_reference`,
 ``"scan"`` `run_linear_scan` (both variants), ``"log_scan"`` `run_log_scan` (the log-space
-variant only); ``"auto"`` chooses (`engine_for`)."""
+variant only), ``"native"`` `run_native` (both variants, CPU); ``"auto"`` chooses
+(`engine_for`)."""
 
 LOG_SCAN_CHUNK = 64
 """Steps per block of `scan_log`: the cancellation in ``log A_t + logcumsumexp(log b - log A)``
@@ -177,8 +183,17 @@ def run_linear_scan(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
     """Every step at once: the input projection for all T, then `scan_linear`. Past a
     sequence's end ``a = 1, b = 0``, so the state is held there; the reverse direction scans
     the time-flipped sequence, whose padding then comes first and holds ``h_0``."""
-    a, b = coefficients(family, F.linear(x, weight_ih, bias_ih), log_space)  # (T, N, H) each
-    valid = _valid_steps(lengths, x.shape[0], x)
+    return _scan_projection(family, F.linear(x, weight_ih, bias_ih), h0, lengths, reverse,
+                            log_space)
+
+
+def _scan_projection(family: MinFamily, projected: Tensor, h0: Tensor, lengths: Tensor | None,
+                     reverse: bool, log_space: bool) -> tuple[Tensor, Tensor]:
+    """`run_linear_scan` from the projection ``W_ih x + b_ih`` ``(T, N, G*H)``: differentiable
+    to any order (`scan_linear`'s backward is itself a scan), so the native operator's
+    recorded backward differentiates it too."""
+    a, b = coefficients(family, projected, log_space)  # (T, N, H) each
+    valid = _valid_steps(lengths, projected.shape[0], projected)
     if valid is not None:
         a = a.masked_fill(~valid, 1.0)
         b = b.masked_fill(~valid, 0.0)
@@ -207,30 +222,61 @@ def run_log_scan(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
     return _finish(scan_log(log_a, log_b, h0), valid, reverse)
 
 
-def engine_for(backend: str, log_space: bool, steps: int) -> str:
-    """The path a ``backend`` runs for a sequence of ``steps``: the auto policy, stated once.
+def run_native(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
+               bias_ih: Tensor | None, lengths: Tensor | None, reverse: bool,
+               log_space: bool) -> tuple[Tensor, Tensor]:
+    """The C++ loop (``rnnkit::native_min_scan``; CPU, float32/float64, kernels built): the
+    input projection of all steps by one product on autograd, then one pass over time that
+    computes each step's ``a, b`` in registers and ``h_t = a_t ⊙ h_{t-1} + b_t``, parallel
+    over the units; the backward is the adjoint recurrence in C++ (`kernels.cpp`, "minGRU and
+    minLSTM"). Lengths hold the state past each end, as `run_linear_scan`."""
+    projected = F.linear(x, weight_ih, bias_ih)  # (T, N, G*H)
+    lengths = None if lengths is None else lengths.to(torch.int64)
+    arguments = (projected, h0, lengths, reverse, str(family), log_space)
+    if ops.plain_eager(projected, projected, h0):
+        return native_functions.min_scan_forward(*arguments, layer_outputs_only=True)
+    states, output, final = ops._apply(native_min_scan, *arguments)
+    return (output if lengths is not None else ops._leaving(states, reverse)), final
 
-    ``"auto"`` runs the linear-space scan, for both variants, except for a single step (a
-    layer streamed one step per call), which the loop runs with less set-up. Measured with
-    ``OMP_NUM_THREADS=1 python benchmarks/minimal_scan.py`` (docs/benchmarks.md, "minGRU and
-    minLSTM"): from T = 128 on a training step's linear scan took 0.1-0.4x the loop's time and
-    0.3-0.5x the log-space scan's (torch's CPU ``logcumsumexp`` costs ~25 ``exp``); the
-    log-space variant's coefficients are positive reals, which the linear scan runs as exactly.
-    One streamed step of MinGRU(256, 256): 102 us on the loop, 165 us on the scan.
+
+def engine_for(backend: str, log_space: bool, x: Tensor) -> str:
+    """The path a ``backend`` runs for the input ``x (T, N, I)``: the auto policy, stated once.
+
+    ``"auto"`` runs ``"native"`` (`run_native`, the C++ loop) wherever it can: a CPU input of
+    float32 or float64 with the kernels built. It was the fastest path at every size measured,
+    training and inference, both variants, a single streamed step included (docs/benchmarks.md,
+    "minGRU and minLSTM: the native loop"; ``OMP_NUM_THREADS=1 python
+    benchmarks/minimal_scan.py --scans-only [--inference] [--batch N] T ...``). Elsewhere it
+    runs the linear-space scan, for both variants (0.3-0.5x the log-space scan's time: torch's
+    CPU ``logcumsumexp`` costs ~25 ``exp``; the log-space variant's coefficients are positive
+    reals, which the linear scan runs as exactly), except a single step, which the loop runs
+    with less set-up than the scan. An explicit ``"native"`` that cannot run the input runs
+    the linear scan after one warning saying why (a failed build has already warned once);
+    an empty input runs the scan, which gives torch.nn's shapes.
     """
-    if backend == "reference" or (backend == "auto" and steps == 1):
-        return "reference"
     if backend == "log_scan":
         if not log_space:
             raise ValueError("backend 'log_scan' needs log_space=True: the linear variant's "
                              "b (z h̃ or i' h̃) can be negative, and has no real logarithm; "
                              "use 'scan'")
         return "log_scan"
-    return "linear_scan"
+    if backend == "reference":
+        return "reference"
+    if backend == "scan":
+        return "linear_scan"
+    if x.numel() == 0:  # nothing to compute: the scan gives torch.nn's shapes
+        return "linear_scan"
+    why_not = native.why_not(x)
+    if why_not is None:
+        return "native"
+    if backend == "native" and why_not != native.NOT_BUILT:  # a failed build has warned
+        _warn_once(f"backend='native' cannot run this input ({why_not}); running "
+                   f"backend='scan' instead, which gives the same results")
+    return "reference" if x.shape[0] == 1 else "linear_scan"
 
 
 _RUNNERS = {"reference": run_reference, "linear_scan": run_linear_scan,
-            "log_scan": run_log_scan}
+            "log_scan": run_log_scan, "native": run_native}
 
 
 def run_direction(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
@@ -257,7 +303,7 @@ def run_direction(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
         # LogCumSumExp for the log-space scan, and the reference's Python loop would fix T.
         # The same values (the log-space variant's a and b are positive reals).
         return run_linear_scan(family, x, h0, weight_ih, bias_ih, lengths, reverse, log_space)
-    return _RUNNERS[engine_for(backend, log_space, x.shape[0])](
+    return _RUNNERS[engine_for(backend, log_space, x)](
         family, x, h0, weight_ih, bias_ih, lengths, reverse, log_space)
 
 
@@ -476,3 +522,73 @@ def _scan_log_blocks(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
     starts = torch.cat([h0.unsqueeze(0), ends[:-1]]).unsqueeze(1)  # (blocks, 1, ...)
     h = log_decay.exp() * starts + log_from_zero.exp()
     return h.reshape(blocks * LOG_SCAN_CHUNK, *rest)[:steps]
+
+
+# ---- the native loop as an operator ------------------------------------------------------
+# ``rnnkit::native_min_scan`` (forward: states, output, final state) and its backward, one node
+# each for compile and export, as the families' native operators (`rnnkit.engine.ops`). The
+# input projection stays outside, on autograd: its gradients (weights, bias, input) are
+# autograd's, from the projection's gradient that the backward gives.
+
+@torch.library.custom_op("rnnkit::native_min_scan", mutates_args=(), device_types="cpu")
+def native_min_scan(projected: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool,
+                    family: str, log_space: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> states (T + 1, N, H), output (T, N, H) with lengths (else empty: the states' view),
+    h_n (N, H) (`native_functions.min_scan_forward`)."""
+    return native_functions.min_scan_forward(projected, h0, lengths, reverse, family, log_space)
+
+
+@torch.library.custom_op("rnnkit::native_min_scan_backward", mutates_args=(),
+                         device_types="cpu")
+def native_min_scan_backward(d_output: Tensor, d_h_n: Tensor, projected: Tensor,
+                             states: Tensor, lengths: Tensor | None, reverse: bool, family: str,
+                             log_space: bool) -> tuple[Tensor, Tensor]:
+    """-> d_projected (T, N, G*H), d_h0 (N, H) (`native_functions.min_scan_backward`)."""
+    return native_functions.min_scan_backward(d_output, d_h_n, projected, states, lengths,
+                                              reverse, family, log_space)
+
+
+def _fake_native_min_scan(projected, h0, lengths, reverse, family, log_space):
+    steps, batch, hidden = projected.shape[0], projected.shape[1], h0.shape[1]
+    new = projected.new_empty
+    return (new(steps + 1, batch, hidden), ops._empty_like_lengths(projected, lengths, steps,
+                                                                   batch, hidden),
+            new(batch, hidden))
+
+
+def _fake_native_min_scan_backward(d_output, d_h_n, projected, *rest):
+    return torch.empty_like(projected), torch.empty_like(d_h_n)
+
+
+def _native_min_scan_setup(ctx, inputs, output, native_layout: bool) -> None:
+    projected, h0, lengths, reverse, family, log_space = inputs
+    ctx.save_for_backward(projected, h0, lengths, output[0])
+    ctx.reverse, ctx.family, ctx.log_space = reverse, family, log_space
+
+
+def _native_min_scan_backward(ctx, grads, native_layout: bool):
+    projected, h0, lengths, states = ctx.saved_tensors
+    d_states, d_own_output, d_h_n = grads
+    d_output = ops._native_output_grad(d_states, d_own_output, states, lengths, ctx.reverse)
+    d_h_n = ops._or_zeros(d_h_n, h0)
+    family = MinFamily(ctx.family)
+    if torch.is_grad_enabled():
+        # Recorded (double backward, torch.func): the vector-Jacobian product of the linear
+        # scan from the same projection, itself differentiable, as the other native operators
+        # differentiate their reference.
+        def outputs_of(projected, h0):
+            return _scan_projection(family, projected, h0, lengths, ctx.reverse, ctx.log_space)
+
+        _, vjp = torch.func.vjp(outputs_of, projected, h0)
+        d_projected, d_h0 = vjp((d_output, d_h_n))
+    else:
+        d_projected, d_h0 = native_min_scan_backward(d_output, d_h_n, projected, states,
+                                                     lengths, ctx.reverse, ctx.family,
+                                                     ctx.log_space)
+    return d_projected, d_h0, None, None, None, None
+
+
+ops._register(native_min_scan, _fake_native_min_scan, autocast=True)
+ops._register(native_min_scan_backward, _fake_native_min_scan_backward)
+ops._FUNCTIONS[native_min_scan] = ops._autograd(native_min_scan, _native_min_scan_setup,
+                                                _native_min_scan_backward, True)

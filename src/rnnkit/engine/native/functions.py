@@ -344,3 +344,35 @@ def rnn_recurrence_backward(d_output, d_h_n, states, raw, normalised_hh, rstd_hh
         _contiguous(lengths), reverse, relu,
     )
     return d_pre_x, _or_empty(d_product, d_pre_x), d_h0
+
+
+# ---- minGRU and minLSTM: the linear recurrence in one pass ------------------------------------
+#
+# The input projection ``W_ih x + b_ih`` of every step comes computed (on autograd, so its weight,
+# bias and input gradients are autograd's); the kernels run the coefficients and the recurrence
+# (`kernels.cpp`, "minGRU and minLSTM"), and in the backward give the projection's gradient.
+
+
+def min_scan_forward(projected: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool,
+                     family: str, log_space: bool, layer_outputs_only: bool = False):
+    """``h_t = a_t ⊙ h_{t-1} + b_t`` with ``a, b`` from ``projected (T, N, G*H)`` (`family`
+    ``"mingru"`` ``(k_z|v)`` or ``"minlstm"`` ``(k_f|k_i|v)``, `rnnkit.engine.scan.coefficients`)
+    and ``h0 (N, H)``. Returns ``states (T + 1, N, H)``, ``output (T, N, H)`` (empty without
+    lengths: a view of the states) and ``h_n (N, H)``; with ``layer_outputs_only``, ``output``
+    (the view without lengths) and ``h_n``."""
+    output, states = _kernels().min_scan_forward(
+        projected.contiguous(), h0.contiguous(), _contiguous(lengths), reverse,
+        family == "minlstm", log_space)
+    if layer_outputs_only:
+        return output, _final(states, reverse)
+    return states, _own_output(output, lengths), _final(states, reverse)
+
+
+def min_scan_backward(d_output: Tensor, d_h_n: Tensor, projected: Tensor, states: Tensor,
+                      lengths: Tensor | None, reverse: bool, family: str, log_space: bool):
+    """Returns ``d_projected (T, N, G*H)`` (zero past each sequence's end) and ``d_h0 (N, H)``;
+    arguments as `min_scan_forward` took and returned them."""
+    d_projected, d_h0 = _kernels().min_scan_backward(
+        d_output.contiguous(), d_h_n.contiguous(), projected.contiguous(), states,
+        _contiguous(lengths), reverse, family == "minlstm", log_space)
+    return d_projected, d_h0

@@ -3373,6 +3373,235 @@ std::vector<double> fma_peak(int64_t iterations) {
           sink};
 }
 
+// ---- minGRU and minLSTM: the linear recurrence in one pass -----------------------------------
+//
+// Feng et al. 2024's minimal cells (the math, and the scans these kernels replace on the CPU, are
+// in engine/scan.py): the gates read the input only, so a step is h_t = a_t ⊙ h_{t-1} + b_t with
+// a_t, b_t functions of the projection p_t = W_ih x_t + b_ih alone, computed by one product over
+// all steps before the call. Every unit of every row is then its own recurrence: the threads
+// share the (row, block of units) pairs, each runs its blocks through all T steps (one parallel
+// region per call, no barrier per step), and a step's gate math is a few vector operations on
+// values read once from the projection.
+//
+// Layouts: projected (T, N, G H) as the layer's weight rows order it, minGRU (k_z|v) (G = 2),
+// minLSTM (k_f|k_i|v) (G = 3); states (T + 1, N, H) in time order, as every family's.
+// The coefficients, in the stable forms of scan.coefficients:
+//   minGRU   a = σ(-k_z)               b = σ(k_z) h̃
+//   minLSTM  r = logσ(k_f) - logσ(k_i)   a = f' = σ(r)   b = i' h̃,  i' = σ(-r)
+//   h̃ = v, or g(v) = v + 0.5 (v >= 0), σ(v) (v < 0) in the log-space variant.
+// The backward stores nothing more than the states: it recomputes the coefficients from the
+// projection (a few exp per value; the pass reads the projection either way).
+
+constexpr int64_t kMinBlock = 64;  // units per work item: whole vectors, a few cache lines
+
+// Items (row, block of kMinBlock units) shared between threads when a thread gets at least
+// ~64k step values (T x units); fewer items than that run inline.
+inline int64_t min_item_grain(int64_t steps) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / (kMinBlock * std::max<int64_t>(1, steps)));
+}
+
+// σ(x) and σ(-x) from one exp and one division: e = exp(-|x|), σ(|x|) = 1 / (1 + e),
+// σ(-|x|) = e / (1 + e); neither is ever 1 - (the other), so neither cancels.
+template <typename T>
+struct SigmoidPair {
+  Vec<T> plus, minus;  // σ(x), σ(-x)
+  explicit SigmoidPair(const Vec<T>& x) {
+    const Vec<T> one(T(1));
+    const Vec<T> e = x.abs().neg().exp();
+    const Vec<T> large = one / (one + e), small = e * large;
+    const Vec<T> positive = x >= Vec<T>(T(0));
+    plus = Vec<T>::blendv(small, large, positive);
+    minus = Vec<T>::blendv(large, small, positive);
+  }
+};
+
+// log σ(x) and σ(-x) from one exp: e = exp(-|x|), log σ(x) = min(x, 0) - log1p(e) (as
+// `log_sigmoid`), σ(-x) = e / (1 + e) for x >= 0, 1 / (1 + e) below.
+template <typename T>
+inline Vec<T> log_sigmoid_from(const Vec<T>& x, const Vec<T>& e) {
+  return at::vec::minimum(x, Vec<T>(T(0))) - e.log1p();
+}
+template <typename T>
+inline Vec<T> sigmoid_of_minus_from(const Vec<T>& x, const Vec<T>& e) {
+  const Vec<T> large = Vec<T>(T(1)) / (Vec<T>(T(1)) + e);
+  return Vec<T>::blendv(large, e * large, x >= Vec<T>(T(0)));
+}
+
+// The coefficients of one step at units [j, j + count) of one row's projection p, and with
+// `derivatives` what the backward needs.
+template <typename T>
+struct MinCoefficients {
+  Vec<T> a, keep, h_tilde, d_h_tilde;  // a; b = keep h̃; d h̃ / d v
+  Vec<T> d_first, d_second;           // minLSTM: ∂r/∂k_f = σ(-k_f), ∂r/∂k_i = -σ(-k_i)
+
+  MinCoefficients(const T* p, int64_t H, int64_t j, int64_t count, bool minlstm,
+                  bool log_space, bool derivatives) {
+    const Vec<T> zero(T(0)), one(T(1));
+    const Vec<T> v = Vec<T>::loadu(p + (minlstm ? 2 : 1) * H + j, count);
+    if (minlstm) {
+      const Vec<T> k_f = Vec<T>::loadu(p + j, count), k_i = Vec<T>::loadu(p + H + j, count);
+      const Vec<T> e_f = k_f.abs().neg().exp(), e_i = k_i.abs().neg().exp();
+      const SigmoidPair<T> normalised(log_sigmoid_from(k_f, e_f) - log_sigmoid_from(k_i, e_i));
+      a = normalised.plus;      // f' = σ(r)
+      keep = normalised.minus;  // i' = σ(-r)
+      if (derivatives) {
+        d_first = sigmoid_of_minus_from(k_f, e_f);
+        d_second = sigmoid_of_minus_from(k_i, e_i).neg();
+      }
+    } else {
+      const SigmoidPair<T> z(Vec<T>::loadu(p + j, count));
+      a = z.minus;    // 1 - z = σ(-k_z)
+      keep = z.plus;  // z
+    }
+    if (log_space) {
+      const SigmoidPair<T> s(v);
+      const Vec<T> positive = v >= zero;
+      h_tilde = Vec<T>::blendv(s.plus, v + Vec<T>(T(0.5)), positive);
+      if (derivatives) d_h_tilde = Vec<T>::blendv(s.plus * s.minus, one, positive);
+    } else {
+      h_tilde = v;
+      d_h_tilde = one;
+    }
+  }
+};
+
+// projected (T, N, G H) against a state (N, H) named `state`, which gives H.
+void check_min_projection(const Arguments& check, const Tensor& projected, const char* state,
+                          const Tensor& h, bool minlstm) {
+  TORCH_CHECK(h.dim() == 2, "min_scan: ", state, " must have 2 dimensions [batch, hidden], got ",
+              "shape ", h.sizes());
+  const int64_t T = projected.size(0), N = projected.size(1), H = h.size(1);
+  check("projected", projected, {T, N, (minlstm ? 3 : 2) * H});
+  check(state, h, {N, H});
+}
+
+// Every (row, block) of units in [first, end) of the items, as (row, first unit, units).
+template <typename F>
+inline void for_min_items(int64_t first, int64_t end, int64_t H, const F& body) {
+  const int64_t blocks = (H + kMinBlock - 1) / kMinBlock;
+  for (int64_t item = first; item < end; ++item) {
+    const int64_t n = item / blocks, j = (item % blocks) * kMinBlock;
+    body(n, j, std::min(kMinBlock, H - j));
+  }
+}
+
+// projected (T, N, G H) as above, h0 (N, H), lengths (N,) or none. Returns {output (T, N, H)
+// (a view of states without lengths; zero past each end with), states (T + 1, N, H)}: past a
+// sequence's end the state is held (going backward, h0 until its last valid step).
+std::vector<Tensor> min_scan_forward(const Tensor& projected, const Tensor& h0,
+                                     const std::optional<Tensor>& lengths, bool reverse,
+                                     bool minlstm, bool log_space) {
+  const Arguments check("min_scan_forward", "projected", projected, 3);
+  check_min_projection(check, projected, "h0", h0, minlstm);
+  const int64_t T = projected.size(0), N = projected.size(1), H = h0.size(1);
+  const int64_t row = (minlstm ? 3 : 2) * H;
+  check.lengths(lengths, N, T);
+  const BelowAutograd below_autograd;
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  Tensor states = states_buffer(T, h0);
+  start_states(states, steps.first_in(), h0);
+  Tensor output = output_buffer(states, steps, lengths);
+  const int64_t items = N * ((H + kMinBlock - 1) / kMinBlock);
+  AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "min_scan_forward", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t* p_p = projected.data_ptr<scalar_t>();
+    scalar_t* s_p = states.data_ptr<scalar_t>();
+    scalar_t* out_p = lengths.has_value() ? output.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, items, min_item_grain(T), [&](int64_t first, int64_t end) {
+      for (int64_t s = 0; s < T; ++s) {
+        const int64_t t = steps.time(s);
+        const scalar_t* h_in = s_p + steps.in(t) * N * H;
+        scalar_t* h_out = s_p + steps.out(t) * N * H;
+        for_min_items(first, end, H, [&](int64_t n, int64_t j0, int64_t units) {
+          const int64_t base = n * H + j0;
+          if (!valid(t, n)) {  // past the end: the state held, the output zero
+            copy_row(h_out + base, h_in + base, units);
+            zero_row(out_p + t * N * H + base, units);
+            return;
+          }
+          const scalar_t* p = p_p + (t * N + n) * row + j0;
+          for_units<scalar_t>(units, [&](int64_t j, int64_t count) {
+            const MinCoefficients<scalar_t> c(p, H, j, count, minlstm, log_space, false);
+            const V h = c.a * V::loadu(h_in + base + j, count) + c.keep * c.h_tilde;
+            h.store(h_out + base + j, count);
+            if (out_p) h.store(out_p + t * N * H + base + j, count);
+          });
+        });
+      }
+    });
+  });
+  return {output, states};
+}
+
+// The adjoint of min_scan_forward, backward in time: γ_t = ∂L/∂h_t (the output's gradient and
+// what flows back from step t + 1), ∂L/∂a_t = γ_t h_{t-1}, ∂L/∂b_t = γ_t, and the state's
+// gradient entering step t is a_t γ_t. Through the coefficients:
+//   minGRU   ∂k_z = γ σ(k_z) σ(-k_z) (h̃ - h_{t-1})        ∂v = γ σ(k_z) h̃'(v)
+//   minLSTM  ∂r = γ f' i' (h_{t-1} - h̃)   ∂k_f = ∂r σ(-k_f)   ∂k_i = -∂r σ(-k_i)   ∂v = γ i' h̃'(v)
+// d_output (T, N, H), d_h_n (N, H); projected and states as the forward had and left them.
+// Returns {d_projected (T, N, G H), zero past each sequence's end, d_h0 (N, H)}.
+std::vector<Tensor> min_scan_backward(const Tensor& d_output, const Tensor& d_h_n,
+                                      const Tensor& projected, const Tensor& states,
+                                      const std::optional<Tensor>& lengths, bool reverse,
+                                      bool minlstm, bool log_space) {
+  const Arguments check("min_scan_backward", "projected", projected, 3);
+  check_min_projection(check, projected, "d_h_n", d_h_n, minlstm);
+  const int64_t T = projected.size(0), N = projected.size(1), H = d_h_n.size(1);
+  const int64_t row = (minlstm ? 3 : 2) * H;
+  check("d_output", d_output, {T, N, H});
+  check("states", states, {T + 1, N, H});
+  check.lengths(lengths, N, T);
+  const BelowAutograd below_autograd;
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  Tensor d_projected = at::empty_like(projected);
+  Tensor d_h = d_h_n.clone(at::MemoryFormat::Contiguous);  // γ carried to the previous step
+  const int64_t items = N * ((H + kMinBlock - 1) / kMinBlock);
+  AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "min_scan_backward", [&] {
+    using V = Vec<scalar_t>;
+    const scalar_t *p_p = projected.data_ptr<scalar_t>(), *s_p = states.data_ptr<scalar_t>(),
+                   *d_out_p = d_output.data_ptr<scalar_t>();
+    scalar_t *d_p_p = d_projected.data_ptr<scalar_t>(), *d_h_p = d_h.data_ptr<scalar_t>();
+    at::parallel_for(0, items, min_item_grain(T), [&](int64_t first, int64_t end) {
+      for (int64_t s = T - 1; s >= 0; --s) {
+        const int64_t t = steps.time(s);
+        const scalar_t* h_in = s_p + steps.in(t) * N * H;
+        for_min_items(first, end, H, [&](int64_t n, int64_t j0, int64_t units) {
+          const int64_t base = n * H + j0;
+          const int64_t at = (t * N + n) * row + j0;
+          scalar_t* dp = d_p_p + at;
+          if (!valid(t, n)) {  // no gate gradient; the held state passes its own around
+            zero_row(dp, units);
+            zero_row(dp + H, units);
+            if (minlstm) zero_row(dp + 2 * H, units);
+            return;
+          }
+          const scalar_t* p = p_p + at;
+          const scalar_t* d_out = d_out_p + t * N * H + base;
+          for_units<scalar_t>(units, [&](int64_t j, int64_t count) {
+            const MinCoefficients<scalar_t> c(p, H, j, count, minlstm, log_space, true);
+            const V gamma = V::loadu(d_h_p + base + j, count) + V::loadu(d_out + j, count);
+            const V h_previous = V::loadu(h_in + base + j, count);
+            const V d_v = gamma * c.keep * c.d_h_tilde;
+            if (minlstm) {
+              const V d_r = gamma * c.a * c.keep * (h_previous - c.h_tilde);
+              (d_r * c.d_first).store(dp + j, count);
+              (d_r * c.d_second).store(dp + H + j, count);
+              d_v.store(dp + 2 * H + j, count);
+            } else {
+              (gamma * c.keep * c.a * (c.h_tilde - h_previous)).store(dp + j, count);
+              d_v.store(dp + H + j, count);
+            }
+            (c.a * gamma).store(d_h_p + base + j, count);
+          });
+        });
+      }
+    });
+  });
+  return {d_projected, d_h};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -3410,4 +3639,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_runs_resident", &lstm_resident,
         "whether an LSTM loop of (steps, batch, hidden, projected, element size) runs on resident "
         "weights");
+  m.def("min_scan_forward", &min_scan_forward);
+  m.def("min_scan_backward", &min_scan_backward);
 }

@@ -1,0 +1,297 @@
+"""minGRU and minLSTM on the native CPU loop (``backend="native"``, ``rnnkit::native_min_scan``,
+`rnnkit.engine.scan.run_native`): against the reference loop in values and every gradient, over
+lengths, directions, variants, dtypes, extreme gates and T = 10,000; gradcheck; the operator's
+opcheck, compile and export; the auto policy and the fallback with one warning."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkit
+from compare import assert_same_normwise, outputs_and_gradients
+from rnnkit.engine import BackendWarning, native, scan
+from rnnkit.engine.native import build
+from rnnkit.engine.scan import MinFamily
+from test_minimal import (  # the minimal tests' helpers: one way to draw and compare a path
+    DTYPES,
+    LAYERS,
+    STEPS,
+    _collector_paused_one_thread,  # noqa: F401 (an autouse fixture, used by being imported)
+    _direction_inputs,
+    _path_results,
+)
+
+NATIVE = native.why_not(torch.zeros(1)) is None
+pytestmark = pytest.mark.skipif(not NATIVE, reason="the native kernels could not be built here")
+
+
+def _assert_native_equals_reference(family, x, h0, weight, bias, lengths, reverse, log_space,
+                                    dtype, expected=None, group="minimal native"):
+    expected = expected or _path_results(scan.run_reference, family, x, h0, weight, bias,
+                                         lengths, reverse, log_space)
+    actual = _path_results(scan.run_native, family, x, h0, weight, bias, lengths, reverse,
+                           log_space)
+    assert all(bool(t.isfinite().all()) for t in actual.values())
+    assert_same_normwise(actual, expected, dtype, group=group)
+    return actual
+
+
+# ---- against the reference --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("log_space", [False, True], ids=["linear", "log_space"])
+@pytest.mark.parametrize("family", list(MinFamily), ids=str)
+def test_native_equals_the_reference(family, log_space, steps, dtype):
+    """Outputs (zero past each end), final states and the gradients of input, h0, weight and
+    bias, with and without lengths, in both directions; H = 70 crosses a 64-unit work item and
+    a vector's partial tail."""
+    x, h0, weight, bias, lengths = _direction_inputs(family, steps, dtype, hidden=70)
+    for reverse in (False, True):
+        for given in (lengths, None):
+            actual = _assert_native_equals_reference(family, x, h0, weight, bias, given,
+                                                     reverse, log_space, dtype)
+            if given is not None:
+                past_end = torch.arange(steps).unsqueeze(1) >= given  # (T, N)
+                assert not actual["output"][past_end].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("log_space", [False, True], ids=["linear", "log_space"])
+@pytest.mark.parametrize("family", list(MinFamily), ids=str)
+def test_native_with_gates_near_zero_and_one(family, log_space, dtype):
+    """Inputs x30: the gates reach 1e-6 of 0 and 1 (so 1 - z and f / (f + i) need their stable
+    forms, and the minLSTM's log σ its), with lengths, both directions."""
+    x, h0, weight, bias, lengths = _direction_inputs(family, 300, dtype, scale=30.0, seed=3)
+    a, _ = scan.coefficients(family, F.linear(x, weight, bias), log_space)
+    assert float(a.min()) < 1e-6 and float(a.max()) > 1 - 1e-6
+    for reverse in (False, True):
+        _assert_native_equals_reference(family, x, h0, weight, bias, lengths, reverse,
+                                        log_space, dtype, group="minimal native extreme")
+
+
+@pytest.mark.parametrize("family", list(MinFamily), ids=str)
+def test_native_log_space_is_stable_for_ten_thousand_steps(family):
+    """T = 10,000, inputs x30 (gates at 0 and 1): finite, and equal to the float64 reference
+    within the tolerance in float32 and float64, values and gradients (a loop in linear space
+    has no cancellation to bound: each step is a convex combination)."""
+    x, h0, weight, bias, _ = _direction_inputs(family, 10_000, torch.float64, batch=2,
+                                               input_size=3, hidden=4, scale=30.0)
+    expected = _path_results(scan.run_reference, family, x, h0, weight, bias, None, False, True)
+    for dtype in DTYPES:
+        cast = [t.to(dtype) for t in (x, h0, weight, bias)]
+        actual = _path_results(scan.run_native, family, *cast, None, False, True)
+        assert all(bool(t.isfinite().all()) for t in actual.values())
+        assert_same_normwise({k: v.double() for k, v in actual.items()}, expected, dtype,
+                             group="minimal native T=1e4")
+
+
+def test_native_splits_the_units_between_threads():
+    """Two threads and enough items that each gets its own (rows x 64-unit blocks, a ragged
+    last block): the same values and gradients as the reference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for family in MinFamily:
+            x, h0, weight, bias, lengths = _direction_inputs(family, 2, torch.float64, batch=64,
+                                                             hidden=1000)
+            _assert_native_equals_reference(family, x, h0, weight, bias, lengths, True, True,
+                                            torch.float64)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("log_space", [False, True], ids=["linear", "log_space"])
+@pytest.mark.parametrize("family", list(MinFamily), ids=str)
+def test_native_layer_stacked_bidirectional_packed(family, log_space, dtype):
+    """A two-layer bidirectional layer on "native" equals "reference" in outputs, h_n and every
+    gradient (input, h0, each layer's and direction's weight and bias), padded with lengths and
+    the same batch packed."""
+    torch.manual_seed(1)
+    layer = LAYERS[family](4, 5, num_layers=2, bidirectional=True, log_space=log_space,
+                           dtype=dtype, backend="reference")
+    x = torch.randn(37, 3, 4, dtype=dtype)
+    h0 = torch.rand(4, 3, 5, dtype=dtype)
+    lengths = torch.tensor([37, 1, 20])
+    inputs = {"x": x.requires_grad_(), "h0": h0.requires_grad_()}
+    calls = {
+        "lengths": lambda m: m(inputs["x"], inputs["h0"], lengths=lengths),
+        "packed": lambda m: m(pack_padded_sequence(inputs["x"], lengths, enforce_sorted=False),
+                              inputs["h0"]),
+        "whole": lambda m: m(inputs["x"], inputs["h0"]),
+    }
+    native_layer = copy.deepcopy(layer)
+    native_layer.backend = "native"
+    for call in calls.values():
+        expected = outputs_and_gradients(layer, call, inputs)
+        actual = outputs_and_gradients(native_layer, call, inputs)
+        assert_same_normwise(actual, expected, dtype, group="minimal native")
+    assert _operator_of(scan.run_native(family, x, h0[0], layer.weight_ih_l0, layer.bias_ih_l0,
+                                        None, False, log_space)[0]) == "native_min_scan"
+
+
+def _operator_of(tensor):
+    """The rnnkit operator whose autograd node made ``tensor`` (through a view), or None."""
+    node = tensor.grad_fn
+    for _ in range(3):
+        if node is None:
+            return None
+        if node.name().startswith("rnnkit_"):
+            return node.name()[len("rnnkit_"):].removesuffix("Backward")
+        node = node.next_functions[0][0] if node.next_functions else None
+    return None
+
+
+# ---- gradcheck, double backward, torch.func --------------------------------------------------
+@pytest.mark.parametrize("log_space", [False, True], ids=["linear", "log_space"])
+@pytest.mark.parametrize("family", list(MinFamily), ids=str)
+def test_gradcheck_native(family, log_space):
+    """Finite differences in float64 against the C++ backward, with lengths (one sequence
+    ending early), both directions, x, h0, weight and bias."""
+    x, h0, weight, bias, _ = _direction_inputs(family, 11, torch.float64, batch=2,
+                                               input_size=2, hidden=3)
+    lengths = torch.tensor([11, 4])
+    for reverse in (False, True):
+        def run(x, h0, weight, bias, reverse=reverse):
+            return scan.run_native(family, x, h0, weight, bias, lengths, reverse, log_space)
+
+        leaves = [t.clone().requires_grad_() for t in (x, h0, weight, bias)]
+        assert torch.autograd.gradcheck(run, leaves)
+
+
+def test_native_gradient_is_differentiable_again():
+    """A recorded backward (create_graph) differentiates the linear scan of the same
+    projection: gradgradcheck's finite differences, and torch.func.grad equals autograd."""
+    for family in MinFamily:
+        x, h0, weight, bias, _ = _direction_inputs(family, 6, torch.float64, batch=2,
+                                                   input_size=2, hidden=2)
+        lengths = torch.tensor([6, 3])
+
+        def run(x, h0, weight, bias, family=family, lengths=lengths):
+            return scan.run_native(family, x, h0, weight, bias, lengths, True, True)
+
+        leaves = [t.clone().requires_grad_() for t in (x, h0, weight, bias)]
+        assert torch.autograd.gradgradcheck(run, leaves)
+    torch.manual_seed(10)
+    x = torch.randn(70, 2, 3, dtype=torch.float64)
+    layer = rnnkit.MinLSTM(3, 4, backend="native", dtype=torch.float64)
+    transformed = torch.func.grad(lambda x: layer(x)[0].sum())(x)
+    leaf = x.clone().requires_grad_()
+    layer(leaf)[0].sum().backward()
+    torch.testing.assert_close(transformed, leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+# ---- the operator --------------------------------------------------------------------------
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["whole", "lengths"])
+@pytest.mark.parametrize("family", list(MinFamily), ids=str)
+def test_opcheck_native_min_scan(family, with_lengths):
+    generator = torch.Generator().manual_seed(0)
+    steps, batch, hidden = 5, 3, 4
+    gates = scan.GATE_COUNT[family] * hidden
+    projected = torch.randn(steps, batch, gates, generator=generator,
+                            dtype=torch.float64).requires_grad_()
+    h0 = torch.rand(batch, hidden, generator=generator, dtype=torch.float64).requires_grad_()
+    lengths = torch.tensor([5, 2, 4]) if with_lengths else None
+    for reverse in (False, True):
+        torch.library.opcheck(scan.native_min_scan,
+                              (projected, h0, lengths, reverse, str(family), True))
+
+
+def test_native_kernel_checks_its_arguments():
+    kernels = build.kernels()
+    projected, h0 = torch.zeros(4, 2, 6), torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match=r"min_scan_forward: projected must have shape "
+                                           r"\[4, 2, 9\], got \[4, 2, 6\]"):
+        kernels.min_scan_forward(projected, h0, None, False, True, False)
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, 4\].*got 5"):
+        kernels.min_scan_forward(projected, h0, torch.tensor([5, 1]), False, False, False)
+    with pytest.raises(RuntimeError, match=r"h0 must be Float"):
+        kernels.min_scan_forward(projected, h0.double(), None, False, False, False)
+
+
+@pytest.mark.parametrize("family", list(MinFamily), ids=str)
+def test_compile_and_export_see_one_native_node(family):
+    """torch.compile (fullgraph, dynamic, aot_eager) and torch.export with a dynamic batch and
+    length: the same outputs and gradients as eager, and the exported graph holds the
+    operator."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = LAYERS[family](3, 4, bidirectional=True, backend="native")
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for steps, batch in ((5, 3), (8, 6)):
+        x = torch.randn(steps, batch, 3, requires_grad=True)
+        lengths = torch.randint(1, steps + 1, (batch,))
+        lengths[0] = steps
+        expected = outputs_and_gradients(layer, lambda m, x=x, n=lengths: m(x, lengths=n),
+                                         {"x": x})
+        actual = outputs_and_gradients(layer, lambda m, x=x, n=lengths: compiled(x, lengths=n),
+                                       {"x": x})
+        assert_same_normwise(actual, expected, torch.float32)
+    torch._dynamo.reset()
+    x, lengths = torch.randn(6, 4, 3), torch.tensor([6, 2, 5, 1])
+    steps, batch = torch.export.Dim("steps", min=2), torch.export.Dim("batch", min=2)
+    program = torch.export.export(layer, (x,), {"lengths": lengths},
+                                  dynamic_shapes={"input": {0: steps, 1: batch},
+                                                  "lengths": {0: batch}})
+    assert "rnnkit.native_min_scan.default" in {str(n.target) for n in program.graph.nodes}
+    x, lengths = torch.randn(9, 7, 3), torch.tensor([9, 1, 2, 3, 4, 5, 6])
+    for actual, expected in zip(program.module()(x, lengths=lengths), layer(x, lengths=lengths),
+                                strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
+# ---- the policy and the fallback ---------------------------------------------------------------
+def test_auto_runs_native_on_cpu_floats_and_the_scan_elsewhere():
+    x = torch.zeros(5, 2, 3)
+    assert scan.engine_for("auto", False, x) == "native"
+    assert scan.engine_for("auto", True, x.double()[:1]) == "native"  # a streamed step too
+    assert scan.engine_for("native", True, x) == "native"
+    assert scan.engine_for("auto", True, x.bfloat16()) == "linear_scan"
+    assert scan.engine_for("auto", True, x.bfloat16()[:1]) == "reference"
+    assert scan.engine_for("auto", False, x[:, :0]) == "linear_scan"  # nothing to compute
+    assert scan.engine_for("scan", True, x) == "linear_scan"
+    assert scan.engine_for("log_scan", True, x) == "log_scan"
+    assert scan.engine_for("reference", False, x) == "reference"
+    layer = rnnkit.MinGRU(3, 4)
+    assert _operator_of(scan.run_direction(MinFamily.GRU, x.requires_grad_(), torch.zeros(2, 4),
+                                           layer.weight_ih_l0, layer.bias_ih_l0, None, False,
+                                           False)[0]) == "native_min_scan"
+
+
+def test_native_on_an_unsupported_input_runs_the_scan_after_one_warning():
+    torch.manual_seed(3)
+    layer = rnnkit.MinLSTM(3, 4, backend="native", dtype=torch.bfloat16)
+    x = torch.randn(9, 2, 3, dtype=torch.bfloat16)
+    with pytest.warns(BackendWarning, match=r"backend='native' cannot run this input \(the "
+                                            r"kernels are for float32 and float64, the input is "
+                                            r"torch.bfloat16\); running backend='scan'"):
+        output, h_n = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        again, _ = layer(x)
+    layer.backend = "scan"
+    expected, expected_h_n = layer(x)
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+    torch.testing.assert_close(h_n, expected_h_n, rtol=0, atol=0)
+
+
+def test_without_kernels_native_runs_the_scan(monkeypatch):
+    """No compiler (the build has already warned, `NativeBuildWarning`): "native" and "auto"
+    run the linear scan without another warning, with the same results."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    x = torch.randn(6, 2, 3)
+    assert scan.engine_for("native", False, x) == "linear_scan"
+    assert scan.engine_for("auto", False, x[:1]) == "reference"
+    layer = rnnkit.MinGRU(3, 4, backend="native")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        output, _ = layer(x)
+    layer.backend = "scan"
+    torch.testing.assert_close(output, layer(x)[0], rtol=0, atol=0)
