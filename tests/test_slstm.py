@@ -372,6 +372,126 @@ def test_native_kernels_check_every_argument():
             kernels.slstm_backward(*{**good, name: wrong}.values())
 
 
+# ---- the streamed step's kernel (inference) ---------------------------------------------------
+STEP_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def _step_case(batch, heads, dtype, scale, empty_state, seed):
+    """x (N, I), the state (h, c, n, m) and the weights of one step; head widths 37 and 9 leave
+    a partial vector; float64 draws rounded, as `_inputs`."""
+    tensors, _ = _inputs(1, dtype, batch=batch, input_size=13, hidden=37 if heads == 1 else 36,
+                         heads=heads, scale=scale, seed=seed, empty_state=empty_state)
+    return tensors[0][0].contiguous(), tuple(tensors[1:5]), *tensors[5:]
+
+
+def _step64(case, with_bias, exp_forget, generator=None):
+    """The reference step in float64 on ``case``; with a ``generator``, every input and weight
+    first multiplied by ``1 + u``, ``u`` uniform in ±2^-24 (one float32 rounding; as
+    tests/compare.py's ``rounding_sensitivity``)."""
+    x, state, w_ih, w_hh, bias = case
+
+    def rounded(t):
+        if t is None or generator is None:
+            return t
+        u = torch.rand(t.shape, generator=generator, dtype=torch.float64) * 2 - 1
+        return t * (1 + u * 2.0**-24)
+
+    return slstm.step(rounded(x), tuple(rounded(p) for p in state), rounded(w_ih),
+                      rounded(w_hh), rounded(bias) if with_bias else None, exp_forget)
+
+
+def _normwise(got, want):
+    return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("threads", ["by-size", "every-block"])
+@pytest.mark.parametrize("exp_forget", [False, True], ids=["sigmoid", "exp"])
+@pytest.mark.parametrize("batch", [1, 3, 17])
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_step_kernel_equals_the_reference_step(dtype, heads, batch, exp_forget, threads):
+    """``slstm_step`` (both products and the gate math in one call) against the reference
+    step on autograd (`slstm.step`, i.e. `gate_step` after the products) for h, c, n, m: within
+    1e-5 (float32) and 1e-10 (float64) of each part's largest entry, from a reachable state and
+    from the empty one (n = 0, m = -inf), with and without a bias, on one thread and with every
+    block of units its own task on two. With inputs x1e3 every value stays finite, n >= 1 and
+    |h| <= 1; in float64 the 1e-10 holds there too, while in float32 the problem itself moves
+    by more than 1e-5 under one rounding of its inputs (pre-activations of ~1e3, exponentiated;
+    the float32 reference is off from the float64 one by up to ~5e-5), so there the kernel is
+    held, as tests/compare.py holds such cases, to max(1e-5, ten times that movement) of the
+    float64 step."""
+    kernels = build.kernels()
+    built = kernels.thread_min_multiply_adds()
+    if threads == "every-block":
+        kernels.set_thread_min_multiply_adds(1)
+        torch.set_num_threads(2)  # the autouse fixture restores the count
+    try:
+        for scale in (1.0, 1e3):
+            for empty_state in (False, True):
+                for with_bias in (True, False):
+                    x, state, w_ih, w_hh, bias = _step_case(batch, heads, dtype, scale,
+                                                            empty_state, seed=batch + heads)
+                    bias = bias if with_bias else None
+                    with torch.no_grad():
+                        got = engine.native_functions.slstm_step(x, state, w_ih, w_hh, bias,
+                                                                 exp_forget)
+                    want = slstm.step(x, state, w_ih, w_hh, bias, exp_forget)
+                    assert all(bool(part.isfinite().all()) for part in got)
+                    assert bool((got[2] >= 1).all()) and bool((got[0].abs() <= 1).all())
+                    if scale == 1.0 or dtype == torch.float64:
+                        assert_same_normwise(dict(zip("hcnm", got, strict=True)),
+                                             dict(zip("hcnm", want, strict=True)), dtype,
+                                             group="slstm step kernel")
+                        continue
+                    exact = _step_case(batch, heads, torch.float64, scale, empty_state,
+                                       seed=batch + heads)
+                    truth = _step64(exact, with_bias, exp_forget)
+                    moved = [0.0] * 4
+                    generator = torch.Generator().manual_seed(0)
+                    for _ in range(3):  # one float32 rounding of every input, in float64
+                        rounded = _step64(exact, with_bias, exp_forget, generator)
+                        moved = [max(a, _normwise(b, t)) for a, b, t in
+                                 zip(moved, rounded, truth, strict=True)]
+                    for part, mine, exact_part, sensitivity in zip("hcnm", got, truth, moved,
+                                                                   strict=True):
+                        allowed = max(STEP_TOLERANCE[dtype], 10 * sensitivity)
+                        error = _normwise(mine.double(), exact_part)
+                        assert error <= allowed, f"{part}: {error:.3g} > {allowed:.3g}"
+    finally:
+        kernels.set_thread_min_multiply_adds(built)
+
+
+def test_step_kernel_checks_every_argument():
+    """A direct call of ``slstm_step`` with a wrong argument names the kernel, the argument,
+    what it got and what it accepts, before any work."""
+    kernels = build.kernels()
+    batch, heads, width, inputs = 2, 2, 4, 3
+    hidden = heads * width
+    state = torch.zeros(batch, hidden)
+    good = {"x": torch.zeros(batch, inputs), "h": state, "c": state, "n": state, "m": state,
+            "w_ih": torch.zeros(4 * hidden, inputs), "w_hh": torch.zeros(heads, 4 * width, width),
+            "b_ih": torch.zeros(4 * hidden), "exp_forget": False}
+    assert all(part.shape == (batch, hidden) for part in kernels.slstm_step(*good.values()))
+    cases = [
+        ("x", torch.zeros(batch, inputs, 1), r"x must have 2 dimensions, got shape \[2, 3, 1\]"),
+        ("x", torch.zeros(batch, inputs, dtype=torch.int64), r"x must be float32 or float64"),
+        ("h", torch.zeros(batch, hidden + 1), r"h must have shape \[2, 8\], got \[2, 9\]"),
+        ("c", torch.zeros(batch + 1, hidden), r"c must have shape \[2, 8\], got \[3, 8\]"),
+        ("n", torch.zeros(batch, hidden, dtype=torch.float64), r"n must be Float, got Double"),
+        ("m", torch.zeros(hidden, batch).t(), r"m must be contiguous"),
+        ("w_ih", torch.zeros(4 * hidden, inputs + 1), r"w_ih must have shape \[32, 3\]"),
+        ("w_hh", torch.zeros(4 * hidden, hidden),
+         r"w_hh must have 3 dimensions \[heads, 4 \* head_size, head_size\], got shape "
+         r"\[32, 8\]"),
+        ("w_hh", torch.zeros(heads, 3 * width, width),
+         r"w_hh must have shape \[2, 16, 4\], got \[2, 12, 4\]"),
+        ("b_ih", torch.zeros(3 * hidden), r"b_ih must have shape \[32\], got \[24\]"),
+    ]
+    for name, wrong, message in cases:
+        with pytest.raises(RuntimeError, match=f"slstm_step: {message}"):
+            kernels.slstm_step(*{**good, name: wrong}.values())
+
+
 # ---- the paper's equations and the stabiliser -----------------------------------------------
 def _dense_recurrent(weight_hh):
     """The block-diagonal (4H, H) matrix: gate g's (H, H) block is block_diag over heads."""

@@ -217,6 +217,16 @@ def step(kind, x: Tensor, state, weights):
                             kind.nonlinearity == "relu")
 
 
+def slstm_step(x: Tensor, state, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+               exp_forget: bool):
+    """The sLSTM's ``(h, c, n, m)`` after one step of ``x (N, I)`` from ``state`` (each ``(N,
+    H)``; ``m`` taken as ``-inf`` where ``n = 0``), ``w_ih (4H, I)`` and ``b_ih (4H,)``
+    gate-major, ``w_hh (K, 4d, d)``: both products and the stabilised gate math in one call
+    (`kernels.cpp`, "sLSTM: one streamed step")."""
+    h, c, n, m = state
+    return tuple(_kernels().slstm_step(x, h, c, n, m, w_ih, w_hh, b_ih, exp_forget))
+
+
 # ---- the recurrence operators: layer norm, recurrent dropout, zoneout -----------------------
 #
 # The input side ``pre_x (T, N, G*H)`` comes computed (on autograd) and is only read; the kernels

@@ -1852,6 +1852,107 @@ std::vector<Tensor> slstm_backward(const Tensor& d_output, const Tensor& d_h_n,
   return {d_pre, d_h, d_c, d_n, d_m};
 }
 
+// ---- sLSTM: one streamed step (inference) ---------------------------------------------------
+//
+// The sLSTM's counterpart of the other families' step kernels ("one streamed step" below): a
+// token at a time, batch 1 to a few, nothing saved for a backward (the engine calls it only when
+// nothing is differentiated). The sequence kernel above would run such a step as an input
+// projection with head-major weight rows (a reordered copy of W_ih per call), then its loop; here
+// each block of units inside one head takes every gate row of both products for those units --
+// W_ih's rows in the public gate-major layout, R_k's as weight_hh (K, 4d, d) stores them -- into
+// a block of pre-activations on the stack, and finishes the units' stabilised gate math (the
+// sequence kernel's, value for value) while they are in cache. No buffer beyond the four new
+// states. Blocks are split between threads by at::parallel_for's static split (each core the
+// same share of the weights every call), with only as many threads as get
+// `thread_min_multiply_adds` each (one: inline on the calling thread).
+
+// Defined with the other step kernels' pieces ("one streamed step"); declared here so that this
+// section sits with the sLSTM's other kernels.
+template <typename T>
+void dot_rows(Block<const T> x, const T* w, int64_t ldw, int64_t cols, T* out, int64_t ldo,
+              bool accumulate);
+
+// Rows of the batch whose pre-activations a block holds at once: two of dot_rows' 3-row tiles.
+constexpr int64_t slstm_step_rows = 6;
+
+// One sLSTM step: x (N, I); h, c, n, m (N, H); w_ih (4H, I) gate-major (W_i|W_f|W_z|W_o);
+// w_hh [K, 4d, d], head k's (R_i|R_f|R_z|R_o); b_ih (4H,) or none. Returns {h', c', n', m'}
+// (N, H). Where n = 0, m is taken as -inf (the layers' rule for a state without normaliser mass,
+// `slstm.empty_where_no_mass`, applied to the state entering every step: a no-op from a cell's
+// own states, whose n >= 1).
+std::vector<Tensor> slstm_step(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& n,
+                               const Tensor& m, const Tensor& w_ih, const Tensor& w_hh,
+                               const std::optional<Tensor>& b_ih, bool exp_forget) {
+  const Arguments check("slstm_step", "x", x, 2);
+  const auto [K, d] = slstm_heads("slstm_step", w_hh);
+  const int64_t N = x.size(0), I = x.size(1), H = K * d, G = 4 * d;
+  check("h", h, {N, H});
+  check("c", c, {N, H});
+  check("n", n, {N, H});
+  check("m", m, {N, H});
+  check("w_ih", w_ih, {4 * H, I});
+  check("w_hh", w_hh, {K, G, d});
+  check("b_ih", b_ih, {4 * H});
+  const BelowAutograd below_autograd;
+  Tensor h_new = at::empty({N, H}, x.options()), c_new = at::empty({N, H}, x.options()),
+         n_new = at::empty({N, H}, x.options()), m_new = at::empty({N, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slstm_step", [&] {
+    using V = Vec<scalar_t>;
+    constexpr int64_t B = V::size();  // units per block: one vector
+    const int64_t blocks_per_head = (d + B - 1) / B;
+    const int64_t grain = std::max<int64_t>(
+        1, thread_min_multiply_adds / std::max<int64_t>(1, B * N * 4 * (I + d)));
+    const scalar_t *x_p = x.data_ptr<scalar_t>(), *h_p = h.data_ptr<scalar_t>(),
+                   *c_p = c.data_ptr<scalar_t>(), *n_p = n.data_ptr<scalar_t>(),
+                   *m_p = m.data_ptr<scalar_t>(), *w_ih_p = w_ih.data_ptr<scalar_t>(),
+                   *w_hh_p = w_hh.data_ptr<scalar_t>();
+    const scalar_t* b_p = b_ih.has_value() ? b_ih->data_ptr<scalar_t>() : nullptr;
+    scalar_t *h_new_p = h_new.data_ptr<scalar_t>(), *c_new_p = c_new.data_ptr<scalar_t>(),
+             *n_new_p = n_new.data_ptr<scalar_t>(), *m_new_p = m_new.data_ptr<scalar_t>();
+    const V no_mass(-std::numeric_limits<scalar_t>::infinity()), zero(scalar_t(0));
+    at::parallel_for(0, K * blocks_per_head, grain, [&](int64_t first, int64_t end) {
+      scalar_t pre[4][slstm_step_rows][B];  // (ĩ|f̃|z̃|õ) of the block's units, a chunk of rows
+      for (int64_t b = first; b < end; ++b) {
+        const int64_t k = b / blocks_per_head, j = (b % blocks_per_head) * B;
+        const int64_t u = std::min(B, d - j), unit = k * d + j;  // unit: in a state row
+        for (int64_t n0 = 0; n0 < N; n0 += slstm_step_rows) {
+          const int64_t rows = std::min(slstm_step_rows, N - n0);
+          const Block<const scalar_t> xs{x_p + n0 * I, rows, I, I};
+          const Block<const scalar_t> hs{h_p + n0 * H + k * d, rows, d, H};  // head k's h
+          for (int64_t g = 0; g < 4; ++g) {
+            const int64_t row = g * H + unit;  // the gate's first row of W_ih and b_ih
+            for (int64_t r = 0; r < rows; ++r) {
+              for (int64_t v = 0; v < u; ++v) pre[g][r][v] = b_p ? b_p[row + v] : scalar_t(0);
+            }
+            dot_rows<scalar_t>(xs, w_ih_p + row * I, I, u, &pre[g][0][0], B, true);
+            dot_rows<scalar_t>(hs, w_hh_p + (k * G + g * d + j) * d, d, u, &pre[g][0][0], B,
+                               true);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t at = (n0 + r) * H + unit;
+            const V i_pre = V::loadu(pre[0][r], u), f_pre = V::loadu(pre[1][r], u);
+            const V n_old = V::loadu(n_p + at, u);
+            const V m_old = V::blendv(V::loadu(m_p + at, u), no_mass, n_old == zero);
+            const V log_f_plus_m = log_forget(f_pre, exp_forget) + m_old;
+            // max(log f + m, ĩ), the first branch on a tie: slstm_forward's choice.
+            const V m_next = V::blendv(i_pre, log_f_plus_m, log_f_plus_m >= i_pre);
+            const V i = (i_pre - m_next).exp(), f = (log_f_plus_m - m_next).exp();
+            const V z = fast_tanh(V::loadu(pre[2][r], u));
+            const V o = exact_sigmoid(V::loadu(pre[3][r], u));
+            const V c_next = f * V::loadu(c_p + at, u) + i * z;
+            const V n_next = f * n_old + i;
+            (o * (c_next / n_next)).store(h_new_p + at, u);  // a true division, as the forward
+            c_next.store(c_new_p + at, u);
+            n_next.store(n_new_p + at, u);
+            m_next.store(m_new_p + at, u);
+          }
+        }
+      }
+    });
+  });
+  return {h_new, c_new, n_new, m_new};
+}
+
 // ---- the recurrence kernels: layer norm, recurrent dropout, zoneout --------------------------
 //
 // The `*_recurrence_*` kernels run only the recurrence: the input side pre_x (T, N, G*H) comes in
@@ -3618,6 +3719,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gru_backward", &gru_backward);
   m.def("slstm_forward", &slstm_forward);
   m.def("slstm_backward", &slstm_backward);
+  m.def("slstm_step", &slstm_step);
   m.def("rnn_step", &rnn_step);
   m.def("lstm_step", &lstm_step);
   m.def("gru_step", &gru_step);
