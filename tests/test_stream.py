@@ -350,3 +350,190 @@ def test_a_compiled_cell_step_traces_whole_and_equals_eager(with_state, kernel_c
         assert not kernel_calls  # compiled: the operators, not the eager short way
         want = cell(x, hx)
     assert_close(got, want)
+
+
+# ---- sLSTM: the cell, a one-step layer call and SLSTM.stream() on its step kernel ---------
+
+@pytest.fixture
+def slstm_kernel_calls(monkeypatch):
+    """How many times the sLSTM step kernel ran (each call: one layer, one step)."""
+    calls = []
+    real = engine.native_functions.slstm_step
+
+    def spy(*arguments):
+        calls.append(arguments[0].shape)
+        return real(*arguments)
+
+    monkeypatch.setattr(engine.native_functions, "slstm_step", spy)
+    return calls
+
+
+SLSTM_LAYER_CASES = {
+    "one-head": lambda dtype: rnnkit.SLSTM(5, 12, dtype=dtype),
+    "four-heads-2-layers": lambda dtype: rnnkit.SLSTM(5, 12, num_layers=2, num_heads=4,
+                                                      dtype=dtype),
+    "exp-forget-batch-first": lambda dtype: rnnkit.SLSTM(5, 12, num_heads=3, batch_first=True,
+                                                         forget_gate="exp", dtype=dtype),
+    "no-bias-3-layers": lambda dtype: rnnkit.SLSTM(5, 12, num_layers=3, num_heads=2,
+                                                   bias=False, dtype=dtype),
+}
+
+
+def _slstm_state(layer, batch, generator, dtype):
+    """A reachable state (|c| <= n, n >= 1), one row without normaliser mass (n = 0: m is taken
+    as -inf there, whatever it holds)."""
+    shape = (layer.num_layers, batch, layer.hidden_size)
+    n = 1 + torch.rand(shape, generator=generator, dtype=dtype)
+    c = (torch.rand(shape, generator=generator, dtype=dtype) * 2 - 1) * n
+    h = torch.randn(shape, generator=generator, dtype=dtype).tanh() * 0.5
+    m = torch.randn(shape, generator=generator, dtype=dtype)
+    n[:, 0], c[:, 0], h[:, 0] = 0.0, 0.0, 0.0
+    return h, c, n, m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("with_state", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("name", list(SLSTM_LAYER_CASES))
+def test_an_slstm_stream_equals_forward_on_the_whole_sequence(name, with_state, dtype,
+                                                              slstm_kernel_calls):
+    torch.manual_seed(0)
+    layer = SLSTM_LAYER_CASES[name](dtype).eval()
+    generator = torch.Generator().manual_seed(2)
+    steps = torch.randn(9, 3, 5, generator=generator, dtype=dtype)  # (T, N, I)
+    hx = _slstm_state(layer, 3, generator, dtype) if with_state else None
+    sequence = steps.transpose(0, 1) if layer.batch_first else steps
+    with torch.no_grad():
+        expected, expected_state = layer(sequence, hx)  # the native sequence loop
+        assert not slstm_kernel_calls
+        stream = layer.stream(hx)
+        assert stream.state is None
+        outputs = torch.stack([stream(x) for x in steps], dim=1 if layer.batch_first else 0)
+    assert_close(outputs, expected)
+    assert_close(stream.state, expected_state)
+    # every step is one kernel call per layer (the first through forward's checks)
+    assert len(slstm_kernel_calls) == 9 * layer.num_layers
+
+
+def test_an_unbatched_slstm_stream_and_a_one_step_layer_call(slstm_kernel_calls):
+    torch.manual_seed(0)
+    layer = rnnkit.SLSTM(5, 8, num_layers=2, num_heads=2).eval()
+    steps = torch.randn(4, 5)  # (T, I) unbatched
+    with torch.no_grad():
+        expected, expected_state = layer(steps)
+        stream = layer.stream()
+        outputs = torch.stack([stream(x) for x in steps])
+        assert len(slstm_kernel_calls) == 4 * 2
+        assert outputs.shape == (4, 8) and all(s.shape == (2, 8) for s in stream.state)
+        assert_close(outputs, expected)
+        assert_close(stream.state, expected_state)
+        state = None
+        for t, x in enumerate(steps):  # forward on one step at a time, the state carried
+            output, state = layer(x.unsqueeze(0), state)
+            assert_close(output[0], expected[t])
+        assert len(slstm_kernel_calls) == 2 * 4 * 2
+        assert_close(state, expected_state)
+
+
+@pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])
+def test_an_slstm_cell_step_without_gradients_runs_the_kernel(forget_gate, slstm_kernel_calls):
+    """The cell's short way (batched input, state None or of its shapes) and its general way
+    (unbatched; a list for hx) take the kernel; each equals the reference step."""
+    torch.manual_seed(0)
+    cell = rnnkit.SLSTMCell(6, 12, num_heads=4, forget_gate=forget_gate, dtype=torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih)
+    exp_forget = forget_gate == "exp"
+    with torch.no_grad():
+        state = cell(x)
+        empty = (torch.zeros(3, 12, dtype=torch.float64),) * 3 + (
+            torch.full((3, 12), float("-inf"), dtype=torch.float64),)
+        assert_close(state, rnnkit.engine.slstm.step(x, empty, *weights, exp_forget))
+        again = cell(x, state)
+        assert_close(again, rnnkit.engine.slstm.step(x, state, *weights, exp_forget))
+        assert_close(cell(x, list(state)), again)
+        assert_close(cell(x[1], tuple(s[1] for s in state)), tuple(s[1] for s in again))
+    assert len(slstm_kernel_calls) == 4
+
+
+def test_the_slstm_step_kernel_is_declined_where_it_does_not_apply(monkeypatch,
+                                                                   slstm_kernel_calls):
+    torch.manual_seed(0)
+    cell = rnnkit.SLSTMCell(6, 8, num_heads=2)
+    weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih)
+    x = torch.randn(2, 6)
+    state = tuple(part.detach() for part in cell(x))  # grad mode, weights needing grad
+    assert state[0].requires_grad is False and not slstm_kernel_calls
+    step = rnnkit.engine.slstm_inference_step
+    with torch.no_grad():
+        assert step(x, state, *weights, False) is not None
+        assert step(x, state, *weights, False, "reference") is None
+        assert step(x, state, *weights, False, "fused") is None
+        monkeypatch.setenv("RNNKIT_BACKEND", "fused")
+        assert step(x, state, *weights, False, "auto") is None
+        cell(x, state)  # the cell follows the environment too: its autograd step
+        monkeypatch.delenv("RNNKIT_BACKEND")
+        assert step(torch.randn(2, 12)[:, ::2], state, *weights, False) is None  # strided
+        assert step(x.double(), state, *weights, False) is None  # dtypes differ
+        big = rnnkit.engine.STEP_KERNEL_MAX_BATCH + 1
+        big_state = tuple(s[:1].expand(big, -1).contiguous() for s in state)
+        assert step(x[:1].expand(big, -1).contiguous(), big_state, *weights, False) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert step(x, state, *weights, False) is None
+    assert step(x, state, *weights, False) is None  # grad mode: weights to differentiate
+    assert len(slstm_kernel_calls) == 1
+    layer = rnnkit.SLSTM(6, 8, num_layers=2, dropout=0.5, backend="fused")
+    with torch.no_grad():
+        layer(x.unsqueeze(0))  # backend="fused": its operator
+        assert len(slstm_kernel_calls) == 1
+        layer.backend = "auto"
+        # Training with dropout between layers: each stream step is forward's (a mask drawn
+        # per call, as forward draws it), whose one-step layers then take the kernel.
+        stream, state = layer.stream(), None
+        for seed in range(3):
+            torch.manual_seed(seed)
+            streamed = stream(x)
+            torch.manual_seed(seed)
+            output, new_state = layer(x.unsqueeze(0), state)
+            torch.testing.assert_close(streamed, output[0], rtol=0, atol=0)
+            assert not torch.equal(output[0], layer.eval()(x.unsqueeze(0), state)[0][0])
+            layer.train()
+            state = new_state
+    assert len(slstm_kernel_calls) == 1 + 3 * 3 * 2
+
+
+def test_an_slstm_stream_with_gradients_runs_forward_and_differentiates(slstm_kernel_calls):
+    torch.manual_seed(0)
+    layer = rnnkit.SLSTM(5, 8, num_layers=2, num_heads=2).eval()
+    steps = torch.randn(4, 2, 5)
+    expected, _ = layer(steps)
+    stream = layer.stream()
+    outputs = torch.stack([stream(x) for x in steps])  # grad mode: forward, recorded
+    assert not slstm_kernel_calls
+    torch.testing.assert_close(outputs, expected, rtol=2e-6, atol=2e-6)
+    (grad_stream,) = torch.autograd.grad(outputs.sum(), layer.weight_hh_l1)
+    (grad_forward,) = torch.autograd.grad(expected.sum(), layer.weight_hh_l1)
+    torch.testing.assert_close(grad_stream, grad_forward, rtol=1e-5, atol=1e-6)
+
+
+def test_slstm_stream_and_cell_errors_name_the_argument():
+    with pytest.raises(ValueError, match="SLSTM.stream needs a unidirectional layer"):
+        rnnkit.SLSTM(5, 8, bidirectional=True).stream()
+    layer = rnnkit.SLSTM(5, 8).eval()
+    cell = rnnkit.SLSTMCell(5, 8)
+    stream = layer.stream()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"SLSTM stream input must have shape .*got \(2, 6\)"):
+            stream(torch.randn(2, 6))
+        stream(torch.randn(2, 5))
+        with pytest.raises(ValueError, match=r"keep the shape of the stream's first step"):
+            stream(torch.randn(3, 5))
+        with pytest.raises(ValueError, match=r"SLSTM hx \(c_0\) must have shape"):
+            layer.stream((torch.zeros(1, 2, 8), torch.zeros(1, 3, 8), torch.zeros(1, 2, 8),
+                          torch.zeros(1, 2, 8)))(torch.randn(2, 5))
+        # the cell's short way declines a wrong input; the general way names it
+        with pytest.raises(ValueError, match=r"SLSTMCell input must have shape \(N, 5\)"):
+            cell(torch.randn(3, 7))
+        with pytest.raises(ValueError, match=r"SLSTMCell hx \(m_0\) must have shape"):
+            cell(torch.randn(3, 5), (torch.zeros(3, 8),) * 3 + (torch.zeros(2, 8),))
+        with pytest.raises(TypeError, match="SLSTMCell input has dtype torch.float64"):
+            cell(torch.randn(3, 5, dtype=torch.float64))

@@ -36,6 +36,7 @@ from rnnkit.engine import precision, slstm
 from rnnkit.engine.slstm import FORGET_GATES, GATES, SLSTMState
 from rnnkit.layers import _repack, _stack, prepare_sequence
 from rnnkit.minimal import _check_sizes, _reset_uniform, _step_input
+from rnnkit.stream import SLSTMStream
 
 _STATE_PARTS = ("h_0", "c_0", "n_0", "m_0")
 
@@ -116,6 +117,15 @@ class SLSTMCell(nn.Module):
     0``, ``m`` is taken as ``-inf``, so all-zero states act as the default.
     Output: ``(h', c', n', m')``, each ``(N, H)`` or ``(H,)``.
 
+    Execution: where nothing is to be differentiated (no_grad, or no tensor requiring a
+    gradient), in plain eager mode (no compile, trace, autocast or torch.func), on the CPU in
+    float32/float64 with the native kernels built, with at most
+    ``rnnkit.engine.STEP_KERNEL_MAX_BATCH`` rows of contiguous tensors, a step is one call of
+    the native sLSTM step kernel (both products and the stabilised gate math;
+    `rnnkit.engine.slstm_inference_step`); ``RNNKIT_BACKEND`` set to ``"fused"`` or
+    ``"reference"`` turns it off. Everywhere else the step runs on autograd
+    (`rnnkit.engine.slstm.step`). Both give the same values.
+
     Parameters: ``weight_ih (4H, I)`` as ``(W_i|W_f|W_z|W_o)``, ``weight_hh (num_heads, 4d,
     d)`` as head ``k``'s ``(R_i|R_f|R_z|R_o)``, ``bias_ih (4H,)``; all ``U(-1/sqrt(H),
     1/sqrt(H))``. The state dict is one layer and direction of `SLSTM`'s without ``_l0``.
@@ -159,6 +169,9 @@ class SLSTMCell(nn.Module):
 
     def forward(self, input: Tensor, hx: SLSTMState | None = None) -> SLSTMState:
         """One step; shapes in the class docstring. Unbatched input gives an unbatched state."""
+        new = self._inference_step(input, hx)
+        if new is not None:
+            return new
         # float32 under autocast, the families' rule (engine/precision.py)
         if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih):
             param = self.weight_ih
@@ -172,8 +185,45 @@ class SLSTMCell(nn.Module):
             state = _empty_state(shape, x)
         else:
             state = _check_state(name, hx, shape, "(N, H)" if x.dim() == 2 else "(H,)", x)
-        return slstm.step(x, state, self.weight_ih, self.weight_hh, self.bias_ih,
-                          self.forget_gate == "exp")
+        exp_forget = self.forget_gate == "exp"
+        # The step kernel where it applies (unbatched: on one row), for what the short way
+        # declined only by its form (an unbatched input, a list for hx, a zero-row batch).
+        batched = x.dim() == 2
+        new = engine.slstm_inference_step(
+            x if batched else x.unsqueeze(0),
+            state if batched else tuple(s.unsqueeze(0) for s in state), *self._weights(),
+            exp_forget) if x.numel() else None
+        if new is not None:
+            return new if batched else tuple(s.squeeze(0) for s in new)
+        return slstm.step(x, state, self.weight_ih, self.weight_hh, self.bias_ih, exp_forget)
+
+    def _weights(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(weight_ih, weight_hh, bias_ih)``: the parameters looked up directly (a streamed
+        step asks every call), computed ones (parametrizations) through their attributes."""
+        if "parametrizations" in self._modules:
+            return self.weight_ih, self.weight_hh, self.bias_ih
+        parameters = self._parameters
+        return parameters["weight_ih"], parameters["weight_hh"], parameters["bias_ih"]
+
+    def _inference_step(self, x: object, hx: object) -> SLSTMState | None:
+        """A streamed step's short way: the step kernel straight away
+        (`engine.slstm_inference_step`) when the input is a batched tensor of the right size
+        and the state None or four tensors of exactly its shape, and the engine's conditions
+        hold; else None, and `forward` checks everything and runs the general way, which gives
+        the errors. Where ``n = 0`` the kernel takes ``m`` as ``-inf``, as the general way."""
+        if (type(x) is not Tensor or x.dim() != 2 or x.shape[1] != self.input_size
+                or x.shape[0] == 0):
+            return None
+        shape = (x.shape[0], self.hidden_size)
+        if hx is None:
+            state = _empty_state(shape, x)
+        elif (type(hx) is tuple and len(hx) == 4
+              and all(type(t) is Tensor and t.shape == shape for t in hx)):
+            state = hx
+        else:
+            return None
+        return engine.slstm_inference_step(x, state, *self._weights(),
+                                           self.forget_gate == "exp")
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -217,7 +267,11 @@ class SLSTM(nn.Module):
             ``"fused"`` (the ``rnnkit::fused_slstm`` operator: preallocated buffers, one
             batched product per step, hand-written backward) or ``"reference"`` (the step
             loop on autograd); settable later as ``layer.backend``. All give the same
-            results.
+            results. A one-step sequence without ``lengths`` (a streamed step; see also
+            `stream`) with nothing to differentiate runs under ``"auto"`` and ``"native"`` on
+            the native sLSTM step kernel instead (both products and the stabilised gate math in
+            one call; CPU, float32/float64, at most ``rnnkit.engine.STEP_KERNEL_MAX_BATCH``
+            rows, plain eager mode: `rnnkit.engine.slstm_inference_step`).
 
     Inputs: ``input, hx`` (optional), ``lengths`` (optional; by keyword, or third by position)
         - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first=True``, unbatched
@@ -319,9 +373,21 @@ class SLSTM(nn.Module):
     def weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(weight_ih, weight_hh, bias_ih)`` of one layer and direction (bias None with
         bias=False)."""
-        w_ih, w_hh, b_ih = self._parameter_names[layer * self.num_directions + direction]
-        return getattr(self, w_ih), getattr(self, w_hh), None if b_ih is None else getattr(
-            self, b_ih)
+        names = self._parameter_names[layer * self.num_directions + direction]
+        # The parameters themselves, looked up directly (a streamed step asks every call);
+        # computed ones (parametrizations) through their attributes.
+        parameters = {} if "parametrizations" in self._modules else self._parameters
+        return tuple(None if name is None else parameters[name] if name in parameters
+                     else getattr(self, name) for name in names)
+
+    def stream(self, hx: SLSTMState | None = None) -> SLSTMStream:
+        """A handle that runs this layer one time step per call, keeping the state between
+        calls (streaming inference): ``stream(x_t)`` equals ``forward`` on the one-step
+        sequence from the state so far, which starts at ``hx`` (``forward``'s form; None: the
+        empty state). Checks once, then each layer's step is one call of the sLSTM step kernel
+        where nothing is differentiated (`rnnkit.stream.SLSTMStream`). Unidirectional layers
+        only."""
+        return SLSTMStream(self, hx)
 
     def forward(
         self,

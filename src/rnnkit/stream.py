@@ -7,12 +7,15 @@ return it, and runs each layer's step on `rnnkit.engine.inference_step` (one nat
 layer: both products and the gate math). Where that does not apply (something to
 differentiate, a mask to draw, layer norm, another device, compile, ...) a call runs the
 layer's ``forward`` on the one-step sequence: every call gives what ``forward`` gives.
+`SLSTMStream` is the same handle for `rnnkit.SLSTM`, its steps on
+`rnnkit.engine.slstm_inference_step` (the sLSTM's step kernel).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from rnnkit import engine
@@ -21,6 +24,7 @@ from rnnkit.engine.steps import Family, State, output_of
 
 if TYPE_CHECKING:  # the layers import this module
     from rnnkit.layers import RecurrentLayer
+    from rnnkit.slstm import SLSTM
 
 
 class LayerStream:
@@ -119,10 +123,72 @@ class LayerStream:
         output, final = layer(sequence, self.state if self._states is not None else self._hx)
         if self._states is None:
             self._batched, self._input_shape = batched, tuple(x.shape)
-        self._states = _final_states(layer, final, batched)
+        self._states = self._split_final(final, batched)
         if not batched:
             return output[0]
         return output[:, 0] if layer.batch_first else output[0]  # (N, H_out)
+
+    def _split_final(self, final: State, batched: bool) -> list[State]:
+        """``forward``'s final state -> the per-layer states the steps carry."""
+        return _final_states(self.layer, final, batched)
+
+
+class SLSTMStream(LayerStream):
+    r"""Steps of a unidirectional `rnnkit.SLSTM`, one call each: `LayerStream`'s contract.
+
+    ``stream(x_t)`` equals ``layer(x_t.unsqueeze(0), s)`` (``unsqueeze(1)`` with
+    ``batch_first``), the stream's state becoming its final state ``(h_n, c_n, n_n, m_n)``,
+    each ``(L, N, H)`` (unbatched ``(L, H)``); ``hx`` in ``forward``'s form (None: the empty
+    state). Where nothing is differentiated and no dropout mask is drawn, each layer's step is
+    one call of the sLSTM step kernel (`rnnkit.engine.slstm_inference_step`), on the CPU in
+    float32/float64 with the kernels built and at most ``engine.STEP_KERNEL_MAX_BATCH`` rows;
+    elsewhere a step runs ``forward`` on the one-step sequence.
+
+    Example::
+
+        >>> slstm = rnnkit.SLSTM(10, 20, num_layers=2, num_heads=4).eval()
+        >>> stream = slstm.stream()
+        >>> with torch.no_grad():
+        ...     y = [stream(x_t) for x_t in torch.randn(5, 3, 10)]    # each (3, 20)
+        >>> h_n, c_n, n_n, m_n = stream.state                           # (2, 3, 20) each
+    """
+
+    layer: SLSTM
+
+    @property
+    def state(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """The final state after the steps so far, as the layer's ``forward`` returns it."""
+        if self._states is None:
+            return None
+        stacked = tuple(torch.stack([state[part] for state in self._states])
+                        for part in range(4))
+        return stacked if self._batched else tuple(s.squeeze(1) for s in stacked)
+
+    def _inference_step(self, x: Tensor, states: list) -> Tensor | None:
+        """Every layer on `engine.slstm_inference_step`, or None (nothing changed) where it
+        does not apply: in training with dropout between layers, or where the engine declines
+        (it decides before any work, the same for every layer)."""
+        layer = self.layer
+        if layer.training and layer.dropout and layer.num_layers > 1:
+            return None
+        exp_forget, backend = layer.forget_gate == "exp", layer.backend
+        new_states, layer_input = [], x
+        for index, state in enumerate(states):
+            new = engine.slstm_inference_step(layer_input, state, *layer.weights(index, 0),
+                                              exp_forget, backend)
+            if new is None:
+                return None
+            new_states.append(new)
+            layer_input = new[0]
+        self._states = new_states
+        return layer_input.clone()  # the kernel's h is the state: the output never aliases it
+
+    def _split_final(self, final, batched: bool) -> list:
+        """``forward``'s ``(h_n, c_n, n_n, m_n)`` -> per layer ``(h, c, n, m)``, each ``(N, H)``,
+        contiguous."""
+        parts = final if batched else tuple(s.unsqueeze(1) for s in final)
+        return [tuple(p.contiguous() for p in per_layer)
+                for per_layer in zip(*parts, strict=True)]
 
 
 def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[State]:
@@ -136,5 +202,5 @@ def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[St
     return [h.contiguous() for h in h_n]
 
 
-__all__ = ["LayerStream"]
+__all__ = ["LayerStream", "SLSTMStream"]
 

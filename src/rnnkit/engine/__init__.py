@@ -31,7 +31,9 @@ exporting or under autocast, where the operators' own rules hold.
 A streamed step (a cell's call, a layer's `rnnkit.stream.LayerStream` step, a one-step
 sequence) with nothing to differentiate, at most `STEP_KERNEL_MAX_BATCH` rows and no layer norm
 or masks, runs under "auto" and "native" on the native step kernels (`inference_step`): both
-products and the gate math of a layer in one call.
+products and the gate math of a layer in one call. The sLSTM's streamed step (`SLSTMCell`, a
+one-step `SLSTM` call, `SLSTM.stream`) runs on its own step kernel under the same conditions
+(`slstm_inference_step`).
 
 The environment variable ``RNNKIT_BACKEND`` forces one backend for every layer (for testing and
 benchmarking without touching code).
@@ -172,18 +174,27 @@ def inference_step(kind: CellKind, x: Tensor, state: State, weights: CellWeights
     if (torch.compiler.is_compiling()  # first: the rest is for eager tensors
             or weights.layer_norm_hh is not None or weights.weight_ih is None):
         return None
-    dtype = x.dtype
-    if dtype not in native.SUPPORTED_DTYPES or x.shape[0] > STEP_KERNEL_MAX_BATCH:
-        return None
     tensors = (x, *state, *weights) if type(state) is tuple else (x, state, *weights)
-    if not all(t is None or (t.dtype is dtype and t.is_cpu and t.is_contiguous())
-               for t in tensors):
-        return None
-    if not ops.plain_eager(*tensors) or not native.available():
-        return None
-    if resolve_backend(backend) not in ("auto", "native"):
+    if not _step_kernels_run(x, tensors, backend):
         return None
     return native_functions.step(kind, x, state, weights)
+
+
+def _step_kernels_run(x: Tensor, tensors: tuple, backend: str) -> bool:
+    """The step kernels' conditions shared by every family (`inference_step`,
+    `slstm_inference_step`): at most `STEP_KERNEL_MAX_BATCH` rows of ``x``, every tensor (None:
+    an absent bias) contiguous on the CPU and of ``x``'s float32 or float64 dtype, plain eager
+    mode with nothing to differentiate (`ops.plain_eager`), the kernels built, and "auto" or
+    "native" after ``RNNKIT_BACKEND``. The caller has ruled out compiling (asked first)."""
+    dtype = x.dtype
+    if dtype not in native.SUPPORTED_DTYPES or x.shape[0] > STEP_KERNEL_MAX_BATCH:
+        return False
+    if not all(t is None or (t.dtype is dtype and t.is_cpu and t.is_contiguous())
+               for t in tensors):
+        return False
+    if not ops.plain_eager(*tensors) or not native.available():
+        return False
+    return resolve_backend(backend) in ("auto", "native")
 
 
 def runs_torch_lstm(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
@@ -291,8 +302,31 @@ def run_slstm_direction(x: Tensor, state: slstm.SLSTMState, weight_ih: Tensor,
     if onnx.is_capturing():  # ONNX: the step in a Scan loop (engine/onnx.py)
         return onnx.run_slstm_direction(x, state, weight_ih, weight_hh, bias_ih, lengths,
                                         reverse, exp_forget)
+    if x.shape[0] == 1 and lengths is None and x.shape[1] > 0:  # a streamed step
+        final = slstm_inference_step(x[0], state, weight_ih, weight_hh, bias_ih, exp_forget,
+                                     backend)
+        if final is not None:  # the output a copy: it never aliases the final state
+            return final[0].unsqueeze(0).clone(), final
     run = _SLSTM_RUNNERS[slstm_engine_for(backend, x)]
     return run(x, state, weight_ih, weight_hh, bias_ih, lengths, reverse, exp_forget)
+
+
+def slstm_inference_step(x: Tensor, state: slstm.SLSTMState, weight_ih: Tensor,
+                         weight_hh: Tensor, bias_ih: Tensor | None, exp_forget: bool,
+                         backend: str = "auto") -> slstm.SLSTMState | None:
+    """One sLSTM step ``x (N, I)`` -> the new ``(h, c, n, m)`` on the native step kernel
+    (``slstm_step``: both products and the stabilised gate math in one call), or None where it
+    does not apply (the caller then runs the general path): the conditions of
+    `inference_step` (at most `STEP_KERNEL_MAX_BATCH` rows, "auto" or "native" after
+    ``RNNKIT_BACKEND``, nothing to differentiate, plain eager mode, contiguous CPU tensors of
+    one float32/float64 dtype, the kernels built). ``m`` is taken as ``-inf`` where ``n = 0``
+    (`slstm.empty_where_no_mass`, applied by the kernel). The caller has checked the shapes
+    (the kernel refuses a wrong one with an error naming the argument)."""
+    if torch.compiler.is_compiling():  # first: the rest is for eager tensors
+        return None
+    if not _step_kernels_run(x, (x, *state, weight_ih, weight_hh, bias_ih), backend):
+        return None
+    return native_functions.slstm_step(x, state, weight_ih, weight_hh, bias_ih, exp_forget)
 
 
 _SLSTM_RUNNERS = {"native": ops.run_native_slstm, "fused": ops.run_fused_slstm,
@@ -302,4 +336,4 @@ _SLSTM_RUNNERS = {"native": ops.run_native_slstm, "fused": ops.run_fused_slstm,
 __all__ = ["BACKENDS", "STEP_KERNEL_MAX_BATCH", "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN",
            "BackendWarning",
            "engine_for", "inference_step", "is_exporting", "resolve_backend", "run_direction",
-           "run_slstm_direction", "runs_torch_lstm", "slstm_engine_for"]
+           "run_slstm_direction", "runs_torch_lstm", "slstm_engine_for", "slstm_inference_step"]
