@@ -474,7 +474,7 @@ def test_the_slstm_step_kernel_is_declined_where_it_does_not_apply(monkeypatch,
         monkeypatch.delenv("RNNKIT_BACKEND")
         assert step(torch.randn(2, 12)[:, ::2], state, *weights, False) is None  # strided
         assert step(x.double(), state, *weights, False) is None  # dtypes differ
-        big = rnnkit.engine.STEP_KERNEL_MAX_BATCH + 1
+        big = rnnkit.engine.SLSTM_STEP_KERNEL_MAX_BATCH + 1
         big_state = tuple(s[:1].expand(big, -1).contiguous() for s in state)
         assert step(x[:1].expand(big, -1).contiguous(), big_state, *weights, False) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -120,8 +120,8 @@ class SLSTMCell(nn.Module):
     Execution: where nothing is to be differentiated (no_grad, or no tensor requiring a
     gradient), in plain eager mode (no compile, trace, autocast or torch.func), on the CPU in
     float32/float64 with the native kernels built, with at most
-    ``rnnkit.engine.STEP_KERNEL_MAX_BATCH`` rows of contiguous tensors, a step is one call of
-    the native sLSTM step kernel (both products and the stabilised gate math;
+    ``rnnkit.engine.SLSTM_STEP_KERNEL_MAX_BATCH`` (16) rows of contiguous tensors, a step is one
+    call of the native sLSTM step kernel (both products and the stabilised gate math;
     `rnnkit.engine.slstm_inference_step`); ``RNNKIT_BACKEND`` set to ``"fused"`` or
     ``"reference"`` turns it off. Everywhere else the step runs on autograd
     (`rnnkit.engine.slstm.step`). Both give the same values.
@@ -270,8 +270,9 @@ class SLSTM(nn.Module):
             results. A one-step sequence without ``lengths`` (a streamed step; see also
             `stream`) with nothing to differentiate runs under ``"auto"`` and ``"native"`` on
             the native sLSTM step kernel instead (both products and the stabilised gate math in
-            one call; CPU, float32/float64, at most ``rnnkit.engine.STEP_KERNEL_MAX_BATCH``
-            rows, plain eager mode: `rnnkit.engine.slstm_inference_step`).
+            one call; CPU, float32/float64, at most
+            ``rnnkit.engine.SLSTM_STEP_KERNEL_MAX_BATCH`` (16) rows, plain eager mode:
+            `rnnkit.engine.slstm_inference_step`).
 
     Inputs: ``input, hx`` (optional), ``lengths`` (optional; by keyword, or third by position)
         - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first=True``, unbatched

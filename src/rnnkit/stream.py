@@ -141,8 +141,9 @@ class SLSTMStream(LayerStream):
     each ``(L, N, H)`` (unbatched ``(L, H)``); ``hx`` in ``forward``'s form (None: the empty
     state). Where nothing is differentiated and no dropout mask is drawn, each layer's step is
     one call of the sLSTM step kernel (`rnnkit.engine.slstm_inference_step`), on the CPU in
-    float32/float64 with the kernels built and at most ``engine.STEP_KERNEL_MAX_BATCH`` rows;
-    elsewhere a step runs ``forward`` on the one-step sequence.
+    float32/float64 with the kernels built and at most
+    ``engine.SLSTM_STEP_KERNEL_MAX_BATCH`` (16) rows; elsewhere a step runs ``forward`` on the
+    one-step sequence.
 
     Example::
 

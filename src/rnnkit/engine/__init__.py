@@ -33,7 +33,7 @@ sequence) with nothing to differentiate, at most `STEP_KERNEL_MAX_BATCH` rows an
 or masks, runs under "auto" and "native" on the native step kernels (`inference_step`): both
 products and the gate math of a layer in one call. The sLSTM's streamed step (`SLSTMCell`, a
 one-step `SLSTM` call, `SLSTM.stream`) runs on its own step kernel under the same conditions
-(`slstm_inference_step`).
+(`slstm_inference_step`), up to `SLSTM_STEP_KERNEL_MAX_BATCH` rows.
 
 The environment variable ``RNNKIT_BACKEND`` forces one backend for every layer (for testing and
 benchmarking without touching code).
@@ -77,6 +77,15 @@ the Intel Xeon VM (1 thread, H = 64 and 256) they took 0.34-0.84x the time of th
 (input projection, then the recurrent kernel) up to batch 4, but 1.07x at batch 8 (H = 256) and
 up to 2.3x at 128, where their dot tiles re-read the weights for every 3 rows while ATen's mm
 blocks them (benchmarks/streamed_step_parts.py and docs/benchmarks.md, issue 19)."""
+
+
+SLSTM_STEP_KERNEL_MAX_BATCH = 16
+"""Up to this batch, an sLSTM step without gradients runs on its step kernel
+(`slstm_inference_step`): at H = 256 (Intel Xeon VM, core 1 of 2, one thread, machine busy) the
+kernel took 0.43-0.53x the time of the native sequence path on one step (`run_native_slstm`,
+T = 1) at batch 1-4 and 0.79x / 0.90x at 8 / 16 with one head (0.16-0.56x with four), but 1.36x
+at 32 with one head (0.85x with four), where its dot tiles re-read the weights every 6 rows while
+the sequence path's products block them (docs/benchmarks.md, "sLSTM: the streamed step")."""
 
 
 class BackendWarning(UserWarning):
@@ -175,19 +184,19 @@ def inference_step(kind: CellKind, x: Tensor, state: State, weights: CellWeights
             or weights.layer_norm_hh is not None or weights.weight_ih is None):
         return None
     tensors = (x, *state, *weights) if type(state) is tuple else (x, state, *weights)
-    if not _step_kernels_run(x, tensors, backend):
+    if not _step_kernels_run(x, tensors, backend, STEP_KERNEL_MAX_BATCH):
         return None
     return native_functions.step(kind, x, state, weights)
 
 
-def _step_kernels_run(x: Tensor, tensors: tuple, backend: str) -> bool:
+def _step_kernels_run(x: Tensor, tensors: tuple, backend: str, max_batch: int) -> bool:
     """The step kernels' conditions shared by every family (`inference_step`,
-    `slstm_inference_step`): at most `STEP_KERNEL_MAX_BATCH` rows of ``x``, every tensor (None:
+    `slstm_inference_step`): at most ``max_batch`` rows of ``x``, every tensor (None:
     an absent bias) contiguous on the CPU and of ``x``'s float32 or float64 dtype, plain eager
     mode with nothing to differentiate (`ops.plain_eager`), the kernels built, and "auto" or
     "native" after ``RNNKIT_BACKEND``. The caller has ruled out compiling (asked first)."""
     dtype = x.dtype
-    if dtype not in native.SUPPORTED_DTYPES or x.shape[0] > STEP_KERNEL_MAX_BATCH:
+    if dtype not in native.SUPPORTED_DTYPES or x.shape[0] > max_batch:
         return False
     if not all(t is None or (t.dtype is dtype and t.is_cpu and t.is_contiguous())
                for t in tensors):
@@ -317,14 +326,15 @@ def slstm_inference_step(x: Tensor, state: slstm.SLSTMState, weight_ih: Tensor,
     """One sLSTM step ``x (N, I)`` -> the new ``(h, c, n, m)`` on the native step kernel
     (``slstm_step``: both products and the stabilised gate math in one call), or None where it
     does not apply (the caller then runs the general path): the conditions of
-    `inference_step` (at most `STEP_KERNEL_MAX_BATCH` rows, "auto" or "native" after
+    `inference_step` (at most `SLSTM_STEP_KERNEL_MAX_BATCH` rows, "auto" or "native" after
     ``RNNKIT_BACKEND``, nothing to differentiate, plain eager mode, contiguous CPU tensors of
     one float32/float64 dtype, the kernels built). ``m`` is taken as ``-inf`` where ``n = 0``
     (`slstm.empty_where_no_mass`, applied by the kernel). The caller has checked the shapes
     (the kernel refuses a wrong one with an error naming the argument)."""
     if torch.compiler.is_compiling():  # first: the rest is for eager tensors
         return None
-    if not _step_kernels_run(x, (x, *state, weight_ih, weight_hh, bias_ih), backend):
+    if not _step_kernels_run(x, (x, *state, weight_ih, weight_hh, bias_ih), backend,
+                             SLSTM_STEP_KERNEL_MAX_BATCH):
         return None
     return native_functions.slstm_step(x, state, weight_ih, weight_hh, bias_ih, exp_forget)
 
@@ -333,7 +343,8 @@ _SLSTM_RUNNERS = {"native": ops.run_native_slstm, "fused": ops.run_fused_slstm,
                   "reference": slstm.run_reference}
 
 
-__all__ = ["BACKENDS", "STEP_KERNEL_MAX_BATCH", "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN",
+__all__ = ["BACKENDS", "SLSTM_STEP_KERNEL_MAX_BATCH", "STEP_KERNEL_MAX_BATCH",
+           "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN",
            "BackendWarning",
            "engine_for", "inference_step", "is_exporting", "resolve_backend", "run_direction",
            "run_slstm_direction", "runs_torch_lstm", "slstm_engine_for", "slstm_inference_step"]
