@@ -58,7 +58,7 @@ from rnnkit.engine.steps import (
     State,
     output_of,
 )
-from rnnkit.stream import LayerStream
+from rnnkit.stream import LayerStream, inference_steps
 
 
 def _stack(states: list[Tensor]) -> Tensor:
@@ -384,6 +384,10 @@ class _RecurrentLayer(nn.Module):
             with torch.autocast(param.device.type, enabled=False):
                 return self.forward(precision.to_parameter_dtype(input, param),
                                     precision.to_parameter_dtype(hx, param), lengths=lengths)
+        if lengths is None and type(input) is Tensor and input.dim() == 3:
+            stepped = self._one_step(input, hx)
+            if stepped is not None:
+                return stepped
         x, lengths, batched = self._prepare_input(input, lengths)
         initial = self._initial_states(hx, x, batched)
         output, finals = self._run_stack(x, initial, lengths, self.num_layers, self.training)
@@ -394,6 +398,35 @@ class _RecurrentLayer(nn.Module):
         elif self.batch_first:
             output = output.transpose(0, 1)
         return output, self._stack_states(finals, batched)
+
+    def _one_step(self, input: Tensor, hx: object) -> tuple[Tensor, State] | None:
+        """`forward` on a one-step batched sequence from a given state, on the step kernels
+        (`rnnkit.stream.inference_steps`, as a stream's step): the same result without the
+        general path's reshaping and splitting (a loop that calls the layer once a step).
+        None wherever the input differs from that plain case in any way (form, shape, state,
+        gradient, compiler or tracer); forward then checks and runs it as any other."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or self.bidirectional:
+            return None
+        step_dim = 1 if self.batch_first else 0
+        batch = input.shape[1 - step_dim]
+        if input.shape[step_dim] != 1 or input.shape[2] != self.input_size or batch == 0:
+            return None
+        parts = hx if type(hx) is tuple else (hx,)
+        shapes = self._state_shapes(batch)
+        if len(parts) != len(shapes) or not all(
+                type(part) is Tensor and part.shape == shape
+                for part, (shape, _) in zip(parts, shapes)):
+            return None
+        x = input[:, 0] if self.batch_first else input[0]
+        states = (list(zip(parts[0].unbind(0), parts[1].unbind(0), strict=True))
+                  if len(parts) == 2 else list(parts[0].unbind(0)))
+        stepped = inference_steps(self, x, states)
+        if stepped is None:
+            return None
+        top, finals = stepped
+        # A copy: with one layer h_n is a view of the top h, and forward's output never
+        # aliases its final state.
+        return top.unsqueeze(step_dim).clone(), self._stack_states(finals, True)
 
     def stream(self, hx: State | None = None) -> LayerStream:
         """A handle that runs this layer one time step per call, keeping the state between
