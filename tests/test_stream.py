@@ -6,6 +6,8 @@ checks which path ran, with a spy on the kernels' one entry (`native_functions.s
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -351,7 +353,6 @@ def test_a_one_step_layer_call_with_a_state_takes_the_short_way(name, kernel_cal
 
 def reference_layer(layer):
     """A copy of ``layer`` on the reference engine."""
-    import copy
     twin = copy.deepcopy(layer)
     twin.backend = "reference"
     return twin

@@ -415,7 +415,7 @@ class _RecurrentLayer(nn.Module):
         shapes = self._state_shapes(batch)
         if len(parts) != len(shapes) or not all(
                 type(part) is Tensor and part.shape == shape
-                for part, (shape, _) in zip(parts, shapes)):
+                for part, (shape, _) in zip(parts, shapes, strict=True)):
             return None
         x = input[:, 0] if self.batch_first else input[0]
         states = (list(zip(parts[0].unbind(0), parts[1].unbind(0), strict=True))
