@@ -8,7 +8,7 @@ PyTorch ops); a cell holds the parameters, checks its input and hands a one-step
 from __future__ import annotations
 
 import math
-from typing import NoReturn
+from typing import Generic, NoReturn, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,62 @@ def _refuse_scripting(module: nn.Module) -> NoReturn:
         "Use torch.compile(model) to compile, or torch.export.export(model, args) to export "
         "a graph."
     )
+
+
+def _reset_uniform(module: nn.Module) -> None:
+    """Every parameter of ``module`` ``U(-1/sqrt(H), 1/sqrt(H))``, torch.nn's rule, in
+    registration order (the order fixes which draws each parameter gets from a seed)."""
+    bound = 1.0 / math.sqrt(module.hidden_size)
+    for parameter in module.parameters():
+        nn.init.uniform_(parameter, -bound, bound)
+
+
+def _step_input(cell: nn.Module, input: object) -> Tensor:
+    """A cell's ``input`` checked: a tensor of its parameters' dtype and device, ``(N, I)`` or
+    unbatched ``(I,)``; errors name the cell, the shape given and the one accepted."""
+    name, param = type(cell).__name__, cell.weight_ih
+    x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
+    if x.dim() not in (1, 2) or x.shape[-1] != cell.input_size:
+        raise ValueError(
+            f"{name} input must have shape (N, {cell.input_size}) or ({cell.input_size},) "
+            f"(input_size={cell.input_size}), got {tuple(x.shape)}"
+        )
+    return x
+
+
+_State = TypeVar("_State")
+
+
+class _SimpleCell(nn.Module, Generic[_State]):
+    """What the cells without torch.nn's variants (MinGRUCell, MinLSTMCell, SLSTMCell) share:
+    every parameter ``U(-1/sqrt(H), 1/sqrt(H))``, TorchScript refused by name, and a `forward`
+    that applies the families' autocast rule and checks the input, then runs the subclass's
+    `_step`. A subclass registers ``weight_ih`` and its other parameters."""
+
+    input_size: int
+    hidden_size: int
+    weight_ih: nn.Parameter
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
+        _reset_uniform(self)
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        _refuse_scripting(self)
+
+    def forward(self, input: Tensor, hx: _State | None = None) -> _State:
+        """One step; shapes in the class docstring. Unbatched input gives an unbatched state."""
+        # float32 under autocast, the families' rule (engine/precision.py)
+        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih):
+            param = self.weight_ih
+            with torch.autocast(param.device.type, enabled=False):
+                return self.forward(precision.to_parameter_dtype(input, param),
+                                    precision.to_parameter_dtype(hx, param))
+        return self._step(_step_input(self, input), hx)
+
+    def _step(self, x: Tensor, hx: object) -> _State:
+        """One step from ``x`` (checked: ``(N, I)`` or ``(I,)``) and ``hx`` (to be checked)."""
+        raise NotImplementedError
 
 
 class _CellBase(nn.Module):
@@ -253,7 +309,6 @@ class _CellBase(nn.Module):
             new = self._inference_step(input, hx)
             if new is not None:
                 return new
-        name = type(self).__name__
         param = self.weight_ih
         # float32 under autocast (engine/precision.py); the C call first: a streamed step asks
         if torch._C._is_any_autocast_enabled() and precision.autocasting(param):
@@ -261,12 +316,7 @@ class _CellBase(nn.Module):
                 return self.forward(precision.to_parameter_dtype(input, param),
                                     precision.to_parameter_dtype(hx, param),
                                     precision.to_parameter_dtype(recurrent_mask, param))
-        x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
-        if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"{name} input must have shape (N, {self.input_size}) or ({self.input_size},) "
-                f"(input_size={self.input_size}), got {tuple(x.shape)}"
-            )
+        x = _step_input(self, input)
         batched = x.dim() == 2
         batch = x.shape[0] if batched else None
         shapes = self._state_shapes(batch)

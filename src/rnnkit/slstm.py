@@ -31,11 +31,11 @@ from rnnkit._checks import (
     require_shape,
     require_tensor,
 )
-from rnnkit.cells import BackendSetting, _refuse_scripting
+from rnnkit.cells import BackendSetting, _refuse_scripting, _reset_uniform, _SimpleCell
 from rnnkit.engine import precision, slstm
 from rnnkit.engine.slstm import FORGET_GATES, GATES, SLSTMState
 from rnnkit.layers import _repack, _stack, prepare_sequence
-from rnnkit.minimal import _check_sizes, _reset_uniform, _step_input
+from rnnkit.minimal import _check_sizes
 
 _STATE_PARTS = ("h_0", "c_0", "n_0", "m_0")
 
@@ -83,7 +83,7 @@ def _empty_state(shape: tuple[int, ...], like: Tensor) -> SLSTMState:
     return zeros, zeros, zeros, like.new_full(shape, float("-inf"))
 
 
-class SLSTMCell(nn.Module):
+class SLSTMCell(_SimpleCell[SLSTMState]):
     r"""An sLSTM cell (Beck et al. 2024, section 2.2), one time step, stabilised.
 
     .. math::
@@ -150,23 +150,10 @@ class SLSTMCell(nn.Module):
             self.register_parameter("bias_ih", None)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
-        _reset_uniform(self)
-
-    def __prepare_scriptable__(self) -> NoReturn:
-        _refuse_scripting(self)
-
-    def forward(self, input: Tensor, hx: SLSTMState | None = None) -> SLSTMState:
-        """One step; shapes in the class docstring. Unbatched input gives an unbatched state."""
-        # float32 under autocast, the families' rule (engine/precision.py)
-        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih):
-            param = self.weight_ih
-            with torch.autocast(param.device.type, enabled=False):
-                return self.forward(precision.to_parameter_dtype(input, param),
-                                    precision.to_parameter_dtype(hx, param))
+    def _step(self, x: Tensor, hx: object) -> SLSTMState:
+        """``(h', c', n', m')`` from the checked input; ``hx`` checked here (or the empty
+        state)."""
         name = type(self).__name__
-        x = _step_input(self, input)
         shape = (*x.shape[:-1], self.hidden_size)
         if hx is None:
             state = _empty_state(shape, x)
