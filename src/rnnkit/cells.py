@@ -19,12 +19,12 @@ from rnnkit._checks import (
     require_allocatable,
     require_bool,
     require_choice,
-    require_device,
-    require_dtype,
+    require_factory,
     require_int,
     require_probability,
     require_real,
     require_shape,
+    require_sizes,
     require_tensor,
 )
 from rnnkit.engine import precision
@@ -154,8 +154,7 @@ class _CellBase(nn.Module):
         self.layer_norm = require_bool(f"{name} layer_norm", layer_norm)
         self.recurrent_dropout = _rate(f"{name} recurrent_dropout", recurrent_dropout)
         self.zoneout = _zoneout_rates(f"{name} zoneout", zoneout, self.family)
-        self.input_size = require_int(f"{name} input_size", input_size, minimum=1)
-        self.hidden_size = require_int(f"{name} hidden_size", hidden_size, minimum=1)
+        self.input_size, self.hidden_size = require_sizes(name, input_size, hidden_size)
         self.bias = require_bool(f"{name} bias", bias)
         self.proj_size = require_int(f"{name} proj_size", proj_size, minimum=0)
         self.peephole = require_bool(f"{name} peephole", peephole)
@@ -164,8 +163,7 @@ class _CellBase(nn.Module):
                 f"{name} proj_size must be smaller than hidden_size ({hidden_size}), "
                 f"got {proj_size}; use 0 for no projection"
             )
-        factory = {"device": require_device(f"{name} device", device),
-                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        factory = require_factory(name, device, dtype)
         gates = self.gate_count * hidden_size
         count = gates * (input_size + self.output_size + (2 if bias else 0))
         count += proj_size * hidden_size + (3 * hidden_size if peephole else 0)

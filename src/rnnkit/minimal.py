@@ -9,7 +9,6 @@ constant-memory streaming.
 
 from __future__ import annotations
 
-import warnings
 from typing import NoReturn
 
 import torch
@@ -22,13 +21,13 @@ from rnnkit._checks import (
     require_allocatable,
     require_bool,
     require_choice,
-    require_device,
-    require_dtype,
-    require_int,
+    require_factory,
+    require_layer_arguments,
     require_non_negative,
-    require_probability,
     require_shape,
+    require_sizes,
     require_tensor,
+    warn_unused_dropout,
 )
 from rnnkit.cells import BackendSetting, _refuse_scripting, _reset_uniform, _SimpleCell
 from rnnkit.engine import precision, scan
@@ -52,11 +51,6 @@ class _MinimalBackendSetting(BackendSetting):
         module.__dict__[self.name] = value
 
 
-def _check_sizes(name: str, input_size: object, hidden_size: object) -> tuple[int, int]:
-    return (require_int(f"{name} input_size", input_size, minimum=1),
-            require_int(f"{name} hidden_size", hidden_size, minimum=1))
-
-
 class _MinimalCell(_SimpleCell[Tensor]):
     """Parameters and input checks shared by MinGRUCell and MinLSTMCell: one step each."""
 
@@ -66,11 +60,10 @@ class _MinimalCell(_SimpleCell[Tensor]):
                  dtype=None, *, log_space: bool = False) -> None:
         super().__init__()
         name = type(self).__name__
-        self.input_size, self.hidden_size = _check_sizes(name, input_size, hidden_size)
+        self.input_size, self.hidden_size = require_sizes(name, input_size, hidden_size)
         self.bias = require_bool(f"{name} bias", bias)
         self.log_space = require_bool(f"{name} log_space", log_space)
-        factory = {"device": require_device(f"{name} device", device),
-                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        factory = require_factory(name, device, dtype)
         gates = GATE_COUNT[self.family] * hidden_size
         require_allocatable(name, f"input_size={input_size}, hidden_size={hidden_size}",
                             gates * (input_size + (1 if bias else 0)), **factory)
@@ -195,19 +188,13 @@ class _MinimalLayer(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.input_size, self.hidden_size = _check_sizes(name, input_size, hidden_size)
-        self.num_layers = require_int(f"{name} num_layers", num_layers, minimum=1)
-        self.bias = require_bool(f"{name} bias", bias)
-        self.batch_first = require_bool(f"{name} batch_first", batch_first)
-        self.dropout = require_probability(f"{name} dropout", dropout)
-        self.bidirectional = require_bool(f"{name} bidirectional", bidirectional)
+        (self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
+         self.dropout, self.bidirectional) = require_layer_arguments(
+            name, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
         self.log_space = require_bool(f"{name} log_space", log_space)
         self.backend = backend  # checked by _MinimalBackendSetting
-        if self.dropout > 0 and num_layers == 1:
-            warnings.warn(f"{name} dropout={dropout} acts between stacked layers only, so it "
-                          "does nothing with num_layers=1", stacklevel=3)
-        factory = {"device": require_device(f"{name} device", device),
-                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        warn_unused_dropout(name, dropout, num_layers, stacklevel=3)
+        factory = require_factory(name, device, dtype)
         gates = GATE_COUNT[self.family] * hidden_size
         upper_input = self.num_directions * hidden_size
         count = self.num_directions * gates * (
