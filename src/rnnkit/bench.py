@@ -350,19 +350,22 @@ def _timed_groups(contenders: Contenders, x: torch.Tensor, repeats: int) -> tupl
     return inference_ms, training_ms
 
 
+def _stream_cell(xs: torch.Tensor, cell: nn.Module) -> Callable[[], None]:
+    """A run of ``cell`` over the steps of ``xs`` ``(T, 1, H)``, one call a step, state fed
+    back, under ``no_grad``: the streaming latency's callable."""
+    def run() -> None:
+        with torch.no_grad():
+            state = None
+            for x in xs:
+                state = cell(x, state)
+    return run
+
+
 def benchmark_minimal_streaming(families, hidden: int, backend: str, repeats: int,
                                 steps: int = 100) -> list[Row]:
     """Latency of one step at batch 1 of each minimal family's cell against rnnkit's GRUCell
     or LSTMCell (on ``backend``), interleaved."""
     xs = torch.randn(steps, 1, hidden, generator=torch.Generator().manual_seed(0))
-
-    def stream_cell(module) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad():
-                state = None
-                for x in xs:
-                    state = module(x, state)
-        return run
 
     torch.manual_seed(0)
     # (family, label) -> (peer label, cell): minLSTM and sLSTM each get their own LSTMCell row.
@@ -376,7 +379,7 @@ def benchmark_minimal_streaming(families, hidden: int, backend: str, repeats: in
         cells[(family, peer_label)] = (peer_label, peer)
         cells[(family, f"rnnkit.{cell_class.__name__}")] = (peer_label,
                                                              cell_class(hidden, hidden))
-    runs = {key: stream_cell(cell) for key, (_, cell) in cells.items()}
+    runs = {key: _stream_cell(xs, cell) for key, (_, cell) in cells.items()}
     per_step = {key: ms / steps for key, ms in _time_interleaved(runs, repeats).items()}
     rows = []
     for (family, label), (peer_label, _) in cells.items():
@@ -401,14 +404,6 @@ def benchmark_streaming(hidden: int, backend: str, repeats: int, steps: int = 10
     layer.load_state_dict({f"{k}_l0": v for k, v in peer.state_dict().items()})
     xs = torch.randn(steps, 1, hidden)
 
-    def stream_cell(module) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad():
-                state = None
-                for x in xs:
-                    state = module(x, state)
-        return run
-
     def stream_layer() -> None:
         with torch.no_grad():
             state = None
@@ -421,7 +416,8 @@ def benchmark_streaming(hidden: int, backend: str, repeats: int, steps: int = 10
             for x in xs:
                 stream(x)
 
-    runs = {"torch.nn.LSTMCell": stream_cell(peer), "rnnkit.LSTMCell": stream_cell(cell),
+    runs = {"torch.nn.LSTMCell": _stream_cell(xs, peer),
+            "rnnkit.LSTMCell": _stream_cell(xs, cell),
             f"rnnkit.LSTM[{backend}] 1 step": stream_layer,
             f"rnnkit.LSTM[{backend}].stream()": layer_stream}
     per_step = {name: ms / steps for name, ms in _time_interleaved(runs, repeats).items()}
