@@ -15,7 +15,6 @@ members of torch.nn.RNNBase that code written for torch.nn touches are here too
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple, NoReturn
 
 import torch
@@ -30,12 +29,12 @@ from rnnkit._checks import (
     require_allocatable,
     require_bool,
     require_choice,
-    require_device,
-    require_dtype,
+    require_factory,
     require_int,
-    require_probability,
+    require_layer_arguments,
     require_shape,
     require_tensor,
+    warn_unused_dropout,
 )
 from rnnkit.cells import (
     BackendSetting,
@@ -194,13 +193,9 @@ class _RecurrentLayer(nn.Module):
         self.zoneout = _zoneout_rates(f"{name} zoneout", zoneout, self.family)
         self.weight_drop = _rate(f"{name} weight_drop", weight_drop)
         self.backend = backend  # checked by BackendSetting
-        self.input_size = require_int(f"{name} input_size", input_size, minimum=1)
-        self.hidden_size = require_int(f"{name} hidden_size", hidden_size, minimum=1)
-        self.num_layers = require_int(f"{name} num_layers", num_layers, minimum=1)
-        self.bias = require_bool(f"{name} bias", bias)
-        self.batch_first = require_bool(f"{name} batch_first", batch_first)
-        self.dropout = require_probability(f"{name} dropout", dropout)
-        self.bidirectional = require_bool(f"{name} bidirectional", bidirectional)
+        (self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
+         self.dropout, self.bidirectional) = require_layer_arguments(
+            name, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
         self.proj_size = require_int(f"{name} proj_size", proj_size, minimum=0)
         self.peephole = require_bool(f"{name} peephole", peephole)
         self.learn_initial_state = require_bool(
@@ -211,15 +206,9 @@ class _RecurrentLayer(nn.Module):
                 f"{name} proj_size must be smaller than hidden_size ({hidden_size}), "
                 f"got {proj_size}; use 0 for no projection"
             )
-        if self.dropout > 0 and num_layers == 1:
-            warnings.warn(
-                f"{name} dropout={dropout} acts between stacked layers only, so it does nothing "
-                "with num_layers=1",
-                stacklevel=3,
-            )
+        warn_unused_dropout(name, dropout, num_layers, stacklevel=3)
 
-        factory = {"device": require_device(f"{name} device", device),
-                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        factory = require_factory(name, device, dtype)
         require_allocatable(name, self._size_settings(), self._parameter_count(), **factory)
         gates = self.gate_count * hidden_size
         # Registration order is torch.nn's (w_ih, w_hh, b_ih, b_hh, w_hr per layer and direction)
