@@ -193,7 +193,7 @@ class _MinimalLayer(nn.Module):
             name, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
         self.log_space = require_bool(f"{name} log_space", log_space)
         self.backend = backend  # checked by _MinimalBackendSetting
-        warn_unused_dropout(name, dropout, num_layers, stacklevel=3)
+        warn_unused_dropout(name, dropout, num_layers, stacklevel=2)
         factory = require_factory(name, device, dtype)
         gates = GATE_COUNT[self.family] * hidden_size
         upper_input = self.num_directions * hidden_size
