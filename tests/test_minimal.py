@@ -414,3 +414,10 @@ def test_torch_func_grad_equals_autograd():
         leaf = x.clone().requires_grad_()
         layer(leaf)[0].sum().backward()
         torch.testing.assert_close(transformed, leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer_class", [rnnkit.MinGRU, rnnkit.MinLSTM, rnnkit.SLSTM, rnnkit.LSTM])
+def test_the_unused_dropout_warning_points_at_the_callers_line(layer_class):
+    with pytest.warns(UserWarning, match="acts between stacked layers only") as record:
+        layer_class(4, 4, dropout=0.5)
+    assert [w.filename for w in record] == [__file__]

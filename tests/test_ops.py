@@ -108,7 +108,8 @@ def _backward_call(name, a, out):
         return name, (torch.ones_like(n_input), torch.ones_like(a[1]), gates, states, n_input,
                       a[3], lengths, reverse, a[8])
     if native:
-        h_states, c_states, gates, c_new = out[0], out[1], out[5], out[6]
+        h_states, c_states, gates = out[0], out[1], out[5]
+        c_new = ops._leaving(c_states, reverse)  # each step's new cell: the state it leaves
         d_output = torch.ones_like(h_states[1:])
         return name, (d_output, torch.ones_like(a[1]), torch.ones_like(a[2]), gates, c_states,
                       c_new, a[4], a[7], a[8], lengths, reverse)

@@ -6,6 +6,8 @@ checks which path ran, with a spy on the kernels' one entry (`native_functions.s
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -318,6 +320,63 @@ def test_the_output_is_not_the_state_the_stream_keeps():
         kept = stream.state.clone()
         y.zero_()
         torch.testing.assert_close(stream.state, kept, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(LAYER_CASES))
+def test_a_one_step_layer_call_with_a_state_takes_the_short_way(name, kernel_calls,
+                                                                   monkeypatch):
+    # forward on a one-step sequence from a given state, nothing to differentiate: the stack
+    # on the step kernels (`inference_steps`), none of the general path's preparation.
+    torch.manual_seed(0)
+    layer = LAYER_CASES[name]().eval()
+    generator = torch.Generator().manual_seed(3)
+    hx = _layer_state(layer, 3, generator)
+    x = torch.randn(3, 1, 5, generator=generator)
+    x = x if layer.batch_first else x.transpose(0, 1)
+    with torch.no_grad():
+        expected = reference_layer(layer)(x, hx)
+        general = layer(x, hx, [1, 1, 1])  # lengths: the general path
+        calls_before = len(kernel_calls)
+        monkeypatch.setattr(layer, "_prepare_input", None)  # the short way never calls it
+        output, state = layer(x, hx)
+    assert len(kernel_calls) - calls_before == layer.num_layers
+    assert output.shape == expected[0].shape
+    assert_close((output, *state) if isinstance(state, tuple) else (output, state),
+                 (expected[0], *expected[1]) if isinstance(state, tuple)
+                 else (expected[0], expected[1]))
+    torch.testing.assert_close((output, state), general, rtol=0, atol=0)
+    kept = [s.clone() for s in (state if isinstance(state, tuple) else (state,))]
+    output.zero_()  # the output is not the returned state
+    torch.testing.assert_close(list(state if isinstance(state, tuple) else (state,)), kept,
+                               rtol=0, atol=0)
+
+
+def reference_layer(layer):
+    """A copy of ``layer`` on the reference engine."""
+    twin = copy.deepcopy(layer)
+    twin.backend = "reference"
+    return twin
+
+
+def test_a_one_step_layer_call_off_the_short_way_is_the_general_path(kernel_calls):
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(5, 8, num_layers=2).eval()
+    x, h, c = torch.randn(1, 2, 5), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    with torch.no_grad():
+        expected = reference_layer(layer)(x, (h, c))
+        for hx in ([h, c], (h, c)):  # a list: the general path, the same numbers
+            assert_close(layer(x, hx)[1], expected[1])
+        # a wrong state keeps the general path's named error
+        with pytest.raises(ValueError, match=r"LSTM hx\[1\] \(c_0\) must have shape"):
+            layer(x, (h, c[:, :1]))
+        with pytest.raises(TypeError, match=r"LSTM hx must be a tuple \(h_0, c_0\)"):
+            layer(x, h)
+        with pytest.raises(ValueError, match=r"LSTM input must have"):
+            layer(torch.randn(1, 2, 6), (h, c))
+    calls = len(kernel_calls)
+    output, _ = layer(x, (h, c))  # gradients to record: forward's operators, differentiable
+    assert output.grad_fn is not None and len(kernel_calls) == calls
+    assert_close(output, expected[0])
 
 
 def test_stream_errors_name_the_argument_and_value():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -100,6 +101,41 @@ def require_device(name: str, device: object) -> torch.device:
             f"{name} must be a device torch can allocate on here, got {device!r}: {error}"
         ) from None
 
+
+
+def require_factory(owner: str, device: object, dtype: object) -> dict[str, object]:
+    """A module constructor's ``device`` and ``dtype`` checked (`require_device`,
+    `require_dtype`), as the keywords for its parameters' ``torch.empty``."""
+    return {"device": require_device(f"{owner} device", device),
+            "dtype": require_dtype(f"{owner} dtype", dtype)}
+
+
+def require_sizes(owner: str, input_size: object, hidden_size: object) -> tuple[int, int]:
+    """A cell's or layer's ``(input_size, hidden_size)``, ints >= 1."""
+    return (require_int(f"{owner} input_size", input_size, minimum=1),
+            require_int(f"{owner} hidden_size", hidden_size, minimum=1))
+
+
+def require_layer_arguments(
+    owner: str, input_size: object, hidden_size: object, num_layers: object, bias: object,
+    batch_first: object, dropout: object, bidirectional: object,
+) -> tuple[int, int, int, bool, bool, float, bool]:
+    """torch.nn's layer arguments, checked in their positional order: ``(input_size,
+    hidden_size, num_layers, bias, batch_first, dropout, bidirectional)``."""
+    return (*require_sizes(owner, input_size, hidden_size),
+            require_int(f"{owner} num_layers", num_layers, minimum=1),
+            require_bool(f"{owner} bias", bias),
+            require_bool(f"{owner} batch_first", batch_first),
+            require_probability(f"{owner} dropout", dropout),
+            require_bool(f"{owner} bidirectional", bidirectional))
+
+
+def warn_unused_dropout(owner: str, dropout: float, num_layers: int, stacklevel: int) -> None:
+    """Warn that a layer's (checked) ``dropout`` does nothing in a single layer; ``stacklevel``
+    as `warnings.warn`'s, counted from the caller."""
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(f"{owner} dropout={dropout} acts between stacked layers only, so it does "
+                      "nothing with num_layers=1", stacklevel=stacklevel + 1)
 
 def _memory_of(device: torch.device) -> tuple[int, str]:
     """Bytes of memory that can hold tensors on ``device`` at most, and where that is.

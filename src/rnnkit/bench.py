@@ -244,68 +244,98 @@ def _runners(module: nn.Module, x: torch.Tensor, lengths: list[int] | None):
     return inference, training
 
 
+# What one size times: (variant, implementation) -> (module, its lengths or None).
+Contenders = dict[tuple[str, str], tuple[nn.Module, list[int] | None]]
+
+
 def benchmark_size(family: str, size: tuple[int, int, int], backend: str, repeats: int,
                    with_reference: bool) -> list[Row]:
-    """Every variant of ``family`` at ``size`` (T, N, H), with torch.nn and reference peers."""
-    if family in MINIMAL:
-        return benchmark_minimal_size(family, size, backend, repeats, with_reference)
+    """Every variant of ``family`` at ``size`` (T, N, H) with its peers. lstm, gru and rnn:
+    torch.nn's layer, whose weights rnnkit's plain row runs on ``backend``, and each other
+    variant's reference loop. torch.nn has no minGRU, minLSTM or sLSTM: their peer is rnnkit's
+    GRU or LSTM of the same size on ``backend``, they run their own engines, and every variant
+    has its reference loop."""
     steps, batch, hidden = size
-    rnnkit_class, torch_class = CLASSES[family]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(steps, batch, hidden, generator=generator)
     lengths = torch.randint(max(1, steps // 2), steps + 1, (batch,), generator=generator)
     lengths[0] = steps
     torch.manual_seed(0)
-    peer = torch_class(hidden, hidden)
-    contenders: dict[tuple[str, str], tuple[nn.Module, list[int] | None]] = {
-        ("plain", "torch.nn"): (peer, None)
-    }
-    for variant, (arguments, needs_lengths) in VARIANTS[family].items():
-        arguments = dict(arguments)
-        if arguments.get("proj_size") == -1:
-            arguments["proj_size"] = hidden // 2
-        module = rnnkit_class(hidden, hidden, **arguments, backend=backend)
-        if variant == "plain":
-            module = from_torch(peer)
-            module.backend = backend
-        variant_lengths = lengths.tolist() if needs_lengths else None
-        contenders[(variant, f"rnnkit[{backend}]")] = (module, variant_lengths)
-        if with_reference and variant != "plain":
-            reference = rnnkit_class(hidden, hidden, **arguments, backend="reference")
-            reference.load_state_dict(module.state_dict())
-            contenders[(variant, "rnnkit[reference]")] = (reference, variant_lengths)
-
-    # Two groups, each interleaved: torch.nn and rnnkit's engine, then the reference loops.
+    if family in MINIMAL:
+        layer_class, _, peer_family = MINIMAL[family]
+        peer_class = CLASSES[peer_family][0]
+        peer = peer_class(hidden, hidden, backend=backend)
+        peer_label, engine = f"rnnkit.{peer_class.__name__}[{backend}]", "auto"
+    else:
+        layer_class, torch_class = CLASSES[family]
+        peer, peer_family = torch_class(hidden, hidden), family
+        peer_label, engine = "torch.nn", backend
+    contenders = _contenders(layer_class, VARIANTS[family], hidden, lengths.tolist(), engine,
+                             (peer, peer_label), plain_from_peer=family not in MINIMAL,
+                             with_reference=with_reference)
+    # Two groups, each interleaved: the peer and rnnkit's engines, then the reference loops.
     # A 3 ms step timed between 40 ms reference loops, whose buffers evict its caches, moved
     # its ratios to the plain cell by 0.1 from run to run at (200, 1, 128).
     inference_ms, training_ms = _timed_groups(contenders, x, repeats)
 
+    peer_key, plain_key = ("plain", peer_label), ("plain", f"rnnkit[{engine}]")
+    peer_name = peer_label.split("[")[0]  # "torch.nn", "rnnkit.GRU"
     rows = []
     for key, (module, _) in contenders.items():
         variant, implementation = key
+        flops_family = peer_family if key == peer_key else family
         proj_size = getattr(module, "proj_size", 0)  # the module's own: 0 without a projection
+        heads = getattr(module, "num_heads", 1)
         infer, train = inference_ms[key], training_ms[key]
-        rows.append(Row(family, variant, implementation, size, infer, train,
-                        inference_gflops=_gflops(product_flops(family, size, proj_size, False),
-                                                 infer),
-                        training_gflops=_gflops(product_flops(family, size, proj_size), train)))
-    plain = training_ms[("plain", f"rnnkit[{backend}]")]
-    for row in rows:
-        if row.implementation == "torch.nn":
-            continue
-        if row.variant == "plain":
-            row.ratios["train x torch.nn"] = row.training_ms / training_ms[("plain", "torch.nn")]
-            row.ratios["infer x torch.nn"] = row.inference_ms / inference_ms[("plain", "torch.nn")]
-        elif row.implementation != "rnnkit[reference]":
-            row.ratios["train x plain"] = row.training_ms / plain
-            reference_ms = training_ms.get((row.variant, "rnnkit[reference]"))
+        row = Row(family, variant, implementation, size, infer, train,
+                  inference_gflops=_gflops(product_flops(flops_family, size, proj_size, False,
+                                                         num_heads=heads), infer),
+                  training_gflops=_gflops(product_flops(flops_family, size, proj_size,
+                                                        num_heads=heads), train))
+        if implementation not in ("rnnkit[reference]", peer_label):
+            if variant == "plain":
+                row.ratios[f"train x {peer_name}"] = train / training_ms[peer_key]
+                row.ratios[f"infer x {peer_name}"] = infer / inference_ms[peer_key]
+            else:
+                row.ratios["train x plain"] = train / training_ms[plain_key]
+            reference_ms = training_ms.get((variant, "rnnkit[reference]"))
             if reference_ms is not None:
-                row.ratios["train speedup vs reference"] = reference_ms / row.training_ms
+                row.ratios["train speedup vs reference"] = reference_ms / train
+        rows.append(row)
     return rows
 
 
-def _timed_groups(contenders: dict[tuple[str, str], tuple[nn.Module, list[int] | None]],
-                  x: torch.Tensor, repeats: int) -> tuple[dict, dict]:
+def _contenders(layer_class: type[nn.Module], variants: dict[str, tuple[dict, bool]],
+                hidden: int, lengths: list[int], engine: str, peer: tuple[nn.Module, str], *,
+                plain_from_peer: bool, with_reference: bool) -> Contenders:
+    """``(variant, implementation) -> (module, lengths or None)``: the ``(module, label)``
+    peer as ``("plain", label)``, then each of ``variants`` of ``layer_class`` at ``hidden``
+    on ``engine`` (or the variant's own ``backend`` argument), followed by its reference loop
+    with the same weights when ``with_reference``. ``plain_from_peer``: the peer is torch.nn's
+    layer of the family, and the plain row runs its weights (its ratios are to the peer, so it
+    has no reference loop)."""
+    peer_module, peer_label = peer
+    contenders: Contenders = {("plain", peer_label): (peer_module, None)}
+    for variant, (arguments, needs_lengths) in variants.items():
+        arguments = dict(arguments)
+        if arguments.get("proj_size") == -1:
+            arguments["proj_size"] = hidden // 2
+        variant_engine = arguments.pop("backend", engine)
+        module = layer_class(hidden, hidden, **arguments, backend=variant_engine)
+        plain_peer = plain_from_peer and variant == "plain"
+        if plain_peer:  # built above all the same: its draws keep later variants' weights
+            module = from_torch(peer_module)
+            module.backend = variant_engine
+        variant_lengths = lengths if needs_lengths else None
+        contenders[(variant, f"rnnkit[{variant_engine}]")] = (module, variant_lengths)
+        if with_reference and not plain_peer:
+            reference = layer_class(hidden, hidden, **arguments, backend="reference")
+            reference.load_state_dict(module.state_dict())
+            contenders[(variant, "rnnkit[reference]")] = (reference, variant_lengths)
+    return contenders
+
+
+def _timed_groups(contenders: Contenders, x: torch.Tensor, repeats: int) -> tuple[dict, dict]:
     """(inference ms, training ms) of every contender: two groups, each interleaved, the
     reference loops after the rest (see `benchmark_size`)."""
     inference_ms, training_ms = {}, {}
@@ -320,55 +350,15 @@ def _timed_groups(contenders: dict[tuple[str, str], tuple[nn.Module, list[int] |
     return inference_ms, training_ms
 
 
-def benchmark_minimal_size(family: str, size: tuple[int, int, int], backend: str, repeats: int,
-                           with_reference: bool) -> list[Row]:
-    """Every variant of a minimal ``family`` at ``size`` (T, N, H) on its own engines, each
-    against its reference loop, and the plain layer against rnnkit's GRU or LSTM of the same
-    size on ``backend`` (torch.nn has no minimal layer)."""
-    steps, batch, hidden = size
-    layer_class, _, peer_family = MINIMAL[family]
-    peer_class = CLASSES[peer_family][0]
-    peer_label = f"rnnkit.{peer_class.__name__}"
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(steps, batch, hidden, generator=generator)
-    lengths = torch.randint(max(1, steps // 2), steps + 1, (batch,), generator=generator)
-    lengths[0] = steps
-    torch.manual_seed(0)
-    peer_key = ("plain", f"{peer_label}[{backend}]")
-    contenders = {peer_key: (peer_class(hidden, hidden, backend=backend), None)}
-    for variant, (arguments, needs_lengths) in VARIANTS[family].items():
-        arguments = dict(arguments)
-        engine = arguments.pop("backend", "auto")
-        module = layer_class(hidden, hidden, **arguments, backend=engine)
-        variant_lengths = lengths.tolist() if needs_lengths else None
-        contenders[(variant, f"rnnkit[{engine}]")] = (module, variant_lengths)
-        if with_reference:
-            reference = layer_class(hidden, hidden, **arguments, backend="reference")
-            reference.load_state_dict(module.state_dict())
-            contenders[(variant, "rnnkit[reference]")] = (reference, variant_lengths)
-    inference_ms, training_ms = _timed_groups(contenders, x, repeats)
-    rows = []
-    for key, (module, _) in contenders.items():
-        variant, implementation = key
-        row_family = peer_family if key == peer_key else family
-        heads = getattr(module, "num_heads", 1)
-        infer, train = inference_ms[key], training_ms[key]
-        row = Row(family, variant, implementation, size, infer, train,
-                  inference_gflops=_gflops(product_flops(row_family, size, 0, False,
-                                                         num_heads=heads), infer),
-                  training_gflops=_gflops(product_flops(row_family, size, num_heads=heads),
-                                          train))
-        if implementation not in ("rnnkit[reference]", peer_key[1]):
-            if variant == "plain":
-                row.ratios[f"train x {peer_label}"] = train / training_ms[peer_key]
-                row.ratios[f"infer x {peer_label}"] = infer / inference_ms[peer_key]
-            else:
-                row.ratios["train x plain"] = train / training_ms[("plain", "rnnkit[auto]")]
-            reference_ms = training_ms.get((variant, "rnnkit[reference]"))
-            if reference_ms is not None:
-                row.ratios["train speedup vs reference"] = reference_ms / train
-        rows.append(row)
-    return rows
+def _stream_cell(xs: torch.Tensor, cell: nn.Module) -> Callable[[], None]:
+    """A run of ``cell`` over the steps of ``xs`` ``(T, 1, H)``, one call a step, state fed
+    back, under ``no_grad``: the streaming latency's callable."""
+    def run() -> None:
+        with torch.no_grad():
+            state = None
+            for x in xs:
+                state = cell(x, state)
+    return run
 
 
 def benchmark_minimal_streaming(families, hidden: int, backend: str, repeats: int,
@@ -376,14 +366,6 @@ def benchmark_minimal_streaming(families, hidden: int, backend: str, repeats: in
     """Latency of one step at batch 1 of each minimal family's cell against rnnkit's GRUCell
     or LSTMCell (on ``backend``), interleaved."""
     xs = torch.randn(steps, 1, hidden, generator=torch.Generator().manual_seed(0))
-
-    def stream_cell(module) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad():
-                state = None
-                for x in xs:
-                    state = module(x, state)
-        return run
 
     torch.manual_seed(0)
     # (family, label) -> (peer label, cell): minLSTM and sLSTM each get their own LSTMCell row.
@@ -397,7 +379,7 @@ def benchmark_minimal_streaming(families, hidden: int, backend: str, repeats: in
         cells[(family, peer_label)] = (peer_label, peer)
         cells[(family, f"rnnkit.{cell_class.__name__}")] = (peer_label,
                                                              cell_class(hidden, hidden))
-    runs = {key: stream_cell(cell) for key, (_, cell) in cells.items()}
+    runs = {key: _stream_cell(xs, cell) for key, (_, cell) in cells.items()}
     per_step = {key: ms / steps for key, ms in _time_interleaved(runs, repeats).items()}
     rows = []
     for (family, label), (peer_label, _) in cells.items():
@@ -422,14 +404,6 @@ def benchmark_streaming(hidden: int, backend: str, repeats: int, steps: int = 10
     layer.load_state_dict({f"{k}_l0": v for k, v in peer.state_dict().items()})
     xs = torch.randn(steps, 1, hidden)
 
-    def stream_cell(module) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad():
-                state = None
-                for x in xs:
-                    state = module(x, state)
-        return run
-
     def stream_layer() -> None:
         with torch.no_grad():
             state = None
@@ -442,7 +416,8 @@ def benchmark_streaming(hidden: int, backend: str, repeats: int, steps: int = 10
             for x in xs:
                 stream(x)
 
-    runs = {"torch.nn.LSTMCell": stream_cell(peer), "rnnkit.LSTMCell": stream_cell(cell),
+    runs = {"torch.nn.LSTMCell": _stream_cell(xs, peer),
+            "rnnkit.LSTMCell": _stream_cell(xs, cell),
             f"rnnkit.LSTM[{backend}] 1 step": stream_layer,
             f"rnnkit.LSTM[{backend}].stream()": layer_stream}
     per_step = {name: ms / steps for name, ms in _time_interleaved(runs, repeats).items()}

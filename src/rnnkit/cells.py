@@ -8,7 +8,7 @@ PyTorch ops); a cell holds the parameters, checks its input and hands a one-step
 from __future__ import annotations
 
 import math
-from typing import NoReturn
+from typing import Generic, NoReturn, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -19,12 +19,12 @@ from rnnkit._checks import (
     require_allocatable,
     require_bool,
     require_choice,
-    require_device,
-    require_dtype,
+    require_factory,
     require_int,
     require_probability,
     require_real,
     require_shape,
+    require_sizes,
     require_tensor,
 )
 from rnnkit.engine import precision
@@ -68,6 +68,62 @@ def _refuse_scripting(module: nn.Module) -> NoReturn:
     )
 
 
+def _reset_uniform(module: nn.Module) -> None:
+    """Every parameter of ``module`` ``U(-1/sqrt(H), 1/sqrt(H))``, torch.nn's rule, in
+    registration order (the order fixes which draws each parameter gets from a seed)."""
+    bound = 1.0 / math.sqrt(module.hidden_size)
+    for parameter in module.parameters():
+        nn.init.uniform_(parameter, -bound, bound)
+
+
+def _step_input(cell: nn.Module, input: object) -> Tensor:
+    """A cell's ``input`` checked: a tensor of its parameters' dtype and device, ``(N, I)`` or
+    unbatched ``(I,)``; errors name the cell, the shape given and the one accepted."""
+    name, param = type(cell).__name__, cell.weight_ih
+    x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
+    if x.dim() not in (1, 2) or x.shape[-1] != cell.input_size:
+        raise ValueError(
+            f"{name} input must have shape (N, {cell.input_size}) or ({cell.input_size},) "
+            f"(input_size={cell.input_size}), got {tuple(x.shape)}"
+        )
+    return x
+
+
+_State = TypeVar("_State")
+
+
+class _SimpleCell(nn.Module, Generic[_State]):
+    """What the cells without torch.nn's variants (MinGRUCell, MinLSTMCell, SLSTMCell) share:
+    every parameter ``U(-1/sqrt(H), 1/sqrt(H))``, TorchScript refused by name, and a `forward`
+    that applies the families' autocast rule and checks the input, then runs the subclass's
+    `_step`. A subclass registers ``weight_ih`` and its other parameters."""
+
+    input_size: int
+    hidden_size: int
+    weight_ih: nn.Parameter
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
+        _reset_uniform(self)
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        _refuse_scripting(self)
+
+    def forward(self, input: Tensor, hx: _State | None = None) -> _State:
+        """One step; shapes in the class docstring. Unbatched input gives an unbatched state."""
+        # float32 under autocast, the families' rule (engine/precision.py)
+        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih):
+            param = self.weight_ih
+            with torch.autocast(param.device.type, enabled=False):
+                return self.forward(precision.to_parameter_dtype(input, param),
+                                    precision.to_parameter_dtype(hx, param))
+        return self._step(_step_input(self, input), hx)
+
+    def _step(self, x: Tensor, hx: object) -> _State:
+        """One step from ``x`` (checked: ``(N, I)`` or ``(I,)``) and ``hx`` (to be checked)."""
+        raise NotImplementedError
+
+
 class _CellBase(nn.Module):
     """Parameters and input handling shared by the three cell modules.
 
@@ -98,8 +154,7 @@ class _CellBase(nn.Module):
         self.layer_norm = require_bool(f"{name} layer_norm", layer_norm)
         self.recurrent_dropout = _rate(f"{name} recurrent_dropout", recurrent_dropout)
         self.zoneout = _zoneout_rates(f"{name} zoneout", zoneout, self.family)
-        self.input_size = require_int(f"{name} input_size", input_size, minimum=1)
-        self.hidden_size = require_int(f"{name} hidden_size", hidden_size, minimum=1)
+        self.input_size, self.hidden_size = require_sizes(name, input_size, hidden_size)
         self.bias = require_bool(f"{name} bias", bias)
         self.proj_size = require_int(f"{name} proj_size", proj_size, minimum=0)
         self.peephole = require_bool(f"{name} peephole", peephole)
@@ -108,8 +163,7 @@ class _CellBase(nn.Module):
                 f"{name} proj_size must be smaller than hidden_size ({hidden_size}), "
                 f"got {proj_size}; use 0 for no projection"
             )
-        factory = {"device": require_device(f"{name} device", device),
-                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        factory = require_factory(name, device, dtype)
         gates = self.gate_count * hidden_size
         count = gates * (input_size + self.output_size + (2 if bias else 0))
         count += proj_size * hidden_size + (3 * hidden_size if peephole else 0)
@@ -253,7 +307,6 @@ class _CellBase(nn.Module):
             new = self._inference_step(input, hx)
             if new is not None:
                 return new
-        name = type(self).__name__
         param = self.weight_ih
         # float32 under autocast (engine/precision.py); the C call first: a streamed step asks
         if torch._C._is_any_autocast_enabled() and precision.autocasting(param):
@@ -261,12 +314,7 @@ class _CellBase(nn.Module):
                 return self.forward(precision.to_parameter_dtype(input, param),
                                     precision.to_parameter_dtype(hx, param),
                                     precision.to_parameter_dtype(recurrent_mask, param))
-        x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
-        if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"{name} input must have shape (N, {self.input_size}) or ({self.input_size},) "
-                f"(input_size={self.input_size}), got {tuple(x.shape)}"
-            )
+        x = _step_input(self, input)
         batched = x.dim() == 2
         batch = x.shape[0] if batched else None
         shapes = self._state_shapes(batch)

@@ -15,7 +15,6 @@ members of torch.nn.RNNBase that code written for torch.nn touches are here too
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple, NoReturn
 
 import torch
@@ -30,12 +29,12 @@ from rnnkit._checks import (
     require_allocatable,
     require_bool,
     require_choice,
-    require_device,
-    require_dtype,
+    require_factory,
     require_int,
-    require_probability,
+    require_layer_arguments,
     require_shape,
     require_tensor,
+    warn_unused_dropout,
 )
 from rnnkit.cells import (
     BackendSetting,
@@ -58,7 +57,7 @@ from rnnkit.engine.steps import (
     State,
     output_of,
 )
-from rnnkit.stream import LayerStream
+from rnnkit.stream import LayerStream, inference_steps
 
 
 def _stack(states: list[Tensor]) -> Tensor:
@@ -194,13 +193,9 @@ class _RecurrentLayer(nn.Module):
         self.zoneout = _zoneout_rates(f"{name} zoneout", zoneout, self.family)
         self.weight_drop = _rate(f"{name} weight_drop", weight_drop)
         self.backend = backend  # checked by BackendSetting
-        self.input_size = require_int(f"{name} input_size", input_size, minimum=1)
-        self.hidden_size = require_int(f"{name} hidden_size", hidden_size, minimum=1)
-        self.num_layers = require_int(f"{name} num_layers", num_layers, minimum=1)
-        self.bias = require_bool(f"{name} bias", bias)
-        self.batch_first = require_bool(f"{name} batch_first", batch_first)
-        self.dropout = require_probability(f"{name} dropout", dropout)
-        self.bidirectional = require_bool(f"{name} bidirectional", bidirectional)
+        (self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
+         self.dropout, self.bidirectional) = require_layer_arguments(
+            name, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
         self.proj_size = require_int(f"{name} proj_size", proj_size, minimum=0)
         self.peephole = require_bool(f"{name} peephole", peephole)
         self.learn_initial_state = require_bool(
@@ -211,15 +206,9 @@ class _RecurrentLayer(nn.Module):
                 f"{name} proj_size must be smaller than hidden_size ({hidden_size}), "
                 f"got {proj_size}; use 0 for no projection"
             )
-        if self.dropout > 0 and num_layers == 1:
-            warnings.warn(
-                f"{name} dropout={dropout} acts between stacked layers only, so it does nothing "
-                "with num_layers=1",
-                stacklevel=3,
-            )
+        warn_unused_dropout(name, dropout, num_layers, stacklevel=3)
 
-        factory = {"device": require_device(f"{name} device", device),
-                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        factory = require_factory(name, device, dtype)
         require_allocatable(name, self._size_settings(), self._parameter_count(), **factory)
         gates = self.gate_count * hidden_size
         # Registration order is torch.nn's (w_ih, w_hh, b_ih, b_hh, w_hr per layer and direction)
@@ -384,6 +373,10 @@ class _RecurrentLayer(nn.Module):
             with torch.autocast(param.device.type, enabled=False):
                 return self.forward(precision.to_parameter_dtype(input, param),
                                     precision.to_parameter_dtype(hx, param), lengths=lengths)
+        if lengths is None and type(input) is Tensor and input.dim() == 3:
+            stepped = self._one_step(input, hx)
+            if stepped is not None:
+                return stepped
         x, lengths, batched = self._prepare_input(input, lengths)
         initial = self._initial_states(hx, x, batched)
         output, finals = self._run_stack(x, initial, lengths, self.num_layers, self.training)
@@ -394,6 +387,35 @@ class _RecurrentLayer(nn.Module):
         elif self.batch_first:
             output = output.transpose(0, 1)
         return output, self._stack_states(finals, batched)
+
+    def _one_step(self, input: Tensor, hx: object) -> tuple[Tensor, State] | None:
+        """`forward` on a one-step batched sequence from a given state, on the step kernels
+        (`rnnkit.stream.inference_steps`, as a stream's step): the same result without the
+        general path's reshaping and splitting (a loop that calls the layer once a step).
+        None wherever the input differs from that plain case in any way (form, shape, state,
+        gradient, compiler or tracer); forward then checks and runs it as any other."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or self.bidirectional:
+            return None
+        step_dim = 1 if self.batch_first else 0
+        batch = input.shape[1 - step_dim]
+        if input.shape[step_dim] != 1 or input.shape[2] != self.input_size or batch == 0:
+            return None
+        parts = hx if type(hx) is tuple else (hx,)
+        shapes = self._state_shapes(batch)
+        if len(parts) != len(shapes) or not all(
+                type(part) is Tensor and part.shape == shape
+                for part, (shape, _) in zip(parts, shapes, strict=True)):
+            return None
+        x = input[:, 0] if self.batch_first else input[0]
+        states = (list(zip(parts[0].unbind(0), parts[1].unbind(0), strict=True))
+                  if len(parts) == 2 else list(parts[0].unbind(0)))
+        stepped = inference_steps(self, x, states)
+        if stepped is None:
+            return None
+        top, finals = stepped
+        # A copy: with one layer h_n is a view of the top h, and forward's output never
+        # aliases its final state.
+        return top.unsqueeze(step_dim).clone(), self._stack_states(finals, True)
 
     def stream(self, hx: State | None = None) -> LayerStream:
         """A handle that runs this layer one time step per call, keeping the state between

@@ -9,8 +9,6 @@ constant-memory streaming.
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import NoReturn
 
 import torch
@@ -23,15 +21,15 @@ from rnnkit._checks import (
     require_allocatable,
     require_bool,
     require_choice,
-    require_device,
-    require_dtype,
-    require_int,
+    require_factory,
+    require_layer_arguments,
     require_non_negative,
-    require_probability,
     require_shape,
+    require_sizes,
     require_tensor,
+    warn_unused_dropout,
 )
-from rnnkit.cells import BackendSetting, _refuse_scripting
+from rnnkit.cells import BackendSetting, _refuse_scripting, _reset_uniform, _SimpleCell
 from rnnkit.engine import precision, scan
 from rnnkit.engine.scan import GATE_COUNT, MinFamily
 from rnnkit.layers import _repack, _stack, prepare_sequence
@@ -53,32 +51,7 @@ class _MinimalBackendSetting(BackendSetting):
         module.__dict__[self.name] = value
 
 
-def _reset_uniform(module: nn.Module) -> None:
-    """Every parameter of a minimal cell or layer ``U(-1/sqrt(H), 1/sqrt(H))``, torch.nn's rule."""
-    bound = 1.0 / math.sqrt(module.hidden_size)
-    for parameter in module.parameters():
-        nn.init.uniform_(parameter, -bound, bound)
-
-
-def _step_input(cell: nn.Module, input: object) -> Tensor:
-    """A cell's ``input`` checked: a tensor of its parameters' dtype and device, ``(N, I)`` or
-    unbatched ``(I,)``; errors name the cell, the shape given and the one accepted."""
-    name, param = type(cell).__name__, cell.weight_ih
-    x = require_tensor(f"{name} input", input, dtype=param.dtype, device=param.device)
-    if x.dim() not in (1, 2) or x.shape[-1] != cell.input_size:
-        raise ValueError(
-            f"{name} input must have shape (N, {cell.input_size}) or ({cell.input_size},) "
-            f"(input_size={cell.input_size}), got {tuple(x.shape)}"
-        )
-    return x
-
-
-def _check_sizes(name: str, input_size: object, hidden_size: object) -> tuple[int, int]:
-    return (require_int(f"{name} input_size", input_size, minimum=1),
-            require_int(f"{name} hidden_size", hidden_size, minimum=1))
-
-
-class _MinimalCell(nn.Module):
+class _MinimalCell(_SimpleCell[Tensor]):
     """Parameters and input checks shared by MinGRUCell and MinLSTMCell: one step each."""
 
     family: MinFamily = MinFamily.GRU
@@ -87,11 +60,10 @@ class _MinimalCell(nn.Module):
                  dtype=None, *, log_space: bool = False) -> None:
         super().__init__()
         name = type(self).__name__
-        self.input_size, self.hidden_size = _check_sizes(name, input_size, hidden_size)
+        self.input_size, self.hidden_size = require_sizes(name, input_size, hidden_size)
         self.bias = require_bool(f"{name} bias", bias)
         self.log_space = require_bool(f"{name} log_space", log_space)
-        factory = {"device": require_device(f"{name} device", device),
-                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        factory = require_factory(name, device, dtype)
         gates = GATE_COUNT[self.family] * hidden_size
         require_allocatable(name, f"input_size={input_size}, hidden_size={hidden_size}",
                             gates * (input_size + (1 if bias else 0)), **factory)
@@ -102,23 +74,9 @@ class _MinimalCell(nn.Module):
             self.register_parameter("bias_ih", None)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
-        _reset_uniform(self)
-
-    def __prepare_scriptable__(self) -> NoReturn:
-        _refuse_scripting(self)
-
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        """One step; shapes in the class docstring. Unbatched input gives an unbatched state."""
-        # float32 under autocast, the families' rule (engine/precision.py)
-        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih):
-            param = self.weight_ih
-            with torch.autocast(param.device.type, enabled=False):
-                return self.forward(precision.to_parameter_dtype(input, param),
-                                    precision.to_parameter_dtype(hx, param))
+    def _step(self, x: Tensor, hx: object) -> Tensor:
+        """``h'`` from the checked input; ``hx`` checked here (or zeros)."""
         name = type(self).__name__
-        x = _step_input(self, input)
         shape = (*x.shape[:-1], self.hidden_size)
         if hx is None:
             h = x.new_zeros(shape)
@@ -230,19 +188,13 @@ class _MinimalLayer(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.input_size, self.hidden_size = _check_sizes(name, input_size, hidden_size)
-        self.num_layers = require_int(f"{name} num_layers", num_layers, minimum=1)
-        self.bias = require_bool(f"{name} bias", bias)
-        self.batch_first = require_bool(f"{name} batch_first", batch_first)
-        self.dropout = require_probability(f"{name} dropout", dropout)
-        self.bidirectional = require_bool(f"{name} bidirectional", bidirectional)
+        (self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
+         self.dropout, self.bidirectional) = require_layer_arguments(
+            name, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
         self.log_space = require_bool(f"{name} log_space", log_space)
         self.backend = backend  # checked by _MinimalBackendSetting
-        if self.dropout > 0 and num_layers == 1:
-            warnings.warn(f"{name} dropout={dropout} acts between stacked layers only, so it "
-                          "does nothing with num_layers=1", stacklevel=3)
-        factory = {"device": require_device(f"{name} device", device),
-                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        warn_unused_dropout(name, dropout, num_layers, stacklevel=2)
+        factory = require_factory(name, device, dtype)
         gates = GATE_COUNT[self.family] * hidden_size
         upper_input = self.num_directions * hidden_size
         count = self.num_directions * gates * (

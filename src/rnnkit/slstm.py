@@ -10,7 +10,6 @@ equations, for constant-memory streaming.
 
 from __future__ import annotations
 
-import warnings
 from typing import NoReturn
 
 import torch
@@ -24,18 +23,18 @@ from rnnkit._checks import (
     require_allocatable,
     require_bool,
     require_choice,
-    require_device,
-    require_dtype,
+    require_factory,
     require_int,
-    require_probability,
+    require_layer_arguments,
     require_shape,
+    require_sizes,
     require_tensor,
+    warn_unused_dropout,
 )
-from rnnkit.cells import BackendSetting, _refuse_scripting
+from rnnkit.cells import BackendSetting, _refuse_scripting, _reset_uniform, _SimpleCell
 from rnnkit.engine import precision, slstm
 from rnnkit.engine.slstm import FORGET_GATES, GATES, SLSTMState
 from rnnkit.layers import _repack, _stack, prepare_sequence
-from rnnkit.minimal import _check_sizes, _reset_uniform, _step_input
 from rnnkit.stream import SLSTMStream
 
 _STATE_PARTS = ("h_0", "c_0", "n_0", "m_0")
@@ -84,7 +83,7 @@ def _empty_state(shape: tuple[int, ...], like: Tensor) -> SLSTMState:
     return zeros, zeros, zeros, like.new_full(shape, float("-inf"))
 
 
-class SLSTMCell(nn.Module):
+class SLSTMCell(_SimpleCell[SLSTMState]):
     r"""An sLSTM cell (Beck et al. 2024, section 2.2), one time step, stabilised.
 
     .. math::
@@ -141,12 +140,11 @@ class SLSTMCell(nn.Module):
                  dtype=None, *, num_heads: int = 1, forget_gate: str = "sigmoid") -> None:
         super().__init__()
         name = type(self).__name__
-        self.input_size, self.hidden_size = _check_sizes(name, input_size, hidden_size)
+        self.input_size, self.hidden_size = require_sizes(name, input_size, hidden_size)
         self.num_heads = _check_heads(name, hidden_size, num_heads)
         self.forget_gate = require_choice(f"{name} forget_gate", forget_gate, FORGET_GATES)
         self.bias = require_bool(f"{name} bias", bias)
-        factory = {"device": require_device(f"{name} device", device),
-                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        factory = require_factory(name, device, dtype)
         width = hidden_size // self.num_heads
         require_allocatable(name, f"input_size={input_size}, hidden_size={hidden_size}",
                             GATES * hidden_size * (input_size + width + (1 if bias else 0)),
@@ -160,26 +158,19 @@ class SLSTMCell(nn.Module):
             self.register_parameter("bias_ih", None)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
-        _reset_uniform(self)
-
-    def __prepare_scriptable__(self) -> NoReturn:
-        _refuse_scripting(self)
-
     def forward(self, input: Tensor, hx: SLSTMState | None = None) -> SLSTMState:
-        """One step; shapes in the class docstring. Unbatched input gives an unbatched state."""
+        """One step; shapes in the class docstring. Unbatched input gives an unbatched state.
+        A streamed step's short way first (`_inference_step`); else the cells' checks and
+        autocast rule (`_SimpleCell.forward`), then `_step`."""
         new = self._inference_step(input, hx)
         if new is not None:
             return new
-        # float32 under autocast, the families' rule (engine/precision.py)
-        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih):
-            param = self.weight_ih
-            with torch.autocast(param.device.type, enabled=False):
-                return self.forward(precision.to_parameter_dtype(input, param),
-                                    precision.to_parameter_dtype(hx, param))
+        return super().forward(input, hx)
+
+    def _step(self, x: Tensor, hx: object) -> SLSTMState:
+        """``(h', c', n', m')`` from the checked input; ``hx`` checked here (or the empty
+        state)."""
         name = type(self).__name__
-        x = _step_input(self, input)
         shape = (*x.shape[:-1], self.hidden_size)
         if hx is None:
             state = _empty_state(shape, x)
@@ -323,20 +314,14 @@ class SLSTM(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        self.input_size, self.hidden_size = _check_sizes(name, input_size, hidden_size)
-        self.num_layers = require_int(f"{name} num_layers", num_layers, minimum=1)
-        self.bias = require_bool(f"{name} bias", bias)
-        self.batch_first = require_bool(f"{name} batch_first", batch_first)
-        self.dropout = require_probability(f"{name} dropout", dropout)
-        self.bidirectional = require_bool(f"{name} bidirectional", bidirectional)
+        (self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
+         self.dropout, self.bidirectional) = require_layer_arguments(
+            name, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
         self.num_heads = _check_heads(name, hidden_size, num_heads)
         self.forget_gate = require_choice(f"{name} forget_gate", forget_gate, FORGET_GATES)
         self.backend = backend  # checked by _SLSTMBackendSetting
-        if self.dropout > 0 and num_layers == 1:
-            warnings.warn(f"{name} dropout={dropout} acts between stacked layers only, so it "
-                          "does nothing with num_layers=1", stacklevel=2)
-        factory = {"device": require_device(f"{name} device", device),
-                   "dtype": require_dtype(f"{name} dtype", dtype)}
+        warn_unused_dropout(name, dropout, num_layers, stacklevel=2)
+        factory = require_factory(name, device, dtype)
         gates, width = GATES * hidden_size, hidden_size // self.num_heads
         upper_input = self.num_directions * hidden_size
         count = self.num_directions * gates * (

@@ -81,27 +81,15 @@ class LayerStream:
         return self._general_step(input)
 
     def _inference_step(self, x: Tensor, states: list[State]) -> Tensor | None:
-        """Every layer on `engine.inference_step`, or None (nothing changed) where it does
-        not apply: in training with dropout between layers or a regularisation switch, or
-        where the engine declines (it decides before any work, the same for every layer)."""
-        layer = self.layer
-        if layer.training and (layer._regularised or (layer.dropout and layer.num_layers > 1)):
+        """Every layer on `engine.inference_step` (`inference_steps`), or None (nothing
+        changed) where that does not apply."""
+        stepped = inference_steps(self.layer, x, states)
+        if stepped is None:
             return None
-        if any(layer.zoneout):  # evaluation's expectation is a mask too
-            return None
-        kind, backend = layer.cell_kind(), layer.backend
-        new_states, layer_input = [], x
-        for index, state in enumerate(states):
-            new = engine.inference_step(kind, layer_input, state,
-                                        layer.cell_weights(index, 0), backend)
-            if new is None:
-                return None
-            new_states.append(new)
-            layer_input = output_of(new)
-        self._states = new_states
+        output, self._states = stepped
         # A copy: the state is the kernel's h itself, and forward's output never aliases its
         # final state either (an in-place change of the output must not change the stream).
-        return layer_input.clone()
+        return output.clone()
 
     def _general_step(self, input: object) -> Tensor:
         """The step through ``forward`` on a one-step sequence: its checks, its engines."""
@@ -192,6 +180,30 @@ class SLSTMStream(LayerStream):
                 for per_layer in zip(*parts, strict=True)]
 
 
+def inference_steps(layer: RecurrentLayer, x: Tensor,
+                    states: list[State]) -> tuple[Tensor, list[State]] | None:
+    """One step of a unidirectional layer's whole stack on `engine.inference_step`: ``x (N,
+    H_in)`` and each layer's state (``h (N, H_out)`` or ``(h, c)``) -> the top layer's ``h``
+    and the new states; or None (nothing computed that matters) where it does not apply: in
+    training with dropout between layers or a regularisation switch, with zoneout, or where the
+    engine declines (it decides before any work, the same for every layer). Shapes are the
+    caller's to have checked."""
+    if layer.training and (layer._regularised or (layer.dropout and layer.num_layers > 1)):
+        return None
+    if any(layer.zoneout):  # evaluation's expectation is a mask too
+        return None
+    kind, backend = layer.cell_kind(), layer.backend
+    new_states, layer_input = [], x
+    for index, state in enumerate(states):
+        new = engine.inference_step(kind, layer_input, state, layer.cell_weights(index, 0),
+                                    backend)
+        if new is None:
+            return None
+        new_states.append(new)
+        layer_input = output_of(new)
+    return layer_input, new_states
+
+
 def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[State]:
     """``forward``'s final state -> per layer ``h (N, H_out)`` or ``(h, c)``, contiguous."""
     if layer.family == Family.LSTM:
@@ -203,5 +215,5 @@ def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[St
     return [h.contiguous() for h in h_n]
 
 
-__all__ = ["LayerStream", "SLSTMStream"]
+__all__ = ["LayerStream", "SLSTMStream", "inference_steps"]
 

@@ -68,7 +68,8 @@ TORCH_LSTM_MIN_HIDDEN = 256
 """And from this hidden size on: since the LSTM's loops run on resident weights, the native
 loop's inference took 0.94x torch's kernel's time at (T, N, H) = (100, 32, 64) and 0.86x at
 (100, 16, 128), but 1.09-1.19x at H = 256 and 512 (Intel Xeon VM, 2 threads; sizes between 128
-and 256 were not measured)."""
+and 256 were not measured). Rechecked after the loop's prefetch and even tiles (issue 19's
+fourth part): 0.99-1.00x at H = 64 and 128, 1.05-1.19x at H = 256 and 512."""
 
 
 STEP_KERNEL_MAX_BATCH = 4

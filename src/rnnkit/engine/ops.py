@@ -316,7 +316,7 @@ def native_lstm(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b
                 b_hh: _Optional, w_hr: _Optional, w_ch: _Optional, lengths: _Optional,
                 reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> h_states (T + 1, N, P), c_states (T + 1, N, H), output (T, N, P) or empty, h_n, c_n,
-    gates (T, N, 4H), c_new (T, N, H)."""
+    gates (T, N, 4H), empty (each step's new cell is the state it leaves in c_states)."""
     return native.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse)
 
 
@@ -349,7 +349,7 @@ def _fake_native_lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, re
     new = x.new_empty
     return (new(steps + 1, batch, out), new(steps + 1, batch, hidden),
             _empty_like_lengths(x, lengths, steps, batch, out), new(batch, out),
-            new(batch, hidden), new(steps, batch, 4 * hidden), new(steps, batch, hidden))
+            new(batch, hidden), new(steps, batch, 4 * hidden), new(0))
 
 
 def _fake_lstm_backward(d_output, d_h_n, d_c_n, gates, *rest):
@@ -366,8 +366,9 @@ def _fake_native_lstm_backward(d_output, d_h_n, d_c_n, gates, *rest):
 def _lstm_setup(ctx, inputs, output, native_layout: bool):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse = inputs
     if native_layout:
-        h_states, c_states, _, _, _, gates, c_raw = output
+        h_states, c_states, _, _, _, gates, _ = output
         h_prev, c_prev, m = _entering(h_states, reverse), _entering(c_states, reverse), None
+        c_raw = _leaving(c_states, reverse)  # each step's new cell (the kernel's docstring)
     else:
         _, _, _, gates, c_raw, c_prev, h_prev, m = output
         h_states = c_states = None

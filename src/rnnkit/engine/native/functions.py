@@ -94,22 +94,23 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse
                  layer_outputs_only: bool = False):
     """The spec's LSTM with optional peephole (w_ch) and projection (w_hr). Returns
     ``h_states (T + 1, N, P)``, ``c_states (T + 1, N, H)``, ``output (T, N, P)`` (empty
-    without lengths), ``h_n (N, P)``, ``c_n (N, H)``, ``gates (T, N, 4H)`` activated and
-    ``c_new (T, N, H)``, each step's new cell; with ``layer_outputs_only``, ``output, h_n,
-    c_n`` alone."""
+    without lengths), ``h_n (N, P)``, ``c_n (N, H)``, ``gates (T, N, 4H)`` activated and an
+    empty stand-in for each step's new cell, which is the state each step leaves (c_states
+    past the entering one: `rnnkit.engine.ops._leaving`, also with lengths, where the held cell
+    is both); with ``layer_outputs_only``, ``output, h_n, c_n`` alone."""
     kernels = _kernels()
     if x.shape[0] * x.shape[1] <= SMALL_PROJECTION_ROWS:
         gates, bias = _project(kernels, x, w_ih, b_ih, b_hh), None
     else:  # the kernel adds the biases as it reads each step: no broadcast pass over (T, N, 4H)
         gates, bias = _project(kernels, x, w_ih, None), _contiguous(summed_bias(b_ih, b_hh))
-    output, h_states, c_states, c_new = kernels.lstm_forward(
+    output, h_states, c_states = kernels.lstm_forward(
         gates, bias, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), _contiguous(w_hr),
         _contiguous(w_ch), _contiguous(lengths), reverse, not layer_outputs_only,
     )
-    if layer_outputs_only:  # the kernel kept neither the activated gates nor c_new
+    if layer_outputs_only:  # the kernel left the gates as projected
         return output, _final(h_states, reverse), _final(c_states, reverse)
     return (h_states, c_states, _own_output(output, lengths), _final(h_states, reverse),
-            _final(c_states, reverse), gates, c_new)
+            _final(c_states, reverse), gates, c_states.new_empty(0))
 
 
 def lstm_backward(d_output, d_h_n, d_c_n, gates, c_states, c_new, w_hh, w_hr, w_ch, lengths,

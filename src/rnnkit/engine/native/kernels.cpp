@@ -782,8 +782,7 @@ struct LstmStepBuffers {
   const T* h;      // (N, H) entering state
   const T* c;      // (N, H)
   T* h_new;        // (N, H) leaving state (held past a sequence's end)
-  T* c_held;       // (N, H)
-  T* c_new;        // (N, H) the step's new cell (held past the end); c_held if not kept
+  T* c_held;       // (N, H) the step's new cell (held past the end); the backward's c_new
   T* out;          // (N, H) output: h_new, or zero past the end
   const T* peep;   // (3H,) or nullptr
   const T* bias;   // (4H,) added to the projection, or nullptr
@@ -796,11 +795,11 @@ inline void resident_tile(const LstmStepBuffers<T>& s, const T* panel, int64_t H
                           int64_t j, int64_t count, int64_t t, const Validity& valid) {
   using V = Vec<T>;
   V acc[Rows][4];
-  // Per row: its four gates' pre-activations, then five state lines; one every other k.
-  const T* const state_lines[5] = {s.c, s.c_held, s.c_new, s.h_new, s.out};
+  // Per row: its four gates' pre-activations, then four state lines; one every other k.
+  const T* const state_lines[4] = {s.c, s.c_held, s.h_new, s.out};
   const auto ahead = [&](int64_t k) {
-    if (k % 2 != 0 || k >= 2 * 9 * Rows) return;
-    const int64_t r = k / 18, which = k / 2 % 9;
+    if (k % 2 != 0 || k >= 2 * 8 * Rows) return;
+    const int64_t r = k / 16, which = k / 2 % 8;
     fetch_line(which < 4 ? s.gates + (n + r) * 4 * H + which * H + j
                          : state_lines[which - 4] + (n + r) * H + j);
   };
@@ -809,7 +808,6 @@ inline void resident_tile(const LstmStepBuffers<T>& s, const T* panel, int64_t H
     const int64_t row = (n + r) * H + j;
     if (!valid(t, n + r)) {
       copy_row(s.c_held + row, s.c + row, count);
-      copy_row(s.c_new + row, s.c + row, count);
       copy_row(s.h_new + row, s.h + row, count);
       zero_row(s.out + row, count);
       continue;
@@ -842,7 +840,6 @@ inline void resident_tile(const LstmStepBuffers<T>& s, const T* panel, int64_t H
       o.store(g_row + 3 * H, count);
     }
     c_next.store(s.c_held + row, count);
-    c_next.store(s.c_new + row, count);
     h_next.store(s.h_new + row, count);
     if (s.out != s.h_new) h_next.store(s.out + row, count);
   }
@@ -937,7 +934,7 @@ bool lstm_resident(int64_t T, int64_t N, int64_t H, bool projected, int64_t elem
 
 template <typename T>
 void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Tensor& c_states,
-                           const Tensor& output, const Tensor& c_new, const Tensor& w_hh,
+                           const Tensor& output, const Tensor& w_hh,
                            const T* peep, const T* bias, const Steps& steps,
                            const Validity& valid, bool for_backward) {
   constexpr int64_t U = Vec<T>::size();
@@ -953,7 +950,6 @@ void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Te
   T* h_p = h_states.data_ptr<T>();
   T* c_p = c_states.data_ptr<T>();
   T* out_p = output.data_ptr<T>();
-  T* c_new_p = for_backward ? c_new.data_ptr<T>() : nullptr;
   const int64_t state = N * H;
   auto run = [&](int thread, int team) {
     const int64_t first = blocks * thread / team, end = blocks * (thread + 1) / team;
@@ -961,7 +957,7 @@ void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Te
       const int64_t t = steps.time(s);
       const LstmStepBuffers<T> buffers{
           gates_p + t * 4 * state, h_p + steps.in(t) * state, c_p + steps.in(t) * state,
-          h_p + steps.out(t) * state, c_p + steps.out(t) * state, for_backward ? c_new_p + t * state : c_p + steps.out(t) * state,
+          h_p + steps.out(t) * state, c_p + steps.out(t) * state,
           out_p + t * state, peep, bias, for_backward};
       for (int64_t b = first; b < end; ++b) {
         const int64_t j = b * U, count = std::min(U, H - j);
@@ -1133,9 +1129,9 @@ void lstm_backward_resident(const Tensor& d_output, const Tensor& gates, const T
 // a broadcast bias inside the projection's addmm costs a pass over the whole (T, N, 4H)),
 // overwritten with the activated i, f, g, o if `for_backward`.
 // Optional projection w_hr (P, H) and peephole w_ch (3H,) in the order i, f, o.
-// Returns {output (T, N, P), h_states (T + 1, N, P), c_states (T + 1, N, H), c_new (T, N, H)}
-// where c_new is each step's new cell (for invalid rows: the held one), (0, N, H) unless
-// `for_backward`.
+// Returns {output (T, N, P), h_states (T + 1, N, P), c_states (T + 1, N, H)}. Each step's new
+// cell, which the backward reads as c_new (for invalid rows: the held one), is the cell state
+// the step leaves, c_states[steps.out(t)]: it is not written twice.
 std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias,
                                  const Tensor& h0, const Tensor& c0,
                                  const Tensor& w_hh, const std::optional<Tensor>& w_hr,
@@ -1161,8 +1157,7 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
   Tensor h_states = states_buffer(T, h0);
   Tensor c_states = states_buffer(T, c0);
   Tensor output = output_buffer(h_states, steps, lengths);
-  // Without a backward to come, the gates stay as projected and c_new is not written.
-  Tensor c_new = at::empty({for_backward ? T : 0, N, H}, gates.options());
+  // Without a backward to come, the gates stay as projected.
   start_states(h_states, steps.first_in(), h0);
   start_states(c_states, steps.first_in(), c0);
   const bool resident = lstm_resident(T, N, H, projected, gates.element_size());
@@ -1177,7 +1172,7 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
     const scalar_t* peep = w_ch.has_value() ? w_ch->data_ptr<scalar_t>() : nullptr;
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     if (resident) {
-      return lstm_forward_resident<scalar_t>(gates, h_states, c_states, output, c_new, w_hh,
+      return lstm_forward_resident<scalar_t>(gates, h_states, c_states, output, w_hh,
                                              peep, b, steps, valid, for_backward);
     }
     for (int64_t s = 0; s < T; ++s) {
@@ -1189,7 +1184,6 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
       const scalar_t* c_p = at_step<scalar_t>(c_states, steps.in(t));
       scalar_t* h_new_p = at_step<scalar_t>(h_states, steps.out(t));
       scalar_t* c_held_p = at_step<scalar_t>(c_states, steps.out(t));
-      scalar_t* c_new_p = for_backward ? at_step<scalar_t>(c_new, t) : c_held_p;
       scalar_t* out_p = at_step<scalar_t>(output, t);
       scalar_t* m_p = projected ? m.data_ptr<scalar_t>() : out_p;
       for_rows(N, 4 * H, [&](int64_t n) {
@@ -1197,7 +1191,6 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
         const int64_t row = n * H;
         if (!valid(t, n)) {
           copy_row(c_held_p + row, c_p + row, H);
-          copy_row(c_new_p + row, c_p + row, H);
           if (projected) {
             zero_row(m_p + row, H);
           } else {
@@ -1235,7 +1228,6 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
             o.store(g_row + 3 * H + j, k);
           }
           c_next.store(c_held_p + row + j, k);
-          c_next.store(c_new_p + row + j, k);
           h_next.store(m_p + row + j, k);
           if (!projected) h_next.store(h_new_p + row + j, k);
         });
@@ -1255,7 +1247,7 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
       }
     }
   });
-  return {output, h_states, c_states, c_new};
+  return {output, h_states, c_states};
 }
 
 // Returns {d_gates (T, N, 4H) before the nonlinearities, d_h0 (N, P), d_c0 (N, H), d_w_hr,
