@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 import rnnkit
+from rnnkit.bench import stream_cell
 from rnnkit.training.devices import keep_freed_memory
 
 PAIRS = {  # minimal -> (its layer, its cell, the gated layer, the gated cell)
@@ -75,15 +76,6 @@ def training_step(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]
     return run
 
 
-def streaming(cell: torch.nn.Module, xs: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        with torch.no_grad():
-            state = None
-            for x in xs:
-                state = cell(x, state)
-    return run
-
-
 def time_training(lengths: list[int], batch: int, hidden: int, repeats: int) -> None:
     print(f"training step (forward + backward), one layer, N = {batch}, H = {hidden}, median of "
           f"{repeats}")
@@ -118,8 +110,8 @@ def time_streaming(hidden: int, steps: int, repeats: int) -> None:
     xs = torch.randn(steps, 1, hidden, generator=torch.Generator().manual_seed(0))
     for _, minimal, _, gated in PAIRS.values():
         torch.manual_seed(0)
-        medians = interleaved_medians({"minimal": streaming(minimal(hidden, hidden), xs),
-                                       "gated": streaming(gated(hidden, hidden), xs)}, repeats)
+        medians = interleaved_medians({"minimal": stream_cell(xs, minimal(hidden, hidden)),
+                                       "gated": stream_cell(xs, gated(hidden, hidden))}, repeats)
         us_minimal, us_gated = (medians[key] / steps * 1e6 for key in ("minimal", "gated"))
         pair = f"{minimal.__name__} / {gated.__name__}"
         print(f"{pair:24} {us_minimal:11.2f} {us_gated:9.2f} {us_minimal / us_gated:10.3f}",

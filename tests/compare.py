@@ -17,6 +17,19 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 WORST: dict[tuple[str, torch.dtype], tuple[float, int]] = {}
 
 
+def sequences(layer: nn.Module, steps: int, batch: int, dtype=torch.float32,
+              seed: int = 1) -> tuple[Tensor, Tensor]:
+    """A random input for ``layer`` (its ``input_size``, its ``batch_first`` layout) and
+    lengths in ``[1, steps]``, the first sequence full, from a generator seeded ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    size = layer.input_size
+    shape = (batch, steps, size) if layer.batch_first else (steps, batch, size)
+    x = torch.randn(shape, generator=generator, dtype=dtype)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
+    lengths[0] = steps
+    return x, lengths
+
+
 def flatten(value) -> list[Tensor]:
     """Every tensor in a nested output, PackedSequence as its data, in a fixed order."""
     if isinstance(value, PackedSequence):

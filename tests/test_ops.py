@@ -8,7 +8,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import rnnkit
-from compare import assert_same, outputs_and_gradients
+from compare import assert_same, outputs_and_gradients, sequences
 from rnnkit.engine import ops
 
 BACKENDS = ["fused", "native"]
@@ -36,15 +36,6 @@ def make_layer(name, backend, dtype=torch.float32):
         for p in layer.parameters():
             p.uniform_(-0.6, 0.6)
     return layer
-
-
-def sequences(layer, steps, batch, dtype=torch.float32, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    shape = (batch, steps, INPUT) if layer.batch_first else (steps, batch, INPUT)
-    x = torch.randn(shape, generator=generator, dtype=dtype)
-    lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
-    lengths[0] = steps
-    return x, lengths
 
 
 # ---- opcheck: schema, fake, autograd registration and vmap of every operator -----------------

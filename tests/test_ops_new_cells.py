@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rnnkit
-from compare import assert_same, outputs_and_gradients
+from compare import assert_same, outputs_and_gradients, sequences
 from rnnkit.engine import native, scan
 
 INPUT, HIDDEN = 3, 4
@@ -42,15 +42,6 @@ def make_layer(name, dtype=torch.float32):
         for p in layer.parameters():
             p.uniform_(-0.6, 0.6)
     return layer
-
-
-def sequences(layer, steps, batch, dtype=torch.float32, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    shape = (batch, steps, INPUT) if layer.batch_first else (steps, batch, INPUT)
-    x = torch.randn(shape, generator=generator, dtype=dtype)
-    lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
-    lengths[0] = steps
-    return x, lengths
 
 
 @pytest.fixture(autouse=True)

@@ -350,7 +350,7 @@ def _timed_groups(contenders: Contenders, x: torch.Tensor, repeats: int) -> tupl
     return inference_ms, training_ms
 
 
-def _stream_cell(xs: torch.Tensor, cell: nn.Module) -> Callable[[], None]:
+def stream_cell(xs: torch.Tensor, cell: nn.Module) -> Callable[[], None]:
     """A run of ``cell`` over the steps of ``xs`` ``(T, 1, H)``, one call a step, state fed
     back, under ``no_grad``: the streaming latency's callable."""
     def run() -> None:
@@ -379,7 +379,7 @@ def benchmark_minimal_streaming(families, hidden: int, backend: str, repeats: in
         cells[(family, peer_label)] = (peer_label, peer)
         cells[(family, f"rnnkit.{cell_class.__name__}")] = (peer_label,
                                                              cell_class(hidden, hidden))
-    runs = {key: _stream_cell(xs, cell) for key, (_, cell) in cells.items()}
+    runs = {key: stream_cell(xs, cell) for key, (_, cell) in cells.items()}
     per_step = {key: ms / steps for key, ms in _time_interleaved(runs, repeats).items()}
     rows = []
     for (family, label), (peer_label, _) in cells.items():
@@ -416,8 +416,8 @@ def benchmark_streaming(hidden: int, backend: str, repeats: int, steps: int = 10
             for x in xs:
                 stream(x)
 
-    runs = {"torch.nn.LSTMCell": _stream_cell(xs, peer),
-            "rnnkit.LSTMCell": _stream_cell(xs, cell),
+    runs = {"torch.nn.LSTMCell": stream_cell(xs, peer),
+            "rnnkit.LSTMCell": stream_cell(xs, cell),
             f"rnnkit.LSTM[{backend}] 1 step": stream_layer,
             f"rnnkit.LSTM[{backend}].stream()": layer_stream}
     per_step = {name: ms / steps for name, ms in _time_interleaved(runs, repeats).items()}
