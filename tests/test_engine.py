@@ -134,24 +134,29 @@ def test_gradcheck_through_backend(backend, name):
 # project the input with the kernels' own product. An LSTM without projection runs on resident
 # weights by default ("resident": here with every thread taking a share of the units, so that
 # blocks split unevenly between threads), and on the other two only with that path turned off.
-@pytest.fixture(params=["tiles", "blas", "resident"])
+# "resident-input": the resident loop projects the input too (`lstm_forward_input`; by default
+# from batch 4 with an input narrower than the state), at every batch here.
+@pytest.fixture(params=["tiles", "blas", "resident", "resident-input"])
 def step_products(request):
     """Runs a test with every native step product on the kernels' tiles, then on ATen's mm,
-    then with the LSTM's loops on resident weights shared by all threads."""
+    then with the LSTM's loops on resident weights shared by all threads, first with the input
+    projected before the loop, then inside it."""
     kernels = build.kernels()
     if kernels is None:
         pytest.fail("the native kernels did not build")
     defaults = (kernels.blas_min_multiply_adds(), kernels.resident_max_bytes_per_thread(),
-                kernels.thread_min_multiply_adds())
+                kernels.thread_min_multiply_adds(), kernels.lstm_input_min_batch())
     kernels.set_blas_min_multiply_adds(2**62 if request.param == "tiles" else 0)
-    if request.param == "resident":
+    if request.param.startswith("resident"):
         kernels.set_thread_min_multiply_adds(1)
+        kernels.set_lstm_input_min_batch(1 if request.param == "resident-input" else 2**62)
     else:
         kernels.set_resident_max_bytes_per_thread(0)
     yield request.param
     kernels.set_blas_min_multiply_adds(defaults[0])
     kernels.set_resident_max_bytes_per_thread(defaults[1])
     kernels.set_thread_min_multiply_adds(defaults[2])
+    kernels.set_lstm_input_min_batch(defaults[3])
 
 
 @pytest.mark.parametrize("steps,batch,hidden", [(3, 1, 70), (2, 2, 9), (5, 13, 37), (2, 8, 64),
@@ -160,6 +165,10 @@ def step_products(request):
 def test_native_equals_reference_at_larger_sizes(name, steps, batch, hidden, step_products):
     layer_class, extra = CONFIGURATIONS[name]
     extra = {**extra, "proj_size": hidden // 3} if "proj_size" in extra else extra
+    if step_products == "resident-input" and layer_class is rnnkit.LSTM and steps > 1:
+        # the path under test is the one taken (it needs I < H and no projection)
+        assert build.kernels().lstm_projects_input(steps, batch, 11, hidden, "proj_size" in extra,
+                                                   8) == (11 < hidden and "proj_size" not in extra)
     torch.manual_seed(0)
     layer = layer_class(11, hidden, **extra, bidirectional=True, dtype=torch.float64)
     with torch.no_grad():
@@ -419,6 +428,48 @@ def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache
         kernels.set_resident_max_bytes_per_thread(limit)
     with pytest.raises(RuntimeError, match="resident_max_bytes_per_thread must be >= 0, got -1"):
         kernels.set_resident_max_bytes_per_thread(-1)
+
+
+def test_lstm_loops_project_a_narrower_input_themselves_from_a_batch_of_four():
+    kernels = build.kernels()
+    assert kernels.lstm_input_min_batch() == 4
+    threads = torch.get_num_threads()
+    # rnnkit lm's first layer: a 64-wide embedding into 256 units
+    assert kernels.lstm_projects_input(100, 32, 64, 256, False, 4) == (threads >= 2)
+    assert kernels.lstm_projects_input(100, 4, 16, 32, False, 4)
+    assert not kernels.lstm_projects_input(100, 3, 16, 32, False, 4)  # a batch under 4
+    assert not kernels.lstm_projects_input(100, 32, 32, 32, False, 4)  # I = H: ATen's mm
+    assert not kernels.lstm_projects_input(100, 32, 16, 32, True, 4)  # a projection
+    assert not kernels.lstm_projects_input(1, 32, 16, 32, False, 4)  # one step: not resident
+    with pytest.raises(RuntimeError, match="lstm_input_min_batch must be >= 1, got 0"):
+        kernels.set_lstm_input_min_batch(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_lstm_projecting_its_input_in_the_loop_equals_the_reference(dtype):
+    # At the default policy (batch >= 4, input narrower than the state): two layers, both
+    # directions, lengths, an initial state; training and inference, against the reference.
+    torch.manual_seed(0)
+    assert build.kernels().lstm_projects_input(9, 6, 10, 24, False, 4)
+    layer = rnnkit.LSTM(10, 24, num_layers=2, bidirectional=True, peephole=True, dtype=dtype)
+    x = torch.randn(9, 6, 10, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(4, 6, 24, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(4, 6, 24, dtype=dtype, requires_grad=True)
+    lengths = [9, 3, 7, 1, 9, 5]
+
+    def run(module):
+        return module(x, (h0, c0), lengths=lengths)
+
+    expected = outputs_and_gradients(with_backend(layer, "reference"), run,
+                                     {"x": x, "h0": h0, "c0": c0})
+    actual = outputs_and_gradients(with_backend(layer, "native"), run,
+                                   {"x": x, "h0": h0, "c0": c0})
+    assert_same(actual, expected, dtype, group="native-vs-ref")
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+    with torch.no_grad():  # no gates kept
+        output, (h_n, c_n) = run(layer)
+    for value, key in ((output, "out0"), (h_n, "out1"), (c_n, "out2")):
+        torch.testing.assert_close(value, expected[key], rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("layer_class, extra", [

@@ -99,15 +99,26 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, lengths, reverse
     past the entering one: `rnnkit.engine.ops._leaving`, also with lengths, where the held cell
     is both); with ``layer_outputs_only``, ``output, h_n, c_n`` alone."""
     kernels = _kernels()
-    if x.shape[0] * x.shape[1] <= SMALL_PROJECTION_ROWS:
-        gates, bias = _project(kernels, x, w_ih, b_ih, b_hh), None
-    else:  # the kernel adds the biases as it reads each step: no broadcast pass over (T, N, 4H)
-        gates, bias = _project(kernels, x, w_ih, None), _contiguous(summed_bias(b_ih, b_hh))
-    output, h_states, c_states = kernels.lstm_forward(
-        gates, bias, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), _contiguous(w_hr),
-        _contiguous(w_ch), _contiguous(lengths), reverse, not layer_outputs_only,
-    )
-    if layer_outputs_only:  # the kernel left the gates as projected
+    steps, batch = x.shape[0], x.shape[1]
+    if w_hr is None and kernels.lstm_projects_input(steps, batch, x.shape[2], w_hh.shape[1],
+                                                     False, x.element_size()):
+        # The resident loop's tiles project x_t themselves: no (T, N, 4H) projection written
+        # before the loop and read back in it (gates: empty without a backward to come)
+        output, h_states, c_states, gates = kernels.lstm_forward_input(
+            x.contiguous(), w_ih.contiguous(), _contiguous(summed_bias(b_ih, b_hh)),
+            h0.contiguous(), c0.contiguous(), w_hh.contiguous(), _contiguous(w_ch),
+            _contiguous(lengths), reverse, not layer_outputs_only,
+        )
+    else:
+        if steps * batch <= SMALL_PROJECTION_ROWS:
+            gates, bias = _project(kernels, x, w_ih, b_ih, b_hh), None
+        else:  # the kernel adds the biases as it reads each step: no pass over (T, N, 4H)
+            gates, bias = _project(kernels, x, w_ih, None), _contiguous(summed_bias(b_ih, b_hh))
+        output, h_states, c_states = kernels.lstm_forward(
+            gates, bias, h0.contiguous(), c0.contiguous(), w_hh.contiguous(), _contiguous(w_hr),
+            _contiguous(w_ch), _contiguous(lengths), reverse, not layer_outputs_only,
+        )
+    if layer_outputs_only:  # no gates kept
         return output, _final(h_states, reverse), _final(c_states, reverse)
     return (h_states, c_states, _own_output(output, lengths), _final(h_states, reverse),
             _final(c_states, reverse), gates, c_states.new_empty(0))

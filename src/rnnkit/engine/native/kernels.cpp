@@ -723,18 +723,25 @@ Tensor pack_gate_blocks(const Tensor& w_hh, int64_t H, int64_t U) {
   return packed;
 }
 
-// acc[r][q] = h[r] · (column block q of `panel`) for Rows rows of h (ld `ldh`), K inner.
+// acc[r][q] = h[r] · (column block q of `panel`) for Rows rows of h (ld `ldh`), K inner; plus,
+// with an `input` (its rows ld `ld_input`, K_input inner, its own packed panel `input_panel`),
+// input[r] · (column block q of `input_panel`): the input projection of the same units in the
+// same registers (the loop that projects its input, `lstm_forward_input`).
 // The 4 * Rows sums are named variables, not an array: GCC keeps an array of Vectorized in
 // memory and stores every element back each k, which halves the FMA rate.
 #define RNNKIT_ROW_SUMS(r) V s##r##0(T(0)), s##r##1(T(0)), s##r##2(T(0)), s##r##3(T(0));
 #define RNNKIT_ROW_FMA(r)                                          \
   if constexpr (Rows > r) {                                        \
-    const V x(h[r * ldh + k]);                                     \
+    const V x(a[r * lda + k]);                                     \
     s##r##0 = at::vec::fmadd(x, b0, s##r##0);                      \
     s##r##1 = at::vec::fmadd(x, b1, s##r##1);                      \
     s##r##2 = at::vec::fmadd(x, b2, s##r##2);                      \
     s##r##3 = at::vec::fmadd(x, b3, s##r##3);                      \
   }
+#define RNNKIT_PANEL_ROW(p)                                                            \
+  const T* b = (p) + k * 4 * U;                                                        \
+  const V b0 = V::loadu(b), b1 = V::loadu(b + U), b2 = V::loadu(b + 2 * U),            \
+          b3 = V::loadu(b + 3 * U);
 #define RNNKIT_ROW_OUT(r)                                          \
   if constexpr (Rows > r) {                                        \
     acc[r][0] = s##r##0, acc[r][1] = s##r##1;                      \
@@ -754,17 +761,28 @@ inline void fetch_line(const void* line) {
 
 template <typename T, int Rows, typename Ahead>
 inline void gate_block_product(const T* h, int64_t ldh, const T* panel, int64_t K,
-                               Vec<T> (&acc)[Rows][4], const Ahead& ahead) {
+                               Vec<T> (&acc)[Rows][4], const Ahead& ahead,
+                               const T* input = nullptr, int64_t ld_input = 0,
+                               const T* input_panel = nullptr, int64_t K_input = 0) {
   static_assert(Rows >= 1 && Rows <= 6, "gate_block_product: 1 to 6 rows");
   using V = Vec<T>;
   constexpr int64_t U = V::size();
   RNNKIT_ROW_SUMS(0) RNNKIT_ROW_SUMS(1) RNNKIT_ROW_SUMS(2)
   RNNKIT_ROW_SUMS(3) RNNKIT_ROW_SUMS(4) RNNKIT_ROW_SUMS(5)
+  {
+    const T* a = input;
+    const int64_t lda = ld_input;
+    for (int64_t k = 0; k < K_input; ++k) {
+      RNNKIT_PANEL_ROW(input_panel)
+      RNNKIT_ROW_FMA(0) RNNKIT_ROW_FMA(1) RNNKIT_ROW_FMA(2)
+      RNNKIT_ROW_FMA(3) RNNKIT_ROW_FMA(4) RNNKIT_ROW_FMA(5)
+    }
+  }
+  const T* a = h;
+  const int64_t lda = ldh;
   for (int64_t k = 0; k < K; ++k) {
     ahead(k);
-    const T* b = panel + k * 4 * U;
-    const V b0 = V::loadu(b), b1 = V::loadu(b + U), b2 = V::loadu(b + 2 * U),
-            b3 = V::loadu(b + 3 * U);
+    RNNKIT_PANEL_ROW(panel)
     RNNKIT_ROW_FMA(0) RNNKIT_ROW_FMA(1) RNNKIT_ROW_FMA(2)
     RNNKIT_ROW_FMA(3) RNNKIT_ROW_FMA(4) RNNKIT_ROW_FMA(5)
   }
@@ -773,12 +791,14 @@ inline void gate_block_product(const T* h, int64_t ldh, const T* panel, int64_t 
 }
 #undef RNNKIT_ROW_SUMS
 #undef RNNKIT_ROW_FMA
+#undef RNNKIT_PANEL_ROW
 #undef RNNKIT_ROW_OUT
 
 // What one step of the resident loop reads and writes (pointers at step t; rows N, units H).
 template <typename T>
 struct LstmStepBuffers {
-  T* gates;        // (N, 4H) in: the input projection; out: i, f, g, o activated
+  T* gates;        // (N, 4H) in: the input projection (unless `input`); out: i, f, g, o
+                   // activated if keep_gates (null: nothing kept, with an `input`)
   const T* h;      // (N, H) entering state
   const T* c;      // (N, H)
   T* h_new;        // (N, H) leaving state (held past a sequence's end)
@@ -787,12 +807,15 @@ struct LstmStepBuffers {
   const T* peep;   // (3H,) or nullptr
   const T* bias;   // (4H,) added to the projection, or nullptr
   bool keep_gates; // write i, f, g, o over the projection (for the backward)
+  const T* input = nullptr;  // (N, I) x_t: the tiles project it themselves (gates not read)
+  int64_t input_size = 0;    // I
 };
 
 // Rows [n, n + Rows) x units [j, j + count) of one step: product, then gate math in registers.
 template <typename T, int Rows>
-inline void resident_tile(const LstmStepBuffers<T>& s, const T* panel, int64_t H, int64_t n,
-                          int64_t j, int64_t count, int64_t t, const Validity& valid) {
+inline void resident_tile(const LstmStepBuffers<T>& s, const T* panel, const T* input_panel,
+                          int64_t H, int64_t n, int64_t j, int64_t count, int64_t t,
+                          const Validity& valid) {
   using V = Vec<T>;
   V acc[Rows][4];
   // Per row: its four gates' pre-activations, then four state lines; one every other k.
@@ -800,10 +823,15 @@ inline void resident_tile(const LstmStepBuffers<T>& s, const T* panel, int64_t H
   const auto ahead = [&](int64_t k) {
     if (k % 2 != 0 || k >= 2 * 8 * Rows) return;
     const int64_t r = k / 16, which = k / 2 % 8;
-    fetch_line(which < 4 ? s.gates + (n + r) * 4 * H + which * H + j
-                         : state_lines[which - 4] + (n + r) * H + j);
+    if (which >= 4) {
+      fetch_line(state_lines[which - 4] + (n + r) * H + j);
+    } else if (s.gates != nullptr) {
+      fetch_line(s.gates + (n + r) * 4 * H + which * H + j);
+    }
   };
-  gate_block_product<T, Rows>(s.h + n * H, H, panel, H, acc, ahead);
+  const int64_t I = s.input != nullptr ? s.input_size : 0;
+  gate_block_product<T, Rows>(s.h + n * H, H, panel, H, acc, ahead,
+                              s.input != nullptr ? s.input + n * I : nullptr, I, input_panel, I);
   for (int r = 0; r < Rows; ++r) {
     const int64_t row = (n + r) * H + j;
     if (!valid(t, n + r)) {
@@ -812,12 +840,15 @@ inline void resident_tile(const LstmStepBuffers<T>& s, const T* panel, int64_t H
       zero_row(s.out + row, count);
       continue;
     }
-    T* g_row = s.gates + (n + r) * 4 * H + j;
+    T* g_row = s.gates != nullptr ? s.gates + (n + r) * 4 * H + j : nullptr;
     const V c = V::loadu(s.c + row, count);
-    V i_pre = acc[r][0] + V::loadu(g_row, count);
-    V f_pre = acc[r][1] + V::loadu(g_row + H, count);
-    V g_pre = acc[r][2] + V::loadu(g_row + 2 * H, count);
-    V o_pre = acc[r][3] + V::loadu(g_row + 3 * H, count);
+    V i_pre = acc[r][0], f_pre = acc[r][1], g_pre = acc[r][2], o_pre = acc[r][3];
+    if (s.input == nullptr) {  // the projection computed before the loop
+      i_pre = i_pre + V::loadu(g_row, count);
+      f_pre = f_pre + V::loadu(g_row + H, count);
+      g_pre = g_pre + V::loadu(g_row + 2 * H, count);
+      o_pre = o_pre + V::loadu(g_row + 3 * H, count);
+    }
     if (s.bias != nullptr) {
       i_pre = i_pre + V::loadu(s.bias + j, count);
       f_pre = f_pre + V::loadu(s.bias + H + j, count);
@@ -923,30 +954,76 @@ void on_team(int threads, const F& run) {
   run(0, 1);
 }
 
+// Threads of a resident LSTM forward whose tiles read K values a row (H; I + H when they
+// project the input too).
+int lstm_resident_threads(int64_t N, int64_t K, int64_t H) {
+  const int64_t blocks = (H + Vec<float>::size() - 1) / Vec<float>::size();
+  return resident_threads(blocks, N * K * 4 * H);
+}
+
+// Whether the packed weights of a resident forward, (4H, K), fit the threads' shares.
+bool lstm_resident_fits(int64_t N, int64_t K, int64_t H, int64_t element_size) {
+  return 4 * H * K * element_size <=
+         resident_max_bytes_per_thread * lstm_resident_threads(N, K, H);
+}
+
 // Whether lstm_forward runs on resident weights: no projection, at least two steps (the packing
 // is one pass over W_hh), and each thread's share of W_hh within `resident_max_bytes_per_thread`.
 bool lstm_resident(int64_t T, int64_t N, int64_t H, bool projected, int64_t element_size) {
   if (projected || T < 2 || N == 0 || at::in_parallel_region()) return false;
-  const int64_t blocks = (H + Vec<float>::size() - 1) / Vec<float>::size();
-  const int threads = resident_threads(blocks, N * H * 4 * H);
-  return 4 * H * H * element_size <= resident_max_bytes_per_thread * threads;
+  return lstm_resident_fits(N, H, H, element_size);
 }
 
+// A resident forward also projects its input (`lstm_forward_input`) when the input is narrower
+// than the state (I < H) and the batch has at least `lstm_input_min_batch` rows: the tiles read
+// x_t beside h_{t-1} against W_ih's rows for their units, packed and resident like W_hh's, and
+// no (T, N, 4H) projection is written before the loop and read back in it. Measured on the
+// Xeon VM (2 threads, docs/benchmarks.md, issue 19 fifth part): the forward took 0.83-0.97x
+// the time of ATen's mm and the loop at I < H, N = 4-64 (a product over all steps with an
+// inner size of 16-128 runs far below the FMA peak), but 1.0-1.05x at I = H (ATen's mm is as
+// fast there, and the loop's L2 holds twice the weights) and 1.03x at batch 1 (each step then
+// streams W_ih's panel from L2 as well as W_hh's, where the mm reads W_ih once).
+// Settable for benchmarks and tests.
+int64_t lstm_input_min_batch = 4;
+
+void set_lstm_input_min_batch(int64_t value) {
+  TORCH_CHECK(value >= 1, "lstm_input_min_batch must be >= 1, got ", value);
+  lstm_input_min_batch = value;
+}
+
+// Whether lstm_forward_input projects x inside the resident loop: a resident loop, I < H, a
+// batch of at least `lstm_input_min_batch`, and W_ih's and W_hh's packed rows together within
+// the threads' shares.
+bool lstm_projects_input(int64_t T, int64_t N, int64_t I, int64_t H, bool projected,
+                         int64_t element_size) {
+  return I < H && N >= lstm_input_min_batch &&
+         lstm_resident(T, N, H, projected, element_size) &&
+         lstm_resident_fits(N, I + H, H, element_size);
+}
+
+// With an `input` x (T, N, I) and its `w_ih` (4H, I), the tiles project x_t themselves, and
+// `gates` (T, N, 4H) is written only if `for_backward` (else it may be empty); without, `gates`
+// holds the projection.
 template <typename T>
 void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Tensor& c_states,
                            const Tensor& output, const Tensor& w_hh,
                            const T* peep, const T* bias, const Steps& steps,
-                           const Validity& valid, bool for_backward) {
+                           const Validity& valid, bool for_backward,
+                           const Tensor& input = Tensor(), const Tensor& w_ih = Tensor()) {
   constexpr int64_t U = Vec<T>::size();
   constexpr int Rows = kResidentRows<T>;
-  const int64_t T_ = steps.count, N = gates.size(1), H = gates.size(2) / 4;
+  const int64_t T_ = steps.count, N = h_states.size(1), H = w_hh.size(1);
+  const int64_t I = input.defined() ? input.size(2) : 0;
   const int64_t blocks = (H + U - 1) / U;
   const Tensor packed = pack_gate_blocks<T>(w_hh, H, U);
   const T* panels = packed.data_ptr<T>();
-  const int team_wanted = resident_threads(blocks, N * H * 4 * H);
+  const Tensor packed_input = input.defined() ? pack_gate_blocks<T>(w_ih, H, U) : Tensor();
+  const T* input_panels = input.defined() ? packed_input.data_ptr<T>() : nullptr;
+  const T* input_p = input.defined() ? input.data_ptr<T>() : nullptr;
+  const int team_wanted = lstm_resident_threads(N, I + H, H);
   SpinBarrier barrier;
   // Raw pointers taken here: nothing inside the threads' region may throw.
-  T* gates_p = gates.data_ptr<T>();
+  T* gates_p = gates.numel() > 0 ? gates.data_ptr<T>() : nullptr;
   T* h_p = h_states.data_ptr<T>();
   T* c_p = c_states.data_ptr<T>();
   T* out_p = output.data_ptr<T>();
@@ -956,14 +1033,16 @@ void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Te
     for (int64_t s = 0; s < T_; ++s) {
       const int64_t t = steps.time(s);
       const LstmStepBuffers<T> buffers{
-          gates_p + t * 4 * state, h_p + steps.in(t) * state, c_p + steps.in(t) * state,
-          h_p + steps.out(t) * state, c_p + steps.out(t) * state,
-          out_p + t * state, peep, bias, for_backward};
+          gates_p != nullptr ? gates_p + t * 4 * state : nullptr, h_p + steps.in(t) * state,
+          c_p + steps.in(t) * state, h_p + steps.out(t) * state, c_p + steps.out(t) * state,
+          out_p + t * state, peep, bias, for_backward && gates_p != nullptr,
+          input_p != nullptr ? input_p + t * N * I : nullptr, I};
       for (int64_t b = first; b < end; ++b) {
         const int64_t j = b * U, count = std::min(U, H - j);
         const T* panel = panels + b * H * 4 * U;
+        const T* input_panel = input_panels != nullptr ? input_panels + b * I * 4 * U : nullptr;
         for_row_tiles<Rows>(N, [&]<int R>(int64_t n) {
-          resident_tile<T, R>(buffers, panel, H, n, j, count, t, valid);
+          resident_tile<T, R>(buffers, panel, input_panel, H, n, j, count, t, valid);
         });
       }
       if (team > 1) barrier.wait(team);
@@ -1248,6 +1327,54 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
     }
   });
   return {output, h_states, c_states};
+}
+
+// The LSTM (no projection) from its input: x (T, N, I), w_ih (4H, I), `bias` b_ih + b_hh (4H,)
+// or none; the rest as lstm_forward. Where `lstm_projects_input` holds, the resident loop's
+// tiles project x_t themselves, so no (T, N, 4H) projection is written before the loop and read
+// back in it; elsewhere the projection is one product over all steps, then lstm_forward.
+// Returns {output (T, N, H), h_states (T + 1, N, H), c_states (T + 1, N, H), gates (T, N, 4H)
+// activated if `for_backward`, else empty or the projection}.
+std::vector<Tensor> lstm_forward_input(const Tensor& x, const Tensor& w_ih,
+                                       const std::optional<Tensor>& bias, const Tensor& h0,
+                                       const Tensor& c0, const Tensor& w_hh,
+                                       const std::optional<Tensor>& w_ch,
+                                       const std::optional<Tensor>& lengths, bool reverse,
+                                       bool for_backward) {
+  const Arguments check("lstm_forward_input", "x", x, 3);
+  const int64_t T = x.size(0), N = x.size(1), I = x.size(2), H = w_hh.size(1);
+  check("w_ih", w_ih, {4 * H, I});
+  check("h0", h0, {N, H});
+  check("c0", c0, {N, H});
+  check("w_hh", w_hh, {4 * H, H});
+  check("w_ch", w_ch, {3 * H});
+  check("bias", bias, {4 * H});
+  check.lengths(lengths, N, T);
+  if (!lstm_projects_input(T, N, I, H, false, x.element_size())) {
+    const BelowAutograd below_autograd;
+    Tensor gates = at::mm(x.reshape({T * N, I}), w_ih.t()).view({T, N, 4 * H});
+    std::vector<Tensor> result =
+        lstm_forward(gates, bias, h0, c0, w_hh, std::nullopt, w_ch, lengths, reverse,
+                     for_backward);
+    result.push_back(gates);
+    return result;
+  }
+  const BelowAutograd below_autograd;
+  const Steps steps{T, reverse};
+  const Validity valid = validity_of(lengths);
+  Tensor h_states = states_buffer(T, h0);
+  Tensor c_states = states_buffer(T, c0);
+  Tensor output = output_buffer(h_states, steps, lengths);
+  start_states(h_states, steps.first_in(), h0);
+  start_states(c_states, steps.first_in(), c0);
+  Tensor gates = at::empty({for_backward ? T : 0, N, 4 * H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward_input", [&] {
+    const scalar_t* peep = w_ch.has_value() ? w_ch->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    lstm_forward_resident<scalar_t>(gates, h_states, c_states, output, w_hh, peep, b, steps,
+                                    valid, for_backward, x, w_ih);
+  });
+  return {output, h_states, c_states, gates};
 }
 
 // Returns {d_gates (T, N, 4H) before the nonlinearities, d_h0 (N, P), d_c0 (N, H), d_w_hr,
@@ -3730,6 +3857,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_resident_max_bytes_per_thread", &set_resident_max_bytes_per_thread,
         "LSTM loops run on resident weights while each thread's share of W_hh is at most this");
   m.def("resident_max_bytes_per_thread", [] { return resident_max_bytes_per_thread; });
+  m.def("lstm_forward_input", &lstm_forward_input);
+  m.def("set_lstm_input_min_batch", &set_lstm_input_min_batch,
+        "from this batch on, a resident LSTM forward projects its input inside the loop");
+  m.def("lstm_input_min_batch", [] { return lstm_input_min_batch; });
+  m.def("lstm_projects_input", &lstm_projects_input,
+        "whether an LSTM forward of (steps, batch, input, hidden, projected, element size) "
+        "projects its input inside the resident loop");
   m.def("lstm_runs_resident", &lstm_resident,
         "whether an LSTM loop of (steps, batch, hidden, projected, element size) runs on resident "
         "weights");
