@@ -3,7 +3,8 @@
 `rnnkit.engine.ops` registers these functions as the ``rnnkit::native_*`` operators. Per layer
 and direction the forward is one input projection (every step at once, biases folded in; the
 LSTM kernel adds its biases itself as it reads each step) and one kernel call (the recurrent
-loop, `kernels.cpp`); the backward is one kernel call (the reverse loop, giving the gate
+loop, `kernels.cpp`); an LSTM whose input is narrower than its state, from batch 4, projects
+the input inside its loop instead (`kernels.lstm_projects_input` states when); the backward is one kernel call (the reverse loop, giving the gate
 gradients of every step); the weight gradients are then one product each over all steps, taken
 by the operators' autograd formula. The kernels keep states in a ``(T + 1, N, H)`` buffer in
 time order (the state entering step t is at index t going forward and t + 1 going backward).

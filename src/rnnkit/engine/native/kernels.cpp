@@ -955,10 +955,16 @@ void on_team(int threads, const F& run) {
 }
 
 // Threads of a resident LSTM forward whose tiles read K values a row (H; I + H when they
-// project the input too).
+// project the input too). The forward shares from half of `thread_min_multiply_adds` a thread:
+// a step at batch 1 streams each thread's share of W_hh from its L2, and the one barrier per
+// step costs less than the time the second core's L2 saves. Measured on the Xeon VM (200
+// steps, the loop alone, µs a step, one thread -> two): (N, H) = (1, 128) 2.37 -> 1.94,
+// (1, 160) 3.50 -> 2.68, (4, 64) 1.82 -> 1.66; at (1, 64) two threads were slower (0.59 ->
+// 0.75), and that size stays on one. The backward, whose product reads dG rows of 4H values,
+// gained nothing from two threads at (1, 128) and keeps the full threshold.
 int lstm_resident_threads(int64_t N, int64_t K, int64_t H) {
   const int64_t blocks = (H + Vec<float>::size() - 1) / Vec<float>::size();
-  return resident_threads(blocks, N * K * 4 * H);
+  return resident_threads(blocks, 2 * N * K * 4 * H);
 }
 
 // Whether the packed weights of a resident forward, (4H, K), fit the threads' shares.
