@@ -565,6 +565,13 @@ Tensor states_buffer(int64_t steps, const Tensor& like_state) {
   return at::empty({steps + 1, like_state.size(0), like_state.size(1)}, like_state.options());
 }
 
+// A states buffer holding `initial` (N, H) where the first step run reads it.
+Tensor started_states(const Steps& steps, const Tensor& initial) {
+  Tensor states = states_buffer(steps.count, initial);
+  start_states(states, steps.first_in(), initial);
+  return states;
+}
+
 // Without lengths the output of step t is the state leaving it: the output is then a view of
 // the states buffer (the kernels' two stores hit the same memory), which saves one (T, N, H)
 // buffer of a training step's peak memory. With lengths it differs (zero past each end).
@@ -590,8 +597,7 @@ std::vector<Tensor> rnn_forward(Tensor pre, const Tensor& h0, const Tensor& w_hh
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
-  Tensor states = states_buffer(T, h0);
-  start_states(states, steps.first_in(), h0);
+  Tensor states = started_states(steps, h0);
   Tensor output = output_buffer(states, steps, lengths);
   const ForwardWeight w_hh_forward(w_hh, T);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_forward", [&] {
@@ -1239,12 +1245,9 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool projected = w_hr.has_value();
-  Tensor h_states = states_buffer(T, h0);
-  Tensor c_states = states_buffer(T, c0);
+  Tensor h_states = started_states(steps, h0);
+  Tensor c_states = started_states(steps, c0);
   Tensor output = output_buffer(h_states, steps, lengths);
-  // Without a backward to come, the gates stay as projected.
-  start_states(h_states, steps.first_in(), h0);
-  start_states(c_states, steps.first_in(), c0);
   const bool resident = lstm_resident(T, N, H, projected, gates.element_size());
   const ForwardWeight w_hh_forward(w_hh, resident ? 0 : T);  // resident: packed there instead
   const std::optional<ForwardWeight> w_hr_forward =
@@ -1368,11 +1371,9 @@ std::vector<Tensor> lstm_forward_input(const Tensor& x, const Tensor& w_ih,
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
-  Tensor h_states = states_buffer(T, h0);
-  Tensor c_states = states_buffer(T, c0);
+  Tensor h_states = started_states(steps, h0);
+  Tensor c_states = started_states(steps, c0);
   Tensor output = output_buffer(h_states, steps, lengths);
-  start_states(h_states, steps.first_in(), h0);
-  start_states(c_states, steps.first_in(), c0);
   Tensor gates = at::empty({for_backward ? T : 0, N, 4 * H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward_input", [&] {
     const scalar_t* peep = w_ch.has_value() ? w_ch->data_ptr<scalar_t>() : nullptr;
@@ -1520,10 +1521,9 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
-  Tensor states = states_buffer(T, h0);
+  Tensor states = started_states(steps, h0);
   Tensor output = output_buffer(states, steps, lengths);
   Tensor n_input = at::empty({T, N, H}, gates.options());
-  start_states(states, steps.first_in(), h0);
   const ForwardWeight w_hh_forward(w_hh, reset_after ? T : 0);
   const ForwardWeight w_rz_forward(w_hh.narrow(0, 0, 2 * H), reset_after ? 0 : T);
   const ForwardWeight w_n_forward(w_hh.narrow(0, 2 * H, H), reset_after ? 0 : T);
@@ -1796,12 +1796,8 @@ std::vector<Tensor> slstm_forward(Tensor pre, const Tensor& h0, const Tensor& c0
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
-  Tensor h_states = states_buffer(T, h0), c_states = states_buffer(T, h0),
-         n_states = states_buffer(T, h0), m_states = states_buffer(T, h0);
-  start_states(h_states, steps.first_in(), h0);
-  start_states(c_states, steps.first_in(), c0);
-  start_states(n_states, steps.first_in(), n0);
-  start_states(m_states, steps.first_in(), m0);
+  Tensor h_states = started_states(steps, h0), c_states = started_states(steps, c0),
+         n_states = started_states(steps, n0), m_states = started_states(steps, m0);
   Tensor output = output_buffer(h_states, steps, lengths);
   Tensor gates = store_gates ? at::empty_like(pre) : Tensor();
   std::vector<ForwardWeight> r_forward;  // R_k (4d, d), multiplied as h_k R_k^T
@@ -2298,8 +2294,7 @@ std::vector<Tensor> rnn_recurrence_forward(
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool normed = gain_hh.has_value();
-  Tensor states = states_buffer(T, h0);
-  start_states(states, steps.first_in(), h0);
+  Tensor states = started_states(steps, h0);
   Tensor output = at::empty({T, N, H}, pre_x.options());
   Tensor raw = at::empty({T, N, H}, pre_x.options());
   Tensor normalised = per_step_or_undefined(normed, {T, N, H}, pre_x);
@@ -2484,8 +2479,7 @@ std::vector<Tensor> gru_recurrence_forward(
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool normed = gain_hh.has_value();
-  Tensor states = states_buffer(T, h0);
-  start_states(states, steps.first_in(), h0);
+  Tensor states = started_states(steps, h0);
   Tensor output = at::empty({T, N, H}, pre_x.options());
   Tensor gates = at::empty({T, N, 3 * H}, pre_x.options());
   Tensor n_input = at::empty({T, N, H}, pre_x.options());
@@ -2805,10 +2799,8 @@ std::vector<Tensor> lstm_recurrence_forward(
   const Validity valid = validity_of(lengths);
   const bool projected = w_hr.has_value(), normed = gain_hh.has_value();
   const bool cell_normed = gain_c.has_value(), input_normed = gain_ih.has_value();
-  Tensor h_states = states_buffer(T, h0);
-  Tensor c_states = states_buffer(T, c0);
-  start_states(h_states, steps.first_in(), h0);
-  start_states(c_states, steps.first_in(), c0);
+  Tensor h_states = started_states(steps, h0);
+  Tensor c_states = started_states(steps, c0);
   Tensor output = at::empty({T, N, P}, pre_x.options());
   Tensor gates = at::empty({T, N, 4 * H}, pre_x.options());
   Tensor c_new = at::empty({T, N, H}, pre_x.options());
@@ -3725,8 +3717,7 @@ std::vector<Tensor> min_scan_forward(const Tensor& projected, const Tensor& h0,
   const BelowAutograd below_autograd;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
-  Tensor states = states_buffer(T, h0);
-  start_states(states, steps.first_in(), h0);
+  Tensor states = started_states(steps, h0);
   Tensor output = output_buffer(states, steps, lengths);
   const int64_t items = N * ((H + kMinBlock - 1) / kMinBlock);
   AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "min_scan_forward", [&] {
