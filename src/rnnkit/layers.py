@@ -57,7 +57,7 @@ from rnnkit.engine.steps import (
     State,
     output_of,
 )
-from rnnkit.stream import LayerStream, inference_steps
+from rnnkit.stream import LayerStream, inference_steps, one_step_input
 
 
 def _stack(states: list[Tensor]) -> Tensor:
@@ -394,19 +394,15 @@ class _RecurrentLayer(nn.Module):
         general path's reshaping and splitting (a loop that calls the layer once a step).
         None wherever the input differs from that plain case in any way (form, shape, state,
         gradient, compiler or tracer); forward then checks and runs it as any other."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or self.bidirectional:
-            return None
-        step_dim = 1 if self.batch_first else 0
-        batch = input.shape[1 - step_dim]
-        if input.shape[step_dim] != 1 or input.shape[2] != self.input_size or batch == 0:
+        x = one_step_input(self, input)
+        if x is None:
             return None
         parts = hx if type(hx) is tuple else (hx,)
-        shapes = self._state_shapes(batch)
+        shapes = self._state_shapes(x.shape[0])
         if len(parts) != len(shapes) or not all(
                 type(part) is Tensor and part.shape == shape
                 for part, (shape, _) in zip(parts, shapes, strict=True)):
             return None
-        x = input[:, 0] if self.batch_first else input[0]
         states = (list(zip(parts[0].unbind(0), parts[1].unbind(0), strict=True))
                   if len(parts) == 2 else list(parts[0].unbind(0)))
         stepped = inference_steps(self, x, states)
@@ -415,6 +411,7 @@ class _RecurrentLayer(nn.Module):
         top, finals = stepped
         # A copy: with one layer h_n is a view of the top h, and forward's output never
         # aliases its final state.
+        step_dim = 1 if self.batch_first else 0
         return top.unsqueeze(step_dim).clone(), self._stack_states(finals, True)
 
     def stream(self, hx: State | None = None) -> LayerStream:

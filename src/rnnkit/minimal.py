@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from rnnkit import engine
 from rnnkit._checks import (
     describe,
     require_allocatable,
@@ -33,6 +34,7 @@ from rnnkit.cells import BackendSetting, _refuse_scripting, _reset_uniform, _Sim
 from rnnkit.engine import precision, scan
 from rnnkit.engine.scan import GATE_COUNT, MinFamily
 from rnnkit.layers import _repack, _stack, prepare_sequence
+from rnnkit.stream import MinimalStream, min_inference_steps, one_step_input
 
 _LOG_SPACE_STATE = ("log_space=True keeps h >= 0; h_0 enters the scan linearly, so 0, the "
                     "default, is accepted")
@@ -74,6 +76,15 @@ class _MinimalCell(_SimpleCell[Tensor]):
             self.register_parameter("bias_ih", None)
         self.reset_parameters()
 
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        """One step; shapes in the class docstring. Unbatched input gives an unbatched state.
+        A streamed step's short way first (`_inference_step`); else the cells' checks and
+        autocast rule (`_SimpleCell.forward`), then `_step`."""
+        new = self._inference_step(input, hx)
+        if new is not None:
+            return new
+        return super().forward(input, hx)
+
     def _step(self, x: Tensor, hx: object) -> Tensor:
         """``h'`` from the checked input; ``hx`` checked here (or zeros)."""
         name = type(self).__name__
@@ -88,7 +99,34 @@ class _MinimalCell(_SimpleCell[Tensor]):
             require_shape(f"{name} hx", h, shape, "(N, H)" if x.dim() == 2 else "(H,)")
             if self.log_space:
                 require_non_negative(f"{name} hx", h, _LOG_SPACE_STATE)
+        # The step kernel where it applies (unbatched: on one row), for what the short way
+        # declined only by its form (an unbatched input, a strided tensor, a zero-row batch).
+        batched = x.dim() == 2
+        new = engine.min_inference_step(
+            self.family, (x if batched else x.unsqueeze(0)).contiguous(),
+            (h if batched else h.unsqueeze(0)).contiguous(), *self._weights(),
+            self.log_space) if x.numel() else None
+        if new is not None:
+            return new if batched else new.squeeze(0)
         return scan.step(self.family, x, h, self.weight_ih, self.bias_ih, self.log_space)
+
+    def _inference_step(self, x: object, hx: object) -> Tensor | None:
+        """A streamed step's short way: the step kernel straight away
+        (`engine.min_inference_step`) when the input is a batched tensor of the right size and
+        ``hx`` None or a tensor of exactly its shape, and the engine's conditions hold; else
+        None, and `forward` checks everything and runs the general way, which gives the errors
+        (a log-space state with a negative entry too: the kernel declines it)."""
+        if (type(x) is not Tensor or x.dim() != 2 or x.shape[1] != self.input_size
+                or x.shape[0] == 0):
+            return None
+        shape = (x.shape[0], self.hidden_size)
+        if hx is None:
+            h = x.new_zeros(shape)
+        elif type(hx) is Tensor and hx.shape == shape:
+            h = hx
+        else:
+            return None
+        return engine.min_inference_step(self.family, x, h, *self._weights(), self.log_space)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -118,6 +156,14 @@ class MinGRUCell(_MinimalCell):
     Inputs: ``input`` ``(N, I)`` or ``(I,)``; ``hx`` ``(N, H)`` or ``(H,)``, zeros if omitted
     (with ``log_space=True`` it must be >= 0 everywhere).
     Output: ``h'`` ``(N, H)`` or ``(H,)``.
+
+    Execution: where nothing is to be differentiated (no_grad, or no tensor requiring a
+    gradient), in plain eager mode (no compile, trace, autocast or torch.func), on the CPU in
+    float32/float64 with the native kernels built, with at most
+    ``rnnkit.engine.MIN_STEP_KERNEL_MAX_BATCH`` (16) rows, a step is one call of the native
+    minimal step kernel (the projection and ``h' = a ⊙ h + b``;
+    `rnnkit.engine.min_inference_step`). Everywhere else the step runs on autograd
+    (`rnnkit.engine.scan.step`). Both give the same values.
 
     Parameters: ``weight_ih (2H, I)`` as ``(W_z|W_h)``, ``bias_ih (2H,)`` as ``(b_z|b_h)``,
     ``U(-1/sqrt(H), 1/sqrt(H))``. There is no recurrent weight; the state dict is the same as
@@ -152,6 +198,8 @@ class MinLSTMCell(_MinimalCell):
 
     Inputs: ``input`` ``(N, I)`` or ``(I,)``; ``hx`` ``(N, H)`` or ``(H,)``, zeros if omitted.
     Output: ``h'`` ``(N, H)`` or ``(H,)``.
+
+    Execution: as `MinGRUCell` (the native step kernel where nothing is differentiated).
 
     Parameters: ``weight_ih (3H, I)`` as ``(W_f|W_i|W_h)``, ``bias_ih (3H,)``,
     ``U(-1/sqrt(H), 1/sqrt(H))``.
@@ -229,7 +277,19 @@ class _MinimalLayer(nn.Module):
     def weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor | None]:
         """``(weight_ih, bias_ih)`` of one layer and direction (bias None with bias=False)."""
         weight, bias = self._parameter_names[layer * self.num_directions + direction]
-        return getattr(self, weight), None if bias is None else getattr(self, bias)
+        if "parametrizations" in self._modules:  # computed weights: through the attributes
+            return getattr(self, weight), None if bias is None else getattr(self, bias)
+        parameters = self._parameters  # looked up directly: a streamed step asks every call
+        return parameters[weight], None if bias is None else parameters[bias]
+
+    def stream(self, hx: Tensor | None = None) -> MinimalStream:
+        """A handle that runs this layer one time step per call, keeping the state between
+        calls (streaming inference): ``stream(x_t)`` equals ``forward`` on the one-step
+        sequence from the state so far, which starts at ``hx`` (``forward``'s form; None:
+        zeros). Checks once, then each layer's step is one call of the minimal step kernel
+        where nothing is differentiated (`rnnkit.stream.MinimalStream`). Unidirectional layers
+        only."""
+        return MinimalStream(self, hx)
 
     def forward(
         self,
@@ -244,6 +304,10 @@ class _MinimalLayer(nn.Module):
             with torch.autocast(param.device.type, enabled=False):
                 return self.forward(precision.to_parameter_dtype(input, param),
                                     precision.to_parameter_dtype(hx, param), lengths=lengths)
+        if lengths is None and type(input) is Tensor and input.dim() == 3:
+            stepped = self._one_step(input, hx)
+            if stepped is not None:
+                return stepped
         x, lengths, batched = prepare_sequence(
             type(self).__name__, input, lengths, input_size=self.input_size,
             batch_first=self.batch_first, parameter=self.weight_ih_l0)
@@ -271,6 +335,33 @@ class _MinimalLayer(nn.Module):
             output = output.transpose(0, 1)
         h_n = _stack(finals)
         return output, h_n if batched else h_n.squeeze(1)
+
+    def _one_step(self, input: Tensor, hx: object) -> tuple[Tensor, Tensor] | None:
+        """`forward` on a one-step batched sequence from ``hx`` (None: zeros), on the minimal
+        step kernel (`rnnkit.stream.min_inference_steps`, as a stream's step): the same result
+        without the general path's checks, reshaping and splitting (a loop that calls the
+        layer once a step). None wherever the input differs from that plain case in any way
+        (form, shape, a state that is not a tensor of exactly its shape, gradient, dtype,
+        device, compiler or tracer, a log-space state with a negative entry); forward then
+        checks and runs it as any other, which gives the errors."""
+        x = one_step_input(self, input)
+        if x is None:
+            return None
+        shape = (self.num_layers, x.shape[0], self.hidden_size)
+        if hx is None:
+            h_0 = x.new_zeros(shape)
+        elif type(hx) is Tensor and hx.shape == shape:
+            h_0 = hx
+        else:
+            return None
+        stepped = min_inference_steps(self, x, list(h_0.unbind(0)))
+        if stepped is None:
+            return None
+        top, finals = stepped
+        # A copy: the top h is the top layer's new state, and forward's output never aliases
+        # its final state.
+        step_dim = 1 if self.batch_first else 0
+        return top.unsqueeze(step_dim).clone(), torch.stack(finals)
 
     def _initial_states(self, hx: object, x: Tensor, batched: bool) -> list[Tensor]:
         """``hx`` checked (or zeros) and split per layer and direction: ``(N, H)`` each."""
@@ -319,7 +410,12 @@ _MINIMAL_LAYER_SHAPES = """
             0.35-0.60x; ``"log_scan"`` 1.6-2.3x the scan's), inference 0.30-0.65x, one streamed
             step (N = 1) 0.61-0.78x the scan's and 0.45-0.82x the loop's (one run of nine:
             1.06x). ``"native"`` that cannot run an input (another device, bfloat16) runs
-            ``"scan"`` after one warning.
+            ``"scan"`` after one warning. A one-step sequence without ``lengths`` (a streamed
+            step; see also `stream`) with nothing to differentiate runs under ``"auto"`` and
+            ``"native"`` on the native minimal step kernel instead (the projection and ``h' =
+            a ⊙ h + b`` in one call; CPU, float32/float64, at most
+            ``rnnkit.engine.MIN_STEP_KERNEL_MAX_BATCH`` (16) rows, plain eager mode:
+            `rnnkit.engine.min_inference_step`).
 
     Inputs: ``input, hx`` (optional), ``lengths`` (optional; by keyword, or third by position)
         - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first=True``, unbatched

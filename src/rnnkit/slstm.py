@@ -35,7 +35,12 @@ from rnnkit.cells import BackendSetting, _refuse_scripting, _reset_uniform, _Sim
 from rnnkit.engine import precision, slstm
 from rnnkit.engine.slstm import FORGET_GATES, GATES, SLSTMState
 from rnnkit.layers import _repack, _stack, prepare_sequence
-from rnnkit.stream import SLSTMStream
+from rnnkit.stream import (
+    SLSTMStream,
+    one_step_input,
+    slstm_inference_steps,
+    stack_slstm_states,
+)
 
 _STATE_PARTS = ("h_0", "c_0", "n_0", "m_0")
 
@@ -136,6 +141,8 @@ class SLSTMCell(_SimpleCell[SLSTMState]):
         >>> state = cell(torch.randn(3, 10), state)    # the next step
     """
 
+    _weight_names = ("weight_ih", "weight_hh", "bias_ih")
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, num_heads: int = 1, forget_gate: str = "sigmoid") -> None:
         super().__init__()
@@ -187,14 +194,6 @@ class SLSTMCell(_SimpleCell[SLSTMState]):
         if new is not None:
             return new if batched else tuple(s.squeeze(0) for s in new)
         return slstm.step(x, state, self.weight_ih, self.weight_hh, self.bias_ih, exp_forget)
-
-    def _weights(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(weight_ih, weight_hh, bias_ih)``: the parameters looked up directly (a streamed
-        step asks every call), computed ones (parametrizations) through their attributes."""
-        if "parametrizations" in self._modules:
-            return self.weight_ih, self.weight_hh, self.bias_ih
-        parameters = self._parameters
-        return parameters["weight_ih"], parameters["weight_hh"], parameters["bias_ih"]
 
     def _inference_step(self, x: object, hx: object) -> SLSTMState | None:
         """A streamed step's short way: the step kernel straight away
@@ -388,6 +387,10 @@ class SLSTM(nn.Module):
             with torch.autocast(param.device.type, enabled=False):
                 return self.forward(precision.to_parameter_dtype(input, param),
                                     precision.to_parameter_dtype(hx, param), lengths=lengths)
+        if lengths is None and type(input) is Tensor and input.dim() == 3:
+            stepped = self._one_step(input, hx)
+            if stepped is not None:
+                return stepped
         x, lengths, batched = prepare_sequence(
             type(self).__name__, input, lengths, input_size=self.input_size,
             batch_first=self.batch_first, parameter=self.weight_ih_l0)
@@ -416,6 +419,36 @@ class SLSTM(nn.Module):
             output = output.transpose(0, 1)
         state = tuple(_stack([final[part] for final in finals]) for part in range(4))
         return output, state if batched else tuple(s.squeeze(1) for s in state)
+
+    def _one_step(self, input: Tensor, hx: object) -> tuple[Tensor, SLSTMState] | None:
+        """`forward` on a one-step batched sequence from ``hx`` (None: the empty state), on the
+        sLSTM step kernel (`rnnkit.stream.slstm_inference_steps`, as a stream's step): the same
+        result without the general path's checks, reshaping and splitting (a loop that calls
+        the layer once a step). None wherever the input differs from that plain case in any
+        way (form, shape, a state that is not a tuple of four tensors of exactly its shape,
+        gradient, dtype, device, compiler or tracer); forward then checks and runs it as any
+        other, which gives the errors. Where ``n = 0`` the kernel takes ``m`` as ``-inf``, as
+        the general path."""
+        x = one_step_input(self, input)
+        if x is None:
+            return None
+        shape = (self.num_layers, x.shape[0], self.hidden_size)
+        if hx is None:
+            parts = _empty_state(shape, x)
+        elif (type(hx) is tuple and len(hx) == 4
+              and all(type(t) is Tensor and t.shape == shape for t in hx)):
+            parts = hx
+        else:
+            return None
+        states = list(zip(*(part.unbind(0) for part in parts), strict=True))
+        stepped = slstm_inference_steps(self, x, states)
+        if stepped is None:
+            return None
+        top, finals = stepped
+        # A copy: the top h is the top layer's new state, and forward's output never aliases
+        # its final state.
+        step_dim = 1 if self.batch_first else 0
+        return top.unsqueeze(step_dim).clone(), stack_slstm_states(finals, True)
 
     def _initial_states(self, hx: object, x: Tensor, batched: bool) -> list[SLSTMState]:
         """``hx`` checked (or the empty state) and split per layer and direction: four
