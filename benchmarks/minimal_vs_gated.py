@@ -1,11 +1,12 @@
 """minGRU and minLSTM against the gated cells they simplify, on rnnkit's default engines: the
 training step (forward + backward of ``output.sum()``, one layer, N = 16, input and hidden
 H = 256) of MinGRU against rnnkit.GRU and MinLSTM against rnnkit.LSTM at T = 128, 512, 2048,
-8192, and the single-step streaming latency of MinGRUCell against rnnkit.GRUCell and
-MinLSTMCell against rnnkit.LSTMCell (batch 1).
+8192, and the single-step streaming latency (batch 1) of MinGRUCell, MinGRU.stream() and a
+one-step MinGRU call against rnnkit.GRUCell and torch.nn.GRUCell, and of the minLSTM's against
+rnnkit.LSTMCell and torch.nn.LSTMCell.
 
     python benchmarks/minimal_vs_gated.py [--threads 2] [--lengths 128,512,2048,8192]
-        [--batch 16] [--hidden 256] [--repeats 5] [--stream-steps 200]
+        [--batch 16] [--hidden 256] [--repeats 5] [--stream-steps 200] [--streaming-only]
 
 Each pair is timed interleaved (A, B, A, B, ...) after a warm-up, and reported by its medians:
 milliseconds per training step, microseconds per time step, the ratio minimal / gated, and how
@@ -101,21 +102,54 @@ def time_training(lengths: list[int], batch: int, hidden: int, repeats: int) -> 
             previous = (ms_minimal, ms_gated)
 
 
+def stream_layer(xs: torch.Tensor, layer: torch.nn.Module) -> Callable[[], None]:
+    """A run of ``layer.stream()`` over the steps of ``xs`` ``(T, 1, H)`` under ``no_grad``;
+    the stream is opened once (its first step runs ``forward``) and carries on run after
+    run."""
+    with torch.no_grad():
+        stream = layer.stream()
+        stream(xs[0])
+
+    def run() -> None:
+        with torch.no_grad():
+            for x in xs:
+                stream(x)
+    return run
+
+
+def one_step_calls(xs: torch.Tensor, layer: torch.nn.Module) -> Callable[[], None]:
+    """A run of one-step calls ``layer(x_t.unsqueeze(0), state)`` over ``xs``, the state fed
+    back, under ``no_grad``."""
+    def run() -> None:
+        with torch.no_grad():
+            state = None
+            for x in xs:
+                _, state = layer(x.unsqueeze(0), state)
+    return run
+
+
 def time_streaming(hidden: int, steps: int, repeats: int) -> None:
-    print(f"\nstreaming: one step of a cell at batch 1, H = {hidden}, no_grad, {steps} steps per "
-          f"run, median of {repeats} runs")
-    header = f"{'pair':24} {'minimal us':>11} {'gated us':>9} {'min/gated':>10}"
+    print(f"\nstreaming: one step at batch 1, H = {hidden}, no_grad, {steps} steps per run, "
+          f"median of {repeats} runs, interleaved; x = the gated rnnkit cell's time")
+    header = f"{'contender':34} {'us/step':>8} {'x gated':>8}"
     print(header)
     print("-" * len(header))
     xs = torch.randn(steps, 1, hidden, generator=torch.Generator().manual_seed(0))
-    for _, minimal, _, gated in PAIRS.values():
+    torch_cells = {rnnkit.GRUCell: torch.nn.GRUCell, rnnkit.LSTMCell: torch.nn.LSTMCell}
+    for minimal_layer, minimal, _, gated in PAIRS.values():
         torch.manual_seed(0)
-        medians = interleaved_medians({"minimal": stream_cell(xs, minimal(hidden, hidden)),
-                                       "gated": stream_cell(xs, gated(hidden, hidden))}, repeats)
-        us_minimal, us_gated = (medians[key] / steps * 1e6 for key in ("minimal", "gated"))
-        pair = f"{minimal.__name__} / {gated.__name__}"
-        print(f"{pair:24} {us_minimal:11.2f} {us_gated:9.2f} {us_minimal / us_gated:10.3f}",
-              flush=True)
+        layer = minimal_layer(hidden, hidden).eval()
+        runs = {
+            f"rnnkit.{gated.__name__}": stream_cell(xs, gated(hidden, hidden)),
+            f"torch.nn.{gated.__name__}": stream_cell(xs, torch_cells[gated](hidden, hidden)),
+            f"rnnkit.{minimal.__name__}": stream_cell(xs, minimal(hidden, hidden)),
+            f"{minimal_layer.__name__}.stream() step": stream_layer(xs, layer),
+            f"one-step {minimal_layer.__name__} call": one_step_calls(xs, layer),
+        }
+        medians = interleaved_medians(runs, repeats)
+        peer = medians[f"rnnkit.{gated.__name__}"]
+        for name, seconds in medians.items():
+            print(f"{name:34} {seconds / steps * 1e6:8.2f} {seconds / peer:8.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,12 +165,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="timed repeats per contender, median reported (default 5)")
     parser.add_argument("--stream-steps", type=positive_int, default=200,
                         help="steps per streaming run (default 200)")
+    parser.add_argument("--streaming-only", action="store_true",
+                        help="time the streamed step only, not the training step")
     arguments = parser.parse_args(argv)
     keep_freed_memory()
     torch.set_num_threads(arguments.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}")
-    time_training(arguments.lengths, arguments.batch, arguments.hidden, arguments.repeats)
+    if not arguments.streaming_only:
+        time_training(arguments.lengths, arguments.batch, arguments.hidden, arguments.repeats)
     time_streaming(arguments.hidden, arguments.stream_steps, arguments.repeats)
 
 
