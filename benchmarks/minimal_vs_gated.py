@@ -3,20 +3,26 @@ training step (forward + backward of ``output.sum()``, one layer, N = 16, input 
 H = 256) of MinGRU against rnnkit.GRU and MinLSTM against rnnkit.LSTM at T = 128, 512, 2048,
 8192, and the single-step streaming latency (batch 1) of MinGRUCell, MinGRU.stream() and a
 one-step MinGRU call against rnnkit.GRUCell and torch.nn.GRUCell, and of the minLSTM's against
-rnnkit.LSTMCell and torch.nn.LSTMCell.
+rnnkit.LSTMCell and torch.nn.LSTMCell. Run it with ``PYTHONPATH`` on another checkout (and
+that checkout's ``RNNKIT_BUILD_DIR``) for a before/after: the ``stream()`` rows need a checkout
+that has it.
 
     python benchmarks/minimal_vs_gated.py [--threads 2] [--lengths 128,512,2048,8192]
-        [--batch 16] [--hidden 256] [--repeats 5] [--stream-steps 200] [--streaming-only]
+        [--batch 16] [--hidden 256] [--repeats 5] [--stream-steps 1000] [--streaming-only]
 
-Each pair is timed interleaved (A, B, A, B, ...) after a warm-up, and reported by its medians:
-milliseconds per training step, microseconds per time step, the ratio minimal / gated, and how
-each step time grew from the previous T (4 for time linear in T when the lengths grow by 4).
+Each training pair is timed interleaved (A, B, A, B, ...) after a warm-up, and reported by its
+medians: milliseconds per training step, microseconds per time step, the ratio minimal / gated,
+and how each step time grew from the previous T (4 for time linear in T when the lengths grow
+by 4). Each streamed step is timed on its own (``--repeats`` rounds of ``--stream-steps`` calls
+per contender, in turn), and reported by its median, so that a call the machine preempted
+counts as one sample rather than inflating a whole run.
 On a CPU the minimal cells' advantage is the absence of the recurrent product ``W_hh h``, not
 parallelism: both run every time step's arithmetic. ``torch.set_num_threads`` is set from
 ``--threads``; like the rnnkit commands, malloc keeps freed memory
 (`rnnkit.training.devices.keep_freed_memory`).
 
-Results: docs/benchmarks.md, "minGRU and minLSTM against GRU and LSTM, T = 128-8192".
+Results: docs/benchmarks.md, "minGRU and minLSTM against GRU and LSTM, T = 128-8192", and
+"minGRU and minLSTM: the streamed step".
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ from collections.abc import Callable
 import torch
 
 import rnnkit
-from rnnkit.bench import stream_cell
 from rnnkit.training.devices import keep_freed_memory
 
 PAIRS = {  # minimal -> (its layer, its cell, the gated layer, the gated cell)
@@ -102,54 +107,73 @@ def time_training(lengths: list[int], batch: int, hidden: int, repeats: int) -> 
             previous = (ms_minimal, ms_gated)
 
 
-def stream_layer(xs: torch.Tensor, layer: torch.nn.Module) -> Callable[[], None]:
-    """A run of ``layer.stream()`` over the steps of ``xs`` ``(T, 1, H)`` under ``no_grad``;
-    the stream is opened once (its first step runs ``forward``) and carries on run after
-    run."""
+class Stepper:
+    """One streamed step per call, on the next input of ``xs`` ``(T, 1, H)`` (cycling), the
+    state kept between calls: ``mode`` ``"cell"`` (``state = cell(x, state)``), ``"stream"``
+    (``layer.stream()``, opened at the first call) or ``"call"`` (a one-step layer call,
+    ``_, state = layer(x.unsqueeze(0), state)``). Call it under ``no_grad``."""
+
+    def __init__(self, module: torch.nn.Module, xs: torch.Tensor, mode: str) -> None:
+        self.module, self.xs, self.mode = module, xs, mode
+        self.index, self.state = 0, None
+        self.stream = module.stream() if mode == "stream" else None
+
+    def __call__(self) -> None:
+        x = self.xs[self.index]
+        self.index = (self.index + 1) % len(self.xs)
+        if self.stream is not None:
+            self.stream(x)
+        elif self.mode == "cell":
+            self.state = self.module(x, self.state)
+        else:
+            _, self.state = self.module(x.unsqueeze(0), self.state)
+
+
+def per_call_medians(calls: dict[str, Callable[[], None]], rounds: int,
+                     calls_per_round: int) -> dict[str, float]:
+    """Median seconds of one call of each, every call timed on its own (a call the machine
+    preempted is one sample among thousands, not part of every run's total), the contenders
+    taking turns round after round after one warm-up round."""
+    samples: dict[str, list[int]] = {name: [] for name in calls}
+    clock = time.perf_counter_ns
     with torch.no_grad():
-        stream = layer.stream()
-        stream(xs[0])
-
-    def run() -> None:
-        with torch.no_grad():
-            for x in xs:
-                stream(x)
-    return run
-
-
-def one_step_calls(xs: torch.Tensor, layer: torch.nn.Module) -> Callable[[], None]:
-    """A run of one-step calls ``layer(x_t.unsqueeze(0), state)`` over ``xs``, the state fed
-    back, under ``no_grad``."""
-    def run() -> None:
-        with torch.no_grad():
-            state = None
-            for x in xs:
-                _, state = layer(x.unsqueeze(0), state)
-    return run
+        for call in calls.values():
+            for _ in range(calls_per_round):
+                call()
+        for _ in range(rounds):
+            for name, call in calls.items():
+                spent = samples[name]
+                for _ in range(calls_per_round):
+                    started = clock()
+                    call()
+                    spent.append(clock() - started)
+    return {name: statistics.median(values) / 1e9 for name, values in samples.items()}
 
 
-def time_streaming(hidden: int, steps: int, repeats: int) -> None:
-    print(f"\nstreaming: one step at batch 1, H = {hidden}, no_grad, {steps} steps per run, "
-          f"median of {repeats} runs, interleaved; x = the gated rnnkit cell's time")
+def time_streaming(hidden: int, calls_per_round: int, rounds: int) -> None:
+    print(f"\nstreaming: one step at batch 1, H = {hidden}, no_grad, the median of {rounds} "
+          f"rounds x {calls_per_round} individually timed calls, contenders in turn; x = the "
+          "gated rnnkit cell's time")
     header = f"{'contender':34} {'us/step':>8} {'x gated':>8}"
     print(header)
     print("-" * len(header))
-    xs = torch.randn(steps, 1, hidden, generator=torch.Generator().manual_seed(0))
+    xs = torch.randn(64, 1, hidden, generator=torch.Generator().manual_seed(0))
     torch_cells = {rnnkit.GRUCell: torch.nn.GRUCell, rnnkit.LSTMCell: torch.nn.LSTMCell}
     for minimal_layer, minimal, _, gated in PAIRS.values():
         torch.manual_seed(0)
         layer = minimal_layer(hidden, hidden).eval()
-        runs = {
-            f"rnnkit.{gated.__name__}": stream_cell(xs, gated(hidden, hidden)),
-            f"torch.nn.{gated.__name__}": stream_cell(xs, torch_cells[gated](hidden, hidden)),
-            f"rnnkit.{minimal.__name__}": stream_cell(xs, minimal(hidden, hidden)),
-            f"{minimal_layer.__name__}.stream() step": stream_layer(xs, layer),
-            f"one-step {minimal_layer.__name__} call": one_step_calls(xs, layer),
+        calls = {
+            f"rnnkit.{gated.__name__}": Stepper(gated(hidden, hidden), xs, "cell"),
+            f"torch.nn.{gated.__name__}": Stepper(torch_cells[gated](hidden, hidden), xs, "cell"),
+            f"rnnkit.{minimal.__name__}": Stepper(minimal(hidden, hidden), xs, "cell"),
         }
-        medians = interleaved_medians(runs, repeats)
+        if hasattr(layer, "stream"):  # checkouts from the minimal step kernel on
+            calls[f"{minimal_layer.__name__}.stream() step"] = Stepper(layer, xs, "stream")
+        calls[f"one-step {minimal_layer.__name__} call"] = Stepper(layer, xs, "call")
+        medians = per_call_medians(calls, rounds, calls_per_round)
         peer = medians[f"rnnkit.{gated.__name__}"]
         for name, seconds in medians.items():
-            print(f"{name:34} {seconds / steps * 1e6:8.2f} {seconds / peer:8.3f}", flush=True)
+            print(f"{name:34} {seconds * 1e6:8.2f} {seconds / peer:8.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="input and hidden size H (default 256)")
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed repeats per contender, median reported (default 5)")
-    parser.add_argument("--stream-steps", type=positive_int, default=200,
-                        help="steps per streaming run (default 200)")
+    parser.add_argument("--stream-steps", type=positive_int, default=1000,
+                        help="streamed steps per contender and round, each timed on its own; "
+                             "--repeats rounds (default 1000)")
     parser.add_argument("--streaming-only", action="store_true",
                         help="time the streamed step only, not the training step")
     arguments = parser.parse_args(argv)
