@@ -358,10 +358,9 @@ class _MinimalLayer(nn.Module):
         if stepped is None:
             return None
         top, finals = stepped
-        # A copy: the top h is the top layer's new state, and forward's output never aliases
-        # its final state.
-        step_dim = 1 if self.batch_first else 0
-        return top.unsqueeze(step_dim).clone(), torch.stack(finals)
+        # The output is the kernel's top h itself: torch.stack copies the states, so it never
+        # aliases the final state (as forward's output never does).
+        return top.unsqueeze(1 if self.batch_first else 0), torch.stack(finals)
 
     def _initial_states(self, hx: object, x: Tensor, batched: bool) -> list[Tensor]:
         """``hx`` checked (or zeros) and split per layer and direction: ``(N, H)`` each."""

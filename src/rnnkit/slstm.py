@@ -445,10 +445,9 @@ class SLSTM(nn.Module):
         if stepped is None:
             return None
         top, finals = stepped
-        # A copy: the top h is the top layer's new state, and forward's output never aliases
-        # its final state.
-        step_dim = 1 if self.batch_first else 0
-        return top.unsqueeze(step_dim).clone(), stack_slstm_states(finals, True)
+        # The output is the kernel's top h itself: stacking copies the states, so it never
+        # aliases the final state (as forward's output never does).
+        return top.unsqueeze(1 if self.batch_first else 0), stack_slstm_states(finals, True)
 
     def _initial_states(self, hx: object, x: Tensor, batched: bool) -> list[SLSTMState]:
         """``hx`` checked (or the empty state) and split per layer and direction: four
