@@ -1,14 +1,17 @@
 """minGRU and minLSTM against the gated cells they simplify, on rnnkit's default engines: the
 training step (forward + backward of ``output.sum()``, one layer, N = 16, input and hidden
 H = 256) of MinGRU against rnnkit.GRU and MinLSTM against rnnkit.LSTM at T = 128, 512, 2048,
-8192, and the single-step streaming latency (batch 1) of MinGRUCell, MinGRU.stream() and a
-one-step MinGRU call against rnnkit.GRUCell and torch.nn.GRUCell, and of the minLSTM's against
-rnnkit.LSTMCell and torch.nn.LSTMCell. Run it with ``PYTHONPATH`` on another checkout (and
-that checkout's ``RNNKIT_BUILD_DIR``) for a before/after: the ``stream()`` rows need a checkout
-that has it.
+8192, and the single-step streaming latency (batch 1, or ``--stream-batch``) of MinGRUCell,
+MinGRU.stream() and a one-step MinGRU call against rnnkit.GRUCell and torch.nn.GRUCell, and of
+the minLSTM's against rnnkit.LSTMCell and torch.nn.LSTMCell, with the minimal step kernel alone
+and the native sequence path on one step that it replaces
+(`rnnkit.engine.MIN_STEP_KERNEL_MAX_BATCH` is where the two cross). Run it with ``PYTHONPATH``
+on another checkout (and that checkout's ``RNNKIT_BUILD_DIR``) for a before/after: the
+``stream()`` and kernel rows need a checkout that has them.
 
     python benchmarks/minimal_vs_gated.py [--threads 2] [--lengths 128,512,2048,8192]
-        [--batch 16] [--hidden 256] [--repeats 5] [--stream-steps 1000] [--streaming-only]
+        [--batch 16] [--hidden 256] [--repeats 5] [--stream-steps 1000] [--stream-batch 1]
+        [--streaming-only]
 
 Each training pair is timed interleaved (A, B, A, B, ...) after a warm-up, and reported by its
 medians: milliseconds per training step, microseconds per time step, the ratio minimal / gated,
@@ -36,6 +39,8 @@ from collections.abc import Callable
 import torch
 
 import rnnkit
+from rnnkit.engine import scan
+from rnnkit.engine.native import functions as native_functions
 from rnnkit.training.devices import keep_freed_memory
 
 PAIRS = {  # minimal -> (its layer, its cell, the gated layer, the gated cell)
@@ -150,26 +155,44 @@ def per_call_medians(calls: dict[str, Callable[[], None]], rounds: int,
     return {name: statistics.median(values) / 1e9 for name, values in samples.items()}
 
 
-def time_streaming(hidden: int, calls_per_round: int, rounds: int) -> None:
-    print(f"\nstreaming: one step at batch 1, H = {hidden}, no_grad, the median of {rounds} "
-          f"rounds x {calls_per_round} individually timed calls, contenders in turn; x = the "
-          "gated rnnkit cell's time")
+def kernel_and_sequence_path(cell: torch.nn.Module, x: torch.Tensor
+                             ) -> dict[str, Callable[[], None]]:
+    """The minimal step kernel alone (``native.functions.min_step``) and what it replaces, the
+    native sequence path on a one-step sequence (``scan.run_native``, T = 1), from a fixed
+    state, where the checkout has the kernel (else nothing)."""
+    if not hasattr(native_functions, "min_step"):
+        return {}
+    h = torch.rand(x.shape[0], cell.hidden_size, generator=torch.Generator().manual_seed(1))
+    weight, bias = cell.weight_ih.detach(), cell.bias_ih.detach()
+    family, sequence = cell.family, x.unsqueeze(0)
+    return {"step kernel alone": lambda: native_functions.min_step(x, h, weight, bias,
+                                                                   family, False),
+            "native sequence path, T = 1": lambda: scan.run_native(
+                family, sequence, h, weight, bias, None, False, False)}
+
+
+def time_streaming(hidden: int, calls_per_round: int, rounds: int, batch: int = 1) -> None:
+    print(f"\nstreaming: one step at batch {batch}, H = {hidden}, no_grad, the median of "
+          f"{rounds} rounds x {calls_per_round} individually timed calls, contenders in turn; "
+          "x = the gated rnnkit cell's time")
     header = f"{'contender':34} {'us/step':>8} {'x gated':>8}"
     print(header)
     print("-" * len(header))
-    xs = torch.randn(64, 1, hidden, generator=torch.Generator().manual_seed(0))
+    xs = torch.randn(64, batch, hidden, generator=torch.Generator().manual_seed(0))
     torch_cells = {rnnkit.GRUCell: torch.nn.GRUCell, rnnkit.LSTMCell: torch.nn.LSTMCell}
     for minimal_layer, minimal, _, gated in PAIRS.values():
         torch.manual_seed(0)
         layer = minimal_layer(hidden, hidden).eval()
+        cell = minimal(hidden, hidden)
         calls = {
             f"rnnkit.{gated.__name__}": Stepper(gated(hidden, hidden), xs, "cell"),
             f"torch.nn.{gated.__name__}": Stepper(torch_cells[gated](hidden, hidden), xs, "cell"),
-            f"rnnkit.{minimal.__name__}": Stepper(minimal(hidden, hidden), xs, "cell"),
+            f"rnnkit.{minimal.__name__}": Stepper(cell, xs, "cell"),
         }
         if hasattr(layer, "stream"):  # checkouts from the minimal step kernel on
             calls[f"{minimal_layer.__name__}.stream() step"] = Stepper(layer, xs, "stream")
         calls[f"one-step {minimal_layer.__name__} call"] = Stepper(layer, xs, "call")
+        calls.update(kernel_and_sequence_path(cell, xs[0]))
         medians = per_call_medians(calls, rounds, calls_per_round)
         peer = medians[f"rnnkit.{gated.__name__}"]
         for name, seconds in medians.items():
@@ -190,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-steps", type=positive_int, default=1000,
                         help="streamed steps per contender and round, each timed on its own; "
                              "--repeats rounds (default 1000)")
+    parser.add_argument("--stream-batch", type=positive_int, default=1,
+                        help="batch of the streamed steps (default 1)")
     parser.add_argument("--streaming-only", action="store_true",
                         help="time the streamed step only, not the training step")
     arguments = parser.parse_args(argv)
@@ -199,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}")
     if not arguments.streaming_only:
         time_training(arguments.lengths, arguments.batch, arguments.hidden, arguments.repeats)
-    time_streaming(arguments.hidden, arguments.stream_steps, arguments.repeats)
+    time_streaming(arguments.hidden, arguments.stream_steps, arguments.repeats,
+                   arguments.stream_batch)
 
 
 if __name__ == "__main__":

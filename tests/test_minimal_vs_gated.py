@@ -55,16 +55,17 @@ def test_the_benchmark_prints_every_pair_and_length_with_consistent_ratios(capsy
 
 
 def _assert_streaming_rows(lines: list[str]) -> None:
-    """Five contenders per pair, the rnnkit gated cell first (x 1.000), every other ratio the
+    """Seven contenders per pair, the rnnkit gated cell first (x 1.000), every other ratio the
     quotient of the printed times (to their printed rounding)."""
     start = next(i for i, line in enumerate(lines) if line.startswith("contender"))
     rows = [line.rsplit(maxsplit=2) for line in lines[start + 2:]]
     names = [row[0] for row in rows]
+    pieces = ["step kernel alone", "native sequence path, T = 1"]
     assert names == ["rnnkit.GRUCell", "torch.nn.GRUCell", "rnnkit.MinGRUCell",
-                     "MinGRU.stream() step", "one-step MinGRU call",
+                     "MinGRU.stream() step", "one-step MinGRU call", *pieces,
                      "rnnkit.LSTMCell", "torch.nn.LSTMCell", "rnnkit.MinLSTMCell",
-                     "MinLSTM.stream() step", "one-step MinLSTM call"]
-    for pair in (rows[:5], rows[5:]):
+                     "MinLSTM.stream() step", "one-step MinLSTM call", *pieces]
+    for pair in (rows[:7], rows[7:]):
         peer = float(pair[0][1])
         assert float(pair[0][2]) == 1.0
         for _, us, ratio in pair:
@@ -77,11 +78,12 @@ def test_streaming_only_skips_the_training_step(capsys):
     threads = torch.get_num_threads()
     try:
         minimal_vs_gated.main(["--threads", "1", "--hidden", "4", "--repeats", "1",
-                               "--stream-steps", "3", "--streaming-only"])
+                               "--stream-steps", "3", "--streaming-only", "--stream-batch", "3"])
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
     assert not any(line.startswith(("training step", "minGRU /")) for line in lines)
+    assert "one step at batch 3," in "\n".join(lines)
     _assert_streaming_rows(lines)
 
 
