@@ -160,7 +160,7 @@ class MinGRUCell(_MinimalCell):
     Execution: where nothing is to be differentiated (no_grad, or no tensor requiring a
     gradient), in plain eager mode (no compile, trace, autocast or torch.func), on the CPU in
     float32/float64 with the native kernels built, with at most
-    ``rnnkit.engine.MIN_STEP_KERNEL_MAX_BATCH`` (16) rows, a step is one call of the native
+    ``rnnkit.engine.MIN_STEP_KERNEL_MAX_BATCH`` (8) rows, a step is one call of the native
     minimal step kernel (the projection and ``h' = a ⊙ h + b``;
     `rnnkit.engine.min_inference_step`). Everywhere else the step runs on autograd
     (`rnnkit.engine.scan.step`). Both give the same values.
@@ -413,7 +413,7 @@ _MINIMAL_LAYER_SHAPES = """
             step; see also `stream`) with nothing to differentiate runs under ``"auto"`` and
             ``"native"`` on the native minimal step kernel instead (the projection and ``h' =
             a ⊙ h + b`` in one call; CPU, float32/float64, at most
-            ``rnnkit.engine.MIN_STEP_KERNEL_MAX_BATCH`` (16) rows, plain eager mode:
+            ``rnnkit.engine.MIN_STEP_KERNEL_MAX_BATCH`` (8) rows, plain eager mode:
             `rnnkit.engine.min_inference_step`).
 
     Inputs: ``input, hx`` (optional), ``lengths`` (optional; by keyword, or third by position)

@@ -186,7 +186,7 @@ class MinimalStream(LayerStream):
     drawn, each layer's step is one call of the minimal step kernel
     (`rnnkit.engine.min_inference_step`: the projection and ``h' = a ⊙ h + b``), under the
     backends ``"auto"`` and ``"native"``, on the CPU in float32/float64 with the kernels built
-    and at most ``engine.MIN_STEP_KERNEL_MAX_BATCH`` (16) rows; elsewhere a step runs
+    and at most ``engine.MIN_STEP_KERNEL_MAX_BATCH`` (8) rows; elsewhere a step runs
     ``forward`` on the one-step sequence.
 
     Example::

@@ -91,12 +91,13 @@ at 32 with one head (0.85x with four), where its dot tiles re-read the weights e
 the sequence path's products block them (docs/benchmarks.md, "sLSTM: the streamed step")."""
 
 
-MIN_STEP_KERNEL_MAX_BATCH = 16
+MIN_STEP_KERNEL_MAX_BATCH = 8
 """Up to this batch, a minGRU or minLSTM step without gradients runs on its step kernel
-(`min_inference_step`): at I = H = 256 (Intel Xeon VM, core 1 of 2, one thread, the core
-shared) the kernel took 0.23-0.25x the time of the native sequence path on one step
-(`scan.run_native`, T = 1: ATen's product, then the loop) at batch 1, 0.51-0.59x at 4, 0.82x at
-8 and 0.94-0.98x at 16, but 1.14x at 24 and 1.27-1.59x at 32-64, where its dot tiles re-read
+(`min_inference_step`). At I = H = 256 (Intel Xeon VM, core 1 of 2, one thread, the core
+shared: ratios move by 10-30 % between runs) the kernel alone took 0.23-0.42x the time of the
+native sequence path on one step (`scan.run_native`, T = 1: ATen's product, then the loop) at
+batch 1 and 0.51-0.81x at 4; from 6 rows on the two are level within the noise (0.80-1.31x at
+6-12 rows), and the kernel took 0.94-1.39x at 16 and 1.14-1.59x at 24-64: its dot tiles re-read
 the weights every 3 rows while ATen's product blocks them (docs/benchmarks.md, "minGRU and
 minLSTM: the streamed step")."""
 
