@@ -156,3 +156,18 @@ def _same_keys_and_shapes(actual: dict[str, Tensor], expected: dict[str, Tensor]
         worst, count = WORST.get((group, dtype), (0.0, 0))
         WORST[(group, dtype)] = (max(worst, max_error(actual, expected)), count + 1)
     return TOLERANCE[dtype]
+
+
+def operators_in(tensor: Tensor) -> set[str]:
+    """The rnnkit operators anywhere in ``tensor``'s autograd graph, by name (a layer's
+    ``rnnkit::native_min_scan`` -> ``"native_min_scan"``): which engine really ran."""
+    found, seen, nodes = set(), set(), [tensor.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name().startswith("rnnkit_"):
+            found.add(node.name()[len("rnnkit_"):].removesuffix("Backward"))
+        nodes.extend(parent for parent, _ in node.next_functions)
+    return found

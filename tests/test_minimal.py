@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
 
 import rnnkit
-from compare import assert_same_normwise, outputs_and_gradients
+from compare import assert_same_normwise, operators_in, outputs_and_gradients
 from rnnkit.engine import native, scan
 from rnnkit.engine.scan import GATE_COUNT, MinFamily
 
@@ -99,12 +99,22 @@ def test_each_path_equals_the_reference(family, log_space, steps, dtype):
             assert_same_normwise(actual, expected, dtype, group="minimal")
 
 
+# Every backend but the reference, with the variants it runs ("log_scan": log_space only).
+LAYER_BACKENDS = [(backend, log_space) for log_space in (False, True)
+                  for backend in ("scan", "auto", "native") + (("log_scan",) if log_space else ())]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("log_space", [False, True], ids=["linear", "log_space"])
+@pytest.mark.parametrize(("backend", "log_space"), LAYER_BACKENDS,
+                         ids=[f"{b}-{'log_space' if s else 'linear'}" for b, s in LAYER_BACKENDS])
 @pytest.mark.parametrize("family", list(MinFamily), ids=str)
-def test_layer_backends_agree_stacked_bidirectional_packed(family, log_space, dtype):
-    """A two-layer bidirectional layer: every other backend equals "reference" in every
-    parameter's gradient, on padded input with lengths and on the same batch packed."""
+def test_layer_backends_agree_stacked_bidirectional(family, backend, log_space, dtype):
+    """A two-layer bidirectional layer on each backend equals "reference" in outputs, h_n and
+    every gradient (input, h0, each layer's and direction's weight and bias): padded with
+    lengths, the same batch packed, and whole (no lengths); and runs that backend's operator."""
+    native_missing = native.why_not(torch.zeros(1))
+    if backend == "native" and native_missing is not None:
+        pytest.skip(f"the native kernels could not be built here: {native_missing}")
     torch.manual_seed(1)
     layer = LAYERS[family](4, 5, num_layers=2, bidirectional=True, log_space=log_space,
                            dtype=dtype, backend="reference")
@@ -116,14 +126,19 @@ def test_layer_backends_agree_stacked_bidirectional_packed(family, log_space, dt
         "lengths": lambda m: m(inputs["x"], inputs["h0"], lengths=lengths),
         "packed": lambda m: m(pack_padded_sequence(inputs["x"], lengths, enforce_sorted=False),
                               inputs["h0"]),
+        "whole": lambda m: m(inputs["x"], inputs["h0"]),
     }
+    other = copy.deepcopy(layer)
+    other.backend = backend
     for call in calls.values():
         expected = outputs_and_gradients(layer, call, inputs)
-        for backend in ("scan", "auto") + (("log_scan",) if log_space else ()):
-            other = copy.deepcopy(layer)
-            other.backend = backend
-            assert_same_normwise(outputs_and_gradients(other, call, inputs), expected, dtype,
-                                 group="minimal")
+        assert_same_normwise(outputs_and_gradients(other, call, inputs), expected, dtype,
+                             group="minimal native" if backend == "native" else "minimal")
+    # "auto" runs the native loop where the kernels are built (`scan.engine_for`).
+    operator = {"scan": "linear_scan", "log_scan": "log_scan", "native": "native_min_scan",
+                "auto": "linear_scan" if native_missing else "native_min_scan"}[backend]
+    for call in calls.values():
+        assert operators_in(call(other)[1]) == {operator}
 
 
 def test_each_backend_runs_its_path_and_auto_without_kernels_the_scan(monkeypatch):

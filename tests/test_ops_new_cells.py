@@ -110,6 +110,16 @@ def test_compile_fullgraph_equals_eager(name):
     _compare_with_eager(layer, run, [(6, 2)], with_lengths=False)
 
 
+@pytest.mark.parametrize("name", ["mingru_linear", "minlstm_linear_scan_bi", "slstm_native_exp"])
+def test_compile_with_inductor_equals_eager(name):
+    # The default backend, inductor, once per family (its C++ code generation and compile take
+    # seconds each): the code it generates around the operators (projections, gates, flips and
+    # concatenations) in the forward and the backward graph. Static shapes: one compile.
+    layer = make_layer(name)
+    compiled = torch.compile(layer, fullgraph=True)
+    _compare_with_eager(layer, lambda x, lengths: compiled(x, lengths=lengths), [(5, 3)])
+
+
 @pytest.mark.parametrize("name", ["minlstm_log_space_log_scan_batch_first",
                                   "slstm_fused_heads_bi"])
 def test_compiled_inference_equals_eager(name):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import gc
 import math
-import re
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
 
 import rnnkit
-from compare import assert_same, assert_same_normwise, outputs_and_gradients
+from compare import assert_same, assert_same_normwise, operators_in, outputs_and_gradients
 from rnnkit import engine
 from rnnkit.engine import ops, slstm
 from rnnkit.engine.native import build
@@ -169,20 +168,7 @@ def test_fast_backend_runs_its_own_operator(backend, lengths):
     layer = rnnkit.SLSTM(3, 8, num_heads=2, backend=backend)
     output, (h_n, *_) = layer(torch.randn(5, 2, 3), lengths=lengths)
     expected = "fused" if backend == "fused" else "native"
-    assert _operator_of(output) == _operator_of(h_n) == f"{expected}_slstm"
-
-
-def _operator_of(tensor):
-    """The rnnkit operator whose autograd node produced ``tensor`` (through a few views), as
-    tests/test_engine.py's ``operator_of``."""
-    nodes = [tensor.grad_fn]
-    for _ in range(5):
-        for node in nodes:
-            match = re.search(r"rnnkit_((?:native|fused)_slstm)", type(node).__name__)
-            if match:
-                return match.group(1)
-        nodes = [n for node in nodes for n, _ in node.next_functions if n is not None]
-    return None
+    assert operators_in(output) == operators_in(h_n) == {f"{expected}_slstm"}
 
 
 @settings(max_examples=25)

@@ -579,7 +579,7 @@ def test_a_one_step_slstm_call_takes_the_short_way(name, slstm_kernel_calls, mon
             general = layer(x, hx, [1, 1, 1])
             calls_before = len(slstm_kernel_calls)
             with monkeypatch.context() as patch:
-                patch.setattr(rnnkit.slstm, "prepare_sequence", None)  # never called
+                patch.setattr(layer, "_prepare", None)  # the short way never calls it
                 output, state = layer(x, hx)
         assert len(slstm_kernel_calls) - calls_before == layer.num_layers
         assert output.shape == expected[0].shape
@@ -858,7 +858,7 @@ def test_a_one_step_minimal_layer_call_takes_the_short_way(name, min_kernel_call
             general = layer(x, hx, [1, 1, 1])
             calls_before = len(min_kernel_calls)
             with monkeypatch.context() as patch:
-                patch.setattr(rnnkit.minimal, "prepare_sequence", None)  # never called
+                patch.setattr(layer, "_prepare", None)  # the short way never calls it
                 output, state = layer(x, hx)
         assert len(min_kernel_calls) - calls_before == layer.num_layers
         assert_close((output, state), expected)

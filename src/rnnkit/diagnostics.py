@@ -74,7 +74,7 @@ from rnnkit import engine
 from rnnkit.engine import scan, slstm
 from rnnkit.engine.scan import MinFamily
 from rnnkit.engine.steps import CellKind, Family, cell_gates, output_of, state_of, zoneout
-from rnnkit.layers import PreparedInput, RecurrentLayer, prepare_sequence
+from rnnkit.layers import PreparedInput, RecurrentLayer
 from rnnkit.minimal import MinGRU, MinLSTM
 from rnnkit.slstm import SLSTM
 
@@ -210,35 +210,26 @@ def _jacobian_norms(last: Tensor, pushes: list[Tensor]) -> list[Tensor]:
     return [total.sqrt() for total in squares]
 
 
-def _forward_inputs(layer: MinimalLayer | SLSTM, input: Tensor, hx, lengths=None
-                    ) -> tuple[Tensor, Tensor | None, list]:
-    """A minimal or sLSTM layer's ``forward`` input, checked as it checks it: ``x (T, N, I)``,
-    ``lengths`` and the initial state of each layer and direction."""
-    x, lengths, batched = prepare_sequence(
-        type(layer).__name__, input, lengths, input_size=layer.input_size,
-        batch_first=layer.batch_first, parameter=layer.weight_ih_l0)
-    return x, lengths, layer._initial_states(hx, x, batched)
-
-
 def _minimal_direction(layer: MinimalLayer, sequence: Tensor, index: int, direction: int,
                        initial: list[Tensor], lengths: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(a, output)`` of one layer and direction, ``(T, N, H)`` each in time order: the decay
     of ``h_t = a_t ⊙ h_{t-1} + b_t`` and the layer's output (its own engine)."""
-    weight, bias = layer.weights(index, direction)
-    a, _ = scan.coefficients(layer.family, F.linear(sequence, weight, bias), layer.log_space)
-    output, _ = scan.run_direction(
-        layer.family, sequence, initial[index * layer.num_directions + direction], weight,
-        bias, lengths, direction == 1, layer.log_space, layer.backend)
+    a, _ = scan.coefficients(layer.family, F.linear(sequence, *layer.weights(index, direction)),
+                             layer.log_space)
+    output, _ = layer._run_direction(sequence, initial[index * layer.num_directions + direction],
+                                     index, direction, lengths)
     return a, output
 
 
-def _run_below(layer: MinimalLayer | SLSTM, x: Tensor, upto: int, run_direction) -> Tensor:
-    """The input sequence of layer ``upto``: the layers below, both directions concatenated,
-    as in evaluation (no dropout); ``run_direction(sequence, layer, direction)`` gives one
-    direction's output ``(T, N, H)``."""
+def _run_below(layer: MinimalLayer | SLSTM, x: Tensor, upto: int, initial: list) -> Tensor:
+    """The input sequence of layer ``upto``: the layers below on the layer's own engine, from
+    ``initial`` (per layer and direction), both directions concatenated, as in evaluation (no
+    dropout)."""
     sequence = x
     for below in range(upto):
-        outputs = [run_direction(sequence, below, other) for other in range(layer.num_directions)]
+        outputs = [layer._run_direction(sequence, initial[below * layer.num_directions + other],
+                                        below, other, None)[0]
+                   for other in range(layer.num_directions)]
         sequence = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     return sequence
 
@@ -246,11 +237,10 @@ def _run_below(layer: MinimalLayer | SLSTM, x: Tensor, upto: int, run_direction)
 def _minimal_gradient_flow(layer: MinimalLayer, input: Tensor, hx, layer_index: int | None,
                            direction: str | None) -> GradientFlow:
     """`gradient_flow` of a MinGRU or MinLSTM: ``‖Π_{k>t} a_k‖`` per step (module doc)."""
-    x, _, initial = _forward_inputs(layer, input, hx)
+    x, _, initial, _ = layer._prepare(input, hx, None)
     index, d = _choose(layer, layer_index, direction)
     with torch.no_grad():
-        sequence = _run_below(layer, x, index, lambda sequence, below, other: _minimal_direction(
-            layer, sequence, below, other, initial, None)[1])
+        sequence = _run_below(layer, x, index, initial)
         a, _ = _minimal_direction(layer, sequence, index, d, initial, None)  # (T, N, H)
     if d == 1:
         a = a.flip(0)  # processing order
@@ -263,7 +253,7 @@ def _minimal_gradient_flow(layer: MinimalLayer, input: Tensor, hx, layer_index: 
 
 def _minimal_gate_trace(layer: MinimalLayer, input: Tensor, hx, lengths) -> GateTrace:
     """`gate_trace` of a MinGRU or MinLSTM: ``z`` or ``f', i'``, and ``h`` (module doc)."""
-    x, lengths, initial = _forward_inputs(layer, input, hx, lengths)
+    x, lengths, initial, _ = layer._prepare(input, hx, lengths)
     steps, batch = x.shape[:2]
     time = torch.arange(steps, device=x.device)[:, None]
     valid = (time < lengths[None, :]) if lengths is not None else torch.ones(
@@ -287,25 +277,14 @@ def _minimal_gate_trace(layer: MinimalLayer, input: Tensor, hx, lengths) -> Gate
     return trace
 
 
-def _slstm_direction(layer: SLSTM, sequence: Tensor, index: int, direction: int,
-                     initial: list, lengths: Tensor | None) -> Tensor:
-    """The output ``(T, N, H)`` of one sLSTM layer and direction, by the layer's own engine."""
-    output, _ = engine.run_slstm_direction(
-        sequence, initial[index * layer.num_directions + direction],
-        *layer.weights(index, direction), lengths, direction == 1, layer.forget_gate == "exp",
-        layer.backend)
-    return output
-
-
 def _slstm_gradient_flow(layer: SLSTM, input: Tensor, hx, layer_index: int | None,
                          direction: str | None) -> GradientFlow:
     """`gradient_flow` of an SLSTM: through ``h`` and through ``c / n`` (module doc), by
     autograd through the layer's own engine, one step per call."""
-    x, _, initial = _forward_inputs(layer, input, hx)
+    x, _, initial, _ = layer._prepare(input, hx, None)
     index, d = _choose(layer, layer_index, direction)
     with torch.no_grad():
-        sequence = _run_below(layer, x, index, lambda sequence, below, other: _slstm_direction(
-            layer, sequence, below, other, initial, None))
+        sequence = _run_below(layer, x, index, initial)
     if d == 1:
         sequence = sequence.flip(0)  # processing order; a one-step run is the same both ways
     weights = tuple(None if w is None else w.detach() for w in layer.weights(index, d))
@@ -328,7 +307,7 @@ def _slstm_gradient_flow(layer: SLSTM, input: Tensor, hx, layer_index: int | Non
 def _slstm_gate_trace(layer: SLSTM, input: Tensor, hx, lengths) -> GateTrace:
     """`gate_trace` of an SLSTM: the spec's step (`rnnkit.engine.slstm.step_values`) with the
     layer's weights, every quantity of the module doc."""
-    x, lengths, initial = _forward_inputs(layer, input, hx, lengths)
+    x, lengths, initial, _ = layer._prepare(input, hx, lengths)
     steps, batch = x.shape[:2]
     time = torch.arange(steps, device=x.device)[:, None]
     valid = (time < lengths[None, :]) if lengths is not None else torch.ones(

@@ -1,4 +1,5 @@
-"""Sequence layers RNN, LSTM, GRU: validation, stacking, directions and lengths around the engine.
+"""Sequence layers RNN, LSTM, GRU: validation, stacking, directions and lengths around the engine;
+and `_SimpleLayer`, the same for the layers without torch.nn's variants (MinGRU, MinLSTM, SLSTM).
 
 A layer owns the parameters (torch.nn's names and shapes, plus the variants'), turns every accepted
 input form (batched, unbatched, ``batch_first``, ``PackedSequence``, padded + ``lengths``) into one
@@ -15,7 +16,8 @@ members of torch.nn.RNNBase that code written for torch.nn touches are here too
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, NoReturn
+from collections.abc import Callable
+from typing import ClassVar, Generic, NamedTuple, NoReturn, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,7 @@ from rnnkit.cells import (
     _inverted_dropout_mask,
     _rate,
     _refuse_scripting,
+    _reset_uniform,
     _zoneout_keeps,
     _zoneout_rates,
     _zoneout_setting,
@@ -154,7 +157,7 @@ class PreparedInput(NamedTuple):
 
     x: Tensor  # (T, N, H_in) time-major, padding past each length zeroed
     lengths: Tensor | None  # (N,) int64 on x's device; None when every sequence has T steps
-    initial: list[State]  # per layer and direction (index layer * D + direction): h or (h, c)
+    initial: list[Tensor | tuple[Tensor, ...]]  # per layer and direction (layer * D + direction)
     batched: bool  # False for unbatched (L, H_in) input, run as N = 1
 
 
@@ -380,13 +383,8 @@ class _RecurrentLayer(nn.Module):
         x, lengths, batched = self._prepare_input(input, lengths)
         initial = self._initial_states(hx, x, batched)
         output, finals = self._run_stack(x, initial, lengths, self.num_layers, self.training)
-        if isinstance(input, PackedSequence):
-            output = _repack(output, input, lengths)
-        elif not batched:
-            output = output.squeeze(1)
-        elif self.batch_first:
-            output = output.transpose(0, 1)
-        return output, self._stack_states(finals, batched)
+        return (_in_input_form(output, input, lengths, batched, self.batch_first),
+                self._stack_states(finals, batched))
 
     def _one_step(self, input: Tensor, hx: object) -> tuple[Tensor, State] | None:
         """`forward` on a one-step batched sequence from a given state, on the step kernels
@@ -677,6 +675,17 @@ RecurrentLayer = _RecurrentLayer
 """The base of `RNN`, `LSTM` and `GRU`, for ``isinstance`` tests (apps ask it)."""
 
 
+def _in_input_form(output: Tensor, input: object, lengths: Tensor | None, batched: bool,
+                   batch_first: bool) -> Tensor | PackedSequence:
+    """A stack's time-major ``output (T, N, ·)`` in the form of the layer's ``input``: packed
+    as a PackedSequence input, unbatched, or batch-first."""
+    if isinstance(input, PackedSequence):
+        return _repack(output, input, lengths)
+    if not batched:
+        return output.squeeze(1)
+    return output.transpose(0, 1) if batch_first else output
+
+
 def _repack(output: Tensor, packed_input: PackedSequence, lengths: Tensor) -> PackedSequence:
     """Padded output (T, N, H) in input order -> a PackedSequence laid out like the input."""
     sorted_indices = packed_input.sorted_indices
@@ -687,6 +696,235 @@ def _repack(output: Tensor, packed_input: PackedSequence, lengths: Tensor) -> Pa
     return PackedSequence(
         data, packed_input.batch_sizes, packed_input.sorted_indices, packed_input.unsorted_indices
     )
+
+
+_SimpleState = TypeVar("_SimpleState", Tensor, tuple[Tensor, ...])
+
+
+class _SimpleLayer(nn.Module, Generic[_SimpleState]):
+    """What the layers without torch.nn's variants (MinGRU, MinLSTM, SLSTM) share, as
+    `cells._SimpleCell` for their cells: torch.nn's layer arguments, checked; per layer and
+    direction the parameters the subclass lists in `_shapes`, named as torch.nn names them
+    (``weight_ih_l{k}``, suffix ``_reverse``) and all ``U(-1/sqrt(H), 1/sqrt(H))``; TorchScript
+    refused by name; and a `forward` that applies the families' autocast rule, checks the input
+    forms and runs the stack, each layer and direction on the subclass's `_run_direction`.
+
+    A subclass gives its keyword options to ``__init__`` (checked by its `_set_options`, before
+    ``backend``, whose check may read them), a `BackendSetting` as ``backend``, and the state's
+    form: a tensor ``h`` or a tuple of parts, made by `_empty_state` and `_check_state`.
+    """
+
+    backend: BackendSetting  # the subclass's, checking the names its engine accepts
+    # Keyword options and their defaults: extra_repr shows those set otherwise.
+    _option_defaults: ClassVar[dict[str, object]] = {}
+    # The state's form: None for one tensor h, else the number of parts of its tuple.
+    _state_parts: ClassVar[int | None] = None
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, bias: bool,
+                 batch_first: bool, dropout: float, bidirectional: bool, device, dtype, *,
+                 backend: str, **options: object) -> None:
+        super().__init__()
+        name = type(self).__name__
+        (self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
+         self.dropout, self.bidirectional) = require_layer_arguments(
+            name, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
+        self._set_options(**options)
+        self.backend = backend  # checked by the subclass's BackendSetting
+        warn_unused_dropout(name, dropout, num_layers, stacklevel=3)
+        factory = require_factory(name, device, dtype)
+        upper_input = self.num_directions * hidden_size
+
+        def elements(layer_input: int) -> int:  # of one layer and direction
+            return sum(math.prod(shape) for shape in self._shapes(layer_input).values()
+                       if shape is not None)
+
+        # In Python ints, without a loop over layers: a huge num_layers is refused at once.
+        count = self.num_directions * (elements(input_size)
+                                       + (num_layers - 1) * elements(upper_input))
+        require_allocatable(name, f"input_size={input_size}, hidden_size={hidden_size}, "
+                            f"num_layers={num_layers}", count, **factory)
+        # Per layer and direction (index layer * D + direction): the parameters' names in
+        # `_shapes`' order, None for one this layer lacks (bias_ih with bias=False).
+        self._parameter_names: list[tuple[str | None, ...]] = []
+        for layer in range(num_layers):
+            shapes = self._shapes(input_size if layer == 0 else upper_input)
+            for direction in range(self.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                for role, shape in shapes.items():
+                    if shape is not None:
+                        setattr(self, role + suffix,
+                                nn.Parameter(torch.empty(shape, **factory)))
+                self._parameter_names.append(tuple(
+                    None if shape is None else role + suffix for role, shape in shapes.items()))
+        self.reset_parameters()
+
+    def _set_options(self) -> None:
+        """Check the subclass's keyword options and set them as attributes."""
+
+    def _shapes(self, layer_input: int) -> dict[str, tuple[int, ...] | None]:
+        """The parameters of one layer and direction reading ``layer_input`` features, in
+        registration order: role (``"weight_ih"``, ...) -> shape, None where there is none."""
+        raise NotImplementedError
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
+        _reset_uniform(self)
+
+    def __prepare_scriptable__(self) -> NoReturn:
+        _refuse_scripting(self)
+
+    def weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
+        """The parameters of one layer and direction in `_shapes`' order, None for one this
+        layer lacks (``bias_ih`` with bias=False)."""
+        names = self._parameter_names[layer * self.num_directions + direction]
+        # The parameters themselves, looked up directly (a streamed step asks every call);
+        # computed ones (parametrizations) through their attributes.
+        parameters = {} if "parametrizations" in self._modules else self._parameters
+        return tuple(None if name is None else parameters[name] if name in parameters
+                     else getattr(self, name) for name in names)
+
+    def forward(
+        self,
+        input: Tensor | PackedSequence,
+        hx: _SimpleState | None = None,
+        lengths: Tensor | list[int] | None = None,
+    ) -> tuple[Tensor | PackedSequence, _SimpleState]:
+        """Run the stack; shapes in the class docstring."""
+        # float32 under autocast, the families' rule (engine/precision.py)
+        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih_l0):
+            param = self.weight_ih_l0
+            with torch.autocast(param.device.type, enabled=False):
+                return self.forward(precision.to_parameter_dtype(input, param),
+                                    precision.to_parameter_dtype(hx, param), lengths=lengths)
+        if lengths is None and type(input) is Tensor and input.dim() == 3:
+            stepped = self._one_step(input, hx)
+            if stepped is not None:
+                return stepped
+        x, lengths, initial, batched = self._prepare(input, hx, lengths)
+        layer_input = x
+        finals: list[_SimpleState] = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                output, final = self._run_direction(
+                    layer_input, initial[layer * self.num_directions + direction], layer,
+                    direction, lengths)
+                outputs.append(output)
+                finals.append(final)
+            layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        output = _in_input_form(layer_input, input, lengths, batched, self.batch_first)
+        if isinstance(finals[0], Tensor):
+            state = _stack(finals)
+        else:
+            state = tuple(_stack(list(part)) for part in zip(*finals, strict=True))
+        return output, state if batched else _each_part(state, lambda t: t.squeeze(1))
+
+    def _one_step(self, input: Tensor, hx: object) -> tuple[Tensor, _SimpleState] | None:
+        """`forward` on a one-step batched sequence from ``hx`` (None: the empty state), on the
+        family's step kernel (the subclass's `_inference_steps`, as a stream's step): the same
+        result without the general path's checks, reshaping and splitting (a loop that calls
+        the layer once a step). None wherever the input differs from that plain case in any
+        way (form, shape, a state not of exactly its shape and form, gradient, dtype, device,
+        compiler or tracer, or what the kernel declines); forward then checks and runs it as
+        any other, which gives the errors."""
+        x = one_step_input(self, input)
+        if x is None:
+            return None
+        shape, parts = (self.num_layers, x.shape[0], self.hidden_size), self._state_parts
+        if hx is None:
+            state = self._empty_state(shape, x)
+        elif parts is None and type(hx) is Tensor and hx.shape == shape:
+            state = hx
+        elif (parts is not None and type(hx) is tuple and len(hx) == parts
+              and all(type(t) is Tensor and t.shape == shape for t in hx)):
+            state = hx
+        else:
+            return None
+        if parts is None:
+            states = list(state.unbind(0))
+        else:
+            states = list(zip(*(t.unbind(0) for t in state), strict=True))
+        stepped = self._inference_steps(x, states)
+        if stepped is None:
+            return None
+        top, finals = stepped
+        # The output is the kernel's top h itself: stacking copies the states, so it never
+        # aliases the final state (as forward's output never does).
+        if parts is None:
+            final = torch.stack(finals)
+        else:
+            final = tuple(torch.stack(part) for part in zip(*finals, strict=True))
+        return top.unsqueeze(1 if self.batch_first else 0), final
+
+    def _inference_steps(self, x: Tensor, states: list[_SimpleState]
+                         ) -> tuple[Tensor, list[_SimpleState]] | None:
+        """One step of the whole stack on the family's step kernel (`rnnkit.stream`'s
+        ``*_inference_steps``): the top ``h`` and the new states, or None where it does not
+        apply."""
+        raise NotImplementedError
+
+    def _run_direction(self, sequence: Tensor, state: _SimpleState, layer: int,
+                       direction: int, lengths: Tensor | None) -> tuple[Tensor, _SimpleState]:
+        """One layer and direction of the stack on the layer's engine: ``sequence (T, N,
+        H_in)`` from ``state`` (each part ``(N, H)``) -> output ``(T, N, H)``, final state."""
+        raise NotImplementedError
+
+    def _prepare(self, input: object, hx: object, lengths: object) -> PreparedInput:
+        """`forward`'s arguments checked and in the form the stack runs on (diagnostics read
+        the stack from here too)."""
+        x, lengths, batched = prepare_sequence(
+            type(self).__name__, input, lengths, input_size=self.input_size,
+            batch_first=self.batch_first, parameter=self.weight_ih_l0)
+        return PreparedInput(x, lengths, self._initial_states(hx, x, batched), batched)
+
+    def _initial_states(self, hx: object, x: Tensor, batched: bool) -> list[_SimpleState]:
+        """``hx`` checked (or the empty state) and split per layer and direction: each part
+        ``(N, H)``."""
+        states, batch = self.num_layers * self.num_directions, x.shape[1]
+        if hx is None:
+            state = self._empty_state((states, batch, self.hidden_size), x)
+        else:
+            shape, meaning = (((states, batch, self.hidden_size), "(D*num_layers, N, H)")
+                              if batched else ((states, self.hidden_size),
+                                               "(D*num_layers, H)"))
+            state = self._check_state(hx, shape, meaning, x)
+            if not batched:
+                state = _each_part(state, lambda t: t.unsqueeze(1))
+        if isinstance(state, Tensor):
+            return list(state.unbind(0))
+        return list(zip(*(t.unbind(0) for t in state), strict=True))
+
+    def _empty_state(self, shape: tuple[int, ...], like: Tensor) -> _SimpleState:
+        """The state when ``hx`` is omitted, each part of ``shape``, dtype and device of
+        ``like``."""
+        raise NotImplementedError
+
+    def _check_state(self, hx: object, shape: tuple[int, ...], meaning: str,
+                     like: Tensor) -> _SimpleState:
+        """``hx`` checked against ``shape`` (named ``meaning`` in errors) and ``like``'s dtype
+        and device."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
+                    "bidirectional": False} | self._option_defaults
+        for key, default in defaults.items():
+            if getattr(self, key) != default:
+                s += f", {key}={getattr(self, key)!r}"
+        return s
+
+
+def _each_part(state: Tensor | tuple[Tensor, ...],
+               function: Callable[[Tensor], Tensor]) -> Tensor | tuple[Tensor, ...]:
+    """``function`` of a state that is one tensor, or of each of its parts."""
+    return function(state) if isinstance(state, Tensor) else tuple(map(function, state))
 
 
 _LAYER_SHAPES = """

@@ -9,12 +9,8 @@ constant-memory streaming.
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import engine
 from rnnkit._checks import (
@@ -23,18 +19,16 @@ from rnnkit._checks import (
     require_bool,
     require_choice,
     require_factory,
-    require_layer_arguments,
     require_non_negative,
     require_shape,
     require_sizes,
     require_tensor,
-    warn_unused_dropout,
 )
-from rnnkit.cells import BackendSetting, _refuse_scripting, _reset_uniform, _SimpleCell
-from rnnkit.engine import precision, scan
+from rnnkit.cells import BackendSetting, _SimpleCell
+from rnnkit.engine import scan
 from rnnkit.engine.scan import GATE_COUNT, MinFamily
-from rnnkit.layers import _repack, _stack, prepare_sequence
-from rnnkit.stream import MinimalStream, min_inference_steps, one_step_input
+from rnnkit.layers import _SimpleLayer
+from rnnkit.stream import MinimalStream, min_inference_steps
 
 _LOG_SPACE_STATE = ("log_space=True keeps h >= 0; h_0 enters the scan linearly, so 0, the "
                     "default, is accepted")
@@ -213,11 +207,12 @@ class MinLSTMCell(_MinimalCell):
     family = MinFamily.LSTM
 
 
-class _MinimalLayer(nn.Module):
-    """Parameters, input forms, stacking and directions shared by MinGRU and MinLSTM."""
+class _MinimalLayer(_SimpleLayer[Tensor]):
+    """The options, parameters, state and engine of MinGRU and MinLSTM."""
 
     family: MinFamily = MinFamily.GRU
     backend = _MinimalBackendSetting()
+    _option_defaults = {"log_space": False}
 
     def __init__(
         self,
@@ -234,53 +229,16 @@ class _MinimalLayer(nn.Module):
         log_space: bool = False,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        name = type(self).__name__
-        (self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
-         self.dropout, self.bidirectional) = require_layer_arguments(
-            name, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
-        self.log_space = require_bool(f"{name} log_space", log_space)
-        self.backend = backend  # checked by _MinimalBackendSetting
-        warn_unused_dropout(name, dropout, num_layers, stacklevel=2)
-        factory = require_factory(name, device, dtype)
-        gates = GATE_COUNT[self.family] * hidden_size
-        upper_input = self.num_directions * hidden_size
-        count = self.num_directions * gates * (
-            input_size + (num_layers - 1) * upper_input + num_layers * (1 if bias else 0))
-        require_allocatable(name, f"input_size={input_size}, hidden_size={hidden_size}, "
-                            f"num_layers={num_layers}", count, **factory)
-        # Per layer and direction (index layer * D + direction): (weight name, bias name).
-        self._parameter_names: list[tuple[str, str | None]] = []
-        for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else upper_input
-            for direction in range(self.num_directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                setattr(self, "weight_ih" + suffix,
-                        nn.Parameter(torch.empty(gates, layer_input, **factory)))
-                if bias:
-                    setattr(self, "bias_ih" + suffix, nn.Parameter(torch.empty(gates, **factory)))
-                self._parameter_names.append(
-                    ("weight_ih" + suffix, "bias_ih" + suffix if bias else None))
-        self.reset_parameters()
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype, backend=backend, log_space=log_space)
 
-    @property
-    def num_directions(self) -> int:
-        return 2 if self.bidirectional else 1
+    def _set_options(self, *, log_space: object) -> None:
+        self.log_space = require_bool(f"{type(self).__name__} log_space", log_space)
 
-    def reset_parameters(self) -> None:
-        """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
-        _reset_uniform(self)
-
-    def __prepare_scriptable__(self) -> NoReturn:
-        _refuse_scripting(self)
-
-    def weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor | None]:
-        """``(weight_ih, bias_ih)`` of one layer and direction (bias None with bias=False)."""
-        weight, bias = self._parameter_names[layer * self.num_directions + direction]
-        if "parametrizations" in self._modules:  # computed weights: through the attributes
-            return getattr(self, weight), None if bias is None else getattr(self, bias)
-        parameters = self._parameters  # looked up directly: a streamed step asks every call
-        return parameters[weight], None if bias is None else parameters[bias]
+    def _shapes(self, layer_input: int) -> dict[str, tuple[int, ...] | None]:
+        """``weight_ih (G*H, H_in)``, ``bias_ih (G*H,)`` for the family's ``G`` gates."""
+        gates = GATE_COUNT[self.family] * self.hidden_size
+        return {"weight_ih": (gates, layer_input), "bias_ih": (gates,) if self.bias else None}
 
     def stream(self, hx: Tensor | None = None) -> MinimalStream:
         """A handle that runs this layer one time step per call, keeping the state between
@@ -291,102 +249,29 @@ class _MinimalLayer(nn.Module):
         only."""
         return MinimalStream(self, hx)
 
-    def forward(
-        self,
-        input: Tensor | PackedSequence,
-        hx: Tensor | None = None,
-        lengths: Tensor | list[int] | None = None,
-    ) -> tuple[Tensor | PackedSequence, Tensor]:
-        """Run the stack; shapes in the class docstring."""
-        # float32 under autocast, the families' rule (engine/precision.py)
-        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih_l0):
-            param = self.weight_ih_l0
-            with torch.autocast(param.device.type, enabled=False):
-                return self.forward(precision.to_parameter_dtype(input, param),
-                                    precision.to_parameter_dtype(hx, param), lengths=lengths)
-        if lengths is None and type(input) is Tensor and input.dim() == 3:
-            stepped = self._one_step(input, hx)
-            if stepped is not None:
-                return stepped
-        x, lengths, batched = prepare_sequence(
-            type(self).__name__, input, lengths, input_size=self.input_size,
-            batch_first=self.batch_first, parameter=self.weight_ih_l0)
-        initial = self._initial_states(hx, x, batched)
-        layer_input = x
-        finals: list[Tensor] = []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(self.num_directions):
-                weight, bias = self.weights(layer, direction)
-                output, final = scan.run_direction(
-                    self.family, layer_input, initial[layer * self.num_directions + direction],
-                    weight, bias, lengths, direction == 1, self.log_space, self.backend)
-                outputs.append(output)
-                finals.append(final)
-            layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
-        output = layer_input
-        if isinstance(input, PackedSequence):
-            output = _repack(output, input, lengths)
-        elif not batched:
-            output = output.squeeze(1)
-        elif self.batch_first:
-            output = output.transpose(0, 1)
-        h_n = _stack(finals)
-        return output, h_n if batched else h_n.squeeze(1)
+    def _inference_steps(self, x: Tensor, states: list[Tensor]
+                         ) -> tuple[Tensor, list[Tensor]] | None:
+        return min_inference_steps(self, x, states)
 
-    def _one_step(self, input: Tensor, hx: object) -> tuple[Tensor, Tensor] | None:
-        """`forward` on a one-step batched sequence from ``hx`` (None: zeros), on the minimal
-        step kernel (`rnnkit.stream.min_inference_steps`, as a stream's step): the same result
-        without the general path's checks, reshaping and splitting (a loop that calls the
-        layer once a step). None wherever the input differs from that plain case in any way
-        (form, shape, a state that is not a tensor of exactly its shape, gradient, dtype,
-        device, compiler or tracer, a log-space state with a negative entry); forward then
-        checks and runs it as any other, which gives the errors."""
-        x = one_step_input(self, input)
-        if x is None:
-            return None
-        shape = (self.num_layers, x.shape[0], self.hidden_size)
-        if hx is None:
-            h_0 = x.new_zeros(shape)
-        elif type(hx) is Tensor and hx.shape == shape:
-            h_0 = hx
-        else:
-            return None
-        stepped = min_inference_steps(self, x, list(h_0.unbind(0)))
-        if stepped is None:
-            return None
-        top, finals = stepped
-        # The output is the kernel's top h itself: torch.stack copies the states, so it never
-        # aliases the final state (as forward's output never does).
-        return top.unsqueeze(1 if self.batch_first else 0), torch.stack(finals)
+    def _run_direction(self, sequence: Tensor, state: Tensor, layer: int, direction: int,
+                       lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+        return scan.run_direction(self.family, sequence, state, *self.weights(layer, direction),
+                                  lengths, direction == 1, self.log_space, self.backend)
 
-    def _initial_states(self, hx: object, x: Tensor, batched: bool) -> list[Tensor]:
-        """``hx`` checked (or zeros) and split per layer and direction: ``(N, H)`` each."""
+    def _empty_state(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        return like.new_zeros(shape)
+
+    def _check_state(self, hx: object, shape: tuple[int, ...], meaning: str,
+                     like: Tensor) -> Tensor:
         name = type(self).__name__
-        states, batch = self.num_layers * self.num_directions, x.shape[1]
-        if hx is None:
-            return list(x.new_zeros(states, batch, self.hidden_size).unbind(0))
-        shape, meaning = (((states, batch, self.hidden_size), "(D*num_layers, N, H)") if batched
-                          else ((states, self.hidden_size), "(D*num_layers, H)"))
         if not isinstance(hx, Tensor):
             raise TypeError(f"{name} hx must be a Tensor h_0 of shape {meaning} = {shape}, got "
                             f"{describe(hx)}")
-        require_tensor(f"{name} hx (h_0)", hx, dtype=x.dtype, device=x.device)
+        require_tensor(f"{name} hx (h_0)", hx, dtype=like.dtype, device=like.device)
         require_shape(f"{name} hx (h_0)", hx, shape, meaning)
         if self.log_space:
             require_non_negative(f"{name} hx (h_0)", hx, _LOG_SPACE_STATE)
-        return list((hx if batched else hx.unsqueeze(1)).unbind(0))
-
-    def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}"
-        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
-                    "bidirectional": False, "log_space": False}
-        for key, default in defaults.items():
-            if getattr(self, key) != default:
-                s += f", {key}={getattr(self, key)}"
-        return s
+        return hx
 
 
 _MINIMAL_LAYER_SHAPES = """

@@ -10,12 +10,8 @@ equations, for constant-memory streaming.
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
 
 from rnnkit import engine
 from rnnkit._checks import (
@@ -25,22 +21,15 @@ from rnnkit._checks import (
     require_choice,
     require_factory,
     require_int,
-    require_layer_arguments,
     require_shape,
     require_sizes,
     require_tensor,
-    warn_unused_dropout,
 )
-from rnnkit.cells import BackendSetting, _refuse_scripting, _reset_uniform, _SimpleCell
-from rnnkit.engine import precision, slstm
+from rnnkit.cells import BackendSetting, _SimpleCell
+from rnnkit.engine import slstm
 from rnnkit.engine.slstm import FORGET_GATES, GATES, SLSTMState
-from rnnkit.layers import _repack, _stack, prepare_sequence
-from rnnkit.stream import (
-    SLSTMStream,
-    one_step_input,
-    slstm_inference_steps,
-    stack_slstm_states,
-)
+from rnnkit.layers import _SimpleLayer
+from rnnkit.stream import SLSTMStream, slstm_inference_steps
 
 _STATE_PARTS = ("h_0", "c_0", "n_0", "m_0")
 
@@ -223,7 +212,7 @@ class SLSTMCell(_SimpleCell[SLSTMState]):
                     else "")
 
 
-class SLSTM(nn.Module):
+class SLSTM(_SimpleLayer[SLSTMState]):
     r"""A multi-layer sLSTM (Beck et al. 2024, section 2.2): torch.nn's layer interface.
 
     For each element of the input sequence, each layer computes
@@ -294,6 +283,8 @@ class SLSTM(nn.Module):
     """
 
     backend = _SLSTMBackendSetting()
+    _option_defaults = {"num_heads": 1, "forget_gate": "sigmoid"}
+    _state_parts = 4  # (h, c, n, m)
 
     def __init__(
         self,
@@ -311,59 +302,21 @@ class SLSTM(nn.Module):
         forget_gate: str = "sigmoid",
         backend: str = "auto",
     ) -> None:
-        super().__init__()
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype, backend=backend, num_heads=num_heads,
+                         forget_gate=forget_gate)
+
+    def _set_options(self, *, num_heads: object, forget_gate: object) -> None:
         name = type(self).__name__
-        (self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
-         self.dropout, self.bidirectional) = require_layer_arguments(
-            name, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
-        self.num_heads = _check_heads(name, hidden_size, num_heads)
+        self.num_heads = _check_heads(name, self.hidden_size, num_heads)
         self.forget_gate = require_choice(f"{name} forget_gate", forget_gate, FORGET_GATES)
-        self.backend = backend  # checked by _SLSTMBackendSetting
-        warn_unused_dropout(name, dropout, num_layers, stacklevel=2)
-        factory = require_factory(name, device, dtype)
-        gates, width = GATES * hidden_size, hidden_size // self.num_heads
-        upper_input = self.num_directions * hidden_size
-        count = self.num_directions * gates * (
-            input_size + (num_layers - 1) * upper_input + num_layers * (width + int(bias)))
-        require_allocatable(name, f"input_size={input_size}, hidden_size={hidden_size}, "
-                            f"num_layers={num_layers}", count, **factory)
-        # Per layer and direction (index layer * D + direction): the parameters' names.
-        self._parameter_names: list[tuple[str, str, str | None]] = []
-        for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else upper_input
-            for direction in range(self.num_directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                setattr(self, "weight_ih" + suffix,
-                        nn.Parameter(torch.empty(gates, layer_input, **factory)))
-                setattr(self, "weight_hh" + suffix, nn.Parameter(
-                    torch.empty(self.num_heads, GATES * width, width, **factory)))
-                if bias:
-                    setattr(self, "bias_ih" + suffix, nn.Parameter(torch.empty(gates, **factory)))
-                self._parameter_names.append(
-                    ("weight_ih" + suffix, "weight_hh" + suffix, "bias_ih" + suffix if bias
-                     else None))
-        self.reset_parameters()
 
-    @property
-    def num_directions(self) -> int:
-        return 2 if self.bidirectional else 1
-
-    def reset_parameters(self) -> None:
-        """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
-        _reset_uniform(self)
-
-    def __prepare_scriptable__(self) -> NoReturn:
-        _refuse_scripting(self)
-
-    def weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(weight_ih, weight_hh, bias_ih)`` of one layer and direction (bias None with
-        bias=False)."""
-        names = self._parameter_names[layer * self.num_directions + direction]
-        # The parameters themselves, looked up directly (a streamed step asks every call);
-        # computed ones (parametrizations) through their attributes.
-        parameters = {} if "parametrizations" in self._modules else self._parameters
-        return tuple(None if name is None else parameters[name] if name in parameters
-                     else getattr(self, name) for name in names)
+    def _shapes(self, layer_input: int) -> dict[str, tuple[int, ...] | None]:
+        """``weight_ih (4H, H_in)``, ``weight_hh (num_heads, 4d, d)``, ``bias_ih (4H,)``."""
+        gates, width = GATES * self.hidden_size, self.hidden_size // self.num_heads
+        return {"weight_ih": (gates, layer_input),
+                "weight_hh": (self.num_heads, GATES * width, width),
+                "bias_ih": (gates,) if self.bias else None}
 
     def stream(self, hx: SLSTMState | None = None) -> SLSTMStream:
         """A handle that runs this layer one time step per call, keeping the state between
@@ -374,101 +327,19 @@ class SLSTM(nn.Module):
         only."""
         return SLSTMStream(self, hx)
 
-    def forward(
-        self,
-        input: Tensor | PackedSequence,
-        hx: SLSTMState | None = None,
-        lengths: Tensor | list[int] | None = None,
-    ) -> tuple[Tensor | PackedSequence, SLSTMState]:
-        """Run the stack; shapes in the class docstring."""
-        # float32 under autocast, the families' rule (engine/precision.py)
-        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih_l0):
-            param = self.weight_ih_l0
-            with torch.autocast(param.device.type, enabled=False):
-                return self.forward(precision.to_parameter_dtype(input, param),
-                                    precision.to_parameter_dtype(hx, param), lengths=lengths)
-        if lengths is None and type(input) is Tensor and input.dim() == 3:
-            stepped = self._one_step(input, hx)
-            if stepped is not None:
-                return stepped
-        x, lengths, batched = prepare_sequence(
-            type(self).__name__, input, lengths, input_size=self.input_size,
-            batch_first=self.batch_first, parameter=self.weight_ih_l0)
-        initial = self._initial_states(hx, x, batched)
-        exp_forget = self.forget_gate == "exp"
-        layer_input = x
-        finals: list[SLSTMState] = []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(self.num_directions):
-                output, final = engine.run_slstm_direction(
-                    layer_input, initial[layer * self.num_directions + direction],
-                    *self.weights(layer, direction), lengths, direction == 1, exp_forget,
-                    self.backend)
-                outputs.append(output)
-                finals.append(final)
-            layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
-        output = layer_input
-        if isinstance(input, PackedSequence):
-            output = _repack(output, input, lengths)
-        elif not batched:
-            output = output.squeeze(1)
-        elif self.batch_first:
-            output = output.transpose(0, 1)
-        state = tuple(_stack([final[part] for final in finals]) for part in range(4))
-        return output, state if batched else tuple(s.squeeze(1) for s in state)
+    def _inference_steps(self, x: Tensor, states: list[SLSTMState]
+                         ) -> tuple[Tensor, list[SLSTMState]] | None:
+        return slstm_inference_steps(self, x, states)
 
-    def _one_step(self, input: Tensor, hx: object) -> tuple[Tensor, SLSTMState] | None:
-        """`forward` on a one-step batched sequence from ``hx`` (None: the empty state), on the
-        sLSTM step kernel (`rnnkit.stream.slstm_inference_steps`, as a stream's step): the same
-        result without the general path's checks, reshaping and splitting (a loop that calls
-        the layer once a step). None wherever the input differs from that plain case in any
-        way (form, shape, a state that is not a tuple of four tensors of exactly its shape,
-        gradient, dtype, device, compiler or tracer); forward then checks and runs it as any
-        other, which gives the errors. Where ``n = 0`` the kernel takes ``m`` as ``-inf``, as
-        the general path."""
-        x = one_step_input(self, input)
-        if x is None:
-            return None
-        shape = (self.num_layers, x.shape[0], self.hidden_size)
-        if hx is None:
-            parts = _empty_state(shape, x)
-        elif (type(hx) is tuple and len(hx) == 4
-              and all(type(t) is Tensor and t.shape == shape for t in hx)):
-            parts = hx
-        else:
-            return None
-        states = list(zip(*(part.unbind(0) for part in parts), strict=True))
-        stepped = slstm_inference_steps(self, x, states)
-        if stepped is None:
-            return None
-        top, finals = stepped
-        # The output is the kernel's top h itself: stacking copies the states, so it never
-        # aliases the final state (as forward's output never does).
-        return top.unsqueeze(1 if self.batch_first else 0), stack_slstm_states(finals, True)
+    def _run_direction(self, sequence: Tensor, state: SLSTMState, layer: int, direction: int,
+                       lengths: Tensor | None) -> tuple[Tensor, SLSTMState]:
+        return engine.run_slstm_direction(
+            sequence, state, *self.weights(layer, direction), lengths, direction == 1,
+            self.forget_gate == "exp", self.backend)
 
-    def _initial_states(self, hx: object, x: Tensor, batched: bool) -> list[SLSTMState]:
-        """``hx`` checked (or the empty state) and split per layer and direction: four
-        ``(N, H)`` each."""
-        states, batch = self.num_layers * self.num_directions, x.shape[1]
-        if hx is None:
-            parts = _empty_state((states, batch, self.hidden_size), x)
-        else:
-            shape, meaning = (((states, batch, self.hidden_size), "(D*num_layers, N, H)")
-                              if batched else ((states, self.hidden_size),
-                                               "(D*num_layers, H)"))
-            parts = _check_state(type(self).__name__, hx, shape, meaning, x)
-            if not batched:
-                parts = tuple(t.unsqueeze(1) for t in parts)
-        return list(zip(*(t.unbind(0) for t in parts), strict=True))
+    def _empty_state(self, shape: tuple[int, ...], like: Tensor) -> SLSTMState:
+        return _empty_state(shape, like)
 
-    def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}"
-        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
-                    "bidirectional": False, "num_heads": 1, "forget_gate": "sigmoid"}
-        for key, default in defaults.items():
-            if getattr(self, key) != default:
-                s += f", {key}={getattr(self, key)!r}"
-        return s
+    def _check_state(self, hx: object, shape: tuple[int, ...], meaning: str,
+                     like: Tensor) -> SLSTMState:
+        return _check_state(type(self).__name__, hx, shape, meaning, like)

@@ -156,7 +156,9 @@ class SLSTMStream(LayerStream):
         """The final state after the steps so far, as the layer's ``forward`` returns it."""
         if self._states is None:
             return None
-        return stack_slstm_states(self._states, self._batched)
+        stacked = tuple(torch.stack([state[part] for state in self._states])
+                        for part in range(4))
+        return stacked if self._batched else tuple(s.squeeze(1) for s in stacked)
 
     def _inference_step(self, x: Tensor, states: list) -> Tensor | None:
         """Every layer on `engine.slstm_inference_step` (`slstm_inference_steps`), or None
@@ -294,8 +296,8 @@ def min_inference_steps(layer: _MinimalLayer, x: Tensor, states: list[Tensor]
 
 def one_step_input(layer, input: Tensor) -> Tensor | None:
     """``x (N, H_in)`` of a layer call's ``input``, a 3-dimensional tensor, when it is one time
-    step of a batched sequence the layer's short way can run (`RecurrentLayer._one_step` and
-    the sLSTM's and minimal layers' ``_one_step``): unidirectional, one step, ``H_in`` the
+    step of a batched sequence the layer's short way can run (`RecurrentLayer._one_step`,
+    `_SimpleLayer._one_step`): unidirectional, one step, ``H_in`` the
     layer's ``input_size``, at least one row, eager (no compiler or tracer). Else None, and the
     layer's ``forward`` checks and runs it the general way."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or layer.bidirectional:
@@ -305,13 +307,6 @@ def one_step_input(layer, input: Tensor) -> Tensor | None:
             or input.shape[1 - step_dim] == 0):
         return None
     return input[:, 0] if layer.batch_first else input[0]
-
-
-def stack_slstm_states(states: list[SLSTMState], batched: bool) -> SLSTMState:
-    """Per layer ``(h, c, n, m)`` (each ``(N, H)``) -> ``forward``'s final state, four ``(L, N,
-    H)`` (unbatched: ``(L, H)``)."""
-    stacked = tuple(torch.stack([state[part] for state in states]) for part in range(4))
-    return stacked if batched else tuple(s.squeeze(1) for s in stacked)
 
 
 def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[State]:
@@ -326,6 +321,5 @@ def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[St
 
 
 __all__ = ["LayerStream", "MinimalStream", "SLSTMStream", "inference_steps",
-           "min_inference_steps", "one_step_input", "slstm_inference_steps",
-           "stack_slstm_states"]
+           "min_inference_steps", "one_step_input", "slstm_inference_steps"]
 
