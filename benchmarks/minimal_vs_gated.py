@@ -1,21 +1,31 @@
 """minGRU and minLSTM against the gated cells they simplify, on rnnkit's default engines: the
 training step (forward + backward of ``output.sum()``, one layer, N = 16, input and hidden
 H = 256) of MinGRU against rnnkit.GRU and MinLSTM against rnnkit.LSTM at T = 128, 512, 2048,
-8192, and the single-step streaming latency of MinGRUCell against rnnkit.GRUCell and
-MinLSTMCell against rnnkit.LSTMCell (batch 1).
+8192, and the single-step streaming latency (batch 1, or ``--stream-batch``) of MinGRUCell,
+MinGRU.stream() and a one-step MinGRU call against rnnkit.GRUCell and torch.nn.GRUCell, and of
+the minLSTM's against rnnkit.LSTMCell and torch.nn.LSTMCell, with the minimal step kernel alone
+and the native sequence path on one step that it replaces
+(`rnnkit.engine.MIN_STEP_KERNEL_MAX_BATCH` is where the two cross). Run it with ``PYTHONPATH``
+on another checkout (and that checkout's ``RNNKIT_BUILD_DIR``) for a before/after: the
+``stream()`` and kernel rows need a checkout that has them.
 
     python benchmarks/minimal_vs_gated.py [--threads 2] [--lengths 128,512,2048,8192]
-        [--batch 16] [--hidden 256] [--repeats 5] [--stream-steps 200]
+        [--batch 16] [--hidden 256] [--repeats 5] [--stream-steps 1000] [--stream-batch 1]
+        [--streaming-only]
 
-Each pair is timed interleaved (A, B, A, B, ...) after a warm-up, and reported by its medians:
-milliseconds per training step, microseconds per time step, the ratio minimal / gated, and how
-each step time grew from the previous T (4 for time linear in T when the lengths grow by 4).
+Each training pair is timed interleaved (A, B, A, B, ...) after a warm-up, and reported by its
+medians: milliseconds per training step, microseconds per time step, the ratio minimal / gated,
+and how each step time grew from the previous T (4 for time linear in T when the lengths grow
+by 4). Each streamed step is timed on its own (``--repeats`` rounds of ``--stream-steps`` calls
+per contender, in turn), and reported by its median, so that a call the machine preempted
+counts as one sample rather than inflating a whole run.
 On a CPU the minimal cells' advantage is the absence of the recurrent product ``W_hh h``, not
 parallelism: both run every time step's arithmetic. ``torch.set_num_threads`` is set from
 ``--threads``; like the rnnkit commands, malloc keeps freed memory
 (`rnnkit.training.devices.keep_freed_memory`).
 
-Results: docs/benchmarks.md, "minGRU and minLSTM against GRU and LSTM, T = 128-8192".
+Results: docs/benchmarks.md, "minGRU and minLSTM against GRU and LSTM, T = 128-8192", and
+"minGRU and minLSTM: the streamed step".
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from collections.abc import Callable
 import torch
 
 import rnnkit
-from rnnkit.bench import stream_cell
+from rnnkit.engine import scan
+from rnnkit.engine.native import functions as native_functions
 from rnnkit.training.devices import keep_freed_memory
 
 PAIRS = {  # minimal -> (its layer, its cell, the gated layer, the gated cell)
@@ -101,21 +112,91 @@ def time_training(lengths: list[int], batch: int, hidden: int, repeats: int) -> 
             previous = (ms_minimal, ms_gated)
 
 
-def time_streaming(hidden: int, steps: int, repeats: int) -> None:
-    print(f"\nstreaming: one step of a cell at batch 1, H = {hidden}, no_grad, {steps} steps per "
-          f"run, median of {repeats} runs")
-    header = f"{'pair':24} {'minimal us':>11} {'gated us':>9} {'min/gated':>10}"
+class Stepper:
+    """One streamed step per call, on the next input of ``xs`` ``(T, 1, H)`` (cycling), the
+    state kept between calls: ``mode`` ``"cell"`` (``state = cell(x, state)``), ``"stream"``
+    (``layer.stream()``, opened at the first call) or ``"call"`` (a one-step layer call,
+    ``_, state = layer(x.unsqueeze(0), state)``). Call it under ``no_grad``."""
+
+    def __init__(self, module: torch.nn.Module, xs: torch.Tensor, mode: str) -> None:
+        self.module, self.xs, self.mode = module, xs, mode
+        self.index, self.state = 0, None
+        self.stream = module.stream() if mode == "stream" else None
+
+    def __call__(self) -> None:
+        x = self.xs[self.index]
+        self.index = (self.index + 1) % len(self.xs)
+        if self.stream is not None:
+            self.stream(x)
+        elif self.mode == "cell":
+            self.state = self.module(x, self.state)
+        else:
+            _, self.state = self.module(x.unsqueeze(0), self.state)
+
+
+def per_call_medians(calls: dict[str, Callable[[], None]], rounds: int,
+                     calls_per_round: int) -> dict[str, float]:
+    """Median seconds of one call of each, every call timed on its own (a call the machine
+    preempted is one sample among thousands, not part of every run's total), the contenders
+    taking turns round after round after one warm-up round."""
+    samples: dict[str, list[int]] = {name: [] for name in calls}
+    clock = time.perf_counter_ns
+    with torch.no_grad():
+        for call in calls.values():
+            for _ in range(calls_per_round):
+                call()
+        for _ in range(rounds):
+            for name, call in calls.items():
+                spent = samples[name]
+                for _ in range(calls_per_round):
+                    started = clock()
+                    call()
+                    spent.append(clock() - started)
+    return {name: statistics.median(values) / 1e9 for name, values in samples.items()}
+
+
+def kernel_and_sequence_path(cell: torch.nn.Module, x: torch.Tensor
+                             ) -> dict[str, Callable[[], None]]:
+    """The minimal step kernel alone (``native.functions.min_step``) and what it replaces, the
+    native sequence path on a one-step sequence (``scan.run_native``, T = 1), from a fixed
+    state, where the checkout has the kernel (else nothing)."""
+    if not hasattr(native_functions, "min_step"):
+        return {}
+    h = torch.rand(x.shape[0], cell.hidden_size, generator=torch.Generator().manual_seed(1))
+    weight, bias = cell.weight_ih.detach(), cell.bias_ih.detach()
+    family, sequence = cell.family, x.unsqueeze(0)
+    return {"step kernel alone": lambda: native_functions.min_step(x, h, weight, bias,
+                                                                   family, False),
+            "native sequence path, T = 1": lambda: scan.run_native(
+                family, sequence, h, weight, bias, None, False, False)}
+
+
+def time_streaming(hidden: int, calls_per_round: int, rounds: int, batch: int = 1) -> None:
+    print(f"\nstreaming: one step at batch {batch}, H = {hidden}, no_grad, the median of "
+          f"{rounds} rounds x {calls_per_round} individually timed calls, contenders in turn; "
+          "x = the gated rnnkit cell's time")
+    header = f"{'contender':34} {'us/step':>8} {'x gated':>8}"
     print(header)
     print("-" * len(header))
-    xs = torch.randn(steps, 1, hidden, generator=torch.Generator().manual_seed(0))
-    for _, minimal, _, gated in PAIRS.values():
+    xs = torch.randn(64, batch, hidden, generator=torch.Generator().manual_seed(0))
+    torch_cells = {rnnkit.GRUCell: torch.nn.GRUCell, rnnkit.LSTMCell: torch.nn.LSTMCell}
+    for minimal_layer, minimal, _, gated in PAIRS.values():
         torch.manual_seed(0)
-        medians = interleaved_medians({"minimal": stream_cell(xs, minimal(hidden, hidden)),
-                                       "gated": stream_cell(xs, gated(hidden, hidden))}, repeats)
-        us_minimal, us_gated = (medians[key] / steps * 1e6 for key in ("minimal", "gated"))
-        pair = f"{minimal.__name__} / {gated.__name__}"
-        print(f"{pair:24} {us_minimal:11.2f} {us_gated:9.2f} {us_minimal / us_gated:10.3f}",
-              flush=True)
+        layer = minimal_layer(hidden, hidden).eval()
+        cell = minimal(hidden, hidden)
+        calls = {
+            f"rnnkit.{gated.__name__}": Stepper(gated(hidden, hidden), xs, "cell"),
+            f"torch.nn.{gated.__name__}": Stepper(torch_cells[gated](hidden, hidden), xs, "cell"),
+            f"rnnkit.{minimal.__name__}": Stepper(cell, xs, "cell"),
+        }
+        if hasattr(layer, "stream"):  # checkouts from the minimal step kernel on
+            calls[f"{minimal_layer.__name__}.stream() step"] = Stepper(layer, xs, "stream")
+        calls[f"one-step {minimal_layer.__name__} call"] = Stepper(layer, xs, "call")
+        calls.update(kernel_and_sequence_path(cell, xs[0]))
+        medians = per_call_medians(calls, rounds, calls_per_round)
+        peer = medians[f"rnnkit.{gated.__name__}"]
+        for name, seconds in medians.items():
+            print(f"{name:34} {seconds * 1e6:8.2f} {seconds / peer:8.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,15 +210,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="input and hidden size H (default 256)")
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed repeats per contender, median reported (default 5)")
-    parser.add_argument("--stream-steps", type=positive_int, default=200,
-                        help="steps per streaming run (default 200)")
+    parser.add_argument("--stream-steps", type=positive_int, default=1000,
+                        help="streamed steps per contender and round, each timed on its own; "
+                             "--repeats rounds (default 1000)")
+    parser.add_argument("--stream-batch", type=positive_int, default=1,
+                        help="batch of the streamed steps (default 1)")
+    parser.add_argument("--streaming-only", action="store_true",
+                        help="time the streamed step only, not the training step")
     arguments = parser.parse_args(argv)
     keep_freed_memory()
     torch.set_num_threads(arguments.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}")
-    time_training(arguments.lengths, arguments.batch, arguments.hidden, arguments.repeats)
-    time_streaming(arguments.hidden, arguments.stream_steps, arguments.repeats)
+    if not arguments.streaming_only:
+        time_training(arguments.lengths, arguments.batch, arguments.hidden, arguments.repeats)
+    time_streaming(arguments.hidden, arguments.stream_steps, arguments.repeats,
+                   arguments.stream_batch)
 
 
 if __name__ == "__main__":

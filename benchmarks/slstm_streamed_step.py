@@ -1,8 +1,10 @@
 """One streamed sLSTM step (under no_grad), timed against ``rnnkit.LSTMCell``'s streamed step in
 the same run: an ``rnnkit.SLSTMCell`` call, a one-step ``rnnkit.SLSTM`` call and, where the
-checkout has them, an ``SLSTM.stream()`` step, the step kernel alone and the native sequence
-path on a one-step sequence (what the kernel replaces; `rnnkit.engine.SLSTM_STEP_KERNEL_MAX_BATCH`
-is where the two cross), at 1 and 4 heads, the input and hidden sizes equal.
+checkout has them, the same call on forward's general path (``hx`` given as a list, which the
+short way leaves to it), an ``SLSTM.stream()`` step, the step kernel alone and the native
+sequence path on a one-step sequence (what the kernel replaces;
+`rnnkit.engine.SLSTM_STEP_KERNEL_MAX_BATCH` is where the two cross), at 1 and 4 heads, the input
+and hidden sizes equal.
 Every call is timed on its own (``perf_counter_ns``); the pieces take turns, round after round
 (7 rounds x 1000 calls each, after 300 warm-up calls), so a busy spell of the machine hits them
 alike; each figure is the median over its 7000 calls.
@@ -52,6 +54,11 @@ def main() -> None:
             lambda cell=cell, state=state: cell(x, state))
         calls[f"one-step SLSTM call, {heads} head(s)"] = (
             lambda layer=layer, s=layer_state, q=sequence: layer(q, s))
+        if hasattr(layer, "_one_step"):  # checkouts with the one-step call's short way
+            # hx as a list: forward's general path (checks, splitting, stacking), which every
+            # one-step call took before the short way
+            calls[f"one-step call, general path, {heads} head(s)"] = (
+                lambda layer=layer, s=list(layer_state), q=sequence: layer(q, s))
         if hasattr(layer, "stream"):  # checkouts from the sLSTM step kernel on
             stream = layer.eval().stream(layer_state)
             with torch.no_grad():

@@ -202,6 +202,68 @@ def test_compile_and_export_see_one_native_node(family):
         torch.testing.assert_close(actual, expected)
 
 
+# ---- one streamed step: the step kernel --------------------------------------------------------
+@pytest.mark.parametrize("threads", ["inline", "every-block"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("log_space", [False, True], ids=["linear", "log_space"])
+@pytest.mark.parametrize("family", list(MinFamily), ids=str)
+def test_step_kernel_equals_the_reference_step(family, log_space, dtype, threads):
+    """``min_step`` (the projection and ``h' = a ⊙ h + b`` in one call) against the reference
+    step on autograd (`scan.step`) within 1e-5 (float32) / 1e-10 (float64) of the largest
+    entry: batches 1-5 and 8 (one 6-row chunk and a partial one), odd sizes (I = 7, H = 1, 5, 37,
+    70: partial vectors and blocks), with and without a bias, inputs x1 and x30 (gates at 0 and
+    1), on one thread and with every block its own task on two."""
+    kernels = build.kernels()
+    built = kernels.thread_min_multiply_adds()
+    if threads == "every-block":
+        kernels.set_thread_min_multiply_adds(1)
+        torch.set_num_threads(2)  # the autouse fixture restores the count
+    try:
+        for hidden in (1, 5, 37, 70):
+            for batch in (1, 2, 3, 4, 5, 8):
+                for scale in (1.0, 30.0):
+                    x, h0, weight, bias, _ = _direction_inputs(
+                        family, 1, dtype, batch=batch, input_size=7, hidden=hidden,
+                        scale=scale, seed=hidden + batch)
+                    for given_bias in (bias, None):
+                        with torch.no_grad():
+                            got = native.functions.min_step(x[0], h0, weight, given_bias,
+                                                            str(family), log_space)
+                        want = scan.step(family, x[0], h0, weight, given_bias, log_space)
+                        assert got.shape == (batch, hidden) and bool(got.isfinite().all())
+                        if log_space:
+                            assert bool((got >= 0).all())
+                        assert_same_normwise({"h": got}, {"h": want}, dtype,
+                                             group="minimal step kernel")
+    finally:
+        kernels.set_thread_min_multiply_adds(built)
+
+
+def test_step_kernel_checks_its_arguments_and_declines_a_negative_log_space_state():
+    """A wrong argument is named with what was expected; with log_space a state with a
+    negative entry is declined (None, nothing computed: the callers' checked way refuses it by
+    name), the linear variant's is stepped."""
+    kernels = build.kernels()
+    x, h, weight, bias = torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(8, 3), torch.zeros(8)
+    assert kernels.min_step(x, h, weight, bias, False, True).shape == (2, 4)
+    cases = [
+        ((x, h, weight, bias, True, False), r"w_ih must have shape \[12, 3\], got \[8, 3\]"),
+        ((x, h[:1], weight, bias, False, False), r"h must have shape \[2, 4\], got \[1, 4\]"),
+        ((x, h[0], weight, bias, False, False), r"h must have 2 dimensions"),
+        ((x, h, weight, bias[:4], False, False), r"b_ih must have shape \[8\], got \[4\]"),
+        ((x, h.double(), weight, bias, False, False), r"h must be Float, got Double"),
+        ((x.int(), h, weight, bias, False, False), r"x must be float32 or float64"),
+        ((x, torch.zeros(4, 2).t(), weight, bias, False, False), r"h must be contiguous"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(RuntimeError, match=f"min_step: {message}"):
+            kernels.min_step(*arguments)
+    negative = h.clone()
+    negative[1, 2] = -1e-30
+    assert kernels.min_step(x, negative, weight, bias, False, True) is None
+    assert kernels.min_step(x, negative, weight, bias, False, False).shape == (2, 4)
+
+
 # ---- the policy and the fallback ---------------------------------------------------------------
 def test_auto_runs_native_on_cpu_floats_and_the_scan_elsewhere():
     x = torch.zeros(5, 2, 3)

@@ -1,6 +1,7 @@
 """benchmarks/minimal_vs_gated.py on tiny settings: it sets the thread count it is given, prints
 one row per pair and length with ratios and growth that are its own times' quotients, and the
-streaming rows; bad arguments are refused by argparse."""
+streaming rows (with ``--streaming-only`` those alone); bad arguments are refused by
+argparse."""
 
 from __future__ import annotations
 
@@ -50,10 +51,40 @@ def test_the_benchmark_prints_every_pair_and_length_with_consistent_ratios(capsy
                       rounding=0.005)
         assert within(float(second[10].rstrip("x")), float(second[5]), float(first[5]),
                       rounding=0.005)
-    streaming = [line.split() for line in lines if line.startswith("Min") and "Cell /" in line]
-    assert [row[:3] for row in streaming] == [["MinGRUCell", "/", "GRUCell"],
-                                              ["MinLSTMCell", "/", "LSTMCell"]]
-    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in streaming)
+    _assert_streaming_rows(lines)
+
+
+def _assert_streaming_rows(lines: list[str]) -> None:
+    """Seven contenders per pair, the rnnkit gated cell first (x 1.000), every other ratio the
+    quotient of the printed times (to their printed rounding)."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("contender"))
+    rows = [line.rsplit(maxsplit=2) for line in lines[start + 2:]]
+    names = [row[0] for row in rows]
+    pieces = ["step kernel alone", "native sequence path, T = 1"]
+    assert names == ["rnnkit.GRUCell", "torch.nn.GRUCell", "rnnkit.MinGRUCell",
+                     "MinGRU.stream() step", "one-step MinGRU call", *pieces,
+                     "rnnkit.LSTMCell", "torch.nn.LSTMCell", "rnnkit.MinLSTMCell",
+                     "MinLSTM.stream() step", "one-step MinLSTM call", *pieces]
+    for pair in (rows[:7], rows[7:]):
+        peer = float(pair[0][1])
+        assert float(pair[0][2]) == 1.0
+        for _, us, ratio in pair:
+            assert float(us) > 0
+            low, high = (float(us) - 0.005) / (peer + 0.005), (float(us) + 0.005) / (peer - 0.005)
+            assert low - 0.0005 <= float(ratio) <= high + 0.0005
+
+
+def test_streaming_only_skips_the_training_step(capsys):
+    threads = torch.get_num_threads()
+    try:
+        minimal_vs_gated.main(["--threads", "1", "--hidden", "4", "--repeats", "1",
+                               "--stream-steps", "3", "--streaming-only", "--stream-batch", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith(("training step", "minGRU /")) for line in lines)
+    assert "one step at batch 3," in "\n".join(lines)
+    _assert_streaming_rows(lines)
 
 
 @pytest.mark.parametrize("argv", [["--threads", "0"], ["--lengths", "128,x"], ["--batch", "2,3"]])

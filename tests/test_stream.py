@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 import rnnkit
+from compare import assert_same_normwise
 from rnnkit import engine
-from rnnkit.engine import reference
+from rnnkit.engine import reference, scan
 from rnnkit.engine.native import build
 from rnnkit.engine.steps import CellKind, CellWeights, Family
 
@@ -560,6 +561,60 @@ def test_the_slstm_step_kernel_is_declined_where_it_does_not_apply(monkeypatch,
     assert len(slstm_kernel_calls) == 1 + 3 * 3 * 2
 
 
+@pytest.mark.parametrize("name", list(SLSTM_LAYER_CASES))
+def test_a_one_step_slstm_call_takes_the_short_way(name, slstm_kernel_calls, monkeypatch):
+    # forward on a one-step sequence, nothing to differentiate: the stack on the step kernel
+    # (`slstm_inference_steps`), none of the general path's preparation; the same numbers as
+    # the general path (full lengths, which forward drops: its streamed step).
+    torch.manual_seed(0)
+    layer = SLSTM_LAYER_CASES[name](torch.float64).eval()
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1, 5, generator=generator, dtype=torch.float64)
+    x = x if layer.batch_first else x.transpose(0, 1)
+    for hx in (_slstm_state(layer, 3, generator, torch.float64), None):
+        with torch.no_grad():
+            reference = copy.deepcopy(layer)
+            reference.backend = "reference"
+            expected = reference(x, hx)
+            general = layer(x, hx, [1, 1, 1])
+            calls_before = len(slstm_kernel_calls)
+            with monkeypatch.context() as patch:
+                patch.setattr(layer, "_prepare", None)  # the short way never calls it
+                output, state = layer(x, hx)
+        assert len(slstm_kernel_calls) - calls_before == layer.num_layers
+        assert output.shape == expected[0].shape
+        assert_close((output, *state), (expected[0], *expected[1]))
+        torch.testing.assert_close((output, state), general, rtol=0, atol=0)
+        kept = [part.clone() for part in state]
+        output.zero_()  # the output is not the returned state
+        torch.testing.assert_close(list(state), kept, rtol=0, atol=0)
+
+
+def test_a_one_step_slstm_call_off_the_short_way_is_the_general_path(slstm_kernel_calls):
+    torch.manual_seed(0)
+    layer = rnnkit.SLSTM(5, 8, num_layers=2, num_heads=2).eval()
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2, 5)
+    hx = _slstm_state(layer, 2, generator, torch.float32)
+    with torch.no_grad():
+        expected = layer(x, hx)
+        # a list: the general path (whose one-step layers take the kernel), the same numbers
+        torch.testing.assert_close(layer(x, list(hx)), expected, rtol=0, atol=0)
+        # a wrong state keeps the general path's named error
+        with pytest.raises(ValueError, match=r"SLSTM hx \(c_0\) must have shape"):
+            layer(x, (hx[0], hx[1][:, :1], hx[2], hx[3]))
+        with pytest.raises(TypeError, match=r"SLSTM hx must be a tuple \(h_0, c_0, n_0, m_0\)"):
+            layer(x, hx[0])
+        with pytest.raises(TypeError, match=r"SLSTM hx \(m_0\) has dtype torch.float64"):
+            layer(x, (*hx[:3], hx[3].double()))
+        with pytest.raises(ValueError, match=r"SLSTM input must have"):
+            layer(torch.randn(1, 2, 6), hx)
+    calls = len(slstm_kernel_calls)
+    output, _ = layer(x, hx)  # gradients to record: forward's operators, differentiable
+    assert output.grad_fn is not None and len(slstm_kernel_calls) == calls
+    assert_close(output.detach(), expected[0])
+
+
 def test_an_slstm_stream_with_gradients_runs_forward_and_differentiates(slstm_kernel_calls):
     torch.manual_seed(0)
     layer = rnnkit.SLSTM(5, 8, num_layers=2, num_heads=2).eval()
@@ -596,3 +651,264 @@ def test_slstm_stream_and_cell_errors_name_the_argument():
             cell(torch.randn(3, 5), (torch.zeros(3, 8),) * 3 + (torch.zeros(2, 8),))
         with pytest.raises(TypeError, match="SLSTMCell input has dtype torch.float64"):
             cell(torch.randn(3, 5, dtype=torch.float64))
+
+
+# ---- minGRU and minLSTM: the cells, a one-step layer call and stream() on their step kernel --
+
+@pytest.fixture
+def min_kernel_calls(monkeypatch):
+    """How many times the minimal step kernel ran (each call: one layer, one step)."""
+    calls = []
+    real = engine.native_functions.min_step
+
+    def spy(*arguments):
+        calls.append(arguments[0].shape)
+        return real(*arguments)
+
+    monkeypatch.setattr(engine.native_functions, "min_step", spy)
+    return calls
+
+
+MIN_CELLS = {"mingru": rnnkit.MinGRUCell, "minlstm": rnnkit.MinLSTMCell}
+
+
+def _min_cell(family, log_space, dtype, bias=True):
+    """A cell of odd sizes (I = 7, H = 37: a partial vector and block) with weights x3, so the
+    gates reach well into their tails."""
+    torch.manual_seed(1)
+    cell = MIN_CELLS[family](7, 37, bias=bias, log_space=log_space, dtype=dtype)
+    with torch.no_grad():
+        for parameter in cell.parameters():
+            parameter.mul_(3.0)
+    return cell
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("log_space", [False, True], ids=["linear", "log_space"])
+@pytest.mark.parametrize("family", list(MIN_CELLS))
+def test_a_minimal_cell_step_without_gradients_runs_the_kernel(family, log_space, dtype,
+                                                                 min_kernel_calls):
+    """The cell's short way (batched, hx None or of its shape) and its general way (unbatched;
+    a strided hx) take the kernel once per call, and equal the reference step (`scan.step`)
+    within 1e-5 (float32) / 1e-10 (float64) of the largest entry, batches 1-5, with and
+    without a bias."""
+    generator = torch.Generator().manual_seed(2)
+    for bias in (True, False):
+        cell = _min_cell(family, log_space, dtype, bias)
+        weights = (cell.weight_ih, cell.bias_ih)
+        for batch in range(1, 6):
+            x = torch.randn(batch, 7, generator=generator, dtype=dtype)
+            h = torch.rand(batch, 37, generator=generator, dtype=dtype) * 4 - (
+                0 if log_space else 2)
+            calls = len(min_kernel_calls)
+            with torch.no_grad():
+                got = {"nohx": cell(x), "hx": cell(x, h),
+                       "strided": cell(x, h.t().contiguous().t()),
+                       "unbatched": cell(x[0], h[0]).unsqueeze(0)}
+                want = {"nohx": scan.step(cell.family, x, torch.zeros_like(h), *weights,
+                                          log_space),
+                        "hx": scan.step(cell.family, x, h, *weights, log_space)}
+            want["strided"], want["unbatched"] = want["hx"], want["hx"][:1]
+            assert len(min_kernel_calls) - calls == 4
+            assert_same_normwise(got, want, dtype, group="minimal cell step")
+
+
+def test_a_minimal_cell_falls_back_to_autograd_with_the_same_results(min_kernel_calls):
+    """With something to differentiate, and wherever the kernel does not apply (bfloat16,
+    more rows than `MIN_STEP_KERNEL_MAX_BATCH`), the step is the reference's on autograd:
+    exactly `scan.step`'s values, its gradients, and the kernel's values within the
+    tolerance. Under autocast a float32 cell computes in float32 (the families' rule), there
+    on the kernel."""
+    for family in MIN_CELLS:
+        cell = _min_cell(family, True, torch.float64)
+        x = torch.randn(3, 7, dtype=torch.float64)
+        h = torch.rand(3, 37, dtype=torch.float64)
+        recorded = cell(x, h)  # grad mode, weights requiring grad
+        assert recorded.grad_fn is not None and not min_kernel_calls
+        want = scan.step(cell.family, x, h, cell.weight_ih, cell.bias_ih, True)
+        torch.testing.assert_close(recorded, want, rtol=0, atol=0)
+        (grad,) = torch.autograd.grad(recorded.sum(), cell.weight_ih)
+        (want_grad,) = torch.autograd.grad(want.sum(), cell.weight_ih)
+        torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
+        with torch.no_grad():
+            kernel = cell(x, h)
+            assert len(min_kernel_calls) == 1
+        assert_same_normwise({"h": kernel}, {"h": recorded.detach()}, torch.float64)
+        min_kernel_calls.clear()
+    cell = rnnkit.MinGRUCell(7, 37)
+    big = engine.MIN_STEP_KERNEL_MAX_BATCH + 1
+    with torch.no_grad():
+        x = torch.randn(big, 7)
+        torch.testing.assert_close(cell(x), scan.step(cell.family, x, torch.zeros(big, 37),
+                                                      cell.weight_ih, cell.bias_ih, False),
+                                   rtol=0, atol=0)
+        low = rnnkit.MinGRUCell(7, 37, dtype=torch.bfloat16)
+        low(x[:2].bfloat16())
+        assert not min_kernel_calls
+        plain = cell(x[:2])
+        assert len(min_kernel_calls) == 1
+        # autocast: the families' rule (float32 parameters compute in float32, autocast off),
+        # then the kernel: the same float32 result
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(cell(x[:2].bfloat16()), cell(x[:2].bfloat16().float()),
+                                       rtol=0, atol=0)
+        assert len(min_kernel_calls) == 3
+    assert not torch.equal(plain, cell(x[:2].bfloat16().float()))  # rounded input: a check
+
+
+def test_minimal_cell_errors_keep_their_names_on_the_short_way(min_kernel_calls):
+    cell = rnnkit.MinLSTMCell(5, 8, log_space=True)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"MinLSTMCell input must have shape \(N, 5\)"):
+            cell(torch.randn(3, 7))
+        with pytest.raises(ValueError, match=r"MinLSTMCell hx must have shape \(N, H\) = "
+                                             r"\(3, 8\), got \(2, 8\)"):
+            cell(torch.randn(3, 5), torch.zeros(2, 8))
+        with pytest.raises(TypeError, match=r"MinLSTMCell hx has dtype torch.float64"):
+            cell(torch.randn(3, 5), torch.zeros(3, 8, dtype=torch.float64))
+        with pytest.raises(TypeError, match=r"MinLSTMCell hx must be a Tensor"):
+            cell(torch.randn(3, 5), [torch.zeros(3, 8)])
+        negative = torch.zeros(3, 8)
+        negative[2, 7] = -0.5
+        # the kernel declines a negative log-space state; the general way names it
+        with pytest.raises(ValueError, match=r"MinLSTMCell hx must be >= 0 everywhere "
+                                             r"\(log_space=True keeps h >= 0.*minimum of -0.5"):
+            cell(torch.randn(3, 5), negative)
+    assert len(min_kernel_calls) == 1  # the declined call
+
+
+MIN_LAYER_CASES = {
+    "mingru": lambda dtype: rnnkit.MinGRU(5, 12, dtype=dtype),
+    "minlstm-2-layers": lambda dtype: rnnkit.MinLSTM(5, 12, num_layers=2, dtype=dtype),
+    "mingru-log-space-batch-first": lambda dtype: rnnkit.MinGRU(
+        5, 12, num_layers=2, batch_first=True, log_space=True, dtype=dtype),
+    "minlstm-log-space-no-bias-3-layers": lambda dtype: rnnkit.MinLSTM(
+        5, 12, num_layers=3, bias=False, log_space=True, dtype=dtype),
+}
+
+
+def _min_layer_state(layer, batch, generator, dtype):
+    h = torch.randn(layer.num_layers, batch, layer.hidden_size, generator=generator, dtype=dtype)
+    return h.abs() if layer.log_space else h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("with_state", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("name", list(MIN_LAYER_CASES))
+def test_a_minimal_stream_equals_forward_on_the_whole_sequence(name, with_state, dtype,
+                                                               min_kernel_calls):
+    torch.manual_seed(0)
+    layer = MIN_LAYER_CASES[name](dtype).eval()
+    generator = torch.Generator().manual_seed(2)
+    steps = torch.randn(9, 3, 5, generator=generator, dtype=dtype)  # (T, N, I)
+    hx = _min_layer_state(layer, 3, generator, dtype) if with_state else None
+    sequence = steps.transpose(0, 1) if layer.batch_first else steps
+    with torch.no_grad():
+        expected, expected_state = layer(sequence, hx)  # the native sequence loop
+        assert not min_kernel_calls
+        stream = layer.stream(hx)
+        assert stream.state is None
+        outputs = torch.stack([stream(x) for x in steps], dim=1 if layer.batch_first else 0)
+    assert_close(outputs, expected)
+    assert_close(stream.state, expected_state)
+    assert stream.state.shape == (layer.num_layers, 3, 12)
+    # every step is one kernel call per layer (the first through forward's checks)
+    assert len(min_kernel_calls) == 9 * layer.num_layers
+
+
+def test_an_unbatched_minimal_stream_and_one_step_layer_calls(min_kernel_calls):
+    torch.manual_seed(0)
+    layer = rnnkit.MinLSTM(5, 8, num_layers=2, log_space=True).eval()
+    steps = torch.randn(4, 5)  # (T, I) unbatched
+    with torch.no_grad():
+        expected, expected_state = layer(steps)
+        stream = layer.stream()
+        outputs = torch.stack([stream(x) for x in steps])
+        assert len(min_kernel_calls) == 4 * 2
+        assert outputs.shape == (4, 8) and stream.state.shape == (2, 8)
+        assert_close(outputs, expected)
+        assert_close(stream.state, expected_state)
+        state = None
+        for t, x in enumerate(steps):  # forward on one step at a time, the state carried
+            output, state = layer(x.unsqueeze(0), state)
+            assert_close(output[0], expected[t])
+        assert len(min_kernel_calls) == 2 * 4 * 2
+        assert_close(state, expected_state)
+        kept = stream.state.clone()
+        stream(steps[0]).zero_()  # the output is not the state the stream keeps
+        assert torch.equal(stream.state[0], layer(steps[:1], kept)[1][0])
+
+
+@pytest.mark.parametrize("name", list(MIN_LAYER_CASES))
+def test_a_one_step_minimal_layer_call_takes_the_short_way(name, min_kernel_calls,
+                                                          monkeypatch):
+    # forward on a one-step sequence, nothing to differentiate: the stack on the step kernel
+    # (`min_inference_steps`), none of the general path's preparation; the same numbers as
+    # the general path (lengths: full, which forward drops, so its streamed step).
+    torch.manual_seed(0)
+    layer = MIN_LAYER_CASES[name](torch.float64).eval()
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1, 5, generator=generator, dtype=torch.float64)
+    x = x if layer.batch_first else x.transpose(0, 1)
+    for hx in (_min_layer_state(layer, 3, generator, torch.float64), None):
+        with torch.no_grad():
+            reference = copy.deepcopy(layer)
+            reference.backend = "reference"
+            expected = reference(x, hx)
+            general = layer(x, hx, [1, 1, 1])
+            calls_before = len(min_kernel_calls)
+            with monkeypatch.context() as patch:
+                patch.setattr(layer, "_prepare", None)  # the short way never calls it
+                output, state = layer(x, hx)
+        assert len(min_kernel_calls) - calls_before == layer.num_layers
+        assert_close((output, state), expected)
+        torch.testing.assert_close((output, state), general, rtol=0, atol=0)
+        kept = state.clone()
+        output.zero_()  # the output is not the returned state
+        torch.testing.assert_close(state, kept, rtol=0, atol=0)
+
+
+def test_minimal_streams_and_one_step_calls_fall_back_and_keep_their_errors(min_kernel_calls):
+    torch.manual_seed(0)
+    layer = rnnkit.MinGRU(5, 8, num_layers=2, log_space=True).eval()
+    x, h = torch.randn(1, 2, 5), torch.rand(2, 2, 8)
+    with torch.no_grad():
+        expected = layer(x, h)
+    calls = len(min_kernel_calls)
+    output, state = layer(x, h)  # grad mode: forward's operators, differentiable
+    assert output.grad_fn is not None and len(min_kernel_calls) == calls
+    assert_close((output.detach(), state.detach()), expected)
+    stream = layer.stream(h)
+    streamed = stream(x[0])
+    assert streamed.grad_fn is not None and len(min_kernel_calls) == calls
+    (grad,) = torch.autograd.grad(streamed.sum(), layer.weight_ih_l1)
+    (want,) = torch.autograd.grad(output.sum(), layer.weight_ih_l1)
+    torch.testing.assert_close(grad, want)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"MinGRU hx \(h_0\) must be >= 0 everywhere"):
+            layer(x, -h)  # the kernel declines it, the general path names it
+        with pytest.raises(ValueError, match=r"MinGRU hx \(h_0\) must be >= 0 everywhere"):
+            layer.stream(-h)(x[0])
+        with pytest.raises(ValueError, match=r"MinGRU hx \(h_0\) must have shape "
+                                             r"\(D\*num_layers, N, H\) = \(2, 2, 8\)"):
+            layer(x, h[:1])
+        with pytest.raises(TypeError, match=r"MinGRU hx \(h_0\) has dtype torch.float64"):
+            layer(x, h.double())
+        with pytest.raises(ValueError, match=r"MinGRU input must have shape"):
+            layer(torch.randn(1, 2, 6), h)
+        with pytest.raises(ValueError, match=r"MinGRU stream input must have shape .*got "
+                                             r"\(2, 6\)"):
+            layer.stream()(torch.randn(2, 6))
+        with pytest.raises(ValueError, match="MinGRU.stream needs a unidirectional layer"):
+            rnnkit.MinGRU(5, 8, bidirectional=True).stream()
+        # training with dropout between layers: forward's step, its mask drawn per call
+        dropped = rnnkit.MinLSTM(5, 8, num_layers=2, dropout=0.5)
+        calls = len(min_kernel_calls)
+        torch.manual_seed(0)
+        streamed = dropped.stream()(x[0])
+        torch.manual_seed(0)
+        torch.testing.assert_close(streamed, dropped(x)[0][0], rtol=0, atol=0)
+        assert not torch.equal(streamed, dropped.eval()(x)[0][0])
+    # in training the stack is forward's (a mask between layers), whose one-step layers each
+    # take the kernel: two calls of two layers; in evaluation the short way's two
+    assert len(min_kernel_calls) - calls == 2 * 2 + 2

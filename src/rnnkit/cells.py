@@ -101,10 +101,20 @@ class _SimpleCell(nn.Module, Generic[_State]):
     input_size: int
     hidden_size: int
     weight_ih: nn.Parameter
+    # The parameters a step reads, in the step kernel's order (bias last; None without one).
+    _weight_names: tuple[str, ...] = ("weight_ih", "bias_ih")
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation, ``U(-1/sqrt(H), 1/sqrt(H))``, for every parameter."""
         _reset_uniform(self)
+
+    def _weights(self) -> tuple[Tensor | None, ...]:
+        """The `_weight_names` parameters: looked up directly (a streamed step asks every call),
+        computed ones (parametrizations) through their attributes."""
+        if "parametrizations" in self._modules:
+            return tuple(getattr(self, name) for name in self._weight_names)
+        parameters = self._parameters
+        return tuple([parameters[name] for name in self._weight_names])
 
     def __prepare_scriptable__(self) -> NoReturn:
         _refuse_scripting(self)

@@ -60,7 +60,7 @@ from rnnkit.engine.steps import (
     State,
     output_of,
 )
-from rnnkit.stream import LayerStream, inference_steps
+from rnnkit.stream import LayerStream, inference_steps, one_step_input
 
 
 def _stack(states: list[Tensor]) -> Tensor:
@@ -392,19 +392,15 @@ class _RecurrentLayer(nn.Module):
         general path's reshaping and splitting (a loop that calls the layer once a step).
         None wherever the input differs from that plain case in any way (form, shape, state,
         gradient, compiler or tracer); forward then checks and runs it as any other."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or self.bidirectional:
-            return None
-        step_dim = 1 if self.batch_first else 0
-        batch = input.shape[1 - step_dim]
-        if input.shape[step_dim] != 1 or input.shape[2] != self.input_size or batch == 0:
+        x = one_step_input(self, input)
+        if x is None:
             return None
         parts = hx if type(hx) is tuple else (hx,)
-        shapes = self._state_shapes(batch)
+        shapes = self._state_shapes(x.shape[0])
         if len(parts) != len(shapes) or not all(
                 type(part) is Tensor and part.shape == shape
                 for part, (shape, _) in zip(parts, shapes, strict=True)):
             return None
-        x = input[:, 0] if self.batch_first else input[0]
         states = (list(zip(parts[0].unbind(0), parts[1].unbind(0), strict=True))
                   if len(parts) == 2 else list(parts[0].unbind(0)))
         stepped = inference_steps(self, x, states)
@@ -413,6 +409,7 @@ class _RecurrentLayer(nn.Module):
         top, finals = stepped
         # A copy: with one layer h_n is a view of the top h, and forward's output never
         # aliases its final state.
+        step_dim = 1 if self.batch_first else 0
         return top.unsqueeze(step_dim).clone(), self._stack_states(finals, True)
 
     def stream(self, hx: State | None = None) -> LayerStream:
@@ -720,6 +717,8 @@ class _SimpleLayer(nn.Module, Generic[_SimpleState]):
     backend: BackendSetting  # the subclass's, checking the names its engine accepts
     # Keyword options and their defaults: extra_repr shows those set otherwise.
     _option_defaults: ClassVar[dict[str, object]] = {}
+    # The state's form: None for one tensor h, else the number of parts of its tuple.
+    _state_parts: ClassVar[int | None] = None
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int, bias: bool,
                  batch_first: bool, dropout: float, bidirectional: bool, device, dtype, *,
@@ -801,6 +800,10 @@ class _SimpleLayer(nn.Module, Generic[_SimpleState]):
             with torch.autocast(param.device.type, enabled=False):
                 return self.forward(precision.to_parameter_dtype(input, param),
                                     precision.to_parameter_dtype(hx, param), lengths=lengths)
+        if lengths is None and type(input) is Tensor and input.dim() == 3:
+            stepped = self._one_step(input, hx)
+            if stepped is not None:
+                return stepped
         x, lengths, initial, batched = self._prepare(input, hx, lengths)
         layer_input = x
         finals: list[_SimpleState] = []
@@ -821,6 +824,50 @@ class _SimpleLayer(nn.Module, Generic[_SimpleState]):
         else:
             state = tuple(_stack(list(part)) for part in zip(*finals, strict=True))
         return output, state if batched else _each_part(state, lambda t: t.squeeze(1))
+
+    def _one_step(self, input: Tensor, hx: object) -> tuple[Tensor, _SimpleState] | None:
+        """`forward` on a one-step batched sequence from ``hx`` (None: the empty state), on the
+        family's step kernel (the subclass's `_inference_steps`, as a stream's step): the same
+        result without the general path's checks, reshaping and splitting (a loop that calls
+        the layer once a step). None wherever the input differs from that plain case in any
+        way (form, shape, a state not of exactly its shape and form, gradient, dtype, device,
+        compiler or tracer, or what the kernel declines); forward then checks and runs it as
+        any other, which gives the errors."""
+        x = one_step_input(self, input)
+        if x is None:
+            return None
+        shape, parts = (self.num_layers, x.shape[0], self.hidden_size), self._state_parts
+        if hx is None:
+            state = self._empty_state(shape, x)
+        elif parts is None and type(hx) is Tensor and hx.shape == shape:
+            state = hx
+        elif (parts is not None and type(hx) is tuple and len(hx) == parts
+              and all(type(t) is Tensor and t.shape == shape for t in hx)):
+            state = hx
+        else:
+            return None
+        if parts is None:
+            states = list(state.unbind(0))
+        else:
+            states = list(zip(*(t.unbind(0) for t in state), strict=True))
+        stepped = self._inference_steps(x, states)
+        if stepped is None:
+            return None
+        top, finals = stepped
+        # The output is the kernel's top h itself: stacking copies the states, so it never
+        # aliases the final state (as forward's output never does).
+        if parts is None:
+            final = torch.stack(finals)
+        else:
+            final = tuple(torch.stack(part) for part in zip(*finals, strict=True))
+        return top.unsqueeze(1 if self.batch_first else 0), final
+
+    def _inference_steps(self, x: Tensor, states: list[_SimpleState]
+                         ) -> tuple[Tensor, list[_SimpleState]] | None:
+        """One step of the whole stack on the family's step kernel (`rnnkit.stream`'s
+        ``*_inference_steps``): the top ``h`` and the new states, or None where it does not
+        apply."""
+        raise NotImplementedError
 
     def _run_direction(self, sequence: Tensor, state: _SimpleState, layer: int,
                        direction: int, lengths: Tensor | None) -> tuple[Tensor, _SimpleState]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rnnkit import engine
 from rnnkit._checks import (
     describe,
     require_allocatable,
@@ -27,6 +28,7 @@ from rnnkit.cells import BackendSetting, _SimpleCell
 from rnnkit.engine import scan
 from rnnkit.engine.scan import GATE_COUNT, MinFamily
 from rnnkit.layers import _SimpleLayer
+from rnnkit.stream import MinimalStream, min_inference_steps
 
 _LOG_SPACE_STATE = ("log_space=True keeps h >= 0; h_0 enters the scan linearly, so 0, the "
                     "default, is accepted")
@@ -68,6 +70,15 @@ class _MinimalCell(_SimpleCell[Tensor]):
             self.register_parameter("bias_ih", None)
         self.reset_parameters()
 
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        """One step; shapes in the class docstring. Unbatched input gives an unbatched state.
+        A streamed step's short way first (`_inference_step`); else the cells' checks and
+        autocast rule (`_SimpleCell.forward`), then `_step`."""
+        new = self._inference_step(input, hx)
+        if new is not None:
+            return new
+        return super().forward(input, hx)
+
     def _step(self, x: Tensor, hx: object) -> Tensor:
         """``h'`` from the checked input; ``hx`` checked here (or zeros)."""
         name = type(self).__name__
@@ -82,7 +93,34 @@ class _MinimalCell(_SimpleCell[Tensor]):
             require_shape(f"{name} hx", h, shape, "(N, H)" if x.dim() == 2 else "(H,)")
             if self.log_space:
                 require_non_negative(f"{name} hx", h, _LOG_SPACE_STATE)
+        # The step kernel where it applies (unbatched: on one row), for what the short way
+        # declined only by its form (an unbatched input, a strided tensor, a zero-row batch).
+        batched = x.dim() == 2
+        new = engine.min_inference_step(
+            self.family, (x if batched else x.unsqueeze(0)).contiguous(),
+            (h if batched else h.unsqueeze(0)).contiguous(), *self._weights(),
+            self.log_space) if x.numel() else None
+        if new is not None:
+            return new if batched else new.squeeze(0)
         return scan.step(self.family, x, h, self.weight_ih, self.bias_ih, self.log_space)
+
+    def _inference_step(self, x: object, hx: object) -> Tensor | None:
+        """A streamed step's short way: the step kernel straight away
+        (`engine.min_inference_step`) when the input is a batched tensor of the right size and
+        ``hx`` None or a tensor of exactly its shape, and the engine's conditions hold; else
+        None, and `forward` checks everything and runs the general way, which gives the errors
+        (a log-space state with a negative entry too: the kernel declines it)."""
+        if (type(x) is not Tensor or x.dim() != 2 or x.shape[1] != self.input_size
+                or x.shape[0] == 0):
+            return None
+        shape = (x.shape[0], self.hidden_size)
+        if hx is None:
+            h = x.new_zeros(shape)
+        elif type(hx) is Tensor and hx.shape == shape:
+            h = hx
+        else:
+            return None
+        return engine.min_inference_step(self.family, x, h, *self._weights(), self.log_space)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -112,6 +150,14 @@ class MinGRUCell(_MinimalCell):
     Inputs: ``input`` ``(N, I)`` or ``(I,)``; ``hx`` ``(N, H)`` or ``(H,)``, zeros if omitted
     (with ``log_space=True`` it must be >= 0 everywhere).
     Output: ``h'`` ``(N, H)`` or ``(H,)``.
+
+    Execution: where nothing is to be differentiated (no_grad, or no tensor requiring a
+    gradient), in plain eager mode (no compile, trace, autocast or torch.func), on the CPU in
+    float32/float64 with the native kernels built, with at most
+    ``rnnkit.engine.MIN_STEP_KERNEL_MAX_BATCH`` (8) rows, a step is one call of the native
+    minimal step kernel (the projection and ``h' = a ⊙ h + b``;
+    `rnnkit.engine.min_inference_step`). Everywhere else the step runs on autograd
+    (`rnnkit.engine.scan.step`). Both give the same values.
 
     Parameters: ``weight_ih (2H, I)`` as ``(W_z|W_h)``, ``bias_ih (2H,)`` as ``(b_z|b_h)``,
     ``U(-1/sqrt(H), 1/sqrt(H))``. There is no recurrent weight; the state dict is the same as
@@ -146,6 +192,8 @@ class MinLSTMCell(_MinimalCell):
 
     Inputs: ``input`` ``(N, I)`` or ``(I,)``; ``hx`` ``(N, H)`` or ``(H,)``, zeros if omitted.
     Output: ``h'`` ``(N, H)`` or ``(H,)``.
+
+    Execution: as `MinGRUCell` (the native step kernel where nothing is differentiated).
 
     Parameters: ``weight_ih (3H, I)`` as ``(W_f|W_i|W_h)``, ``bias_ih (3H,)``,
     ``U(-1/sqrt(H), 1/sqrt(H))``.
@@ -192,6 +240,19 @@ class _MinimalLayer(_SimpleLayer[Tensor]):
         gates = GATE_COUNT[self.family] * self.hidden_size
         return {"weight_ih": (gates, layer_input), "bias_ih": (gates,) if self.bias else None}
 
+    def stream(self, hx: Tensor | None = None) -> MinimalStream:
+        """A handle that runs this layer one time step per call, keeping the state between
+        calls (streaming inference): ``stream(x_t)`` equals ``forward`` on the one-step
+        sequence from the state so far, which starts at ``hx`` (``forward``'s form; None:
+        zeros). Checks once, then each layer's step is one call of the minimal step kernel
+        where nothing is differentiated (`rnnkit.stream.MinimalStream`). Unidirectional layers
+        only."""
+        return MinimalStream(self, hx)
+
+    def _inference_steps(self, x: Tensor, states: list[Tensor]
+                         ) -> tuple[Tensor, list[Tensor]] | None:
+        return min_inference_steps(self, x, states)
+
     def _run_direction(self, sequence: Tensor, state: Tensor, layer: int, direction: int,
                        lengths: Tensor | None) -> tuple[Tensor, Tensor]:
         return scan.run_direction(self.family, sequence, state, *self.weights(layer, direction),
@@ -233,7 +294,12 @@ _MINIMAL_LAYER_SHAPES = """
             0.35-0.60x; ``"log_scan"`` 1.6-2.3x the scan's), inference 0.30-0.65x, one streamed
             step (N = 1) 0.61-0.78x the scan's and 0.45-0.82x the loop's (one run of nine:
             1.06x). ``"native"`` that cannot run an input (another device, bfloat16) runs
-            ``"scan"`` after one warning.
+            ``"scan"`` after one warning. A one-step sequence without ``lengths`` (a streamed
+            step; see also `stream`) with nothing to differentiate runs under ``"auto"`` and
+            ``"native"`` on the native minimal step kernel instead (the projection and ``h' =
+            a ⊙ h + b`` in one call; CPU, float32/float64, at most
+            ``rnnkit.engine.MIN_STEP_KERNEL_MAX_BATCH`` (8) rows, plain eager mode:
+            `rnnkit.engine.min_inference_step`).
 
     Inputs: ``input, hx`` (optional), ``lengths`` (optional; by keyword, or third by position)
         - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first=True``, unbatched

@@ -29,7 +29,7 @@ from rnnkit.cells import BackendSetting, _SimpleCell
 from rnnkit.engine import slstm
 from rnnkit.engine.slstm import FORGET_GATES, GATES, SLSTMState
 from rnnkit.layers import _SimpleLayer
-from rnnkit.stream import SLSTMStream
+from rnnkit.stream import SLSTMStream, slstm_inference_steps
 
 _STATE_PARTS = ("h_0", "c_0", "n_0", "m_0")
 
@@ -130,6 +130,8 @@ class SLSTMCell(_SimpleCell[SLSTMState]):
         >>> state = cell(torch.randn(3, 10), state)    # the next step
     """
 
+    _weight_names = ("weight_ih", "weight_hh", "bias_ih")
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, num_heads: int = 1, forget_gate: str = "sigmoid") -> None:
         super().__init__()
@@ -181,14 +183,6 @@ class SLSTMCell(_SimpleCell[SLSTMState]):
         if new is not None:
             return new if batched else tuple(s.squeeze(0) for s in new)
         return slstm.step(x, state, self.weight_ih, self.weight_hh, self.bias_ih, exp_forget)
-
-    def _weights(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(weight_ih, weight_hh, bias_ih)``: the parameters looked up directly (a streamed
-        step asks every call), computed ones (parametrizations) through their attributes."""
-        if "parametrizations" in self._modules:
-            return self.weight_ih, self.weight_hh, self.bias_ih
-        parameters = self._parameters
-        return parameters["weight_ih"], parameters["weight_hh"], parameters["bias_ih"]
 
     def _inference_step(self, x: object, hx: object) -> SLSTMState | None:
         """A streamed step's short way: the step kernel straight away
@@ -290,6 +284,7 @@ class SLSTM(_SimpleLayer[SLSTMState]):
 
     backend = _SLSTMBackendSetting()
     _option_defaults = {"num_heads": 1, "forget_gate": "sigmoid"}
+    _state_parts = 4  # (h, c, n, m)
 
     def __init__(
         self,
@@ -331,6 +326,10 @@ class SLSTM(_SimpleLayer[SLSTMState]):
         where nothing is differentiated (`rnnkit.stream.SLSTMStream`). Unidirectional layers
         only."""
         return SLSTMStream(self, hx)
+
+    def _inference_steps(self, x: Tensor, states: list[SLSTMState]
+                         ) -> tuple[Tensor, list[SLSTMState]] | None:
+        return slstm_inference_steps(self, x, states)
 
     def _run_direction(self, sequence: Tensor, state: SLSTMState, layer: int, direction: int,
                        lengths: Tensor | None) -> tuple[Tensor, SLSTMState]:

@@ -8,7 +8,11 @@ layer: both products and the gate math). Where that does not apply (something to
 differentiate, a mask to draw, layer norm, another device, compile, ...) a call runs the
 layer's ``forward`` on the one-step sequence: every call gives what ``forward`` gives.
 `SLSTMStream` is the same handle for `rnnkit.SLSTM`, its steps on
-`rnnkit.engine.slstm_inference_step` (the sLSTM's step kernel).
+`rnnkit.engine.slstm_inference_step` (the sLSTM's step kernel), and `MinimalStream` for
+`rnnkit.MinGRU` and `rnnkit.MinLSTM`, on `rnnkit.engine.min_inference_step`. The functions
+`inference_steps`, `slstm_inference_steps` and `min_inference_steps` run one step of a whole
+stack on the kernels; the layers' one-step calls (``layer(x_t.unsqueeze(0), state)``) take them
+too, as their short way.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from rnnkit.engine.steps import Family, State, output_of
 
 if TYPE_CHECKING:  # the layers import this module
     from rnnkit.layers import RecurrentLayer
+    from rnnkit.minimal import _MinimalLayer
     from rnnkit.slstm import SLSTM
+
+SLSTMState = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 class LayerStream:
@@ -145,7 +152,7 @@ class SLSTMStream(LayerStream):
     layer: SLSTM
 
     @property
-    def state(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    def state(self) -> SLSTMState | None:
         """The final state after the steps so far, as the layer's ``forward`` returns it."""
         if self._states is None:
             return None
@@ -154,23 +161,13 @@ class SLSTMStream(LayerStream):
         return stacked if self._batched else tuple(s.squeeze(1) for s in stacked)
 
     def _inference_step(self, x: Tensor, states: list) -> Tensor | None:
-        """Every layer on `engine.slstm_inference_step`, or None (nothing changed) where it
-        does not apply: in training with dropout between layers, or where the engine declines
-        (it decides before any work, the same for every layer)."""
-        layer = self.layer
-        if layer.training and layer.dropout and layer.num_layers > 1:
+        """Every layer on `engine.slstm_inference_step` (`slstm_inference_steps`), or None
+        (nothing changed) where that does not apply."""
+        stepped = slstm_inference_steps(self.layer, x, states)
+        if stepped is None:
             return None
-        exp_forget, backend = layer.forget_gate == "exp", layer.backend
-        new_states, layer_input = [], x
-        for index, state in enumerate(states):
-            new = engine.slstm_inference_step(layer_input, state, *layer.weights(index, 0),
-                                              exp_forget, backend)
-            if new is None:
-                return None
-            new_states.append(new)
-            layer_input = new[0]
-        self._states = new_states
-        return layer_input.clone()  # the kernel's h is the state: the output never aliases it
+        output, self._states = stepped
+        return output.clone()  # the kernel's h is the state: the output never aliases it
 
     def _split_final(self, final, batched: bool) -> list:
         """``forward``'s ``(h_n, c_n, n_n, m_n)`` -> per layer ``(h, c, n, m)``, each ``(N, H)``,
@@ -178,6 +175,54 @@ class SLSTMStream(LayerStream):
         parts = final if batched else tuple(s.unsqueeze(1) for s in final)
         return [tuple(p.contiguous() for p in per_layer)
                 for per_layer in zip(*parts, strict=True)]
+
+
+class MinimalStream(LayerStream):
+    r"""Steps of a unidirectional `rnnkit.MinGRU` or `rnnkit.MinLSTM`, one call each:
+    `LayerStream`'s contract.
+
+    ``stream(x_t)`` equals ``layer(x_t.unsqueeze(0), s)`` (``unsqueeze(1)`` with
+    ``batch_first``), the stream's state becoming its final state ``h_n (L, N, H)`` (unbatched
+    ``(L, H)``); ``hx`` in ``forward``'s form (None: zeros; with ``log_space=True`` every entry
+    >= 0, checked at the first step). Where nothing is differentiated and no dropout mask is
+    drawn, each layer's step is one call of the minimal step kernel
+    (`rnnkit.engine.min_inference_step`: the projection and ``h' = a ⊙ h + b``), under the
+    backends ``"auto"`` and ``"native"``, on the CPU in float32/float64 with the kernels built
+    and at most ``engine.MIN_STEP_KERNEL_MAX_BATCH`` (8) rows; elsewhere a step runs
+    ``forward`` on the one-step sequence.
+
+    Example::
+
+        >>> gru = rnnkit.MinGRU(10, 20, num_layers=2).eval()
+        >>> stream = gru.stream()
+        >>> with torch.no_grad():
+        ...     y = [stream(x_t) for x_t in torch.randn(5, 3, 10)]    # each (3, 20)
+        >>> h_n = stream.state                                          # (2, 3, 20)
+    """
+
+    layer: _MinimalLayer
+
+    @property
+    def state(self) -> Tensor | None:
+        """The final state after the steps so far, as the layer's ``forward`` returns it."""
+        if self._states is None:
+            return None
+        stacked = torch.stack(self._states)
+        return stacked if self._batched else stacked.squeeze(1)
+
+    def _inference_step(self, x: Tensor, states: list) -> Tensor | None:
+        """Every layer on `engine.min_inference_step` (`min_inference_steps`), or None
+        (nothing changed) where that does not apply."""
+        stepped = min_inference_steps(self.layer, x, states)
+        if stepped is None:
+            return None
+        output, self._states = stepped
+        return output.clone()  # the kernel's h is the state: the output never aliases it
+
+    def _split_final(self, final, batched: bool) -> list:
+        """``forward``'s ``h_n`` -> per layer ``h (N, H)``, contiguous."""
+        h_n = final if batched else final.unsqueeze(1)
+        return [h.contiguous() for h in h_n]
 
 
 def inference_steps(layer: RecurrentLayer, x: Tensor,
@@ -204,6 +249,66 @@ def inference_steps(layer: RecurrentLayer, x: Tensor,
     return layer_input, new_states
 
 
+def slstm_inference_steps(layer: SLSTM, x: Tensor, states: list[SLSTMState]
+                          ) -> tuple[Tensor, list[SLSTMState]] | None:
+    """One step of a unidirectional `rnnkit.SLSTM`'s whole stack on
+    `engine.slstm_inference_step`: ``x (N, H_in)`` and each layer's ``(h, c, n, m)`` (each ``(N,
+    H)``) -> the top layer's ``h`` (the kernel's, which is also the new state's) and the new
+    states; or None (nothing computed that matters) where it does not apply: in training with
+    dropout between layers, or where the engine declines (it decides before any work, the same
+    for every layer). Shapes are the caller's to have checked."""
+    if layer.training and layer.dropout and layer.num_layers > 1:
+        return None
+    exp_forget, backend = layer.forget_gate == "exp", layer.backend
+    new_states, layer_input = [], x
+    for index, state in enumerate(states):
+        new = engine.slstm_inference_step(layer_input, state, *layer.weights(index, 0),
+                                          exp_forget, backend)
+        if new is None:
+            return None
+        new_states.append(new)
+        layer_input = new[0]
+    return layer_input, new_states
+
+
+def min_inference_steps(layer: _MinimalLayer, x: Tensor, states: list[Tensor]
+                        ) -> tuple[Tensor, list[Tensor]] | None:
+    """One step of a unidirectional `rnnkit.MinGRU` or `rnnkit.MinLSTM`'s whole stack on
+    `engine.min_inference_step`: ``x (N, H_in)`` and each layer's ``h (N, H)`` -> the top
+    layer's ``h`` (also the top new state) and the new states; or None (nothing kept) where it
+    does not apply: in training with dropout between layers, or where the engine declines (its
+    conditions are the same for every layer, but a log-space layer's state with a negative
+    entry is declined by the kernel when its turn comes). Shapes are the caller's to have
+    checked."""
+    if layer.training and layer.dropout and layer.num_layers > 1:
+        return None
+    family, log_space, backend = layer.family, layer.log_space, layer.backend
+    new_states, layer_input = [], x
+    for index, h in enumerate(states):
+        new = engine.min_inference_step(family, layer_input, h, *layer.weights(index, 0),
+                                        log_space, backend)
+        if new is None:
+            return None
+        new_states.append(new)
+        layer_input = new
+    return layer_input, new_states
+
+
+def one_step_input(layer, input: Tensor) -> Tensor | None:
+    """``x (N, H_in)`` of a layer call's ``input``, a 3-dimensional tensor, when it is one time
+    step of a batched sequence the layer's short way can run (`RecurrentLayer._one_step`,
+    `_SimpleLayer._one_step`): unidirectional, one step, ``H_in`` the
+    layer's ``input_size``, at least one row, eager (no compiler or tracer). Else None, and the
+    layer's ``forward`` checks and runs it the general way."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or layer.bidirectional:
+        return None
+    step_dim = 1 if layer.batch_first else 0
+    if (input.shape[step_dim] != 1 or input.shape[2] != layer.input_size
+            or input.shape[1 - step_dim] == 0):
+        return None
+    return input[:, 0] if layer.batch_first else input[0]
+
+
 def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[State]:
     """``forward``'s final state -> per layer ``h (N, H_out)`` or ``(h, c)``, contiguous."""
     if layer.family == Family.LSTM:
@@ -215,5 +320,6 @@ def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[St
     return [h.contiguous() for h in h_n]
 
 
-__all__ = ["LayerStream", "SLSTMStream", "inference_steps"]
+__all__ = ["LayerStream", "MinimalStream", "SLSTMStream", "inference_steps",
+           "min_inference_steps", "one_step_input", "slstm_inference_steps"]
 

@@ -33,7 +33,9 @@ sequence) with nothing to differentiate, at most `STEP_KERNEL_MAX_BATCH` rows an
 or masks, runs under "auto" and "native" on the native step kernels (`inference_step`): both
 products and the gate math of a layer in one call. The sLSTM's streamed step (`SLSTMCell`, a
 one-step `SLSTM` call, `SLSTM.stream`) runs on its own step kernel under the same conditions
-(`slstm_inference_step`), up to `SLSTM_STEP_KERNEL_MAX_BATCH` rows.
+(`slstm_inference_step`), up to `SLSTM_STEP_KERNEL_MAX_BATCH` rows; so do minGRU's and minLSTM's
+(`MinGRUCell`, `MinLSTMCell`, a one-step `MinGRU`/`MinLSTM` call, their `stream`) on theirs
+(`min_inference_step`), up to `MIN_STEP_KERNEL_MAX_BATCH` rows.
 
 The environment variable ``RNNKIT_BACKEND`` forces one backend for every layer (for testing and
 benchmarking without touching code).
@@ -87,6 +89,17 @@ kernel took 0.43-0.53x the time of the native sequence path on one step (`run_na
 T = 1) at batch 1-4 and 0.79x / 0.90x at 8 / 16 with one head (0.16-0.56x with four), but 1.36x
 at 32 with one head (0.85x with four), where its dot tiles re-read the weights every 6 rows while
 the sequence path's products block them (docs/benchmarks.md, "sLSTM: the streamed step")."""
+
+
+MIN_STEP_KERNEL_MAX_BATCH = 8
+"""Up to this batch, a minGRU or minLSTM step without gradients runs on its step kernel
+(`min_inference_step`). At I = H = 256 (Intel Xeon VM, core 1 of 2, one thread, the core
+shared: ratios move by 10-30 % between runs) the kernel alone took 0.23-0.42x the time of the
+native sequence path on one step (`scan.run_native`, T = 1: ATen's product, then the loop) at
+batch 1 and 0.51-0.81x at 4; from 6 rows on the two are level within the noise (0.80-1.31x at
+6-12 rows), and the kernel took 0.94-1.39x at 16 and 1.14-1.59x at 24-64: its dot tiles re-read
+the weights every 3 rows while ATen's product blocks them (docs/benchmarks.md, "minGRU and
+minLSTM: the streamed step")."""
 
 
 class BackendWarning(UserWarning):
@@ -185,26 +198,26 @@ def inference_step(kind: CellKind, x: Tensor, state: State, weights: CellWeights
             or weights.layer_norm_hh is not None or weights.weight_ih is None):
         return None
     tensors = (x, *state, *weights) if type(state) is tuple else (x, state, *weights)
-    if not _step_kernels_run(x, tensors, backend, STEP_KERNEL_MAX_BATCH):
+    if (not _step_kernels_run(x, tensors, STEP_KERNEL_MAX_BATCH)
+            or resolve_backend(backend) not in ("auto", "native")):
         return None
     return native_functions.step(kind, x, state, weights)
 
 
-def _step_kernels_run(x: Tensor, tensors: tuple, backend: str, max_batch: int) -> bool:
+def _step_kernels_run(x: Tensor, tensors: tuple, max_batch: int) -> bool:
     """The step kernels' conditions shared by every family (`inference_step`,
-    `slstm_inference_step`): at most ``max_batch`` rows of ``x``, every tensor (None:
-    an absent bias) contiguous on the CPU and of ``x``'s float32 or float64 dtype, plain eager
-    mode with nothing to differentiate (`ops.plain_eager`), the kernels built, and "auto" or
-    "native" after ``RNNKIT_BACKEND``. The caller has ruled out compiling (asked first)."""
+    `slstm_inference_step`, `min_inference_step`), after the caller's backend test: at most
+    ``max_batch`` rows of ``x``, every tensor (None: an absent bias) contiguous on the CPU and
+    of ``x``'s float32 or float64 dtype, plain eager mode with nothing to differentiate
+    (`ops.plain_eager`), and the kernels built. The caller has ruled out compiling (asked
+    first)."""
     dtype = x.dtype
     if dtype not in native.SUPPORTED_DTYPES or x.shape[0] > max_batch:
         return False
     if not all(t is None or (t.dtype is dtype and t.is_cpu and t.is_contiguous())
                for t in tensors):
         return False
-    if not ops.plain_eager(*tensors) or not native.available():
-        return False
-    return resolve_backend(backend) in ("auto", "native")
+    return ops.plain_eager(*tensors) and native.available()
 
 
 def runs_torch_lstm(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
@@ -334,18 +347,42 @@ def slstm_inference_step(x: Tensor, state: slstm.SLSTMState, weight_ih: Tensor,
     (the kernel refuses a wrong one with an error naming the argument)."""
     if torch.compiler.is_compiling():  # first: the rest is for eager tensors
         return None
-    if not _step_kernels_run(x, (x, *state, weight_ih, weight_hh, bias_ih), backend,
-                             SLSTM_STEP_KERNEL_MAX_BATCH):
+    if (not _step_kernels_run(x, (x, *state, weight_ih, weight_hh, bias_ih),
+                              SLSTM_STEP_KERNEL_MAX_BATCH)
+            or resolve_backend(backend) not in ("auto", "native")):
         return None
     return native_functions.slstm_step(x, state, weight_ih, weight_hh, bias_ih, exp_forget)
+
+
+def min_inference_step(family: str, x: Tensor, h: Tensor, weight_ih: Tensor,
+                       bias_ih: Tensor | None, log_space: bool,
+                       backend: str = "auto") -> Tensor | None:
+    """One minGRU or minLSTM step (``family`` ``"mingru"`` or ``"minlstm"``, as
+    `rnnkit.engine.scan.MinFamily`) ``x (N, I)``, ``h (N, H)`` -> ``h' (N, H)`` on the native
+    step kernel (``min_step``: the projection and ``h' = a ⊙ h + b`` in one call), or None where
+    it does not apply (the caller then runs the scan's step, `scan.step`, or a one-step
+    sequence): under the minimal layers' ``"auto"`` and ``"native"`` (their backends, which
+    ``RNNKIT_BACKEND`` does not set: it names the other families' engines), at most
+    `MIN_STEP_KERNEL_MAX_BATCH` rows, and the conditions of `inference_step` (nothing to
+    differentiate, plain eager mode, contiguous CPU tensors of one float32/float64 dtype, the
+    kernels built); and with ``log_space`` only from a state without negative entries (the
+    kernel declines one; the caller's checked way refuses it by name). The caller has checked
+    the shapes (the kernel refuses a wrong one with an error naming the argument)."""
+    if torch.compiler.is_compiling() or backend not in ("auto", "native"):
+        return None
+    if not _step_kernels_run(x, (x, h, weight_ih, bias_ih), MIN_STEP_KERNEL_MAX_BATCH):
+        return None
+    return native_functions.min_step(x, h, weight_ih, bias_ih, family, log_space)
 
 
 _SLSTM_RUNNERS = {"native": ops.run_native_slstm, "fused": ops.run_fused_slstm,
                   "reference": slstm.run_reference}
 
 
-__all__ = ["BACKENDS", "SLSTM_STEP_KERNEL_MAX_BATCH", "STEP_KERNEL_MAX_BATCH",
+__all__ = ["BACKENDS", "MIN_STEP_KERNEL_MAX_BATCH", "SLSTM_STEP_KERNEL_MAX_BATCH",
+           "STEP_KERNEL_MAX_BATCH",
            "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN",
            "BackendWarning",
-           "engine_for", "inference_step", "is_exporting", "resolve_backend", "run_direction",
+           "engine_for", "inference_step", "is_exporting", "min_inference_step",
+           "resolve_backend", "run_direction",
            "run_slstm_direction", "runs_torch_lstm", "slstm_engine_for", "slstm_inference_step"]

@@ -32,6 +32,11 @@ Four execution paths, one function each, all with the signature of `run_directio
   `kernels.cpp` "minGRU and minLSTM") that computes each step's ``a, b`` in registers, parallel
   over the units, and its adjoint backward; ``"auto"`` runs it where it can (`engine_for`).
 
+A streamed step with nothing to differentiate (a cell's call, a one-step sequence, a layer's
+stream) runs under "auto" and "native" on the step kernel instead (`kernels.cpp` "minGRU and
+minLSTM: one streamed step", `rnnkit.engine.min_inference_step`): the projection and the step's
+coefficients in one call; `step` is the reference it is tested against.
+
 Both scans are operators (``rnnkit::linear_scan``, ``rnnkit::log_scan``, registered below
 with `rnnkit.engine.ops`' helpers: fake shapes, autocast, vmap), so torch.compile and
 torch.export see one node with a dynamic length; their hand-written backward is the adjoint
@@ -49,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnnkit.engine import _warn_once, native, onnx, ops
+from rnnkit.engine import _warn_once, min_inference_step, native, onnx, ops
 from rnnkit.engine.native import functions as native_functions
 
 
@@ -296,6 +301,10 @@ def run_direction(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
 
     Returns:
         ``output (T, N, H)``, zero at ``t >= lengths[n]``, and the final state ``(N, H)``.
+
+    A one-step sequence without lengths (a streamed step) with nothing to differentiate runs
+    on the minimal step kernel where it applies (`rnnkit.engine.min_inference_step`, under
+    "auto" and "native"), as the other families' streamed steps.
     """
     if onnx.is_capturing():
         # An ONNX export: every backend as `run_linear_scan`, whose scan becomes a Scan loop
@@ -303,6 +312,10 @@ def run_direction(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
         # LogCumSumExp for the log-space scan, and the reference's Python loop would fix T.
         # The same values (the log-space variant's a and b are positive reals).
         return run_linear_scan(family, x, h0, weight_ih, bias_ih, lengths, reverse, log_space)
+    if x.shape[0] == 1 and lengths is None and x.shape[1] > 0:  # a streamed step
+        final = min_inference_step(family, x[0], h0, weight_ih, bias_ih, log_space, backend)
+        if final is not None:  # the output a copy: it never aliases the final state
+            return final.unsqueeze(0).clone(), final
     return _RUNNERS[engine_for(backend, log_space, x)](
         family, x, h0, weight_ih, bias_ih, lengths, reverse, log_space)
 

@@ -399,3 +399,13 @@ def min_scan_backward(d_output: Tensor, d_h_n: Tensor, projected: Tensor, states
         d_output.contiguous(), d_h_n.contiguous(), projected.contiguous(), states,
         _contiguous(lengths), reverse, family == "minlstm", log_space)
     return d_projected, d_h0
+
+
+def min_step(x: Tensor, h: Tensor, weight_ih: Tensor, bias_ih: Tensor | None, family: str,
+             log_space: bool) -> Tensor | None:
+    """``h'`` after one step of ``x (N, I)`` from ``h (N, H)`` (``weight_ih (G*H, I)``,
+    ``bias_ih (G*H,)`` or None, `family` as `min_scan_forward`): the projection and ``h' = a ⊙ h
+    + b`` in one call (`kernels.cpp`, "minGRU and minLSTM: one streamed step"); None with
+    ``log_space`` where ``h`` has a negative entry (the kernel declines a state the variant
+    refuses). Arguments contiguous, of one dtype, on the CPU, as for `step`."""
+    return _kernels().min_step(x, h, weight_ih, bias_ih, family == "minlstm", log_space)

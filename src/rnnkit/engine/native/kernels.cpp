@@ -3819,11 +3819,80 @@ std::vector<Tensor> min_scan_backward(const Tensor& d_output, const Tensor& d_h_
   return {d_projected, d_h};
 }
 
+// ---- minGRU and minLSTM: one streamed step (inference) ---------------------------------------
+//
+// The minimal cells' counterpart of the other families' step kernels ("one streamed step"): a
+// token at a time, batch 1 to a few, nothing saved for a backward (the engine calls it only when
+// nothing is differentiated). The sequence path would run such a step as ATen's product for the
+// projection, then min_scan_forward over one step with its (T + 1, N, H) states buffer; here each
+// block of units takes its G gate rows of W_ih (the other step kernels' dot tiles) into
+// pre-activations on the stack and finishes the units' coefficients and h' = a ⊙ h + b
+// (MinCoefficients: min_scan_forward's values, value for value) while they are in cache. There is
+// no recurrent product, so a step reads W_ih once and h once. Blocks are split between threads as
+// the other step kernels split them (`for_unit_blocks`).
+
+// Rows of the batch whose pre-activations a block holds at once: two of dot_rows' 3-row tiles.
+constexpr int64_t min_step_rows = 6;
+
+// One step: x (N, I); h (N, H); w_ih (G H, I) as (W_z|W_h) (minGRU, G = 2) or (W_f|W_i|W_h)
+// (minLSTM, G = 3); b_ih (G H,) or none. Returns h' (N, H). With log_space, where h has a
+// negative entry it computes nothing and returns an undefined tensor (None in Python): the
+// variant's state is >= 0, and the caller's checked way refuses such a state naming its argument
+// (a state the kernel itself returned never has one). The scan of h for that is one pass over
+// N H values, negligible beside the product.
+Tensor min_step(const Tensor& x, const Tensor& h, const Tensor& w_ih,
+                const std::optional<Tensor>& b_ih, bool minlstm, bool log_space) {
+  const Arguments check("min_step", "x", x, 2);
+  TORCH_CHECK(h.dim() == 2, "min_step: h must have 2 dimensions [batch, hidden], got shape ",
+              h.sizes());
+  const int64_t N = x.size(0), I = x.size(1), H = h.size(1), G = minlstm ? 3 : 2;
+  check("h", h, {N, H});
+  check("w_ih", w_ih, {G * H, I});
+  check("b_ih", b_ih, {G * H});
+  const BelowAutograd below_autograd;
+  bool negative_state = false;
+  Tensor h_new = at::empty({N, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "min_step", [&] {
+    using V = Vec<scalar_t>;
+    constexpr int64_t B = V::size();  // units per block: one vector
+    const scalar_t *x_p = x.data_ptr<scalar_t>(), *h_p = h.data_ptr<scalar_t>(),
+                   *w_p = w_ih.data_ptr<scalar_t>();
+    const scalar_t* b_p = data_or_null<scalar_t>(b_ih);
+    scalar_t* h_new_p = h_new.data_ptr<scalar_t>();
+    if (log_space) {
+      negative_state = std::any_of(h_p, h_p + N * H, [](scalar_t v) { return v < scalar_t(0); });
+      if (negative_state) return;
+    }
+    for_unit_blocks(H, B, N * G * I, [&](int64_t j, int64_t u) {
+      scalar_t pre[min_step_rows][3 * B];  // per row (k|v) or (k_f|k_i|v) of the block's units
+      for (int64_t n0 = 0; n0 < N; n0 += min_step_rows) {
+        const int64_t rows = std::min(min_step_rows, N - n0);
+        const Block<const scalar_t> xs{x_p + n0 * I, rows, I, I};
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t row = g * H + j;  // the gate's first row of W_ih and b_ih
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t v = 0; v < u; ++v) pre[r][g * B + v] = b_p ? b_p[row + v] : scalar_t(0);
+          }
+          dot_rows<scalar_t>(xs, w_p + row * I, I, u, &pre[0][g * B], 3 * B, true);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t at = (n0 + r) * H + j;
+          // The block's row as a projection whose gates are B apart (MinCoefficients' H).
+          const MinCoefficients<scalar_t> c(pre[r], B, 0, u, minlstm, log_space, false);
+          (c.a * V::loadu(h_p + at, u) + c.keep * c.h_tilde).store(h_new_p + at, u);
+        }
+      }
+    });
+  });
+  return negative_state ? Tensor() : h_new;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rnnkit native CPU kernels: time loops of RNN, LSTM, GRU and sLSTM, forward and backward "
-            "(plain, and the recurrence with layer norm, recurrent dropout and zoneout)";
+  m.doc() = "rnnkit native CPU kernels: time loops of RNN, LSTM, GRU, sLSTM, minGRU and minLSTM, "
+            "forward and backward (plain, and the recurrence with layer norm, recurrent dropout "
+            "and zoneout)";
   m.def("linear", &linear);
   m.def("bernoulli_mask", &bernoulli_mask);
   m.def("fma_peak", &fma_peak);
@@ -3866,4 +3935,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "weights");
   m.def("min_scan_forward", &min_scan_forward);
   m.def("min_scan_backward", &min_scan_backward);
+  m.def("min_step", &min_step);
 }
