@@ -17,6 +17,7 @@ too, as their short way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -238,15 +239,8 @@ def inference_steps(layer: RecurrentLayer, x: Tensor,
     if any(layer.zoneout):  # evaluation's expectation is a mask too
         return None
     kind, backend = layer.cell_kind(), layer.backend
-    new_states, layer_input = [], x
-    for index, state in enumerate(states):
-        new = engine.inference_step(kind, layer_input, state, layer.cell_weights(index, 0),
-                                    backend)
-        if new is None:
-            return None
-        new_states.append(new)
-        layer_input = output_of(new)
-    return layer_input, new_states
+    return _stacked_steps(x, states, lambda index, layer_input, state: engine.inference_step(
+        kind, layer_input, state, layer.cell_weights(index, 0), backend), output_of)
 
 
 def slstm_inference_steps(layer: SLSTM, x: Tensor, states: list[SLSTMState]
@@ -260,15 +254,8 @@ def slstm_inference_steps(layer: SLSTM, x: Tensor, states: list[SLSTMState]
     if layer.training and layer.dropout and layer.num_layers > 1:
         return None
     exp_forget, backend = layer.forget_gate == "exp", layer.backend
-    new_states, layer_input = [], x
-    for index, state in enumerate(states):
-        new = engine.slstm_inference_step(layer_input, state, *layer.weights(index, 0),
-                                          exp_forget, backend)
-        if new is None:
-            return None
-        new_states.append(new)
-        layer_input = new[0]
-    return layer_input, new_states
+    return _stacked_steps(x, states, lambda index, layer_input, state: engine.slstm_inference_step(
+        layer_input, state, *layer.weights(index, 0), exp_forget, backend), lambda new: new[0])
 
 
 def min_inference_steps(layer: _MinimalLayer, x: Tensor, states: list[Tensor]
@@ -283,14 +270,22 @@ def min_inference_steps(layer: _MinimalLayer, x: Tensor, states: list[Tensor]
     if layer.training and layer.dropout and layer.num_layers > 1:
         return None
     family, log_space, backend = layer.family, layer.log_space, layer.backend
+    return _stacked_steps(x, states, lambda index, layer_input, h: engine.min_inference_step(
+        family, layer_input, h, *layer.weights(index, 0), log_space, backend), lambda new: new)
+
+
+def _stacked_steps(x: Tensor, states: list, step: Callable, top: Callable
+                   ) -> tuple[Tensor, list] | None:
+    """The stack's loop of the three above: ``step(index, layer_input, state)`` is one layer's
+    new state (None: declined, and nothing kept), ``top(new)`` its output, the next layer's
+    input. -> the top layer's output and the new states, or None."""
     new_states, layer_input = [], x
-    for index, h in enumerate(states):
-        new = engine.min_inference_step(family, layer_input, h, *layer.weights(index, 0),
-                                        log_space, backend)
+    for index, state in enumerate(states):
+        new = step(index, layer_input, state)
         if new is None:
             return None
         new_states.append(new)
-        layer_input = new
+        layer_input = top(new)
     return layer_input, new_states
 
 
