@@ -102,3 +102,15 @@ def test_the_projected_lstm_reads_out_its_projection():
     assert len(result.flow_initial) == 6 and result.flow_initial[0] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="lstm-projection projects h to hidden // 2 units"):
         check_run_config(RunConfig("adding", 5, RecurrentConfig("lstm-projection", hidden_size=1)))
+
+
+@pytest.mark.parametrize("command", [["memory"], ["lm", "train"]])
+def test_the_help_names_every_cell_and_the_slstm_engines(command, capsys):
+    from rnnkit.apps.recurrent import CELL_NAMES
+
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--help"])
+    # argparse wraps at spaces and after hyphens: join the lines back before looking
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+    assert [name for name in CELL_NAMES if name not in text] == []
+    assert "native (LSTM, GRU, RNN, sLSTM)" in text

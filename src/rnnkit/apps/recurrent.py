@@ -112,8 +112,9 @@ class RecurrentConfig:
     """The recurrent stack of a model; every app embeds one (with its own defaults)."""
 
     cell: str = field(default="lstm", metadata={"choices": tuple(CELL_NAMES)})
-        # lstm | gru | rnn | mingru | minlstm, or a variant: lstm-peephole, lstm-projection,
-        # gru-reset-before, rnn-relu, mingru-log, minlstm-log
+        # lstm | gru | rnn | mingru | minlstm | slstm, or a variant: lstm-peephole,
+        # lstm-projection, gru-reset-before, rnn-relu, mingru-log, minlstm-log, slstm-exp,
+        # slstm-heads4
     hidden_size: int = field(default=256, metadata={"option": "--hidden", "check": "positive"})
         # units per layer (and direction)
     num_layers: int = field(default=1, metadata={"option": "--layers", "check": "positive"})
@@ -140,9 +141,9 @@ class RecurrentConfig:
     weight_drop: float = field(default=0.0, metadata={"check": "probability"})
         # DropConnect on W_hh, one mask per forward call (AWD-LSTM), training only
     backend: str = field(default="auto", metadata={"choices": RECURRENT_BACKENDS})
-        # rnnkit engine: auto | reference | fused | native (LSTM, GRU, RNN), auto | reference |
-        # scan | log_scan | native (minGRU, minLSTM); or torch.nn (LSTM, GRU, RNN's plain
-        # cells, to compare)
+        # rnnkit engine: auto | reference | fused | native (LSTM, GRU, RNN, sLSTM), auto |
+        # reference | scan | log_scan | native (minGRU, minLSTM); or torch.nn (LSTM, GRU, RNN's
+        # plain cells, to compare)
 
     @property
     def family(self) -> str:

@@ -27,7 +27,8 @@ class MemoryCommand:
     cells: list[str] = field(default_factory=lambda: ["rnn", "lstm", "gru"],
                              metadata={"choices": tuple(CELL_NAMES)})
         # cell names compared (variants: rnn-relu, lstm-peephole, lstm-projection (h to
-        # hidden // 2), gru-reset-before; and mingru, minlstm, mingru-log, minlstm-log)
+        # hidden // 2), gru-reset-before; and mingru, minlstm, mingru-log, minlstm-log, slstm,
+        # slstm-exp, slstm-heads4)
     lengths: list[int] = field(default_factory=lambda: [50],
                                metadata={"parse": parse_integers(2, "--lengths")})
         # sequence lengths T (adding) or delays T (copy)
