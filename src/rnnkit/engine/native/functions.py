@@ -4,13 +4,14 @@
 and direction the forward is one input projection (every step at once, biases folded in; the
 LSTM kernel adds its biases itself as it reads each step) and one kernel call (the recurrent
 loop, `kernels.cpp`); an LSTM whose input is narrower than its state, from batch 4, projects
-the input inside its loop instead (`kernels.lstm_projects_input` states when); the backward is one kernel call (the reverse loop, giving the gate
-gradients of every step); the weight gradients are then one product each over all steps, taken
-by the operators' autograd formula. The kernels keep states in a ``(T + 1, N, H)`` buffer in
-time order (the state entering step t is at index t going forward and t + 1 going backward).
-Without lengths the output is that buffer's last (forward) or first (reverse) ``T`` slots: the
-operators return the buffer and an empty output, and the caller takes the view, since an
-operator's outputs may not alias each other.
+the input inside its loop instead (`kernels.lstm_projects_input` states when). The backward is
+one kernel call (the reverse loop, giving the gate gradients of every step); the weight
+gradients are then one product each over all steps, taken by the operators' autograd formula.
+The kernels keep states in a ``(T + 1, N, H)`` buffer in time order (the state entering step t
+is at index t going forward and t + 1 going backward). Without lengths the output is that
+buffer's last (forward) or first (reverse) ``T`` slots: the operators return the buffer and an
+empty output, and the caller takes the view, since an operator's outputs may not alias each
+other.
 """
 
 from __future__ import annotations
