@@ -370,16 +370,9 @@ class _RecurrentLayer(nn.Module):
         ``lengths`` may be passed by position too (third, after ``hx``): tracers such as the
         legacy ONNX exporter hand every argument over positionally.
         """
-        # float32 under autocast (engine/precision.py); the C call first: a streamed step asks
-        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih_l0):
-            param = self.weight_ih_l0
-            with torch.autocast(param.device.type, enabled=False):
-                return self.forward(precision.to_parameter_dtype(input, param),
-                                    precision.to_parameter_dtype(hx, param), lengths=lengths)
-        if lengths is None and type(input) is Tensor and input.dim() == 3:
-            stepped = self._one_step(input, hx)
-            if stepped is not None:
-                return stepped
+        early = _autocast_or_one_step(self, input, hx, lengths)
+        if early is not None:
+            return early
         x, lengths, batched = self._prepare_input(input, lengths)
         initial = self._initial_states(hx, x, batched)
         output, finals = self._run_stack(x, initial, lengths, self.num_layers, self.training)
@@ -675,6 +668,22 @@ RecurrentLayer = _RecurrentLayer
 """The base of `RNN`, `LSTM` and `GRU`, for ``isinstance`` tests (apps ask it)."""
 
 
+def _autocast_or_one_step(layer: nn.Module, input: object, hx: object,
+                          lengths: object) -> tuple[object, object] | None:
+    """What every layer's ``forward`` tries first: under autocast, ``forward`` again in float32
+    (the families' rule, engine/precision.py; the C call first, as a streamed step asks); then
+    a one-step sequence from a given state on the layer's short way (its ``_one_step``). None
+    where neither applies: ``forward`` then checks and runs the input the general way."""
+    if torch._C._is_any_autocast_enabled() and precision.autocasting(layer.weight_ih_l0):
+        param = layer.weight_ih_l0
+        with torch.autocast(param.device.type, enabled=False):
+            return layer.forward(precision.to_parameter_dtype(input, param),
+                                 precision.to_parameter_dtype(hx, param), lengths=lengths)
+    if lengths is None and type(input) is Tensor and input.dim() == 3:
+        return layer._one_step(input, hx)
+    return None
+
+
 def _in_input_form(output: Tensor, input: object, lengths: Tensor | None, batched: bool,
                    batch_first: bool) -> Tensor | PackedSequence:
     """A stack's time-major ``output (T, N, ·)`` in the form of the layer's ``input``: packed
@@ -794,16 +803,9 @@ class _SimpleLayer(nn.Module, Generic[_SimpleState]):
         lengths: Tensor | list[int] | None = None,
     ) -> tuple[Tensor | PackedSequence, _SimpleState]:
         """Run the stack; shapes in the class docstring."""
-        # float32 under autocast, the families' rule (engine/precision.py)
-        if torch._C._is_any_autocast_enabled() and precision.autocasting(self.weight_ih_l0):
-            param = self.weight_ih_l0
-            with torch.autocast(param.device.type, enabled=False):
-                return self.forward(precision.to_parameter_dtype(input, param),
-                                    precision.to_parameter_dtype(hx, param), lengths=lengths)
-        if lengths is None and type(input) is Tensor and input.dim() == 3:
-            stepped = self._one_step(input, hx)
-            if stepped is not None:
-                return stepped
+        early = _autocast_or_one_step(self, input, hx, lengths)
+        if early is not None:
+            return early
         x, lengths, initial, batched = self._prepare(input, hx, lengths)
         layer_input = x
         finals: list[_SimpleState] = []
