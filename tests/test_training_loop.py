@@ -233,11 +233,12 @@ def test_ctrl_c_finishes_the_step_checkpoints_it_and_says_how_to_resume(tmp_path
         return loss
 
     trainer.train_step = pressed_at_step_4
+    before = signal.getsignal(signal.SIGINT)  # the default, or SIG_IGN in a background job
     with pytest.raises(Interrupted, match=r"interrupted at step 4 of 12: checkpoint saved to "
                        r"'.*run.pt'; continue with --resume .*run.pt"):
         trainer.run()
     assert load_checkpoint(tmp_path / "run.pt", "toy")["step"] == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
 def test_evaluating_restores_the_mode_even_when_the_block_raises():
