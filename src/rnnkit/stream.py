@@ -129,7 +129,21 @@ class LayerStream:
         return _final_states(self.layer, final, batched)
 
 
-class SLSTMStream(LayerStream):
+class _SimpleLayerStream(LayerStream):
+    """`LayerStream` for the layers on `rnnkit.layers._SimpleLayer` (SLSTM, MinGRU, MinLSTM):
+    every layer's step on the family's step kernel (the layer's ``_inference_steps``)."""
+
+    def _inference_step(self, x: Tensor, states: list) -> Tensor | None:
+        """Every layer on the family's step kernel, or None (nothing changed) where that does
+        not apply."""
+        stepped = self.layer._inference_steps(x, states)
+        if stepped is None:
+            return None
+        output, self._states = stepped
+        return output.clone()  # the kernel's h is the state: the output never aliases it
+
+
+class SLSTMStream(_SimpleLayerStream):
     r"""Steps of a unidirectional `rnnkit.SLSTM`, one call each: `LayerStream`'s contract.
 
     ``stream(x_t)`` equals ``layer(x_t.unsqueeze(0), s)`` (``unsqueeze(1)`` with
@@ -161,15 +175,6 @@ class SLSTMStream(LayerStream):
                         for part in range(4))
         return stacked if self._batched else tuple(s.squeeze(1) for s in stacked)
 
-    def _inference_step(self, x: Tensor, states: list) -> Tensor | None:
-        """Every layer on `engine.slstm_inference_step` (`slstm_inference_steps`), or None
-        (nothing changed) where that does not apply."""
-        stepped = slstm_inference_steps(self.layer, x, states)
-        if stepped is None:
-            return None
-        output, self._states = stepped
-        return output.clone()  # the kernel's h is the state: the output never aliases it
-
     def _split_final(self, final, batched: bool) -> list:
         """``forward``'s ``(h_n, c_n, n_n, m_n)`` -> per layer ``(h, c, n, m)``, each ``(N, H)``,
         contiguous."""
@@ -178,7 +183,7 @@ class SLSTMStream(LayerStream):
                 for per_layer in zip(*parts, strict=True)]
 
 
-class MinimalStream(LayerStream):
+class MinimalStream(_SimpleLayerStream):
     r"""Steps of a unidirectional `rnnkit.MinGRU` or `rnnkit.MinLSTM`, one call each:
     `LayerStream`'s contract.
 
@@ -210,15 +215,6 @@ class MinimalStream(LayerStream):
             return None
         stacked = torch.stack(self._states)
         return stacked if self._batched else stacked.squeeze(1)
-
-    def _inference_step(self, x: Tensor, states: list) -> Tensor | None:
-        """Every layer on `engine.min_inference_step` (`min_inference_steps`), or None
-        (nothing changed) where that does not apply."""
-        stepped = min_inference_steps(self.layer, x, states)
-        if stepped is None:
-            return None
-        output, self._states = stepped
-        return output.clone()  # the kernel's h is the state: the output never aliases it
 
     def _split_final(self, final, batched: bool) -> list:
         """``forward``'s ``h_n`` -> per layer ``h (N, H)``, contiguous."""
