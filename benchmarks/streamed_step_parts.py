@@ -1,8 +1,8 @@
 """The pieces of a streamed step (batch 1, under no_grad), each timed in-process against
 ``torch.nn.LSTMCell`` in the same run: a ``rnnkit.LSTMCell`` call, a one-step ``rnnkit.LSTM``
-call, a ``rnnkit.LSTM.stream()`` step, the engine calls below them and the step kernel alone.
-The pieces are timed in turn, round after round (min of 7 rounds x 3000 calls each), so a busy
-spell of the machine hits them alike.
+call and torch.nn.LSTM's (its drop-in peer), a ``rnnkit.LSTM.stream()`` step, the engine calls
+below them and the step kernel alone. The pieces are timed in turn, round after round (min of 7
+rounds x 3000 calls each), so a busy spell of the machine hits them alike.
 
     python benchmarks/streamed_step_parts.py [--hidden 256] [--threads 2] [NAME]
 
@@ -41,10 +41,13 @@ def main() -> None:
     cell_state = (torch.zeros(1, hidden), torch.zeros(1, hidden))
     sequence = x.unsqueeze(0)
     layer_state = (torch.zeros(1, 1, hidden), torch.zeros(1, 1, hidden))
+    peer_layer = nn.LSTM(hidden, hidden)
+    peer_layer.load_state_dict(layer.state_dict())
     kind, weights = cell.kind(), cell.weights()
     calls = {
         "torch.nn.LSTMCell call": lambda: peer(x, cell_state),
         "rnnkit.LSTMCell call": lambda: cell(x, cell_state),
+        "one-step torch.nn.LSTM call": lambda: peer_layer(sequence, layer_state),
         "one-step rnnkit.LSTM call": lambda: layer(sequence, layer_state),
         "engine.run_direction": lambda: engine.run_direction(kind, sequence, cell_state,
                                                              weights, None, False),
