@@ -219,11 +219,11 @@ def test_operator_registration():
             torch.library.opcheck(ops.native_slstm, (*arguments[:8], each_length, False,
                                                      exp_forget))
     with torch.no_grad():
-        (h_states, _, h_n, c_n, n_n, m_n, pre, gates, c_states, n_states,
+        (h_states, _, h_n, c_n, n_n, m_n, pre, c_states, n_states,
          m_states) = ops.native_slstm(*arguments[:8], lengths, True, False)
     d_output = torch.randn(4, 2, 4, dtype=torch.float64)
     torch.library.opcheck(ops.native_slstm_backward, (
-        d_output, *(torch.randn_like(h_n) for _ in range(4)), pre, gates, c_states, n_states,
+        d_output, *(torch.randn_like(h_n) for _ in range(4)), pre, c_states, n_states,
         m_states, arguments[6].detach(), lengths, True, False))
 
 
@@ -289,7 +289,8 @@ def test_native_threads_heads_at_a_size_worth_it_by_default():
 
 
 def test_native_inference_path_equals_the_training_path():
-    """Under no_grad the native operator's implementation runs alone and stores no gates: the
+    """Under no_grad the native operator's implementation runs alone and keeps nothing for a
+    backward (z and o are not written over the pre-activations): the
     same kernels otherwise, so the same bits."""
     layer = rnnkit.SLSTM(3, 8, num_layers=2, bidirectional=True, num_heads=2,
                          dtype=torch.float64, backend="native")
@@ -315,7 +316,7 @@ def test_native_kernels_check_every_argument():
     def forward(**changed):
         arguments = {"pre": pre.clone(), "h0": state, "c0": state, "n0": state, "m0": state,
                      "w_hh": w_hh, "lengths": None, "reverse": False, "exp_forget": False,
-                     "store_gates": True, **changed}
+                     "for_backward": True, **changed}
         return kernels.slstm_forward(*arguments.values())
 
     cases = [
@@ -341,14 +342,14 @@ def test_native_kernels_check_every_argument():
     for changed, message in cases:
         with pytest.raises(RuntimeError, match=message):
             forward(**changed)
-    _, gates, _, c_states, n_states, m_states = forward()
+    _, _, c_states, n_states, m_states = forward()
     good = {"d_output": torch.zeros(steps, batch, hidden), "d_h_n": state, "d_c_n": state,
-            "d_n_n": state, "d_m_n": state, "pre": pre, "gates": gates, "c_states": c_states,
+            "d_n_n": state, "d_m_n": state, "pre": pre, "c_states": c_states,
             "n_states": n_states, "m_states": m_states, "w_hh": w_hh, "lengths": None,
             "reverse": False, "exp_forget": False}
     assert kernels.slstm_backward(*good.values())[0].shape == pre.shape
     for name, wrong, message in [
-        ("gates", gates[:, :, :-1].contiguous(), r"gates must have shape \[3, 2, 32\], got "
+        ("pre", pre[:, :, :-1].contiguous(), r"pre must have shape \[3, 2, 32\], got "
          r"\[3, 2, 31\]"),
         ("m_states", m_states[1:].contiguous(), r"m_states must have shape \[4, 2, 8\]"),
         ("d_output", torch.zeros(steps, batch, hidden + 1), r"d_output must have shape"),
@@ -789,3 +790,31 @@ def test_reference_step_matches_the_dense_formula_with_torch_lstm_gate_order():
     expected = (torch.sigmoid(o_pre) * c_new / n_new, c_new, n_new, m_new)
     for part, want in zip(cell(x, (h, c, n, m)), expected, strict=True):
         assert_same({"v": part}, {"v": want}, torch.float64)
+
+
+def test_native_training_keeps_eight_values_a_unit_and_step_for_the_backward():
+    """What the native operator saves for its backward, through autograd's own hooks: the
+    projection buffer (T, N, 4H) holding (ĩ|f̃|z|o) and the four states (T + 1, N, H), beside
+    the inputs and weights; no separate buffer of gate values (the backward recomputes i' and f';
+    `native_slstm_backward`'s equality with the reference is tested above)."""
+    steps, batch, hidden = 50, 3, 8
+    layer = rnnkit.SLSTM(4, hidden, num_heads=2, backend="native")
+    x = torch.randn(steps, batch, 4, requires_grad=True)
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output, _ = layer(x)
+    parameters = sum(p.numel() for p in layer.parameters())
+    unit_steps = steps * batch * hidden
+    big = sorted(size // 4 for size in storages.values() if size // 4 >= unit_steps)
+    # pre (T N 4H) and the h, c, n, m states ((T + 1) N H each); nothing else that large.
+    assert big == sorted([4 * unit_steps] + [(steps + 1) * batch * hidden] * 4), big
+    assert sum(storages.values()) // 4 <= 8 * unit_steps + 4 * batch * hidden + x.numel() \
+        + parameters + 4 * batch * hidden * 2
+    output.sum().backward()  # the saved buffers are what the backward needs
+    assert x.grad is not None and torch.isfinite(x.grad).all()

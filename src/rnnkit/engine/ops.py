@@ -1129,23 +1129,24 @@ def _fake_slstm_backward(d_output, d_h_n, d_c_n, d_n_n, d_m_n, pre, *rest):
 def native_slstm(x: Tensor, h0: Tensor, c0: Tensor, n0: Tensor, m0: Tensor, w_ih: Tensor,
                  w_hh: Tensor, b_ih: _Optional, lengths: _Optional, reverse: bool,
                  exp_forget: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                            Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> h_states (T + 1, N, H), output (T, N, H) or empty, h_n, c_n, n_n, m_n (N, H), pre,
-    gates (T, N, 4H) rows head-major, c, n, m states (T + 1, N, H) (`native.slstm_forward`)."""
+                                            Tensor, Tensor, Tensor, Tensor]:
+    """-> h_states (T + 1, N, H), output (T, N, H) or empty, h_n, c_n, n_n, m_n (N, H), pre
+    (T, N, 4H) rows head-major (ĩ|f̃|z|o), c, n, m states (T + 1, N, H)
+    (`native.slstm_forward`)."""
     return native.slstm_forward(x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, reverse,
                                 exp_forget)
 
 
 @torch.library.custom_op("rnnkit::native_slstm_backward", mutates_args=(), device_types="cpu")
 def native_slstm_backward(d_output: Tensor, d_h_n: Tensor, d_c_n: Tensor, d_n_n: Tensor,
-                          d_m_n: Tensor, pre: Tensor, gates: Tensor, c_states: Tensor,
-                          n_states: Tensor, m_states: Tensor, w_hh: Tensor, lengths: _Optional,
+                          d_m_n: Tensor, pre: Tensor, c_states: Tensor, n_states: Tensor,
+                          m_states: Tensor, w_hh: Tensor, lengths: _Optional,
                           reverse: bool, exp_forget: bool
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> d_pre (T, N, 4H) rows head-major, d_h0, d_c0, d_n0, d_m0 (N, H)
     (`native.slstm_backward`)."""
-    return native.slstm_backward(d_output, d_h_n, d_c_n, d_n_n, d_m_n, pre, gates, c_states,
-                                 n_states, m_states, w_hh, lengths, reverse, exp_forget)
+    return native.slstm_backward(d_output, d_h_n, d_c_n, d_n_n, d_m_n, pre, c_states, n_states,
+                                 m_states, w_hh, lengths, reverse, exp_forget)
 
 
 def _fake_native_slstm(x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, reverse, exp_forget):
@@ -1154,14 +1155,15 @@ def _fake_native_slstm(x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, reverse, ex
     new = x.new_empty
     return (new(steps + 1, batch, hidden), _empty_like_lengths(x, lengths, steps, batch, hidden),
             *(new(batch, hidden) for _ in range(4)), new(steps, batch, 4 * hidden),
-            new(steps, batch, 4 * hidden), *(new(steps + 1, batch, hidden) for _ in range(3)))
+            *(new(steps + 1, batch, hidden) for _ in range(3)))
 
 
 def _slstm_setup(ctx, inputs, output, native_layout: bool):
     x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, reverse, exp_forget = inputs
     if native_layout:  # rows head-major (T, N, 4H), states (T + 1, N, H)
-        (h_states, _, _, _, _, _, pre, gates, c_states, n_states, m_states) = output
-        h_tilde = n_new = None  # the native backward reads c_t and n_t from the states
+        (h_states, _, _, _, _, _, pre, c_states, n_states, m_states) = output
+        # The native backward reads c_t and n_t from the states, and recomputes i' and f'.
+        gates = h_tilde = n_new = None
     else:  # head-major buffers (T, K, N, ...)
         (_, _, _, _, _, pre, gates, h_tilde, n_new, h_states, c_states, n_states,
          m_states) = output
@@ -1202,8 +1204,8 @@ def _slstm_backward(ctx, grads, native_layout: bool):
     h_entering = slstm.entering(h_states, ctx.reverse)
     if native_layout:
         d_pre, d_h0, d_c0, d_n0, d_m0 = native_slstm_backward(
-            d_output, *d_finals, pre, gates, c_states, n_states, m_states, w_hh, lengths,
-            ctx.reverse, ctx.exp_forget)
+            d_output, *d_finals, pre, c_states, n_states, m_states, w_hh, lengths, ctx.reverse,
+            ctx.exp_forget)
         # (T, N, K 4d) and (T, N, K d) seen as (T, K, N, ...): views, no copies; the products
         # below read them as they lie.
         heads, rows, width = w_hh.shape

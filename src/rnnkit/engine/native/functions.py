@@ -176,33 +176,33 @@ def slstm_forward(x, h0, c0, n0, m0, w_ih, w_hh, b_ih, lengths, reverse: bool, e
     ``h0, c0, n0, m0 (N, H)``, ``w_ih (4H, I)`` and ``b_ih (4H,)`` gate-major, ``w_hh (K, 4d,
     d)``. The input projection writes each row head-major (``slstm.heads_first`` of the weight
     rows and bias), the layout of the kernel's buffers. Returns ``h_states (T + 1, N, H)``,
-    ``output (T, N, H)`` (empty without lengths), ``h_n, c_n, n_n, m_n (N, H)``, ``pre`` and
-    ``gates (T, N, 4H)`` (the full pre-activations and the values ``(i'|f'|z|o)``, rows
-    head-major) and ``c_states, n_states, m_states (T + 1, N, H)``; with
-    ``layer_outputs_only`` (nothing to differentiate: no gates stored), ``output`` (a view of
-    the h states without lengths) and the final ``(h, c, n, m)``."""
+    ``output (T, N, H)`` (empty without lengths), ``h_n, c_n, n_n, m_n (N, H)``, ``pre (T, N,
+    4H)`` (rows head-major, ``(ĩ|f̃|z|o)``: the input and forget gates' full pre-activations and
+    the activated z and o, all the backward reads of a step's gates; it recomputes i' and f'
+    from them and the m states) and ``c_states, n_states, m_states (T + 1, N, H)``; with
+    ``layer_outputs_only`` (nothing to differentiate), ``output`` (a view of the h states
+    without lengths) and the final ``(h, c, n, m)``."""
     kernels = _kernels()
     heads = w_hh.shape[0]
     pre = _project(kernels, x, heads_first(w_ih, heads),
                    None if b_ih is None else heads_first(b_ih, heads))  # (T, N, 4H)
-    output, gates, *states = kernels.slstm_forward(
+    output, *states = kernels.slstm_forward(
         pre, h0.contiguous(), c0.contiguous(), n0.contiguous(), m0.contiguous(),
         w_hh.contiguous(), _contiguous(lengths), reverse, exp_forget, not layer_outputs_only)
     finals = tuple(_final(s, reverse) for s in states)
     if layer_outputs_only:
         return output, finals
     h_states, c_states, n_states, m_states = states
-    return (h_states, _own_output(output, lengths), *finals, pre, gates, c_states, n_states,
-            m_states)
+    return (h_states, _own_output(output, lengths), *finals, pre, c_states, n_states, m_states)
 
 
-def slstm_backward(d_output, d_h_n, d_c_n, d_n_n, d_m_n, pre, gates, c_states, n_states,
-                   m_states, w_hh, lengths, reverse: bool, exp_forget: bool):
+def slstm_backward(d_output, d_h_n, d_c_n, d_n_n, d_m_n, pre, c_states, n_states, m_states, w_hh,
+                   lengths, reverse: bool, exp_forget: bool):
     """Returns ``d_pre (T, N, 4H)`` (rows head-major, zero past each sequence's end) and
     ``d_h0, d_c0, d_n0, d_m0 (N, H)``; arguments as `slstm_forward` returned them."""
     d_pre, d_h0, d_c0, d_n0, d_m0 = _kernels().slstm_backward(
         d_output.contiguous(), d_h_n.contiguous(), d_c_n.contiguous(), d_n_n.contiguous(),
-        d_m_n.contiguous(), pre, gates, c_states, n_states, m_states, w_hh.contiguous(),
+        d_m_n.contiguous(), pre, c_states, n_states, m_states, w_hh.contiguous(),
         _contiguous(lengths), reverse, exp_forget)
     return d_pre, d_h0, d_c0, d_n0, d_m0
 

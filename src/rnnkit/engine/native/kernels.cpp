@@ -1773,16 +1773,19 @@ std::pair<int64_t, int64_t> slstm_heads(const char* kernel, const Tensor& w_hh) 
 }
 
 // pre (T, N, 4H): x W_ih^T + b_ih with head-major rows, overwritten with the full
-// pre-activations W x + b + R h of each step (the backward reads ĩ and f̃ from them).
-// h0, c0, n0, m0 (N, H): the initial state (m0 already -inf where n0 = 0). w_hh: [K, 4d, d].
-// Returns {output (T, N, H) (a view of h_states without lengths), gates (T, N, 4H) the values
-// (i'|f'|z|o) head-major, or undefined unless `store_gates`, h_states, c_states, n_states,
-// m_states (T + 1, N, H)}. Every row's gate math runs at every step (so the buffers hold the
-// same values with and without lengths); past a sequence's end the four states are then held.
+// pre-activations W x + b + R h of each step, and with `for_backward` then (ĩ|f̃|z|o): the
+// backward reads ĩ and f̃ and the activated z and o, and recomputes i' = exp(ĩ - m_t) and
+// f' = exp(log f + m_{t-1} - m_t) from them and the m states, the very bits computed here. No
+// separate (T, N, 4H) buffer of gate values is kept: a training step's peak memory is 4 T N H
+// values smaller. h0, c0, n0, m0 (N, H): the initial state (m0 already -inf where n0 = 0).
+// w_hh: [K, 4d, d]. Returns {output (T, N, H) (a view of h_states without lengths), h_states,
+// c_states, n_states, m_states (T + 1, N, H)}. Every row's gate math runs at every step (so the
+// buffers hold the same values with and without lengths); past a sequence's end the four
+// states are then held.
 std::vector<Tensor> slstm_forward(Tensor pre, const Tensor& h0, const Tensor& c0,
                                   const Tensor& n0, const Tensor& m0, const Tensor& w_hh,
                                   const std::optional<Tensor>& lengths, bool reverse,
-                                  bool exp_forget, bool store_gates) {
+                                  bool exp_forget, bool for_backward) {
   const Arguments check("slstm_forward", "pre", pre, 3);
   const auto [K, d] = slstm_heads("slstm_forward", w_hh);
   const int64_t T = pre.size(0), N = pre.size(1), H = K * d, G = 4 * d;
@@ -1799,7 +1802,6 @@ std::vector<Tensor> slstm_forward(Tensor pre, const Tensor& h0, const Tensor& c0
   Tensor h_states = started_states(steps, h0), c_states = started_states(steps, c0),
          n_states = started_states(steps, n0), m_states = started_states(steps, m0);
   Tensor output = output_buffer(h_states, steps, lengths);
-  Tensor gates = store_gates ? at::empty_like(pre) : Tensor();
   std::vector<ForwardWeight> r_forward;  // R_k (4d, d), multiplied as h_k R_k^T
   r_forward.reserve(K);
   for (int64_t k = 0; k < K; ++k) r_forward.emplace_back(w_hh.select(0, k), T);
@@ -1809,7 +1811,6 @@ std::vector<Tensor> slstm_forward(Tensor pre, const Tensor& h0, const Tensor& c0
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = steps.time(s), in = steps.in(t), out = steps.out(t);
       scalar_t* a_p = at_step<scalar_t>(pre, t);
-      scalar_t* g_p = store_gates ? at_step<scalar_t>(gates, t) : nullptr;
       const scalar_t *h_p = at_step<scalar_t>(h_states, in), *c_p = at_step<scalar_t>(c_states, in),
                      *n_p = at_step<scalar_t>(n_states, in), *m_p = at_step<scalar_t>(m_states, in);
       scalar_t *h_new_p = at_step<scalar_t>(h_states, out), *c_new_p = at_step<scalar_t>(c_states, out),
@@ -1822,7 +1823,6 @@ std::vector<Tensor> slstm_forward(Tensor pre, const Tensor& h0, const Tensor& c0
                                           Block<scalar_t>{a_p + k * G, N, G, 4 * H}, true);
           for_rows(N, G, [&](int64_t n) {
             scalar_t* a = a_p + n * 4 * H + k * G;  // (ĩ|f̃|z̃|õ) of head k, row n
-            scalar_t* g = g_p ? g_p + n * 4 * H + k * G : nullptr;
             const int64_t base = n * H + k * d;  // head k's units of row n in a state
             for_units<scalar_t>(d, [&](int64_t j, int64_t count) {
               const V i_pre = V::loadu(a + j, count), f_pre = V::loadu(a + d + j, count);
@@ -1843,11 +1843,9 @@ std::vector<Tensor> slstm_forward(Tensor pre, const Tensor& h0, const Tensor& c0
               n_new.store(n_new_p + base + j, count);
               m_new.store(m_new_p + base + j, count);
               if (out_p) h_new.store(out_p + base + j, count);
-              if (g) {
-                i.store(g + j, count);
-                f.store(g + d + j, count);
-                z.store(g + 2 * d + j, count);
-                o.store(g + 3 * d + j, count);
+              if (for_backward) {  // z̃ and õ were read above: (ĩ|f̃|z|o)
+                z.store(a + 2 * d + j, count);
+                o.store(a + 3 * d + j, count);
               }
             });
             if (!valid(t, n)) {  // past the end: all four parts held, the output zero
@@ -1862,20 +1860,20 @@ std::vector<Tensor> slstm_forward(Tensor pre, const Tensor& h0, const Tensor& c0
       });
     }
   });
-  return {output, gates, h_states, c_states, n_states, m_states};
+  return {output, h_states, c_states, n_states, m_states};
 }
 
 // The exact derivative of slstm_forward, the path through m included (engine/slstm.py,
 // `fused_backward`, has the formulas line by line). d_output (T, N, H); d_h_n, d_c_n, d_n_n,
-// d_m_n (N, H); pre, gates (T, N, 4H) as slstm_forward left them; c_states, n_states, m_states
-// (T + 1, N, H); w_hh: [K, 4d, d]. Returns {d_pre (T, N, 4H) the gradients of (ĩ|f̃|z̃|õ)
-// head-major, zero past each sequence's end, d_h0, d_c0, d_n0, d_m0 (N, H)}. A valid step's
-// c_t and n_t are read from the states it left (equal there to the unheld values), and
-// h̃ = c_t / n_t is recomputed with the forward's own division.
+// d_m_n (N, H); pre (T, N, 4H) as slstm_forward left it for a backward, (ĩ|f̃|z|o);
+// c_states, n_states, m_states (T + 1, N, H); w_hh: [K, 4d, d]. Returns {d_pre (T, N, 4H) the
+// gradients of (ĩ|f̃|z̃|õ) head-major, zero past each sequence's end, d_h0, d_c0, d_n0, d_m0
+// (N, H)}. A valid step's c_t, n_t and m_t are read from the states it left (equal there to
+// the unheld values); i', f' and h̃ = c_t / n_t are recomputed with the forward's own
+// operations on the same values, so they are the forward's bits.
 std::vector<Tensor> slstm_backward(const Tensor& d_output, const Tensor& d_h_n,
                                    const Tensor& d_c_n, const Tensor& d_n_n, const Tensor& d_m_n,
-                                   const Tensor& pre, const Tensor& gates,
-                                   const Tensor& c_states, const Tensor& n_states,
+                                   const Tensor& pre, const Tensor& c_states, const Tensor& n_states,
                                    const Tensor& m_states, const Tensor& w_hh,
                                    const std::optional<Tensor>& lengths, bool reverse,
                                    bool exp_forget) {
@@ -1884,7 +1882,6 @@ std::vector<Tensor> slstm_backward(const Tensor& d_output, const Tensor& d_h_n,
   const int64_t T = pre.size(0), N = pre.size(1), H = K * d, G = 4 * d;
   check("pre", pre, {T, N, 4 * H});
   check("w_hh", w_hh, {K, G, d});
-  check("gates", gates, {T, N, 4 * H});
   check("d_output", d_output, {T, N, H});
   check("d_h_n", d_h_n, {N, H});
   check("d_c_n", d_c_n, {N, H});
@@ -1910,17 +1907,16 @@ std::vector<Tensor> slstm_backward(const Tensor& d_output, const Tensor& d_h_n,
     const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t t = steps.time(s), in = steps.in(t), out = steps.out(t);
-      const scalar_t *a_p = at_step<scalar_t>(pre, t), *g_p = at_step<scalar_t>(gates, t),
-                     *d_out_p = at_step<scalar_t>(d_output, t);
+      const scalar_t *a_p = at_step<scalar_t>(pre, t), *d_out_p = at_step<scalar_t>(d_output, t);
       const scalar_t *c_old_p = at_step<scalar_t>(c_states, in), *n_old_p = at_step<scalar_t>(n_states, in),
                      *m_old_p = at_step<scalar_t>(m_states, in);
-      const scalar_t *c_new_p = at_step<scalar_t>(c_states, out), *n_new_p = at_step<scalar_t>(n_states, out);
+      const scalar_t *c_new_p = at_step<scalar_t>(c_states, out), *n_new_p = at_step<scalar_t>(n_states, out),
+                     *m_new_p = at_step<scalar_t>(m_states, out);
       scalar_t* d_pre_p = at_step<scalar_t>(d_pre, t);
       at::parallel_for(0, K, grain, [&](int64_t first, int64_t end) {
         for (int64_t k = first; k < end; ++k) {
           for_rows(N, G, [&](int64_t n) {
-            const scalar_t* a = a_p + n * 4 * H + k * G;
-            const scalar_t* g = g_p + n * 4 * H + k * G;
+            const scalar_t* a = a_p + n * 4 * H + k * G;  // (ĩ|f̃|z|o)
             scalar_t* dp = d_pre_p + n * 4 * H + k * G;
             const int64_t base = n * H + k * d;
             if (!valid(t, n)) {  // no gate gradient; the held state passes its own around
@@ -1928,8 +1924,12 @@ std::vector<Tensor> slstm_backward(const Tensor& d_output, const Tensor& d_h_n,
               return;
             }
             for_units<scalar_t>(d, [&](int64_t j, int64_t count) {
-              const V i = V::loadu(g + j, count), f = V::loadu(g + d + j, count),
-                      z = V::loadu(g + 2 * d + j, count), o = V::loadu(g + 3 * d + j, count);
+              const V i_pre = V::loadu(a + j, count), f_pre = V::loadu(a + d + j, count);
+              const V z = V::loadu(a + 2 * d + j, count), o = V::loadu(a + 3 * d + j, count);
+              // The forward's i' and f', recomputed: u = log f + m_{t-1}, m_t as it left it.
+              const V u = log_forget(f_pre, exp_forget) + V::loadu(m_old_p + base + j, count);
+              const V m_t = V::loadu(m_new_p + base + j, count);
+              const V i = (i_pre - m_t).exp(), f = (u - m_t).exp();
               const V n_t = V::loadu(n_new_p + base + j, count);
               const V h_tilde = V::loadu(c_new_p + base + j, count) / n_t;
               const V d_h_t = V::loadu(d_h_p + base + j, count) + V::loadu(d_out_p + base + j, count);
@@ -1944,8 +1944,6 @@ std::vector<Tensor> slstm_backward(const Tensor& d_output, const Tensor& d_h_n,
               const V through_f = d_f_prime * f;  // ∂/∂(u - m_t)
               const V through_i = d_i_prime * i;  // ∂/∂(ĩ - m_t)
               const V d_m_total = V::loadu(d_m_p + base + j, count) - through_f - through_i;
-              const V i_pre = V::loadu(a + j, count), f_pre = V::loadu(a + d + j, count);
-              const V u = log_forget(f_pre, exp_forget) + V::loadu(m_old_p + base + j, count);
               const V past = u >= i_pre;  // m_t = u (else ĩ)
               const V d_u = through_f + V::blendv(zero, d_m_total, past);
               const V d_i = through_i + V::blendv(d_m_total, zero, past);
