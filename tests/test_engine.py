@@ -138,7 +138,8 @@ def test_gradcheck_through_backend(backend, name):
 
 # Sizes that exercise the native step products' every path: batch 1 and 2 tiles, leftover rows
 # after full tiles, a partial last column strip, and strips split between threads.
-# Steps 1-2 take the forward's dot-product kernel, 3 and more the transposed copy; up to 16 rows
+# Steps 1-2, and up to 3 rows at any length, take the forward's dot-product kernel on the weight
+# as stored; 3 and more steps of 4 and more rows the transposed copy; up to 16 rows
 # project the input with the kernels' own product. An LSTM without projection runs on resident
 # weights by default ("resident": here with every thread taking a share of the units, so that
 # blocks split unevenly between threads), and on the other two only with that path turned off.
@@ -168,7 +169,7 @@ def step_products(request):
 
 
 @pytest.mark.parametrize("steps,batch,hidden", [(3, 1, 70), (2, 2, 9), (5, 13, 37), (2, 8, 64),
-                                                (1, 3, 20), (4, 7, 33)])
+                                                (1, 3, 20), (4, 7, 33), (6, 3, 41)])
 @pytest.mark.parametrize("name", list(CONFIGURATIONS))
 def test_native_equals_reference_at_larger_sizes(name, steps, batch, hidden, step_products):
     layer_class, extra = CONFIGURATIONS[name]
@@ -198,6 +199,30 @@ def test_native_equals_reference_at_larger_sizes(name, steps, batch, hidden, ste
         inferred = run(layer)
     tolerance = 0.0 if steps > 1 else 1e-13
     torch.testing.assert_close(inferred, run(layer), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name, hidden", [("rnn_tanh", 370), ("gru", 216), ("gru_reset_before", 216),
+                                          ("lstm_peephole", 184), ("lstm_proj", 184)])
+def test_native_equals_reference_with_a_weight_larger_than_the_cache(name, hidden, batch,
+                                                                      step_products):
+    # Up to 3 rows of a recurrent weight over 1 MiB (here float64), the forward multiplies by the
+    # weight as stored (the dot-product kernel) at every step, instead of a transposed copy.
+    layer_class, extra = CONFIGURATIONS[name]
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[name.split("_")[0]]
+    assert gates * hidden * hidden * 8 > 1 << 20
+    extra = {**extra, "proj_size": hidden // 3} if "proj_size" in extra else extra
+    torch.manual_seed(0)
+    layer = layer_class(7, hidden, **extra, dtype=torch.float64)
+    x = torch.randn(4, batch, 7, dtype=torch.float64, requires_grad=True)
+    lengths = [4, 2, 3][:batch]
+
+    def run(module):
+        return module(x, lengths=lengths)
+
+    expected = outputs_and_gradients(with_backend(layer, "reference"), run, {"x": x})
+    actual = outputs_and_gradients(with_backend(layer, "native"), run, {"x": x})
+    assert_same(actual, expected, torch.float64, group="native-vs-ref")
 
 
 @pytest.mark.parametrize("name, gates", [("lstm_peephole", 4), ("gru_reset_before", 3),

@@ -497,17 +497,32 @@ void step_product_transposed(Block<const T> x, Block<const T> w, Block<T> out, b
   }
 }
 
-// A weight W (G, K) that every step of a forward multiplies as x · W^T. Over many steps one
-// transposed copy (K, G) pays for itself, since the broadcast kernel (step_product) is the
-// faster one; for a step or two (streaming) the copy would cost more than the steps, so they
-// use the dot-product kernel on W as it is. (Products large enough for mm ignore the layout:
-// there the copy is one pass over W per call, small against the steps.)
+// A weight W (G, K) that every step of a forward multiplies as x · W^T for N rows. Over many
+// steps one transposed copy (K, G) pays for itself where the broadcast kernel (step_product)
+// is the faster one: for a batch, or for a weight that stays in a core's cache from step to
+// step. For a step or two (streaming) the copy would cost more than the steps, so they use the
+// dot-product kernel on W as it is. So do up to 3 rows of a weight larger than the cache: the
+// dot kernel's one tile of rows reads W once a step, as the broadcast kernel does, and either
+// streams it from memory. Measured on the Xeon VM (2 threads, inference, ms, old -> new):
+// without the copy GRU (T, N, H) = (100, 1, 512) 7.7-8.0 -> 4.9, (100, 3, 512) 16 -> 8.5-9.9,
+// (200, 3, 384) 9.7-10.9 -> 8.0-8.9, LSTM (100, 1, 512) 15-16 -> 11, (100, 3, 384) 10.1 ->
+// 7.6; but with a cached weight the copy wins, GRU (200, 1, 128) 0.75 -> 0.99 and (200, 3, 64)
+// 0.56 -> 0.90 without it, and from 4 rows, where the dot kernel passes over W twice a step
+// (GRU (100, 16, 256) 8.6-9.8 with it, 12-14 without). (Products large enough for mm ignore
+// the layout: there the copy is one pass over W per call, small against the steps.)
 constexpr int64_t kStepsWorthATranspose = 3;
+constexpr int64_t kRowsWorthATranspose = 4;
+constexpr int64_t kCachedWeightBytes = int64_t(1) << 20;  // a core's L2 share (the VMs': 0.5-2 MiB)
+
+inline bool worth_a_transpose(const Tensor& w, int64_t steps, int64_t rows) {
+  return steps >= kStepsWorthATranspose &&
+         (rows >= kRowsWorthATranspose || w.numel() * w.element_size() <= kCachedWeightBytes);
+}
 
 class ForwardWeight {
  public:
-  ForwardWeight(const Tensor& w, int64_t steps)
-      : w_(w), transposed_(steps >= kStepsWorthATranspose ? w.t().contiguous() : Tensor()) {}
+  ForwardWeight(const Tensor& w, int64_t steps, int64_t rows)
+      : w_(w), transposed_(worth_a_transpose(w, steps, rows) ? w.t().contiguous() : Tensor()) {}
 
   template <typename T>
   void multiply(Block<const T> x, Block<T> out, bool accumulate) const {
@@ -599,7 +614,7 @@ std::vector<Tensor> rnn_forward(Tensor pre, const Tensor& h0, const Tensor& w_hh
   const Validity valid = validity_of(lengths);
   Tensor states = started_states(steps, h0);
   Tensor output = output_buffer(states, steps, lengths);
-  const ForwardWeight w_hh_forward(w_hh, T);
+  const ForwardWeight w_hh_forward(w_hh, T, N);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_forward", [&] {
     using V = Vec<scalar_t>;
     for (int64_t s = 0; s < T; ++s) {
@@ -708,25 +723,35 @@ void set_resident_max_bytes_per_thread(int64_t value) {
   resident_max_bytes_per_thread = value;
 }
 
-// W_hh (4H, K) packed by blocks of U units: block b holds, for k = 0..K-1, the four gate rows'
-// values for units [bU, bU + U) as 4 x U contiguous values (i | f | g | o), zero past H.
+// A weight (4H, K) packed by blocks of U units: block b holds, for k = 0..K-1, the four gate
+// rows' values for units [bU, bU + U) as 4 x U contiguous values (i | f | g | o), zero past H.
+// `packed` is (blocks, K, 4, U), left empty by `gate_blocks_buffer`; this fills blocks
+// [first, end), so that each thread of a resident loop packs the blocks it multiplies by,
+// which then lie in its own cache. The writes run in order; the reads take 4U rows at once,
+// each cache line of them used for as many consecutive k as it holds (one value a row at a
+// time, the old order, wrote at a stride of 4U values and took 0.8 ms for W_hh at H = 256,
+// most of a 20-step call at batch 1).
 template <typename T>
-Tensor pack_gate_blocks(const Tensor& w_hh, int64_t H, int64_t U) {
-  const int64_t K = w_hh.size(1), blocks = (H + U - 1) / U;
-  Tensor packed = at::zeros({blocks, K, 4, U}, w_hh.options());
-  const T* w = w_hh.data_ptr<T>();
+void pack_gate_blocks(const Tensor& weight, const Tensor& packed, int64_t H, int64_t first,
+                      int64_t end) {
+  const int64_t K = weight.size(1), U = packed.size(3);
+  const T* w = weight.data_ptr<T>();
   T* p = packed.data_ptr<T>();
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = first; b < end; ++b) {
     const int64_t units = std::min(U, H - b * U);
-    for (int64_t q = 0; q < 4; ++q) {
-      for (int64_t u = 0; u < units; ++u) {
-        const T* row = w + (q * H + b * U + u) * K;
-        T* column = p + (b * K * 4 + q) * U + u;
-        for (int64_t k = 0; k < K; ++k) column[k * 4 * U] = row[k];
+    T* out = p + b * K * 4 * U;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t q = 0; q < 4; ++q, out += U) {
+        const T* column = w + (q * H + b * U) * K + k;
+        for (int64_t u = 0; u < units; ++u) out[u] = column[u * K];
+        for (int64_t u = units; u < U; ++u) out[u] = T(0);
       }
     }
   }
-  return packed;
+}
+
+Tensor gate_blocks_buffer(const Tensor& weight, int64_t H, int64_t U) {
+  return at::empty({(H + U - 1) / U, weight.size(1), 4, U}, weight.options());
 }
 
 // acc[r][q] = h[r] · (column block q of `panel`) for Rows rows of h (ld `ldh`), K inner; plus,
@@ -1027,9 +1052,9 @@ void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Te
   const int64_t T_ = steps.count, N = h_states.size(1), H = w_hh.size(1);
   const int64_t I = input.defined() ? input.size(2) : 0;
   const int64_t blocks = (H + U - 1) / U;
-  const Tensor packed = pack_gate_blocks<T>(w_hh, H, U);
+  const Tensor packed = gate_blocks_buffer(w_hh, H, U);
   const T* panels = packed.data_ptr<T>();
-  const Tensor packed_input = input.defined() ? pack_gate_blocks<T>(w_ih, H, U) : Tensor();
+  const Tensor packed_input = input.defined() ? gate_blocks_buffer(w_ih, H, U) : Tensor();
   const T* input_panels = input.defined() ? packed_input.data_ptr<T>() : nullptr;
   const T* input_p = input.defined() ? input.data_ptr<T>() : nullptr;
   const int team_wanted = lstm_resident_threads(N, I + H, H);
@@ -1042,6 +1067,9 @@ void lstm_forward_resident(const Tensor& gates, const Tensor& h_states, const Te
   const int64_t state = N * H;
   auto run = [&](int thread, int team) {
     const int64_t first = blocks * thread / team, end = blocks * (thread + 1) / team;
+    // Each thread packs the blocks of its own units, the only ones it reads.
+    pack_gate_blocks<T>(w_hh, packed, H, first, end);
+    if (input_panels != nullptr) pack_gate_blocks<T>(w_ih, packed_input, H, first, end);
     for (int64_t s = 0; s < T_; ++s) {
       const int64_t t = steps.time(s);
       const LstmStepBuffers<T> buffers{
@@ -1249,9 +1277,9 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
   Tensor c_states = started_states(steps, c0);
   Tensor output = output_buffer(h_states, steps, lengths);
   const bool resident = lstm_resident(T, N, H, projected, gates.element_size());
-  const ForwardWeight w_hh_forward(w_hh, resident ? 0 : T);  // resident: packed there instead
+  const ForwardWeight w_hh_forward(w_hh, resident ? 0 : T, N);  // resident: packed there instead
   const std::optional<ForwardWeight> w_hr_forward =
-      projected ? std::make_optional<ForwardWeight>(*w_hr, T) : std::nullopt;
+      projected ? std::make_optional<ForwardWeight>(*w_hr, T, N) : std::nullopt;
   // With a projection the kernel writes m = o ⊙ tanh(c') here, and h' = m W_hr^T follows.
   Tensor m = projected ? at::zeros({N, H}, gates.options()) : Tensor();
   Tensor h_raw = projected ? at::empty({N, P}, gates.options()) : Tensor();
@@ -1524,9 +1552,9 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
   Tensor states = started_states(steps, h0);
   Tensor output = output_buffer(states, steps, lengths);
   Tensor n_input = at::empty({T, N, H}, gates.options());
-  const ForwardWeight w_hh_forward(w_hh, reset_after ? T : 0);
-  const ForwardWeight w_rz_forward(w_hh.narrow(0, 0, 2 * H), reset_after ? 0 : T);
-  const ForwardWeight w_n_forward(w_hh.narrow(0, 2 * H, H), reset_after ? 0 : T);
+  const ForwardWeight w_hh_forward(w_hh, reset_after ? T : 0, N);
+  const ForwardWeight w_rz_forward(w_hh.narrow(0, 0, 2 * H), reset_after ? 0 : T, N);
+  const ForwardWeight w_n_forward(w_hh.narrow(0, 2 * H, H), reset_after ? 0 : T, N);
   Tensor h_gates = reset_after ? at::empty({N, 3 * H}, gates.options()) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "gru_forward", [&] {
     using V = Vec<scalar_t>;
@@ -1804,7 +1832,7 @@ std::vector<Tensor> slstm_forward(Tensor pre, const Tensor& h0, const Tensor& c0
   Tensor output = output_buffer(h_states, steps, lengths);
   std::vector<ForwardWeight> r_forward;  // R_k (4d, d), multiplied as h_k R_k^T
   r_forward.reserve(K);
-  for (int64_t k = 0; k < K; ++k) r_forward.emplace_back(w_hh.select(0, k), T);
+  for (int64_t k = 0; k < K; ++k) r_forward.emplace_back(w_hh.select(0, k), T, N);
   const int64_t grain = slstm_head_grain(K, N, d);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "slstm_forward", [&] {
     using V = Vec<scalar_t>;
@@ -2299,7 +2327,7 @@ std::vector<Tensor> rnn_recurrence_forward(
   Tensor rstd = per_step_or_undefined(normed, {T, N}, pre_x);
   Tensor product = per_step_or_undefined(normed, {N, H}, pre_x);
   Tensor masked = per_step_or_undefined(recurrent_mask.has_value(), {N, H}, pre_x);
-  const ForwardWeight w_hh_forward(w_hh, T);
+  const ForwardWeight w_hh_forward(w_hh, T, N);
   AT_DISPATCH_FLOATING_TYPES(pre_x.scalar_type(), "rnn_recurrence_forward", [&] {
     using V = Vec<scalar_t>;
     const scalar_t* mask_p = data_or_null<scalar_t>(recurrent_mask);
@@ -2485,9 +2513,9 @@ std::vector<Tensor> gru_recurrence_forward(
   Tensor rstd = per_step_or_undefined(normed, {T, N}, pre_x);
   Tensor product = per_step_or_undefined(reset_after, {N, 3 * H}, pre_x);
   Tensor masked = per_step_or_undefined(recurrent_mask.has_value(), {N, H}, pre_x);
-  const ForwardWeight w_hh_forward(w_hh, reset_after ? T : 0);
-  const ForwardWeight w_rz_forward(w_hh.narrow(0, 0, 2 * H), reset_after ? 0 : T);
-  const ForwardWeight w_n_forward(w_hh.narrow(0, 2 * H, H), reset_after ? 0 : T);
+  const ForwardWeight w_hh_forward(w_hh, reset_after ? T : 0, N);
+  const ForwardWeight w_rz_forward(w_hh.narrow(0, 0, 2 * H), reset_after ? 0 : T, N);
+  const ForwardWeight w_n_forward(w_hh.narrow(0, 2 * H, H), reset_after ? 0 : T, N);
   AT_DISPATCH_FLOATING_TYPES(pre_x.scalar_type(), "gru_recurrence_forward", [&] {
     using V = Vec<scalar_t>;
     const scalar_t* mask_p = data_or_null<scalar_t>(recurrent_mask);
@@ -2814,9 +2842,9 @@ std::vector<Tensor> lstm_recurrence_forward(
   Tensor masked = per_step_or_undefined(recurrent_mask.has_value(), {N, P}, pre_x);
   Tensor m = projected ? at::zeros({N, H}, pre_x.options()) : Tensor();
   Tensor h_raw = per_step_or_undefined(projected, {N, P}, pre_x);
-  const ForwardWeight w_hh_forward(w_hh, T);
+  const ForwardWeight w_hh_forward(w_hh, T, N);
   const std::optional<ForwardWeight> w_hr_forward =
-      projected ? std::make_optional<ForwardWeight>(*w_hr, T) : std::nullopt;
+      projected ? std::make_optional<ForwardWeight>(*w_hr, T, N) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(pre_x.scalar_type(), "lstm_recurrence_forward", [&] {
     using V = Vec<scalar_t>;
     const scalar_t* peep = data_or_null<scalar_t>(w_ch);
