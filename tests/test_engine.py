@@ -418,6 +418,24 @@ def test_auto_runs_plain_lstm_inference_on_torch_s_kernel_equal_to_the_reference
                 {"out": expected[0], "h": expected[1][0], "c": expected[1][1]}, torch.float32)
 
 
+def test_auto_runs_a_large_batch_of_a_smaller_lstm_on_torch_s_kernel(monkeypatch):
+    calls = _torch_lstm_calls(monkeypatch)
+    hidden = 128
+    assert hidden < engine.TORCH_LSTM_MIN_HIDDEN
+    batch = engine.TORCH_LSTM_MIN_STATE_VALUES // hidden
+    torch.manual_seed(0)
+    model = rnnkit.LSTM(3, hidden)
+    reference = rnnkit.LSTM(3, hidden, backend="reference")
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(5, batch, 3)
+    with torch.no_grad():
+        found, expected = model(x), reference(x)
+        model(x[:, : batch - 1])  # one row fewer: the native loop
+    assert len(calls) == 1
+    assert_same({"out": found[0], "h": found[1][0], "c": found[1][1]},
+                {"out": expected[0], "h": expected[1][0], "c": expected[1][1]}, torch.float32)
+
+
 def test_torch_s_lstm_kernel_runs_only_what_it_covers(monkeypatch):
     calls = _torch_lstm_calls(monkeypatch)
     batch, hidden = engine.TORCH_LSTM_MIN_BATCH, engine.TORCH_LSTM_MIN_HIDDEN
@@ -430,6 +448,7 @@ def test_torch_s_lstm_kernel_runs_only_what_it_covers(monkeypatch):
     with torch.no_grad():
         plain(x[:, : batch - 1])  # one stream fewer: the native loop is faster there
         rnnkit.LSTM(4, hidden - 1)(x)  # a smaller hidden size: the same
+        rnnkit.LSTM(4, 128)(torch.randn(6, engine.TORCH_LSTM_MIN_STATE_VALUES // 128 - 1, 4))
         plain(x, lengths=[6] + [5] * (batch - 1))  # lengths (all full would be none)
         rnnkit.LSTM(4, hidden).double()(x.double())  # float64
         rnnkit.LSTM(4, hidden, peephole=True)(x)

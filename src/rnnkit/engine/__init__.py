@@ -23,9 +23,10 @@ freeze its Python loop to one length.
 The exception: ``"auto"`` runs a plain LSTM direction (no peephole, projection, layer norm or
 masks; no lengths) on torch's own kernel (``torch.lstm``, oneDNN's fused LSTM on the CPU) when
 nothing is to be differentiated, the input is float32 on the CPU, the batch has at least
-`TORCH_LSTM_MIN_BATCH` sequences and the hidden size is at least `TORCH_LSTM_MIN_HIDDEN`:
+`TORCH_LSTM_MIN_BATCH` sequences and the hidden size is at least `TORCH_LSTM_MIN_HIDDEN`, or
+the batch holds at least `TORCH_LSTM_MIN_STATE_VALUES` state values (batch x hidden):
 measured faster there than the native loop (docs/benchmarks.md, issue 19), while the native
-loop is faster for a single stream and at smaller hidden sizes. Not while compiling, tracing,
+loop is faster for a single stream and at smaller sizes. Not while compiling, tracing,
 exporting or under autocast, where the operators' own rules hold.
 
 A streamed step (a cell's call, a layer's `rnnkit.stream.LayerStream` step, a one-step
@@ -72,6 +73,13 @@ loop's inference took 0.94x torch's kernel's time at (T, N, H) = (100, 32, 64) a
 (100, 16, 128), but 1.09-1.19x at H = 256 and 512 (Intel Xeon VM, 2 threads; sizes between 128
 and 256 were not measured). Rechecked after the loop's prefetch and even tiles (issue 19's
 fourth part): 0.99-1.00x at H = 64 and 128, 1.05-1.19x at H = 256 and 512."""
+
+TORCH_LSTM_MIN_STATE_VALUES = 6144
+"""And below `TORCH_LSTM_MIN_HIDDEN`, from this many state values (batch x hidden) on: the
+native loop's inference against torch's kernel at T = 100 (Intel Xeon VM, 2 threads, each size
+in a fresh process, issue 19's sixth part): H = 128 0.91x at batch 16, 0.94x at 32, 1.08x at
+64, 1.19x at 128; H = 192 0.95x at 16, 1.13x at 32 (6144 values), 1.28x at 64; H = 64 1.00x at
+64 and 128."""
 
 
 STEP_KERNEL_MAX_BATCH = 4
@@ -226,7 +234,8 @@ def runs_torch_lstm(kind: CellKind, x: Tensor, state: State, weights: CellWeight
     if (kind.family != Family.LSTM or weights.weight_ch is not None
             or weights.weight_hr is not None or weights.weight_ih is None
             or lengths is not None or x.dim() != 3 or x.shape[1] < TORCH_LSTM_MIN_BATCH
-            or weights.weight_hh.shape[1] < TORCH_LSTM_MIN_HIDDEN
+            or (weights.weight_hh.shape[1] < TORCH_LSTM_MIN_HIDDEN
+                and x.shape[1] * weights.weight_hh.shape[1] < TORCH_LSTM_MIN_STATE_VALUES)
             or x.dtype != torch.float32 or not x.is_cpu or x.shape[0] == 0):
         return False
     if resolve_backend(backend) != "auto" or torch.is_autocast_enabled("cpu"):
@@ -381,7 +390,7 @@ _SLSTM_RUNNERS = {"native": ops.run_native_slstm, "fused": ops.run_fused_slstm,
 
 __all__ = ["BACKENDS", "MIN_STEP_KERNEL_MAX_BATCH", "SLSTM_STEP_KERNEL_MAX_BATCH",
            "STEP_KERNEL_MAX_BATCH",
-           "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN",
+           "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN", "TORCH_LSTM_MIN_STATE_VALUES",
            "BackendWarning",
            "engine_for", "inference_step", "is_exporting", "min_inference_step",
            "resolve_backend", "run_direction",
