@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import rnnkit
 from compare import assert_same, outputs_and_gradients, sequences
@@ -375,3 +376,53 @@ def test_gradient_penalty_equals_reference():
         results[backend] = torch.autograd.grad(penalty, list(layer.parameters()))
     for a, e in zip(results["native"], results["reference"], strict=True):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+# ---- the eager shortcut past the dispatcher ----------------------------------------------------
+
+@pytest.mark.parametrize("family, forward, backward", [
+    ("LSTM", "native_lstm", "native_lstm_backward"),
+    ("GRU", "fused_gru", "fused_gru_backward"),
+    ("SLSTM", "native_slstm", "native_slstm_backward")])
+def test_eager_training_calls_the_implementations_directly_with_the_operators_results(
+        monkeypatch, family, forward, backward):
+    """In plain eager mode the autograd.Functions call their operator's implementation, and the
+    backward formulas theirs, without the dispatcher (`ops._call_named`): the same results, bit
+    for bit, as through ``torch.ops``; under a dispatch mode (here make_fx's) or a compiler the
+    operators run."""
+    torch.manual_seed(0)
+    backend = "fused" if forward.startswith("fused") else "native"
+    layer = getattr(rnnkit, family)(3, 5, bidirectional=True, backend=backend)
+    x = torch.randn(6, 2, 3, requires_grad=True)
+    lengths = torch.tensor([6, 4])
+
+    def results():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        output, _ = layer(x, lengths=lengths)
+        (output * torch.linspace(-1, 1, output.shape[-1])).sum().backward()
+        return [output.detach(), x.grad, *(p.grad for p in layer.parameters())]
+
+    implementations = dict(ops._IMPLEMENTATIONS)
+    calls = {forward: 0, backward: 0}
+
+    def counted(name):
+        def call(*arguments):
+            calls[name] += 1
+            return implementations[name](*arguments)
+        return call
+
+    monkeypatch.setitem(ops._IMPLEMENTATIONS, forward, counted(forward))
+    monkeypatch.setitem(ops._IMPLEMENTATIONS, backward, counted(backward))
+    direct = results()
+    assert calls == {forward: 2, backward: 2}  # both directions, each way
+    for name in (forward, backward):  # through the dispatcher
+        monkeypatch.delitem(ops._IMPLEMENTATIONS, name)
+    dispatched = results()
+    for a, b in zip(direct, dispatched, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.setitem(ops._IMPLEMENTATIONS, forward, counted(forward))
+    calls[forward] = 0
+    traced = make_fx(lambda x: layer(x)[0])(x)
+    assert calls[forward] == 0  # under a dispatch mode, the operator
+    assert f"rnnkit.{forward}.default" in {str(node.target) for node in traced.graph.nodes}

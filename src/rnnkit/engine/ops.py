@@ -83,6 +83,34 @@ def plain_eager(x: Tensor, *tensors: _Optional) -> bool:
     )
 
 
+def _call(op, *arguments):
+    """``op(*arguments)``, a custom operator (`_call_named`)."""
+    return _call_named(op._name.split("::")[-1], *arguments)
+
+
+def _call_named(name: str, *arguments):
+    """``torch.ops.rnnkit.<name>(*arguments)``, a custom operator; on CPU tensors in plain eager
+    mode (`plain_eager`: no gradient to record, no compiler, tracer, transform, dispatch mode or
+    autocast) its Python implementation called directly. The same computation without the
+    dispatcher's Python layers (custom_op's autograd and device wrappers, which bind the
+    arguments to the schema on every call): at (T, N, H) = (50, 1, 64) the LSTM's forward took
+    360-390 µs through them against 95-99 µs called directly, most of a small layer's training
+    step (docs/benchmarks.md, issue 19's sixth part). The autograd.Functions below call their
+    operator this way, and their backward formulas their backward operator; under the profiler
+    the call keeps the operator's name. Written in plain Python: dynamo traces the operator, the
+    first test (and the operator's short name, not its CustomOpDef, which dynamo cannot hold)."""
+    if not torch.compiler.is_compiling():
+        implementation = _IMPLEMENTATIONS.get(name)
+        tensors = [a for a in arguments if type(a) is Tensor]
+        if (implementation is not None and tensors and all(t.is_cpu for t in tensors)
+                and plain_eager(*tensors)):
+            if torch.autograd.profiler._is_profiler_enabled:
+                with torch.profiler.record_function(f"rnnkit::{name}"):
+                    return implementation(*arguments)
+            return implementation(*arguments)
+    return getattr(torch.ops.rnnkit, name)(*arguments)
+
+
 def _apply(op, *arguments):
     """The operator with its autograd formula (through its autograd.Function) when a gradient is
     to be recorded, else the bare operator: dynamo cannot trace an autograd.Function that has
@@ -178,7 +206,16 @@ def _reference_arguments(kind: CellKind, tensors: list[_Optional]):
 
 # ---- registration ------------------------------------------------------------------------------
 
+# Operator's short name -> the Python function it was defined from, which its kernel runs
+# (`_call_named`). torch's CustomOpDef keeps it as ``_init_fn``; were that gone, every call would
+# go through the dispatcher, as `_call_named` does outside plain eager mode.
+_IMPLEMENTATIONS: dict = {}
+
+
 def _register(op, fake: Callable, autocast: bool = False) -> None:
+    implementation = getattr(op, "_init_fn", None)
+    if callable(implementation):
+        _IMPLEMENTATIONS[op._name.split("::")[-1]] = implementation
     op.register_fake(fake)
     torch.library.register_vmap(op, _slice_by_slice(op))
     if autocast:
@@ -283,7 +320,7 @@ def _rnn_backward(ctx, grads, native_layout: bool):
         return (*_differentiable_backward(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh), lengths,
                                           (d_output, d_h_n)), None, None, None)
     backward = native_rnn_backward if native_layout else fused_rnn_backward
-    d_pre, d_h0 = backward(d_output, d_h_n, raw, w_hh, lengths, ctx.reverse, ctx.relu)
+    d_pre, d_h0 = _call(backward, d_output, d_h_n, raw, w_hh, lengths, ctx.reverse, ctx.relu)
     d_x, d_w_ih = input_side_grads(ctx, d_pre, x, w_ih, 0, 2)
     d_b = _summed_bias_grad(ctx.has_bias, d_pre)
     return d_x, d_h0, d_w_ih, outer_sum(d_pre, h_prev), d_b, d_b, None, None, None
@@ -393,14 +430,14 @@ def _lstm_backward(ctx, grads, native_layout: bool):
         return (*_differentiable_backward(ctx, inputs, lengths, (d_output, d_h_n, d_c_n)),
                 None, None)
     if native_layout:  # the kernel sums the bias gradient while it has the gate gradients
-        d_gates, d_h0, d_c0, d_w_hr, d_gates_sum = native_lstm_backward(
-            d_output, d_h_n, d_c_n, gates, c_states, c_raw, w_hh, w_hr, w_ch, lengths,
-            ctx.reverse)
+        d_gates, d_h0, d_c0, d_w_hr, d_gates_sum = _call(
+            native_lstm_backward, d_output, d_h_n, d_c_n, gates, c_states, c_raw, w_hh, w_hr,
+            w_ch, lengths, ctx.reverse)
         d_b = d_gates_sum if ctx.has_bias else None
     else:
-        d_gates, d_h0, d_c0, d_w_hr = fused_lstm_backward(
-            d_output, d_h_n, d_c_n, gates, c_raw, c_prev, m, w_hh, w_hr, w_ch, lengths,
-            ctx.reverse)
+        d_gates, d_h0, d_c0, d_w_hr = _call(
+            fused_lstm_backward, d_output, d_h_n, d_c_n, gates, c_raw, c_prev, m, w_hh, w_hr,
+            w_ch, lengths, ctx.reverse)
         d_b = _summed_bias_grad(ctx.has_bias, d_gates)
     d_x, d_w_ih = input_side_grads(ctx, d_gates, x, w_ih, 0, 3)
     d_w_ch = peephole_grad(d_gates, c_prev, c_raw) if w_ch is not None else None
@@ -493,8 +530,8 @@ def _gru_backward(ctx, grads, native_layout: bool):
                                           (d_output, d_h_n)), None, None, None)
     backward = native_gru_backward if native_layout else fused_gru_backward
     saved_states = states if native_layout else h_prev
-    d_x_gates, d_hn, d_h0 = backward(d_output, d_h_n, gates, saved_states, n_input, w_hh,
-                                     lengths, ctx.reverse, ctx.reset_after)
+    d_x_gates, d_hn, d_h0 = _call(backward, d_output, d_h_n, gates, saved_states, n_input,
+                                  w_hh, lengths, ctx.reverse, ctx.reset_after)
     hidden = h_prev.shape[2]
     d_x, d_w_ih = input_side_grads(ctx, d_x_gates, x, w_ih, 0, 2)
     d_rz = d_x_gates[:, :, : 2 * hidden]  # r and z: the same on both sides of the sums
@@ -687,7 +724,8 @@ def _lstm_recurrence_backward(ctx, grads, native_layout: bool):
     backward = (native_lstm_recurrence_backward if native_layout
                 else fused_lstm_recurrence_backward)
     folded = gain_ih is not None
-    (d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm, *sums) = backward(
+    (d_pre_x, d_product, d_h0, d_c0, d_w_hr, d_cell_norm, *sums) = _call(
+        backward,
         d_output, d_h_n, d_c_n, h_states, c_states, gates, c_new, normalised_hh, rstd_hh,
         normalised_c, rstd_c, w_hh, gain_hh, gain_c, shift_c, w_hr, w_ch, mask, zoneout_h,
         zoneout_c, lengths, ctx.reverse, *((pre_x, mean_ih, rstd_ih, gain_ih) if folded else ()))
@@ -800,7 +838,8 @@ def _gru_recurrence_backward(ctx, grads, native_layout: bool):
                 None, None, None)
     backward = (native_gru_recurrence_backward if native_layout
                 else fused_gru_recurrence_backward)
-    d_pre_x, d_hidden, d_product, d_h0 = backward(
+    d_pre_x, d_hidden, d_product, d_h0 = _call(
+        backward,
         d_output, d_h_n, states, gates, n_input, normalised_hh, rstd_hh, w_hh, gain_hh, mask,
         zoneout_h, lengths, ctx.reverse, ctx.reset_after)
     needs = ctx.needs_input_grad
@@ -896,9 +935,9 @@ def _rnn_recurrence_backward(ctx, grads, native_layout: bool):
                 None, None, None)
     backward = (native_rnn_recurrence_backward if native_layout
                 else fused_rnn_recurrence_backward)
-    d_pre_x, d_product, d_h0 = backward(d_output, d_h_n, states, raw, normalised_hh, rstd_hh,
-                                        w_hh, gain_hh, mask, zoneout_h, lengths, ctx.reverse,
-                                        ctx.relu)
+    d_pre_x, d_product, d_h0 = _call(backward, d_output, d_h_n, states, raw, normalised_hh,
+                                     rstd_hh, w_hh, gain_hh, mask, zoneout_h, lengths,
+                                     ctx.reverse, ctx.relu)
     needs = ctx.needs_input_grad
     d_v = d_product if gain_hh is not None else d_pre_x
     d_w_hh = outer_sum(d_v, _entering_masked(states, ctx.reverse, mask)) if needs[2] else None
@@ -932,8 +971,9 @@ def _autograd(op, setup, backward, native_layout: bool) -> type[torch.autograd.F
     return type(f"rnnkit_{name}", (torch.autograd.Function,), {
         "__doc__": f"``{op._name}`` with its autograd formula, for torch.func as well.",
         "generate_vmap_rule": True,
-        # Through torch.ops (not the closure's CustomOpDef), which dynamo knows how to trace.
-        "forward": staticmethod(lambda *arguments: getattr(torch.ops.rnnkit, name)(*arguments)),
+        # Through torch.ops (not the closure's CustomOpDef), which dynamo knows how to trace;
+        # in plain eager mode the implementation directly.
+        "forward": staticmethod(lambda *arguments: _call_named(name, *arguments)),
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(formula),
     })
@@ -1203,7 +1243,8 @@ def _slstm_backward(ctx, grads, native_layout: bool):
         return (*(found.get(k) for k in range(len(order))), None, None, None)
     h_entering = slstm.entering(h_states, ctx.reverse)
     if native_layout:
-        d_pre, d_h0, d_c0, d_n0, d_m0 = native_slstm_backward(
+        d_pre, d_h0, d_c0, d_n0, d_m0 = _call(
+            native_slstm_backward,
             d_output, *d_finals, pre, c_states, n_states, m_states, w_hh, lengths, ctx.reverse,
             ctx.exp_forget)
         # (T, N, K 4d) and (T, N, K d) seen as (T, K, N, ...): views, no copies; the products
@@ -1212,7 +1253,8 @@ def _slstm_backward(ctx, grads, native_layout: bool):
         d_pre = d_pre.unflatten(2, (heads, rows)).transpose(1, 2)
         h_entering = h_entering.unflatten(2, (heads, width)).transpose(1, 2)
     else:
-        d_pre, d_h0, d_c0, d_n0, d_m0 = fused_slstm_backward(
+        d_pre, d_h0, d_c0, d_n0, d_m0 = _call(
+            fused_slstm_backward,
             d_output, *d_finals, pre, gates, h_tilde, n_new, c_states, n_states, m_states,
             w_hh, lengths, ctx.reverse, ctx.exp_forget)
     needs = ctx.needs_input_grad
