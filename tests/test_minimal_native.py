@@ -73,6 +73,48 @@ def test_native_with_gates_near_zero_and_one(family, log_space, dtype):
                                         log_space, dtype, group="minimal native extreme")
 
 
+@pytest.mark.parametrize("dtype,steps,update_bias",
+                         [(torch.float32, 30, 10.0), (torch.float64, 60, 14.0)],
+                         ids=["float32", "float64"])
+def test_native_flushes_subnormal_gradients_and_still_equals_the_reference(dtype, steps,
+                                                                          update_bias):
+    """minGRU with its update gate near 1 (a = 1 - z about e^-update_bias), the loss at the
+    last step: the gradient decays back through the subnormal range (issue 20). The input is
+    the projection itself (W_ih = I), so the input's gradient is the kernel's: subnormal on the
+    reference and on the kernel with its flushing off, none with it on (the default), equal to
+    the reference's either way."""
+    family, hidden = MinFamily.GRU, 5
+    x, h0, _, bias, _ = _direction_inputs(family, steps, dtype, input_size=2 * hidden,
+                                          hidden=hidden, seed=4)
+    weight = torch.eye(2 * hidden, dtype=dtype)
+    bias = bias.clone()
+    bias[:hidden] += update_bias  # (b_z|b_h)
+
+    def results(path):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, h0, weight, bias)]
+        output, _ = path(family, *leaves, None, False, False)
+        grads = torch.autograd.grad(output[-1].sum(), leaves)
+        names = ("grad:x", "grad:h0", "grad:weight_ih", "grad:bias_ih")
+        return {"output": output.detach(), **dict(zip(names, grads, strict=True))}
+
+    def subnormals(tensor):
+        return int(((tensor != 0) & (tensor.abs() < torch.finfo(dtype).tiny)).sum())
+
+    kernels = build.kernels()
+    expected = results(scan.run_reference)
+    assert subnormals(expected["grad:x"]) > 0
+    try:
+        kernels.set_flush_subnormals(False)
+        unflushed = results(scan.run_native)
+    finally:
+        kernels.set_flush_subnormals(True)
+    flushed = results(scan.run_native)
+    assert subnormals(unflushed["grad:x"]) > 0
+    assert subnormals(flushed["grad:x"]) == 0
+    assert_same_normwise(unflushed, expected, dtype, group="minimal native unflushed")
+    assert_same_normwise(flushed, expected, dtype, group="minimal native flushed")
+
+
 @pytest.mark.parametrize("family", list(MinFamily), ids=str)
 def test_native_log_space_is_stable_for_ten_thousand_steps(family):
     """T = 10,000, inputs x30 (gates at 0 and 1): finite, and equal to the float64 reference

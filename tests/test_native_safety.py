@@ -1,10 +1,12 @@
 """The native engine is safe to load and hard to break: a trusted build cache, no stale build
-lock, kernels that check their inputs, torch.nn's NaN convention, empty batches."""
+lock, kernels that check their inputs, torch.nn's NaN convention, empty batches, and leave the
+caller's floating-point mode as they found it."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import platform
 import stat
 import tempfile
 import threading
@@ -454,3 +456,56 @@ def test_a_layer_direction_of_no_steps_keeps_its_state(backend, name, batch):
     expected = outputs_and_gradients(layer, lambda m: (empty, state), inputs)
     actual = outputs_and_gradients(layer, run_direction(x, state, backend), inputs)
     assert_same(actual, expected, torch.float64)
+
+
+# ---- the caller's floating-point mode ------------------------------------------------------
+SUBNORMAL = 1e-39  # in float32, below the smallest normal number (1.2e-38)
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def subnormals_survive() -> bool:
+    """Whether Python-side ops still write subnormals, on this thread (a one-element product)
+    and on every intra-op thread (a product large enough to be split between them)."""
+    small = float(torch.tensor([SUBNORMAL]) * 1.0) != 0
+    large = bool((torch.full((1 << 20,), SUBNORMAL) * 1.0).ne(0).all())
+    return small and large
+
+
+@pytest.mark.skipif(not X86, reason="the kernels flush subnormals on x86 only (MXCSR)")
+def test_kernels_leave_the_callers_floating_point_mode_as_they_found_it():
+    """The kernels compute with subnormals flushed to zero (FTZ and DAZ, issue 20) on the
+    calling thread and in every parallel region, and give each thread its mode back: after
+    training steps of four families on two threads (every product and head split between
+    them), Python ops write subnormals again on both threads; a caller who flushes still
+    flushes; `call_flushed` flushes both threads inside and restores their mode after, when its
+    function raises too."""
+    loaded = kernels()
+    threads, minimum = torch.get_num_threads(), loaded.thread_min_multiply_adds()
+    torch.set_num_threads(2)
+    loaded.set_thread_min_multiply_adds(1)
+    try:
+        assert subnormals_survive()
+        for layer in (rnnkit.SLSTM(3, 16, num_heads=2, backend="native"),
+                      rnnkit.MinGRU(3, 16, backend="native"), rnnkit.LSTM(3, 16, backend="native"),
+                      rnnkit.GRU(3, 16, backend="native")):
+            layer(torch.randn(20, 70, 3))[0].sum().backward()
+            assert subnormals_survive(), type(layer).__name__
+        torch.set_flush_denormal(True)
+        try:
+            rnnkit.SLSTM(3, 16, backend="native")(torch.randn(5, 4, 3))[0].sum().backward()
+            assert float(torch.tensor([SUBNORMAL]) * 1.0) == 0
+        finally:
+            torch.set_flush_denormal(False)
+        # Inside call_flushed both threads flush: every part of the split product is zero.
+        assert loaded.call_flushed(
+            lambda: bool((torch.full((1 << 20,), SUBNORMAL) * 1.0).eq(0).all()))
+
+        def fail():
+            raise ValueError("raised inside")
+
+        with pytest.raises(ValueError, match="raised inside"):
+            loaded.call_flushed(fail)
+        assert subnormals_survive()
+    finally:
+        torch.set_num_threads(threads)
+        loaded.set_thread_min_multiply_adds(minimum)

@@ -288,6 +288,51 @@ def test_native_threads_heads_at_a_size_worth_it_by_default():
         assert_same_normwise(actual, expected, dtype, group="threaded heads")
 
 
+def _subnormals(tensor):
+    return int(((tensor != 0) & (tensor.abs() < torch.finfo(tensor.dtype).tiny)).sum())
+
+
+@pytest.mark.parametrize("dtype,steps,forget_bias,recurrent_scale",
+                         [(torch.float32, 30, -10.0, 1e-2), (torch.float64, 60, -14.0, 1e-6)],
+                         ids=["float32", "float64"])
+def test_native_flushes_subnormal_gradients_and_still_equals_the_reference(
+        dtype, steps, forget_bias, recurrent_scale):
+    """A backward whose gradients decay through the subnormal range on their way back from a
+    loss at the last step (a strongly negative forget bias and a weak recurrence: a factor of
+    e^forget_bias, or recurrent_scale, a step; issue 20): the reference's input gradient holds
+    subnormals, so does the native one with the kernels' flushing off, none with it on (the
+    default), and its outputs and gradients equal the reference's either way."""
+    kernels = build.kernels()
+    tensors, _ = _inputs(steps, torch.float64, empty_state=True, seed=3)
+    tensors[6] = tensors[6] * recurrent_scale  # weight_hh
+    tensors[7] = tensors[7].clone()
+    tensors[7][8:16] += forget_bias  # bias_ih's forget gate (hidden 8)
+    tensors = [t.to(dtype) for t in tensors]
+
+    def results(path):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        output, final = path(leaves[0], tuple(leaves[1:5]), leaves[5], leaves[6], leaves[7],
+                             None, False, False)
+        wanted = {"x": leaves[0], "weight_ih": leaves[5], "weight_hh": leaves[6],
+                  "bias_ih": leaves[7]}
+        grads = torch.autograd.grad(output[-1].sum(), list(wanted.values()))
+        return {"output": output.detach(), **{f"grad:{name}": g for name, g in
+                                              zip(wanted, grads, strict=True)}}
+
+    expected = results(slstm.run_reference)
+    assert _subnormals(expected["grad:x"]) > 0
+    try:
+        kernels.set_flush_subnormals(False)
+        unflushed = results(ops.run_native_slstm)
+    finally:
+        kernels.set_flush_subnormals(True)
+    flushed = results(ops.run_native_slstm)
+    assert _subnormals(unflushed["grad:x"]) > 0
+    assert not any(_subnormals(t) for t in flushed.values())
+    assert_same_normwise(unflushed, expected, dtype, group="slstm unflushed")
+    assert_same_normwise(flushed, expected, dtype, group="slstm flushed")
+
+
 def test_native_inference_path_equals_the_training_path():
     """Under no_grad the native operator's implementation runs alone and keeps nothing for a
     backward (z and o are not written over the pre-activations): the

@@ -1258,8 +1258,18 @@ def _slstm_backward(ctx, grads, native_layout: bool):
             d_output, *d_finals, pre, gates, h_tilde, n_new, c_states, n_states, m_states,
             w_hh, lengths, ctx.reverse, ctx.exp_forget)
     needs = ctx.needs_input_grad
-    d_x, d_w_ih, d_w_hh, d_b = slstm.weight_gradients(
-        d_pre, x, h_entering, w_ih, (needs[0], needs[5], needs[6], b_ih is not None and needs[7]))
+    wanted = (needs[0], needs[5], needs[6], b_ih is not None and needs[7])
+
+    def weight_gradients():
+        return slstm.weight_gradients(d_pre, x, h_entering, w_ih, wanted)
+
+    # The native kernel's gate gradients decay through the subnormal range in long sequences
+    # (issue 20); in eager mode their products then run flushed as the kernel did (a C call a
+    # tracer cannot follow: traced, they run as written). The fused path is portable PyTorch
+    # and runs in the caller's mode.
+    flushed = native_layout and plain_eager(d_pre, x, h_entering, w_ih)
+    d_x, d_w_ih, d_w_hh, d_b = (native.with_subnormals_flushed(weight_gradients) if flushed
+                                else weight_gradients())
     return d_x, d_h0, d_c0, d_n0, d_m0, d_w_ih, d_w_hh, d_b, None, None, None
 
 

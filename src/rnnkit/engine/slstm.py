@@ -330,7 +330,13 @@ def weight_gradients(d_pre: Tensor, x: Tensor, h_entering: Tensor, weight_ih: Te
     if needs[1]:
         d_w_ih = gates_first(flat.t() @ x.flatten(0, 1), heads)
     if needs[2]:
-        d_w_hh = torch.einsum("tkng,tknd->kgd", d_pre, h_entering)  # (K, 4d, d)
+        # Head k's (4d, d) block is one product over the T N rows, each operand read in place
+        # through a (T N, ·) view (the native buffers' rows are K heads wide, so that view has
+        # a row stride, which BLAS takes). einsum did the same product after a transposing
+        # copy of d_pre, (T, K, N, 4d) -> (K, 4d, N, T): 0.7-0.9 s of a 1.9 s training step at
+        # T = 1000, N = 50, H = 128 (docs/benchmarks.md, issue 20).
+        d_w_hh = torch.stack([d_pre[:, k].flatten(0, 1).t() @ h_entering[:, k].flatten(0, 1)
+                              for k in range(heads)])  # (K, 4d, d)
     if needs[3]:
         d_b = gates_first(flat.sum(0), heads)
     return d_x, d_w_ih, d_w_hh, d_b

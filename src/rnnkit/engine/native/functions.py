@@ -16,6 +16,9 @@ other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,6 +31,8 @@ from rnnkit.engine.steps import Family
 # ATen's costs tens of microseconds at one row (a streamed step) with MKL on this CPU class.
 SMALL_PROJECTION_ROWS = 16
 
+T = TypeVar("T")
+
 
 def _kernels():
     kernels = build.kernels()
@@ -37,6 +42,14 @@ def _kernels():
             f"with backend='fused' or 'auto'"
         )
     return kernels
+
+
+def with_subnormals_flushed(compute: Callable[[], T]) -> T:
+    """``compute()`` with subnormal floats flushed to zero on this thread, as the kernels run
+    (`kernels.cpp`, "subnormal floats"), the caller's mode restored after: for the products over
+    all steps taken here from a kernel's gradients, whose smallest normal values times states
+    below 1 would otherwise write subnormal partial products, each a slow microcode assist."""
+    return _kernels().call_flushed(compute)
 
 
 def bernoulli_mask(shape: list[int], p: float, seed: Tensor, float64: bool) -> Tensor:

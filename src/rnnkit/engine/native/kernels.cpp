@@ -31,6 +31,9 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
+#if defined(__SSE2__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -126,6 +129,129 @@ class Arguments {
 
 // ---- pieces every family shares -------------------------------------------------------------
 
+// Subnormal floats (below 1.2e-38 in float32, 2.2e-308 in float64) cost x86 cores a microcode
+// assist per operation that reads or writes one, some hundred cycles instead of one. Gradients
+// decaying back through many steps pass through that range on their way to zero: an sLSTM
+// training step at T = 200 from initialisation had 17% of its gate gradients subnormal and ran
+// 5x slower than with them flushed (docs/benchmarks.md, "sLSTM training from initialisation:
+// subnormal floats"). So every kernel computes with flush-to-zero (FTZ: a result below the
+// normal range is 0) and denormals-are-zero (DAZ: such an input reads as 0), and restores the
+// caller's mode on the way out: a Python op after the call sees the mode it set, subnormals
+// and all. The mode is per thread (the MXCSR register), so it is set by the calling thread at
+// the kernel's entry (`KernelScope`) and by every worker thread around its share of a parallel
+// region (`parallel_for`, `on_team`). ATen's BLAS called from a kernel runs on the calling
+// thread when it runs on one thread; its own worker threads keep their mode, but what the
+// kernels hand it (gate gradients, states) was computed flushed and holds no subnormal.
+// A value the flush changes is below 1.2e-38 in size: far inside every tolerance. Elsewhere
+// than x86 this is a no-op (not measured there). `set_flush_subnormals(false)` turns it off,
+// for benchmarks and tests.
+bool flush_subnormals = true;
+
+void set_flush_subnormals(bool value) { flush_subnormals = value; }
+
+constexpr unsigned kFlushBits = 0x8040;  // MXCSR bit 15 FTZ | bit 6 DAZ
+
+class FlushSubnormals {
+ public:
+#if defined(__SSE2__) || defined(_M_X64)
+  FlushSubnormals() : saved_(_mm_getcsr()) {
+    if (flush_subnormals) _mm_setcsr(saved_ | kFlushBits);
+  }
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+#else
+  FlushSubnormals() = default;
+#endif
+  FlushSubnormals(const FlushSubnormals&) = delete;
+  FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+
+#if defined(__SSE2__) || defined(_M_X64)
+ private:
+  unsigned saved_;  // the caller's MXCSR, written back bit for bit
+#endif
+};
+
+// at::parallel_for with subnormals flushed in every thread that runs a share (the calling
+// thread's own mode is restored after its share, as the workers' are after theirs).
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& body) {
+  at::parallel_for(begin, end, grain, [&](int64_t first, int64_t last) {
+    const FlushSubnormals flush;
+    body(first, last);
+  });
+}
+
+// Every thread of the calling thread's OpenMP team (ATen's intra-op threads, on which its BLAS
+// runs too: one libgomp pool per calling thread) but the calling thread itself, flushed for as
+// long as this lives, each given back the mode it had. A team of the same size reuses the same
+// pool threads in the same order, so the second parallel region reaches every thread the first
+// one set; each keeps its own saved mode (thread_local) and restores only that.
+class FlushTeam {
+ public:
+  FlushTeam() : threads_(at::get_num_threads()), applied_(false) {
+#if defined(_OPENMP) && (defined(__SSE2__) || defined(_M_X64))
+    applied_ = threads_ > 1 && flush_subnormals && !omp_in_parallel();
+    if (applied_) each_worker(true);
+#endif
+  }
+  ~FlushTeam() {
+    if (applied_) each_worker(false);
+  }
+  FlushTeam(const FlushTeam&) = delete;
+  FlushTeam& operator=(const FlushTeam&) = delete;
+
+ private:
+  void each_worker(bool flush) const {
+#if defined(_OPENMP) && (defined(__SSE2__) || defined(_M_X64))
+#pragma omp parallel num_threads(threads_)
+    {
+      if (omp_get_thread_num() != 0) {
+        if (flush) {
+          saved_mode_ = _mm_getcsr();
+          saved_ = true;
+          _mm_setcsr(saved_mode_ | kFlushBits);
+        } else if (saved_) {
+          _mm_setcsr(saved_mode_);
+          saved_ = false;
+        }
+      }
+    }
+#else
+    (void)flush;
+#endif
+  }
+
+  int threads_;
+  bool applied_;
+  static thread_local unsigned saved_mode_;
+  static thread_local bool saved_;
+};
+
+thread_local unsigned FlushTeam::saved_mode_ = 0;
+thread_local bool FlushTeam::saved_ = false;
+
+// compute() with subnormals flushed on the calling thread and on its intra-op threads, each
+// thread's mode restored after (on an exception too): for the products over all steps that the
+// operators take in Python from a kernel's gradients (functions.py, `with_subnormals_flushed`).
+// The kernels hand back gradients holding no subnormal, but a product of such a gradient's
+// smallest normal values with states below 1 writes subnormal partial products: the sLSTM's
+// d_W_hh product at T = 200 from initialisation took 0.12 s instead of 0.016 s. On two threads
+// the calling thread's flush alone halved that (the worker's share of the product unflushed).
+pybind11::object call_flushed(const pybind11::function& compute) {
+  const FlushSubnormals flush;
+  const FlushTeam team;
+  return compute();
+}
+
+// What every kernel holds from its entry (after the argument checks) to its return:
+// - below autograd: the kernels run inside the rnnkit::native_* operators, so nothing they do
+//   is recorded, and their ATen calls skip the autograd and view-tracking layers of the
+//   dispatcher (a third of a step's time at batch 1 otherwise);
+// - subnormals flushed on the calling thread (`FlushSubnormals`), the caller's mode restored.
+struct KernelScope {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  FlushSubnormals flush;
+};
+
 struct Steps {
   int64_t count;
   bool reverse;
@@ -150,7 +276,7 @@ Validity validity_of(const std::optional<Tensor>& lengths) {
 template <typename F>
 void for_rows(int64_t rows, int64_t values_per_row, const F& body) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, values_per_row));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) body(n);
   });
 }
@@ -240,11 +366,6 @@ template <typename T>
 inline void zero_row(T* dst, int64_t units) {
   std::fill(dst, dst + units, T(0));
 }
-
-// The kernels run inside the rnnkit::native_* operators (below autograd): nothing they do is
-// recorded, so their ATen calls skip the autograd and view-tracking layers of the dispatcher
-// (a third of a step's time at batch 1 otherwise).
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // ---- the per-step matrix product ------------------------------------------------------------
 //
@@ -362,7 +483,7 @@ void product_with_tiles(Block<const T> x, Block<const T> b, Block<T> out, bool a
   const int64_t strips = (b.cols + strip - 1) / strip;
   const int64_t grain = std::max<int64_t>(
       1, thread_min_multiply_adds / std::max<int64_t>(1, x.rows * x.cols * strip));
-  at::parallel_for(0, strips, grain, [&](int64_t first, int64_t end) {
+  parallel_for(0, strips, grain, [&](int64_t first, int64_t end) {
     for (int64_t s = first; s < end; ++s) {
       const int64_t j = s * strip;
       product_strip<T, Rows, Cols>(x, b, out, j, std::min(strip, b.cols - j), accumulate);
@@ -465,7 +586,7 @@ void dot_with_tiles(Block<const T> x, Block<const T> w, Block<T> out, bool accum
   const int64_t blocks = (w.rows + Cols - 1) / Cols;
   const int64_t grain = std::max<int64_t>(
       1, thread_min_multiply_adds / std::max<int64_t>(1, x.rows * x.cols * Cols));
-  at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t end) {
+  parallel_for(0, blocks, grain, [&](int64_t first, int64_t end) {
     for (int64_t b = first; b < end; ++b) {
       const int64_t j = b * Cols, cols = std::min<int64_t>(Cols, w.rows - j);
       const T* wj = w.data + j * w.ld;
@@ -550,7 +671,7 @@ Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bia
   check("second_bias", second_bias, {G});
   TORCH_CHECK(bias.has_value() || !second_bias.has_value(),
               "linear: second_bias needs bias, got second_bias without bias");
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Tensor x2 = x.view({T * N, K});
   Tensor out = at::empty({T * N, G}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear", [&] {
@@ -609,7 +730,7 @@ std::vector<Tensor> rnn_forward(Tensor pre, const Tensor& h0, const Tensor& w_hh
   check("h0", h0, {N, H});
   check("w_hh", w_hh, {H, H});
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor states = started_states(steps, h0);
@@ -655,7 +776,7 @@ std::vector<Tensor> rnn_backward(const Tensor& d_output, const Tensor& d_h_n, co
   check("d_h_n", d_h_n, {N, H});
   check("w_hh", w_hh, {H, H});
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor d_pre = at::empty_like(raw);
@@ -978,7 +1099,10 @@ void on_team(int threads, const F& run) {
 #ifdef _OPENMP
   if (threads > 1) {
 #pragma omp parallel num_threads(threads)
-    run(omp_get_thread_num(), omp_get_num_threads());
+    {
+      const FlushSubnormals flush;
+      run(omp_get_thread_num(), omp_get_num_threads());
+    }
     return;
   }
 #endif
@@ -1269,7 +1393,7 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
   check("w_ch", w_ch, {3 * H});
   check("bias", bias, {4 * H});
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool projected = w_hr.has_value();
@@ -1388,7 +1512,7 @@ std::vector<Tensor> lstm_forward_input(const Tensor& x, const Tensor& w_ih,
   check("bias", bias, {4 * H});
   check.lengths(lengths, N, T);
   if (!lstm_projects_input(T, N, I, H, false, x.element_size())) {
-    const BelowAutograd below_autograd;
+    const KernelScope scope;
     Tensor gates = at::mm(x.reshape({T * N, I}), w_ih.t()).view({T, N, 4 * H});
     std::vector<Tensor> result =
         lstm_forward(gates, bias, h0, c0, w_hh, std::nullopt, w_ch, lengths, reverse,
@@ -1396,7 +1520,7 @@ std::vector<Tensor> lstm_forward_input(const Tensor& x, const Tensor& w_ih,
     result.push_back(gates);
     return result;
   }
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor h_states = started_states(steps, h0);
@@ -1434,7 +1558,7 @@ std::vector<Tensor> lstm_backward(const Tensor& d_output, const Tensor& d_h_n,
   check("w_hr", w_hr, {P, H});
   check("w_ch", w_ch, {3 * H});
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool projected = w_hr.has_value();
@@ -1546,7 +1670,7 @@ std::vector<Tensor> gru_forward(Tensor gates, const Tensor& h0, const Tensor& w_
   check("w_hh", w_hh, {3 * H, H});
   check("b_hh", b_hh, {3 * H});
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor states = started_states(steps, h0);
@@ -1648,7 +1772,7 @@ std::vector<Tensor> gru_backward(const Tensor& d_output, const Tensor& d_h_n, co
   check("n_input", n_input, {T, N, H});
   check("w_hh", w_hh, {3 * H, H});
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor d_x_gates = at::empty_like(gates);
@@ -1824,7 +1948,7 @@ std::vector<Tensor> slstm_forward(Tensor pre, const Tensor& h0, const Tensor& c0
   check("n0", n0, {N, H});
   check("m0", m0, {N, H});
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor h_states = started_states(steps, h0), c_states = started_states(steps, c0),
@@ -1844,7 +1968,7 @@ std::vector<Tensor> slstm_forward(Tensor pre, const Tensor& h0, const Tensor& c0
       scalar_t *h_new_p = at_step<scalar_t>(h_states, out), *c_new_p = at_step<scalar_t>(c_states, out),
                *n_new_p = at_step<scalar_t>(n_states, out), *m_new_p = at_step<scalar_t>(m_states, out);
       scalar_t* out_p = lengths.has_value() ? at_step<scalar_t>(output, t) : nullptr;
-      at::parallel_for(0, K, grain, [&](int64_t first, int64_t end) {
+      parallel_for(0, K, grain, [&](int64_t first, int64_t end) {
         for (int64_t k = first; k < end; ++k) {
           // a_k (N, 4d) at stride 4H += h_k (N, d) at stride H · R_k^T
           r_forward[k].multiply<scalar_t>(Block<const scalar_t>{h_p + k * d, N, d, H},
@@ -1919,7 +2043,7 @@ std::vector<Tensor> slstm_backward(const Tensor& d_output, const Tensor& d_h_n,
   check("n_states", n_states, {T + 1, N, H});
   check("m_states", m_states, {T + 1, N, H});
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor d_pre = at::empty_like(pre);
@@ -1941,7 +2065,7 @@ std::vector<Tensor> slstm_backward(const Tensor& d_output, const Tensor& d_h_n,
       const scalar_t *c_new_p = at_step<scalar_t>(c_states, out), *n_new_p = at_step<scalar_t>(n_states, out),
                      *m_new_p = at_step<scalar_t>(m_states, out);
       scalar_t* d_pre_p = at_step<scalar_t>(d_pre, t);
-      at::parallel_for(0, K, grain, [&](int64_t first, int64_t end) {
+      parallel_for(0, K, grain, [&](int64_t first, int64_t end) {
         for (int64_t k = first; k < end; ++k) {
           for_rows(N, G, [&](int64_t n) {
             const scalar_t* a = a_p + n * 4 * H + k * G;  // (ĩ|f̃|z|o)
@@ -2040,7 +2164,7 @@ std::vector<Tensor> slstm_step(const Tensor& x, const Tensor& h, const Tensor& c
   check("w_ih", w_ih, {4 * H, I});
   check("w_hh", w_hh, {K, G, d});
   check("b_ih", b_ih, {4 * H});
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   Tensor h_new = at::empty({N, H}, x.options()), c_new = at::empty({N, H}, x.options()),
          n_new = at::empty({N, H}, x.options()), m_new = at::empty({N, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slstm_step", [&] {
@@ -2057,7 +2181,7 @@ std::vector<Tensor> slstm_step(const Tensor& x, const Tensor& h, const Tensor& c
     scalar_t *h_new_p = h_new.data_ptr<scalar_t>(), *c_new_p = c_new.data_ptr<scalar_t>(),
              *n_new_p = n_new.data_ptr<scalar_t>(), *m_new_p = m_new.data_ptr<scalar_t>();
     const V no_mass(-std::numeric_limits<scalar_t>::infinity()), zero(scalar_t(0));
-    at::parallel_for(0, K * blocks_per_head, grain, [&](int64_t first, int64_t end) {
+    parallel_for(0, K * blocks_per_head, grain, [&](int64_t first, int64_t end) {
       scalar_t pre[4][slstm_step_rows][B];  // (ĩ|f̃|z̃|õ) of the block's units, a chunk of rows
       for (int64_t b = first; b < end; ++b) {
         const int64_t k = b / blocks_per_head, j = (b % blocks_per_head) * B;
@@ -2316,7 +2440,7 @@ std::vector<Tensor> rnn_recurrence_forward(
   check("recurrent_mask", recurrent_mask, {N, H});
   check.zoneout("zoneout_h", zoneout_h, T, N, H);
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool normed = gain_hh.has_value();
@@ -2410,7 +2534,7 @@ std::vector<Tensor> rnn_recurrence_backward(
   check("recurrent_mask", recurrent_mask, {N, H});
   check.zoneout("zoneout_h", zoneout_h, T, N, H);
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool normed = gain_hh.has_value();
@@ -2501,7 +2625,7 @@ std::vector<Tensor> gru_recurrence_forward(
   check("recurrent_mask", recurrent_mask, {N, H});
   check.zoneout("zoneout_h", zoneout_h, T, N, H);
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool normed = gain_hh.has_value();
@@ -2653,7 +2777,7 @@ std::vector<Tensor> gru_recurrence_backward(
   check("recurrent_mask", recurrent_mask, {N, H});
   check.zoneout("zoneout_h", zoneout_h, T, N, H);
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool normed = gain_hh.has_value();
@@ -2820,7 +2944,7 @@ std::vector<Tensor> lstm_recurrence_forward(
   check("bias_ih", bias_ih, {4 * H});
   TORCH_CHECK(!gain_ih.has_value() || gain_hh.has_value(),
               "lstm_recurrence_forward: gain_ih (the input side's layer norm) needs gain_hh");
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool projected = w_hr.has_value(), normed = gain_hh.has_value();
@@ -3073,7 +3197,7 @@ std::vector<Tensor> lstm_recurrence_backward(
   check("rstd_ih", rstd_ih, {T, N});
   TORCH_CHECK(!gain_ih.has_value() || gain_hh.has_value(),
               "lstm_recurrence_backward: gain_ih (the input side's layer norm) needs gain_hh");
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   const bool projected = w_hr.has_value(), normed = gain_hh.has_value();
@@ -3353,7 +3477,7 @@ void for_unit_blocks(int64_t units, int64_t block, int64_t multiply_adds_per_uni
   const int64_t blocks = (units + block - 1) / block;
   const int64_t grain = std::max<int64_t>(
       1, thread_min_multiply_adds / std::max<int64_t>(1, block * multiply_adds_per_unit));
-  at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t end) {
+  parallel_for(0, blocks, grain, [&](int64_t first, int64_t end) {
     for (int64_t b = first; b < end; ++b) {
       const int64_t j = b * block;
       body(j, std::min(block, units - j));
@@ -3403,7 +3527,7 @@ std::vector<Tensor> lstm_step(const Tensor& x, const Tensor& h, const Tensor& c,
   check_step_weights(check, w_ih, w_hh, b_ih, b_hh, 4 * H, I, P);
   check("w_hr", w_hr, {P, H});
   check("w_ch", w_ch, {3 * H});
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const bool projected = w_hr.has_value();
   Tensor pre = at::empty({N, 4 * H}, x.options());
   Tensor c_new = at::empty({N, H}, x.options());
@@ -3455,7 +3579,7 @@ Tensor gru_step(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tens
   const int64_t N = x.size(0), I = x.size(1), H = h.dim() == 2 ? h.size(1) : 0;
   check("h", h, {N, H});
   check_step_weights(check, w_ih, w_hh, b_ih, b_hh, 3 * H, I, H);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   Tensor pre = at::empty({N, 3 * H}, x.options());
   Tensor n_input = at::empty({N, H}, x.options());  // W_hn h + b_hn, or r ⊙ h
   Tensor h_new = at::empty({N, H}, x.options());
@@ -3514,7 +3638,7 @@ Tensor rnn_step(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tens
   const int64_t N = x.size(0), I = x.size(1), H = h.dim() == 2 ? h.size(1) : 0;
   check("h", h, {N, H});
   check_step_weights(check, w_ih, w_hh, b_ih, b_hh, H, I, H);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   Tensor h_new = at::empty({N, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_step", [&] {
     using V = Vec<scalar_t>;
@@ -3564,7 +3688,7 @@ Tensor bernoulli_mask(at::IntArrayRef shape, double p, const Tensor& seed, bool 
   const int64_t pairs = count / 2;
   AT_DISPATCH_FLOATING_TYPES(dtype, "bernoulli_mask", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, pairs, 1 << 14, [&](int64_t begin, int64_t end) {
+    parallel_for(0, pairs, 1 << 14, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const uint64_t bits =
             splitmix64_mix(start + static_cast<uint64_t>(k + 1) * kSplitMixGamma);
@@ -3594,7 +3718,7 @@ std::vector<double> fma_peak(int64_t iterations) {
   const int64_t threads = at::get_num_threads();
   std::vector<float> sinks(threads * V::size(), 0.0f);
   const auto start = std::chrono::steady_clock::now();
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t thread = begin; thread < end; ++thread) {
       V acc[kChains];
       for (int c = 0; c < kChains; ++c) acc[c] = V(1e-3f * static_cast<float>(c));
@@ -3740,7 +3864,7 @@ std::vector<Tensor> min_scan_forward(const Tensor& projected, const Tensor& h0,
   const int64_t T = projected.size(0), N = projected.size(1), H = h0.size(1);
   const int64_t row = (minlstm ? 3 : 2) * H;
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor states = started_states(steps, h0);
@@ -3751,7 +3875,7 @@ std::vector<Tensor> min_scan_forward(const Tensor& projected, const Tensor& h0,
     const scalar_t* p_p = projected.data_ptr<scalar_t>();
     scalar_t* s_p = states.data_ptr<scalar_t>();
     scalar_t* out_p = lengths.has_value() ? output.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, items, min_item_grain(T), [&](int64_t first, int64_t end) {
+    parallel_for(0, items, min_item_grain(T), [&](int64_t first, int64_t end) {
       for (int64_t s = 0; s < T; ++s) {
         const int64_t t = steps.time(s);
         const scalar_t* h_in = s_p + steps.in(t) * N * H;
@@ -3795,7 +3919,7 @@ std::vector<Tensor> min_scan_backward(const Tensor& d_output, const Tensor& d_h_
   check("d_output", d_output, {T, N, H});
   check("states", states, {T + 1, N, H});
   check.lengths(lengths, N, T);
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   const Steps steps{T, reverse};
   const Validity valid = validity_of(lengths);
   Tensor d_projected = at::empty_like(projected);
@@ -3806,7 +3930,7 @@ std::vector<Tensor> min_scan_backward(const Tensor& d_output, const Tensor& d_h_
     const scalar_t *p_p = projected.data_ptr<scalar_t>(), *s_p = states.data_ptr<scalar_t>(),
                    *d_out_p = d_output.data_ptr<scalar_t>();
     scalar_t *d_p_p = d_projected.data_ptr<scalar_t>(), *d_h_p = d_h.data_ptr<scalar_t>();
-    at::parallel_for(0, items, min_item_grain(T), [&](int64_t first, int64_t end) {
+    parallel_for(0, items, min_item_grain(T), [&](int64_t first, int64_t end) {
       for (int64_t s = T - 1; s >= 0; --s) {
         const int64_t t = steps.time(s);
         const scalar_t* h_in = s_p + steps.in(t) * N * H;
@@ -3875,7 +3999,7 @@ Tensor min_step(const Tensor& x, const Tensor& h, const Tensor& w_ih,
   check("h", h, {N, H});
   check("w_ih", w_ih, {G * H, I});
   check("b_ih", b_ih, {G * H});
-  const BelowAutograd below_autograd;
+  const KernelScope scope;
   bool negative_state = false;
   Tensor h_new = at::empty({N, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "min_step", [&] {
@@ -3962,4 +4086,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("min_scan_forward", &min_scan_forward);
   m.def("min_scan_backward", &min_scan_backward);
   m.def("min_step", &min_step);
+  m.def("set_flush_subnormals", &set_flush_subnormals,
+        "whether the kernels compute with subnormal floats flushed to zero (x86 FTZ and DAZ), "
+        "restoring the caller's mode on return");
+  m.def("flush_subnormals", [] { return flush_subnormals; });
+  m.def("call_flushed", &call_flushed,
+        "compute() with subnormal floats flushed to zero on the calling thread, its mode "
+        "restored after");
 }
