@@ -171,3 +171,20 @@ def operators_in(tensor: Tensor) -> set[str]:
             found.add(node.name()[len("rnnkit_"):].removesuffix("Backward"))
         nodes.extend(parent for parent, _ in node.next_functions)
     return found
+
+
+def subnormals(tensor: Tensor) -> int:
+    """How many of ``tensor``'s values are subnormal (nonzero, below its dtype's smallest
+    normal)."""
+    return int(((tensor != 0) & (tensor.abs() < torch.finfo(tensor.dtype).tiny)).sum())
+
+
+def unflushed_then_flushed(kernels, run: Callable[[], dict]) -> tuple[dict, dict]:
+    """``run()`` with the native kernels' flushing of subnormal floats switched off
+    (`kernels.set_flush_subnormals`), then as they run by default, flushed."""
+    try:
+        kernels.set_flush_subnormals(False)
+        unflushed = run()
+    finally:
+        kernels.set_flush_subnormals(True)
+    return unflushed, run()

@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 
 import rnnkit
-from compare import assert_same_normwise, operators_in, outputs_and_gradients
+from compare import (
+    assert_same_normwise,
+    operators_in,
+    outputs_and_gradients,
+    subnormals,
+    unflushed_then_flushed,
+)
 from rnnkit.engine import BackendWarning, native, scan
 from rnnkit.engine.native import build
 from rnnkit.engine.scan import MinFamily
@@ -97,18 +103,10 @@ def test_native_flushes_subnormal_gradients_and_still_equals_the_reference(dtype
         names = ("grad:x", "grad:h0", "grad:weight_ih", "grad:bias_ih")
         return {"output": output.detach(), **dict(zip(names, grads, strict=True))}
 
-    def subnormals(tensor):
-        return int(((tensor != 0) & (tensor.abs() < torch.finfo(dtype).tiny)).sum())
-
     kernels = build.kernels()
     expected = results(scan.run_reference)
     assert subnormals(expected["grad:x"]) > 0
-    try:
-        kernels.set_flush_subnormals(False)
-        unflushed = results(scan.run_native)
-    finally:
-        kernels.set_flush_subnormals(True)
-    flushed = results(scan.run_native)
+    unflushed, flushed = unflushed_then_flushed(kernels, lambda: results(scan.run_native))
     assert subnormals(unflushed["grad:x"]) > 0
     assert subnormals(flushed["grad:x"]) == 0
     assert_same_normwise(unflushed, expected, dtype, group="minimal native unflushed")

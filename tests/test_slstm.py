@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
 
 import rnnkit
-from compare import assert_same, assert_same_normwise, operators_in, outputs_and_gradients
+from compare import (
+    assert_same,
+    assert_same_normwise,
+    operators_in,
+    outputs_and_gradients,
+    subnormals,
+    unflushed_then_flushed,
+)
 from rnnkit import engine
 from rnnkit.engine import ops, slstm
 from rnnkit.engine.native import build
@@ -288,10 +295,6 @@ def test_native_threads_heads_at_a_size_worth_it_by_default():
         assert_same_normwise(actual, expected, dtype, group="threaded heads")
 
 
-def _subnormals(tensor):
-    return int(((tensor != 0) & (tensor.abs() < torch.finfo(tensor.dtype).tiny)).sum())
-
-
 @pytest.mark.parametrize("dtype,steps,forget_bias,recurrent_scale",
                          [(torch.float32, 30, -10.0, 1e-2), (torch.float64, 60, -14.0, 1e-6)],
                          ids=["float32", "float64"])
@@ -320,15 +323,10 @@ def test_native_flushes_subnormal_gradients_and_still_equals_the_reference(
                                               zip(wanted, grads, strict=True)}}
 
     expected = results(slstm.run_reference)
-    assert _subnormals(expected["grad:x"]) > 0
-    try:
-        kernels.set_flush_subnormals(False)
-        unflushed = results(ops.run_native_slstm)
-    finally:
-        kernels.set_flush_subnormals(True)
-    flushed = results(ops.run_native_slstm)
-    assert _subnormals(unflushed["grad:x"]) > 0
-    assert not any(_subnormals(t) for t in flushed.values())
+    assert subnormals(expected["grad:x"]) > 0
+    unflushed, flushed = unflushed_then_flushed(kernels, lambda: results(ops.run_native_slstm))
+    assert subnormals(unflushed["grad:x"]) > 0
+    assert not any(subnormals(t) for t in flushed.values())
     assert_same_normwise(unflushed, expected, dtype, group="slstm unflushed")
     assert_same_normwise(flushed, expected, dtype, group="slstm flushed")
 
