@@ -83,9 +83,15 @@ def plain_eager(x: Tensor, *tensors: _Optional) -> bool:
     )
 
 
+def _short_name(op) -> str:
+    """A custom operator's name in the ``rnnkit`` namespace: ``rnnkit::native_lstm`` ->
+    ``native_lstm``, its attribute of ``torch.ops.rnnkit``."""
+    return op._name.split("::")[-1]
+
+
 def _call(op, *arguments):
     """``op(*arguments)``, a custom operator (`_call_named`)."""
-    return _call_named(op._name.split("::")[-1], *arguments)
+    return _call_named(_short_name(op), *arguments)
 
 
 def _call_named(name: str, *arguments):
@@ -113,14 +119,15 @@ def _call_named(name: str, *arguments):
 
 def _apply(op, *arguments):
     """The operator with its autograd formula (through its autograd.Function) when a gradient is
-    to be recorded, else the bare operator: dynamo cannot trace an autograd.Function that has
-    nothing to differentiate, and the operator alone is all a compiled inference graph needs.
+    to be recorded, else the bare operator (`_call`): dynamo cannot trace an autograd.Function
+    that has nothing to differentiate, and the operator alone is all a compiled inference graph
+    needs.
     Written in plain Python (not C calls) so that dynamo traces it."""
     # torch.jit.trace re-traces under no_grad to check its graph: one path for it either way.
     if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
             isinstance(a, Tensor) and a.requires_grad for a in arguments)):
         return _FUNCTIONS[op].apply(*arguments)
-    return getattr(torch.ops.rnnkit, op._name.split("::")[-1])(*arguments)
+    return _call(op, *arguments)
 
 
 @torch.library.custom_op("rnnkit::native_bernoulli", mutates_args=(), device_types="cpu")
@@ -215,7 +222,7 @@ _IMPLEMENTATIONS: dict = {}
 def _register(op, fake: Callable, autocast: bool = False) -> None:
     implementation = getattr(op, "_init_fn", None)
     if callable(implementation):
-        _IMPLEMENTATIONS[op._name.split("::")[-1]] = implementation
+        _IMPLEMENTATIONS[_short_name(op)] = implementation
     op.register_fake(fake)
     torch.library.register_vmap(op, _slice_by_slice(op))
     if autocast:
@@ -967,7 +974,7 @@ def _autograd(op, setup, backward, native_layout: bool) -> type[torch.autograd.F
         setup(ctx, inputs, output, native_layout)
 
     op.register_autograd(formula, setup_context=setup_context)
-    name = op._name.split("::")[-1]
+    name = _short_name(op)
     return type(f"rnnkit_{name}", (torch.autograd.Function,), {
         "__doc__": f"``{op._name}`` with its autograd formula, for torch.func as well.",
         "generate_vmap_rule": True,
