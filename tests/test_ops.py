@@ -428,6 +428,17 @@ def test_eager_training_calls_the_implementations_directly_with_the_operators_re
     assert f"rnnkit.{forward}.default" in {str(node.target) for node in traced.graph.nodes}
 
 
+def _spy_on_function_apply(monkeypatch) -> list:
+    """One entry per call of any of the layers' autograd.Functions' ``apply``."""
+    applied = []
+    for function in set(ops._FUNCTIONS.values()):
+        def spy(*arguments, real=function.apply):
+            applied.append(1)
+            return real(*arguments)
+        monkeypatch.setattr(function, "apply", spy)
+    return applied
+
+
 def test_eager_recording_skips_function_apply_s_python_half_with_the_same_results(monkeypatch):
     """In plain eager mode `ops._record` calls the C half of ``Function.apply`` (no per-call
     `inspect.signature` binding): the same output and gradients, bit for bit, as through
@@ -441,14 +452,7 @@ def test_eager_recording_skips_function_apply_s_python_half_with_the_same_result
         grads = torch.autograd.grad((output * output).sum(), [x, *layer.parameters()])
         return [output.detach(), *grads]
 
-    applied = []
-    for function in set(ops._FUNCTIONS.values()):
-        real = function.apply
-
-        def spy(*arguments, real=real):
-            applied.append(1)
-            return real(*arguments)
-        monkeypatch.setattr(function, "apply", spy)
+    applied = _spy_on_function_apply(monkeypatch)
     direct = results()
     assert not applied  # the C half, directly
     monkeypatch.setattr(ops, "_record", lambda function, arguments: function.apply(*arguments))
@@ -457,14 +461,7 @@ def test_eager_recording_skips_function_apply_s_python_half_with_the_same_result
     for a, b in zip(direct, through_apply, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     monkeypatch.undo()
-    applied.clear()
-    for function in set(ops._FUNCTIONS.values()):
-        real = function.apply
-
-        def spy_again(*arguments, real=real):
-            applied.append(1)
-            return real(*arguments)
-        monkeypatch.setattr(function, "apply", spy_again)
+    applied = _spy_on_function_apply(monkeypatch)
     params = dict(layer.named_parameters())
     gradient = grad(lambda p: functional_call(layer, p, (x.detach(),))[0].square().sum())(params)
     assert applied and set(gradient) == set(params)

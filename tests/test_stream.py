@@ -994,13 +994,20 @@ def test_a_stream_binds_its_kernels_once_and_calls_them_every_step(monkeypatch, 
     assert len(kernel_calls) == 2 * 10 and 1 <= binds <= 2 and len(bound) == binds
 
 
-def test_a_stream_under_a_forced_backend_leaves_its_kept_kernels(monkeypatch, kernel_calls):
-    layer = rnnkit.LSTM(5, 12, num_layers=2).eval()
-    xs = torch.randn(6, 3, 5)
+def _three_steps_streamed(layer: nn.Module, steps: int = 6):
+    """A stream of ``layer`` that has taken three steps (its kernels bound and kept), and the
+    ``(steps, 3, 5)`` inputs, of which it took the first three."""
+    xs = torch.randn(steps, 3, 5)
     stream = layer.stream()
     with torch.no_grad():
         for x in xs[:3]:
             stream(x)
+    return stream, xs
+
+
+def test_a_stream_under_a_forced_backend_leaves_its_kept_kernels(monkeypatch, kernel_calls):
+    stream, xs = _three_steps_streamed(rnnkit.LSTM(5, 12, num_layers=2).eval())
+    with torch.no_grad():
         calls = len(kernel_calls)
         monkeypatch.setenv("RNNKIT_BACKEND", "fused")
         for x in xs[3:]:
@@ -1028,11 +1035,7 @@ def test_a_stream_whose_layer_changed_dtype_under_it_gives_forwards_error():
 
 def test_a_stream_under_gradients_after_kept_steps_runs_forward(kernel_calls):
     layer = rnnkit.GRU(5, 12, num_layers=2).eval()
-    xs = torch.randn(5, 3, 5)
-    stream = layer.stream()
-    with torch.no_grad():
-        for x in xs[:3]:
-            stream(x)
+    stream, xs = _three_steps_streamed(layer)
     calls, state = len(kernel_calls), stream.state
     got = stream(xs[3])  # gradients on: forward, recorded
     want = layer(xs[3].unsqueeze(0), state)[0][0]
