@@ -1064,3 +1064,107 @@ def test_a_stream_in_training_follows_dropout_switched_on_between_steps(name):
             if want is not None:
                 assert_close(got, want)
     assert stream._plan is None
+
+
+def test_a_copied_or_pickled_stream_steps_with_its_own_layer():
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    for make in (lambda: rnnkit.LSTM(5, 12, num_layers=2).eval(),
+                 lambda: rnnkit.SLSTM(5, 12, num_heads=3).eval(),
+                 lambda: rnnkit.MinGRU(5, 12).eval()):
+        stream, xs = _three_steps_streamed(make())
+        buffer = io.BytesIO()
+        torch.save(stream, buffer)  # whole objects: pickle, as torch.save(model) does
+        copies = [copy.deepcopy(stream), pickle.loads(pickle.dumps(stream))]
+        with torch.no_grad():
+            for p in stream.layer.parameters():
+                p.mul_(-0.5)  # the original changes; each copy keeps its own weights
+            for twin in copies:
+                for x in xs[3:]:
+                    want = twin.layer(x.unsqueeze(0), twin.state)[0][0]
+                    assert_close(twin(x), want)
+
+
+def _toggle(attribute, values):
+    def change(layer):
+        setattr(layer, attribute, values[1] if getattr(layer, attribute) == values[0]
+                else values[0])
+    return change
+
+
+CELL_SETTING_CHANGES = {
+    "rnn-nonlinearity": (lambda: rnnkit.RNN(5, 12), _toggle("nonlinearity", ("tanh", "relu"))),
+    "gru-reset-after": (lambda: rnnkit.GRU(5, 12), _toggle("reset_after", (True, False))),
+    "slstm-forget-gate": (lambda: rnnkit.SLSTM(5, 12, num_heads=3),
+                          _toggle("forget_gate", ("sigmoid", "exp"))),
+}
+
+
+@pytest.mark.parametrize("name", list(CELL_SETTING_CHANGES))
+def test_a_stream_follows_a_cell_setting_changed_between_steps(name):
+    make, change = CELL_SETTING_CHANGES[name]
+    torch.manual_seed(0)
+    stream, xs = _three_steps_streamed(make().eval())
+    change(stream.layer)
+    with torch.no_grad():
+        for x in xs[3:]:
+            want = stream.layer(x.unsqueeze(0), stream.state)[0][0]
+            assert_close(stream(x), want)
+
+
+def test_a_minimal_stream_switched_to_log_space_under_a_negative_state_gives_forwards_error():
+    torch.manual_seed(0)
+    stream, xs = _three_steps_streamed(rnnkit.MinGRU(5, 12).eval())
+    assert bool((stream.state < 0).any())  # linear space: states of both signs
+    stream.layer.log_space = True
+    with torch.no_grad():
+        with pytest.raises(ValueError) as by_forward:
+            stream.layer(xs[3].unsqueeze(0), stream.state)
+        with pytest.raises(ValueError) as by_stream:
+            stream(xs[3])
+    assert str(by_stream.value) == str(by_forward.value)
+
+
+def test_a_stream_runs_its_layers_forward_hooks(kernel_calls):
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(5, 12).eval()
+    stream, xs = _three_steps_streamed(layer)
+    calls = len(kernel_calls)
+    handle = layer.register_forward_pre_hook(lambda module, args: (3 * args[0], *args[1:]))
+    with torch.no_grad():
+        for x in xs[3:5]:
+            want = layer(x.unsqueeze(0), stream.state)[0][0]  # through the hook
+            assert_close(stream(x), want)
+        handle.remove()
+        hooked_calls = len(kernel_calls)
+        want = layer(xs[5].unsqueeze(0), stream.state)[0][0]
+        assert_close(stream(xs[5]), want)
+    # The hooked steps ran through the layer's call (whose one-step way is the kernels too);
+    # without the hook the stream's own kernel step again.
+    assert len(kernel_calls) - hooked_calls == 2 and hooked_calls > calls
+
+
+@pytest.mark.parametrize("make", [lambda: rnnkit.LSTM(3, 4, num_layers=2),
+                                  lambda: rnnkit.GRU(3, 4), lambda: rnnkit.SLSTM(3, 4),
+                                  lambda: rnnkit.MinGRU(3, 4)],
+                         ids=["lstm", "gru", "slstm", "mingru"])
+def test_an_input_s_gradient_through_frozen_weights_is_recorded_in_one_step(make):
+    # Parameters frozen, the input requiring a gradient (saliency, adversarial inputs): a
+    # one-step call and a stream step record the graph, the gradient the reference's.
+    torch.manual_seed(0)
+    layer = make().requires_grad_(False)
+    x = torch.randn(1, 2, 3, requires_grad=True)
+    output = layer(x)[0]
+    assert output.grad_fn is not None
+    (got,) = torch.autograd.grad(output.square().sum(), x)
+    reference_layer = copy.deepcopy(layer)
+    reference_layer.backend = "reference"
+    (want,) = torch.autograd.grad(reference_layer(x)[0].square().sum(), x)
+    assert_close(got, want)
+    stream = layer.stream()
+    with torch.no_grad():
+        stream(x[0].detach())
+    streamed = stream(x[0])
+    assert streamed.grad_fn is not None

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from rnnkit import engine
 from rnnkit._checks import require_tensor
@@ -93,6 +94,12 @@ class LayerStream:
                 return output if self._batched else output.squeeze(0)
         return self._general_step(input)
 
+    def __getstate__(self) -> dict:
+        """Pickled or deep-copied without its kept kernels: they are bound to this layer's
+        parameter tensors, and a copy's layer has its own (the copy binds them at its next
+        step)."""
+        return {**self.__dict__, "_plan": None}
+
     def _kernel_step(self, x: Tensor, states: list) -> Tensor | None:
         """Every layer's step on its step kernels (`_step_kernels`), or None (nothing changed)
         where they do not apply.
@@ -103,6 +110,9 @@ class LayerStream:
         gathering the weights and checking every tensor again (the streamed step's Python
         cost, issue 19). A kept kernel that refuses a weight changed in place under it
         (``param.data = ...`` of another dtype or device) hands the step to ``forward``."""
+        if _runs_hooks(self.layer):  # forward's call runs them; the kernels would not
+            self._plan = None
+            return None
         plan = self._plan
         kept = plan is not None and self._plan_holds(plan, x)
         if kept:
@@ -132,11 +142,13 @@ class LayerStream:
         return step_kernels(self.layer, x, states)
 
     def _settings(self) -> tuple:
-        """What, besides the parameters, decides whether the kernels run: the backend (the
-        layer's and ``RNNKIT_BACKEND``), the mode and the switches that draw masks in it."""
+        """What, besides the parameters, decides the kernels and whether they run: the backend
+        (the layer's and ``RNNKIT_BACKEND``), the cell (`cell_kind`: nonlinearity,
+        ``reset_after``), the mode and the switches that draw masks in it."""
         layer = self.layer
-        return (layer.backend, os.environ.get(engine.ENVIRONMENT_VARIABLE), layer.training,
-                layer.dropout, layer.recurrent_dropout, layer.weight_drop, layer.zoneout)
+        return (layer.backend, os.environ.get(engine.ENVIRONMENT_VARIABLE), layer.cell_kind(),
+                layer.training, layer.dropout, layer.recurrent_dropout, layer.weight_drop,
+                layer.zoneout)
 
     def _new_plan(self, kernels: StepKernels, x: Tensor) -> _StepPlan | None:
         """``kernels`` as a plan for the next steps, or None where they must be bound anew at
@@ -192,6 +204,13 @@ class LayerStream:
         return _final_states(self.layer, final, batched)
 
 
+def _runs_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks or pre-hooks, its own or global ones (the
+    old ``torch.nn.utils.weight_norm`` and ``prune`` compute weights in a pre-hook)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks
+                or _global_forward_pre_hooks or _global_forward_hooks)
+
+
 class _StepPlan(NamedTuple):
     """A stream's step kernels kept between steps (`LayerStream._kernel_step`), with what they
     were bound under: the layer's parameter tensors (compared by identity), its settings
@@ -242,6 +261,10 @@ class SLSTMStream(_SimpleLayerStream):
 
     layer: SLSTM
 
+    def _settings(self) -> tuple:
+        """`_SimpleLayerStream`'s, and the forget gate."""
+        return (*super()._settings(), self.layer.forget_gate)
+
     @property
     def state(self) -> SLSTMState | None:
         """The final state after the steps so far, as the layer's ``forward`` returns it."""
@@ -283,6 +306,10 @@ class MinimalStream(_SimpleLayerStream):
     """
 
     layer: _MinimalLayer
+
+    def _settings(self) -> tuple:
+        """`_SimpleLayerStream`'s, and ``log_space``."""
+        return (*super()._settings(), self.layer.log_space)
 
     @property
     def state(self) -> Tensor | None:

@@ -71,12 +71,13 @@ _Optional = Tensor | None
 
 def plain_eager(x: Tensor, *tensors: _Optional) -> bool:
     """True when calling an implementation directly is the same as calling its operator: no
-    gradient to record, no compiler or tracer, no torch.func transform (its level), no
-    dispatch mode (fake tensors, make_fx), no autocast, and a plain tensor. Each test is one
-    C call: a streamed step asks this on every call."""
+    gradient to record (``x`` or any of ``tensors`` requiring one under grad mode), no compiler
+    or tracer, no torch.func transform (its level), no dispatch mode (fake tensors, make_fx), no
+    autocast, and ``x`` a plain tensor. Each test is one C call: a streamed step asks this on
+    every call."""
     return not (
         torch.compiler.is_compiling()  # first: dynamo cannot trace the C calls after it
-        or (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors))
+        or (torch.is_grad_enabled() and torch._C._any_requires_grad(x, *tensors))
         or torch.jit.is_tracing()
         or torch._C._functorch.maybe_current_level() is not None
         or torch._C._len_torch_dispatch_stack() or torch._C._is_any_autocast_enabled()
