@@ -163,8 +163,9 @@ def test_describe_cuda():
         f"cuda:0 ({properties.name}, {properties.total_memory / 2**30:.0f} GiB)")
 
 
-# A child process that allocates and frees the same 40 MiB sixteen times (a training step's
-# buffers, over glibc's largest dynamic mmap threshold), printing the page faults of each time.
+# A child process that allocates and frees the same 100 MiB sixteen times (a long sequence's
+# gate buffer: over glibc's largest dynamic mmap threshold, 32 MiB, and over the 64 MiB rnnkit
+# kept before), printing the page faults of each time.
 _FAULTS_OF_REUSE = """
 import resource, sys, torch
 from rnnkit.training.devices import keep_freed_memory
@@ -172,7 +173,7 @@ print(keep_freed_memory() if sys.argv[1] == "keep" else None)
 faults = []
 for _ in range(16):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(10 << 20)  # 40 MiB, filled: every page touched
+    torch.ones(25 << 20)  # 100 MiB, filled: every page touched
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(*faults)
 """
@@ -192,7 +193,7 @@ def test_keeping_freed_memory_takes_no_page_faults_for_reused_buffers():
     applied, kept = _faults_of_reuse("keep", environment)
     _, default = _faults_of_reuse("default", environment)
     assert applied == "True"
-    pages = 10_240  # 40 MiB
+    pages = 25_600  # 100 MiB
     assert all(count >= 0.9 * pages for count in default)  # mapped afresh every time
     # Kept: the first few may still fault while the heap settles (more of them on a busy
     # machine: up to six of sixteen measured); then the same pages serve every time.

@@ -426,3 +426,45 @@ def test_eager_training_calls_the_implementations_directly_with_the_operators_re
     traced = make_fx(lambda x: layer(x)[0])(x)
     assert calls[forward] == 0  # under a dispatch mode, the operator
     assert f"rnnkit.{forward}.default" in {str(node.target) for node in traced.graph.nodes}
+
+
+def _spy_on_function_apply(monkeypatch) -> list:
+    """One entry per call of any of the layers' autograd.Functions' ``apply``."""
+    applied = []
+    for function in set(ops._FUNCTIONS.values()):
+        def spy(*arguments, real=function.apply):
+            applied.append(1)
+            return real(*arguments)
+        monkeypatch.setattr(function, "apply", spy)
+    return applied
+
+
+def test_eager_recording_skips_function_apply_s_python_half_with_the_same_results(monkeypatch):
+    """In plain eager mode `ops._record` calls the C half of ``Function.apply`` (no per-call
+    `inspect.signature` binding): the same output and gradients, bit for bit, as through
+    ``Function.apply``; under a torch.func transform the Python ``apply`` runs, as it must."""
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(3, 5, num_layers=2, backend="native")
+    x = torch.randn(6, 2, 3, requires_grad=True)
+
+    def results():
+        output, _ = layer(x)
+        grads = torch.autograd.grad((output * output).sum(), [x, *layer.parameters()])
+        return [output.detach(), *grads]
+
+    applied = _spy_on_function_apply(monkeypatch)
+    direct = results()
+    assert not applied  # the C half, directly
+    monkeypatch.setattr(ops, "_record", lambda function, arguments: function.apply(*arguments))
+    through_apply = results()
+    assert len(applied) == 2  # one per layer
+    for a, b in zip(direct, through_apply, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.undo()
+    applied = _spy_on_function_apply(monkeypatch)
+    params = dict(layer.named_parameters())
+    gradient = grad(lambda p: functional_call(layer, p, (x.detach(),))[0].square().sum())(params)
+    assert applied and set(gradient) == set(params)
+    eager = dict(zip(params, through_apply[2:], strict=True))  # after the output and x's
+    for name, value in gradient.items():
+        torch.testing.assert_close(value, eager[name])

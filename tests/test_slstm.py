@@ -463,8 +463,8 @@ def test_step_kernel_equals_the_reference_step(dtype, heads, batch, exp_forget, 
                                                             empty_state, seed=batch + heads)
                     bias = bias if with_bias else None
                     with torch.no_grad():
-                        got = engine.native_functions.slstm_step(x, state, w_ih, w_hh, bias,
-                                                                 exp_forget)
+                        got = engine.native_functions.slstm_step_kernel(
+                            w_ih, w_hh, bias, exp_forget)(x, state)
                     want = slstm.step(x, state, w_ih, w_hh, bias, exp_forget)
                     assert all(bool(part.isfinite().all()) for part in got)
                     assert bool((got[2] >= 1).all()) and bool((got[0].abs() <= 1).all())

@@ -2,7 +2,8 @@
 
 Each is checked against the general path (a one-step sequence through `forward`, itself tested
 against the reference and torch.nn elsewhere) and the reference engine, and each test also
-checks which path ran, with a spy on the kernels' one entry (`native_functions.step`)."""
+checks which path ran, with a spy on the compiled step kernels themselves (`spy_on_kernels`):
+a stream binds them once and keeps them, so a spy on a Python entry would miss its steps."""
 
 from __future__ import annotations
 
@@ -35,18 +36,25 @@ def assert_close(got, want):
         assert error <= TOLERANCE[b.dtype], f"normwise error {error:.3g}"
 
 
+def spy_on_kernels(monkeypatch, *names: str) -> list:
+    """The shapes of ``x`` of each call of the compiled kernels ``names`` (each call: one
+    layer, one step), recorded by wrappers set on the kernels' module for the test: the bound
+    step kernels look their kernel up there when they are bound."""
+    calls, kernels = [], build.kernels()
+    for name in names:
+        real = getattr(kernels, name)
+
+        def spy(x, *arguments, real=real):
+            calls.append(x.shape)
+            return real(x, *arguments)
+        monkeypatch.setattr(kernels, name, spy)
+    return calls
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """How many times the step kernels ran (each call: one layer, one step)."""
-    calls = []
-    real = engine.native_functions.step
-
-    def spy(*arguments):
-        calls.append(arguments[0])
-        return real(*arguments)
-
-    monkeypatch.setattr(engine.native_functions, "step", spy)
-    return calls
+    """How many times the step kernels of RNN, LSTM and GRU ran."""
+    return spy_on_kernels(monkeypatch, "rnn_step", "lstm_step", "gru_step")
 
 
 def _random_weights(kind: CellKind, input_size: int, hidden: int, dtype, *, bias=True,
@@ -107,7 +115,7 @@ def test_step_kernels_equal_the_reference_step(case, dtype, kernel_calls, thread
     state = (h, torch.randn(batch, hidden, generator=generator, dtype=dtype)) \
         if kind.family == Family.LSTM else h
     with torch.no_grad():  # the kernels themselves, at every batch (the policy aside)
-        stepped = engine.native_functions.step(kind, x, state, weights)
+        stepped = engine.native_functions.step_kernel(kind, weights)(x, state)
         _, expected = reference.run_direction(kind, x.unsqueeze(0), state, weights, None, False)
     assert len(kernel_calls) == 1
     assert_close(stepped, expected)
@@ -417,15 +425,7 @@ def test_a_compiled_cell_step_traces_whole_and_equals_eager(with_state, kernel_c
 @pytest.fixture
 def slstm_kernel_calls(monkeypatch):
     """How many times the sLSTM step kernel ran (each call: one layer, one step)."""
-    calls = []
-    real = engine.native_functions.slstm_step
-
-    def spy(*arguments):
-        calls.append(arguments[0].shape)
-        return real(*arguments)
-
-    monkeypatch.setattr(engine.native_functions, "slstm_step", spy)
-    return calls
+    return spy_on_kernels(monkeypatch, "slstm_step")
 
 
 SLSTM_LAYER_CASES = {
@@ -658,15 +658,7 @@ def test_slstm_stream_and_cell_errors_name_the_argument():
 @pytest.fixture
 def min_kernel_calls(monkeypatch):
     """How many times the minimal step kernel ran (each call: one layer, one step)."""
-    calls = []
-    real = engine.native_functions.min_step
-
-    def spy(*arguments):
-        calls.append(arguments[0].shape)
-        return real(*arguments)
-
-    monkeypatch.setattr(engine.native_functions, "min_step", spy)
-    return calls
+    return spy_on_kernels(monkeypatch, "min_step")
 
 
 MIN_CELLS = {"mingru": rnnkit.MinGRUCell, "minlstm": rnnkit.MinLSTMCell}
@@ -912,3 +904,267 @@ def test_minimal_streams_and_one_step_calls_fall_back_and_keep_their_errors(min_
     # in training the stack is forward's (a mask between layers), whose one-step layers each
     # take the kernel: two calls of two layers; in evaluation the short way's two
     assert len(min_kernel_calls) - calls == 2 * 2 + 2
+
+
+# ---- a stream's kept kernels (`LayerStream._kernel_step`): bound once, dropped when stale ------
+
+KEPT_KERNEL_LAYERS = {
+    "lstm-2-layers": lambda: rnnkit.LSTM(5, 12, num_layers=2, dropout=0.3),
+    "gru": lambda: rnnkit.GRU(5, 12),
+    "rnn-relu": lambda: rnnkit.RNN(5, 12, nonlinearity="relu"),
+    "slstm-2-layers": lambda: rnnkit.SLSTM(5, 12, num_layers=2, num_heads=3, dropout=0.3),
+    "minlstm-2-layers": lambda: rnnkit.MinLSTM(5, 12, num_layers=2, dropout=0.3),
+}
+
+
+def _first_matrix_name(layer: nn.Module) -> str:
+    return next(name for name, p in layer.named_parameters() if p.dim() == 2)
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def _replace_a_parameter(layer, monkeypatch):
+    name = _first_matrix_name(layer)
+    setattr(layer, name, nn.Parameter(torch.randn_like(getattr(layer, name))))
+
+
+def _change_in_place(layer, monkeypatch):
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(-0.5)  # what an optimiser step does between two streamed steps
+
+
+def _parametrize(layer, monkeypatch):
+    nn.utils.parametrize.register_parametrization(layer, _first_matrix_name(layer), _Doubled())
+
+
+def _train_mode(layer, monkeypatch):
+    layer.train()  # dropout between the layers (where there are two)
+
+
+def _force_fused(layer, monkeypatch):
+    monkeypatch.setenv("RNNKIT_BACKEND", "fused")
+
+
+LAYER_CHANGES = {"parameter-replaced": _replace_a_parameter, "changed-in-place": _change_in_place,
+                 "parametrized": _parametrize, "train-mode": _train_mode,
+                 "backend-forced": _force_fused}
+
+
+@pytest.mark.parametrize("change", list(LAYER_CHANGES))
+@pytest.mark.parametrize("name", list(KEPT_KERNEL_LAYERS))
+def test_a_stream_follows_its_layer_changed_between_steps(name, change, monkeypatch):
+    # Every step equals forward on the one-step sequence from the stream's state, before and
+    # after the layer changes under a stream whose kernels are kept.
+    torch.manual_seed(0)
+    layer = KEPT_KERNEL_LAYERS[name]().eval()
+    xs = torch.randn(7, 3, 5)
+    stream = layer.stream()
+    with torch.no_grad():
+        for step, x in enumerate(xs):
+            if step == 3:
+                LAYER_CHANGES[change](layer, monkeypatch)
+            state = stream.state
+            torch.manual_seed(step)  # the same dropout masks for both, in training
+            want = layer(x.unsqueeze(0), state)[0][0] if state is not None else None
+            torch.manual_seed(step)
+            got = stream(x)
+            if want is not None:
+                assert_close(got, want)
+
+
+def test_a_stream_binds_its_kernels_once_and_calls_them_every_step(monkeypatch, kernel_calls):
+    import rnnkit.stream as stream_module
+
+    bound = []
+    real = stream_module.step_kernels
+    monkeypatch.setattr(stream_module, "step_kernels",
+                        lambda *arguments: bound.append(1) or real(*arguments))
+    layer = rnnkit.LSTM(5, 12, num_layers=2).eval()
+    stream = layer.stream()
+    with torch.no_grad():
+        for step, x in enumerate(torch.randn(10, 3, 5)):
+            stream(x)
+            if step == 1:  # the first step through the stream's own way: bound there
+                binds = len(bound)
+    # Every step on the kernels, two layers each; after the second, nothing bound again.
+    assert len(kernel_calls) == 2 * 10 and 1 <= binds <= 2 and len(bound) == binds
+
+
+def _three_steps_streamed(layer: nn.Module, steps: int = 6):
+    """A stream of ``layer`` that has taken three steps (its kernels bound and kept), and the
+    ``(steps, 3, 5)`` inputs, of which it took the first three."""
+    xs = torch.randn(steps, 3, 5)
+    stream = layer.stream()
+    with torch.no_grad():
+        for x in xs[:3]:
+            stream(x)
+    return stream, xs
+
+
+def test_a_stream_under_a_forced_backend_leaves_its_kept_kernels(monkeypatch, kernel_calls):
+    stream, xs = _three_steps_streamed(rnnkit.LSTM(5, 12, num_layers=2).eval())
+    with torch.no_grad():
+        calls = len(kernel_calls)
+        monkeypatch.setenv("RNNKIT_BACKEND", "fused")
+        for x in xs[3:]:
+            stream(x)
+    assert calls == 2 * 3 and len(kernel_calls) == calls
+
+
+def test_a_stream_whose_layer_changed_dtype_under_it_gives_forwards_error():
+    layer = rnnkit.LSTM(5, 12).eval()
+    xs = torch.randn(3, 2, 5)
+    stream = layer.stream()
+    with torch.no_grad():
+        stream(xs[0])
+        stream(xs[1])  # kernels kept for float32
+        state = stream.state
+        layer.double()  # the same Parameter objects, their data now float64
+        with pytest.raises(Exception) as by_forward:
+            layer(xs[2].unsqueeze(0), state)
+        with pytest.raises(Exception) as by_stream:
+            stream(xs[2])
+    # forward's own check, not the kernel's refusal of the weights: the same words
+    assert type(by_stream.value) is type(by_forward.value) is TypeError
+    assert str(by_stream.value) == str(by_forward.value).replace("LSTM input", "LSTM stream input")
+
+
+def test_a_stream_under_gradients_after_kept_steps_runs_forward(kernel_calls):
+    layer = rnnkit.GRU(5, 12, num_layers=2).eval()
+    stream, xs = _three_steps_streamed(layer)
+    calls, state = len(kernel_calls), stream.state
+    got = stream(xs[3])  # gradients on: forward, recorded
+    want = layer(xs[3].unsqueeze(0), state)[0][0]
+    assert got.grad_fn is not None and len(kernel_calls) == calls
+    assert_close(got.detach(), want.detach())
+
+
+@pytest.mark.parametrize("name", ["lstm-2-layers", "slstm-2-layers", "minlstm-2-layers"])
+def test_a_stream_in_training_follows_dropout_switched_on_between_steps(name):
+    torch.manual_seed(0)
+    layer = KEPT_KERNEL_LAYERS[name]().train()
+    layer.dropout = 0.0  # training mode with nothing to draw: the kernels run, and are kept
+    xs = torch.randn(6, 3, 5)
+    stream = layer.stream()
+    with torch.no_grad():
+        for step, x in enumerate(xs):
+            if step == 3:
+                layer.dropout = 0.5
+            state = stream.state
+            torch.manual_seed(step)
+            want = layer(x.unsqueeze(0), state)[0][0] if state is not None else None
+            torch.manual_seed(step)
+            got = stream(x)
+            if step == 2:
+                assert stream._plan is not None  # kept in training mode
+            if want is not None:
+                assert_close(got, want)
+    assert stream._plan is None
+
+
+def test_a_copied_or_pickled_stream_steps_with_its_own_layer():
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    for make in (lambda: rnnkit.LSTM(5, 12, num_layers=2).eval(),
+                 lambda: rnnkit.SLSTM(5, 12, num_heads=3).eval(),
+                 lambda: rnnkit.MinGRU(5, 12).eval()):
+        stream, xs = _three_steps_streamed(make())
+        buffer = io.BytesIO()
+        torch.save(stream, buffer)  # whole objects: pickle, as torch.save(model) does
+        copies = [copy.deepcopy(stream), pickle.loads(pickle.dumps(stream))]
+        with torch.no_grad():
+            for p in stream.layer.parameters():
+                p.mul_(-0.5)  # the original changes; each copy keeps its own weights
+            for twin in copies:
+                for x in xs[3:]:
+                    want = twin.layer(x.unsqueeze(0), twin.state)[0][0]
+                    assert_close(twin(x), want)
+
+
+def _toggle(attribute, values):
+    def change(layer):
+        setattr(layer, attribute, values[1] if getattr(layer, attribute) == values[0]
+                else values[0])
+    return change
+
+
+CELL_SETTING_CHANGES = {
+    "rnn-nonlinearity": (lambda: rnnkit.RNN(5, 12), _toggle("nonlinearity", ("tanh", "relu"))),
+    "gru-reset-after": (lambda: rnnkit.GRU(5, 12), _toggle("reset_after", (True, False))),
+    "slstm-forget-gate": (lambda: rnnkit.SLSTM(5, 12, num_heads=3),
+                          _toggle("forget_gate", ("sigmoid", "exp"))),
+}
+
+
+@pytest.mark.parametrize("name", list(CELL_SETTING_CHANGES))
+def test_a_stream_follows_a_cell_setting_changed_between_steps(name):
+    make, change = CELL_SETTING_CHANGES[name]
+    torch.manual_seed(0)
+    stream, xs = _three_steps_streamed(make().eval())
+    change(stream.layer)
+    with torch.no_grad():
+        for x in xs[3:]:
+            want = stream.layer(x.unsqueeze(0), stream.state)[0][0]
+            assert_close(stream(x), want)
+
+
+def test_a_minimal_stream_switched_to_log_space_under_a_negative_state_gives_forwards_error():
+    torch.manual_seed(0)
+    stream, xs = _three_steps_streamed(rnnkit.MinGRU(5, 12).eval())
+    assert bool((stream.state < 0).any())  # linear space: states of both signs
+    stream.layer.log_space = True
+    with torch.no_grad():
+        with pytest.raises(ValueError) as by_forward:
+            stream.layer(xs[3].unsqueeze(0), stream.state)
+        with pytest.raises(ValueError) as by_stream:
+            stream(xs[3])
+    assert str(by_stream.value) == str(by_forward.value)
+
+
+def test_a_stream_runs_its_layers_forward_hooks(kernel_calls):
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(5, 12).eval()
+    stream, xs = _three_steps_streamed(layer)
+    calls = len(kernel_calls)
+    handle = layer.register_forward_pre_hook(lambda module, args: (3 * args[0], *args[1:]))
+    with torch.no_grad():
+        for x in xs[3:5]:
+            want = layer(x.unsqueeze(0), stream.state)[0][0]  # through the hook
+            assert_close(stream(x), want)
+        handle.remove()
+        hooked_calls = len(kernel_calls)
+        want = layer(xs[5].unsqueeze(0), stream.state)[0][0]
+        assert_close(stream(xs[5]), want)
+    # The hooked steps ran through the layer's call (whose one-step way is the kernels too);
+    # without the hook the stream's own kernel step again.
+    assert len(kernel_calls) - hooked_calls == 2 and hooked_calls > calls
+
+
+@pytest.mark.parametrize("make", [lambda: rnnkit.LSTM(3, 4, num_layers=2),
+                                  lambda: rnnkit.GRU(3, 4), lambda: rnnkit.SLSTM(3, 4),
+                                  lambda: rnnkit.MinGRU(3, 4)],
+                         ids=["lstm", "gru", "slstm", "mingru"])
+def test_an_input_s_gradient_through_frozen_weights_is_recorded_in_one_step(make):
+    # Parameters frozen, the input requiring a gradient (saliency, adversarial inputs): a
+    # one-step call and a stream step record the graph, the gradient the reference's.
+    torch.manual_seed(0)
+    layer = make().requires_grad_(False)
+    x = torch.randn(1, 2, 3, requires_grad=True)
+    output = layer(x)[0]
+    assert output.grad_fn is not None
+    (got,) = torch.autograd.grad(output.square().sum(), x)
+    reference_layer = copy.deepcopy(layer)
+    reference_layer.backend = "reference"
+    (want,) = torch.autograd.grad(reference_layer(x)[0].square().sum(), x)
+    assert_close(got, want)
+    stream = layer.stream()
+    with torch.no_grad():
+        stream(x[0].detach())
+    streamed = stream(x[0])
+    assert streamed.grad_fn is not None

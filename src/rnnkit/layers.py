@@ -60,7 +60,7 @@ from rnnkit.engine.steps import (
     State,
     output_of,
 )
-from rnnkit.stream import LayerStream, inference_steps, one_step_input
+from rnnkit.stream import LayerStream, StepKernels, inference_steps, one_step_input
 
 
 def _stack(states: list[Tensor]) -> Tensor:
@@ -866,9 +866,14 @@ class _SimpleLayer(nn.Module, Generic[_SimpleState]):
 
     def _inference_steps(self, x: Tensor, states: list[_SimpleState]
                          ) -> tuple[Tensor, list[_SimpleState]] | None:
-        """One step of the whole stack on the family's step kernel (`rnnkit.stream`'s
-        ``*_inference_steps``): the top ``h`` and the new states, or None where it does not
-        apply."""
+        """One step of the whole stack on the family's step kernels (`_step_kernels`): the top
+        ``h`` and the new states, or None where they do not apply."""
+        kernels = self._step_kernels(x, states)
+        return None if kernels is None else kernels.run(x, states)
+
+    def _step_kernels(self, x: Tensor, states: list[_SimpleState]) -> StepKernels | None:
+        """The family's step kernels for a step of ``x (N, H_in)`` from ``states``
+        (`rnnkit.stream`'s ``*_step_kernels``), or None where they do not apply."""
         raise NotImplementedError
 
     def _run_direction(self, sequence: Tensor, state: _SimpleState, layer: int,

@@ -28,7 +28,7 @@ from rnnkit.cells import BackendSetting, _SimpleCell
 from rnnkit.engine import scan
 from rnnkit.engine.scan import GATE_COUNT, MinFamily
 from rnnkit.layers import _SimpleLayer
-from rnnkit.stream import MinimalStream, min_inference_steps
+from rnnkit.stream import MinimalStream, StepKernels, min_step_kernels
 
 _LOG_SPACE_STATE = ("log_space=True keeps h >= 0; h_0 enters the scan linearly, so 0, the "
                     "default, is accepted")
@@ -249,9 +249,8 @@ class _MinimalLayer(_SimpleLayer[Tensor]):
         only."""
         return MinimalStream(self, hx)
 
-    def _inference_steps(self, x: Tensor, states: list[Tensor]
-                         ) -> tuple[Tensor, list[Tensor]] | None:
-        return min_inference_steps(self, x, states)
+    def _step_kernels(self, x: Tensor, states: list[Tensor]) -> StepKernels | None:
+        return min_step_kernels(self, x, states)
 
     def _run_direction(self, sequence: Tensor, state: Tensor, layer: int, direction: int,
                        lengths: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -29,7 +29,7 @@ from rnnkit.cells import BackendSetting, _SimpleCell
 from rnnkit.engine import slstm
 from rnnkit.engine.slstm import FORGET_GATES, GATES, SLSTMState
 from rnnkit.layers import _SimpleLayer
-from rnnkit.stream import SLSTMStream, slstm_inference_steps
+from rnnkit.stream import SLSTMStream, StepKernels, slstm_step_kernels
 
 _STATE_PARTS = ("h_0", "c_0", "n_0", "m_0")
 
@@ -327,9 +327,8 @@ class SLSTM(_SimpleLayer[SLSTMState]):
         only."""
         return SLSTMStream(self, hx)
 
-    def _inference_steps(self, x: Tensor, states: list[SLSTMState]
-                         ) -> tuple[Tensor, list[SLSTMState]] | None:
-        return slstm_inference_steps(self, x, states)
+    def _step_kernels(self, x: Tensor, states: list[SLSTMState]) -> StepKernels | None:
+        return slstm_step_kernels(self, x, states)
 
     def _run_direction(self, sequence: Tensor, state: SLSTMState, layer: int, direction: int,
                        lengths: Tensor | None) -> tuple[Tensor, SLSTMState]:

@@ -8,23 +8,29 @@ layer: both products and the gate math). Where that does not apply (something to
 differentiate, a mask to draw, layer norm, another device, compile, ...) a call runs the
 layer's ``forward`` on the one-step sequence: every call gives what ``forward`` gives.
 `SLSTMStream` is the same handle for `rnnkit.SLSTM`, its steps on
-`rnnkit.engine.slstm_inference_step` (the sLSTM's step kernel), and `MinimalStream` for
-`rnnkit.MinGRU` and `rnnkit.MinLSTM`, on `rnnkit.engine.min_inference_step`. The functions
-`inference_steps`, `slstm_inference_steps` and `min_inference_steps` run one step of a whole
-stack on the kernels; the layers' one-step calls (``layer(x_t.unsqueeze(0), state)``) take them
-too, as their short way.
+`rnnkit.engine.slstm_step_kernel` (the sLSTM's step kernel), and `MinimalStream` for
+`rnnkit.MinGRU` and `rnnkit.MinLSTM`, on `rnnkit.engine.min_step_kernel`. The functions
+`step_kernels`, `slstm_step_kernels` and `min_step_kernels` bind a whole stack's kernels
+(`StepKernels`); a stream keeps them between steps while the layer's parameters, mode and
+settings stay the same, so a step checks little and calls the kernels. The layers' one-step
+calls (``layer(x_t.unsqueeze(0), state)``) bind and run them once, as their short way
+(`inference_steps`, the simple layers' ``_inference_steps``).
 """
 
 from __future__ import annotations
 
+import operator
+import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from rnnkit import engine
 from rnnkit._checks import require_tensor
+from rnnkit.engine import ops
 from rnnkit.engine.steps import Family, State, output_of
 
 if TYPE_CHECKING:  # the layers import this module
@@ -70,6 +76,7 @@ class LayerStream:
         self._states: list[State] | None = None  # per layer, contiguous, batched
         self._batched = True
         self._input_shape: tuple[int, ...] = ()
+        self._plan: _StepPlan | None = None
 
     @property
     def state(self) -> State | None:
@@ -82,25 +89,93 @@ class LayerStream:
         """One step: ``x_t (N, H_in)`` or ``(H_in,)`` -> ``y_t (N, H_out)`` or ``(H_out,)``."""
         states = self._states
         if states is not None and type(input) is Tensor and input.shape == self._input_shape:
-            output = self._inference_step(input if self._batched else input.unsqueeze(0),
-                                          states)
+            output = self._kernel_step(input if self._batched else input.unsqueeze(0), states)
             if output is not None:
                 return output if self._batched else output.squeeze(0)
         return self._general_step(input)
 
-    def _inference_step(self, x: Tensor, states: list[State]) -> Tensor | None:
-        """Every layer on `engine.inference_step` (`inference_steps`), or None (nothing
-        changed) where that does not apply."""
-        stepped = inference_steps(self.layer, x, states)
+    def __getstate__(self) -> dict:
+        """Pickled or deep-copied without its kept kernels: they are bound to this layer's
+        parameter tensors, and a copy's layer has its own (the copy binds them at its next
+        step)."""
+        return {**self.__dict__, "_plan": None}
+
+    def _kernel_step(self, x: Tensor, states: list) -> Tensor | None:
+        """Every layer's step on its step kernels (`_step_kernels`), or None (nothing changed)
+        where they do not apply.
+
+        The kernels, bound to the layer's weights, are kept for the next steps as a
+        `_StepPlan` while `_plan_holds`: a step then checks the input, the mode and that the
+        layer still has the same parameter tensors, and calls the kernels, instead of
+        gathering the weights and checking every tensor again (the streamed step's Python
+        cost, issue 19). A kept kernel that refuses a weight changed in place under it
+        (``param.data = ...`` of another dtype or device) hands the step to ``forward``."""
+        if _runs_hooks(self.layer):  # forward's call runs them; the kernels would not
+            self._plan = None
+            return None
+        plan = self._plan
+        kept = plan is not None and self._plan_holds(plan, x)
+        if kept:
+            kernels = plan.kernels
+        else:
+            kernels = self._step_kernels(x, states)
+            if kernels is None:
+                self._plan = None
+                return None
+            self._plan = self._new_plan(kernels, x)
+        try:
+            stepped = kernels.run(x, states)
+        except RuntimeError:
+            if not kept:
+                raise
+            stepped = None  # forward decides, and names what is wrong
         if stepped is None:
+            self._plan = None
             return None
         output, self._states = stepped
         # A copy: the state is the kernel's h itself, and forward's output never aliases its
         # final state either (an in-place change of the output must not change the stream).
         return output.clone()
 
+    def _step_kernels(self, x: Tensor, states: list) -> StepKernels | None:
+        """The layer's step kernels for this step (`step_kernels`), or None."""
+        return step_kernels(self.layer, x, states)
+
+    def _settings(self) -> tuple:
+        """What, besides the parameters, decides the kernels and whether they run: the backend
+        (the layer's and ``RNNKIT_BACKEND``), the cell (`cell_kind`: nonlinearity,
+        ``reset_after``), the mode and the switches that draw masks in it."""
+        layer = self.layer
+        return (layer.backend, os.environ.get(engine.ENVIRONMENT_VARIABLE), layer.cell_kind(),
+                layer.training, layer.dropout, layer.recurrent_dropout, layer.weight_drop,
+                layer.zoneout)
+
+    def _new_plan(self, kernels: StepKernels, x: Tensor) -> _StepPlan | None:
+        """``kernels`` as a plan for the next steps, or None where they must be bound anew at
+        every step: where a weight is not one of the layer's parameters (a parametrization
+        computes it at every access)."""
+        parameters = tuple(self.layer._parameters.values())
+        known = {id(p) for p in parameters}
+        if not all(id(w) in known for w in kernels.weights):
+            return None
+        return _StepPlan(kernels, parameters, self._settings(), x.dtype)
+
+    def _plan_holds(self, plan: _StepPlan, x: Tensor) -> bool:
+        """Whether ``plan``'s kernels are still this step's: the layer with the same parameter
+        tensors and settings (`_settings`), ``x`` a contiguous CPU tensor of the plan's dtype,
+        nothing to differentiate in plain eager mode (`ops.plain_eager`). The states are the
+        kernels' own since the plan was made (a step through ``forward`` drops it)."""
+        layer = self.layer
+        parameters = layer._parameters
+        return (x.dtype is plan.dtype and x.is_cpu
+                and x.is_contiguous() and len(parameters) == len(plan.parameters)
+                and all(map(operator.is_, parameters.values(), plan.parameters))
+                and self._settings() == plan.settings
+                and ops.plain_eager(x, *plan.kernels.weights))
+
     def _general_step(self, input: object) -> Tensor:
         """The step through ``forward`` on a one-step sequence: its checks, its engines."""
+        self._plan = None  # forward's state may be one to differentiate
         layer = self.layer
         name = type(layer).__name__
         param = layer.weight_ih_l0
@@ -129,18 +204,38 @@ class LayerStream:
         return _final_states(self.layer, final, batched)
 
 
+def _runs_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks or pre-hooks, its own or global ones (the
+    old ``torch.nn.utils.weight_norm`` and ``prune`` compute weights in a pre-hook)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks
+                or _global_forward_pre_hooks or _global_forward_hooks)
+
+
+class _StepPlan(NamedTuple):
+    """A stream's step kernels kept between steps (`LayerStream._kernel_step`), with what they
+    were bound under: the layer's parameter tensors (compared by identity), its settings
+    (`LayerStream._settings`) and the input's dtype."""
+
+    kernels: StepKernels
+    parameters: tuple
+    settings: tuple
+    dtype: torch.dtype
+
+
 class _SimpleLayerStream(LayerStream):
     """`LayerStream` for the layers on `rnnkit.layers._SimpleLayer` (SLSTM, MinGRU, MinLSTM):
-    every layer's step on the family's step kernel (the layer's ``_inference_steps``)."""
+    every layer's step on the family's step kernel (the layer's ``_step_kernels``)."""
 
-    def _inference_step(self, x: Tensor, states: list) -> Tensor | None:
-        """Every layer on the family's step kernel, or None (nothing changed) where that does
-        not apply."""
-        stepped = self.layer._inference_steps(x, states)
-        if stepped is None:
-            return None
-        output, self._states = stepped
-        return output.clone()  # the kernel's h is the state: the output never aliases it
+    def _step_kernels(self, x: Tensor, states: list) -> StepKernels | None:
+        """The layer's step kernels for this step, or None."""
+        return self.layer._step_kernels(x, states)
+
+    def _settings(self) -> tuple:
+        """The backend (the layer's, and ``RNNKIT_BACKEND``, which the sLSTM reads), the mode
+        and dropout between layers."""
+        layer = self.layer
+        return (layer.backend, os.environ.get(engine.ENVIRONMENT_VARIABLE), layer.training,
+                layer.dropout)
 
 
 class SLSTMStream(_SimpleLayerStream):
@@ -165,6 +260,10 @@ class SLSTMStream(_SimpleLayerStream):
     """
 
     layer: SLSTM
+
+    def _settings(self) -> tuple:
+        """`_SimpleLayerStream`'s, and the forget gate."""
+        return (*super()._settings(), self.layer.forget_gate)
 
     @property
     def state(self) -> SLSTMState | None:
@@ -208,6 +307,10 @@ class MinimalStream(_SimpleLayerStream):
 
     layer: _MinimalLayer
 
+    def _settings(self) -> tuple:
+        """`_SimpleLayerStream`'s, and ``log_space``."""
+        return (*super()._settings(), self.layer.log_space)
+
     @property
     def state(self) -> Tensor | None:
         """The final state after the steps so far, as the layer's ``forward`` returns it."""
@@ -222,67 +325,101 @@ class MinimalStream(_SimpleLayerStream):
         return [h.contiguous() for h in h_n]
 
 
-def inference_steps(layer: RecurrentLayer, x: Tensor,
-                    states: list[State]) -> tuple[Tensor, list[State]] | None:
-    """One step of a unidirectional layer's whole stack on `engine.inference_step`: ``x (N,
-    H_in)`` and each layer's state (``h (N, H_out)`` or ``(h, c)``) -> the top layer's ``h``
-    and the new states; or None (nothing computed that matters) where it does not apply: in
-    training with dropout between layers or a regularisation switch, with zoneout, or where the
-    engine declines (it decides before any work, the same for every layer). Shapes are the
-    caller's to have checked."""
+class StepKernels(NamedTuple):
+    """One step of a unidirectional layer's whole stack on its native step kernels, each
+    bound to its layer's weights (`engine.step_kernel` and its kin): ``kernels[k](x, state)``
+    is layer ``k``'s new state (None: declined), ``top(new)`` its output and the next layer's
+    input, ``weights`` every tensor they read."""
+
+    kernels: tuple[engine.StepKernel, ...]
+    weights: tuple[Tensor, ...]
+    top: Callable
+
+    def run(self, x: Tensor, states: list) -> tuple[Tensor, list] | None:
+        """``x (N, H_in)`` and each layer's state -> the top layer's output and the new states,
+        or None (nothing kept) where a kernel declines."""
+        new_states, layer_input = [], x
+        for kernel, state in zip(self.kernels, states, strict=True):
+            new = kernel(layer_input, state)
+            if new is None:
+                return None
+            new_states.append(new)
+            layer_input = self.top(new)
+        return layer_input, new_states
+
+
+def _bind_each(states: list, bind: Callable, top: Callable) -> StepKernels | None:
+    """`StepKernels` from ``bind(index, state)`` -> (layer ``index``'s kernel or None, the
+    tensors it reads); None where any layer's is None. The kernels apply under the same
+    conditions to every layer (they decide on the stack's input ``x``, its dtype and batch)."""
+    kernels, weights = [], []
+    for index, state in enumerate(states):
+        kernel, tensors = bind(index, state)
+        if kernel is None:
+            return None
+        kernels.append(kernel)
+        weights += [t for t in tensors if t is not None]
+    return StepKernels(tuple(kernels), tuple(weights), top)
+
+
+def step_kernels(layer: RecurrentLayer, x: Tensor, states: list[State]) -> StepKernels | None:
+    """A unidirectional `rnnkit.RNN`, `rnnkit.LSTM` or `rnnkit.GRU`'s step kernels
+    (`engine.step_kernel`) for a step of ``x (N, H_in)`` from each layer's state (``h (N,
+    H_out)`` or ``(h, c)``), or None where they do not apply: in training with dropout between
+    layers or a regularisation switch, with zoneout, or where the engine declines (it decides
+    before any work, the same for every layer). Shapes are the caller's to have checked."""
     if layer.training and (layer._regularised or (layer.dropout and layer.num_layers > 1)):
         return None
     if any(layer.zoneout):  # evaluation's expectation is a mask too
         return None
     kind, backend = layer.cell_kind(), layer.backend
-    return _stacked_steps(x, states, lambda index, layer_input, state: engine.inference_step(
-        kind, layer_input, state, layer.cell_weights(index, 0), backend), output_of)
+
+    def bind(index: int, state: State):
+        weights = layer.cell_weights(index, 0)
+        return engine.step_kernel(kind, x, state, weights, backend), weights
+    return _bind_each(states, bind, output_of)
 
 
-def slstm_inference_steps(layer: SLSTM, x: Tensor, states: list[SLSTMState]
-                          ) -> tuple[Tensor, list[SLSTMState]] | None:
-    """One step of a unidirectional `rnnkit.SLSTM`'s whole stack on
-    `engine.slstm_inference_step`: ``x (N, H_in)`` and each layer's ``(h, c, n, m)`` (each ``(N,
-    H)``) -> the top layer's ``h`` (the kernel's, which is also the new state's) and the new
-    states; or None (nothing computed that matters) where it does not apply: in training with
-    dropout between layers, or where the engine declines (it decides before any work, the same
-    for every layer). Shapes are the caller's to have checked."""
+def slstm_step_kernels(layer: SLSTM, x: Tensor, states: list[SLSTMState]) -> StepKernels | None:
+    """A unidirectional `rnnkit.SLSTM`'s step kernels (`engine.slstm_step_kernel`) for a step
+    of ``x (N, H_in)`` from each layer's ``(h, c, n, m)`` (each ``(N, H)``), or None where they
+    do not apply: in training with dropout between layers, or where the engine declines.
+    Shapes are the caller's to have checked."""
     if layer.training and layer.dropout and layer.num_layers > 1:
         return None
     exp_forget, backend = layer.forget_gate == "exp", layer.backend
-    return _stacked_steps(x, states, lambda index, layer_input, state: engine.slstm_inference_step(
-        layer_input, state, *layer.weights(index, 0), exp_forget, backend), lambda new: new[0])
+
+    def bind(index: int, state: SLSTMState):
+        weights = layer.weights(index, 0)
+        return engine.slstm_step_kernel(x, state, *weights, exp_forget, backend), weights
+    return _bind_each(states, bind, lambda new: new[0])
 
 
-def min_inference_steps(layer: _MinimalLayer, x: Tensor, states: list[Tensor]
-                        ) -> tuple[Tensor, list[Tensor]] | None:
-    """One step of a unidirectional `rnnkit.MinGRU` or `rnnkit.MinLSTM`'s whole stack on
-    `engine.min_inference_step`: ``x (N, H_in)`` and each layer's ``h (N, H)`` -> the top
-    layer's ``h`` (also the top new state) and the new states; or None (nothing kept) where it
-    does not apply: in training with dropout between layers, or where the engine declines (its
-    conditions are the same for every layer, but a log-space layer's state with a negative
-    entry is declined by the kernel when its turn comes). Shapes are the caller's to have
-    checked."""
+def min_step_kernels(layer: _MinimalLayer, x: Tensor, states: list[Tensor]
+                     ) -> StepKernels | None:
+    """A unidirectional `rnnkit.MinGRU` or `rnnkit.MinLSTM`'s step kernels
+    (`engine.min_step_kernel`) for a step of ``x (N, H_in)`` from each layer's ``h (N, H)``, or
+    None where they do not apply: in training with dropout between layers, or where the engine
+    declines (a log-space layer's state with a negative entry is declined by its kernel when
+    its turn comes). Shapes are the caller's to have checked."""
     if layer.training and layer.dropout and layer.num_layers > 1:
         return None
     family, log_space, backend = layer.family, layer.log_space, layer.backend
-    return _stacked_steps(x, states, lambda index, layer_input, h: engine.min_inference_step(
-        family, layer_input, h, *layer.weights(index, 0), log_space, backend), lambda new: new)
+
+    def bind(index: int, h: Tensor):
+        weights = layer.weights(index, 0)
+        return engine.min_step_kernel(family, x, h, *weights, log_space, backend), weights
+    return _bind_each(states, bind, lambda new: new)
 
 
-def _stacked_steps(x: Tensor, states: list, step: Callable, top: Callable
-                   ) -> tuple[Tensor, list] | None:
-    """The stack's loop of the three above: ``step(index, layer_input, state)`` is one layer's
-    new state (None: declined, and nothing kept), ``top(new)`` its output, the next layer's
-    input. -> the top layer's output and the new states, or None."""
-    new_states, layer_input = [], x
-    for index, state in enumerate(states):
-        new = step(index, layer_input, state)
-        if new is None:
-            return None
-        new_states.append(new)
-        layer_input = top(new)
-    return layer_input, new_states
+def inference_steps(layer: RecurrentLayer, x: Tensor,
+                    states: list[State]) -> tuple[Tensor, list[State]] | None:
+    """One step of a unidirectional layer's whole stack on its step kernels (`step_kernels`):
+    ``x (N, H_in)`` and each layer's state (``h (N, H_out)`` or ``(h, c)``) -> the top layer's
+    ``h`` and the new states; or None (nothing computed that matters) where they do not
+    apply. The sLSTM's and the minimal layers' are their ``_inference_steps``."""
+    kernels = step_kernels(layer, x, states)
+    return None if kernels is None else kernels.run(x, states)
 
 
 def one_step_input(layer, input: Tensor) -> Tensor | None:
@@ -311,6 +448,6 @@ def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[St
     return [h.contiguous() for h in h_n]
 
 
-__all__ = ["LayerStream", "MinimalStream", "SLSTMStream", "inference_steps",
-           "min_inference_steps", "one_step_input", "slstm_inference_steps"]
+__all__ = ["LayerStream", "MinimalStream", "SLSTMStream", "StepKernels", "inference_steps",
+           "min_step_kernels", "one_step_input", "slstm_step_kernels", "step_kernels"]
 

@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,6 +60,9 @@ from rnnkit.engine.steps import CellKind, CellWeights, Family, Masks, State, out
 
 BACKENDS = ("auto", "native", "fused", "reference")
 ENVIRONMENT_VARIABLE = "RNNKIT_BACKEND"
+StepKernel = Callable[[Tensor, Any], Any]
+"""A native step kernel with one layer's weights bound: ``run(x, state)`` -> the new state
+(`step_kernel`, `slstm_step_kernel`, `min_step_kernel`)."""
 _RUNNERS = {"native": ops.run_native, "fused": ops.run_fused,
             "reference": reference.run_direction}
 _warned: set[str] = set()
@@ -192,15 +197,26 @@ def run_direction(
 def inference_step(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                    backend: str = "auto") -> State | None:
     """One step ``x (N, I)`` -> the new state on the native step kernels, or None where they
-    do not apply (the caller then runs the step as a one-step sequence, `run_direction`).
+    do not apply (the caller then runs the step as a one-step sequence, `run_direction`):
+    `step_kernel`'s kernel, called once."""
+    run = step_kernel(kind, x, state, weights, backend)
+    return None if run is None else run(x, state)
 
-    They apply to batches of at most `STEP_KERNEL_MAX_BATCH` rows (a streamed step), under
+
+def step_kernel(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
+                backend: str = "auto") -> StepKernel | None:
+    """The native step kernel of one layer with ``weights`` bound, ``run(x, state)`` -> the
+    new state, where it applies to a step of ``x (N, I)`` from ``state``; else None.
+
+    It applies to batches of at most `STEP_KERNEL_MAX_BATCH` rows (a streamed step), under
     "auto" and "native" (after ``RNNKIT_BACKEND``), when nothing is to be
     differentiated, in plain eager mode (`ops.plain_eager`: no compiler, tracer, transform or
     autocast), to a cell without layer norm whose tensors are all contiguous, on the CPU and
     of the weights' float32 or float64 dtype, with the kernels built. The caller has checked
     the shapes (a kernel refuses a wrong one with an error, never reads past it). Masks
-    (recurrent dropout in training, zoneout) are the caller's to rule out.
+    (recurrent dropout in training, zoneout) are the caller's to rule out. A caller that keeps
+    the kernel for later steps (`rnnkit.stream.LayerStream`) is the one to know that these
+    conditions still hold.
     """
     if (torch.compiler.is_compiling()  # first: the rest is for eager tensors
             or weights.layer_norm_hh is not None or weights.weight_ih is None):
@@ -209,7 +225,7 @@ def inference_step(kind: CellKind, x: Tensor, state: State, weights: CellWeights
     if (not _step_kernels_run(x, tensors, STEP_KERNEL_MAX_BATCH)
             or resolve_backend(backend) not in ("auto", "native")):
         return None
-    return native_functions.step(kind, x, state, weights)
+    return native_functions.step_kernel(kind, weights)
 
 
 def _step_kernels_run(x: Tensor, tensors: tuple, max_batch: int) -> bool:
@@ -346,10 +362,20 @@ def run_slstm_direction(x: Tensor, state: slstm.SLSTMState, weight_ih: Tensor,
 def slstm_inference_step(x: Tensor, state: slstm.SLSTMState, weight_ih: Tensor,
                          weight_hh: Tensor, bias_ih: Tensor | None, exp_forget: bool,
                          backend: str = "auto") -> slstm.SLSTMState | None:
-    """One sLSTM step ``x (N, I)`` -> the new ``(h, c, n, m)`` on the native step kernel
-    (``slstm_step``: both products and the stabilised gate math in one call), or None where it
-    does not apply (the caller then runs the general path): the conditions of
-    `inference_step` (at most `SLSTM_STEP_KERNEL_MAX_BATCH` rows, "auto" or "native" after
+    """One sLSTM step ``x (N, I)`` -> the new ``(h, c, n, m)`` on the native step kernel, or
+    None where it does not apply (the caller then runs the general path): `slstm_step_kernel`'s
+    kernel, called once."""
+    run = slstm_step_kernel(x, state, weight_ih, weight_hh, bias_ih, exp_forget, backend)
+    return None if run is None else run(x, state)
+
+
+def slstm_step_kernel(x: Tensor, state: slstm.SLSTMState, weight_ih: Tensor,
+                      weight_hh: Tensor, bias_ih: Tensor | None, exp_forget: bool,
+                      backend: str = "auto") -> StepKernel | None:
+    """The sLSTM's native step kernel with its weights bound (``slstm_step``: both products and
+    the stabilised gate math in one call), ``run(x, state)`` -> the new ``(h, c, n, m)``, where
+    it applies to a step of ``x (N, I)`` from ``state``; else None. The conditions of
+    `step_kernel` (at most `SLSTM_STEP_KERNEL_MAX_BATCH` rows, "auto" or "native" after
     ``RNNKIT_BACKEND``, nothing to differentiate, plain eager mode, contiguous CPU tensors of
     one float32/float64 dtype, the kernels built). ``m`` is taken as ``-inf`` where ``n = 0``
     (`slstm.empty_where_no_mass`, applied by the kernel). The caller has checked the shapes
@@ -360,28 +386,38 @@ def slstm_inference_step(x: Tensor, state: slstm.SLSTMState, weight_ih: Tensor,
                               SLSTM_STEP_KERNEL_MAX_BATCH)
             or resolve_backend(backend) not in ("auto", "native")):
         return None
-    return native_functions.slstm_step(x, state, weight_ih, weight_hh, bias_ih, exp_forget)
+    return native_functions.slstm_step_kernel(weight_ih, weight_hh, bias_ih, exp_forget)
 
 
 def min_inference_step(family: str, x: Tensor, h: Tensor, weight_ih: Tensor,
                        bias_ih: Tensor | None, log_space: bool,
                        backend: str = "auto") -> Tensor | None:
-    """One minGRU or minLSTM step (``family`` ``"mingru"`` or ``"minlstm"``, as
-    `rnnkit.engine.scan.MinFamily`) ``x (N, I)``, ``h (N, H)`` -> ``h' (N, H)`` on the native
-    step kernel (``min_step``: the projection and ``h' = a ⊙ h + b`` in one call), or None where
-    it does not apply (the caller then runs the scan's step, `scan.step`, or a one-step
-    sequence): under the minimal layers' ``"auto"`` and ``"native"`` (their backends, which
-    ``RNNKIT_BACKEND`` does not set: it names the other families' engines), at most
-    `MIN_STEP_KERNEL_MAX_BATCH` rows, and the conditions of `inference_step` (nothing to
-    differentiate, plain eager mode, contiguous CPU tensors of one float32/float64 dtype, the
-    kernels built); and with ``log_space`` only from a state without negative entries (the
-    kernel declines one; the caller's checked way refuses it by name). The caller has checked
-    the shapes (the kernel refuses a wrong one with an error naming the argument)."""
+    """One minGRU or minLSTM step ``x (N, I)``, ``h (N, H)`` -> ``h' (N, H)`` on the native
+    step kernel, or None where it does not apply (the caller then runs the scan's step,
+    `scan.step`, or a one-step sequence): `min_step_kernel`'s kernel, called once."""
+    run = min_step_kernel(family, x, h, weight_ih, bias_ih, log_space, backend)
+    return None if run is None else run(x, h)
+
+
+def min_step_kernel(family: str, x: Tensor, h: Tensor, weight_ih: Tensor,
+                    bias_ih: Tensor | None, log_space: bool,
+                    backend: str = "auto") -> StepKernel | None:
+    """The native step kernel of a minGRU or minLSTM layer (``family`` ``"mingru"`` or
+    ``"minlstm"``, as `rnnkit.engine.scan.MinFamily`) with its weights bound (``min_step``: the
+    projection and ``h' = a ⊙ h + b`` in one call), ``run(x, h)`` -> ``h' (N, H)``, where it
+    applies to a step of ``x (N, I)`` from ``h (N, H)``; else None. It applies under the minimal
+    layers' ``"auto"`` and ``"native"`` (their backends, which ``RNNKIT_BACKEND`` does not set:
+    it names the other families' engines), at most `MIN_STEP_KERNEL_MAX_BATCH` rows, and under
+    the conditions of `step_kernel` (nothing to differentiate, plain eager mode, contiguous CPU
+    tensors of one float32/float64 dtype, the kernels built). With ``log_space`` the kernel
+    returns None for a state with a negative entry (the caller's checked way refuses it by
+    name). The caller has checked the shapes (the kernel refuses a wrong one with an error
+    naming the argument)."""
     if torch.compiler.is_compiling() or backend not in ("auto", "native"):
         return None
     if not _step_kernels_run(x, (x, h, weight_ih, bias_ih), MIN_STEP_KERNEL_MAX_BATCH):
         return None
-    return native_functions.min_step(x, h, weight_ih, bias_ih, family, log_space)
+    return native_functions.min_step_kernel(weight_ih, bias_ih, family, log_space)
 
 
 _SLSTM_RUNNERS = {"native": ops.run_native_slstm, "fused": ops.run_fused_slstm,
@@ -392,6 +428,7 @@ __all__ = ["BACKENDS", "MIN_STEP_KERNEL_MAX_BATCH", "SLSTM_STEP_KERNEL_MAX_BATCH
            "STEP_KERNEL_MAX_BATCH",
            "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN", "TORCH_LSTM_MIN_STATE_VALUES",
            "BackendWarning",
-           "engine_for", "inference_step", "is_exporting", "min_inference_step",
-           "resolve_backend", "run_direction",
-           "run_slstm_direction", "runs_torch_lstm", "slstm_engine_for", "slstm_inference_step"]
+           "StepKernel", "engine_for", "inference_step", "is_exporting", "min_inference_step",
+           "min_step_kernel", "resolve_backend", "run_direction", "run_slstm_direction",
+           "runs_torch_lstm", "slstm_engine_for", "slstm_inference_step", "slstm_step_kernel",
+           "step_kernel"]

@@ -57,6 +57,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers  # what Function.apply calls
 
 from rnnkit.engine import fused, fused_recurrence, reference, slstm
 from rnnkit.engine.native import functions as native
@@ -70,12 +71,13 @@ _Optional = Tensor | None
 
 def plain_eager(x: Tensor, *tensors: _Optional) -> bool:
     """True when calling an implementation directly is the same as calling its operator: no
-    gradient to record, no compiler or tracer, no torch.func transform (its level), no
-    dispatch mode (fake tensors, make_fx), no autocast, and a plain tensor. Each test is one
-    C call: a streamed step asks this on every call."""
+    gradient to record (``x`` or any of ``tensors`` requiring one under grad mode), no compiler
+    or tracer, no torch.func transform (its level), no dispatch mode (fake tensors, make_fx), no
+    autocast, and ``x`` a plain tensor. Each test is one C call: a streamed step asks this on
+    every call."""
     return not (
         torch.compiler.is_compiling()  # first: dynamo cannot trace the C calls after it
-        or (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors))
+        or (torch.is_grad_enabled() and torch._C._any_requires_grad(x, *tensors))
         or torch.jit.is_tracing()
         or torch._C._functorch.maybe_current_level() is not None
         or torch._C._len_torch_dispatch_stack() or torch._C._is_any_autocast_enabled()
@@ -126,8 +128,25 @@ def _apply(op, *arguments):
     # torch.jit.trace re-traces under no_grad to check its graph: one path for it either way.
     if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
             isinstance(a, Tensor) and a.requires_grad for a in arguments)):
-        return _FUNCTIONS[op].apply(*arguments)
+        return _record(_FUNCTIONS[op], arguments)
     return _call(op, *arguments)
+
+
+_FUNCTION_APPLY_IN_C = torch._C._FunctionBase.__dict__["apply"]
+"""The C half of ``torch.autograd.Function.apply`` (a class method of its base)."""
+
+
+def _record(function: type[torch.autograd.Function], arguments: tuple):
+    """``function.apply(*arguments)``. Outside compiling, tracing and torch.func transforms its
+    C half directly, after the same unwrapping of dead torch.func wrappers: what the Python
+    ``Function.apply`` does there, without binding the arguments to ``forward``'s signature
+    with `inspect.signature` on every call (``forward`` takes ``*arguments``, which binds to
+    themselves). That binding was about 36 µs a call on this machine, 6 % of an LSTM training
+    step at (T, N, H) = (50, 1, 64) (docs/benchmarks.md, issue 19's seventh part)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active()):
+        return function.apply(*arguments)
+    return _FUNCTION_APPLY_IN_C.__get__(None, function)(*unwrap_dead_wrappers(arguments))
 
 
 @torch.library.custom_op("rnnkit::native_bernoulli", mutates_args=(), device_types="cpu")

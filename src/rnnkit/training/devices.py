@@ -167,9 +167,14 @@ def describe_device(device: torch.device | str) -> str:
 # step, and which of them come back as new pages depends on the order: a zoneout LSTM step at
 # (100, 32, 256) took 6,700 page faults and 12 ms of system time out of 62 ms (measured,
 # `benchmarks/switch_overhead.py`); the plain step 230. Held here: none, and the same step 52 ms.
-KEPT_MMAP_THRESHOLD = 64 << 20
+# At long sequences one buffer passes 64 MiB (the LSTM's gates at T = 1000, batch 50, hidden 128
+# are 100 MiB): with both bounds at 64 / 256 MiB an LSTM step there took 25,000 page faults and
+# 0.285 s of CPU, the sLSTM's 36,000 and 0.38 s; at 1 GiB 0-2,500, 0.23 s and 0.31 s
+# (`benchmarks/training_from_init.py --length 1000 lstm gru slstm`). Memory kept is at most what
+# the step held at its peak: the process takes it again at the next step.
+KEPT_MMAP_THRESHOLD = 1 << 30
 """Blocks below this come from the heap (glibc's ``M_MMAP_THRESHOLD``), fixed."""
-KEPT_TRIM_THRESHOLD = 256 << 20
+KEPT_TRIM_THRESHOLD = 1 << 30
 """Free memory at the heap's top kept up to this (glibc's ``M_TRIM_THRESHOLD``)."""
 _MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 

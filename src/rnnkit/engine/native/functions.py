@@ -227,31 +227,36 @@ def slstm_backward(d_output, d_h_n, d_c_n, d_n_n, d_m_n, pre, c_states, n_states
 # backward, so these are only called when nothing is differentiated.
 
 
-def step(kind, x: Tensor, state, weights):
-    """The state after one step of ``x (N, I)`` from ``state`` (``h (N, H_out)``, or ``(h, c)``
-    for an LSTM) with ``weights`` (`rnnkit.engine.steps.CellWeights`, no layer norm)."""
+def step_kernel(kind, weights):
+    """``run(x, state)``: the state after one step of ``x (N, I)`` from ``state`` (``h (N,
+    H_out)``, or ``(h, c)`` for an LSTM), with ``weights`` (`rnnkit.engine.steps.CellWeights`, no
+    layer norm) bound once: a stream's steps call it without gathering the weights again."""
     kernels = _kernels()
     w = weights
     if kind.family == Family.LSTM:
-        h, c = state
-        h_new, c_new = kernels.lstm_step(x, h, c, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
-                                         w.weight_hr, w.weight_ch)
-        return h_new, c_new
+        lstm_step = kernels.lstm_step
+        rest = (w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, w.weight_hr, w.weight_ch)
+
+        def run_lstm(x: Tensor, state):
+            h_new, c_new = lstm_step(x, *state, *rest)
+            return h_new, c_new
+        return run_lstm
     if kind.family == Family.GRU:
-        return kernels.gru_step(x, state, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
-                                kind.reset_after)
-    return kernels.rnn_step(x, state, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
-                            kind.nonlinearity == "relu")
+        gru_step = kernels.gru_step
+        rest = (w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, kind.reset_after)
+        return lambda x, h: gru_step(x, h, *rest)
+    rnn_step = kernels.rnn_step
+    rest = (w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, kind.nonlinearity == "relu")
+    return lambda x, h: rnn_step(x, h, *rest)
 
 
-def slstm_step(x: Tensor, state, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-               exp_forget: bool):
-    """The sLSTM's ``(h, c, n, m)`` after one step of ``x (N, I)`` from ``state`` (each ``(N,
-    H)``; ``m`` taken as ``-inf`` where ``n = 0``), ``w_ih (4H, I)`` and ``b_ih (4H,)``
-    gate-major, ``w_hh (K, 4d, d)``: both products and the stabilised gate math in one call
-    (`kernels.cpp`, "sLSTM: one streamed step")."""
-    h, c, n, m = state
-    return tuple(_kernels().slstm_step(x, h, c, n, m, w_ih, w_hh, b_ih, exp_forget))
+def slstm_step_kernel(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, exp_forget: bool):
+    """``run(x, state)``: the sLSTM's ``(h, c, n, m)`` after one step of ``x (N, I)`` from
+    ``state`` (each ``(N, H)``; ``m`` taken as ``-inf`` where ``n = 0``), with ``w_ih (4H, I)``
+    and ``b_ih (4H,)`` gate-major and ``w_hh (K, 4d, d)`` bound once: both products and the
+    stabilised gate math in one call (`kernels.cpp`, "sLSTM: one streamed step")."""
+    slstm_step = _kernels().slstm_step
+    return lambda x, state: tuple(slstm_step(x, *state, w_ih, w_hh, b_ih, exp_forget))
 
 
 # ---- the recurrence operators: layer norm, recurrent dropout, zoneout -----------------------
@@ -415,11 +420,12 @@ def min_scan_backward(d_output: Tensor, d_h_n: Tensor, projected: Tensor, states
     return d_projected, d_h0
 
 
-def min_step(x: Tensor, h: Tensor, weight_ih: Tensor, bias_ih: Tensor | None, family: str,
-             log_space: bool) -> Tensor | None:
-    """``h'`` after one step of ``x (N, I)`` from ``h (N, H)`` (``weight_ih (G*H, I)``,
-    ``bias_ih (G*H,)`` or None, `family` as `min_scan_forward`): the projection and ``h' = a ⊙ h
-    + b`` in one call (`kernels.cpp`, "minGRU and minLSTM: one streamed step"); None with
-    ``log_space`` where ``h`` has a negative entry (the kernel declines a state the variant
-    refuses). Arguments contiguous, of one dtype, on the CPU, as for `step`."""
-    return _kernels().min_step(x, h, weight_ih, bias_ih, family == "minlstm", log_space)
+def min_step_kernel(weight_ih: Tensor, bias_ih: Tensor | None, family: str, log_space: bool):
+    """``run(x, h)``: ``h'`` after one step of ``x (N, I)`` from ``h (N, H)``, with ``weight_ih
+    (G*H, I)`` and ``bias_ih (G*H,)`` or None bound once (`family` as `min_scan_forward`): the
+    projection and ``h' = a ⊙ h + b`` in one call (`kernels.cpp`, "minGRU and minLSTM: one
+    streamed step"); None with ``log_space`` where ``h`` has a negative entry (the kernel
+    declines a state the variant refuses). Arguments contiguous, of one dtype, on the CPU, as
+    for `step_kernel`."""
+    min_step, minlstm = _kernels().min_step, family == "minlstm"
+    return lambda x, h: min_step(x, h, weight_ih, bias_ih, minlstm, log_space)
