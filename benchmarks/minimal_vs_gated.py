@@ -157,16 +157,21 @@ def per_call_medians(calls: dict[str, Callable[[], None]], rounds: int,
 
 def kernel_and_sequence_path(cell: torch.nn.Module, x: torch.Tensor
                              ) -> dict[str, Callable[[], None]]:
-    """The minimal step kernel alone (``native.functions.min_step``) and what it replaces, the
-    native sequence path on a one-step sequence (``scan.run_native``, T = 1), from a fixed
-    state, where the checkout has the kernel (else nothing)."""
-    if not hasattr(native_functions, "min_step"):
-        return {}
+    """The minimal step kernel alone (``native.functions.min_step_kernel``, bound once; in
+    older checkouts ``min_step``) and what it replaces, the native sequence path on a one-step
+    sequence (``scan.run_native``, T = 1), from a fixed state, where the checkout has the
+    kernel (else nothing)."""
     h = torch.rand(x.shape[0], cell.hidden_size, generator=torch.Generator().manual_seed(1))
     weight, bias = cell.weight_ih.detach(), cell.bias_ih.detach()
     family, sequence = cell.family, x.unsqueeze(0)
-    return {"step kernel alone": lambda: native_functions.min_step(x, h, weight, bias,
-                                                                   family, False),
+    if hasattr(native_functions, "min_step_kernel"):
+        kernel = native_functions.min_step_kernel(weight, bias, family, False)
+        alone = lambda: kernel(x, h)  # noqa: E731
+    elif hasattr(native_functions, "min_step"):
+        alone = lambda: native_functions.min_step(x, h, weight, bias, family, False)  # noqa: E731
+    else:
+        return {}
+    return {"step kernel alone": alone,
             "native sequence path, T = 1": lambda: scan.run_native(
                 family, sequence, h, weight, bias, None, False, False)}
 

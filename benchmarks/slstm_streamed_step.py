@@ -65,8 +65,13 @@ def main() -> None:
                 stream(x)
             calls[f"SLSTM.stream() step, {heads} head(s)"] = lambda stream=stream: stream(x)
             weights = tuple(w.detach() for w in (cell.weight_ih, cell.weight_hh, cell.bias_ih))
-            calls[f"step kernel alone, {heads} head(s)"] = (
-                lambda s=state, w=weights: functions.slstm_step(x, s, *w, False))
+            if hasattr(functions, "slstm_step_kernel"):  # bound once (issue 19's seventh part)
+                kernel = functions.slstm_step_kernel(*weights, False)
+                calls[f"step kernel alone, {heads} head(s)"] = (
+                    lambda s=state, kernel=kernel: kernel(x, s))
+            else:
+                calls[f"step kernel alone, {heads} head(s)"] = (
+                    lambda s=state, w=weights: functions.slstm_step(x, s, *w, False))
             calls[f"native sequence path, T = 1, {heads} head(s)"] = (
                 lambda s=state, w=weights, q=sequence: ops.run_native_slstm(q, s, *w, None,
                                                                             False, False))
