@@ -1058,7 +1058,7 @@ def run_fused(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
         h0, c0 = state  # type: ignore[misc]
         arguments = (x, h0, c0, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, w.weight_hr,
                      w.weight_ch, lengths, reverse)
-        eager = plain_eager(x, *arguments[:10])
+        eager = plain_eager(*arguments[:10])
         output, h_n, c_n, *_ = (fused.lstm_forward(*arguments) if eager
                                 else _apply(fused_lstm, *arguments))
         return output, (h_n, c_n)
@@ -1067,7 +1067,7 @@ def run_fused(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                  switch)
     implementation, op = ((fused.gru_forward, fused_gru) if kind.family == Family.GRU
                           else (fused.rnn_forward, fused_rnn))
-    eager = plain_eager(x, *arguments[:7])
+    eager = plain_eager(*arguments[:7])
     output, h_n, *_ = implementation(*arguments) if eager else _apply(op, *arguments)
     return output, h_n
 
@@ -1084,7 +1084,7 @@ def run_native(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
         h0, c0 = state  # type: ignore[misc]
         arguments = (x, h0, c0, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, w.weight_hr,
                      w.weight_ch, lengths, reverse)
-        if plain_eager(x, *arguments[:10]):
+        if plain_eager(*arguments[:10]):
             output, h_n, c_n = native.lstm_forward(*arguments, layer_outputs_only=True)
             return output, (h_n, c_n)
         h_states, _, output, h_n, c_n, _, _ = _apply(native_lstm, *arguments)
@@ -1094,7 +1094,7 @@ def run_native(kind: CellKind, x: Tensor, state: State, weights: CellWeights,
                  switch)
     implementation, op = ((native.gru_forward, native_gru) if kind.family == Family.GRU
                           else (native.rnn_forward, native_rnn))
-    if plain_eager(x, *arguments[:7]):
+    if plain_eager(*arguments[:7]):
         return implementation(*arguments, layer_outputs_only=True)
     states, output, h_n, *_ = _apply(op, *arguments)
     return _native_output(output, states, lengths, reverse), h_n
@@ -1123,7 +1123,7 @@ def run_recurrence(kind: CellKind, x: Tensor, state: State, weights: CellWeights
         implementation, op = ((native.lstm_recurrence_forward, native_lstm_recurrence)
                               if native_kernels else
                               (fused_recurrence.lstm_forward, fused_lstm_recurrence))
-        eager = plain_eager(pre_x, *arguments[:13], *arguments[14:])
+        eager = plain_eager(*arguments[:13], *arguments[14:])
         output, h_n, c_n, *_ = implementation(*arguments) if eager else _apply(op, *arguments)
         return output, (h_n, c_n)
     if kind.family == Family.GRU:
@@ -1138,7 +1138,7 @@ def run_recurrence(kind: CellKind, x: Tensor, state: State, weights: CellWeights
         implementation, op = ((native.rnn_recurrence_forward, native_rnn_recurrence)
                               if native_kernels else
                               (fused_recurrence.rnn_forward, fused_rnn_recurrence))
-    eager = plain_eager(pre_x, *arguments[:-3])
+    eager = plain_eager(*arguments[:-3])
     output, h_n, *_ = implementation(*arguments) if eager else _apply(op, *arguments)
     return output, h_n
 
@@ -1312,7 +1312,7 @@ def run_fused_slstm(x: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor], w_i
                     exp_forget: bool) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """``rnnkit::fused_slstm``; same contract as `rnnkit.engine.slstm.run_reference`."""
     arguments = (x, *state, w_ih, w_hh, b_ih, _lengths(lengths), reverse, exp_forget)
-    if plain_eager(x, *arguments[:8]):
+    if plain_eager(*arguments[:8]):
         results = slstm.fused_forward(*arguments)
     else:
         results = _apply(fused_slstm, *arguments)
@@ -1327,7 +1327,7 @@ def run_native_slstm(x: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor], w_
     returns the layer's outputs alone."""
     lengths = _lengths(lengths)
     arguments = (x, *state, w_ih, w_hh, b_ih, lengths, reverse, exp_forget)
-    if plain_eager(x, *arguments[:8]):
+    if plain_eager(*arguments[:8]):
         return native.slstm_forward(*arguments, layer_outputs_only=True)
     results = _apply(native_slstm, *arguments)
     return _native_output(results[1], results[0], lengths, reverse), tuple(results[2:6])

@@ -238,7 +238,7 @@ def run_native(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
     projected = F.linear(x, weight_ih, bias_ih)  # (T, N, G*H)
     lengths = None if lengths is None else lengths.to(torch.int64)
     arguments = (projected, h0, lengths, reverse, str(family), log_space)
-    if ops.plain_eager(projected, projected, h0):
+    if ops.plain_eager(projected, h0):
         return native_functions.min_scan_forward(*arguments, layer_outputs_only=True)
     states, output, final = ops._apply(native_min_scan, *arguments)
     return (output if lengths is not None else ops._leaving(states, reverse)), final
@@ -485,7 +485,7 @@ def scan_linear(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
     """``h (T, N, H)`` with ``h_t = a_t ⊙ h_{t-1} + b_t`` from ``a, b (T, N, H)`` and ``h0 (N, H)``;
     any real ``a``, ``b``; differentiable in all three (``rnnkit::linear_scan``: forward
     `_scan_values` in float32 at least, backward `_adjoint`)."""
-    if ops.plain_eager(a, a, b, h0):
+    if ops.plain_eager(a, b, h0):
         return _linear_scan_values(a, b, h0)
     return ops._apply(linear_scan, a, b, h0)
 
@@ -508,7 +508,7 @@ def scan_log(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
     - ``h_0`` enters linearly, ``h_t = A_t h_0 + exp(…)``, so it needs no logarithm: zero (the
       default state) is exact, with a finite gradient.
     """
-    if ops.plain_eager(log_a, log_a, log_b, h0):
+    if ops.plain_eager(log_a, log_b, h0):
         return _log_scan_values(log_a, log_b, h0)
     return ops._apply(log_scan, log_a, log_b, h0)
 
