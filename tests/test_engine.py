@@ -466,16 +466,31 @@ def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache
     limit = kernels.resident_max_bytes_per_thread()
     threads = torch.get_num_threads()
     assert limit == 1 << 20
-    # (T, N, H) = (100, 32, 256) float32: W_hh is 1 MiB, shared by the threads.
-    assert kernels.lstm_runs_resident(100, 32, 256, False, 4)
-    assert not kernels.lstm_runs_resident(100, 32, 256, True, 4)  # a projection: the old loop
-    assert not kernels.lstm_runs_resident(1, 32, 256, False, 4)  # one step: no packing
-    assert not kernels.lstm_runs_resident(100, 0, 256, False, 4)  # an empty batch
-    # H = 512 float32: 4 MiB, more than the threads' shares together on up to 3 threads.
-    assert kernels.lstm_runs_resident(100, 32, 512, False, 4) == (threads >= 4)
+    for runs_resident in (kernels.lstm_forward_runs_resident, kernels.lstm_backward_runs_resident):
+        # (T, N, H) = (100, 32, 256) float32: W_hh is 1 MiB, shared by the threads.
+        assert runs_resident(100, 32, 256, False, 4)
+        assert not runs_resident(100, 32, 256, True, 4)  # a projection: the old loop
+        assert not runs_resident(1, 32, 256, False, 4)  # one step: no packing
+        assert not runs_resident(100, 0, 256, False, 4)  # an empty batch
+    # H = 512 float32: 4 MiB, more than the threads' shares together on up to 3 threads: the
+    # backward streams the packed shares for 2 to 8 rows and goes to the sequence loop
+    # otherwise; the forward streams them from 4 rows on, and below 4 rows up to 4 MiB a thread.
+    assert kernels.lstm_backward_runs_resident(100, 32, 512, False, 4) == (threads >= 4)
+    assert kernels.lstm_backward_runs_resident(100, 1, 512, False, 4) == (threads >= 4)
+    assert kernels.lstm_backward_runs_resident(100, 2, 2048, False, 4)
+    assert kernels.lstm_backward_runs_resident(100, 8, 2048, False, 4)
+    assert not kernels.lstm_backward_runs_resident(100, 9, 2048, False, 4)
+    assert kernels.lstm_forward_runs_resident(100, 32, 512, False, 4)
+    assert kernels.lstm_forward_runs_resident(100, 4, 2048, False, 4)
+    assert kernels.lstm_forward_runs_resident(100, 1, 512, False, 4)
+    assert not kernels.lstm_forward_runs_resident(100, 1, 2048, False, 4)  # 64 MiB
+    assert not kernels.lstm_forward_runs_resident(100, 3, 2048, False, 4)
     try:
         kernels.set_resident_max_bytes_per_thread(0)
-        assert not kernels.lstm_runs_resident(100, 32, 64, False, 4)
+        for runs_resident in (kernels.lstm_forward_runs_resident,
+                              kernels.lstm_backward_runs_resident):
+            assert not runs_resident(100, 32, 64, False, 4)
+            assert not runs_resident(100, 32, 512, False, 4)
     finally:
         kernels.set_resident_max_bytes_per_thread(limit)
     with pytest.raises(RuntimeError, match="resident_max_bytes_per_thread must be >= 0, got -1"):

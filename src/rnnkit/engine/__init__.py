@@ -23,10 +23,10 @@ freeze its Python loop to one length.
 The exception: ``"auto"`` runs a plain LSTM direction (no peephole, projection, layer norm or
 masks; no lengths) on torch's own kernel (``torch.lstm``, oneDNN's fused LSTM on the CPU) when
 nothing is to be differentiated, the input is float32 on the CPU, the batch has at least
-`TORCH_LSTM_MIN_BATCH` sequences and the hidden size is at least `TORCH_LSTM_MIN_HIDDEN`, or
+`TORCH_LSTM_MIN_BATCH` sequences, and the hidden size is at least `TORCH_LSTM_MIN_HIDDEN` or
 the batch holds at least `TORCH_LSTM_MIN_STATE_VALUES` state values (batch x hidden):
 measured faster there than the native loop (docs/benchmarks.md, issue 19), while the native
-loop is faster for a single stream and at smaller sizes. Not while compiling, tracing,
+loop is faster for smaller batches and at smaller sizes. Not while compiling, tracing,
 exporting or under autocast, where the operators' own rules hold.
 
 A streamed step (a cell's call, a layer's `rnnkit.stream.LayerStream` step, a one-step
@@ -67,10 +67,16 @@ _RUNNERS = {"native": ops.run_native, "fused": ops.run_fused,
             "reference": reference.run_direction}
 _warned: set[str] = set()
 
-TORCH_LSTM_MIN_BATCH = 4
-"""From this batch on, plain LSTM inference under "auto" runs torch's kernel (`runs_torch_lstm`):
-on the Intel Xeon VM (2 threads, T = 50-200) torch's took 0.8-0.95x the native loop's time at
-batch 4-8 and 0.7-0.85x at 16-64; at batch 1 the native loop took 0.5-0.8x torch's."""
+TORCH_LSTM_MIN_BATCH = 24
+"""From this batch on, plain LSTM inference under "auto" runs torch's kernel (`runs_torch_lstm`).
+Since the native forward streams weights larger than a core's cache from its resident loop
+(issue 19's eighth part, docs/benchmarks.md), the native loop took, against torch's kernel
+through the layer (Intel Xeon VM, 2 threads, T = 50 and 100, one process, interleaved): at
+H = 256 0.79-0.89x at batch 4-8, 0.92-0.94x at 16, 0.99-1.0x at 24-32, 1.01x at 64; at H = 512
+0.56-0.80x at batch 4-8, 0.89-0.91x at 16, 1.00-1.02x at 24-32, 1.07x at 64; H = 768 0.97x at
+batch 8, 1.16x at 24. (Before that change the native loop re-read a weight over 1 MiB through
+ATen's mm at every step, and torch's kernel took 0.8-0.95x its time from batch 4.) At batch 1
+the native loop takes 0.5-0.9x torch's."""
 
 TORCH_LSTM_MIN_HIDDEN = 256
 """And from this hidden size on: since the LSTM's loops run on resident weights, the native

@@ -835,8 +835,9 @@ constexpr int kResidentRows = Vec<T>::size() * sizeof(T) >= 64 ? 6 : 2;
 
 // Bytes of packed W_hh a thread may hold for the loop to run here: its share should stay in its
 // core's L2 (2 MiB per core on the Xeons and 512 KiB-1 MiB on the EPYCs these VMs run on; the
-// rest of the step's data shares it). Larger weights go to the sequence loop above, where
-// ATen's mm blocks them for every cache level. Settable for benchmarks and tests.
+// rest of the step's data shares it). The backward of larger weights goes to the sequence loop
+// above, where ATen's mm blocks them for every cache level; the forward streams them
+// (`lstm_forward_on_resident`). Settable for benchmarks and tests.
 int64_t resident_max_bytes_per_thread = int64_t(1) << 20;
 
 void set_resident_max_bytes_per_thread(int64_t value) {
@@ -1128,11 +1129,46 @@ bool lstm_resident_fits(int64_t N, int64_t K, int64_t H, int64_t element_size) {
          resident_max_bytes_per_thread * lstm_resident_threads(N, K, H);
 }
 
-// Whether lstm_forward runs on resident weights: no projection, at least two steps (the packing
-// is one pass over W_hh), and each thread's share of W_hh within `resident_max_bytes_per_thread`.
-bool lstm_resident(int64_t T, int64_t N, int64_t H, bool projected, int64_t element_size) {
+// Whether lstm_backward runs on resident weights: no projection, at least two steps (the
+// packing is one pass over W_hh), and each thread's share of W_hh within
+// `resident_max_bytes_per_thread`, or a batch of 2 to `kResidentBackwardMaxStreamedRows` rows
+// with any share. Beyond its cache a thread streams its share every step: measured on the Xeon
+// VM (2 threads, the backward's part of a training step, resident over the sequence loop,
+// docs/benchmarks.md, issue 19's eighth part) 0.75-0.87x at N = 2-4 (H = 512-2048), level at
+// N = 16, 1.0-1.1x at N = 1 (H = 1024) and 1.1-1.4x at N = 64-256 (H = 1024-2048, T = 10). The
+// bound of 8 rows lies between the sizes measured at 4 and 16.
+constexpr int64_t kResidentBackwardMaxStreamedRows = 8;
+
+bool lstm_backward_on_resident(int64_t T, int64_t N, int64_t H, bool projected,
+                               int64_t element_size) {
   if (projected || T < 2 || N == 0 || at::in_parallel_region()) return false;
-  return lstm_resident_fits(N, H, H, element_size);
+  if (resident_max_bytes_per_thread == 0) return false;
+  return lstm_resident_fits(N, H, H, element_size) ||
+         (N >= 2 && N <= kResidentBackwardMaxStreamedRows);
+}
+
+// Whether lstm_forward runs on resident weights: where a thread's share of W_hh fits its cache
+// (`lstm_resident_fits`), and also, by the rules below, where it does not, and each step
+// streams the share from L3 or memory in the packed order. The sequence loop streams W_hh too there, and forks and joins
+// twice a step. Measured on the Xeon VM (2 MiB of L2 a core; forward, resident over the sequence
+// loop, docs/benchmarks.md, issue 19's eighth part):
+// - from `kRowsWorthATranspose` rows, where the sequence loop also makes a copy of W_hh (its
+//   transpose), the resident forward took 0.55-0.9x its time at every size measured (H = 512 to
+//   2048, N = 4 to 256, 2 threads; 0.8x on one): no bound;
+// - for 1 to 3 rows the sequence loop reads W_hh as stored, with no copy, and the packing pass
+//   costs a few steps: at batch 1, 0.8-0.95x up to a share of 4.5 MiB (H = 768 on 2 threads),
+//   level or up to 1.2x from 8 MiB for T = 20-100 (H = 1024, 2048). So the bound there is
+//   `kStreamedShareFactor` times a thread's cached share.
+// `resident_max_bytes_per_thread` = 0 sends every forward to the sequence loop (tests).
+constexpr int64_t kStreamedShareFactor = 4;
+
+bool lstm_forward_on_resident(int64_t T, int64_t N, int64_t H, bool projected,
+                              int64_t element_size) {
+  if (projected || T < 2 || N == 0 || at::in_parallel_region()) return false;
+  if (resident_max_bytes_per_thread == 0) return false;
+  if (N >= kRowsWorthATranspose) return true;
+  return 4 * H * H * element_size <= kStreamedShareFactor * resident_max_bytes_per_thread *
+                                         lstm_resident_threads(N, H, H);
 }
 
 // A resident forward also projects its input (`lstm_forward_input`) when the input is narrower
@@ -1158,7 +1194,7 @@ void set_lstm_input_min_batch(int64_t value) {
 bool lstm_projects_input(int64_t T, int64_t N, int64_t I, int64_t H, bool projected,
                          int64_t element_size) {
   return I < H && N >= lstm_input_min_batch &&
-         lstm_resident(T, N, H, projected, element_size) &&
+         lstm_forward_on_resident(T, N, H, projected, element_size) &&
          lstm_resident_fits(N, I + H, H, element_size);
 }
 
@@ -1400,7 +1436,7 @@ std::vector<Tensor> lstm_forward(Tensor gates, const std::optional<Tensor>& bias
   Tensor h_states = started_states(steps, h0);
   Tensor c_states = started_states(steps, c0);
   Tensor output = output_buffer(h_states, steps, lengths);
-  const bool resident = lstm_resident(T, N, H, projected, gates.element_size());
+  const bool resident = lstm_forward_on_resident(T, N, H, projected, gates.element_size());
   const ForwardWeight w_hh_forward(w_hh, resident ? 0 : T, N);  // resident: packed there instead
   const std::optional<ForwardWeight> w_hr_forward =
       projected ? std::make_optional<ForwardWeight>(*w_hr, T, N) : std::nullopt;
@@ -1570,7 +1606,7 @@ std::vector<Tensor> lstm_backward(const Tensor& d_output, const Tensor& d_h_n,
   Tensor d_h_raw_all = projected ? at::empty({T, N, P}, gates.options()) : Tensor();
   Tensor m_all = projected ? at::empty({T, N, H}, gates.options()) : Tensor();
   Tensor d_m = projected ? at::empty({N, H}, gates.options()) : Tensor();
-  const bool resident = lstm_resident(T, N, H, projected, gates.element_size());
+  const bool resident = lstm_backward_on_resident(T, N, H, projected, gates.element_size());
   Tensor d_bias = at::zeros({4 * H}, gates.options());
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward", [&] {
     using V = Vec<scalar_t>;
@@ -4080,9 +4116,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_projects_input", &lstm_projects_input,
         "whether an LSTM forward of (steps, batch, input, hidden, projected, element size) "
         "projects its input inside the resident loop");
-  m.def("lstm_runs_resident", &lstm_resident,
-        "whether an LSTM loop of (steps, batch, hidden, projected, element size) runs on resident "
-        "weights");
+  m.def("lstm_forward_runs_resident", &lstm_forward_on_resident,
+        "whether an LSTM forward of (steps, batch, hidden, projected, element size) runs on "
+        "resident weights");
+  m.def("lstm_backward_runs_resident", &lstm_backward_on_resident,
+        "whether an LSTM backward of (steps, batch, hidden, projected, element size) runs on "
+        "resident weights");
   m.def("min_scan_forward", &min_scan_forward);
   m.def("min_scan_backward", &min_scan_backward);
   m.def("min_step", &min_step);
