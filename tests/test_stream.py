@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import rnnkit
 from compare import assert_same_normwise
@@ -19,6 +19,7 @@ from rnnkit import engine
 from rnnkit.engine import reference, scan
 from rnnkit.engine.native import build
 from rnnkit.engine.steps import CellKind, CellWeights, Family
+from rnnkit.stream import kept_step_kernels
 
 pytestmark = pytest.mark.skipif(build.kernels() is None, reason="needs the native kernels")
 
@@ -335,7 +336,7 @@ def test_the_output_is_not_the_state_the_stream_keeps():
 def test_a_one_step_layer_call_with_a_state_takes_the_short_way(name, kernel_calls,
                                                                    monkeypatch):
     # forward on a one-step sequence from a given state, nothing to differentiate: the stack
-    # on the step kernels (`inference_steps`), none of the general path's preparation.
+    # on the step kernels (`kept_step_kernels`), none of the general path's preparation.
     torch.manual_seed(0)
     layer = LAYER_CASES[name]().eval()
     generator = torch.Generator().manual_seed(3)
@@ -564,7 +565,7 @@ def test_the_slstm_step_kernel_is_declined_where_it_does_not_apply(monkeypatch,
 @pytest.mark.parametrize("name", list(SLSTM_LAYER_CASES))
 def test_a_one_step_slstm_call_takes_the_short_way(name, slstm_kernel_calls, monkeypatch):
     # forward on a one-step sequence, nothing to differentiate: the stack on the step kernel
-    # (`slstm_inference_steps`), none of the general path's preparation; the same numbers as
+    # (`kept_step_kernels`), none of the general path's preparation; the same numbers as
     # the general path (full lengths, which forward drops: its streamed step).
     torch.manual_seed(0)
     layer = SLSTM_LAYER_CASES[name](torch.float64).eval()
@@ -835,7 +836,7 @@ def test_an_unbatched_minimal_stream_and_one_step_layer_calls(min_kernel_calls):
 def test_a_one_step_minimal_layer_call_takes_the_short_way(name, min_kernel_calls,
                                                           monkeypatch):
     # forward on a one-step sequence, nothing to differentiate: the stack on the step kernel
-    # (`min_inference_steps`), none of the general path's preparation; the same numbers as
+    # (`kept_step_kernels`), none of the general path's preparation; the same numbers as
     # the general path (lengths: full, which forward drops, so its streamed step).
     torch.manual_seed(0)
     layer = MIN_LAYER_CASES[name](torch.float64).eval()
@@ -969,21 +970,30 @@ def test_a_stream_follows_its_layer_changed_between_steps(name, change, monkeypa
                 LAYER_CHANGES[change](layer, monkeypatch)
             state = stream.state
             torch.manual_seed(step)  # the same dropout masks for both, in training
-            want = layer(x.unsqueeze(0), state)[0][0] if state is not None else None
+            want = (reference_layer(layer)(x.unsqueeze(0), state)[0][0] if state is not None
+                    else None)
             torch.manual_seed(step)
             got = stream(x)
             if want is not None:
                 assert_close(got, want)
 
 
-def test_a_stream_binds_its_kernels_once_and_calls_them_every_step(monkeypatch, kernel_calls):
-    import rnnkit.stream as stream_module
-
+def _count_binds(layer: nn.Module, monkeypatch) -> list:
+    """A list that grows by one each time ``layer`` binds its step kernels."""
     bound = []
-    real = stream_module.step_kernels
-    monkeypatch.setattr(stream_module, "step_kernels",
-                        lambda *arguments: bound.append(1) or real(*arguments))
+    real = type(layer)._step_kernels
+
+    def counted(self, *arguments):
+        if self is layer:  # not its copies
+            bound.append(1)
+        return real(self, *arguments)
+    monkeypatch.setattr(type(layer), "_step_kernels", counted)
+    return bound
+
+
+def test_a_stream_binds_its_kernels_once_and_calls_them_every_step(monkeypatch, kernel_calls):
     layer = rnnkit.LSTM(5, 12, num_layers=2).eval()
+    bound = _count_binds(layer, monkeypatch)
     stream = layer.stream()
     with torch.no_grad():
         for step, x in enumerate(torch.randn(10, 3, 5)):
@@ -1060,10 +1070,10 @@ def test_a_stream_in_training_follows_dropout_switched_on_between_steps(name):
             torch.manual_seed(step)
             got = stream(x)
             if step == 2:
-                assert stream._plan is not None  # kept in training mode
+                assert stream._kept.plan is not None  # kept in training mode
             if want is not None:
                 assert_close(got, want)
-    assert stream._plan is None
+    assert stream._kept.plan is None
 
 
 def test_a_copied_or_pickled_stream_steps_with_its_own_layer():
@@ -1168,3 +1178,105 @@ def test_an_input_s_gradient_through_frozen_weights_is_recorded_in_one_step(make
         stream(x[0].detach())
     streamed = stream(x[0])
     assert streamed.grad_fn is not None
+
+
+# ---- a layer's one-step calls keep their kernels too (`rnnkit.stream.kept_step_kernels`) -------
+
+def _parts(state) -> tuple:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def _one_step_calls(layer: nn.Module, xs: Tensor, change=None, at: int = 3):
+    """``layer(x, state)`` for each one-step ``x`` of ``xs``, the state carried, asserting
+    that each equals a copy of the layer on the reference engine made just before it;
+    ``change(layer)`` before call ``at``. The first call (no state) takes the general way."""
+    state = None
+    with torch.no_grad():
+        for step, x in enumerate(xs):
+            if change is not None and step == at:
+                change(layer)
+            reference = reference_layer(layer)
+            torch.manual_seed(step)  # the same dropout masks for both, in training
+            want_output, want_state = reference(x, state)
+            torch.manual_seed(step)
+            output, state = layer(x, state)
+            assert_close((output, *_parts(state)), (want_output, *_parts(want_state)))
+
+
+@pytest.mark.parametrize("change", list(LAYER_CHANGES))
+@pytest.mark.parametrize("name", list(KEPT_KERNEL_LAYERS))
+def test_one_step_layer_calls_follow_their_layer_changed_between_calls(name, change,
+                                                                       monkeypatch):
+    torch.manual_seed(0)
+    layer = KEPT_KERNEL_LAYERS[name]().eval()
+    _one_step_calls(layer, torch.randn(7, 1, 3, 5),
+                    lambda changed: LAYER_CHANGES[change](changed, monkeypatch))
+
+
+@pytest.mark.parametrize("name", list(CELL_SETTING_CHANGES))
+def test_one_step_layer_calls_follow_a_cell_setting_changed_between_calls(name):
+    make, change = CELL_SETTING_CHANGES[name]
+    torch.manual_seed(0)
+    _one_step_calls(make().eval(), torch.randn(6, 1, 3, 5), change)
+
+
+@pytest.mark.parametrize("name", list(KEPT_KERNEL_LAYERS))
+def test_one_step_layer_calls_bind_their_kernels_once(name, monkeypatch):
+    torch.manual_seed(0)
+    layer = KEPT_KERNEL_LAYERS[name]().eval()
+    bound = _count_binds(layer, monkeypatch)
+    _one_step_calls(layer, torch.randn(8, 1, 3, 5))
+    # the first call (no state) takes the general way for the classic layers
+    assert len(bound) == 1
+    assert kept_step_kernels(layer).plan is not None
+
+
+def test_one_step_layer_calls_with_another_batch_state_or_gradient_are_rechecked(monkeypatch):
+    # What the kept kernels do not cover goes to binding anew (another batch) or to forward
+    # (a state of another dtype, a non-contiguous state, a state to differentiate): every call
+    # as the reference's.
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(5, 12, num_layers=2).eval()
+    bound = _count_binds(layer, monkeypatch)
+    h, c = torch.randn(2, 3, 12), torch.randn(2, 3, 12)
+    x = torch.randn(1, 3, 5)
+    with torch.no_grad():
+        for batch in (3, 2, 3):  # another batch: bound anew, then again for 3
+            want = reference_layer(layer)(x[:, :batch], (h[:, :batch], c[:, :batch]))
+            got = layer(x[:, :batch], (h[:, :batch].contiguous(), c[:, :batch].contiguous()))
+            assert_close((got[0], *got[1]), (want[0], *want[1]))
+        assert len(bound) == 3
+        strided = (torch.randn(3, 2, 12).transpose(0, 1), torch.randn(3, 2, 12).transpose(0, 1))
+        want = reference_layer(layer)(x, strided)
+        got = layer(x, strided)
+        assert_close((got[0], *got[1]), (want[0], *want[1]))
+        with pytest.raises(TypeError, match="LSTM hx"):  # forward's check names it
+            layer(x, (h.double(), c.double()))
+    h_grad = h.clone().requires_grad_()
+    output = layer(x, (h_grad, c))[0]
+    assert output.grad_fn is not None
+    (got_grad,) = torch.autograd.grad(output.sum(), h_grad)
+    h_ref = h.clone().requires_grad_()
+    (want_grad,) = torch.autograd.grad(reference_layer(layer)(x, (h_ref, c))[0].sum(), h_ref)
+    assert_close(got_grad, want_grad)
+
+
+def test_a_layer_copied_or_pickled_after_one_step_calls_steps_with_its_own_weights():
+    import pickle
+
+    torch.manual_seed(0)
+    for make in (lambda: rnnkit.LSTM(5, 12, num_layers=2).eval(),
+                 lambda: rnnkit.SLSTM(5, 12, num_heads=3).eval(),
+                 lambda: rnnkit.MinGRU(5, 12).eval()):
+        layer = make()
+        xs = torch.randn(6, 1, 3, 5)
+        _one_step_calls(layer, xs[:3])
+        assert kept_step_kernels(layer).plan is not None
+        # the whole module pickled (as torch.save(model) does) and deep-copied
+        copies = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))]
+        assert all(kept_step_kernels(twin).plan is None for twin in copies)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.mul_(-0.5)  # the original changes; each copy keeps its own weights
+        for twin in copies:
+            _one_step_calls(twin, xs[3:])

@@ -16,6 +16,7 @@ members of torch.nn.RNNBase that code written for torch.nn touches are here too
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import ClassVar, Generic, NamedTuple, NoReturn, TypeVar
 
@@ -60,7 +61,13 @@ from rnnkit.engine.steps import (
     State,
     output_of,
 )
-from rnnkit.stream import LayerStream, StepKernels, inference_steps, one_step_input
+from rnnkit.stream import (
+    LayerStream,
+    StepKernels,
+    kept_step_kernels,
+    one_step_input,
+    step_kernels,
+)
 
 
 def _stack(states: list[Tensor]) -> Tensor:
@@ -381,10 +388,11 @@ class _RecurrentLayer(nn.Module):
 
     def _one_step(self, input: Tensor, hx: object) -> tuple[Tensor, State] | None:
         """`forward` on a one-step batched sequence from a given state, on the step kernels
-        (`rnnkit.stream.inference_steps`, as a stream's step): the same result without the
-        general path's reshaping and splitting (a loop that calls the layer once a step).
-        None wherever the input differs from that plain case in any way (form, shape, state,
-        gradient, compiler or tracer); forward then checks and runs it as any other."""
+        (kept between calls, `rnnkit.stream.kept_step_kernels`, as a stream's are): the same
+        result without the general path's reshaping and splitting (a loop that calls the layer
+        once a step). None wherever the input differs from that plain case in any way (form,
+        shape, state, gradient, compiler or tracer); forward then checks and runs it as any
+        other."""
         x = one_step_input(self, input)
         if x is None:
             return None
@@ -396,7 +404,7 @@ class _RecurrentLayer(nn.Module):
             return None
         states = (list(zip(parts[0].unbind(0), parts[1].unbind(0), strict=True))
                   if len(parts) == 2 else list(parts[0].unbind(0)))
-        stepped = inference_steps(self, x, states)
+        stepped = kept_step_kernels(self).run(self, x, states, parts)
         if stepped is None:
             return None
         top, finals = stepped
@@ -413,6 +421,20 @@ class _RecurrentLayer(nn.Module):
         native call where nothing is differentiated (`rnnkit.stream.LayerStream`).
         Unidirectional layers only."""
         return LayerStream(self, hx)
+
+    def _step_kernels(self, x: Tensor, states: list[State]) -> StepKernels | None:
+        """The stack's step kernels for a step of ``x (N, H_in)`` from ``states``
+        (`rnnkit.stream.step_kernels`), or None where they do not apply."""
+        return step_kernels(self, x, states)
+
+    def _step_settings(self) -> tuple:
+        """What, besides the parameters, decides the step kernels and whether they run (kept
+        kernels are dropped when it changes): the backend (the layer's and ``RNNKIT_BACKEND``),
+        the cell (`cell_kind`: nonlinearity, ``reset_after``), the mode and the switches that
+        draw masks in it."""
+        return (self.backend, os.environ.get(engine.ENVIRONMENT_VARIABLE), self.cell_kind(),
+                self.training, self.dropout, self.recurrent_dropout, self.weight_drop,
+                self.zoneout)
 
     # ---- the stack, step by step: what forward does, open to diagnostics -------------------
     def prepare(
@@ -829,7 +851,8 @@ class _SimpleLayer(nn.Module, Generic[_SimpleState]):
 
     def _one_step(self, input: Tensor, hx: object) -> tuple[Tensor, _SimpleState] | None:
         """`forward` on a one-step batched sequence from ``hx`` (None: the empty state), on the
-        family's step kernel (the subclass's `_inference_steps`, as a stream's step): the same
+        family's step kernels (the subclass's `_step_kernels`, kept between calls as a stream's
+        are: `rnnkit.stream.kept_step_kernels`): the same
         result without the general path's checks, reshaping and splitting (a loop that calls
         the layer once a step). None wherever the input differs from that plain case in any
         way (form, shape, a state not of exactly its shape and form, gradient, dtype, device,
@@ -852,29 +875,33 @@ class _SimpleLayer(nn.Module, Generic[_SimpleState]):
             states = list(state.unbind(0))
         else:
             states = list(zip(*(t.unbind(0) for t in state), strict=True))
-        stepped = self._inference_steps(x, states)
+        stepped = kept_step_kernels(self).run(self, x, states,
+                                              state if parts is not None else (state,))
         if stepped is None:
             return None
         top, finals = stepped
-        # The output is the kernel's top h itself: stacking copies the states, so it never
-        # aliases the final state (as forward's output never does).
         if parts is None:
-            final = torch.stack(finals)
+            final = _stack(finals)
         else:
-            final = tuple(torch.stack(part) for part in zip(*finals, strict=True))
-        return top.unsqueeze(1 if self.batch_first else 0), final
-
-    def _inference_steps(self, x: Tensor, states: list[_SimpleState]
-                         ) -> tuple[Tensor, list[_SimpleState]] | None:
-        """One step of the whole stack on the family's step kernels (`_step_kernels`): the top
-        ``h`` and the new states, or None where they do not apply."""
-        kernels = self._step_kernels(x, states)
-        return None if kernels is None else kernels.run(x, states)
+            final = tuple(_stack(list(part)) for part in zip(*finals, strict=True))
+        output = top.unsqueeze(1 if self.batch_first else 0)
+        # Stacking two layers or more copies the states; one layer's final state is a view of
+        # the kernel's top h, so the output is then a copy (forward's output never aliases its
+        # final state).
+        return (output.clone() if self.num_layers == 1 else output), final
 
     def _step_kernels(self, x: Tensor, states: list[_SimpleState]) -> StepKernels | None:
         """The family's step kernels for a step of ``x (N, H_in)`` from ``states``
         (`rnnkit.stream`'s ``*_step_kernels``), or None where they do not apply."""
         raise NotImplementedError
+
+    def _step_settings(self) -> tuple:
+        """What, besides the parameters, decides the step kernels and whether they run (kept
+        kernels are dropped when it changes): the backend (the layer's, and ``RNNKIT_BACKEND``,
+        which the sLSTM reads), the mode and dropout between layers; a subclass adds its
+        cell's switches."""
+        return (self.backend, os.environ.get(engine.ENVIRONMENT_VARIABLE), self.training,
+                self.dropout)
 
     def _run_direction(self, sequence: Tensor, state: _SimpleState, layer: int,
                        direction: int, lengths: Tensor | None) -> tuple[Tensor, _SimpleState]:

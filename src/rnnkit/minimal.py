@@ -252,6 +252,10 @@ class _MinimalLayer(_SimpleLayer[Tensor]):
     def _step_kernels(self, x: Tensor, states: list[Tensor]) -> StepKernels | None:
         return min_step_kernels(self, x, states)
 
+    def _step_settings(self) -> tuple:
+        """The simple layers' step settings, and ``log_space``."""
+        return (*super()._step_settings(), self.log_space)
+
     def _run_direction(self, sequence: Tensor, state: Tensor, layer: int, direction: int,
                        lengths: Tensor | None) -> tuple[Tensor, Tensor]:
         return scan.run_direction(self.family, sequence, state, *self.weights(layer, direction),

@@ -330,6 +330,10 @@ class SLSTM(_SimpleLayer[SLSTMState]):
     def _step_kernels(self, x: Tensor, states: list[SLSTMState]) -> StepKernels | None:
         return slstm_step_kernels(self, x, states)
 
+    def _step_settings(self) -> tuple:
+        """The simple layers' step settings, and the forget gate."""
+        return (*super()._step_settings(), self.forget_gate)
+
     def _run_direction(self, sequence: Tensor, state: SLSTMState, layer: int, direction: int,
                        lengths: Tensor | None) -> tuple[Tensor, SLSTMState]:
         return engine.run_slstm_direction(

@@ -11,16 +11,15 @@ layer's ``forward`` on the one-step sequence: every call gives what ``forward`` 
 `rnnkit.engine.slstm_step_kernel` (the sLSTM's step kernel), and `MinimalStream` for
 `rnnkit.MinGRU` and `rnnkit.MinLSTM`, on `rnnkit.engine.min_step_kernel`. The functions
 `step_kernels`, `slstm_step_kernels` and `min_step_kernels` bind a whole stack's kernels
-(`StepKernels`); a stream keeps them between steps while the layer's parameters, mode and
-settings stay the same, so a step checks little and calls the kernels. The layers' one-step
-calls (``layer(x_t.unsqueeze(0), state)``) bind and run them once, as their short way
-(`inference_steps`, the simple layers' ``_inference_steps``).
+(`StepKernels`); `KeptStepKernels` keeps them between steps while the layer's parameters, mode
+and settings stay the same, so a step checks little and calls the kernels. Each stream has
+one, and so has each layer for its one-step calls (``layer(x_t.unsqueeze(0), state)``, the
+layers' short way: `kept_step_kernels`).
 """
 
 from __future__ import annotations
 
 import operator
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -76,7 +75,7 @@ class LayerStream:
         self._states: list[State] | None = None  # per layer, contiguous, batched
         self._batched = True
         self._input_shape: tuple[int, ...] = ()
-        self._plan: _StepPlan | None = None
+        self._kept = KeptStepKernels()  # copied and pickled empty
 
     @property
     def state(self) -> State | None:
@@ -94,88 +93,26 @@ class LayerStream:
                 return output if self._batched else output.squeeze(0)
         return self._general_step(input)
 
-    def __getstate__(self) -> dict:
-        """Pickled or deep-copied without its kept kernels: they are bound to this layer's
-        parameter tensors, and a copy's layer has its own (the copy binds them at its next
-        step)."""
-        return {**self.__dict__, "_plan": None}
-
     def _kernel_step(self, x: Tensor, states: list) -> Tensor | None:
-        """Every layer's step on its step kernels (`_step_kernels`), or None (nothing changed)
-        where they do not apply.
-
-        The kernels, bound to the layer's weights, are kept for the next steps as a
-        `_StepPlan` while `_plan_holds`: a step then checks the input, the mode and that the
-        layer still has the same parameter tensors, and calls the kernels, instead of
-        gathering the weights and checking every tensor again (the streamed step's Python
-        cost, issue 19). A kept kernel that refuses a weight changed in place under it
-        (``param.data = ...`` of another dtype or device) hands the step to ``forward``."""
+        """Every layer's step on its step kernels, kept between steps (`KeptStepKernels`), or
+        None (nothing changed) where they do not apply: a step then checks the input, the mode
+        and that the layer still has the same parameter tensors, and calls the kernels, instead
+        of gathering the weights and checking every tensor again (the streamed step's Python
+        cost, issue 19)."""
         if _runs_hooks(self.layer):  # forward's call runs them; the kernels would not
-            self._plan = None
+            self._kept.plan = None
             return None
-        plan = self._plan
-        kept = plan is not None and self._plan_holds(plan, x)
-        if kept:
-            kernels = plan.kernels
-        else:
-            kernels = self._step_kernels(x, states)
-            if kernels is None:
-                self._plan = None
-                return None
-            self._plan = self._new_plan(kernels, x)
-        try:
-            stepped = kernels.run(x, states)
-        except RuntimeError:
-            if not kept:
-                raise
-            stepped = None  # forward decides, and names what is wrong
+        stepped = self._kept.run(self.layer, x, states)
         if stepped is None:
-            self._plan = None
             return None
         output, self._states = stepped
         # A copy: the state is the kernel's h itself, and forward's output never aliases its
         # final state either (an in-place change of the output must not change the stream).
         return output.clone()
 
-    def _step_kernels(self, x: Tensor, states: list) -> StepKernels | None:
-        """The layer's step kernels for this step (`step_kernels`), or None."""
-        return step_kernels(self.layer, x, states)
-
-    def _settings(self) -> tuple:
-        """What, besides the parameters, decides the kernels and whether they run: the backend
-        (the layer's and ``RNNKIT_BACKEND``), the cell (`cell_kind`: nonlinearity,
-        ``reset_after``), the mode and the switches that draw masks in it."""
-        layer = self.layer
-        return (layer.backend, os.environ.get(engine.ENVIRONMENT_VARIABLE), layer.cell_kind(),
-                layer.training, layer.dropout, layer.recurrent_dropout, layer.weight_drop,
-                layer.zoneout)
-
-    def _new_plan(self, kernels: StepKernels, x: Tensor) -> _StepPlan | None:
-        """``kernels`` as a plan for the next steps, or None where they must be bound anew at
-        every step: where a weight is not one of the layer's parameters (a parametrization
-        computes it at every access)."""
-        parameters = tuple(self.layer._parameters.values())
-        known = {id(p) for p in parameters}
-        if not all(id(w) in known for w in kernels.weights):
-            return None
-        return _StepPlan(kernels, parameters, self._settings(), x.dtype)
-
-    def _plan_holds(self, plan: _StepPlan, x: Tensor) -> bool:
-        """Whether ``plan``'s kernels are still this step's: the layer with the same parameter
-        tensors and settings (`_settings`), ``x`` a contiguous CPU tensor of the plan's dtype,
-        nothing to differentiate in plain eager mode (`ops.plain_eager`). The states are the
-        kernels' own since the plan was made (a step through ``forward`` drops it)."""
-        layer = self.layer
-        parameters = layer._parameters
-        return (x.dtype is plan.dtype and x.is_cpu
-                and x.is_contiguous() and len(parameters) == len(plan.parameters)
-                and all(map(operator.is_, parameters.values(), plan.parameters))
-                and self._settings() == plan.settings
-                and ops.plain_eager(x, *plan.kernels.weights))
-
     def _general_step(self, input: object) -> Tensor:
         """The step through ``forward`` on a one-step sequence: its checks, its engines."""
-        self._plan = None  # forward's state may be one to differentiate
+        self._kept.plan = None  # forward's state may be one to differentiate
         layer = self.layer
         name = type(layer).__name__
         param = layer.weight_ih_l0
@@ -212,33 +149,99 @@ def _runs_hooks(module: torch.nn.Module) -> bool:
 
 
 class _StepPlan(NamedTuple):
-    """A stream's step kernels kept between steps (`LayerStream._kernel_step`), with what they
-    were bound under: the layer's parameter tensors (compared by identity), its settings
-    (`LayerStream._settings`) and the input's dtype."""
+    """Step kernels kept between steps (`KeptStepKernels`), with what they were bound under:
+    the layer's parameter tensors (compared by identity), its step settings (the layer's
+    ``_step_settings()``), the input's dtype and rows."""
 
     kernels: StepKernels
     parameters: tuple
     settings: tuple
     dtype: torch.dtype
+    rows: int
 
 
-class _SimpleLayerStream(LayerStream):
-    """`LayerStream` for the layers on `rnnkit.layers._SimpleLayer` (SLSTM, MinGRU, MinLSTM):
-    every layer's step on the family's step kernel (the layer's ``_step_kernels``)."""
+class KeptStepKernels:
+    """A layer's step kernels (`StepKernels`, bound by its ``_step_kernels``) kept from one step
+    to the next while they are still that step's (`holds`): one per `LayerStream`, and one per
+    layer for its one-step calls (`kept_step_kernels`). Copied and pickled empty: the kernels
+    are bound to one layer's tensors, and a copy's layer has its own (it binds them at its
+    next step)."""
 
-    def _step_kernels(self, x: Tensor, states: list) -> StepKernels | None:
-        """The layer's step kernels for this step, or None."""
-        return self.layer._step_kernels(x, states)
+    __slots__ = ("plan",)
 
-    def _settings(self) -> tuple:
-        """The backend (the layer's, and ``RNNKIT_BACKEND``, which the sLSTM reads), the mode
-        and dropout between layers."""
-        layer = self.layer
-        return (layer.backend, os.environ.get(engine.ENVIRONMENT_VARIABLE), layer.training,
-                layer.dropout)
+    def __init__(self) -> None:
+        self.plan: _StepPlan | None = None
+
+    def __reduce__(self):
+        return KeptStepKernels, ()
+
+    def run(self, layer, x: Tensor, states: list, given: tuple = ()
+            ) -> tuple[Tensor, list] | None:
+        """One step of ``layer``'s whole stack on its step kernels: ``x (N, H_in)`` and each
+        layer's state -> the top layer's output and the new states, or None (nothing kept,
+        nothing computed that matters) where the kernels do not apply. ``given``: state
+        tensors the kernels have not made (a caller's), checked as the input is; a stream's
+        states are the kernels' own since the plan was made. The kernels are bound anew where
+        the kept ones do not hold; a kept kernel that refuses a weight changed in place under
+        it (``param.data = ...`` of another dtype or device) gives None, and the caller's
+        ``forward`` decides and names what is wrong."""
+        plan = self.plan
+        kept = plan is not None and self.holds(plan, layer, x, given)
+        if kept:
+            kernels = plan.kernels
+        else:
+            kernels = layer._step_kernels(x, states)
+            if kernels is None:
+                self.plan = None
+                return None
+            self.plan = _new_plan(layer, kernels, x)
+        try:
+            stepped = kernels.run(x, states)
+        except RuntimeError:
+            if not kept:
+                raise
+            stepped = None
+        if stepped is None:
+            self.plan = None
+        return stepped
+
+    @staticmethod
+    def holds(plan: _StepPlan, layer, x: Tensor, given: tuple) -> bool:
+        """Whether ``plan``'s kernels are still this step's: the layer with the same parameter
+        tensors and step settings, ``x`` and the ``given`` states contiguous CPU tensors of the
+        plan's dtype, ``x`` with the plan's rows, nothing to differentiate in plain eager mode
+        (`ops.plain_eager`)."""
+        parameters = layer._parameters
+        dtype = plan.dtype
+        return (x.dtype is dtype and x.is_cpu and x.is_contiguous() and x.shape[0] == plan.rows
+                and len(parameters) == len(plan.parameters)
+                and all(map(operator.is_, parameters.values(), plan.parameters))
+                and layer._step_settings() == plan.settings
+                and all(t.dtype is dtype and t.is_cpu and t.is_contiguous() for t in given)
+                and ops.plain_eager(x, *given, *plan.kernels.weights))
 
 
-class SLSTMStream(_SimpleLayerStream):
+def _new_plan(layer, kernels: StepKernels, x: Tensor) -> _StepPlan | None:
+    """``kernels`` as a plan for the next steps, or None where they must be bound anew at every
+    step: where a weight is not one of the layer's parameters (a parametrization computes it
+    at every access)."""
+    parameters = tuple(layer._parameters.values())
+    known = {id(p) for p in parameters}
+    if not all(id(w) in known for w in kernels.weights):
+        return None
+    return _StepPlan(kernels, parameters, layer._step_settings(), x.dtype, x.shape[0])
+
+
+def kept_step_kernels(layer) -> KeptStepKernels:
+    """The `KeptStepKernels` of ``layer``'s one-step calls (made at the first; a layer built
+    or unpickled without one gets one)."""
+    kept = layer.__dict__.get("_kept_step_kernels")
+    if kept is None:
+        kept = layer.__dict__["_kept_step_kernels"] = KeptStepKernels()
+    return kept
+
+
+class SLSTMStream(LayerStream):
     r"""Steps of a unidirectional `rnnkit.SLSTM`, one call each: `LayerStream`'s contract.
 
     ``stream(x_t)`` equals ``layer(x_t.unsqueeze(0), s)`` (``unsqueeze(1)`` with
@@ -261,10 +264,6 @@ class SLSTMStream(_SimpleLayerStream):
 
     layer: SLSTM
 
-    def _settings(self) -> tuple:
-        """`_SimpleLayerStream`'s, and the forget gate."""
-        return (*super()._settings(), self.layer.forget_gate)
-
     @property
     def state(self) -> SLSTMState | None:
         """The final state after the steps so far, as the layer's ``forward`` returns it."""
@@ -282,7 +281,7 @@ class SLSTMStream(_SimpleLayerStream):
                 for per_layer in zip(*parts, strict=True)]
 
 
-class MinimalStream(_SimpleLayerStream):
+class MinimalStream(LayerStream):
     r"""Steps of a unidirectional `rnnkit.MinGRU` or `rnnkit.MinLSTM`, one call each:
     `LayerStream`'s contract.
 
@@ -306,10 +305,6 @@ class MinimalStream(_SimpleLayerStream):
     """
 
     layer: _MinimalLayer
-
-    def _settings(self) -> tuple:
-        """`_SimpleLayerStream`'s, and ``log_space``."""
-        return (*super()._settings(), self.layer.log_space)
 
     @property
     def state(self) -> Tensor | None:
@@ -412,16 +407,6 @@ def min_step_kernels(layer: _MinimalLayer, x: Tensor, states: list[Tensor]
     return _bind_each(states, bind, lambda new: new)
 
 
-def inference_steps(layer: RecurrentLayer, x: Tensor,
-                    states: list[State]) -> tuple[Tensor, list[State]] | None:
-    """One step of a unidirectional layer's whole stack on its step kernels (`step_kernels`):
-    ``x (N, H_in)`` and each layer's state (``h (N, H_out)`` or ``(h, c)``) -> the top layer's
-    ``h`` and the new states; or None (nothing computed that matters) where they do not
-    apply. The sLSTM's and the minimal layers' are their ``_inference_steps``."""
-    kernels = step_kernels(layer, x, states)
-    return None if kernels is None else kernels.run(x, states)
-
-
 def one_step_input(layer, input: Tensor) -> Tensor | None:
     """``x (N, H_in)`` of a layer call's ``input``, a 3-dimensional tensor, when it is one time
     step of a batched sequence the layer's short way can run (`RecurrentLayer._one_step`,
@@ -448,6 +433,7 @@ def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[St
     return [h.contiguous() for h in h_n]
 
 
-__all__ = ["LayerStream", "MinimalStream", "SLSTMStream", "StepKernels", "inference_steps",
-           "min_step_kernels", "one_step_input", "slstm_step_kernels", "step_kernels"]
+__all__ = ["KeptStepKernels", "LayerStream", "MinimalStream", "SLSTMStream", "StepKernels",
+           "kept_step_kernels", "min_step_kernels", "one_step_input", "slstm_step_kernels",
+           "step_kernels"]
 
