@@ -7,21 +7,30 @@ each run's float32 peak, as the markdown table docs/benchmarks.md records.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 
 def rows_by_key(path: str) -> tuple[dict, dict]:
-    with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
-    rows = {(r["family"], r["variant"], r["implementation"], tuple(r["size"])): r
-            for r in data["rows"]}
+    """The rows of an `rnnkit bench --json` file by (family, variant, implementation, size),
+    and the whole file; SystemExit naming the file where it is not one."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        rows = {(r["family"], r["variant"], r["implementation"], tuple(r["size"])): r
+                for r in data["rows"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"{path}: not an `rnnkit bench --json` file ({error})") from None
     return rows, data
 
 
 def main() -> None:
-    before, before_data = rows_by_key(sys.argv[1])
-    after, after_data = rows_by_key(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("before", help="rnnkit bench --json file of the old build")
+    parser.add_argument("after", help="rnnkit bench --json file of the new build")
+    arguments = parser.parse_args()
+    before, before_data = rows_by_key(arguments.before)
+    after, after_data = rows_by_key(arguments.after)
     print("| family | variant | rnnkit row | size | ratio | before | after |")
     print("|---|---|---|---|---|---:|---:|")
     for key, row in after.items():
