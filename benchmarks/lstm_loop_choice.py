@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from shape_sweep import time_call  # benchmarks/, this script's folder
 
 import rnnkit
 from rnnkit.engine.native import build
@@ -92,18 +92,7 @@ def time_size(mode: str, steps: int, batch: int, hidden: int, rounds: int,
         order = list(modules) if round_index % 2 else list(reversed(modules))
         for name in order:
             configure(name)
-            module = modules[name]
-            if mode == "infer":
-                with torch.no_grad():
-                    start = time.perf_counter()
-                    module(x)
-                    elapsed = time.perf_counter() - start
-            else:
-                module.zero_grad(set_to_none=True)
-                start = time.perf_counter()
-                output, _ = module(x)
-                output.sum().backward()
-                elapsed = time.perf_counter() - start
+            elapsed = time_call(mode, modules[name], x)
             if round_index >= 2:
                 samples[name].append(elapsed * 1e3)
     return {name: statistics.median(values) for name, values in samples.items()}

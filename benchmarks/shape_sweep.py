@@ -28,6 +28,22 @@ SIZES = [(50, 1, 64), (50, 1, 512), (100, 4, 128), (100, 8, 256), (100, 16, 512)
 PEERS = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
 
 
+def time_call(mode: str, module: torch.nn.Module, x: torch.Tensor) -> float:
+    """Seconds of one call of a recurrent ``module`` on ``x``: inference under no_grad, or a
+    training step (forward, backward of ``output.sum()``; ``x``'s gradient too where it asks)."""
+    if mode == "infer":
+        with torch.no_grad():
+            start = time.perf_counter()
+            module(x)
+            return time.perf_counter() - start
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    start = time.perf_counter()
+    output, _ = module(x)
+    output.sum().backward()
+    return time.perf_counter() - start
+
+
 def time_pair(mode: str, family: str, size: tuple[int, int, int], seconds: float,
               input_grad: bool = False) -> tuple[float, float, int]:
     """Median seconds of torch.nn's and rnnkit's call at ``size``, and the rounds run."""
@@ -42,18 +58,7 @@ def time_pair(mode: str, family: str, size: tuple[int, int, int], seconds: float
     while rounds < 12 or (time.perf_counter() < deadline and rounds < 200):
         order = list(runs.items()) if rounds % 2 else list(reversed(runs.items()))
         for name, module in order:
-            if mode == "infer":
-                with torch.no_grad():
-                    start = time.perf_counter()
-                    module(x)
-                    elapsed = time.perf_counter() - start
-            else:
-                module.zero_grad(set_to_none=True)
-                x.grad = None
-                start = time.perf_counter()
-                output, _ = module(x)
-                output.sum().backward()
-                elapsed = time.perf_counter() - start
+            elapsed = time_call(mode, module, x)
             if rounds >= 2:
                 samples[name].append(elapsed)
         rounds += 1
