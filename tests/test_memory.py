@@ -36,6 +36,12 @@ def test_memory_command_writes_table_results_and_plots(tmp_path, capsys):
     assert len(results["runs"]) == 6 and results["settings"]["init"] == "chrono"
     assert results["settings"]["clip_value"] == 0.5
     assert results["settings"]["clip_tensor_norm"] == 2.0
+    # the command's cells, lengths and seeds, not one run's (each run records its own)
+    assert results["settings"]["seeds"] == [0, 1] and results["settings"]["lengths"] == [5]
+    assert results["settings"]["cells"] == ["lstm", "gru-reset-before", "rnn"]
+    assert results["settings"]["task"] == "copy"
+    assert not {"seed", "cell", "length"} & set(results["settings"])
+    assert [run["seed"] for run in results["runs"]] == [0, 1] * 3
     assert len(results["runs"][0]["gradient_norm"]) == 6  # the pre-clip norm of every step
     run0 = results["runs"][0]
     assert run0["eval_steps"] == [3, 6] and len(run0["flow_trained"]) == 25  # T + 20 steps

@@ -120,7 +120,8 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
     print()
     print(format_table(runs, task))
     (out_dir / "results.json").write_text(json.dumps(
-        {"task": task, "metric": metric_name(task), "settings": base.settings(),
+        {"task": task, "metric": metric_name(task),
+         "settings": _shared_settings(base, task, cells, lengths, seeds),
          "runs": [asdict(r) for r in runs]}, indent=1) + "\n", encoding="utf-8")
     pd.DataFrame([r.summary() for r in runs]).to_csv(out_dir / "results.csv", index=False)
     written = [out_dir / "results.json", out_dir / "results.csv", out_dir / "metrics.jsonl"]
@@ -128,6 +129,16 @@ def memory(task: str, cells: list[str], lengths: list[int], seeds: list[int], ba
         written += _plots(out_dir, runs, task, seeds[0], gate_figures, marks_by_length)
     print("wrote " + ", ".join(map(str, written)))
     return 0
+
+
+def _shared_settings(base: RunConfig, task: str, cells: list[str], lengths: list[int],
+                     seeds: list[int]) -> dict:
+    """The command's settings for results.json: what every run shares, and the cells, lengths
+    and seeds compared in place of one run's (each run records its own in ``runs``)."""
+    settings = {**base.settings(), "task": task}
+    for one_run in ("cell", "length", "seed"):
+        settings.pop(one_run, None)
+    return {**settings, "cells": cells, "lengths": lengths, "seeds": seeds}
 
 
 def _plots(out_dir: Path, runs: list[RunResult], task: str, first_seed: int, gate_figures,
