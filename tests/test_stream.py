@@ -1280,3 +1280,24 @@ def test_a_layer_copied_or_pickled_after_one_step_calls_steps_with_its_own_weigh
                 p.mul_(-0.5)  # the original changes; each copy keeps its own weights
         for twin in copies:
             _one_step_calls(twin, xs[3:])
+
+
+def test_a_stream_copied_shallowly_keeps_kernels_of_its_own():
+    # copy.copy forks a stream over the same layer (a beam's branch). A kept plan holds only
+    # while its stream's states are the kernels' own: a fork whose state came from forward
+    # (it tracks a gradient of hx) must not step on the plan its original made since.
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(5, 12).eval().requires_grad_(False)
+    h0 = torch.zeros(1, 2, 12, requires_grad=True)
+    xs = torch.randn(2, 2, 5)
+    stream = layer.stream((h0, torch.zeros(1, 2, 12)))
+    assert stream(xs[0]).requires_grad  # through forward: the state tracks h0
+    fork = copy.copy(stream)
+    with torch.no_grad():
+        stream(xs[1])  # the original binds and keeps its kernels
+    want = layer(xs[1].unsqueeze(0), fork.state)[0][0]
+    got = fork(xs[1])
+    assert got.requires_grad
+    assert_close(got, want)
+    got.sum().backward()
+    assert h0.grad is not None

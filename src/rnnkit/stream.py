@@ -84,6 +84,13 @@ class LayerStream:
             return None
         return self.layer._stack_states(self._states, self._batched)
 
+    def __getstate__(self) -> dict:
+        """Copied (``copy.copy`` too, which shares the layer: a fork of the stream) and pickled
+        with kept kernels of its own, empty: a kept plan holds only while its stream's states
+        are the kernels' own (`KeptStepKernels.run`, no ``given``), which a shared plan would
+        not know of the other stream's (a state from ``forward`` that tracks a gradient)."""
+        return {**self.__dict__, "_kept": KeptStepKernels()}
+
     def __call__(self, input: Tensor) -> Tensor:
         """One step: ``x_t (N, H_in)`` or ``(H_in,)`` -> ``y_t (N, H_out)`` or ``(H_out,)``."""
         states = self._states
