@@ -472,22 +472,24 @@ def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache
         assert not runs_resident(100, 32, 256, True, 4)  # a projection: the old loop
         assert not runs_resident(1, 32, 256, False, 4)  # one step: no packing
         assert not runs_resident(100, 0, 256, False, 4)  # an empty batch
-    # H = 512 float32: 4 MiB, more than the threads' shares together on up to 3 threads: the
-    # backward streams the packed shares for 2 to 8 rows and goes to the sequence loop
-    # otherwise; the forward streams them from 4 rows on, and below 4 rows up to 4 MiB a thread.
-    assert kernels.lstm_backward_runs_resident(100, 32, 512, False, 4) == (threads >= 4)
-    assert kernels.lstm_backward_runs_resident(100, 1, 512, False, 4) == (threads >= 4)
-    assert kernels.lstm_backward_runs_resident(100, 2, 2048, False, 4)
-    assert kernels.lstm_backward_runs_resident(100, 8, 2048, False, 4)
-    # 9 rows: the sequence loop until the threads' shares (1 MiB each) hold W_hh's 64 MiB
-    assert kernels.lstm_backward_runs_resident(100, 9, 2048, False, 4) == (threads >= 64)
-    assert kernels.lstm_forward_runs_resident(100, 32, 512, False, 4)
-    assert kernels.lstm_forward_runs_resident(100, 4, 2048, False, 4)
-    assert kernels.lstm_forward_runs_resident(100, 1, 512, False, 4)
-    # 1-3 rows of H = 2048: W_hh's 64 MiB against 4 MiB a thread, so a bound that holds
-    # below 16 threads (a 16-core machine sends these to the resident loop too).
+    # Beyond the cache, where the shares do not hold W_hh (H = 2048 float32: 64 MiB, against
+    # 1 MiB a thread below 64 threads), the loops stream the packed shares: the forward from 4
+    # rows and 3 steps, the backward for 4 to 8 rows from 3 steps.
+    beyond = threads < 64
+    forward, backward = kernels.lstm_forward_runs_resident, kernels.lstm_backward_runs_resident
+    for rows in (4, 8, 9, 256):
+        assert forward(3, rows, 2048, False, 4)
+        assert forward(2, rows, 2048, False, 4) != beyond  # no transposed copy to beat at T = 2
+        assert backward(3, rows, 2048, False, 4) == (rows <= 8 or not beyond)
+        assert backward(2, rows, 2048, False, 4) != beyond
+    for rows in (1, 2, 3):
+        assert backward(100, rows, 2048, False, 4) != beyond
+    # 1 to 3 rows: the forward streams up to twice a thread's cached share (H = 512: 4 MiB,
+    # held by two threads' doubled shares) from 48 steps.
     for rows in (1, 3):
-        assert kernels.lstm_forward_runs_resident(100, rows, 2048, False, 4) == (threads >= 16)
+        assert forward(48, rows, 512, False, 4) == (threads >= 2)
+        assert forward(47, rows, 512, False, 4) == (threads >= 4)
+        assert forward(100, rows, 2048, False, 4) == (threads >= 32)
     try:
         kernels.set_resident_max_bytes_per_thread(0)
         for runs_resident in (kernels.lstm_forward_runs_resident,
@@ -496,8 +498,10 @@ def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache
             assert not runs_resident(100, 32, 512, False, 4)
     finally:
         kernels.set_resident_max_bytes_per_thread(limit)
-    with pytest.raises(RuntimeError, match="resident_max_bytes_per_thread must be >= 0, got -1"):
-        kernels.set_resident_max_bytes_per_thread(-1)
+    for bad in (-1, (1 << 48) + 1):
+        with pytest.raises(RuntimeError,
+                           match=rf"resident_max_bytes_per_thread must be in \[0, 2\^48\], got {bad}"):
+            kernels.set_resident_max_bytes_per_thread(bad)
 
 
 def test_lstm_loops_project_a_narrower_input_themselves_from_a_batch_of_four():

@@ -1301,3 +1301,32 @@ def test_a_stream_copied_shallowly_keeps_kernels_of_its_own():
     assert_close(got, want)
     got.sum().backward()
     assert h0.grad is not None
+
+
+@pytest.mark.parametrize("replace", ["load-state-dict-assign", "new-parameter", "to-float64"])
+def test_a_layers_kept_kernels_do_not_keep_replaced_weights_alive(replace):
+    # The kept plan holds the weights it was bound to; replacing them drops it at once (not
+    # only at the next one-step call), so the old tensors are freed.
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(5, 12).eval()
+    _one_step_calls(layer, torch.randn(3, 1, 2, 5))
+    assert kept_step_kernels(layer).plan is not None
+    old = weakref.ref(layer.weight_hh_l0)
+    if replace == "load-state-dict-assign":
+        layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    elif replace == "new-parameter":
+        layer.weight_hh_l0 = nn.Parameter(torch.randn_like(layer.weight_hh_l0))
+    else:
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            layer.double()
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    gc.collect()
+    assert old() is None and kept_step_kernels(layer).plan is None
+    dtype = layer.weight_hh_l0.dtype
+    _one_step_calls(layer, torch.randn(3, 1, 2, 5, dtype=dtype))

@@ -62,6 +62,7 @@ from rnnkit.engine.steps import (
     output_of,
 )
 from rnnkit.stream import (
+    KeepsStepKernels,
     LayerStream,
     StepKernels,
     kept_step_kernels,
@@ -168,7 +169,7 @@ class PreparedInput(NamedTuple):
     batched: bool  # False for unbatched (L, H_in) input, run as N = 1
 
 
-class _RecurrentLayer(nn.Module):
+class _RecurrentLayer(KeepsStepKernels):
     """Parameters, input handling and the layer/direction loop shared by RNN, LSTM and GRU."""
 
     family: Family = Family.RNN
@@ -732,7 +733,7 @@ def _repack(output: Tensor, packed_input: PackedSequence, lengths: Tensor) -> Pa
 _SimpleState = TypeVar("_SimpleState", Tensor, tuple[Tensor, ...])
 
 
-class _SimpleLayer(nn.Module, Generic[_SimpleState]):
+class _SimpleLayer(KeepsStepKernels, Generic[_SimpleState]):
     """What the layers without torch.nn's variants (MinGRU, MinLSTM, SLSTM) share, as
     `cells._SimpleCell` for their cells: torch.nn's layer arguments, checked; per layer and
     direction the parameters the subclass lists in `_shapes`, named as torch.nn names them

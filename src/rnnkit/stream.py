@@ -239,6 +239,32 @@ def _new_plan(layer, kernels: StepKernels, x: Tensor) -> _StepPlan | None:
     return _StepPlan(kernels, parameters, layer._step_settings(), x.dtype, x.shape[0])
 
 
+class KeepsStepKernels(torch.nn.Module):
+    """The base of the layers whose one-step calls keep their kernels (`kept_step_kernels`):
+    every change of an attribute (a parameter replaced, ``load_state_dict(assign=True)``, a
+    setting) and every ``_apply`` (``.to``, ``.double()``, ...) drops the kept plan, so that it
+    never holds tensors the layer no longer has (the plan's check would refuse them at the next
+    call, but would keep them alive until then)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        _drop_kept_plan(self)
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        _drop_kept_plan(self)
+
+    def _apply(self, fn, recurse=True):
+        _drop_kept_plan(self)
+        return super()._apply(fn, recurse)
+
+
+def _drop_kept_plan(layer) -> None:
+    kept = layer.__dict__.get("_kept_step_kernels")
+    if kept is not None:
+        kept.plan = None
+
+
 def kept_step_kernels(layer) -> KeptStepKernels:
     """The `KeptStepKernels` of ``layer``'s one-step calls (made at the first; a layer built
     or unpickled without one gets one)."""
@@ -440,7 +466,7 @@ def _final_states(layer: RecurrentLayer, final: State, batched: bool) -> list[St
     return [h.contiguous() for h in h_n]
 
 
-__all__ = ["KeptStepKernels", "LayerStream", "MinimalStream", "SLSTMStream", "StepKernels",
-           "kept_step_kernels", "min_step_kernels", "one_step_input", "slstm_step_kernels",
-           "step_kernels"]
+__all__ = ["KeepsStepKernels", "KeptStepKernels", "LayerStream", "MinimalStream", "SLSTMStream",
+           "StepKernels", "kept_step_kernels", "min_step_kernels", "one_step_input",
+           "slstm_step_kernels", "step_kernels"]
 

@@ -835,13 +835,15 @@ constexpr int kResidentRows = Vec<T>::size() * sizeof(T) >= 64 ? 6 : 2;
 
 // Bytes of packed W_hh a thread may hold for the loop to run here: its share should stay in its
 // core's L2 (2 MiB per core on the Xeons and 512 KiB-1 MiB on the EPYCs these VMs run on; the
-// rest of the step's data shares it). The backward of larger weights goes to the sequence loop
-// above, where ATen's mm blocks them for every cache level; the forward streams them
-// (`lstm_forward_on_resident`). Settable for benchmarks and tests.
+// rest of the step's data shares it). Larger weights go to the sequence loop above, where
+// ATen's mm blocks them for every cache level, except where a resident loop streaming them was
+// measured faster (`lstm_forward_on_resident`, `lstm_backward_on_resident`). Settable for
+// benchmarks and tests, up to 2^48 (so that products with it stay within int64).
 int64_t resident_max_bytes_per_thread = int64_t(1) << 20;
 
 void set_resident_max_bytes_per_thread(int64_t value) {
-  TORCH_CHECK(value >= 0, "resident_max_bytes_per_thread must be >= 0, got ", value);
+  TORCH_CHECK(value >= 0 && value <= (int64_t(1) << 48),
+              "resident_max_bytes_per_thread must be in [0, 2^48], got ", value);
   resident_max_bytes_per_thread = value;
 }
 
@@ -1129,45 +1131,49 @@ bool lstm_resident_fits(int64_t N, int64_t K, int64_t H, int64_t element_size) {
          resident_max_bytes_per_thread * lstm_resident_threads(N, K, H);
 }
 
-// Whether lstm_backward runs on resident weights: no projection, at least two steps (the
-// packing is one pass over W_hh), and each thread's share of W_hh within
-// `resident_max_bytes_per_thread`, or a batch of 2 to `kResidentBackwardMaxStreamedRows` rows
-// with any share. Beyond its cache a thread streams its share every step: measured on the Xeon
-// VM (2 threads, the backward's part of a training step, resident over the sequence loop,
-// docs/benchmarks.md, issue 19's eighth part) 0.75-0.87x at N = 2-4 (H = 512-2048), level at
-// N = 16, 1.0-1.1x at N = 1 (H = 1024) and 1.1-1.4x at N = 64-256 (H = 1024-2048, T = 10). The
-// bound of 8 rows lies between the sizes measured at 4 and 16.
+// Beyond its cache (`lstm_resident_fits`), a resident loop streams each thread's packed share of
+// W_hh from L3 or memory every step, where the sequence loop streams W_hh too and forks and joins
+// twice a step; the packing is one more pass over W_hh per call. Measured on the Xeon VM (2 MiB
+// of L2 a core, 2 threads; resident over the sequence loop, docs/benchmarks.md, issue 19's
+// eighth part), this is where it pays:
+// - the forward, from `kRowsWorthATranspose` rows and `kStepsWorthATranspose` steps, where the
+//   sequence loop makes a transposed copy of W_hh as well: 0.5-0.9x at every size measured
+//   (H = 512 to 2048, N = 4 to 256, T = 3 to 100; 0.8x on one thread); at T = 2, where the
+//   sequence loop makes no copy, 1.1-2.2x;
+// - the forward, 1 to 3 rows: the sequence loop reads W_hh as stored, with no copy at all, so
+//   the packing has to be paid back over many steps: at H = 512, N = 1 (a 2 MiB share) 0.8-0.9x
+//   from T = 50, level at T = 24-48, 1.1-1.8x below; at H = 640-768 level or slower at T = 8-200,
+//   and at 8 MiB and above 1.05-1.2x. So: up to `kStreamedShareFactor` cached shares, from
+//   `kStreamedMinSteps` steps;
+// - the backward, 4 to `kResidentBackwardMaxStreamedRows` rows from `kStepsWorthATranspose`
+//   steps: 0.7-0.95x (N = 4-8, H = 512-2048, T = 3-50); at 2 rows 1.1-1.4x at T = 3-8 (0.8x at
+//   T = 50), level at 16 rows, 1.1-1.4x at 64-256 (T = 10).
+// `resident_max_bytes_per_thread` = 0 sends every loop to the sequence loop (tests).
+constexpr int64_t kStreamedShareFactor = 2;
+constexpr int64_t kStreamedMinSteps = 48;
 constexpr int64_t kResidentBackwardMaxStreamedRows = 8;
 
+// Whether lstm_backward runs on resident weights: no projection, at least two steps, and each
+// thread's share of W_hh within `resident_max_bytes_per_thread`, or streamed (above).
 bool lstm_backward_on_resident(int64_t T, int64_t N, int64_t H, bool projected,
                                int64_t element_size) {
   if (projected || T < 2 || N == 0 || at::in_parallel_region()) return false;
   if (resident_max_bytes_per_thread == 0) return false;
   return lstm_resident_fits(N, H, H, element_size) ||
-         (N >= 2 && N <= kResidentBackwardMaxStreamedRows);
+         (T >= kStepsWorthATranspose && N >= kRowsWorthATranspose &&
+          N <= kResidentBackwardMaxStreamedRows);
 }
 
-// Whether lstm_forward runs on resident weights: where a thread's share of W_hh fits its cache
-// (`lstm_resident_fits`), and also, by the rules below, where it does not, and each step
-// streams the share from L3 or memory in the packed order. The sequence loop streams W_hh too there, and forks and joins
-// twice a step. Measured on the Xeon VM (2 MiB of L2 a core; forward, resident over the sequence
-// loop, docs/benchmarks.md, issue 19's eighth part):
-// - from `kRowsWorthATranspose` rows, where the sequence loop also makes a copy of W_hh (its
-//   transpose), the resident forward took 0.55-0.9x its time at every size measured (H = 512 to
-//   2048, N = 4 to 256, 2 threads; 0.8x on one): no bound;
-// - for 1 to 3 rows the sequence loop reads W_hh as stored, with no copy, and the packing pass
-//   costs a few steps: at batch 1, 0.8-0.95x up to a share of 4.5 MiB (H = 768 on 2 threads),
-//   level or up to 1.2x from 8 MiB for T = 20-100 (H = 1024, 2048). So the bound there is
-//   `kStreamedShareFactor` times a thread's cached share.
-// `resident_max_bytes_per_thread` = 0 sends every forward to the sequence loop (tests).
-constexpr int64_t kStreamedShareFactor = 4;
-
+// Whether lstm_forward runs on resident weights: as the backward where the shares fit the
+// cache, and streamed (above).
 bool lstm_forward_on_resident(int64_t T, int64_t N, int64_t H, bool projected,
                               int64_t element_size) {
   if (projected || T < 2 || N == 0 || at::in_parallel_region()) return false;
   if (resident_max_bytes_per_thread == 0) return false;
-  if (N >= kRowsWorthATranspose) return true;
-  return 4 * H * H * element_size <= kStreamedShareFactor * resident_max_bytes_per_thread *
+  if (lstm_resident_fits(N, H, H, element_size)) return true;
+  if (N >= kRowsWorthATranspose) return T >= kStepsWorthATranspose;
+  return T >= kStreamedMinSteps &&
+         4 * H * H * element_size <= kStreamedShareFactor * resident_max_bytes_per_thread *
                                          lstm_resident_threads(N, H, H);
 }
 
