@@ -259,8 +259,11 @@ class KeepsStepKernels(torch.nn.Module):
         return super()._apply(fn, recurse)
 
 
+_LAYER_KEPT = "_kept_step_kernels"  # where a layer keeps its `KeptStepKernels` (its __dict__)
+
+
 def _drop_kept_plan(layer) -> None:
-    kept = layer.__dict__.get("_kept_step_kernels")
+    kept = layer.__dict__.get(_LAYER_KEPT)
     if kept is not None:
         kept.plan = None
 
@@ -268,9 +271,9 @@ def _drop_kept_plan(layer) -> None:
 def kept_step_kernels(layer) -> KeptStepKernels:
     """The `KeptStepKernels` of ``layer``'s one-step calls (made at the first; a layer built
     or unpickled without one gets one)."""
-    kept = layer.__dict__.get("_kept_step_kernels")
+    kept = layer.__dict__.get(_LAYER_KEPT)
     if kept is None:
-        kept = layer.__dict__["_kept_step_kernels"] = KeptStepKernels()
+        kept = layer.__dict__[_LAYER_KEPT] = KeptStepKernels()
     return kept
 
 
