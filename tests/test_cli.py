@@ -51,6 +51,11 @@ def test_bench_quick_prints_table_and_writes_json(quick_bench):
     assert peak["mm_size"] == 512 and peak["mm_gflops"] > 0
     if native.why_not(torch.zeros(1)) is None:
         assert peak["fma_gflops"] > 0 and peak["lanes"] in (8, 16) and peak["threads"] >= 1
+        # The machine as the kernels see it: the loop rules' profile and a core's L2.
+        machine = data["machine"]
+        assert machine["cpu_profile"] == native.cpu_profile() in ("intel", "other")
+        assert machine["l2_cache_bytes"] == native.l2_cache_bytes() >= 1
+        assert f"KiB of L2 a core, the kernels' {machine['cpu_profile']!r} rules" in out
 
 
 @pytest.mark.parametrize(

@@ -154,8 +154,10 @@ def step_products(request):
     if kernels is None:
         pytest.fail("the native kernels did not build")
     defaults = (kernels.blas_min_multiply_adds(), kernels.resident_max_bytes_per_thread(),
-                kernels.thread_min_multiply_adds(), kernels.lstm_input_min_batch())
+                kernels.thread_min_multiply_adds(), kernels.lstm_input_min_batch(),
+                kernels.blas_min_rows())
     kernels.set_blas_min_multiply_adds(2**62 if request.param == "tiles" else 0)
+    kernels.set_blas_min_rows(0)  # every product on mm but with "tiles", whatever the CPU
     if request.param.startswith("resident"):
         kernels.set_thread_min_multiply_adds(1)
         kernels.set_lstm_input_min_batch(1 if request.param == "resident-input" else 2**62)
@@ -166,6 +168,7 @@ def step_products(request):
     kernels.set_resident_max_bytes_per_thread(defaults[1])
     kernels.set_thread_min_multiply_adds(defaults[2])
     kernels.set_lstm_input_min_batch(defaults[3])
+    kernels.set_blas_min_rows(defaults[4])
 
 
 @pytest.mark.parametrize("steps,batch,hidden", [(3, 1, 70), (2, 2, 9), (5, 13, 37), (2, 8, 64),
@@ -397,7 +400,8 @@ def _torch_lstm_calls(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_auto_runs_plain_lstm_inference_on_torch_s_kernel_equal_to_the_reference(
-        monkeypatch, bidirectional, batch_first):
+        monkeypatch, cpu_profile, bidirectional, batch_first):
+    cpu_profile("intel")
     torch.manual_seed(0)
     hidden = engine.TORCH_LSTM_MIN_HIDDEN
     model = rnnkit.LSTM(5, hidden, num_layers=2, bidirectional=bidirectional,
@@ -418,7 +422,8 @@ def test_auto_runs_plain_lstm_inference_on_torch_s_kernel_equal_to_the_reference
                 {"out": expected[0], "h": expected[1][0], "c": expected[1][1]}, torch.float32)
 
 
-def test_auto_runs_a_large_batch_of_a_smaller_lstm_on_torch_s_kernel(monkeypatch):
+def test_auto_runs_a_large_batch_of_a_smaller_lstm_on_torch_s_kernel(monkeypatch, cpu_profile):
+    cpu_profile("intel")
     calls = _torch_lstm_calls(monkeypatch)
     hidden = 128
     assert hidden < engine.TORCH_LSTM_MIN_HIDDEN
@@ -436,7 +441,37 @@ def test_auto_runs_a_large_batch_of_a_smaller_lstm_on_torch_s_kernel(monkeypatch
                 {"out": expected[0], "h": expected[1][0], "c": expected[1][1]}, torch.float32)
 
 
-def test_torch_s_lstm_kernel_runs_only_what_it_covers(monkeypatch):
+@pytest.mark.parametrize("shares, batch, on_torch", [
+    (0.5, 64, False), (0.5, 8, False),  # within a core's L2: torch's kernel from 24 only
+    (1, 8, True), (1, 7, False), (2, 4, True), (2, 3, False), (8, 4, True), (9, 4, False),
+    (9, 7, False), (9, 8, True)])
+def test_on_other_cpus_torch_s_lstm_kernel_runs_where_w_hh_outgrows_the_cache(
+        monkeypatch, cpu_profile, shares, batch, on_torch):
+    # A thread's share of W_hh, 4 H^2 float32 values over the threads, in units of a core's L2:
+    # the L2 is set so that H = 64 gives `shares` of them.
+    cpu_profile("other")
+    hidden = 64
+    monkeypatch.setattr(native, "l2_cache_bytes",
+                        lambda: int(4 * hidden * hidden * 4 / torch.get_num_threads() / shares))
+    calls = _torch_lstm_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = rnnkit.LSTM(3, hidden)
+    reference = rnnkit.LSTM(3, hidden, backend="reference")
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(5, batch, 3)
+    with torch.no_grad():
+        found, expected = model(x), reference(x)
+    assert len(calls) == (1 if on_torch else 0)
+    assert_same({"out": found[0], "h": found[1][0], "c": found[1][1]},
+                {"out": expected[0], "h": expected[1][0], "c": expected[1][1]}, torch.float32)
+    cpu_profile("intel")  # the same sizes: the Intel rules (from batch 24) keep the native loop
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == (1 if on_torch else 0)
+
+
+def test_torch_s_lstm_kernel_runs_only_what_it_covers(monkeypatch, cpu_profile):
+    cpu_profile("intel")
     calls = _torch_lstm_calls(monkeypatch)
     batch, hidden = engine.TORCH_LSTM_MIN_BATCH, engine.TORCH_LSTM_MIN_HIDDEN
     x = torch.randn(6, batch, 4)
@@ -461,8 +496,89 @@ def test_torch_s_lstm_kernel_runs_only_what_it_covers(monkeypatch):
     assert len(calls) == 1
 
 
-def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache():
+@pytest.fixture
+def cpu_profile():
+    """``set(name)`` switches the kernels' loop rules to a CPU profile ("intel" or "other")
+    for one test; the detected profile and its rules are restored after."""
     kernels = build.kernels()
+    if kernels is None:
+        pytest.fail("the native kernels did not build")
+    detected, rows = kernels.cpu_profile(), kernels.blas_min_rows()
+    yield kernels.set_cpu_profile
+    kernels.set_cpu_profile(detected)
+    kernels.set_blas_min_rows(rows)
+
+
+def test_the_cpu_profile_sets_the_rules_that_differ_between_cpu_makers(cpu_profile):
+    kernels = build.kernels()
+    assert kernels.cpu_profile() in ("intel", "other")
+    assert kernels.l2_cache_bytes() >= 1
+    cpu_profile("other")  # MKL's products of few rows are slow: up to 8 rows on the tiles
+    assert kernels.cpu_profile() == "other" and kernels.blas_min_rows() == 9
+    cpu_profile("intel")
+    assert kernels.cpu_profile() == "intel" and kernels.blas_min_rows() == 0
+    with pytest.raises(RuntimeError, match="cpu_profile must be 'intel' or 'other', got 'amd'"):
+        kernels.set_cpu_profile("amd")
+    with pytest.raises(RuntimeError, match="blas_min_rows must be >= 0, got -1"):
+        kernels.set_blas_min_rows(-1)
+    assert kernels.cpu_profile() == "intel" and kernels.blas_min_rows() == 0
+
+
+def test_native_gates_saturate_exactly_as_the_reference_does():
+    # σ and tanh of large inputs are exactly 1 in float32; the kernels' reciprocal estimate
+    # once stopped an ulp short under AVX2, so an infinite input's weight gradient was inf
+    # where the reference has 0 x inf = NaN (test_fuzz found it on an AMD EPYC).
+    layer = rnnkit.RNN(1, 8, backend="native")
+    reference = rnnkit.RNN(1, 8, backend="reference")
+    with torch.no_grad():
+        layer.weight_ih_l0.fill_(1.0)
+        layer.weight_hh_l0.zero_()
+        layer.bias_ih_l0.zero_()
+        layer.bias_hh_l0.zero_()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.tensor([20.0, -20.0, 1e4, float("inf"), float("-inf")]).view(5, 1, 1)
+    out = layer(x)[0]
+    assert torch.equal(out[:, 0, 0], torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0]))
+    out.sum().backward()
+    reference(x)[0].sum().backward()
+    assert torch.isnan(layer.weight_ih_l0.grad).all() and torch.isnan(reference.weight_ih_l0.grad).all()
+    gru = rnnkit.GRU(1, 8, backend="native")  # z = σ(large) = 1: the state is kept exactly
+    with torch.no_grad():
+        gru.weight_ih_l0.zero_()
+        gru.weight_hh_l0.zero_()
+        gru.bias_hh_l0.zero_()
+        gru.bias_ih_l0.fill_(0.0)[8:16] = 100.0
+    h0 = torch.randn(1, 1, 8)
+    assert torch.equal(gru(torch.zeros(3, 1, 1), h0)[1], h0)
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
+def test_products_of_few_rows_past_the_blas_threshold_agree_on_either_profile(
+        cpu_profile, family):
+    # A step product of 3 rows past the BLAS threshold: mm on the "intel" profile, the tiles
+    # on "other"; both equal the reference.
+    layer_class = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU, "rnn": rnnkit.RNN}[family]
+    kernels = build.kernels()
+    hidden = 640
+    assert 3 * hidden * hidden >= kernels.blas_min_multiply_adds()
+    torch.manual_seed(0)
+    layer = layer_class(8, hidden, backend="native", dtype=torch.float64)
+    reference = layer_class(8, hidden, backend="reference", dtype=torch.float64)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
+    expected = reference(x)[0]
+    expected_grad, = torch.autograd.grad(expected.square().sum(), x)
+    for profile in ("intel", "other"):
+        cpu_profile(profile)
+        found = layer(x)[0]
+        found_grad, = torch.autograd.grad(found.square().sum(), x)
+        assert_same({"out": found, "dx": found_grad}, {"out": expected, "dx": expected_grad},
+                    torch.float64)
+
+
+def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache(cpu_profile):
+    kernels = build.kernels()
+    cpu_profile("intel")
     limit = kernels.resident_max_bytes_per_thread()
     threads = torch.get_num_threads()
     assert limit == 1 << 20
@@ -490,6 +606,19 @@ def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache
         assert forward(48, rows, 512, False, 4) == (threads >= 2)
         assert forward(47, rows, 512, False, 4) == (threads >= 4)
         assert forward(100, rows, 2048, False, 4) == (threads >= 32)
+    # The "other" profile (the AMD EPYC's measurements): the forward of 1 to 3 rows streams up
+    # to 8 cached shares (H = 1024 on two threads, 8 MiB each; not 2048), and the backward
+    # streams from 4 rows at every batch.
+    cpu_profile("other")
+    for rows in (1, 3):
+        assert forward(48, rows, 1024, False, 4) == (threads >= 2)
+        assert forward(47, rows, 1024, False, 4) == (threads >= 16)
+        assert forward(100, rows, 2048, False, 4) == (threads >= 8)
+    for rows in (4, 9, 256):
+        assert backward(3, rows, 2048, False, 4)
+        assert backward(2, rows, 2048, False, 4) != beyond
+    assert backward(100, 3, 2048, False, 4) != beyond
+    cpu_profile("intel")
     try:
         kernels.set_resident_max_bytes_per_thread(0)
         for runs_resident in (kernels.lstm_forward_runs_resident,

@@ -368,8 +368,9 @@ def test_native_recurrence_in_float64(family, switch):
 def test_native_recurrence_on_every_product_path(kernels, family, paths):
     """Every step product on ATen's mm (threshold 0), and runs of 1-2 steps (the forward's
     dot-product kernel instead of a transposed weight)."""
-    default = kernels.blas_min_multiply_adds()
+    default, rows = kernels.blas_min_multiply_adds(), kernels.blas_min_rows()
     kernels.set_blas_min_multiply_adds(0 if paths == "blas" else default)
+    kernels.set_blas_min_rows(0 if paths == "blas" else rows)  # whatever the CPU's profile
     try:
         for steps in [1, 2] if paths == "short" else [STEPS]:
             lengths = paths == "blas"
@@ -377,6 +378,7 @@ def test_native_recurrence_on_every_product_path(kernels, family, paths):
             check(Case(family, "all_eval", True, lengths, 3, steps=steps))
     finally:
         kernels.set_blas_min_multiply_adds(default)
+        kernels.set_blas_min_rows(rows)
 
 
 def test_no_steps_keep_the_state():

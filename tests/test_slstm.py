@@ -253,14 +253,17 @@ def native_products(request):
     kernels = build.kernels()
     if kernels is None:
         pytest.fail("the native kernels did not build")
-    defaults = kernels.blas_min_multiply_adds(), kernels.thread_min_multiply_adds()
+    defaults = (kernels.blas_min_multiply_adds(), kernels.thread_min_multiply_adds(),
+                kernels.blas_min_rows())
     kernels.set_blas_min_multiply_adds(0 if request.param.startswith("blas") else 2**62)
+    kernels.set_blas_min_rows(0)  # "blas": every product on mm, whatever the CPU's profile
     if request.param.endswith("threads"):
         kernels.set_thread_min_multiply_adds(1)
         torch.set_num_threads(2)  # the autouse fixture restores the count
     yield request.param
     kernels.set_blas_min_multiply_adds(defaults[0])
     kernels.set_thread_min_multiply_adds(defaults[1])
+    kernels.set_blas_min_rows(defaults[2])
 
 
 @pytest.mark.parametrize("steps,batch,hidden,heads", [(2, 1, 12, 1), (5, 13, 36, 4),

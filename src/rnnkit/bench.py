@@ -598,11 +598,26 @@ def measure_peak(quick: bool) -> Peak:
                 mm_gflops=2 * size**3 / (mm_ms * 1e-3) / 1e9)
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name in /proc/cpuinfo (Linux); None elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            names = [line.split(":", 1)[1].strip() for line in info
+                     if line.startswith("model name")]
+    except (OSError, IndexError):
+        return None
+    return names[0] if names else None
+
+
 def machine_description() -> dict[str, object]:
+    """What the figures were measured on: the CPU, its L2 and the kernels' profile for it (their
+    loop rules differ between CPU makers: `kernels.cpp` ``CpuProfile``), torch, threads."""
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model() or platform.processor() or platform.machine(),
+        "cpu_profile": native.cpu_profile(),
+        "l2_cache_bytes": native.l2_cache_bytes(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "allocator": describe_allocator(),
@@ -646,8 +661,12 @@ def bench_command(command: BenchCommand) -> int:
     repeats = 2 if command.quick else command.repeats
     streaming_hidden = 16 if command.quick else command.streaming_hidden
     machine = machine_description()
+    l2 = machine["l2_cache_bytes"]
+    profile = ("" if machine["cpu_profile"] is None else
+               f" ({l2 // 1024} KiB of L2 a core, the kernels' {machine['cpu_profile']!r} rules)")
     print(f"rnnkit bench: torch {machine['torch']}, {machine['threads']} threads, "
-          f"{machine['processor']}, median of {repeats}; {machine['allocator']}", flush=True)
+          f"{machine['processor']}{profile}, median of {repeats}; {machine['allocator']}",
+          flush=True)
     peak = measure_peak(command.quick)  # a few seconds: no progress line
     print(peak.describe(), flush=True)
     rows = run_benchmarks(

@@ -26,7 +26,9 @@ nothing is to be differentiated, the input is float32 on the CPU, the batch has 
 `TORCH_LSTM_MIN_BATCH` sequences, and the hidden size is at least `TORCH_LSTM_MIN_HIDDEN` or
 the batch holds at least `TORCH_LSTM_MIN_STATE_VALUES` state values (batch x hidden):
 measured faster there than the native loop (docs/benchmarks.md, issue 19), while the native
-loop is faster for smaller batches and at smaller sizes. Not while compiling, tracing,
+loop is faster for smaller batches and at smaller sizes. On CPUs of the kernels' "other"
+profile (not Intel's; measured on an AMD EPYC) also from smaller batches where a thread's share
+of W_hh outgrows a core's L2 (`OTHER_CPU_TORCH_LSTM_MIN_BATCH`). Not while compiling, tracing,
 exporting or under autocast, where the operators' own rules hold.
 
 A streamed step (a cell's call, a layer's `rnnkit.stream.LayerStream` step, a one-step
@@ -91,6 +93,38 @@ native loop's inference against torch's kernel at T = 100 (Intel Xeon VM, 2 thre
 in a fresh process, issue 19's sixth part): H = 128 0.91x at batch 16, 0.94x at 32, 1.08x at
 64, 1.19x at 128; H = 192 0.95x at 16, 1.13x at 32 (6144 values), 1.28x at 64; H = 64 1.00x at
 64 and 128."""
+
+OTHER_CPU_TORCH_LSTM_MIN_BATCH = 8
+"""On CPUs of the kernels' "other" profile (`native.cpu_profile()`: every maker but Intel;
+measured on the AMD EPYC VM, 512 KiB of L2 a core), plain LSTM inference runs torch's kernel
+also from this batch where a thread's share of W_hh (4 H^2 values over the threads) is at least
+a core's L2, and from `OTHER_CPU_TORCH_LSTM_MIN_BATCH_BEYOND_L2` where it is more than one L2
+and at most `OTHER_CPU_TORCH_LSTM_MAX_SHARES`. There the native loop took, against torch.nn
+(2 threads, T = 50 and 100, docs/benchmarks.md, issue 19's ninth part): at H = 256 (one L2)
+0.75-0.93x at batch 4, 0.94-1.03x at 8, 1.07-1.17x at 16; at H = 320-640 (2-6 L2) 1.0-1.19x
+at batch 4 and 1.05-1.4x at 8-16; at H = 768 (9 L2) 0.66-0.73x at batch 4, 0.88-1.10x at 8,
+1.03-1.05x at 16; at H = 1024 0.55-0.58x at batch 4. The Intel Xeon VM's native loop was
+faster than torch's kernel at all of these (`TORCH_LSTM_MIN_BATCH`)."""
+
+OTHER_CPU_TORCH_LSTM_MIN_BATCH_BEYOND_L2 = 4
+"""See `OTHER_CPU_TORCH_LSTM_MIN_BATCH`."""
+
+OTHER_CPU_TORCH_LSTM_MAX_SHARES = 8
+"""See `OTHER_CPU_TORCH_LSTM_MIN_BATCH`: beyond this many L2s a thread, batches below it stay on
+the native loop."""
+
+
+def _torch_lstm_is_faster(batch: int, hidden: int) -> bool:
+    """Whether torch's kernel was measured faster than the native loop for float32 inference of
+    a plain LSTM of this batch and hidden size, here (module docstring)."""
+    if batch >= TORCH_LSTM_MIN_BATCH and (hidden >= TORCH_LSTM_MIN_HIDDEN
+                                          or batch * hidden >= TORCH_LSTM_MIN_STATE_VALUES):
+        return True
+    if batch < OTHER_CPU_TORCH_LSTM_MIN_BATCH_BEYOND_L2 or native.cpu_profile() != "other":
+        return False
+    shares = 4 * hidden * hidden * 4 / (torch.get_num_threads() * native.l2_cache_bytes())
+    return ((batch >= OTHER_CPU_TORCH_LSTM_MIN_BATCH and shares >= 1)
+            or 1 < shares <= OTHER_CPU_TORCH_LSTM_MAX_SHARES)
 
 
 STEP_KERNEL_MAX_BATCH = 4
@@ -255,9 +289,7 @@ def runs_torch_lstm(kind: CellKind, x: Tensor, state: State, weights: CellWeight
     """Whether "auto" hands this plain LSTM direction to torch's own kernel (module docstring)."""
     if (kind.family != Family.LSTM or weights.weight_ch is not None
             or weights.weight_hr is not None or weights.weight_ih is None
-            or lengths is not None or x.dim() != 3 or x.shape[1] < TORCH_LSTM_MIN_BATCH
-            or (weights.weight_hh.shape[1] < TORCH_LSTM_MIN_HIDDEN
-                and x.shape[1] * weights.weight_hh.shape[1] < TORCH_LSTM_MIN_STATE_VALUES)
+            or lengths is not None or x.dim() != 3
             or x.dtype != torch.float32 or not x.is_cpu or x.shape[0] == 0):
         return False
     if resolve_backend(backend) != "auto" or torch.is_autocast_enabled("cpu"):
@@ -265,7 +297,9 @@ def runs_torch_lstm(kind: CellKind, x: Tensor, state: State, weights: CellWeight
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     tensors = (x, *state, *(w for w in weights if w is not None))
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return _torch_lstm_is_faster(x.shape[1], weights.weight_hh.shape[1])
 
 
 def _torch_lstm_direction(x: Tensor, state: State, weights: CellWeights,
@@ -431,8 +465,10 @@ _SLSTM_RUNNERS = {"native": ops.run_native_slstm, "fused": ops.run_fused_slstm,
 
 
 __all__ = ["BACKENDS", "MIN_STEP_KERNEL_MAX_BATCH", "SLSTM_STEP_KERNEL_MAX_BATCH",
-           "STEP_KERNEL_MAX_BATCH",
-           "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN", "TORCH_LSTM_MIN_STATE_VALUES",
+           "OTHER_CPU_TORCH_LSTM_MAX_SHARES", "OTHER_CPU_TORCH_LSTM_MIN_BATCH",
+           "OTHER_CPU_TORCH_LSTM_MIN_BATCH_BEYOND_L2",
+           "STEP_KERNEL_MAX_BATCH", "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN",
+           "TORCH_LSTM_MIN_STATE_VALUES",
            "BackendWarning",
            "StepKernel", "engine_for", "inference_step", "is_exporting", "min_inference_step",
            "min_step_kernel", "resolve_backend", "run_direction", "run_slstm_direction",

@@ -54,4 +54,20 @@ def fma_peak(iterations: int) -> tuple[float, int, int] | None:
     return gflops, int(lanes), int(threads)
 
 
-__all__ = ["NOT_BUILT", "SUPPORTED_DTYPES", "available", "fma_peak", "why_not"]
+def cpu_profile() -> str | None:
+    """The kernels' loop rules for this CPU: ``"intel"`` or ``"other"`` (`kernels.cpp`
+    ``CpuProfile``: detected from the CPU's maker at load, settable for tests and benchmarks);
+    ``None`` without the kernels."""
+    kernels = build.kernels()
+    return None if kernels is None else kernels.cpu_profile()
+
+
+def l2_cache_bytes() -> int | None:
+    """A core's L2 cache in bytes as the C library reports it (1 MiB where it does not);
+    ``None`` without the kernels."""
+    kernels = build.kernels()
+    return None if kernels is None else kernels.l2_cache_bytes()
+
+
+__all__ = ["NOT_BUILT", "SUPPORTED_DTYPES", "available", "cpu_profile", "fma_peak",
+           "l2_cache_bytes", "why_not"]

@@ -29,8 +29,10 @@
 #include <omp.h>
 #endif
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
+#include <unistd.h>
 #if defined(__SSE2__) || defined(_M_X64)
 #include <xmmintrin.h>
 #endif
@@ -41,6 +43,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -292,8 +296,9 @@ inline void for_units(int64_t units, const F& body) {
 
 // 1 / d. A float32 division costs as much as the rest of a gate's math together (vdivps is not
 // pipelined); the hardware's reciprocal estimate refined by one Newton step, r (2 - d r), is a
-// few cycles and within about an ulp of the division (14-bit estimate under AVX-512, 12-bit
-// under AVX2). Float64 keeps the division: one step would leave 28 bits of its 53.
+// few cycles and within about an ulp of the division (14-bit estimate under AVX-512; the 12-bit
+// one of AVX2 takes two steps, below). Float64 keeps the division: one step would leave 28 bits
+// of its 53.
 template <typename T>
 inline Vec<T> reciprocal(const Vec<T>& d) {
   return Vec<T>(T(1)) / d;
@@ -312,11 +317,18 @@ inline Vec<float> reciprocal(const Vec<float>& d) {
   return Vec<float>::blendv(refined, r, r == Vec<float>(0.0f));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
+// The 12-bit estimate needs a second step: after one, 1/1 was 1 - 2^-24, so σ and tanh of a
+// large input stopped one ulp short of 1, and a saturated gate passed a gradient of 1e-7 that
+// the division gives as 0 (found on the AMD EPYC VM, an AVX2 build: at an infinite input the
+// weight's gradient was inf where every other engine has 0 x inf = NaN). The second step is
+// r + r (1 - d r) with its residual from one FMA: 1/1 is then 1 exactly.
 template <>
 inline Vec<float> reciprocal(const Vec<float>& d) {
+  const Vec<float> one(1.0f);
   const Vec<float> r(_mm256_rcp_ps(d));
-  const Vec<float> refined = r * at::vec::fnmadd(d, r, Vec<float>(2.0f));
-  return Vec<float>::blendv(refined, r, r == Vec<float>(0.0f));
+  const Vec<float> once = r * at::vec::fnmadd(d, r, Vec<float>(2.0f));
+  const Vec<float> twice = at::vec::fmadd(once, at::vec::fnmadd(d, once, one), once);
+  return Vec<float>::blendv(twice, r, r == Vec<float>(0.0f));
 }
 #endif
 
@@ -365,6 +377,73 @@ inline void copy_row(T* dst, const T* src, int64_t units) {
 template <typename T>
 inline void zero_row(T* dst, int64_t units) {
   std::fill(dst, dst + units, T(0));
+}
+
+// ---- the machine: whose CPU, and its cache ---------------------------------------------------
+//
+// Which loop is fastest depends on the CPU as well as the sizes, and the two kinds of VM this
+// project runs on disagree in two places (docs/benchmarks.md, issue 19's ninth part; 2 threads,
+// against torch.nn, the ratios of a whole call):
+// - ATen's BLAS in torch's x86 builds is MKL, and MKL's products of a few rows run far below
+//   the machine's speed on AMD's CPUs: on the AMD EPYC VM the LSTM's sequence loop, whose step
+//   products of 1 to 8 rows go to mm from 1 M multiply-adds, took 1.3-3.2x torch.nn's time
+//   (N = 1-8, H = 512-1024), against 0.55-1.5x on the kernels' own tiles; from 16 rows the two
+//   were level, and from 32 MKL was ahead. On the Intel Xeon VM MKL is level with the tiles or
+//   faster at every size measured, so the rules there stay as they were.
+// - The resident LSTM loops beyond the cache: on the EPYC (512 KiB of L2 a core, 32 MiB of
+//   L3) a training step with both loops resident beat the sequence loops at every size
+//   measured from 4 rows (N = 4-64, H = 512-1024: 0.87-1.10x torch.nn, against 1.01-1.57x with
+//   the sequence loops on either product; at 1-2 rows they were level), and the forward of 1
+//   to 3 rows won up to 8 MiB a thread (H = 512-1024: 0.36-1.08x torch.nn, against 0.50-1.25x
+//   on the tiles); at 32 MiB a thread (H = 2048) the tiles won (0.85-0.92 against 1.08).
+// So the rules have a profile: "intel" (GenuineIntel) and "other" (every other x86 maker, and
+// any other architecture; measured on the AMD EPYC). `set_cpu_profile` switches it for tests
+// and benchmarks; the rules below read `cpu_rules`.
+struct CpuRules {
+  int64_t blas_min_rows;                // step products of fewer rows never go to mm
+  int64_t streamed_share_factor;        // a resident forward of 1-3 rows: up to this many shares
+  int64_t backward_max_streamed_rows;   // a resident backward beyond the cache: up to these rows
+};
+
+enum class CpuProfile { kIntel, kOther };
+
+CpuRules cpu_profile_rules(CpuProfile profile) {
+  if (profile == CpuProfile::kIntel) return {0, 2, 8};
+  return {9, 8, std::numeric_limits<int64_t>::max()};
+}
+
+CpuProfile detected_cpu_profile() {
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(0, &eax, &ebx, &ecx, &edx)) {
+    char vendor[13];
+    std::memcpy(vendor, &ebx, 4);
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    vendor[12] = '\0';
+    if (std::strcmp(vendor, "GenuineIntel") == 0) return CpuProfile::kIntel;
+  }
+#endif
+  return CpuProfile::kOther;
+}
+
+CpuProfile cpu_profile = detected_cpu_profile();
+CpuRules cpu_rules = cpu_profile_rules(cpu_profile);
+
+// The profile by name ("intel" or "other"); its rules replace the current ones, `blas_min_rows`
+// included.
+void set_cpu_profile(const std::string& name);
+
+std::string cpu_profile_name() { return cpu_profile == CpuProfile::kIntel ? "intel" : "other"; }
+
+// A core's L2 in bytes as the C library reports it (1 MiB where it does not: the middle of the
+// VMs' 0.5-2 MiB).
+int64_t l2_cache_bytes() {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  const long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  if (bytes > 0) return bytes;
+#endif
+  return int64_t(1) << 20;
 }
 
 // ---- the per-step matrix product ------------------------------------------------------------
@@ -506,8 +585,25 @@ void set_blas_min_multiply_adds(int64_t value) {
   blas_min_multiply_adds = value;
 }
 
+// ...and only from this many rows: on CPUs other than Intel's, MKL's products of a few rows
+// are slow (`CpuProfile` below), and the tiles take them whatever their size.
+int64_t blas_min_rows = cpu_rules.blas_min_rows;
+
+void set_blas_min_rows(int64_t value) {
+  TORCH_CHECK(value >= 0, "blas_min_rows must be >= 0, got ", value);
+  blas_min_rows = value;
+}
+
+void set_cpu_profile(const std::string& name) {
+  TORCH_CHECK(name == "intel" || name == "other",
+              "cpu_profile must be 'intel' or 'other', got '", name, "'");
+  cpu_profile = name == "intel" ? CpuProfile::kIntel : CpuProfile::kOther;
+  cpu_rules = cpu_profile_rules(cpu_profile);
+  blas_min_rows = cpu_rules.blas_min_rows;
+}
+
 inline bool worth_blas(int64_t rows, int64_t inner, int64_t cols) {
-  return rows * inner * cols >= blas_min_multiply_adds;
+  return rows >= blas_min_rows && rows * inner * cols >= blas_min_multiply_adds;
 }
 
 // out (+)= x · op(b) through ATen's mm on views of the buffers (no copy): b is (K, G) as stored,
@@ -1143,15 +1239,16 @@ bool lstm_resident_fits(int64_t N, int64_t K, int64_t H, int64_t element_size) {
 // - the forward, 1 to 3 rows: the sequence loop reads W_hh as stored, with no copy at all, so
 //   the packing has to be paid back over many steps: at H = 512, N = 1 (a 2 MiB share) 0.8-0.9x
 //   from T = 50, level at T = 24-48, 1.1-1.8x below; at H = 640-768 level or slower at T = 8-200,
-//   and at 8 MiB and above 1.05-1.2x. So: up to `kStreamedShareFactor` cached shares, from
+//   and at 8 MiB and above 1.05-1.2x. So: up to `streamed_share_factor` cached shares (2), from
 //   `kStreamedMinSteps` steps;
-// - the backward, 4 to `kResidentBackwardMaxStreamedRows` rows from `kStepsWorthATranspose`
+// - the backward, 4 to `backward_max_streamed_rows` rows (8) from `kStepsWorthATranspose`
 //   steps: 0.7-0.95x (N = 4-8, H = 512-2048, T = 3-50); at 2 rows 1.1-1.4x at T = 3-8 (0.8x at
 //   T = 50), level at 16 rows, 1.1-1.4x at 64-256 (T = 10).
+// On the AMD EPYC VM (the "other" profile, `CpuRules`; the sequence loop's products of up to 8
+// rows on the tiles) the resident loops won more widely: the forward of 1 to 3 rows up to 8
+// shares, the backward from 4 rows at every batch measured (up to 32).
 // `resident_max_bytes_per_thread` = 0 sends every loop to the sequence loop (tests).
-constexpr int64_t kStreamedShareFactor = 2;
 constexpr int64_t kStreamedMinSteps = 48;
-constexpr int64_t kResidentBackwardMaxStreamedRows = 8;
 
 // Whether lstm_backward runs on resident weights: no projection, at least two steps, and each
 // thread's share of W_hh within `resident_max_bytes_per_thread`, or streamed (above).
@@ -1161,7 +1258,7 @@ bool lstm_backward_on_resident(int64_t T, int64_t N, int64_t H, bool projected,
   if (resident_max_bytes_per_thread == 0) return false;
   return lstm_resident_fits(N, H, H, element_size) ||
          (T >= kStepsWorthATranspose && N >= kRowsWorthATranspose &&
-          N <= kResidentBackwardMaxStreamedRows);
+          N <= cpu_rules.backward_max_streamed_rows);
 }
 
 // Whether lstm_forward runs on resident weights: as the backward where the shares fit the
@@ -1173,7 +1270,8 @@ bool lstm_forward_on_resident(int64_t T, int64_t N, int64_t H, bool projected,
   if (lstm_resident_fits(N, H, H, element_size)) return true;
   if (N >= kRowsWorthATranspose) return T >= kStepsWorthATranspose;
   return T >= kStreamedMinSteps &&
-         4 * H * H * element_size <= kStreamedShareFactor * resident_max_bytes_per_thread *
+         4 * H * H * element_size <= cpu_rules.streamed_share_factor *
+                                         resident_max_bytes_per_thread *
                                          lstm_resident_threads(N, H, H);
 }
 
@@ -4109,6 +4207,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_blas_min_multiply_adds", &set_blas_min_multiply_adds,
         "step products of at least this many multiply-adds run on ATen's mm (BLAS)");
   m.def("blas_min_multiply_adds", [] { return blas_min_multiply_adds; });
+  m.def("set_blas_min_rows", &set_blas_min_rows,
+        "step products of fewer rows than this never run on ATen's mm");
+  m.def("blas_min_rows", [] { return blas_min_rows; });
+  m.def("set_cpu_profile", &set_cpu_profile,
+        "the loop rules of 'intel' or 'other' CPUs (blas_min_rows and the LSTM's resident "
+        "loops beyond the cache); detected from the CPU's maker at load");
+  m.def("cpu_profile", &cpu_profile_name);
+  m.def("l2_cache_bytes", &l2_cache_bytes, "a core's L2 cache in bytes (1 MiB if unknown)");
   m.def("set_thread_min_multiply_adds", &set_thread_min_multiply_adds,
         "threads share a step product only when each gets at least this many multiply-adds");
   m.def("thread_min_multiply_adds", [] { return thread_min_multiply_adds; });
