@@ -428,17 +428,24 @@ def test_auto_runs_a_large_batch_of_a_smaller_lstm_on_torch_s_kernel(monkeypatch
     hidden = 128
     assert hidden < engine.TORCH_LSTM_MIN_HIDDEN
     batch = engine.TORCH_LSTM_MIN_STATE_VALUES // hidden
-    torch.manual_seed(0)
-    model = rnnkit.LSTM(3, hidden)
-    reference = rnnkit.LSTM(3, hidden, backend="reference")
-    reference.load_state_dict(model.state_dict())
     x = torch.randn(5, batch, 3)
+    model = _lstm_inference_equal_to_the_reference(x, hidden)
     with torch.no_grad():
-        found, expected = model(x), reference(x)
         model(x[:, : batch - 1])  # one row fewer: the native loop
     assert len(calls) == 1
+
+
+def _lstm_inference_equal_to_the_reference(x: torch.Tensor, hidden: int) -> rnnkit.LSTM:
+    """An LSTM (seed 0, backend "auto") whose inference on ``x`` equals the reference's."""
+    torch.manual_seed(0)
+    model = rnnkit.LSTM(x.shape[-1], hidden)
+    reference = rnnkit.LSTM(x.shape[-1], hidden, backend="reference")
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        found, expected = model(x), reference(x)
     assert_same({"out": found[0], "h": found[1][0], "c": found[1][1]},
                 {"out": expected[0], "h": expected[1][0], "c": expected[1][1]}, torch.float32)
+    return model
 
 
 @pytest.mark.parametrize("shares, batch, on_torch", [
@@ -454,16 +461,9 @@ def test_on_other_cpus_torch_s_lstm_kernel_runs_where_w_hh_outgrows_the_cache(
     monkeypatch.setattr(native, "l2_cache_bytes",
                         lambda: int(4 * hidden * hidden * 4 / torch.get_num_threads() / shares))
     calls = _torch_lstm_calls(monkeypatch)
-    torch.manual_seed(0)
-    model = rnnkit.LSTM(3, hidden)
-    reference = rnnkit.LSTM(3, hidden, backend="reference")
-    reference.load_state_dict(model.state_dict())
     x = torch.randn(5, batch, 3)
-    with torch.no_grad():
-        found, expected = model(x), reference(x)
+    model = _lstm_inference_equal_to_the_reference(x, hidden)
     assert len(calls) == (1 if on_torch else 0)
-    assert_same({"out": found[0], "h": found[1][0], "c": found[1][1]},
-                {"out": expected[0], "h": expected[1][0], "c": expected[1][1]}, torch.float32)
     cpu_profile("intel")  # the same sizes: the Intel rules (from batch 24) keep the native loop
     with torch.no_grad():
         model(x)
