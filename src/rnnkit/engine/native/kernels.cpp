@@ -29,10 +29,14 @@
 #include <omp.h>
 #endif
 #if defined(__x86_64__) || defined(_M_X64)
-#include <cpuid.h>
 #include <immintrin.h>
 #endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <cpuid.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
+#endif
 #if defined(__SSE2__) || defined(_M_X64)
 #include <xmmintrin.h>
 #endif
@@ -413,7 +417,7 @@ CpuRules cpu_profile_rules(CpuProfile profile) {
 }
 
 CpuProfile detected_cpu_profile() {
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__GNUC__) && defined(__x86_64__)
   unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (__get_cpuid(0, &eax, &ebx, &ecx, &edx)) {
     char vendor[13];
@@ -439,7 +443,7 @@ std::string cpu_profile_name() { return cpu_profile == CpuProfile::kIntel ? "int
 // A core's L2 in bytes as the C library reports it (1 MiB where it does not: the middle of the
 // VMs' 0.5-2 MiB).
 int64_t l2_cache_bytes() {
-#ifdef _SC_LEVEL2_CACHE_SIZE
+#if defined(_SC_LEVEL2_CACHE_SIZE)
   const long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
   if (bytes > 0) return bytes;
 #endif
