@@ -573,12 +573,20 @@ class Peak:
                 f"{mm} ({100 * self.mm_gflops / self.fma_gflops:.0f} % of it)")
 
 
+def _cpuinfo_values(key: str) -> list[str] | None:
+    """The values of ``key`` lines in /proc/cpuinfo (Linux), one per core; None elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            return [line.split(":", 1)[1].strip() for line in info if line.startswith(key)]
+    except (OSError, IndexError):
+        return None
+
+
 def cpu_clock_ghz() -> float | None:
     """The highest current core clock in /proc/cpuinfo (Linux), in GHz; None elsewhere."""
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            clocks = [float(line.split(":")[1]) for line in info if line.startswith("cpu MHz")]
-    except (OSError, ValueError, IndexError):
+        clocks = [float(value) for value in _cpuinfo_values("cpu MHz") or []]
+    except ValueError:
         return None
     return max(clocks) / 1e3 if clocks else None
 
@@ -600,12 +608,7 @@ def measure_peak(quick: bool) -> Peak:
 
 def cpu_model() -> str | None:
     """The CPU's model name in /proc/cpuinfo (Linux); None elsewhere."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            names = [line.split(":", 1)[1].strip() for line in info
-                     if line.startswith("model name")]
-    except (OSError, IndexError):
-        return None
+    names = _cpuinfo_values("model name")
     return names[0] if names else None
 
 
