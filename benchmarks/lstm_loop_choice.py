@@ -4,6 +4,7 @@ sequence loop (a product and the gate math per step, each a fork and join), with
 pick between them and torch's kernel ("auto") beside them.
 
     python benchmarks/lstm_loop_choice.py infer|train T NxH[,NxH...] [--rounds 12] [--threads 2]
+        [--variants auto,native,sequence,resident] [--input-grad]
 
 For each ``NxH`` (batch x hidden, input size = hidden) these run in turn, the order reversed
 every round, and the median milliseconds are printed with each one's time over torch.nn's:
@@ -33,6 +34,16 @@ from rnnkit.engine.native import build
 from rnnkit.training.devices import keep_freed_memory
 
 UNBOUNDED = 1 << 40
+VARIANTS = ("auto", "native", "sequence", "resident")
+
+
+def variant_list(text: str) -> tuple[str, ...]:
+    """``"auto,native"`` -> ``("auto", "native")``, each one of `VARIANTS`."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not names or any(name not in VARIANTS for name in names):
+        raise argparse.ArgumentTypeError(
+            f"variants must be a comma-separated list of {', '.join(VARIANTS)}, got {text!r}")
+    return names
 
 
 def size_list(text: str) -> list[tuple[int, int]]:
@@ -53,6 +64,10 @@ def main() -> None:
     parser.add_argument("sizes", type=size_list, help="NxH[,NxH...]")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", type=variant_list, default=VARIANTS,
+                        help=f"which of {','.join(VARIANTS)} run beside torch.nn (default: all)")
+    parser.add_argument("--input-grad", action="store_true",
+                        help="training also asks for the input's gradient (a stacked layer's)")
     arguments = parser.parse_args()
     if arguments.steps < 2 or arguments.rounds < 3:
         parser.error(f"T must be >= 2 and --rounds >= 3, got {arguments.steps} and "
@@ -64,11 +79,14 @@ def main() -> None:
     keep_freed_memory()
     default_bound = kernels.resident_max_bytes_per_thread()
     bounds = {"sequence": 0, "resident": UNBOUNDED}
+
+    def configure(name: str) -> None:
+        kernels.set_resident_max_bytes_per_thread(bounds.get(name, default_bound))
+
     try:
         for batch, hidden in arguments.sizes:
             medians = time_size(arguments.mode, arguments.steps, batch, hidden, arguments.rounds,
-                                lambda name: kernels.set_resident_max_bytes_per_thread(
-                                    bounds.get(name, default_bound)))
+                                arguments.variants, configure, arguments.input_grad)
             peer = medians["torch.nn"]
             print(f"{arguments.mode} (T, N, H) = ({arguments.steps}, {batch}, {hidden}): "
                   + ", ".join(f"{name} {ms:.2f} ms ({ms / peer:.3f})"
@@ -78,15 +96,18 @@ def main() -> None:
 
 
 def time_size(mode: str, steps: int, batch: int, hidden: int, rounds: int,
-              configure: Callable[[str], None]) -> dict[str, float]:
-    """Median milliseconds of each variant at one size, the first two rounds left out."""
+              variants: tuple[str, ...], configure: Callable[[str], None],
+              input_grad: bool = False) -> dict[str, float]:
+    """Median milliseconds of torch.nn and each variant at one size, the first two rounds left
+    out."""
     torch.manual_seed(0)
     peer = torch.nn.LSTM(hidden, hidden)
-    modules = {"torch.nn": peer, "auto": rnnkit.from_torch(peer)}
-    for name in ("native", "sequence", "resident"):
+    modules: dict[str, torch.nn.Module] = {"torch.nn": peer}
+    for name in variants:
         modules[name] = rnnkit.from_torch(peer)
-        modules[name].backend = "native"
-    x = torch.randn(steps, batch, hidden)
+        if name != "auto":
+            modules[name].backend = "native"
+    x = torch.randn(steps, batch, hidden, requires_grad=input_grad and mode == "train")
     samples: dict[str, list[float]] = {name: [] for name in modules}
     for round_index in range(rounds):
         order = list(modules) if round_index % 2 else list(reversed(modules))

@@ -470,6 +470,72 @@ def test_on_other_cpus_torch_s_lstm_kernel_runs_where_w_hh_outgrows_the_cache(
     assert len(calls) == (1 if on_torch else 0)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_on_other_cpus_plain_lstm_training_on_torch_s_kernel_equals_the_reference(
+        monkeypatch, cpu_profile, bidirectional):
+    # The rule's sizes are large (`OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN`); the test lowers the
+    # hidden size bound to run the same path at a small size.
+    cpu_profile("other")
+    hidden = 8
+    monkeypatch.setattr(engine, "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN", hidden)
+    batch = engine.OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH
+    torch.manual_seed(0)
+    model = rnnkit.LSTM(5, hidden, num_layers=2, bidirectional=bidirectional)
+    reference = rnnkit.LSTM(5, hidden, num_layers=2, bidirectional=bidirectional,
+                            backend="reference")
+    reference.load_state_dict(model.state_dict())
+    directions = 2 if bidirectional else 1
+    inputs = {"x": torch.randn(7, batch, 5, requires_grad=True),
+              "h0": torch.randn(2 * directions, batch, hidden, requires_grad=True),
+              "c0": torch.randn(2 * directions, batch, hidden, requires_grad=True)}
+    calls = _torch_lstm_calls(monkeypatch)
+    found = outputs_and_gradients(
+        model, lambda m: m(inputs["x"], (inputs["h0"], inputs["c0"])), inputs)
+    assert len(calls) == 2 * directions  # every layer and direction, with a gradient asked for
+    expected = outputs_and_gradients(
+        reference, lambda m: m(inputs["x"], (inputs["h0"], inputs["c0"])), inputs)
+    assert_same(found, expected, torch.float32)
+
+
+@pytest.mark.parametrize("batch_from_minimum, hidden, input_grad, on_torch", [
+    (0, 8, True, True), (9, 8, True, True), (-1, 8, True, False), (0, 7, True, False),
+    (0, 8, False, False)])
+def test_on_other_cpus_torch_s_kernel_trains_only_where_it_was_measured_faster(
+        monkeypatch, cpu_profile, batch_from_minimum, hidden, input_grad, on_torch):
+    # The hidden size bound lowered to 8 for a small test.
+    cpu_profile("other")
+    monkeypatch.setattr(engine, "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN", 8)
+    calls = _torch_lstm_calls(monkeypatch)
+    model = rnnkit.LSTM(3, hidden)
+    x = torch.randn(4, engine.OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH + batch_from_minimum, 3,
+                    requires_grad=input_grad)
+    model(x)[0].sum().backward()
+    assert len(calls) == (1 if on_torch else 0)
+    cpu_profile("intel")  # the Intel rules: training stays on the operators
+    model(x)[0].sum().backward()
+    assert len(calls) == (1 if on_torch else 0)
+
+
+def test_training_under_torch_func_stays_on_the_operators(monkeypatch, cpu_profile):
+    cpu_profile("other")
+    monkeypatch.setattr(engine, "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN", 8)
+    calls = _torch_lstm_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = rnnkit.LSTM(3, 8)
+    x = torch.randn(4, engine.OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH, 3, requires_grad=True)
+    parameters = dict(model.named_parameters())
+
+    def loss(params):
+        return torch.func.functional_call(model, params, (x,))[0].sum()
+
+    gradients = torch.func.grad(loss)(parameters)
+    assert len(calls) == 0
+    model(x)[0].sum().backward()  # plain autograd: torch's kernel
+    assert len(calls) == 1
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(gradients[name], parameter.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_torch_s_lstm_kernel_runs_only_what_it_covers(monkeypatch, cpu_profile):
     cpu_profile("intel")
     calls = _torch_lstm_calls(monkeypatch)

@@ -28,8 +28,11 @@ the batch holds at least `TORCH_LSTM_MIN_STATE_VALUES` state values (batch x hid
 measured faster there than the native loop (docs/benchmarks.md, issue 19), while the native
 loop is faster for smaller batches and at smaller sizes. On CPUs of the kernels' "other"
 profile (not Intel's; measured on an AMD EPYC) also from smaller batches where a thread's share
-of W_hh outgrows a core's L2 (`OTHER_CPU_TORCH_LSTM_MIN_BATCH`). Not while compiling, tracing,
-exporting or under autocast, where the operators' own rules hold.
+of W_hh outgrows a core's L2 (`OTHER_CPU_TORCH_LSTM_MIN_BATCH`). On those CPUs, training too
+(forward and backward on torch's kernel and its autograd) when the input's gradient is asked
+for, from `OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH` sequences with a hidden size of at least
+`OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN` (not under a torch.func transform or a dispatch mode).
+Not while compiling, tracing, exporting or under autocast, where the operators' own rules hold.
 
 A streamed step (a cell's call, a layer's `rnnkit.stream.LayerStream` step, a one-step
 sequence) with nothing to differentiate, at most `STEP_KERNEL_MAX_BATCH` rows and no layer norm
@@ -112,6 +115,31 @@ OTHER_CPU_TORCH_LSTM_MIN_BATCH_BEYOND_L2 = 4
 OTHER_CPU_TORCH_LSTM_MAX_SHARES = 8
 """See `OTHER_CPU_TORCH_LSTM_MIN_BATCH`: beyond this many L2s a thread, batches below it stay on
 the native loop."""
+
+
+OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH = 16
+"""On CPUs of the "other" profile, plain LSTM *training* with the input's gradient asked for
+(every layer of a stack past the first, or an input that requires it) runs torch's kernel
+(oneDNN's fused LSTM, forward and backward) from this batch on, with a hidden size of at least
+`OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN`. The native loops' training step (T = 50) against
+torch.nn's on the AMD EPYC VM (2 threads, one process, interleaved, 7-11 rounds;
+docs/benchmarks.md, issue 19's tenth part), with the input's gradient: 1.04-1.19x at batch 16,
+1.07-1.12x at 24, 1.07-1.28x at 32-256 (H = 256-1024); 0.89-1.08x at batch 8; 1.02-1.06x at
+H = 128. Without the input's gradient, which torch's kernel computes anyway and the native
+backward skips, the native loops took 0.78-1.06x at H = 256-512 and 0.93-1.24x at H = 768-1024
+(1.00x against torch's kernel through the layer at (64, 768) and (256, 768)), so they stay."""
+
+OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN = 256
+"""See `OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH`."""
+
+
+def _torch_lstm_trains_faster(batch: int, hidden: int, input_grad: bool) -> bool:
+    """Whether torch's kernel was measured faster than the native loops for float32 training
+    (forward and backward; ``input_grad``: the input's gradient asked for too) of a plain LSTM
+    of this batch and hidden size, here."""
+    return (input_grad and native.cpu_profile() == "other"
+            and batch >= OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH
+            and hidden >= OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN)
 
 
 def _torch_lstm_is_faster(batch: int, hidden: int) -> bool:
@@ -297,8 +325,14 @@ def runs_torch_lstm(kind: CellKind, x: Tensor, state: State, weights: CellWeight
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     tensors = (x, *state, *(w for w in weights if w is not None))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
+        # Training: eager autograd only (no torch.func transform, dispatch mode or tensor
+        # subclass), where torch's own backward runs; the operators keep everything else.
+        return (torch._C._functorch.maybe_current_level() is None
+                and not torch._C._len_torch_dispatch_stack()
+                and all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
+                and _torch_lstm_trains_faster(x.shape[1], weights.weight_hh.shape[1],
+                                              x.requires_grad))
     return _torch_lstm_is_faster(x.shape[1], weights.weight_hh.shape[1])
 
 
@@ -466,7 +500,8 @@ _SLSTM_RUNNERS = {"native": ops.run_native_slstm, "fused": ops.run_fused_slstm,
 
 __all__ = ["BACKENDS", "MIN_STEP_KERNEL_MAX_BATCH", "SLSTM_STEP_KERNEL_MAX_BATCH",
            "OTHER_CPU_TORCH_LSTM_MAX_SHARES", "OTHER_CPU_TORCH_LSTM_MIN_BATCH",
-           "OTHER_CPU_TORCH_LSTM_MIN_BATCH_BEYOND_L2",
+           "OTHER_CPU_TORCH_LSTM_MIN_BATCH_BEYOND_L2", "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH",
+           "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN",
            "STEP_KERNEL_MAX_BATCH", "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN",
            "TORCH_LSTM_MIN_STATE_VALUES",
            "BackendWarning",
