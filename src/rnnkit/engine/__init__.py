@@ -123,7 +123,7 @@ OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH = 16
 (oneDNN's fused LSTM, forward and backward) from this batch on, with a hidden size of at least
 `OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN`. The native loops' training step (T = 50) against
 torch.nn's on the AMD EPYC VM (2 threads, one process, interleaved, 7-11 rounds;
-docs/benchmarks.md, issue 19's tenth part), with the input's gradient: 1.04-1.19x at batch 16,
+docs/benchmarks.md, issue 19's tenth part), with the input's gradient: 0.98-1.19x at batch 16,
 1.07-1.12x at 24, 1.01-1.28x at 32-256 (H = 256-1024); 0.89-1.08x at batch 8; 1.02-1.06x at
 H = 128. Without the input's gradient, which torch's kernel computes anyway and the native
 backward skips, the native loops took 0.78-1.12x at H = 256-512 and 0.93-1.24x at H = 768-1024
