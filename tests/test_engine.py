@@ -766,3 +766,30 @@ def test_native_kernels_stay_exact_where_the_gates_saturate(layer_class, extra):
         stepped, _ = with_backend(layer, "native")(x[:1])  # one step: the step kernels
     torch.testing.assert_close(inference, expected["out0"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stepped, expected["out0"][:1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("columns", [1, 2, 4, 8, 9, 40])
+def test_weight_products_of_narrow_inputs_equal_the_plain_product(columns):
+    # `products.weight_product` and `project_all_steps` turn the product around for inputs of
+    # FEW_COLUMNS (2-8) columns: the same sums, so the same values and gradients as F.linear.
+    from rnnkit.engine import products
+    torch.manual_seed(0)
+    d_rows, inputs = torch.randn(300, 24, dtype=torch.float64), torch.randn(300, columns,
+                                                                            dtype=torch.float64)
+    found = products.weight_product(d_rows, inputs)
+    assert found.is_contiguous() and found.shape == (24, columns)
+    torch.testing.assert_close(found, d_rows.t() @ inputs, rtol=1e-12, atol=1e-12)
+    assert products.weight_product(d_rows[:0], inputs[:0]).abs().sum() == 0  # no rows
+    for bias in (None, torch.randn(24, dtype=torch.float64, requires_grad=True)):
+        weight = torch.randn(24, columns, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(7, 5, columns, dtype=torch.float64, requires_grad=True)
+        projected = products.project_all_steps(x, weight, bias)
+        expected = torch.nn.functional.linear(x, weight, bias)
+        torch.testing.assert_close(projected, expected, rtol=1e-12, atol=1e-12)
+        leaves = [t for t in (x, weight, bias) if t is not None]
+        upstream = torch.randn_like(expected)
+        for found_grad, expected_grad in zip(torch.autograd.grad(projected, leaves, upstream),
+                                             torch.autograd.grad(expected, leaves, upstream),
+                                             strict=True):
+            torch.testing.assert_close(found_grad, expected_grad, rtol=1e-12, atol=1e-12)
+        assert products.project_all_steps(x[:0], weight, bias).shape == (0, 5, 24)

@@ -8,7 +8,43 @@ gradient after it, each as one matrix product over all ``T * N`` rows instead of
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+FEW_COLUMNS = range(2, 9)
+"""For an ``inputs`` of 2 to 8 columns, the weight gradient ``d^T inputs`` (``(G, K)`` summed
+over all ``R = T * N`` rows) is computed as ``(inputs^T d)^T``: the same sums, but MKL's product
+of a transposed ``(G, R)`` by an ``(R, K)`` with ``K`` this small ran 3-25x slower than the
+other orientation (AMD EPYC VM, 1 and 2 threads, R = 2000 and 50,000, G = 32-2048: at K = 4,
+G = 2048, R = 50,000 1.59 s against 0.085 s on one thread). At K = 1 the two were level in bulk
+(0.2-1.2x), from K = 12 level or the other way (0.5-1.5x):
+`benchmarks/weight_product_orientation.py`, docs/benchmarks.md, issue 19's tenth part. A
+recurrent model's input is often this narrow (a few series, the adding problem's two
+features)."""
+
+
+def weight_product(d_rows: Tensor, inputs: Tensor) -> Tensor:
+    """``d_rows^T inputs`` for ``d_rows (R, G)`` and ``inputs (R, K)``: ``(G, K)``, contiguous
+    (`FEW_COLUMNS` for why the orientation depends on ``K``)."""
+    if inputs.shape[1] in FEW_COLUMNS:
+        return (inputs.t() @ d_rows).t().contiguous()
+    return d_rows.t() @ inputs
+
+
+def project_all_steps(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for ``x (..., K)`` on autograd, with a narrow input
+    (``K`` in `FEW_COLUMNS`) through a row-major copy of ``W^T`` (``K x G``, a few values): autograd
+    then computes the weight's gradient as ``x^T d``, `weight_product`'s fast orientation, where
+    for ``F.linear`` it computes ``d^T x``. The same sums either way."""
+    if torch.jit.is_tracing():  # a traced graph keeps F.linear (shapes are traced values there)
+        return F.linear(x, weight, bias)
+    columns = weight.shape[1]
+    if columns not in FEW_COLUMNS or x.dim() < 2:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, columns)  # (R, K); R = 0 is fine with K >= 2
+    w_t = weight.t().contiguous()
+    out = rows @ w_t if bias is None else torch.addmm(bias, rows, w_t)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
@@ -20,7 +56,7 @@ def summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
 
 def outer_sum(d_pre: Tensor, inputs: Tensor) -> Tensor:
     """sum over t and n of d_pre[t, n]^T inputs[t, n]: one (G*H, T*N) x (T*N, K) product."""
-    return d_pre.flatten(0, 1).t() @ inputs.flatten(0, 1)
+    return weight_product(d_pre.flatten(0, 1), inputs.flatten(0, 1))
 
 
 def input_side_grads(ctx, d_pre: Tensor, x: Tensor, w_ih: Tensor, x_index: int, w_index: int):
@@ -34,7 +70,7 @@ def input_side_grads(ctx, d_pre: Tensor, x: Tensor, w_ih: Tensor, x_index: int, 
     steps, batch = d_pre.shape[:2]
     flat = d_pre.flatten(0, 1)  # (T*N, G)
     d_x = (flat @ w_ih).unflatten(0, (steps, batch)) if ctx.needs_input_grad[x_index] else None
-    d_w_ih = flat.t() @ x.flatten(0, 1) if ctx.needs_input_grad[w_index] else None
+    d_w_ih = weight_product(flat, x.flatten(0, 1)) if ctx.needs_input_grad[w_index] else None
     return d_x, d_w_ih
 
 

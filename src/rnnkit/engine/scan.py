@@ -56,6 +56,7 @@ from torch import Tensor
 
 from rnnkit.engine import _warn_once, min_inference_step, native, onnx, ops
 from rnnkit.engine.native import functions as native_functions
+from rnnkit.engine.products import project_all_steps
 
 
 class MinFamily(str, enum.Enum):
@@ -188,7 +189,7 @@ def run_linear_scan(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
     """Every step at once: the input projection for all T, then `scan_linear`. Past a
     sequence's end ``a = 1, b = 0``, so the state is held there; the reverse direction scans
     the time-flipped sequence, whose padding then comes first and holds ``h_0``."""
-    return _scan_projection(family, F.linear(x, weight_ih, bias_ih), h0, lengths, reverse,
+    return _scan_projection(family, project_all_steps(x, weight_ih, bias_ih), h0, lengths, reverse,
                             log_space)
 
 
@@ -217,7 +218,7 @@ def run_log_scan(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
     if not log_space:
         raise ValueError("run_log_scan needs log_space=True: the linear variant's b (z h̃ or "
                          "i' h̃) can be negative, and a negative number has no real logarithm")
-    log_a, log_b = log_coefficients(family, F.linear(x, weight_ih, bias_ih))
+    log_a, log_b = log_coefficients(family, project_all_steps(x, weight_ih, bias_ih))
     valid = _valid_steps(lengths, x.shape[0], x)
     if valid is not None:
         log_a = log_a.masked_fill(~valid, 0.0)
@@ -235,7 +236,7 @@ def run_native(family: MinFamily, x: Tensor, h0: Tensor, weight_ih: Tensor,
     computes each step's ``a, b`` in registers and ``h_t = a_t ⊙ h_{t-1} + b_t``, parallel
     over the units; the backward is the adjoint recurrence in C++ (`kernels.cpp`, "minGRU and
     minLSTM"). Lengths hold the state past each end, as `run_linear_scan`."""
-    projected = F.linear(x, weight_ih, bias_ih)  # (T, N, G*H)
+    projected = project_all_steps(x, weight_ih, bias_ih)  # (T, N, G*H)
     lengths = None if lengths is None else lengths.to(torch.int64)
     arguments = (projected, h0, lengths, reverse, str(family), log_space)
     if ops.plain_eager(projected, h0):

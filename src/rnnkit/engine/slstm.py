@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rnnkit.engine.fused import valid_steps
+from rnnkit.engine.products import weight_product
 
 GATES = 4
 """Rows of ``weight_ih`` per hidden unit: ``(W_i|W_f|W_z|W_o)``."""
@@ -328,7 +329,7 @@ def weight_gradients(d_pre: Tensor, x: Tensor, h_entering: Tensor, weight_ih: Te
     if needs[0]:
         d_x = (flat @ heads_first(weight_ih, heads)).unflatten(0, (steps, batch))
     if needs[1]:
-        d_w_ih = gates_first(flat.t() @ x.flatten(0, 1), heads)
+        d_w_ih = gates_first(weight_product(flat, x.flatten(0, 1)), heads)
     if needs[2]:
         # Head k's (4d, d) block is one product over the T N rows, each operand read in place
         # through a (T N, ·) view (the native buffers' rows are K heads wide, so that view has

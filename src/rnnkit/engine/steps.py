@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rnnkit.engine.products import project_all_steps
+
 
 class Family(str, enum.Enum):
     """The three cell families. A ``str`` mixin, so ``Family.LSTM == "lstm"`` and it formats,
@@ -179,16 +181,16 @@ def input_side(kind: CellKind, x: Tensor, w: CellWeights,
     if bias is not None and w.bias_hh is not None and not keep_recurrent_bias:
         bias = bias + w.bias_hh  # (G·H,): added once, by the product or LN's shift
     if fold_layer_norm and w.layer_norm_ih is not None:
-        pre_x = x if w.weight_ih is None else F.linear(x, w.weight_ih)
+        pre_x = x if w.weight_ih is None else project_all_steps(x, w.weight_ih, None)
         recurrence = w._replace(weight_ih=None, bias_ih=bias,
                                 bias_hh=w.bias_hh if keep_recurrent_bias else None)
         return pre_x, recurrence
     if w.weight_ih is None:  # split already: x is the product W_ih x
         pre_x = _input_part(x, w._replace(bias_ih=bias))
     elif w.layer_norm_ih is None:
-        pre_x = F.linear(x, w.weight_ih, bias)
+        pre_x = project_all_steps(x, w.weight_ih, bias)
     else:
-        pre_x = _normalised(F.linear(x, w.weight_ih), w.layer_norm_ih, bias)
+        pre_x = _normalised(project_all_steps(x, w.weight_ih, None), w.layer_norm_ih, bias)
     recurrence = w._replace(weight_ih=None, bias_ih=None, layer_norm_ih=None,
                             bias_hh=w.bias_hh if keep_recurrent_bias else None)
     return pre_x, recurrence
