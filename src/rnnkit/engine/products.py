@@ -14,7 +14,7 @@ from torch import Tensor
 FEW_COLUMNS = range(2, 9)
 """For an ``inputs`` of 2 to 8 columns, the weight gradient ``d^T inputs`` (``(G, K)`` summed
 over all ``R = T * N`` rows) is computed as ``(inputs^T d)^T``: the same sums, but MKL's product
-of a transposed ``(G, R)`` by an ``(R, K)`` with ``K`` this small ran 3-25x slower than the
+of a transposed ``(G, R)`` by an ``(R, K)`` with ``K`` this small ran 4-25x slower than the
 other orientation (AMD EPYC VM, 1 and 2 threads, R = 2000 and 50,000, G = 32-2048: at K = 4,
 G = 2048, R = 50,000 1.59 s against 0.085 s on one thread). At K = 1 the two were level in bulk
 (0.2-1.2x), from K = 12 level or the other way (0.5-1.5x):
