@@ -18,16 +18,7 @@ import statistics
 import time
 
 import torch
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
+from minimal_vs_gated import positive_ints  # benchmarks/, this script's folder
 
 
 def median_ms(call, repeats: int) -> float:
@@ -42,9 +33,9 @@ def median_ms(call, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int_list, default=[2000, 50000])
-    parser.add_argument("--gates", type=int_list, default=[32, 384, 2048])
-    parser.add_argument("--columns", type=int_list, default=[1, 4, 16, 24, 48])
+    parser.add_argument("--rows", type=positive_ints, default=[2000, 50000])
+    parser.add_argument("--gates", type=positive_ints, default=[32, 384, 2048])
+    parser.add_argument("--columns", type=positive_ints, default=[1, 4, 16, 24, 48])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     arguments = parser.parse_args()
