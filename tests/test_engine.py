@@ -478,6 +478,7 @@ def test_on_other_cpus_plain_lstm_training_on_torch_s_kernel_equals_the_referenc
     cpu_profile("other")
     hidden = 8
     monkeypatch.setattr(engine, "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN", hidden)
+    monkeypatch.setattr(engine, "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_STEPS", 7)
     batch = engine.OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH
     torch.manual_seed(0)
     model = rnnkit.LSTM(5, hidden, num_layers=2, bidirectional=bidirectional)
@@ -497,17 +498,18 @@ def test_on_other_cpus_plain_lstm_training_on_torch_s_kernel_equals_the_referenc
     assert_same(found, expected, torch.float32)
 
 
-@pytest.mark.parametrize("batch_from_minimum, hidden, input_grad, on_torch", [
-    (0, 8, True, True), (9, 8, True, True), (-1, 8, True, False), (0, 7, True, False),
-    (0, 8, False, False)])
+@pytest.mark.parametrize("steps, batch_from_minimum, hidden, input_grad, on_torch", [
+    (4, 0, 8, True, True), (9, 9, 8, True, True), (4, -1, 8, True, False),
+    (4, 0, 7, True, False), (4, 0, 8, False, False), (3, 0, 8, True, False)])
 def test_on_other_cpus_torch_s_kernel_trains_only_where_it_was_measured_faster(
-        monkeypatch, cpu_profile, batch_from_minimum, hidden, input_grad, on_torch):
-    # The hidden size bound lowered to 8 for a small test.
+        monkeypatch, cpu_profile, steps, batch_from_minimum, hidden, input_grad, on_torch):
+    # The bounds on the hidden size and the length lowered to 8 and 4 for a small test.
     cpu_profile("other")
     monkeypatch.setattr(engine, "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN", 8)
+    monkeypatch.setattr(engine, "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_STEPS", 4)
     calls = _torch_lstm_calls(monkeypatch)
     model = rnnkit.LSTM(3, hidden)
-    x = torch.randn(4, engine.OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH + batch_from_minimum, 3,
+    x = torch.randn(steps, engine.OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH + batch_from_minimum, 3,
                     requires_grad=input_grad)
     model(x)[0].sum().backward()
     assert len(calls) == (1 if on_torch else 0)
@@ -519,6 +521,7 @@ def test_on_other_cpus_torch_s_kernel_trains_only_where_it_was_measured_faster(
 def test_training_under_torch_func_stays_on_the_operators(monkeypatch, cpu_profile):
     cpu_profile("other")
     monkeypatch.setattr(engine, "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN", 8)
+    monkeypatch.setattr(engine, "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_STEPS", 4)
     calls = _torch_lstm_calls(monkeypatch)
     torch.manual_seed(0)
     model = rnnkit.LSTM(3, 8)
@@ -768,10 +771,11 @@ def test_native_kernels_stay_exact_where_the_gates_saturate(layer_class, extra):
     torch.testing.assert_close(stepped, expected["out0"][:1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("columns", [1, 2, 4, 8, 9, 40])
+@pytest.mark.parametrize("columns", [1, 2, 4, 11, 12, 40])
 def test_weight_products_of_narrow_inputs_equal_the_plain_product(columns):
     # `products.weight_product` and `project_all_steps` turn the product around for inputs of
-    # FEW_COLUMNS (2-8) columns: the same sums, so the same values and gradients as F.linear.
+    # FEW_COLUMNS (2-11) columns: the same sums, so the same values and gradients as F.linear,
+    # in the same (contiguous) layout.
     from rnnkit.engine import products
     torch.manual_seed(0)
     d_rows, inputs = torch.randn(300, 24, dtype=torch.float64), torch.randn(300, columns,
@@ -792,4 +796,5 @@ def test_weight_products_of_narrow_inputs_equal_the_plain_product(columns):
                                              torch.autograd.grad(expected, leaves, upstream),
                                              strict=True):
             torch.testing.assert_close(found_grad, expected_grad, rtol=1e-12, atol=1e-12)
+            assert found_grad.stride() == expected_grad.stride()
         assert products.project_all_steps(x[:0], weight, bias).shape == (0, 5, 24)

@@ -30,7 +30,8 @@ loop is faster for smaller batches and at smaller sizes. On CPUs of the kernels'
 profile (not Intel's; measured on an AMD EPYC) also from smaller batches where a thread's share
 of W_hh outgrows a core's L2 (`OTHER_CPU_TORCH_LSTM_MIN_BATCH`). On those CPUs, training too
 (forward and backward on torch's kernel and its autograd) when the input's gradient is asked
-for, from `OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH` sequences with a hidden size of at least
+for, from `OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH` sequences of at least
+`OTHER_CPU_TORCH_LSTM_TRAIN_MIN_STEPS` steps with a hidden size of at least
 `OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN` (not under a torch.func transform or a dispatch mode).
 Not while compiling, tracing, exporting or under autocast, where the operators' own rules hold.
 
@@ -132,12 +133,21 @@ backward skips, the native loops took 0.78-1.12x at H = 256-512 and 0.93-1.24x a
 OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN = 256
 """See `OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH`."""
 
+OTHER_CPU_TORCH_LSTM_TRAIN_MIN_STEPS = 50
+"""And only for sequences of at least this many steps, the length where torch's kernel was
+measured faster (`OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH`). Shorter ones stay native: at T = 10-30
+(batch 16-64, H = 256-1024) torch's kernel through the layer took 0.92-1.21x torch.nn and the
+native loops 0.79-1.24x, neither ahead; at T = 1 and 4 (a cell's step while training, the
+gradient-flow diagnostic's per-step loop) torch's kernel took 1.35-1.59x the native loops', and
+an LSTMCell loop 1.4-3.0x (AMD EPYC VM, 1-2 threads)."""
 
-def _torch_lstm_trains_faster(batch: int, hidden: int, input_grad: bool) -> bool:
+
+def _torch_lstm_trains_faster(steps: int, batch: int, hidden: int, input_grad: bool) -> bool:
     """Whether torch's kernel was measured faster than the native loops for float32 training
     (forward and backward; ``input_grad``: the input's gradient asked for too) of a plain LSTM
-    of this batch and hidden size, here."""
+    of this length, batch and hidden size, here."""
     return (input_grad and native.cpu_profile() == "other"
+            and steps >= OTHER_CPU_TORCH_LSTM_TRAIN_MIN_STEPS
             and batch >= OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH
             and hidden >= OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN)
 
@@ -331,8 +341,8 @@ def runs_torch_lstm(kind: CellKind, x: Tensor, state: State, weights: CellWeight
         return (torch._C._functorch.maybe_current_level() is None
                 and not torch._C._len_torch_dispatch_stack()
                 and all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
-                and _torch_lstm_trains_faster(x.shape[1], weights.weight_hh.shape[1],
-                                              x.requires_grad))
+                and _torch_lstm_trains_faster(x.shape[0], x.shape[1],
+                                              weights.weight_hh.shape[1], x.requires_grad))
     return _torch_lstm_is_faster(x.shape[1], weights.weight_hh.shape[1])
 
 
@@ -501,7 +511,7 @@ _SLSTM_RUNNERS = {"native": ops.run_native_slstm, "fused": ops.run_fused_slstm,
 __all__ = ["BACKENDS", "MIN_STEP_KERNEL_MAX_BATCH", "SLSTM_STEP_KERNEL_MAX_BATCH",
            "OTHER_CPU_TORCH_LSTM_MAX_SHARES", "OTHER_CPU_TORCH_LSTM_MIN_BATCH",
            "OTHER_CPU_TORCH_LSTM_MIN_BATCH_BEYOND_L2", "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH",
-           "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN",
+           "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN", "OTHER_CPU_TORCH_LSTM_TRAIN_MIN_STEPS",
            "STEP_KERNEL_MAX_BATCH", "TORCH_LSTM_MIN_BATCH", "TORCH_LSTM_MIN_HIDDEN",
            "TORCH_LSTM_MIN_STATE_VALUES",
            "BackendWarning",

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FEW_COLUMNS = range(2, 9)
-"""For an ``inputs`` of 2 to 8 columns, the weight gradient ``d^T inputs`` (``(G, K)`` summed
+FEW_COLUMNS = range(2, 12)
+"""For an ``inputs`` of 2 to 11 columns, the weight gradient ``d^T inputs`` (``(G, K)`` summed
 over all ``R = T * N`` rows) is computed as ``(inputs^T d)^T``: the same sums, but MKL's product
-of a transposed ``(G, R)`` by an ``(R, K)`` with ``K`` this small ran 4-25x slower than the
+of a transposed ``(G, R)`` by an ``(R, K)`` with ``K`` this small ran 2.5-25x slower than the
 other orientation (AMD EPYC VM, 1 and 2 threads, R = 2000 and 50,000, G = 32-2048: at K = 4,
 G = 2048, R = 50,000 1.59 s against 0.085 s on one thread). At K = 1 the two were level in bulk
-(0.2-1.2x), from K = 12 level or the other way (0.5-1.5x):
+(0.2-1.2x), from K = 12 level or the other way (0.46-1.5x):
 `benchmarks/weight_product_orientation.py`, docs/benchmarks.md, issue 19's tenth part. A
 recurrent model's input is often this narrow (a few series, the adding problem's two
 features)."""
@@ -42,7 +42,10 @@ def project_all_steps(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if columns not in FEW_COLUMNS or x.dim() < 2:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, columns)  # (R, K); R = 0 is fine with K >= 2
-    w_t = weight.t().contiguous()
+    # W^T through a flat view: the backward of viewing the flat W as (G, K) reshapes the
+    # transposed gradient to 1-D, which copies it, so W's gradient comes back contiguous (as
+    # F.linear's), not as the transposed view `weight.t()` alone would pass back.
+    w_t = weight.reshape(-1).view(weight.shape).t().contiguous()
     out = rows @ w_t if bias is None else torch.addmm(bias, rows, w_t)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
