@@ -136,7 +136,7 @@ OTHER_CPU_TORCH_LSTM_TRAIN_MIN_HIDDEN = 256
 OTHER_CPU_TORCH_LSTM_TRAIN_MIN_STEPS = 50
 """And only for sequences of at least this many steps, the length where torch's kernel was
 measured faster (`OTHER_CPU_TORCH_LSTM_TRAIN_MIN_BATCH`). Shorter ones stay native: at T = 10-30
-(batch 16-64, H = 256-1024) torch's kernel through the layer took 0.92-1.21x torch.nn and the
+(batch 16-64, H = 256-1024) torch's kernel through the layer took 0.84-1.21x torch.nn and the
 native loops 0.79-1.24x, neither ahead; at T = 1 and 4 (a cell's step while training, the
 gradient-flow diagnostic's per-step loop) torch's kernel took 1.35-1.59x the native loops', and
 an LSTMCell loop 1.4-3.0x (AMD EPYC VM, 1-2 threads)."""
