@@ -338,8 +338,7 @@ def runs_torch_lstm(kind: CellKind, x: Tensor, state: State, weights: CellWeight
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
         # Training: eager autograd only (no torch.func transform, dispatch mode or tensor
         # subclass), where torch's own backward runs; the operators keep everything else.
-        return (torch._C._functorch.maybe_current_level() is None
-                and not torch._C._len_torch_dispatch_stack()
+        return (ops.plain_context(x)
                 and all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
                 and _torch_lstm_trains_faster(x.shape[0], x.shape[1],
                                               weights.weight_hh.shape[1], x.requires_grad))

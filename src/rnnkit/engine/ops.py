@@ -78,7 +78,16 @@ def plain_eager(x: Tensor, *tensors: _Optional) -> bool:
     return not (
         torch.compiler.is_compiling()  # first: dynamo cannot trace the C calls after it
         or (torch.is_grad_enabled() and torch._C._any_requires_grad(x, *tensors))
-        or torch.jit.is_tracing()
+        or not plain_context(x)
+    )
+
+
+def plain_context(x: Tensor) -> bool:
+    """`plain_eager` less its gradient test (and its compiler test, which callers make first):
+    no tracer, no torch.func transform, no dispatch mode, no autocast, ``x`` a plain tensor. Where
+    this holds, autograd records plain eager calls (`rnnkit.engine.runs_torch_lstm`)."""
+    return not (
+        torch.jit.is_tracing()
         or torch._C._functorch.maybe_current_level() is not None
         or torch._C._len_torch_dispatch_stack() or torch._C._is_any_autocast_enabled()
         or type(x) is not Tensor
