@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import mpmath
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,6 +198,49 @@ def test_opcheck_native_min_scan(family, with_lengths):
     for reverse in (False, True):
         torch.library.opcheck(scan.native_min_scan,
                               (projected, h0, lengths, reverse, str(family), True))
+
+
+def _minlstm_step_exactly(k_f, k_i, v, h0):
+    """One minLSTM step h = f' h0 + i' v and its gradient in (k_f, k_i, v), in 60-digit
+    arithmetic (mpmath): f' = f / (f + i), i' = i / (f + i), ∂f'/∂k_f = f' i' σ(-k_f),
+    ∂f'/∂k_i = -f' i' σ(-k_i), each term computed without cancellation. Returns
+    (h, (∂h/∂k_f, ∂h/∂k_i, ∂h/∂v)) as floats."""
+    with mpmath.workdps(60):
+        k_f, k_i, v, h0 = (mpmath.mpf(float(t)) for t in (k_f, k_i, v, h0))
+        f, i = 1 / (1 + mpmath.exp(-k_f)), 1 / (1 + mpmath.exp(-k_i))
+        f_prime, i_prime = f / (f + i), i / (f + i)
+        spread = f_prime * i_prime * (h0 - v)
+        d_k_f = spread / (1 + mpmath.exp(k_f))  # σ(-k_f)
+        d_k_i = -spread / (1 + mpmath.exp(k_i))
+        return float(f_prime * h0 + i_prime * v), (float(d_k_f), float(d_k_i), float(i_prime))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_minlstm_coefficients_on_a_grid_of_extreme_gates(dtype):
+    """The kernel's f' = f / (f + i) form against 60-digit arithmetic at every pair of gate
+    pre-activations from -200 to 200: both gates underflowing (σ(-104) is 0 in float32), one
+    saturated and the other not, equal ones (f' = 1/2). One step from h0 = 1 with h̃ = 0
+    gives h = f', from h0 = 0 with h̃ = 1 gives h = i'; the backward of the same step gives
+    the three pre-activations' gradients. Every value within 16 ulps, or below the smallest
+    normal number (the kernels flush subnormals). The reference loop's σ(r) form loses these
+    gradients (its σ(r) (1 - σ(r)) is 0 from r = 37 in float64), so it is not the oracle here."""
+    kernels = build.kernels()
+    levels = [-200.0, -104.0, -90.0, -30.0, -3.0, -0.5, 0.0, 0.5, 3.0, 30.0, 90.0, 104.0, 200.0]
+    pairs = [(k_f, k_i) for k_f in levels for k_i in levels]
+    rows = len(pairs)
+    tolerance = {"rtol": 16 * torch.finfo(dtype).eps, "atol": torch.finfo(dtype).tiny}
+    for h0_value, v in ((1.0, 0.0), (0.0, 1.0)):  # h = f', then h = i'
+        exact = [_minlstm_step_exactly(k_f, k_i, v, h0_value) for k_f, k_i in pairs]
+        expected_h = torch.tensor([[[h] for h, _ in exact]], dtype=torch.float64)  # (1, rows, 1)
+        expected_d = torch.tensor([[list(d) for _, d in exact]], dtype=torch.float64)
+        projected = torch.tensor([[[k_f, k_i, v] for k_f, k_i in pairs]], dtype=dtype)
+        h0 = torch.full((rows, 1), h0_value, dtype=dtype)
+        output, states = kernels.min_scan_forward(projected, h0, None, False, True, False)
+        torch.testing.assert_close(output.double(), expected_h, **tolerance)
+        d_projected, _ = kernels.min_scan_backward(torch.ones(1, rows, 1, dtype=dtype),
+                                                   torch.zeros(rows, 1, dtype=dtype),
+                                                   projected, states, None, False, True, False)
+        torch.testing.assert_close(d_projected.double(), expected_d, **tolerance)
 
 
 def test_native_kernel_checks_its_arguments():

@@ -3897,9 +3897,9 @@ std::vector<double> fma_peak(int64_t iterations) {
 //
 // Layouts: projected (T, N, G H) as the layer's weight rows order it, minGRU (k_z|v) (G = 2),
 // minLSTM (k_f|k_i|v) (G = 3); states (T + 1, N, H) in time order, as every family's.
-// The coefficients, in the stable forms of scan.coefficients:
+// The coefficients, in stable forms (scan.coefficients has the same values):
 //   minGRU   a = σ(-k_z)               b = σ(k_z) h̃
-//   minLSTM  r = logσ(k_f) - logσ(k_i)   a = f' = σ(r)   b = i' h̃,  i' = σ(-r)
+//   minLSTM  a = f' = f / (f + i)      b = i' h̃,  i' = i / (f + i)   (MinCoefficients' form)
 //   h̃ = v, or g(v) = v + 0.5 (v >= 0), σ(v) (v < 0) in the log-space variant.
 // The backward stores nothing more than the states: it recomputes the coefficients from the
 // projection (a few exp per value; the pass reads the projection either way).
@@ -3927,12 +3927,7 @@ struct SigmoidPair {
   }
 };
 
-// log σ(x) and σ(-x) from one exp: e = exp(-|x|), log σ(x) = min(x, 0) - log1p(e) (as
-// `log_sigmoid`), σ(-x) = e / (1 + e) for x >= 0, 1 / (1 + e) below.
-template <typename T>
-inline Vec<T> log_sigmoid_from(const Vec<T>& x, const Vec<T>& e) {
-  return at::vec::minimum(x, Vec<T>(T(0))) - e.log1p();
-}
+// σ(-x) from e = exp(-|x|): e / (1 + e) for x >= 0, 1 / (1 + e) below.
 template <typename T>
 inline Vec<T> sigmoid_of_minus_from(const Vec<T>& x, const Vec<T>& e) {
   const Vec<T> large = Vec<T>(T(1)) / (Vec<T>(T(1)) + e);
@@ -3951,14 +3946,31 @@ struct MinCoefficients {
     const Vec<T> zero(T(0)), one(T(1));
     const Vec<T> v = Vec<T>::loadu(p + (minlstm ? 2 : 1) * H + j, count);
     if (minlstm) {
+      // f' = f / (f + i) = 1 / (1 + i / f), with i / f = σ(k_i) / σ(k_f) = E^d ρ, where
+      // 1 + e^-k = e^-min(k, 0) (1 + e^-|k|) gives d = min(k_i, 0) - min(k_f, 0) and
+      // ρ = (1 + e_f) / (1 + e_i) in [1/2, 2], e_k = e^-|k|. With E = e^-|d|:
+      //   d <= 0:  f' = 1 / (1 + E ρ)    i' = E ρ / (1 + E ρ)
+      //   d > 0:   f' = E / (E + ρ)      i' = ρ / (E + ρ)
+      // Every term is positive and each denominator is at least 1/2, so nothing cancels,
+      // overflows or divides 0 by 0 (σ(k) itself underflows below k = -88 in float32). Three
+      // exp and two divisions; the log σ form, r = log σ(k_f) - log σ(k_i), f' = σ(r), took two
+      // log1p more.
+      const Vec<T> zero(T(0)), one(T(1));
       const Vec<T> k_f = Vec<T>::loadu(p + j, count), k_i = Vec<T>::loadu(p + H + j, count);
       const Vec<T> e_f = k_f.abs().neg().exp(), e_i = k_i.abs().neg().exp();
-      const SigmoidPair<T> normalised(log_sigmoid_from(k_f, e_f) - log_sigmoid_from(k_i, e_i));
-      a = normalised.plus;      // f' = σ(r)
-      keep = normalised.minus;  // i' = σ(-r)
-      if (derivatives) {
+      const Vec<T> d = at::vec::minimum(k_i, zero) - at::vec::minimum(k_f, zero);
+      const Vec<T> e_d = d.abs().neg().exp();
+      const Vec<T> inverse_i = one / (one + e_i);
+      const Vec<T> rho = (one + e_f) * inverse_i;
+      const Vec<T> above = d > zero;
+      const Vec<T> numerator_f = Vec<T>::blendv(one, e_d, above);
+      const Vec<T> numerator_i = Vec<T>::blendv(e_d * rho, rho, above);
+      const Vec<T> inverse = one / (numerator_f + numerator_i);
+      a = numerator_f * inverse;     // f'
+      keep = numerator_i * inverse;  // i' = 1 - f'
+      if (derivatives) {  // ∂r/∂k_f = σ(-k_f), ∂r/∂k_i = -σ(-k_i)
         d_first = sigmoid_of_minus_from(k_f, e_f);
-        d_second = sigmoid_of_minus_from(k_i, e_i).neg();
+        d_second = Vec<T>::blendv(inverse_i, e_i * inverse_i, k_i >= zero).neg();
       }
     } else {
       const SigmoidPair<T> z(Vec<T>::loadu(p + j, count));
