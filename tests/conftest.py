@@ -1,5 +1,6 @@
-"""Test setup: make the shared helpers importable, choose the fuzz profile, and report parity
-figures at the end."""
+"""Test setup: make the shared helpers importable, choose the fuzz profile, share the cores
+between pytest-xdist's workers, and report parity figures at the end (gathered from every
+worker)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,6 +30,32 @@ settings.register_profile(
     suppress_health_check=_FUZZ_HEALTH,
 )
 settings.load_profile(os.environ.get("RNNKIT_FUZZ", "ci"))
+
+
+# Under pytest-xdist (README's test command runs `-n 2`), each worker takes its share of the cores
+# as torch threads: two workers of two threads each on two cores ran the suite no faster than one
+# process on one core (OpenMP's threads spin while they wait for a core the other worker holds).
+# Tests that need a number of threads set it themselves and restore it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if os.environ.get("PYTEST_XDIST_WORKER") and _WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
+
+def pytest_sessionfinish(session):
+    """A worker sends its parity figures to the controller (`pytest_testnodedown`)."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["parity"] = [[group, str(dtype), worst, count]
+                            for (group, dtype), (worst, count) in WORST.items()]
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown to pytest without the plugin
+def pytest_testnodedown(node, error):
+    """The controller merges a finished worker's parity figures into its own `WORST`."""
+    for group, dtype_name, worst, count in getattr(node, "workeroutput", {}).get("parity", []):
+        dtype = getattr(torch, dtype_name.removeprefix("torch."))
+        before, before_count = WORST.get((group, dtype), (0.0, 0))
+        WORST[(group, dtype)] = (max(before, worst), before_count + count)
 
 
 def pytest_terminal_summary(terminalreporter):
