@@ -3946,7 +3946,7 @@ struct MinCoefficients {
     const Vec<T> zero(T(0)), one(T(1));
     const Vec<T> v = Vec<T>::loadu(p + (minlstm ? 2 : 1) * H + j, count);
     if (minlstm) {
-      // f' = f / (f + i) = 1 / (1 + i / f), with i / f = σ(k_i) / σ(k_f) = E^d ρ, where
+      // f' = f / (f + i) = 1 / (1 + i / f), with i / f = σ(k_i) / σ(k_f) = e^d ρ, where
       // 1 + e^-k = e^-min(k, 0) (1 + e^-|k|) gives d = min(k_i, 0) - min(k_f, 0) and
       // ρ = (1 + e_f) / (1 + e_i) in [1/2, 2], e_k = e^-|k|. With E = e^-|d|:
       //   d <= 0:  f' = 1 / (1 + E ρ)    i' = E ρ / (1 + E ρ)
@@ -3955,7 +3955,6 @@ struct MinCoefficients {
       // overflows or divides 0 by 0 (σ(k) itself underflows below k = -88 in float32). Three
       // exp and two divisions; the log σ form, r = log σ(k_f) - log σ(k_i), f' = σ(r), took two
       // log1p more.
-      const Vec<T> zero(T(0)), one(T(1));
       const Vec<T> k_f = Vec<T>::loadu(p + j, count), k_i = Vec<T>::loadu(p + H + j, count);
       const Vec<T> e_f = k_f.abs().neg().exp(), e_i = k_i.abs().neg().exp();
       const Vec<T> d = at::vec::minimum(k_i, zero) - at::vec::minimum(k_f, zero);
