@@ -38,7 +38,9 @@ settings.load_profile(os.environ.get("RNNKIT_FUZZ", "ci"))
 # Tests that need a number of threads set it themselves and restore it.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if os.environ.get("PYTEST_XDIST_WORKER") and _WORKERS > 1:
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    _CORES = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # Linux
+              else os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _CORES // _WORKERS))
 
 
 def pytest_sessionfinish(session):
@@ -52,7 +54,8 @@ def pytest_sessionfinish(session):
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown to pytest without the plugin
 def pytest_testnodedown(node, error):
     """The controller merges a finished worker's parity figures into its own `WORST`."""
-    for group, dtype_name, worst, count in getattr(node, "workeroutput", {}).get("parity", []):
+    # pop: an interrupted worker is reported down twice, and its figures count once.
+    for group, dtype_name, worst, count in getattr(node, "workeroutput", {}).pop("parity", []):
         dtype = getattr(torch, dtype_name.removeprefix("torch."))
         before, before_count = WORST.get((group, dtype), (0.0, 0))
         WORST[(group, dtype)] = (max(before, worst), before_count + count)

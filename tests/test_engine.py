@@ -645,11 +645,23 @@ def test_products_of_few_rows_past_the_blas_threshold_agree_on_either_profile(
                     torch.float64)
 
 
-def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache(cpu_profile):
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """torch's thread count for one test, restored after it: the rules that depend on it are
+    checked on both sides whatever count the run was started with (a pytest-xdist worker has
+    one thread on a 2-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache(cpu_profile,
+                                                                                 torch_threads):
     kernels = build.kernels()
     cpu_profile("intel")
     limit = kernels.resident_max_bytes_per_thread()
-    threads = torch.get_num_threads()
+    threads = torch_threads
     assert limit == 1 << 20
     for runs_resident in (kernels.lstm_forward_runs_resident, kernels.lstm_backward_runs_resident):
         # (T, N, H) = (100, 32, 256) float32: W_hh is 1 MiB, shared by the threads.
@@ -702,10 +714,10 @@ def test_lstm_loops_run_on_resident_weights_while_a_threads_share_fits_its_cache
             kernels.set_resident_max_bytes_per_thread(bad)
 
 
-def test_lstm_loops_project_a_narrower_input_themselves_from_a_batch_of_four():
+def test_lstm_loops_project_a_narrower_input_themselves_from_a_batch_of_four(torch_threads):
     kernels = build.kernels()
     assert kernels.lstm_input_min_batch() == 4
-    threads = torch.get_num_threads()
+    threads = torch_threads
     # rnnkit lm's first layer: a 64-wide embedding into 256 units
     assert kernels.lstm_projects_input(100, 32, 64, 256, False, 4) == (threads >= 2)
     assert kernels.lstm_projects_input(100, 4, 16, 32, False, 4)

@@ -20,6 +20,7 @@ from compare import (
     subnormals,
     unflushed_then_flushed,
 )
+from rnnkit import engine
 from rnnkit.engine import BackendWarning, native, scan
 from rnnkit.engine.native import build
 from rnnkit.engine.scan import MinFamily
@@ -366,7 +367,8 @@ def test_auto_runs_native_on_cpu_floats_and_the_scan_elsewhere():
                                            False)[0]) == {"native_min_scan"}
 
 
-def test_native_on_an_unsupported_input_runs_the_scan_after_one_warning():
+def test_native_on_an_unsupported_input_runs_the_scan_after_one_warning(monkeypatch):
+    monkeypatch.setattr(engine, "_warned", set())  # whatever ran before in this process
     torch.manual_seed(3)
     layer = rnnkit.MinLSTM(3, 4, backend="native", dtype=torch.bfloat16)
     x = torch.randn(9, 2, 3, dtype=torch.bfloat16)

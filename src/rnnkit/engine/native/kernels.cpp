@@ -3951,8 +3951,9 @@ struct MinCoefficients {
       // ρ = (1 + e_f) / (1 + e_i) in [1/2, 2], e_k = e^-|k|. With E = e^-|d|:
       //   d <= 0:  f' = 1 / (1 + E ρ)    i' = E ρ / (1 + E ρ)
       //   d > 0:   f' = E / (E + ρ)      i' = ρ / (E + ρ)
-      // Every term is positive and each denominator is at least 1/2, so nothing cancels,
-      // overflows or divides 0 by 0 (σ(k) itself underflows below k = -88 in float32). Three
+      // Every term is positive and each denominator is at least 1/2, so for finite k nothing
+      // cancels, overflows or divides 0 by 0 (σ(k) itself underflows below k = -88 in float32;
+      // k_f = k_i = -inf gives NaN, as the reference's -inf - (-inf) does). Three
       // exp and two divisions; the log σ form, r = log σ(k_f) - log σ(k_i), f' = σ(r), took two
       // log1p more.
       const Vec<T> k_f = Vec<T>::loadu(p + j, count), k_i = Vec<T>::loadu(p + H + j, count);
