@@ -206,6 +206,31 @@ def test_resumed_tensorboard_curves_have_no_orphaned_steps(tmp_path):
     assert steps_of(tmp_path / "metrics.jsonl") == [1, 2, 3, 4, 5]
 
 
+def test_a_resumed_curve_purges_even_when_the_event_file_counter_gains_a_digit(tmp_path,
+                                                                              monkeypatch):
+    """The first writer's file ends in ".9", the resumed one's in ".10" ("10" sorts before "9"),
+    within the same second: the resumed writer waits into the next second, so its file sorts
+    last and its purge of steps 4-6 applies (found under pytest-xdist, where a worker's earlier
+    tests had moved tensorboard's per-process counter to such a boundary)."""
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    folder = tmp_path / "tb"
+    start = time.time()
+    if start - int(start) > 0.5:  # leave the first writer the same second as the check
+        time.sleep(int(start) + 1 - start)
+    with MetricsLog(tmp_path / "metrics.jsonl", tensorboard_dir=folder) as log:
+        for step in range(1, 7):
+            log.write(step, loss=float(step))
+    with MetricsLog(tmp_path / "metrics.jsonl", resume_step=3, tensorboard_dir=folder) as log:
+        for step in range(4, 6):
+            log.write(step, loss=10.0 * step)
+    names = sorted(path.name for path in folder.glob("events.out.tfevents.*"))
+    assert [name.rsplit(".", 1)[1] for name in names] == ["9", "10"]  # the resumed file last
+    assert tensorboard_scalars(folder)["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0),
+                                                   (5, 50.0)]
+
+
 def test_a_new_log_replaces_a_symlink_instead_of_writing_through_it(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")

@@ -92,6 +92,8 @@ class MetricsLog:
                 SummaryWriter = None
             if SummaryWriter is not None:
                 purge_step = None if resume_step is None else resume_step + 1
+                if purge_step is not None:
+                    _wait_for_a_later_event_file_name(Path(tensorboard_dir))
                 self._writer = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=purge_step)
                 self.tensorboard = True
 
@@ -236,3 +238,20 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"metrics log {path} does not exist (or is not a file)")
     return [record for _, _, record in _records(path)]
+
+
+def _wait_for_a_later_event_file_name(folder: Path) -> None:
+    """Wait, at most about a second, until a new event file in ``folder`` sorts after every one
+    already there. TensorBoard reads a folder's event files in name order, and a resumed
+    writer's purge (of the steps after the resume) applies only to the events read before it.
+    A name is ``events.out.tfevents.<10-digit seconds>.<host>.<pid>.<counter>``: within one
+    second of an earlier file from the same process the counter decides, and "10" sorts before
+    "9", so a resumed curve could keep the steps it was meant to drop."""
+    seconds = [int(name.split(".")[3]) for name in
+               (entry.name for entry in folder.glob("events.out.tfevents.*"))
+               if len(name.split(".")) > 3 and name.split(".")[3].isdigit()]
+    now = time.time()
+    # Only a file of this very second can tie: an earlier one already sorts first, and a name
+    # from the future (a skewed clock) is not something waiting could fix.
+    if seconds and max(seconds) == int(now):
+        time.sleep(int(now) + 1 - now)
