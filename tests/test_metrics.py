@@ -193,14 +193,19 @@ def test_numeric_values_become_tensorboard_scalars(tmp_path):
     assert scalars["loss"][1][0] == 2 and math.isnan(scalars["loss"][1][1])  # the value itself
 
 
-def test_resumed_tensorboard_curves_have_no_orphaned_steps(tmp_path):
-    folder = tmp_path / "tb"
+def _log_six_steps_then_resume_after_three(tmp_path, folder):
+    """Steps 1-6 with loss = step, then a log resumed at step 3 writing steps 4-5 with 10 x step."""
     with MetricsLog(tmp_path / "metrics.jsonl", tensorboard_dir=folder) as log:
         for step in range(1, 7):
             log.write(step, loss=float(step))
     with MetricsLog(tmp_path / "metrics.jsonl", resume_step=3, tensorboard_dir=folder) as log:
         for step in range(4, 6):
             log.write(step, loss=10.0 * step)
+
+
+def test_resumed_tensorboard_curves_have_no_orphaned_steps(tmp_path):
+    folder = tmp_path / "tb"
+    _log_six_steps_then_resume_after_three(tmp_path, folder)
     assert tensorboard_scalars(folder)["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0),
                                                    (5, 50.0)]
     assert steps_of(tmp_path / "metrics.jsonl") == [1, 2, 3, 4, 5]
@@ -219,12 +224,7 @@ def test_a_resumed_curve_purges_even_when_the_event_file_counter_gains_a_digit(t
     start = time.time()
     if start - int(start) > 0.5:  # leave the first writer the same second as the check
         time.sleep(int(start) + 1 - start)
-    with MetricsLog(tmp_path / "metrics.jsonl", tensorboard_dir=folder) as log:
-        for step in range(1, 7):
-            log.write(step, loss=float(step))
-    with MetricsLog(tmp_path / "metrics.jsonl", resume_step=3, tensorboard_dir=folder) as log:
-        for step in range(4, 6):
-            log.write(step, loss=10.0 * step)
+    _log_six_steps_then_resume_after_three(tmp_path, folder)
     names = sorted(path.name for path in folder.glob("events.out.tfevents.*"))
     assert [name.rsplit(".", 1)[1] for name in names] == ["9", "10"]  # the resumed file last
     assert tensorboard_scalars(folder)["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0),
